@@ -1,0 +1,1 @@
+"""The fcrun command line (package fcrun_cli)."""

@@ -1,0 +1,3 @@
+from fcrun_cli.main import main
+
+main(prog_name="fcrun")

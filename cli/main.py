@@ -1,0 +1,287 @@
+"""`fcrun`: the command line. Thin: parses options, calls fcrun.Runtime, prints results.
+
+Errors from the library are printed as one line `fcrun: <what went wrong>` and the process
+exits with the error's exit code (2 bad input, 3 not found, 4 name in use, 5 wrong state,
+77 not root, 125 kernel, 126 container failed to start).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import signal
+import sys
+import time
+import uuid
+
+import click
+
+from fcrun.errors import FcrunError, SpecError
+from fcrun.options import RunOptions, spec_from_image
+from fcrun.paths import DEFAULT_BRIDGE, DEFAULT_CGROUP_PARENT, DEFAULT_SUBNET, Paths
+from fcrun.runtime import Runtime
+from fcrun.units import format_bytes, parse_cpu, parse_memory
+
+FORWARDED_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT, signal.SIGUSR1, signal.SIGUSR2, signal.SIGWINCH)
+
+
+class Context:
+    """What every command needs: the state roots and a lazily built Runtime."""
+
+    def __init__(self, paths: Paths, cgroup_parent: str, bridge: str, subnet: str):
+        self.paths = paths
+        self._runtime_args = dict(cgroup_parent=cgroup_parent, bridge=bridge, subnet=subnet)
+        self._runtime: Runtime | None = None
+
+    @property
+    def runtime(self) -> Runtime:
+        if self._runtime is None:
+            self._runtime = Runtime(self.paths, **self._runtime_args)
+        return self._runtime
+
+
+class FcrunGroup(click.Group):
+    """Turns library errors into one clear line and the error's exit code."""
+
+    def invoke(self, ctx: click.Context):
+        try:
+            return super().invoke(ctx)
+        except FcrunError as exc:
+            click.echo(f"fcrun: {exc}", err=True)
+            ctx.exit(exc.exit_code)
+
+
+@click.group(cls=FcrunGroup, context_settings={"help_option_names": ["-h", "--help"]})
+@click.option("--root", envvar="FCRUN_ROOT", default=None, metavar="DIR",
+              help="Data root: images, layers, container upper dirs. [env FCRUN_ROOT; default /var/lib/fcrun]")
+@click.option("--state", "run_root", envvar="FCRUN_RUN", default=None, metavar="DIR",
+              help="Run root: container state, IP leases. [env FCRUN_RUN; default /run/fcrun]")
+@click.option("--cgroup-parent", envvar="FCRUN_CGROUP_PARENT", default=DEFAULT_CGROUP_PARENT, show_default=True,
+              help="Cgroup holding all containers: a name beneath fcrun's own cgroup, or an absolute path.")
+@click.option("--bridge", envvar="FCRUN_BRIDGE", default=DEFAULT_BRIDGE, show_default=True, help="Bridge for --net bridge.")
+@click.option("--subnet", envvar="FCRUN_SUBNET", default=DEFAULT_SUBNET, show_default=True, help="Subnet of the bridge.")
+@click.version_option(package_name="fcrun")
+@click.pass_context
+def main(ctx: click.Context, root, run_root, cgroup_parent, bridge, subnet):
+    """fcrun: a reactive container runtime for web applications.
+
+    \b
+    Quick start (as root):
+      fcrun image build busybox
+      fcrun run --image busybox -- sh -c 'echo hello'
+      fcrun run -d --name web --image busybox --cpu 0.3 --memory 64M -- httpd -f -p 80
+      fcrun ps
+      fcrun rm -f web
+    """
+    ctx.obj = Context(Paths.from_env(root, run_root), cgroup_parent, bridge, subnet)
+
+
+def _parse_signal(text: str) -> int:
+    name = text.upper()
+    if name.isdigit():
+        return int(name)
+    if not name.startswith("SIG"):
+        name = "SIG" + name
+    try:
+        return int(signal.Signals[name])
+    except KeyError:
+        raise SpecError(f"unknown signal {text!r}", "SIGNAL") from None
+
+
+@main.command(context_settings={"ignore_unknown_options": False})
+@click.option("--image", "-i", "image_name", required=True, help="Image to run (see `fcrun image ls`).")
+@click.option("--name", default=None, help="Container name (default: a random one).")
+@click.option("-d", "--detach", is_flag=True, help="Leave the container running in the background; output goes to its log.")
+@click.option("--cpu", default=None, help="CPU limit as a fraction of one CPU (0.3 = cpu.max \"30000 100000\").")
+@click.option("--memory", "-m", default=None, help="Memory limit, e.g. 512M or 1G.")
+@click.option("--pids", type=int, default=None, help="Maximum number of processes.")
+@click.option("--hostname", default="", help="Hostname inside the container (default: the name).")
+@click.option("--env", "-e", multiple=True, help="KEY=VALUE to set in the environment (repeatable).")
+@click.option("--net", "network", type=click.Choice(["bridge", "none", "host"]), default="bridge", show_default=True,
+              help="bridge: own netns with an IP on the bridge; none: own netns with only lo; host: the host's network.")
+@click.option("--workdir", "-w", default="", help="Working directory inside the container.")
+@click.option("--user", "-u", default="", help="uid[:gid] or name[:group] from the image.")
+@click.option("--read-only", is_flag=True, help="Mount the container's root filesystem read-only.")
+@click.option("--entrypoint", default=None, help="Override the image's entrypoint (a single program).")
+@click.option("--no-init", is_flag=True, help="Run the command as pid 1 itself instead of under a zombie-reaping init.")
+@click.option("--keep", is_flag=True, help="Keep a foreground container after it exits (it is removed by default).")
+@click.argument("command", nargs=-1, type=click.UNPROCESSED)
+@click.pass_obj
+def run(obj: Context, image_name, name, detach, cpu, memory, pids, hostname, env, network, workdir, user, read_only,
+        entrypoint, no_init, keep, command):
+    """Run COMMAND in a new container (default: the image's entrypoint and cmd).
+
+    Exits with the command's exit code (128+N if it was killed by signal N).
+    """
+    rt = obj.runtime
+    options = RunOptions(
+        args=list(command),
+        entrypoint=[entrypoint] if entrypoint else None,
+        cpu=parse_cpu(cpu) if cpu is not None else None,
+        memory_bytes=parse_memory(memory) if memory is not None else None,
+        pids_max=pids,
+        hostname=hostname,
+        env=list(env),
+        network=network,
+        workdir=workdir,
+        user=user,
+        readonly_rootfs=read_only,
+    )
+    if pids is not None and pids < 1:
+        raise SpecError(f"invalid --pids {pids}: must be >= 1", "--pids")
+    name = name or "fc-" + uuid.uuid4().hex[:10]
+    image = rt.images.get(image_name)
+    spec = spec_from_image(image, options, name=name)
+    container = rt.create(name, spec, image=image, detach=detach, init=not no_init)
+    if detach:
+        container.start()
+        click.echo(name)
+        return
+
+    # Foreground: pass signals on to the container's pid 1 (an init forwards them to the command).
+    def forward(signum, _frame):
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(container.pid, signum)
+
+    previous = {sig: signal.signal(sig, forward) for sig in FORWARDED_SIGNALS}
+    try:
+        container.start()
+        code = container.wait()
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+        if not keep:
+            with contextlib.suppress(FcrunError):
+                rt.delete(name, force=True)
+    sys.exit(code)
+
+
+def _age(created: float) -> str:
+    seconds = max(0, int(time.time() - created))
+    for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):
+        if seconds >= size:
+            return f"{seconds // size}{unit}"
+    return f"{seconds}s"
+
+
+@main.command()
+@click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
+@click.option("-q", "--quiet", is_flag=True, help="Print names only.")
+@click.pass_obj
+def ps(obj: Context, as_json, quiet):
+    """List containers: name, state, pid, IP, CPU quota, memory limit, image, age."""
+    rows = obj.runtime.list()
+    if as_json:
+        click.echo(json.dumps([row.__dict__ for row in rows], indent=2))
+        return
+    if quiet:
+        for row in rows:
+            click.echo(row.name)
+        return
+    table = [("NAME", "STATE", "PID", "IP", "CPU", "MEMORY", "IMAGE", "AGE")]
+    for r in rows:
+        table.append((
+            r.name, r.status, str(r.pid or "-"), r.ip or "-",
+            f"{r.cpu:g}" if r.cpu else "-", format_bytes(r.memory_bytes), r.image or "-", _age(r.created_at),
+        ))
+    widths = [max(len(row[i]) for row in table) for i in range(len(table[0]))]
+    for row in table:
+        click.echo("  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip())
+
+
+@main.command()
+@click.argument("name")
+@click.argument("sig", metavar="[SIGNAL]", default="TERM")
+@click.pass_obj
+def kill(obj: Context, name, sig):
+    """Send SIGNAL (default TERM) to the container's pid 1."""
+    obj.runtime.kill(name, _parse_signal(sig))
+
+
+@main.command()
+@click.option("-f", "--force", is_flag=True, help="Kill the container first if it is running.")
+@click.argument("names", nargs=-1, required=True)
+@click.pass_obj
+def rm(obj: Context, force, names):
+    """Remove containers and everything they hold (cgroup, IP, upper dir)."""
+    for name in names:
+        obj.runtime.delete(name, force=force)
+
+
+@main.command()
+@click.argument("name")
+@click.pass_obj
+def freeze(obj: Context, name):
+    """Freeze every process of a container (cgroup freezer)."""
+    obj.runtime.freeze(name)
+
+
+@main.command()
+@click.argument("name")
+@click.pass_obj
+def thaw(obj: Context, name):
+    """Resume a frozen container."""
+    obj.runtime.thaw(name)
+
+
+@main.command()
+@click.argument("name")
+@click.option("--cpu", default=None, help="New CPU limit (fraction of one CPU).")
+@click.option("--memory", "-m", default=None, help="New memory limit (512M, 1G).")
+@click.option("--pids", type=int, default=None, help="New process limit.")
+@click.pass_obj
+def update(obj: Context, name, cpu, memory, pids):
+    """Change a running container's limits live, without a restart."""
+    if cpu is None and memory is None and pids is None:
+        raise SpecError("nothing to update: give --cpu, --memory or --pids", "fcrun update")
+    obj.runtime.update(
+        name,
+        cpu=parse_cpu(cpu) if cpu is not None else None,
+        memory_bytes=parse_memory(memory) if memory is not None else None,
+        pids_max=pids,
+    )
+
+
+@main.command(name="exec")
+@click.argument("name")
+@click.option("--env", "-e", multiple=True, help="KEY=VALUE (repeatable).")
+@click.option("--workdir", "-w", default=None, help="Working directory inside the container.")
+@click.argument("command", nargs=-1, required=True, type=click.UNPROCESSED)
+@click.pass_obj
+def exec_(obj: Context, name, env, workdir, command):
+    """Run COMMAND inside a running container (its namespaces, cgroup and limits)."""
+    from fcrun.options import parse_env
+
+    code = obj.runtime.exec(name, list(command), env=parse_env(env), cwd=workdir)
+    sys.exit(code)
+
+
+@main.command()
+@click.argument("name")
+@click.pass_obj
+def logs(obj: Context, name):
+    """Print the output of a detached container."""
+    state = obj.runtime.state(name)
+    if not state.log_path:
+        raise SpecError(f"container {name!r} was not started detached: its output went to the terminal", "NAME")
+    with open(state.log_path, "rb") as f:
+        sys.stdout.buffer.write(f.read())
+
+
+@main.command()
+@click.pass_obj
+def gc(obj: Context):
+    """Remove stopped containers and whatever a crashed fcrun left behind."""
+    for item in obj.runtime.gc():
+        click.echo(f"removed {item}")
+
+
+def _add_optional_groups() -> None:
+    # The image commands live in their own module (cli/image.py).
+    from fcrun_cli.image import image
+
+    main.add_command(image)
+
+
+_add_optional_groups()

@@ -1,0 +1,99 @@
+"""One error tree for fcrun, split by who is at fault.
+
+Every error carries the process exit code and the HTTP status it maps to, so the CLI and the
+admin API report failures the same way (h11's ``error_status_hint``, httpie's ``ExitStatus``).
+Messages name the operation, the object and, for kernel errors, the errno.
+"""
+
+from __future__ import annotations
+
+import errno as _errno
+import os
+
+
+class FcrunError(Exception):
+    """Base of every error fcrun raises on purpose."""
+
+    exit_code = 1
+    http_status = 500
+
+
+class SpecError(FcrunError, ValueError):
+    """The user's input is wrong: a bad option, spec field, name or image reference.
+
+    ``where`` locates the bad value (``$.linux.resources.memory.limit``, ``--memory``).
+    """
+
+    exit_code = 2
+    http_status = 400
+
+    def __init__(self, message: str, where: str | None = None):
+        self.where = where
+        super().__init__(f"{message} (at {where})" if where else message)
+
+
+class NotFound(FcrunError, LookupError):
+    """A named object (container, image, app) does not exist."""
+
+    exit_code = 3
+    http_status = 404
+
+
+class AlreadyExists(FcrunError):
+    """A name is already taken."""
+
+    exit_code = 4
+    http_status = 409
+
+
+class IncorrectStatus(FcrunError):
+    """The operation is not allowed in the object's current lifecycle state."""
+
+    exit_code = 5
+    http_status = 409
+
+
+class NotPermitted(FcrunError, PermissionError):
+    """fcrun needs privileges (root) that the caller lacks."""
+
+    exit_code = 77
+    http_status = 403
+
+
+class KernelError(FcrunError, OSError):
+    """A system call or kernel file write failed. Keeps the errno.
+
+    The message reads ``<operation> <object>: [Errno N] <strerror>``.
+    """
+
+    exit_code = 125
+    http_status = 500
+
+    def __init__(self, operation: str, obj: str, err: int):
+        self.operation = operation
+        self.obj = obj
+        self.errno = err
+        self.strerror = os.strerror(err)
+        FcrunError.__init__(self, f"{operation} {obj}: [Errno {err}] {self.strerror}")
+
+    @classmethod
+    def from_oserror(cls, operation: str, obj: str, exc: OSError) -> "KernelError":
+        return cls(operation, obj, exc.errno or _errno.EIO)
+
+
+class MissingFeature(KernelError):
+    """The kernel or host lacks something fcrun needs (a cgroup controller, overlayfs)."""
+
+    def __init__(self, what: str, hint: str = ""):
+        self.operation = "need"
+        self.obj = what
+        self.errno = _errno.ENOSYS
+        self.strerror = hint
+        FcrunError.__init__(self, f"missing kernel/host feature: {what}" + (f" ({hint})" if hint else ""))
+
+
+class ContainerError(FcrunError):
+    """The container itself failed: its command could not be executed, it crashed on start."""
+
+    exit_code = 126
+    http_status = 502

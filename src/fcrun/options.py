@@ -1,0 +1,120 @@
+"""From `fcrun run`-style options and an image's run config to an OCI spec.
+
+The image supplies defaults (entrypoint, cmd, env, working dir, user); options override them,
+as `docker run` does. Every check names the option it is about.
+"""
+
+from __future__ import annotations
+
+import os
+
+import msgspec
+
+from .errors import SpecError
+from .oci import DEFAULT_ENV, NetworkMode, Spec, default_spec
+from .units import CPU_PERIOD_US, cpu_to_quota_us
+
+
+class RunOptions(msgspec.Struct, kw_only=True):
+    """What a user can say about a container besides its image."""
+
+    args: list[str] = []  # empty: the image's entrypoint + cmd
+    entrypoint: list[str] | None = None
+    cpu: float | None = None  # fraction of one CPU
+    memory_bytes: int | None = None
+    pids_max: int | None = None
+    hostname: str = ""
+    env: list[str] = []
+    network: NetworkMode = "bridge"
+    workdir: str = ""
+    user: str = ""
+    readonly_rootfs: bool = False
+
+
+def parse_env(items: list[str] | tuple[str, ...], where: str = "--env") -> list[str]:
+    out = []
+    for item in items:
+        key, sep, _ = item.partition("=")
+        if not sep or not key or any(c.isspace() for c in key):
+            raise SpecError(f"environment entry {item!r} is not KEY=VALUE", where)
+        out.append(item)
+    return out
+
+
+def merge_env(base: list[str], extra: list[str]) -> list[str]:
+    """Later entries win, order of first appearance kept."""
+    merged: dict[str, str] = {}
+    for item in base + extra:
+        key, _, value = item.partition("=")
+        merged[key] = value
+    return [f"{k}={v}" for k, v in merged.items()]
+
+
+def _image_file_lines(layers: list[str], relpath: str) -> list[str]:
+    """Lines of the topmost layer's copy of a file (layers listed bottom first)."""
+    for layer in reversed(layers):
+        candidate = os.path.join(layer, relpath)
+        if os.path.isfile(candidate) and not os.path.islink(candidate):
+            with open(candidate, encoding="utf-8", errors="replace") as f:
+                return f.read().splitlines()
+    return []
+
+
+def resolve_user(user: str, layers: list[str], where: str = "--user") -> tuple[int, int]:
+    """'1000', '1000:1000', 'www-data', 'www-data:www-data' -> (uid, gid) using the image's files."""
+    if not user:
+        return 0, 0
+    name, _, group = user.partition(":")
+    uid = gid = None
+    if name.isdigit():
+        uid = int(name)
+    else:
+        for line in _image_file_lines(layers, "etc/passwd"):
+            fields = line.strip().split(":")
+            if len(fields) >= 4 and fields[0] == name:
+                uid, gid = int(fields[2]), int(fields[3])
+                break
+        if uid is None:
+            raise SpecError(f"user {name!r} not found in the image's /etc/passwd", where)
+    if group:
+        if group.isdigit():
+            gid = int(group)
+        else:
+            gid = None
+            for line in _image_file_lines(layers, "etc/group"):
+                fields = line.strip().split(":")
+                if len(fields) >= 3 and fields[0] == group:
+                    gid = int(fields[2])
+                    break
+            if gid is None:
+                raise SpecError(f"group {group!r} not found in the image's /etc/group", where)
+    return uid, gid if gid is not None else uid
+
+
+def spec_from_image(image, options: RunOptions, *, name: str = "") -> Spec:
+    """Build the container's spec from an images.Image (or None for a bare rootfs) and options."""
+    config = image.config if image is not None else None
+    layers = image.layers if image is not None else []
+    entrypoint = options.entrypoint if options.entrypoint is not None else (config.entrypoint if config else [])
+    args = list(entrypoint) + (list(options.args) if options.args else (list(config.cmd) if config and options.entrypoint is None else []))
+    if not args:
+        raise SpecError("no command given and the image has no entrypoint or cmd", "COMMAND")
+    workdir = options.workdir or (config.workdir if config else "") or "/"
+    if not workdir.startswith("/"):
+        raise SpecError(f"working directory {workdir!r} must be absolute", "--workdir")
+    uid, gid = resolve_user(options.user or (config.user if config else ""), layers)
+    env = merge_env(DEFAULT_ENV, (list(config.env) if config else []) + parse_env(options.env))
+    return default_spec(
+        args,
+        env=env,
+        cwd=workdir,
+        uid=uid,
+        gid=gid,
+        hostname=options.hostname or name,
+        network=options.network,
+        cpu_quota_us=cpu_to_quota_us(options.cpu) if options.cpu else None,
+        cpu_period_us=CPU_PERIOD_US,
+        memory_bytes=options.memory_bytes,
+        pids_max=options.pids_max,
+        readonly_rootfs=options.readonly_rootfs,
+    )

@@ -1,0 +1,150 @@
+"""Turn an OCI spec into a ChildPlan: every decision made before fork.
+
+Pure functions of the spec and host facts, so they are unit-tested without root.
+"""
+
+from __future__ import annotations
+
+import os
+import resource
+import signal
+import stat
+
+from . import syscalls as sc
+from .capabilities import CAPABILITY_NUMBERS, capability_mask
+from .errors import SpecError
+from .oci import Mount, Spec
+from .spawn import ChildPlan, MountStep
+
+# Mount options that are flags; everything else (mode=, size=, gid=...) is filesystem data.
+_FLAG_OPTIONS = {
+    "ro": (sc.MS_RDONLY, True), "rw": (sc.MS_RDONLY, False),
+    "nosuid": (sc.MS_NOSUID, True), "suid": (sc.MS_NOSUID, False),
+    "nodev": (sc.MS_NODEV, True), "dev": (sc.MS_NODEV, False),
+    "noexec": (sc.MS_NOEXEC, True), "exec": (sc.MS_NOEXEC, False),
+    "strictatime": (sc.MS_STRICTATIME, True), "noatime": (sc.MS_NOATIME, True),
+    "relatime": (0, True), "bind": (sc.MS_BIND, True), "rbind": (sc.MS_BIND | sc.MS_REC, True),
+}
+_PROPAGATION_OPTIONS = {"private", "rprivate", "slave", "rslave", "shared", "rshared"}
+_PROPAGATION = {"": sc.MS_SLAVE, "slave": sc.MS_SLAVE, "rslave": sc.MS_SLAVE,
+                "private": sc.MS_PRIVATE, "rprivate": sc.MS_PRIVATE,
+                "shared": sc.MS_SHARED, "rshared": sc.MS_SHARED}
+
+DEVICES = [  # (name, major, minor): the minimal /dev every container gets, as runc's default
+    (b"null", 1, 3), (b"zero", 1, 5), (b"full", 1, 7), (b"random", 1, 8), (b"urandom", 1, 9), (b"tty", 5, 0),
+]
+DEV_SYMLINKS = [
+    (b"pts/ptmx", b"ptmx"), (b"/proc/self/fd", b"fd"), (b"/proc/self/fd/0", b"stdin"),
+    (b"/proc/self/fd/1", b"stdout"), (b"/proc/self/fd/2", b"stderr"),
+]
+
+
+def mount_step(m: Mount, where: str) -> MountStep:
+    """One OCI mount -> a MountStep. Bind mounts that ask for flags get a remount step,
+    because the kernel ignores flags like MS_RDONLY on the initial bind."""
+    flags = 0
+    data: list[str] = []
+    for opt in m.options:
+        if opt in _FLAG_OPTIONS:
+            bit, on = _FLAG_OPTIONS[opt]
+            flags = flags | bit if on else flags & ~bit
+        elif opt in _PROPAGATION_OPTIONS:
+            continue  # per-mount propagation is not supported; the rootfs propagation applies
+        elif "=" in opt or opt in ("newinstance",):
+            data.append(opt)
+        else:
+            raise SpecError(f"unknown mount option {opt!r}", where)
+    dest = m.destination.encode()
+    if m.type == "bind":
+        if not os.path.exists(m.source):
+            raise SpecError(f"bind mount source {m.source!r} does not exist", where)
+        bind_flags = sc.MS_BIND | (flags & sc.MS_REC)
+        if "rbind" not in m.options:
+            bind_flags = sc.MS_BIND
+        extra = flags & ~(sc.MS_BIND | sc.MS_REC)
+        return MountStep(
+            destination=dest, source=m.source.encode(), fstype=None, flags=bind_flags, data=None,
+            bind=True, file_target=not os.path.isdir(m.source), remount_flags=extra,
+        )
+    return MountStep(
+        destination=dest, source=(m.source or m.type).encode(), fstype=m.type.encode(),
+        flags=flags, data=",".join(data).encode() if data else None,
+    )
+
+
+def _rlimits(spec: Spec) -> list[tuple[int, int, int]]:
+    out = []
+    for rl in spec.process.rlimits:
+        res = getattr(resource, rl.type)
+        out.append((res, rl.soft, rl.hard))
+    return out
+
+
+def _env(spec: Spec) -> dict[bytes, bytes]:
+    env: dict[bytes, bytes] = {}
+    for item in spec.process.env:
+        key, _, value = item.partition("=")
+        env[key.encode()] = value.encode()
+    return env
+
+
+def build_plan(
+    spec: Spec,
+    *,
+    rootfs: str,
+    overlay_lower: list[str] | None,
+    overlay_upper: str = "",
+    overlay_work: str = "",
+    cgroup_procs: list[str],
+    cap_last: int,
+    attached: bool,
+    init_fd: int = -1,
+    stdio: tuple[int, int, int] | None = None,
+) -> ChildPlan:
+    """Everything the container child does, decided here. Raises SpecError for bad mounts."""
+    flags = 0
+    namespaces = {ns.type for ns in spec.linux.namespaces}
+    for ns in namespaces - {"pid"}:  # the pid namespace is entered by the parent, around fork
+        flags |= sc.NAMESPACES[ns][0]
+    caps = spec.process.capabilities
+    mask = (lambda field: capability_mask(getattr(caps, field), f"$.process.capabilities.{field}")) if caps else (lambda f: 0)
+    ambient = [CAPABILITY_NUMBERS[c if c.startswith("CAP_") else "CAP_" + c] for c in (caps.ambient if caps else [])]
+    overlay_data = None
+    if overlay_lower is not None:
+        overlay_data = f"lowerdir={':'.join(overlay_lower)},upperdir={overlay_upper},workdir={overlay_work}".encode()
+    propagation = _PROPAGATION.get(spec.linux.rootfs_propagation)
+    if propagation is None:
+        raise SpecError(f"unknown rootfs propagation {spec.linux.rootfs_propagation!r}", "$.linux.rootfsPropagation")
+    return ChildPlan(
+        argv=[a.encode() for a in spec.process.args],
+        env=_env(spec),
+        cwd=spec.process.cwd.encode(),
+        rootfs=rootfs.encode(),
+        overlay_data=overlay_data,
+        mounts=[mount_step(m, f"$.mounts[{i}]") for i, m in enumerate(spec.mounts)],
+        devices=[(name, stat.S_IFCHR | 0o666, major, minor) for name, major, minor in DEVICES],
+        dev_symlinks=list(DEV_SYMLINKS),
+        masked_paths=[p.encode() for p in spec.linux.masked_paths],
+        readonly_paths=[p.encode() for p in spec.linux.readonly_paths],
+        readonly_root=spec.root.readonly,
+        propagation=propagation,
+        unshare_flags=flags,
+        new_netns="network" in namespaces,
+        hostname=spec.hostname.encode() if spec.hostname and "uts" in namespaces else None,
+        cgroup_procs=[p.encode() for p in cgroup_procs],
+        rlimits=_rlimits(spec),
+        uid=spec.process.user.uid,
+        gid=spec.process.user.gid,
+        groups=list(spec.process.user.additional_gids),
+        cap_bounding=mask("bounding"),
+        cap_effective=mask("effective"),
+        cap_permitted=mask("permitted"),
+        cap_inheritable=mask("inheritable"),
+        cap_ambient=ambient,
+        cap_last=cap_last,
+        no_new_privs=spec.process.no_new_privileges,
+        pdeathsig=signal.SIGKILL if attached else 0,
+        init_fd=init_fd,
+        stdio=stdio,
+        keep_fds=[init_fd] if init_fd >= 0 else [],
+    )

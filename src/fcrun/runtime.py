@@ -1,0 +1,616 @@
+"""The container runtime: create, start, kill, delete, freeze, thaw, update, exec, list, gc.
+
+`Runtime` is the library's entry point and what the CLI calls. Every operation loads the
+container's persisted state, checks the lifecycle table (state.ALLOWED), acts, and saves, so
+any fcrun process can manage a container another one created.
+
+Resource handling: `create` registers an undo step for everything it makes (run dir, upper
+dir, cgroup, child process, veth + lease) and runs them in reverse on any failure, so a
+failed creation leaves nothing behind.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import signal
+import time
+from dataclasses import dataclass
+
+import msgspec
+
+from . import syscalls as sc
+from .cgroups import Cgroup, CgroupDriver, Limits, detect
+from .errors import ContainerError, FcrunError, IncorrectStatus, KernelError, MissingFeature, NotFound, NotPermitted, SpecError
+from .oci import Spec, network_mode, validate_spec
+from .paths import DEFAULT_BRIDGE, DEFAULT_CGROUP_PARENT, DEFAULT_SUBNET, Paths
+from .plan import build_plan
+from .spawn import ChildFailure, ChildPlan, _finish_and_exec, failure_to_error, fork_child, read_status
+from .state import ContainerState, NetworkState, Rootfs, StateStore, check_allowed, pid_alive, proc_start_time, validate_name
+
+INIT_CANDIDATES = ("/usr/bin/tini-static", "/usr/bin/tini")
+SETUP_TIMEOUT_S = 30.0
+STOP_TIMEOUT_S = 10.0
+
+
+@dataclass
+class ContainerInfo:
+    """One row of `fcrun ps`."""
+
+    name: str
+    status: str
+    pid: int
+    ip: str
+    cpu: float | None
+    memory_bytes: int | None
+    pids_max: int | None
+    image: str
+    created_at: float
+    labels: dict[str, str]
+
+
+class Container:
+    """A container created by this process: holds the handshake fds until it is started.
+
+    Resource handling: the process that created a container is its parent and should `wait()`
+    for it (or `Runtime.delete` it), or it stays a zombie until this process exits.
+    """
+
+    def __init__(self, runtime: "Runtime", state: ContainerState, status_r: int = -1, go_w: int = -1):
+        self.runtime = runtime
+        self.state = state
+        self._status_r = status_r
+        self._go_w = go_w
+
+    @property
+    def name(self) -> str:
+        return self.state.name
+
+    @property
+    def pid(self) -> int:
+        return self.state.pid
+
+    @property
+    def ip(self) -> str:
+        return self.state.network.ip if self.state.network else ""
+
+    def start(self) -> None:
+        """Let the created container exec its process. Raises ContainerError if exec fails."""
+        check_allowed("start", self.name, self.state.status)
+        if self._go_w < 0:
+            raise IncorrectStatus(f"container {self.name!r} was created by another process; it cannot be started from here")
+        try:
+            os.write(self._go_w, b"S")
+            read_status(self._status_r, SETUP_TIMEOUT_S)  # b"" (EOF): the exec happened
+        except ChildFailure as failure:
+            self._close_fds()
+            self.runtime._discard(self.state)
+            raise failure_to_error(failure, self.name) from None
+        except BaseException:
+            self._close_fds()
+            self.runtime._discard(self.state)
+            raise
+        self._close_fds()
+        self.state.status = "running"
+        self.state.started_at = time.time()
+        self.runtime.states.save(self.state)
+
+    def wait(self) -> int:
+        """Wait for pid 1 to exit; returns its exit code (128+N when killed by signal N)."""
+        while True:
+            try:
+                _, status = os.waitpid(self.state.pid, 0)
+                break
+            except InterruptedError:
+                continue
+            except ChildProcessError:
+                return self.runtime._refresh(self.state).exit_code or 0
+        code = os.waitstatus_to_exitcode(status)
+        code = 128 - code if code < 0 else code
+        with contextlib.suppress(NotFound, FileNotFoundError):
+            with self.runtime.states.locked(self.name):
+                state = self.runtime.states.load(self.name)
+                state.status = "stopped"
+                state.exit_code = code
+                self.runtime.states.save(state)
+                self.state = state
+        return code
+
+    def _close_fds(self) -> None:
+        for fd in (self._status_r, self._go_w):
+            if fd >= 0:
+                os.close(fd)
+        self._status_r = self._go_w = -1
+
+    def __del__(self) -> None:
+        self._close_fds()
+
+
+class Runtime:
+    """Creates and manages containers under one pair of state roots.
+
+    Args:
+        paths: data and run roots (default: from FCRUN_ROOT / FCRUN_RUN or /var/lib/fcrun, /run/fcrun).
+        cgroup_parent: relative name created beneath fcrun's own cgroup, or an absolute cgroup path.
+        bridge, subnet: the bridge network containers with network="bridge" join.
+    """
+
+    def __init__(
+        self,
+        paths: Paths | None = None,
+        *,
+        cgroup_parent: str = DEFAULT_CGROUP_PARENT,
+        bridge: str = DEFAULT_BRIDGE,
+        subnet: str = DEFAULT_SUBNET,
+    ):
+        self.paths = paths or Paths.from_env()
+        self.states = StateStore(self.paths.containers)
+        self.cgroup_parent = cgroup_parent
+        self.bridge = bridge
+        self.subnet = subnet
+        self._cgroups: CgroupDriver | None = None
+        self._network = None
+        self._images = None
+        self._cap_last: int | None = None
+
+    # ----- collaborators, made on first use -------------------------------------------------
+
+    @property
+    def cgroups(self) -> CgroupDriver:
+        if self._cgroups is None:
+            self._cgroups = detect(parent=self.cgroup_parent)
+        return self._cgroups
+
+    @property
+    def network(self):
+        if self._network is None:
+            from .network import BridgeNetwork
+
+            self._network = BridgeNetwork(self.paths.network, bridge=self.bridge, subnet=self.subnet)
+        return self._network
+
+    @property
+    def images(self):
+        if self._images is None:
+            from .images import ImageStore
+
+            self._images = ImageStore(self.paths)
+        return self._images
+
+    # ----- create / start / run -------------------------------------------------------------
+
+    def create(
+        self,
+        name: str,
+        spec: Spec,
+        *,
+        image=None,
+        detach: bool = False,
+        stdio: tuple[int, int, int] | None = None,
+        init: bool = True,
+        labels: dict[str, str] | None = None,
+    ) -> Container:
+        """Create a container: namespaces, rootfs, cgroup and network ready; process not yet run.
+
+        `image` (an images.Image or its name) gives the overlay lower dirs; without it,
+        spec.root.path must be an existing directory used as the root as it is.
+
+        Raises:
+            SpecError: bad name or spec. AlreadyExists: name taken. NotFound: unknown image.
+            NotPermitted: not root. KernelError/ContainerError: the kernel or the child failed;
+            everything made so far is undone first.
+        """
+        _require_root()
+        validate_name(name)
+        validate_spec(spec)
+        if isinstance(image, str):
+            image = self.images.get(image)
+        if image is None and not os.path.isdir(spec.root.path):
+            raise SpecError(f"root filesystem {spec.root.path!r} is not a directory", "$.root.path")
+        mode = network_mode(spec)
+        init_path = _find_init() if init else None
+
+        cdir = self.states.reserve(name)
+        undo = contextlib.ExitStack()
+        undo.callback(self.states.remove, name)
+        init_fd = -1
+        try:
+            state = ContainerState(
+                name=name, status="creating", spec=spec, image=image.name if image else "",
+                created_at=time.time(), detached=detach, labels=dict(labels or {}),
+            )
+            mountpoint = os.path.join(cdir, "rootfs")
+            os.mkdir(mountpoint, 0o755)
+            if image is not None:
+                storage = os.path.join(self.paths.data_root, "containers", name)
+                os.makedirs(os.path.join(storage, "upper"), 0o755)
+                undo.callback(shutil.rmtree, storage, True)
+                os.mkdir(os.path.join(storage, "work"), 0o700)
+                state.rootfs = Rootfs(
+                    mountpoint=mountpoint, lower=list(reversed(image.layers)),
+                    upper=os.path.join(storage, "upper"), work=os.path.join(storage, "work"),
+                )
+            else:
+                state.rootfs = Rootfs(mountpoint=os.path.abspath(spec.root.path))
+            self.states.save(state)
+
+            cgroup = self.cgroups.create(name, limits_from_spec(spec))
+            undo.callback(cgroup.destroy)
+            state.cgroup_version = self.cgroups.version
+            state.cgroup_paths = dict(cgroup.paths)
+
+            if detach and stdio is None:
+                log_fd = os.open(os.path.join(cdir, "output.log"), os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o600)
+                null_fd = os.open("/dev/null", os.O_RDONLY | os.O_CLOEXEC)
+                undo.callback(os.close, log_fd)
+                undo.callback(os.close, null_fd)
+                stdio = (null_fd, log_fd, log_fd)
+                state.log_path = os.path.join(cdir, "output.log")
+            if init_path:
+                init_fd = os.open(init_path, os.O_RDONLY | os.O_CLOEXEC)
+            plan = build_plan(
+                spec,
+                rootfs=state.rootfs.mountpoint,
+                overlay_lower=state.rootfs.lower or None,
+                overlay_upper=state.rootfs.upper,
+                overlay_work=state.rootfs.work,
+                cgroup_procs=cgroup.procs_files(),
+                cap_last=self._cap_last_cached(),
+                attached=not detach,
+                init_fd=init_fd,
+                stdio=stdio,
+            )
+            pid, status_r, go_w = fork_child(plan, new_pid_ns=True)
+            undo.callback(_reap, pid)
+            undo.callback(os.close, status_r)
+            undo.callback(os.close, go_w)
+            undo.callback(_kill_quietly, pid)
+            state.pid = pid
+            state.pid_start_time = proc_start_time(pid)
+
+            if read_status(status_r, SETUP_TIMEOUT_S) != b"R":
+                raise ContainerError(f"container {name}: setup ended before its namespaces were made")
+            state.network = NetworkState(mode=mode)
+            if mode == "bridge":
+                netns_fd = os.open(f"/proc/{pid}/ns/net", os.O_RDONLY | os.O_CLOEXEC)
+                try:
+                    undo.callback(self.network.detach, name)
+                    att = self.network.attach(name, netns_fd)
+                finally:
+                    os.close(netns_fd)
+                state.network = NetworkState(
+                    mode=mode, ip=att.ip, prefixlen=att.prefixlen, gateway=att.gateway,
+                    host_ifname=att.host_ifname, bridge=att.bridge,
+                )
+            if read_status(status_r, SETUP_TIMEOUT_S) != b"C":
+                raise ContainerError(f"container {name}: setup ended before the rootfs was ready")
+            state.status = "created"
+            self.states.save(state)
+        except ChildFailure as failure:
+            undo.close()
+            raise failure_to_error(failure, name) from None
+        except OSError as exc:
+            undo.close()
+            if isinstance(exc, FcrunError):
+                raise
+            raise KernelError.from_oserror(f"create container {name}:", exc.filename or "", exc) from None
+        except BaseException:
+            undo.close()
+            raise
+        finally:
+            if init_fd >= 0:
+                os.close(init_fd)
+        # Success: keep what was made; only the parent's copies of stdio fds go.
+        undo.pop_all()
+        if stdio is not None and state.log_path:
+            for fd in set(stdio):
+                os.close(fd)
+        return Container(self, state, status_r, go_w)
+
+    def run(self, name: str, spec: Spec, **kwargs) -> Container:
+        """create + start. Returns the running container (call .wait() for its exit code)."""
+        container = self.create(name, spec, **kwargs)
+        container.start()
+        return container
+
+    # ----- queries -------------------------------------------------------------------------
+
+    def state(self, name: str) -> ContainerState:
+        """The container's state, with its status checked against the live process and cgroup."""
+        return self._refresh(self.states.load(name))
+
+    def list(self) -> list[ContainerInfo]:
+        rows = []
+        for name in self.states.names():
+            try:
+                st = self.state(name)
+            except (NotFound, msgspec.DecodeError):
+                continue
+            res = st.spec.linux.resources
+            cpu = None
+            if res and res.cpu and res.cpu.quota:
+                cpu = res.cpu.quota / (res.cpu.period or 100_000)
+            rows.append(ContainerInfo(
+                name=st.name, status=st.status, pid=st.pid if st.status != "stopped" else 0,
+                ip=st.network.ip if st.network else "",
+                cpu=cpu, memory_bytes=res.memory.limit if res and res.memory else None,
+                pids_max=res.pids.limit if res and res.pids else None,
+                image=st.image, created_at=st.created_at, labels=st.labels,
+            ))
+        return rows
+
+    def _refresh(self, state: ContainerState) -> ContainerState:
+        if state.status in ("running", "frozen", "created"):
+            if not pid_alive(state):
+                state.status = "stopped"
+                with contextlib.suppress(OSError):
+                    self.states.save(state)
+            elif state.cgroup_paths:
+                with contextlib.suppress(OSError, FcrunError):
+                    frozen = self._cgroup(state).is_frozen()
+                    state.status = "frozen" if frozen else ("running" if state.status == "frozen" else state.status)
+        return state
+
+    def _cgroup(self, state: ContainerState) -> Cgroup:
+        return self.cgroups.load(state.cgroup_paths)
+
+    # ----- operations on existing containers -----------------------------------------------
+
+    def kill(self, name: str, sig: int = signal.SIGTERM) -> None:
+        """Send a signal to the container's pid 1 (SIGKILL ends the whole pid namespace)."""
+        with self.states.locked(name):
+            state = self.state(name)
+            check_allowed("kill", name, state.status)
+            try:
+                os.kill(state.pid, sig)
+            except ProcessLookupError:
+                return
+            if sig == signal.SIGKILL and state.status == "frozen":
+                self._cgroup(state).thaw()  # a frozen task cannot act on SIGKILL under cgroup v1
+
+    def freeze(self, name: str) -> None:
+        with self.states.locked(name):
+            state = self.state(name)
+            check_allowed("freeze", name, state.status)
+            self._cgroup(state).freeze()
+            state.status = "frozen"
+            self.states.save(state)
+
+    def thaw(self, name: str) -> None:
+        with self.states.locked(name):
+            state = self.state(name)
+            check_allowed("thaw", name, state.status)
+            self._cgroup(state).thaw()
+            state.status = "running"
+            self.states.save(state)
+
+    def update(self, name: str, *, cpu: float | None = None, memory_bytes: int | None = None, pids_max: int | None = None) -> ContainerState:
+        """Change limits of a live container; only the given ones change."""
+        from .oci import CpuResources, MemoryResources, PidsResources, Resources
+        from .units import CPU_PERIOD_US, cpu_to_quota_us
+
+        with self.states.locked(name):
+            state = self.state(name)
+            check_allowed("update", name, state.status)
+            res = state.spec.linux.resources or Resources()
+            if cpu is not None:
+                period = res.cpu.period if res.cpu and res.cpu.period else CPU_PERIOD_US
+                res.cpu = CpuResources(quota=cpu_to_quota_us(cpu, period), period=period)
+            if memory_bytes is not None:
+                res.memory = MemoryResources(limit=memory_bytes)
+            if pids_max is not None:
+                res.pids = PidsResources(limit=pids_max)
+            fields = []
+            if cpu is not None:
+                fields.append("cpu_quota_us")
+            if memory_bytes is not None:
+                fields.append("memory_bytes")
+            if pids_max is not None:
+                fields.append("pids_max")
+            self._cgroup(state).update(limits_from_spec(msgspec.structs.replace(
+                state.spec, linux=msgspec.structs.replace(state.spec.linux, resources=res))), fields)
+            state.spec.linux.resources = res
+            self.states.save(state)
+            return state
+
+    def delete(self, name: str, force: bool = False) -> None:
+        """Remove a stopped container (force: kill it first) and everything it held."""
+        _require_root()
+        with self.states.locked(name):
+            state = self.state(name)
+            if state.status != "stopped" and state.status != "creating" and not force:
+                raise IncorrectStatus(f"cannot remove container {name!r}: it is {state.status} (stop it first, or use rm -f)")
+            self._teardown(state)
+
+    def _teardown(self, state: ContainerState) -> None:
+        if pid_alive(state):
+            _kill_quietly(state.pid)
+            if state.status == "frozen" and state.cgroup_paths:
+                with contextlib.suppress(FcrunError, OSError):
+                    self._cgroup(state).thaw()
+            _wait_gone(state)
+        _reap(state.pid)
+        if state.cgroup_paths:
+            self._cgroup(state).destroy()
+        if state.network and state.network.mode == "bridge":
+            self.network.detach(state.name)
+        storage = os.path.join(self.paths.data_root, "containers", state.name)
+        shutil.rmtree(storage, ignore_errors=True)
+        self.states.remove(state.name)
+
+    def _discard(self, state: ContainerState) -> None:
+        """Undo a created container whose start failed."""
+        with contextlib.suppress(FcrunError, OSError):
+            with self.states.locked(state.name):
+                self._teardown(state)
+
+    def exec(
+        self,
+        name: str,
+        args: list[str],
+        *,
+        env: list[str] | None = None,
+        cwd: str | None = None,
+        stdio: tuple[int, int, int] | None = None,
+    ) -> int:
+        """Run a command in a running container (its namespaces, cgroup and limits). Returns its exit code."""
+        if not args:
+            raise SpecError("nothing to execute", "args")
+        state = self.state(name)
+        check_allowed("exec", name, state.status)
+        spec = msgspec.structs.replace(
+            state.spec,
+            process=msgspec.structs.replace(
+                state.spec.process, args=list(args), env=state.spec.process.env + list(env or []),
+                cwd=cwd or state.spec.process.cwd,
+            ),
+        )
+        validate_spec(spec)
+        plan = build_plan(
+            spec, rootfs="/", overlay_lower=None, cgroup_procs=self._cgroup(state).procs_files(),
+            cap_last=self._cap_last_cached(), attached=True, stdio=stdio,
+        )
+        return _exec_in(state, plan)
+
+    def gc(self) -> list[str]:
+        """Remove stopped containers and whatever crashed creations left. Returns what went."""
+        _require_root()
+        removed = []
+        live = set()
+        for name in self.states.names():
+            try:
+                with self.states.locked(name):
+                    state = self.state(name)
+                    if state.status in ("stopped", "creating") and not pid_alive(state):
+                        self._teardown(state)
+                        removed.append(name)
+                    else:
+                        live.add(name)
+            except (NotFound, FileNotFoundError):
+                continue
+        if os.path.isdir(self.paths.network):
+            removed += [f"lease:{o}" for o in self.network.gc(live)]
+        storage_root = os.path.join(self.paths.data_root, "containers")
+        if os.path.isdir(storage_root):
+            for name in os.listdir(storage_root):
+                if name not in live and not os.path.exists(self.states.dir(name)):
+                    shutil.rmtree(os.path.join(storage_root, name), ignore_errors=True)
+                    removed.append(f"storage:{name}")
+        return removed
+
+    def _cap_last_cached(self) -> int:
+        if self._cap_last is None:
+            self._cap_last = sc.cap_last_cap()
+        return self._cap_last
+
+
+def limits_from_spec(spec: Spec) -> Limits:
+    res = spec.linux.resources
+    if res is None:
+        return Limits()
+    return Limits(
+        cpu_quota_us=res.cpu.quota if res.cpu else None,
+        cpu_period_us=(res.cpu.period or 100_000) if res.cpu else 100_000,
+        memory_bytes=res.memory.limit if res.memory else None,
+        pids_max=res.pids.limit if res.pids else None,
+    )
+
+
+def _require_root() -> None:
+    if os.geteuid() != 0:
+        raise NotPermitted("fcrun needs root to create namespaces, mounts and cgroups (run it with sudo)")
+
+
+def _find_init() -> str:
+    for path in INIT_CANDIDATES:
+        if os.access(path, os.X_OK):
+            return path
+    raise MissingFeature("a static init for pid 1 (/usr/bin/tini-static)", "apt-get install tini, or pass init=False / --no-init")
+
+
+def _kill_quietly(pid: int) -> None:
+    if pid > 0:
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.kill(pid, signal.SIGKILL)
+
+
+def _reap(pid: int) -> None:
+    """Collect our child's exit status if it is our child; otherwise nothing to do."""
+    if pid <= 0:
+        return
+    with contextlib.suppress(ChildProcessError):
+        os.waitpid(pid, 0)
+
+
+def _wait_gone(state: ContainerState, timeout_s: float = STOP_TIMEOUT_S) -> None:
+    deadline = time.monotonic() + timeout_s
+    while pid_alive(state):
+        with contextlib.suppress(ChildProcessError):
+            if os.waitpid(state.pid, os.WNOHANG)[0]:
+                return
+        if time.monotonic() > deadline:
+            raise ContainerError(f"container {state.name}: pid {state.pid} did not exit within {timeout_s:.0f}s of SIGKILL")
+        time.sleep(0.005)
+
+
+def _exec_in(state: ContainerState, plan: ChildPlan) -> int:
+    """Fork a process into the container's namespaces and cgroup, exec the plan, wait for it."""
+    ns_files = [("ipc", sc.CLONE_NEWIPC), ("uts", sc.CLONE_NEWUTS), ("net", sc.CLONE_NEWNET),
+                ("cgroup", sc.CLONE_NEWCGROUP), ("mnt", sc.CLONE_NEWNS)]
+    fds: list[tuple[int, int]] = []
+    own_pid = os.open("/proc/thread-self/ns/pid", os.O_RDONLY | os.O_CLOEXEC)
+    target_pid = os.open(f"/proc/{state.pid}/ns/pid", os.O_RDONLY | os.O_CLOEXEC)
+    status_r, status_w = os.pipe2(os.O_CLOEXEC)
+    try:
+        for fname, flag in ns_files:
+            path = f"/proc/{state.pid}/ns/{fname}"
+            if os.readlink(path) != os.readlink(f"/proc/self/ns/{fname}"):
+                fds.append((os.open(path, os.O_RDONLY | os.O_CLOEXEC), flag))
+        plan.status_w = status_w
+        sc.setns(target_pid, sc.CLONE_NEWPID)  # our next child is born in the container's pid ns
+        pid = -1
+        try:
+            pid = os.fork()
+        finally:
+            if pid != 0:
+                sc.setns(own_pid, sc.CLONE_NEWPID)
+        if pid == 0:
+            try:
+                os.setsid()
+                for procs in plan.cgroup_procs:
+                    with open(procs, "wb") as f:
+                        f.write(b"0")
+                for fd, flag in fds:
+                    sc.setns(fd, flag)
+            except BaseException as exc:  # noqa: BLE001
+                from .spawn import _fail
+
+                _fail(plan, "join container", exc)
+            _finish_and_exec(plan)
+    except OSError as exc:
+        raise KernelError.from_oserror(f"exec in container {state.name}:", exc.filename or "", exc) from None
+    finally:
+        os.close(status_w)
+        for fd, _ in fds:
+            os.close(fd)
+        os.close(own_pid)
+        os.close(target_pid)
+    try:
+        read_status(status_r, SETUP_TIMEOUT_S)
+    except ChildFailure as failure:
+        _reap(pid)
+        raise failure_to_error(failure, state.name) from None
+    finally:
+        os.close(status_r)
+    while True:
+        try:
+            _, status = os.waitpid(pid, 0)
+            break
+        except InterruptedError:
+            continue
+    code = os.waitstatus_to_exitcode(status)
+    return 128 - code if code < 0 else code
+
+
+__all__ = ["Runtime", "Container", "ContainerInfo", "limits_from_spec"]

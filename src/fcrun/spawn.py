@@ -1,0 +1,387 @@
+"""Process creation: the child that becomes a container, and the handshake with its parent.
+
+The parent computes a `ChildPlan` (plain bytes and ints, nothing to look up) and forks. The
+child runs `_child_main(plan)`: a flat sequence of system calls that ends in execve. It makes
+no decision the plan did not make, so it stays small and allocation-light, and a fork-server
+(a process with no threads and no event loop) can drive it the same way as the library.
+
+Handshake over two pipes (status: child -> parent, close-on-exec; go: parent -> child)::
+
+    parent                                  child (pid 1 of a new pid namespace)
+    unshare(NEWPID); fork() ------------->  join cgroups (write 0 to cgroup.procs)
+    setns(own pid ns)                       unshare(mount, uts, ipc, net, cgroup); lo up
+                          <---- "R" ------  namespaces exist
+    configure veth into /proc/PID/ns/net    mount overlay rootfs, /proc, /dev, /sys, masks,
+                                            pivot_root, hostname
+                          <---- "C" ------  created: waits for "S"
+    (container is "created")
+    start():              ----- "S" ---->   rlimits, user, capabilities, no_new_privs,
+                                            close fds, execve
+                          <---- EOF ------  exec happened (status pipe closed on exec)
+
+Any failure in the child is sent as "E<step>\\0<errno>\\0<message>" and the child exits 127;
+the parent then rolls back everything it made.
+"""
+
+from __future__ import annotations
+
+import errno as _errno
+import os
+import resource
+import select
+import signal
+from dataclasses import dataclass, field
+
+from . import syscalls as sc
+from .errors import ContainerError, KernelError
+
+# Step names reported to the parent when the child fails.
+STEP_CGROUP = "join cgroup"
+STEP_UNSHARE = "unshare namespaces"
+STEP_ROOTFS = "prepare rootfs"
+STEP_MOUNT = "mount"
+STEP_PIVOT = "pivot_root"
+STEP_HOSTNAME = "set hostname"
+STEP_WAIT = "wait for start"
+STEP_RLIMIT = "set rlimit"
+STEP_USER = "switch user"
+STEP_CAPS = "set capabilities"
+STEP_EXEC = "exec"
+
+MAX_SYMLINKS = 40
+
+
+@dataclass(slots=True)
+class MountStep:
+    """One mount in the container's rootfs, resolved safely under the rootfs by the child."""
+
+    destination: bytes  # absolute path inside the container
+    source: bytes | None
+    fstype: bytes | None
+    flags: int
+    data: bytes | None
+    bind: bool = False
+    file_target: bool = False  # bind of a file: the mount point must be a file
+    remount_flags: int = 0  # non-zero: a bind remount with these flags follows (e.g. read-only)
+
+
+@dataclass(slots=True)
+class ChildPlan:
+    """Everything the child needs, precomputed by the parent."""
+
+    argv: list[bytes]
+    env: dict[bytes, bytes]
+    cwd: bytes
+    rootfs: bytes
+    overlay_data: bytes | None  # None: rootfs is an existing directory (bind-mounted onto itself)
+    mounts: list[MountStep]
+    devices: list[tuple[bytes, int, int, int]]  # (name under /dev, mode incl. S_IFCHR, major, minor)
+    dev_symlinks: list[tuple[bytes, bytes]]  # (target, link name under /dev)
+    masked_paths: list[bytes]
+    readonly_paths: list[bytes]
+    readonly_root: bool
+    propagation: int
+    unshare_flags: int
+    new_netns: bool
+    hostname: bytes | None
+    cgroup_procs: list[bytes]
+    rlimits: list[tuple[int, int, int]]
+    uid: int
+    gid: int
+    groups: list[int]
+    cap_bounding: int
+    cap_effective: int
+    cap_permitted: int
+    cap_inheritable: int
+    cap_ambient: list[int]
+    cap_last: int
+    no_new_privs: bool
+    pdeathsig: int  # 0: the container may outlive its creator (detached)
+    init_fd: int  # -1: run argv as pid 1 itself; else an fd of a static init (tini) to exec
+    stdio: tuple[int, int, int] | None  # None: inherit the parent's
+    status_w: int = -1
+    go_r: int = -1
+    keep_fds: list[int] = field(default_factory=list)
+
+
+class ChildFailure(Exception):
+    def __init__(self, step: str, err: int, message: str):
+        super().__init__(step, err, message)
+        self.step, self.err, self.message = step, err, message
+
+
+def secure_join(root: bytes, path: bytes) -> bytes:
+    """Resolve `path` as if `root` were '/': symlinks (absolute or relative) never leave root.
+
+    Components that do not exist yet are kept as written, so the caller can create them.
+    (The same idea as runc's securejoin; needed because an image may contain symlinks such
+    as /proc -> /etc that would otherwise send a mount onto the host.)
+    """
+    parts = [p for p in path.split(b"/") if p and p != b"."]
+    resolved: list[bytes] = []
+    links = 0
+    while parts:
+        part = parts.pop(0)
+        if part == b"..":
+            if resolved:
+                resolved.pop()
+            continue
+        candidate = root + b"/" + b"/".join(resolved + [part])
+        try:
+            target = os.readlink(candidate)
+        except OSError:
+            resolved.append(part)  # not a symlink, or does not exist
+            continue
+        links += 1
+        if links > MAX_SYMLINKS:
+            raise OSError(_errno.ELOOP, "too many symlinks", candidate)
+        if target.startswith(b"/"):
+            resolved = []
+        parts = [p for p in target.split(b"/") if p and p != b"."] + parts
+    return root + b"/" + b"/".join(resolved)
+
+
+def _make_mountpoint(path: bytes, is_file: bool) -> None:
+    if is_file:
+        parent = os.path.dirname(path)
+        os.makedirs(parent, 0o755, exist_ok=True)
+        if not os.path.exists(path):
+            os.close(os.open(path, os.O_CREAT | os.O_WRONLY | os.O_CLOEXEC, 0o644))
+    else:
+        os.makedirs(path, 0o755, exist_ok=True)
+
+
+def _fail(plan: ChildPlan, step: str, exc: BaseException) -> None:
+    err = getattr(exc, "errno", None) or _errno.EIO
+    message = str(getattr(exc, "filename", "") or "") or str(exc)
+    try:
+        os.write(plan.status_w, b"E" + f"{step}\0{err}\0{message}".encode(errors="replace"))
+    finally:
+        os._exit(127)
+
+
+def _child_main(plan: ChildPlan) -> None:
+    """Runs in the forked child. Never returns: execs or exits 127."""
+    step = STEP_CGROUP
+    try:
+        # Python ignores SIGPIPE and SIGXFSZ; an ignored signal stays ignored across exec.
+        signal.signal(signal.SIGPIPE, signal.SIG_DFL)
+        signal.signal(signal.SIGXFSZ, signal.SIG_DFL)
+        if plan.pdeathsig:
+            sc.prctl(sc.PR_SET_PDEATHSIG, plan.pdeathsig)
+        os.setsid()
+        for procs in plan.cgroup_procs:
+            fd = os.open(procs, os.O_WRONLY | os.O_CLOEXEC)
+            try:
+                os.write(fd, b"0")
+            finally:
+                os.close(fd)
+
+        step = STEP_UNSHARE
+        sc.unshare(plan.unshare_flags)
+        if plan.new_netns:
+            sc.set_loopback_up()
+        if plan.hostname is not None:
+            step = STEP_HOSTNAME
+            sc.sethostname(plan.hostname)
+        os.write(plan.status_w, b"R")
+
+        step = STEP_ROOTFS
+        _setup_rootfs(plan)
+
+        os.write(plan.status_w, b"C")
+        step = STEP_WAIT
+        if os.read(plan.go_r, 1) != b"S":
+            os._exit(127)  # the parent went away or gave up on us: never run the command
+        os.close(plan.go_r)
+
+        _finish_and_exec(plan)
+    except BaseException as exc:  # noqa: BLE001 - everything must be reported, then _exit
+        _fail(plan, step, exc)
+
+
+def _setup_rootfs(plan: ChildPlan) -> None:
+    root = plan.rootfs
+    # Stop our mounts from propagating back to the host, and the host's from reaching us.
+    sc.mount(None, b"/", None, sc.MS_REC | plan.propagation, None)
+    if plan.overlay_data is not None:
+        sc.mount(b"overlay", root, b"overlay", 0, plan.overlay_data)
+    else:
+        # pivot_root needs the new root to be a mount point.
+        sc.mount(root, root, None, sc.MS_BIND | sc.MS_REC, None)
+
+    for m in plan.mounts:
+        target = secure_join(root, m.destination)
+        _make_mountpoint(target, m.file_target)
+        try:
+            sc.mount(m.source, target, m.fstype, m.flags, m.data)
+            if m.remount_flags:
+                sc.mount(None, target, None, sc.MS_BIND | sc.MS_REMOUNT | m.remount_flags, None)
+        except OSError as exc:
+            if m.fstype == b"sysfs" and exc.errno == _errno.EPERM:
+                # sysfs cannot be mounted without a new network namespace (--net host):
+                # bind the host's read-only instead, as runc does.
+                sc.mount(b"/sys", target, None, sc.MS_BIND | sc.MS_REC, None)
+                sc.mount(None, target, None, sc.MS_BIND | sc.MS_REMOUNT | sc.MS_RDONLY | sc.MS_REC, None)
+            else:
+                raise OSError(exc.errno, exc.strerror, b"mount " + m.destination) from None
+
+    dev = root + b"/dev"
+    for name, mode, major, minor in plan.devices:
+        path = dev + b"/" + name
+        os.mknod(path, mode, os.makedev(major, minor))
+        os.chmod(path, mode & 0o7777)
+    for target, name in plan.dev_symlinks:
+        os.symlink(target, dev + b"/" + name)
+
+    for p in plan.masked_paths:
+        target = secure_join(root, p)
+        if os.path.isdir(target):
+            sc.mount(b"tmpfs", target, b"tmpfs", sc.MS_RDONLY, None)
+        elif os.path.exists(target):
+            sc.mount(b"/dev/null", target, None, sc.MS_BIND, None)
+    for p in plan.readonly_paths:
+        target = secure_join(root, p)
+        if os.path.exists(target):
+            sc.mount(target, target, None, sc.MS_BIND | sc.MS_REC, None)
+            sc.mount(None, target, None, sc.MS_BIND | sc.MS_REMOUNT | sc.MS_RDONLY | sc.MS_REC, None)
+
+    # pivot_root(".", ".") stacks the old root on top of the new one; detaching it then leaves
+    # nothing of the host's filesystem reachable (no put_old directory needed, as in runc).
+    os.chdir(root)
+    sc.pivot_root(b".", b".")
+    sc.umount2(b".", sc.MNT_DETACH)
+    os.chdir(b"/")
+    if plan.readonly_root:
+        sc.mount(None, b"/", None, sc.MS_BIND | sc.MS_REMOUNT | sc.MS_RDONLY, None)
+
+
+def _finish_and_exec(plan: ChildPlan) -> None:
+    """Drop privileges and exec. Shared by container creation and `exec` into a container."""
+    step = STEP_RLIMIT
+    try:
+        for res, soft, hard in plan.rlimits:
+            resource.setrlimit(res, (soft, hard))
+
+        if plan.stdio is not None:
+            for target, fd in enumerate(plan.stdio):
+                if fd != target:
+                    os.dup2(fd, target)
+
+        step = STEP_CAPS
+        for cap in range(plan.cap_last + 1):
+            if not plan.cap_bounding & (1 << cap):
+                sc.prctl(sc.PR_CAPBSET_DROP, cap)
+
+        step = STEP_USER
+        switching = plan.uid != 0 or plan.gid != 0
+        if switching:
+            sc.prctl(sc.PR_SET_KEEPCAPS, 1)
+        os.setgroups(plan.groups)
+        os.setresgid(plan.gid, plan.gid, plan.gid)
+        os.setresuid(plan.uid, plan.uid, plan.uid)
+        if switching:
+            sc.prctl(sc.PR_SET_KEEPCAPS, 0)
+            if plan.pdeathsig:
+                sc.prctl(sc.PR_SET_PDEATHSIG, plan.pdeathsig)  # a credential change clears it
+
+        step = STEP_CAPS
+        sc.capset(plan.cap_effective, plan.cap_permitted, plan.cap_inheritable)
+        sc.prctl(sc.PR_CAP_AMBIENT, sc.PR_CAP_AMBIENT_CLEAR_ALL)
+        for cap in plan.cap_ambient:
+            sc.prctl(sc.PR_CAP_AMBIENT, sc.PR_CAP_AMBIENT_RAISE, cap)
+        if plan.no_new_privs:
+            sc.prctl(sc.PR_SET_NO_NEW_PRIVS, 1)
+
+        step = STEP_EXEC
+        os.chdir(plan.cwd)
+        program = _find_executable(plan.argv[0], plan.env.get(b"PATH", b"/usr/sbin:/usr/bin:/sbin:/bin"))
+
+        # Close every fd but stdio and the close-on-exec ones the exec itself needs.
+        keep = sorted({plan.status_w, *plan.keep_fds} - {-1})
+        low = 3
+        for fd in keep:
+            if fd >= low:
+                os.closerange(low, fd)
+                low = fd + 1
+        os.closerange(low, 65536)
+
+        if plan.init_fd >= 0:
+            os.execve(plan.init_fd, [b"init", b"--", program, *plan.argv[1:]], plan.env)
+        os.execve(program, plan.argv, plan.env)
+    except BaseException as exc:  # noqa: BLE001
+        _fail(plan, step, exc)
+
+
+def _find_executable(name: bytes, search_path: bytes) -> bytes:
+    """PATH lookup inside the container, so a missing binary fails before exec, not in init."""
+    candidates = [name] if b"/" in name else [d + b"/" + name for d in search_path.split(b":") if d]
+    for c in candidates:
+        if os.path.isfile(c) and os.access(c, os.X_OK):
+            return c
+    raise OSError(_errno.ENOENT, "executable not found in the container", name)
+
+
+def read_status(fd: int, timeout_s: float) -> bytes:
+    """Read the next handshake message: one byte, b"" at EOF (the exec happened).
+
+    Raises ChildFailure when the child reported an error ("E..." up to EOF).
+    """
+    ready, _, _ = select.select([fd], [], [], timeout_s)
+    if not ready:
+        raise ContainerError(f"container setup did not answer within {timeout_s:.0f}s")
+    data = os.read(fd, 1)
+    if data == b"E":
+        chunks = []
+        while chunk := os.read(fd, 65536):
+            chunks.append(chunk)
+        step, err, message = b"".join(chunks).decode(errors="replace").split("\0", 2)
+        raise ChildFailure(step, int(err), message)
+    return data
+
+
+def failure_to_error(failure: ChildFailure, name: str) -> Exception:
+    """Turn a child's report into the error the user sees."""
+    if failure.step == STEP_EXEC and failure.err == _errno.ENOENT:
+        return ContainerError(f"container {name}: {failure.message}: executable not found in the container")
+    return KernelError(f"container {name}: {failure.step}", failure.message, failure.err)
+
+
+def fork_child(plan: ChildPlan, new_pid_ns: bool) -> tuple[int, int, int]:
+    """Fork the container child. Returns (pid, status_r, go_w); the caller owns both fds.
+
+    Resource handling: the caller must close status_r and go_w, and reap pid.
+    The pid namespace is entered by unsharing CLONE_NEWPID in this thread just for the fork,
+    so the child is pid 1 of the new namespace and our direct child (waitpid works); the
+    thread's pid_for_children is restored right after.
+    """
+    status_r, status_w = os.pipe2(os.O_CLOEXEC)
+    go_r, go_w = os.pipe2(os.O_CLOEXEC)
+    plan.status_w, plan.go_r = status_w, go_r
+    own_pid_ns = os.open("/proc/thread-self/ns/pid", os.O_RDONLY | os.O_CLOEXEC) if new_pid_ns else -1
+    try:
+        if new_pid_ns:
+            sc.unshare(sc.CLONE_NEWPID)
+        pid = -1
+        try:
+            pid = os.fork()
+        finally:
+            if new_pid_ns and pid != 0:
+                sc.setns(own_pid_ns, sc.CLONE_NEWPID)
+        if pid == 0:
+            # Our copies of the parent's ends must go, or a dead parent would never read EOF.
+            os.close(status_r)
+            os.close(go_w)
+            signal.pthread_sigmask(signal.SIG_SETMASK, [])
+            _child_main(plan)
+            os._exit(127)  # not reached
+    except BaseException:
+        for fd in (status_r, go_w):
+            os.close(fd)
+        raise
+    finally:
+        if own_pid_ns >= 0:
+            os.close(own_pid_ns)
+        os.close(status_w)
+        os.close(go_r)
+    return pid, status_r, go_w

@@ -1,0 +1,189 @@
+"""Persisted container state and the lifecycle table.
+
+Each container has a directory under the run root holding `state.json` (a ContainerState,
+written atomically) and a `lock` file. Any fcrun process can list, kill and remove a
+container another one started, because everything needed to find its processes, cgroups,
+network lease and rootfs is in that file.
+
+The lifecycle is checked here and only here (youki's `can_start()`, h11's `_state.py`):
+
+    creating -> created -> running <-> frozen
+        \\          \\          \\          \\
+         `----------`----------`----------`--> stopped -> (deleted)
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import os
+import re
+import time
+from typing import Iterator, Literal
+
+import msgspec
+
+from .errors import AlreadyExists, IncorrectStatus, NotFound, SpecError
+from .oci import Process, Root, Spec
+
+Status = Literal["creating", "created", "running", "frozen", "stopped"]
+
+NAME_RE = re.compile(r"^[a-zA-Z0-9][a-zA-Z0-9_.-]{0,62}$")
+
+# operation -> statuses it is allowed in
+ALLOWED: dict[str, frozenset[str]] = {
+    "start": frozenset({"created"}),
+    "kill": frozenset({"created", "running", "frozen"}),
+    "freeze": frozenset({"running"}),
+    "thaw": frozenset({"frozen"}),
+    "update": frozenset({"created", "running", "frozen"}),
+    "exec": frozenset({"running"}),
+    "delete": frozenset({"stopped", "creating"}),
+}
+
+
+def check_allowed(operation: str, name: str, status: str) -> None:
+    """Raises IncorrectStatus unless `operation` is allowed for a container in `status`."""
+    if status not in ALLOWED[operation]:
+        allowed = "/".join(sorted(ALLOWED[operation]))
+        raise IncorrectStatus(f"cannot {operation} container {name!r}: it is {status} (must be {allowed})")
+
+
+def validate_name(name: str, where: str = "--name") -> str:
+    if not NAME_RE.match(name):
+        raise SpecError(
+            f"invalid container name {name!r}: use 1-63 letters, digits, '.', '_' or '-', starting with a letter or digit",
+            where,
+        )
+    return name
+
+
+class Rootfs(msgspec.Struct, kw_only=True):
+    mountpoint: str
+    lower: list[str] = []  # overlay lower dirs, top first; empty: mountpoint is a plain directory
+    upper: str = ""
+    work: str = ""
+
+
+class NetworkState(msgspec.Struct, kw_only=True):
+    mode: str
+    ip: str = ""
+    prefixlen: int = 0
+    gateway: str = ""
+    host_ifname: str = ""
+    bridge: str = ""
+
+
+class ContainerState(msgspec.Struct, kw_only=True):
+    name: str
+    status: Status
+    spec: Spec
+    image: str = ""
+    pid: int = 0
+    pid_start_time: int = 0  # /proc/PID/stat field 22: tells our pid from a reused one
+    created_at: float = 0.0
+    started_at: float = 0.0
+    exit_code: int | None = None
+    cgroup_version: int = 0
+    cgroup_paths: dict[str, str] = {}
+    rootfs: Rootfs | None = None
+    network: NetworkState | None = None
+    detached: bool = False
+    log_path: str = ""
+    labels: dict[str, str] = {}
+
+
+_encoder = msgspec.json.Encoder()
+_decoder = msgspec.json.Decoder(ContainerState)
+
+
+def proc_start_time(pid: int) -> int:
+    """Start time of a process in clock ticks since boot, or 0 if it does not exist."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            data = f.read()
+    except OSError:
+        return 0
+    # The command name may contain spaces and parentheses: split after the last ')'.
+    fields = data[data.rindex(b")") + 2 :].split()
+    state = fields[0]
+    if state in (b"Z", b"X"):
+        return 0  # a zombie has exited: it is not running
+    return int(fields[19])
+
+
+def pid_alive(state: ContainerState) -> bool:
+    return state.pid > 0 and proc_start_time(state.pid) == state.pid_start_time
+
+
+class StateStore:
+    """The directory of container states under the run root."""
+
+    def __init__(self, containers_dir: str):
+        self.root = containers_dir
+
+    def dir(self, name: str) -> str:
+        return os.path.join(self.root, name)
+
+    def reserve(self, name: str) -> str:
+        """Create the container's directory; the name is taken atomically (mkdir)."""
+        validate_name(name)
+        os.makedirs(self.root, mode=0o700, exist_ok=True)
+        path = self.dir(name)
+        try:
+            os.mkdir(path, 0o700)
+        except FileExistsError:
+            raise AlreadyExists(f"container name {name!r} is already in use (see `fcrun ps`; `fcrun rm -f {name}` removes it)") from None
+        return path
+
+    def save(self, state: ContainerState) -> None:
+        path = os.path.join(self.dir(state.name), "state.json")
+        tmp = path + ".tmp"
+        with open(tmp, "wb") as f:
+            f.write(_encoder.encode(state))
+        os.replace(tmp, path)
+
+    def load(self, name: str) -> ContainerState:
+        validate_name(name, "container name")
+        try:
+            with open(os.path.join(self.dir(name), "state.json"), "rb") as f:
+                return _decoder.decode(f.read())
+        except FileNotFoundError:
+            if os.path.isdir(self.dir(name)):
+                # Reserved but never saved: a creation that crashed early. `rm -f`/gc clean it.
+                return ContainerState(name=name, status="creating", spec=_EMPTY_SPEC)
+            raise NotFound(f"no such container: {name!r}") from None
+
+    def names(self) -> list[str]:
+        try:
+            return sorted(n for n in os.listdir(self.root) if NAME_RE.match(n))
+        except FileNotFoundError:
+            return []
+
+    def remove(self, name: str) -> None:
+        path = self.dir(name)
+        for entry in ("state.json", "state.json.tmp", "lock", "output.log"):
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(os.path.join(path, entry))
+        with contextlib.suppress(FileNotFoundError):
+            os.rmdir(os.path.join(path, "rootfs"))
+        with contextlib.suppress(FileNotFoundError):
+            os.rmdir(path)
+
+    @contextlib.contextmanager
+    def locked(self, name: str) -> Iterator[None]:
+        """Serialise changes to one container across fcrun processes."""
+        fd = os.open(os.path.join(self.dir(name), "lock"), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            yield
+        finally:
+            os.close(fd)
+
+
+def now() -> float:
+    return time.time()
+
+
+# Placeholder spec for a container whose creation crashed before its state was first saved.
+_EMPTY_SPEC = Spec(process=Process(args=["?"]), root=Root(path=""))

@@ -1,0 +1,140 @@
+"""Thin ctypes wrappers for the Linux system calls Python's os module lacks (3.11).
+
+Each wrapper raises OSError with the errno on failure; callers turn that into a KernelError
+naming the operation and object. Nothing here allocates beyond ctypes argument conversion, so
+these are safe to call in a freshly forked child between fork and exec.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+import platform
+
+_libc = ctypes.CDLL(None, use_errno=True)
+
+# Namespace flags (linux/sched.h).
+CLONE_NEWNS = 0x00020000
+CLONE_NEWCGROUP = 0x02000000
+CLONE_NEWUTS = 0x04000000
+CLONE_NEWIPC = 0x08000000
+CLONE_NEWUSER = 0x10000000
+CLONE_NEWPID = 0x20000000
+CLONE_NEWNET = 0x40000000
+
+# The OCI namespace names and the /proc/<pid>/ns file of each.
+NAMESPACES = {
+    "pid": (CLONE_NEWPID, "pid"),
+    "mount": (CLONE_NEWNS, "mnt"),
+    "uts": (CLONE_NEWUTS, "uts"),
+    "ipc": (CLONE_NEWIPC, "ipc"),
+    "network": (CLONE_NEWNET, "net"),
+    "cgroup": (CLONE_NEWCGROUP, "cgroup"),
+}
+
+# Mount flags (linux/mount.h).
+MS_RDONLY = 1
+MS_NOSUID = 2
+MS_NODEV = 4
+MS_NOEXEC = 8
+MS_REMOUNT = 32
+MS_NOATIME = 1024
+MS_BIND = 4096
+MS_REC = 16384
+MS_PRIVATE = 1 << 18
+MS_SLAVE = 1 << 19
+MS_SHARED = 1 << 20
+MS_STRICTATIME = 1 << 24
+MNT_DETACH = 2
+
+# prctl options (linux/prctl.h).
+PR_SET_PDEATHSIG = 1
+PR_SET_KEEPCAPS = 8
+PR_CAPBSET_DROP = 24
+PR_SET_NO_NEW_PRIVS = 38
+PR_GET_NO_NEW_PRIVS = 39
+PR_CAP_AMBIENT = 47
+PR_CAP_AMBIENT_RAISE = 2
+PR_CAP_AMBIENT_CLEAR_ALL = 4
+
+_SYS_PIVOT_ROOT = {"x86_64": 155, "aarch64": 41, "riscv64": 41, "ppc64le": 203, "s390x": 217}
+_SYS_CAPSET = {"x86_64": 126, "aarch64": 91, "riscv64": 91, "ppc64le": 184, "s390x": 185}
+_MACHINE = platform.machine()
+_LINUX_CAPABILITY_VERSION_3 = 0x20080522
+
+
+def _check(result: int) -> int:
+    if result == -1:
+        err = ctypes.get_errno()
+        raise OSError(err, os.strerror(err))
+    return result
+
+
+def unshare(flags: int) -> None:
+    _check(_libc.unshare(flags))
+
+
+def setns(fd: int, nstype: int = 0) -> None:
+    _check(_libc.setns(fd, nstype))
+
+
+def mount(source: bytes | None, target: bytes, fstype: bytes | None, flags: int, data: bytes | None) -> None:
+    _check(_libc.mount(source, target, fstype, ctypes.c_ulong(flags), data))
+
+
+def umount2(target: bytes, flags: int = 0) -> None:
+    _check(_libc.umount2(target, flags))
+
+
+def pivot_root(new_root: bytes, put_old: bytes) -> None:
+    _check(_libc.syscall(_SYS_PIVOT_ROOT[_MACHINE], new_root, put_old))
+
+
+def prctl(option: int, arg2: int = 0, arg3: int = 0, arg4: int = 0, arg5: int = 0) -> int:
+    return _check(
+        _libc.prctl(option, ctypes.c_ulong(arg2), ctypes.c_ulong(arg3), ctypes.c_ulong(arg4), ctypes.c_ulong(arg5))
+    )
+
+
+class _CapHeader(ctypes.Structure):
+    _fields_ = [("version", ctypes.c_uint32), ("pid", ctypes.c_int)]
+
+
+class _CapData(ctypes.Structure):
+    _fields_ = [("effective", ctypes.c_uint32), ("permitted", ctypes.c_uint32), ("inheritable", ctypes.c_uint32)]
+
+
+def capset(effective: int, permitted: int, inheritable: int) -> None:
+    """Set this thread's capability sets from 64-bit masks (bit N = capability N)."""
+    header = _CapHeader(_LINUX_CAPABILITY_VERSION_3, 0)
+    data = (_CapData * 2)(
+        _CapData(effective & 0xFFFFFFFF, permitted & 0xFFFFFFFF, inheritable & 0xFFFFFFFF),
+        _CapData(effective >> 32, permitted >> 32, inheritable >> 32),
+    )
+    _check(_libc.syscall(_SYS_CAPSET[_MACHINE], ctypes.byref(header), data))
+
+
+def cap_last_cap() -> int:
+    with open("/proc/sys/kernel/cap_last_cap") as f:
+        return int(f.read())
+
+
+def sethostname(name: bytes) -> None:
+    _check(_libc.sethostname(name, len(name)))
+
+
+def set_loopback_up() -> None:
+    """Bring 'lo' up in the current network namespace with one ioctl (no netlink needed).
+
+    Used in the container child right after unshare(CLONE_NEWNET), where a netlink library would
+    be far heavier than two ioctls.
+    """
+    import fcntl
+    import socket
+    import struct
+
+    SIOCGIFFLAGS, SIOCSIFFLAGS, IFF_UP = 0x8913, 0x8914, 0x1
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        ifreq = struct.pack("16sH14x", b"lo", 0)
+        flags = struct.unpack("16sH14x", fcntl.ioctl(s.fileno(), SIOCGIFFLAGS, ifreq))[1]
+        fcntl.ioctl(s.fileno(), SIOCSIFFLAGS, struct.pack("16sH14x", b"lo", flags | IFF_UP))

@@ -1,0 +1,77 @@
+"""Parsing of human units: memory sizes, CPU fractions, durations.
+
+Each parser raises SpecError naming the option it was given, so a CLI flag or a config key
+is reported where the user wrote it.
+"""
+
+from __future__ import annotations
+
+import re
+
+from .errors import SpecError
+
+CPU_PERIOD_US = 100_000  # the kernel default period; cpu.max "30000 100000" is 0.3 CPU
+
+_SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgt]?)(i?b?)\s*$", re.IGNORECASE)
+_SIZE_FACTOR = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}
+_DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h)?\s*$")
+_DURATION_FACTOR = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, None: 1.0}
+
+MIN_MEMORY_BYTES = 4 << 20  # below this a container cannot even exec a shell
+
+
+def parse_memory(text: str | int, where: str = "--memory") -> int:
+    """'512M', '1G', '1.5g', '65536' (bytes) -> bytes. Powers of 1024, as docker and runc use."""
+    if isinstance(text, int):
+        value = text
+    else:
+        m = _SIZE.match(text)
+        if not m:
+            raise SpecError(f"invalid memory size {text!r}: use a number with K, M, G or T (e.g. 512M)", where)
+        value = int(float(m.group(1)) * _SIZE_FACTOR[m.group(2).lower()])
+    if value < MIN_MEMORY_BYTES:
+        raise SpecError(f"memory limit {text!r} is below the minimum of 4M", where)
+    return value
+
+
+def parse_cpu(text: str | float, where: str = "--cpu") -> float:
+    """'0.3' -> 0.3 CPUs (fraction of one CPU; 2 means two full CPUs)."""
+    try:
+        value = float(text)
+    except (TypeError, ValueError):
+        raise SpecError(f"invalid CPU amount {text!r}: use a fraction of one CPU such as 0.3", where) from None
+    if not 0.01 <= value <= 1024:
+        raise SpecError(f"CPU amount {text!r} is out of range 0.01..1024", where)
+    return value
+
+
+def cpu_to_quota_us(cpus: float, period_us: int = CPU_PERIOD_US) -> int:
+    """0.3 CPU over a 100 ms period -> a 30 000 us quota."""
+    return max(1000, round(cpus * period_us))
+
+
+def quota_to_cpu(quota_us: int | None, period_us: int = CPU_PERIOD_US) -> float | None:
+    return None if quota_us is None else quota_us / period_us
+
+
+def parse_duration(text: str | float | int, where: str = "duration") -> float:
+    """'60s', '500ms', '5m', '2h', '30' (seconds) -> seconds."""
+    if isinstance(text, (int, float)):
+        value = float(text)
+    else:
+        m = _DURATION.match(text)
+        if not m:
+            raise SpecError(f"invalid duration {text!r}: use e.g. 500ms, 60s, 5m", where)
+        value = float(m.group(1)) * _DURATION_FACTOR[m.group(2)]
+    if value < 0:
+        raise SpecError(f"duration {text!r} is negative", where)
+    return value
+
+
+def format_bytes(n: int | None) -> str:
+    if n is None:
+        return "-"
+    for unit, factor in (("G", 1 << 30), ("M", 1 << 20), ("K", 1 << 10)):
+        if n >= factor and n % (factor // 16 or 1) == 0 or n >= factor * 10:
+            return f"{n / factor:.4g}{unit}"
+    return f"{n}B"

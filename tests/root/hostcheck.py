@@ -1,0 +1,32 @@
+"""Names private to this test run, and a snapshot of what a test could leak on the host."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+
+TAG = str(os.getpid())
+CGROUP_PARENT = f"fcrun-test-{TAG}"
+BRIDGE = f"fct{TAG}"[:15]
+SUBNET = "10.234.0.0/24"
+
+
+def host_snapshot(run_root: str) -> dict:
+    """What a test could leak on the host: mounts, links, netns, our cgroups, leases, state dirs."""
+    with open("/proc/self/mountinfo") as f:
+        mounts = sorted(line.split(" ", 4)[4] for line in f)
+    links = sorted(
+        line.split(":")[1].strip().split("@")[0]
+        for line in subprocess.run(["ip", "-o", "link"], capture_output=True, text=True, check=True).stdout.splitlines()
+    )
+    netns = sorted(os.listdir("/run/netns")) if os.path.isdir("/run/netns") else []
+    cgroups = []
+    for dirpath, dirnames, _ in os.walk("/sys/fs/cgroup"):
+        if CGROUP_PARENT in dirpath:
+            cgroups.append(dirpath)
+            dirnames[:] = []
+        elif dirpath.count("/") > 7:
+            dirnames[:] = []
+    containers = os.path.join(run_root, "containers")
+    states = sorted(os.listdir(containers)) if os.path.isdir(containers) else []
+    return {"mounts": mounts, "links": links, "netns": netns, "cgroups": cgroups, "states": states}

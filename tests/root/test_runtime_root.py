@@ -1,0 +1,386 @@
+"""Root integration tests of the runtime core: real namespaces, overlayfs, cgroups and veth.
+
+Every property is checked from inside the container with busybox tools.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import textwrap
+import time
+
+import pytest
+
+from fcrun.capabilities import DEFAULT_CAPABILITIES, capability_mask
+from fcrun.errors import AlreadyExists, ContainerError, IncorrectStatus, KernelError, NotFound, SpecError
+from fcrun.oci import Mount
+from fcrun.options import RunOptions, spec_from_image
+from hostcheck import CGROUP_PARENT, host_snapshot
+
+pytestmark = [pytest.mark.root]
+
+
+def run(rt, image, name, args, *, detach=False, init=True, **opts):
+    """Run to completion with stdout+stderr captured; returns (exit code, output)."""
+    spec = spec_from_image(image, RunOptions(args=args, **opts), name=name)
+    r, w = os.pipe()
+    null = os.open("/dev/null", os.O_RDONLY)
+    try:
+        container = rt.run(name, spec, image=image, stdio=(null, w, w), init=init, detach=detach)
+    finally:
+        os.close(w)
+        os.close(null)
+    chunks = []
+    while chunk := os.read(r, 65536):
+        chunks.append(chunk)
+    os.close(r)
+    code = container.wait()
+    rt.delete(name)
+    return code, b"".join(chunks).decode()
+
+
+def start_detached(rt, image, name, args, **opts):
+    spec = spec_from_image(image, RunOptions(args=args, **opts), name=name)
+    return rt.run(name, spec, image=image, detach=True)
+
+
+def sh(rt, image, name, script, **opts):
+    return run(rt, image, name, ["sh", "-c", script], **opts)
+
+
+# ----- process, exit codes, stdio ----------------------------------------------------------
+
+
+def test_runs_a_command_and_returns_its_output_and_exit_code(runtime, busybox):
+    assert sh(runtime, busybox, "t-echo", "echo hello; echo err >&2", network="none") == (0, "hello\nerr\n")
+    assert sh(runtime, busybox, "t-exit", "exit 7", network="none")[0] == 7
+    assert sh(runtime, busybox, "t-sig", "kill -9 $$", network="none")[0] == 128 + 9
+
+
+def test_pid_namespace_and_pid1_init_reaps_orphans(runtime, busybox):
+    code, out = sh(runtime, busybox, "t-pid", "echo pid=$$; ls /proc | grep -c '^[0-9]'", network="none")
+    assert code == 0
+    assert "pid=2\n" in out  # pid 1 is the init, the command is its first child
+    assert int(out.split()[-1]) <= 4  # no host process is visible
+    # An orphan whose parent exits is re-parented to pid 1, which must reap it.
+    script = "sh -c 'sleep 0.1 & exit 0'; sleep 0.6; cat /proc/[0-9]*/stat | grep -c ' Z ' || true"
+    code, out = sh(runtime, busybox, "t-zombie", script, network="none")
+    assert out.strip() == "0", out
+
+
+def test_stdin_is_passed_through(runtime, busybox):
+    spec = spec_from_image(busybox, RunOptions(args=["sh", "-c", "read x; echo got:$x"], network="none"), name="t-stdin")
+    rin, win = os.pipe()
+    rout, wout = os.pipe()
+    c = runtime.run("t-stdin", spec, image=busybox, stdio=(rin, wout, wout))
+    os.close(rin)
+    os.close(wout)
+    os.write(win, b"ping\n")
+    os.close(win)
+    out = os.read(rout, 4096)
+    os.close(rout)
+    assert c.wait() == 0
+    assert out == b"got:ping\n"
+    runtime.delete("t-stdin")
+
+
+def test_fds_are_closed_and_limits_set(runtime, busybox):
+    leak = os.open("/etc/hostname", os.O_RDONLY)
+    os.set_inheritable(leak, True)
+    try:
+        code, out = sh(runtime, busybox, "t-fds", "ls /proc/self/fd | tr '\\n' ' '; echo; ulimit -n", network="none")
+    finally:
+        os.close(leak)
+    fds, nofile = out.splitlines()
+    assert fds.split() == ["0", "1", "2", "3"]  # 3 is ls's own directory handle
+    assert nofile == "1024"
+
+
+def test_capabilities_no_new_privs_and_user(runtime, busybox):
+    code, out = sh(runtime, busybox, "t-caps", "grep -E '^(CapEff|CapBnd|CapPrm|NoNewPrivs)' /proc/self/status", network="none")
+    status = dict(line.split(":\t") for line in out.splitlines())
+    expected = capability_mask(DEFAULT_CAPABILITIES)
+    assert int(status["CapBnd"], 16) == expected
+    assert int(status["CapEff"], 16) == expected
+    assert status["NoNewPrivs"] == "1"
+    code, out = sh(runtime, busybox, "t-user", "id -u; id -g; grep CapEff /proc/self/status", user="nobody", network="none")
+    uid, gid, capeff = out.splitlines()
+    assert (uid, gid) == ("65534", "65534")
+    assert int(capeff.split()[1], 16) == 0
+
+
+# ----- filesystem ----------------------------------------------------------------------------
+
+
+def test_rootfs_is_overlay_after_pivot_root_and_host_is_invisible(runtime, busybox):
+    script = "grep ' / ' /proc/self/mountinfo; test -e /work && echo HOST-VISIBLE; test -e /etc/debian_version && echo HOST-ETC; echo x > /written && cat /written"
+    code, out = sh(runtime, busybox, "t-rootfs", script, network="none")
+    assert code == 0, out
+    assert " - overlay overlay " in out
+    assert "HOST" not in out
+    assert out.endswith("x\n")
+    # The write went to the container's upper dir, never into the shared image layer.
+    assert not any(os.path.exists(os.path.join(layer, "written")) for layer in busybox.layers)
+
+
+def test_each_container_gets_its_own_upper_dir(runtime, busybox):
+    sh(runtime, busybox, "t-up1", "echo one > /f", network="none")
+    code, out = sh(runtime, busybox, "t-up2", "cat /f 2>&1 || echo missing", network="none")
+    assert "missing" in out
+
+
+def test_read_only_rootfs(runtime, busybox):
+    code, out = sh(runtime, busybox, "t-ro", "touch /x 2>&1; echo rc=$?", network="none", readonly_rootfs=True)
+    assert "Read-only file system" in out and "rc=1" in out
+
+
+def test_minimal_dev_and_masked_proc_and_readonly_sys(runtime, busybox):
+    script = textwrap.dedent("""\
+        ls /dev | tr '\\n' ' '; echo
+        wc -c < /proc/kcore; cat /proc/keys | wc -c; ls /sys/firmware | wc -l
+        echo 1 > /proc/sys/kernel/domainname 2>/dev/null && echo SYS-WRITABLE
+        echo 1 > /proc/sysrq-trigger 2>/dev/null && echo SYSRQ-WRITABLE
+        touch /sys/kernel/x 2>/dev/null && echo SYSFS-WRITABLE
+        head -c 4 /dev/urandom | wc -c; echo hi > /dev/null && echo null-ok
+        grep -E ' /dev/pts | /dev/shm ' /proc/mounts | cut -d' ' -f2,3 | tr '\\n' ' '
+    """)
+    code, out = sh(runtime, busybox, "t-dev", script, network="none")
+    lines = out.splitlines()
+    assert set(lines[0].split()) == {"null", "zero", "full", "random", "urandom", "tty", "ptmx", "pts", "shm",
+                                     "mqueue", "fd", "stdin", "stdout", "stderr"}
+    assert lines[1:4] == ["0", "0", "0"]
+    assert "WRITABLE" not in out
+    assert "4" in lines and "null-ok" in lines
+    assert "/dev/pts devpts" in out and "/dev/shm tmpfs" in out
+
+
+def test_image_symlink_cannot_send_a_mount_onto_the_host(runtime, busybox, tmp_path):
+    # A bind mount destination that is a symlink to an absolute host path stays inside the rootfs.
+    site = tmp_path / "site"
+    site.mkdir()
+    (site / "index.html").write_text("hi")
+    spec = spec_from_image(busybox, RunOptions(args=["sh", "-c", "ln -s /tmp /evil 2>/dev/null; cat /mnt/site/index.html"], network="none"), name="t-bind")
+    spec.mounts.append(Mount(destination="/mnt/site", source=str(site), options=["bind", "ro"]))
+    r, w = os.pipe()
+    c = runtime.run("t-bind", spec, image=busybox, stdio=(0, w, w))
+    os.close(w)
+    out = os.read(r, 4096)
+    os.close(r)
+    assert c.wait() == 0
+    assert out == b"hi"
+    runtime.delete("t-bind")
+
+
+# ----- uts / ipc / net ------------------------------------------------------------------------
+
+
+def test_hostname_and_namespaces_differ_from_host(runtime, busybox):
+    code, out = sh(runtime, busybox, "t-ns", "hostname; for n in ipc mnt net pid uts cgroup; do readlink /proc/self/ns/$n; done", network="none")
+    lines = out.split()
+    assert lines[0] == "t-ns"
+    for ns_link in lines[1:]:
+        kind = ns_link.split(":")[0]
+        own = os.readlink(f"/proc/self/ns/{kind}")
+        assert ns_link != own, f"{kind} namespace is shared with the host"
+
+
+def test_net_none_has_only_loopback(runtime, busybox):
+    code, out = sh(runtime, busybox, "t-none", "ls /sys/class/net | tr '\\n' ' '; ip -o addr show lo | grep -c 127.0.0.1", network="none")
+    assert out.split() == ["lo", "1"]
+
+
+def test_bridge_network_host_reaches_container_and_leases_are_unique(runtime, busybox):
+    a = start_detached(runtime, busybox, "t-web1", ["httpd", "-f", "-p", "8080", "-h", "/etc"])
+    b = start_detached(runtime, busybox, "t-web2", ["sleep", "60"])
+    assert a.ip and b.ip and a.ip != b.ip
+    assert a.ip.startswith("10.234.0.")
+    deadline = time.monotonic() + 5
+    while True:
+        try:
+            with socket.create_connection((a.ip, 8080), timeout=1) as s:
+                s.sendall(b"GET /hostname HTTP/1.0\r\n\r\n")
+                reply = s.recv(4096)
+            break
+        except OSError:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.05)
+    assert reply.startswith(b"HTTP/1.") and b"t-web1" in reply or b"200" in reply
+    # Interfaces inside: lo and eth0 only, default route via the bridge.
+    r, w = os.pipe()
+    code = runtime.exec("t-web2", ["sh", "-c", "ls /sys/class/net | tr '\\n' ' '; ip route | grep default"], stdio=(0, w, w))
+    os.close(w)
+    out = os.read(r, 4096).decode()
+    os.close(r)
+    assert code == 0
+    assert out.split()[:2] == ["eth0", "lo"]
+    assert "default via 10.234.0.1" in out
+    leases = runtime.network.ipam.leases() if hasattr(runtime.network, "ipam") else None
+    runtime.delete("t-web1", force=True)
+    runtime.delete("t-web2", force=True)
+    if leases is not None:
+        assert set(leases) >= {"t-web1", "t-web2"}
+        assert runtime.network.ipam.leases() == {}
+
+
+# ----- cgroups --------------------------------------------------------------------------------
+
+
+def _cpu_seconds(rt, name):
+    return rt._cgroup(rt.state(name)).stats().cpu_usage_us / 1e6
+
+
+@pytest.mark.slow
+def test_cpu_quota_limits_a_burner_and_update_changes_it_live(runtime, busybox):
+    start_detached(runtime, busybox, "t-cpu", ["sh", "-c", "while :; do :; done"], cpu=0.3, network="none")
+    t0, c0 = time.monotonic(), _cpu_seconds(runtime, "t-cpu")
+    time.sleep(2.5)
+    share = (_cpu_seconds(runtime, "t-cpu") - c0) / (time.monotonic() - t0)
+    assert 0.2 <= share <= 0.4, share
+    runtime.update("t-cpu", cpu=0.6)
+    assert runtime._cgroup(runtime.state("t-cpu")).limits().cpu_quota_us == 60000
+    t0, c0 = time.monotonic(), _cpu_seconds(runtime, "t-cpu")
+    time.sleep(2.5)
+    share = (_cpu_seconds(runtime, "t-cpu") - c0) / (time.monotonic() - t0)
+    assert 0.45 <= share <= 0.75, share
+    assert [r.cpu for r in runtime.list() if r.name == "t-cpu"] == [0.6]
+
+
+def test_memory_limit_oom_kills_inside_the_container_only(runtime, busybox):
+    script = "dd if=/dev/zero of=/dev/null bs=64M count=1 2>/dev/null; echo rc=$?"
+    code, out = sh(runtime, busybox, "t-oom", script, memory_bytes=16 << 20, network="none")
+    assert code == 0  # the shell survived,
+    assert "rc=137" in out  # the allocating process was OOM-killed (SIGKILL)
+
+
+def test_pids_limit_stops_a_fork_loop(runtime, busybox):
+    script = "i=0; while [ $i -lt 30 ]; do sleep 5 & i=$((i+1)); done 2>/dev/null; ls /proc | grep -c '^[0-9]'"
+    code, out = sh(runtime, busybox, "t-pids", script, pids_max=8, network="none")
+    assert int(out.split()[-1]) <= 8
+
+
+def test_freeze_stops_progress_and_thaw_resumes(runtime, busybox):
+    start_detached(runtime, busybox, "t-frz", ["sh", "-c", "while :; do :; done"], cpu=0.5, network="none")
+    time.sleep(0.3)
+    runtime.freeze("t-frz")
+    assert runtime.state("t-frz").status == "frozen"
+    assert [r.status for r in runtime.list()] == ["frozen"]
+    c0 = _cpu_seconds(runtime, "t-frz")
+    time.sleep(0.5)
+    assert _cpu_seconds(runtime, "t-frz") - c0 < 0.01
+    with pytest.raises(IncorrectStatus):
+        runtime.freeze("t-frz")
+    runtime.thaw("t-frz")
+    assert runtime.state("t-frz").status == "running"
+    c0 = _cpu_seconds(runtime, "t-frz")
+    time.sleep(0.5)
+    assert _cpu_seconds(runtime, "t-frz") - c0 > 0.05
+
+
+# ----- exec, kill, rm, state across processes -------------------------------------------------
+
+
+def test_exec_joins_namespaces_and_cgroup(runtime, busybox):
+    c = start_detached(runtime, busybox, "t-exec", ["sleep", "60"], network="none", env=["FOO=bar"])
+    r, w = os.pipe()
+    code = runtime.exec("t-exec", ["sh", "-c", "hostname; echo $FOO; cat /proc/self/cgroup | head -1; exit 3"], stdio=(0, w, w))
+    os.close(w)
+    out = os.read(r, 4096).decode().splitlines()
+    os.close(r)
+    assert code == 3
+    assert out[0] == "t-exec" and out[1] == "bar"
+    with pytest.raises(ContainerError, match="nope"):
+        runtime.exec("t-exec", ["nope"])
+    runtime.kill("t-exec", signal.SIGKILL)
+    c.wait()
+    assert runtime.state("t-exec").status == "stopped"
+    with pytest.raises(IncorrectStatus):
+        runtime.exec("t-exec", ["true"])
+
+
+def test_another_process_can_list_kill_and_remove(runtime, busybox, data_root, run_root):
+    start_detached(runtime, busybox, "t-other", ["sleep", "60"], network="none")
+    env = dict(os.environ, FCRUN_ROOT=data_root, FCRUN_RUN=run_root)
+    fcrun = [sys.executable, "-m", "fcrun_cli"]
+    cli = lambda *a: subprocess.run([*fcrun, "--cgroup-parent", CGROUP_PARENT, *a], env=env, capture_output=True, text=True)  # noqa: E731
+    ps = cli("ps")
+    assert ps.returncode == 0, ps.stderr
+    assert "t-other" in ps.stdout and "running" in ps.stdout
+    rm = cli("rm", "t-other")
+    assert rm.returncode == 5 and "rm -f" in rm.stderr
+    assert cli("kill", "t-other", "KILL").returncode == 0
+    deadline = time.monotonic() + 5
+    while runtime.state("t-other").status != "stopped":
+        assert time.monotonic() < deadline
+        time.sleep(0.02)
+    assert cli("rm", "t-other").returncode == 0
+    assert runtime.list() == []
+
+
+def test_container_dies_with_its_supervisor(runtime, busybox, data_root, run_root):
+    code = textwrap.dedent(f"""
+        import sys, time
+        from fcrun import Paths, Runtime, RunOptions, spec_from_image
+        rt = Runtime(Paths(data_root={data_root!r}, run_root={run_root!r}), cgroup_parent="{CGROUP_PARENT}")
+        img = rt.images.get("busybox")
+        c = rt.run("t-orphan", spec_from_image(img, RunOptions(args=["sleep", "300"], network="none"), name="t-orphan"), image=img)
+        print(c.pid, flush=True)
+        time.sleep(300)
+    """)
+    sup = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
+    pid = int(sup.stdout.readline())
+    assert runtime.state("t-orphan").status == "running"
+    sup.kill()
+    sup.wait()
+    sup.stdout.close()
+    deadline = time.monotonic() + 5
+    while os.path.exists(f"/proc/{pid}"):
+        assert time.monotonic() < deadline, "container outlived its supervisor"
+        time.sleep(0.02)
+    assert runtime.state("t-orphan").status == "stopped"
+    assert [r.status for r in runtime.list()] == ["stopped"]
+
+
+def test_gc_removes_what_a_crashed_supervisor_left(runtime, busybox):
+    c = start_detached(runtime, busybox, "t-gc", ["sleep", "60"])
+    os.kill(c.pid, signal.SIGKILL)
+    c.wait()
+    assert runtime.gc() == ["t-gc"]
+    assert runtime.list() == []
+
+
+# ----- bad input and rollback -----------------------------------------------------------------
+
+
+def test_bad_input_is_rejected_and_changes_nothing(runtime, busybox, run_root):
+    before = host_snapshot(run_root)
+    with pytest.raises(NotFound, match="image"):
+        runtime.images.get("no-such-image")
+    with pytest.raises(SpecError, match="invalid container name"):
+        runtime.create("bad/name", spec_from_image(busybox, RunOptions(args=["true"]), name="x"), image=busybox)
+    start_detached(runtime, busybox, "t-taken", ["sleep", "60"], network="none")
+    with pytest.raises(AlreadyExists, match="t-taken"):
+        start_detached(runtime, busybox, "t-taken", ["sleep", "60"], network="none")
+    runtime.delete("t-taken", force=True)
+    assert host_snapshot(run_root) == before
+
+
+@pytest.mark.parametrize("network", ["bridge", "none"])
+def test_failure_half_way_rolls_back_everything(runtime, busybox, run_root, network):
+    before = host_snapshot(run_root)
+    # exec of a missing binary: fails after namespaces, rootfs, cgroup and veth exist.
+    with pytest.raises(ContainerError, match="no-such-binary"):
+        start_detached(runtime, busybox, "t-fail1", ["no-such-binary"], network=network, cpu=0.5, memory_bytes=32 << 20)
+    # a mount that the kernel refuses, in the middle of rootfs setup
+    spec = spec_from_image(busybox, RunOptions(args=["true"], network=network), name="t-fail2")
+    spec.mounts.append(Mount(destination="/proc/sys/kernel/fcrun", type="tmpfs", source="tmpfs"))
+    with pytest.raises(KernelError, match="mount /proc/sys/kernel/fcrun"):
+        runtime.create("t-fail2", spec, image=busybox)
+    assert host_snapshot(run_root) == before
+    assert runtime.list() == []
+    if network == "bridge":
+        assert runtime.network.ipam.leases() == {}

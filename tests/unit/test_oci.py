@@ -1,0 +1,71 @@
+import json
+
+import pytest
+
+from fcrun.errors import SpecError
+from fcrun.oci import decode_spec, default_spec, encode_spec, network_mode, validate_spec
+
+
+def test_default_spec_follows_runc_defaults():
+    spec = default_spec(["sh"], cpu_quota_us=30000, memory_bytes=64 << 20, pids_max=10)
+    assert {ns.type for ns in spec.linux.namespaces} == {"pid", "network", "ipc", "uts", "mount", "cgroup"}
+    assert "/proc/kcore" in spec.linux.masked_paths and "/sys/firmware" in spec.linux.masked_paths
+    assert "/proc/sys" in spec.linux.readonly_paths and "/proc/sysrq-trigger" in spec.linux.readonly_paths
+    assert spec.process.no_new_privileges
+    assert "CAP_SYS_ADMIN" not in spec.process.capabilities.bounding
+    assert "CAP_NET_BIND_SERVICE" in spec.process.capabilities.bounding
+    assert spec.linux.resources.cpu.quota == 30000 and spec.linux.resources.cpu.period == 100000
+    validate_spec(spec)
+
+
+def test_host_network_drops_the_net_namespace():
+    spec = default_spec(["sh"], network="host")
+    assert "network" not in {ns.type for ns in spec.linux.namespaces}
+    assert network_mode(spec) == "host"
+    assert network_mode(default_spec(["sh"], network="none")) == "none"
+    assert network_mode(default_spec(["sh"])) == "bridge"
+
+
+def test_spec_round_trips_as_oci_camel_case_json():
+    spec = default_spec(["sh", "-c", "true"], uid=33, gid=33)
+    data = json.loads(encode_spec(spec))
+    assert data["ociVersion"] == "1.0.2"
+    assert data["process"]["noNewPrivileges"] is True
+    assert data["linux"]["maskedPaths"]
+    assert decode_spec(encode_spec(spec)) == spec
+
+
+def test_decode_reports_the_json_path_of_a_bad_field():
+    data = json.loads(encode_spec(default_spec(["sh"], memory_bytes=64 << 20)))
+    data["linux"]["resources"]["memory"]["limit"] = "lots"
+    with pytest.raises(SpecError, match=r"\$\.linux\.resources\.memory\.limit"):
+        decode_spec(json.dumps(data).encode())
+    with pytest.raises(SpecError, match="malformed JSON in bundle/config.json"):
+        decode_spec(b"{", "bundle/config.json")
+
+
+@pytest.mark.parametrize("mutate,where", [
+    (lambda s: setattr(s.process, "args", []), "$.process.args"),
+    (lambda s: setattr(s.process, "cwd", "relative"), "$.process.cwd"),
+    (lambda s: s.process.env.append("NOEQUALS"), "$.process.env[1]"),
+    (lambda s: s.process.capabilities.bounding.append("CAP_BOGUS"), "$.process.capabilities.bounding[14]"),
+    (lambda s: s.linux.namespaces.append(s.linux.namespaces[0]), "$.linux.namespaces[6]"),
+    (lambda s: setattr(s.linux, "namespaces", [n for n in s.linux.namespaces if n.type != "pid"]), "$.linux.namespaces"),
+    (lambda s: setattr(s.mounts[0], "destination", "proc"), "$.mounts[0].destination"),
+    (lambda s: setattr(s.mounts[0], "type", "nfs"), "$.mounts[0].type"),
+    (lambda s: s.linux.masked_paths.append("/proc/../etc"), "$.linux.masked_paths[11]"),
+    (lambda s: setattr(s, "hostname", "a/b"), "$.hostname"),
+])
+def test_validate_names_where_the_spec_is_wrong(mutate, where):
+    spec = default_spec(["sh"])
+    mutate(spec)
+    with pytest.raises(SpecError) as info:
+        validate_spec(spec)
+    assert where in str(info.value)
+
+
+def test_resource_ranges():
+    with pytest.raises(SpecError, match="memory"):
+        validate_spec(default_spec(["sh"], memory_bytes=1024))
+    with pytest.raises(SpecError, match="quota"):
+        validate_spec(default_spec(["sh"], cpu_quota_us=10))

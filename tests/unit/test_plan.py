@@ -1,0 +1,103 @@
+import os
+import resource
+import signal
+import stat
+
+import pytest
+
+from fcrun import syscalls as sc
+from fcrun.errors import SpecError
+from fcrun.oci import Mount, default_spec
+from fcrun.plan import build_plan, mount_step
+from fcrun.spawn import secure_join
+
+
+def _plan(spec, **kw):
+    args = dict(rootfs="/run/fcrun/containers/c1/rootfs", overlay_lower=["/l/top", "/l/base"],
+                overlay_upper="/u", overlay_work="/w", cgroup_procs=["/sys/fs/cgroup/x/cgroup.procs"],
+                cap_last=40, attached=True)
+    args.update(kw)
+    return build_plan(spec, **args)
+
+
+def test_plan_unshares_every_namespace_but_pid_which_the_parent_enters():
+    plan = _plan(default_spec(["sh"]))
+    expected = sc.CLONE_NEWNS | sc.CLONE_NEWUTS | sc.CLONE_NEWIPC | sc.CLONE_NEWNET | sc.CLONE_NEWCGROUP
+    assert plan.unshare_flags == expected
+    assert plan.new_netns
+    assert plan.pdeathsig == signal.SIGKILL
+
+
+def test_plan_host_network_and_detached():
+    plan = _plan(default_spec(["sh"], network="host"), attached=False)
+    assert not plan.unshare_flags & sc.CLONE_NEWNET
+    assert not plan.new_netns
+    assert plan.pdeathsig == 0
+
+
+def test_plan_overlay_and_devices():
+    plan = _plan(default_spec(["sh"]))
+    assert plan.overlay_data == b"lowerdir=/l/top:/l/base,upperdir=/u,workdir=/w"
+    names = {d[0] for d in plan.devices}
+    assert names == {b"null", b"zero", b"full", b"random", b"urandom", b"tty"}
+    assert all(stat.S_ISCHR(d[1]) for d in plan.devices)
+    assert (b"pts/ptmx", b"ptmx") in plan.dev_symlinks
+    assert b"/proc/kcore" in plan.masked_paths and b"/proc/sys" in plan.readonly_paths
+
+
+def test_plan_capabilities_and_rlimits():
+    plan = _plan(default_spec(["sh"]))
+    assert plan.cap_bounding & (1 << 10)  # NET_BIND_SERVICE
+    assert not plan.cap_bounding & (1 << 21)  # SYS_ADMIN
+    assert plan.cap_effective == plan.cap_bounding
+    assert plan.rlimits == [(resource.RLIMIT_NOFILE, 1024, 1024)]
+    assert plan.no_new_privs
+    user_plan = _plan(default_spec(["sh"], uid=33, gid=33))
+    assert user_plan.cap_effective == 0 and user_plan.uid == 33
+
+
+def test_plan_env_is_bytes_dict():
+    plan = _plan(default_spec(["sh"], env=["PATH=/bin", "A=b=c"]))
+    assert plan.env == {b"PATH": b"/bin", b"A": b"b=c"}
+
+
+def test_mount_options_split_into_flags_and_data():
+    step = mount_step(Mount(destination="/dev", type="tmpfs", source="tmpfs",
+                            options=["nosuid", "strictatime", "mode=755", "size=65536k"]), "$.mounts[0]")
+    assert step.flags == sc.MS_NOSUID | sc.MS_STRICTATIME
+    assert step.data == b"mode=755,size=65536k"
+
+
+def test_read_only_bind_gets_a_remount(tmp_path):
+    src = tmp_path / "site"
+    src.mkdir()
+    step = mount_step(Mount(destination="/var/www/html", source=str(src), options=["bind", "ro", "nosuid"]), "$.mounts[9]")
+    assert step.bind and step.flags == sc.MS_BIND
+    assert step.remount_flags == sc.MS_RDONLY | sc.MS_NOSUID
+    assert not step.file_target
+    f = tmp_path / "hosts"
+    f.write_text("x")
+    assert mount_step(Mount(destination="/etc/hosts", source=str(f), options=["rbind"]), "m").file_target
+
+
+def test_bad_mounts_are_spec_errors(tmp_path):
+    with pytest.raises(SpecError, match=r"does not exist.*\$\.mounts\[3\]"):
+        mount_step(Mount(destination="/x", source=str(tmp_path / "missing")), "$.mounts[3]")
+    with pytest.raises(SpecError, match="unknown mount option 'wat'"):
+        mount_step(Mount(destination="/x", type="tmpfs", options=["wat"]), "$.mounts[0]")
+
+
+def test_secure_join_keeps_symlinks_inside_the_root(tmp_path):
+    root = tmp_path / "root"
+    (root / "etc").mkdir(parents=True)
+    os.symlink("/etc", root / "abs")          # absolute: must resolve under root
+    os.symlink("../../../..", root / "etc" / "up")  # climbing out: clamps at root
+    os.symlink("loop2", root / "loop1")
+    os.symlink("loop1", root / "loop2")
+    r = str(root).encode()
+    assert secure_join(r, b"/abs/passwd") == r + b"/etc/passwd"
+    assert secure_join(r, b"/etc/up/etc/shadow") == r + b"/etc/shadow"
+    assert secure_join(r, b"/../../x") == r + b"/x"
+    assert secure_join(r, b"/new/dir") == r + b"/new/dir"
+    with pytest.raises(OSError):
+        secure_join(r, b"/loop1")

@@ -1,0 +1,55 @@
+import os
+
+import pytest
+
+from fcrun.errors import AlreadyExists, IncorrectStatus, NotFound, SpecError
+from fcrun.oci import default_spec
+from fcrun.state import ContainerState, StateStore, check_allowed, pid_alive, proc_start_time
+
+
+def test_lifecycle_table():
+    check_allowed("start", "c", "created")
+    check_allowed("freeze", "c", "running")
+    check_allowed("thaw", "c", "frozen")
+    for op, status in [("start", "running"), ("freeze", "frozen"), ("thaw", "running"), ("exec", "stopped"),
+                       ("kill", "stopped"), ("delete", "running")]:
+        with pytest.raises(IncorrectStatus, match=f"cannot {op} container 'c': it is {status}"):
+            check_allowed(op, "c", status)
+
+
+def test_store_round_trip_and_names(tmp_path):
+    store = StateStore(str(tmp_path / "containers"))
+    store.reserve("web-1")
+    state = ContainerState(name="web-1", status="running", spec=default_spec(["sh"]), pid=123)
+    store.save(state)
+    assert store.load("web-1") == state
+    assert store.names() == ["web-1"]
+    with pytest.raises(AlreadyExists, match="web-1"):
+        store.reserve("web-1")
+    store.remove("web-1")
+    assert store.names() == []
+    with pytest.raises(NotFound, match="no such container: 'web-1'"):
+        store.load("web-1")
+
+
+def test_reserved_but_never_saved_reads_as_creating(tmp_path):
+    store = StateStore(str(tmp_path))
+    store.reserve("crashed")
+    assert store.load("crashed").status == "creating"
+
+
+@pytest.mark.parametrize("bad", ["", "-x", "a/b", "..", "x" * 64, "a b"])
+def test_bad_names(tmp_path, bad):
+    with pytest.raises(SpecError, match="invalid container name"):
+        StateStore(str(tmp_path)).reserve(bad)
+    assert os.listdir(tmp_path) == []
+
+
+def test_pid_alive_detects_reuse():
+    me = os.getpid()
+    start = proc_start_time(me)
+    assert start > 0
+    spec = default_spec(["sh"])
+    assert pid_alive(ContainerState(name="x", status="running", spec=spec, pid=me, pid_start_time=start))
+    assert not pid_alive(ContainerState(name="x", status="running", spec=spec, pid=me, pid_start_time=start + 1))
+    assert not pid_alive(ContainerState(name="x", status="running", spec=spec, pid=0))
