@@ -76,6 +76,10 @@ class KernelError(FcrunError, OSError):
         self.strerror = os.strerror(err)
         FcrunError.__init__(self, f"{operation} {obj}: [Errno {err}] {self.strerror}")
 
+    def __str__(self) -> str:
+        # OSError.__str__ would print only "[Errno N] strerror", dropping what failed where.
+        return self.args[0]
+
     @classmethod
     def from_oserror(cls, operation: str, obj: str, exc: OSError) -> "KernelError":
         return cls(operation, obj, exc.errno or _errno.EIO)
