@@ -8,7 +8,7 @@ import pytest
 
 from fcrun.paths import Paths
 from fcrun.runtime import Runtime
-from hostcheck import BRIDGE, CGROUP_PARENT, SUBNET, host_snapshot
+from hostcheck import BRIDGE, CGROUP_PARENT, SUBNET, host_snapshot, settled_snapshot
 
 @pytest.fixture(scope="session")
 def data_root(tmp_path_factory):
@@ -36,5 +36,4 @@ def runtime(data_root, run_root, busybox):
     for name in rt.states.names():
         rt.delete(name, force=True)
     rt.cgroups.remove_parent_if_empty()
-    after = host_snapshot(run_root)
-    assert after == before, "the test left something on the host"
+    assert settled_snapshot(run_root, before) == before, "the test left something on the host"

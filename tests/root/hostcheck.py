@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import subprocess
+import time
 
 TAG = str(os.getpid())
 CGROUP_PARENT = f"fcrun-test-{TAG}"
@@ -30,3 +31,17 @@ def host_snapshot(run_root: str) -> dict:
     containers = os.path.join(run_root, "containers")
     states = sorted(os.listdir(containers)) if os.path.isdir(containers) else []
     return {"mounts": mounts, "links": links, "netns": netns, "cgroups": cgroups, "states": states}
+
+
+def settled_snapshot(run_root: str, expected: dict, timeout_s: float = 3.0) -> dict:
+    """The snapshot once it equals `expected`, or the last one after timeout_s.
+
+    A dead container's network namespace (and the veth in it) is destroyed by the kernel in
+    the background, shortly after its last process exits; give that a moment.
+    """
+    deadline = time.monotonic() + timeout_s
+    while True:
+        snap = host_snapshot(run_root)
+        if snap == expected or time.monotonic() > deadline:
+            return snap
+        time.sleep(0.05)

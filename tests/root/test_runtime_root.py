@@ -19,7 +19,7 @@ from fcrun.capabilities import DEFAULT_CAPABILITIES, capability_mask
 from fcrun.errors import AlreadyExists, ContainerError, IncorrectStatus, KernelError, NotFound, SpecError
 from fcrun.oci import Mount
 from fcrun.options import RunOptions, spec_from_image
-from hostcheck import CGROUP_PARENT, host_snapshot
+from hostcheck import CGROUP_PARENT, host_snapshot, settled_snapshot
 
 pytestmark = [pytest.mark.root]
 
@@ -366,7 +366,7 @@ def test_bad_input_is_rejected_and_changes_nothing(runtime, busybox, run_root):
     with pytest.raises(AlreadyExists, match="t-taken"):
         start_detached(runtime, busybox, "t-taken", ["sleep", "60"], network="none")
     runtime.delete("t-taken", force=True)
-    assert host_snapshot(run_root) == before
+    assert settled_snapshot(run_root, before) == before
 
 
 @pytest.mark.parametrize("network", ["bridge", "none"])
@@ -380,7 +380,7 @@ def test_failure_half_way_rolls_back_everything(runtime, busybox, run_root, netw
     spec.mounts.append(Mount(destination="/proc/sys/kernel/fcrun", type="tmpfs", source="tmpfs"))
     with pytest.raises(KernelError, match="mount /proc/sys/kernel/fcrun"):
         runtime.create("t-fail2", spec, image=busybox)
-    assert host_snapshot(run_root) == before
+    assert settled_snapshot(run_root, before) == before
     assert runtime.list() == []
     if network == "bridge":
         assert runtime.network.ipam.leases() == {}

@@ -1,0 +1,660 @@
+"""What both cgroup versions share: the Limits and Stats structs, the kernel-file layer, the
+parsers of kernel file formats, and the Cgroup / CgroupDriver base classes.
+
+The version-specific classes (v1.py, v2.py) only say which file holds what; creating,
+rolling back, killing, waiting and removing is done once, here.
+
+Every kernel access goes through ``KernelIO`` so unit tests can point a driver at a tmp
+directory and record (or fail) each write; the root tests run the same code on the real kernel.
+"""
+
+from __future__ import annotations
+
+import abc
+import errno
+import os
+import re
+import signal
+import time
+from collections.abc import Callable, Collection, Iterable
+from dataclasses import dataclass
+from typing import ClassVar
+
+import msgspec
+
+from ..errors import AlreadyExists, KernelError, MissingFeature, SpecError
+
+CGROUP_PROCS = "cgroup.procs"
+
+DEFAULT_CPU_PERIOD_US = 100_000
+MIN_CPU_PERIOD_US = 1_000  # the kernel refuses periods outside 1 ms .. 1 s (EINVAL)
+MAX_CPU_PERIOD_US = 1_000_000
+MIN_CPU_QUOTA_US = 1_000  # and quotas under 1 ms
+MAX_CPU_QUOTA_US = (1 << 44) - 1  # the kernel's max_cfs_runtime (MAX_BW)
+PID_MAX_LIMIT = 1 << 22  # the kernel's PID_MAX_LIMIT on 64-bit
+
+LIMIT_FIELDS = ("cpu_quota_us", "cpu_period_us", "memory_bytes", "pids_max")
+# Fields written together: cpu.max holds quota and period in one file, and the v1 pair must be
+# ordered against each other, so a change to either rewrites both.
+CPU_FIELDS = frozenset({"cpu_quota_us", "cpu_period_us"})
+
+_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,254}$")
+_POLL_FIRST_S = 0.001
+_POLL_MAX_S = 0.05
+
+
+class Limits(msgspec.Struct, frozen=True, kw_only=True):
+    """Resource limits of one container. ``None`` means unlimited ("max" / -1 in the kernel).
+
+    ``memory_bytes`` also caps swap where the kernel has the file (v2 ``memory.swap.max`` = 0,
+    v1 ``memory.memsw.limit_in_bytes`` = memory), so a limited container cannot page out.
+
+    Raises (on construction or decoding):
+        SpecError: a value is out of the range the kernel accepts, naming the field.
+    """
+
+    cpu_quota_us: int | None = None
+    cpu_period_us: int = DEFAULT_CPU_PERIOD_US
+    memory_bytes: int | None = None
+    pids_max: int | None = None
+
+    def __post_init__(self) -> None:
+        _check_int("cpu_period_us", self.cpu_period_us, MIN_CPU_PERIOD_US, MAX_CPU_PERIOD_US)
+        if self.cpu_quota_us is not None:
+            _check_int("cpu_quota_us", self.cpu_quota_us, MIN_CPU_QUOTA_US, MAX_CPU_QUOTA_US)
+        if self.memory_bytes is not None:
+            _check_int("memory_bytes", self.memory_bytes, 1, 1 << 62)
+        if self.pids_max is not None:
+            _check_int("pids_max", self.pids_max, 1, PID_MAX_LIMIT)
+
+
+def _check_int(field: str, value: object, low: int, high: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise SpecError(f"{field} must be an integer, not {value!r}", f"limits.{field}")
+    if not low <= value <= high:
+        raise SpecError(f"{field} {value} is out of range {low}..{high}", f"limits.{field}")
+
+
+Pressure = dict[str, dict[str, float]]  # {"some": {"avg10": 0.5, ..., "total": 1234.0}, "full": {...}}
+
+
+class Stats(msgspec.Struct, frozen=True, kw_only=True):
+    """A snapshot of one cgroup's accounting. Times in microseconds, memory in bytes.
+
+    ``cpu_pressure`` / ``memory_pressure`` are the parsed PSI files, None where the kernel
+    has none for this cgroup (cgroup v1, or PSI disabled). On v2, counters of a controller
+    the driver does not enable (memory, pids, throttling) read 0.
+    """
+
+    cpu_usage_us: int
+    nr_periods: int
+    nr_throttled: int
+    throttled_us: int
+    memory_bytes: int
+    pids_current: int
+    frozen: bool
+    cpu_pressure: Pressure | None = None
+    memory_pressure: Pressure | None = None
+
+
+# --- parsers of kernel file formats (pure) ---------------------------------------------------
+
+
+def parse_flat_keyed(text: str) -> dict[str, int]:
+    """``"usage_usec 12\\nnr_periods 3\\n"`` (cpu.stat, cgroup.events) -> {"usage_usec": 12, ...}.
+
+    Raises:
+        SpecError: a line is not ``key integer``.
+    """
+    values = {}
+    for line in text.splitlines():
+        parts = line.split()
+        if not parts:
+            continue
+        if len(parts) != 2 or not re.fullmatch(r"-?\d+", parts[1]):
+            raise SpecError(f"malformed flat-keyed line {line!r}")
+        values[parts[0]] = int(parts[1])
+    return values
+
+
+def parse_psi(text: str) -> Pressure:
+    """``"some avg10=0.12 avg60=0.00 avg300=0.00 total=1234"`` (+ a "full" line) -> nested dict.
+
+    Raises:
+        SpecError: a line is not ``kind key=number ...``.
+    """
+    pressure: Pressure = {}
+    for line in text.splitlines():
+        parts = line.split()
+        if not parts:
+            continue
+        row = {}
+        for item in parts[1:]:
+            key, sep, value = item.partition("=")
+            try:
+                row[key] = float(value)
+            except ValueError:
+                raise SpecError(f"malformed PSI line {line!r}") from None
+            if not sep:
+                raise SpecError(f"malformed PSI line {line!r}")
+        pressure[parts[0]] = row
+    return pressure
+
+
+def parse_max(text: str) -> int | None:
+    """A v2 limit file (``memory.max``, ``pids.max``): "max" -> None, "1024" -> 1024."""
+    text = text.strip()
+    return None if text == "max" else int(text)
+
+
+def parse_pids(text: str) -> list[int]:
+    """cgroup.procs -> pids (the kernel lists them unsorted, v1 possibly with repeats)."""
+    return [int(line) for line in text.split()]
+
+
+# --- kernel access ---------------------------------------------------------------------------
+
+
+class KernelIO:
+    """The only place the cgroup code touches the kernel. Errors name the op, file and errno.
+
+    Unit tests subclass it to record writes or make one fail; the default is the real thing.
+    """
+
+    def read(self, path: str) -> str:
+        try:
+            with open(path) as f:
+                return f.read()
+        except OSError as exc:
+            raise KernelError.from_oserror("read", path, exc) from None
+
+    def write(self, path: str, text: str) -> None:
+        # No O_CREAT: a missing control file means a missing controller, not a file to make.
+        # O_TRUNC is ignored by cgroupfs and keeps a regular file (unit tests) exact.
+        try:
+            fd = os.open(path, os.O_WRONLY | os.O_TRUNC | os.O_CLOEXEC)
+            try:
+                os.write(fd, text.encode())
+            finally:
+                os.close(fd)
+        except OSError as exc:
+            raise KernelError.from_oserror(f'write "{text}" to', path, exc) from None
+
+    def mkdir(self, path: str) -> None:
+        try:
+            os.mkdir(path, 0o755)
+        except OSError as exc:
+            raise KernelError.from_oserror("create cgroup", path, exc) from None
+
+    def rmdir(self, path: str) -> None:
+        try:
+            os.rmdir(path)
+        except OSError as exc:
+            raise KernelError.from_oserror("remove cgroup", path, exc) from None
+
+    def exists(self, path: str) -> bool:
+        return os.path.exists(path)
+
+    def subdirs(self, path: str) -> list[str]:
+        """Names of the child cgroups of ``path``; [] when ``path`` is gone."""
+        try:
+            with os.scandir(path) as it:
+                return sorted(e.name for e in it if e.is_dir(follow_symlinks=False))
+        except FileNotFoundError:
+            return []
+        except OSError as exc:
+            raise KernelError.from_oserror("list cgroup", path, exc) from None
+
+    def kill(self, pid: int, sig: int) -> bool:
+        """Send ``sig`` to ``pid``; False when it is already gone."""
+        try:
+            os.kill(pid, sig)
+        except ProcessLookupError:
+            return False
+        return True
+
+
+def check_name(name: str, where: str = "name") -> str:
+    """A cgroup name must be one harmless path component.
+
+    Raises:
+        SpecError: ``name`` is empty, has a "/", starts with "." or has other characters.
+    """
+    if not isinstance(name, str) or not _NAME.fullmatch(name):
+        raise SpecError(
+            f"invalid cgroup name {name!r}: use letters, digits, '_', '.', '-', not starting with '.'",
+            where,
+        )
+    return name
+
+
+def unique(dirs: Iterable[str]) -> list[str]:
+    """Distinct dirs in first-seen order (co-mounted v1 hierarchies share one dir)."""
+    return list(dict.fromkeys(dirs))
+
+
+@dataclass(frozen=True)
+class Hierarchy:
+    """One mounted cgroup hierarchy as fcrun uses it.
+
+    ``base_dir`` is the cgroup fcrun runs in (relative parent) or the hierarchy's root (absolute
+    parent); fcrun never writes there. ``parent_parts`` are the components beneath it that lead
+    to the parent of the container groups; those fcrun may create and configure.
+    """
+
+    keys: tuple[str, ...]  # ("unified",) for v2; ("cpu", "cpuacct") for a co-mounted v1 hierarchy
+    mountpoint: str
+    base_dir: str
+    parent_parts: tuple[str, ...]
+
+    @property
+    def parent_dir(self) -> str:
+        return os.path.join(self.base_dir, *self.parent_parts)
+
+    def levels(self) -> list[str]:
+        """The dirs from the first component beneath ``base_dir`` down to the parent."""
+        return [os.path.join(self.base_dir, *self.parent_parts[: i + 1]) for i in range(len(self.parent_parts))]
+
+
+# --- the cgroup of one container -------------------------------------------------------------
+
+
+class Cgroup(abc.ABC):
+    """The cgroup(s) of one container: one dir per hierarchy, keyed by controller.
+
+    ``paths`` is what the runtime persists; ``CgroupDriver.load(paths)`` rebuilds this object
+    in another fcrun process.
+    """
+
+    def __init__(self, driver: "CgroupDriver", paths: dict[str, str]):
+        self._driver = driver
+        self._io = driver.io
+        self.paths = dict(paths)
+
+    @property
+    def name(self) -> str:
+        return os.path.basename(next(iter(self.paths.values())))
+
+    def __repr__(self) -> str:
+        return f"<{type(self).__name__} {self.paths}>"
+
+    def dirs(self) -> list[str]:
+        return unique(self.paths.values())
+
+    def procs_files(self) -> list[str]:
+        """Absolute cgroup.procs paths, one per distinct dir.
+
+        The container's child writes b"0" to each of these between fork and exec, before it
+        unshares its cgroup namespace, so the list is computed here, in advance.
+        """
+        return [os.path.join(d, CGROUP_PROCS) for d in self.dirs()]
+
+    def add(self, pid: int) -> None:
+        """Move process ``pid`` (all its threads) into this cgroup, in every hierarchy.
+
+        Raises:
+            KernelError: a write failed (ESRCH: no such process); hierarchies already written
+                keep the process.
+        """
+        for path in self.procs_files():
+            self._io.write(path, str(pid))
+
+    def exists(self) -> bool:
+        return any(self._io.exists(d) for d in self.dirs())
+
+    def update(self, limits: Limits, fields: Collection[str] | None = None) -> Limits:
+        """Change limits of the running cgroup; returns the limits now in force.
+
+        Only ``fields`` (names of Limits fields) are written; None means all of them. A field
+        whose value is None is set to unlimited. Changing only one of cpu_quota_us /
+        cpu_period_us keeps the other as the kernel has it.
+
+        Raises:
+            SpecError: an unknown field name. Nothing is written.
+            MissingFeature: a controller needed for a field is not available.
+            KernelError: a write failed; fields written before it stay changed (the error
+                names the file).
+        """
+        fields = set(LIMIT_FIELDS if fields is None else fields)
+        unknown = fields - set(LIMIT_FIELDS)
+        if unknown:
+            raise SpecError(f"unknown limit field(s) {sorted(unknown)}; known: {list(LIMIT_FIELDS)}", "fields")
+        if fields & CPU_FIELDS:
+            # The other half of the cpu pair comes from the kernel, so read before merging.
+            merged = msgspec.structs.replace(self.limits(), **{f: getattr(limits, f) for f in fields})
+            fields |= CPU_FIELDS
+        else:
+            merged = limits
+        self._check_controllers(merged, fields)
+        self._apply(merged, fields)
+        return self.limits()
+
+    def pids(self) -> list[int]:
+        """Every process in this cgroup and its child cgroups, sorted; [] once it is gone.
+
+        Raises:
+            KernelError: a cgroup.procs file could not be read.
+        """
+        found: set[int] = set()
+        for top in self.dirs():
+            for d in self._tree(top):
+                try:
+                    found.update(parse_pids(self._io.read(os.path.join(d, CGROUP_PROCS))))
+                except KernelError as exc:
+                    if exc.errno != errno.ENOENT:  # removed while we walked it
+                        raise
+        return sorted(found)
+
+    def kill(self, sig: int = signal.SIGKILL) -> None:
+        """Send ``sig`` to every process in the cgroup (v2 SIGKILL: one cgroup.kill write).
+
+        Raises:
+            KernelError: listing or a kill write failed.
+        """
+        for pid in self.pids():
+            self._io.kill(pid, sig)
+
+    def destroy(self, timeout_s: float = 5.0) -> None:
+        """Kill what is left, wait until empty, remove every dir, then the parent if empty.
+
+        Idempotent: dirs already gone are fine. The parent dirs are removed only if this
+        driver created them and they are empty.
+
+        Raises:
+            KernelError: processes survived SIGKILL for ``timeout_s`` (EBUSY), or a dir could
+                not be removed; what could be removed is gone.
+        """
+        clock, sleep = self._driver.clock, self._driver.sleep
+        deadline = clock() + timeout_s
+        dirs = [d for d in self.dirs() if self._io.exists(d)]
+        if dirs:
+            # Kill before thawing, so frozen processes wake only to die. (A v1-frozen task
+            # cannot act on SIGKILL until thawed; v2 lets fatal signals through.)
+            self.kill(signal.SIGKILL)
+            self._thaw_for_destroy()
+            delay = _POLL_FIRST_S
+            while left := self.pids():
+                if clock() >= deadline:
+                    raise KernelError(f"destroy: {len(left)} process(es) survive SIGKILL in", dirs[0], errno.EBUSY)
+                sleep(delay)
+                delay = min(delay * 2, _POLL_MAX_S)
+                self.kill(signal.SIGKILL)  # again: catches a child forked before the first kill
+            for top in dirs:
+                for d in self._tree(top):
+                    self._rmdir_retrying(d, deadline)
+        self._driver._remove_created_parents()
+
+    def _rmdir_retrying(self, path: str, deadline: float) -> None:
+        # An emptied v1 cgroup can report EBUSY for a moment while exiting tasks are released.
+        delay = _POLL_FIRST_S
+        while True:
+            try:
+                self._io.rmdir(path)
+                return
+            except KernelError as exc:
+                if exc.errno == errno.ENOENT:
+                    return
+                if exc.errno != errno.EBUSY or self._driver.clock() >= deadline:
+                    raise
+            self._driver.sleep(delay)
+            delay = min(delay * 2, _POLL_MAX_S)
+
+    def _tree(self, top: str) -> list[str]:
+        """``top`` and every child cgroup beneath it, deepest first (the order rmdir needs)."""
+        out = []
+        for name in self._io.subdirs(top):
+            out.extend(self._tree(os.path.join(top, name)))
+        out.append(top)
+        return out
+
+    def _wait(self, predicate: Callable[[], bool], timeout_s: float) -> bool:
+        clock, sleep = self._driver.clock, self._driver.sleep
+        deadline = clock() + timeout_s
+        delay = _POLL_FIRST_S
+        while not predicate():
+            if clock() >= deadline:
+                return False
+            sleep(delay)
+            delay = min(delay * 2, _POLL_MAX_S)
+        return True
+
+    def _read_int(self, path: str) -> int:
+        text = self._io.read(path).strip()
+        try:
+            return int(text)
+        except ValueError:
+            raise KernelError(f"parse {text!r} from", path, errno.EINVAL) from None
+
+    def _read_optional(self, path: str) -> str | None:
+        """The file's text, or None where the kernel does not have it (or does not support it)."""
+        try:
+            return self._io.read(path)
+        except KernelError as exc:
+            if exc.errno in (errno.ENOENT, errno.EOPNOTSUPP, errno.ENOTSUP):
+                return None
+            raise
+
+    def _dir(self, key: str) -> str:
+        try:
+            return self.paths[key]
+        except KeyError:
+            raise MissingFeature(
+                f"cgroup controller {key}", f"this driver manages only {sorted(self.paths)}"
+            ) from None
+
+    def _check_controllers(self, limits: Limits, fields: Collection[str]) -> None:
+        """Raise MissingFeature before any write if a field needs a controller we lack."""
+
+    @abc.abstractmethod
+    def _apply(self, limits: Limits, fields: Collection[str]) -> None:
+        """Write ``fields`` of ``limits`` to the kernel (cpu fields always as a pair)."""
+
+    @abc.abstractmethod
+    def limits(self) -> Limits:
+        """The limits in force, read back from the kernel files."""
+
+    @abc.abstractmethod
+    def freeze(self, timeout_s: float = 5.0) -> None:
+        """Freeze every process; returns once the kernel reports the cgroup frozen."""
+
+    @abc.abstractmethod
+    def thaw(self) -> None:
+        """Let frozen processes run again."""
+
+    @abc.abstractmethod
+    def is_frozen(self) -> bool:
+        """True once the freeze has completed (False while it is still in progress)."""
+
+    @abc.abstractmethod
+    def stats(self) -> Stats:
+        """Read the accounting files."""
+
+    @abc.abstractmethod
+    def _thaw_for_destroy(self) -> None:
+        """Thaw (if frozen) so that processes already sent SIGKILL can die."""
+
+
+# --- the driver: one per fcrun process, chosen once by detect() ------------------------------
+
+
+class CgroupDriver(abc.ABC):
+    """Creates and loads container cgroups beneath one parent, for one cgroup version.
+
+    Resource handling: the driver remembers the parent dirs it created; a Cgroup it made or
+    loaded removes them on destroy() once they are empty. It never writes to ``base_dir``
+    (the cgroup fcrun runs in, or a hierarchy root) nor to anything above it.
+    """
+
+    version: ClassVar[int]
+    cgroup_class: ClassVar[type[Cgroup]]
+
+    def __init__(
+        self,
+        hierarchies: list[Hierarchy],
+        *,
+        io: KernelIO | None = None,
+        clock: Callable[[], float] = time.monotonic,
+        sleep: Callable[[float], None] = time.sleep,
+    ):
+        if not hierarchies:
+            raise MissingFeature("a cgroup hierarchy")
+        self.hierarchies = list(hierarchies)
+        self.io = io or KernelIO()
+        self.clock = clock
+        self.sleep = sleep
+        self._created: list[str] = []  # parent dirs this driver made, in creation order
+
+    def __repr__(self) -> str:
+        return f"<{type(self).__name__} parents={self.parent_paths()}>"
+
+    @property
+    def keys(self) -> list[str]:
+        return [k for h in self.hierarchies for k in h.keys]
+
+    def parent_paths(self) -> list[str]:
+        """The dirs the container groups are created in, one per hierarchy."""
+        return unique(h.parent_dir for h in self.hierarchies)
+
+    def paths_for(self, name: str) -> dict[str, str]:
+        """The ``Cgroup.paths`` a container group named ``name`` gets (nothing is created)."""
+        check_name(name)
+        return {k: os.path.join(h.parent_dir, name) for h in self.hierarchies for k in h.keys}
+
+    def create(self, name: str, limits: Limits) -> Cgroup:
+        """Create the container group ``name`` in every hierarchy and write ``limits``.
+
+        Raises:
+            SpecError: a bad name. Nothing is created.
+            AlreadyExists: a group of that name exists in some hierarchy.
+            MissingFeature: a limit needs a controller the host does not give us.
+            KernelError: a mkdir or limit write failed.
+            On any failure every dir this call made is removed again.
+
+        Resource handling: the caller owns the returned Cgroup and must destroy() it.
+        """
+        paths = self.paths_for(name)
+        cgroup = self.cgroup_class(self, paths)
+        # A fresh group starts unlimited with the default period, so only the rest is written.
+        fields = {f for f in ("memory_bytes", "pids_max") if getattr(limits, f) is not None}
+        if limits.cpu_quota_us is not None or limits.cpu_period_us != DEFAULT_CPU_PERIOD_US:
+            fields |= CPU_FIELDS
+        cgroup._check_controllers(limits, fields)
+        made: list[str] = []
+        try:
+            self._make_dirs(cgroup.dirs(), made)
+            cgroup._apply(limits, fields)
+        except BaseException:
+            self._rollback(made)
+            raise
+        return cgroup
+
+    def load(self, paths: dict[str, str]) -> Cgroup:
+        """Rebuild a Cgroup from its persisted ``paths`` (made by another fcrun process).
+
+        Raises:
+            SpecError: ``paths`` do not fit this driver: other keys, a path outside the
+                hierarchy's mount, or one that is the cgroup fcrun runs in or above it.
+                (Destroying such a cgroup would kill processes that are not ours.)
+        """
+        if not isinstance(paths, dict) or sorted(paths) != sorted(self.keys):
+            raise SpecError(f"cgroup paths must have the keys {self.keys}, got {paths!r}", "cgroup.paths")
+        names = set()
+        for h in self.hierarchies:
+            for key in h.keys:
+                path = paths[key]
+                where = f"cgroup.paths.{key}"
+                if not isinstance(path, str) or not os.path.isabs(path) or os.path.normpath(path) != path:
+                    raise SpecError(f"cgroup path {path!r} is not a normalized absolute path", where)
+                if os.path.commonpath([path, h.mountpoint]) != h.mountpoint or path == h.mountpoint:
+                    raise SpecError(f"cgroup path {path} is not beneath the hierarchy at {h.mountpoint}", where)
+                if os.path.commonpath([path, h.base_dir]) == path:
+                    raise SpecError(f"cgroup path {path} is fcrun's own cgroup or above it", where)
+                names.add(check_name(os.path.basename(path), where))
+            if len({paths[k] for k in h.keys}) != 1:
+                raise SpecError(f"co-mounted controllers {list(h.keys)} must share one dir", "cgroup.paths")
+        if len(names) != 1:
+            raise SpecError(f"cgroup paths name different groups: {sorted(names)}", "cgroup.paths")
+        return self.cgroup_class(self, {k: paths[k] for k in self.keys})
+
+    def remove_parent_if_empty(self) -> list[str]:
+        """Remove each parent dir that has no child group and no process; returns those gone now.
+
+        Also removes the intermediate dirs this driver created. The parent belongs to fcrun by
+        configuration (a relative parent is created beneath fcrun's own cgroup).
+
+        Raises:
+            KernelError: an rmdir failed for another reason than the dir being busy or gone.
+        """
+        removed = []
+        for h in self.hierarchies:
+            for d in reversed(h.levels()):
+                if d != h.parent_dir and d not in self._created:
+                    break
+                if self._rmdir_if_empty(d):
+                    removed.append(d)
+                else:
+                    break
+        self._created = [d for d in self._created if d not in removed]
+        return removed
+
+    # --- internals ---
+
+    def _make_dirs(self, dirs: list[str], made: list[str]) -> None:
+        """Make the parents (as needed) and the group dirs; record each dir made in ``made``."""
+        for attempt in range(3):
+            self._make_parents(made)
+            try:
+                for d in dirs:
+                    if d in made:
+                        continue
+                    try:
+                        self.io.mkdir(d)
+                    except KernelError as exc:
+                        if exc.errno == errno.EEXIST:
+                            raise AlreadyExists(f"cgroup {d} already exists") from None
+                        raise
+                    made.append(d)
+                return
+            except KernelError as exc:
+                # ENOENT: another fcrun process removed the (empty) parent between our mkdirs.
+                if exc.errno != errno.ENOENT or attempt == 2:
+                    raise
+
+    def _make_parents(self, made: list[str]) -> None:
+        for h in self.hierarchies:
+            for d in h.levels():
+                if not self.io.exists(d):
+                    try:
+                        self.io.mkdir(d)
+                        made.append(d)
+                        self._created.append(d)
+                    except KernelError as exc:
+                        if exc.errno != errno.EEXIST:  # EEXIST: a concurrent fcrun made it
+                            raise
+                self._prepare_parent(h, d)
+
+    def _prepare_parent(self, hierarchy: Hierarchy, level_dir: str) -> None:
+        """Hook: configure a dir on the way down to the parent (v2 enables controllers)."""
+
+    def _rollback(self, made: list[str]) -> None:
+        for d in reversed(made):
+            try:
+                self.io.rmdir(d)
+            except KernelError:
+                pass  # busy: a concurrent create already uses this parent; gone: fine
+            if d in self._created and not self.io.exists(d):
+                self._created.remove(d)
+
+    def _remove_created_parents(self) -> None:
+        for d in reversed(list(self._created)):
+            if self._rmdir_if_empty(d):
+                self._created.remove(d)
+
+    def _rmdir_if_empty(self, d: str) -> bool:
+        try:
+            self.io.rmdir(d)
+        except KernelError as exc:
+            if exc.errno in (errno.EBUSY, errno.ENOTEMPTY, errno.ENOENT):
+                return exc.errno == errno.ENOENT
+            raise
+        return True
