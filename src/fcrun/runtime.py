@@ -81,7 +81,7 @@ class Container:
         if self._go_w < 0:
             raise IncorrectStatus(f"container {self.name!r} was created by another process; it cannot be started from here")
         try:
-            os.write(self._go_w, b"S")
+            _send(self._go_w, b"S", self._status_r)
             read_status(self._status_r, SETUP_TIMEOUT_S)  # b"" (EOF): the exec happened
         except ChildFailure as failure:
             self._close_fds()
@@ -215,7 +215,7 @@ class Runtime:
         cdir = self.states.reserve(name)
         undo = contextlib.ExitStack()
         undo.callback(self.states.remove, name)
-        init_fd = -1
+        init_fd = status_r = -1
         try:
             state = ContainerState(
                 name=name, status="creating", spec=spec, image=image.name if image else "",
@@ -285,7 +285,7 @@ class Runtime:
                     mode=mode, ip=att.ip, prefixlen=att.prefixlen, gateway=att.gateway,
                     host_ifname=att.host_ifname, bridge=att.bridge,
                 )
-            os.write(go_w, b"JS" if _start else b"J")
+            _send(go_w, b"JS" if _start else b"J", status_r)
             if read_status(status_r, SETUP_TIMEOUT_S) != b"C":
                 raise ContainerError(f"container {name}: setup ended before the rootfs was ready")
             if _start:
@@ -298,13 +298,15 @@ class Runtime:
         except ChildFailure as failure:
             undo.close()
             raise failure_to_error(failure, name) from None
-        except OSError as exc:
+        except BaseException as exc:
+            # The child may have died first and said why; its report beats our symptom of it
+            # (a broken pipe, a vanished /proc/PID/ns/net).
+            report = _child_report(status_r) if status_r >= 0 else None
             undo.close()
-            if isinstance(exc, FcrunError):
-                raise
-            raise KernelError.from_oserror(f"create container {name}:", exc.filename or "", exc) from None
-        except BaseException:
-            undo.close()
+            if report is not None:
+                raise failure_to_error(report, name) from None
+            if isinstance(exc, OSError) and not isinstance(exc, FcrunError):
+                raise KernelError.from_oserror(f"create container {name}:", exc.filename or "", exc) from None
             raise
         finally:
             if init_fd >= 0:
@@ -539,6 +541,26 @@ def _find_init() -> str:
         if os.access(path, os.X_OK):
             return path
     raise MissingFeature("a static init for pid 1 (/usr/bin/tini-static)", "apt-get install tini, or pass init=False / --no-init")
+
+
+def _child_report(status_r: int) -> ChildFailure | None:
+    """The child's error report if it sent one (waits briefly for a dying child to finish it)."""
+    try:
+        read_status(status_r, 0.25)
+    except ChildFailure as failure:
+        return failure
+    except (OSError, FcrunError):
+        pass
+    return None
+
+
+def _send(go_w: int, message: bytes, status_r: int) -> None:
+    """Tell the child to go on. If it already died, raise the error it reported instead."""
+    try:
+        os.write(go_w, message)
+    except BrokenPipeError:
+        read_status(status_r, SETUP_TIMEOUT_S)  # raises ChildFailure with the child's report
+        raise ContainerError("container setup ended without a report") from None
 
 
 def _kill_quietly(pid: int) -> None:

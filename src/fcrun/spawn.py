@@ -8,17 +8,22 @@ no decision the plan did not make, so it stays small and allocation-light, and a
 Handshake over two pipes (status: child -> parent, close-on-exec; go: parent -> child)::
 
     parent                                  child (pid 1 of a new pid namespace)
-    unshare(NEWPID); fork() ------------->  join cgroups (write 0 to cgroup.procs)
-    setns(own pid ns)                       unshare(mount, uts, ipc, net, cgroup); lo up
+    unshare(NEWPID); fork() ------------->  unshare(mount, uts, ipc, net); lo up; hostname
+    setns(own pid ns)
+    create cgroup, move child into it
                           <---- "R" ------  namespaces exist
     configure veth into /proc/PID/ns/net    mount overlay rootfs, /proc, /dev, /sys, masks,
-                                            pivot_root, hostname
+                                            pivot_root
+                          ----- "J" ---->   (cgroup joined, network ready)
+                                            unshare(cgroup)
                           <---- "C" ------  created: waits for "S"
     (container is "created")
     start():              ----- "S" ---->   rlimits, user, capabilities, no_new_privs,
                                             close fds, execve
                           <---- EOF ------  exec happened (status pipe closed on exec)
 
+The parent's cgroup and network work overlaps the child's mount work. `run()` sends "J" and
+"S" together, so a container that is started at once costs no extra round trip.
 Any failure in the child is sent as "E<step>\\0<errno>\\0<message>" and the child exits 127;
 the parent then rolls back everything it made.
 """
@@ -151,9 +156,26 @@ def _make_mountpoint(path: bytes, is_file: bool) -> None:
         os.makedirs(path, 0o755, exist_ok=True)
 
 
+def _mount_one(m: MountStep, target: bytes) -> None:
+    try:
+        sc.mount(m.source, target, m.fstype, m.flags, m.data)
+        if m.remount_flags:
+            sc.mount(None, target, None, sc.MS_BIND | sc.MS_REMOUNT | m.remount_flags, None)
+    except OSError as exc:
+        if m.fstype != b"sysfs" or exc.errno != _errno.EPERM:
+            raise
+        # sysfs cannot be mounted without a new network namespace (--net host):
+        # bind the host's read-only instead, as runc does.
+        sc.mount(b"/sys", target, None, sc.MS_BIND | sc.MS_REC, None)
+        sc.mount(None, target, None, sc.MS_BIND | sc.MS_REMOUNT | sc.MS_RDONLY | sc.MS_REC, None)
+
+
 def _fail(plan: ChildPlan, step: str, exc: BaseException) -> None:
     err = getattr(exc, "errno", None) or _errno.EIO
-    message = str(getattr(exc, "filename", "") or "") or str(exc)
+    filename = getattr(exc, "filename", None)
+    if isinstance(filename, bytes):
+        filename = filename.decode(errors="replace")
+    message = filename or str(exc)
     try:
         os.write(plan.status_w, b"E" + f"{step}\0{err}\0{message}".encode(errors="replace"))
     finally:
@@ -162,7 +184,7 @@ def _fail(plan: ChildPlan, step: str, exc: BaseException) -> None:
 
 def _child_main(plan: ChildPlan) -> None:
     """Runs in the forked child. Never returns: execs or exits 127."""
-    step = STEP_CGROUP
+    step = STEP_UNSHARE
     try:
         # Python ignores SIGPIPE and SIGXFSZ; an ignored signal stays ignored across exec.
         signal.signal(signal.SIGPIPE, signal.SIG_DFL)
@@ -170,15 +192,9 @@ def _child_main(plan: ChildPlan) -> None:
         if plan.pdeathsig:
             sc.prctl(sc.PR_SET_PDEATHSIG, plan.pdeathsig)
         os.setsid()
-        for procs in plan.cgroup_procs:
-            fd = os.open(procs, os.O_WRONLY | os.O_CLOEXEC)
-            try:
-                os.write(fd, b"0")
-            finally:
-                os.close(fd)
-
-        step = STEP_UNSHARE
-        sc.unshare(plan.unshare_flags)
+        # The cgroup namespace waits until the parent has moved us into our cgroup ("J"),
+        # so that the container's view of /proc/self/cgroup is rooted at its own group.
+        sc.unshare(plan.unshare_flags & ~sc.CLONE_NEWCGROUP)
         if plan.new_netns:
             sc.set_loopback_up()
         if plan.hostname is not None:
@@ -189,10 +205,22 @@ def _child_main(plan: ChildPlan) -> None:
         step = STEP_ROOTFS
         _setup_rootfs(plan)
 
+        step = STEP_CGROUP
+        if os.read(plan.go_r, 1) != b"J":
+            os._exit(127)  # the parent went away or gave up on us
+        for procs in plan.cgroup_procs:  # normally empty: the parent moved us already
+            fd = os.open(procs, os.O_WRONLY | os.O_CLOEXEC)
+            try:
+                os.write(fd, b"0")
+            finally:
+                os.close(fd)
+        if plan.unshare_flags & sc.CLONE_NEWCGROUP:
+            sc.unshare(sc.CLONE_NEWCGROUP)
         os.write(plan.status_w, b"C")
+
         step = STEP_WAIT
         if os.read(plan.go_r, 1) != b"S":
-            os._exit(127)  # the parent went away or gave up on us: never run the command
+            os._exit(127)  # never run the command unless told to
         os.close(plan.go_r)
 
         _finish_and_exec(plan)
@@ -211,20 +239,12 @@ def _setup_rootfs(plan: ChildPlan) -> None:
         sc.mount(root, root, None, sc.MS_BIND | sc.MS_REC, None)
 
     for m in plan.mounts:
-        target = secure_join(root, m.destination)
-        _make_mountpoint(target, m.file_target)
         try:
-            sc.mount(m.source, target, m.fstype, m.flags, m.data)
-            if m.remount_flags:
-                sc.mount(None, target, None, sc.MS_BIND | sc.MS_REMOUNT | m.remount_flags, None)
+            target = secure_join(root, m.destination)
+            _make_mountpoint(target, m.file_target)
+            _mount_one(m, target)
         except OSError as exc:
-            if m.fstype == b"sysfs" and exc.errno == _errno.EPERM:
-                # sysfs cannot be mounted without a new network namespace (--net host):
-                # bind the host's read-only instead, as runc does.
-                sc.mount(b"/sys", target, None, sc.MS_BIND | sc.MS_REC, None)
-                sc.mount(None, target, None, sc.MS_BIND | sc.MS_REMOUNT | sc.MS_RDONLY | sc.MS_REC, None)
-            else:
-                raise OSError(exc.errno, exc.strerror, b"mount " + m.destination) from None
+            raise OSError(exc.errno, exc.strerror, b"mount " + m.destination) from None
 
     dev = root + b"/dev"
     for name, mode, major, minor in plan.devices:

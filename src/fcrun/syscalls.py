@@ -8,8 +8,11 @@ these are safe to call in a freshly forked child between fork and exec.
 from __future__ import annotations
 
 import ctypes
+import fcntl
 import os
 import platform
+import socket
+import struct
 
 _libc = ctypes.CDLL(None, use_errno=True)
 
@@ -127,12 +130,9 @@ def set_loopback_up() -> None:
     """Bring 'lo' up in the current network namespace with one ioctl (no netlink needed).
 
     Used in the container child right after unshare(CLONE_NEWNET), where a netlink library would
-    be far heavier than two ioctls.
+    be far heavier than two ioctls. (socket, fcntl and struct are imported at module level so
+    the child does not import anything.)
     """
-    import fcntl
-    import socket
-    import struct
-
     SIOCGIFFLAGS, SIOCSIFFLAGS, IFF_UP = 0x8913, 0x8914, 0x1
     with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
         ifreq = struct.pack("16sH14x", b"lo", 0)

@@ -37,7 +37,7 @@ def test_plan_host_network_and_detached():
 
 def test_plan_overlay_and_devices():
     plan = _plan(default_spec(["sh"]))
-    assert plan.overlay_data == b"lowerdir=/l/top:/l/base,upperdir=/u,workdir=/w"
+    assert plan.overlay_data == b"lowerdir=/l/top:/l/base,upperdir=/u,workdir=/w,volatile"
     names = {d[0] for d in plan.devices}
     assert names == {b"null", b"zero", b"full", b"random", b"urandom", b"tty"}
     assert all(stat.S_ISCHR(d[1]) for d in plan.devices)

@@ -1,0 +1,131 @@
+#!/usr/bin/env python3
+"""Container start cost: fcrun's library and CLI against runc, measured in one run.
+
+Each round runs `/bin/true` in the busybox image once per contender, interleaved so that
+background noise hits all of them alike:
+
+  (a) library: Runtime.run() + wait() + delete() in this process
+  (b) cli:     `fcrun run --net NET --image busybox -- /bin/true` (a new process each time)
+  (c) runc:    `runc run --bundle B` of the same rootfs (runc removes its state on exit)
+
+Prints JSON: median and p99 (ms) of each, and the ratios a/c and b/c of the medians.
+Needs root. Usage: bench/runtime.py [--runs 50] [--net none|bridge] [--json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+
+from fcrun import Paths, RunOptions, Runtime, spec_from_image
+from fcrun.images import ImageStore
+
+
+def percentile(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    index = min(len(ordered) - 1, max(0, round(q / 100 * (len(ordered) - 1))))
+    return ordered[index]
+
+
+def summary(values: list[float]) -> dict:
+    return {"median_ms": round(statistics.median(values), 2), "p99_ms": round(percentile(values, 99), 2),
+            "min_ms": round(min(values), 2), "n": len(values)}
+
+
+def make_runc_bundle(bundle: str, rootfs: str) -> None:
+    """An OCI bundle equivalent to `fcrun run --net none`: runc's default spec, read-only root."""
+    subprocess.run(["runc", "spec", "--bundle", bundle], check=True)
+    with open(os.path.join(bundle, "config.json")) as f:
+        config = json.load(f)
+    config["root"] = {"path": rootfs, "readonly": True}
+    config["process"]["terminal"] = False
+    config["process"]["args"] = ["/bin/true"]
+    with open(os.path.join(bundle, "config.json"), "w") as f:
+        json.dump(config, f)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--runs", type=int, default=50)
+    parser.add_argument("--net", choices=["none", "bridge"], default="none")
+    parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--json", action="store_true", help="print only the JSON result")
+    args = parser.parse_args()
+    if os.geteuid() != 0:
+        print("bench/runtime.py: needs root", file=sys.stderr)
+        return 77
+
+    work = tempfile.mkdtemp(prefix="fcrun-bench-")
+    tag = str(os.getpid())
+    paths = Paths(data_root=os.path.join(work, "data"), run_root=os.path.join(work, "run"))
+    rt_args = dict(cgroup_parent=f"fcrun-bench-{tag}", bridge=f"fcb{tag}"[:15], subnet="10.236.0.0/24")
+    rt = Runtime(paths, **rt_args)
+    image = ImageStore(paths).build("busybox", progress=lambda *a: None)
+    bundle = os.path.join(work, "bundle")
+    os.mkdir(bundle)
+    make_runc_bundle(bundle, image.layers[-1])
+    cli_env = dict(os.environ, FCRUN_ROOT=paths.data_root, FCRUN_RUN=paths.run_root,
+                   FCRUN_CGROUP_PARENT=rt_args["cgroup_parent"], FCRUN_BRIDGE=rt_args["bridge"],
+                   FCRUN_SUBNET=rt_args["subnet"])
+    fcrun_cli = [os.path.join(os.path.dirname(sys.executable), "fcrun")]
+    null = os.open("/dev/null", os.O_RDWR)
+    results: dict[str, list[float]] = {"library": [], "cli": [], "runc": []}
+
+    def library(i: int) -> None:
+        name = f"bench-{i}"
+        spec = spec_from_image(image, RunOptions(args=["/bin/true"], network=args.net), name=name)
+        c = rt.run(name, spec, image=image, stdio=(null, null, null))
+        if c.wait() != 0:
+            raise SystemExit("library run failed")
+        rt.delete(name)
+
+    def cli(i: int) -> None:
+        subprocess.run([*fcrun_cli, "run", "--net", args.net, "--image", "busybox", "--name", f"bcli-{i}", "--", "/bin/true"],
+                       env=cli_env, stdin=subprocess.DEVNULL, check=True)
+
+    def runc(i: int) -> None:
+        subprocess.run(["runc", "run", "--bundle", bundle, f"fcrun-bench-runc-{tag}-{i}"], stdin=subprocess.DEVNULL,
+                       stdout=subprocess.DEVNULL, check=True)
+
+    try:
+        for i in range(args.warmup + args.runs):
+            for label, fn in (("library", library), ("cli", cli), ("runc", runc)):
+                t0 = time.perf_counter()
+                fn(i)
+                elapsed_ms = (time.perf_counter() - t0) * 1000
+                if i >= args.warmup:
+                    results[label].append(elapsed_ms)
+    finally:
+        for name in rt.states.names():
+            rt.delete(name, force=True)
+        rt.cgroups.remove_parent_if_empty()
+        os.close(null)
+        shutil.rmtree(work, ignore_errors=True)
+
+    out = {
+        "benchmark": "runtime create+start+wait(+delete) of /bin/true in busybox",
+        "net": args.net,
+        "runs": args.runs,
+        "library": summary(results["library"]),
+        "cli": summary(results["cli"]),
+        "runc": summary(results["runc"]),
+    }
+    runc_median = out["runc"]["median_ms"]
+    out["ratios"] = {
+        "a_library_over_runc": round(out["library"]["median_ms"] / runc_median, 3),
+        "b_cli_over_runc": round(out["cli"]["median_ms"] / runc_median, 3),
+        "a_p99_over_runc_p99": round(out["library"]["p99_ms"] / out["runc"]["p99_ms"], 3),
+    }
+    print(json.dumps(out, indent=None if args.json else 2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
