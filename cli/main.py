@@ -20,7 +20,7 @@ import click
 from fcrun.errors import FcrunError, SpecError
 from fcrun.options import RunOptions, spec_from_image
 from fcrun.paths import DEFAULT_BRIDGE, DEFAULT_CGROUP_PARENT, DEFAULT_SUBNET, Paths
-from fcrun.runtime import Runtime
+from fcrun.runtime import Runtime, require_root
 from fcrun.units import format_bytes, parse_cpu, parse_memory
 
 FORWARDED_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT, signal.SIGUSR1, signal.SIGUSR2, signal.SIGWINCH)
@@ -50,6 +50,10 @@ class FcrunGroup(click.Group):
         except FcrunError as exc:
             click.echo(f"fcrun: {exc}", err=True)
             ctx.exit(exc.exit_code)
+        except OSError as exc:  # a system error the library did not wrap: still one line
+            where = f" {exc.filename}" if exc.filename else ""
+            click.echo(f"fcrun: {ctx.invoked_subcommand or 'fcrun'}{where}: [Errno {exc.errno}] {exc.strerror}", err=True)
+            ctx.exit(125)
 
 
 @click.group(cls=FcrunGroup, context_settings={"help_option_names": ["-h", "--help"]})
@@ -131,6 +135,7 @@ def run(obj: Context, image_name, name, detach, cpu, memory, pids, hostname, env
     if pids is not None and pids < 1:
         raise SpecError(f"invalid --pids {pids}: must be >= 1", "--pids")
     name = name or "fc-" + uuid.uuid4().hex[:10]
+    require_root()
     image = rt.images.get(image_name)
     spec = spec_from_image(image, options, name=name)
     container = rt.create(name, spec, image=image, detach=detach, init=not no_init)

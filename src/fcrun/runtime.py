@@ -202,7 +202,7 @@ class Runtime:
             NotPermitted: not root. KernelError/ContainerError: the kernel or the child failed;
             everything made so far is undone first.
         """
-        _require_root()
+        require_root()
         validate_name(name)
         validate_spec(spec)
         if isinstance(image, str):
@@ -428,7 +428,7 @@ class Runtime:
 
     def delete(self, name: str, force: bool = False) -> None:
         """Remove a stopped container (force: kill it first) and everything it held."""
-        _require_root()
+        require_root()
         with self.states.locked(name):
             state = self.state(name)
             if state.status != "stopped" and state.status != "creating" and not force:
@@ -489,7 +489,7 @@ class Runtime:
 
     def gc(self) -> list[str]:
         """Remove stopped containers and whatever crashed creations left. Returns what went."""
-        _require_root()
+        require_root()
         removed = []
         live = set()
         for name in self.states.names():
@@ -531,7 +531,7 @@ def limits_from_spec(spec: Spec) -> Limits:
     )
 
 
-def _require_root() -> None:
+def require_root() -> None:
     if os.geteuid() != 0:
         raise NotPermitted("fcrun needs root to create namespaces, mounts and cgroups (run it with sudo)")
 

@@ -172,8 +172,12 @@ class StateStore:
 
     @contextlib.contextmanager
     def locked(self, name: str) -> Iterator[None]:
-        """Serialise changes to one container across fcrun processes."""
-        fd = os.open(os.path.join(self.dir(name), "lock"), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        """Serialise changes to one container across fcrun processes. NotFound if it is gone."""
+        validate_name(name, "container name")
+        try:
+            fd = os.open(os.path.join(self.dir(name), "lock"), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        except FileNotFoundError:
+            raise NotFound(f"no such container: {name!r}") from None
         try:
             fcntl.flock(fd, fcntl.LOCK_EX)
             yield

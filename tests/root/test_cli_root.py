@@ -1,0 +1,91 @@
+"""The `fcrun` command as a user runs it: real processes, real containers, exit codes, messages."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+from hostcheck import BRIDGE, CGROUP_PARENT, SUBNET, settled_snapshot
+
+pytestmark = [pytest.mark.root]
+
+
+@pytest.fixture
+def fcrun(runtime, data_root, run_root):
+    """Run the CLI against the test's private roots. Returns CompletedProcess (text)."""
+    env = dict(os.environ, FCRUN_ROOT=data_root, FCRUN_RUN=run_root, FCRUN_CGROUP_PARENT=CGROUP_PARENT,
+               FCRUN_BRIDGE=BRIDGE, FCRUN_SUBNET=SUBNET)
+
+    def call(*args, input=None):
+        return subprocess.run([sys.executable, "-m", "fcrun_cli", *args], env=env, input=input, capture_output=True,
+                              text=True, timeout=60)
+
+    return call
+
+
+def test_run_passes_stdio_and_exit_codes(fcrun):
+    r = fcrun("run", "--image", "busybox", "--net", "none", "--", "sh", "-c", "echo hello; echo oops >&2; exit 3")
+    assert (r.returncode, r.stdout, r.stderr) == (3, "hello\n", "oops\n")
+    r = fcrun("run", "--image", "busybox", "--net", "none", "--", "sh", "-c", "kill -TERM $$; sleep 5")
+    assert r.returncode == 128 + 15
+    r = fcrun("run", "--image", "busybox", "--net", "none", "--", "cat", input="piped in")
+    assert (r.returncode, r.stdout) == (0, "piped in")
+    assert fcrun("ps", "-q").stdout == ""  # foreground containers are removed when they exit
+
+
+def test_detached_lifecycle_through_the_cli(fcrun):
+    r = fcrun("run", "-d", "--name", "cli-web", "--image", "busybox", "--cpu", "0.3", "--memory", "64M", "--pids", "50",
+              "-e", "GREETING=hi", "--", "sh", "-c", "echo started; exec sleep 300")
+    assert r.returncode == 0, r.stderr
+    assert r.stdout == "cli-web\n"
+    rows = json.loads(fcrun("ps", "--json").stdout)
+    assert [(x["name"], x["status"], x["cpu"], x["memory_bytes"], x["image"]) for x in rows] == [
+        ("cli-web", "running", 0.3, 64 << 20, "busybox")]
+    assert rows[0]["ip"].startswith("10.234.0.") and rows[0]["pid"] > 0
+    table = fcrun("ps").stdout.splitlines()
+    assert table[0].split() == ["NAME", "STATE", "PID", "IP", "CPU", "MEMORY", "IMAGE", "AGE"]
+    assert table[1].split()[:2] == ["cli-web", "running"] and "64M" in table[1]
+
+    r = fcrun("exec", "cli-web", "--", "sh", "-c", "echo $GREETING from $(hostname); exit 4")
+    assert (r.returncode, r.stdout) == (4, "hi from cli-web\n")
+    assert fcrun("update", "cli-web", "--cpu", "0.6", "--memory", "128M").returncode == 0
+    row = json.loads(fcrun("ps", "--json").stdout)[0]
+    assert (row["cpu"], row["memory_bytes"]) == (0.6, 128 << 20)
+    assert fcrun("freeze", "cli-web").returncode == 0
+    assert json.loads(fcrun("ps", "--json").stdout)[0]["status"] == "frozen"
+    assert fcrun("thaw", "cli-web").returncode == 0
+    assert fcrun("logs", "cli-web").stdout == "started\n"
+    assert fcrun("rm", "cli-web").returncode == 5  # still running
+    assert fcrun("rm", "-f", "cli-web").returncode == 0
+    assert fcrun("ps", "-q").stdout == ""
+
+
+@pytest.mark.parametrize("args,code,message", [
+    (["run", "--image", "nope", "--", "true"], 3, "image 'nope'"),
+    (["run", "--image", "busybox", "--memory", "lots", "--", "true"], 2, "--memory"),
+    (["run", "--image", "busybox", "--cpu", "0", "--", "true"], 2, "--cpu"),
+    (["run", "--image", "busybox", "--env", "NOVALUE", "--", "true"], 2, "--env"),
+    (["run", "--image", "busybox", "--user", "ghost", "--", "true"], 2, "user 'ghost'"),
+    (["run", "--image", "busybox", "--name", "bad/name", "--", "true"], 2, "invalid container name"),
+    (["run", "--image", "busybox", "--net", "none", "--", "no-such-command"], 126, "no-such-command"),
+    (["kill", "ghost"], 3, "no such container: 'ghost'"),
+    (["update", "ghost"], 2, "nothing to update"),
+])
+def test_bad_input_gives_one_clear_line_and_changes_nothing(fcrun, run_root, args, code, message):
+    before = settled_snapshot(run_root, {})
+    r = fcrun(*args)
+    assert r.returncode == code, r.stderr
+    assert message in r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1, r.stderr
+    assert r.stderr.startswith("fcrun: ")
+    assert settled_snapshot(run_root, before) == before
+
+
+def test_name_in_use(fcrun):
+    assert fcrun("run", "-d", "--name", "dup", "--image", "busybox", "--net", "none", "--", "sleep", "60").returncode == 0
+    r = fcrun("run", "-d", "--name", "dup", "--image", "busybox", "--net", "none", "--", "sleep", "60")
+    assert r.returncode == 4 and "'dup' is already in use" in r.stderr
+    assert fcrun("rm", "-f", "dup").returncode == 0
