@@ -18,10 +18,11 @@ import uuid
 import click
 
 from fcrun.errors import FcrunError, SpecError
-from fcrun.options import RunOptions, spec_from_image
 from fcrun.paths import DEFAULT_BRIDGE, DEFAULT_CGROUP_PARENT, DEFAULT_SUBNET, Paths
-from fcrun.runtime import Runtime, require_root
 from fcrun.units import format_bytes, parse_cpu, parse_memory
+
+# The runtime, image store and serve modules are imported inside the commands that use them:
+# a CLI call pays only for what it runs (start-up time is part of `fcrun run`'s cost).
 
 FORWARDED_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT, signal.SIGUSR1, signal.SIGUSR2, signal.SIGWINCH)
 
@@ -32,17 +33,39 @@ class Context:
     def __init__(self, paths: Paths, cgroup_parent: str, bridge: str, subnet: str):
         self.paths = paths
         self._runtime_args = dict(cgroup_parent=cgroup_parent, bridge=bridge, subnet=subnet)
-        self._runtime: Runtime | None = None
+        self._runtime = None
 
     @property
-    def runtime(self) -> Runtime:
+    def runtime(self):
         if self._runtime is None:
+            from fcrun.runtime import Runtime
+
             self._runtime = Runtime(self.paths, **self._runtime_args)
         return self._runtime
 
+    def image_in_use(self, image) -> list[str]:
+        """Names of containers whose rootfs stacks this image (`fcrun image rm` refuses then)."""
+        return [c.name for c in self.runtime.list() if c.image == image.name]
+
+
+# Subcommand groups living in other modules, loaded only when named.
+LAZY_COMMANDS = {"image": ("fcrun_cli.image", "image")}
+
 
 class FcrunGroup(click.Group):
-    """Turns library errors into one clear line and the error's exit code."""
+    """Turns library errors into one clear line and the error's exit code; loads the
+    subcommand groups of LAZY_COMMANDS on first use."""
+
+    def list_commands(self, ctx):
+        return sorted(set(super().list_commands(ctx)) | set(LAZY_COMMANDS))
+
+    def get_command(self, ctx, name):
+        if name in LAZY_COMMANDS and name not in self.commands:
+            import importlib
+
+            module, attr = LAZY_COMMANDS[name]
+            self.add_command(getattr(importlib.import_module(module), attr), name)
+        return super().get_command(ctx, name)
 
     def invoke(self, ctx: click.Context):
         try:
@@ -118,6 +141,9 @@ def run(obj: Context, image_name, name, detach, cpu, memory, pids, hostname, env
 
     Exits with the command's exit code (128+N if it was killed by signal N).
     """
+    from fcrun.options import RunOptions, spec_from_image
+    from fcrun.runtime import require_root
+
     rt = obj.runtime
     options = RunOptions(
         args=list(command),
@@ -280,13 +306,3 @@ def gc(obj: Context):
     """Remove stopped containers and whatever a crashed fcrun left behind."""
     for item in obj.runtime.gc():
         click.echo(f"removed {item}")
-
-
-def _add_optional_groups() -> None:
-    # The image commands live in their own module (cli/image.py).
-    from fcrun_cli.image import image
-
-    main.add_command(image)
-
-
-_add_optional_groups()

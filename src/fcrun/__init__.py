@@ -10,28 +10,38 @@ The library in a few lines (as root)::
     container = rt.run("hello", spec, image=image)
     print(container.wait())      # exit code
     rt.delete("hello")
+
+Names are imported on first use (PEP 562), so `fcrun.errors` or the CLI do not pay for the
+whole library at start-up.
 """
 
-from .errors import (
-    AlreadyExists,
-    ContainerError,
-    FcrunError,
-    IncorrectStatus,
-    KernelError,
-    MissingFeature,
-    NotFound,
-    NotPermitted,
-    SpecError,
-)
-from .oci import Spec, decode_spec, default_spec, encode_spec
-from .options import RunOptions, spec_from_image
-from .paths import Paths
-from .runtime import Container, ContainerInfo, Runtime
+from __future__ import annotations
+
+import importlib
 
 __version__ = "0.1.0"
 
-__all__ = [
-    "AlreadyExists", "Container", "ContainerError", "ContainerInfo", "FcrunError", "IncorrectStatus",
-    "KernelError", "MissingFeature", "NotFound", "NotPermitted", "Paths", "RunOptions", "Runtime",
-    "Spec", "SpecError", "decode_spec", "default_spec", "encode_spec", "spec_from_image",
-]
+_EXPORTS = {
+    "AlreadyExists": "errors", "ContainerError": "errors", "FcrunError": "errors",
+    "IncorrectStatus": "errors", "KernelError": "errors", "MissingFeature": "errors",
+    "NotFound": "errors", "NotPermitted": "errors", "SpecError": "errors",
+    "Spec": "oci", "decode_spec": "oci", "default_spec": "oci", "encode_spec": "oci",
+    "RunOptions": "options", "spec_from_image": "options",
+    "Paths": "paths",
+    "Container": "runtime", "ContainerInfo": "runtime", "Runtime": "runtime",
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str):
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module 'fcrun' has no attribute {name!r}")
+    value = getattr(importlib.import_module(f".{module}", __name__), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(list(globals()) + __all__)
