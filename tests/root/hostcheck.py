@@ -16,7 +16,7 @@ def host_snapshot(run_root: str) -> dict:
     """What a test could leak on the host: mounts, links, netns, our cgroups, leases, state dirs."""
     # Only mounts that could be ours: other software on the machine may mount things meanwhile.
     with open("/proc/self/mountinfo") as f:
-        mounts = sorted(line for line in f if "fcrun" in line or "pytest-of" in line)
+        mounts = sorted(line for line in f if "fcrun" in line or run_root in line)
     links = sorted(
         line.split(":")[1].strip().split("@")[0]
         for line in subprocess.run(["ip", "-o", "link"], capture_output=True, text=True, check=True).stdout.splitlines()
