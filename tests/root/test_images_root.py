@@ -23,6 +23,7 @@ import shutil
 import socket
 import stat
 import subprocess
+import sys
 import tarfile
 import time
 import urllib.request
@@ -38,7 +39,9 @@ from fcrun.paths import Paths
 
 pytestmark = [
     pytest.mark.root,
-    pytest.mark.skipif(os.geteuid() != 0, reason="needs root: builds images, mounts overlayfs, runs runc"),
+    pytest.mark.skipif(
+        os.geteuid() != 0, reason="needs root: builds images, mounts overlayfs, runs runc"
+    ),
     pytest.mark.skipif(shutil.which("runc") is None, reason="needs runc (Debian package runc)"),
 ]
 
@@ -48,9 +51,22 @@ CACHE_ENV = "FCRUN_TEST_IMAGE_CACHE"
 DEFAULT_CACHE = "/var/cache/fcrun-test"
 
 # docker's default capability set, which fcrun also gives containers
-DEFAULT_CAPS = ["CAP_CHOWN", "CAP_DAC_OVERRIDE", "CAP_FSETID", "CAP_FOWNER", "CAP_MKNOD", "CAP_NET_RAW",
-                "CAP_SETGID", "CAP_SETUID", "CAP_SETFCAP", "CAP_SETPCAP", "CAP_NET_BIND_SERVICE",
-                "CAP_SYS_CHROOT", "CAP_KILL", "CAP_AUDIT_WRITE"]
+DEFAULT_CAPS = [
+    "CAP_CHOWN",
+    "CAP_DAC_OVERRIDE",
+    "CAP_FSETID",
+    "CAP_FOWNER",
+    "CAP_MKNOD",
+    "CAP_NET_RAW",
+    "CAP_SETGID",
+    "CAP_SETUID",
+    "CAP_SETFCAP",
+    "CAP_SETPCAP",
+    "CAP_NET_BIND_SERVICE",
+    "CAP_SYS_CHROOT",
+    "CAP_KILL",
+    "CAP_AUDIT_WRITE",
+]
 
 
 class Cleanup:
@@ -92,8 +108,18 @@ class Runc:
         for d in (self.rootfs, upper, work, self.state_root):
             d.mkdir(parents=True)
         lower = ":".join(reversed(image.layers))
-        subprocess.run(["mount", "-t", "overlay", "overlay", "-o",
-                        f"lowerdir={lower},upperdir={upper},workdir={work}", str(self.rootfs)], check=True)
+        subprocess.run(
+            [
+                "mount",
+                "-t",
+                "overlay",
+                "overlay",
+                "-o",
+                f"lowerdir={lower},upperdir={upper},workdir={work}",
+                str(self.rootfs),
+            ],
+            check=True,
+        )
         cleanup.add(lambda: subprocess.run(["umount", str(self.rootfs)], check=True))
         cleanup.add(self._delete)
         self.image = image
@@ -112,26 +138,50 @@ class Runc:
         config = self.image.config
         spec["root"] = {"path": "rootfs", "readonly": False}
         spec["process"].update(
-            terminal=False, args=args, env=config.env, cwd=config.workdir, noNewPrivileges=True,
+            terminal=False,
+            args=args,
+            env=config.env,
+            cwd=config.workdir,
+            noNewPrivileges=True,
             capabilities={k: DEFAULT_CAPS for k in ("bounding", "effective", "permitted")},
         )
         if self.host_net:
             # Share the host's network so the test can reach the server; sysfs cannot be
             # mounted without a network namespace of its own, and the server needs none.
-            spec["linux"]["namespaces"] = [n for n in spec["linux"]["namespaces"] if n["type"] != "network"]
+            spec["linux"]["namespaces"] = [
+                n for n in spec["linux"]["namespaces"] if n["type"] != "network"
+            ]
             spec["mounts"] = [m for m in spec["mounts"] if not m["destination"].startswith("/sys")]
         spec_path.write_text(json.dumps(spec))
 
     def run(self, args: list[str], timeout_s: float = 30) -> subprocess.CompletedProcess:
         self.write_config(args)
-        return self._runc("run", "--bundle", str(self.bundle), self.id,
-                          capture_output=True, text=True, timeout=timeout_s, stdin=subprocess.DEVNULL)
+        return self._runc(
+            "run",
+            "--bundle",
+            str(self.bundle),
+            self.id,
+            capture_output=True,
+            text=True,
+            timeout=timeout_s,
+            stdin=subprocess.DEVNULL,
+        )
 
     def start_detached(self, args: list[str], log: Path) -> None:
         self.write_config(args)
         with open(log, "wb") as out:
-            self._runc("run", "--detach", "--bundle", str(self.bundle), self.id,
-                       stdin=subprocess.DEVNULL, stdout=out, stderr=out, check=True, timeout=30)
+            self._runc(
+                "run",
+                "--detach",
+                "--bundle",
+                str(self.bundle),
+                self.id,
+                stdin=subprocess.DEVNULL,
+                stdout=out,
+                stderr=out,
+                check=True,
+                timeout=30,
+            )
 
     def status(self) -> str:
         result = self._runc("state", self.id, capture_output=True, text=True)
@@ -142,7 +192,9 @@ class Runc:
 
 
 def _store(data_root: Path) -> ImageStore:
-    return ImageStore(Paths(data_root=str(data_root), run_root=str(data_root / "run")), recipes_dir=RECIPES)
+    return ImageStore(
+        Paths(data_root=str(data_root), run_root=str(data_root / "run")), recipes_dir=RECIPES
+    )
 
 
 def _tree_snapshot(root: str) -> dict[str, tuple[int, int, int]]:
@@ -176,7 +228,9 @@ def test_busybox_builds_runs_and_caches(tmp_path, cleanup):
     result = container.run(["/bin/busybox", "echo", "hello from busybox"])
     assert result.returncode == 0, result.stderr
     assert result.stdout == "hello from busybox\n"
-    result = Runc(tmp_path / "c2", image, cleanup).run(["sh", "-c", "id -u; ls /; touch /new && echo ok"])
+    result = Runc(tmp_path / "c2", image, cleanup).run(
+        ["sh", "-c", "id -u; ls /; touch /new && echo ok"]
+    )
     assert result.returncode == 0, result.stderr
     assert result.stdout.split("\n")[0] == "0" and "ok" in result.stdout
     assert not os.path.exists(os.path.join(layer, "new"))  # the write went to the upper dir
@@ -192,10 +246,14 @@ def test_busybox_builds_runs_and_caches(tmp_path, cleanup):
 def test_concurrent_builds_wait_for_each_other(tmp_path):
     """Two builds of one recipe at once: the second waits for the lock, then finds it current."""
     env = dict(os.environ, FCRUN_ROOT=str(tmp_path / "store"), FCRUN_RECIPES=RECIPES)
-    code = ("import sys; from fcrun.images import ImageStore; from fcrun.paths import Paths;"
-            "ImageStore(Paths.from_env()).build('busybox', progress=lambda l: print(l, flush=True))")
-    procs = [subprocess.Popen([os.sys.executable, "-c", code], env=env, stdout=subprocess.PIPE, text=True)
-             for _ in range(2)]
+    code = (
+        "import sys; from fcrun.images import ImageStore; from fcrun.paths import Paths;"
+        "ImageStore(Paths.from_env()).build('busybox', progress=lambda l: print(l, flush=True))"
+    )
+    procs = [
+        subprocess.Popen([sys.executable, "-c", code], env=env, stdout=subprocess.PIPE, text=True)
+        for _ in range(2)
+    ]
     outputs = [p.communicate(timeout=60)[0] for p in procs]
     assert [p.returncode for p in procs] == [0, 0], outputs
     assert sum("built" in o for o in outputs) == 1, outputs
@@ -236,12 +294,20 @@ def _write_layout(root: Path, layers: list[bytes], config: dict) -> None:
         (blobs / digest).write_bytes(data)
         return {"mediaType": media_type, "digest": f"sha256:{digest}", "size": len(data)}
 
-    config = dict(config, rootfs={"type": "layers",
-                                  "diff_ids": [f"sha256:{hashlib.sha256(t).hexdigest()}" for t in layers]})
+    config = dict(
+        config,
+        rootfs={
+            "type": "layers",
+            "diff_ids": [f"sha256:{hashlib.sha256(t).hexdigest()}" for t in layers],
+        },
+    )
     manifest = {
-        "schemaVersion": 2, "mediaType": "application/vnd.oci.image.manifest.v1+json",
+        "schemaVersion": 2,
+        "mediaType": "application/vnd.oci.image.manifest.v1+json",
         "config": blob(json.dumps(config).encode(), "application/vnd.oci.image.config.v1+json"),
-        "layers": [blob(gzip.compress(t), "application/vnd.oci.image.layer.v1.tar+gzip") for t in layers],
+        "layers": [
+            blob(gzip.compress(t), "application/vnd.oci.image.layer.v1.tar+gzip") for t in layers
+        ],
     }
     desc = blob(json.dumps(manifest).encode(), "application/vnd.oci.image.manifest.v1+json")
     desc["annotations"] = {"org.opencontainers.image.ref.name": "whiteouts:v1"}
@@ -251,19 +317,38 @@ def _write_layout(root: Path, layers: list[bytes], config: dict) -> None:
 
 def test_oci_whiteouts_become_overlay_whiteouts_and_run(tmp_path, cleanup):
     busybox = Path("/bin/busybox").read_bytes()
-    base = _tar([
-        ("bin", "d", b""), ("bin/busybox", "f", busybox), ("bin/sh", "l", "busybox"),
-        ("etc", "d", b""), ("etc/keep", "f", "kept\n"), ("etc/gone", "f", "deleted\n"),
-        ("data", "d", b""), ("data/old-1", "f", "1"), ("data/old-2", "f", "2"),
-        ("tmp", "d", b""), ("proc", "d", b""), ("dev", "d", b""), ("sys", "d", b""),
-    ])
-    top = _tar([
-        ("etc", "d", b""), ("etc/.wh.gone", "f", b""),
-        ("data", "d", b""), ("data/.wh..wh..opq", "f", b""), ("data/new", "f", "new\n"),
-    ])
+    base = _tar(
+        [
+            ("bin", "d", b""),
+            ("bin/busybox", "f", busybox),
+            ("bin/sh", "l", "busybox"),
+            ("etc", "d", b""),
+            ("etc/keep", "f", "kept\n"),
+            ("etc/gone", "f", "deleted\n"),
+            ("data", "d", b""),
+            ("data/old-1", "f", "1"),
+            ("data/old-2", "f", "2"),
+            ("tmp", "d", b""),
+            ("proc", "d", b""),
+            ("dev", "d", b""),
+            ("sys", "d", b""),
+        ]
+    )
+    top = _tar(
+        [
+            ("etc", "d", b""),
+            ("etc/.wh.gone", "f", b""),
+            ("data", "d", b""),
+            ("data/.wh..wh..opq", "f", b""),
+            ("data/new", "f", "new\n"),
+        ]
+    )
     layout = tmp_path / "layout"
-    _write_layout(layout, [base, top], {"architecture": "amd64", "os": "linux",
-                                        "config": {"Cmd": ["sh"], "Env": ["PATH=/bin"]}})
+    _write_layout(
+        layout,
+        [base, top],
+        {"architecture": "amd64", "os": "linux", "config": {"Cmd": ["sh"], "Env": ["PATH=/bin"]}},
+    )
     store = _store(tmp_path / "store")
     image = store.import_(str(layout))
     assert image.name == "whiteouts:v1"
@@ -275,7 +360,9 @@ def test_oci_whiteouts_become_overlay_whiteouts_and_run(tmp_path, cleanup):
     assert os.path.isfile(os.path.join(lower, "etc", "gone"))  # the lower layer is untouched
 
     container = Runc(tmp_path / "c", image, cleanup)
-    result = container.run(["sh", "-c", "cat /etc/keep; test ! -e /etc/gone && echo gone; ls /data"])
+    result = container.run(
+        ["sh", "-c", "cat /etc/keep; test ! -e /etc/gone && echo gone; ls /data"]
+    )
     assert result.returncode == 0, result.stderr
     assert result.stdout.split() == ["kept", "gone", "new"]
 
@@ -293,13 +380,81 @@ def test_import_shares_layers_between_images(tmp_path):
     assert os.path.isdir(second.layers[0]) and not os.path.exists(first.layers[1])
 
 
+@pytest.mark.skipif(
+    not (shutil.which("umoci") and shutil.which("skopeo")),
+    reason="needs umoci and skopeo (Debian packages) to make images the way real tools do",
+)
+def test_import_what_umoci_and_skopeo_write(tmp_path, cleanup):
+    """An OCI layout from umoci (its second layer deletes a file and a directory) and the same
+    image as skopeo's oci-archive and docker-archive: all import to the same layers and run."""
+    store = _store(tmp_path / "store")
+    busybox = store.build("busybox")
+    layout, bundle = tmp_path / "layout", tmp_path / "umoci-bundle"
+
+    def umoci(*args: str) -> None:
+        subprocess.run(["umoci", *args], check=True, capture_output=True)
+
+    umoci("init", "--layout", str(layout))
+    umoci("new", "--image", f"{layout}:base")
+    umoci("unpack", "--image", f"{layout}:base", str(bundle))
+    subprocess.run(["cp", "-a", f"{busybox.layers[0]}/.", str(bundle / "rootfs")], check=True)
+    (bundle / "rootfs/srv/old").mkdir(parents=True)
+    (bundle / "rootfs/srv/old/file").write_text("old")
+    umoci("repack", "--image", f"{layout}:base", str(bundle))
+    os.remove(bundle / "rootfs/etc/hosts")
+    shutil.rmtree(bundle / "rootfs/srv/old")
+    (bundle / "rootfs/srv/new").write_text("new\n")
+    umoci("repack", "--image", f"{layout}:v2", str(bundle))
+    umoci(
+        "config",
+        "--image",
+        f"{layout}:v2",
+        "--config.cmd",
+        "sh",
+        "--config.exposedports",
+        "8080/tcp",
+        "--config.stopsignal",
+        "SIGWINCH",
+        "--config.workingdir",
+        "/srv",
+        "--config.env",
+        "PATH=/usr/bin:/bin",
+    )
+    shutil.rmtree(bundle)
+    oci_archive, docker_archive = tmp_path / "v2.oci.tar", tmp_path / "v2.docker.tar"
+    for target in (
+        f"oci-archive:{oci_archive}",
+        f"docker-archive:{docker_archive}:example/tool:v2",
+    ):
+        subprocess.run(["skopeo", "copy", "--quiet", f"oci:{layout}:v2", target], check=True)
+
+    images = [
+        store.import_(str(layout), "tool:v2"),
+        store.import_(str(oci_archive)),
+        store.import_(str(docker_archive)),
+    ]
+    assert [i.name for i in images] == ["tool:v2", "v2.oci", "tool:v2"]
+    assert images[0].layers == images[1].layers == images[2].layers
+    assert images[0].config.exposed_ports == [8080] and images[0].config.stop_signal == "SIGWINCH"
+
+    result = Runc(tmp_path / "c", images[0], cleanup).run(
+        ["sh", "-c", "pwd; cat new; test ! -e /etc/hosts && test ! -e /srv/old && echo deleted"]
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.split() == ["/srv", "new", "deleted"]
+
+
 # -- apache-php -------------------------------------------------------------------------------
 
 
 @pytest.fixture
-def apache_store(tmp_path):
+def apache_image(tmp_path) -> Image:
+    """The apache-php image, built in the persistent test store unless its recipe is unchanged."""
     cache = os.environ.get(CACHE_ENV, DEFAULT_CACHE)
-    return _store(Path(cache) if cache else tmp_path / "store")
+    store = _store(Path(cache) if cache else tmp_path / "store")
+    image = store.build("apache-php", progress=print)
+    store.prune()  # earlier builds of a changed recipe: keep the cache at one image's size
+    return image
 
 
 def _free_port() -> int:
@@ -323,8 +478,8 @@ def _get(url: str, deadline_s: float) -> str:
 
 @pytest.mark.slow
 @pytest.mark.timeout(900)
-def test_apache_php_serves_phpinfo(tmp_path, apache_store, cleanup):
-    image = apache_store.build("apache-php", progress=print)
+def test_apache_php_serves_phpinfo(tmp_path, apache_image, cleanup):
+    image = apache_image
     assert image.config.exposed_ports == [80] and image.config.stop_signal == "SIGWINCH"
     assert image.config.docroot == "/var/www/html"
     (layer,) = image.layers
@@ -346,7 +501,7 @@ def test_apache_php_serves_phpinfo(tmp_path, apache_store, cleanup):
     container.start_detached(image.config.entrypoint + image.config.cmd, log)
     body = _get(f"http://127.0.0.1:{port}/", deadline_s=20)
     assert "phpinfo()" in body and "PHP Version 8." in body, body[:500]
-    assert "Server API </td><td class=\"v\">Apache 2.0 Handler" in body
+    assert 'Server API </td><td class="v">Apache 2.0 Handler' in body
 
     container.kill("SIGWINCH")  # the image's stop signal: graceful stop
     end = time.monotonic() + 15
@@ -356,4 +511,6 @@ def test_apache_php_serves_phpinfo(tmp_path, apache_store, cleanup):
     output = log.read_text()
     assert '"GET / HTTP/1.1" 200' in output, output  # access log on stdout
     assert "resuming normal operations" in output, output  # error log on stderr
-    assert _tree_snapshot(os.path.join(layer, "etc/apache2")) == before  # config edits went to upper
+    assert (
+        _tree_snapshot(os.path.join(layer, "etc/apache2")) == before
+    )  # config edits went to upper

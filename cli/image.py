@@ -1,0 +1,125 @@
+"""`fcrun image ...`: build, import, list, inspect and remove images.
+
+The group reads two optional attributes of the click context object, so the main CLI decides
+where the data lives and how to tell whether a container uses an image:
+
+- ``ctx.obj.paths``: a ``fcrun.paths.Paths`` (default ``Paths.from_env()``);
+- ``ctx.obj.image_in_use``: ``Callable[[Image], list[str]]`` returning the names of containers
+  that use an image (default: none, so ``rm`` does not check).
+"""
+
+from __future__ import annotations
+
+import datetime
+import functools
+import sys
+from typing import Any, Callable
+
+import click
+import msgspec
+
+from fcrun.errors import FcrunError
+from fcrun.images import Image, ImageStore
+from fcrun.paths import Paths
+from fcrun.units import format_bytes
+
+
+def _store(ctx: click.Context) -> ImageStore:
+    paths = getattr(ctx.obj, "paths", None) or Paths.from_env()
+    return ImageStore(paths)
+
+
+def _reports_errors(command: Callable[..., Any]) -> Callable[..., Any]:
+    """Turn fcrun's errors into a one-line message and the error's exit code."""
+
+    @functools.wraps(command)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return command(*args, **kwargs)
+        except FcrunError as exc:
+            click.echo(f"fcrun: {exc}", err=True)
+            sys.exit(exc.exit_code)
+
+    return wrapper
+
+
+def _progress(line: str) -> None:
+    click.echo(line, err=True)
+
+
+@click.group("image")
+def image() -> None:
+    """Build, import, list and remove images."""
+
+
+@image.command("build")
+@click.argument("recipe")
+@click.option(
+    "--rebuild", is_flag=True, help="Build even if the recipe is unchanged since the last build."
+)
+@click.pass_context
+@_reports_errors
+def build(ctx: click.Context, recipe: str, rebuild: bool) -> None:
+    """Build image RECIPE from rootfs/RECIPE/ (build.sh and image.toml)."""
+    built = _store(ctx).build(recipe, rebuild=rebuild, progress=_progress)
+    click.echo(f"{built.name} {built.id}")
+
+
+@image.command("import")
+@click.argument("path", type=click.Path(exists=True))
+@click.argument("name", required=False)
+@click.pass_context
+@_reports_errors
+def import_(ctx: click.Context, path: str, name: str | None) -> None:
+    """Import an OCI layout directory, OCI archive or docker-archive tarball.
+
+    NAME defaults to the image's own reference, else the file name.
+    """
+    imported = _store(ctx).import_(path, name, progress=_progress)
+    click.echo(f"{imported.name} {imported.id}")
+
+
+@image.command("ls")
+@click.option("--json", "as_json", is_flag=True, help="Print the image records as JSON.")
+@click.pass_context
+@_reports_errors
+def ls(ctx: click.Context, as_json: bool) -> None:
+    """List images: name, id, size, created, source."""
+    images = _store(ctx).list()
+    if as_json:
+        click.echo(msgspec.json.format(msgspec.json.encode(images)).decode())
+        return
+    rows = [("NAME", "ID", "SIZE", "CREATED", "SOURCE")] + [_row(i) for i in images]
+    widths = [max(len(row[c]) for row in rows) for c in range(4)]
+    for row in rows:
+        click.echo("  ".join(cell.ljust(w) for cell, w in zip(row, widths)) + "  " + row[4])
+
+
+def _row(img: Image) -> tuple[str, str, str, str, str]:
+    created = datetime.datetime.fromtimestamp(img.created).strftime("%Y-%m-%d %H:%M:%S")
+    return (
+        img.name,
+        img.id.removeprefix("sha256:")[:12],
+        format_bytes(img.size_bytes),
+        created,
+        img.source,
+    )
+
+
+@image.command("inspect")
+@click.argument("name")
+@click.pass_context
+@_reports_errors
+def inspect(ctx: click.Context, name: str) -> None:
+    """Print image NAME's record as JSON."""
+    click.echo(msgspec.json.format(msgspec.json.encode(_store(ctx).get(name))).decode())
+
+
+@image.command("rm")
+@click.argument("name")
+@click.pass_context
+@_reports_errors
+def rm(ctx: click.Context, name: str) -> None:
+    """Remove image NAME (refused while a container uses it)."""
+    removed = _store(ctx).remove(name, in_use=getattr(ctx.obj, "image_in_use", None))
+    click.echo(f"removed {removed.name} {removed.id}")

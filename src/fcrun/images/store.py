@@ -1,0 +1,548 @@
+"""The image store: named image records over content-addressed, read-only layers.
+
+On disk, under the data root::
+
+    images/<name>.json       one record per image (msgspec JSON), replaced atomically
+    layers/<hex>/            one directory per layer, named by its diff_id, in overlayfs format
+    .image-tmp/              builds and extractions in progress (same filesystem: rename commits)
+    images.lock              flock()ed by every operation that writes
+
+A build or import does all its work in ``.image-tmp``, then renames finished layers into
+``layers/`` and only then writes the record. So a failure at any point leaves no record and no
+half-written layer; a crash can at worst leave an unreferenced complete layer (``prune``) or
+debris in ``.image-tmp``, which the next writer clears. Readers take no lock: a record is
+either the old file or the new one.
+
+Layers are never written after they are renamed into place: containers use them as overlayfs
+lower dirs. A rebuild or re-import makes new layers and leaves the old ones for containers that
+still run on them; ``prune`` removes layers no record and no container refers to.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import errno
+import fcntl
+import hashlib
+import os
+import re
+import shutil
+import tarfile
+import tempfile
+import time
+import zlib
+from typing import Callable, Iterable, Iterator
+
+import msgspec
+
+from ..errors import FcrunError, IncorrectStatus, KernelError, NotFound, SpecError
+from ..paths import Paths
+from ..units import format_bytes
+from . import oci
+from .image import Image, ImageConfig, parse_name
+from .layer import (
+    HashingReader,
+    LayerExtractor,
+    OverlayMarks,
+    open_uncompressed,
+    sniff_compression,
+    tree_content_bytes,
+    tree_digest,
+)
+from .recipes import (
+    BuildFailed,
+    Progress,
+    check_rootfs,
+    default_recipes_dir,
+    find_recipe,
+    list_recipes,
+    load_config,
+    recipe_hash,
+    run_build,
+)
+
+TMP_DIR = ".image-tmp"
+LOCK_FILE = "images.lock"
+RECORD_SUFFIX = ".json"
+
+_MNT_DETACH = 2  # <sys/mount.h>
+_libc = ctypes.CDLL(None, use_errno=True)
+_record_decoder = msgspec.json.Decoder(Image)
+
+
+def _quiet(_line: str) -> None:
+    pass
+
+
+class ImageStore:
+    """Images of one fcrun installation (``paths.images``, ``paths.layers``).
+
+    ``recipes_dir`` holds the build recipes (default: ``$FCRUN_RECIPES`` or the source tree's
+    ``rootfs/``). ``marks`` writes overlay whiteouts; tests may pass a recording one.
+    """
+
+    def __init__(
+        self, paths: Paths, recipes_dir: str | None = None, marks: OverlayMarks | None = None
+    ):
+        self.paths = paths
+        self.recipes_dir = recipes_dir or default_recipes_dir()
+        self._marks = marks
+        self._tmp = os.path.join(paths.data_root, TMP_DIR)
+        self._lock_path = os.path.join(paths.data_root, LOCK_FILE)
+
+    # -- reading (no lock) ----------------------------------------------------------------
+
+    def get(self, name: str) -> Image:
+        """The image called ``name``.
+
+        Raises:
+            SpecError: ``name`` is not a valid image name.
+            NotFound: no such image (the message says how to build it when a recipe exists),
+            or one of its layers is gone.
+        """
+        canonical = parse_name(name)
+        path = self._record_path(canonical)
+        if not os.path.exists(path):
+            if ":" not in canonical and canonical in list_recipes(self.recipes_dir):
+                raise NotFound(
+                    f"image {name!r} not found; build it with `fcrun image build {canonical}`"
+                )
+            raise NotFound(
+                f"image {name!r} not found; `fcrun image ls` lists images, "
+                "`fcrun image import PATH` adds one"
+            )
+        image = self._load(path)
+        for layer in image.layers:
+            if not os.path.isdir(layer):
+                raise NotFound(
+                    f"image {name!r}: layer {layer} is missing; build or import the image again"
+                )
+        return image
+
+    def list(self) -> list[Image]:
+        """All images, by name."""
+        try:
+            files = sorted(os.listdir(self.paths.images))
+        except FileNotFoundError:
+            return []
+        return [
+            self._load(os.path.join(self.paths.images, f))
+            for f in files
+            if f.endswith(RECORD_SUFFIX) and not f.startswith(".")
+        ]
+
+    def layer_dir(self, diff_id: str) -> str:
+        return os.path.join(self.paths.layers, oci.blob_path(diff_id, "diff_id").rsplit("/", 1)[1])
+
+    # -- building -------------------------------------------------------------------------
+
+    def build(self, recipe: str, rebuild: bool = False, progress: Progress | None = None) -> Image:
+        """Build the image ``recipe`` from ``<recipes_dir>/<recipe>/``; a no-op if it is current.
+
+        Current means: an image of that name exists, was built from a recipe with the same
+        hash, and its layers are present. ``rebuild`` builds anyway.
+
+        Raises:
+            NotFound: no such recipe.
+            SpecError: the recipe's image.toml is invalid.
+            BuildFailed: the build script failed or built an unusable rootfs.
+        """
+        progress = progress or _quiet
+        found = find_recipe(self.recipes_dir, recipe)
+        config = load_config(found)  # a bad image.toml fails before minutes of building
+        key = recipe_hash(found)
+        with self._locked(progress):
+            if not rebuild:
+                current = self._current_build(found.name, key)
+                if current is not None:
+                    progress(f"{found.name}: up to date ({current.id[:19]}, recipe {key[:19]})")
+                    return current
+            started = time.monotonic()
+            progress(f"{found.name}: building from {found.directory} (recipe {key[:19]})")
+            work = tempfile.mkdtemp(prefix=f"build-{found.name}-", dir=self._tmp)
+            try:
+                rootfs = os.path.join(work, "rootfs")
+                os.mkdir(rootfs)
+                os.chmod(rootfs, 0o755)  # the container's "/"; mkdir obeys the umask
+                run_build(found, rootfs, progress)
+                left_mounted = _mounts_below(rootfs)
+                if left_mounted:
+                    raise BuildFailed(
+                        f"build recipe {found.name!r}: {found.script} left "
+                        f"{', '.join(left_mounted)} mounted"
+                    )
+                check_rootfs(found, rootfs, config)
+                progress(f"{found.name}: hashing the layer")
+                diff_id, content_bytes = tree_digest(rootfs)
+                self._sync()  # layer content on disk before the rename makes it part of the store
+                layer = self._commit_layer(rootfs, diff_id)
+                image = Image(
+                    name=found.name,
+                    id=_build_id(config, [diff_id]),
+                    layers=[layer],
+                    config=config,
+                    created=time.time(),
+                    source=f"recipe {found.directory}",
+                    size_bytes=content_bytes,
+                    diff_ids=[diff_id],
+                    recipe_hash=key,
+                )
+                self._write_record(image)
+            finally:
+                self._discard(work)
+            progress(
+                f"{found.name}: built {image.id[:19]}, {format_bytes(image.size_bytes)}, "
+                f"in {time.monotonic() - started:.1f}s"
+            )
+            return image
+
+    def _current_build(self, name: str, key: str) -> Image | None:
+        path = self._record_path(name)
+        if not os.path.exists(path):
+            return None
+        image = self._load(path)
+        if image.recipe_hash != key or not all(os.path.isdir(d) for d in image.layers):
+            return None
+        return image
+
+    # -- importing ------------------------------------------------------------------------
+
+    def import_(
+        self, path: str, name: str | None = None, progress: Progress | None = None
+    ) -> Image:
+        """Import an OCI layout directory, OCI archive or docker-archive tarball as ``name``.
+
+        ``name`` defaults to the image's own reference (annotation or RepoTags), else the
+        archive's file name. An existing image of that name is replaced (its layers stay for
+        containers still using them; see ``prune``).
+
+        Raises:
+            SpecError: bad name, not an image, unknown media type, digest or size mismatch,
+            truncated archive, or an unsafe layer member (path escape, symlink traversal, hard
+            link outside the layer, device node). Nothing is left under the name then.
+        """
+        progress = progress or _quiet
+        wanted = parse_name(name) if name is not None else None
+        started = time.monotonic()
+        plan = oci.read_image(path, wanted)
+        with plan.source, self._locked(progress):
+            progress(f"{plan.name}: importing {plan.format} {path} ({len(plan.layers)} layers)")
+            staged: dict[str, tuple[str, int]] = {}  # diff_id -> (tmp dir, content bytes)
+            try:
+                diff_ids = [
+                    self._stage_layer(plan, i, staged, progress) for i in range(len(plan.layers))
+                ]
+                diff_ids = _topmost_once(diff_ids)
+                self._sync()  # layer content on disk before the renames make it part of the store
+                for diff_id, (tmp, _) in staged.items():
+                    self._commit_layer(tmp, diff_id)
+                size = sum(
+                    staged[d][1] if d in staged else tree_content_bytes(self.layer_dir(d))
+                    for d in diff_ids
+                )
+                image = Image(
+                    name=plan.name,
+                    id=plan.image_id,
+                    layers=[self.layer_dir(d) for d in diff_ids],
+                    config=plan.config,
+                    created=time.time(),
+                    source=os.path.abspath(path),
+                    size_bytes=size,
+                    diff_ids=diff_ids,
+                )
+                self._write_record(image)
+            finally:
+                for tmp, _ in staged.values():
+                    self._discard(tmp)  # a no-op for committed layers
+        progress(
+            f"{plan.name}: imported {image.id[:19]}, {format_bytes(size)}, "
+            f"in {time.monotonic() - started:.1f}s"
+        )
+        return image
+
+    def _stage_layer(
+        self,
+        plan: oci.ImportPlan,
+        index: int,
+        staged: dict[str, tuple[str, int]],
+        progress: Progress,
+    ) -> str:
+        """Verify layer ``index`` and extract it into a tmp dir unless the store has it.
+
+        Returns its diff_id; a new extraction is added to ``staged``.
+        """
+        ref = plan.layers[index]
+        label = ref.digest or ref.path
+        step = f"{plan.name}: layer {index + 1}/{len(plan.layers)} {label[:19]}"
+        if ref.digest is not None:
+            oci.verify_blob(plan.source, ref.path, ref.digest, ref.size)
+        if ref.diff_id and (ref.diff_id in staged or os.path.isdir(self.layer_dir(ref.diff_id))):
+            if ref.digest is None:
+                # A legacy docker-archive names a layer blob by id, not digest: only the
+                # diff_id says what it holds, so hash it even though nothing is extracted.
+                self._verify_diff_id(plan.source, ref, label)
+            progress(f"{step}: already stored")
+            return ref.diff_id
+        progress(f"{step}: extracting")
+        diff_id, tmp, content_bytes = self._extract(plan.source, ref, label)
+        if diff_id in staged:  # the same content twice in one image
+            self._discard(tmp)
+        else:
+            staged[diff_id] = (tmp, content_bytes)
+        return diff_id
+
+    def _extract(self, source: oci.Source, ref: oci.LayerRef, label: str) -> tuple[str, str, int]:
+        """Extract one layer blob into a new tmp dir; check its diff_id.
+
+        Resource handling: the tmp dir is the caller's once this returns; on error it is removed.
+        """
+        tmp = tempfile.mkdtemp(prefix="layer-", dir=self._tmp)
+        try:
+            os.chmod(tmp, 0o755)
+            with self._uncompressed(source, ref, label) as reader:
+                with LayerExtractor(tmp, label, marks=self._marks) as extractor:
+                    extractor.extract(reader)  # type: ignore[arg-type]
+                _drain(reader, label)  # the tar's trailing padding counts in the diff_id
+            _check_diff_id(reader, ref, label)
+            return reader.digest, tmp, extractor.content_bytes
+        except BaseException:
+            self._discard(tmp)
+            raise
+
+    def _verify_diff_id(self, source: oci.Source, ref: oci.LayerRef, label: str) -> None:
+        with self._uncompressed(source, ref, label) as reader:
+            _drain(reader, label)
+        _check_diff_id(reader, ref, label)
+
+    @contextlib.contextmanager
+    def _uncompressed(
+        self, source: oci.Source, ref: oci.LayerRef, label: str
+    ) -> Iterator[HashingReader]:
+        with source.open(ref.path) as blob:
+            compression = ref.compression
+            if compression is None:
+                compression = sniff_compression(blob.read(4), label)
+                blob.seek(0)
+            yield HashingReader(open_uncompressed(blob, compression))
+
+    # -- removing -------------------------------------------------------------------------
+
+    def remove(self, name: str, in_use: Callable[[Image], list[str]] | None = None) -> Image:
+        """Remove an image and those of its layers no other image uses.
+
+        ``in_use`` returns the names of containers using the image; any name refuses removal.
+
+        Raises:
+            NotFound: no such image.
+            IncorrectStatus: containers use it.
+        """
+        canonical = parse_name(name)
+        with self._locked(_quiet):
+            image = self.get(canonical)
+            users = in_use(image) if in_use else []
+            if users:
+                raise IncorrectStatus(
+                    f"image {canonical!r} is in use by container(s) {', '.join(sorted(users))}; "
+                    "remove them first"
+                )
+            os.unlink(self._record_path(canonical))
+            still_used = {layer for other in self.list() for layer in other.layers}
+            for layer in image.layers:
+                if layer not in still_used:
+                    self._discard(layer)
+        return image
+
+    def prune(self, keep_layers: Iterable[str] = ()) -> list[str]:
+        """Remove layers that no image uses and that are not in ``keep_layers`` (layer dirs
+        of running containers). Returns the removed directories."""
+        with self._locked(_quiet):
+            used = {layer for image in self.list() for layer in image.layers} | set(keep_layers)
+            try:
+                names = sorted(os.listdir(self.paths.layers))
+            except FileNotFoundError:
+                return []
+            removed = []
+            for name in names:
+                layer = os.path.join(self.paths.layers, name)
+                if layer not in used:
+                    self._discard(layer)
+                    removed.append(layer)
+            return removed
+
+    # -- plumbing -------------------------------------------------------------------------
+
+    @contextlib.contextmanager
+    def _locked(self, progress: Progress) -> Iterator[None]:
+        """Hold the store lock; clear debris that a crashed writer left in the tmp dir.
+
+        Resource handling: the lock is an flock on ``images.lock``, released when its fd closes,
+        so a killed process never leaves the store locked.
+        """
+        self._make_dirs()
+        fd = os.open(self._lock_path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        try:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                progress(f"waiting for another image build or import ({self._lock_path})")
+                fcntl.flock(fd, fcntl.LOCK_EX)
+            for leftover in os.listdir(self._tmp):
+                self._discard(os.path.join(self._tmp, leftover))
+            yield
+        finally:
+            os.close(fd)
+
+    def _make_dirs(self) -> None:
+        # Layers hold images' setuid binaries: host users must not reach them (docker: 0700).
+        for path, mode in (
+            (self.paths.data_root, 0o711),
+            (self.paths.images, 0o755),
+            (self.paths.layers, 0o700),
+            (self._tmp, 0o700),
+        ):
+            try:
+                os.makedirs(path, mode=mode, exist_ok=True)
+            except OSError as exc:
+                raise KernelError.from_oserror("create directory", path, exc) from None
+
+    def _sync(self) -> None:
+        """syncfs(2) the store's filesystem: cheaper than fsync on each of thousands of files,
+        and unlike sync(2) it does not wait for every other filesystem's dirty pages."""
+        fd = os.open(self._tmp, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        try:
+            if _libc.syncfs(fd) != 0:
+                raise KernelError("syncfs", self._tmp, ctypes.get_errno())
+        finally:
+            os.close(fd)
+
+    def _record_path(self, canonical: str) -> str:
+        return os.path.join(self.paths.images, canonical + RECORD_SUFFIX)
+
+    def _load(self, path: str) -> Image:
+        try:
+            with open(path, "rb") as f:
+                image = _record_decoder.decode(f.read())
+        except (msgspec.DecodeError, msgspec.ValidationError) as exc:
+            raise FcrunError(f"image record {path} is corrupt: {exc}") from None
+        # Layer paths follow the store, so a data root can be moved or mounted elsewhere.
+        if image.diff_ids:
+            image.layers = [self.layer_dir(d) for d in image.diff_ids]
+        return image
+
+    def _write_record(self, image: Image) -> None:
+        fd, tmp = tempfile.mkstemp(prefix=f".{image.name}.", suffix=".tmp", dir=self.paths.images)
+        try:
+            with os.fdopen(fd, "wb") as f:
+                f.write(msgspec.json.format(msgspec.json.encode(image)))
+                f.flush()
+                os.fsync(f.fileno())
+            os.chmod(tmp, 0o644)
+            os.rename(tmp, self._record_path(image.name))
+        except BaseException:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(tmp)
+            raise
+        _fsync_dir(self.paths.images)
+
+    def _commit_layer(self, tmp: str, diff_id: str) -> str:
+        """Rename a finished layer into place; keep the existing one if it is already there."""
+        final = self.layer_dir(diff_id)
+        try:
+            os.rename(tmp, final)
+        except OSError as exc:
+            if exc.errno not in (errno.EEXIST, errno.ENOTEMPTY):
+                raise KernelError.from_oserror("rename layer into", final, exc) from None
+            self._discard(tmp)  # same content is stored already
+        _fsync_dir(self.paths.layers)
+        return final
+
+    def _discard(self, path: str) -> None:
+        """Delete a tree: first move it into the tmp dir, so a half-deleted tree is never
+        left under a layer's name; detach anything mounted inside first."""
+        if not os.path.lexists(path):
+            return
+        _unmount_below(path)
+        if os.path.dirname(path) != self._tmp:
+            doomed = os.path.join(
+                self._tmp, "rm-" + os.path.basename(path) + "-" + os.urandom(4).hex()
+            )
+            os.rename(path, doomed)
+            path = doomed
+        if os.path.isdir(path) and not os.path.islink(path):
+            shutil.rmtree(path)
+        else:
+            os.unlink(path)
+
+
+def _drain(reader: HashingReader, label: str) -> None:
+    try:
+        reader.drain()
+    except (EOFError, OSError, zlib.error, tarfile.TarError) as exc:
+        raise SpecError(f"layer {label}: truncated or corrupt: {exc}") from None
+
+
+def _check_diff_id(reader: HashingReader, ref: oci.LayerRef, label: str) -> None:
+    if ref.diff_id and reader.digest != ref.diff_id:
+        raise SpecError(
+            f"layer {label}: uncompressed content hashes to {reader.digest}, "
+            f"the image config says {ref.diff_id}"
+        )
+
+
+def _build_id(config: ImageConfig, diff_ids: list[str]) -> str:
+    """A built image's id: the digest of what it is (config and layers)."""
+    data = msgspec.json.encode({"config": config, "diff_ids": diff_ids})
+    return "sha256:" + hashlib.sha256(data).hexdigest()
+
+
+def _topmost_once(diff_ids: list[str]) -> list[str]:
+    """Keep only the topmost copy of a layer listed twice (often the empty layer).
+
+    The same directory twice in one overlayfs lowerdir is refused by the kernel, and dropping
+    the lower copy changes nothing: the upper copy provides every file it would.
+    """
+    seen: set[str] = set()
+    kept = []
+    for diff_id in reversed(diff_ids):
+        if diff_id not in seen:
+            seen.add(diff_id)
+            kept.append(diff_id)
+    return kept[::-1]
+
+
+def _fsync_dir(path: str) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _mounts_below(path: str) -> list[str]:
+    """Mount points at or below ``path``, deepest first."""
+    prefix = os.path.realpath(path).rstrip("/") + "/"
+    with open("/proc/self/mountinfo") as f:
+        points = [_unescape_mountinfo(line.split()[4]) for line in f]
+    return sorted((p for p in points if (p + "/").startswith(prefix)), key=len, reverse=True)
+
+
+def _unmount_below(path: str) -> None:
+    """Detach whatever is mounted inside ``path``, deepest first.
+
+    A build may die with /proc or /dev still mounted in its chroot; deleting through such a
+    mount would delete the host's files.
+
+    Raises:
+        KernelError: umount2 failed.
+    """
+    for mount_point in _mounts_below(path):
+        if _libc.umount2(os.fsencode(mount_point), _MNT_DETACH) != 0:
+            err = ctypes.get_errno()
+            if err != errno.EINVAL:  # EINVAL: already gone with a parent mount
+                raise KernelError("umount2(MNT_DETACH)", mount_point, err)
+
+
+def _unescape_mountinfo(field: str) -> str:
+    # The kernel writes space, tab, newline and backslash as octal escapes (\040 ...).
+    return re.sub(r"\\([0-7]{3})", lambda m: chr(int(m.group(1), 8)), field)
