@@ -452,6 +452,11 @@ class Runtime:
         storage = os.path.join(self.paths.data_root, "containers", state.name)
         shutil.rmtree(storage, ignore_errors=True)
         self.states.remove(state.name)
+        if not self.states.names():
+            # The last container is gone: leave no empty `fcrun` cgroup parent behind either
+            # (the bridge goes with its last lease). A concurrent create re-makes it.
+            with contextlib.suppress(FcrunError, OSError):
+                self.cgroups.remove_parent_if_empty()
 
     def _discard(self, state: ContainerState) -> None:
         """Undo a created container whose start failed."""

@@ -22,6 +22,20 @@ def busybox(data_root):
     return ImageStore(Paths(data_root=data_root, run_root="/nonexistent")).build("busybox", progress=lambda *a: None)
 
 
+@pytest.fixture(scope="session")
+def apache_php(tmp_path_factory):
+    """The apache-php image. Built with mmdebstrap (about 30 s) into a persistent store at
+    $FCRUN_TEST_IMAGE_CACHE (default /var/cache/fcrun-test) and reused while its recipe is
+    unchanged; set FCRUN_TEST_IMAGE_CACHE= (empty) to build from scratch in a temporary store."""
+    import os
+
+    from fcrun.images import ImageStore
+
+    cache = os.environ.get("FCRUN_TEST_IMAGE_CACHE", "/var/cache/fcrun-test")
+    root = cache or str(tmp_path_factory.mktemp("apache-store"))
+    return ImageStore(Paths(data_root=root, run_root="/nonexistent")).build("apache-php", progress=lambda *a: None)
+
+
 @pytest.fixture
 def run_root(tmp_path):
     return str(tmp_path / "run")
