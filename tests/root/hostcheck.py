@@ -7,7 +7,9 @@ import subprocess
 import time
 
 TAG = str(os.getpid())
-CGROUP_PARENT = f"fcrun-test-{TAG}"
+# Relative: beneath the cgroup the tests run in. On a pure-v2 host whose own cgroup does not
+# delegate controllers, set FCRUN_TEST_CGROUP_PARENT=/fcrun-test (from the hierarchy root).
+CGROUP_PARENT = os.environ.get("FCRUN_TEST_CGROUP_PARENT", "fcrun-test") + f"-{TAG}"
 BRIDGE = f"fct{TAG}"[:15]
 SUBNET = "10.234.0.0/24"
 
