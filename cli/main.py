@@ -49,7 +49,12 @@ class Context:
 
 
 # Subcommand groups living in other modules, loaded only when named.
-LAZY_COMMANDS = {"image": ("fcrun_cli.image", "image")}
+LAZY_COMMANDS = {
+    "image": ("fcrun_cli.image", "image"),
+    "app": ("fcrun_cli.app", "app"),
+    "events": ("fcrun_cli.app", "events"),
+    "stats": ("fcrun_cli.app", "stats"),
+}
 
 
 class FcrunGroup(click.Group):

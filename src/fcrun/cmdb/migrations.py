@@ -1,0 +1,122 @@
+"""The CMDB schema as an ordered list of migrations, applied when a database is opened.
+
+The SQL is portable (SQLite and PostgreSQL read it the same) except for what `DIALECTS`
+fills in. The schema version lives in a one-row ``schema_version`` table rather than SQLite's
+``PRAGMA user_version``, for the same reason. Migrations only ever get appended: a database
+at version N runs migrations N+1.. in one transaction, so a crash leaves it at N.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from .base import CMDBError
+
+# What SQLite and PostgreSQL spell differently.
+DIALECTS: dict[str, dict[str, str]] = {
+    "sqlite": {"serial_pk": "INTEGER PRIMARY KEY AUTOINCREMENT"},
+    "postgresql": {"serial_pk": "BIGINT GENERATED ALWAYS AS IDENTITY PRIMARY KEY"},
+}
+
+
+@dataclass(frozen=True)
+class Migration:
+    version: int
+    description: str
+    statements: tuple[str, ...]
+
+
+MIGRATIONS: tuple[Migration, ...] = (
+    Migration(1, "apps, hostnames, instances, events", (
+        """CREATE TABLE apps (
+            name TEXT PRIMARY KEY,
+            image TEXT NOT NULL,
+            env TEXT NOT NULL,
+            docroot TEXT,
+            cpu DOUBLE PRECISION NOT NULL,
+            cpu_max DOUBLE PRECISION,
+            memory_bytes BIGINT NOT NULL,
+            min_instances INTEGER NOT NULL,
+            max_instances INTEGER NOT NULL,
+            target_concurrency INTEGER NOT NULL,
+            idle_timeout_s DOUBLE PRECISION NOT NULL,
+            freeze_after_s DOUBLE PRECISION,
+            max_lifetime_s DOUBLE PRECISION,
+            cooldown_up_s DOUBLE PRECISION NOT NULL,
+            cooldown_down_s DOUBLE PRECISION NOT NULL,
+            max_body_bytes BIGINT,
+            port INTEGER,
+            autoscale BOOLEAN NOT NULL,
+            created_at DOUBLE PRECISION NOT NULL,
+            updated_at DOUBLE PRECISION NOT NULL,
+            generation INTEGER NOT NULL
+        )""",
+        # Every hostname of an app, its name included (position 0), so that the primary key
+        # makes a hostname belong to one app only and a Host lookup is one index probe.
+        """CREATE TABLE app_hostnames (
+            hostname TEXT PRIMARY KEY,
+            app TEXT NOT NULL REFERENCES apps (name) ON DELETE CASCADE,
+            position INTEGER NOT NULL
+        )""",
+        "CREATE INDEX app_hostnames_app ON app_hostnames (app)",
+        # No foreign key to apps: an instance outlives its app's row while it drains.
+        """CREATE TABLE instances (
+            id TEXT PRIMARY KEY,
+            app TEXT NOT NULL,
+            container TEXT NOT NULL,
+            state TEXT NOT NULL CHECK (state IN ('starting', 'ready', 'draining', 'frozen', 'stopped')),
+            ip TEXT NOT NULL,
+            port INTEGER NOT NULL,
+            cpu DOUBLE PRECISION,
+            started_at DOUBLE PRECISION NOT NULL,
+            last_request_at DOUBLE PRECISION,
+            requests BIGINT NOT NULL
+        )""",
+        "CREATE INDEX instances_app ON instances (app)",
+        """CREATE TABLE events (
+            id {serial_pk},
+            ts DOUBLE PRECISION NOT NULL,
+            app TEXT,
+            kind TEXT NOT NULL,
+            message TEXT NOT NULL,
+            data TEXT NOT NULL
+        )""",
+        "CREATE INDEX events_app ON events (app, id)",
+    )),
+)
+
+LATEST_VERSION = MIGRATIONS[-1].version
+
+CREATE_VERSION_TABLE = "CREATE TABLE IF NOT EXISTS schema_version (version INTEGER NOT NULL)"
+SELECT_VERSION = "SELECT version FROM schema_version"
+INSERT_VERSION = "INSERT INTO schema_version (version) VALUES (0)"
+UPDATE_VERSION = "UPDATE schema_version SET version = ?"
+
+
+def migrate(cursor, dialect: str = "sqlite") -> int:
+    """Bring the schema to LATEST_VERSION; returns the version found before.
+
+    The caller holds a write transaction (so two processes opening a new database do not
+    both create it) and commits it.
+
+    Raises:
+        CMDBError: the database was written by a newer fcrun.
+    """
+    names = DIALECTS[dialect]
+    cursor.execute(CREATE_VERSION_TABLE)
+    row = cursor.execute(SELECT_VERSION).fetchone()
+    if row is None:
+        cursor.execute(INSERT_VERSION)
+        found = 0
+    else:
+        found = int(row[0])
+    if found > LATEST_VERSION:
+        raise CMDBError(
+            f"the CMDB has schema version {found}, newer than this fcrun knows ({LATEST_VERSION}): upgrade fcrun"
+        )
+    for migration in MIGRATIONS:
+        if migration.version > found:
+            for statement in migration.statements:
+                cursor.execute(statement.format(**names))
+            cursor.execute(UPDATE_VERSION, (migration.version,))
+    return found

@@ -1,0 +1,396 @@
+"""What the CMDB holds: apps, instances, events, and the rules an app's settings must follow.
+
+These Structs cross boundaries (CMDB rows, admin API bodies, the CLI's JSON), so they are
+msgspec Structs and nothing here touches the database. Validation is separate from decoding:
+a row read back from the CMDB is trusted as it is (its docroot may have gone since), while
+everything a user sends goes through `validate_app` before it is written.
+
+Errors name the field they are about (``memory_bytes``, ``hostnames[1]``), as the admin API
+and the CMDB see it; the CLI parses its flags itself and names the flag (``--memory``).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import re
+from typing import Any, Literal
+
+import msgspec
+from msgspec import UNSET, UnsetType
+
+from ..errors import SpecError
+from ..units import MIN_MEMORY_BYTES, parse_cpu
+
+InstanceState = Literal["starting", "ready", "draining", "frozen", "stopped"]
+INSTANCE_STATES: tuple[str, ...] = ("starting", "ready", "draining", "frozen", "stopped")
+
+# Built-in defaults for new apps; `fcrun serve`'s config ([defaults]) can change them.
+DEFAULT_CPU = 1.0
+DEFAULT_MEMORY_BYTES = 512 << 20
+DEFAULT_MIN_INSTANCES = 0
+DEFAULT_MAX_INSTANCES = 1
+DEFAULT_TARGET_CONCURRENCY = 10
+DEFAULT_IDLE_TIMEOUT_S = 60.0
+DEFAULT_COOLDOWN_UP_S = 10.0
+DEFAULT_COOLDOWN_DOWN_S = 30.0
+DEFAULT_PORT = 80  # when neither the app nor the image names one
+
+MAX_HOSTNAME_LEN = 253
+_LABEL = re.compile(r"[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?")
+_ENV_KEY = re.compile(r"[^=\s]+")
+_SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgt]?)(i?b?)\s*$", re.IGNORECASE)
+_SIZE_FACTOR = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}
+
+
+class App(msgspec.Struct, kw_only=True, frozen=True):
+    """A site: the hostnames it answers to and how its instances run.
+
+    ``name`` is the primary hostname; ``hostnames`` are extra aliases. A hostname belongs to
+    one app only. ``cpu_max`` None means "same as cpu"; ``port`` None means "the image's first
+    exposed port, else 80" (resolved when an instance starts, so a rebuilt image counts).
+    """
+
+    name: str
+    image: str
+    hostnames: list[str] = []
+    env: list[str] = []  # "KEY=value"
+    docroot: str | None = None  # host directory bind-mounted at the image's document root
+    cpu: float = DEFAULT_CPU  # fraction of one CPU
+    cpu_max: float | None = None  # ceiling for scale-up
+    memory_bytes: int = DEFAULT_MEMORY_BYTES
+    min_instances: int = DEFAULT_MIN_INSTANCES
+    max_instances: int = DEFAULT_MAX_INSTANCES
+    target_concurrency: int = DEFAULT_TARGET_CONCURRENCY
+    idle_timeout_s: float = DEFAULT_IDLE_TIMEOUT_S
+    freeze_after_s: float | None = None
+    max_lifetime_s: float | None = None  # None: instances are never replaced for age
+    cooldown_up_s: float = DEFAULT_COOLDOWN_UP_S
+    cooldown_down_s: float = DEFAULT_COOLDOWN_DOWN_S
+    max_body_bytes: int | None = None  # None: no limit
+    port: int | None = None
+    autoscale: bool = True
+    created_at: float = 0.0
+    updated_at: float = 0.0
+    generation: int = 1  # incremented by every update
+
+    @property
+    def all_hostnames(self) -> list[str]:
+        return [self.name, *self.hostnames]
+
+    @property
+    def cpu_ceiling(self) -> float:
+        return self.cpu if self.cpu_max is None else self.cpu_max
+
+    def port_for(self, exposed_ports: list[int]) -> int:
+        """The port an instance listens on, given the image's exposed ports."""
+        if self.port is not None:
+            return self.port
+        return exposed_ports[0] if exposed_ports else DEFAULT_PORT
+
+
+class AppUpdate(msgspec.Struct, kw_only=True, forbid_unknown_fields=True, omit_defaults=True):
+    """A change to an app: only the fields that are set change. None clears a nullable field.
+
+    A list field (hostnames, env) replaces the whole list. The app's name cannot change.
+    """
+
+    image: str | UnsetType = UNSET
+    hostnames: list[str] | UnsetType = UNSET
+    env: list[str] | UnsetType = UNSET
+    docroot: str | None | UnsetType = UNSET
+    cpu: float | UnsetType = UNSET
+    cpu_max: float | None | UnsetType = UNSET
+    memory_bytes: int | UnsetType = UNSET
+    min_instances: int | UnsetType = UNSET
+    max_instances: int | UnsetType = UNSET
+    target_concurrency: int | UnsetType = UNSET
+    idle_timeout_s: float | UnsetType = UNSET
+    freeze_after_s: float | None | UnsetType = UNSET
+    max_lifetime_s: float | None | UnsetType = UNSET
+    cooldown_up_s: float | UnsetType = UNSET
+    cooldown_down_s: float | UnsetType = UNSET
+    max_body_bytes: int | None | UnsetType = UNSET
+    port: int | None | UnsetType = UNSET
+    autoscale: bool | UnsetType = UNSET
+
+    def changes(self) -> dict[str, Any]:
+        """The fields that are set, by name."""
+        return {f: v for f in self.__struct_fields__ if (v := getattr(self, f)) is not UNSET}
+
+
+class NewApp(AppUpdate, kw_only=True, forbid_unknown_fields=True, omit_defaults=True):
+    """What `app add` / POST /apps sends: a name and an image; unset fields take the defaults."""
+
+    name: str
+    image: str
+
+
+class AppDefaults(msgspec.Struct, kw_only=True, forbid_unknown_fields=True, frozen=True):
+    """Settings a new app gets when it does not say otherwise (serve config ``[defaults]``).
+
+    `check_defaults` applies the rules an app's own settings follow.
+    """
+
+    cpu: float = DEFAULT_CPU
+    memory_bytes: int = DEFAULT_MEMORY_BYTES
+    min_instances: int = DEFAULT_MIN_INSTANCES
+    max_instances: int = DEFAULT_MAX_INSTANCES
+    target_concurrency: int = DEFAULT_TARGET_CONCURRENCY
+    idle_timeout_s: float = DEFAULT_IDLE_TIMEOUT_S
+    freeze_after_s: float | None = None
+    max_lifetime_s: float | None = None
+    cooldown_up_s: float = DEFAULT_COOLDOWN_UP_S
+    cooldown_down_s: float = DEFAULT_COOLDOWN_DOWN_S
+    max_body_bytes: int | None = None
+    autoscale: bool = True
+
+
+class Instance(msgspec.Struct, kw_only=True, frozen=True):
+    """One running (or starting, draining) container of an app, as the CMDB records it."""
+
+    id: str
+    app: str
+    container: str
+    state: InstanceState
+    ip: str = ""
+    port: int = 0
+    cpu: float | None = None  # the CPU limit it runs with (after scale-up)
+    started_at: float = 0.0
+    last_request_at: float | None = None
+    requests: int = 0
+
+
+class Event(msgspec.Struct, kw_only=True, frozen=True):
+    """Something that happened: an app added, an instance started or failed to start."""
+
+    id: int
+    ts: float
+    app: str | None
+    kind: str
+    message: str
+    data: dict[str, Any] = {}
+
+
+class InstanceCounts(msgspec.Struct, kw_only=True):
+    ready: int = 0
+    total: int = 0
+
+
+class AppStats(msgspec.Struct, kw_only=True):
+    """Metering for one app (the talk's billing by processing time); GET /stats maps name -> this."""
+
+    requests: int = 0
+    status: dict[str, int] = {}  # "2xx" -> count
+    failed: int = 0
+    request_seconds: float = 0.0  # first request byte to last response byte
+    cpu_seconds: float = 0.0  # container CPU time (cgroup)
+    instance_seconds: float = 0.0  # time instances existed
+    instances: InstanceCounts = msgspec.field(default_factory=InstanceCounts)
+    starts: int = 0
+    cold_start_ms_avg: float | None = None
+
+
+class Scale(msgspec.Struct, kw_only=True, forbid_unknown_fields=True, omit_defaults=True):
+    """POST /apps/{name}/scale: a number of instances (scale out/in) or a CPU amount (scale up/down)."""
+
+    instances: int | None = None
+    cpu: float | None = None
+
+
+# -- validation ------------------------------------------------------------------------------
+
+
+def normalize_hostname(text: str, where: str = "name") -> str:
+    """Check an RFC 1123 hostname and return it lowercased, without a trailing dot.
+
+    Raises:
+        SpecError: not a hostname (a port, a scheme, an underscore, an empty or long label).
+    """
+    if not isinstance(text, str) or not text:
+        raise SpecError("hostname is empty", where)
+    host = text.strip().lower()
+    if host.endswith("."):
+        host = host[:-1]
+    if ":" in host or "/" in host:
+        raise SpecError(f"invalid hostname {text!r}: give the name alone, without a scheme or port", where)
+    if len(host) > MAX_HOSTNAME_LEN:
+        raise SpecError(f"invalid hostname {text!r}: longer than {MAX_HOSTNAME_LEN} characters", where)
+    for label in host.split("."):
+        if not _LABEL.fullmatch(label):
+            raise SpecError(
+                f"invalid hostname {text!r}: each dot-separated label must be 1-63 letters, digits "
+                "or '-', not starting or ending with '-'",
+                where,
+            )
+    return host
+
+
+def host_from_header(value: str) -> str:
+    """A Host header as the routing key: port stripped, case-folded, trailing dot dropped.
+
+    ``Example.TEST:8080`` -> ``example.test``; ``[::1]:8080`` -> ``::1``. Does not validate.
+    """
+    host = value.strip()
+    if host.startswith("["):
+        end = host.find("]")
+        host = host[1:end] if end > 0 else host
+    else:
+        host = host.partition(":")[0]
+    host = host.lower()
+    return host[:-1] if host.endswith(".") else host
+
+
+def parse_size(text: str | int, where: str) -> int:
+    """'10M', '1G', '65536' -> bytes (powers of 1024), for sizes that may be small (body limits)."""
+    if isinstance(text, int):
+        value = text
+    else:
+        m = _SIZE.match(text)
+        if not m:
+            raise SpecError(f"invalid size {text!r}: use a number with K, M, G or T (e.g. 10M)", where)
+        value = int(float(m.group(1)) * _SIZE_FACTOR[m.group(2).lower()])
+    if value < 0:
+        raise SpecError(f"size {text!r} is negative", where)
+    return value
+
+
+def check_docroot(path: str, where: str = "docroot") -> str:
+    """An absolute path to an existing directory, normalized.
+
+    Raises:
+        SpecError: relative, missing or not a directory.
+    """
+    if not path or not os.path.isabs(path):
+        raise SpecError(f"document root {path!r} is not an absolute path", where)
+    if not os.path.isdir(path):
+        what = "is not a directory" if os.path.exists(path) else "does not exist"
+        raise SpecError(f"document root {path} {what}", where)
+    return os.path.normpath(path)
+
+
+def _check_seconds(value: float | None, where: str, *, nullable: bool = False, positive: bool = False) -> None:
+    if value is None and nullable:
+        return
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise SpecError(f"{where} must be a finite number of seconds, not {value!r}", where)
+    if value < 0 or (positive and value == 0):
+        raise SpecError(f"{where} must be {'> 0' if positive else '>= 0'} seconds, not {value!r}", where)
+
+
+def _check_int(value: int | None, where: str, minimum: int, maximum: int | None = None, nullable: bool = False) -> None:
+    if value is None and nullable:
+        return
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise SpecError(f"{where} must be an integer, not {value!r}", where)
+    if value < minimum or (maximum is not None and value > maximum):
+        span = f">= {minimum}" if maximum is None else f"in {minimum}..{maximum}"
+        raise SpecError(f"{where} must be {span}, not {value}", where)
+
+
+def validate_app(app: App) -> App:
+    """Check every setting of an app and return it normalized (hostnames lowercased, paths
+    normalized, the image name canonical).
+
+    Raises:
+        SpecError: naming the first bad field (``hostnames[1]``, ``memory_bytes``).
+    """
+    from ..images import parse_name  # the image store owns the rule for image names
+
+    name = normalize_hostname(app.name, "name")
+    if not isinstance(app.image, str) or not app.image.strip():
+        raise SpecError("image name is empty", "image")
+    image = parse_name(app.image.strip(), "image")
+
+    hostnames: list[str] = []
+    seen = {name}
+    for i, alias in enumerate(app.hostnames):
+        host = normalize_hostname(alias, f"hostnames[{i}]")
+        if host in seen:
+            raise SpecError(f"hostname {host!r} is listed twice", f"hostnames[{i}]")
+        seen.add(host)
+        hostnames.append(host)
+
+    for i, item in enumerate(app.env):
+        key, sep, _ = item.partition("=") if isinstance(item, str) else ("", "", "")
+        if not sep or not _ENV_KEY.fullmatch(key):
+            raise SpecError(f"environment entry {item!r} is not KEY=value", f"env[{i}]")
+
+    docroot = None if app.docroot is None else check_docroot(app.docroot, "docroot")
+    cpu = parse_cpu(app.cpu, "cpu")
+    if app.cpu_max is not None:
+        parse_cpu(app.cpu_max, "cpu_max")
+        if app.cpu_max < cpu:
+            raise SpecError(f"cpu_max {app.cpu_max:g} is below cpu {cpu:g}", "cpu_max")
+    _check_int(app.memory_bytes, "memory_bytes", 0)
+    if app.memory_bytes < MIN_MEMORY_BYTES:
+        raise SpecError(f"memory_bytes {app.memory_bytes} is below the minimum of 4M ({MIN_MEMORY_BYTES})",
+                        "memory_bytes")
+    _check_int(app.min_instances, "min_instances", 0)
+    _check_int(app.max_instances, "max_instances", 1)
+    if app.min_instances > app.max_instances:
+        raise SpecError(
+            f"min_instances {app.min_instances} is above max_instances {app.max_instances}", "min_instances"
+        )
+    _check_int(app.target_concurrency, "target_concurrency", 1)
+    _check_seconds(app.idle_timeout_s, "idle_timeout_s")
+    _check_seconds(app.freeze_after_s, "freeze_after_s", nullable=True)
+    # A zero lifetime would replace every instance as soon as it is up.
+    _check_seconds(app.max_lifetime_s, "max_lifetime_s", nullable=True, positive=True)
+    _check_seconds(app.cooldown_up_s, "cooldown_up_s")
+    _check_seconds(app.cooldown_down_s, "cooldown_down_s")
+    _check_int(app.max_body_bytes, "max_body_bytes", 0, nullable=True)
+    _check_int(app.port, "port", 1, 65535, nullable=True)
+    if not isinstance(app.autoscale, bool):
+        raise SpecError(f"autoscale must be true or false, not {app.autoscale!r}", "autoscale")
+    return msgspec.structs.replace(
+        app, name=name, image=image, hostnames=hostnames, docroot=docroot, cpu=float(cpu),
+        cpu_max=None if app.cpu_max is None else float(app.cpu_max),
+    )
+
+
+def check_defaults(defaults: AppDefaults) -> None:
+    """Raises SpecError naming the bad field, as `validate_app` would for an app."""
+    validate_app(App(name="defaults.invalid", image="defaults", **msgspec.structs.asdict(defaults)))
+
+
+def new_app(spec: NewApp, defaults: AppDefaults, now: float) -> App:
+    """The App that `spec` describes, unset fields taken from `defaults`, validated.
+
+    Raises:
+        SpecError: naming the bad field.
+    """
+    fields = msgspec.structs.asdict(defaults)
+    fields.update(spec.changes())
+    return validate_app(App(**fields, created_at=now, updated_at=now, generation=1))
+
+
+def apply_update(app: App, update: AppUpdate, now: float) -> App:
+    """`app` with `update`'s fields changed, the generation bumped, validated.
+
+    Raises:
+        SpecError: naming the bad field.
+    """
+    return validate_app(
+        msgspec.structs.replace(app, **update.changes(), updated_at=now, generation=app.generation + 1)
+    )
+
+
+def spec_error(exc: msgspec.ValidationError | msgspec.DecodeError, source: str = "") -> SpecError:
+    """A msgspec decoding error as a SpecError whose location names the key.
+
+    msgspec says ``Object contains unknown field `x` - at `$.proxy```; this gives
+    ``<source>: unknown key `x` (at $.proxy.x)``.
+    """
+    text = str(exc)
+    message, sep, location = text.rpartition(" - at `")
+    if sep:
+        location = location.rstrip("`")
+    else:
+        message, location = text, "$"
+    m = re.fullmatch(r"Object (contains unknown|missing required) field `([^`]*)`", message)
+    if m:
+        message = ("unknown key" if m.group(1) == "contains unknown" else "missing required key") + f" `{m.group(2)}`"
+        location = f"{location}.{m.group(2)}"
+    prefix = f"{source}: " if source else ""
+    return SpecError(prefix + message, location)

@@ -1,0 +1,193 @@
+"""How `fcrun serve` makes and removes app instances: fcrun containers, driven from asyncio.
+
+The manager sees only the `InstanceBackend` protocol, so its lifecycle logic is unit-tested
+with a fake backend and a fake clock; `RuntimeBackend` is the real one.
+
+Runtime calls block (fork, mount, cgroup writes: ~10 ms), so they run in a small thread pool;
+readiness is checked on the event loop by connecting to the instance's port ("ready" means
+accepting, not just "process started").
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import errno
+import functools
+import os
+import re
+import secrets
+import signal
+import socket
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Protocol
+
+from ..errors import FcrunError, NotFound
+from ..oci import Mount
+from ..options import RunOptions, spec_from_image
+from ..runtime import Runtime
+
+APP_LABEL = "fcrun.app"
+_SLUG = re.compile(r"[^a-z0-9.-]+")
+
+
+class StartFailed(Exception):
+    """An instance could not be started; the message names the reason (shown in a 502)."""
+
+
+@dataclass
+class Started:
+    name: str
+    ip: str
+    port: int
+
+
+@dataclass
+class Existing:
+    """A container found at start-up that belongs to an app (for reconciling)."""
+
+    name: str
+    app: str
+    ip: str
+    port: int
+    running: bool
+    started_at: float
+
+
+class InstanceBackend(Protocol):
+    async def start(self, app, deadline: float) -> Started: ...
+    async def stop(self, name: str, app) -> float: ...  # returns CPU seconds the instance used
+    def cpu_seconds(self, name: str) -> float: ...
+    async def existing(self) -> list[Existing]: ...
+    async def accepting(self, ip: str, port: int) -> bool: ...
+    def close(self) -> None: ...
+
+
+def instance_name(app_name: str) -> str:
+    """A container name for a new instance of an app: readable, unique, within 63 chars."""
+    slug = _SLUG.sub("-", app_name.lower()).strip(".-")[:48] or "app"
+    return f"{slug}-{secrets.token_hex(4)}"
+
+
+class RuntimeBackend:
+    """Instances as fcrun containers on the bridge network."""
+
+    def __init__(self, runtime: Runtime, workers: int = 4, poll_interval_s: float = 0.002):
+        self.runtime = runtime
+        self._pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="fcrun-runtime")
+        self._poll_s = poll_interval_s
+
+    async def _call(self, fn, *args, **kwargs):
+        return await asyncio.get_running_loop().run_in_executor(self._pool, functools.partial(fn, *args, **kwargs))
+
+    async def start(self, app, deadline: float) -> Started:
+        """Create and start a container for `app`, then wait until its port accepts.
+
+        Raises:
+            StartFailed: image missing, container failed, or not accepting by `deadline`
+                (time.monotonic()). Whatever was made is removed first.
+        """
+        try:
+            image = await self._call(self.runtime.images.get, app.image)
+        except NotFound as exc:
+            raise StartFailed(str(exc)) from None
+        name = instance_name(app.name)
+        options = RunOptions(cpu=app.cpu, memory_bytes=app.memory_bytes, env=list(app.env), network="bridge")
+        try:
+            spec = spec_from_image(image, options, name=name)
+            if app.docroot:
+                target = image.config.docroot or "/var/www/html"
+                spec.mounts.append(Mount(destination=target, source=app.docroot, options=["rbind", "nosuid", "nodev"]))
+            container = await self._call(
+                self.runtime.run, name, spec, image=image, detach=True, labels={APP_LABEL: app.name}
+            )
+        except FcrunError as exc:
+            raise StartFailed(f"cannot start an instance of {app.name}: {exc}") from None
+        port = app.port_for(image.config.exposed_ports)
+        try:
+            await self._wait_accepting(name, container.ip, port, deadline)
+        except BaseException:
+            with contextlib.suppress(FcrunError, OSError):
+                await self._call(self.runtime.delete, name, True)
+            raise
+        return Started(name=name, ip=container.ip, port=port)
+
+    async def _wait_accepting(self, name: str, ip: str, port: int, deadline: float) -> None:
+        delay = self._poll_s
+        next_liveness = 0.0
+        while True:
+            if await self.accepting(ip, port):
+                return
+            now = time.monotonic()
+            if now >= next_liveness:
+                next_liveness = now + 0.05
+                state = await self._call(self.runtime.state, name)
+                if state.status == "stopped":
+                    raise StartFailed(f"instance {name} exited during start{self._log_tail(state.log_path)}")
+            if now >= deadline:
+                raise StartFailed(f"instance {name} did not accept connections on port {port} in time")
+            await asyncio.sleep(delay)
+            delay = min(delay * 1.5, 0.02)
+
+    @staticmethod
+    def _log_tail(path: str) -> str:
+        with contextlib.suppress(OSError):
+            with open(path, "rb") as f:
+                f.seek(max(0, os.fstat(f.fileno()).st_size - 300))
+                tail = f.read().decode(errors="replace").strip().splitlines()
+            if tail:
+                return f": {tail[-1]}"
+        return ""
+
+    async def accepting(self, ip: str, port: int) -> bool:
+        loop = asyncio.get_running_loop()
+        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        sock.setblocking(False)
+        try:
+            await asyncio.wait_for(loop.sock_connect(sock, (ip, port)), 1.0)
+            return True
+        except (OSError, asyncio.TimeoutError) as exc:
+            if isinstance(exc, OSError) and exc.errno not in (errno.ECONNREFUSED, errno.EHOSTUNREACH, errno.ENETUNREACH, None):
+                return False
+            return False
+        finally:
+            sock.close()
+
+    async def stop(self, name: str, app) -> float:
+        """Kill and remove an instance; returns the CPU seconds it used. The manager drains an
+        instance of requests before stopping it, and instances are disposable (FastContainer's
+        immutability), so there is nothing left for a graceful stop to finish."""
+        cpu = self.cpu_seconds(name)
+        try:
+            state = await self._call(self.runtime.state, name)
+        except NotFound:
+            return cpu
+        if state.status in ("running", "frozen"):
+            with contextlib.suppress(FcrunError, OSError):
+                if state.status == "frozen":
+                    await self._call(self.runtime.thaw, name)
+                await self._call(self.runtime.kill, name, signal.SIGKILL)
+        await self._call(self.runtime.delete, name, True)
+        return cpu
+
+    def cpu_seconds(self, name: str) -> float:
+        try:
+            state = self.runtime.states.load(name)
+            return self.runtime._cgroup(state).stats().cpu_usage_us / 1e6
+        except (FcrunError, OSError):
+            return 0.0
+
+    async def existing(self) -> list[Existing]:
+        rows = await self._call(self.runtime.list)
+        found = []
+        for row in rows:
+            app = row.labels.get(APP_LABEL)
+            if app:
+                found.append(Existing(name=row.name, app=app, ip=row.ip, port=0, running=row.status == "running",
+                                      started_at=row.created_at))
+        return found
+
+    def close(self) -> None:
+        self._pool.shutdown(wait=True)

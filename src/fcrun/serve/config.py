@@ -1,0 +1,172 @@
+"""`fcrun serve`'s configuration: a TOML file decoded into msgspec Structs.
+
+Every option has a default, so `fcrun serve` runs with no file at all. A file names only what
+it changes::
+
+    listen = "0.0.0.0:80"
+    hold_timeout_s = 20
+
+    [proxy]
+    max_header_bytes = 16384
+
+    [defaults]          # what `fcrun app add` gives a new app unless told otherwise
+    cpu = 0.3
+    memory_bytes = 536870912
+
+Unknown keys and wrong types are errors that name the file and the key
+(``fcrun.toml: unknown key `max_header_byte` (at $.proxy.max_header_byte)``).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import tomllib
+
+import msgspec
+
+from ..cmdb.models import AppDefaults, check_defaults, spec_error
+from ..errors import KernelError, NotFound, SpecError
+from ..paths import DEFAULT_BRIDGE, DEFAULT_CGROUP_PARENT, DEFAULT_SUBNET, Paths
+
+ADMIN_SOCKET_NAME = "admin.sock"  # under the run root unless admin_socket says otherwise
+MIN_HEADER_BYTES = 1024
+
+
+class ProxyConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True, frozen=True):
+    """Limits of the HTTP proxy."""
+
+    max_header_bytes: int = 32768  # request line + headers; more -> 431
+    header_timeout_s: float = 10.0  # to receive a whole request head (slowloris)
+    keepalive_timeout_s: float = 60.0  # an idle client connection is closed after this
+
+
+class RuntimeConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True, frozen=True):
+    """Where instances' state lives and which network they join. Empty roots: from the
+    environment (FCRUN_ROOT, FCRUN_RUN) or the defaults; `load_config` fills them in."""
+
+    data_root: str = ""
+    run_root: str = ""
+    cgroup_parent: str = DEFAULT_CGROUP_PARENT
+    bridge: str = DEFAULT_BRIDGE
+    subnet: str = DEFAULT_SUBNET
+
+
+class ServeConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True, frozen=True):
+    """Everything `fcrun serve` can be told. Build it with `load_config`, which checks it."""
+
+    listen: str = "0.0.0.0:8080"  # the HTTP proxy
+    admin_socket: str = ""  # root-only unix socket of the admin API; "": <run_root>/admin.sock
+    admin_listen: str | None = None  # optional TCP admin listener, e.g. "127.0.0.1:8081"
+    admin_token: str | None = None  # bearer token the TCP listener requires
+    hold_timeout_s: float = 30.0  # how long a request waits for a cold start before 504
+    drain_timeout_s: float = 10.0  # how long a stopping instance's requests may take
+    metrics_interval_s: float = 10.0  # how often instances' cgroup CPU time is sampled
+    proxy: ProxyConfig = ProxyConfig()
+    runtime: RuntimeConfig = RuntimeConfig()
+    defaults: AppDefaults = AppDefaults()
+
+    @property
+    def paths(self) -> Paths:
+        return Paths(data_root=self.runtime.data_root, run_root=self.runtime.run_root)
+
+
+def load_config(path: str | None = None, paths: Paths | None = None) -> ServeConfig:
+    """Read, check and complete the configuration.
+
+    `path` None: the defaults. Empty roots in the file are taken from `paths` (default:
+    FCRUN_ROOT / FCRUN_RUN or the built-in roots), and an empty admin_socket becomes
+    ``<run_root>/admin.sock``.
+
+    Raises:
+        NotFound: the file does not exist.
+        KernelError: it cannot be read.
+        SpecError: it is not TOML, or a key is unknown, mistyped or out of range (named).
+    """
+    source = path or "configuration"
+    raw = _read_toml(path) if path is not None else {}
+    try:
+        config = msgspec.convert(raw, ServeConfig)
+    except msgspec.ValidationError as exc:
+        raise spec_error(exc, source) from None
+    check_config(config, source)
+
+    paths = paths or Paths.from_env()
+    runtime = msgspec.structs.replace(
+        config.runtime,
+        data_root=config.runtime.data_root or paths.data_root,
+        run_root=config.runtime.run_root or paths.run_root,
+    )
+    admin_socket = config.admin_socket or os.path.join(runtime.run_root, ADMIN_SOCKET_NAME)
+    return msgspec.structs.replace(config, runtime=runtime, admin_socket=admin_socket)
+
+
+def check_config(config: ServeConfig, source: str = "configuration") -> None:
+    """Raises SpecError naming the first key whose value is out of range."""
+
+    def fail(message: str, key: str) -> None:
+        raise SpecError(f"{source}: {message}", f"$.{key}")
+
+    for key in ("listen", "admin_listen"):
+        value = getattr(config, key)
+        if value is not None:
+            try:
+                parse_address(value, key)
+            except SpecError as exc:
+                fail(_bare(exc), key)
+    if config.admin_listen is not None and not config.admin_token:
+        fail("admin_token is required when admin_listen is set (the TCP admin API needs a bearer token)",
+             "admin_token")
+    if config.admin_socket and not os.path.isabs(config.admin_socket):
+        fail(f"admin_socket {config.admin_socket!r} is not an absolute path", "admin_socket")
+    for key in ("hold_timeout_s", "drain_timeout_s", "metrics_interval_s"):
+        if not _positive(getattr(config, key)):
+            fail(f"{key} must be a positive number of seconds", key)
+    for key in ("header_timeout_s", "keepalive_timeout_s"):
+        if not _positive(getattr(config.proxy, key)):
+            fail(f"{key} must be a positive number of seconds", f"proxy.{key}")
+    if config.proxy.max_header_bytes < MIN_HEADER_BYTES:
+        fail(f"max_header_bytes must be at least {MIN_HEADER_BYTES}", "proxy.max_header_bytes")
+    for key in ("data_root", "run_root"):
+        value = getattr(config.runtime, key)
+        if value and not os.path.isabs(value):
+            fail(f"{key} {value!r} is not an absolute path", f"runtime.{key}")
+    try:
+        check_defaults(config.defaults)
+    except SpecError as exc:
+        fail(_bare(exc), f"defaults.{exc.where}")
+
+
+def parse_address(text: str, where: str = "listen") -> tuple[str, int]:
+    """'0.0.0.0:8080', '[::]:8080', 'localhost:80' -> (host, port). Port 0: any free port.
+
+    Raises:
+        SpecError: no port, or not a number in 0..65535.
+    """
+    host, sep, port_text = text.rpartition(":")
+    if not sep or not host or not port_text.isdigit() or int(port_text) > 65535:
+        raise SpecError(f"invalid address {text!r}: use HOST:PORT, e.g. 0.0.0.0:8080 or [::]:8080", where)
+    if host.startswith("[") and host.endswith("]"):
+        host = host[1:-1]
+    return host, int(port_text)
+
+
+def _read_toml(path: str) -> dict:
+    try:
+        with open(path, "rb") as f:
+            return tomllib.load(f)
+    except FileNotFoundError:
+        raise NotFound(f"configuration file {path} does not exist") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise SpecError(f"{path}: invalid TOML: {exc}") from None
+    except OSError as exc:
+        raise KernelError.from_oserror("read", path, exc) from None
+
+
+def _positive(value: float) -> bool:
+    return math.isfinite(value) and value > 0
+
+
+def _bare(exc: SpecError) -> str:
+    """The message of a SpecError without its ``(at ...)`` suffix."""
+    return str(exc).removesuffix(f" (at {exc.where})") if exc.where else str(exc)

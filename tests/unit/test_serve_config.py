@@ -1,0 +1,131 @@
+"""`fcrun serve`'s TOML configuration: defaults, overrides, and errors that name file and key."""
+
+from __future__ import annotations
+
+import pytest
+
+from fcrun.errors import NotFound, SpecError
+from fcrun.paths import Paths
+from fcrun.serve.config import ServeConfig, load_config, parse_address
+
+
+@pytest.fixture
+def paths(tmp_path):
+    return Paths(data_root=str(tmp_path / "data"), run_root=str(tmp_path / "run"))
+
+
+@pytest.fixture
+def write(tmp_path):
+    def write(text: str) -> str:
+        path = tmp_path / "fcrun.toml"
+        path.write_text(text)
+        return str(path)
+    return write
+
+
+def test_no_file_gives_the_defaults(paths):
+    config = load_config(None, paths)
+    assert config.listen == "0.0.0.0:8080"
+    assert config.admin_socket == f"{paths.run_root}/admin.sock"
+    assert config.admin_listen is None and config.admin_token is None
+    assert (config.hold_timeout_s, config.drain_timeout_s) == (30.0, 10.0)
+    assert config.proxy.max_header_bytes == 32768
+    assert (config.proxy.header_timeout_s, config.proxy.keepalive_timeout_s) == (10.0, 60.0)
+    assert config.paths == paths
+    assert config.runtime.bridge == "fcrun0" and config.runtime.subnet == "10.88.0.0/16"
+    assert config.defaults.max_instances == 1 and config.defaults.idle_timeout_s == 60.0
+
+
+def test_roots_come_from_the_environment_when_not_given(monkeypatch, tmp_path):
+    monkeypatch.setenv("FCRUN_ROOT", str(tmp_path / "r"))
+    monkeypatch.setenv("FCRUN_RUN", str(tmp_path / "s"))
+    config = load_config()
+    assert config.runtime.data_root == str(tmp_path / "r")
+    assert config.admin_socket == str(tmp_path / "s" / "admin.sock")
+
+
+def test_a_file_overrides_what_it_names(write, paths, tmp_path):
+    config = load_config(write(f"""
+        listen = "127.0.0.1:9000"
+        admin_listen = "127.0.0.1:0"
+        admin_token = "s3cret"
+        hold_timeout_s = 5
+        metrics_interval_s = 2.5
+
+        [proxy]
+        max_header_bytes = 16384
+
+        [runtime]
+        data_root = "{tmp_path}/elsewhere"
+        bridge = "fc1"
+
+        [defaults]
+        cpu = 0.3
+        memory_bytes = 268435456
+        max_instances = 3
+        max_lifetime_s = 3600
+    """), paths)
+    assert config.listen == "127.0.0.1:9000"
+    assert (config.admin_listen, config.admin_token) == ("127.0.0.1:0", "s3cret")
+    assert config.hold_timeout_s == 5.0 and config.metrics_interval_s == 2.5
+    assert config.drain_timeout_s == 10.0  # not named: default
+    assert config.proxy.max_header_bytes == 16384 and config.proxy.keepalive_timeout_s == 60.0
+    assert config.runtime.data_root == f"{tmp_path}/elsewhere"
+    assert config.runtime.run_root == paths.run_root
+    assert config.runtime.bridge == "fc1"
+    assert (config.defaults.cpu, config.defaults.memory_bytes, config.defaults.max_instances) == (0.3, 256 << 20, 3)
+    assert config.defaults.max_lifetime_s == 3600
+
+
+@pytest.mark.parametrize("text,where,words", [
+    ('lisen = "0.0.0.0:80"', "$.lisen", "unknown key `lisen`"),
+    ("[proxy]\nmax_header_byte = 100", "$.proxy.max_header_byte", "unknown key"),
+    ("[defaults]\nmemory = '512M'", "$.defaults.memory", "unknown key"),
+    ('hold_timeout_s = "30"', "$.hold_timeout_s", "Expected `float`, got `str`"),
+    ('[proxy]\nmax_header_bytes = "32K"', "$.proxy.max_header_bytes", "Expected `int`"),
+    ("proxy = 3", "$.proxy", "Expected `object`"),
+    ("hold_timeout_s = 0", "$.hold_timeout_s", "positive"),
+    ("[proxy]\nmax_header_bytes = 100", "$.proxy.max_header_bytes", "at least 1024"),
+    ("[proxy]\nheader_timeout_s = -1", "$.proxy.header_timeout_s", "positive"),
+    ('listen = "8080"', "$.listen", "HOST:PORT"),
+    ('admin_listen = "127.0.0.1:8081"', "$.admin_token", "admin_token is required"),
+    ('admin_socket = "admin.sock"', "$.admin_socket", "absolute"),
+    ('[runtime]\nrun_root = "run"', "$.runtime.run_root", "absolute"),
+    ("[defaults]\nmin_instances = 2", "$.defaults.min_instances", "above max_instances"),
+    ("[defaults]\nmemory_bytes = 1024", "$.defaults.memory_bytes", "minimum"),
+])
+def test_errors_name_the_file_and_the_key(write, paths, text, where, words):
+    path = write(text)
+    with pytest.raises(SpecError) as info:
+        load_config(path, paths)
+    assert info.value.where == where
+    assert str(info.value).startswith(f"{path}: ")
+    assert words in str(info.value)
+    assert info.value.exit_code == 2
+
+
+def test_a_missing_file_and_bad_toml(write, paths, tmp_path):
+    with pytest.raises(NotFound, match="does not exist"):
+        load_config(str(tmp_path / "nope.toml"), paths)
+    with pytest.raises(SpecError, match="invalid TOML"):
+        load_config(write("listen = "), paths)
+
+
+def test_the_struct_alone_has_the_same_defaults():
+    config = ServeConfig()
+    assert config.listen == "0.0.0.0:8080" and config.admin_socket == ""  # load_config fills it in
+
+
+@pytest.mark.parametrize("text,expected", [
+    ("0.0.0.0:8080", ("0.0.0.0", 8080)),
+    ("[::]:80", ("::", 80)),
+    ("localhost:0", ("localhost", 0)),
+])
+def test_parse_address(text, expected):
+    assert parse_address(text) == expected
+
+
+@pytest.mark.parametrize("text", ["8080", ":8080", "host:", "host:http", "host:70000"])
+def test_parse_address_rejects(text):
+    with pytest.raises(SpecError, match="HOST:PORT"):
+        parse_address(text)
