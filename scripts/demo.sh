@@ -1,18 +1,48 @@
 #!/usr/bin/env bash
-# The demo from README.md: set up, build the busybox image, run containers with limits.
+# The demo from README.md: `fcrun serve` with an app that cold-starts on its first request.
+#   ./scripts/demo.sh          run the demo, then stop the server (leaves nothing running)
+#   ./scripts/demo.sh --keep   keep serving in the foreground afterwards (Ctrl-C stops it)
+# Installs what it needs (./scripts/setup.sh), builds the apache-php image once (~30 s, from
+# Debian packages), serves on 127.0.0.1:8080, and uses its own state roots under /tmp.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ./scripts/setup.sh
+keep=${1:-}
+export FCRUN_ROOT=${FCRUN_ROOT:-/var/lib/fcrun} FCRUN_RUN=${FCRUN_RUN:-/run/fcrun}
 fcrun=.venv/bin/fcrun
-set -x
-$fcrun image build busybox
-$fcrun run --image busybox --net none -- sh -c 'echo "hello from $(hostname), pid $$ in its own namespace"'
-$fcrun run -d --name demo-web --image busybox --cpu 0.3 --memory 64M -- httpd -f -p 80 -h /etc
+listen=127.0.0.1:8080
+
+$fcrun image build apache-php
+$fcrun app rm demo.test >/dev/null 2>&1 || true
+$fcrun app add demo.test --image apache-php --docroot "$PWD/examples/demo-site" --cpu 0.3 --memory 512M --idle-timeout 20s
+
+$fcrun serve --listen "$listen" &
+serve_pid=$!
+trap 'kill -TERM $serve_pid 2>/dev/null; wait $serve_pid 2>/dev/null || true' EXIT
+for _ in $(seq 100); do
+    .venv/bin/python -c "import socket; socket.create_connection(('127.0.0.1', 8080), 0.2)" 2>/dev/null && break
+    sleep 0.1
+done
+
+get() { .venv/bin/python - "$@" <<'PY'
+import sys, time, http.client
+conn = http.client.HTTPConnection("127.0.0.1", 8080, timeout=30)
+t = time.perf_counter()
+conn.request("GET", "/", headers={"Host": sys.argv[1]})
+r = conn.getresponse()
+body = r.read().decode().strip()
+cold = r.getheader("X-Fcrun-Cold-Start")
+how = f"cold start via {r.getheader('X-Fcrun-Cold-Start-Path')}: {cold} ms" if cold else "already running"
+print(f"  {r.status} in {(time.perf_counter() - t) * 1000:.1f} ms ({how}): {body}")
+PY
+}
+echo "== no container runs yet:"; $fcrun ps
+echo "== first request (the container starts on it):"; get demo.test
+echo "== second request:"; get demo.test
+echo "== unknown host:"; get nobody.test || true
 $fcrun ps
-ip=$($fcrun ps --json | .venv/bin/python -c 'import json,sys; print([c["ip"] for c in json.load(sys.stdin) if c["name"]=="demo-web"][0])')
-sleep 0.2
-.venv/bin/python -c "import urllib.request; print(urllib.request.urlopen('http://$ip/hostname', timeout=5).read().decode().strip())"
-$fcrun update demo-web --cpu 0.6
-$fcrun exec demo-web -- cat /proc/self/cgroup
-$fcrun rm -f demo-web
-$fcrun ps
+$fcrun stats
+if [ "$keep" = "--keep" ]; then
+    echo "== serving http://$listen/ (Host: demo.test); Ctrl-C to stop"
+    wait $serve_pid
+fi
