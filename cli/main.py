@@ -306,6 +306,26 @@ def logs(obj: Context, name):
 
 
 @main.command()
+@click.option("--listen", default=None, metavar="HOST:PORT", help="Where the HTTP proxy listens. [default: 0.0.0.0:8080]")
+@click.option("--config", "config_path", envvar="FCRUN_CONFIG", default=None, metavar="FILE",
+              help="TOML configuration (every key has a default). [env FCRUN_CONFIG]")
+@click.pass_obj
+def serve(obj: Context, listen, config_path):
+    """Run the reactive HTTP proxy, container manager and admin API.
+
+    A request for an app with no running instance starts one and is held until it accepts
+    connections; instances idle for the app's idle timeout are stopped. Manage apps with
+    `fcrun app` (it talks to this server's admin socket). SIGTERM drains and stops
+    everything; SIGHUP reloads the apps and the config file.
+    """
+    from fcrun.runtime import require_root
+    from fcrun.serve import server
+
+    require_root()
+    server.run(config_path, listen, obj.paths, runtime_overrides=obj._runtime_args)
+
+
+@main.command()
 @click.pass_obj
 def gc(obj: Context):
     """Remove stopped containers and whatever a crashed fcrun left behind."""

@@ -264,15 +264,32 @@ def test_reconcile_adopts_reachable_instances_and_removes_the_rest(cmdb):
     run(main())
 
 
-def test_metrics_are_prometheus_text(cmdb):
+def test_metrics_are_prometheus_text_through_the_controller(cmdb):
+    from fcrun.serve.controller import ManagedController
+
     async def main():
         manager, backend, clock, _ = make(cmdb)
         lease = await manager.acquire("example.test")
         clock.now += 0.5
         lease.done(404, 0, 0, False)
-        text = manager.metrics_text()
-        assert '# TYPE fcrun_requests_total counter' in text
+        text = await ManagedController(cmdb, manager).metrics_text()
+        assert "# TYPE fcrun_requests_total counter" in text
         assert 'fcrun_requests_total{app="example.test",class="4xx"} 1' in text
         assert 'fcrun_request_seconds_total{app="example.test"} 0.5' in text
         assert 'fcrun_instances{app="example.test"} 1' in text
+    run(main())
+
+
+def test_controller_removal_drains_then_forgets_the_app(cmdb):
+    from fcrun.serve.controller import ManagedController
+
+    async def main():
+        manager, backend, clock, _ = make(cmdb)
+        controller = ManagedController(cmdb, manager)
+        (await manager.acquire("example.test")).done(200, 0, 0, False)
+        await controller.remove_app("example.test")
+        assert backend.stopped == ["example.test-0"]
+        assert cmdb.list_apps() == []
+        with pytest.raises(RouteError):
+            await manager.acquire("www.example.test")
     run(main())

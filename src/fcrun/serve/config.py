@@ -27,18 +27,11 @@ import msgspec
 
 from ..cmdb.models import AppDefaults, check_defaults, spec_error
 from ..errors import KernelError, NotFound, SpecError
+from ..proxy.config import ProxyConfig  # the [proxy] table is the proxy's own settings
 from ..paths import DEFAULT_BRIDGE, DEFAULT_CGROUP_PARENT, DEFAULT_SUBNET, Paths
 
 ADMIN_SOCKET_NAME = "admin.sock"  # under the run root unless admin_socket says otherwise
 MIN_HEADER_BYTES = 1024
-
-
-class ProxyConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True, frozen=True):
-    """Limits of the HTTP proxy."""
-
-    max_header_bytes: int = 32768  # request line + headers; more -> 431
-    header_timeout_s: float = 10.0  # to receive a whole request head (slowloris)
-    keepalive_timeout_s: float = 60.0  # an idle client connection is closed after this
 
 
 class RuntimeConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True, frozen=True):

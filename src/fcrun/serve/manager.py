@@ -387,32 +387,6 @@ class Manager:
             }
         return out
 
-    def metrics_text(self) -> str:
-        """Prometheus text exposition of stats()."""
-        stats = self.stats()
-        lines = []
-
-        def family(metric: str, kind: str, help_text: str, values) -> None:
-            lines.append(f"# HELP fcrun_{metric} {help_text}")
-            lines.append(f"# TYPE fcrun_{metric} {kind}")
-            for labels, value in values:
-                label_text = ",".join(f'{k}="{_escape(v)}"' for k, v in labels.items())
-                lines.append(f"fcrun_{metric}{{{label_text}}} {value}")
-
-        family("requests_total", "counter", "Requests proxied, by app and status class.",
-               [({"app": a, "class": c}, n) for a, s in stats.items() for c, n in s["status"].items()])
-        family("request_seconds_total", "counter", "Request processing time (first request byte to last response byte).",
-               [({"app": a}, s["request_seconds"]) for a, s in stats.items()])
-        family("cpu_seconds_total", "counter", "Container CPU time (cgroup).",
-               [({"app": a}, s["cpu_seconds"]) for a, s in stats.items()])
-        family("instance_seconds_total", "counter", "Time instances existed.",
-               [({"app": a}, s["instance_seconds"]) for a, s in stats.items()])
-        family("instances", "gauge", "Instances ready to serve.",
-               [({"app": a}, s["instances"]["ready"]) for a, s in stats.items()])
-        family("cold_starts_total", "counter", "Instances started on demand.",
-               [({"app": a, "path": "start"}, s["starts"]) for a, s in stats.items()])
-        return "\n".join(lines) + "\n"
-
     # ----- helpers ----------------------------------------------------------------------------
 
     def _spawn(self, coro) -> asyncio.Task:
@@ -436,7 +410,3 @@ class Manager:
     def _event(self, app: str | None, kind: str, message: str, data: dict | None = None) -> None:
         with contextlib.suppress(Exception):
             self.cmdb.add_event(app, kind, message, data or {})
-
-
-def _escape(value: str) -> str:
-    return str(value).replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")

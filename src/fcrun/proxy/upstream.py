@@ -1,0 +1,242 @@
+"""Keep-alive connections to app instances, pooled per instance.
+
+A connection carries one request at a time (no pipelining towards apps). It goes back to its
+instance's pool only after the response was read to its end and the whole request was sent;
+anything else (an error, a client that went away mid-exchange, a close-delimited response)
+closes it. Idle connections are kept newest-first (LIFO), so that a burst's extra connections
+age out and get closed after ``upstream_idle_s``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from typing import TYPE_CHECKING
+
+from .config import ProxyConfig
+from .http import Forwarding, ResponseReader
+from .router import Lease
+
+if TYPE_CHECKING:
+    from .server import ClientConnection, Exchange
+
+
+class UpstreamConnection(asyncio.Protocol):
+    """One TCP connection to an instance; busy while ``client`` is set."""
+
+    __slots__ = ("pool", "instance_id", "transport", "reader", "client", "client_transport",
+                 "exchange", "reused", "got_bytes", "idle_since", "closed", "tunnel",
+                 "read_paused", "tunnel_bytes")
+
+    def __init__(self, pool: UpstreamPool, instance_id: str):
+        self.pool = pool
+        self.instance_id = instance_id
+        self.transport: asyncio.Transport | None = None
+        self.reader = ResponseReader(pool.forwarding)
+        self.client: ClientConnection | None = None
+        self.client_transport: asyncio.Transport | None = None
+        self.exchange: Exchange | None = None
+        self.reused = False          # served a response before this one: may have gone stale
+        self.got_bytes = False       # any byte of the current response arrived
+        self.idle_since = 0.0
+        self.closed = False
+        self.tunnel = False
+        self.read_paused = False
+        self.tunnel_bytes = 0
+
+    def start(self, client: ClientConnection, exchange: Exchange, keep_alive: bool,
+              extra_headers: bytes) -> None:
+        """Carry ``exchange`` (its head is written by the caller); report to ``client``."""
+        self.client = client
+        self.client_transport = client.transport
+        self.exchange = exchange
+        self.got_bytes = False
+        self.reader.begin(exchange, keep_alive, extra_headers)
+
+    def detach(self) -> None:
+        self.client = None
+        self.client_transport = None
+        self.exchange = None
+
+    def close(self) -> None:
+        """Close without telling the client side (it already knows)."""
+        self.detach()
+        self.closed = True
+        if self.transport is not None:
+            self.transport.close()
+
+    def abort(self) -> None:
+        self.detach()
+        self.closed = True
+        if self.transport is not None:
+            self.transport.abort()
+
+    def pause_reading(self) -> None:
+        if not self.read_paused and not self.closed:
+            self.read_paused = True
+            self.transport.pause_reading()
+
+    def resume_reading(self) -> None:
+        if self.read_paused and not self.closed:
+            self.read_paused = False
+            self.transport.resume_reading()
+
+    # asyncio callbacks ------------------------------------------------------------------------
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport   # type: ignore[assignment]
+        self.pool._register(self)
+
+    def data_received(self, data: bytes) -> None:
+        if self.tunnel:
+            self.tunnel_bytes += len(data)
+            self.client_transport.write(data)
+            return
+        client = self.client
+        if client is None:
+            # An idle connection must stay silent; whatever this is, the connection is unusable.
+            self.close()
+            return
+        self.got_bytes = True
+        reader = self.reader
+        reader.feed(data)
+        out = reader.out
+        if out:
+            if len(out) == 1:
+                self.client_transport.write(out[0])
+            else:
+                self.client_transport.writelines(out)
+            out.clear()
+        if reader.error is not None:
+            client.upstream_failed(self.exchange, self, reader.error)
+        elif reader.upgraded:
+            client.upgraded(self.exchange, self)
+        elif reader.complete:
+            client.response_done(self.exchange, self)
+
+    def eof_received(self) -> bool:
+        if self.tunnel:
+            if self.client is not None:
+                return self.client.tunnel_eof_from_upstream()
+            return False
+        client = self.client
+        if client is not None:
+            reader = self.reader
+            if reader.feed_eof():
+                self.client_transport.writelines(reader.out)
+                reader.out.clear()
+                client.response_done(self.exchange, self)
+            else:
+                client.upstream_failed(self.exchange, self, "upstream closed the connection")
+        return False
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.closed = True
+        self.pool._unregister(self)
+        client = self.client
+        if client is None:
+            return
+        if self.tunnel:
+            client.tunnel_closed()
+        else:
+            reason = "upstream reset the connection" if exc is not None else "upstream closed the connection"
+            client.upstream_failed(self.exchange, self, reason)
+
+    def pause_writing(self) -> None:
+        if self.client is not None:
+            self.client.upstream_write_paused()
+
+    def resume_writing(self) -> None:
+        if self.client is not None:
+            self.client.upstream_write_resumed()
+
+
+class UpstreamPool:
+    """Idle keep-alive connections per instance, and every live one (for instance_gone)."""
+
+    def __init__(self, config: ProxyConfig, forwarding: Forwarding):
+        self.config = config
+        self.forwarding = forwarding
+        self._idle: dict[str, list[UpstreamConnection]] = {}
+        self._live: dict[str, set[UpstreamConnection]] = {}
+
+    def take(self, instance_id: str) -> UpstreamConnection | None:
+        """The most recently used idle connection to the instance, or None."""
+        idle = self._idle.get(instance_id)
+        if idle:
+            conn = idle.pop()
+            conn.reused = True
+            return conn
+        return None
+
+    def release(self, conn: UpstreamConnection, now: float) -> None:
+        """Keep ``conn`` for the next request to its instance (or close it if not wanted)."""
+        conn.client = conn.client_transport = conn.exchange = None
+        idle = self._idle.get(conn.instance_id)
+        if idle is None:
+            if conn.instance_id not in self._live:
+                conn.close()   # its instance is gone
+                return
+            idle = self._idle[conn.instance_id] = []
+        if conn.closed or len(idle) >= self.config.upstream_pool_per_instance:
+            conn.close()
+            return
+        if conn.read_paused:
+            conn.resume_reading()   # an idle connection must notice the instance closing it
+        conn.idle_since = now
+        idle.append(conn)
+
+    async def connect(self, lease: Lease) -> UpstreamConnection:
+        """A new connection to the lease's instance.
+
+        Raises:
+            TimeoutError: not connected within upstream_connect_timeout_s.
+            OSError: refused, unreachable, reset.
+        """
+        loop = asyncio.get_running_loop()
+        instance_id = lease.instance_id
+        host, port = lease.addr
+        async with asyncio.timeout(self.config.upstream_connect_timeout_s):
+            _, conn = await loop.create_connection(lambda: UpstreamConnection(self, instance_id), host, port)
+        return conn
+
+    def instance_gone(self, instance_id: str) -> None:
+        """Close the instance's idle connections; busy ones close when their response ends."""
+        for conn in self._idle.pop(instance_id, ()):
+            conn.close()
+        self._live.pop(instance_id, None)
+
+    def expire(self, now: float) -> None:
+        """Close idle connections unused for upstream_idle_s."""
+        cutoff = now - self.config.upstream_idle_s
+        for idle in self._idle.values():
+            while idle and idle[0].idle_since <= cutoff:
+                idle.pop(0).close()
+
+    def close(self) -> None:
+        for live in list(self._live.values()):
+            for conn in list(live):
+                conn.abort()
+        self._idle.clear()
+        self._live.clear()
+
+    @property
+    def idle_connections(self) -> int:
+        return sum(len(idle) for idle in self._idle.values())
+
+    def _register(self, conn: UpstreamConnection) -> None:
+        live = self._live.get(conn.instance_id)
+        if live is None:
+            live = self._live[conn.instance_id] = set()
+        live.add(conn)
+
+    def _unregister(self, conn: UpstreamConnection) -> None:
+        live = self._live.get(conn.instance_id)
+        if live is not None:
+            live.discard(conn)
+            if not live:
+                del self._live[conn.instance_id]
+        idle = self._idle.get(conn.instance_id)
+        if idle and conn in idle:
+            idle.remove(conn)
+            if not idle:
+                del self._idle[conn.instance_id]

@@ -1,0 +1,44 @@
+"""The admin API's controller when `fcrun serve` runs: CMDB changes plus their effect on
+running instances (the manager's routing table, draining on removal, live metering)."""
+
+from __future__ import annotations
+
+import msgspec
+
+from ..cmdb.models import AppStats, AppUpdate, NewApp, Scale
+from ..errors import IncorrectStatus
+from .admin import DirectController, check_scale
+from .manager import Manager
+
+
+class ManagedController(DirectController):
+    def __init__(self, cmdb, manager: Manager, defaults=None):
+        super().__init__(cmdb, defaults)
+        self.manager = manager
+
+    async def add_app(self, spec: NewApp):
+        app = await super().add_app(spec)
+        self.manager.reload_apps()
+        return app
+
+    async def update_app(self, name: str, update: AppUpdate):
+        app = await super().update_app(name, update)
+        self.manager.reload_apps()  # new settings apply to the next instance
+        return app
+
+    async def remove_app(self, name: str):
+        await self.get_app(name)  # NotFound before anything changes
+        await self.manager.remove_app(name)  # 404 for new requests, drain, stop
+        return await super().remove_app(name)
+
+    async def scale(self, name: str, request: Scale) -> Scale:
+        check_scale(await self.get_app(name), request)
+        raise IncorrectStatus("forced scaling is not implemented yet: instances start on demand and stop when idle")
+
+    async def stats(self, app: str | None = None) -> dict[str, AppStats]:
+        if app is not None:
+            await self.get_app(app)
+        stats = self.manager.stats()
+        if app is not None:
+            stats = {app: stats.get(app, {})}
+        return msgspec.convert(stats, dict[str, AppStats])

@@ -1,0 +1,222 @@
+"""`fcrun serve` end to end: a real server process, real Apache/PHP containers, real HTTP."""
+
+from __future__ import annotations
+
+import concurrent.futures
+import http.client
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import pytest
+from hostcheck import BRIDGE, CGROUP_PARENT, SUBNET, host_snapshot, settled_snapshot
+
+pytestmark = [pytest.mark.root, pytest.mark.slow]
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Server:
+    """A `fcrun serve` subprocess on private roots, with the apache-php image linked in."""
+
+    def __init__(self, tmp_path, apache_php, extra_config: str = ""):
+        self.data_root = str(tmp_path / "data")
+        self.run_root = str(tmp_path / "run")
+        os.makedirs(os.path.join(self.data_root, "images"))
+        # Share the (large) cached image's layers instead of copying them.
+        store = os.path.dirname(os.path.dirname(apache_php.layers[0]))
+        os.symlink(os.path.join(store, "layers"), os.path.join(self.data_root, "layers"))
+        shutil.copy(os.path.join(store, "images", "apache-php.json"), os.path.join(self.data_root, "images"))
+        self.port = _free_port()
+        self.config = tmp_path / "fcrun.toml"
+        self.config.write_text(
+            f'listen = "127.0.0.1:{self.port}"\nhold_timeout_s = 10\ndrain_timeout_s = 5\n{extra_config}\n'
+            f'[runtime]\ncgroup_parent = "{CGROUP_PARENT}"\nbridge = "{BRIDGE}"\nsubnet = "{SUBNET}"\n'
+        )
+        self.env = dict(os.environ, FCRUN_ROOT=self.data_root, FCRUN_RUN=self.run_root, FCRUN_CONFIG=str(self.config))
+        self.proc = None
+
+    def cli(self, *args, check=True):
+        r = subprocess.run([sys.executable, "-m", "fcrun_cli", *args], env=self.env, capture_output=True, text=True,
+                           timeout=60)
+        if check:
+            assert r.returncode == 0, r.stderr
+        return r
+
+    def start(self):
+        self.log = open(os.path.join(os.path.dirname(self.config), "serve.log"), "wb")
+        self.proc = subprocess.Popen([sys.executable, "-m", "fcrun_cli", "serve"], env=self.env, stdout=self.log,
+                                     stderr=subprocess.STDOUT)
+        deadline = time.monotonic() + 20
+        while True:
+            assert self.proc.poll() is None, self.read_log()
+            try:
+                socket.create_connection(("127.0.0.1", self.port), timeout=1).close()
+                if os.path.exists(os.path.join(self.run_root, "admin.sock")):
+                    return
+            except OSError:
+                pass
+            assert time.monotonic() < deadline, "serve did not start listening"
+            time.sleep(0.05)
+
+    def read_log(self) -> str:
+        with open(self.log.name, "rb") as f:
+            return f.read().decode(errors="replace")
+
+    def stop(self):
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        if self.proc is not None:
+            self.log.close()
+
+    def request(self, host, path="/", method="GET", headers=None, body=None, timeout=30):
+        conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=timeout)
+        try:
+            conn.request(method, path, body=body, headers={"Host": host, **(headers or {})})
+            r = conn.getresponse()
+            return r.status, dict(r.getheaders()), r.read().decode(errors="replace")
+        finally:
+            conn.close()
+
+    def raw(self, data: bytes) -> bytes:
+        with socket.create_connection(("127.0.0.1", self.port), timeout=10) as s:
+            s.sendall(data)
+            out = b""
+            while chunk := s.recv(65536):
+                out += chunk
+            return out
+
+    def events(self, kind):
+        return [line for line in self.cli("events").stdout.splitlines() if f"  {kind}  " in line]
+
+    def containers(self):
+        return [line.split()[0] for line in self.cli("ps").stdout.splitlines()[1:]]
+
+
+@pytest.fixture
+def server(tmp_path, apache_php):
+    snapshot_root = str(tmp_path / "run")
+    before = host_snapshot(snapshot_root)
+    srv = Server(tmp_path, apache_php)
+    site = tmp_path / "site"
+    site.mkdir()
+    (site / "index.php").write_text("<?php echo 'site says hi from ', gethostname();")
+    srv.site = str(site)
+    try:
+        yield srv
+    finally:
+        srv.stop()
+    assert srv.proc is None or srv.proc.returncode == 0, srv.read_log()
+    assert srv.containers() == [], "serve left instances behind"
+    assert settled_snapshot(snapshot_root, before) == before
+
+
+def test_cold_app_serves_phpinfo_and_later_requests_are_hot(server):
+    server.cli("app", "add", "php.test", "--image", "apache-php", "--cpu", "0.5", "--memory", "256M")
+    server.start()
+    status, headers, body = server.request("php.test")
+    assert status == 200
+    assert "PHP Version 8." in body
+    assert float(headers["X-Fcrun-Cold-Start"]) > 0 and headers["X-Fcrun-Cold-Start-Path"] == "start"
+    assert "fcrun" in headers.get("Via", "")
+    status, headers, _ = server.request("php.test")
+    assert status == 200 and "X-Fcrun-Cold-Start" not in headers
+    assert len(server.events("start")) == 1
+
+
+def test_fifty_concurrent_requests_to_a_cold_app_cause_one_start(server):
+    server.cli("app", "add", "site.test", "--alias", "www.site.test", "--image", "apache-php", "--docroot", server.site)
+    server.start()
+    hosts = ["site.test", "www.site.test:8080", "SITE.test"] * 17
+    with concurrent.futures.ThreadPoolExecutor(max_workers=50) as pool:
+        results = list(pool.map(lambda h: server.request(h), hosts[:50]))
+    assert [r[0] for r in results] == [200] * 50
+    assert all(r[2].startswith("site says hi from site.test-") for r in results)
+    assert len(server.events("start")) == 1
+    assert len(server.containers()) == 1
+
+
+def test_idle_instance_stops_and_the_next_request_starts_it_again(server):
+    server.cli("app", "add", "idle.test", "--image", "apache-php", "--docroot", server.site, "--idle-timeout", "1s")
+    server.start()
+    assert server.request("idle.test")[0] == 200
+    deadline = time.monotonic() + 10
+    while server.containers():
+        assert time.monotonic() < deadline, "the idle instance was not stopped"
+        time.sleep(0.1)
+    assert len(server.events("stop")) == 1
+    status, headers, _ = server.request("idle.test")
+    assert status == 200 and "X-Fcrun-Cold-Start" in headers
+    assert len(server.events("start")) == 2
+
+
+def test_protocol_errors(server):
+    server.cli("app", "add", "php.test", "--image", "apache-php")
+    server.start()
+    status, _, body = server.request("unknown.test")
+    assert status == 404 and "unknown.test" in body
+    assert server.raw(b"GARBAGE\r\n\r\n").startswith(b"HTTP/1.1 400")
+    big = b"GET / HTTP/1.1\r\nHost: php.test\r\nX-Big: " + b"a" * 40000 + b"\r\n\r\n"
+    assert server.raw(big).startswith(b"HTTP/1.1 431")
+    assert server.containers() == []  # none of these started anything
+
+
+def test_a_start_that_never_becomes_ready_is_504(server, tmp_path):
+    server.config.write_text(server.config.read_text().replace("hold_timeout_s = 10", "hold_timeout_s = 2"))
+    server.cli("app", "add", "deaf.test", "--image", "apache-php", "--port", "81")  # Apache listens on 80
+    server.start()
+    t0 = time.monotonic()
+    status, _, body = server.request("deaf.test")
+    assert status == 504, body
+    assert time.monotonic() - t0 < 8
+    assert server.request("gone.test")[0] == 404
+
+
+def test_missing_image_is_502_naming_the_reason(server):
+    server.cli("app", "add", "broken.test", "--image", "no-such-image")
+    server.start()
+    status, _, body = server.request("broken.test")
+    assert status == 502 and "no-such-image" in body
+    assert len(server.events("start-failed")) == 1
+
+
+def test_app_rm_under_load_loses_no_in_flight_request(server):
+    with open(os.path.join(server.site, "slow.php"), "w") as f:
+        f.write("<?php usleep(200000); echo 'done';")
+    server.cli("app", "add", "load.test", "--image", "apache-php", "--docroot", server.site)
+    server.start()
+    assert server.request("load.test")[0] == 200
+
+    def worker(_):
+        statuses = []
+        deadline = time.monotonic() + 3
+        while time.monotonic() < deadline:
+            status, _, body = server.request("load.test", "/slow.php")
+            statuses.append(status)
+            if status == 404:
+                break
+            assert body == "done"
+        return statuses
+
+    with concurrent.futures.ThreadPoolExecutor(max_workers=8) as pool:
+        futures = [pool.submit(worker, i) for i in range(8)]
+        time.sleep(0.5)
+        server.cli("app", "rm", "load.test")
+        statuses = [s for f in futures for s in f.result()]
+    # Before the removal every request was served; after it, the host is unknown. Nothing else.
+    assert set(statuses) <= {200, 404}, statuses
+    assert statuses.count(200) >= 8
+    assert server.containers() == []

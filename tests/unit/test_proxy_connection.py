@@ -1,0 +1,462 @@
+"""The proxy's connection driver with fake transports and a fake clock: no sockets, no sleeping."""
+
+import asyncio
+import errno
+import types
+
+import pytest
+
+from fcrun.proxy import ProxyConfig, ProxyServer, RouteError
+from fcrun.proxy.testing import FakeTransport, StaticRouter
+from fcrun.proxy.upstream import UpstreamConnection
+
+GET = b"GET /x HTTP/1.1\r\nHost: a.test\r\n\r\n"
+OK = b"HTTP/1.1 200 OK\r\nServer: app\r\nConnection: keep-alive\r\nContent-Length: 5\r\n\r\nhello"
+OK_TO_CLIENT = b"HTTP/1.1 200 OK\r\nServer: app\r\nContent-Length: 5\r\nVia: 1.1 fcrun\r\n\r\nhello"
+HEAD_TO_UPSTREAM = (b"GET /x HTTP/1.1\r\nHost: a.test\r\nX-Forwarded-For: 192.0.2.7\r\nX-Forwarded-Proto: http\r\n"
+                    b"Via: 1.1 fcrun\r\nX-Forwarded-Host: a.test\r\n\r\n")
+
+
+def make_server(config: ProxyConfig | None = None, **router_args) -> tuple[ProxyServer, StaticRouter]:
+    router = StaticRouter({"a.test": ("10.0.0.2", 8080)}, **router_args)
+    return ProxyServer(router, config or ProxyConfig()), router
+
+
+def connect_client(server: ProxyServer):
+    transport = FakeTransport()
+    conn = server.connection_factory()
+    conn.connection_made(transport)
+    return conn, transport
+
+
+def new_upstream(server: ProxyServer, instance_id: str = "a.test-1"):
+    transport = FakeTransport(("10.0.0.2", 8080))
+    conn = UpstreamConnection(server.pool, instance_id)
+    conn.connection_made(transport)
+    return conn, transport
+
+
+def pooled_upstream(server: ProxyServer, instance_id: str = "a.test-1"):
+    conn, transport = new_upstream(server, instance_id)
+    server.pool.release(conn, server.now)
+    return conn, transport
+
+
+def test_get_is_forwarded_and_the_upstream_connection_reused():
+    server, router = make_server()
+    up, up_t = pooled_upstream(server)
+    client, client_t = connect_client(server)
+
+    client.data_received(GET)
+    assert up_t.take() == HEAD_TO_UPSTREAM
+    assert server.requests_in_flight == 1
+    up.data_received(OK)
+    assert client_t.take() == OK_TO_CLIENT
+    assert router.leases[0].settled == [(200, len(GET), len(OK_TO_CLIENT), False)]
+    assert server.requests_in_flight == 0 and server.pool.idle_connections == 1
+
+    client.data_received(GET)
+    assert up_t.take() == HEAD_TO_UPSTREAM   # same upstream connection
+    up.data_received(OK)
+    assert client_t.take() == OK_TO_CLIENT
+    assert [lease.settled[0][0] for lease in router.leases] == [200, 200]
+    assert router.opened == ["a.test"] and not client_t.closed
+
+
+def test_http10_client_without_keep_alive_is_closed_after_the_response():
+    server, router = make_server()
+    up, up_t = pooled_upstream(server)
+    client, client_t = connect_client(server)
+    client.data_received(b"GET /x HTTP/1.0\r\nHost: a.test\r\n\r\n")
+    up.data_received(OK)
+    assert b"Connection: close\r\n" in client_t.take()
+    assert client_t.eof_written and not client_t.closed   # lingering: the client closes first
+    server.check_timeouts(server.now + server.config.linger_s + 0.1)
+    assert client_t.closed
+    assert server.pool.idle_connections == 1   # the upstream side stays pooled
+
+
+def test_http10_client_with_keep_alive_keeps_it():
+    server, _ = make_server()
+    up, _ = pooled_upstream(server)
+    client, client_t = connect_client(server)
+    client.data_received(b"GET /x HTTP/1.0\r\nHost: a.test\r\nConnection: keep-alive\r\n\r\n")
+    up.data_received(OK)
+    assert b"Connection: keep-alive\r\n" in client_t.take()
+    assert not client_t.eof_written and not client_t.closed
+
+
+def test_head_request_gets_no_body():
+    server, router = make_server()
+    up, up_t = pooled_upstream(server)
+    client, client_t = connect_client(server)
+    client.data_received(b"HEAD /x HTTP/1.1\r\nHost: a.test\r\n\r\n")
+    assert up_t.take().startswith(b"HEAD /x HTTP/1.1\r\n")
+    up.data_received(b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\n")
+    assert client_t.take() == b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\nVia: 1.1 fcrun\r\n\r\n"
+    assert router.leases[0].settled[0][0] == 200
+    client.data_received(GET)   # the upstream connection is in step for the next request
+    up.data_received(OK)
+    assert client_t.take() == OK_TO_CLIENT
+
+
+def test_unknown_host_is_404_naming_the_host_and_the_connection_stays():
+    server, router = make_server()
+    client, client_t = connect_client(server)
+    client.data_received(b"GET / HTTP/1.1\r\nHost: nope.test\r\n\r\n")
+    response = client_t.take()
+    assert response.startswith(b"HTTP/1.1 404 Not Found\r\n") and b"nope.test" in response
+    assert not client_t.closed and not client_t.eof_written and server.requests_in_flight == 0
+
+
+@pytest.mark.parametrize("status", [502, 503, 504])
+def test_route_errors_become_the_response(status):
+    server, router = make_server(errors={"a.test": RouteError(status, "image 'web' missing")})
+    client, client_t = connect_client(server)
+    client.data_received(GET)
+    response = client_t.take()
+    assert response.startswith(b"HTTP/1.1 %d " % status) and b"image 'web' missing" in response
+
+
+def test_malformed_request_is_400_and_the_connection_closes():
+    server, _ = make_server()
+    client, client_t = connect_client(server)
+    client.data_received(b"GET / HTTP/1.1\r\nHost a.test\r\n\r\n")
+    response = client_t.take()
+    assert response.startswith(b"HTTP/1.1 400 Bad Request\r\n") and b"Connection: close" in response
+    assert client_t.eof_written
+    client.data_received(b"more garbage")   # drained while lingering, never parsed
+    assert client_t.take() == b""
+
+
+def test_oversized_head_is_431():
+    server, _ = make_server(ProxyConfig(max_header_bytes=256))
+    client, client_t = connect_client(server)
+    client.data_received(b"GET / HTTP/1.1\r\nHost: a.test\r\nCookie: " + b"c" * 300 + b"\r\n\r\n")
+    assert client_t.take().startswith(b"HTTP/1.1 431 Request Header Fields Too Large\r\n")
+
+
+def test_content_length_over_the_app_limit_is_413_up_front():
+    server, router = make_server(max_body_bytes=10)
+    up, up_t = pooled_upstream(server)
+    client, client_t = connect_client(server)
+    client.data_received(b"POST /u HTTP/1.1\r\nHost: a.test\r\nContent-Length: 100\r\n\r\n0123456789")
+    response = client_t.take()
+    assert response.startswith(b"HTTP/1.1 413 ") and b"Connection: close" in response
+    assert up_t.take() == b""
+    assert router.leases[0].settled == [(413, 55, len(response), False)]
+
+
+def test_chunked_body_over_the_app_limit_is_413_when_it_crosses():
+    server, router = make_server(max_body_bytes=10)
+    up, up_t = pooled_upstream(server)
+    client, client_t = connect_client(server)
+    client.data_received(b"POST /u HTTP/1.1\r\nHost: a.test\r\nTransfer-Encoding: chunked\r\n\r\n8\r\n01234567\r\n")
+    assert up_t.take().endswith(b"\r\n\r\n8\r\n01234567\r\n")   # streamed, not held
+    client.data_received(b"8\r\n89abcdef\r\n")
+    assert client_t.take().startswith(b"HTTP/1.1 413 ")
+    assert up_t.aborted   # the upstream got a truncated request: never reused
+    assert router.leases[0].settled[0][0] == 413 and server.pool.idle_connections == 0
+
+
+def test_global_body_limit_applies_when_the_app_sets_none():
+    server, _ = make_server(ProxyConfig(max_body_bytes=4))
+    pooled_upstream(server)
+    client, client_t = connect_client(server)
+    client.data_received(b"POST /u HTTP/1.1\r\nHost: a.test\r\nContent-Length: 5\r\n\r\n")
+    assert client_t.take().startswith(b"HTTP/1.1 413 ")
+
+
+def test_expect_continue_is_answered_by_the_proxy():
+    server, _ = make_server()
+    up, up_t = pooled_upstream(server)
+    client, client_t = connect_client(server)
+    client.data_received(b"PUT /f HTTP/1.1\r\nHost: a.test\r\nExpect: 100-continue\r\nContent-Length: 5\r\n\r\n")
+    assert client_t.take() == b"HTTP/1.1 100 Continue\r\n\r\n"
+    head = up_t.take()
+    assert head.startswith(b"PUT /f HTTP/1.1\r\n") and b"xpect" not in head
+    client.data_received(b"hello")
+    assert up_t.take() == b"hello"
+    up.data_received(b"HTTP/1.1 201 Created\r\nContent-Length: 0\r\n\r\n")
+    assert client_t.take().startswith(b"HTTP/1.1 201 Created\r\n")
+
+
+def test_expect_continue_over_the_limit_is_413_without_100():
+    server, _ = make_server(max_body_bytes=3)
+    pooled_upstream(server)
+    client, client_t = connect_client(server)
+    client.data_received(b"PUT /f HTTP/1.1\r\nHost: a.test\r\nExpect: 100-continue\r\nContent-Length: 5\r\n\r\n")
+    response = client_t.take()
+    assert response.startswith(b"HTTP/1.1 413 ") and b"100 Continue" not in response
+
+
+def test_slow_head_gets_408_and_a_silent_connection_is_just_closed():
+    server, _ = make_server(ProxyConfig(header_timeout_s=10.0))
+    client, client_t = connect_client(server)
+    client.data_received(b"GET / HTTP/1.1\r\nHost: a.te")
+    server.check_timeouts(server.now + 9.0)
+    assert not client_t.closed
+    server.check_timeouts(server.now + 1.5)
+    assert client_t.take().startswith(b"HTTP/1.1 408 Request Timeout\r\n") and client_t.closed
+
+    silent, silent_t = connect_client(server)
+    server.check_timeouts(server.now + 10.5)
+    assert silent_t.closed and silent_t.take() == b""
+
+
+def test_idle_keep_alive_timeout_closes_quietly():
+    server, _ = make_server(ProxyConfig(keepalive_timeout_s=60.0, header_timeout_s=10.0))
+    up, _ = pooled_upstream(server)
+    client, client_t = connect_client(server)
+    client.data_received(GET)
+    server.check_timeouts(server.now + 30)   # waiting for the upstream: no deadline
+    up.data_received(OK)
+    client_t.take()
+    server.check_timeouts(server.now + 59)
+    assert not client_t.closed
+    server.check_timeouts(server.now + 2)
+    assert client_t.closed and client_t.take() == b""
+
+
+def test_pipelined_requests_are_answered_in_order():
+    server, router = make_server()
+    up, up_t = pooled_upstream(server)
+    client, client_t = connect_client(server)
+    client.data_received(GET + b"GET /y HTTP/1.1\r\nHost: a.test\r\n\r\n")
+    assert up_t.take() == HEAD_TO_UPSTREAM and not client_t.reading
+    up.data_received(OK)
+    assert up_t.take().startswith(b"GET /y HTTP/1.1\r\n")
+    up.data_received(b"HTTP/1.1 200 OK\r\nContent-Length: 1\r\n\r\ny")
+    assert client_t.take() == OK_TO_CLIENT + b"HTTP/1.1 200 OK\r\nContent-Length: 1\r\nVia: 1.1 fcrun\r\n\r\ny"
+    assert client_t.reading and len(router.leases) == 2
+
+
+def test_client_gone_mid_response_settles_the_lease_once_and_drops_the_upstream():
+    server, router = make_server()
+    up, up_t = pooled_upstream(server)
+    client, client_t = connect_client(server)
+    client.data_received(GET)
+    up.data_received(b"HTTP/1.1 200 OK\r\nContent-Length: 10\r\n\r\n01234")
+    client.connection_lost(None)
+    assert up_t.aborted
+    up.connection_lost(None)   # the abort's own callback: must not settle again
+    (lease,) = router.leases
+    assert len(lease.settled) == 1 and lease.settled[0][0] == 200 and lease.settled[0][3] is True
+    assert server.requests_in_flight == 0 and server.active_connections == 0
+    assert router.closed == ["a.test"]
+
+
+def test_client_gone_before_the_response_is_499():
+    server, router = make_server()
+    pooled_upstream(server)
+    client, _ = connect_client(server)
+    client.data_received(GET)
+    client.connection_lost(None)
+    assert router.leases[0].settled == [(499, len(GET), 0, True)]
+
+
+def test_upstream_reset_mid_response_cuts_the_client():
+    server, router = make_server()
+    up, _ = pooled_upstream(server)
+    client, client_t = connect_client(server)
+    client.data_received(GET)
+    up.data_received(b"HTTP/1.1 200 OK\r\nContent-Length: 10\r\n\r\n01234")
+    up.connection_lost(ConnectionResetError())
+    assert client_t.closed
+    assert router.leases[0].settled[0][0] == 200 and router.leases[0].settled[0][3] is True
+
+
+def test_non_idempotent_request_is_not_retried_on_a_stale_connection():
+    server, router = make_server()
+    up, up_t = pooled_upstream(server)
+    client, client_t = connect_client(server)
+    client.data_received(b"POST /p HTTP/1.1\r\nHost: a.test\r\nContent-Length: 0\r\n\r\n")
+    assert up_t.take().startswith(b"POST")
+    up.connection_lost(None)   # closed before a byte of response: stale
+    response = client_t.take()
+    assert response.startswith(b"HTTP/1.1 502 Bad Gateway\r\n") and b"a.test" in response
+    assert router.leases[0].settled[0][0] == 502 and len(server.tasks) == 0
+
+
+def test_idempotent_request_is_retried_once_on_a_fresh_connection():
+    async def main():
+        server, router = make_server()
+        stale, stale_t = pooled_upstream(server)
+        fresh = []
+
+        async def connect(lease):
+            conn, transport = new_upstream(server)
+            fresh.append(transport)
+            return conn
+
+        server.pool.connect = connect
+        client, client_t = connect_client(server)
+        client.data_received(GET)
+        assert stale_t.take() == HEAD_TO_UPSTREAM
+        stale.connection_lost(None)
+        for _ in range(5):
+            await asyncio.sleep(0)
+        (fresh_t,) = fresh
+        assert fresh_t.take() == HEAD_TO_UPSTREAM
+        conn = next(iter(server.pool._live["a.test-1"]))
+        conn.data_received(OK)
+        assert client_t.take() == OK_TO_CLIENT
+        assert [lease.settled for lease in router.leases] == [[(200, len(GET), len(OK_TO_CLIENT), False)]]
+
+        # Stale again: retried on a fresh connection, which fails too: 502, no third try.
+        client.data_received(GET)
+        conn.connection_lost(None)
+        for _ in range(5):
+            await asyncio.sleep(0)
+        assert len(fresh) == 2
+        fresh[1].take()
+        next(iter(server.pool._live["a.test-1"])).connection_lost(None)
+        assert client_t.take().startswith(b"HTTP/1.1 502 ")
+        await server.tasks.aclose()
+
+    asyncio.run(main())
+
+
+def test_backpressure_pauses_the_other_side():
+    server, _ = make_server()
+    up, up_t = pooled_upstream(server)
+    client, client_t = connect_client(server)
+    client.data_received(b"POST /p HTTP/1.1\r\nHost: a.test\r\nContent-Length: 100\r\n\r\n")
+    client.pause_writing()
+    assert not up_t.reading
+    client.resume_writing()
+    assert up_t.reading
+    up.pause_writing()
+    assert not client_t.reading
+    up.resume_writing()
+    assert client_t.reading
+
+
+def test_cold_start_is_reported_in_the_response():
+    server, _ = make_server(cold_start=("pool", 12.5))
+    up, _ = pooled_upstream(server)
+    client, client_t = connect_client(server)
+    client.data_received(GET)
+    up.data_received(OK)
+    response = client_t.take()
+    assert b"\r\nX-Fcrun-Cold-Start: 12.5\r\nX-Fcrun-Cold-Start-Path: pool\r\n" in response
+
+
+def test_websocket_upgrade_becomes_a_tunnel():
+    server, router = make_server()
+    up, up_t = pooled_upstream(server)
+    client, client_t = connect_client(server)
+    client.data_received(b"GET /ws HTTP/1.1\r\nHost: a.test\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n\r\nearly")
+    assert b"Connection: upgrade\r\nUpgrade: websocket\r\n" in up_t.take()
+    client.data_received(b"-more")
+    up.data_received(b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\r\nhi")
+    assert client_t.take() == (b"HTTP/1.1 101 Switching Protocols\r\nVia: 1.1 fcrun\r\n"
+                               b"Connection: upgrade\r\nUpgrade: websocket\r\n\r\nhi")
+    assert up_t.take() == b"early-more"
+    client.data_received(b"ping")
+    assert up_t.take() == b"ping"
+    up.data_received(b"pong")
+    assert client_t.take() == b"pong"
+    server.check_timeouts(server.now + 3600)   # tunnels have no idle deadline here
+    assert not client_t.closed
+    assert client.eof_received() is True and up_t.eof_written
+    assert up.eof_received() is False and client_t.closed
+    up.connection_lost(None)
+    client.connection_lost(None)
+    (lease,) = router.leases
+    assert lease.settled == [(101, lease.settled[0][1], lease.settled[0][2], False)]
+    assert lease.settled[0][1] > len(b"early-moreping")
+
+
+def test_refused_upgrade_is_an_ordinary_response_then_close():
+    server, _ = make_server()
+    up, _ = pooled_upstream(server)
+    client, client_t = connect_client(server)
+    client.data_received(b"GET /ws HTTP/1.1\r\nHost: a.test\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n\r\n")
+    up.data_received(b"HTTP/1.1 400 Bad Request\r\nContent-Length: 0\r\n\r\n")
+    response = client_t.take()
+    assert response.startswith(b"HTTP/1.1 400 ") and b"Connection: close" in response
+
+
+def test_instance_gone_closes_its_pooled_connections():
+    server, _ = make_server()
+    _, idle_t = pooled_upstream(server)
+    busy, busy_t = pooled_upstream(server)
+    client, _ = connect_client(server)
+    client.data_received(GET)   # takes the newest: busy
+    server.instance_gone("a.test-1")
+    assert idle_t.closed and not busy_t.closed
+    busy.data_received(OK)
+    assert busy_t.closed and server.pool.idle_connections == 0
+
+
+def test_pool_expires_idle_connections():
+    server, _ = make_server(ProxyConfig(upstream_idle_s=30.0))
+    _, t = pooled_upstream(server)
+    server.check_timeouts(server.now + 29)
+    assert not t.closed
+    server.check_timeouts(server.now + 2)
+    assert t.closed
+
+
+def test_accept_out_of_file_descriptors_backs_off_and_retries():
+    class FailingSocket:
+        def __init__(self):
+            self.calls = 0
+
+        def accept(self):
+            self.calls += 1
+            raise OSError(errno.EMFILE, "Too many open files")
+
+        def fileno(self):
+            return 99
+
+        def getsockname(self):
+            return ("127.0.0.1", 8080)
+
+    class Loop:
+        def __init__(self):
+            self.readers, self.timers = {99: "accept"}, []
+
+        def remove_reader(self, fd):
+            self.readers.pop(fd)
+
+        def add_reader(self, fd, callback, *args):
+            self.readers[fd] = callback
+
+        def call_later(self, delay, callback, *args):
+            self.timers.append((delay, callback, args))
+            return types.SimpleNamespace(cancel=lambda: None)
+
+    server, _ = make_server()
+    loop = server._loop = Loop()
+    sock = FailingSocket()
+    server._accept(sock)
+    assert sock.calls == 1 and 99 not in loop.readers
+    delay, callback, args = loop.timers[-1]
+    assert 0 < delay <= 1
+    callback(*args)
+    assert 99 in loop.readers
+    server._accept(sock)
+    assert loop.timers[-1][0] == 2 * delay   # backs off further while it lasts
+
+
+def test_close_lets_in_flight_requests_finish():
+    async def main():
+        server, router = make_server()
+        server._loop = asyncio.get_running_loop()
+        up, _ = pooled_upstream(server)
+        busy, busy_t = connect_client(server)
+        idle, idle_t = connect_client(server)
+        busy.data_received(GET)
+        closing = asyncio.create_task(server.close(drain_timeout_s=5))
+        await asyncio.sleep(0)
+        assert idle_t.closed and not busy_t.closed
+        idle.connection_lost(None)
+        up.data_received(OK)
+        assert busy_t.take() == OK_TO_CLIENT.replace(b"\r\n\r\n", b"\r\nConnection: close\r\n\r\n", 1)
+        busy.connection_lost(None)
+        await closing
+        assert router.leases[0].settled[0][0] == 200
+
+    asyncio.run(main())

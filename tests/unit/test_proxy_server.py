@@ -1,0 +1,539 @@
+"""The proxy on real sockets (127.0.0.1): a tiny app server behind it, a raw client in front.
+
+Every test runs on asyncio's loop and on uvloop's.
+"""
+
+import asyncio
+import contextlib
+import hashlib
+
+import pytest
+
+from fcrun.proxy import ProxyConfig, ProxyServer, RouteError
+from fcrun.proxy.testing import StaticRouter
+
+uvloop = pytest.importorskip("uvloop")
+
+LOOPS = {"asyncio": asyncio.new_event_loop, "uvloop": uvloop.new_event_loop}
+CHUNK = 64 * 1024
+
+
+@pytest.fixture(params=sorted(LOOPS))
+def run(request):
+    """Run a coroutine function on a fresh loop of each kind, bounded in time."""
+
+    def runner(main, timeout_s: float = 20.0):
+        async def bounded():
+            async with asyncio.timeout(timeout_s):
+                return await main()
+
+        with asyncio.Runner(loop_factory=LOOPS[request.param]) as loop_runner:
+            return loop_runner.run(bounded())
+
+    return runner
+
+
+class App:
+    """A small HTTP/1.1 app for the proxy to talk to; counts connections and requests."""
+
+    def __init__(self) -> None:
+        self.connections = 0
+        self.requests: list[tuple[bytes, bytes, dict[bytes, bytes]]] = []
+        self.sent = 0
+        self.release = asyncio.Event()
+        self._writers: set[asyncio.StreamWriter] = set()
+
+    async def __aenter__(self) -> "App":
+        self.server = await asyncio.start_server(self._serve, "127.0.0.1", 0)
+        self.port = self.server.sockets[0].getsockname()[1]
+        return self
+
+    async def __aexit__(self, *exc) -> None:
+        self.server.close()
+        for writer in list(self._writers):
+            writer.transport.abort()
+        await self.server.wait_closed()
+
+    def paths(self, path: bytes) -> int:
+        return sum(1 for _, target, _ in self.requests if target.split(b"?")[0] == path)
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.connections += 1
+        self._writers.add(writer)
+        try:
+            while True:
+                try:
+                    head = await reader.readuntil(b"\r\n\r\n")
+                except (asyncio.IncompleteReadError, ConnectionError):
+                    return
+                request_line, *lines = head[:-4].split(b"\r\n")
+                method, target, _ = request_line.split(b" ")
+                headers = {}
+                for line in lines:
+                    name, _, value = line.partition(b":")
+                    headers[name.strip().lower()] = value.strip()
+                self.requests.append((method, target, headers))
+                name = target.split(b"?")[0].strip(b"/").decode().replace("-", "_")
+                if await getattr(self, f"handle_{name}")(method, target, headers, reader, writer) is False:
+                    return
+        except ConnectionError:
+            return
+        finally:
+            self._writers.discard(writer)
+            writer.close()
+
+    async def handle_hello(self, method, target, headers, reader, writer):
+        writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\nConnection: keep-alive\r\n\r\n"
+                     + (b"" if method == b"HEAD" else b"hello"))
+
+    async def handle_headers(self, method, target, headers, reader, writer):
+        body = b"\n".join(b"%s: %s" % item for item in sorted(headers.items()))
+        writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body))
+
+    async def handle_echo(self, method, target, headers, reader, writer):
+        """Reads the body as it comes (CL or chunked) and answers its length and sha256."""
+        if b"wait" in target:
+            await self.release.wait()   # the test holds the app back to check backpressure
+        digest, length = hashlib.sha256(), 0
+        if headers.get(b"transfer-encoding") == b"chunked":
+            while True:
+                size = int((await reader.readuntil(b"\r\n"))[:-2].split(b";")[0], 16)
+                if size == 0:
+                    await reader.readuntil(b"\r\n")
+                    break
+                data = await reader.readexactly(size + 2)
+                digest.update(data[:-2])
+                length += size
+        else:
+            remaining = int(headers.get(b"content-length", b"0"))
+            while remaining:
+                data = await reader.read(min(remaining, CHUNK))
+                digest.update(data)
+                length += len(data)
+                remaining -= len(data)
+        body = b"%d %s" % (length, digest.hexdigest().encode())
+        writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body))
+
+    async def handle_big(self, method, target, headers, reader, writer):
+        """A chunked response of ?n bytes, written as fast as the proxy takes it."""
+        total = int(target.split(b"?n=")[1])
+        writer.write(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n")
+        for offset in range(0, total, CHUNK):
+            data = pattern(offset, min(CHUNK, total - offset))
+            writer.write(b"%x\r\n%s\r\n" % (len(data), data))
+            self.sent += len(data)
+            await writer.drain()
+        writer.write(b"0\r\n\r\n")
+
+    async def handle_ws(self, method, target, headers, reader, writer):
+        writer.write(b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: echo\r\nConnection: Upgrade\r\n\r\n")
+        while data := await reader.read(CHUNK):
+            writer.write(data.upper())
+            await writer.drain()
+        return False
+
+    async def handle_partial(self, method, target, headers, reader, writer):
+        """Half a response, then a reset."""
+        writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 100\r\n\r\n0123456789")
+        await writer.drain()
+        writer.transport.abort()
+        return False
+
+    async def handle_close_after(self, method, target, headers, reader, writer):
+        writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+        await writer.drain()
+        return False
+
+    async def handle_slow(self, method, target, headers, reader, writer):
+        await asyncio.sleep(0.2)
+        writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 4\r\n\r\nslow")
+
+
+def pattern(offset: int, length: int) -> bytes:
+    """Deterministic, position-dependent bytes (a shifted byte or a lost chunk changes the hash)."""
+    block = bytes(range(256)) * (CHUNK // 256 + 2)
+    start = offset % 256
+    return block[start:start + length]
+
+
+@contextlib.asynccontextmanager
+async def proxy(routes: dict[str, int], config: ProxyConfig | None = None, **router_args):
+    router = StaticRouter({host: ("127.0.0.1", port) for host, port in routes.items()}, **router_args)
+    server = ProxyServer(router, config or ProxyConfig(timer_resolution_s=0.05))
+    await server.start("127.0.0.1", 0)
+    try:
+        yield server, router, server.sockets[0].getsockname()[1]
+    finally:
+        await server.close(drain_timeout_s=1.0)
+
+
+class Client:
+    """A raw HTTP/1.1 client connection."""
+
+    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter):
+        self.reader, self.writer = reader, writer
+
+    @classmethod
+    async def connect(cls, port: int) -> "Client":
+        return cls(*await asyncio.open_connection("127.0.0.1", port))
+
+    def send(self, data: bytes) -> None:
+        self.writer.write(data)
+
+    async def head(self) -> tuple[int, dict[bytes, bytes]]:
+        head = await self.reader.readuntil(b"\r\n\r\n")
+        status_line, *lines = head[:-4].split(b"\r\n")
+        headers = {}
+        for line in lines:
+            name, _, value = line.partition(b":")
+            headers[name.strip().lower()] = value.strip()
+        return int(status_line.split(b" ")[1]), headers
+
+    async def response(self, head_request: bool = False) -> tuple[int, dict[bytes, bytes], bytes]:
+        status, headers = await self.head()
+        if head_request or status in (204, 304):
+            return status, headers, b""
+        if headers.get(b"transfer-encoding") == b"chunked":
+            body = bytearray()
+            while True:
+                size = int((await self.reader.readuntil(b"\r\n"))[:-2], 16)
+                if size == 0:
+                    await self.reader.readuntil(b"\r\n")
+                    return status, headers, bytes(body)
+                body += (await self.reader.readexactly(size + 2))[:-2]
+        if b"content-length" in headers:
+            return status, headers, await self.reader.readexactly(int(headers[b"content-length"]))
+        return status, headers, await self.reader.read()
+
+    async def at_eof(self) -> bool:
+        return await self.reader.read() == b""
+
+    async def close(self) -> None:
+        self.writer.close()
+        with contextlib.suppress(ConnectionError):
+            await self.writer.wait_closed()
+
+
+async def get(port: int, path: str = "/hello", host: str = "a.test") -> tuple[int, dict, bytes]:
+    client = await Client.connect(port)
+    try:
+        client.send(f"GET {path} HTTP/1.1\r\nHost: {host}\r\n\r\n".encode())
+        return await client.response()
+    finally:
+        await client.close()
+
+
+def settled_once(router: StaticRouter) -> list[int]:
+    """The status each lease was settled with; each exactly once."""
+    assert all(len(lease.settled) == 1 for lease in router.leases), [lease.settled for lease in router.leases]
+    return [lease.settled[0][0] for lease in router.leases]
+
+
+def test_keep_alive_on_both_sides(run):
+    async def main():
+        async with App() as app, proxy({"a.test": app.port}) as (server, router, port):
+            for _ in range(2):
+                client = await Client.connect(port)
+                for _ in range(10):
+                    client.send(b"GET /hello HTTP/1.1\r\nHost: a.test\r\nUser-Agent: t\r\n\r\n")
+                    status, headers, body = await client.response()
+                    assert (status, body) == (200, b"hello")
+                    assert b"connection" not in headers and headers[b"via"] == b"1.1 fcrun"
+                await client.close()
+            assert app.connections == 1   # 20 requests, 2 clients, one pooled upstream connection
+            assert settled_once(router) == [200] * 20
+            assert server.requests_in_flight == 0
+
+    run(main)
+
+
+def test_forwarding_headers_reach_the_app(run):
+    async def main():
+        async with App() as app, proxy({"a.test": app.port}) as (_, _, port):
+            client = await Client.connect(port)
+            client.send(b"GET /headers HTTP/1.1\r\nHost: A.test\r\nX-Forwarded-For: 203.0.113.9\r\n"
+                        b"Connection: keep-alive, X-Hop\r\nX-Hop: 1\r\nKeep-Alive: 5\r\n\r\n")
+            _, _, body = await client.response()
+            seen = dict(line.split(b": ", 1) for line in body.split(b"\n"))
+            assert seen[b"x-forwarded-for"] == b"203.0.113.9, 127.0.0.1"
+            assert seen[b"x-forwarded-proto"] == b"http" and seen[b"x-forwarded-host"] == b"A.test"
+            assert seen[b"via"] == b"1.1 fcrun" and seen[b"host"] == b"A.test"
+            assert not {b"connection", b"x-hop", b"keep-alive"} & seen.keys()
+            await client.close()
+
+    run(main)
+
+
+def test_large_chunked_upload_and_download_stream_with_backpressure(run):
+    async def main():
+        total = 24 * 1024 * 1024
+        async with App() as app, proxy({"a.test": app.port}) as (server, router, port):
+            # Download: the client does not read; the proxy must hold back the app, not buffer.
+            client = await Client.connect(port)
+            client.send(b"GET /big?n=%d HTTP/1.1\r\nHost: a.test\r\n\r\n" % total)
+            await stalled(lambda: app.sent)
+            assert app.sent < total
+            assert proxy_buffered(server) <= 1024 * 1024
+            status, headers, body = await client.response()
+            assert status == 200 and headers[b"transfer-encoding"] == b"chunked"
+            assert len(body) == total and body == pattern(0, 0) + b"".join(
+                pattern(offset, min(CHUNK, total - offset)) for offset in range(0, total, CHUNK))
+
+            # Upload: the app does not read until released; the client's writes must block.
+            client.send(b"POST /echo?wait HTTP/1.1\r\nHost: a.test\r\nTransfer-Encoding: chunked\r\n\r\n")
+            digest, sent = hashlib.sha256(), 0
+
+            async def upload():
+                nonlocal sent
+                for offset in range(0, total, CHUNK):
+                    data = pattern(offset, CHUNK)
+                    digest.update(data)
+                    client.send(b"%x\r\n%s\r\n" % (len(data), data))
+                    sent += len(data)
+                    await client.writer.drain()
+                client.send(b"0\r\n\r\n")
+
+            uploading = asyncio.create_task(upload())
+            await stalled(lambda: sent)
+            assert sent < total and not uploading.done()
+            assert proxy_buffered(server) <= 1024 * 1024
+            app.release.set()
+            await uploading
+            status, _, body = await client.response()
+            assert (status, body) == (200, b"%d %s" % (total, digest.hexdigest().encode()))
+            await client.close()
+            assert settled_once(router) == [200, 200]
+
+    run(main, timeout_s=60)
+
+
+async def stalled(progress, steps: int = 200) -> None:
+    """Wait until ``progress()`` stops growing for a few polls (bounded)."""
+    last, still = -1, 0
+    for _ in range(steps):
+        await asyncio.sleep(0.02)
+        now = progress()
+        still = still + 1 if now == last else 0
+        if still >= 5:
+            return
+        last = now
+    raise AssertionError("transfer never stalled: no backpressure")
+
+
+def proxy_buffered(server: ProxyServer) -> int:
+    """Bytes the proxy holds in its transports' write buffers and pending body lists."""
+    held = 0
+    for conn in server._connections:
+        held += conn.transport.get_write_buffer_size()
+        if conn.active is not None:
+            held += conn.active.pending_bytes
+            if conn.active.conn is not None:
+                held += conn.active.conn.transport.get_write_buffer_size()
+    return held
+
+
+def test_expect_100_continue(run):
+    async def main():
+        async with App() as app, proxy({"a.test": app.port}) as (_, router, port):
+            client = await Client.connect(port)
+            client.send(b"PUT /echo HTTP/1.1\r\nHost: a.test\r\nExpect: 100-continue\r\nContent-Length: 5\r\n\r\n")
+            assert await client.head() == (100, {})
+            client.send(b"hello")
+            status, _, body = await client.response()
+            assert (status, body) == (200, b"5 " + hashlib.sha256(b"hello").hexdigest().encode())
+            assert b"expect" not in app.requests[0][2]
+            await client.close()
+
+    run(main)
+
+
+def test_websocket_style_upgrade_is_tunnelled(run):
+    async def main():
+        async with App() as app, proxy({"a.test": app.port}) as (server, router, port):
+            client = await Client.connect(port)
+            client.send(b"GET /ws HTTP/1.1\r\nHost: a.test\r\nConnection: Upgrade\r\nUpgrade: echo\r\n\r\nearly ")
+            status, headers = await client.head()
+            assert status == 101 and headers[b"upgrade"] == b"echo" and headers[b"connection"] == b"upgrade"
+            client.send(b"bytes")
+            received = b""
+            while len(received) < len(b"EARLY BYTES"):
+                received += await client.reader.read(100)
+            assert received == b"EARLY BYTES"
+            assert server.requests_in_flight == 1   # the tunnel holds its lease
+            client.writer.write_eof()
+            assert await client.at_eof()
+            await client.close()
+            for _ in range(100):
+                if router.leases[0].settled:
+                    break
+                await asyncio.sleep(0.01)
+            assert settled_once(router) == [101]
+
+    run(main)
+
+
+def test_upstream_down_is_502(run):
+    async def main():
+        async with App() as app:
+            port_of_nothing = app.port
+        async with proxy({"a.test": port_of_nothing}) as (_, router, port):
+            status, _, body = await get(port)
+            assert status == 502 and b"a.test" in body
+            assert settled_once(router) == [502]
+
+    run(main)
+
+
+@pytest.mark.parametrize("nowait", [True, False], ids=["nowait", "cold"])
+def test_route_errors_map_to_statuses(run, nowait):
+    async def main():
+        errors = {"broken.test": RouteError(502, "cannot start: image 'web' missing"),
+                  "late.test": RouteError(504, "instance not ready after 30 s")}
+        async with proxy({}, errors=errors, nowait=nowait) as (_, _, port):
+            status, _, body = await get(port, host="nobody.test")
+            assert status == 404 and b"nobody.test" in body
+            status, _, body = await get(port, host="broken.test")
+            assert status == 502 and b"image 'web' missing" in body
+            status, _, body = await get(port, host="late.test")
+            assert status == 504 and b"not ready" in body
+
+    run(main)
+
+
+def test_cold_start_header_and_lease(run):
+    async def main():
+        async with App() as app, proxy({"a.test": app.port}, cold_start=("start", 42.0),
+                                       delay_s=0.01) as (_, router, port):
+            status, headers, body = await get(port)
+            assert (status, body) == (200, b"hello")
+            assert headers[b"x-fcrun-cold-start"] == b"42.0"
+            assert headers[b"x-fcrun-cold-start-path"] == b"start"
+            assert router.leases[0].settled == [(200, 37, router.leases[0].settled[0][2], False)]
+
+    run(main)
+
+
+def test_slowloris_head_times_out(run):
+    async def main():
+        config = ProxyConfig(header_timeout_s=0.2, timer_resolution_s=0.05)
+        async with proxy({}, config) as (server, _, port):
+            client = await Client.connect(port)
+            client.send(b"GET / HTTP/1.1\r\nHost: a.te")
+            status, headers, _ = await client.response()
+            assert status == 408 and headers[b"connection"] == b"close"
+            assert await client.at_eof()
+            await client.close()
+
+    run(main)
+
+
+def test_idle_keep_alive_connection_is_closed(run):
+    async def main():
+        config = ProxyConfig(keepalive_timeout_s=0.2, timer_resolution_s=0.05)
+        async with App() as app, proxy({"a.test": app.port}, config) as (server, _, port):
+            client = await Client.connect(port)
+            client.send(b"GET /hello HTTP/1.1\r\nHost: a.test\r\n\r\n")
+            assert (await client.response())[0] == 200
+            assert await client.at_eof()
+            await client.close()
+
+    run(main)
+
+
+@pytest.mark.parametrize("method", [b"POST", b"GET"])
+def test_reset_mid_response_is_never_retried(run, method):
+    async def main():
+        async with App() as app, proxy({"a.test": app.port}) as (_, router, port):
+            client = await Client.connect(port)
+            client.send(method + b" /partial HTTP/1.1\r\nHost: a.test\r\nContent-Length: 0\r\n\r\n")
+            status, headers = await client.head()
+            assert status == 200 and headers[b"content-length"] == b"100"
+            rest = await client.reader.read()
+            assert len(rest) < 100   # truncated, and the connection closed
+            await client.close()
+            assert app.paths(b"/partial") == 1
+            for _ in range(100):
+                if router.leases[0].settled:
+                    break
+                await asyncio.sleep(0.01)
+            assert router.leases[0].settled[0][0] == 200 and router.leases[0].settled[0][3] is True
+
+    run(main)
+
+
+def test_upstream_that_closes_after_each_response(run):
+    async def main():
+        async with App() as app, proxy({"a.test": app.port}) as (_, router, port):
+            client = await Client.connect(port)
+            for _ in range(5):
+                client.send(b"GET /close-after HTTP/1.1\r\nHost: a.test\r\n\r\n")
+                assert (await client.response())[:3:2] == (200, b"ok")
+            await client.close()
+            assert settled_once(router) == [200] * 5
+
+    run(main)
+
+
+def test_http10_client_without_keep_alive(run):
+    async def main():
+        async with App() as app, proxy({"a.test": app.port}) as (_, _, port):
+            client = await Client.connect(port)
+            client.send(b"GET /hello HTTP/1.0\r\nHost: a.test\r\n\r\n")
+            status, headers, body = await client.response()
+            assert (status, body, headers[b"connection"]) == (200, b"hello", b"close")
+            assert await client.at_eof()
+            await client.close()
+
+    run(main)
+
+
+def test_head_request(run):
+    async def main():
+        async with App() as app, proxy({"a.test": app.port}) as (_, _, port):
+            client = await Client.connect(port)
+            client.send(b"HEAD /hello HTTP/1.1\r\nHost: a.test\r\n\r\n")
+            status, headers, _ = await client.response(head_request=True)
+            assert status == 200 and headers[b"content-length"] == b"5"
+            client.send(b"GET /hello HTTP/1.1\r\nHost: a.test\r\n\r\n")   # nothing stray in between
+            assert (await client.response())[2] == b"hello"
+            await client.close()
+
+    run(main)
+
+
+def test_malformed_request_is_400(run):
+    async def main():
+        async with proxy({}) as (_, _, port):
+            client = await Client.connect(port)
+            client.send(b"GET / HTTP/1.1\r\nHost a.test\r\n\r\n")
+            status, headers, _ = await client.response()
+            assert status == 400 and headers[b"connection"] == b"close"
+            assert await client.at_eof()
+            await client.close()
+
+    run(main)
+
+
+def test_close_drains_in_flight_requests(run):
+    async def main():
+        async with App() as app:
+            router = StaticRouter({"a.test": ("127.0.0.1", app.port)})
+            server = ProxyServer(router, ProxyConfig(timer_resolution_s=0.05))
+            await server.start("127.0.0.1", 0)
+            port = server.sockets[0].getsockname()[1]
+            client = await Client.connect(port)
+            client.send(b"GET /slow HTTP/1.1\r\nHost: a.test\r\n\r\n")
+            for _ in range(100):
+                if server.requests_in_flight:
+                    break
+                await asyncio.sleep(0.01)
+            closing = asyncio.create_task(server.close(drain_timeout_s=5))
+            status, headers, body = await client.response()
+            assert (status, body, headers[b"connection"]) == (200, b"slow", b"close")
+            await closing
+            assert server.active_connections == 0 and settled_once(router) == [200]
+            with pytest.raises(OSError):
+                await asyncio.open_connection("127.0.0.1", port)
+            await client.close()
+
+    run(main)
