@@ -176,7 +176,8 @@ def test_freeze_stops_progress_and_thaw_resumes(reg, driver):
     assert cg.pids() == [proc.pid]
     cg.thaw()
     assert not cg.is_frozen()
-    assert measure_cpu(cg, 0.5) > 0.3
+    # Progress resumed. (Not a share check: other work on a 2-core machine may take most of it.)
+    assert measure_cpu(cg, 0.5) > 0.05
 
 
 def test_pids_max_stops_a_fork_loop(reg, driver):
@@ -274,7 +275,8 @@ def test_v2_freeze_thaw_kill(reg):
     assert cg.is_frozen()
     assert measure_cpu(cg, 0.5) < 0.02
     cg.thaw()
-    assert measure_cpu(cg, 0.5) > 0.3
+    # Progress resumed. (Not a share check: other work on a 2-core machine may take most of it.)
+    assert measure_cpu(cg, 0.5) > 0.05
     stats = cg.stats()
     if os.path.exists(os.path.join(cg.paths["unified"], "cpu.pressure")):
         assert set(stats.cpu_pressure) >= {"some"}
