@@ -46,7 +46,7 @@ def test_detached_lifecycle_through_the_cli(fcrun):
         ("cli-web", "running", 0.3, 64 << 20, "busybox")]
     assert rows[0]["ip"].startswith("10.234.0.") and rows[0]["pid"] > 0
     table = fcrun("ps").stdout.splitlines()
-    assert table[0].split() == ["NAME", "STATE", "PID", "IP", "CPU", "MEMORY", "IMAGE", "AGE"]
+    assert table[0].split() == ["NAME", "STATE", "PID", "IP", "CPU", "MEMORY", "IMAGE", "AGE", "APP"]
     assert table[1].split()[:2] == ["cli-web", "running"] and "64M" in table[1]
 
     r = fcrun("exec", "cli-web", "--", "sh", "-c", "echo $GREETING from $(hostname); exit 4")

@@ -135,6 +135,8 @@ def test_cold_app_serves_phpinfo_and_later_requests_are_hot(server):
     status, headers, _ = server.request("php.test")
     assert status == 200 and "X-Fcrun-Cold-Start" not in headers
     assert len(server.events("start")) == 1
+    [row] = server.cli("ps").stdout.splitlines()[1:]  # the instance is an fcrun container of its app
+    assert row.split()[1] == "running" and row.split()[-1] == "php.test"
 
 
 def test_fifty_concurrent_requests_to_a_cold_app_cause_one_start(server):
