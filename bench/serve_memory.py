@@ -1,0 +1,360 @@
+#!/usr/bin/env python3
+"""Memory of `fcrun serve` with many apps registered and some instances running.
+
+Phases, on private roots (one real `fcrun serve` process per phase, the same config):
+
+  1. empty:     serve with no apps, idle (the baseline)
+  2. apps_idle: --apps apps written to the CMDB (fcrun.cmdb.open_cmdb(paths).add_app, before
+                serve starts), none running
+  3. running:   the same serve after one request through the proxy to each of --instances
+                different apps (each starts an apache-php instance with a tiny index.php
+                docroot and a small memory limit), then one more (hot) request to each
+
+For each phase: serve's VmRSS and VmHWM (/proc/PID/status), also RssAnon/RssFile and PSS, and
+its helper processes (descendants outside the instances' cgroups, e.g. the spawner and its
+forks), summed as PSS so that pages they share copy-on-write are counted once.
+For the running phase also the instances' memory: the sum of their cgroups' memory usage
+(`fcrun ps --json` names them; Runtime.state(name) -> cgroup stats().memory_bytes, which on
+cgroup v1 includes page cache charged to the cgroup), with rss/cache from memory.stat.
+Target (issue 4): serve's RSS with 1,000 apps and 20 instances < 150 MiB.
+
+Needs root and the apache-php image. Private bridge 10.235.0.0/24 and cgroup parent; talks to
+127.0.0.1 only (serve talks to its instances). Everything it makes is removed at the end.
+Usage: bench/serve_memory.py [--apps 1000] [--instances 20] [--memory 64M] [--json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import http.client
+import json
+import os
+import shutil
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+
+from fcrun import Paths
+from fcrun.cmdb import App, open_cmdb
+from fcrun.runtime import Runtime
+
+SUBNET = "10.235.0.0/24"
+MIB = 1 << 20
+TARGET_RSS_BYTES = 150 * MIB
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def proc_status(pid: int) -> dict[str, int]:
+    """VmRSS, VmHWM, RssAnon, RssFile, RssShmem and Pss (smaps_rollup) of a process, in bytes."""
+    out = {}
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            key, _, value = line.partition(":")
+            if key in ("VmRSS", "VmHWM", "RssAnon", "RssFile", "RssShmem"):
+                out[key] = int(value.split()[0]) * 1024
+    try:
+        with open(f"/proc/{pid}/smaps_rollup") as f:
+            for line in f:
+                if line.startswith("Pss:"):
+                    out["Pss"] = int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return out
+
+
+def ppid_of(pid: int) -> int:
+    with open(f"/proc/{pid}/stat") as f:
+        return int(f.read().rpartition(")")[2].split()[1])
+
+
+def children_map() -> dict[int, list[int]]:
+    kids: dict[int, list[int]] = {}
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat") as f:
+                stat = f.read()
+        except OSError:
+            continue
+        ppid = int(stat.rpartition(")")[2].split()[1])
+        kids.setdefault(ppid, []).append(int(entry))
+    return kids
+
+
+def helpers(pid: int, cgroup_parent: str) -> list[dict]:
+    """serve's descendants that are not container processes (not in an instance cgroup)."""
+    kids = children_map()
+    out, todo = [], list(kids.get(pid, []))
+    while todo:
+        p = todo.pop()
+        try:
+            with open(f"/proc/{p}/cgroup") as f:
+                if cgroup_parent in f.read():
+                    continue
+            with open(f"/proc/{p}/cmdline", "rb") as f:
+                cmdline = f.read().replace(b"\0", b" ").decode(errors="replace").strip()[:100]
+            out.append({"pid": p, "ppid": ppid_of(p), "cmdline": cmdline, **proc_status(p)})
+        except OSError:
+            continue
+        todo.extend(kids.get(p, []))
+    return out
+
+
+def mib(n: int) -> float:
+    return round(n / MIB, 1)
+
+
+class ServeProcess:
+    """`fcrun serve` on private roots, the apache-php image's layers linked in."""
+
+    def __init__(self, work: str, image_root: str, tag: str):
+        self.work = work
+        self.paths = Paths(data_root=os.path.join(work, "data"), run_root=os.path.join(work, "run"))
+        os.makedirs(os.path.join(self.paths.data_root, "images"))
+        os.symlink(os.path.join(image_root, "layers"), os.path.join(self.paths.data_root, "layers"))
+        shutil.copy(os.path.join(image_root, "images", "apache-php.json"), os.path.join(self.paths.data_root, "images"))
+        self.port = free_port()
+        self.runtime_args = dict(cgroup_parent=f"fcrun-mem-{tag}", bridge=f"fcm{tag}"[:15], subnet=SUBNET)
+        config = os.path.join(work, "fcrun.toml")
+        with open(config, "w") as f:
+            f.write(f'listen = "127.0.0.1:{self.port}"\nhold_timeout_s = 60\ndrain_timeout_s = 5\n[runtime]\n'
+                    + "".join(f'{k} = "{v}"\n' for k, v in self.runtime_args.items()))
+        self.env = dict(os.environ, FCRUN_ROOT=self.paths.data_root, FCRUN_RUN=self.paths.run_root, FCRUN_CONFIG=config,
+                        FCRUN_CGROUP_PARENT=self.runtime_args["cgroup_parent"], FCRUN_BRIDGE=self.runtime_args["bridge"],
+                        FCRUN_SUBNET=SUBNET)
+        self.fcrun = os.path.join(os.path.dirname(sys.executable), "fcrun")
+        self.runtime = Runtime(self.paths, **self.runtime_args)
+        self.proc: subprocess.Popen | None = None
+        self.log = None
+        self.exit_codes: list[int] = []
+
+    def cli(self, *args: str) -> str:
+        r = subprocess.run([self.fcrun, *args], env=self.env, capture_output=True, text=True, timeout=60)
+        if r.returncode != 0:
+            raise SystemExit(f"fcrun {' '.join(args)}: {r.stderr.strip()}")
+        return r.stdout
+
+    def start(self) -> float:
+        """Start serve; returns seconds until it listens."""
+        self.log = open(os.path.join(self.work, "serve.log"), "ab")
+        t0 = time.monotonic()
+        self.proc = subprocess.Popen([self.fcrun, "serve"], env=self.env, stdout=self.log, stderr=subprocess.STDOUT,
+                                     stdin=subprocess.DEVNULL)
+        while True:
+            if self.proc.poll() is not None:
+                raise SystemExit(f"fcrun serve exited: {self.read_log()[-2000:]}")
+            try:
+                socket.create_connection(("127.0.0.1", self.port), timeout=1).close()
+                if os.path.exists(os.path.join(self.paths.run_root, "admin.sock")):
+                    return time.monotonic() - t0
+            except OSError:
+                pass
+            if time.monotonic() - t0 > 60:
+                raise SystemExit("fcrun serve did not start listening within 60 s")
+            time.sleep(0.05)
+
+    def read_log(self) -> str:
+        with open(self.log.name, "rb") as f:
+            return f.read().decode(errors="replace")
+
+    def request(self, host: str, timeout: float = 60) -> tuple[int, dict, bytes]:
+        conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=timeout)
+        try:
+            conn.request("GET", "/", headers={"Host": host})
+            r = conn.getresponse()
+            return r.status, dict(r.getheaders()), r.read()
+        finally:
+            conn.close()
+
+    def memory(self) -> dict:
+        own = proc_status(self.proc.pid)
+        extra = helpers(self.proc.pid, self.runtime_args["cgroup_parent"])
+        return {
+            "serve_pid": self.proc.pid,
+            "vmrss_mib": mib(own["VmRSS"]),
+            "vmhwm_mib": mib(own["VmHWM"]),
+            "rss_anon_mib": mib(own.get("RssAnon", 0)),
+            "rss_file_mib": mib(own.get("RssFile", 0)),
+            "helpers": [{"cmdline": h["cmdline"], "parent_is_serve": h["ppid"] == self.proc.pid, "vmrss_mib": mib(h["VmRSS"]), "pss_mib": mib(h.get("Pss", 0))} for h in extra],
+            "pss_mib": mib(own.get("Pss", 0)),
+            "pss_with_helpers_mib": mib(own.get("Pss", 0) + sum(h.get("Pss", 0) for h in extra)),
+        }
+
+    def stop(self) -> float:
+        """SIGTERM (drains and stops every instance); returns seconds it took."""
+        t0 = time.monotonic()
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout=120)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        if self.proc is not None:
+            self.exit_codes.append(self.proc.returncode)
+            self.proc = None
+        if self.log is not None:
+            self.log.close()
+            self.log = None
+        return time.monotonic() - t0
+
+    def cleanup(self) -> None:
+        self.stop()
+        for name in self.runtime.states.names():  # normally none: serve stops its instances
+            try:
+                self.runtime.delete(name, force=True)
+            except Exception as exc:  # noqa: BLE001 - best effort, reported
+                print(f"serve_memory: could not delete {name}: {exc}", file=sys.stderr)
+        try:
+            self.runtime.cgroups.remove_parent_if_empty()
+        except Exception:  # noqa: BLE001
+            pass
+        if os.path.exists(f"/sys/class/net/{self.runtime_args['bridge']}"):
+            subprocess.run(["ip", "link", "del", self.runtime_args["bridge"]], capture_output=True)
+
+
+def cgroup_memory_stat(memory_dir: str) -> dict[str, int]:
+    """rss/cache (v1 total_*, or v2 anon/file) and OOM counts from a memory cgroup dir."""
+    out: dict[str, int] = {}
+    try:
+        with open(os.path.join(memory_dir, "memory.stat")) as f:
+            stat = dict((k, int(v)) for k, v in (line.split() for line in f))
+    except (OSError, ValueError):
+        return out
+    out["rss"] = stat.get("total_rss", stat.get("anon", 0))
+    out["cache"] = stat.get("total_cache", stat.get("file", 0))
+    for name, key in (("memory.oom_control", "oom_kill"), ("memory.events", "oom_kill")):
+        try:
+            with open(os.path.join(memory_dir, name)) as f:
+                for line in f:
+                    k, _, v = line.partition(" ")
+                    if k == key:
+                        out["oom_kill"] = int(v)
+        except OSError:
+            pass
+    return out
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--apps", type=int, default=1000)
+    parser.add_argument("--instances", type=int, default=20)
+    parser.add_argument("--memory", default="64M", help="each app's memory limit (default 64M)")
+    parser.add_argument("--cpu", type=float, default=0.5, help="each app's CPU limit (default 0.5)")
+    parser.add_argument("--settle", type=float, default=2.0, help="seconds to wait before each sample")
+    parser.add_argument("--image-root", default=os.environ.get("FCRUN_ROOT", "/var/lib/fcrun"),
+                        help="data root holding the apache-php image")
+    parser.add_argument("--json", action="store_true", help="print the JSON on one line")
+    args = parser.parse_args()
+    if os.geteuid() != 0:
+        print("bench/serve_memory.py: needs root", file=sys.stderr)
+        return 77
+    if not 0 < args.instances <= args.apps <= 100_000 or args.instances > 200:
+        parser.error("need 0 < --instances <= --apps <= 100000 and --instances <= 200")
+    memory_bytes = int(args.memory.rstrip("Mm")) * MIB
+
+    tag = str(os.getpid())
+    work = tempfile.mkdtemp(prefix="fcrun-mem-")
+    site = os.path.join(work, "site")
+    os.mkdir(site)
+    with open(os.path.join(site, "index.php"), "w") as f:
+        f.write("<?php echo 'hi from ', gethostname();")
+    os.chmod(work, 0o755)
+    serve = ServeProcess(work, args.image_root, tag)
+    names = [f"app{i:05d}.mem.test" for i in range(args.apps)]
+    step = args.apps // args.instances
+    targets = [names[i * step] for i in range(args.instances)]
+    out: dict = {
+        "benchmark": "fcrun serve memory: apps registered, instances running",
+        "apps": args.apps,
+        "instances": args.instances,
+        "app_limits": {"memory_bytes": memory_bytes, "cpu": args.cpu, "docroot": "tiny index.php"},
+    }
+    t_begin = time.monotonic()
+    try:
+        # 1. empty
+        out["serve_start_s_empty"] = round(serve.start(), 2)
+        time.sleep(args.settle)
+        out["empty"] = serve.memory()
+        serve.stop()
+
+        # 2. apps in the CMDB, then serve
+        cmdb = open_cmdb(serve.paths)
+        t0 = time.monotonic()
+        try:
+            for name in names:
+                cmdb.add_app(App(name=name, image="apache-php", docroot=site, cpu=args.cpu, memory_bytes=memory_bytes,
+                                 idle_timeout_s=3600))
+        finally:
+            cmdb.close()
+        out["add_apps_s"] = round(time.monotonic() - t0, 2)
+        out["serve_start_s_with_apps"] = round(serve.start(), 2)
+        time.sleep(args.settle)
+        out["apps_idle"] = serve.memory()
+
+        # 3. one request to each of `instances` apps, then a hot one each
+        cold_ms, statuses = [], []
+        t0 = time.monotonic()
+        for host in targets:
+            status, headers, body = serve.request(host)
+            statuses.append(status)
+            if status != 200 or not body.startswith(b"hi from "):
+                raise SystemExit(f"{host}: {status} {body[:300]!r}")
+            cold_ms.append(float(headers.get("X-Fcrun-Cold-Start", "nan")))
+        out["start_instances_s"] = round(time.monotonic() - t0, 2)
+        for host in targets:
+            statuses.append(serve.request(host)[0])
+        time.sleep(args.settle)
+        out["running"] = serve.memory()
+
+        rows = json.loads(serve.cli("ps", "--json"))
+        usage, rss, cache, ooms = [], [], [], 0
+        for row in rows:
+            state = serve.runtime.state(row["name"])
+            usage.append(serve.runtime._cgroup(state).stats().memory_bytes)
+            stat = cgroup_memory_stat(state.cgroup_paths.get("memory", ""))
+            rss.append(stat.get("rss", 0))
+            cache.append(stat.get("cache", 0))
+            ooms += stat.get("oom_kill", 0)
+        out["instances_memory"] = {
+            "running": sum(1 for r in rows if r["status"] == "running"),
+            "cgroup_usage_total_mib": mib(sum(usage)),
+            "cgroup_usage_per_instance_median_mib": mib(statistics.median(usage)) if usage else None,
+            "cgroup_usage_per_instance_max_mib": mib(max(usage)) if usage else None,
+            "rss_total_mib": mib(sum(rss)),
+            "cache_total_mib": mib(sum(cache)),
+            "oom_kills": ooms,
+            "what": "sum of the instances' memory cgroup usage (v1 usage_in_bytes includes page cache charged "
+                    "to each; the shared image layer's cache is charged to whichever instance read it first)",
+        }
+        out["all_200"] = statuses == [200] * len(statuses)
+        out["cold_start_header_ms_median"] = round(statistics.median(cold_ms), 1)
+        rss_running = out["running"]["vmrss_mib"]
+        out["target_rss_mib_max"] = TARGET_RSS_BYTES // MIB
+        out["target_met"] = rss_running * MIB < TARGET_RSS_BYTES and out["running"]["vmhwm_mib"] * MIB < TARGET_RSS_BYTES
+        out["serve_rss_added_mib"] = {
+            "by_apps": round(out["apps_idle"]["vmrss_mib"] - out["empty"]["vmrss_mib"], 1),
+            "by_instances": round(rss_running - out["apps_idle"]["vmrss_mib"], 1),
+        }
+        out["stop_serve_s"] = round(serve.stop(), 2)
+    finally:
+        serve.cleanup()
+        out["serve_exit_codes"] = serve.exit_codes
+        shutil.rmtree(work, ignore_errors=True)
+    out["wall_s"] = round(time.monotonic() - t_begin, 1)
+    print(json.dumps(out, indent=None if args.json else 2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
