@@ -164,8 +164,9 @@ def children(pid: int) -> list[int]:
 
 def run_wrk(port: int, args: argparse.Namespace, duration_s: float, measure: list[int] = ()) -> dict:
     before = cpu_seconds(measure) if measure else 0.0
-    cmd = (["taskset", "-c", args.client_cpus] if args.pin else []) + ["wrk", f"-t{args.threads}", f"-c{args.connections}", f"-d{max(1, round(duration_s))}s", "--latency",
-           "-H", f"Host: {APP_HOST}", f"http://{HOST}:{port}/index.html"]
+    cmd = (["taskset", "-c", args.client_cpus] if args.pin else []) + [
+        "wrk", f"-t{args.threads}", f"-c{args.connections}", f"-d{max(1, round(duration_s))}s", "--latency",
+        "-H", f"Host: {APP_HOST}", f"http://{HOST}:{port}/index.html"]
     out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
     result = parse_wrk(out)
     if measure:
@@ -175,7 +176,7 @@ def run_wrk(port: int, args: argparse.Namespace, duration_s: float, measure: lis
     return result
 
 
-def serve_fcrun(port: int, backend_port: int) -> None:
+def serve_fcrun(port: int, backend_port: int, nowait: bool = True) -> None:
     """Child process: the fcrun proxy on uvloop with a static Router (what (b) measures)."""
     from fcrun.proxy import ProxyConfig, ProxyServer, event_loop_factory
 
@@ -191,14 +192,15 @@ def serve_fcrun(port: int, backend_port: int) -> None:
     lease = StaticLease()
 
     class StaticRouter:
-        def acquire_nowait(self, host: str) -> StaticLease:
-            return lease
-
         async def acquire(self, host: str) -> StaticLease:
             return lease
 
+    class StaticRouterNowait(StaticRouter):
+        def acquire_nowait(self, host: str) -> StaticLease:
+            return lease
+
     async def main() -> None:
-        server = ProxyServer(StaticRouter(), ProxyConfig())
+        server = ProxyServer(StaticRouterNowait() if nowait else StaticRouter(), ProxyConfig())
         await server.start(HOST, port)
         stopping = asyncio.Event()
         asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, stopping.set)
@@ -230,10 +232,12 @@ def main() -> int:
     parser.add_argument("--warmup", type=int, default=1, help="seconds of wrk before each round's runs")
     parser.add_argument("--pin", action="store_true",
                         help="pin the proxy under test to CPU 0, wrk and the backend to the others")
+    parser.add_argument("--no-nowait", action="store_true",
+                        help="(b) with a Router without acquire_nowait: an asyncio task per request")
     parser.add_argument("--serve-fcrun", nargs=2, type=int, metavar=("PORT", "BACKEND_PORT"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.serve_fcrun:
-        serve_fcrun(*args.serve_fcrun)
+        serve_fcrun(*args.serve_fcrun, nowait=not args.no_nowait)
         return 0
     for tool in ("wrk", "nginx"):
         if shutil.which(tool) is None:
@@ -266,7 +270,8 @@ def main() -> int:
         procs.append(proxy)
         wait_listening(ports["nginx"], proxy)
         fcrun = subprocess.Popen(proxy_pin + [sys.executable, os.path.abspath(__file__), "--serve-fcrun",
-                                  str(ports["fcrun"]), str(ports["direct"])])
+                                              str(ports["fcrun"]), str(ports["direct"])]
+                                 + (["--no-nowait"] if args.no_nowait else []))
         procs.append(fcrun)
         wait_listening(ports["fcrun"], fcrun)
 
@@ -290,6 +295,7 @@ def main() -> int:
                 "rounds": args.rounds},
         "cpus": cpus,
         "pinned": "proxy on CPU 0, wrk and backend on the rest" if args.pin else False,
+        "router": "acquire (a task per request)" if args.no_nowait else "acquire_nowait",
         "python": sys.version.split()[0],
         "a_direct": summary["direct"],
         "b_fcrun": summary["fcrun"],

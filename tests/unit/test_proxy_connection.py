@@ -460,3 +460,39 @@ def test_close_lets_in_flight_requests_finish():
         assert router.leases[0].settled[0][0] == 200
 
     asyncio.run(main())
+
+
+@pytest.mark.parametrize("error, status", [(TimeoutError(), 504), (ConnectionRefusedError(111, "Connection refused"), 502)])
+def test_upstream_connect_failures(error, status):
+    async def main():
+        server, router = make_server()
+
+        async def connect(lease):
+            raise error
+
+        server.pool.connect = connect
+        client, client_t = connect_client(server)
+        client.data_received(GET)
+        for _ in range(5):
+            await asyncio.sleep(0)
+        response = client_t.take()
+        assert response.startswith(b"HTTP/1.1 %d " % status) and b"a.test" in response
+        assert router.leases[0].settled[0][0] == status and router.leases[0].settled[0][3] is True
+        assert not client_t.closed   # the client connection survives an upstream failure
+
+    asyncio.run(main())
+
+
+def test_cold_start_wait_is_cancelled_when_the_client_leaves():
+    async def main():
+        server, router = make_server(delay_s=60)
+        client, _ = connect_client(server)
+        client.data_received(GET)
+        await asyncio.sleep(0)
+        assert len(server.tasks) == 1
+        client.connection_lost(None)
+        for _ in range(5):
+            await asyncio.sleep(0)
+        assert len(server.tasks) == 0 and router.leases == [] and server.requests_in_flight == 0
+
+    asyncio.run(main())

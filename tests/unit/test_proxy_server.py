@@ -537,3 +537,16 @@ def test_close_drains_in_flight_requests(run):
             await client.close()
 
     run(main)
+
+
+def test_concurrent_clients_share_a_bounded_pool(run):
+    async def main():
+        config = ProxyConfig(upstream_pool_per_instance=4, timer_resolution_s=0.05)
+        async with App() as app, proxy({"a.test": app.port}, config) as (server, router, port):
+            results = await asyncio.gather(*(get(port, "/slow") for _ in range(20)))
+            assert [(status, body) for status, _, body in results] == [(200, b"slow")] * 20
+            assert 1 <= app.connections <= 20
+            assert server.pool.idle_connections <= 4
+            assert settled_once(router) == [200] * 20
+
+    run(main)

@@ -8,11 +8,15 @@ the driver (server.py, upstream.py) feeds them and reads the results, so tests d
 plain bytes.
 
 Parsing is llhttp through httptools. Its callbacks are the hot path of the proxy, hence the
-flat code: one dict lookup per header, head bytes joined once, no regex and no logging.
+flat code: at most one dict lookup per header, rare headers handled once the head is complete,
+head bytes joined once, no regex and no logging. A request head is rebuilt from the callbacks;
+a response head is forwarded as slices of the bytes received (see ResponseReader).
 
 Hop-by-hop headers (RFC 9110 7.6.1) never cross the proxy: Connection and the headers it names,
 Keep-Alive, Proxy-*, TE, Trailer, Transfer-Encoding (bodies are re-framed instead), and Upgrade
-(except on a WebSocket-style upgrade, which is re-stated explicitly).
+(except on a WebSocket-style upgrade, which is re-stated explicitly). A client's
+X-Forwarded-Proto and X-Forwarded-Host are replaced (the proxy is the edge); X-Forwarded-For
+and Via are appended to.
 
 Expect: 100-continue is answered by the proxy itself, not forwarded: the driver sends
 ``100 Continue`` once the request has an upstream connection (after a cold start, after the body
@@ -65,8 +69,8 @@ _REQUEST_HEADERS = {
     b"via": _VIA,
     b"expect": _EXPECT,
 }
+# Content-Length is not here: llhttp's keep-alive verdict implies it (see on_headers_complete).
 _RESPONSE_HEADERS = {
-    b"content-length": _CONTENT_LENGTH,
     b"connection": _CONNECTION,
     b"keep-alive": _DROP,
     b"proxy-connection": _DROP,
@@ -91,8 +95,6 @@ _BODY_NONE = 0        # HEAD, 204, 304, 101
 _BODY_RAW = 1         # Content-Length, or close-delimited for an HTTP/1.0 client
 _BODY_CHUNKED = 2     # re-chunked: the upstream sent chunked or close-delimited
 
-_STATUS_LINES: dict[tuple[int, bytes], bytes] = {}
-
 
 class ProtocolViolation(Exception):
     """A callback stopped the parser; the reason was already recorded (internal)."""
@@ -105,19 +107,8 @@ def reason_phrase(status: int) -> str:
         return "Unknown"
 
 
-def status_line(status: int, reason: bytes) -> bytes:
-    """``HTTP/1.1 <status> <reason>\\r\\n``, cached (upstream reason phrases repeat)."""
-    key = (status, reason)
-    line = _STATUS_LINES.get(key)
-    if line is None:
-        line = b"HTTP/1.1 %d %s\r\n" % key
-        if len(_STATUS_LINES) < 512:
-            _STATUS_LINES[key] = line
-    return line
-
-
 def error_response(status: int, message: str, *, close: bool, head_only: bool = False,
-                   http10: bool = False, via: bytes = b"") -> bytes:
+                   http10: bool = False) -> bytes:
     """A complete proxy-generated response with a short text body naming the problem."""
     reason = reason_phrase(status)
     body = f"{status} {reason}: {message}\n".encode("utf-8", "replace")
@@ -127,8 +118,8 @@ def error_response(status: int, message: str, *, close: bool, head_only: bool = 
         connection = b"Connection: keep-alive\r\n"
     else:
         connection = b""
-    head = b"HTTP/1.1 %d %s\r\nContent-Type: text/plain; charset=utf-8\r\nContent-Length: %d\r\n%s%s\r\n" % (
-        status, reason.encode(), len(body), via, connection)
+    head = (b"HTTP/1.1 %d %s\r\nContent-Type: text/plain; charset=utf-8\r\nContent-Length: %d\r\n%s\r\n"
+            % (status, reason.encode(), len(body), connection))
     return head if head_only else head + body
 
 
@@ -216,32 +207,29 @@ class Forwarding:
 class Request:
     """One request from a client: its head as parsed and rewritten, and its body's progress.
 
-    The driver adds its own per-exchange state (lease, upstream connection) in a subclass.
+    The defaults are class attributes, so that a request sets only what differs from them
+    (cheaper than an ``__init__`` assigning two dozen fields for every request). The driver
+    adds its own per-exchange state (lease, upstream connection) in a subclass, the same way.
     """
 
-    __slots__ = ("method", "url", "http10", "host", "host_raw", "keep_alive", "upgrade",
-                 "expect_continue", "content_length", "chunked", "head_bytes", "upstream_head",
-                 "body_bytes", "max_body", "complete", "discard", "pending", "pending_bytes")
-
-    def __init__(self) -> None:
-        self.method = b""
-        self.url = b""
-        self.http10 = False
-        self.host = ""
-        self.host_raw: bytes | None = None
-        self.keep_alive = True
-        self.upgrade = False
-        self.expect_continue = False
-        self.content_length: int | None = None
-        self.chunked = False
-        self.head_bytes = 0
-        self.upstream_head = b""
-        self.body_bytes = 0
-        self.max_body: int | None = None   # set by the driver once the app's limit is known
-        self.complete = False
-        self.discard = False               # set by the driver: drop the rest of the body
-        self.pending: list[bytes] = []     # body bytes framed for the upstream, not sent yet
-        self.pending_bytes = 0
+    method = b""
+    url = b""
+    http10 = False
+    host = ""
+    host_raw: bytes | None = None
+    keep_alive = True
+    upgrade = False
+    expect_continue = False
+    content_length: int | None = None
+    chunked = False
+    head_bytes = 0
+    upstream_head = b""
+    body_bytes = 0
+    max_body: int | None = None   # set by the driver once the app's limit is known
+    complete = False
+    discard = False               # set by the driver: drop the rest of the body
+    pending: list[bytes] | tuple[()] = ()   # body bytes framed for the upstream, not sent yet
+    pending_bytes = 0
 
     @property
     def has_body(self) -> bool:
@@ -257,9 +245,6 @@ class RequestSink(Protocol):
 
     def request_head(self, req: Request) -> None:
         """The head is complete and valid; ``req.upstream_head`` is what to send upstream."""
-
-    def request_end(self, req: Request) -> None:
-        """The whole request was read; its last body bytes are in ``req.pending``."""
 
     def request_error(self, req: Request | None, status: int, message: str) -> None:
         """The request cannot be served (400, 413, 417, 431, 501); the reader has stopped."""
@@ -417,7 +402,7 @@ class RequestReader:
             if kind == _CONNECTION:
                 tokens = _connection_tokens(value, tokens)
             elif kind == _TRANSFER_ENCODING:
-                transfer_encoding = value if transfer_encoding is None else transfer_encoding + b"," + value
+                transfer_encoding = value if transfer_encoding is None else b"%s,%s" % (transfer_encoding, value)
             elif kind == _UPGRADE:
                 upgrade = value
             elif kind == _FORWARDED_FOR:
@@ -477,10 +462,13 @@ class RequestReader:
             self._fail(req, 413, f"request body over {req.max_body} bytes")
         if req.discard:
             return
+        pending = req.pending
+        if not pending:
+            pending = req.pending = []
         if req.chunked:
-            req.pending += (b"%x\r\n" % n, data, CRLF)
+            pending += (b"%x\r\n" % n, data, CRLF)
         else:
-            req.pending.append(data)
+            pending.append(data)
         req.pending_bytes += n
 
     def on_message_complete(self) -> None:
@@ -490,8 +478,10 @@ class RequestReader:
         self._in_head = True
         self._head_raw = 0
         if req.chunked and not req.discard:
-            req.pending.append(b"0\r\n\r\n")
-        self._sink.request_end(req)
+            if req.pending:
+                req.pending.append(b"0\r\n\r\n")
+            else:
+                req.pending = [b"0\r\n\r\n"]
 
 
 class ResponseReader:
@@ -517,14 +507,34 @@ class ResponseReader:
         self._parser = httptools.HttpResponseParser(self)
         self._forwarding = forwarding
         self._reset_parser = False
+        self._req: Request | None = None
+        self._keep_alive = True
+        self._extra = b""
         self._raw = b""
+        self._head_start = 0
+        self._special: list[tuple[int, bytes, bytes]] | None = None
+        self._mode = _BODY_NONE
+        self._interim = False
+        self._until_eof = False
+        self._upstream_keep_alive = False
         self.out: list[bytes] = []
-        self.complete = True
+        self.status = 0
+        self.head_bytes = 0
+        self.body_bytes = 0
         self.head_sent = False
+        self.complete = True
+        self.reusable = False
+        self.close_client = False
+        self.upgraded = False
+        self.tunnel_data = b""
         self.error: str | None = None
 
     def begin(self, req: Request, keep_alive: bool, extra_headers: bytes = b"") -> None:
-        """Expect the response to ``req``; ``extra_headers`` (complete lines) go into its head."""
+        """Expect the response to ``req``; ``extra_headers`` (complete lines) go into its head.
+
+        Only what a finished response leaves behind is reset here; the rest is set when the
+        head arrives. (A reader whose response failed or upgraded is never used again.)
+        """
         if self._reset_parser:
             # llhttp cannot be told that a response answers HEAD, so after one it still waits
             # for the body its Content-Length announced: start over with a fresh parser.
@@ -533,20 +543,8 @@ class ResponseReader:
         self._req = req
         self._keep_alive = keep_alive
         self._extra = extra_headers
-        self._raw = b""
-        self._head_start = 0
-        self._special = None
-        self._interim = False
-        self._until_eof = False
-        self.status = 0
-        self.head_bytes = 0
-        self.body_bytes = 0
         self.head_sent = False
         self.complete = False
-        self.reusable = False
-        self.close_client = not keep_alive
-        self.upgraded = False
-        self.error = None
 
     def refuse_keep_alive(self) -> None:
         """Say Connection: close in the head, if it is not out yet (the server is closing)."""
@@ -615,11 +613,12 @@ class ResponseReader:
             self._special = None
             return
         self._raw = b""
+        self._head_start = 0
         self.status = status
-        self._upstream_keep_alive = parser.should_keep_alive()
+        self.body_bytes = 0
+        self._upstream_keep_alive = upstream_keep_alive = parser.should_keep_alive()
         req = self._req
         http10 = req.http10
-        has_length = False
         te = upgrade = via = None
         # The head goes out as slices of raw: the status line (as HTTP/1.1) and the header
         # lines between the ones to cut, without the blank line.
@@ -631,11 +630,9 @@ class ResponseReader:
             position = start + 8
         special = self._special
         if special is not None:
+            self._special = None
             tokens = None
             for kind, name, value in special:
-                if kind == _CONTENT_LENGTH:
-                    has_length = True
-                    continue
                 if kind == _CONNECTION:
                     tokens = _connection_tokens(value, tokens)
                 elif kind == _TRANSFER_ENCODING:
@@ -683,7 +680,9 @@ class ResponseReader:
                     self._violation("upstream used a transfer coding other than chunked")
                 self._chunk_or_close(parts, http10)
                 close = close or http10
-            elif has_length:
+            elif upstream_keep_alive or b"\ncontent-length:" in raw[start:end].lower():
+                # llhttp keeps a connection alive only when the body's end is known without a
+                # close: here (not chunked) that means a Content-Length.
                 self._mode = _BODY_RAW
             else:
                 # Delimited by the upstream closing: re-chunk for HTTP/1.1 clients so that their
@@ -746,7 +745,7 @@ def _headers_without(head: bytes, tokens: set[bytes]) -> list[bytes]:
     parts = [b"HTTP/1.1", lines[0][8:], CRLF]
     for line in lines[1:]:
         lname = line.partition(b":")[0].lower()
-        if lname in tokens or lname in _RESPONSE_HEADERS and lname != b"content-length" or lname.startswith(b"proxy-"):
+        if lname in _RESPONSE_HEADERS or lname in tokens or lname.startswith(b"proxy-"):
             continue
         parts += (line, CRLF)
     return parts
@@ -755,4 +754,5 @@ def _headers_without(head: bytes, tokens: set[bytes]) -> list[bytes]:
 def cold_start_headers(cold_start: tuple[str, float]) -> bytes:
     """``X-Fcrun-Cold-Start: <ms>`` and ``X-Fcrun-Cold-Start-Path: <start|pool|thaw>`` lines."""
     path, ms = cold_start
-    return b"X-Fcrun-Cold-Start: %.1f\r\nX-Fcrun-Cold-Start-Path: %s\r\n" % (ms, path.encode("ascii", "replace"))
+    return b"X-Fcrun-Cold-Start: %.1f\r\nX-Fcrun-Cold-Start-Path: %s\r\n" % (
+        ms, path.encode("ascii", "replace"))

@@ -61,16 +61,12 @@ _NEVER = math.inf
 class Exchange(Request):
     """A request plus what the proxy holds for it: lease, upstream connection, slow-path task."""
 
-    __slots__ = ("lease", "conn", "task", "retried", "tunnel_early", "unsent_head")
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.unsent_head = b""
-        self.lease: Lease | None = None
-        self.conn: UpstreamConnection | None = None
-        self.task: asyncio.Task | None = None
-        self.retried = False
-        self.tunnel_early: list[bytes] | None = None
+    lease: Lease | None = None
+    conn: UpstreamConnection | None = None
+    task: asyncio.Task | None = None
+    retried = False
+    tunnel_early: list[bytes] | None = None   # bytes after an upgrade request, before the 101
+    unsent_head = b""                         # upstream_head until written (kept for a retry)
 
 
 class TaskOwner:
@@ -241,9 +237,6 @@ class ClientConnection(asyncio.Protocol):
             return
         self._start(ex)
 
-    def request_end(self, ex: Exchange) -> None:
-        pass   # the body's end is already in ex.pending; nothing else waits for it
-
     def request_error(self, ex: Exchange | None, status: int, message: str) -> None:
         active = self.active
         if active is not None and ex is active:
@@ -362,13 +355,14 @@ class ClientConnection(asyncio.Protocol):
         pending = ex.pending
         transport = ex.conn.transport
         if ex.unsent_head:
-            pending.insert(0, ex.unsent_head)
+            if pending:
+                pending.insert(0, ex.unsent_head)
+            else:
+                transport.write(ex.unsent_head)
             ex.unsent_head = b""
-        if len(pending) == 1:
-            transport.write(pending[0])
-        elif pending:
+        if pending:
             transport.writelines(pending)
-        pending.clear()
+            ex.pending = ()
         if ex.pending_bytes:
             ex.pending_bytes = 0
             self._resume(_PAUSE_BUFFER)
@@ -389,7 +383,8 @@ class ClientConnection(asyncio.Protocol):
         lease = ex.lease
         if lease is not None:
             ex.lease = None
-            lease.done(reader.status, ex.head_bytes + ex.body_bytes, reader.head_bytes + reader.body_bytes, False)
+            lease.done(reader.status, ex.head_bytes + ex.body_bytes,
+                       reader.head_bytes + reader.body_bytes, False)
         if (ex.complete and not reader.close_client and not self.paused and not self.queue
                 and not server.closing and not self.eof and not self.reader.in_message):
             self.deadline_kind = _IDLE
@@ -397,7 +392,7 @@ class ClientConnection(asyncio.Protocol):
             return
         if not ex.complete:
             ex.discard = True   # the rest of its body is read and dropped
-            ex.pending.clear()
+            ex.pending = ()
         self._next(reader.close_client)
 
     def upstream_failed(self, ex: Exchange, conn: UpstreamConnection, reason: str) -> None:
@@ -491,7 +486,7 @@ class ClientConnection(asyncio.Protocol):
         self.server.requests_in_flight -= 1
         if not ex.complete:
             ex.discard = True   # the rest of its body is read and dropped
-            ex.pending.clear()
+            ex.pending = ()
         lease = ex.lease
         if lease is not None:
             ex.lease = None
@@ -731,6 +726,9 @@ class ProxyServer:
         deadline = loop.time() + drain_timeout_s
         while loop.time() < deadline and any(c.deadline_kind != _LINGER for c in self._connections):
             await asyncio.sleep(min(0.05, self.config.timer_resolution_s))
+        # Slow paths still running (cold starts, connects, adoptions) end here; their
+        # connections are aborted next.
+        await self.tasks.aclose()
         for conn in list(self._connections):
             if conn.deadline_kind == _LINGER:
                 conn.transport.close()   # flushes the last response
@@ -739,8 +737,7 @@ class ProxyServer:
         if self._sweeper is not None:
             self._sweeper.cancel()
             self._sweeper = None
-        await self.tasks.aclose()
-        # Let the aborted connections' connection_lost run (leases settle) before returning.
+        # Let the closed connections' connection_lost run (leases settle) before returning.
         for _ in range(10):
             if not self._connections:
                 break
