@@ -24,7 +24,7 @@ import click
 import msgspec
 
 from fcrun.cmdb import App, AppStats, AppUpdate, Event, Instance, NewApp, open_cmdb
-from fcrun.cmdb.models import AppDefaults, check_docroot, normalize_hostname, parse_size
+from fcrun.cmdb.models import AppDefaults, Scale, check_docroot, normalize_hostname, parse_size
 from fcrun.errors import SpecError
 from fcrun.options import parse_env
 from fcrun.paths import Paths
@@ -47,6 +47,7 @@ class Admin(Protocol):
     def add_app(self, spec: NewApp) -> App: ...
     def update_app(self, name: str, update: AppUpdate) -> App: ...
     def remove_app(self, name: str) -> bool: ...
+    def scale(self, name: str, request: Scale) -> Scale: ...
     def list_instances(self, app: str | None = None) -> list[Instance]: ...
     def events(self, app: str | None = None, since_id: int | None = None, limit: int = 100) -> list[Event]: ...
     def stats(self, app: str | None = None) -> dict[str, AppStats]: ...
@@ -178,6 +179,7 @@ def app():
       fcrun app ls
       fcrun app show example.test
       fcrun app update example.test --max 3
+      fcrun app scale example.test --instances 2
       fcrun app rm example.test
     """
 
@@ -264,10 +266,11 @@ def show(ctx: click.Context, name: str, as_json: bool):
         click.echo(f"{key + ':':<{width}} {value}")
     if instances:
         click.echo("")
-        table = [("INSTANCE", "STATE", "ADDRESS", "STARTED", "REQUESTS")]
+        table = [("INSTANCE", "STATE", "ADDRESS", "CPU", "STARTED", "REQUESTS")]
         for i in instances:
             address = f"{i.ip}:{i.port}" if i.ip else "-"
-            table.append((i.id, i.state, address, _time_text(i.started_at), str(i.requests)))
+            table.append((i.id, i.state, address, f"{i.cpu:g}" if i.cpu is not None else "-",
+                          _time_text(i.started_at), str(i.requests)))
         _print_table(table)
 
 
@@ -293,6 +296,26 @@ def update(ctx: click.Context, name: str, clear_aliases: bool, clear_env: bool, 
     with connect(ctx) as admin:
         updated = admin.update_app(name, AppUpdate(**changes))
     click.echo(f"{updated.name}: generation {updated.generation}; new instances use the new settings")
+
+
+@app.command("scale")
+@click.argument("name")
+@click.option("--instances", type=int, default=None, help="Run this many instances now (out or in, draining first).")
+@click.option("--cpu", default=None, help="Set every running instance's CPU quota now, live (up to --cpu-max).")
+@click.pass_context
+def scale(ctx: click.Context, name: str, instances: int | None, cpu: str | None):
+    """Scale an app now, whether autoscale is on or off: out or in to --instances N, or up or
+    down to --cpu X. Needs a running `fcrun serve`. With autoscale on, the policy may change it
+    again later (after its cooldowns)."""
+    if (instances is None) == (cpu is None):
+        raise SpecError("give exactly one of --instances and --cpu", "fcrun app scale")
+    request = Scale(instances=instances) if instances is not None else Scale(cpu=parse_cpu(cpu, "--cpu"))
+    with connect(ctx) as admin:
+        result = admin.scale(name, request)
+    if result.cpu is not None:
+        click.echo(f"{name}: cpu {result.cpu:g} per running instance")
+    else:
+        click.echo(f"{name}: {result.instances} instance{'' if result.instances == 1 else 's'}")
 
 
 @app.command("rm")

@@ -54,6 +54,7 @@ LAZY_COMMANDS = {
     "app": ("fcrun_cli.app", "app"),
     "events": ("fcrun_cli.app", "events"),
     "stats": ("fcrun_cli.app", "stats"),
+    "bench": ("fcrun_cli.bench", "bench"),
 }
 
 

@@ -7,10 +7,13 @@ test moves it.
 from __future__ import annotations
 
 import asyncio
+import errno
 
 import pytest
 
+from fcrun.cgroups.base import Stats
 from fcrun.cmdb.models import App
+from fcrun.errors import KernelError
 from fcrun.cmdb.sqlite import SqliteCMDB
 from fcrun.proxy.router import RouteError
 from fcrun.serve.backend import Existing, StartFailed, Started
@@ -36,6 +39,9 @@ class FakeBackend:
         self.existing_list: list[Existing] = []
         self.accepting_ips: set[str] = set()
         self.cpu = {}
+        self.cgroups: dict[str, Stats] = {}  # what cgroup_stats() reads, set by the test
+        self.cpu_set: list[tuple[str, float]] = []
+        self.set_cpu_fails = False
 
     async def start(self, app, deadline):
         if self.gate is not None:
@@ -52,6 +58,14 @@ class FakeBackend:
 
     def cpu_seconds(self, name):
         return self.cpu.get(name, 0.25)
+
+    def cgroup_stats(self, name):
+        return self.cgroups.get(name)
+
+    async def set_cpu(self, name, cpu):
+        if self.set_cpu_fails:
+            raise KernelError("write", f"/sys/fs/cgroup/cpu/{name}/cpu.cfs_quota_us", errno.EINVAL)
+        self.cpu_set.append((name, cpu))
 
     async def existing(self):
         return list(self.existing_list)
@@ -76,6 +90,7 @@ def make(cmdb, **kw):
     clock = Clock()
     backend = FakeBackend()
     gone = []
+    kw.setdefault("sample_interval_s", 0)  # no background monitor: tests call sample()
     manager = Manager(cmdb, backend, clock=clock, on_instance_gone=gone.append, **kw)
     return manager, backend, clock, gone
 
@@ -292,4 +307,345 @@ def test_controller_removal_drains_then_forgets_the_app(cmdb):
         assert cmdb.list_apps() == []
         with pytest.raises(RouteError):
             await manager.acquire("www.example.test")
+    run(main())
+
+
+# ----- self-monitoring and scaling ---------------------------------------------------------------
+
+
+def scaling_app(cmdb, **kw):
+    from fcrun.cmdb.models import AppUpdate
+
+    settings = dict(cpu=0.3, cpu_max=0.6, max_instances=2, cooldown_up_s=1.0, cooldown_down_s=2.0)
+    settings.update(kw)
+    cmdb.update_app("example.test", AppUpdate(**settings))
+
+
+class Load:
+    """Drives the fake cgroups: each step, every instance uses `share` of its quota and is
+    throttled in `throttled` of its periods; the clock moves one sample interval."""
+
+    def __init__(self, manager, backend, clock):
+        self.manager, self.backend, self.clock = manager, backend, clock
+        self.totals: dict[str, list[int]] = {}
+
+    def step(self, share: float, throttled: float, dt: float = 0.25) -> None:
+        self.clock.now += dt
+        state = self.manager.apps["example.test"]
+        for inst in state.instances.values():
+            usage, periods, nr_throttled = self.totals.setdefault(inst.name, [0, 0, 0])
+            n = round(dt / 0.1)
+            self.totals[inst.name] = [usage + int(share * inst.cpu * dt * 1e6), periods + n,
+                                      nr_throttled + round(throttled * n)]
+            usage, periods, nr_throttled = self.totals[inst.name]
+            self.backend.cgroups[inst.name] = Stats(cpu_usage_us=usage, nr_periods=periods, nr_throttled=nr_throttled,
+                                                    throttled_us=0, memory_bytes=50 << 20, pids_current=5,
+                                                    frozen=False)
+        self.manager.sample()
+
+
+async def settle(manager):
+    while manager._tasks:
+        await asyncio.gather(*list(manager._tasks))
+
+
+def test_in_flight_and_latency_are_measured_from_the_leases(cmdb):
+    from fcrun.serve.monitor import figures
+
+    async def main():
+        manager, backend, clock, _ = make(cmdb)
+        first = await manager.acquire("example.test")
+        inst = manager.apps["example.test"].instances["example.test-0"]
+        manager.sample()
+        start = inst.reading
+        clock.now += 0.1
+        second = manager.acquire_nowait("example.test")  # 0.1 s with one in flight
+        clock.now += 0.1
+        first.done(200, 0, 0, False)  # 0.1 s with two; it took 0.2 s
+        clock.now += 0.05
+        manager.sample()  # 0.05 s with one
+        f = figures(inst.name, inst.cpu, 0.0, start, inst.reading)
+        assert f.inflight == pytest.approx((0.1 + 0.2 + 0.05) / 0.25)
+        assert f.requests == 1 and f.latency_ms == pytest.approx(200.0)
+        second.done(200, 0, 0, False)
+    run(main())
+
+
+def test_a_throttled_instance_is_scaled_up_live_then_out_then_back(cmdb):
+    scaling_app(cmdb)
+
+    async def main():
+        manager, backend, clock, _ = make(cmdb)
+        leases = [await manager.acquire("example.test") for _ in range(4)]  # 4 in flight throughout
+        load = Load(manager, backend, clock)
+        load.step(1.0, 0.9)  # first reading
+        load.step(1.0, 0.9)  # hot
+        load.step(1.0, 0.9)  # hot for a sample interval: act
+        await settle(manager)
+        assert backend.cpu_set == [("example.test-0", 0.6)]
+        assert manager.apps["example.test"].instances["example.test-0"].cpu == 0.6
+        assert cmdb.list_instances("example.test")[0].cpu == 0.6
+        up = [e for e in cmdb.list_events("example.test") if e.kind == "scale-up"]
+        assert len(up) == 1 and "throttled in 100% of periods" in up[0].message and "applied in" in up[0].message
+        assert up[0].data["cpu_from"] == 0.3 and up[0].data["cpu_to"] == 0.6 and up[0].data["inflight"] == 4.0
+
+        # At the ceiling and still saturated: after cooldown_up a second instance starts, while
+        # requests keep going to the first; it joins the rotation once ready.
+        backend.gate = asyncio.Event()
+        for _ in range(4):
+            load.step(1.0, 0.9)
+        assert backend.started == ["example.test-0"]  # cooldown_up (1 s) not over yet
+        load.step(1.0, 0.9)
+        await asyncio.sleep(0)
+        assert [e.kind for e in cmdb.list_events("example.test")][-1] == "scale-out"
+        assert manager.apps["example.test"].pending_starts == 1
+        during = manager.acquire_nowait("example.test")
+        assert during.instance_id == "example.test-0"
+        backend.gate.set()
+        await settle(manager)
+        assert backend.started == ["example.test-0", "example.test-1"]
+        fresh = manager.acquire_nowait("example.test")
+        assert fresh.instance_id == "example.test-1"  # least outstanding
+        for lease in [*leases, during, fresh]:
+            lease.done(200, 0, 0, False)
+
+        # The load stops: after cooldown_down of calm one instance drains, then the quota falls.
+        for _ in range(9):
+            load.step(0.0, 0.0)
+        assert backend.stopped == []
+        load.step(0.0, 0.0)
+        await settle(manager)
+        assert backend.stopped == ["example.test-1"]  # the newest
+        for _ in range(8):
+            load.step(0.0, 0.0)
+        await settle(manager)
+        assert backend.cpu_set[-1] == ("example.test-0", 0.3)
+        kinds = [e.kind for e in cmdb.list_events("example.test")]
+        assert kinds.count("scale-in") == 1 and kinds.count("scale-down") == 1
+        assert all(e.message and e.data.get("reason") for e in cmdb.list_events("example.test")
+                   if e.kind.startswith("scale-"))
+    run(main())
+
+
+def test_autoscale_off_means_no_decisions(cmdb):
+    scaling_app(cmdb, autoscale=False)
+
+    async def main():
+        manager, backend, clock, _ = make(cmdb)
+        lease = await manager.acquire("example.test")
+        load = Load(manager, backend, clock)
+        for _ in range(40):
+            load.step(1.0, 1.0)
+        await settle(manager)
+        assert backend.cpu_set == [] and backend.started == ["example.test-0"]
+        lease.done(200, 0, 0, False)
+    run(main())
+
+
+def test_a_failed_quota_change_is_an_event_and_keeps_the_old_quota(cmdb):
+    scaling_app(cmdb)
+
+    async def main():
+        manager, backend, clock, _ = make(cmdb)
+        leases = [await manager.acquire("example.test") for _ in range(2)]
+        backend.set_cpu_fails = True
+        load = Load(manager, backend, clock)
+        for _ in range(3):
+            load.step(1.0, 1.0)
+        await settle(manager)
+        assert manager.apps["example.test"].instances["example.test-0"].cpu == 0.3
+        failed = [e for e in cmdb.list_events("example.test") if e.kind == "scale-failed"]
+        assert len(failed) == 1 and "Invalid argument" in failed[0].message
+        for lease in leases:
+            lease.done(200, 0, 0, False)
+    run(main())
+
+
+def test_forced_scaling_works_with_autoscale_off(cmdb):
+    from fcrun.cmdb.models import Scale
+    from fcrun.errors import IncorrectStatus
+
+    scaling_app(cmdb, autoscale=False)
+
+    async def main():
+        manager, backend, clock, _ = make(cmdb)
+        with pytest.raises(IncorrectStatus):
+            await manager.scale("example.test", Scale(cpu=0.6))  # nothing runs yet
+        assert await manager.scale("example.test", Scale(instances=2)) == Scale(instances=2)
+        assert backend.started == ["example.test-0", "example.test-1"]
+        assert await manager.scale("example.test", Scale(cpu=0.6)) == Scale(cpu=0.6)
+        assert sorted(backend.cpu_set) == [("example.test-0", 0.6), ("example.test-1", 0.6)]
+        lease = manager.acquire_nowait("example.test")
+        assert await manager.scale("example.test", Scale(instances=1)) == Scale(instances=1)
+        assert backend.stopped == ["example.test-1"] or backend.stopped == ["example.test-0"]
+        assert lease.instance_id not in backend.stopped  # the busy one stays
+        lease.done(200, 0, 0, False)
+        events = [e for e in cmdb.list_events("example.test") if e.kind.startswith("scale-")]
+        assert [e.kind for e in events] == ["scale-out", "scale-up", "scale-up", "scale-in"]
+        assert all(e.data["forced"] for e in events) and "fcrun app scale" in events[0].message
+        assert await manager.scale("example.test", Scale(instances=0)) == Scale(instances=0)
+        assert manager.apps["example.test"].instances == {}
+    run(main())
+
+
+def test_forced_scale_out_that_cannot_start_says_why(cmdb):
+    from fcrun.cmdb.models import Scale
+    from fcrun.errors import ContainerError
+
+    scaling_app(cmdb)
+
+    async def main():
+        manager, backend, clock, _ = make(cmdb)
+        backend.fail_with = "image 'apache-php' not found"
+        with pytest.raises(ContainerError) as info:
+            await manager.scale("example.test", Scale(instances=1))
+        assert "not found" in str(info.value)
+    run(main())
+
+
+def test_a_forced_action_restarts_the_cooldown(cmdb):
+    from fcrun.cmdb.models import Scale
+
+    scaling_app(cmdb, cooldown_up_s=5.0)
+
+    async def main():
+        manager, backend, clock, _ = make(cmdb)
+        await manager.scale("example.test", Scale(instances=2))
+        leases = [await manager.acquire("example.test") for _ in range(4)]  # two on each
+        load = Load(manager, backend, clock)
+        for _ in range(12):  # 3 s of saturation: within the cooldown of the forced scale-out
+            load.step(1.0, 1.0)
+        await settle(manager)
+        assert backend.cpu_set == []
+        for _ in range(10):
+            load.step(1.0, 1.0)
+        await settle(manager)
+        assert sorted(backend.cpu_set) == [("example.test-0", 0.6), ("example.test-1", 0.6)]
+        for lease in leases:
+            lease.done(200, 0, 0, False)
+    run(main())
+
+
+def test_controller_scale_checks_the_request_and_forwards_it(cmdb):
+    from fcrun.cmdb.models import Scale
+    from fcrun.errors import SpecError
+    from fcrun.serve.controller import ManagedController
+
+    scaling_app(cmdb)
+
+    async def main():
+        manager, backend, clock, _ = make(cmdb)
+        controller = ManagedController(cmdb, manager)
+        with pytest.raises(SpecError):
+            await controller.scale("example.test", Scale(instances=3))  # above max_instances
+        with pytest.raises(SpecError):
+            await controller.scale("example.test", Scale(cpu=0.9))  # above cpu_max
+        assert await controller.scale("example.test", Scale(instances=1)) == Scale(instances=1)
+        assert await controller.scale("example.test", Scale(cpu=0.5)) == Scale(cpu=0.5)
+        assert backend.cpu_set == [("example.test-0", 0.5)]
+        await manager.shutdown()
+    run(main())
+
+
+def test_the_monitor_runs_while_instances_exist(cmdb):
+    from fcrun.cmdb.models import Scale
+
+    async def main():
+        manager, backend, clock, _ = make(cmdb, sample_interval_s=0.001)
+        lease = await manager.acquire("example.test")
+        assert manager._monitor is not None
+        await asyncio.sleep(0.01)
+        assert manager.apps["example.test"].instances["example.test-0"].reading is not None
+        lease.done(200, 0, 0, False)
+        await manager.scale("example.test", Scale(instances=0))
+        await asyncio.sleep(0.01)
+        assert manager._monitor is None  # it ended with the last instance
+        lease = await manager.acquire("example.test")
+        assert manager._monitor is not None
+        lease.done(200, 0, 0, False)
+        await manager.shutdown()
+        assert manager._monitor is None
+    run(main())
+
+
+def test_app_scale_command_through_the_admin_api(monkeypatch):
+    import os
+    import shutil
+    import tempfile
+
+    from click.testing import CliRunner
+
+    from fcrun.serve.admin import serve_in_thread
+    from fcrun.serve.controller import ManagedController
+    from fcrun_cli.app import app as app_group
+    from fcrun_cli.main import main
+
+    main.add_command(app_group)  # cli/main.py adds it lazily; registering again is harmless
+    base = tempfile.mkdtemp(prefix="fc-", dir="/tmp")  # a short path for the admin socket
+    monkeypatch.setenv("FCRUN_ROOT", os.path.join(base, "data"))
+    monkeypatch.setenv("FCRUN_RUN", os.path.join(base, "run"))
+    for name in ("FCRUN_ADMIN_SOCKET", "FCRUN_ADMIN_URL", "FCRUN_ADMIN_TOKEN", "FCRUN_CONFIG"):
+        monkeypatch.delenv(name, raising=False)
+    cmdb = SqliteCMDB(os.path.join(base, "cmdb.sqlite3"))
+    cmdb.add_app(App(name="example.test", image="apache-php", cpu=0.3, cpu_max=0.6, max_instances=2,
+                     autoscale=False))
+    backend = FakeBackend()
+    manager = Manager(cmdb, backend, sample_interval_s=0)
+    runner = CliRunner()
+    try:
+        with serve_in_thread(ManagedController(cmdb, manager), os.path.join(base, "run", "admin.sock")):
+            result = runner.invoke(main, ["app", "scale", "example.test", "--instances", "2"])
+            assert result.exit_code == 0, result.output
+            assert result.output == "example.test: 2 instances\n"
+            result = runner.invoke(main, ["app", "scale", "example.test", "--cpu", "0.6"])
+            assert result.exit_code == 0, result.output
+            assert result.output == "example.test: cpu 0.6 per running instance\n"
+            assert sorted(backend.cpu_set) == [("example.test-0", 0.6), ("example.test-1", 0.6)]
+            result = runner.invoke(main, ["app", "scale", "example.test", "--cpu", "0.9"])
+            assert result.exit_code == 2 and "above the app's cpu_max 0.6" in result.output
+            result = runner.invoke(main, ["app", "scale", "example.test"])
+            assert result.exit_code == 2 and "exactly one of --instances and --cpu" in result.output
+            result = runner.invoke(main, ["app", "show", "example.test"])
+            assert result.exit_code == 0 and "CPU" in result.output and " 0.6 " in result.output
+        cmdb.close()
+        # Without a server, forcing is refused with the reason.
+        cmdb = SqliteCMDB(os.path.join(base, "data", "cmdb.sqlite3"))
+        cmdb.add_app(App(name="example.test", image="apache-php"))
+        cmdb.close()
+        result = runner.invoke(main, ["app", "scale", "example.test", "--instances", "1"])
+        assert result.exit_code == 5 and "is `fcrun serve` running?" in result.output
+    finally:
+        shutil.rmtree(base, ignore_errors=True)
+
+
+def test_a_new_instance_slow_starts_while_others_can_take_the_load(cmdb):
+    from fcrun.cmdb.models import Scale
+
+    scaling_app(cmdb, autoscale=False)
+
+    async def main():
+        manager, backend, clock, _ = make(cmdb)
+        await manager.scale("example.test", Scale(instances=1))
+        clock.now += 10
+        manager.sample()  # the first instance is past its slow start
+        await manager.scale("example.test", Scale(instances=2))
+        leases = [manager.acquire_nowait("example.test") for _ in range(20)]
+        per = lambda: {n: i.outstanding for n, i in manager.apps["example.test"].instances.items()}  # noqa: E731
+        assert per() == {"example.test-0": 16, "example.test-1": 4}
+        clock.now += 3.5
+        manager.sample()  # 3.5 s old: 4 - 1 + 2**(3 - 1)
+        leases += [manager.acquire_nowait("example.test") for _ in range(10)]
+        assert per() == {"example.test-0": 23, "example.test-1": 7}
+        clock.now += 4.5
+        manager.sample()  # 8 s old: no limit any more
+        leases += [manager.acquire_nowait("example.test") for _ in range(16)]
+        assert per() == {"example.test-0": 23, "example.test-1": 23}
+        for lease in leases:
+            lease.done(200, 0, 0, False)
+        # When no other instance can take it, a young one gets every request: the limit steers only.
+        await manager.scale("example.test", Scale(instances=0))
+        leases = [await manager.acquire("example.test") for _ in range(10)]
+        assert per() == {"example.test-2": 10}
+        for lease in leases:
+            lease.done(200, 0, 0, False)
     run(main())

@@ -24,6 +24,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Protocol
 
+from ..cgroups.base import Stats
 from ..errors import FcrunError, NotFound
 from ..oci import Mount
 from ..options import RunOptions, spec_from_image
@@ -54,12 +55,15 @@ class Existing:
     port: int
     running: bool
     started_at: float
+    cpu: float | None = None  # its CPU quota now (it may have been scaled up)
 
 
 class InstanceBackend(Protocol):
     async def start(self, app, deadline: float) -> Started: ...
     async def stop(self, name: str, app) -> float: ...  # returns CPU seconds the instance used
     def cpu_seconds(self, name: str) -> float: ...
+    def cgroup_stats(self, name: str) -> Stats | None: ...  # cheap, called on the event loop
+    async def set_cpu(self, name: str, cpu: float) -> None: ...  # live, no restart
     async def existing(self) -> list[Existing]: ...
     async def accepting(self, ip: str, port: int) -> bool: ...
     def close(self) -> None: ...
@@ -78,6 +82,7 @@ class RuntimeBackend:
         self.runtime = runtime
         self._pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="fcrun-runtime")
         self._poll_s = poll_interval_s
+        self._cgroups: dict[str, object] = {}  # name -> Cgroup, so sampling skips the state file
 
     async def _call(self, fn, *args, **kwargs):
         return await asyncio.get_running_loop().run_in_executor(self._pool, functools.partial(fn, *args, **kwargs))
@@ -160,6 +165,7 @@ class RuntimeBackend:
         instance of requests before stopping it, and instances are disposable (FastContainer's
         immutability), so there is nothing left for a graceful stop to finish."""
         cpu = self.cpu_seconds(name)
+        self._cgroups.pop(name, None)
         try:
             state = await self._call(self.runtime.state, name)
         except NotFound:
@@ -173,11 +179,27 @@ class RuntimeBackend:
         return cpu
 
     def cpu_seconds(self, name: str) -> float:
+        stats = self.cgroup_stats(name)
+        return stats.cpu_usage_us / 1e6 if stats is not None else 0.0
+
+    def cgroup_stats(self, name: str) -> Stats | None:
+        """The instance's cgroup figures (a few small kernel-file reads), None once it is gone."""
         try:
-            state = self.runtime.states.load(name)
-            return self.runtime._cgroup(state).stats().cpu_usage_us / 1e6
+            cgroup = self._cgroups.get(name)
+            if cgroup is None:
+                cgroup = self._cgroups[name] = self.runtime._cgroup(self.runtime.states.load(name))
+            return cgroup.stats()
         except (FcrunError, OSError):
-            return 0.0
+            self._cgroups.pop(name, None)
+            return None
+
+    async def set_cpu(self, name: str, cpu: float) -> None:
+        """Change an instance's CPU quota live (cpu.max, or cfs_quota_us on v1).
+
+        Raises:
+            FcrunError: the instance is gone or the kernel refused the value.
+        """
+        await self._call(self.runtime.update, name, cpu=cpu)
 
     async def existing(self) -> list[Existing]:
         rows = await self._call(self.runtime.list)
@@ -186,7 +208,7 @@ class RuntimeBackend:
             app = row.labels.get(APP_LABEL)
             if app:
                 found.append(Existing(name=row.name, app=app, ip=row.ip, port=0, running=row.status == "running",
-                                      started_at=row.created_at))
+                                      started_at=row.created_at, cpu=row.cpu))
         return found
 
     def close(self) -> None:

@@ -1,12 +1,12 @@
 """The admin API's controller when `fcrun serve` runs: CMDB changes plus their effect on
-running instances (the manager's routing table, draining on removal, live metering)."""
+running instances (the manager's routing table, draining on removal, forced scaling, live
+metering)."""
 
 from __future__ import annotations
 
 import msgspec
 
 from ..cmdb.models import AppStats, AppUpdate, NewApp, Scale
-from ..errors import IncorrectStatus
 from .admin import DirectController, check_scale
 from .manager import Manager
 
@@ -32,8 +32,11 @@ class ManagedController(DirectController):
         return await super().remove_app(name)
 
     async def scale(self, name: str, request: Scale) -> Scale:
-        check_scale(await self.get_app(name), request)
-        raise IncorrectStatus("forced scaling is not implemented yet: instances start on demand and stop when idle")
+        """An operator's order: instances started or drained, or a quota changed live. Works
+        whether autoscale is on or off; answers once it is done."""
+        app = await self.get_app(name)
+        check_scale(app, request)
+        return await self.manager.scale(app.name, request)
 
     async def stats(self, app: str | None = None) -> dict[str, AppStats]:
         if app is not None:

@@ -6,6 +6,14 @@ connections (concurrent requests for a cold app share one start). `tick(now)` ap
 mortality (stop after idle-timeout, with draining) and immutability (replace after
 max-lifetime); serve calls it periodically, tests call it with a fake clock.
 
+While instances run, the manager also watches them (FastContainer's self-monitoring): every
+`sample_interval_s` `sample()` reads each instance's cgroup and request counters (monitor.py),
+hands each app's figures to the scaling policy (policy.py, a pure function) and carries out
+its decisions - a quota raised or lowered live, an instance started (it joins the rotation
+once it accepts connections, with a slow start: see SLOW_START_FIRST) or drained and
+stopped. `scale()` does the same on an operator's order (`fcrun app scale`), with or
+without autoscale. Every decision is an event with its reason and figures.
+
 Instance states, checked here only:
 
     starting -> ready -> draining -> stopped
@@ -22,16 +30,36 @@ import time
 from dataclasses import dataclass, field
 from typing import Callable
 
+import msgspec
+
+from ..cmdb.models import Scale
+from ..errors import ContainerError, FcrunError, IncorrectStatus, NotFound
 from ..proxy.router import RouteError
+from . import monitor
 from .backend import InstanceBackend, StartFailed
+from .policy import AppMetrics, Decision, History, Tuning, decide
 
 log = logging.getLogger("fcrun.serve")
 
 # An instance being replaced keeps serving until its successor is ready.
 ROUTABLE = frozenset({"ready", "replacing"})
+DEFAULT_SAMPLE_INTERVAL_S = 0.25
+
+# Slow start: a new instance accepts connections long before it can serve many at once. A
+# pre-forking server (Apache prefork, the apache-php image) starts 5 workers and, while none is
+# idle, forks 1, 2, 4, ... 32 more once a second; a connection beyond its workers waits in the
+# kernel's accept queue until one is free (seconds, with keep-alive). So while other instances
+# can take the load, a new one gets at most 4 requests in flight for 2 s, then 1, 2, 4, ... more
+# each further second (a step behind such a server's forking), until it is SLOW_START_S old.
+# When every instance is at its limit the least loaded still gets the request: the limit only
+# steers, it never refuses.
+SLOW_START_FIRST = 4
+SLOW_START_STEP_S = 1.0
+SLOW_START_S = 8.0
+UNCAPPED = 1 << 62
 
 
-@dataclass
+@dataclass(slots=True)  # slots: attribute access on the request path is a little faster
 class Instance:
     name: str
     app: str
@@ -41,10 +69,17 @@ class Instance:
     started_mono: float
     last_active: float  # monotonic: last request start or end
     state: str = "ready"
+    cpu: float = 0.0  # its CPU quota now (the app's cpu, until scaled up or down)
     outstanding: int = 0
+    cap: int = UNCAPPED  # most requests in flight while other instances can take more (slow start)
     tunnels: int = 0
     requests: int = 0
     drained: asyncio.Event = field(default_factory=asyncio.Event)
+    # Request counters for the monitor, kept where `outstanding` changes anyway.
+    busy_s: float = 0.0  # integral of `outstanding` over time, up to busy_at
+    busy_at: float = 0.0
+    latency_s: float = 0.0  # sum of response times of completed requests (requests - outstanding)
+    reading: monitor.Reading | None = None  # the last sample
 
 
 @dataclass
@@ -69,6 +104,8 @@ class AppState:
     removing: bool = False
     connections: int = 0  # open client connections for this app's hostnames
     meter: Meter = field(default_factory=Meter)
+    pending_starts: int = 0  # instances being started (cold start, scale-out, replacement)
+    history: History = field(default_factory=History)  # the scaling policy's memory
 
     def ready(self) -> list[Instance]:
         return [i for i in self.instances.values() if i.state == "ready"]
@@ -105,6 +142,9 @@ class Manager:
         backend: makes and removes instances (RuntimeBackend, or a fake in tests).
         hold_timeout_s: how long a request may wait for a cold start before 504.
         drain_timeout_s: how long a stopping instance may take to finish in-flight requests.
+        sample_interval_s: how often running instances are sampled and the scaling policy
+            runs; 0 disables the background monitor (tests then call `sample()` themselves).
+        tuning: the scaling policy's thresholds.
         clock: monotonic clock (injected in tests).
     """
 
@@ -115,6 +155,8 @@ class Manager:
         *,
         hold_timeout_s: float = 30.0,
         drain_timeout_s: float = 10.0,
+        sample_interval_s: float = DEFAULT_SAMPLE_INTERVAL_S,
+        tuning: Tuning = Tuning(),
         clock: Callable[[], float] = time.monotonic,
         on_instance_gone: Callable[[str], None] | None = None,
     ):
@@ -122,7 +164,10 @@ class Manager:
         self.backend = backend
         self.hold_timeout_s = hold_timeout_s
         self.drain_timeout_s = drain_timeout_s
+        self.sample_interval_s = sample_interval_s
+        self.tuning = tuning
         self.clock = clock
+        self._monitor: asyncio.Task | None = None
         self.on_instance_gone = on_instance_gone or (lambda name: None)
         self.apps: dict[str, AppState] = {}
         self._by_host: dict[str, AppState] = {}
@@ -170,22 +215,34 @@ class Manager:
         cold = None
         if instance is None:
             instance = await self._wait_for_instance(state)
-            cold = ("start", round((self.clock() - t0) * 1000, 1))
+            now = self.clock()
+            cold = ("start", round((now - t0) * 1000, 1))
+            # The request is in flight on the instance from now, not from when it began waiting.
+            instance.busy_s += instance.outstanding * (now - instance.busy_at)
+            instance.busy_at = now
         return self._lease(state, instance, cold, t0)
 
     def _lease(self, state: AppState, instance: Instance, cold, t0: float) -> InstanceLease:
-        instance.outstanding += 1
+        outstanding = instance.outstanding
+        if cold is None:
+            instance.busy_s += outstanding * (t0 - instance.busy_at)
+            instance.busy_at = t0
+        instance.outstanding = outstanding + 1
         instance.requests += 1
         instance.last_active = t0
         return InstanceLease(self, state, instance, cold, t0)
 
     @staticmethod
     def _least_loaded(state: AppState) -> Instance | None:
-        best = None
+        best = capped = None
         for inst in state.instances.values():
-            if inst.state in ROUTABLE and (best is None or inst.outstanding < best.outstanding):
-                best = inst
-        return best
+            if inst.state in ROUTABLE:
+                if inst.outstanding >= inst.cap:  # slow start: only if no other can take it
+                    if capped is None or inst.outstanding < capped.outstanding:
+                        capped = inst
+                elif best is None or inst.outstanding < best.outstanding:
+                    best = inst
+        return best or capped
 
     async def _wait_for_instance(self, state: AppState) -> Instance:
         deadline = self.clock() + self.hold_timeout_s
@@ -207,14 +264,18 @@ class Manager:
     async def _start_instance(self, state: AppState, deadline: float) -> Instance:
         app = state.app
         t0 = self.clock()
+        state.pending_starts += 1
         try:
             started = await self.backend.start(app, deadline)
         except StartFailed as exc:
             self._event(app.name, "start-failed", str(exc))
             raise
+        finally:
+            state.pending_starts -= 1
         now = self.clock()
         instance = Instance(name=started.name, app=app.name, ip=started.ip, port=started.port,
-                            started_at=time.time(), started_mono=now, last_active=now)
+                            started_at=time.time(), started_mono=now, last_active=now, cpu=app.cpu, busy_at=now,
+                            cap=SLOW_START_FIRST)
         ms = (now - t0) * 1000
         state.meter.starts += 1
         state.meter.cold_start_ms_total += ms
@@ -225,15 +286,20 @@ class Manager:
         self._record_instance(instance)
         self._event(app.name, "start", f"started {instance.name} at {instance.ip}:{instance.port} in {ms:.0f} ms",
                     {"instance": instance.name, "ms": round(ms, 1)})
+        self._watch()
         return instance
 
     def _release(self, state: AppState, instance: Instance, status: int, t0: float, failed: bool) -> None:
         now = self.clock()
-        instance.outstanding -= 1
-        instance.last_active = now
+        outstanding = instance.outstanding
+        instance.busy_s += outstanding * (now - instance.busy_at)
+        instance.busy_at = instance.last_active = now
+        instance.outstanding = outstanding - 1
+        elapsed = now - t0
+        instance.latency_s += elapsed
         meter = state.meter
         meter.requests += 1
-        meter.request_seconds += now - t0
+        meter.request_seconds += elapsed
         if failed:
             meter.failed += 1
         if 100 <= status < 600:
@@ -339,7 +405,7 @@ class Manager:
             if state and found.running and found.ip and await self.backend.accepting(found.ip, port):
                 now = self.clock()
                 inst = Instance(name=found.name, app=found.app, ip=found.ip, port=port, started_at=found.started_at,
-                                started_mono=now, last_active=now)
+                                started_mono=now, last_active=now, cpu=found.cpu or state.app.cpu, busy_at=now)
                 state.instances[inst.name] = inst
                 self._record_instance(inst)
                 adopted.append(found.name)
@@ -355,16 +421,173 @@ class Manager:
         if adopted or removed:
             self._event(None, "reconcile", f"adopted {len(adopted)}, removed {len(removed)} instances",
                         {"adopted": adopted, "removed": removed})
+        if adopted:
+            self._watch()
         return {"adopted": adopted, "removed": removed}
 
     async def shutdown(self) -> None:
         """Stop every instance (after draining) and wait for all background work."""
+        if self._monitor is not None:
+            self._monitor.cancel()
         for state in self.apps.values():
             state.removing = True
         stops = [self._stop(s, i, "serve is stopping") for s in self.apps.values() for i in list(s.instances.values())]
         await asyncio.gather(*stops, return_exceptions=True)
         if self._tasks:
             await asyncio.gather(*self._tasks, return_exceptions=True)
+
+    # ----- self-monitoring and scaling ------------------------------------------------------
+
+    def _watch(self) -> None:
+        """Run the monitor while any instance exists (it ends itself when none is left)."""
+        if self.sample_interval_s > 0 and self._monitor is None:
+            self._monitor = self._spawn(self._monitor_loop())
+
+    async def _monitor_loop(self) -> None:
+        try:
+            while any(state.instances for state in self.apps.values()):
+                await asyncio.sleep(self.sample_interval_s)
+                try:
+                    self.sample()
+                except Exception:  # noqa: BLE001 - a bad sample must not end monitoring; it is logged
+                    log.exception("sampling instances failed")
+        finally:
+            self._monitor = None
+
+    def sample(self) -> None:
+        """Read every instance's figures and, for apps with autoscale on, act on the policy's
+        decisions. Cheap (a few kernel-file reads per instance); the monitor calls it every
+        sample_interval_s, tests call it with a fake clock."""
+        now = self.clock()
+        for state in list(self.apps.values()):
+            if state.removing:
+                continue
+            figures = []
+            for inst in list(state.instances.values()):
+                if inst.state not in ROUTABLE:
+                    continue
+                if inst.cap != UNCAPPED:
+                    inst.cap = self._slow_start_cap(now - inst.started_mono)
+                busy_s = inst.busy_s + inst.outstanding * (now - inst.busy_at)
+                cur = monitor.reading(now, self.backend.cgroup_stats(inst.name), busy_s,
+                                      inst.requests - inst.outstanding, inst.latency_s)
+                prev, inst.reading = inst.reading, cur
+                if prev is not None and inst.state == "ready":
+                    figures.append(monitor.figures(inst.name, inst.cpu, inst.started_mono, prev, cur))
+            if not state.app.autoscale:
+                state.history = msgspec.structs.replace(state.history, hot_since_s=None, calm_since_s=None)
+                continue
+            plan = decide(AppMetrics(app=state.app, instances=tuple(figures), starting=state.pending_starts,
+                                     history=state.history), now, self.tuning)
+            state.history = plan.history
+            for decision in plan.decisions:
+                self._carry_out(state, decision)
+
+    @staticmethod
+    def _slow_start_cap(age_s: float) -> int:
+        if age_s >= SLOW_START_S:
+            return UNCAPPED
+        return SLOW_START_FIRST - 1 + 2 ** max(0, int(age_s / SLOW_START_STEP_S) - 1)
+
+    def _carry_out(self, state: AppState, decision: Decision) -> None:
+        app = state.app
+        data = {"reason": decision.reason, **decision.figures}
+        match decision.action:
+            case "scale-up" | "scale-down":
+                inst = state.instances.get(decision.instance or "")
+                if inst is not None and inst.state == "ready":
+                    self._spawn(self._set_cpu(state, inst, decision.cpu, decision.action, decision.reason, data))
+            case "scale-out":
+                self._event(app.name, "scale-out", decision.reason, data)
+                state.starting = self._spawn(self._start_instance(state, time.monotonic() + self.hold_timeout_s))
+            case "scale-in":
+                inst = state.instances.get(decision.instance or "")
+                if inst is not None and inst.state == "ready":
+                    self._event(app.name, "scale-in", decision.reason, {**data, "instance": inst.name})
+                    self._spawn(self._stop(state, inst, "scaled in"))
+
+    async def _set_cpu(self, state: AppState, inst: Instance, cpu: float, action: str, reason: str,
+                       data: dict) -> None:
+        """Change one instance's quota live; the event says when it took effect."""
+        before, inst.cpu = inst.cpu, cpu  # at once, so the next sample judges the new quota
+        t0 = self.clock()
+        try:
+            await self.backend.set_cpu(inst.name, cpu)
+        except Exception as exc:  # noqa: BLE001 - recorded; the instance keeps its old quota
+            inst.cpu = before
+            if inst.state in ROUTABLE:
+                self._event(state.app.name, "scale-failed", f"cannot set cpu of {inst.name} to {cpu:g}: {exc}",
+                            {"instance": inst.name, "cpu": cpu})
+            return
+        ms = (self.clock() - t0) * 1000
+        self._record_instance(inst)
+        self._event(state.app.name, action, f"{reason} (applied in {ms:.0f} ms)",
+                    {**data, "instance": inst.name, "cpu_from": before, "cpu_to": cpu, "ms": round(ms, 1)})
+
+    async def scale(self, name: str, request: Scale) -> Scale:
+        """An operator's order (`fcrun app scale`): a number of instances, or a CPU quota for
+        every ready instance. Works with autoscale on or off; the policy's cooldowns count it.
+        Returns once done: new instances accept connections, removed ones have drained.
+
+        Raises:
+            NotFound: no such app.
+            IncorrectStatus: a CPU change for an app with no ready instance.
+            ContainerError: an instance could not be started (the message says why).
+            FcrunError: the kernel refused the new quota.
+        """
+        state = self.apps.get(name)
+        if state is None or state.removing:
+            raise NotFound(f"no app named {name!r} is served")
+        app = state.app
+        ready = state.ready()
+        now = self.clock()
+        if request.cpu is not None:
+            if not ready:
+                raise IncorrectStatus(f"cannot set the cpu of {name}: it has no running instance "
+                                      f"(new instances start with its --cpu {app.cpu:g})")
+            cpu = request.cpu
+            for inst in ready:
+                before, inst.cpu = inst.cpu, cpu
+                try:
+                    await self.backend.set_cpu(inst.name, cpu)
+                except FcrunError:
+                    inst.cpu = before
+                    raise
+                self._record_instance(inst)
+                action = "scale-up" if cpu > before else "scale-down"
+                self._event(name, action, f"forced: {inst.name} cpu {before:g} -> {cpu:g} (fcrun app scale)",
+                            {"instance": inst.name, "cpu_from": before, "cpu_to": cpu, "forced": True})
+                self._count_forced(state, action, now)
+            return Scale(cpu=cpu)
+        wanted = request.instances
+        have = len(ready) + state.pending_starts
+        if wanted > have:
+            self._event(name, "scale-out", f"forced: {have} -> {wanted} instances (fcrun app scale)",
+                        {"instances_from": have, "instances_to": wanted, "forced": True})
+            self._count_forced(state, "scale-out", now)
+            starts = [self._spawn(self._start_instance(state, time.monotonic() + self.hold_timeout_s))
+                      for _ in range(wanted - have)]
+            state.starting = starts[-1]
+            results = await asyncio.gather(*starts, return_exceptions=True)
+            failed = [r for r in results if isinstance(r, BaseException)]
+            if failed:
+                raise ContainerError(f"cannot scale {name} out to {wanted} instances: {failed[0]}")
+        elif wanted < len(ready):
+            self._event(name, "scale-in", f"forced: {len(ready)} -> {wanted} instances (fcrun app scale)",
+                        {"instances_from": len(ready), "instances_to": wanted, "forced": True})
+            self._count_forced(state, "scale-in", now)
+            # Drain the least busy first; among equals the newest.
+            victims = sorted(ready, key=lambda i: (i.outstanding, -i.started_mono))[:len(ready) - wanted]
+            await asyncio.gather(*(self._stop(state, i, "scaled in (forced)") for i in victims))
+        return Scale(instances=len(state.ready()) + state.pending_starts)
+
+    @staticmethod
+    def _count_forced(state: AppState, action: str, now: float) -> None:
+        """A forced action restarts the policy's cooldown of its family."""
+        if action in ("scale-up", "scale-out"):
+            state.history = History(last_up_s=now, last_down_s=state.history.last_down_s)
+        else:
+            state.history = History(last_up_s=state.history.last_up_s, last_down_s=now)
 
     # ----- metering -----------------------------------------------------------------------------
 
@@ -405,7 +628,8 @@ class Manager:
 
         with contextlib.suppress(Exception):
             self.cmdb.upsert_instance(InstanceRow(id=inst.name, app=inst.app, container=inst.name, state=inst.state,
-                                                  ip=inst.ip, port=inst.port, started_at=inst.started_at))
+                                                  ip=inst.ip, port=inst.port, cpu=inst.cpu or None,
+                                                  started_at=inst.started_at))
 
     def _event(self, app: str | None, kind: str, message: str, data: dict | None = None) -> None:
         with contextlib.suppress(Exception):

@@ -1,0 +1,62 @@
+"""`fcrun bench ...`: the benchmarks in the source tree's bench/ directory, run from the CLI.
+
+They are development tools: they live next to the code (bench/*.py, each also runnable on its
+own), so this group needs a source checkout (an editable install) and says so otherwise.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import sys
+
+import click
+
+from fcrun.errors import NotFound
+
+BENCH_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "bench")
+
+
+def _load(name: str):
+    path = os.path.join(BENCH_DIR, f"{name}.py")
+    if not os.path.isfile(path):
+        raise NotFound(f"benchmark {path} not found: `fcrun bench` runs from a source checkout of fcrun")
+    spec = importlib.util.spec_from_file_location(f"fcrun_bench_{name}", path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up while the class is made
+    spec.loader.exec_module(module)
+    return module
+
+
+@click.group()
+def bench():
+    """Benchmarks (from the source tree's bench/ directory)."""
+
+
+@bench.command("paper")
+@click.option("--mode", type=click.Choice(["scale-out", "scale-up", "reactive", "all"]), default="all",
+              show_default=True, help="The action at request N/2 (reactive: none, the policy decides).")
+@click.option("--requests", "-n", type=click.IntRange(min=2000), default=100_000, show_default=True,
+              help="Requests per mode.")
+@click.option("--concurrency", "-c", type=click.IntRange(min=1), default=None,
+              help="Requests in flight (default: bench/paper.py's).")
+@click.option("--out", default=None, metavar="DIR", help="Where the JSON and the PNG go (default: bench/results).")
+@click.option("--image-store", default=None, metavar="DIR", help="Data root holding the apache-php image.")
+def paper(mode: str, requests: int, concurrency: int | None, out: str | None, image_store: str | None):
+    """The talk's experiment: an apache-php app at 0.3 CPU under a fixed load, scaled out,
+    up, or reactively at request N/2. Prints JSON (per-phase latency and throughput, failures,
+    time to new capacity) and the path of a PNG plot of response time by request index."""
+    module = _load("paper")
+    argv = ["--mode", mode, "--requests", str(requests)]
+    if concurrency is not None:
+        argv += ["--concurrency", str(concurrency)]
+    if out is not None:
+        argv += ["--out", out]
+    if image_store is not None:
+        argv += ["--image-store", image_store]
+    code = module.main(argv)
+    if code:
+        raise SystemExit(code)
+
+
+__all__ = ["bench"]
