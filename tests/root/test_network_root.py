@@ -168,6 +168,8 @@ def lab(tmp_path):
     lab = Lab(str(tmp_path / "network"))
     try:
         yield lab
+        # What fcrun's own teardown does (Runtime.gc, serve's stop): drop the idle bridge.
+        lab.network().remove_bridge_if_unused()
     finally:
         leftover = lab.ours()
         lab.clean_up()
@@ -245,7 +247,7 @@ def test_parallel_attach_from_threads_gets_unique_addresses(lab):
         assert f"inet {att.ip}/24" in lab.run_in(pid, "ip", "-o", "-4", "addr", "show", "eth0")
     with ThreadPoolExecutor(len(spaces)) as pool:
         list(pool.map(net.detach, owners))
-    assert lab.ours() == set()
+    assert lab.ours() == {lab.bridge}
     assert net.ipam.leases() == {}
 
 
@@ -260,7 +262,7 @@ def test_attach_works_inside_a_running_event_loop(lab):
         return att
 
     assert asyncio.run(attach_and_detach()).ip == f"{lab.prefix}.2"
-    assert lab.ours() == set()
+    assert lab.ours() == {lab.bridge}
 
 
 def test_host_and_container_reach_each_other_over_tcp(lab):
@@ -306,7 +308,7 @@ def test_containers_cannot_reach_each_other_but_both_reach_the_host(lab):
     net.detach(owner_b)
 
 
-def test_detach_removes_veth_lease_and_bridge_and_is_idempotent(lab):
+def test_detach_removes_veth_and_lease_and_is_idempotent(lab):
     links_before = link_names()
     net = lab.network()
     _pid, fd = lab.netns()
@@ -316,11 +318,13 @@ def test_detach_removes_veth_lease_and_bridge_and_is_idempotent(lab):
 
     net.detach(owner)
 
-    assert lab.ours() == set()
+    assert lab.ours() == {lab.bridge}  # kept for the next container
     assert net.ipam.leases() == {}
-    assert link_names() == links_before
     net.detach(owner)
     net.detach("never-attached")
+    assert net.remove_bridge_if_unused() is True
+    assert lab.ours() == set()
+    assert link_names() == links_before
 
 
 def test_bridge_stays_while_another_container_uses_it(lab):
@@ -334,6 +338,8 @@ def test_bridge_stays_while_another_container_uses_it(lab):
     net.detach(first)
     assert lab.ours() == {lab.bridge, att2.host_ifname}
     net.detach(second)
+    assert lab.ours() == {lab.bridge}  # idle, kept for the next container
+    assert net.remove_bridge_if_unused() is True
     assert lab.ours() == set()
 
 
@@ -359,7 +365,7 @@ def test_detach_after_the_netns_died(lab, netns_gone):
     assert lab.ours() == {lab.bridge, host_ifname(keeper)}
     assert net.ipam.leases() == {keeper: f"{lab.prefix}.3"}
     net.detach(keeper)
-    assert lab.ours() == set()
+    assert lab.ours() == {lab.bridge}
 
 
 def test_gc_removes_the_veth_of_a_netns_that_outlived_detach(lab):

@@ -272,10 +272,12 @@ def test_existing_interface_that_is_not_a_bridge_is_a_spec_error(network, kernel
     assert set(kernel.host) == {"fctest0"}
 
 
-def test_detach_removes_veth_lease_and_bridge_and_is_idempotent(network, kernel, netns_fd):
+def test_detach_removes_veth_and_lease_and_is_idempotent(network, kernel, netns_fd):
     network.attach("web-1", netns_fd)
     network.detach("web-1")
-    assert kernel.host == {} and set(kernel.ns(netns_fd)) == {"lo"}
+    assert set(kernel.host) == {"fctest0"} and set(kernel.ns(netns_fd)) == {"lo"}  # the bridge stays
+    assert network.remove_bridge_if_unused() is True
+    assert kernel.host == {}
     assert network.ipam.leases() == {}
     network.detach("web-1")
     network.detach("never-attached")

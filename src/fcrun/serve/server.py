@@ -102,6 +102,8 @@ class Serve:
                 await self.admin.close()
             if self.manager is not None:
                 await self.manager.shutdown()
+            with contextlib.suppress(Exception):  # the bridge outlives containers, not serve
+                self.runtime.network.remove_bridge_if_unused()
         finally:
             if self.backend is not None:
                 self.backend.close()
