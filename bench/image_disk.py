@@ -80,6 +80,7 @@ def main() -> int:
     finally:
         for name in rt.states.names():
             rt.delete(name, force=True)
+        rt.network.remove_bridge_if_unused()
         shutil.rmtree(work, ignore_errors=True)
     print(json.dumps(out, indent=None if args.json else 2))
     return 0

@@ -174,6 +174,7 @@ class Server:
                 with contextlib.suppress(Exception):
                     rt.delete(name, force=True)
             rt.cgroups.remove_parent_if_empty()
+            rt.network.remove_bridge_if_unused()
 
 
 def _free_port() -> int:

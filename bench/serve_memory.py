@@ -217,6 +217,7 @@ class ServeProcess:
                 print(f"serve_memory: could not delete {name}: {exc}", file=sys.stderr)
         try:
             self.runtime.cgroups.remove_parent_if_empty()
+            self.runtime.network.remove_bridge_if_unused()
         except Exception:  # noqa: BLE001
             pass
         if os.path.exists(f"/sys/class/net/{self.runtime_args['bridge']}"):
