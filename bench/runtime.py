@@ -4,12 +4,15 @@
 Each round runs `/bin/true` in the busybox image once per contender, interleaved so that
 background noise hits all of them alike:
 
-  (a) library: Runtime.run() + wait() + delete() in this process
+  (a) library: Runtime.run() + wait() + delete() in this process (as any long-lived user
+               of the library: its containers are forked by the spawner, from the second on)
   (b) cli:     `fcrun run --net NET --image busybox -- /bin/true` (a new process each time)
   (c) runc:    `runc run --bundle B` of the same rootfs (runc removes its state on exit)
+  and, with --only ...,direct: the library with Runtime(spawner=False), forking each
+  container from this process, for comparison.
 
 Prints JSON: median and p99 (ms) of each, and the ratios a/c and b/c of the medians.
-Needs root. Usage: bench/runtime.py [--runs 50] [--net none|bridge] [--json]
+Needs root. Usage: bench/runtime.py [--runs 50] [--net none|bridge] [--only library,runc] [--json]
 """
 
 from __future__ import annotations
@@ -57,7 +60,13 @@ def main() -> int:
     parser.add_argument("--net", choices=["none", "bridge"], default="none")
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--json", action="store_true", help="print only the JSON result")
+    parser.add_argument("--only", default="library,cli,runc",
+                        help="comma-separated contenders to run (default: all three); add "
+                             "'direct' to also time the library without its spawner")
     args = parser.parse_args()
+    unknown = set(args.only.split(",")) - {"library", "direct", "cli", "runc"}
+    if unknown:
+        parser.error(f"--only: unknown contender(s) {sorted(unknown)}")
     if os.geteuid() != 0:
         print("bench/runtime.py: needs root", file=sys.stderr)
         return 77
@@ -67,6 +76,8 @@ def main() -> int:
     paths = Paths(data_root=os.path.join(work, "data"), run_root=os.path.join(work, "run"))
     rt_args = dict(cgroup_parent=f"fcrun-bench-{tag}", bridge=f"fcb{tag}"[:15], subnet="10.236.0.0/24")
     rt = Runtime(paths, **rt_args)
+    rt_direct = Runtime(paths, spawner=False, **rt_args)
+    contenders = args.only.split(",")
     image = ImageStore(paths).build("busybox", progress=lambda *a: None)
     bundle = os.path.join(work, "bundle")
     os.mkdir(bundle)
@@ -76,15 +87,18 @@ def main() -> int:
                    FCRUN_SUBNET=rt_args["subnet"])
     fcrun_cli = [os.path.join(os.path.dirname(sys.executable), "fcrun")]
     null = os.open("/dev/null", os.O_RDWR)
-    results: dict[str, list[float]] = {"library": [], "cli": [], "runc": []}
+    results: dict[str, list[float]] = {label: [] for label in contenders}
 
-    def library(i: int) -> None:
-        name = f"bench-{i}"
+    def library(i: int, rt: Runtime = rt, prefix: str = "bench") -> None:
+        name = f"{prefix}-{i}"
         spec = spec_from_image(image, RunOptions(args=["/bin/true"], network=args.net), name=name)
         c = rt.run(name, spec, image=image, stdio=(null, null, null))
         if c.wait() != 0:
             raise SystemExit("library run failed")
         rt.delete(name)
+
+    def direct(i: int) -> None:
+        library(i, rt_direct, "bdirect")
 
     def cli(i: int) -> None:
         subprocess.run([*fcrun_cli, "run", "--net", args.net, "--image", "busybox", "--name", f"bcli-{i}", "--", "/bin/true"],
@@ -96,7 +110,9 @@ def main() -> int:
 
     try:
         for i in range(args.warmup + args.runs):
-            for label, fn in (("library", library), ("cli", cli), ("runc", runc)):
+            for label, fn in (("library", library), ("direct", direct), ("cli", cli), ("runc", runc)):
+                if label not in contenders:
+                    continue
                 t0 = time.perf_counter()
                 fn(i)
                 elapsed_ms = (time.perf_counter() - t0) * 1000
@@ -113,16 +129,17 @@ def main() -> int:
         "benchmark": "runtime create+start+wait(+delete) of /bin/true in busybox",
         "net": args.net,
         "runs": args.runs,
-        "library": summary(results["library"]),
-        "cli": summary(results["cli"]),
-        "runc": summary(results["runc"]),
+        **{label: summary(values) for label, values in results.items()},
     }
-    runc_median = out["runc"]["median_ms"]
-    out["ratios"] = {
-        "a_library_over_runc": round(out["library"]["median_ms"] / runc_median, 3),
-        "b_cli_over_runc": round(out["cli"]["median_ms"] / runc_median, 3),
-        "a_p99_over_runc_p99": round(out["library"]["p99_ms"] / out["runc"]["p99_ms"], 3),
-    }
+    if "runc" in out:
+        runc = out["runc"]
+        ratios = {}
+        for label, key in (("library", "a_library_over_runc"), ("direct", "a_direct_over_runc"), ("cli", "b_cli_over_runc")):
+            if label in out:
+                ratios[key] = round(out[label]["median_ms"] / runc["median_ms"], 3)
+        if "library" in out:
+            ratios["a_p99_over_runc_p99"] = round(out["library"]["p99_ms"] / runc["p99_ms"], 3)
+        out["ratios"] = ratios
     print(json.dumps(out, indent=None if args.json else 2))
     return 0
 

@@ -7,12 +7,17 @@ any fcrun process can manage a container another one created.
 Resource handling: `create` registers an undo step for everything it makes (run dir, upper
 dir, cgroup, child process, veth + lease) and runs them in reverse on any failure, so a
 failed creation leaves nothing behind.
+
+Who forks: from a process's second container on, a spawner (spawner.py) does, from a small
+address space and ahead of time; the first is forked here, so that a one-shot `fcrun run`
+does not pay for starting one. Either way the child and the handshake are spawn.py's.
 """
 
 from __future__ import annotations
 
 import contextlib
 import os
+import select
 import shutil
 import signal
 import time
@@ -20,6 +25,7 @@ from dataclasses import dataclass
 
 import msgspec
 
+from . import spawner
 from . import syscalls as sc
 from .cgroups import Cgroup, CgroupDriver, Limits, detect
 from .errors import ContainerError, FcrunError, IncorrectStatus, KernelError, MissingFeature, NotFound, NotPermitted, SpecError
@@ -57,11 +63,12 @@ class Container:
     for it (or `Runtime.delete` it), or it stays a zombie until this process exits.
     """
 
-    def __init__(self, runtime: "Runtime", state: ContainerState, status_r: int = -1, go_w: int = -1):
+    def __init__(self, runtime: "Runtime", state: ContainerState, status_r: int = -1, go_w: int = -1, report_r: int = -1):
         self.runtime = runtime
         self.state = state
         self._status_r = status_r
         self._go_w = go_w
+        self._report_r = report_r  # >= 0: the spawner forked it and reports its exit here
 
     @property
     def name(self) -> str:
@@ -98,13 +105,22 @@ class Container:
 
     def wait(self) -> int:
         """Wait for pid 1 to exit; returns its exit code (128+N when killed by signal N)."""
-        while True:
+        if self._report_r >= 0:
+            status = _wait_report(self._report_r, self.state.pid)
+            self._close_report()
+            if status is None:
+                # The spawner died without telling. An attached container died with it
+                # (PDEATHSIG=SIGKILL); a detached one lives on, re-parented: wait for it.
+                _wait_exit(self.state)
+                if not self.state.detached:
+                    status = signal.SIGKILL
+                else:
+                    return self.runtime._refresh(self.state).exit_code or 0
+        else:
             try:
                 _, status = os.waitpid(self.state.pid, 0)
-                break
-            except InterruptedError:
-                continue
-            except ChildProcessError:
+            except ChildProcessError:  # not our child (the spawner is gone): wait all the same
+                _wait_exit(self.state)
                 return self.runtime._refresh(self.state).exit_code or 0
         code = os.waitstatus_to_exitcode(status)
         code = 128 - code if code < 0 else code
@@ -123,8 +139,14 @@ class Container:
                 os.close(fd)
         self._status_r = self._go_w = -1
 
+    def _close_report(self) -> None:
+        if self._report_r >= 0:
+            os.close(self._report_r)
+            self._report_r = -1
+
     def __del__(self) -> None:
         self._close_fds()
+        self._close_report()
 
 
 class Runtime:
@@ -134,6 +156,9 @@ class Runtime:
         paths: data and run roots (default: from FCRUN_ROOT / FCRUN_RUN or /var/lib/fcrun, /run/fcrun).
         cgroup_parent: relative name created beneath fcrun's own cgroup, or an absolute cgroup path.
         bridge, subnet: the bridge network containers with network="bridge" join.
+        spawner: fork containers through a small helper process (spawner.py), which makes
+            them start faster. None (default, or $FCRUN_SPAWNER unset): from the process's
+            second container on; True ("1"): always; False ("0"): never.
     """
 
     def __init__(
@@ -143,8 +168,12 @@ class Runtime:
         cgroup_parent: str = DEFAULT_CGROUP_PARENT,
         bridge: str = DEFAULT_BRIDGE,
         subnet: str = DEFAULT_SUBNET,
+        spawner: bool | None = None,
     ):
         self.paths = paths or Paths.from_env()
+        if spawner is None:
+            spawner = {"0": False, "1": True}.get(os.environ.get("FCRUN_SPAWNER", ""))
+        self.spawner_mode = spawner
         self.states = StateStore(self.paths.containers)
         self.cgroup_parent = cgroup_parent
         self.bridge = bridge
@@ -213,10 +242,14 @@ class Runtime:
         init_path = _find_init() if init else None
 
         cdir = self.states.reserve(name)
+        creating = contextlib.ExitStack()
         undo = contextlib.ExitStack()
         undo.callback(self.states.remove, name)
         init_fd = status_r = -1
         try:
+            # Held until the creation is over: `rm -f` and `gc` of another process wait for
+            # it instead of taking the reserved name for the leftover of a crashed creation.
+            creating.enter_context(self.states.locked(name))
             state = ContainerState(
                 name=name, status="creating", spec=spec, image=image.name if image else "",
                 created_at=time.time(), detached=detach, labels=dict(labels or {}),
@@ -256,27 +289,30 @@ class Runtime:
                 init_fd=init_fd,
                 stdio=stdio,
             )
-            pid, status_r, go_w = fork_child(plan, new_pid_ns=True)
-            undo.callback(_reap, pid)
-            undo.callback(os.close, status_r)
-            undo.callback(os.close, go_w)
-            undo.callback(_kill_quietly, pid)
-            state.pid = pid
-            state.pid_start_time = proc_start_time(pid)
-
+            child = self._start_child(plan)
+            undo.callback(child.abandon)
+            status_r, go_w = child.status_r, child.go_w
+            # While the child mounts its rootfs, make its cgroup and move it in. On cgroup v1
+            # the move waits for an RCU grace period when no other move happened lately
+            # (4-13 ms here): better spent now, alongside the child's mounts, than after.
             cgroup = self.cgroups.create(name, limits_from_spec(spec))
             undo.callback(cgroup.destroy)
-            cgroup.add(pid)
             state.cgroup_version = self.cgroups.version
             state.cgroup_paths = dict(cgroup.paths)
-            self.states.save(state)  # from here on a crash leaves what `fcrun gc` can find
-
-            if read_status(status_r, SETUP_TIMEOUT_S) != b"R":
-                raise ContainerError(f"container {name}: setup ended before its namespaces were made")
+            pid = child.wait_pid()
+            state.pid = pid
+            state.pid_start_time = proc_start_time(pid)
+            cgroup.add(pid)
             state.network = NetworkState(mode=mode)
-            if mode == "bridge":
+            go = b"JS" if _start else b"J"
+            if mode != "bridge":
+                _send(go_w, go, status_r)
+            else:
+                _read_ready(status_r, name)
                 netns_fd = os.open(f"/proc/{pid}/ns/net", os.O_RDONLY | os.O_CLOEXEC)
                 try:
+                    # A failed creation changes nothing: not even a bridge this attach made.
+                    undo.callback(self._remove_bridge_quietly)
                     undo.callback(self.network.detach, name)
                     att = self.network.attach(name, netns_fd)
                 finally:
@@ -285,16 +321,22 @@ class Runtime:
                     mode=mode, ip=att.ip, prefixlen=att.prefixlen, gateway=att.gateway,
                     host_ifname=att.host_ifname, bridge=att.bridge,
                 )
-            _send(go_w, b"JS" if _start else b"J", status_r)
-            if read_status(status_r, SETUP_TIMEOUT_S) != b"C":
-                raise ContainerError(f"container {name}: setup ended before the rootfs was ready")
-            if _start:
-                read_status(status_r, SETUP_TIMEOUT_S)  # EOF: the exec happened
-                state.status = "running"
-                state.started_at = time.time()
-            else:
-                state.status = "created"
+                _send(go_w, go, status_r)
+            # The one save of a creation, made while the child mounts its rootfs, with the
+            # status it has once the handshake below completes; if it does not, the rollback
+            # removes the state again. A crash before this save leaves a reserved name, which
+            # `fcrun gc` cleans up by name (cgroup, storage, lease); the child dies with us or
+            # at the EOF of its go pipe.
+            state.status = "running" if _start else "created"
+            state.started_at = time.time() if _start else 0.0
             self.states.save(state)
+            if mode != "bridge":
+                _read_ready(status_r, name)
+            if _start:  # the child got "JS": no "C", the next news is the exec
+                if read_status(status_r, SETUP_TIMEOUT_S) != b"":
+                    raise ContainerError(f"container {name}: unexpected message from its setup")
+            elif read_status(status_r, SETUP_TIMEOUT_S) != b"C":
+                raise ContainerError(f"container {name}: setup ended before the rootfs was ready")
         except ChildFailure as failure:
             undo.close()
             raise failure_to_error(failure, name) from None
@@ -311,16 +353,32 @@ class Runtime:
         finally:
             if init_fd >= 0:
                 os.close(init_fd)
+            creating.close()
         # Success: keep what was made; only the parent's copies of stdio fds go.
         undo.pop_all()
         if stdio is not None and state.log_path:
             for fd in set(stdio):
                 os.close(fd)
+        report_r = child.claim()  # the container exists: now the spawner may be told
         if _start:
             os.close(status_r)
             os.close(go_w)
-            return Container(self, state)
-        return Container(self, state, status_r, go_w)
+            return Container(self, state, report_r=report_r)
+        return Container(self, state, status_r, go_w, report_r)
+
+    def _start_child(self, plan: ChildPlan) -> "_Child":
+        """Fork the container child: through the spawner when there is one, else from here."""
+        for _ in range(2):
+            client = spawner.for_create(self.spawner_mode)
+            if client is None:
+                break
+            try:
+                pid, status_r, go_w, report_r = client.send(plan, new_pid_ns=True)
+                return _Child(status_r, go_w, report_r, pid, client if report_r < 0 else None)
+            except spawner.SpawnerGone:
+                spawner.discard(client)  # killed, or exited: a new one, or we fork this one
+        pid, status_r, go_w = fork_child(plan, new_pid_ns=True)
+        return _Child(status_r, go_w, pid=pid)
 
     def run(self, name: str, spec: Spec, **kwargs) -> Container:
         """create + start. Returns the running container (call .wait() for its exit code)."""
@@ -444,19 +502,44 @@ class Runtime:
             _wait_gone(state)
         _reap(state.pid)
         if state.cgroup_paths:
-            self._cgroup(state).destroy()
+            self._remove_cgroup(state)
+        elif state.status == "creating":
+            # A creation that crashed before its state was saved: its cgroup, if it got one,
+            # has the container's name under our parent.
+            cgroup = self.cgroups.load(self.cgroups.paths_for(state.name))
+            if cgroup.exists():
+                cgroup.destroy()
         if state.network and state.network.mode == "bridge":
             # Every process is gone, so the netns is being destroyed and the kernel deletes the
             # veth with it; deleting it ourselves would wait ~15 ms for RCU.
             self.network.detach(state.name, netns_gone=True)
-        storage = os.path.join(self.paths.data_root, "containers", state.name)
-        shutil.rmtree(storage, ignore_errors=True)
+        _remove_storage(os.path.join(self.paths.data_root, "containers", state.name))
         self.states.remove(state.name)
         if not self.states.names():
             # The last container is gone: leave no empty `fcrun` cgroup parent behind either
             # (the bridge goes with its last lease). A concurrent create re-makes it.
             with contextlib.suppress(FcrunError, OSError):
                 self.cgroups.remove_parent_if_empty()
+
+    def _remove_cgroup(self, state: ContainerState) -> None:
+        cgroup = self._cgroup(state)
+        if state.pid > 0:
+            # pid 1 is gone, and the kernel ended every other process of its pid namespace
+            # before it let pid 1 exit: the groups are empty, so rmdir them (0.15 ms for five
+            # v1 groups, where destroy() lists, kills and polls them first: 0.6 ms).
+            try:
+                for d in cgroup.dirs():
+                    with contextlib.suppress(FileNotFoundError):
+                        os.rmdir(d)
+                return
+            except OSError:
+                pass  # busy: a process that is not the container's, a child group, a task
+                # still being released (v1): the thorough way below
+        cgroup.destroy()
+
+    def _remove_bridge_quietly(self) -> None:
+        with contextlib.suppress(FcrunError, OSError):
+            self.network.remove_bridge_if_unused()
 
     def _discard(self, state: ContainerState) -> None:
         """Undo a created container whose start failed."""
@@ -550,10 +633,22 @@ def _find_init() -> str:
     raise MissingFeature("a static init for pid 1 (/usr/bin/tini-static)", "apt-get install tini, or pass init=False / --no-init")
 
 
-def _child_report(status_r: int) -> ChildFailure | None:
-    """The child's error report if it sent one (waits briefly for a dying child to finish it)."""
+def _read_ready(status_r: int, name: str) -> None:
+    """The child's "R": its namespaces exist. Raises ChildFailure with its report."""
+    if read_status(status_r, SETUP_TIMEOUT_S) != b"R":
+        raise ContainerError(f"container {name}: setup ended before its namespaces were made")
+
+
+def _child_report(status_r: int, timeout_s: float = 0.25) -> ChildFailure | None:
+    """The child's error report if it sent one (waits briefly for a dying child to finish it).
+
+    Progress messages not read yet ("R", "C") are skipped: a child can get to its failure
+    before the parent reads them.
+    """
+    deadline = time.monotonic() + timeout_s
     try:
-        read_status(status_r, 0.25)
+        while read_status(status_r, max(0.0, deadline - time.monotonic())):
+            pass
     except ChildFailure as failure:
         return failure
     except (OSError, FcrunError):
@@ -566,8 +661,130 @@ def _send(go_w: int, message: bytes, status_r: int) -> None:
     try:
         os.write(go_w, message)
     except BrokenPipeError:
-        read_status(status_r, SETUP_TIMEOUT_S)  # raises ChildFailure with the child's report
+        failure = _child_report(status_r, SETUP_TIMEOUT_S)
+        if failure is not None:
+            raise failure from None
         raise ContainerError("container setup ended without a report") from None
+
+
+class _Child:
+    """The container's first process while it is created: forked by us, by the spawner (its
+    pid comes on report_r, where its exit is reported later too), or a warm child of the
+    spawner (pid known at once; claimed once the handshake is over, for the report pipe).
+
+    Resource handling: owns status_r, go_w and report_r. On success the caller hands them on
+    (to a Container); on failure abandon() kills the child, waits until it is gone and
+    closes them.
+    """
+
+    def __init__(self, status_r: int, go_w: int, report_r: int = -1, pid: int = -1,
+                 client: spawner.Client | None = None):
+        self.status_r, self.go_w, self.report_r, self.pid = status_r, go_w, report_r, pid
+        self._unclaimed = client  # a warm child's spawner, until claim()
+
+    def wait_pid(self) -> int:
+        """The child's pid (from the spawner's report, the first time). Raises ContainerError."""
+        if self.pid < 0:
+            self.pid = spawner.await_spawned(self.report_r)
+        return self.pid
+
+    def claim(self) -> int:
+        """The report pipe of a child the spawner reaps (-1: ours, or the spawner is gone)."""
+        client, self._unclaimed = self._unclaimed, None
+        if client is not None:
+            with contextlib.suppress(spawner.SpawnerGone, OSError):
+                self.report_r = client.claim(self.pid)
+        return self.report_r
+
+    def abandon(self) -> None:
+        if self.pid < 0 and self.report_r >= 0:
+            with contextlib.suppress(FcrunError, OSError):
+                self.pid = spawner.await_spawned(self.report_r)
+            # else: the spawner refused or died, so there is no child (or it died with it)
+        _kill_quietly(self.pid)
+        os.close(self.go_w)
+        os.close(self.status_r)
+        from_spawner = self._unclaimed is not None or self.report_r >= 0
+        if self.claim() >= 0:
+            if self.pid > 0:
+                _await_exit_report(self.report_r, self.pid)  # the spawner reaps it
+            else:
+                os.close(self.report_r)
+        elif from_spawner:
+            _wait_gone_pid(self.pid)
+        else:
+            _reap(self.pid)
+
+
+def _wait_report(report_r: int, pid: int) -> int | None:
+    """The wait status of the spawner's child `pid`, from its report pipe; None if the spawner
+    closed the pipe without one (it died: attached containers died with it)."""
+    while True:
+        report = spawner.read_report(report_r)
+        if report is None:
+            return None
+        if isinstance(report, spawner.Exited) and report.pid == pid:
+            return report.wait_status
+
+
+def _wait_gone_pid(pid: int, timeout_s: float = STOP_TIMEOUT_S) -> None:
+    """Wait (bounded) until process `pid`, which is not our child, has exited."""
+    if pid <= 0:
+        return
+    try:
+        pidfd = os.pidfd_open(pid)
+    except ProcessLookupError:
+        return
+    try:
+        select.select([pidfd], [], [], timeout_s)
+    finally:
+        os.close(pidfd)
+
+
+def _wait_exit(state: ContainerState) -> None:
+    """Wait until pid 1 of a container that is not our child has exited."""
+    try:
+        pidfd = os.pidfd_open(state.pid)
+    except ProcessLookupError:
+        return
+    try:
+        if pid_alive(state):  # the pidfd is of our process, not of one that reused its pid
+            select.select([pidfd], [], [])
+    finally:
+        os.close(pidfd)
+
+
+def _await_exit_report(report_r: int, pid: int) -> None:
+    """Rollback: wait (bounded) until the spawner has reaped `pid`, then close the pipe."""
+    try:
+        deadline = time.monotonic() + STOP_TIMEOUT_S
+        while (left := deadline - time.monotonic()) > 0:
+            report = spawner.read_report(report_r, left)
+            if report is None or isinstance(report, spawner.Exited) and report.pid == pid:
+                break
+    except FcrunError:
+        pass
+    finally:
+        os.close(report_r)
+
+
+# What a container that wrote nothing leaves in its storage dir, deepest first: an empty upper
+# dir, and what overlayfs made in the work dir (with "volatile", a marker of unsynced data).
+_OVERLAY_LEFTOVER_FILE = "work/work/incompat/volatile/dirty"
+_OVERLAY_LEFTOVER_DIRS = ("work/work/incompat/volatile", "work/work/incompat", "work/work", "work", "upper", "")
+
+
+def _remove_storage(storage: str) -> None:
+    """Remove a container's upper and work dirs: by name when they hold only what overlayfs
+    leaves (7 system calls where a tree walk makes some 30), else by walking the tree."""
+    try:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(os.path.join(storage, _OVERLAY_LEFTOVER_FILE))
+        for d in _OVERLAY_LEFTOVER_DIRS:
+            with contextlib.suppress(FileNotFoundError):
+                os.rmdir(os.path.join(storage, d))
+    except OSError:  # ENOTEMPTY: the container wrote something
+        shutil.rmtree(storage, ignore_errors=True)
 
 
 def _kill_quietly(pid: int) -> None:

@@ -3,7 +3,10 @@
 The parent computes a `ChildPlan` (plain bytes and ints, nothing to look up) and forks. The
 child runs `_child_main(plan)`: a flat sequence of system calls that ends in execve. It makes
 no decision the plan did not make, so it stays small and allocation-light, and a fork-server
-(a process with no threads and no event loop) can drive it the same way as the library.
+(a process with no threads and no event loop: spawner.py) can drive it the same way as the
+library. The spawner may also fork a child *before* it has a plan (`prepare_child`: pid,
+uts, ipc and net namespaces, PDEATHSIG, session) and hand it the plan later; the child then
+goes on from there.
 
 Handshake over two pipes (status: child -> parent, close-on-exec; go: parent -> child)::
 
@@ -12,18 +15,23 @@ Handshake over two pipes (status: child -> parent, close-on-exec; go: parent -> 
     setns(own pid ns)
     create cgroup, move child into it
                           <---- "R" ------  namespaces exist
-    configure veth into /proc/PID/ns/net    mount overlay rootfs, /proc, /dev, /sys, masks,
-                                            pivot_root
+    bridge: configure veth into             mount overlay rootfs, /proc, /dev, /sys, masks
+    /proc/PID/ns/net (after "R")
                           ----- "J" ---->   (cgroup joined, network ready)
-                                            unshare(cgroup)
+                                            pivot_root, unshare(cgroup)
                           <---- "C" ------  created: waits for "S"
     (container is "created")
     start():              ----- "S" ---->   rlimits, user, capabilities, no_new_privs,
                                             close fds, execve
                           <---- EOF ------  exec happened (status pipe closed on exec)
 
-The parent's cgroup and network work overlaps the child's mount work. `run()` sends "J" and
-"S" together, so a container that is started at once costs no extra round trip.
+`run()` sends "J" and "S" together ("JS"); the child then skips "C" and goes on to exec.
+
+The parent's cgroup and network work overlaps the child's mount work. Without a bridge the
+parent sends "J" as soon as the child is in its cgroup, before it reads "R". A container
+that is started at once costs no extra round trip.
+(A plan with `cgroup_procs` has the child join the cgroups itself, after "J" and before it
+leaves the host's root; the library leaves them empty and moves the child.)
 Any failure in the child is sent as "E<step>\\0<errno>\\0<message>" and the child exits 127;
 the parent then rolls back everything it made.
 """
@@ -35,7 +43,9 @@ import os
 import resource
 import select
 import signal
-from dataclasses import dataclass, field
+from collections.abc import Callable
+
+import msgspec
 
 from . import syscalls as sc
 from .errors import ContainerError, KernelError
@@ -56,8 +66,7 @@ STEP_EXEC = "exec"
 MAX_SYMLINKS = 40
 
 
-@dataclass(slots=True)
-class MountStep:
+class MountStep(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     """One mount in the container's rootfs, resolved safely under the rootfs by the child."""
 
     destination: bytes  # absolute path inside the container
@@ -70,9 +79,13 @@ class MountStep:
     remount_flags: int = 0  # non-zero: a bind remount with these flags follows (e.g. read-only)
 
 
-@dataclass(slots=True)
-class ChildPlan:
-    """Everything the child needs, precomputed by the parent."""
+class ChildPlan(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
+    """Everything the child needs, precomputed by the parent.
+
+    A msgspec Struct because it also crosses a process boundary: the library sends it to the
+    spawner (spawner.py), which forks the child. The fd fields are numbers in the forking
+    process; on the wire they are -1/None and the fds travel alongside (SCM_RIGHTS).
+    """
 
     argv: list[bytes]
     env: dict[bytes, bytes]
@@ -106,7 +119,7 @@ class ChildPlan:
     stdio: tuple[int, int, int] | None  # None: inherit the parent's
     status_w: int = -1
     go_r: int = -1
-    keep_fds: list[int] = field(default_factory=list)
+    keep_fds: list[int] = []
 
 
 class ChildFailure(Exception):
@@ -182,45 +195,78 @@ def _fail(plan: ChildPlan, step: str, exc: BaseException) -> None:
         os._exit(127)
 
 
-def _child_main(plan: ChildPlan) -> None:
-    """Runs in the forked child. Never returns: execs or exits 127."""
+# Namespaces a pre-forked child (spawner.py) makes before it knows its plan: none of them
+# depends on the plan or on the host's state at the time. The mount namespace is not among
+# them: a copy made ahead of time would miss host mounts made since.
+PREPARED_UNSHARE = sc.CLONE_NEWUTS | sc.CLONE_NEWIPC | sc.CLONE_NEWNET
+
+
+def prepare_child(unshare_flags: int, pdeathsig: int) -> None:
+    """The part of the child that needs no plan: signal dispositions, PDEATHSIG, a session of
+    its own, and the namespaces in `unshare_flags` (but cgroup), with lo up in a new netns.
+
+    Raises:
+        OSError: a system call failed.
+    """
+    # Python ignores SIGPIPE and SIGXFSZ; an ignored signal stays ignored across exec.
+    signal.signal(signal.SIGPIPE, signal.SIG_DFL)
+    signal.signal(signal.SIGXFSZ, signal.SIG_DFL)
+    if pdeathsig:
+        sc.prctl(sc.PR_SET_PDEATHSIG, pdeathsig)
+    os.setsid()
+    # The cgroup namespace waits until the parent has moved us into our cgroup ("J"),
+    # so that the container's view of /proc/self/cgroup is rooted at its own group.
+    sc.unshare(unshare_flags & ~sc.CLONE_NEWCGROUP)
+    if unshare_flags & sc.CLONE_NEWNET:
+        sc.set_loopback_up()
+
+
+def _child_main(plan: ChildPlan, prepared: int = 0) -> None:
+    """Runs in the forked child. Never returns: execs or exits 127.
+
+    `prepared`: the namespaces prepare_child made already (a pre-forked child, with
+    PDEATHSIG=SIGKILL); 0 for a child forked for this plan.
+    """
     step = STEP_UNSHARE
     try:
-        # Python ignores SIGPIPE and SIGXFSZ; an ignored signal stays ignored across exec.
-        signal.signal(signal.SIGPIPE, signal.SIG_DFL)
-        signal.signal(signal.SIGXFSZ, signal.SIG_DFL)
-        if plan.pdeathsig:
-            sc.prctl(sc.PR_SET_PDEATHSIG, plan.pdeathsig)
-        os.setsid()
-        # The cgroup namespace waits until the parent has moved us into our cgroup ("J"),
-        # so that the container's view of /proc/self/cgroup is rooted at its own group.
-        sc.unshare(plan.unshare_flags & ~sc.CLONE_NEWCGROUP)
-        if plan.new_netns:
-            sc.set_loopback_up()
+        if prepared:
+            if plan.pdeathsig != signal.SIGKILL:
+                sc.prctl(sc.PR_SET_PDEATHSIG, plan.pdeathsig)  # 0: detached, may outlive the spawner
+            sc.unshare(plan.unshare_flags & ~prepared & ~sc.CLONE_NEWCGROUP)
+        else:
+            prepare_child(plan.unshare_flags, plan.pdeathsig)
         if plan.hostname is not None:
             step = STEP_HOSTNAME
             sc.sethostname(plan.hostname)
         os.write(plan.status_w, b"R")
 
         step = STEP_ROOTFS
-        _setup_rootfs(plan)
+        _mount_rootfs(plan)
 
         step = STEP_CGROUP
-        if os.read(plan.go_r, 1) != b"J":
+        go = os.read(plan.go_r, 2)  # "J", or "JS" from run(): written at once, read at once
+        if not go.startswith(b"J"):
             os._exit(127)  # the parent went away or gave up on us
-        for procs in plan.cgroup_procs:  # normally empty: the parent moved us already
+        # Normally empty (the parent moved us); else join now, while the files are reachable.
+        for procs in plan.cgroup_procs:
             fd = os.open(procs, os.O_WRONLY | os.O_CLOEXEC)
             try:
                 os.write(fd, b"0")
             finally:
                 os.close(fd)
-        if plan.unshare_flags & sc.CLONE_NEWCGROUP:
-            sc.unshare(sc.CLONE_NEWCGROUP)
-        os.write(plan.status_w, b"C")
 
-        step = STEP_WAIT
-        if os.read(plan.go_r, 1) != b"S":
-            os._exit(127)  # never run the command unless told to
+        step = STEP_PIVOT
+        _pivot_root(plan)
+        if plan.unshare_flags & sc.CLONE_NEWCGROUP:
+            step = STEP_CGROUP
+            sc.unshare(sc.CLONE_NEWCGROUP)
+        if go != b"JS":
+            # Created: say so and wait to be started. (Told to start already, we go on: the
+            # exec itself is the parent's next news, which spares it one wake-up.)
+            os.write(plan.status_w, b"C")
+            step = STEP_WAIT
+            if os.read(plan.go_r, 1) != b"S":
+                os._exit(127)  # never run the command unless told to
         os.close(plan.go_r)
 
         _finish_and_exec(plan)
@@ -228,7 +274,8 @@ def _child_main(plan: ChildPlan) -> None:
         _fail(plan, step, exc)
 
 
-def _setup_rootfs(plan: ChildPlan) -> None:
+def _mount_rootfs(plan: ChildPlan) -> None:
+    """Mount the container's rootfs and everything in it (still in the host's root)."""
     root = plan.rootfs
     # Stop our mounts from propagating back to the host, and the host's from reaching us.
     sc.mount(None, b"/", None, sc.MS_REC | plan.propagation, None)
@@ -266,9 +313,11 @@ def _setup_rootfs(plan: ChildPlan) -> None:
             sc.mount(target, target, None, sc.MS_BIND | sc.MS_REC, None)
             sc.mount(None, target, None, sc.MS_BIND | sc.MS_REMOUNT | sc.MS_RDONLY | sc.MS_REC, None)
 
+
+def _pivot_root(plan: ChildPlan) -> None:
     # pivot_root(".", ".") stacks the old root on top of the new one; detaching it then leaves
     # nothing of the host's filesystem reachable (no put_old directory needed, as in runc).
-    os.chdir(root)
+    os.chdir(plan.rootfs)
     sc.pivot_root(b".", b".")
     sc.umount2(b".", sc.MNT_DETACH)
     os.chdir(b"/")
@@ -318,19 +367,24 @@ def _finish_and_exec(plan: ChildPlan) -> None:
         program = _find_executable(plan.argv[0], plan.env.get(b"PATH", b"/usr/sbin:/usr/bin:/sbin:/bin"))
 
         # Close every fd but stdio and the close-on-exec ones the exec itself needs.
-        keep = sorted({plan.status_w, *plan.keep_fds} - {-1})
-        low = 3
-        for fd in keep:
-            if fd >= low:
-                os.closerange(low, fd)
-                low = fd + 1
-        os.closerange(low, 65536)
+        _close_all_but({plan.status_w, *plan.keep_fds})
 
         if plan.init_fd >= 0:
             os.execve(plan.init_fd, [b"init", b"--", program, *plan.argv[1:]], plan.env)
         os.execve(program, plan.argv, plan.env)
     except BaseException as exc:  # noqa: BLE001
         _fail(plan, step, exc)
+
+
+def _close_all_but(keep: set[int]) -> None:
+    """Close every fd above stdio except `keep` (os.closerange uses close_range(2))."""
+    low = 3
+    for fd in sorted(keep):
+        if fd > low:
+            os.closerange(low, fd)
+        if fd >= low:
+            low = fd + 1
+    os.closerange(low, 65536)
 
 
 def _find_executable(name: bytes, search_path: bytes) -> bytes:
@@ -368,16 +422,56 @@ def failure_to_error(failure: ChildFailure, name: str) -> Exception:
 
 
 def fork_child(plan: ChildPlan, new_pid_ns: bool) -> tuple[int, int, int]:
-    """Fork the container child. Returns (pid, status_r, go_w); the caller owns both fds.
+    """Fork the container child from this process. Returns (pid, status_r, go_w).
 
     Resource handling: the caller must close status_r and go_w, and reap pid.
-    The pid namespace is entered by unsharing CLONE_NEWPID in this thread just for the fork,
-    so the child is pid 1 of the new namespace and our direct child (waitpid works); the
-    thread's pid_for_children is restored right after.
     """
     status_r, status_w = os.pipe2(os.O_CLOEXEC)
     go_r, go_w = os.pipe2(os.O_CLOEXEC)
     plan.status_w, plan.go_r = status_w, go_r
+    try:
+        # Our copies of the parent's ends must go in the child, or a dead parent would never
+        # read EOF.
+        pid = fork_plan(plan, new_pid_ns, close_in_child=(status_r, go_w))
+    except BaseException:
+        os.close(status_r)
+        os.close(go_w)
+        raise
+    finally:
+        os.close(status_w)
+        os.close(go_r)
+    return pid, status_r, go_w
+
+
+def fork_plan(plan: ChildPlan, new_pid_ns: bool, close_in_child: tuple[int, ...] = (), close_others: bool = False) -> int:
+    """Fork a child that runs `plan` (its status_w and go_r already set). Returns its pid.
+
+    `close_in_child`: fds the child closes first. `close_others`: the child closes every fd
+    but stdio and the plan's own (the spawner: its socket and other children's pipes must not
+    live on in a container that waits, possibly long, to be started).
+
+    Resource handling: the plan's fds stay the caller's (close them after the fork); the
+    caller reaps pid.
+    """
+
+    def child() -> None:
+        for fd in close_in_child:
+            os.close(fd)
+        if close_others:
+            _close_all_but({plan.status_w, plan.go_r, *plan.keep_fds, *(plan.stdio or ())})
+        _child_main(plan)
+
+    return fork_pid1(child, new_pid_ns)
+
+
+def fork_pid1(child: Callable[[], None], new_pid_ns: bool) -> int:
+    """Fork; the child runs `child()` (which must exec or _exit) as pid 1 of a new pid
+    namespace when `new_pid_ns`. Returns the child's pid.
+
+    The pid namespace is entered by unsharing CLONE_NEWPID in this thread just for the fork,
+    so the child is pid 1 of the new namespace and our direct child (waitpid works); the
+    thread's pid_for_children is restored right after.
+    """
     own_pid_ns = os.open("/proc/thread-self/ns/pid", os.O_RDONLY | os.O_CLOEXEC) if new_pid_ns else -1
     try:
         if new_pid_ns:
@@ -389,19 +483,12 @@ def fork_child(plan: ChildPlan, new_pid_ns: bool) -> tuple[int, int, int]:
             if new_pid_ns and pid != 0:
                 sc.setns(own_pid_ns, sc.CLONE_NEWPID)
         if pid == 0:
-            # Our copies of the parent's ends must go, or a dead parent would never read EOF.
-            os.close(status_r)
-            os.close(go_w)
-            signal.pthread_sigmask(signal.SIG_SETMASK, [])
-            _child_main(plan)
-            os._exit(127)  # not reached
-    except BaseException:
-        for fd in (status_r, go_w):
-            os.close(fd)
-        raise
+            try:
+                signal.pthread_sigmask(signal.SIG_SETMASK, [])
+                child()
+            finally:
+                os._exit(127)  # not reached unless child() failed: never unwind into the caller
     finally:
         if own_pid_ns >= 0:
             os.close(own_pid_ns)
-        os.close(status_w)
-        os.close(go_r)
-    return pid, status_r, go_w
+    return pid

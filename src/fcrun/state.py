@@ -1,9 +1,9 @@
 """Persisted container state and the lifecycle table.
 
 Each container has a directory under the run root holding `state.json` (a ContainerState,
-written atomically) and a `lock` file. Any fcrun process can list, kill and remove a
-container another one started, because everything needed to find its processes, cgroups,
-network lease and rootfs is in that file.
+written atomically); the directory itself is what `locked` locks. Any fcrun process can
+list, kill and remove a container another one started, because everything needed to find
+its processes, cgroups, network lease and rootfs is in that file.
 
 The lifecycle is checked here and only here (youki's `can_start()`, h11's `_state.py`):
 
@@ -162,7 +162,7 @@ class StateStore:
 
     def remove(self, name: str) -> None:
         path = self.dir(name)
-        for entry in ("state.json", "state.json.tmp", "lock", "output.log"):
+        for entry in ("state.json", "state.json.tmp", "lock", "output.log"):  # "lock": older fcrun
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(os.path.join(path, entry))
         with contextlib.suppress(FileNotFoundError):
@@ -172,10 +172,14 @@ class StateStore:
 
     @contextlib.contextmanager
     def locked(self, name: str) -> Iterator[None]:
-        """Serialise changes to one container across fcrun processes. NotFound if it is gone."""
+        """Serialise changes to one container across fcrun processes. NotFound if it is gone.
+
+        The lock is on the container's directory itself (flock works on any open file): no
+        lock file to create and remove for every container.
+        """
         validate_name(name, "container name")
         try:
-            fd = os.open(os.path.join(self.dir(name), "lock"), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+            fd = os.open(self.dir(name), os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
         except FileNotFoundError:
             raise NotFound(f"no such container: {name!r}") from None
         try:

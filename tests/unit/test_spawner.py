@@ -1,0 +1,250 @@
+"""The spawner's messages, the re-check of requests, report framing and the start policy.
+
+No root needed: nothing here forks a container. tests/root/test_spawner_root.py runs the
+real thing.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import os
+import signal
+import socket
+
+import msgspec
+import pytest
+
+from fcrun import spawner
+from fcrun import syscalls as sc
+from fcrun.errors import ContainerError, SpecError
+from fcrun.oci import default_spec
+from fcrun.plan import build_plan
+from fcrun.spawn import ChildPlan
+
+CAP_LAST = 40
+
+
+def _plan(**kw) -> ChildPlan:
+    args = dict(rootfs="/run/fcrun/containers/c1/rootfs", overlay_lower=["/l/top"], overlay_upper="/u",
+                overlay_work="/w", cgroup_procs=["/sys/fs/cgroup/pids/fcrun/c1/cgroup.procs"],
+                cap_last=CAP_LAST, attached=True)
+    args.update(kw)
+    return build_plan(default_spec(["sh", "-c", "true"]), **args)
+
+
+def _request(**plan_changes) -> spawner.Spawn:
+    return spawner.Spawn(plan=msgspec.structs.replace(_plan(), **plan_changes), new_pid_ns=True, init=True)
+
+
+def test_a_spawn_request_survives_the_wire():
+    request = _request()
+    decoded = msgspec.msgpack.decode(msgspec.msgpack.encode(request), type=spawner.Spawn)
+    assert decoded == request
+    assert decoded.plan.env == request.plan.env and decoded.plan.mounts == request.plan.mounts
+
+
+def test_unknown_fields_and_messages_are_refused():
+    fields = msgspec.msgpack.decode(msgspec.msgpack.encode(_request()))  # a plain dict
+    raw = msgspec.msgpack.encode({**fields, "extra": 1})
+    with pytest.raises(msgspec.ValidationError, match="extra"):
+        spawner._to_spawner_decoder.decode(raw)
+    with pytest.raises(msgspec.ValidationError):
+        spawner._to_spawner_decoder.decode(msgspec.msgpack.encode({"type": "Exec", "pid": 1}))
+    assert spawner._to_spawner_decoder.decode(msgspec.msgpack.encode(spawner.Claim(pid=7))) == spawner.Claim(pid=7)
+
+
+def test_check_spawn_accepts_what_build_plan_makes():
+    spawner.check_spawn(_request(), nfds=spawner.CHILD_FDS + 1, cap_last=CAP_LAST)
+    without_init = msgspec.structs.replace(_request(), init=False)
+    spawner.check_spawn(without_init, nfds=spawner.CHILD_FDS, cap_last=CAP_LAST)
+
+
+@pytest.mark.parametrize("changes, match", [
+    (dict(argv=[]), r"argv is empty"),
+    (dict(argv=[b"sh\0x"]), r"NUL.*\$\.plan\.argv"),
+    (dict(env={b"A=B": b"c"}), r"\$\.plan\.env"),
+    (dict(rootfs=b"relative/rootfs"), r"not an absolute path.*\$\.plan\.rootfs"),
+    (dict(cwd=b"/a/../../etc"), r"'\.\.'.*\$\.plan\.cwd"),
+    (dict(unshare_flags=sc.CLONE_NEWNS | sc.CLONE_NEWUSER), r"unshare flags"),
+    (dict(new_netns=False), r"new_netns disagrees"),
+    (dict(propagation=0), r"propagation"),
+    (dict(pdeathsig=999), r"no such signal"),
+    (dict(uid=-1), r"\$\.plan\.uid"),
+    (dict(groups=[1 << 32]), r"\$\.plan\.groups"),
+    (dict(cap_last=39), r"cap_last 39"),
+    (dict(cap_effective=1 << 41), r"\$\.plan\.cap_effective"),
+    (dict(cap_ambient=[41]), r"\$\.plan\.cap_ambient"),
+    (dict(devices=[(b"../null", 0o20666, 1, 3)]), r"device name"),
+    (dict(devices=[(b"sda", 0o60660, 8, 0)]), r"character devices"),
+    (dict(cgroup_procs=[b"/etc/passwd"]), r"not a cgroup\.procs file"),
+    (dict(masked_paths=[b"proc/kcore"]), r"\$\.plan\.masked_paths\[0\]"),
+    (dict(status_w=5), r"fd fields must be unset"),
+    (dict(stdio=(0, 1, 2)), r"fd fields must be unset"),
+])
+def test_check_spawn_refuses(changes, match):
+    with pytest.raises(SpecError, match=match):
+        spawner.check_spawn(_request(**changes), nfds=spawner.CHILD_FDS + 1, cap_last=CAP_LAST)
+
+
+def test_check_spawn_counts_the_fds():
+    with pytest.raises(SpecError, match="5 fds came with the request, 6 expected"):
+        spawner.check_spawn(_request(), nfds=spawner.CHILD_FDS, cap_last=CAP_LAST)
+
+
+def test_which_requests_a_warm_child_fits():
+    assert spawner.fits_warm_child(_request())
+    assert not spawner.fits_warm_child(msgspec.structs.replace(_request(), new_pid_ns=False))
+    host_net = build_plan(default_spec(["sh"], network="host"), rootfs="/r", overlay_lower=None,
+                          cgroup_procs=[], cap_last=CAP_LAST, attached=True)
+    assert not spawner.fits_warm_child(spawner.Spawn(plan=host_net))
+
+
+def test_received_fds_take_their_places_in_the_plan():
+    plan = spawner._plan_with_fds(_request(), [10, 11, 12, 13, 14, 15])
+    assert (plan.status_w, plan.go_r, plan.stdio, plan.init_fd, plan.keep_fds) == (10, 11, (12, 13, 14), 15, [15])
+    plan = spawner._plan_with_fds(msgspec.structs.replace(_request(), init=False), [10, 11, 12, 13, 14])
+    assert plan.init_fd == -1 and plan.keep_fds == []
+
+
+def test_reports_are_framed_and_eof_means_the_spawner_is_gone():
+    r, w = os.pipe()
+    try:
+        os.write(w, spawner.encode_report(spawner.Spawned(pid=42)))
+        os.write(w, spawner.encode_report(spawner.Exited(pid=42, wait_status=3 << 8)))
+        assert spawner.read_report(r, 1.0) == spawner.Spawned(pid=42)
+        assert spawner.read_report(r) == spawner.Exited(pid=42, wait_status=768)
+        os.write(w, spawner.encode_report(spawner.Refused(message="no", errno=22))[:5])
+        os.close(w)
+        w = -1
+        with pytest.raises(ContainerError, match="middle of a message"):
+            spawner.read_report(r)
+        assert spawner.read_report(r) is None
+    finally:
+        os.close(r)
+        if w >= 0:
+            os.close(w)
+
+
+def test_a_silent_spawner_times_out():
+    r, w = os.pipe()
+    try:
+        with pytest.raises(ContainerError, match="did not answer"):
+            spawner.read_report(r, 0.01)
+    finally:
+        os.close(r)
+        os.close(w)
+
+
+def test_await_spawned_turns_refusals_into_errors():
+    r, w = os.pipe()
+    try:
+        os.write(w, spawner.encode_report(spawner.Refused(message="spawner refused the request: bad", errno=22)))
+        with pytest.raises(ContainerError, match=r"bad \[Errno 22\]"):
+            spawner.await_spawned(r, 1.0)
+        os.close(w)
+        w = -1
+        with pytest.raises(ContainerError, match="died"):
+            spawner.await_spawned(r, 1.0)
+    finally:
+        os.close(r)
+        if w >= 0:
+            os.close(w)
+
+
+def test_received_fds_are_close_on_exec():
+    # socket.recv_fds of CPython 3.11 ignores MSG_CMSG_CLOEXEC: a status pipe received without
+    # close-on-exec would survive the exec and hide it from the library.
+    a, b = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    r, w = os.pipe()
+    try:
+        os.set_inheritable(w, True)
+        socket.send_fds(a, [b"x"], [w])
+        data, fds, flags = spawner._recv_with_fds(b, bytearray(64))
+        assert data == b"x" and len(fds) == 1 and not flags & socket.MSG_CTRUNC
+        assert fcntl.fcntl(fds[0], fcntl.F_GETFD) & fcntl.FD_CLOEXEC
+        os.close(fds[0])
+        with pytest.raises(BlockingIOError):
+            spawner._recv_with_fds(b, bytearray(64), nowait=True)
+    finally:
+        for fd in (r, w):
+            os.close(fd)
+        a.close()
+        b.close()
+
+
+class FakeClient:
+    started = 0
+
+    def __init__(self, ready=True):
+        self.pid = 12345
+        self._ready = ready
+        self.closed = False
+
+    @classmethod
+    def start(cls, warm_children=spawner.WARM_CHILDREN):
+        cls.started += 1
+        return cls()
+
+    def ready(self, timeout_s=0.0):
+        if self._ready is None:
+            raise spawner.SpawnerGone("gone")
+        return self._ready
+
+    def close(self):
+        self.closed = True
+
+
+@pytest.fixture
+def policy(monkeypatch):
+    monkeypatch.setattr(spawner, "_shared", None)
+    monkeypatch.setattr(spawner, "_direct_creates", 0)
+    monkeypatch.setattr(spawner, "_start_failures", 0)
+    monkeypatch.setattr(FakeClient, "started", 0)
+    monkeypatch.setattr(spawner, "Client", FakeClient)
+    return spawner
+
+
+def test_auto_mode_forks_the_first_container_itself_then_uses_a_spawner(policy):
+    assert policy.for_create(None) is None  # a one-shot `fcrun run` never pays for a spawner
+    assert FakeClient.started == 0
+    client = policy.for_create(None)  # the second creation starts one
+    assert isinstance(client, FakeClient) and FakeClient.started == 1
+    assert policy.for_create(None) is client
+    assert policy.for_create(False) is None
+
+
+def test_auto_mode_does_not_wait_for_a_spawner_that_is_not_ready(policy, monkeypatch):
+    monkeypatch.setattr(FakeClient, "start", classmethod(lambda cls, n=2: FakeClient(ready=False)))
+    policy.for_create(None)
+    assert policy.for_create(None) is None  # not ready yet: fork directly this time
+    assert policy._shared is not None
+
+
+def test_a_spawner_that_dies_at_start_is_given_up_after_a_few_tries(policy, monkeypatch):
+    monkeypatch.setattr(FakeClient, "start", classmethod(lambda cls, n=2: FakeClient(ready=None)))
+    policy.for_create(None)
+    for _ in range(spawner.MAX_START_FAILURES):
+        assert policy.for_create(None) is None
+    assert policy._start_failures == spawner.MAX_START_FAILURES
+    assert policy.for_create(None) is None and policy._shared is None
+    with pytest.raises(spawner.SpawnerGone):
+        policy.for_create(True)  # asked for explicitly: say so
+
+
+def test_the_library_pid_and_pdeathsig_go_on_the_spawner_command_line(monkeypatch):
+    seen = {}
+
+    def fake_spawn(path, argv, env, **kw):
+        seen.update(argv=argv, env=env, kw=kw)
+        return 999999
+
+    monkeypatch.setattr(os, "posix_spawn", fake_spawn)
+    client = spawner.Client.start(warm_children=3)
+    try:
+        assert client.pid == 999999
+        assert seen["argv"][5:8] == [str(os.getpid()), str(int(signal.SIGKILL)), "3"]
+        assert seen["env"] == {}
+        assert seen["kw"]["setpgroup"] == 0
+        assert (os.POSIX_SPAWN_DUP2, seen["kw"]["file_actions"][0][1], spawner.CTRL_FD) == seen["kw"]["file_actions"][0]
+    finally:
+        client._sock.close()
