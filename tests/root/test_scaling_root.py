@@ -30,8 +30,9 @@ def server(tmp_path, apache_php):
         yield srv
     finally:
         srv.stop()
+        leftover = srv.reap_leftovers()
     assert srv.proc is None or srv.proc.returncode == 0, srv.read_log()
-    assert srv.containers() == [], "serve left instances behind"
+    assert leftover == [], "serve left instances behind"
     assert settled_snapshot(str(tmp_path / "run"), before) == before
 
 

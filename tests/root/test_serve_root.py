@@ -82,6 +82,20 @@ class Server:
         if self.proc is not None:
             self.log.close()
 
+    def reap_leftovers(self) -> list[str]:
+        """Remove whatever serve left (a failed test must not leak); returns the container names."""
+        from fcrun.paths import Paths
+        from fcrun.runtime import Runtime
+
+        rt = Runtime(Paths(data_root=self.data_root, run_root=self.run_root), cgroup_parent=CGROUP_PARENT,
+                     bridge=BRIDGE, subnet=SUBNET)
+        left = rt.states.names()
+        for name in left:
+            rt.delete(name, force=True)
+        rt.cgroups.remove_parent_if_empty()
+        rt.network.remove_bridge_if_unused()
+        return left
+
     def request(self, host, path="/", method="GET", headers=None, body=None, timeout=30):
         conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=timeout)
         try:
@@ -119,8 +133,9 @@ def server(tmp_path, apache_php):
         yield srv
     finally:
         srv.stop()
+        leftover = srv.reap_leftovers()
     assert srv.proc is None or srv.proc.returncode == 0, srv.read_log()
-    assert srv.containers() == [], "serve left instances behind"
+    assert leftover == [], "serve left instances behind"
     assert settled_snapshot(snapshot_root, before) == before
 
 
