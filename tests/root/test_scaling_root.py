@@ -91,13 +91,11 @@ def test_cpu_heavy_load_scales_up_then_out_and_back_down_to_zero(server):
             assert status == 200 and body.startswith("burnt "), (status, body[:200])
 
     with concurrent.futures.ThreadPoolExecutor(max_workers=6) as pool:
-        load_started = time.time()
         workers = [pool.submit(worker, i) for i in range(6)]
         try:
-            # Throttled at 0.2 CPU: the quota is raised live, to the ceiling, within a second or
-            # so (two samples 250 ms apart; more on a busy machine, where the load ramps slower).
-            up = wait_for("a scale-up", lambda: [e for e in scale_events(server) if e[1] == "scale-up"], 10)
-            assert up[0][0] - load_started < 5.0, up
+            # Throttled at 0.2 CPU: the quota is raised live, to the ceiling (typically within a
+            # second; no timing is asserted, the bound only keeps a broken policy from hanging).
+            up = wait_for("a scale-up", lambda: [e for e in scale_events(server) if e[1] == "scale-up"], 30)
             assert f"{first} throttled in" in up[0][2] and "cpu 0.2 -> 0.4" in up[0][2]
             assert quota_cpus(server, first) == pytest.approx(0.4)
             # Still saturated at the ceiling: a second instance, after the up cooldown.
@@ -126,7 +124,6 @@ def test_cpu_heavy_load_scales_up_then_out_and_back_down_to_zero(server):
     assert "cpu 0.4 -> 0.2" in events[kinds.index("scale-down")][2]
     assert events[-1][1] == "stop" and "idle" in events[-1][2]
     assert "scale-up" not in kinds and "scale-out" not in kinds and "scale-failed" not in kinds
-    assert time.time() - load_started < 60
 
 
 def test_forced_scaling_with_autoscale_off(server):

@@ -492,6 +492,11 @@ class AdminServer:
                     return
         except ConnectionError:
             pass
+        except asyncio.CancelledError:
+            # close() cancels open connections. Ending normally here matters: asyncio's stream
+            # protocol calls task.exception() on this task, which raises for a cancelled one
+            # and gets logged as "Exception in callback".
+            pass
         finally:
             self._connections.discard(task)
             writer.close()
