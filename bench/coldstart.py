@@ -32,8 +32,6 @@ import http.client
 import json
 import os
 import shutil
-import signal
-import socket
 import statistics
 import subprocess
 import sys
@@ -45,7 +43,7 @@ from fcrun import syscalls as sc
 from fcrun.images import ImageStore
 from fcrun.oci import Namespace, encode_spec
 from fcrun.options import RunOptions, spec_from_image
-from fcrun.runtime import Runtime
+from fcrun.serve.testing import ServeProcess
 
 HOST = "cold.test"
 CPU = 1.0
@@ -66,12 +64,6 @@ def summary(values: list[float]) -> dict:
             "min_ms": round(min(values), 1), "max_ms": round(max(values), 1), "n": len(values)}
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def sh(*argv: str, check: bool = True) -> subprocess.CompletedProcess:
     return subprocess.run(argv, capture_output=True, text=True, check=check)
 
@@ -89,90 +81,6 @@ def get(host_ip: str, port: int, host: str, timeout: float) -> tuple[int, dict, 
         return r.status, dict(r.getheaders()), body
     finally:
         conn.close()
-
-
-class ServeProcess:
-    """`fcrun serve` on private roots with one app, cold.test (apache-php, idle timeout 1 s)."""
-
-    def __init__(self, work: str, image_json: str, tag: str, fcrun: str):
-        self.work = work
-        self.paths = Paths(data_root=os.path.join(work, "data"), run_root=os.path.join(work, "run"))
-        os.makedirs(os.path.join(self.paths.data_root, "images"))
-        # Share the (large) image's layers instead of copying them, as tests/root/test_serve_root.py does.
-        store = os.path.dirname(os.path.dirname(image_json))
-        os.symlink(os.path.join(store, "layers"), os.path.join(self.paths.data_root, "layers"))
-        shutil.copy(image_json, os.path.join(self.paths.data_root, "images"))
-        self.port = free_port()
-        self.runtime_args = dict(cgroup_parent=f"fcrun-cold-{tag}", bridge=f"fcc{tag}"[:15], subnet=SERVE_SUBNET)
-        config = os.path.join(work, "fcrun.toml")
-        with open(config, "w") as f:
-            f.write(f'listen = "127.0.0.1:{self.port}"\nhold_timeout_s = 30\ndrain_timeout_s = 5\n[runtime]\n'
-                    + "".join(f'{k} = "{v}"\n' for k, v in self.runtime_args.items()))
-        self.env = dict(os.environ, FCRUN_ROOT=self.paths.data_root, FCRUN_RUN=self.paths.run_root, FCRUN_CONFIG=config,
-                        FCRUN_CGROUP_PARENT=self.runtime_args["cgroup_parent"], FCRUN_BRIDGE=self.runtime_args["bridge"],
-                        FCRUN_SUBNET=SERVE_SUBNET)
-        self.fcrun = fcrun
-        self.runtime = Runtime(self.paths, **self.runtime_args)  # only to look at (and clean up) its state
-        self.proc: subprocess.Popen | None = None
-        self.log = None
-
-    def cli(self, *args: str) -> str:
-        r = subprocess.run([self.fcrun, *args], env=self.env, capture_output=True, text=True, timeout=60)
-        if r.returncode != 0:
-            raise SystemExit(f"fcrun {' '.join(args)}: {r.stderr.strip()}")
-        return r.stdout
-
-    def start(self) -> None:
-        self.log = open(os.path.join(self.work, "serve.log"), "wb")
-        self.proc = subprocess.Popen([self.fcrun, "serve"], env=self.env, stdout=self.log, stderr=subprocess.STDOUT,
-                                     stdin=subprocess.DEVNULL)
-        deadline = time.monotonic() + 30
-        while True:
-            if self.proc.poll() is not None:
-                raise SystemExit(f"fcrun serve exited: {self.read_log()[-2000:]}")
-            try:
-                socket.create_connection(("127.0.0.1", self.port), timeout=1).close()
-                if os.path.exists(os.path.join(self.paths.run_root, "admin.sock")):
-                    return
-            except OSError:
-                pass
-            if time.monotonic() > deadline:
-                raise SystemExit("fcrun serve did not start listening within 30 s")
-            time.sleep(0.05)
-
-    def read_log(self) -> str:
-        with open(self.log.name, "rb") as f:
-            return f.read().decode(errors="replace")
-
-    def wait_no_instance(self, timeout_s: float = 30.0) -> None:
-        deadline = time.monotonic() + timeout_s
-        while self.runtime.states.names():
-            if time.monotonic() > deadline:
-                raise SystemExit(f"the idle instance was not stopped within {timeout_s:g} s")
-            time.sleep(0.05)
-
-    def stop(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(timeout=60)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-        if self.log is not None:
-            self.log.close()
-        for name in self.runtime.states.names():  # normally none: serve stops its instances
-            try:
-                self.runtime.delete(name, force=True)
-            except Exception as exc:  # noqa: BLE001 - best effort, reported
-                print(f"coldstart: could not delete {name}: {exc}", file=sys.stderr)
-        try:
-            self.runtime.cgroups.remove_parent_if_empty()
-            self.runtime.network.remove_bridge_if_unused()
-        except Exception:  # noqa: BLE001
-            pass
-        if os.path.exists(f"/sys/class/net/{self.runtime_args['bridge']}"):
-            sh("ip", "link", "del", self.runtime_args["bridge"], check=False)
 
 
 class RuncBaseline:
@@ -322,12 +230,11 @@ def main() -> int:
         return 77
     store = ImageStore(Paths(data_root=args.image_root, run_root="/nonexistent"))
     image = store.get("apache-php")
-    image_json = os.path.join(args.image_root, "images", "apache-php.json")
 
     tag = str(os.getpid())
     work = tempfile.mkdtemp(prefix="fcrun-cold-")
-    fcrun = os.path.join(os.path.dirname(sys.executable), "fcrun")
-    serve = ServeProcess(work, image_json, tag, fcrun)
+    serve = ServeProcess(work, args.image_root, cgroup_parent=f"fcrun-cold-{tag}", bridge=f"fcc{tag}"[:15],
+                         subnet=SERVE_SUBNET)
     runc = RuncBaseline(work, image, tag)
     fc_ms: list[float] = []
     header_ms: list[float] = []
@@ -377,8 +284,9 @@ def main() -> int:
         serve.wait_no_instance()
     finally:
         serve.stop()
+        serve.reap_leftovers()
         runc.cleanup()
-        serve_ok = serve.proc is not None and serve.proc.returncode == 0
+        serve_ok = serve.exit_codes == [0]
         shutil.rmtree(work, ignore_errors=True)
 
     diffs = [c - h for c, h in zip(fc_ms, header_ms)]

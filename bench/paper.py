@@ -47,18 +47,16 @@ from __future__ import annotations
 import argparse
 import asyncio
 import collections
-import contextlib
 import math
 import json
 import os
 import shutil
-import signal
-import socket
-import subprocess
 import sys
 import tempfile
 import time
 from dataclasses import dataclass
+
+from fcrun.serve.testing import ServeProcess
 
 APP = "paper.test"
 MODES = ("scale-out", "scale-up", "reactive")
@@ -96,91 +94,6 @@ def find_image_store(explicit: str | None) -> str:
     print(f"building apache-php in {root} (once; about a minute)", file=sys.stderr)
     ImageStore(Paths(data_root=root, run_root="/nonexistent")).build("apache-php")
     return root
-
-
-class Server:
-    """`fcrun serve` as a subprocess on private roots, the image's layers linked in.
-
-    Resource handling: `close()` stops serve (it drains and stops its instances), then removes
-    whatever a crashed serve might have left (containers, cgroup parent) and the temp dir.
-    """
-
-    def __init__(self, image_root: str):
-        self.tmp = tempfile.mkdtemp(prefix="fcrun-paper-")
-        self.data_root = os.path.join(self.tmp, "data")
-        self.run_root = os.path.join(self.tmp, "run")
-        os.makedirs(os.path.join(self.data_root, "images"))
-        os.symlink(os.path.join(image_root, "layers"), os.path.join(self.data_root, "layers"))
-        shutil.copy(os.path.join(image_root, "images", "apache-php.json"), os.path.join(self.data_root, "images"))
-        tag = str(os.getpid())
-        self.cgroup_parent = f"fcrun-paper-{tag}"
-        self.bridge = f"fcp{tag}"[:15]
-        self.port = _free_port()
-        self.config = os.path.join(self.tmp, "fcrun.toml")
-        with open(self.config, "w") as f:
-            f.write(f'listen = "127.0.0.1:{self.port}"\nhold_timeout_s = 20\ndrain_timeout_s = 10\n'
-                    f'[runtime]\ncgroup_parent = "{self.cgroup_parent}"\nbridge = "{self.bridge}"\n'
-                    f'subnet = "{SUBNET}"\n')
-        self.env = dict(os.environ, FCRUN_ROOT=self.data_root, FCRUN_RUN=self.run_root, FCRUN_CONFIG=self.config)
-        self.admin_socket = os.path.join(self.run_root, "admin.sock")
-        self.proc: subprocess.Popen | None = None
-        self.log_path = os.path.join(self.tmp, "serve.log")
-
-    def start(self) -> None:
-        with open(self.log_path, "wb") as log:
-            self.proc = subprocess.Popen([sys.executable, "-m", "fcrun_cli", "serve"], env=self.env, stdout=log,
-                                         stderr=subprocess.STDOUT, start_new_session=True)
-        deadline = time.monotonic() + 20
-        while True:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"fcrun serve exited: {self.log_tail()}")
-            with contextlib.suppress(OSError):
-                socket.create_connection(("127.0.0.1", self.port), timeout=1).close()
-                if os.path.exists(self.admin_socket):
-                    return
-            if time.monotonic() > deadline:
-                raise RuntimeError(f"fcrun serve did not start listening: {self.log_tail()}")
-            time.sleep(0.05)
-
-    def admin(self):
-        from fcrun.serve.admin import AdminClient
-
-        return AdminClient(self.admin_socket)
-
-    def log_tail(self) -> str:
-        with contextlib.suppress(OSError), open(self.log_path, "rb") as f:
-            return f.read()[-2000:].decode(errors="replace")
-        return ""
-
-    def close(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(timeout=60)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-        self._remove_leftovers()
-        shutil.rmtree(self.tmp, ignore_errors=True)
-
-    def _remove_leftovers(self) -> None:
-        from fcrun.paths import Paths
-        from fcrun.runtime import Runtime
-
-        with contextlib.suppress(Exception):
-            rt = Runtime(Paths(data_root=self.data_root, run_root=self.run_root), cgroup_parent=self.cgroup_parent,
-                         bridge=self.bridge, subnet=SUBNET)
-            for name in rt.states.names():
-                with contextlib.suppress(Exception):
-                    rt.delete(name, force=True)
-            rt.cgroups.remove_parent_if_empty()
-            rt.network.remove_bridge_if_unused()
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 # -- the client --------------------------------------------------------------------------------
@@ -386,7 +299,7 @@ class Load:
 # -- one experiment ----------------------------------------------------------------------------
 
 
-def warm_up(server: Server, concurrency: int, warmup_s: float) -> float:
+def warm_up(server: ServeProcess, concurrency: int, warmup_s: float) -> float:
     """Start the instance and load it until Apache has forked its workers (a prefork server adds
     1, 2, 4, ... 32 a second); returns its throughput (requests/s), the lower of the last two
     rounds (the machine is shared with the client and the proxy, so it varies)."""
@@ -409,7 +322,10 @@ def run_mode(image_root: str, mode: str, n: int, concurrency: int, warmup_s: flo
     from fcrun.cmdb.models import AppUpdate, NewApp, Scale
     from fcrun.units import parse_memory
 
-    server = Server(image_root)
+    tag = str(os.getpid())
+    work = tempfile.mkdtemp(prefix="fcrun-paper-")
+    server = ServeProcess(work, image_root, cgroup_parent=f"fcrun-paper-{tag}", bridge=f"fcp{tag}"[:15], subnet=SUBNET,
+                          hold_timeout_s=20, drain_timeout_s=10)
     try:
         server.start()
         admin = server.admin()
@@ -443,7 +359,9 @@ def run_mode(image_root: str, mode: str, n: int, concurrency: int, warmup_s: flo
                   if e.kind.startswith(("scale", "start"))]
         return summarize(mode, load, action, events, capacity_rps, pace, concurrency)
     finally:
-        server.close()
+        server.stop()
+        server.reap_leftovers()
+        shutil.rmtree(work, ignore_errors=True)
 
 
 def percentile(values: list[float], q: float) -> float:

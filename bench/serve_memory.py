@@ -26,31 +26,20 @@ Usage: bench/serve_memory.py [--apps 1000] [--instances 20] [--memory 64M] [--js
 from __future__ import annotations
 
 import argparse
-import http.client
 import json
 import os
 import shutil
-import signal
-import socket
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
 
-from fcrun import Paths
 from fcrun.cmdb import App, open_cmdb
-from fcrun.runtime import Runtime
+from fcrun.serve.testing import ServeProcess
 
 SUBNET = "10.235.0.0/24"
 MIB = 1 << 20
 TARGET_RSS_BYTES = 150 * MIB
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def proc_status(pid: int) -> dict[str, int]:
@@ -114,71 +103,12 @@ def mib(n: int) -> float:
     return round(n / MIB, 1)
 
 
-class ServeProcess:
-    """`fcrun serve` on private roots, the apache-php image's layers linked in."""
-
-    def __init__(self, work: str, image_root: str, tag: str):
-        self.work = work
-        self.paths = Paths(data_root=os.path.join(work, "data"), run_root=os.path.join(work, "run"))
-        os.makedirs(os.path.join(self.paths.data_root, "images"))
-        os.symlink(os.path.join(image_root, "layers"), os.path.join(self.paths.data_root, "layers"))
-        shutil.copy(os.path.join(image_root, "images", "apache-php.json"), os.path.join(self.paths.data_root, "images"))
-        self.port = free_port()
-        self.runtime_args = dict(cgroup_parent=f"fcrun-mem-{tag}", bridge=f"fcm{tag}"[:15], subnet=SUBNET)
-        config = os.path.join(work, "fcrun.toml")
-        with open(config, "w") as f:
-            f.write(f'listen = "127.0.0.1:{self.port}"\nhold_timeout_s = 60\ndrain_timeout_s = 5\n[runtime]\n'
-                    + "".join(f'{k} = "{v}"\n' for k, v in self.runtime_args.items()))
-        self.env = dict(os.environ, FCRUN_ROOT=self.paths.data_root, FCRUN_RUN=self.paths.run_root, FCRUN_CONFIG=config,
-                        FCRUN_CGROUP_PARENT=self.runtime_args["cgroup_parent"], FCRUN_BRIDGE=self.runtime_args["bridge"],
-                        FCRUN_SUBNET=SUBNET)
-        self.fcrun = os.path.join(os.path.dirname(sys.executable), "fcrun")
-        self.runtime = Runtime(self.paths, **self.runtime_args)
-        self.proc: subprocess.Popen | None = None
-        self.log = None
-        self.exit_codes: list[int] = []
-
-    def cli(self, *args: str) -> str:
-        r = subprocess.run([self.fcrun, *args], env=self.env, capture_output=True, text=True, timeout=60)
-        if r.returncode != 0:
-            raise SystemExit(f"fcrun {' '.join(args)}: {r.stderr.strip()}")
-        return r.stdout
-
-    def start(self) -> float:
-        """Start serve; returns seconds until it listens."""
-        self.log = open(os.path.join(self.work, "serve.log"), "ab")
-        t0 = time.monotonic()
-        self.proc = subprocess.Popen([self.fcrun, "serve"], env=self.env, stdout=self.log, stderr=subprocess.STDOUT,
-                                     stdin=subprocess.DEVNULL)
-        while True:
-            if self.proc.poll() is not None:
-                raise SystemExit(f"fcrun serve exited: {self.read_log()[-2000:]}")
-            try:
-                socket.create_connection(("127.0.0.1", self.port), timeout=1).close()
-                if os.path.exists(os.path.join(self.paths.run_root, "admin.sock")):
-                    return time.monotonic() - t0
-            except OSError:
-                pass
-            if time.monotonic() - t0 > 60:
-                raise SystemExit("fcrun serve did not start listening within 60 s")
-            time.sleep(0.05)
-
-    def read_log(self) -> str:
-        with open(self.log.name, "rb") as f:
-            return f.read().decode(errors="replace")
-
-    def request(self, host: str, timeout: float = 60) -> tuple[int, dict, bytes]:
-        conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=timeout)
-        try:
-            conn.request("GET", "/", headers={"Host": host})
-            r = conn.getresponse()
-            return r.status, dict(r.getheaders()), r.read()
-        finally:
-            conn.close()
+class MemoryServe(ServeProcess):
+    """`fcrun serve` on private roots that can report its own and its helpers' memory."""
 
     def memory(self) -> dict:
         own = proc_status(self.proc.pid)
-        extra = helpers(self.proc.pid, self.runtime_args["cgroup_parent"])
+        extra = helpers(self.proc.pid, self.cgroup_parent)
         return {
             "serve_pid": self.proc.pid,
             "vmrss_mib": mib(own["VmRSS"]),
@@ -189,39 +119,6 @@ class ServeProcess:
             "pss_mib": mib(own.get("Pss", 0)),
             "pss_with_helpers_mib": mib(own.get("Pss", 0) + sum(h.get("Pss", 0) for h in extra)),
         }
-
-    def stop(self) -> float:
-        """SIGTERM (drains and stops every instance); returns seconds it took."""
-        t0 = time.monotonic()
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(timeout=120)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-        if self.proc is not None:
-            self.exit_codes.append(self.proc.returncode)
-            self.proc = None
-        if self.log is not None:
-            self.log.close()
-            self.log = None
-        return time.monotonic() - t0
-
-    def cleanup(self) -> None:
-        self.stop()
-        for name in self.runtime.states.names():  # normally none: serve stops its instances
-            try:
-                self.runtime.delete(name, force=True)
-            except Exception as exc:  # noqa: BLE001 - best effort, reported
-                print(f"serve_memory: could not delete {name}: {exc}", file=sys.stderr)
-        try:
-            self.runtime.cgroups.remove_parent_if_empty()
-            self.runtime.network.remove_bridge_if_unused()
-        except Exception:  # noqa: BLE001
-            pass
-        if os.path.exists(f"/sys/class/net/{self.runtime_args['bridge']}"):
-            subprocess.run(["ip", "link", "del", self.runtime_args["bridge"]], capture_output=True)
 
 
 def cgroup_memory_stat(memory_dir: str) -> dict[str, int]:
@@ -271,7 +168,8 @@ def main() -> int:
     with open(os.path.join(site, "index.php"), "w") as f:
         f.write("<?php echo 'hi from ', gethostname();")
     os.chmod(work, 0o755)
-    serve = ServeProcess(work, args.image_root, tag)
+    serve = MemoryServe(work, args.image_root, cgroup_parent=f"fcrun-mem-{tag}", bridge=f"fcm{tag}"[:15],
+                        subnet=SUBNET, hold_timeout_s=60)
     names = [f"app{i:05d}.mem.test" for i in range(args.apps)]
     step = args.apps // args.instances
     targets = [names[i * step] for i in range(args.instances)]
@@ -349,7 +247,8 @@ def main() -> int:
         }
         out["stop_serve_s"] = round(serve.stop(), 2)
     finally:
-        serve.cleanup()
+        serve.stop()
+        serve.reap_leftovers()
         out["serve_exit_codes"] = serve.exit_codes
         shutil.rmtree(work, ignore_errors=True)
     out["wall_s"] = round(time.monotonic() - t_begin, 1)
