@@ -22,6 +22,7 @@ from fcrun.plan import build_plan
 from fcrun.runtime import Runtime
 from fcrun.spawn import ChildFailure, read_status
 from hostcheck import BRIDGE, CGROUP_PARENT, SUBNET
+from test_runtime_root import run as _run  # run to completion, output captured
 
 pytestmark = [pytest.mark.root]
 
@@ -33,25 +34,6 @@ def _runtime(like: Runtime, mode: bool | None) -> Runtime:
 @pytest.fixture
 def via_spawner(runtime):
     return _runtime(runtime, True)
-
-
-def _run(rt, image, name, args, **opts):
-    """Run to completion with stdout+stderr captured; returns (exit code, output)."""
-    spec = spec_from_image(image, RunOptions(args=args, **opts), name=name)
-    r, w = os.pipe()
-    null = os.open("/dev/null", os.O_RDONLY)
-    try:
-        container = rt.run(name, spec, image=image, stdio=(null, w, w))
-    finally:
-        os.close(w)
-        os.close(null)
-    chunks = []
-    while chunk := os.read(r, 65536):
-        chunks.append(chunk)
-    os.close(r)
-    code = container.wait()
-    rt.delete(name)
-    return code, b"".join(chunks).decode()
 
 
 def _warm_pids(client: spawner.Client, timeout_s: float = 5.0) -> set[int]:
