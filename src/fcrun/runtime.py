@@ -16,6 +16,7 @@ does not pay for starting one. Either way the child and the handshake are spawn.
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 import select
 import shutil
@@ -29,7 +30,7 @@ from . import spawner
 from . import syscalls as sc
 from .cgroups import Cgroup, CgroupDriver, Limits, detect
 from .errors import ContainerError, FcrunError, IncorrectStatus, KernelError, MissingFeature, NotFound, NotPermitted, SpecError
-from .oci import Spec, network_mode, validate_spec
+from .oci import Mount, Spec, network_mode, validate_spec
 from .paths import DEFAULT_BRIDGE, DEFAULT_CGROUP_PARENT, DEFAULT_SUBNET, Paths
 from .plan import build_plan
 from .spawn import ChildFailure, ChildPlan, _finish_and_exec, failure_to_error, fork_child, read_status
@@ -38,6 +39,7 @@ from .state import ContainerState, NetworkState, Rootfs, StateStore, check_allow
 INIT_CANDIDATES = ("/usr/bin/tini-static",)  # static: the image may have no libc
 SETUP_TIMEOUT_S = 30.0
 STOP_TIMEOUT_S = 10.0
+SLOT_SOURCE_LABEL = "fcrun.slot.source"  # what fill_slot mounted (a slot is filled once)
 
 
 @dataclass
@@ -219,12 +221,17 @@ class Runtime:
         stdio: tuple[int, int, int] | None = None,
         init: bool = True,
         labels: dict[str, str] | None = None,
+        slot: str | None = None,
         _start: bool = False,
     ) -> Container:
         """Create a container: namespaces, rootfs, cgroup and network ready; process not yet run.
 
         `image` (an images.Image or its name) gives the overlay lower dirs; without it,
         spec.root.path must be an existing directory used as the root as it is.
+
+        `slot`: a directory inside the container (e.g. a web server's docroot) that stays empty
+        and read-only until `fill_slot` mounts a host directory there, while the container runs.
+        The pool of pre-started app servers (forkserver/pool.py) is built on it.
 
         Raises:
             SpecError: bad name or spec. AlreadyExists: name taken. NotFound: unknown image.
@@ -254,6 +261,11 @@ class Runtime:
                 name=name, status="creating", spec=spec, image=image.name if image else "",
                 created_at=time.time(), detached=detach, labels=dict(labels or {}),
             )
+            if slot is not None:
+                undo.callback(_release_slot, cdir)
+                content = _make_slot(cdir)
+                state.spec = spec = msgspec.structs.replace(spec, mounts=[*spec.mounts, Mount(
+                    destination=slot, source=content, options=["bind", "ro", "nosuid", "nodev", "noexec"])])
             mountpoint = os.path.join(cdir, "rootfs")
             os.mkdir(mountpoint, 0o755)
             if image is not None:
@@ -484,6 +496,49 @@ class Runtime:
             self.states.save(state)
             return state
 
+    def fill_slot(self, name: str, source: str) -> None:
+        """Mount host directory `source` on the container's slot (see create), live.
+
+        The mount is a detached copy of `source` made nosuid and nodev before it is attached,
+        so the container never sees it without those flags; it reaches the container through
+        mount propagation (the slot is the master of the container's mount). A slot is filled
+        once: a container that served one app's files never gets another's.
+
+        Raises:
+            SpecError: `source` is not a directory. IncorrectStatus: no slot, already filled, or
+            the container is not running or frozen. KernelError: the kernel refused.
+        """
+        require_root()
+        if not os.path.isabs(source) or not os.path.isdir(source):
+            raise SpecError(f"slot source {source!r} is not an absolute path to a directory", "source")
+        with self.states.locked(name):
+            state = self.state(name)
+            content = os.path.join(self.states.dir(name), "slot", "content")
+            if not os.path.isdir(content):
+                raise IncorrectStatus(f"container {name!r} has no slot (create it with slot=...)")
+            if SLOT_SOURCE_LABEL in state.labels:
+                raise IncorrectStatus(f"the slot of container {name!r} is already filled from {state.labels[SLOT_SOURCE_LABEL]}")
+            check_allowed("update", name, state.status)
+            try:
+                fd = sc.open_tree(source.encode(), sc.OPEN_TREE_CLONE)
+                try:
+                    sc.mount_setattr(fd, sc.MOUNT_ATTR_NOSUID | sc.MOUNT_ATTR_NODEV)
+                    sc.move_mount(fd, content.encode())
+                finally:
+                    os.close(fd)
+            except OSError as exc:
+                raise KernelError.from_oserror(f"mount {source} into container {name}:", content, exc) from None
+            state.labels[SLOT_SOURCE_LABEL] = source
+            self.states.save(state)
+
+    def label(self, name: str, labels: dict[str, str]) -> ContainerState:
+        """Add or change labels of a container (a pooled instance becomes an app's, say)."""
+        with self.states.locked(name):
+            state = self.state(name)
+            state.labels.update(labels)
+            self.states.save(state)
+            return state
+
     def delete(self, name: str, force: bool = False) -> None:
         """Remove a stopped container (force: kill it first) and everything it held."""
         require_root()
@@ -494,6 +549,7 @@ class Runtime:
             self._teardown(state)
 
     def _teardown(self, state: ContainerState) -> None:
+        _release_slot(self.states.dir(state.name))  # first: nothing below may reach into it
         if pid_alive(state):
             _kill_quietly(state.pid)
             if state.status == "frozen" and state.cgroup_paths:
@@ -605,6 +661,41 @@ class Runtime:
         if self._cap_last is None:
             self._cap_last = sc.cap_last_cap()
         return self._cap_last
+
+
+def _make_slot(cdir: str) -> str:
+    """Make `cdir`/slot a mount of its own in a peer group of its own; returns its content dir.
+
+    The container binds slot/content (rslave, like every mount it copies from the host), so
+    its mount is a slave of this peer group: a mount on slot/content made here later appears
+    in the container, and nothing the container mounts comes back.
+    """
+    slot = os.path.join(cdir, "slot")
+    content = os.path.join(slot, "content")
+    os.mkdir(slot, 0o700)
+    os.mkdir(content, 0o755)
+    path = slot.encode()
+    sc.mount(path, path, None, sc.MS_BIND, None)
+    sc.mount(None, path, None, sc.MS_PRIVATE, None)  # out of the run root's peer group
+    sc.mount(None, path, None, sc.MS_SHARED, None)  # into one of its own
+    return content
+
+
+def _release_slot(cdir: str) -> None:
+    """Unmount and remove a container's slot, if it has one. rmdir only, never a recursive
+    delete: should an unmount fail, the app's files under it stay untouched."""
+    slot = os.path.join(cdir, "slot")
+    for path in (os.path.join(slot, "content"), slot):
+        for _ in range(8):  # stacked mounts, one layer per call
+            try:
+                sc.umount2(path.encode(), sc.MNT_DETACH)
+            except OSError as exc:
+                if exc.errno in (errno.EINVAL, errno.ENOENT):
+                    break
+                raise KernelError.from_oserror("unmount slot", path, exc) from None
+    for path in (os.path.join(slot, "content"), slot):
+        with contextlib.suppress(FileNotFoundError):
+            os.rmdir(path)
 
 
 def limits_from_spec(spec: Spec) -> Limits:

@@ -1,0 +1,89 @@
+"""A container's slot: a directory filled from the host while the container runs (the pool's
+docroot). Checked from inside the container, for real mounts and propagation."""
+
+from __future__ import annotations
+
+import os
+import signal
+
+import pytest
+
+from fcrun.errors import IncorrectStatus, SpecError
+from fcrun.options import RunOptions, spec_from_image
+
+pytestmark = pytest.mark.root
+
+
+def _exec(rt, name, script):
+    r, w = os.pipe()
+    null = os.open("/dev/null", os.O_RDONLY)
+    try:
+        code = rt.exec(name, ["sh", "-c", script], stdio=(null, w, w))
+    finally:
+        os.close(w)
+        os.close(null)
+    with os.fdopen(r, "rb") as f:
+        return code, f.read().decode()
+
+
+def _start(rt, busybox, name):
+    spec = spec_from_image(busybox, RunOptions(args=["sleep", "600"], network="none"), name=name)
+    return rt.run(name, spec, image=busybox, detach=True, slot="/srv/site")
+
+
+def test_slot_is_empty_and_read_only_until_filled_then_shows_the_host_dir(runtime, busybox, tmp_path):
+    site = tmp_path / "site"
+    site.mkdir()
+    (site / "index.html").write_text("hello from the host\n")
+    _start(runtime, busybox, "slot1")
+
+    code, out = _exec(runtime, "slot1", "ls -A /srv/site; touch /srv/site/x 2>&1; echo rc=$?")
+    assert code == 0
+    assert "index.html" not in out
+    assert "Read-only file system" in out and "rc=1" in out
+
+    runtime.fill_slot("slot1", str(site))
+    code, out = _exec(runtime, "slot1", "cat /srv/site/index.html; grep ' /srv/site ' /proc/self/mountinfo")
+    assert code == 0
+    assert "hello from the host" in out
+    top = [line for line in out.splitlines() if " /srv/site " in line][-1]  # the last mount is the one seen
+    assert "nosuid" in top.split()[5] and "nodev" in top.split()[5]
+
+    # Filled once: a container that served one site never gets another.
+    other = tmp_path / "other"
+    other.mkdir()
+    with pytest.raises(IncorrectStatus, match="already filled"):
+        runtime.fill_slot("slot1", str(other))
+    assert runtime.state("slot1").labels["fcrun.slot.source"] == str(site)
+
+
+def test_removing_the_container_unmounts_the_slot_and_keeps_the_site(runtime, busybox, tmp_path):
+    site = tmp_path / "site"
+    site.mkdir()
+    (site / "keep.txt").write_text("x")
+    _start(runtime, busybox, "slot2")
+    runtime.fill_slot("slot2", str(site))
+    slot = os.path.join(runtime.states.dir("slot2"), "slot")
+    with open("/proc/self/mountinfo") as f:
+        assert any(slot in line for line in f)
+    runtime.kill("slot2", signal.SIGKILL)
+    runtime.delete("slot2", force=True)
+    with open("/proc/self/mountinfo") as f:
+        assert not any(slot in line for line in f)
+    assert (site / "keep.txt").read_text() == "x"  # an unmount, never a recursive delete
+
+
+def test_bad_fill_changes_nothing(runtime, busybox, tmp_path):
+    _start(runtime, busybox, "slot3")
+    with pytest.raises(SpecError, match="not an absolute path to a directory"):
+        runtime.fill_slot("slot3", str(tmp_path / "missing"))
+    assert "fcrun.slot.source" not in runtime.state("slot3").labels
+    plain = spec_from_image(busybox, RunOptions(args=["sleep", "600"], network="none"), name="noslot")
+    runtime.run("noslot", plain, image=busybox, detach=True)
+    with pytest.raises(IncorrectStatus, match="has no slot"):
+        runtime.fill_slot("noslot", str(tmp_path))
+    with open("/proc/self/mountinfo") as f:
+        mountpoints = [line.split()[4] for line in f]
+    slot = os.path.join(runtime.states.dir("slot3"), "slot")
+    assert mountpoints.count(slot) == 1  # the empty slot itself
+    assert os.path.join(slot, "content") not in mountpoints  # nothing was mounted on it
