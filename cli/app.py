@@ -100,7 +100,7 @@ def _settings_options(command):
                      help="In-flight requests per instance before scaling out."),
         click.option("--idle-timeout", default=None, help="Stop an instance after this long without requests (60s)."),
         click.option("--freeze-after", default=None,
-                     help="Freeze an idle instance after this long ('off' to disable)."),
+                     help="Freeze an idle instance after this long (30s; 'off': never). A request thaws it in about a millisecond."),
         click.option("--max-lifetime", default=None,
                      help="Replace an instance older than this (1h; 'off', the default, never)."),
         click.option("--cooldown-up", default=None, help="Least time between two scale-ups (10s)."),

@@ -32,6 +32,7 @@ DEFAULT_MIN_INSTANCES = 0
 DEFAULT_MAX_INSTANCES = 1
 DEFAULT_TARGET_CONCURRENCY = 10
 DEFAULT_IDLE_TIMEOUT_S = 60.0
+DEFAULT_FREEZE_AFTER_S = 30.0  # frozen (no CPU, thawed in ~1 ms) long before it is stopped
 DEFAULT_COOLDOWN_UP_S = 10.0
 DEFAULT_COOLDOWN_DOWN_S = 30.0
 DEFAULT_PORT = 80  # when neither the app nor the image names one
@@ -63,7 +64,7 @@ class App(msgspec.Struct, kw_only=True, frozen=True):
     max_instances: int = DEFAULT_MAX_INSTANCES
     target_concurrency: int = DEFAULT_TARGET_CONCURRENCY
     idle_timeout_s: float = DEFAULT_IDLE_TIMEOUT_S
-    freeze_after_s: float | None = None
+    freeze_after_s: float | None = DEFAULT_FREEZE_AFTER_S  # None: never frozen
     max_lifetime_s: float | None = None  # None: instances are never replaced for age
     cooldown_up_s: float = DEFAULT_COOLDOWN_UP_S
     cooldown_down_s: float = DEFAULT_COOLDOWN_DOWN_S
@@ -138,7 +139,7 @@ class AppDefaults(msgspec.Struct, kw_only=True, forbid_unknown_fields=True, froz
     max_instances: int = DEFAULT_MAX_INSTANCES
     target_concurrency: int = DEFAULT_TARGET_CONCURRENCY
     idle_timeout_s: float = DEFAULT_IDLE_TIMEOUT_S
-    freeze_after_s: float | None = None
+    freeze_after_s: float | None = DEFAULT_FREEZE_AFTER_S  # None: never frozen
     max_lifetime_s: float | None = None
     cooldown_up_s: float = DEFAULT_COOLDOWN_UP_S
     cooldown_down_s: float = DEFAULT_COOLDOWN_DOWN_S
@@ -175,6 +176,7 @@ class Event(msgspec.Struct, kw_only=True, frozen=True):
 class InstanceCounts(msgspec.Struct, kw_only=True):
     ready: int = 0
     total: int = 0
+    frozen: int = 0
 
 
 class AppStats(msgspec.Struct, kw_only=True):
@@ -189,7 +191,10 @@ class AppStats(msgspec.Struct, kw_only=True):
     instances: InstanceCounts = msgspec.field(default_factory=InstanceCounts)
     starts: int = 0
     cold_start_ms_avg: float | None = None
-
+    cold_paths: dict[str, int] = {}  # requests that waited for an instance, by how it came: thaw/pool/start
+    freezes: int = 0
+    memory_bytes: int = 0  # cgroup memory of its live instances now
+    frozen_memory_bytes: int = 0  # of which frozen ones hold
 
 class Scale(msgspec.Struct, kw_only=True, forbid_unknown_fields=True, omit_defaults=True):
     """POST /apps/{name}/scale: a number of instances (scale out/in) or a CPU amount (scale up/down)."""

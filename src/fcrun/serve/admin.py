@@ -236,6 +236,16 @@ def render_metrics(stats: dict[str, AppStats]) -> str:
            [({"app": a}, s.instance_seconds) for a, s in stats.items()])
     family("instances", "gauge", "Instances ready to serve.",
            [({"app": a}, s.instances.ready) for a, s in stats.items()])
+    family("instances_frozen", "gauge", "Instances frozen (idle for freeze-after; thawed by the next request).",
+           [({"app": a}, s.instances.frozen) for a, s in stats.items()])
+    family("memory_bytes", "gauge", "Memory of the app's instances (cgroup), by state.",
+           [({"app": a, "state": "frozen"}, s.frozen_memory_bytes) for a, s in stats.items()]
+           + [({"app": a, "state": "running"}, s.memory_bytes - s.frozen_memory_bytes) for a, s in stats.items()])
+    family("cold_starts_total", "counter", "Requests that found no ready instance, by how one was found: "
+           "thaw (frozen), pool (pre-warmed), start (new).",
+           [({"app": a, "path": p}, n) for a, s in stats.items() for p, n in sorted(s.cold_paths.items())])
+    family("freezes_total", "counter", "Instances frozen after freeze-after idle.",
+           [({"app": a}, s.freezes) for a, s in stats.items()])
     return "\n".join(lines) + "\n"
 
 

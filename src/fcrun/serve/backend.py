@@ -14,6 +14,7 @@ import asyncio
 import contextlib
 import errno
 import functools
+import logging
 import os
 import re
 import secrets
@@ -26,16 +27,23 @@ from typing import Protocol
 
 from ..cgroups.base import Stats
 from ..errors import FcrunError, NotFound
+from ..forkserver import protocol as fsp
+from ..forkserver.client import ForkServerGone, Supervisor
+from ..labels import APP_LABEL
 from ..oci import Mount
 from ..options import RunOptions, spec_from_image
 from ..runtime import Runtime
-
-APP_LABEL = "fcrun.app"
 _SLUG = re.compile(r"[^a-z0-9.-]+")
+log = logging.getLogger("fcrun.serve")
 
 
 class StartFailed(Exception):
-    """An instance could not be started; the message names the reason (shown in a 502)."""
+    """An instance could not be started; the message names the reason (shown in a 502, or a
+    503 when the fork-server went away: retrying is then the client's best move)."""
+
+    def __init__(self, message: str, http_status: int = 502):
+        super().__init__(message)
+        self.http_status = http_status
 
 
 @dataclass
@@ -43,6 +51,7 @@ class Started:
     name: str
     ip: str
     port: int
+    path: str = "start"  # "pool": a pre-warmed instance claimed from the fork-server's pool
 
 
 @dataclass
@@ -66,6 +75,8 @@ class InstanceBackend(Protocol):
     async def set_cpu(self, name: str, cpu: float) -> None: ...  # live, no restart
     async def existing(self) -> list[Existing]: ...
     async def accepting(self, ip: str, port: int) -> bool: ...
+    async def freeze(self, name: str) -> None: ...
+    def thaw(self, name: str) -> None: ...  # on the event loop: a request is waiting for it
     def close(self) -> None: ...
 
 
@@ -76,13 +87,28 @@ def instance_name(app_name: str) -> str:
 
 
 class RuntimeBackend:
-    """Instances as fcrun containers on the bridge network."""
+    """Instances as fcrun containers on the bridge network.
 
-    def __init__(self, runtime: Runtime, workers: int = 4, poll_interval_s: float = 0.002):
+    With a fork-server (`forkserver`, serve's Supervisor), instances are made there: claimed
+    from its pool of pre-warmed instances when the app can use one (see `poolable`), else
+    started by it. Without one, this process makes them through the Runtime.
+    """
+
+    def __init__(self, runtime: Runtime, workers: int = 4, poll_interval_s: float = 0.002,
+                 forkserver: Supervisor | None = None):
         self.runtime = runtime
+        self.forkserver = forkserver
         self._pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="fcrun-runtime")
         self._poll_s = poll_interval_s
         self._cgroups: dict[str, object] = {}  # name -> Cgroup, so sampling skips the state file
+        self._images: dict[str, object] = {}  # name -> Image, re-read when a start fails
+
+    @staticmethod
+    def poolable(app) -> bool:
+        """Can a pooled instance serve this app? Pooled instances run the image as it is, with
+        its default environment and port, and get the app's files through their docroot slot:
+        so the app must bring a docroot and no environment or port of its own."""
+        return bool(app.docroot) and not app.env and app.port is None
 
     async def _call(self, fn, *args, **kwargs):
         return await asyncio.get_running_loop().run_in_executor(self._pool, functools.partial(fn, *args, **kwargs))
@@ -94,6 +120,8 @@ class RuntimeBackend:
             StartFailed: image missing, container failed, or not accepting by `deadline`
                 (time.monotonic()). Whatever was made is removed first.
         """
+        if self.forkserver is not None:
+            return await self._start_through_forkserver(app, deadline)
         try:
             image = await self._call(self.runtime.images.get, app.image)
         except NotFound as exc:
@@ -118,6 +146,47 @@ class RuntimeBackend:
                 await self._call(self.runtime.delete, name, True)
             raise
         return Started(name=name, ip=container.ip, port=port)
+
+    async def _start_through_forkserver(self, app, deadline: float) -> Started:
+        image = self._images.get(app.image)
+        if image is None:
+            try:
+                image = self._images[app.image] = await self._call(self.runtime.images.get, app.image)
+            except NotFound as exc:
+                raise StartFailed(str(exc)) from None
+        port = app.port_for(image.config.exposed_ports)
+        limits = fsp.Limits(cpu=app.cpu, memory_bytes=app.memory_bytes)
+        labels = {APP_LABEL: app.name}
+        try:
+            if self.poolable(app):
+                reply = await self.forkserver.request(fsp.Claim(image=app.image, labels=labels, limits=limits,
+                                                                docroot=app.docroot))
+                if isinstance(reply, fsp.Made):
+                    return Started(name=reply.name, ip=reply.ip, port=port, path="pool")
+                if isinstance(reply, fsp.Failed):
+                    log.warning("claiming a pooled instance for %s: %s", app.name, reply.message)
+            name = instance_name(app.name)
+            reply = await self.forkserver.request(fsp.Start(image=app.image, name=name, labels=labels, limits=limits,
+                                                            env=list(app.env), docroot=app.docroot))
+        except ForkServerGone as exc:
+            raise StartFailed(f"cannot start an instance of {app.name} now: {exc}; retry", 503) from None
+        if isinstance(reply, fsp.Failed):
+            self._images.pop(app.image, None)
+            raise StartFailed(f"cannot start an instance of {app.name}: {reply.message}")
+        try:
+            await self._wait_accepting(reply.name, reply.ip, port, deadline)
+        except BaseException:
+            with contextlib.suppress(FcrunError, OSError):
+                await self._call(self.runtime.delete, reply.name, True)
+            raise
+        return Started(name=reply.name, ip=reply.ip, port=port, path="start")
+
+    async def freeze(self, name: str) -> None:
+        await self._call(self.runtime.freeze, name)
+
+    def thaw(self, name: str) -> None:
+        """Thaw an instance (one cgroup write; a request waits on it, so no thread hop)."""
+        self.runtime.thaw(name)
 
     async def _wait_accepting(self, name: str, ip: str, port: int, deadline: float) -> None:
         delay = self._poll_s

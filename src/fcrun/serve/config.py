@@ -45,6 +45,22 @@ class RuntimeConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True, fr
     subnet: str = DEFAULT_SUBNET
 
 
+class ForkServerConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True, frozen=True):
+    """The fork-server that makes instances, and its pool of pre-warmed ones (``[forkserver]``).
+
+    Apps a pooled instance can serve (a docroot, no environment or port of their own) get one
+    on a cold start instead of a new container; each image such apps use gets `pool_size`
+    pooled instances (or `pool_sizes[image]`).
+    """
+
+    enabled: bool = True  # false: serve makes instances itself, and there is no pool
+    pool_size: int = 2
+    pool_sizes: dict[str, int] = {}
+    pool_cpu: float = 1.0  # while warming and waiting; a claim sets the app's
+    pool_memory_bytes: int = 512 << 20
+    pool_max_age_s: float = 600.0  # pooled instances older than this are replaced
+
+
 class ServeConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True, frozen=True):
     """Everything `fcrun serve` can be told. Build it with `load_config`, which checks it."""
 
@@ -58,6 +74,7 @@ class ServeConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True, froz
     proxy: ProxyConfig = ProxyConfig()
     runtime: RuntimeConfig = RuntimeConfig()
     defaults: AppDefaults = AppDefaults()
+    forkserver: ForkServerConfig = ForkServerConfig()
 
     @property
     def paths(self) -> Paths:
@@ -124,6 +141,17 @@ def check_config(config: ServeConfig, source: str = "configuration") -> None:
         value = getattr(config.runtime, key)
         if value and not os.path.isabs(value):
             fail(f"{key} {value!r} is not an absolute path", f"runtime.{key}")
+    fs = config.forkserver
+    for image, size in {"pool_size": fs.pool_size, **fs.pool_sizes}.items():
+        if not 0 <= size <= 64:
+            fail(f"pool size {size} is not within 0..64", f"forkserver.{image}" if image == "pool_size"
+                 else f"forkserver.pool_sizes.{image}")
+    if not (_positive(fs.pool_cpu) and fs.pool_cpu <= (os.cpu_count() or 1)):
+        fail(f"pool_cpu {fs.pool_cpu!r} must be above 0 and at most this machine's CPUs", "forkserver.pool_cpu")
+    if fs.pool_memory_bytes < (4 << 20):
+        fail("pool_memory_bytes must be at least 4M", "forkserver.pool_memory_bytes")
+    if not _positive(fs.pool_max_age_s):
+        fail("pool_max_age_s must be a positive number of seconds", "forkserver.pool_max_age_s")
     try:
         check_defaults(config.defaults)
     except SpecError as exc:

@@ -17,8 +17,14 @@ without autoscale. Every decision is an event with its reason and figures.
 Instance states, checked here only:
 
     starting -> ready -> draining -> stopped
-                  |   (routing)   (no new requests; in-flight ones finish, then stop)
-                  `-> replacing -> draining   (max-lifetime: serves until its successor is ready)
+                | ^ |   (routing)   (no new requests; in-flight ones finish, then stop)
+                | | `-> replacing -> draining   (max-lifetime: serves until its successor is ready)
+                | `--- frozen <- freezing   (idle for freeze-after: cgroup freezer; the next
+                `----------------^           request thaws it; idle for idle-timeout: stopped)
+
+A request that finds no ready instance is served, fastest first, by thawing a frozen one
+("thaw"), by a pre-warmed instance claimed from the fork-server's pool ("pool"), or by a
+new one ("start"): the path and its time go to the client in X-Fcrun-Cold-Start.
 """
 
 from __future__ import annotations
@@ -75,6 +81,8 @@ class Instance:
     tunnels: int = 0
     requests: int = 0
     drained: asyncio.Event = field(default_factory=asyncio.Event)
+    start_path: str = "start"  # how it came to be: "start" or "pool"
+    freezing: asyncio.Task | None = None
     # Request counters for the monitor, kept where `outstanding` changes anyway.
     busy_s: float = 0.0  # integral of `outstanding` over time, up to busy_at
     busy_at: float = 0.0
@@ -94,6 +102,8 @@ class Meter:
     instance_seconds_stopped: float = 0.0
     starts: int = 0
     cold_start_ms_total: float = 0.0
+    cold_paths: dict[str, int] = field(default_factory=lambda: {"thaw": 0, "pool": 0, "start": 0})
+    freezes: int = 0
 
 
 @dataclass
@@ -169,6 +179,7 @@ class Manager:
         self.clock = clock
         self._monitor: asyncio.Task | None = None
         self.on_instance_gone = on_instance_gone or (lambda name: None)
+        self.on_apps_reloaded: Callable[[list], None] = lambda apps: None
         self.apps: dict[str, AppState] = {}
         self._by_host: dict[str, AppState] = {}
         self._tasks: set[asyncio.Task] = set()  # owned background work (stops, replacements)
@@ -192,6 +203,7 @@ class Manager:
             if state.app.name in apps:
                 for host in [state.app.name, *state.app.hostnames]:
                     self._by_host[host] = state
+        self.on_apps_reloaded(list(apps.values()))
 
     # ----- the request path ------------------------------------------------------------------
 
@@ -214,9 +226,10 @@ class Manager:
         instance = self._least_loaded(state)
         cold = None
         if instance is None:
-            instance = await self._wait_for_instance(state)
+            instance, path = await self._wait_for_instance(state)
             now = self.clock()
-            cold = ("start", round((now - t0) * 1000, 1))
+            cold = (path, round((now - t0) * 1000, 1))
+            state.meter.cold_paths[path] += 1
             # The request is in flight on the instance from now, not from when it began waiting.
             instance.busy_s += instance.outstanding * (now - instance.busy_at)
             instance.busy_at = now
@@ -244,7 +257,11 @@ class Manager:
                     best = inst
         return best or capped
 
-    async def _wait_for_instance(self, state: AppState) -> Instance:
+    async def _wait_for_instance(self, state: AppState) -> tuple[Instance, str]:
+        """A ready instance for a request that found none: thawed, else started (shared)."""
+        for inst in list(state.instances.values()):
+            if inst.state in ("frozen", "freezing") and await self._thaw(state, inst):
+                return inst, "thaw"
         deadline = self.clock() + self.hold_timeout_s
         while True:
             if state.starting is None or state.starting.done():
@@ -254,9 +271,9 @@ class Manager:
             except asyncio.TimeoutError:
                 raise RouteError(504, f"{state.app.name}: no instance became ready within {self.hold_timeout_s:g}s") from None
             except StartFailed as exc:
-                raise RouteError(502, str(exc)) from None
+                raise RouteError(exc.http_status, str(exc)) from None
             if instance.state == "ready":
-                return instance
+                return instance, instance.start_path
             # It was stopped again before we got it (app removed): try once more unless removing.
             if state.removing:
                 raise RouteError(503, f"{state.app.name} is being removed")
@@ -275,7 +292,7 @@ class Manager:
         now = self.clock()
         instance = Instance(name=started.name, app=app.name, ip=started.ip, port=started.port,
                             started_at=time.time(), started_mono=now, last_active=now, cpu=app.cpu, busy_at=now,
-                            cap=SLOW_START_FIRST)
+                            cap=SLOW_START_FIRST, start_path=getattr(started, "path", "start"))
         ms = (now - t0) * 1000
         state.meter.starts += 1
         state.meter.cold_start_ms_total += ms
@@ -284,8 +301,9 @@ class Manager:
             return instance
         state.instances[instance.name] = instance
         self._record_instance(instance)
-        self._event(app.name, "start", f"started {instance.name} at {instance.ip}:{instance.port} in {ms:.0f} ms",
-                    {"instance": instance.name, "ms": round(ms, 1)})
+        how = "claimed from the pool" if instance.start_path == "pool" else "started"
+        self._event(app.name, "start", f"{how} {instance.name} at {instance.ip}:{instance.port} in {ms:.0f} ms",
+                    {"instance": instance.name, "ms": round(ms, 1), "path": instance.start_path})
         self._watch()
         return instance
 
@@ -323,25 +341,67 @@ class Manager:
     # ----- lifecycle ---------------------------------------------------------------------------
 
     def tick(self) -> None:
-        """Mortality and immutability: stop idle instances, replace old ones. Cheap; call often."""
+        """Mortality and immutability: freeze idle instances, stop idler ones, replace old ones.
+        Cheap; call often."""
         now = self.clock()
         for state in list(self.apps.values()):
             app = state.app
-            ready = state.ready()
             keep = getattr(app, "min_instances", 0)
-            for inst in ready:
+            freeze_after = getattr(app, "freeze_after_s", None)
+            if freeze_after is not None and freeze_after >= app.idle_timeout_s:
+                freeze_after = None  # it would be stopped first
+            for inst in [i for i in state.instances.values() if i.state in ("ready", "frozen")]:
                 idle = now - inst.last_active
-                remaining = len(state.ready())
-                if inst.outstanding or idle < app.idle_timeout_s or remaining <= keep:
+                if inst.outstanding:
                     continue
-                if remaining == 1 and state.connections:
-                    continue  # an open client connection (keep-alive, stream) is activity too
-                self._spawn(self._stop(state, inst, f"idle for {idle:.0f}s"))
+                remaining = sum(1 for i in state.instances.values() if i.state in ("ready", "frozen"))
+                if idle >= app.idle_timeout_s and remaining > keep and not (remaining == 1 and state.connections):
+                    # (an open client connection, keep-alive or stream, is activity too)
+                    self._spawn(self._stop(state, inst, f"idle for {idle:.0f}s"))
+                elif inst.state == "ready" and freeze_after is not None and idle >= freeze_after:
+                    inst.state = "freezing"  # out of routing at once; a request now thaws it
+                    inst.freezing = self._spawn(self._freeze(state, inst, idle))
             lifetime = getattr(app, "max_lifetime_s", None)
             if lifetime:
                 for inst in state.ready():
                     if now - inst.started_mono >= lifetime and (state.starting is None or state.starting.done()):
                         self._spawn(self._replace(state, inst))
+
+    async def _freeze(self, state: AppState, inst: Instance, idle: float) -> None:
+        try:
+            await self.backend.freeze(inst.name)
+        except Exception as exc:  # noqa: BLE001 - recorded; it keeps serving unfrozen
+            if inst.state == "freezing":
+                inst.state = "ready"
+                self._event(state.app.name, "freeze-failed", f"cannot freeze {inst.name}: {exc}",
+                            {"instance": inst.name})
+            return
+        finally:
+            inst.freezing = None
+        if inst.state == "freezing":
+            inst.state = "frozen"
+            state.meter.freezes += 1
+            self._record_instance(inst)
+
+    async def _thaw(self, state: AppState, inst: Instance) -> bool:
+        """Thaw a frozen instance for a waiting request; False if it cannot serve any more."""
+        if inst.freezing is not None:
+            with contextlib.suppress(Exception):
+                await asyncio.shield(inst.freezing)
+        if inst.state == "ready":
+            return True  # thawed meanwhile by another request, or its freeze failed
+        if inst.state != "frozen":
+            return False
+        try:
+            self.backend.thaw(inst.name)
+        except Exception as exc:  # noqa: BLE001 - recorded; the request gets another instance
+            log.warning("thawing %s: %s", inst.name, exc)
+            self._event(state.app.name, "thaw-failed", f"cannot thaw {inst.name}: {exc}", {"instance": inst.name})
+            self._spawn(self._stop(state, inst, "thaw failed"))
+            return False
+        inst.state = "ready"
+        inst.last_active = inst.busy_at = self.clock()
+        return True
 
     async def _replace(self, state: AppState, old: Instance) -> None:
         """Start a successor, move traffic to it, then drain and stop the old one."""
@@ -398,7 +458,10 @@ class Manager:
         recorded = {}
         with contextlib.suppress(Exception):
             recorded = {row.id: row for row in self.cmdb.list_instances()}
+        known = {i.name for s in self.apps.values() for i in s.instances.values()}
         for found in await self.backend.existing():
+            if found.name in known:
+                continue  # ours already (a reconcile after a fork-server restart)
             state = self.apps.get(found.app)
             row = recorded.get(found.name)
             port = (row.port if row and row.port else None) or (state.app.port if state else None) or 80
@@ -597,6 +660,7 @@ class Manager:
         for name, state in self.apps.items():
             m = state.meter
             live = list(state.instances.values())
+            memory = {i.name: getattr(self.backend.cgroup_stats(i.name), "memory_bytes", 0) for i in live}
             out[name] = {
                 "requests": m.requests,
                 "status": dict(m.status),
@@ -604,9 +668,14 @@ class Manager:
                 "request_seconds": round(m.request_seconds, 6),
                 "cpu_seconds": round(m.cpu_seconds_stopped + sum(self.backend.cpu_seconds(i.name) for i in live), 6),
                 "instance_seconds": round(m.instance_seconds_stopped + sum(now - i.started_mono for i in live), 3),
-                "instances": {"ready": len(state.ready()), "total": len(live)},
+                "instances": {"ready": len(state.ready()), "total": len(live),
+                              "frozen": sum(1 for i in live if i.state == "frozen")},
                 "starts": m.starts,
                 "cold_start_ms_avg": round(m.cold_start_ms_total / m.starts, 1) if m.starts else None,
+                "cold_paths": dict(m.cold_paths),
+                "freezes": m.freezes,
+                "memory_bytes": sum(memory.values()),
+                "frozen_memory_bytes": sum(memory[i.name] for i in live if i.state == "frozen"),
             }
         return out
 

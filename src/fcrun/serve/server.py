@@ -14,6 +14,7 @@ import os
 import signal
 
 from ..cmdb import open_cmdb
+from ..forkserver import Supervisor
 from ..proxy.server import ProxyServer
 from ..runtime import Runtime
 from .admin import AdminServer
@@ -25,6 +26,7 @@ from .manager import Manager
 log = logging.getLogger("fcrun.serve")
 
 TICK_INTERVAL_S = 0.5  # how often idle and max-lifetime checks run
+FORKSERVER_SOCKET_NAME = "forkserver.sock"  # under the run root
 
 
 class Serve:
@@ -37,6 +39,7 @@ class Serve:
         self.runtime = Runtime(config.paths, cgroup_parent=rc.cgroup_parent, bridge=rc.bridge, subnet=rc.subnet)
         self.cmdb = None
         self.backend = None
+        self.forkserver: Supervisor | None = None
         self.manager: Manager | None = None
         self.proxy: ProxyServer | None = None
         self.admin: AdminServer | None = None
@@ -47,9 +50,13 @@ class Serve:
     async def start(self) -> None:
         cfg = self.config
         self.cmdb = open_cmdb(cfg.paths)
-        self.backend = RuntimeBackend(self.runtime)
+        if cfg.forkserver.enabled:
+            self.forkserver = self._make_supervisor()
+            await self.forkserver.start()
+        self.backend = RuntimeBackend(self.runtime, forkserver=self.forkserver)
         self.manager = Manager(self.cmdb, self.backend, hold_timeout_s=cfg.hold_timeout_s,
                                drain_timeout_s=cfg.drain_timeout_s)
+        self.manager.on_apps_reloaded = self._apps_reloaded
         self.proxy = ProxyServer(self.manager, cfg.proxy)
         self.manager.on_instance_gone = self.proxy.instance_gone
         result = await self.manager.reconcile()
@@ -61,6 +68,38 @@ class Serve:
                                  tcp_listen=cfg.admin_listen, token=cfg.admin_token)
         await self.admin.start()
         self._ticker = asyncio.get_running_loop().create_task(self._tick_forever())
+
+    def _make_supervisor(self) -> Supervisor:
+        cfg, rc, fs = self.config, self.config.runtime, self.config.forkserver
+        args = ["--data-root", cfg.paths.data_root, "--run-root", cfg.paths.run_root,
+                "--cgroup-parent", rc.cgroup_parent, "--bridge", rc.bridge, "--subnet", rc.subnet,
+                "--pool-cpu", repr(fs.pool_cpu), "--pool-memory", str(fs.pool_memory_bytes),
+                "--pool-max-age", repr(fs.pool_max_age_s)]
+        return Supervisor(os.path.join(cfg.paths.run_root, FORKSERVER_SOCKET_NAME), args,
+                          pool_sizes=self._pool_sizes(self.cmdb.list_apps()),
+                          on_restart=self._forkserver_restarted, on_event=self._forkserver_event)
+
+    def _pool_sizes(self, apps) -> dict[str, int]:
+        """Pooled instances per image: for each image that an app able to use one runs."""
+        fs = self.config.forkserver
+        images = {app.image for app in apps if RuntimeBackend.poolable(app)}
+        return {image: fs.pool_sizes.get(image, fs.pool_size) for image in sorted(images)}
+
+    def _apps_reloaded(self, apps) -> None:
+        if self.forkserver is not None and not self._stopping:
+            sizes = self._pool_sizes(apps)
+            if sizes != self.forkserver.pool_sizes:
+                self.manager._spawn(self.forkserver.set_pool(sizes))
+
+    async def _forkserver_restarted(self) -> None:
+        """A new fork-server adopted the old one's pool; instances it made but never reported
+        (it died mid-request) are adopted or removed like at start-up."""
+        result = await self.manager.reconcile()
+        log.info("fork-server restarted (pid %s); reconciled: %s", self.forkserver.pid, result)
+
+    def _forkserver_event(self, kind: str, message: str) -> None:
+        with contextlib.suppress(Exception):
+            self.cmdb.add_event(None, kind, message, {})
 
     @property
     def address(self) -> tuple[str, int]:
@@ -102,6 +141,8 @@ class Serve:
                 await self.admin.close()
             if self.manager is not None:
                 await self.manager.shutdown()
+            if self.forkserver is not None:
+                await self.forkserver.close(remove_pool=True)
             with contextlib.suppress(Exception):  # the bridge outlives containers, not serve
                 self.runtime.network.remove_bridge_if_unused()
         finally:

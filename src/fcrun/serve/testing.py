@@ -31,7 +31,8 @@ def free_port() -> int:
 
 class ServeProcess:
     def __init__(self, work: str, image_root: str, *, cgroup_parent: str, bridge: str, subnet: str,
-                 hold_timeout_s: float = 30, drain_timeout_s: float = 5, image: str = "apache-php"):
+                 hold_timeout_s: float = 30, drain_timeout_s: float = 5, image: str = "apache-php",
+                 extra_config: str = ""):
         self.work = work
         self.paths = Paths(data_root=os.path.join(work, "data"), run_root=os.path.join(work, "run"))
         os.makedirs(os.path.join(self.paths.data_root, "images"))
@@ -43,7 +44,7 @@ class ServeProcess:
         with open(self.config, "w") as f:
             f.write(f'listen = "127.0.0.1:{self.port}"\nhold_timeout_s = {hold_timeout_s}\n'
                     f'drain_timeout_s = {drain_timeout_s}\n[runtime]\ncgroup_parent = "{cgroup_parent}"\n'
-                    f'bridge = "{bridge}"\nsubnet = "{subnet}"\n')
+                    f'bridge = "{bridge}"\nsubnet = "{subnet}"\n{extra_config}')
         self.env = dict(os.environ, FCRUN_ROOT=self.paths.data_root, FCRUN_RUN=self.paths.run_root,
                         FCRUN_CONFIG=self.config, FCRUN_CGROUP_PARENT=cgroup_parent, FCRUN_BRIDGE=bridge,
                         FCRUN_SUBNET=subnet)
@@ -78,6 +79,24 @@ class ServeProcess:
                 pass
             if time.monotonic() - t0 > timeout_s:
                 raise RuntimeError(f"fcrun serve did not start listening within {timeout_s:g} s: {self.log_tail()}")
+            time.sleep(0.05)
+
+    def pool_status(self):
+        """The fork-server's PoolStatus (pooled instances per image)."""
+        from ..forkserver import Client, protocol
+
+        with Client(os.path.join(self.paths.run_root, "forkserver.sock"), timeout_s=10) as fs:
+            return fs.request(protocol.Status())
+
+    def wait_pool_ready(self, image: str = "apache-php", timeout_s: float = 60.0):
+        deadline = time.monotonic() + timeout_s
+        while True:
+            status = self.pool_status()
+            pool = status.images.get(image)
+            if pool is not None and pool.size and pool.ready >= pool.size:
+                return status
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"the pool of {image} is not full after {timeout_s:g} s: {status}")
             time.sleep(0.05)
 
     def log_tail(self, n_bytes: int = 2000) -> str:

@@ -1,0 +1,321 @@
+"""Pre-warmed instances per image, and the making of app instances: the fork-server's work.
+
+A pooled instance is a whole container made ahead of time: namespaces, cgroup, veth and
+address, overlay rootfs, and the image's server (Apache with mod_php loaded and its workers
+forked) accepting on its port, then frozen. Its document root is an empty, read-only *slot*
+(Runtime.create(slot=...)). Claiming one for an app takes a few cgroup and mount operations:
+
+    warming --(accepts, worker count steady)--> freeze --> ready --claim--> the app's:
+                                                            limits set (still frozen),
+                                                            app docroot mounted on the slot,
+                                                            labelled fcrun.app=<app>, thawed
+
+A claimed instance belongs to its app for good (disposable: it never returns to the pool).
+Ready instances older than `max_age_s` are replaced. Refills happen one at a time and only
+after `refill_idle_s` without a request, so making one never delays a claim by more than one
+container creation.
+
+Everything here is synchronous and runs in the fork-server's single thread; `step(now)`
+advances warming instances and refills, and says when it wants to run again.
+"""
+
+from __future__ import annotations
+
+import collections
+import contextlib
+import errno
+import logging
+import re
+import secrets
+import socket
+import time
+from dataclasses import dataclass, field
+
+from ..errors import FcrunError, NotFound
+from ..labels import APP_LABEL, POOL_LABEL
+from ..oci import Mount
+from ..options import RunOptions, spec_from_image
+from ..runtime import Runtime
+from .protocol import Claim, Empty, ImagePool, Made, Start
+
+log = logging.getLogger("fcrun.forkserver")
+
+DEFAULT_POOL_CPU = 1.0  # while warming; a claim sets the app's
+DEFAULT_POOL_MEMORY_BYTES = 512 << 20
+DEFAULT_MAX_AGE_S = 600.0
+REFILL_IDLE_S = 0.1
+WARM_TIMEOUT_S = 30.0
+WARM_POLL_S = 0.01
+STEADY_POLLS = 3  # worker count unchanged this many polls in a row: the server has settled
+MAX_BACKOFF_S = 30.0
+_SLUG = re.compile(r"[^a-z0-9-]+")
+
+
+@dataclass
+class Pooled:
+    name: str
+    image: str
+    ip: str
+    port: int
+    pid: int
+    made: float  # monotonic
+    procs: int = -1
+    steady: int = 0
+    next_poll: float = 0.0
+
+
+@dataclass
+class ImageCounters:
+    claimed: int = 0
+    recycled: int = 0
+    failures: int = 0
+    last_error: str = ""
+    retry_at: float = 0.0  # after a failure: no new instance before this
+    backoff_s: float = 0.0
+
+
+@dataclass
+class Pool:
+    runtime: Runtime
+    cpu: float = DEFAULT_POOL_CPU
+    memory_bytes: int = DEFAULT_POOL_MEMORY_BYTES
+    max_age_s: float = DEFAULT_MAX_AGE_S
+    refill_idle_s: float = REFILL_IDLE_S
+    warm_timeout_s: float = WARM_TIMEOUT_S
+    clock: object = time.monotonic
+    sizes: dict[str, int] = field(default_factory=dict)
+    ready: dict[str, collections.deque] = field(default_factory=dict)
+    warming: dict[str, Pooled] = field(default_factory=dict)
+    counters: dict[str, ImageCounters] = field(default_factory=dict)
+    last_request: float = 0.0
+
+    # ----- requests ---------------------------------------------------------------------------
+
+    def set_sizes(self, sizes: dict[str, int]) -> None:
+        self.sizes = {image: n for image, n in sizes.items() if n > 0}
+        for image, queue in self.ready.items():
+            while len(queue) > self.sizes.get(image, 0):
+                self._remove(queue.pop(), "pool shrunk")
+
+    def claim(self, request: Claim) -> Made | Empty:
+        """The oldest ready instance of the image, made the app's; Empty when there is none."""
+        t0 = self.clock()
+        self.last_request = t0
+        queue = self.ready.get(request.image)
+        if not queue:
+            return Empty(f"no pooled instance of {request.image} is ready")
+        pooled = queue.popleft()
+        counters = self._counters(request.image)
+        try:
+            self.runtime.update(pooled.name, cpu=request.limits.cpu, memory_bytes=request.limits.memory_bytes)
+            if request.docroot:
+                self.runtime.fill_slot(pooled.name, request.docroot)
+            self.runtime.label(pooled.name, dict(request.labels))
+            self.runtime.thaw(pooled.name)
+        except (FcrunError, OSError) as exc:
+            counters.failures += 1
+            counters.last_error = f"claiming {pooled.name}: {exc}"
+            log.warning("%s", counters.last_error)
+            self._remove(pooled, "claim failed")
+            return Empty(f"pooled instance {pooled.name} could not be claimed: {exc}")
+        counters.claimed += 1
+        ms = (self.clock() - t0) * 1000
+        return Made(name=pooled.name, ip=pooled.ip, pid=pooled.pid, path="pool", ms=round(ms, 2))
+
+    def start(self, request: Start) -> Made:
+        """Create and start an app instance the ordinary way (not waiting for it to accept).
+
+        Raises:
+            FcrunError: unknown image, or the runtime failed (nothing is left behind).
+        """
+        t0 = self.clock()
+        self.last_request = t0
+        image = self.runtime.images.get(request.image)
+        options = RunOptions(cpu=request.limits.cpu, memory_bytes=request.limits.memory_bytes,
+                             env=list(request.env), network="bridge")
+        spec = spec_from_image(image, options, name=request.name)
+        if request.docroot:
+            spec.mounts.append(Mount(destination=_docroot_target(image), source=request.docroot,
+                                     options=["rbind", "nosuid", "nodev"]))
+        container = self.runtime.run(request.name, spec, image=image, detach=True, labels=dict(request.labels))
+        ms = (self.clock() - t0) * 1000
+        return Made(name=request.name, ip=container.ip, pid=container.pid, path="start", ms=round(ms, 2))
+
+    def status(self) -> dict[str, ImagePool]:
+        out = {}
+        for image in sorted(set(self.sizes) | set(self.ready) | set(self.counters)):
+            c = self._counters(image)
+            memory = []
+            for pooled in self.ready.get(image, ()):
+                with contextlib.suppress(FcrunError, OSError):
+                    memory.append(self.runtime._cgroup(self.runtime.states.load(pooled.name)).stats().memory_bytes)
+            out[image] = ImagePool(
+                size=self.sizes.get(image, 0), ready=len(self.ready.get(image, ())),
+                warming=sum(1 for p in self.warming.values() if p.image == image),
+                claimed=c.claimed, recycled=c.recycled, failures=c.failures, last_error=c.last_error,
+                memory_bytes=memory,
+            )
+        return out
+
+    # ----- background work --------------------------------------------------------------------
+
+    def step(self, now: float) -> float:
+        """Advance warming instances, recycle old ones, start a refill. Returns how long the
+        caller may sleep before the next step is due (it runs sooner on any request)."""
+        for pooled in list(self.warming.values()):
+            if now >= pooled.next_poll:
+                self._poll_warming(pooled, now)
+        for image, queue in self.ready.items():
+            while queue and now - queue[0].made >= self.max_age_s:
+                self._counters(image).recycled += 1
+                self._remove(queue.popleft(), "max age reached")
+        wait = 1.0
+        if self.warming:
+            wait = min(p.next_poll for p in self.warming.values()) - now
+        elif (image := self._image_to_refill(now)) is not None:
+            if now - self.last_request < self.refill_idle_s:
+                wait = self.last_request + self.refill_idle_s - now
+            else:
+                self._make(image, now)
+                wait = WARM_POLL_S
+        oldest = [q[0].made + self.max_age_s - now for q in self.ready.values() if q]
+        return max(0.0, min([wait, *oldest]))
+
+    def _image_to_refill(self, now: float) -> str | None:
+        for image, size in self.sizes.items():
+            if len(self.ready.get(image, ())) < size and now >= self._counters(image).retry_at:
+                return image
+        return None
+
+    def _make(self, image_name: str, now: float) -> None:
+        counters = self._counters(image_name)
+        name = f"pool-{_SLUG.sub('-', image_name)[:40]}-{secrets.token_hex(4)}"
+        try:
+            image = self.runtime.images.get(image_name)
+            spec = spec_from_image(image, RunOptions(cpu=self.cpu, memory_bytes=self.memory_bytes, network="bridge"),
+                                   name=name)
+            container = self.runtime.run(name, spec, image=image, detach=True, labels={POOL_LABEL: image_name},
+                                         slot=_docroot_target(image))
+        except (FcrunError, OSError) as exc:
+            self._failed(image_name, f"making a pooled instance of {image_name}: {exc}", now)
+            return
+        port = image.config.exposed_ports[0] if image.config.exposed_ports else 80
+        self.warming[name] = Pooled(name=name, image=image_name, ip=container.ip, port=port, pid=container.pid,
+                                    made=now, next_poll=now + WARM_POLL_S)
+        counters.backoff_s = 0.0
+
+    def _poll_warming(self, pooled: Pooled, now: float) -> None:
+        pooled.next_poll = now + WARM_POLL_S
+        try:
+            state = self.runtime.state(pooled.name)
+            if state.status != "running":
+                raise FcrunError(f"it is {state.status}{_log_tail(state.log_path)}")
+            if now - pooled.made > self.warm_timeout_s:
+                raise FcrunError(f"not accepting on port {pooled.port} after {self.warm_timeout_s:g}s")
+            if not _accepting(pooled.ip, pooled.port):
+                return
+            procs = len(self.runtime._cgroup(state).pids())
+            pooled.steady = pooled.steady + 1 if procs == pooled.procs else 0
+            pooled.procs = procs
+            if pooled.steady < STEADY_POLLS:
+                return
+            self.runtime.freeze(pooled.name)
+        except (FcrunError, OSError) as exc:
+            del self.warming[pooled.name]
+            self._remove(pooled, "warming failed")
+            self._failed(pooled.image, f"pooled instance {pooled.name}: {exc}", now)
+            return
+        del self.warming[pooled.name]
+        pooled.made = now  # its age counts from when it became ready
+        self.ready.setdefault(pooled.image, collections.deque()).append(pooled)
+        log.info("pooled %s ready (%s, %d processes)", pooled.name, pooled.image, pooled.procs)
+
+    def _failed(self, image: str, message: str, now: float) -> None:
+        counters = self._counters(image)
+        counters.failures += 1
+        counters.last_error = message
+        counters.backoff_s = min(MAX_BACKOFF_S, max(1.0, counters.backoff_s * 2))
+        counters.retry_at = now + counters.backoff_s
+        log.warning("%s (next try in %.0fs)", message, counters.backoff_s)
+
+    def _counters(self, image: str) -> ImageCounters:
+        return self.counters.setdefault(image, ImageCounters())
+
+    # ----- reconciling and removal ------------------------------------------------------------
+
+    def adopt(self) -> tuple[list[str], list[str]]:
+        """At start-up, take over what an earlier fork-server pooled: frozen, unclaimed instances
+        join the pool; half-made ones (running: they were warming) are removed. Claimed
+        instances (fcrun.app) are serve's, never touched."""
+        adopted, removed = [], []
+        now = self.clock()
+        for info in self.runtime.list():
+            image = info.labels.get(POOL_LABEL)
+            if not image or APP_LABEL in info.labels:
+                continue
+            if info.status == "frozen":
+                try:
+                    img = self.runtime.images.get(image)
+                except NotFound:
+                    img = None
+                port = img.config.exposed_ports[0] if img and img.config.exposed_ports else 80
+                age = max(0.0, time.time() - info.created_at)
+                self.ready.setdefault(image, collections.deque()).append(
+                    Pooled(name=info.name, image=image, ip=info.ip, port=port, pid=info.pid, made=now - age))
+                adopted.append(info.name)
+            else:
+                self._delete(info.name)
+                removed.append(info.name)
+        for image, queue in self.ready.items():
+            self.ready[image] = collections.deque(sorted(queue, key=lambda p: p.made))
+        return adopted, removed
+
+    def remove_all(self) -> list[str]:
+        names = [p.name for p in self.warming.values()] + [p.name for q in self.ready.values() for p in q]
+        for pooled in list(self.warming.values()):
+            self._remove(pooled, "fork-server stopping")
+        self.warming.clear()
+        for queue in self.ready.values():
+            while queue:
+                self._remove(queue.popleft(), "fork-server stopping")
+        return names
+
+    def _remove(self, pooled: Pooled, reason: str) -> None:
+        log.info("removing pooled %s: %s", pooled.name, reason)
+        self._delete(pooled.name)
+
+    def _delete(self, name: str) -> None:
+        with contextlib.suppress(NotFound):
+            try:
+                self.runtime.delete(name, force=True)
+            except (FcrunError, OSError) as exc:
+                log.warning("removing %s: %s", name, exc)
+
+
+def _docroot_target(image) -> str:
+    return image.config.docroot or "/var/www/html"
+
+
+def _accepting(ip: str, port: int) -> bool:
+    """Does something accept on ip:port? (An address on our bridge: refused at once if not.)"""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.settimeout(0.05)
+        try:
+            sock.connect((ip, port))
+            return True
+        except OSError as exc:
+            if exc.errno not in (errno.ECONNREFUSED, errno.EHOSTUNREACH, errno.ENETUNREACH, None):
+                log.debug("connect %s:%d: %s", ip, port, exc)
+            return False
+
+
+def _log_tail(path: str) -> str:
+    with contextlib.suppress(OSError):
+        with open(path, "rb") as f:
+            f.seek(0, 2)
+            f.seek(max(0, f.tell() - 300))
+            lines = f.read().decode(errors="replace").strip().splitlines()
+        if lines:
+            return f": {lines[-1]}"
+    return ""
+

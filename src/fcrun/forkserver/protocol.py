@@ -1,0 +1,221 @@
+"""What serve and the fork-server say to each other, and the checks on every request.
+
+Wire: a root-only unix stream socket; each message is a 4-byte big-endian length, then that
+many bytes of msgpack (one msgspec tagged Struct). One request, one reply, in order::
+
+    serve (client)                          fork-server
+    Claim(image, name, app, limits, docroot) -->   a pooled instance: limits, docroot, labels,
+                                             <--   Made(path="pool") | Empty(reason)
+    Start(image, name, app, limits, docroot) -->   create + start a container (not waiting
+                                             <--   Made(path="start")   for it to accept)
+    SetPool(sizes)                           -->   Done
+    Status()                                 -->   PoolStatus
+    Shutdown(remove_pool)                    -->   Done, then it exits
+
+Any request may get Failed(kind, message) instead. The fork-server is the privileged half: it
+decodes strictly (unknown fields are an error) and `check_request` re-checks every value
+against what fcrun itself would accept, whoever sent it.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import re
+import struct
+from typing import Union
+
+import msgspec
+
+from ..errors import SpecError
+from ..state import validate_name
+
+MAX_MESSAGE_BYTES = 1 << 20
+MAX_POOL_SIZE = 64
+MIN_MEMORY_BYTES = 4 << 20
+HEADER = struct.Struct(">I")
+_IMAGE = re.compile(r"^[a-z0-9][a-z0-9._-]{0,127}$")
+_LABEL_KEY = re.compile(r"^[a-z0-9][a-z0-9._/-]{0,127}$")
+
+
+class Limits(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    cpu: float  # fraction of one CPU
+    memory_bytes: int
+
+
+class Start(msgspec.Struct, tag=True, frozen=True, forbid_unknown_fields=True):
+    """Create and start an instance of `image` called `name` (it is not waited for)."""
+
+    image: str
+    name: str
+    labels: dict[str, str]
+    limits: Limits
+    env: list[str] = []
+    docroot: str | None = None  # host directory bind-mounted at the image's document root
+
+
+class Claim(msgspec.Struct, tag=True, frozen=True, forbid_unknown_fields=True):
+    """Hand a pooled instance of `image` to an app: its limits, its docroot, its labels."""
+
+    image: str
+    labels: dict[str, str]
+    limits: Limits
+    docroot: str | None = None
+
+
+class SetPool(msgspec.Struct, tag=True, frozen=True, forbid_unknown_fields=True):
+    """How many pooled instances to keep per image (0 or absent: none)."""
+
+    sizes: dict[str, int]
+
+
+class Status(msgspec.Struct, tag=True, frozen=True, forbid_unknown_fields=True):
+    pass
+
+
+class Shutdown(msgspec.Struct, tag=True, frozen=True, forbid_unknown_fields=True):
+    remove_pool: bool = True
+
+
+Request = Union[Start, Claim, SetPool, Status, Shutdown]
+
+
+class Made(msgspec.Struct, tag=True, frozen=True):
+    name: str
+    ip: str
+    pid: int
+    path: str  # "pool" or "start"
+    ms: float  # time the fork-server spent on it
+
+
+class Empty(msgspec.Struct, tag=True, frozen=True):
+    reason: str
+
+
+class Done(msgspec.Struct, tag=True, frozen=True):
+    pass
+
+
+class ImagePool(msgspec.Struct, frozen=True):
+    size: int
+    ready: int
+    warming: int
+    claimed: int  # since the fork-server started
+    recycled: int
+    failures: int
+    last_error: str = ""
+    memory_bytes: list[int] = []  # cgroup memory use of each ready (frozen) instance
+
+
+class PoolStatus(msgspec.Struct, tag=True, frozen=True):
+    pid: int
+    images: dict[str, ImagePool]
+
+
+class Failed(msgspec.Struct, tag=True, frozen=True):
+    kind: str  # the FcrunError class name ("SpecError", "NotFound", ...)
+    message: str
+    http_status: int = 502
+
+
+Reply = Union[Made, Empty, Done, PoolStatus, Failed]
+
+_request_decoder = msgspec.msgpack.Decoder(Request)
+_reply_decoder = msgspec.msgpack.Decoder(Reply)
+_encoder = msgspec.msgpack.Encoder()
+
+
+def frame(message: Request | Reply) -> bytes:
+    body = _encoder.encode(message)
+    return HEADER.pack(len(body)) + body
+
+
+def decode_request(body: bytes) -> Request:
+    """Raises SpecError naming what is wrong (msgspec's path, e.g. `$.limits.cpu`)."""
+    try:
+        return _request_decoder.decode(body)
+    except msgspec.ValidationError as exc:
+        raise SpecError(f"bad request: {exc}") from None
+    except msgspec.DecodeError as exc:
+        raise SpecError(f"undecodable request: {exc}") from None
+
+
+def decode_reply(body: bytes) -> Reply:
+    return _reply_decoder.decode(body)
+
+
+def split_frames(buffer: bytearray) -> list[bytes]:
+    """Take every complete message body out of `buffer`.
+
+    Raises:
+        SpecError: a length above MAX_MESSAGE_BYTES (the connection is then closed).
+    """
+    bodies = []
+    while len(buffer) >= HEADER.size:
+        (length,) = HEADER.unpack_from(buffer)
+        if length > MAX_MESSAGE_BYTES:
+            raise SpecError(f"message of {length} bytes is above the limit of {MAX_MESSAGE_BYTES}")
+        if len(buffer) < HEADER.size + length:
+            break
+        bodies.append(bytes(buffer[HEADER.size:HEADER.size + length]))
+        del buffer[:HEADER.size + length]
+    return bodies
+
+
+def check_request(request: Request) -> None:
+    """Re-check a decoded request as the privileged side must. Raises SpecError naming the field."""
+    match request:
+        case Start():
+            _check_image(request.image)
+            validate_name(request.name, "$.name")
+            _check_labels(request.labels)
+            _check_limits(request.limits)
+            _check_env(request.env)
+            _check_docroot(request.docroot)
+        case Claim():
+            _check_image(request.image)
+            _check_labels(request.labels)
+            _check_limits(request.limits)
+            _check_docroot(request.docroot)
+        case SetPool():
+            for image, size in request.sizes.items():
+                _check_image(image, f"$.sizes[{image!r}]")
+                if not 0 <= size <= MAX_POOL_SIZE:
+                    raise SpecError(f"pool size {size} for {image} is not within 0..{MAX_POOL_SIZE}", f"$.sizes[{image!r}]")
+
+
+def _check_image(image: str, where: str = "$.image") -> None:
+    if not _IMAGE.match(image):
+        raise SpecError(f"invalid image name {image!r}", where)
+
+
+def _check_labels(labels: dict[str, str]) -> None:
+    if len(labels) > 32:
+        raise SpecError("more than 32 labels", "$.labels")
+    for key, value in labels.items():
+        if not _LABEL_KEY.match(key) or len(value) > 1024 or "\0" in value:
+            raise SpecError(f"invalid label {key!r}", f"$.labels[{key!r}]")
+
+
+def _check_limits(limits: Limits) -> None:
+    cpu_count = os.cpu_count() or 1
+    if not (math.isfinite(limits.cpu) and 0.01 <= limits.cpu <= cpu_count):
+        raise SpecError(f"cpu {limits.cpu!r} is not within 0.01..{cpu_count} (this machine's CPUs)", "$.limits.cpu")
+    if limits.memory_bytes < MIN_MEMORY_BYTES:
+        raise SpecError(f"memory_bytes {limits.memory_bytes} is below 4M", "$.limits.memory_bytes")
+
+
+def _check_env(env: list[str]) -> None:
+    for i, item in enumerate(env):
+        key, sep, _ = item.partition("=")
+        if not sep or not key or "\0" in item:
+            raise SpecError(f"environment entry {item!r} is not KEY=VALUE", f"$.env[{i}]")
+
+
+def _check_docroot(docroot: str | None) -> None:
+    if docroot is None:
+        return
+    if not os.path.isabs(docroot) or "\0" in docroot or os.path.normpath(docroot) != docroot:
+        raise SpecError(f"docroot {docroot!r} is not a normalised absolute path", "$.docroot")
+    if not os.path.isdir(docroot):
+        raise SpecError(f"docroot {docroot} is not a directory", "$.docroot")
