@@ -1,28 +1,34 @@
 #!/usr/bin/env python3
-"""Cold start of an apache-php app through `fcrun serve`, against `runc run`, in one run.
+"""Cold start of an apache-php app through `fcrun serve`, four ways, in one run (issue 6).
 
-  (a) fcrun: GET / (Host: cold.test) to a real `fcrun serve` whose only app has no running
-      instance, timed from sending the request to the last byte of phpinfo. Serve starts the
-      container (overlay, cgroups, network namespace, veth on its bridge, IP lease), waits until
-      Apache accepts on port 80 and proxies the request. The app has --idle-timeout 1s; before
-      each run the benchmark waits until the instance is stopped and its state is gone.
-  (b) runc:  mount a fresh overlay of the same image layer, `runc run -d` a bundle made from the
-      same spec fcrun gives the instance (process, env, cwd, capabilities, mounts, masked paths,
-      cpu and memory limits: fcrun's spec_from_image), then poll GET / on the container's
-      address until a whole phpinfo page arrives. Timed from before the overlay mount to the
-      last byte. Its network namespace and veth pair (a private /30) are made once, BEFORE
-      timing, and joined by path; fcrun makes its network per start, so this favours runc.
-      Readiness is polled on the schedule fcrun's backend uses (2 ms, x1.5, at most 20 ms).
+Each run is one GET / (a fresh connection) to a real `fcrun serve`, timed from sending it to
+the last byte of phpinfo, for an app with no ready instance. Serve says in
+X-Fcrun-Cold-Start-Path which way it found one; a run whose path is not the expected one
+aborts the benchmark.
 
-Runs are interleaved (the order alternates each round) and never overlap: each contender's
-container is gone before the other's run starts. Prints JSON: median/p99 (ms) of both, the
-ratio fcrun/runc of the medians (target issue 4: <= 1.0), and how serve's X-Fcrun-Cold-Start
-header (its own start-to-ready time) compares with the client-side time.
+  (a) start: no pool (the app has an environment of its own, so no pooled instance fits it):
+      the fork-server creates the container (overlay, cgroups, netns, veth, IP lease), serve
+      waits until Apache accepts, then proxies. After each run the app is scaled to 0.
+  (b) pool:  the fork-server's pool holds a pre-warmed, frozen apache-php instance; serve
+      claims it (limits, the app's docroot mounted into its slot, labels, thaw) and proxies.
+      After each run the app is scaled to 0 and the pool refilled before the next run.
+  (c) thaw:  the app's own instance was frozen after --freeze-after (0.5 s) idle; the request
+      thaws it. Before each run the benchmark waits until it is frozen again.
+  (d) runc:  the baseline. Mount a fresh overlay of the same image layer, `runc run -d` a
+      bundle made from the same spec fcrun gives an instance, then poll GET / on the
+      container's address until a whole phpinfo page arrives. Its network namespace and veth
+      pair (a private /30) are made once, BEFORE timing, which favours runc.
+
+All apps serve phpinfo() from a docroot; limits cpu 1, memory 512M. Rounds rotate the order
+of the four; runs never overlap. Prints JSON: p50/p99 of each, the ratios the issue sets
+targets for ((a)/(d) <= 1.0, (d)/(b) >= 20; (b) p50 <= 5 ms, p99 <= 15 ms; (c) p50 <= 2 ms),
+the fork-server's own claim time, and the memory of frozen instances (cgroup figures of the
+pooled and the thaw app's frozen instance).
 
 Needs root, runc, and the apache-php image (`fcrun image build apache-php`); uses private
 roots, cgroup parents, bridge (10.237.0.0/24), netns and veth (10.239.0.0/30), and only talks
 to 127.0.0.1 and those addresses. Everything it makes is removed at the end.
-Usage: bench/coldstart.py [--runs 20] [--warmup 1] [--json]
+Usage: bench/coldstart.py [--runs 30] [--warmup 2] [--json]
 """
 
 from __future__ import annotations
@@ -43,9 +49,11 @@ from fcrun import syscalls as sc
 from fcrun.images import ImageStore
 from fcrun.oci import Namespace, encode_spec
 from fcrun.options import RunOptions, spec_from_image
+from fcrun.cmdb.models import Scale
 from fcrun.serve.testing import ServeProcess
 
 HOST = "cold.test"
+FREEZE_AFTER_S = 0.5
 CPU = 1.0
 MEMORY = 512 << 20
 SERVE_SUBNET = "10.237.0.0/24"
@@ -213,15 +221,15 @@ class RuncBaseline:
                     print(f"coldstart: rmdir {path}: {exc}", file=sys.stderr)
 
 
-def main() -> int:
+def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--runs", type=int, default=20)
-    parser.add_argument("--warmup", type=int, default=1, help="untimed rounds first (page cache, bridge, ...)")
+    parser.add_argument("--runs", type=int, default=30)
+    parser.add_argument("--warmup", type=int, default=2, help="untimed rounds first (page cache, bridge, ...)")
     parser.add_argument("--image-root", default=os.environ.get("FCRUN_ROOT", "/var/lib/fcrun"),
                         help="data root holding the apache-php image")
     parser.add_argument("--timeout", type=float, default=30.0, help="seconds one cold start may take")
     parser.add_argument("--json", action="store_true", help="print the JSON on one line")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     if os.geteuid() != 0:
         print("bench/coldstart.py: needs root", file=sys.stderr)
         return 77
@@ -233,112 +241,145 @@ def main() -> int:
 
     tag = str(os.getpid())
     work = tempfile.mkdtemp(prefix="fcrun-cold-")
+    site = os.path.join(work, "site")
+    os.makedirs(site)
+    with open(os.path.join(site, "index.php"), "w") as f:
+        f.write("<?php phpinfo();\n")
+    os.chmod(work, 0o755)
     serve = ServeProcess(work, args.image_root, cgroup_parent=f"fcrun-cold-{tag}", bridge=f"fcc{tag}"[:15],
-                         subnet=SERVE_SUBNET)
+                         subnet=SERVE_SUBNET, extra_config="[forkserver]\npool_size = 1\n")
     runc = RuncBaseline(work, image, tag)
-    fc_ms: list[float] = []
-    header_ms: list[float] = []
-    runc_ms: list[float] = []
-    mount_ms: list[float] = []
-    runc_accept_ms: list[float] = []
+    times: dict[str, list[float]] = {"start": [], "pool": [], "thaw": [], "runc": []}
+    header_ms: dict[str, list[float]] = {"start": [], "pool": [], "thaw": []}
+    claim_ms: list[float] = []
+    pooled_memory: list[int] = []
+    frozen_memory: list[int] = []
     t_begin = time.monotonic()
+    common = ["--image", "apache-php", "--cpu", str(CPU), "--memory", f"{MEMORY >> 20}M", "--docroot", site]
     try:
-        serve.cli("app", "add", HOST, "--image", "apache-php", "--cpu", str(CPU), "--memory", f"{MEMORY >> 20}M",
-                  "--idle-timeout", "1s")
+        serve.cli("app", "add", "start.test", *common, "--env", "FCRUN_BENCH=start", "--idle-timeout", "600s")
+        serve.cli("app", "add", "pool.test", *common, "--idle-timeout", "600s")
+        serve.cli("app", "add", "thaw.test", *common, "--env", "FCRUN_BENCH=thaw", "--idle-timeout", "600s",
+                  "--freeze-after", f"{FREEZE_AFTER_S}s")
         serve.start()
+        admin = serve.admin()
         runc.make_network()
+        status, _, _ = get("127.0.0.1", serve.port, "thaw.test", timeout=args.timeout)  # its first instance
+        if status != 200:
+            raise SystemExit(f"thaw.test: GET / gave {status}")
 
-        def run_fcrun(record: bool) -> None:
-            serve.wait_no_instance()
-            time.sleep(0.2)  # let the stop (bridge, IP lease, cgroups) finish before timing
+        def timed(host: str, path: str, record: bool) -> None:
             t0 = time.perf_counter()
-            status, headers, body = get("127.0.0.1", serve.port, HOST, timeout=args.timeout)
+            status, headers, body = get("127.0.0.1", serve.port, host, timeout=args.timeout)
             elapsed = (time.perf_counter() - t0) * 1000
             if not is_phpinfo(status, body):
-                raise SystemExit(f"fcrun: GET / gave {status}: {body[:300]!r}")
-            if "X-Fcrun-Cold-Start" not in headers:
-                raise SystemExit("fcrun: the request was not a cold start (no X-Fcrun-Cold-Start header)")
+                raise SystemExit(f"{host}: GET / gave {status}: {body[:300]!r}")
+            got = headers.get("X-Fcrun-Cold-Start-Path")
+            if got != path:
+                raise SystemExit(f"{host}: served by path {got!r}, expected {path!r} (headers {headers})")
             if record:
-                fc_ms.append(elapsed)
-                header_ms.append(float(headers["X-Fcrun-Cold-Start"]))
+                times[path].append(elapsed)
+                header_ms[path].append(float(headers["X-Fcrun-Cold-Start"]))
+
+        def scale_to_zero(app: str) -> None:
+            admin.scale(app, Scale(instances=0))
+            wait_until(lambda: admin.stats(app)[app].instances.total == 0, f"{app} has no instance")
+
+        def run_start(i: int, record: bool) -> None:
+            timed("start.test", "start", record)
+            scale_to_zero("start.test")
+
+        def run_pool(i: int, record: bool) -> None:
+            status = serve.wait_pool_ready()
+            if record:
+                pooled_memory.extend(status.images["apache-php"].memory_bytes)
+            before = status.images["apache-php"].claimed
+            timed("pool.test", "pool", record)
+            events = [e for e in admin.events("pool.test") if e.kind == "start" and e.data.get("path") == "pool"]
+            if record and events:
+                claim_ms.append(events[-1].data["ms"])  # serve's side: request to the fork-server until claimed
+            scale_to_zero("pool.test")
+            assert serve.pool_status().images["apache-php"].claimed == before + 1
+
+        def run_thaw(i: int, record: bool) -> None:
+            wait_until(lambda: admin.stats("thaw.test")["thaw.test"].instances.frozen == 1, "thaw.test frozen")
+            if record:
+                frozen_memory.append(admin.stats("thaw.test")["thaw.test"].frozen_memory_bytes)
+            timed("thaw.test", "thaw", record)
 
         def run_runc(i: int, record: bool) -> None:
             try:
-                total, mount, accepting = runc.run_once(i, args.timeout)
+                total, _, _ = runc.run_once(i, args.timeout)
             finally:
                 runc.remove(i)
             if record:
-                runc_ms.append(total)
-                mount_ms.append(mount)
-                runc_accept_ms.append(accepting)
+                times["runc"].append(total)
 
+        order = [run_start, run_pool, run_thaw, run_runc]
         for i in range(args.warmup + args.runs):
             record = i >= args.warmup
-            if i % 2 == 0:
-                run_fcrun(record)
-                serve.wait_no_instance()
-                run_runc(i, record)
-            else:
-                run_runc(i, record)
-                run_fcrun(record)
-        serve.wait_no_instance()
+            for run in order[i % 4:] + order[:i % 4]:
+                run(i, record)
     finally:
         serve.stop()
-        serve.reap_leftovers()
+        left = serve.reap_leftovers()
         runc.cleanup()
         serve_ok = serve.exit_codes == [0]
         shutil.rmtree(work, ignore_errors=True)
 
-    diffs = [c - h for c, h in zip(fc_ms, header_ms)]
-    load = os.getloadavg()
-    fc, rc = summary(fc_ms), summary(runc_ms)
+    s = {k: summary(v) for k, v in times.items()}
     out = {
-        "benchmark": "cold start of apache-php: GET / to the last byte of phpinfo",
+        "benchmark": "cold start of apache-php through fcrun serve: GET / to the last byte of phpinfo",
         "runs": args.runs,
         "warmup": args.warmup,
         "limits": {"cpu": CPU, "memory_bytes": MEMORY},
-        "fcrun_serve": fc,
-        "runc": rc,
+        "a_start": s["start"],
+        "b_pool": s["pool"],
+        "c_thaw": s["thaw"],
+        "d_runc": s["runc"],
         "ratios": {
-            "fcrun_over_runc_median": round(fc["median_ms"] / rc["median_ms"], 3),
-            "fcrun_over_runc_p99": round(fc["p99_ms"] / rc["p99_ms"], 3),
-            # fcrun run i and runc run i ran back to back: less sensitive to drifting background load
-            "paired_per_round_median": round(statistics.median(f / r for f, r in zip(fc_ms, runc_ms)), 3),
+            "a_over_d_median": round(s["start"]["median_ms"] / s["runc"]["median_ms"], 3),
+            "d_over_b_median": round(s["runc"]["median_ms"] / s["pool"]["median_ms"], 1),
+            "d_over_c_median": round(s["runc"]["median_ms"] / s["thaw"]["median_ms"], 1),
         },
-        "target_fcrun_over_runc_median_max": 1.0,
-        "target_met": fc["median_ms"] <= rc["median_ms"],
-        "cold_start_header": {
-            "what": "X-Fcrun-Cold-Start: serve's time from holding the request to the instance accepting on its port",
-            **summary(header_ms),
-            "client_minus_header_median_ms": round(statistics.median(diffs), 1),
-            "client_minus_header_min_ms": round(min(diffs), 1),
-            "client_minus_header_max_ms": round(max(diffs), 1),
-            "header_over_client_median": round(statistics.median(h / c for h, c in zip(header_ms, fc_ms)), 3),
+        "targets": {
+            "b_p50_le_5ms": s["pool"]["median_ms"] <= 5.0,
+            "b_p99_le_15ms": s["pool"]["p99_ms"] <= 15.0,
+            "c_p50_le_2ms": s["thaw"]["median_ms"] <= 2.0,
+            "a_over_d_le_1": s["start"]["median_ms"] <= s["runc"]["median_ms"],
+            "d_over_b_ge_20": s["runc"]["median_ms"] >= 20 * s["pool"]["median_ms"],
         },
-        "runc_until_accepting": {
-            "what": "runc: from t0 to the poll whose connect succeeded (compare with the header); the rest is the "
-                    "first phpinfo request",
-            **summary(runc_accept_ms),
-            "total_minus_accepting_median_ms": round(statistics.median(t - a for t, a in zip(runc_ms, runc_accept_ms)), 1),
+        "serve_header_ms": {k: summary(v) for k, v in header_ms.items() if v},
+        "serve_claim_ms": summary(claim_ms) if claim_ms else None,
+        "memory": {
+            "pooled_frozen_instance_cgroup_bytes_median": int(statistics.median(pooled_memory)) if pooled_memory else None,
+            "app_frozen_instance_cgroup_bytes_median": int(statistics.median(frozen_memory)) if frozen_memory else None,
+            "note": "cgroup v1 memory.usage_in_bytes (v2 memory.current): the instance's own pages plus page cache "
+                    "it was charged for; see bench/pool_density.py for host memory with hundreds of instances",
         },
-        "runc_overlay_mount": summary(mount_ms),
         "notes": [
             "runc's network namespace, veth pair and addresses were made once, before timing; fcrun makes its "
-            "network (netns, veth on the bridge, IP lease) per start, which favours runc",
-            "runc's time includes mounting a fresh overlay of the image layer (runc_overlay_mount) and "
-            "`runc run -d`; its bundle is fcrun's spec for the instance (same process, capabilities, mounts, "
-            "cpu/memory limits)",
-            "runc readiness: GET / polled every 2 ms growing x1.5 to 20 ms (fcrun's backend polls connect on "
-            "the same schedule); fcrun: one client request, timed from sending to the last byte",
-            "fcrun runs wait until the previous instance (idle timeout 1 s) is stopped and gone; runs alternate "
-            "which contender goes first and never overlap",
+            "network per start (path a), which favours runc",
+            "(a) is forced off the pool by an app environment variable (pooled instances run the image's own "
+            "environment); (b) is measured with the pool full, refilled between runs; (c) after the instance "
+            f"was frozen for freeze-after {FREEZE_AFTER_S} s",
+            "rounds rotate the order of the four paths; runs never overlap",
         ],
+        "left_after_stop": left,
         "serve_exit_ok": serve_ok,
-        "loadavg_1m_at_end": round(load[0], 2),
+        "loadavg_1m_at_end": round(os.getloadavg()[0], 2),
         "wall_s": round(time.monotonic() - t_begin, 1),
     }
     print(json.dumps(out, indent=None if args.json else 2))
     return 0
+
+
+def wait_until(predicate, what: str, timeout_s: float = 60.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise SystemExit(f"timed out waiting until {what}")
+        time.sleep(0.02)
 
 
 if __name__ == "__main__":

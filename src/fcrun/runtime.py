@@ -469,32 +469,36 @@ class Runtime:
 
     def update(self, name: str, *, cpu: float | None = None, memory_bytes: int | None = None, pids_max: int | None = None) -> ContainerState:
         """Change limits of a live container; only the given ones change."""
-        from .oci import CpuResources, MemoryResources, PidsResources, Resources
-        from .units import CPU_PERIOD_US, cpu_to_quota_us
-
         with self.states.locked(name):
             state = self.state(name)
             check_allowed("update", name, state.status)
-            res = state.spec.linux.resources or Resources()
-            if cpu is not None:
-                period = res.cpu.period if res.cpu and res.cpu.period else CPU_PERIOD_US
-                res.cpu = CpuResources(quota=cpu_to_quota_us(cpu, period), period=period)
-            if memory_bytes is not None:
-                res.memory = MemoryResources(limit=memory_bytes)
-            if pids_max is not None:
-                res.pids = PidsResources(limit=pids_max)
-            fields = []
-            if cpu is not None:
-                fields.append("cpu_quota_us")
-            if memory_bytes is not None:
-                fields.append("memory_bytes")
-            if pids_max is not None:
-                fields.append("pids_max")
-            self._cgroup(state).update(limits_from_spec(msgspec.structs.replace(
-                state.spec, linux=msgspec.structs.replace(state.spec.linux, resources=res))), fields)
-            state.spec.linux.resources = res
+            self._set_limits(state, cpu, memory_bytes, pids_max)
             self.states.save(state)
             return state
+
+    def _set_limits(self, state: ContainerState, cpu: float | None, memory_bytes: int | None,
+                    pids_max: int | None) -> None:
+        from .oci import CpuResources, MemoryResources, PidsResources, Resources
+        from .units import CPU_PERIOD_US, cpu_to_quota_us
+
+        res = state.spec.linux.resources or Resources()
+        if cpu is not None:
+            period = res.cpu.period if res.cpu and res.cpu.period else CPU_PERIOD_US
+            res.cpu = CpuResources(quota=cpu_to_quota_us(cpu, period), period=period)
+        if memory_bytes is not None:
+            res.memory = MemoryResources(limit=memory_bytes)
+        if pids_max is not None:
+            res.pids = PidsResources(limit=pids_max)
+        fields = []
+        if cpu is not None:
+            fields.append("cpu_quota_us")
+        if memory_bytes is not None:
+            fields.append("memory_bytes")
+        if pids_max is not None:
+            fields.append("pids_max")
+        self._cgroup(state).update(limits_from_spec(msgspec.structs.replace(
+            state.spec, linux=msgspec.structs.replace(state.spec.linux, resources=res))), fields)
+        state.spec.linux.resources = res
 
     def fill_slot(self, name: str, source: str) -> None:
         """Mount host directory `source` on the container's slot (see create), live.
@@ -509,27 +513,53 @@ class Runtime:
             the container is not running or frozen. KernelError: the kernel refused.
         """
         require_root()
-        if not os.path.isabs(source) or not os.path.isdir(source):
-            raise SpecError(f"slot source {source!r} is not an absolute path to a directory", "source")
+        _check_slot_source(source)
         with self.states.locked(name):
             state = self.state(name)
-            content = os.path.join(self.states.dir(name), "slot", "content")
-            if not os.path.isdir(content):
-                raise IncorrectStatus(f"container {name!r} has no slot (create it with slot=...)")
-            if SLOT_SOURCE_LABEL in state.labels:
-                raise IncorrectStatus(f"the slot of container {name!r} is already filled from {state.labels[SLOT_SOURCE_LABEL]}")
             check_allowed("update", name, state.status)
-            try:
-                fd = sc.open_tree(source.encode(), sc.OPEN_TREE_CLONE)
-                try:
-                    sc.mount_setattr(fd, sc.MOUNT_ATTR_NOSUID | sc.MOUNT_ATTR_NODEV)
-                    sc.move_mount(fd, content.encode())
-                finally:
-                    os.close(fd)
-            except OSError as exc:
-                raise KernelError.from_oserror(f"mount {source} into container {name}:", content, exc) from None
-            state.labels[SLOT_SOURCE_LABEL] = source
+            self._fill_slot(state, source)
             self.states.save(state)
+
+    def _fill_slot(self, state: ContainerState, source: str) -> None:
+        name = state.name
+        content = os.path.join(self.states.dir(name), "slot", "content")
+        if not os.path.isdir(content):
+            raise IncorrectStatus(f"container {name!r} has no slot (create it with slot=...)")
+        if SLOT_SOURCE_LABEL in state.labels:
+            raise IncorrectStatus(f"the slot of container {name!r} is already filled from {state.labels[SLOT_SOURCE_LABEL]}")
+        try:
+            fd = sc.open_tree(source.encode(), sc.OPEN_TREE_CLONE)
+            try:
+                sc.mount_setattr(fd, sc.MOUNT_ATTR_NOSUID | sc.MOUNT_ATTR_NODEV)
+                sc.move_mount(fd, content.encode())
+            finally:
+                os.close(fd)
+        except OSError as exc:
+            raise KernelError.from_oserror(f"mount {source} into container {name}:", content, exc) from None
+        state.labels[SLOT_SOURCE_LABEL] = source
+
+    def hand_over(self, name: str, *, cpu: float | None = None, memory_bytes: int | None = None,
+                  slot_source: str | None = None, labels: dict[str, str] | None = None,
+                  thaw: bool = False) -> ContainerState:
+        """update + fill_slot + label + thaw in one step (one lock, one state read and write):
+        how a frozen pooled instance becomes an app's. Either everything given is applied, or
+        an error is raised and the caller should discard the container (a limit or the slot
+        may already be applied)."""
+        if slot_source is not None:
+            _check_slot_source(slot_source)
+        with self.states.locked(name):
+            state = self.state(name)
+            check_allowed("update", name, state.status)
+            if cpu is not None or memory_bytes is not None:
+                self._set_limits(state, cpu, memory_bytes, None)
+            if slot_source is not None:
+                self._fill_slot(state, slot_source)
+            state.labels.update(labels or {})
+            if thaw and state.status == "frozen":
+                self._cgroup(state).thaw()
+                state.status = "running"
+            self.states.save(state)
+            return state
 
     def label(self, name: str, labels: dict[str, str]) -> ContainerState:
         """Add or change labels of a container (a pooled instance becomes an app's, say)."""
@@ -661,6 +691,11 @@ class Runtime:
         if self._cap_last is None:
             self._cap_last = sc.cap_last_cap()
         return self._cap_last
+
+
+def _check_slot_source(source: str) -> None:
+    if not os.path.isabs(source) or not os.path.isdir(source):
+        raise SpecError(f"slot source {source!r} is not an absolute path to a directory", "source")
 
 
 def _make_slot(cdir: str) -> str:

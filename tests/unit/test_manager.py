@@ -42,6 +42,11 @@ class FakeBackend:
         self.cgroups: dict[str, Stats] = {}  # what cgroup_stats() reads, set by the test
         self.cpu_set: list[tuple[str, float]] = []
         self.set_cpu_fails = False
+        self.frozen: set[str] = set()
+        self.thawed: list[str] = []
+        self.freeze_gate: asyncio.Event | None = None
+        self.thaw_fails = False
+        self.path = "start"  # what start() says it did ("pool": claimed from the fork-server's pool)
 
     async def start(self, app, deadline):
         if self.gate is not None:
@@ -50,7 +55,18 @@ class FakeBackend:
             raise StartFailed(self.fail_with)
         name = f"{app.name}-{len(self.started)}"
         self.started.append(name)
-        return Started(name=name, ip=f"10.0.0.{len(self.started)}", port=80)
+        return Started(name=name, ip=f"10.0.0.{len(self.started)}", port=80, path=self.path)
+
+    async def freeze(self, name):
+        if self.freeze_gate is not None:
+            await self.freeze_gate.wait()
+        self.frozen.add(name)
+
+    def thaw(self, name):
+        if self.thaw_fails:
+            raise KernelError("write", f"/sys/fs/cgroup/freezer/{name}/freezer.state", errno.ENOENT)
+        self.frozen.discard(name)
+        self.thawed.append(name)
 
     async def stop(self, name, app):
         self.stopped.append(name)
@@ -631,15 +647,21 @@ def test_a_new_instance_slow_starts_while_others_can_take_the_load(cmdb):
         await manager.scale("example.test", Scale(instances=2))
         leases = [manager.acquire_nowait("example.test") for _ in range(20)]
         per = lambda: {n: i.outstanding for n, i in manager.apps["example.test"].instances.items()}  # noqa: E731
-        assert per() == {"example.test-0": 16, "example.test-1": 4}
-        clock.now += 3.5
-        manager.sample()  # 3.5 s old: 4 - 1 + 2**(3 - 1)
-        leases += [manager.acquire_nowait("example.test") for _ in range(10)]
-        assert per() == {"example.test-0": 23, "example.test-1": 7}
-        clock.now += 4.5
-        manager.sample()  # 8 s old: no limit any more
+        assert per() == {"example.test-0": 16, "example.test-1": 4}  # at most 4 at first
+        clock.now += 2.5
+        manager.sample()  # 2.5 s old: 4 << 2
         leases += [manager.acquire_nowait("example.test") for _ in range(16)]
-        assert per() == {"example.test-0": 23, "example.test-1": 23}
+        assert per() == {"example.test-0": 20, "example.test-1": 16}
+        # A pre-forking server: as many as it has processes besides its first, if that is more.
+        backend.cgroups["example.test-1"] = Stats(cpu_usage_us=0, nr_periods=0, nr_throttled=0, throttled_us=0,
+                                                  memory_bytes=0, pids_current=31, frozen=False)
+        manager.sample()
+        leases += [manager.acquire_nowait("example.test") for _ in range(28)]
+        assert per() == {"example.test-0": 34, "example.test-1": 30}
+        clock.now += 2.5
+        manager.sample()  # 5 s old: no limit any more
+        leases += [manager.acquire_nowait("example.test") for _ in range(4)]
+        assert per() == {"example.test-0": 34, "example.test-1": 34}
         for lease in leases:
             lease.done(200, 0, 0, False)
         # When no other instance can take it, a young one gets every request: the limit steers only.
@@ -649,3 +671,134 @@ def test_a_new_instance_slow_starts_while_others_can_take_the_load(cmdb):
         for lease in leases:
             lease.done(200, 0, 0, False)
     run(main())
+
+
+# ----- the frozen tier ----------------------------------------------------------------------------
+
+
+def _freezing_app(cmdb, **changes):
+    from fcrun.cmdb.models import AppUpdate
+
+    cmdb.update_app("example.test", AppUpdate(freeze_after_s=30, idle_timeout_s=600, **changes))
+
+
+def test_idle_instance_is_frozen_then_thawed_by_the_next_request(cmdb):
+    _freezing_app(cmdb)
+
+    async def main():
+        manager, backend, clock, _ = make(cmdb)
+        (await manager.acquire("example.test")).done(200, 0, 0, False)
+        clock.now += 29
+        manager.tick()
+        await asyncio.sleep(0)
+        assert backend.frozen == set()
+        clock.now += 1
+        manager.tick()
+        await asyncio.gather(*manager._tasks)
+        inst = manager.apps["example.test"].instances["example.test-0"]
+        assert backend.frozen == {"example.test-0"} and inst.state == "frozen"
+        assert manager.acquire_nowait("example.test") is None  # not routable while frozen
+        clock.now += 5
+        lease = await manager.acquire("example.test")
+        assert lease.cold_start[0] == "thaw" and lease.instance_id == "example.test-0"
+        assert backend.thawed == ["example.test-0"] and backend.started == ["example.test-0"]
+        assert inst.state == "ready"
+        lease.done(200, 0, 0, False)
+        stats = manager.stats()["example.test"]
+        assert stats["cold_paths"] == {"thaw": 1, "pool": 0, "start": 1} and stats["freezes"] == 1
+    run(main())
+
+
+def test_a_frozen_instance_idle_for_the_idle_timeout_is_stopped(cmdb):
+    _freezing_app(cmdb)
+
+    async def main():
+        manager, backend, clock, _ = make(cmdb)
+        (await manager.acquire("example.test")).done(200, 0, 0, False)
+        clock.now += 30
+        manager.tick()
+        await asyncio.gather(*manager._tasks)
+        assert manager.stats()["example.test"]["instances"]["frozen"] == 1
+        clock.now += 570
+        manager.tick()
+        await asyncio.gather(*manager._tasks)
+        assert backend.stopped == ["example.test-0"] and manager.apps["example.test"].instances == {}
+    run(main())
+
+
+def test_no_freezing_when_off_or_not_before_the_idle_timeout(cmdb):
+    async def main(freeze_after, idle):
+        _freezing_app(cmdb)
+        from fcrun.cmdb.models import AppUpdate
+
+        cmdb.update_app("example.test", AppUpdate(freeze_after_s=freeze_after, idle_timeout_s=idle))
+        manager, backend, clock, _ = make(cmdb)
+        (await manager.acquire("example.test")).done(200, 0, 0, False)
+        clock.now += idle - 1
+        manager.tick()
+        await asyncio.gather(*manager._tasks)
+        assert backend.frozen == set() and backend.stopped == []
+    run(main(None, 600))
+    run(main(60, 60))  # it would be stopped first
+
+
+def test_a_request_during_the_freeze_waits_for_it_then_thaws(cmdb):
+    _freezing_app(cmdb)
+
+    async def main():
+        manager, backend, clock, _ = make(cmdb)
+        (await manager.acquire("example.test")).done(200, 0, 0, False)
+        backend.freeze_gate = asyncio.Event()
+        clock.now += 31
+        manager.tick()
+        await asyncio.sleep(0)
+        waiting = asyncio.ensure_future(manager.acquire("example.test"))
+        await asyncio.sleep(0)
+        assert not waiting.done()
+        backend.freeze_gate.set()
+        lease = await waiting
+        assert lease.cold_start[0] == "thaw" and backend.thawed == ["example.test-0"]
+        assert backend.started == ["example.test-0"]  # no second instance
+        lease.done(200, 0, 0, False)
+    run(main())
+
+
+def test_a_failed_thaw_starts_a_new_instance_and_stops_the_old(cmdb):
+    _freezing_app(cmdb)
+
+    async def main():
+        manager, backend, clock, _ = make(cmdb)
+        (await manager.acquire("example.test")).done(200, 0, 0, False)
+        clock.now += 31
+        manager.tick()
+        await asyncio.gather(*manager._tasks)
+        backend.thaw_fails = True
+        lease = await manager.acquire("example.test")
+        assert lease.cold_start[0] == "start" and lease.instance_id == "example.test-1"
+        await asyncio.gather(*manager._tasks)
+        assert backend.stopped == ["example.test-0"]
+        assert any(e.kind == "thaw-failed" for e in cmdb.list_events("example.test"))
+        lease.done(200, 0, 0, False)
+    run(main())
+
+
+def test_pool_claims_are_reported_as_such_and_a_503_start_failure_stays_503(cmdb):
+    async def main():
+        manager, backend, clock, _ = make(cmdb)
+        backend.path = "pool"
+        lease = await manager.acquire("example.test")
+        assert lease.cold_start[0] == "pool"
+        lease.done(200, 0, 0, False)
+        events = [e for e in cmdb.list_events("example.test") if e.kind == "start"]
+        assert events[-1].data["path"] == "pool" and "claimed from the pool" in events[-1].message
+
+        manager2, backend2, _, _ = make(cmdb)
+        backend2.start = _raise_503
+        with pytest.raises(RouteError) as info:
+            await manager2.acquire("example.test")
+        assert info.value.status == 503 and "retry" in info.value.message
+    run(main())
+
+
+async def _raise_503(app, deadline):
+    raise StartFailed("cannot start an instance of example.test now: the fork-server is restarting; retry", 503)

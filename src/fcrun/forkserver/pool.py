@@ -107,11 +107,8 @@ class Pool:
         pooled = queue.popleft()
         counters = self._counters(request.image)
         try:
-            self.runtime.update(pooled.name, cpu=request.limits.cpu, memory_bytes=request.limits.memory_bytes)
-            if request.docroot:
-                self.runtime.fill_slot(pooled.name, request.docroot)
-            self.runtime.label(pooled.name, dict(request.labels))
-            self.runtime.thaw(pooled.name)
+            self.runtime.hand_over(pooled.name, cpu=request.limits.cpu, memory_bytes=request.limits.memory_bytes,
+                                   slot_source=request.docroot, labels=dict(request.labels), thaw=True)
         except (FcrunError, OSError) as exc:
             counters.failures += 1
             counters.last_error = f"claiming {pooled.name}: {exc}"

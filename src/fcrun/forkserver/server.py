@@ -48,9 +48,9 @@ class ForkServer:
         self.buffers: dict[socket.socket, bytearray] = {}
         self.running = True
         self.remove_pool_at_exit = True
-        self._wake_r, self._wake_w = socket.socketpair()
 
     def serve(self) -> None:
+        self._wake_r, self._wake_w = socket.socketpair()  # signals wake the select through it
         self._wake_r.setblocking(False)
         self._wake_w.setblocking(False)
         signal.set_wakeup_fd(self._wake_w.fileno(), warn_on_full_buffer=False)
@@ -90,6 +90,9 @@ class ForkServer:
             for sock in list(self.buffers):
                 sock.close()
             self.selector.close()
+            signal.set_wakeup_fd(-1)
+            self._wake_r.close()
+            self._wake_w.close()
 
     def _stop_signal(self, signum, frame) -> None:
         self.running = False

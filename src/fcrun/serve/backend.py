@@ -185,8 +185,17 @@ class RuntimeBackend:
         await self._call(self.runtime.freeze, name)
 
     def thaw(self, name: str) -> None:
-        """Thaw an instance (one cgroup write; a request waits on it, so no thread hop)."""
-        self.runtime.thaw(name)
+        """Thaw an instance: a request waits on it, so one cgroup write on the event loop, no
+        thread hop and no state file (a container's frozen/running status is read from its
+        cgroup, so the state file needs no update: Runtime.state stays true).
+
+        Raises:
+            FcrunError: the instance is gone, or the kernel refused.
+        """
+        cgroup = self._cgroup(name)
+        if cgroup is None:
+            raise NotFound(f"instance {name} is gone")
+        cgroup.thaw()
 
     async def _wait_accepting(self, name: str, ip: str, port: int, deadline: float) -> None:
         delay = self._poll_s
@@ -254,13 +263,21 @@ class RuntimeBackend:
     def cgroup_stats(self, name: str) -> Stats | None:
         """The instance's cgroup figures (a few small kernel-file reads), None once it is gone."""
         try:
-            cgroup = self._cgroups.get(name)
-            if cgroup is None:
-                cgroup = self._cgroups[name] = self.runtime._cgroup(self.runtime.states.load(name))
-            return cgroup.stats()
+            cgroup = self._cgroup(name)
+            return cgroup.stats() if cgroup is not None else None
         except (FcrunError, OSError):
             self._cgroups.pop(name, None)
             return None
+
+    def _cgroup(self, name: str):
+        """The instance's Cgroup, cached (sampling and thawing skip the state file); None if gone."""
+        cgroup = self._cgroups.get(name)
+        if cgroup is None:
+            try:
+                cgroup = self._cgroups[name] = self.runtime._cgroup(self.runtime.states.load(name))
+            except (FcrunError, OSError):
+                return None
+        return cgroup
 
     async def set_cpu(self, name: str, cpu: float) -> None:
         """Change an instance's CPU quota live (cpu.max, or cfs_quota_us on v1).

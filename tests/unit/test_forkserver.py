@@ -1,0 +1,339 @@
+"""The fork-server's wire format, its checks on every request, and the pool's bookkeeping
+(with a fake runtime and clock: no containers, no sleeping)."""
+
+from __future__ import annotations
+
+
+import pytest
+
+from fcrun.errors import ContainerError, NotFound, SpecError
+from fcrun.forkserver import protocol as p
+from fcrun.forkserver.pool import STEADY_POLLS, Pool
+from fcrun.forkserver.server import ForkServer
+
+LIMITS = p.Limits(cpu=0.5, memory_bytes=256 << 20)
+
+
+# ----- wire ---------------------------------------------------------------------------------------
+
+
+def test_frames_round_trip_and_split_at_any_byte():
+    messages = [p.Status(), p.Claim(image="apache-php", labels={"fcrun.app": "a.test"}, limits=LIMITS, docroot="/srv")]
+    wire = b"".join(p.frame(m) for m in messages)
+    buffer, bodies = bytearray(), []
+    for i in range(len(wire)):  # one byte at a time: no message is taken before it is whole
+        buffer += wire[i:i + 1]
+        bodies += p.split_frames(buffer)
+    assert [p.decode_request(b) for b in bodies] == messages and buffer == b""
+
+
+def test_an_oversized_frame_is_refused_before_it_is_read():
+    buffer = bytearray(p.HEADER.pack(p.MAX_MESSAGE_BYTES + 1) + b"x")
+    with pytest.raises(SpecError, match="above the limit"):
+        p.split_frames(buffer)
+
+
+@pytest.mark.parametrize("body, match", [
+    (b"\xc1", "undecodable"),
+    (p.frame(p.Done())[4:], "bad request"),  # a reply is not a request
+])
+def test_undecodable_or_wrong_messages_are_spec_errors(body, match):
+    with pytest.raises(SpecError, match=match):
+        p.decode_request(body)
+
+
+def test_unknown_fields_are_refused():
+    import msgspec
+
+    body = msgspec.msgpack.encode({"type": "Status", "extra": 1})
+    with pytest.raises(SpecError, match="extra"):
+        p.decode_request(body)
+
+
+@pytest.mark.parametrize("request_, where", [
+    (p.Claim(image="../etc", labels={}, limits=LIMITS), "$.image"),
+    (p.Claim(image="apache-php", labels={"Bad Key": "x"}, limits=LIMITS), "$.labels"),
+    (p.Claim(image="apache-php", labels={}, limits=p.Limits(cpu=float("nan"), memory_bytes=1 << 30)), "$.limits.cpu"),
+    (p.Claim(image="apache-php", labels={}, limits=p.Limits(cpu=0.0, memory_bytes=1 << 30)), "$.limits.cpu"),
+    (p.Claim(image="apache-php", labels={}, limits=p.Limits(cpu=1000.0, memory_bytes=1 << 30)), "$.limits.cpu"),
+    (p.Claim(image="apache-php", labels={}, limits=p.Limits(cpu=0.5, memory_bytes=1024)), "$.limits.memory_bytes"),
+    (p.Claim(image="apache-php", labels={}, limits=LIMITS, docroot="srv/site"), "$.docroot"),
+    (p.Claim(image="apache-php", labels={}, limits=LIMITS, docroot="/srv/../etc"), "$.docroot"),
+    (p.Claim(image="apache-php", labels={}, limits=LIMITS, docroot="/nonexistent/site"), "$.docroot"),
+    (p.Start(image="apache-php", name="-bad", labels={}, limits=LIMITS), "$.name"),
+    (p.Start(image="apache-php", name="ok", labels={}, limits=LIMITS, env=["NOEQUALS"]), "$.env[0]"),
+    (p.SetPool(sizes={"apache-php": p.MAX_POOL_SIZE + 1}), "$.sizes"),
+    (p.SetPool(sizes={"apache-php": -1}), "$.sizes"),
+])
+def test_every_request_is_rechecked(request_, where):
+    with pytest.raises(SpecError) as info:
+        p.check_request(request_)
+    assert info.value.where.startswith(where)
+
+
+def test_good_requests_pass(tmp_path):
+    p.check_request(p.Claim(image="apache-php", labels={"fcrun.app": "a.test"}, limits=LIMITS, docroot=str(tmp_path)))
+    p.check_request(p.Start(image="apache-php", name="a-1", labels={}, limits=LIMITS, env=["A=1"]))
+    p.check_request(p.SetPool(sizes={"apache-php": 2, "busybox": 0}))
+
+
+# ----- the server's request handling (no socket) -------------------------------------------------
+
+
+def test_a_bad_request_gets_failed_and_changes_nothing():
+    pool = Pool(FakeRuntime())
+    server = ForkServer(pool, listener=None)
+    reply = server._handle(p.frame(p.Claim(image="BAD", labels={}, limits=LIMITS))[4:])
+    assert isinstance(reply, p.Failed) and reply.kind == "SpecError" and reply.http_status == 400
+    assert "$.image" in reply.message
+    reply = server._handle(p.frame(p.Start(image="missing", name="m-1", labels={}, limits=LIMITS))[4:])
+    assert isinstance(reply, p.Failed) and reply.kind == "NotFound" and "missing" in reply.message
+    assert pool.runtime.containers == {}
+
+
+# ----- the pool -----------------------------------------------------------------------------------
+
+
+class Clock:
+    def __init__(self):
+        self.now = 100.0
+
+    def __call__(self):
+        return self.now
+
+
+class FakeImage:
+    def __init__(self, name):
+        self.name = name
+        self.layers = []
+        self.config = type("Config", (), {"exposed_ports": [80], "docroot": None, "entrypoint": [], "cmd": ["apache2"],
+                                          "env": [], "workdir": "", "user": "", "stop_signal": None})()
+
+
+class FakeCgroup:
+    def __init__(self, runtime, name):
+        self.runtime, self.name = runtime, name
+
+    def pids(self):
+        return list(range(self.runtime.procs.get(self.name, 7)))
+
+    def stats(self):
+        return type("Stats", (), {"memory_bytes": 12 << 20})()
+
+
+class FakeRuntime:
+    """Containers as dicts: what Pool calls of Runtime, and a record of it."""
+
+    def __init__(self, images=("apache-php",)):
+        self.image_names = set(images)
+        self.containers: dict[str, dict] = {}
+        self.calls: list[tuple] = []
+        self.procs: dict[str, int] = {}
+        self.fail_run = None
+        self.fail_hand_over = None
+        self.images = self
+        self.states = self
+
+    def get(self, name):
+        if name not in self.image_names:
+            raise NotFound(f"image {name!r} not found")
+        return FakeImage(name)
+
+    def load(self, name):
+        return name
+
+    def _cgroup(self, state):
+        return FakeCgroup(self, getattr(state, "name", state))
+
+    def run(self, name, spec, *, image, detach, labels, slot=None):
+        self.calls.append(("run", name, slot))
+        if self.fail_run:
+            raise ContainerError(self.fail_run)
+        ip = f"10.0.0.{len(self.containers) + 2}"
+        self.containers[name] = {"status": "running", "labels": dict(labels), "ip": ip, "slot": slot}
+        return type("C", (), {"ip": ip, "pid": 1000 + len(self.containers)})()
+
+    def state(self, name):
+        c = self.containers[name]
+        return type("S", (), {"name": name, "status": c["status"], "log_path": "/nonexistent"})()
+
+    def freeze(self, name):
+        self.calls.append(("freeze", name))
+        self.containers[name]["status"] = "frozen"
+
+    def hand_over(self, name, *, cpu, memory_bytes, slot_source, labels, thaw):
+        self.calls.append(("hand_over", name, cpu, memory_bytes, slot_source))
+        if self.fail_hand_over:
+            raise ContainerError(self.fail_hand_over)
+        c = self.containers[name]
+        c["labels"].update(labels)
+        c["status"] = "running" if thaw else c["status"]
+
+    def delete(self, name, force=False):
+        self.calls.append(("delete", name))
+        del self.containers[name]
+
+    def list(self):
+        return [type("Info", (), {"name": n, "status": c["status"], "labels": c["labels"], "ip": c["ip"], "pid": 1,
+                                  "created_at": 0.0})() for n, c in self.containers.items()]
+
+
+def make_pool(**kw):
+    clock = Clock()
+    runtime = FakeRuntime()
+    pool = Pool(runtime, clock=clock, **kw)
+    return pool, runtime, clock
+
+
+def warm_up(pool, clock, accepting=True, steps=50):
+    import fcrun.forkserver.pool as pool_module
+
+    original = pool_module._accepting
+    pool_module._accepting = lambda ip, port: accepting
+    try:
+        for _ in range(steps):
+            clock.now += max(pool.step(clock.now), 0.01)
+    finally:
+        pool_module._accepting = original
+
+
+def test_the_pool_fills_one_at_a_time_and_freezes_settled_instances():
+    pool, runtime, clock = make_pool()
+    pool.set_sizes({"apache-php": 2})
+    warm_up(pool, clock)
+    ready = pool.ready["apache-php"]
+    assert len(ready) == 2 and not pool.warming
+    assert all(runtime.containers[r.name]["status"] == "frozen" for r in ready)
+    assert all(runtime.containers[r.name]["slot"] == "/var/www/html" for r in ready)  # the docroot slot
+    assert all(runtime.containers[r.name]["labels"] == {"fcrun.pool": "apache-php"} for r in ready)
+    # Never two warming at once: each run is followed by its freeze before the next run.
+    kinds = [c[0] for c in runtime.calls]
+    assert kinds == ["run", "freeze", "run", "freeze"]
+    status = pool.status()["apache-php"]
+    assert (status.size, status.ready, status.warming, status.memory_bytes) == (2, 2, 0, [12 << 20] * 2)
+
+
+def test_an_instance_is_frozen_only_once_its_worker_count_is_steady():
+    pool, runtime, clock = make_pool()
+    pool.set_sizes({"apache-php": 1})
+    pool.step(clock.now)  # makes one
+    (name,) = pool.warming
+    runtime.procs[name] = 1
+    import fcrun.forkserver.pool as pool_module
+
+    original = pool_module._accepting
+    pool_module._accepting = lambda ip, port: True
+    try:
+        for count in (2, 4, 6, 7):  # Apache forking its workers
+            runtime.procs[name] = count
+            clock.now += 0.01
+            pool.step(clock.now)
+        assert name in pool.warming
+        for _ in range(STEADY_POLLS):
+            clock.now += 0.01
+            pool.step(clock.now)
+    finally:
+        pool_module._accepting = original
+    assert runtime.containers[name]["status"] == "frozen" and name not in pool.warming
+
+
+def test_claim_hands_over_the_oldest_and_refills_only_after_a_quiet_moment():
+    pool, runtime, clock = make_pool(refill_idle_s=0.1)
+    pool.set_sizes({"apache-php": 2})
+    warm_up(pool, clock)
+    oldest = pool.ready["apache-php"][0].name
+    made = pool.claim(p.Claim(image="apache-php", labels={"fcrun.app": "a.test"}, limits=LIMITS, docroot="/srv/a"))
+    assert isinstance(made, p.Made) and made.name == oldest and made.path == "pool"
+    assert ("hand_over", oldest, 0.5, 256 << 20, "/srv/a") in runtime.calls
+    assert runtime.containers[oldest]["labels"] == {"fcrun.pool": "apache-php", "fcrun.app": "a.test"}
+    runs = sum(1 for c in runtime.calls if c[0] == "run")
+    clock.now += 0.05
+    pool.step(clock.now)
+    assert sum(1 for c in runtime.calls if c[0] == "run") == runs  # a request just now: not yet
+    clock.now += 0.06
+    pool.step(clock.now)
+    assert sum(1 for c in runtime.calls if c[0] == "run") == runs + 1
+    assert pool.status()["apache-php"].claimed == 1
+
+
+def test_claim_of_an_empty_pool_or_a_failed_hand_over_says_empty():
+    pool, runtime, clock = make_pool()
+    assert isinstance(pool.claim(p.Claim(image="apache-php", labels={}, limits=LIMITS)), p.Empty)
+    pool.set_sizes({"apache-php": 1})
+    warm_up(pool, clock)
+    (name,) = [r.name for r in pool.ready["apache-php"]]
+    runtime.fail_hand_over = "memory limit below usage"
+    reply = pool.claim(p.Claim(image="apache-php", labels={}, limits=LIMITS))
+    assert isinstance(reply, p.Empty) and "memory limit below usage" in reply.reason
+    assert name not in runtime.containers  # discarded, never half-claimed
+    assert pool.status()["apache-php"].failures == 1
+
+
+def test_failures_back_off_and_are_reported():
+    pool, runtime, clock = make_pool()
+    runtime.fail_run = "apache2: not found"
+    pool.set_sizes({"apache-php": 1})
+    pool.step(clock.now)
+    status = pool.status()["apache-php"]
+    assert status.failures == 1 and "apache2: not found" in status.last_error
+    clock.now += 0.5
+    pool.step(clock.now)
+    assert pool.status()["apache-php"].failures == 1  # backing off (1 s)
+    clock.now += 1.0
+    pool.step(clock.now)
+    assert pool.status()["apache-php"].failures == 2
+    pool.set_sizes({"missing": 1})
+    clock.now += 10
+    pool.step(clock.now)
+    assert "not found" in pool.status()["missing"].last_error
+
+
+def test_a_server_that_never_accepts_is_removed_after_the_warm_timeout():
+    pool, runtime, clock = make_pool(warm_timeout_s=1.0)
+    pool.set_sizes({"apache-php": 1})
+    warm_up(pool, clock, accepting=False, steps=300)
+    assert pool.status()["apache-php"].failures >= 1
+    assert "not accepting" in pool.status()["apache-php"].last_error
+    assert all(c["status"] != "frozen" for c in runtime.containers.values())
+
+
+def test_old_instances_are_recycled_and_shrinking_removes_extras():
+    pool, runtime, clock = make_pool(max_age_s=60)
+    pool.set_sizes({"apache-php": 2})
+    warm_up(pool, clock)
+    first = {r.name for r in pool.ready["apache-php"]}
+    clock.now += 61
+    warm_up(pool, clock)
+    assert not first & {r.name for r in pool.ready["apache-php"]} and len(pool.ready["apache-php"]) == 2
+    assert pool.status()["apache-php"].recycled == 2
+    pool.set_sizes({"apache-php": 1})
+    assert len(pool.ready["apache-php"]) == 1 and len(runtime.containers) == 1
+
+
+def test_adopt_takes_frozen_unclaimed_instances_and_removes_half_made_ones():
+    runtime = FakeRuntime()
+    runtime.containers = {
+        "pool-a": {"status": "frozen", "labels": {"fcrun.pool": "apache-php"}, "ip": "10.0.0.2", "slot": "/x"},
+        "pool-b": {"status": "running", "labels": {"fcrun.pool": "apache-php"}, "ip": "10.0.0.3", "slot": "/x"},
+        "pool-c": {"status": "running", "labels": {"fcrun.pool": "apache-php", "fcrun.app": "a.test"}, "ip": "10.0.0.4",
+                   "slot": "/x"},
+        "other": {"status": "running", "labels": {}, "ip": "10.0.0.5", "slot": None},
+    }
+    pool = Pool(runtime, clock=Clock())
+    adopted, removed = pool.adopt()
+    assert adopted == ["pool-a"] and removed == ["pool-b"]
+    assert set(runtime.containers) == {"pool-a", "pool-c", "other"}  # claimed and foreign ones untouched
+    assert [r.name for r in pool.ready["apache-php"]] == ["pool-a"]
+    assert pool.remove_all() == ["pool-a"] and set(runtime.containers) == {"pool-c", "other"}
+
+
+def test_removing_all_leaves_app_instances_alone():
+    pool, runtime, clock = make_pool()
+    pool.set_sizes({"apache-php": 2})
+    warm_up(pool, clock)
+    pool.claim(p.Claim(image="apache-php", labels={"fcrun.app": "a.test"}, limits=LIMITS))
+    pool.step(clock.now)  # a refill starts warming
+    pool.remove_all()
+    assert [c["labels"].get("fcrun.app") for c in runtime.containers.values()] == ["a.test"]
+    assert not pool.warming and not any(pool.ready.values())
+
