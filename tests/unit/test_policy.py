@@ -10,6 +10,7 @@ new instance after a start delay, a drained one gone at once.
 
 from __future__ import annotations
 
+import msgspec
 import pytest
 
 from fcrun.cmdb.models import App
@@ -191,6 +192,47 @@ def test_crowded_instances_scale_out_without_being_throttled():
     assert "12.0 requests in flight per instance, above the target of 4" in sim.reasons[0]
     (t1, *_), (t2, *_) = sim.log
     assert t2 - t1 >= a.cooldown_up_s
+
+
+def test_a_crowded_saturated_app_gets_quota_and_an_instance_at_once():
+    # The talk's burst: 96 requests in flight on one instance at 0.3 CPU (target 10). More quota
+    # alone would leave them as crowded; the instance comes in the same decision, not a
+    # cooldown later.
+    sim = Sim(app(cooldown_up_s=10.0), lambda t: (0.1, 1) if t < 5 else (2.0, 96)).run(20)
+    assert sim.actions()[:2] == ["scale-up", "scale-out"]
+    (t_up, _, inst, cpu), (t_out, *_) = sim.log[:2]
+    assert t_up == t_out and 5 < t_up <= 6 and (inst, cpu) == ("i0", 0.6)
+    assert "96.0 requests in flight per instance, above the target of 10: 1 -> 2 instances" in sim.reasons[1]
+    # The new instance's own scale-up waits for the up cooldown.
+    assert sim.log[2][1:3] == ("scale-up", "i1") and sim.log[2][0] - t_up >= 10.0
+    assert sim.limits == {"i0": 0.6, "i1": 0.6}
+
+
+def test_saturation_is_judged_over_whole_cfs_periods():
+    from fcrun.cgroups.base import Stats
+    from fcrun.serve.monitor import figures, reading
+
+    def stats(usage_us, periods, throttled):
+        return Stats(cpu_usage_us=usage_us, nr_periods=periods, nr_throttled=throttled, throttled_us=0,
+                     memory_bytes=0, pids_current=9, frozen=False)
+
+    # 250 ms over 100 ms periods: a saturated instance at 0.3 CPU got two quotas (60 ms) in this
+    # interval, and three in the next; on average over wall time that is 0.24, then 0.36 CPU.
+    a, b, c = (reading(t, stats(u, p, p), busy_s=6.0 * t, completed=0, latency_s=0.0)
+               for t, u, p in ((0.0, 0, 0), (0.25, 60_000, 2), (0.5, 150_000, 5)))
+    first, second = figures("i0", 0.3, 0.0, a, b), figures("i0", 0.3, 0.0, b, c)
+    assert first.cpu_used == pytest.approx(0.24) and first.quota_used == pytest.approx(1.0)
+    assert second.cpu_used == pytest.approx(0.36) and second.quota_used == pytest.approx(1.5)
+    history, decisions = History(), []
+    for now, f in ((0.25, first), (0.5, second)):
+        plan = decide(AppMetrics(app=app(), instances=(f,), history=history), now)
+        history, decisions = plan.history, decisions + list(plan.decisions)
+    assert [(d.action, d.cpu) for d in decisions] == [("scale-up", 0.6)]
+    assert decisions[0].figures["quota_used"] == pytest.approx(1.5)
+    # Without the period count, 0.24 of 0.3 would not be "busy": the second sample would start
+    # the hot run over and the decision would come a sample later, or never.
+    plain = msgspec.structs.replace(first, quota_used=None)
+    assert decide(AppMetrics(app=app(), instances=(plain,), history=History(hot_since_s=0.0)), 0.25).decisions == ()
 
 
 def test_max_instances_and_the_ceiling_bound_growth():

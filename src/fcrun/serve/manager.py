@@ -51,17 +51,19 @@ log = logging.getLogger("fcrun.serve")
 ROUTABLE = frozenset({"ready", "replacing"})
 DEFAULT_SAMPLE_INTERVAL_S = 0.25
 
-# Slow start: a new instance accepts connections long before it can serve many at once. A
-# pre-forking server (Apache prefork, the apache-php image) starts 5 workers and, while none is
-# idle, forks 1, 2, 4, ... 32 more once a second; a connection beyond its workers waits in the
-# kernel's accept queue until one is free (seconds, with keep-alive). So while other instances
-# can take the load, a new one gets at most 4 requests in flight for 2 s, then 1, 2, 4, ... more
-# each further second (a step behind such a server's forking), until it is SLOW_START_S old.
-# When every instance is at its limit the least loaded still gets the request: the limit only
-# steers, it never refuses.
+# Slow start: a new instance accepts connections before it can serve many at once. A
+# pre-forking server forks its workers after it listens (the apache-php image forks 128: about
+# a second at 0.3 CPU when idle, several when it also serves, as the workers and the forking
+# parent share the quota); a connection beyond the workers forked so far waits in the kernel's
+# accept queue, with keep-alive until a worker's connection closes (seconds). So while other
+# instances can take the load, a new one gets at most as many requests in flight as it has
+# processes besides the first (its cgroup's pids, read at each sample), or SLOW_START_FIRST
+# twice over every SLOW_START_STEP_S if that is more (a server that does not fork), and no
+# limit once it is SLOW_START_S old. When every instance is at its limit the least loaded still
+# gets the request: the limit only steers, it never refuses.
 SLOW_START_FIRST = 4
 SLOW_START_STEP_S = 1.0
-SLOW_START_S = 8.0
+SLOW_START_S = 5.0
 UNCAPPED = 1 << 62
 
 
@@ -529,11 +531,11 @@ class Manager:
             for inst in list(state.instances.values()):
                 if inst.state not in ROUTABLE:
                     continue
+                stats = self.backend.cgroup_stats(inst.name)
                 if inst.cap != UNCAPPED:
-                    inst.cap = self._slow_start_cap(now - inst.started_mono)
+                    inst.cap = self._slow_start_cap(now - inst.started_mono, stats.pids_current if stats else 0)
                 busy_s = inst.busy_s + inst.outstanding * (now - inst.busy_at)
-                cur = monitor.reading(now, self.backend.cgroup_stats(inst.name), busy_s,
-                                      inst.requests - inst.outstanding, inst.latency_s)
+                cur = monitor.reading(now, stats, busy_s, inst.requests - inst.outstanding, inst.latency_s)
                 prev, inst.reading = inst.reading, cur
                 if prev is not None and inst.state == "ready":
                     figures.append(monitor.figures(inst.name, inst.cpu, inst.started_mono, prev, cur))
@@ -547,10 +549,10 @@ class Manager:
                 self._carry_out(state, decision)
 
     @staticmethod
-    def _slow_start_cap(age_s: float) -> int:
+    def _slow_start_cap(age_s: float, processes: int) -> int:
         if age_s >= SLOW_START_S:
             return UNCAPPED
-        return SLOW_START_FIRST - 1 + 2 ** max(0, int(age_s / SLOW_START_STEP_S) - 1)
+        return max(SLOW_START_FIRST << int(max(0.0, age_s) / SLOW_START_STEP_S), processes - 1)
 
     def _carry_out(self, state: AppState, decision: Decision) -> None:
         app = state.app

@@ -10,7 +10,11 @@ Two sources, read together at each sample (every `sample_interval_s`, 250 ms by 
   outstanding count changes, with the timestamp the lease already took - no extra clock read
   or syscall per request).
 
-`figures()` is pure: the difference of two readings, as the policy's InstanceFigures.
+`figures()` is pure: the difference of two readings, as the policy's InstanceFigures. Besides
+the CPU used on average, it gives the share of the quota used over the whole CFS periods
+(CPU_PERIOD_US) the interval spans: a saturated instance runs its quota at the start of every
+period, so an interval of 2.5 periods holds two or three quotas of CPU time, depending on
+where it falls; measured against two, it reads >= 1.0 either way.
 """
 
 from __future__ import annotations
@@ -18,6 +22,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from ..cgroups.base import Stats
+from ..units import CPU_PERIOD_US
 from .policy import InstanceFigures
 
 
@@ -56,11 +61,14 @@ def figures(name: str, cpu_limit: float, started_s: float, prev: Reading, cur: R
                                cpu_pressure=cur.cpu_pressure, started_s=started_s)
     periods = cur.nr_periods - prev.nr_periods
     completed = cur.completed - prev.completed
+    # max(0, ...): a counter read as 0 (cgroup unreadable) must not give a negative rate.
+    used_us = max(0, cur.cpu_usage_us - prev.cpu_usage_us)
+    whole_periods = max(1, int(dt * 1e6 // CPU_PERIOD_US))
     return InstanceFigures(
         name=name,
         cpu_limit=cpu_limit,
-        # max(0, ...): a counter read as 0 (cgroup unreadable) must not give a negative rate.
-        cpu_used=max(0, cur.cpu_usage_us - prev.cpu_usage_us) / 1e6 / dt,
+        cpu_used=used_us / 1e6 / dt,
+        quota_used=used_us / (cpu_limit * CPU_PERIOD_US * whole_periods) if cpu_limit > 0 else None,
         throttled=max(0, cur.nr_throttled - prev.nr_throttled) / periods if periods > 0 else 0.0,
         inflight=max(0.0, cur.busy_s - prev.busy_s) / dt,
         requests=completed,

@@ -8,7 +8,10 @@ plain number for `now` (tests/unit/test_policy.py).
 Signals, per routable instance, over the last sample interval (see monitor.py):
 
   saturated  throttled in >= `throttled_high` of its CFS periods *and* using >= `busy_high`
-             of its quota, with requests in flight (CPU burnt with no request is not load)
+             of its quota, with requests in flight (CPU burnt with no request is not load).
+             "Of its quota" counts whole CFS periods (`quota_used`): a 250 ms interval spans
+             two or three 100 ms periods, so a saturated instance at 0.3 CPU reads 0.24 or
+             0.36 CPU used, and an average over wall time alone would miss it half the time.
   crowded    the app's average in-flight requests per instance above its target_concurrency
 
 Decisions, one family at a time:
@@ -16,7 +19,10 @@ Decisions, one family at a time:
   scale-up    a saturated instance below the app's ceiling (cpu_max) gets its quota times
               `up_factor`, capped at the ceiling
   scale-out   every routable instance is at its ceiling and still saturated, or the app is
-              crowded: one more instance, up to max_instances, one start at a time
+              crowded: one more instance, up to max_instances, one start at a time. Crowding
+              is a signal of its own: a crowded app gets its instance in the same decision as
+              any scale-up (more quota alone would leave the requests as crowded; waiting for
+              the up cooldown first would leave them queued for cooldown_up_s)
   scale-in    the app's load would fit in the instances left with room to spare: drain one,
               keeping max(min_instances, 1) (the last one still goes by idle-timeout)
   scale-down  an instance above the app's cpu whose load fits in a smaller quota: quota
@@ -68,6 +74,9 @@ class InstanceFigures(msgspec.Struct, frozen=True, kw_only=True):
     name: str
     cpu_limit: float  # its quota now, in CPUs
     cpu_used: float = 0.0  # CPUs used on average over the interval
+    # CPU used as a share of the quota of the whole CFS periods the interval spans (>= 1.0 when
+    # saturated, wherever the interval falls on period boundaries); None: cpu_used / cpu_limit.
+    quota_used: float | None = None
     throttled: float = 0.0  # share of its CFS periods in which it was throttled, 0..1
     inflight: float = 0.0  # in-flight requests, time-averaged over the interval
     requests: int = 0  # requests completed in the interval
@@ -141,8 +150,8 @@ def decide(metrics: AppMetrics, now: float, tuning: Tuning = Tuning()) -> Plan:
 
 
 def _saturated(i: InstanceFigures, tuning: Tuning) -> bool:
-    return (i.throttled >= tuning.throttled_high and i.cpu_used >= tuning.busy_high * i.cpu_limit
-            and i.inflight >= tuning.load_min_inflight)
+    busy = i.quota_used if i.quota_used is not None else i.cpu_used / i.cpu_limit if i.cpu_limit > 0 else 0.0
+    return i.throttled >= tuning.throttled_high and busy >= tuning.busy_high and i.inflight >= tuning.load_min_inflight
 
 
 def _cooled(last: float | None, cooldown_s: float, now: float) -> bool:
@@ -163,16 +172,14 @@ def _grow(metrics: AppMetrics, saturated: list[InstanceFigures], crowded: bool, 
                         f"{i.cpu_limit:g} CPU with {i.inflight:.1f} requests in flight: "
                         f"cpu {i.cpu_limit:g} -> {cpu:g}"),
             ))
-    if ups:
-        return tuple(ups)
-    # Nothing left to raise: every saturated instance is at the ceiling (or none is saturated
-    # and the app is crowded).
+    # Another instance when the app is crowded (whatever quota is being added), or when every
+    # saturated instance is at the ceiling and so are the others.
     at_ceiling = all(i.cpu_limit >= ceiling - _EPSILON for i in metrics.instances)
     if not (crowded or (saturated and at_ceiling)):
-        return ()
+        return tuple(ups)
     count = len(metrics.instances) + metrics.starting
     if metrics.starting or count >= app.max_instances:
-        return ()
+        return tuple(ups)
     if crowded:
         why = (f"{per_instance:.1f} requests in flight per instance, above the target of "
                f"{app.target_concurrency}")
@@ -181,8 +188,8 @@ def _grow(metrics: AppMetrics, saturated: list[InstanceFigures], crowded: bool, 
                f"and still throttled ({max(i.throttled for i in saturated):.0%} of periods)")
     figures = {"instances": float(len(metrics.instances)), "inflight_per_instance": round(per_instance, 2),
                "cpu_used": round(sum(i.cpu_used for i in metrics.instances), 3)}
-    return (Decision(action="scale-out", figures=figures,
-                     reason=f"{why}: {len(metrics.instances)} -> {count + 1} instances"),)
+    return (*ups, Decision(action="scale-out", figures=figures,
+                           reason=f"{why}: {len(metrics.instances)} -> {count + 1} instances"))
 
 
 def _shedding(metrics: AppMetrics, tuning: Tuning) -> tuple[Decision, ...]:
@@ -221,6 +228,8 @@ def _shedding(metrics: AppMetrics, tuning: Tuning) -> tuple[Decision, ...]:
 def _figures(i: InstanceFigures) -> dict[str, float]:
     out = {"cpu_limit": i.cpu_limit, "cpu_used": round(i.cpu_used, 3), "throttled": round(i.throttled, 3),
            "inflight": round(i.inflight, 2), "requests": float(i.requests)}
+    if i.quota_used is not None:
+        out["quota_used"] = round(i.quota_used, 3)
     if i.latency_ms is not None:
         out["latency_ms"] = round(i.latency_ms, 1)
     if i.cpu_pressure is not None:
