@@ -207,7 +207,7 @@ def _age(created: float) -> str:
 @click.option("-q", "--quiet", is_flag=True, help="Print names only.")
 @click.pass_obj
 def ps(obj: Context, as_json, quiet):
-    """List containers: name, state, pid, IP, CPU quota, memory limit, image, age, app."""
+    """List containers: name, state, pid, IP, CPU quota, memory limit, memory in use, image, age, app."""
     rows = obj.runtime.list()
     if as_json:
         click.echo(json.dumps([row.__dict__ for row in rows], indent=2))
@@ -216,11 +216,12 @@ def ps(obj: Context, as_json, quiet):
         for row in rows:
             click.echo(row.name)
         return
-    table = [("NAME", "STATE", "PID", "IP", "CPU", "MEMORY", "IMAGE", "AGE", "APP")]
+    table = [("NAME", "STATE", "PID", "IP", "CPU", "MEMORY", "USED", "IMAGE", "AGE", "APP")]
     for r in rows:
         table.append((
             r.name, r.status, str(r.pid or "-"), r.ip or "-",
-            f"{r.cpu:g}" if r.cpu else "-", format_bytes(r.memory_bytes), r.image or "-", _age(r.created_at),
+            f"{r.cpu:g}" if r.cpu else "-", format_bytes(r.memory_bytes),
+            format_bytes(r.memory_used_bytes) if r.memory_used_bytes else "-", r.image or "-", _age(r.created_at),
             r.labels.get("fcrun.app", "-"),  # the app of a `fcrun serve` instance
         ))
     widths = [max(len(row[i]) for row in table) for i in range(len(table[0]))]

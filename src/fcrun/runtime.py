@@ -56,6 +56,7 @@ class ContainerInfo:
     image: str
     created_at: float
     labels: dict[str, str]
+    memory_used_bytes: int | None = None  # cgroup memory use now (frozen instances hold theirs)
 
 
 class Container:
@@ -419,8 +420,17 @@ class Runtime:
                 cpu=cpu, memory_bytes=res.memory.limit if res and res.memory else None,
                 pids_max=res.pids.limit if res and res.pids else None,
                 image=st.image, created_at=st.created_at, labels=st.labels,
+                memory_used_bytes=self._memory_used(st),
             ))
         return rows
+
+    def _memory_used(self, state: ContainerState) -> int | None:
+        if state.status not in ("running", "frozen", "created") or not state.cgroup_paths:
+            return None
+        try:
+            return self._cgroup(state).stats().memory_bytes
+        except (FcrunError, OSError):
+            return None
 
     def _refresh(self, state: ContainerState) -> ContainerState:
         if state.status in ("running", "frozen", "created"):

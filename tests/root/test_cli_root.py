@@ -46,8 +46,9 @@ def test_detached_lifecycle_through_the_cli(fcrun):
         ("cli-web", "running", 0.3, 64 << 20, "busybox")]
     assert rows[0]["ip"].startswith("10.234.0.") and rows[0]["pid"] > 0
     table = fcrun("ps").stdout.splitlines()
-    assert table[0].split() == ["NAME", "STATE", "PID", "IP", "CPU", "MEMORY", "IMAGE", "AGE", "APP"]
+    assert table[0].split() == ["NAME", "STATE", "PID", "IP", "CPU", "MEMORY", "USED", "IMAGE", "AGE", "APP"]
     assert table[1].split()[:2] == ["cli-web", "running"] and "64M" in table[1]
+    assert 0 < rows[0]["memory_used_bytes"] < 64 << 20  # what its cgroup holds now, under the limit
 
     r = fcrun("exec", "cli-web", "--", "sh", "-c", "echo $GREETING from $(hostname); exit 4")
     assert (r.returncode, r.stdout) == (4, "hi from cli-web\n")

@@ -21,7 +21,7 @@ BURN_PHP = "<?php $x = 0; for ($i = 0; $i < 300000; $i++) { $x += $i % 7; } echo
 @pytest.fixture
 def server(tmp_path, apache_php):
     before = host_snapshot(str(tmp_path / "run"))
-    srv = Server(tmp_path, apache_php)
+    srv = Server(tmp_path, apache_php, extra_config="[forkserver]\npool_size = 0\n")  # counts containers: no pool
     site = tmp_path / "site"
     site.mkdir()
     (site / "burn.php").write_text(BURN_PHP)

@@ -124,7 +124,8 @@ class Server:
 def server(tmp_path, apache_php):
     snapshot_root = str(tmp_path / "run")
     before = host_snapshot(snapshot_root)
-    srv = Server(tmp_path, apache_php)
+    # No pool here (these tests count containers and starts); test_pool_root.py covers it.
+    srv = Server(tmp_path, apache_php, extra_config="[forkserver]\npool_size = 0\n")
     site = tmp_path / "site"
     site.mkdir()
     (site / "index.php").write_text("<?php echo 'site says hi from ', gethostname();")

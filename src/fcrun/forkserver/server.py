@@ -242,6 +242,10 @@ def main(argv: list[str] | None = None) -> int:
         p.check_request(p.SetPool(sizes=dict(args.pool)))
         pool.set_sizes(dict(args.pool))
         parent_pidfd = os.pidfd_open(args.parent_pid) if args.parent_pid else -1
+        # What a killed predecessor left half-made (a reserved name, its slot, cgroup, lease).
+        cleaned = runtime.gc()
+        if cleaned:
+            log.info("removed what an earlier fork-server left: %s", ", ".join(cleaned))
         adopted, removed = pool.adopt()
         if adopted or removed:
             log.info("adopted %d pooled instances, removed %d half-made ones", len(adopted), len(removed))

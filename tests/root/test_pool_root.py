@@ -1,0 +1,196 @@
+"""The fork-server, its pool of pre-warmed Apache/PHP instances, and the frozen tier, end to end:
+a real `fcrun serve` (which starts the fork-server), real containers, real HTTP."""
+
+from __future__ import annotations
+
+import concurrent.futures
+import os
+import signal
+import time
+
+import pytest
+from hostcheck import host_snapshot, settled_snapshot
+from test_serve_root import Server
+
+from fcrun.forkserver import Client, ForkServerGone
+from fcrun.forkserver import protocol as fsp
+
+pytestmark = [pytest.mark.root, pytest.mark.slow]
+
+
+class PoolServer(Server):
+    def pool(self) -> fsp.PoolStatus:
+        with Client(os.path.join(self.run_root, "forkserver.sock"), timeout_s=10) as fs:
+            return fs.request(fsp.Status())
+
+    def wait_pool(self, ready: int, image: str = "apache-php", timeout_s: float = 60) -> fsp.PoolStatus:
+        deadline = time.monotonic() + timeout_s
+        while True:
+            try:
+                status = self.pool()
+                if status.images.get(image) and status.images[image].ready >= ready:
+                    return status
+            except ForkServerGone:
+                status = None  # restarting
+            assert time.monotonic() < deadline, f"pool never reached {ready} ready: {status}\n{self.read_log()[-3000:]}"
+            time.sleep(0.05)
+
+    def ps(self) -> dict[str, dict]:
+        rows = self.cli("ps").stdout.splitlines()
+        head = rows[0].split()
+        return {r.split()[0]: dict(zip(head, r.split())) for r in rows[1:]}
+
+
+def _site(tmp_path, name: str, text: str) -> str:
+    site = tmp_path / name
+    site.mkdir()
+    (site / "index.php").write_text(f"<?php echo '{text} on ', gethostname();")
+    (site / f"only-{name}.txt").write_text(name)
+    return str(site)
+
+
+@pytest.fixture
+def pooled(tmp_path, apache_php):
+    snapshot_root = str(tmp_path / "run")
+    before = host_snapshot(snapshot_root)
+    srv = PoolServer(tmp_path, apache_php, extra_config="[forkserver]\npool_size = 2\n")
+    try:
+        yield srv
+    finally:
+        srv.stop()
+        leftover = srv.reap_leftovers()
+    assert srv.proc is None or srv.proc.returncode == 0, srv.read_log()
+    assert leftover == [], f"serve left instances behind: {leftover}"
+    assert settled_snapshot(snapshot_root, before) == before, "serve left something on the host"
+
+
+def test_a_cold_app_is_served_from_the_pool_which_refills(pooled, tmp_path):
+    site = _site(tmp_path, "alpha", "alpha says hi")
+    pooled.cli("app", "add", "alpha.test", "--image", "apache-php", "--docroot", site, "--cpu", "0.5", "--memory", "256M")
+    pooled.start()
+    status = pooled.wait_pool(2)
+    pooled_names = {n for n, row in pooled.ps().items() if row["APP"] == "-"}
+    assert len(pooled_names) == 2 and all(pooled.ps()[n]["STATE"] == "frozen" for n in pooled_names)
+
+    code, headers, body = pooled.request("alpha.test")
+    assert code == 200 and "alpha says hi" in body
+    assert headers["X-Fcrun-Cold-Start-Path"] == "pool"
+    claimed = [n for n, row in pooled.ps().items() if row["APP"] == "alpha.test"]
+    assert len(claimed) == 1 and claimed[0] in pooled_names  # one of the pooled instances, now the app's
+    row = pooled.ps()[claimed[0]]
+    assert (row["STATE"], row["CPU"], row["MEMORY"]) == ("running", "0.5", "256M")  # the app's limits
+
+    after = pooled.wait_pool(2)  # refilled in the background
+    assert after.images["apache-php"].claimed == status.images["apache-php"].claimed + 1
+    assert pooled.request("alpha.test")[0] == 200
+
+
+def test_a_claimed_instance_sees_only_its_own_apps_docroot(pooled, tmp_path):
+    sites = {name: _site(tmp_path, name, f"{name} here") for name in ("red", "blue")}
+    for name, site in sites.items():
+        pooled.cli("app", "add", f"{name}.test", "--image", "apache-php", "--docroot", site)
+    pooled.start()
+    pooled.wait_pool(2)
+    for name in sites:
+        code, headers, body = pooled.request(f"{name}.test")
+        assert code == 200 and f"{name} here" in body and headers["X-Fcrun-Cold-Start-Path"] == "pool"
+    instances = {row["APP"]: n for n, row in pooled.ps().items() if row["APP"] != "-"}
+    for name, other in (("red", "blue"), ("blue", "red")):
+        out = pooled.cli("exec", instances[f"{name}.test"], "--", "sh", "-c",
+                         "ls /var/www/html; cat /proc/self/mountinfo").stdout
+        assert f"only-{name}.txt" in out and f"only-{other}.txt" not in out
+        assert sites[other] not in out  # the other app's directory is mounted nowhere in it
+        # Its files come nosuid,nodev, and nothing above the docroot is reachable.
+        docroot_line = [line for line in out.splitlines() if " /var/www/html " in line][-1]
+        assert "nosuid" in docroot_line and "nodev" in docroot_line
+    # Disposable: a claimed instance never returns to the pool, even after its app is gone.
+    pooled.cli("app", "rm", "red.test")
+    assert instances["red.test"] not in pooled.ps()
+
+
+def test_an_idle_instance_is_frozen_and_thawed_by_the_next_request(pooled, tmp_path):
+    site = _site(tmp_path, "cold", "still here")
+    pooled.cli("app", "add", "cold.test", "--image", "apache-php", "--docroot", site, "--freeze-after", "1s",
+               "--idle-timeout", "120s")
+    pooled.start()
+    assert pooled.request("cold.test")[0] == 200
+    (name,) = [n for n, row in pooled.ps().items() if row["APP"] == "cold.test"]
+    deadline = time.monotonic() + 10
+    while pooled.ps()[name]["STATE"] != "frozen":
+        assert time.monotonic() < deadline, "the idle instance was not frozen"
+        time.sleep(0.1)
+    # A frozen instance still holds its memory, and both ps and the metrics say how much.
+    assert pooled.ps()[name]["USED"] != "-"
+    from fcrun.serve.admin import AdminClient
+
+    metrics = AdminClient(os.path.join(pooled.run_root, "admin.sock")).metrics_text()
+    frozen_memory = [line for line in metrics.splitlines()
+                     if line.startswith('fcrun_memory_bytes{app="cold.test",state="frozen"}')]
+    assert frozen_memory and float(frozen_memory[0].split()[-1]) > 0
+    assert 'fcrun_instances_frozen{app="cold.test"} 1' in metrics
+    # Frozen means no progress: its CPU time stands still.
+    cpu = [line for line in metrics.splitlines() if line.startswith('fcrun_cpu_seconds_total{app="cold.test"}')]
+    time.sleep(0.5)
+    metrics = AdminClient(os.path.join(pooled.run_root, "admin.sock")).metrics_text()
+    assert cpu == [line for line in metrics.splitlines() if line.startswith('fcrun_cpu_seconds_total{app="cold.test"}')]
+
+    code, headers, body = pooled.request("cold.test")
+    assert code == 200 and "still here" in body
+    assert headers["X-Fcrun-Cold-Start-Path"] == "thaw"
+    assert pooled.ps()[name]["STATE"] == "running"
+    metrics = AdminClient(os.path.join(pooled.run_root, "admin.sock")).metrics_text()
+    assert 'fcrun_cold_starts_total{app="cold.test",path="thaw"} 1' in metrics
+
+
+def test_killing_the_forkserver_under_load_loses_no_request_and_serve_recovers(pooled, tmp_path):
+    warm_site = _site(tmp_path, "warm", "warm")
+    pooled.cli("app", "add", "warm.test", "--image", "apache-php", "--docroot", warm_site)
+    cold = [f"c{i}.test" for i in range(6)]
+    for host in cold:  # an environment of their own: started by the fork-server, not claimed
+        pooled.cli("app", "add", host, "--image", "apache-php", "--docroot", _site(tmp_path, host[:2], host),
+                   "--env", "APP=" + host)
+    pooled.start()
+    assert pooled.request("warm.test")[0] == 200
+    first = pooled.wait_pool(2)
+
+    def hammer_warm(stop_at: float) -> list[tuple[int, str]]:
+        out = []
+        while time.monotonic() < stop_at:
+            code, _, body = pooled.request("warm.test", timeout=30)
+            out.append((code, body))
+        return out
+
+    with concurrent.futures.ThreadPoolExecutor(max_workers=len(cold) + 2) as ex:
+        warm = [ex.submit(hammer_warm, time.monotonic() + 3.0) for _ in range(2)]
+        starts = [ex.submit(pooled.request, host, "/", "GET", None, None, 30) for host in cold]
+        time.sleep(0.08)  # the fork-server is creating the cold apps' instances, one after the other
+        os.kill(first.pid, signal.SIGKILL)
+        results = [f.result() for f in starts]
+        warm_results = [r for f in warm for r in f.result()]
+
+    assert warm_results and all(code == 200 for code, _ in warm_results), "a request to a running instance failed"
+    for code, _, body in results:
+        assert code in (200, 503), (code, body)
+        if code == 503:
+            assert "fork-server" in body  # a clear reason, and a retry will do
+    second = pooled.wait_pool(2)
+    assert second.pid != first.pid  # serve started a new one, which refilled the pool
+    for host in cold:  # everything works again
+        code, _, body = pooled.request(host)
+        assert code == 200 and host in body
+    assert any("forkserver-exit" in line for line in pooled.cli("events").stdout.splitlines())
+
+
+def test_stopping_serve_removes_the_pool_and_the_forkserver(pooled, tmp_path):
+    site = _site(tmp_path, "bye", "bye")
+    pooled.cli("app", "add", "bye.test", "--image", "apache-php", "--docroot", site)
+    pooled.start()
+    status = pooled.wait_pool(2)
+    assert pooled.request("bye.test")[0] == 200
+    pooled.wait_pool(2)
+    pooled.stop()
+    assert pooled.proc.returncode == 0
+    with pytest.raises(ProcessLookupError):
+        os.kill(status.pid, 0)  # the fork-server is gone too
+    assert not os.path.exists(os.path.join(pooled.run_root, "forkserver.sock"))
+    # (the fixture then checks that no container, mount, netns, veth or cgroup is left)
