@@ -59,4 +59,42 @@ def paper(mode: str, requests: int, concurrency: int | None, out: str | None, im
         raise SystemExit(code)
 
 
+@bench.command("coldstart")
+@click.option("--runs", type=click.IntRange(min=1), default=30, show_default=True, help="Timed runs of each path.")
+@click.option("--warmup", type=click.IntRange(min=0), default=2, show_default=True, help="Untimed rounds first.")
+@click.option("--image-store", default=None, metavar="DIR", help="Data root holding the apache-php image.")
+@click.option("--json", "as_json", is_flag=True, help="One line of JSON.")
+def coldstart(runs: int, warmup: int, image_store: str | None, as_json: bool):
+    """Cold start of an apache-php app through fcrun serve, four ways: (a) start from nothing,
+    (b) claim from the fork-server's warm pool, (c) thaw from frozen, (d) runc run of the same
+    rootfs. GET / to the last byte of phpinfo; p50/p99 of each and their ratios, as JSON."""
+    argv = ["--runs", str(runs), "--warmup", str(warmup)]
+    if image_store is not None:
+        argv += ["--image-root", image_store]
+    if as_json:
+        argv.append("--json")
+    code = _load("coldstart").main(argv)
+    if code:
+        raise SystemExit(code)
+
+
+@bench.command("density")
+@click.option("--instances", type=click.IntRange(min=2, max=1000), default=200, show_default=True,
+              help="Pooled instances to make (and half as many claimed, served and frozen).")
+@click.option("--warming", type=click.IntRange(min=1, max=16), default=4, show_default=True,
+              help="Instances warming at once while the pool fills.")
+@click.option("--image-store", default=None, metavar="DIR", help="Data root holding the apache-php image.")
+@click.option("--json", "as_json", is_flag=True, help="One line of JSON.")
+def density(instances: int, warming: int, image_store: str | None, as_json: bool):
+    """Memory per pooled and per frozen apache-php instance, and how many fit in 24 GiB."""
+    argv = ["--instances", str(instances), "--warming", str(warming)]
+    if image_store is not None:
+        argv += ["--image-root", image_store]
+    if as_json:
+        argv.append("--json")
+    code = _load("pool_density").main(argv)
+    if code:
+        raise SystemExit(code)
+
+
 __all__ = ["bench"]

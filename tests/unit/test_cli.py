@@ -47,4 +47,4 @@ def test_bad_options_exit_2_naming_the_option(cli, args, where):
 def test_ps_on_an_empty_state_root(cli):
     result = cli("ps")
     assert result.exit_code == 0
-    assert result.output.split() == ["NAME", "STATE", "PID", "IP", "CPU", "MEMORY", "IMAGE", "AGE", "APP"]
+    assert result.output.split() == ["NAME", "STATE", "PID", "IP", "CPU", "MEMORY", "USED", "IMAGE", "AGE", "APP"]

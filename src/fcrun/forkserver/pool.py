@@ -82,6 +82,7 @@ class Pool:
     max_age_s: float = DEFAULT_MAX_AGE_S
     refill_idle_s: float = REFILL_IDLE_S
     warm_timeout_s: float = WARM_TIMEOUT_S
+    max_warming: int = 1  # instances warming at once (more fills faster but competes with serving)
     clock: object = time.monotonic
     sizes: dict[str, int] = field(default_factory=dict)
     ready: dict[str, collections.deque] = field(default_factory=dict)
@@ -167,20 +168,21 @@ class Pool:
                 self._counters(image).recycled += 1
                 self._remove(queue.popleft(), "max age reached")
         wait = 1.0
-        if self.warming:
-            wait = min(p.next_poll for p in self.warming.values()) - now
-        elif (image := self._image_to_refill(now)) is not None:
+        if len(self.warming) < self.max_warming and (image := self._image_to_refill(now)) is not None:
             if now - self.last_request < self.refill_idle_s:
                 wait = self.last_request + self.refill_idle_s - now
             else:
                 self._make(image, now)
                 wait = WARM_POLL_S
+        if self.warming:
+            wait = min(wait, min(p.next_poll for p in self.warming.values()) - now)
         oldest = [q[0].made + self.max_age_s - now for q in self.ready.values() if q]
         return max(0.0, min([wait, *oldest]))
 
     def _image_to_refill(self, now: float) -> str | None:
         for image, size in self.sizes.items():
-            if len(self.ready.get(image, ())) < size and now >= self._counters(image).retry_at:
+            warming = sum(1 for p in self.warming.values() if p.image == image)
+            if len(self.ready.get(image, ())) + warming < size and now >= self._counters(image).retry_at:
                 return image
         return None
 

@@ -31,7 +31,7 @@ from ..errors import SpecError
 from ..state import validate_name
 
 MAX_MESSAGE_BYTES = 1 << 20
-MAX_POOL_SIZE = 64
+MAX_POOL_SIZE = 1024
 MIN_MEMORY_BYTES = 4 << 20
 HEADER = struct.Struct(">I")
 _IMAGE = re.compile(r"^[a-z0-9][a-z0-9._-]{0,127}$")

@@ -27,6 +27,7 @@ import msgspec
 
 from ..cmdb.models import AppDefaults, check_defaults, spec_error
 from ..errors import KernelError, NotFound, SpecError
+from ..forkserver.protocol import MAX_POOL_SIZE
 from ..proxy.config import ProxyConfig  # the [proxy] table is the proxy's own settings
 from ..paths import DEFAULT_BRIDGE, DEFAULT_CGROUP_PARENT, DEFAULT_SUBNET, Paths
 
@@ -143,8 +144,8 @@ def check_config(config: ServeConfig, source: str = "configuration") -> None:
             fail(f"{key} {value!r} is not an absolute path", f"runtime.{key}")
     fs = config.forkserver
     for image, size in {"pool_size": fs.pool_size, **fs.pool_sizes}.items():
-        if not 0 <= size <= 64:
-            fail(f"pool size {size} is not within 0..64", f"forkserver.{image}" if image == "pool_size"
+        if not 0 <= size <= MAX_POOL_SIZE:
+            fail(f"pool size {size} is not within 0..{MAX_POOL_SIZE}", f"forkserver.{image}" if image == "pool_size"
                  else f"forkserver.pool_sizes.{image}")
     if not (_positive(fs.pool_cpu) and fs.pool_cpu <= (os.cpu_count() or 1)):
         fail(f"pool_cpu {fs.pool_cpu!r} must be above 0 and at most this machine's CPUs", "forkserver.pool_cpu")

@@ -13,6 +13,7 @@ import logging
 import os
 import signal
 
+from .. import criu
 from ..cmdb import open_cmdb
 from ..forkserver import Supervisor
 from ..proxy.server import ProxyServer
@@ -59,6 +60,9 @@ class Serve:
         self.manager.on_apps_reloaded = self._apps_reloaded
         self.proxy = ProxyServer(self.manager, cfg.proxy)
         self.manager.on_instance_gone = self.proxy.instance_gone
+        usable, why = await asyncio.get_running_loop().run_in_executor(None, criu.availability)
+        log.info("checkpoint/restore (CRIU): %s: %s", "available, not used yet" if usable else "unavailable", why)
+        self._forkserver_event("criu", f"checkpoint/restore {'available' if usable else 'unavailable'}: {why}")
         result = await self.manager.reconcile()
         if result["adopted"] or result["removed"]:
             log.info("reconciled: adopted %s, removed %s", result["adopted"], result["removed"])
