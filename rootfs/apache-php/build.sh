@@ -65,6 +65,7 @@ chroot . chown www-data:www-data /run/lock/apache2
 unshare --mount --pid --fork --mount-proc="$ROOTFS/proc" chroot . env -i APACHE_RUN_USER=www-data APACHE_RUN_GROUP=www-data \
     APACHE_PID_FILE=/run/apache2/apache2.pid APACHE_RUN_DIR=/run/apache2 \
     APACHE_LOCK_DIR=/var/lock/apache2 APACHE_LOG_DIR=/var/log/apache2 \
+    APACHE_START_SERVERS=8 APACHE_MIN_SPARE_SERVERS=5 \
     /usr/sbin/apache2 -t
 chroot . /usr/sbin/apache2 -v | head -n 1
 chroot . /usr/bin/php -r 'echo "PHP ", PHP_VERSION, "\n";'
