@@ -7,12 +7,23 @@ background noise hits all of them alike:
   (a) library: Runtime.run() + wait() + delete() in this process (as any long-lived user
                of the library: its containers are forked by the spawner, from the second on)
   (b) cli:     `fcrun run --net NET --image busybox -- /bin/true` (a new process each time)
-  (c) runc:    `runc run --bundle B` of the same rootfs (runc removes its state on exit)
+  (c) runc:    `runc run --bundle B` on the image's layer as a read-only root (runc removes
+               its state on exit). No overlay, no writable layer: less work than (a) does.
+  (c') runc_overlay: the same, on a fresh overlay of the layer made for each run the way
+               fcrun makes one (upper and work dirs beside fcrun's, the same mount options,
+               a writable root), mounted before and unmounted and removed after runc, all
+               inside the time. The runc counterpart of what (a) and (b) do.
   and, with --only ...,direct: the library with Runtime(spawner=False), forking each
   container from this process, for comparison.
 
-Prints JSON: median and p99 (ms) of each, and the ratios a/c and b/c of the medians.
-Needs root. Usage: bench/runtime.py [--runs 50] [--net none|bridge] [--only library,runc] [--json]
+Both sides keep their state on the same filesystem (runc --root beside fcrun's run root).
+--tmpfs puts every root of both sides (fcrun's data and run roots, runc's state and overlay
+dirs) on one private tmpfs that the benchmark mounts and removes, as a host whose /run and
+/var/lib are in memory would; the JSON says which filesystem the roots were on.
+
+Prints JSON: median and p99 (ms) of each, and the ratios of the medians to runc and to
+runc_overlay. Needs root. Usage:
+bench/runtime.py [--runs 50] [--net none|bridge] [--only library,runc,...] [--tmpfs] [--json]
 """
 
 from __future__ import annotations
@@ -28,7 +39,11 @@ import tempfile
 import time
 
 from fcrun import Paths, RunOptions, Runtime, spec_from_image
+from fcrun import syscalls as sc
 from fcrun.images import ImageStore
+from fcrun.plan import build_plan
+
+CONTENDERS = ("library", "direct", "cli", "runc", "runc_overlay")
 
 
 def percentile(values: list[float], q: float) -> float:
@@ -42,12 +57,12 @@ def summary(values: list[float]) -> dict:
             "min_ms": round(min(values), 2), "n": len(values)}
 
 
-def make_runc_bundle(bundle: str, rootfs: str) -> None:
-    """An OCI bundle equivalent to `fcrun run --net none`: runc's default spec, read-only root."""
+def make_runc_bundle(bundle: str, rootfs: str, readonly: bool = True) -> None:
+    """An OCI bundle equivalent to `fcrun run --net none`: runc's default spec."""
     subprocess.run(["runc", "spec", "--bundle", bundle], check=True)
     with open(os.path.join(bundle, "config.json")) as f:
         config = json.load(f)
-    config["root"] = {"path": rootfs, "readonly": True}
+    config["root"] = {"path": rootfs, "readonly": readonly}
     config["process"]["terminal"] = False
     config["process"]["args"] = ["/bin/true"]
     with open(os.path.join(bundle, "config.json"), "w") as f:
@@ -60,18 +75,40 @@ def main() -> int:
     parser.add_argument("--net", choices=["none", "bridge"], default="none")
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--json", action="store_true", help="print only the JSON result")
-    parser.add_argument("--only", default="library,cli,runc",
-                        help="comma-separated contenders to run (default: all three); add "
+    parser.add_argument("--only", default="library,cli,runc,runc_overlay",
+                        help="comma-separated contenders to run (default: all but 'direct'); add "
                              "'direct' to also time the library without its spawner")
+    parser.add_argument("--tmpfs", action="store_true",
+                        help="put the roots of both sides on a private tmpfs (mounted and removed here)")
     args = parser.parse_args()
-    unknown = set(args.only.split(",")) - {"library", "direct", "cli", "runc"}
+    unknown = set(args.only.split(",")) - set(CONTENDERS)
     if unknown:
         parser.error(f"--only: unknown contender(s) {sorted(unknown)}")
     if os.geteuid() != 0:
         print("bench/runtime.py: needs root", file=sys.stderr)
         return 77
 
-    work = tempfile.mkdtemp(prefix="fcrun-bench-")
+    top = tempfile.mkdtemp(prefix="fcrun-bench-")
+    work = top
+    mounts: list[str] = []  # mounted by us, innermost last: unmounted in the finally below
+    if args.tmpfs:
+        work = os.path.join(top, "tmpfs")
+        os.mkdir(work)
+        sc.mount(b"tmpfs", work.encode(), b"tmpfs", 0, b"mode=0700")
+        mounts.append(work)
+    try:
+        return bench(args, top, work, mounts)
+    finally:
+        for mountpoint in reversed(mounts):
+            sc.umount2(mountpoint.encode(), sc.MNT_DETACH)
+        shutil.rmtree(top, ignore_errors=True)
+
+
+def filesystem_of(path: str) -> str:
+    return subprocess.run(["stat", "-f", "-c", "%T", path], capture_output=True, text=True).stdout.strip()
+
+
+def bench(args: argparse.Namespace, top: str, work: str, mounts: list[str]) -> int:
     tag = str(os.getpid())
     paths = Paths(data_root=os.path.join(work, "data"), run_root=os.path.join(work, "run"))
     rt_args = dict(cgroup_parent=f"fcrun-bench-{tag}", bridge=f"fcb{tag}"[:15], subnet="10.236.0.0/24")
@@ -82,6 +119,15 @@ def main() -> int:
     bundle = os.path.join(work, "bundle")
     os.mkdir(bundle)
     make_runc_bundle(bundle, image.layers[-1])
+    runc_root = os.path.join(work, "runc")  # beside fcrun's run root: the same filesystem
+    # runc_overlay: a writable overlay per run, as fcrun makes one (its upper and work dirs
+    # beside fcrun's, under the data root; the mount options of fcrun's plan).
+    ovl_bundle, ovl_rootfs = os.path.join(work, "bundle-overlay"), os.path.join(work, "overlay-rootfs")
+    ovl_storage = os.path.join(paths.data_root, "runc-overlay")
+    for d in (ovl_bundle, ovl_rootfs, ovl_storage):
+        os.makedirs(d)
+    make_runc_bundle(ovl_bundle, ovl_rootfs, readonly=False)
+    probe = spec_from_image(image, RunOptions(args=["/bin/true"], network=args.net), name="probe")
     cli_env = dict(os.environ, FCRUN_ROOT=paths.data_root, FCRUN_RUN=paths.run_root,
                    FCRUN_CGROUP_PARENT=rt_args["cgroup_parent"], FCRUN_BRIDGE=rt_args["bridge"],
                    FCRUN_SUBNET=rt_args["subnet"])
@@ -104,13 +150,30 @@ def main() -> int:
         subprocess.run([*fcrun_cli, "run", "--net", args.net, "--image", "busybox", "--name", f"bcli-{i}", "--", "/bin/true"],
                        env=cli_env, stdin=subprocess.DEVNULL, check=True)
 
-    def runc(i: int) -> None:
-        subprocess.run(["runc", "run", "--bundle", bundle, f"fcrun-bench-runc-{tag}-{i}"], stdin=subprocess.DEVNULL,
-                       stdout=subprocess.DEVNULL, check=True)
+    def runc(i: int, bundle: str = bundle, prefix: str = "runc") -> None:
+        subprocess.run(["runc", "--root", runc_root, "run", "--bundle", bundle, f"fcrun-bench-{prefix}-{tag}-{i}"],
+                       stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, check=True)
+
+    def runc_overlay(i: int) -> None:
+        storage = os.path.join(ovl_storage, str(i))
+        upper, workdir = os.path.join(storage, "upper"), os.path.join(storage, "work")
+        os.makedirs(upper, 0o755)
+        os.mkdir(workdir, 0o700)
+        plan = build_plan(probe, rootfs=ovl_rootfs, overlay_lower=list(reversed(image.layers)), overlay_upper=upper,
+                          overlay_work=workdir, cgroup_procs=[], cap_last=0, attached=True)
+        sc.mount(b"overlay", ovl_rootfs.encode(), b"overlay", 0, plan.overlay_data)
+        mounts.append(ovl_rootfs)
+        try:
+            runc(i, ovl_bundle, "runco")
+        finally:
+            sc.umount2(ovl_rootfs.encode(), 0)
+            mounts.remove(ovl_rootfs)
+        shutil.rmtree(storage)
 
     try:
         for i in range(args.warmup + args.runs):
-            for label, fn in (("library", library), ("direct", direct), ("cli", cli), ("runc", runc)):
+            for label, fn in (("library", library), ("direct", direct), ("cli", cli), ("runc", runc),
+                              ("runc_overlay", runc_overlay)):
                 if label not in contenders:
                     continue
                 t0 = time.perf_counter()
@@ -123,22 +186,24 @@ def main() -> int:
             rt.delete(name, force=True)
         rt.cgroups.remove_parent_if_empty()
         os.close(null)
-        shutil.rmtree(work, ignore_errors=True)
 
     out = {
         "benchmark": "runtime create+start+wait(+delete) of /bin/true in busybox",
         "net": args.net,
         "runs": args.runs,
+        "roots_fs": filesystem_of(work),
         **{label: summary(values) for label, values in results.items()},
     }
-    if "runc" in out:
-        runc = out["runc"]
-        ratios = {}
-        for label, key in (("library", "a_library_over_runc"), ("direct", "a_direct_over_runc"), ("cli", "b_cli_over_runc")):
+    ratios = {}
+    for base, suffix in (("runc", "runc"), ("runc_overlay", "runc_overlay")):
+        if base not in out:
+            continue
+        for label, key in (("library", "a_library"), ("direct", "a_direct"), ("cli", "b_cli")):
             if label in out:
-                ratios[key] = round(out[label]["median_ms"] / runc["median_ms"], 3)
+                ratios[f"{key}_over_{suffix}"] = round(out[label]["median_ms"] / out[base]["median_ms"], 3)
         if "library" in out:
-            ratios["a_p99_over_runc_p99"] = round(out["library"]["p99_ms"] / runc["p99_ms"], 3)
+            ratios[f"a_p99_over_{suffix}_p99"] = round(out["library"]["p99_ms"] / out[base]["p99_ms"], 3)
+    if ratios:
         out["ratios"] = ratios
     print(json.dumps(out, indent=None if args.json else 2))
     return 0
