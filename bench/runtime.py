@@ -185,6 +185,8 @@ def bench(args: argparse.Namespace, top: str, work: str, mounts: list[str]) -> i
         for name in rt.states.names():
             rt.delete(name, force=True)
         rt.cgroups.remove_parent_if_empty()
+        if args.net == "bridge":
+            rt.network.remove_bridge_if_unused()  # the idle bridge outlives its containers
         os.close(null)
 
     out = {
