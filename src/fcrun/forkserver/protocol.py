@@ -104,7 +104,8 @@ class ImagePool(msgspec.Struct, frozen=True):
     recycled: int
     failures: int
     last_error: str = ""
-    memory_bytes: list[int] = []  # cgroup memory use of each ready (frozen) instance
+    memory_bytes: list[int] = []  # cgroup memory use of each ready instance
+    thawed: int = 0  # of the ready ones, running again as the hot spare
 
 
 class PoolStatus(msgspec.Struct, tag=True, frozen=True):
