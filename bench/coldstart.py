@@ -12,8 +12,14 @@ aborts the benchmark.
   (b) pool:  the fork-server's pool holds a pre-warmed, frozen apache-php instance; serve
       claims it (limits, the app's docroot mounted into its slot, labels, thaw) and proxies.
       After each run the app is scaled to 0 and the pool refilled before the next run.
+  (b) is measured with the pool full and settled: its oldest instance thawed again as the hot
+      spare (forkserver/pool.py); --no-hot-spare keeps every pooled instance frozen, so each
+      claim thaws one.
   (c) thaw:  the app's own instance was frozen after --freeze-after (0.5 s) idle; the request
       thaws it. Before each run the benchmark waits until it is frozen again.
+  (e) raw thaw: the floor under (c), without fcrun serve: an apache-php container of the same
+      spec, frozen with its cgroup freezer for 0.5 s, thawed by one cgroup write, then GET / on
+      a new connection straight to its address.
   (d) runc:  the baseline. Mount a fresh overlay of the same image layer, `runc run -d` a
       bundle made from the same spec fcrun gives an instance, then poll GET / on the
       container's address until a whole phpinfo page arrives. Its network namespace and veth
@@ -34,6 +40,7 @@ Usage: bench/coldstart.py [--runs 30] [--warmup 2] [--json]
 from __future__ import annotations
 
 import argparse
+import contextlib
 import http.client
 import json
 import os
@@ -228,6 +235,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--image-root", default=os.environ.get("FCRUN_ROOT", "/var/lib/fcrun"),
                         help="data root holding the apache-php image")
     parser.add_argument("--timeout", type=float, default=30.0, help="seconds one cold start may take")
+    parser.add_argument("--no-hot-spare", action="store_true", help="every pooled instance frozen (see (b))")
     parser.add_argument("--json", action="store_true", help="print the JSON on one line")
     args = parser.parse_args(argv)
     if os.geteuid() != 0:
@@ -247,9 +255,10 @@ def main(argv: list[str] | None = None) -> int:
         f.write("<?php phpinfo();\n")
     os.chmod(work, 0o755)
     serve = ServeProcess(work, args.image_root, cgroup_parent=f"fcrun-cold-{tag}", bridge=f"fcc{tag}"[:15],
-                         subnet=SERVE_SUBNET, extra_config="[forkserver]\npool_size = 1\n")
+                         subnet=SERVE_SUBNET, extra_config="[forkserver]\npool_size = 1\n"
+                         + ("pool_hot_spare = false\n" if args.no_hot_spare else ""))
     runc = RuncBaseline(work, image, tag)
-    times: dict[str, list[float]] = {"start": [], "pool": [], "thaw": [], "runc": []}
+    times: dict[str, list[float]] = {"start": [], "pool": [], "thaw": [], "runc": [], "raw_thaw": []}
     header_ms: dict[str, list[float]] = {"start": [], "pool": [], "thaw": []}
     claim_ms: list[float] = []
     pooled_memory: list[int] = []
@@ -267,6 +276,7 @@ def main(argv: list[str] | None = None) -> int:
         status, _, _ = get("127.0.0.1", serve.port, "thaw.test", timeout=args.timeout)  # its first instance
         if status != 200:
             raise SystemExit(f"thaw.test: GET / gave {status}")
+        raw = RawThaw(serve.runtime, image, site, timeout=args.timeout)
 
         def timed(host: str, path: str, record: bool) -> None:
             t0 = time.perf_counter()
@@ -290,7 +300,7 @@ def main(argv: list[str] | None = None) -> int:
             scale_to_zero("start.test")
 
         def run_pool(i: int, record: bool) -> None:
-            status = serve.wait_pool_ready()
+            status = serve.wait_pool_ready(thawed=0 if args.no_hot_spare else 1)
             if record:
                 pooled_memory.extend(status.images["apache-php"].memory_bytes)
             before = status.images["apache-php"].claimed
@@ -315,12 +325,19 @@ def main(argv: list[str] | None = None) -> int:
             if record:
                 times["runc"].append(total)
 
-        order = [run_start, run_pool, run_thaw, run_runc]
+        def run_raw(i: int, record: bool) -> None:
+            elapsed = raw.run_once()
+            if record:
+                times["raw_thaw"].append(elapsed)
+
+        order = [run_start, run_pool, run_thaw, run_runc, run_raw]
         for i in range(args.warmup + args.runs):
             record = i >= args.warmup
-            for run in order[i % 4:] + order[:i % 4]:
+            for run in order[i % len(order):] + order[:i % len(order)]:
                 run(i, record)
     finally:
+        with contextlib.suppress(Exception):
+            raw.remove()
         serve.stop()
         left = serve.reap_leftovers()
         runc.cleanup()
@@ -337,10 +354,13 @@ def main(argv: list[str] | None = None) -> int:
         "b_pool": s["pool"],
         "c_thaw": s["thaw"],
         "d_runc": s["runc"],
+        "e_raw_thaw": s["raw_thaw"],
+        "hot_spare": not args.no_hot_spare,
         "ratios": {
             "a_over_d_median": round(s["start"]["median_ms"] / s["runc"]["median_ms"], 3),
             "d_over_b_median": round(s["runc"]["median_ms"] / s["pool"]["median_ms"], 1),
             "d_over_c_median": round(s["runc"]["median_ms"] / s["thaw"]["median_ms"], 1),
+            "c_minus_e_median_ms": round(s["thaw"]["median_ms"] - s["raw_thaw"]["median_ms"], 2),
         },
         "targets": {
             "b_p50_le_5ms": s["pool"]["median_ms"] <= 5.0,
@@ -372,6 +392,44 @@ def main(argv: list[str] | None = None) -> int:
     }
     print(json.dumps(out, indent=None if args.json else 2))
     return 0
+
+
+class RawThaw:
+    """(e): one apache-php container on serve's bridge (no app label: serve leaves it alone),
+    frozen and thawed through its cgroup, asked directly."""
+
+    def __init__(self, runtime, image, site: str, timeout: float):
+        from fcrun.oci import Mount
+
+        self.runtime, self.timeout, self.name = runtime, timeout, f"raw-thaw-{os.getpid()}"
+        spec = spec_from_image(image, RunOptions(cpu=CPU, memory_bytes=MEMORY, network="bridge"), name=self.name)
+        spec.mounts.append(Mount(destination="/var/www/html", source=site, options=["rbind", "nosuid", "nodev"]))
+        self.ip = runtime.run(self.name, spec, image=image, detach=True).ip
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                if is_phpinfo(*[x for i, x in enumerate(get(self.ip, 80, HOST, timeout=5)) if i != 1]):
+                    break
+            except OSError:
+                pass
+            if time.monotonic() > deadline:
+                raise SystemExit("raw thaw: its Apache never served phpinfo")
+            time.sleep(0.05)
+        self.cgroup = runtime._cgroup(runtime.states.load(self.name))
+
+    def run_once(self) -> float:
+        self.cgroup.freeze()
+        time.sleep(FREEZE_AFTER_S)
+        t0 = time.perf_counter()
+        self.cgroup.thaw()
+        status, _, body = get(self.ip, 80, HOST, timeout=self.timeout)
+        elapsed = (time.perf_counter() - t0) * 1000
+        if not is_phpinfo(status, body):
+            raise SystemExit(f"raw thaw: GET / gave {status}")
+        return elapsed
+
+    def remove(self) -> None:
+        self.runtime.delete(self.name, force=True)
 
 
 def wait_until(predicate, what: str, timeout_s: float = 60.0) -> None:
