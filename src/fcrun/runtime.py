@@ -548,6 +548,11 @@ class Runtime:
             raise KernelError.from_oserror(f"mount {source} into container {name}:", content, exc) from None
         state.labels[SLOT_SOURCE_LABEL] = source
 
+    def slot_dir(self, name: str) -> str:
+        """The host directory behind a container's empty slot (what it shows until fill_slot).
+        Files put there are visible, read-only, in the container, and hidden once it is filled."""
+        return os.path.join(self.states.dir(name), "slot", "content")
+
     def hand_over(self, name: str, *, cpu: float | None = None, memory_bytes: int | None = None,
                   slot_source: str | None = None, labels: dict[str, str] | None = None,
                   thaw: bool = False) -> ContainerState:
@@ -738,7 +743,16 @@ def _release_slot(cdir: str) -> None:
                 if exc.errno in (errno.EINVAL, errno.ENOENT):
                     break
                 raise KernelError.from_oserror("unmount slot", path, exc) from None
-    for path in (os.path.join(slot, "content"), slot):
+    content = os.path.join(slot, "content")
+    with open("/proc/self/mountinfo") as f:
+        mounted = any(line.split()[4] == content for line in f)
+    if not mounted and os.path.isdir(content):
+        # Our own directory again (nothing on it): files put there for the container (a
+        # warm-up script), one level, no recursion.
+        for entry in os.scandir(content):
+            if entry.is_file(follow_symlinks=False):
+                os.unlink(entry.path)
+    for path in (content, slot):
         with contextlib.suppress(FileNotFoundError):
             os.rmdir(path)
 

@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import pytest
 
+import os
+
 from fcrun.errors import ContainerError, NotFound, SpecError
 from fcrun.forkserver import protocol as p
 from fcrun.forkserver.pool import STEADY_POLLS, Pool
@@ -124,6 +126,8 @@ class FakeCgroup:
 class FakeRuntime:
     """Containers as dicts: what Pool calls of Runtime, and a record of it."""
 
+    slots_root = ""  # set per test to its tmp_path (by the no_network fixture)
+
     def __init__(self, images=("apache-php",)):
         self.image_names = set(images)
         self.containers: dict[str, dict] = {}
@@ -133,6 +137,8 @@ class FakeRuntime:
         self.fail_hand_over = None
         self.images = self
         self.states = self
+        self.slots = FakeRuntime.slots_root
+        self.warmed: list[tuple[str, int]] = []  # _warm_up calls: (ip, requests)
 
     def get(self, name):
         if name not in self.image_names:
@@ -144,6 +150,11 @@ class FakeRuntime:
 
     def _cgroup(self, state):
         return FakeCgroup(self, getattr(state, "name", state))
+
+    def slot_dir(self, name):
+        path = os.path.join(self.slots, name)
+        os.makedirs(path, exist_ok=True)
+        return path
 
     def run(self, name, spec, *, image, detach, labels, slot=None):
         self.calls.append(("run", name, slot))
@@ -190,6 +201,19 @@ def make_pool(**kw):
     return pool, runtime, clock
 
 
+@pytest.fixture(autouse=True)
+def no_network(monkeypatch, tmp_path):
+    """Pool code talks to instances' addresses; here there are none: every server accepts,
+    and warm-up requests are recorded instead of sent."""
+    import fcrun.forkserver.pool as pool_module
+
+    calls = []
+    monkeypatch.setattr(FakeRuntime, "slots_root", str(tmp_path))
+    monkeypatch.setattr(pool_module, "_accepting", lambda ip, port: True)
+    monkeypatch.setattr(pool_module, "_warm_up", lambda ip, port, n: calls.append((ip, n)))
+    return calls
+
+
 def warm_up(pool, clock, accepting=True, steps=50):
     import fcrun.forkserver.pool as pool_module
 
@@ -218,28 +242,25 @@ def test_the_pool_fills_one_at_a_time_and_freezes_settled_instances():
     assert (status.size, status.ready, status.warming, status.memory_bytes) == (2, 2, 0, [12 << 20] * 2)
 
 
-def test_an_instance_is_frozen_only_once_its_worker_count_is_steady():
+def test_an_instance_is_frozen_only_once_its_worker_count_is_steady(no_network):
     pool, runtime, clock = make_pool()
     pool.set_sizes({"apache-php": 1})
     pool.step(clock.now)  # makes one
     (name,) = pool.warming
     runtime.procs[name] = 1
-    import fcrun.forkserver.pool as pool_module
-
-    original = pool_module._accepting
-    pool_module._accepting = lambda ip, port: True
-    try:
-        for count in (2, 4, 6, 7):  # Apache forking its workers
-            runtime.procs[name] = count
-            clock.now += 0.01
-            pool.step(clock.now)
-        assert name in pool.warming
-        for _ in range(STEADY_POLLS):
-            clock.now += 0.01
-            pool.step(clock.now)
-    finally:
-        pool_module._accepting = original
+    for count in (2, 4, 6, 7):  # Apache forking its workers
+        runtime.procs[name] = count
+        clock.now += 0.01
+        pool.step(clock.now)
+    assert name in pool.warming and no_network == []
+    for _ in range(STEADY_POLLS):
+        clock.now += 0.01
+        pool.step(clock.now)
     assert runtime.containers[name]["status"] == "frozen" and name not in pool.warming
+    # Warmed before it was frozen: two requests per process, for a script put in its slot.
+    assert no_network == [(runtime.containers[name]["ip"], 14)]
+    with open(os.path.join(runtime.slot_dir(name), "fcrun-warmup.php")) as f:
+        assert f.read().startswith("<?php")
 
 
 def test_claim_hands_over_the_oldest_and_refills_only_after_a_quiet_moment():

@@ -5,12 +5,19 @@ address, overlay rootfs, and the image's server (Apache with mod_php loaded and 
 forked) accepting on its port, then frozen. Its document root is an empty, read-only *slot*
 (Runtime.create(slot=...)). Claiming one for an app takes a few cgroup and mount operations:
 
-    warming --(accepts, worker count steady)--> freeze --> ready --claim--> the app's:
+    warming --(accepts, worker count steady, warm-up requests)--> freeze --> ready --claim--> the app's:
                                                             limits set (still frozen),
                                                             app docroot mounted on the slot,
                                                             labelled fcrun.app=<app>, thawed
 
 A claimed instance belongs to its app for good (disposable: it never returns to the pool).
+
+Warm-up: a pre-forking server's workers each do some work on their first request (mod_php:
+the interpreter's per-process start, opcache attach; the first phpinfo() in a fresh worker
+took 3.2 ms, in a warmed one 1.8 ms). Before it is frozen, each pooled instance gets
+2 x (its processes) concurrent `GET /fcrun-warmup.php` requests, served from a file put in its
+empty slot (WARMUP_FILE; the app's docroot later covers it). For an image without PHP they
+are 404s, and harmless.
 
 The hot spare: with `hot_spare` (the default), the oldest ready instance of each image is
 thawed again in the background once nothing else is going on, so that a claim finds it
@@ -31,7 +38,9 @@ import collections
 import contextlib
 import errno
 import logging
+import os
 import re
+import select
 import secrets
 import socket
 import time
@@ -53,6 +62,9 @@ REFILL_IDLE_S = 0.1
 WARM_TIMEOUT_S = 30.0
 WARM_POLL_S = 0.01
 STEADY_POLLS = 3  # worker count unchanged this many polls in a row: the server has settled
+WARMUP_FILE = "fcrun-warmup.php"  # in the slot; Runtime._release_slot removes it
+WARMUP_SCRIPT = b"<?php echo 'warm';\n"
+WARMUP_TIMEOUT_S = 2.0
 MAX_BACKOFF_S = 30.0
 _SLUG = re.compile(r"[^a-z0-9-]+")
 
@@ -225,6 +237,13 @@ class Pool:
         except (FcrunError, OSError) as exc:
             self._failed(image_name, f"making a pooled instance of {image_name}: {exc}", now)
             return
+        try:
+            with open(os.path.join(self.runtime.slot_dir(name), WARMUP_FILE), "wb") as f:
+                f.write(WARMUP_SCRIPT)
+        except OSError as exc:
+            self._delete(name)
+            self._failed(image_name, f"writing the warm-up script of {name}: {exc}", now)
+            return
         port = image.config.exposed_ports[0] if image.config.exposed_ports else 80
         self.warming[name] = Pooled(name=name, image=image_name, ip=container.ip, port=port, pid=container.pid,
                                     made=now, next_poll=now + WARM_POLL_S)
@@ -245,6 +264,7 @@ class Pool:
             pooled.procs = procs
             if pooled.steady < STEADY_POLLS:
                 return
+            _warm_up(pooled.ip, pooled.port, 2 * procs)
             self.runtime.freeze(pooled.name)
         except (FcrunError, OSError) as exc:
             del self.warming[pooled.name]
@@ -320,6 +340,47 @@ class Pool:
 
 def _docroot_target(image) -> str:
     return image.config.docroot or "/var/www/html"
+
+
+def _warm_up(ip: str, port: int, n: int) -> None:
+    """n concurrent GET /WARMUP_FILE, each on its own connection (so that most workers of a
+    pre-forking server take one), without threads: non-blocking sockets and one select loop.
+    Best effort: whatever has not answered within WARMUP_TIMEOUT_S is dropped."""
+    request = f"GET /{WARMUP_FILE} HTTP/1.1\r\nHost: fcrun-warmup\r\nConnection: close\r\n\r\n".encode()
+    pending: dict[socket.socket, bytes] = {}
+    for _ in range(max(1, min(n, 64))):
+        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        sock.setblocking(False)
+        with contextlib.suppress(BlockingIOError):
+            sock.connect((ip, port))
+        pending[sock] = request
+    deadline = time.monotonic() + WARMUP_TIMEOUT_S
+    try:
+        while pending and (left := deadline - time.monotonic()) > 0:
+            writing = [s for s, data in pending.items() if data]
+            readable, writable, _ = select.select(list(pending), writing, [], left)
+            for sock in writable:
+                try:
+                    sent = sock.send(pending[sock])
+                    pending[sock] = pending[sock][sent:]
+                except OSError:
+                    pending.pop(sock)
+                    sock.close()
+            for sock in readable:
+                if sock not in pending:
+                    continue
+                try:
+                    done = not sock.recv(65536)
+                except BlockingIOError:
+                    continue
+                except OSError:
+                    done = True
+                if done:
+                    pending.pop(sock)
+                    sock.close()
+    finally:
+        for sock in pending:
+            sock.close()
 
 
 def _accepting(ip: str, port: int) -> bool:

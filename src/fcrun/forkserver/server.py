@@ -80,7 +80,11 @@ class ForkServer:
                         break
                 _reap_children()
                 if self.running:
-                    timeout = self.pool.step(self.pool.clock())
+                    try:
+                        timeout = self.pool.step(self.pool.clock())
+                    except Exception:  # noqa: BLE001 - a bug in the pool must not end the fork-server
+                        log.exception("pool step failed")
+                        timeout = 1.0
         finally:
             if self.remove_pool_at_exit:
                 removed = self.pool.remove_all()
