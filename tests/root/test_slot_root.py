@@ -87,3 +87,30 @@ def test_bad_fill_changes_nothing(runtime, busybox, tmp_path):
     slot = os.path.join(runtime.states.dir("slot3"), "slot")
     assert mountpoints.count(slot) == 1  # the empty slot itself
     assert os.path.join(slot, "content") not in mountpoints  # nothing was mounted on it
+
+
+def test_hand_over_applies_limits_slot_labels_and_thaws_in_one_step(runtime, busybox, tmp_path):
+    site = tmp_path / "site"
+    site.mkdir()
+    (site / "page").write_text("for app a\n")
+    _start(runtime, busybox, "slot4")
+    runtime.freeze("slot4")
+    state = runtime.hand_over("slot4", cpu=0.25, memory_bytes=48 << 20, slot_source=str(site),
+                              labels={"fcrun.app": "a.test"}, thaw=True)
+    assert state.status == "running" and runtime.state("slot4").status == "running"
+    assert state.labels["fcrun.app"] == "a.test" and state.labels["fcrun.slot.source"] == str(site)
+    limits = runtime._cgroup(state).limits()  # what the kernel has now, v1 or v2
+    assert limits.cpu_quota_us == 25000 and limits.memory_bytes == 48 << 20
+    row = [r for r in runtime.list() if r.name == "slot4"][0]
+    assert (row.cpu, row.memory_bytes) == (0.25, 48 << 20)
+    code, out = _exec(runtime, "slot4", "cat /srv/site/page")
+    assert (code, out) == (0, "for app a\n")
+
+
+def test_a_failed_hand_over_names_the_problem(runtime, busybox, tmp_path):
+    _start(runtime, busybox, "slot5")
+    with pytest.raises(SpecError, match="not an absolute path to a directory"):
+        runtime.hand_over("slot5", cpu=0.5, slot_source=str(tmp_path / "missing"), labels={"fcrun.app": "b"})
+    state = runtime.state("slot5")
+    assert "fcrun.app" not in state.labels  # checked before anything was changed
+    assert runtime._cgroup(state).limits().cpu_quota_us != 50000
