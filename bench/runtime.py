@@ -6,6 +6,9 @@ background noise hits all of them alike:
 
   (a) library: Runtime.run() + wait() + delete() in this process (as any long-lived user
                of the library: its containers are forked by the spawner, from the second on)
+  (a') library_tmpfs_rootfs: the same with Runtime.run(..., volatile_rootfs=True): the
+               writable layer on a tmpfs in the container's own mount namespace (nothing of
+               the rootfs on disk; what the container writes is gone when it stops)
   (b) cli:     `fcrun run --net NET --image busybox -- /bin/true` (a new process each time)
   (c) runc:    `runc run --bundle B` on the image's layer as a read-only root (runc removes
                its state on exit). No overlay, no writable layer: less work than (a) does.
@@ -43,7 +46,7 @@ from fcrun import syscalls as sc
 from fcrun.images import ImageStore
 from fcrun.plan import build_plan
 
-CONTENDERS = ("library", "direct", "cli", "runc", "runc_overlay")
+CONTENDERS = ("library", "library_tmpfs_rootfs", "direct", "cli", "runc", "runc_overlay")
 
 
 def percentile(values: list[float], q: float) -> float:
@@ -75,7 +78,7 @@ def main() -> int:
     parser.add_argument("--net", choices=["none", "bridge"], default="none")
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--json", action="store_true", help="print only the JSON result")
-    parser.add_argument("--only", default="library,cli,runc,runc_overlay",
+    parser.add_argument("--only", default="library,library_tmpfs_rootfs,cli,runc,runc_overlay",
                         help="comma-separated contenders to run (default: all but 'direct'); add "
                              "'direct' to also time the library without its spawner")
     parser.add_argument("--tmpfs", action="store_true",
@@ -135,13 +138,16 @@ def bench(args: argparse.Namespace, top: str, work: str, mounts: list[str]) -> i
     null = os.open("/dev/null", os.O_RDWR)
     results: dict[str, list[float]] = {label: [] for label in contenders}
 
-    def library(i: int, rt: Runtime = rt, prefix: str = "bench") -> None:
+    def library(i: int, rt: Runtime = rt, prefix: str = "bench", volatile_rootfs: bool = False) -> None:
         name = f"{prefix}-{i}"
         spec = spec_from_image(image, RunOptions(args=["/bin/true"], network=args.net), name=name)
-        c = rt.run(name, spec, image=image, stdio=(null, null, null))
+        c = rt.run(name, spec, image=image, stdio=(null, null, null), volatile_rootfs=volatile_rootfs)
         if c.wait() != 0:
             raise SystemExit("library run failed")
         rt.delete(name)
+
+    def library_tmpfs_rootfs(i: int) -> None:
+        library(i, rt, "btmpfs", volatile_rootfs=True)
 
     def direct(i: int) -> None:
         library(i, rt_direct, "bdirect")
@@ -172,7 +178,7 @@ def bench(args: argparse.Namespace, top: str, work: str, mounts: list[str]) -> i
 
     try:
         for i in range(args.warmup + args.runs):
-            for label, fn in (("library", library), ("direct", direct), ("cli", cli), ("runc", runc),
+            for label, fn in (("library", library), ("library_tmpfs_rootfs", library_tmpfs_rootfs), ("direct", direct), ("cli", cli), ("runc", runc),
                               ("runc_overlay", runc_overlay)):
                 if label not in contenders:
                     continue
@@ -200,11 +206,13 @@ def bench(args: argparse.Namespace, top: str, work: str, mounts: list[str]) -> i
     for base, suffix in (("runc", "runc"), ("runc_overlay", "runc_overlay")):
         if base not in out:
             continue
-        for label, key in (("library", "a_library"), ("direct", "a_direct"), ("cli", "b_cli")):
+        for label, key in (("library", "a_library"), ("library_tmpfs_rootfs", "a_library_tmpfs_rootfs"),
+                           ("direct", "a_direct"), ("cli", "b_cli")):
             if label in out:
                 ratios[f"{key}_over_{suffix}"] = round(out[label]["median_ms"] / out[base]["median_ms"], 3)
-        if "library" in out:
-            ratios[f"a_p99_over_{suffix}_p99"] = round(out["library"]["p99_ms"] / out[base]["p99_ms"], 3)
+        for label, key in (("library", "a"), ("library_tmpfs_rootfs", "a_tmpfs_rootfs")):
+            if label in out:
+                ratios[f"{key}_p99_over_{suffix}_p99"] = round(out[label]["p99_ms"] / out[base]["p99_ms"], 3)
     if ratios:
         out["ratios"] = ratios
     print(json.dumps(out, indent=None if args.json else 2))

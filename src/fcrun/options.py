@@ -12,6 +12,8 @@ import msgspec
 
 from .errors import SpecError
 from .oci import DEFAULT_ENV, NetworkMode, Spec, default_spec
+
+ROOTFS_ANNOTATION = "org.fcrun.rootfs"  # "tmpfs": a memory-backed writable layer
 from .units import CPU_PERIOD_US, cpu_to_quota_us
 
 
@@ -29,6 +31,9 @@ class RunOptions(msgspec.Struct, kw_only=True):
     workdir: str = ""
     user: str = ""
     readonly_rootfs: bool = False
+    # The writable layer on a tmpfs in the container's own mount namespace (Runtime.create's
+    # volatile_rootfs): nothing written to disk; the container's files vanish when it stops.
+    volatile_rootfs: bool = False
 
 
 def parse_env(items: list[str] | tuple[str, ...], where: str = "--env") -> list[str]:
@@ -104,7 +109,7 @@ def spec_from_image(image, options: RunOptions, *, name: str = "") -> Spec:
         raise SpecError(f"working directory {workdir!r} must be absolute", "--workdir")
     uid, gid = resolve_user(options.user or (config.user if config else ""), layers)
     env = merge_env(DEFAULT_ENV, (list(config.env) if config else []) + parse_env(options.env))
-    return default_spec(
+    spec = default_spec(
         args,
         env=env,
         cwd=workdir,
@@ -118,3 +123,8 @@ def spec_from_image(image, options: RunOptions, *, name: str = "") -> Spec:
         pids_max=options.pids_max,
         readonly_rootfs=options.readonly_rootfs,
     )
+    if options.volatile_rootfs:
+        if image is None:
+            raise SpecError("a memory-backed rootfs needs an image", "--tmpfs-rootfs")
+        spec.annotations[ROOTFS_ANNOTATION] = "tmpfs"
+    return spec

@@ -95,13 +95,19 @@ def build_plan(
     overlay_lower: list[str] | None,
     overlay_upper: str = "",
     overlay_work: str = "",
+    overlay_tmpfs_bytes: int = 0,
     cgroup_procs: list[str],
     cap_last: int,
     attached: bool,
     init_fd: int = -1,
     stdio: tuple[int, int, int] | None = None,
 ) -> ChildPlan:
-    """Everything the container child does, decided here. Raises SpecError for bad mounts."""
+    """Everything the container child does, decided here. Raises SpecError for bad mounts.
+
+    `overlay_tmpfs_bytes` > 0: the child first mounts a tmpfs of that size at `rootfs`, makes
+    `overlay_upper` and `overlay_work` in it (they must lie directly under `rootfs`), then
+    mounts the overlay on top: a writable layer in memory, in the child's mount namespace only.
+    """
     flags = 0
     namespaces = {ns.type for ns in spec.linux.namespaces}
     for ns in namespaces - {"pid"}:  # the pid namespace is entered by the parent, around fork
@@ -116,6 +122,16 @@ def build_plan(
         overlay_data = (
             f"lowerdir={':'.join(overlay_lower)},upperdir={overlay_upper},workdir={overlay_work},volatile"
         ).encode()
+    overlay_tmpfs = None
+    if overlay_tmpfs_bytes:
+        if overlay_lower is None:
+            raise SpecError("a memory-backed writable layer needs an image (overlay lower dirs)", "volatile_rootfs")
+        if overlay_tmpfs_bytes < 0:
+            raise SpecError(f"invalid size {overlay_tmpfs_bytes} for the memory-backed rootfs", "volatile_rootfs")
+        for path in (overlay_upper, overlay_work):
+            if os.path.dirname(path) != rootfs:
+                raise SpecError(f"{path!r} must lie directly under {rootfs!r} (on its tmpfs)", "volatile_rootfs")
+        overlay_tmpfs = f"size={overlay_tmpfs_bytes},mode=755".encode()
     propagation = _PROPAGATION.get(spec.linux.rootfs_propagation)
     if propagation is None:
         raise SpecError(f"unknown rootfs propagation {spec.linux.rootfs_propagation!r}", "$.linux.rootfsPropagation")
@@ -125,6 +141,8 @@ def build_plan(
         cwd=spec.process.cwd.encode(),
         rootfs=rootfs.encode(),
         overlay_data=overlay_data,
+        overlay_tmpfs=overlay_tmpfs,
+        overlay_tmpfs_dirs=[(overlay_upper.encode(), 0o755), (overlay_work.encode(), 0o700)] if overlay_tmpfs else [],
         mounts=[mount_step(m, f"$.mounts[{i}]") for i, m in enumerate(spec.mounts)],
         devices=[(name, stat.S_IFCHR | 0o666, major, minor) for name, major, minor in DEVICES],
         dev_symlinks=list(DEV_SYMLINKS),

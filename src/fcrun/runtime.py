@@ -32,6 +32,7 @@ from .cgroups import Cgroup, CgroupDriver, Limits, detect
 from .errors import ContainerError, FcrunError, IncorrectStatus, KernelError, MissingFeature, NotFound, NotPermitted, SpecError
 from .oci import Mount, Spec, network_mode, validate_spec
 from .paths import DEFAULT_BRIDGE, DEFAULT_CGROUP_PARENT, DEFAULT_SUBNET, Paths
+from .options import ROOTFS_ANNOTATION
 from .plan import build_plan
 from .spawn import ChildFailure, ChildPlan, _finish_and_exec, failure_to_error, fork_child, read_status
 from .state import ContainerState, NetworkState, Rootfs, StateStore, check_allowed, pid_alive, proc_start_time, validate_name
@@ -40,6 +41,8 @@ INIT_CANDIDATES = ("/usr/bin/tini-static",)  # static: the image may have no lib
 SETUP_TIMEOUT_S = 30.0
 STOP_TIMEOUT_S = 10.0
 SLOT_SOURCE_LABEL = "fcrun.slot.source"  # what fill_slot mounted (a slot is filled once)
+VOLATILE_ROOTFS_DEFAULT_BYTES = 512 << 20  # its size cap when the container has no memory limit
+ROOTFS_MOUNTPOINT = "rootfs"  # under the run root: where every child mounts its rootfs, in its own mount ns
 
 
 @dataclass
@@ -223,6 +226,7 @@ class Runtime:
         init: bool = True,
         labels: dict[str, str] | None = None,
         slot: str | None = None,
+        volatile_rootfs: bool | None = None,
         _start: bool = False,
     ) -> Container:
         """Create a container: namespaces, rootfs, cgroup and network ready; process not yet run.
@@ -233,6 +237,13 @@ class Runtime:
         `slot`: a directory inside the container (e.g. a web server's docroot) that stays empty
         and read-only until `fill_slot` mounts a host directory there, while the container runs.
         The pool of pre-started app servers (forkserver/pool.py) is built on it.
+
+        `volatile_rootfs` (None: the spec's "org.fcrun.rootfs" annotation, "tmpfs" meaning
+        True): the writable layer is a tmpfs the child mounts in the container's own mount
+        namespace, instead of an upper dir under the data root: nothing of the rootfs is
+        written to disk, and whatever the container writes there is gone when it stops. It
+        holds at most the container's memory limit (else VOLATILE_ROOTFS_DEFAULT_BYTES), and
+        its pages count against the container's memory cgroup.
 
         Raises:
             SpecError: bad name or spec. AlreadyExists: name taken. NotFound: unknown image.
@@ -247,6 +258,10 @@ class Runtime:
         if image is None and not os.path.isdir(spec.root.path):
             raise SpecError(f"root filesystem {spec.root.path!r} is not a directory", "$.root.path")
         mode = network_mode(spec)
+        if volatile_rootfs is None:
+            volatile_rootfs = spec.annotations.get(ROOTFS_ANNOTATION, "") == "tmpfs"
+        if volatile_rootfs and image is None:
+            raise SpecError("a memory-backed rootfs (volatile_rootfs) needs an image", "volatile_rootfs")
         init_path = _find_init() if init else None
 
         cdir = self.states.reserve(name)
@@ -267,17 +282,27 @@ class Runtime:
                 content = _make_slot(cdir)
                 state.spec = spec = msgspec.structs.replace(spec, mounts=[*spec.mounts, Mount(
                     destination=slot, source=content, options=["bind", "ro", "nosuid", "nodev", "noexec"])])
-            mountpoint = os.path.join(cdir, "rootfs")
-            os.mkdir(mountpoint, 0o755)
             if image is not None:
-                storage = os.path.join(self.paths.data_root, "containers", name)
-                os.makedirs(os.path.join(storage, "upper"), 0o755)
-                undo.callback(shutil.rmtree, storage, True)
-                os.mkdir(os.path.join(storage, "work"), 0o700)
-                state.rootfs = Rootfs(
-                    mountpoint=mountpoint, lower=list(reversed(image.layers)),
-                    upper=os.path.join(storage, "upper"), work=os.path.join(storage, "work"),
-                )
+                # No mount point of its own: the child mounts the rootfs on the shared, always
+                # empty dir inside its own mount namespace (a mkdir and rmdir fewer per container).
+                mountpoint = self._rootfs_mountpoint()
+                lower = list(reversed(image.layers))
+                if volatile_rootfs:
+                    res = spec.linux.resources
+                    state.rootfs = Rootfs(
+                        mountpoint=mountpoint, lower=lower, upper=os.path.join(mountpoint, "upper"),
+                        work=os.path.join(mountpoint, "work"),
+                        tmpfs_bytes=(res.memory.limit if res and res.memory and (res.memory.limit or 0) > 0 else VOLATILE_ROOTFS_DEFAULT_BYTES),
+                    )
+                else:
+                    storage = os.path.join(self.paths.data_root, "containers", name)
+                    os.makedirs(os.path.join(storage, "upper"), 0o755)
+                    undo.callback(shutil.rmtree, storage, True)
+                    os.mkdir(os.path.join(storage, "work"), 0o700)
+                    state.rootfs = Rootfs(
+                        mountpoint=mountpoint, lower=lower,
+                        upper=os.path.join(storage, "upper"), work=os.path.join(storage, "work"),
+                    )
             else:
                 state.rootfs = Rootfs(mountpoint=os.path.abspath(spec.root.path))
 
@@ -296,6 +321,7 @@ class Runtime:
                 overlay_lower=state.rootfs.lower or None,
                 overlay_upper=state.rootfs.upper,
                 overlay_work=state.rootfs.work,
+                overlay_tmpfs_bytes=state.rootfs.tmpfs_bytes,
                 cgroup_procs=[],  # the parent moves the child (below), in parallel with its mounts
                 cap_last=self._cap_last_cached(),
                 attached=not detach,
@@ -378,6 +404,17 @@ class Runtime:
             os.close(go_w)
             return Container(self, state, report_r=report_r)
         return Container(self, state, status_r, go_w, report_r)
+
+    def _rootfs_mountpoint(self) -> str:
+        """The run root's shared mount point for rootfs overlays, made on first use.
+
+        Each child mounts its rootfs there inside its own mount namespace (propagation to the
+        host is cut first), so the host never sees a mount on it and it stays empty.
+        """
+        path = os.path.join(self.paths.run_root, ROOTFS_MOUNTPOINT)
+        if not os.path.isdir(path):
+            os.makedirs(path, 0o755, exist_ok=True)
+        return path
 
     def _start_child(self, plan: ChildPlan) -> "_Child":
         """Fork the container child: through the spawner when there is one, else from here."""
@@ -594,7 +631,9 @@ class Runtime:
             self._teardown(state)
 
     def _teardown(self, state: ContainerState) -> None:
-        _release_slot(self.states.dir(state.name))  # first: nothing below may reach into it
+        cdir = self.states.dir(state.name)
+        if os.path.lexists(os.path.join(cdir, "slot")):  # most containers have none: spare the look
+            _release_slot(cdir)  # first: nothing below may reach into it
         if pid_alive(state):
             _kill_quietly(state.pid)
             if state.status == "frozen" and state.cgroup_paths:
@@ -614,7 +653,8 @@ class Runtime:
             # Every process is gone, so the netns is being destroyed and the kernel deletes the
             # veth with it; deleting it ourselves would wait ~15 ms for RCU.
             self.network.detach(state.name, netns_gone=True)
-        _remove_storage(os.path.join(self.paths.data_root, "containers", state.name))
+        if not (state.rootfs and state.rootfs.tmpfs_bytes):  # a tmpfs layer went with the mount ns
+            _remove_storage(os.path.join(self.paths.data_root, "containers", state.name))
         self.states.remove(state.name)
         if not self.states.names():
             # The last container is gone: leave no empty `fcrun` cgroup parent behind either

@@ -92,6 +92,10 @@ class ChildPlan(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     cwd: bytes
     rootfs: bytes
     overlay_data: bytes | None  # None: rootfs is an existing directory (bind-mounted onto itself)
+    # Not None: tmpfs mount data; the overlay's upper and work dirs are made on a tmpfs mounted
+    # at rootfs first (a memory-backed writable layer), which the overlay then covers.
+    overlay_tmpfs: bytes | None = None
+    overlay_tmpfs_dirs: list[tuple[bytes, int]] = []  # (path, mode): upper and work, on that tmpfs
     mounts: list[MountStep]
     devices: list[tuple[bytes, int, int, int]]  # (name under /dev, mode incl. S_IFCHR, major, minor)
     dev_symlinks: list[tuple[bytes, bytes]]  # (target, link name under /dev)
@@ -279,6 +283,13 @@ def _mount_rootfs(plan: ChildPlan) -> None:
     root = plan.rootfs
     # Stop our mounts from propagating back to the host, and the host's from reaching us.
     sc.mount(None, b"/", None, sc.MS_REC | plan.propagation, None)
+    if plan.overlay_tmpfs is not None:
+        # The writable layer lives in this mount namespace only: nothing of it on the host's
+        # disk, gone when the namespace goes. Its pages are charged to whoever writes them,
+        # i.e. the container's memory cgroup, and the tmpfs size caps it.
+        sc.mount(b"tmpfs", root, b"tmpfs", 0, plan.overlay_tmpfs)
+        for path, mode in plan.overlay_tmpfs_dirs:
+            os.mkdir(path, mode)
     if plan.overlay_data is not None:
         sc.mount(b"overlay", root, b"overlay", 0, plan.overlay_data)
     else:

@@ -63,6 +63,7 @@ class Rootfs(msgspec.Struct, kw_only=True):
     lower: list[str] = []  # overlay lower dirs, top first; empty: mountpoint is a plain directory
     upper: str = ""
     work: str = ""
+    tmpfs_bytes: int = 0  # > 0: upper and work are on a tmpfs of this size in the container's mount ns
 
 
 class NetworkState(msgspec.Struct, kw_only=True):

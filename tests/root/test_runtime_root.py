@@ -147,6 +147,71 @@ def test_each_container_gets_its_own_upper_dir(runtime, busybox):
     assert "missing" in out
 
 
+def test_rootfs_mount_point_is_shared_and_stays_empty_on_the_host(runtime, busybox, run_root, data_root):
+    # The child mounts its overlay on one shared dir inside its own mount namespace: no
+    # per-container mount point, and nothing of it is visible on the host, even while it runs.
+    start_detached(runtime, busybox, "t-mp", ["sleep", "60"], network="none")
+    mountpoint = runtime.state("t-mp").rootfs.mountpoint
+    assert mountpoint == os.path.join(run_root, "rootfs")
+    assert os.listdir(mountpoint) == []
+    with open("/proc/self/mountinfo") as f:
+        assert not any(line.split()[4] == mountpoint for line in f)
+    assert sorted(os.listdir(os.path.join(data_root, "containers", "t-mp"))) == ["upper", "work"]
+    runtime.delete("t-mp", force=True)
+    assert not os.path.exists(os.path.join(data_root, "containers", "t-mp"))
+
+
+def test_volatile_rootfs_is_a_tmpfs_layer_in_memory_only(runtime, busybox, data_root):
+    script = "grep ' / ' /proc/self/mountinfo; echo x > /written && cat /written; touch /etc/new && echo etc-ok"
+    code, out = sh(runtime, busybox, "t-vol", script, network="none", volatile_rootfs=True)
+    assert code == 0, out
+    assert " - overlay overlay " in out and "upperdir=" in out
+    assert out.endswith("x\netc-ok\n")
+    # Nothing of it on disk: no storage dir was made, and the image layers are untouched.
+    assert not os.path.exists(os.path.join(data_root, "containers", "t-vol"))
+    assert not any(os.path.exists(os.path.join(layer, "written")) for layer in busybox.layers)
+    # Files vanish with the container: the next one starts from the image again.
+    assert sh(runtime, busybox, "t-vol2", "cat /written 2>&1 || echo missing", network="none",
+              volatile_rootfs=True)[1].endswith("missing\n")
+
+
+def test_volatile_rootfs_counts_against_the_memory_cgroup(runtime, busybox):
+    # tmpfs pages are charged to the cgroup of whoever writes them: the container's.
+    script = "dd if=/dev/zero of=/big bs=1M count=24 2>/dev/null && echo written && exec sleep 60"
+    start_detached(runtime, busybox, "t-volmem", ["sh", "-c", script], memory_bytes=128 << 20,
+                   network="none", volatile_rootfs=True)
+    state = runtime.state("t-volmem")
+    assert state.rootfs.tmpfs_bytes == 128 << 20  # sized to the memory limit
+    deadline = time.monotonic() + 10
+    while b"written" not in _read(state.log_path):
+        assert time.monotonic() < deadline, _read(state.log_path)
+        time.sleep(0.05)
+    # 24 MiB stay charged while the file exists, though dd has exited.
+    assert runtime._cgroup(state).stats().memory_bytes >= 24 << 20
+    runtime.delete("t-volmem", force=True)
+
+
+def test_volatile_rootfs_is_limited_by_the_memory_limit(runtime, busybox):
+    # 64 MiB cannot be stored under --memory 32M: the tmpfs is capped at the limit, and the
+    # pages it holds are the container's memory (a full write is refused or OOM-killed).
+    script = "dd if=/dev/zero of=/big bs=1M count=64 2>/dev/null; echo rc=$?; ls -l /big"
+    code, out = sh(runtime, busybox, "t-volcap", script, memory_bytes=32 << 20, network="none",
+                   volatile_rootfs=True)
+    assert code == 0, out
+    assert "rc=0" not in out, out
+    size = int(out.split("\n")[1].split()[4])
+    assert size <= 32 << 20, out
+
+
+def test_volatile_rootfs_is_rejected_without_an_image(runtime, busybox, tmp_path, run_root):
+    before = host_snapshot(run_root)
+    spec = spec_from_image(busybox, RunOptions(args=["true"], network="none"), name="t-volbad")
+    spec.root.path = str(tmp_path)
+    with pytest.raises(SpecError, match="needs an image"):
+        runtime.create("t-volbad", spec, volatile_rootfs=True)
+    assert settled_snapshot(run_root, before) == before
+
+
 def test_read_only_rootfs(runtime, busybox):
     code, out = sh(runtime, busybox, "t-ro", "touch /x 2>&1; echo rc=$?", network="none", readonly_rootfs=True)
     assert "Read-only file system" in out and "rc=1" in out

@@ -69,3 +69,12 @@ def test_no_command_anywhere(layers):
     with pytest.raises(SpecError, match="no command"):
         spec_from_image(image, RunOptions(), name="x")
     image.config.cmd = ["sh"]
+
+
+def test_volatile_rootfs_is_an_annotation_of_the_spec(layers):
+    image = FakeImage(layers)
+    assert "org.fcrun.rootfs" not in spec_from_image(image, RunOptions(), name="c1").annotations
+    spec = spec_from_image(image, RunOptions(volatile_rootfs=True), name="c1")
+    assert spec.annotations["org.fcrun.rootfs"] == "tmpfs"
+    with pytest.raises(SpecError, match="needs an image"):
+        spec_from_image(None, RunOptions(args=["sh"], volatile_rootfs=True))

@@ -101,3 +101,26 @@ def test_secure_join_keeps_symlinks_inside_the_root(tmp_path):
     assert secure_join(r, b"/new/dir") == r + b"/new/dir"
     with pytest.raises(OSError):
         secure_join(r, b"/loop1")
+
+
+def test_plan_memory_backed_writable_layer():
+    plan = _plan(default_spec(["sh"]), rootfs="/run/fcrun/rootfs", overlay_upper="/run/fcrun/rootfs/upper",
+                 overlay_work="/run/fcrun/rootfs/work", overlay_tmpfs_bytes=64 << 20)
+    assert plan.overlay_tmpfs == b"size=67108864,mode=755"
+    assert plan.overlay_tmpfs_dirs == [(b"/run/fcrun/rootfs/upper", 0o755), (b"/run/fcrun/rootfs/work", 0o700)]
+    assert plan.overlay_data == (b"lowerdir=/l/top:/l/base,upperdir=/run/fcrun/rootfs/upper,"
+                                 b"workdir=/run/fcrun/rootfs/work,volatile")
+    # The default: the layer on disk, no tmpfs.
+    disk = _plan(default_spec(["sh"]))
+    assert disk.overlay_tmpfs is None and disk.overlay_tmpfs_dirs == []
+
+
+def test_plan_memory_backed_layer_rejects_bad_input():
+    with pytest.raises(SpecError, match="needs an image"):
+        _plan(default_spec(["sh"]), overlay_lower=None, overlay_tmpfs_bytes=1 << 20)
+    with pytest.raises(SpecError, match="directly under"):
+        _plan(default_spec(["sh"]), rootfs="/m", overlay_upper="/elsewhere/upper", overlay_work="/m/work",
+              overlay_tmpfs_bytes=1 << 20)
+    with pytest.raises(SpecError, match="invalid size"):
+        _plan(default_spec(["sh"]), rootfs="/m", overlay_upper="/m/upper", overlay_work="/m/work",
+              overlay_tmpfs_bytes=-1)

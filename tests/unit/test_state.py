@@ -53,3 +53,16 @@ def test_pid_alive_detects_reuse():
     assert pid_alive(ContainerState(name="x", status="running", spec=spec, pid=me, pid_start_time=start))
     assert not pid_alive(ContainerState(name="x", status="running", spec=spec, pid=me, pid_start_time=start + 1))
     assert not pid_alive(ContainerState(name="x", status="running", spec=spec, pid=0))
+
+
+def test_a_memory_backed_rootfs_is_recorded(tmp_path):
+    from fcrun.state import Rootfs
+
+    store = StateStore(str(tmp_path / "containers"))
+    store.reserve("vol")
+    rootfs = Rootfs(mountpoint="/run/fcrun/rootfs", lower=["/l"], upper="/run/fcrun/rootfs/upper",
+                    work="/run/fcrun/rootfs/work", tmpfs_bytes=64 << 20)
+    store.save(ContainerState(name="vol", status="running", spec=default_spec(["sh"]), rootfs=rootfs))
+    assert store.load("vol").rootfs.tmpfs_bytes == 64 << 20
+    # State written before the field existed reads as a layer on disk.
+    assert Rootfs(mountpoint="/m").tmpfs_bytes == 0
