@@ -136,13 +136,17 @@ def _parse_signal(text: str) -> int:
 @click.option("--workdir", "-w", default="", help="Working directory inside the container.")
 @click.option("--user", "-u", default="", help="uid[:gid] or name[:group] from the image.")
 @click.option("--read-only", is_flag=True, help="Mount the container's root filesystem read-only.")
+@click.option("--tmpfs-rootfs", is_flag=True,
+              help="Keep the container's writable layer in memory (a tmpfs in its own mount namespace, "
+                   "at most --memory or 512M, counted against its memory limit) instead of on disk. "
+                   "Files it writes vanish when the container stops.")
 @click.option("--entrypoint", default=None, help="Override the image's entrypoint (a single program).")
 @click.option("--no-init", is_flag=True, help="Run the command as pid 1 itself instead of under a zombie-reaping init.")
 @click.option("--keep", is_flag=True, help="Keep a foreground container after it exits (it is removed by default).")
 @click.argument("command", nargs=-1, type=click.UNPROCESSED)
 @click.pass_obj
 def run(obj: Context, image_name, name, detach, cpu, memory, pids, hostname, env, network, workdir, user, read_only,
-        entrypoint, no_init, keep, command):
+        tmpfs_rootfs, entrypoint, no_init, keep, command):
     """Run COMMAND in a new container (default: the image's entrypoint and cmd).
 
     Exits with the command's exit code (128+N if it was killed by signal N).
@@ -163,6 +167,7 @@ def run(obj: Context, image_name, name, detach, cpu, memory, pids, hostname, env
         workdir=workdir,
         user=user,
         readonly_rootfs=read_only,
+        volatile_rootfs=tmpfs_rootfs,
     )
     if pids is not None and pids < 1:
         raise SpecError(f"invalid --pids {pids}: must be >= 1", "--pids")
