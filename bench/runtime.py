@@ -9,7 +9,12 @@ background noise hits all of them alike:
   (a') library_tmpfs_rootfs: the same with Runtime.run(..., volatile_rootfs=True): the
                writable layer on a tmpfs in the container's own mount namespace (nothing of
                the rootfs on disk; what the container writes is gone when it stops)
-  (b) cli:     `fcrun run --net NET --image busybox -- /bin/true` (a new process each time)
+  (b) cli:     `fcrun run --net NET --image busybox -- /bin/true` (a new process each time),
+               with no fork-server running: the click CLI does all the work in the new process
+  (b') cli_daemon: the same command while a fork-server (`fcrun daemon`, started here on its
+               own run root) listens: the thin client sends it a Run with its stdio and waits
+               for the exit code (fcrun_cli/fast.py). Both CLI contenders run with Python's
+               bytecode cache allowed (PYTHONDONTWRITEBYTECODE dropped), as an installed command.
   (c) runc:    `runc run --bundle B` on the image's layer as a read-only root (runc removes
                its state on exit). No overlay, no writable layer: less work than (a) does.
   (c') runc_overlay: the same, on a fresh overlay of the layer made for each run the way
@@ -46,7 +51,7 @@ from fcrun import syscalls as sc
 from fcrun.images import ImageStore
 from fcrun.plan import build_plan
 
-CONTENDERS = ("library", "library_tmpfs_rootfs", "direct", "cli", "runc", "runc_overlay")
+CONTENDERS = ("library", "library_tmpfs_rootfs", "direct", "cli", "cli_daemon", "runc", "runc_overlay")
 
 
 def percentile(values: list[float], q: float) -> float:
@@ -78,7 +83,7 @@ def main() -> int:
     parser.add_argument("--net", choices=["none", "bridge"], default="none")
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--json", action="store_true", help="print only the JSON result")
-    parser.add_argument("--only", default="library,library_tmpfs_rootfs,cli,runc,runc_overlay",
+    parser.add_argument("--only", default="library,library_tmpfs_rootfs,cli,cli_daemon,runc,runc_overlay",
                         help="comma-separated contenders to run (default: all but 'direct'); add "
                              "'direct' to also time the library without its spawner")
     parser.add_argument("--tmpfs", action="store_true",
@@ -105,6 +110,22 @@ def main() -> int:
         for mountpoint in reversed(mounts):
             sc.umount2(mountpoint.encode(), sc.MNT_DETACH)
         shutil.rmtree(top, ignore_errors=True)
+
+
+def start_daemon(data_root: str, run_root: str, rt_args: dict) -> subprocess.Popen:
+    """A fork-server at <run_root>/forkserver.sock, as `fcrun daemon` starts it; returns once it listens."""
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "fcrun.forkserver", "--socket", os.path.join(run_root, "forkserver.sock"),
+         "--data-root", data_root, "--run-root", run_root, "--cgroup-parent", rt_args["cgroup_parent"],
+         "--bridge", rt_args["bridge"], "--subnet", rt_args["subnet"]],
+        stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    line = proc.stdout.readline()
+    proc.stdout.close()
+    if not line.startswith("ready "):
+        proc.kill()
+        proc.wait()
+        raise SystemExit(f"bench/runtime.py: the fork-server did not start ({line!r})")
+    return proc
 
 
 def filesystem_of(path: str) -> str:
@@ -134,6 +155,9 @@ def bench(args: argparse.Namespace, top: str, work: str, mounts: list[str]) -> i
     cli_env = dict(os.environ, FCRUN_ROOT=paths.data_root, FCRUN_RUN=paths.run_root,
                    FCRUN_CGROUP_PARENT=rt_args["cgroup_parent"], FCRUN_BRIDGE=rt_args["bridge"],
                    FCRUN_SUBNET=rt_args["subnet"])
+    cli_env.pop("PYTHONDONTWRITEBYTECODE", None)
+    daemon_run_root = os.path.join(work, "run-daemon")  # its socket: seen by cli_daemon only
+    daemon = start_daemon(paths.data_root, daemon_run_root, rt_args) if "cli_daemon" in contenders else None
     fcrun_cli = [os.path.join(os.path.dirname(sys.executable), "fcrun")]
     null = os.open("/dev/null", os.O_RDWR)
     results: dict[str, list[float]] = {label: [] for label in contenders}
@@ -155,6 +179,10 @@ def bench(args: argparse.Namespace, top: str, work: str, mounts: list[str]) -> i
     def cli(i: int) -> None:
         subprocess.run([*fcrun_cli, "run", "--net", args.net, "--image", "busybox", "--name", f"bcli-{i}", "--", "/bin/true"],
                        env=cli_env, stdin=subprocess.DEVNULL, check=True)
+
+    def cli_daemon(i: int) -> None:
+        subprocess.run([*fcrun_cli, "run", "--net", args.net, "--image", "busybox", "--name", f"bclid-{i}", "--", "/bin/true"],
+                       env=dict(cli_env, FCRUN_RUN=daemon_run_root), stdin=subprocess.DEVNULL, check=True)
 
     def runc(i: int, bundle: str = bundle, prefix: str = "runc") -> None:
         subprocess.run(["runc", "--root", runc_root, "run", "--bundle", bundle, f"fcrun-bench-{prefix}-{tag}-{i}"],
@@ -178,7 +206,7 @@ def bench(args: argparse.Namespace, top: str, work: str, mounts: list[str]) -> i
 
     try:
         for i in range(args.warmup + args.runs):
-            for label, fn in (("library", library), ("library_tmpfs_rootfs", library_tmpfs_rootfs), ("direct", direct), ("cli", cli), ("runc", runc),
+            for label, fn in (("library", library), ("library_tmpfs_rootfs", library_tmpfs_rootfs), ("direct", direct), ("cli", cli), ("cli_daemon", cli_daemon), ("runc", runc),
                               ("runc_overlay", runc_overlay)):
                 if label not in contenders:
                     continue
@@ -188,6 +216,9 @@ def bench(args: argparse.Namespace, top: str, work: str, mounts: list[str]) -> i
                 if i >= args.warmup:
                     results[label].append(elapsed_ms)
     finally:
+        if daemon is not None:
+            daemon.terminate()  # it removes what it still runs
+            daemon.wait(timeout=30)
         for name in rt.states.names():
             rt.delete(name, force=True)
         rt.cgroups.remove_parent_if_empty()
@@ -207,7 +238,7 @@ def bench(args: argparse.Namespace, top: str, work: str, mounts: list[str]) -> i
         if base not in out:
             continue
         for label, key in (("library", "a_library"), ("library_tmpfs_rootfs", "a_library_tmpfs_rootfs"),
-                           ("direct", "a_direct"), ("cli", "b_cli")):
+                           ("direct", "a_direct"), ("cli", "b_cli"), ("cli_daemon", "b_cli_daemon")):
             if label in out:
                 ratios[f"{key}_over_{suffix}"] = round(out[label]["median_ms"] / out[base]["median_ms"], 3)
         for label, key in (("library", "a"), ("library_tmpfs_rootfs", "a_tmpfs_rootfs")):

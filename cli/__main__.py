@@ -1,3 +1,3 @@
-from fcrun_cli.main import main
+from fcrun_cli.fast import main
 
-main(prog_name="fcrun")
+main()

@@ -12,7 +12,16 @@ many bytes of msgpack (one msgspec tagged Struct). One request, one reply, in or
     Status()                                 -->   PoolStatus
     Shutdown(remove_pool)                    -->   Done, then it exits
 
-Any request may get Failed(kind, message) instead. The fork-server is the privileged half: it
+`fcrun run` through the fork-server (the thin client, fcrun_cli/fast.py), one run a connection::
+
+    Run(image, args, ...) + SCM_RIGHTS [stdin, stdout, stderr]  -->  create + start, attached to
+                                                                     the client's three fds
+    Signal(signal)        -->   (no reply) sent on to the container's pid 1
+                          <--   Exited(code) once it exited and was removed (128+N: signal N)
+    -d:                   <--   Detached(name) at once (output goes to the container's log)
+    the client hangs up first: the container is killed and removed.
+
+Any request may get Failed(kind, message, exit_code) instead. The fork-server is the privileged half: it
 decodes strictly (unknown fields are an error) and `check_request` re-checks every value
 against what fcrun itself would accept, whoever sent it.
 """
@@ -33,6 +42,9 @@ from ..state import validate_name
 MAX_MESSAGE_BYTES = 1 << 20
 MAX_POOL_SIZE = 1024
 MIN_MEMORY_BYTES = 4 << 20
+MAX_SIGNAL = 64  # SIGRTMAX on Linux
+RUN_NETWORKS = ("bridge", "none", "host")
+STDIO_FDS = 3  # a foreground Run carries stdin, stdout, stderr (SCM_RIGHTS)
 HEADER = struct.Struct(">I")
 _IMAGE = re.compile(r"^[a-z0-9][a-z0-9._-]{0,127}$")
 _LABEL_KEY = re.compile(r"^[a-z0-9][a-z0-9._/-]{0,127}$")
@@ -77,7 +89,43 @@ class Shutdown(msgspec.Struct, tag=True, frozen=True, forbid_unknown_fields=True
     remove_pool: bool = True
 
 
-Request = Union[Start, Claim, SetPool, Status, Shutdown]
+class Run(msgspec.Struct, tag=True, frozen=True, forbid_unknown_fields=True):
+    """`fcrun run`: the options of the command line, checked and applied as the CLI does.
+
+    cpu and memory are the text the user gave: the fork-server parses them with the CLI's own
+    functions, so errors read the same. data_root, cgroup_parent, bridge and subnet are the
+    client's settings; a fork-server whose own differ refuses with Failed(kind="Mismatch")
+    (the client then runs the container itself).
+    """
+
+    image: str
+    args: list[str] = []
+    name: str | None = None  # None: a random fc-<hex> name, as the CLI makes
+    detach: bool = False
+    cpu: str | None = None
+    memory: str | None = None
+    pids: int | None = None
+    hostname: str = ""
+    env: list[str] = []
+    network: str = "bridge"
+    workdir: str = ""
+    user: str = ""
+    read_only: bool = False
+    entrypoint: str | None = None
+    init: bool = True
+    data_root: str | None = None
+    cgroup_parent: str | None = None
+    bridge: str | None = None
+    subnet: str | None = None
+
+
+class Signal(msgspec.Struct, tag=True, frozen=True, forbid_unknown_fields=True):
+    """Send `signal` to the pid 1 of this connection's running container (no reply)."""
+
+    signal: int
+
+
+Request = Union[Start, Claim, SetPool, Status, Shutdown, Run, Signal]
 
 
 class Made(msgspec.Struct, tag=True, frozen=True):
@@ -117,9 +165,20 @@ class Failed(msgspec.Struct, tag=True, frozen=True):
     kind: str  # the FcrunError class name ("SpecError", "NotFound", ...)
     message: str
     http_status: int = 502
+    exit_code: int = 125  # what `fcrun` exits with for it (the error's exit_code)
 
 
-Reply = Union[Made, Empty, Done, PoolStatus, Failed]
+class Exited(msgspec.Struct, tag=True, frozen=True):
+    """A Run's container exited (code: its exit code, 128+N if signal N killed it) and is removed."""
+
+    code: int
+
+
+class Detached(msgspec.Struct, tag=True, frozen=True):
+    name: str
+
+
+Reply = Union[Made, Empty, Done, PoolStatus, Failed, Exited, Detached]
 
 _request_decoder = msgspec.msgpack.Decoder(Request)
 _reply_decoder = msgspec.msgpack.Decoder(Reply)
@@ -183,6 +242,20 @@ def check_request(request: Request) -> None:
                 _check_image(image, f"$.sizes[{image!r}]")
                 if not 0 <= size <= MAX_POOL_SIZE:
                     raise SpecError(f"pool size {size} for {image} is not within 0..{MAX_POOL_SIZE}", f"$.sizes[{image!r}]")
+        case Run():
+            # Only what the in-process CLI does not check itself; the rest (image name, cpu,
+            # memory, pids, env, user, workdir, the spec made of them) goes through the CLI's
+            # own code in the same order (ForkServer._run), so errors read the same.
+            if request.name is not None:
+                validate_name(request.name)
+            if request.network not in RUN_NETWORKS:
+                raise SpecError(f"network {request.network!r} is not one of {', '.join(RUN_NETWORKS)}", "$.network")
+            for i, arg in enumerate(request.args):
+                if "\0" in arg:
+                    raise SpecError("argument holds a NUL byte", f"$.args[{i}]")
+        case Signal():
+            if not 1 <= request.signal <= MAX_SIGNAL:
+                raise SpecError(f"signal {request.signal} is not within 1..{MAX_SIGNAL}", "$.signal")
 
 
 def _check_image(image: str, where: str = "$.image") -> None:

@@ -3,9 +3,11 @@
     python -m fcrun.forkserver --socket /run/fcrun/forkserver.sock [--pool apache-php=2] ...
 
 It creates containers (Runtime, forking them itself: no spawner, no threads) for the clients
-of its socket (`fcrun serve`, or the library's `Client`), keeps the pool of pre-warmed
-instances (pool.py), and reaps the containers it forked. It says "ready <pid>" on stdout once
-it listens. It exits on Shutdown, SIGTERM/SIGINT, or when the process named by
+of its socket (`fcrun serve`, the library's `Client`, the `fcrun run` thin client), keeps the
+pool of pre-warmed instances (pool.py), and reaps the containers it forked. A `Run` container
+is attached to its client's stdio (fds passed with the request) and watched through its pidfd
+in the same poll loop; it is removed when it exits or when its client hangs up. It says
+"ready <pid>" on stdout once it listens. It exits on Shutdown, SIGTERM/SIGINT, or when the process named by
 --parent-pid exits, removing its pool (unless Shutdown said otherwise); the app instances it
 made are serve's and live on. A new fork-server adopts the frozen pooled instances an earlier
 one left (a crash, SIGKILL) and removes its half-made ones.
@@ -14,6 +16,7 @@ one left (a crash, SIGKILL) and removes its half-made ones.
 from __future__ import annotations
 
 import argparse
+import array
 import contextlib
 import errno
 import logging
@@ -24,9 +27,12 @@ import socket
 import stat
 import struct
 import sys
+import uuid
+from dataclasses import dataclass
 
 from ..errors import FcrunError, SpecError
-from ..units import parse_memory
+from ..options import RunOptions, spec_from_image
+from ..units import parse_cpu, parse_memory
 from ..paths import DEFAULT_BRIDGE, DEFAULT_CGROUP_PARENT, DEFAULT_SUBNET, Paths
 from ..runtime import Runtime
 from . import protocol as p
@@ -37,6 +43,17 @@ log = logging.getLogger("fcrun.forkserver")
 LISTEN_BACKLOG = 64
 SEND_TIMEOUT_S = 5.0
 _UCRED = struct.Struct("3i")
+_FD_ANCILLARY_BYTES = socket.CMSG_SPACE(p.STDIO_FDS * array.array("i").itemsize)
+
+
+@dataclass
+class _Run:
+    """A foreground `Run` container: its client's connection waits for its Exited."""
+
+    name: str
+    pid: int
+    pidfd: int
+    conn: socket.socket
 
 
 class ForkServer:
@@ -48,6 +65,13 @@ class ForkServer:
         self.buffers: dict[socket.socket, bytearray] = {}
         self.running = True
         self.remove_pool_at_exit = True
+        self.fds: dict[socket.socket, list[int]] = {}  # SCM_RIGHTS fds not yet taken by a Run
+        self.runs: dict[socket.socket, _Run] = {}
+        self.run_pids: dict[int, _Run] = {}
+
+    @property
+    def runtime(self):
+        return self.pool.runtime
 
     def serve(self) -> None:
         self._wake_r, self._wake_w = socket.socketpair()  # signals wake the select through it
@@ -74,11 +98,13 @@ class ForkServer:
                         case "parent":
                             log.info("serve exited: stopping")
                             self.running = False
+                        case _Run() as run:
+                            self._collect(run)
                         case _:
                             self._read(key.fileobj)
                     if not self.running:
                         break
-                _reap_children()
+                self._reap()
                 if self.running:
                     try:
                         timeout = self.pool.step(self.pool.clock())
@@ -86,6 +112,8 @@ class ForkServer:
                         log.exception("pool step failed")
                         timeout = 1.0
         finally:
+            for run in list(self.runs.values()):  # attached to us: they would die with us anyway
+                self._end_run(run)
             if self.remove_pool_at_exit:
                 removed = self.pool.remove_all()
                 if removed:
@@ -93,6 +121,9 @@ class ForkServer:
             _reap_children()
             for sock in list(self.buffers):
                 sock.close()
+            for fds in self.fds.values():
+                for fd in fds:
+                    os.close(fd)
             self.selector.close()
             signal.set_wakeup_fd(-1)
             self._wake_r.close()
@@ -119,10 +150,21 @@ class ForkServer:
 
     def _read(self, conn: socket.socket) -> None:
         try:
-            data = conn.recv(65536)
+            data, ancillary, flags, _ = conn.recvmsg(65536, _FD_ANCILLARY_BYTES, socket.MSG_CMSG_CLOEXEC)
         except OSError:
-            data = b""
+            data, ancillary, flags = b"", [], 0
+        fds = self.fds.setdefault(conn, [])
+        for level, kind, payload in ancillary:
+            if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
+                passed = array.array("i")
+                passed.frombytes(payload[:len(payload) - len(payload) % passed.itemsize])
+                fds.extend(passed)
         if not data:
+            self._drop(conn)
+            return
+        if flags & socket.MSG_CTRUNC or len(fds) > p.STDIO_FDS:
+            self._reply(conn, p.Failed(kind="SpecError", message=f"more than {p.STDIO_FDS} file descriptors passed",
+                                       http_status=400, exit_code=2))
             self._drop(conn)
             return
         buffer = self.buffers[conn]
@@ -134,17 +176,26 @@ class ForkServer:
             self._drop(conn)
             return
         for body in bodies:
-            reply = self._handle(body)
-            if not self._reply(conn, reply):
+            reply = self._handle(body, conn)
+            if reply is not None and not self._reply(conn, reply):
                 return
-            if not self.running:
+            if not self.running or conn not in self.buffers:
                 return
 
-    def _handle(self, body: bytes) -> p.Reply:
+    def _handle(self, body: bytes, conn: socket.socket | None = None) -> p.Reply | None:
+        """The reply to one request; None: none now (a Run's comes when it exits, a Signal's never)."""
         try:
             request = p.decode_request(body)
             p.check_request(request)
             match request:
+                case p.Run():
+                    return self._run(request, conn)
+                case p.Signal():
+                    run = self.runs.get(conn)
+                    if run is not None:
+                        with contextlib.suppress(ProcessLookupError):
+                            os.kill(run.pid, request.signal)
+                    return None
                 case p.Claim():
                     return self.pool.claim(request)
                 case p.Start():
@@ -159,11 +210,116 @@ class ForkServer:
                     self.remove_pool_at_exit = request.remove_pool
                     return p.Done()
         except FcrunError as exc:
-            return p.Failed(kind=type(exc).__name__, message=str(exc), http_status=exc.http_status)
+            return p.Failed(kind=type(exc).__name__, message=str(exc), http_status=exc.http_status,
+                            exit_code=exc.exit_code)
+        except OSError as exc:  # as the CLI reports a system error the library did not wrap
+            where = f" {exc.filename}" if exc.filename else ""
+            return p.Failed(kind="OSError", message=f"run{where}: [Errno {exc.errno}] {exc.strerror}", exit_code=125)
         except Exception as exc:  # noqa: BLE001 - a bug must not take the fork-server down
             log.exception("request failed")
             return p.Failed(kind=type(exc).__name__, message=f"fork-server error: {exc}", http_status=500)
         raise AssertionError("unreachable")
+
+    def _run(self, request: p.Run, conn: socket.socket | None) -> p.Reply | None:
+        """Create and start a Run's container; foreground: watch it, reply when it exits.
+
+        The same steps, in the same order, as `fcrun run` in one process (fcrun_cli/main.py),
+        so that errors read the same.
+
+        Resource handling: the client's fds are closed here whatever happens (the container
+        holds its own copies); the container is this connection's until _end_run.
+        """
+        fds = self.fds.pop(conn, []) if conn is not None else []
+        try:
+            mismatch = self._mismatch(request)
+            if mismatch:
+                return p.Failed(kind="Mismatch", message=mismatch, http_status=400, exit_code=2)
+            if conn is None or conn in self.runs:
+                raise SpecError("one Run a connection, on a connection of this fork-server's socket", "$")
+            if not request.detach and len(fds) != p.STDIO_FDS:
+                raise SpecError(f"a foreground Run passes stdin, stdout and stderr ({p.STDIO_FDS} fds, SCM_RIGHTS);"
+                                f" got {len(fds)}", "$")
+            rt = self.runtime
+            options = RunOptions(
+                args=list(request.args),
+                entrypoint=[request.entrypoint] if request.entrypoint else None,
+                cpu=parse_cpu(request.cpu) if request.cpu is not None else None,
+                memory_bytes=parse_memory(request.memory) if request.memory is not None else None,
+                pids_max=request.pids,
+                hostname=request.hostname,
+                env=list(request.env),
+                network=request.network,
+                workdir=request.workdir,
+                user=request.user,
+                readonly_rootfs=request.read_only,
+            )
+            if request.pids is not None and request.pids < 1:
+                raise SpecError(f"invalid --pids {request.pids}: must be >= 1", "--pids")
+            name = request.name or "fc-" + uuid.uuid4().hex[:10]
+            image = rt.images.get(request.image)
+            spec = spec_from_image(image, options, name=name)
+            if request.detach:
+                rt.run(name, spec, image=image, detach=True, init=request.init)
+                return p.Detached(name=name)
+            container = rt.run(name, spec, image=image, stdio=(fds[0], fds[1], fds[2]), init=request.init)
+        finally:
+            for fd in fds:
+                os.close(fd)
+        try:
+            pidfd = os.pidfd_open(container.pid)  # a zombie has one too: an early exit is seen
+        except OSError:
+            with contextlib.suppress(FcrunError, OSError):
+                rt.delete(name, force=True)
+            raise
+        run = _Run(name=name, pid=container.pid, pidfd=pidfd, conn=conn)
+        self.runs[conn] = run
+        self.run_pids[run.pid] = run
+        self.selector.register(pidfd, selectors.EVENT_READ, run)
+        return None
+
+    def _mismatch(self, request: p.Run) -> str:
+        """Why this fork-server cannot run it as the client's CLI would ("" if it can)."""
+        rt = self.runtime
+        ours = {"data_root": rt.paths.data_root, "cgroup_parent": rt.cgroup_parent, "bridge": rt.bridge,
+                "subnet": rt.subnet}
+        for field, value in ours.items():
+            theirs = getattr(request, field)
+            if theirs is not None and theirs != value:
+                return f"this fork-server's {field} is {value!r}, the client's {theirs!r}"
+        return ""
+
+    def _collect(self, run: _Run) -> None:
+        """The pidfd of a Run's container is readable: it exited (unless already reaped)."""
+        try:
+            pid, status = os.waitpid(run.pid, os.WNOHANG)
+        except ChildProcessError:
+            return  # reaped by _reap, which finished the run
+        if pid:
+            self._finish(run, status)
+
+    def _reap(self) -> None:
+        for pid, status in _reap_children():
+            run = self.run_pids.get(pid)
+            if run is not None:
+                self._finish(run, status)
+
+    def _finish(self, run: _Run, status: int) -> None:
+        code = os.waitstatus_to_exitcode(status)
+        code = 128 - code if code < 0 else code
+        self._end_run(run)  # removed before the reply: when `fcrun run` returns, it is gone
+        self._reply(run.conn, p.Exited(code=code))
+
+    def _end_run(self, run: _Run) -> None:
+        """Forget a Run and remove its container (killing it first if it still runs)."""
+        self.runs.pop(run.conn, None)
+        self.run_pids.pop(run.pid, None)
+        with contextlib.suppress(KeyError, ValueError):
+            self.selector.unregister(run.pidfd)
+        os.close(run.pidfd)
+        try:
+            self.runtime.delete(run.name, force=True)
+        except (FcrunError, OSError) as exc:
+            log.warning("remove container %s: %s", run.name, exc)
 
     def _reply(self, conn: socket.socket, reply: p.Reply) -> bool:
         try:
@@ -174,21 +330,29 @@ class ForkServer:
             return False
 
     def _drop(self, conn: socket.socket) -> None:
+        run = self.runs.get(conn)
+        if run is not None:  # the client went first (killed, or it hung up): so does its container
+            log.info("client of %s hung up: removing it", run.name)
+            self._end_run(run)
+        for fd in self.fds.pop(conn, []):
+            os.close(fd)
         with contextlib.suppress(KeyError, ValueError):
             self.selector.unregister(conn)
         self.buffers.pop(conn, None)
         conn.close()
 
 
-def _reap_children() -> None:
-    """Reap every exited container this process forked (their stop is someone else's call)."""
+def _reap_children() -> list[tuple[int, int]]:
+    """Reap every exited child this process forked; returns their (pid, wait status)."""
+    reaped = []
     while True:
         try:
-            pid, _ = os.waitpid(-1, os.WNOHANG)
+            pid, status = os.waitpid(-1, os.WNOHANG)
         except ChildProcessError:
-            return
+            return reaped
         if pid == 0:
-            return
+            return reaped
+        reaped.append((pid, status))
 
 
 def listen(path: str) -> socket.socket:

@@ -1,0 +1,377 @@
+"""The `fcrun` command's entry point, and the thin client of `fcrun run`.
+
+`fcrun run ...` with a fork-server listening at <run root>/forkserver.sock (`fcrun daemon`,
+or `fcrun serve`'s) is sent there as one `Run` request, with this process's stdin, stdout and
+stderr passed along (SCM_RIGHTS); the fork-server creates the container attached to them and
+answers with its exit code once it exited and was removed. This process forwards the signals
+the in-process CLI forwards, and exits with that code. Nothing else is imported: no click, no
+msgspec, no fcrun (start-up time is most of a short `fcrun run`), so this module uses the
+standard library's built-in modules only and speaks the little msgpack it needs itself.
+
+Everything else goes to the click CLI (fcrun_cli.main), in this process, as before: other
+commands, no fork-server, not root, an option or value this parser does not take as certainly
+valid (the click command then gives its own error), or a fork-server set up with other roots,
+cgroup parent or network than this command line would use.
+
+    fcrun run --image busybox -- true
+        |  Run(image="busybox", args=["true"], ...) + [fd 0, fd 1, fd 2]  -->  fork-server
+        |  Signal(n) for SIGINT, SIGTERM, ... while it runs                -->
+        |  <--  Exited(code) | Detached(name) | Failed(kind, message, exit_code)
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+import _signal
+import _socket
+import _struct
+
+# Must equal fcrun.paths' defaults (a unit test checks): importing fcrun.paths costs ~10 ms.
+DEFAULT_DATA_ROOT = "/var/lib/fcrun"
+DEFAULT_RUN_ROOT = "/run/fcrun"
+DEFAULT_CGROUP_PARENT = "fcrun"
+DEFAULT_BRIDGE = "fcrun0"
+DEFAULT_SUBNET = "10.88.0.0/16"
+SOCKET_NAME = "forkserver.sock"
+MAX_REPLY_BYTES = 1 << 20
+
+# The signals `fcrun run` forwards to the container's pid 1 (fcrun_cli.main.FORWARDED_SIGNALS).
+FORWARDED_SIGNALS = (_signal.SIGINT, _signal.SIGTERM, _signal.SIGHUP, _signal.SIGQUIT, _signal.SIGUSR1,
+                     _signal.SIGUSR2, _signal.SIGWINCH)
+
+# Options of `fcrun` itself (value, env var) and of `fcrun run`, as in fcrun_cli/main.py.
+GLOBAL_OPTIONS = {"--root": "FCRUN_ROOT", "--state": "FCRUN_RUN", "--cgroup-parent": "FCRUN_CGROUP_PARENT",
+                  "--bridge": "FCRUN_BRIDGE", "--subnet": "FCRUN_SUBNET"}
+RUN_VALUE_OPTIONS = {"--image": "image", "-i": "image", "--name": "name", "--cpu": "cpu", "--memory": "memory",
+                     "-m": "memory", "--pids": "pids", "--hostname": "hostname", "--env": "env", "-e": "env",
+                     "--net": "network", "--workdir": "workdir", "-w": "workdir", "--user": "user", "-u": "user",
+                     "--entrypoint": "entrypoint"}
+RUN_FLAGS = {"-d": "detach", "--detach": "detach", "--read-only": "read_only", "--no-init": "no_init"}
+NETWORKS = ("bridge", "none", "host")
+
+
+class Fallback(Exception):
+    """Not for the thin client: the click CLI handles this command line."""
+
+
+def parse(argv: list[str], environ=os.environ) -> tuple[str, dict]:
+    """`fcrun [global options] run [options] [--] COMMAND...` -> (socket path, Run fields).
+
+    Raises:
+        Fallback: anything the click command would read differently or reject (it then does).
+    """
+    settings: dict[str, str] = {}
+    i = 0
+    while i < len(argv) and argv[i] != "run":
+        opt, value, i = _option(argv, i)
+        if opt not in GLOBAL_OPTIONS or not value:
+            raise Fallback(opt)  # click reads an empty value differently from an absent one
+        settings[opt] = value
+    if i == len(argv):
+        raise Fallback("not `fcrun run`")
+    i += 1
+
+    def setting(opt: str, default: str) -> str:
+        return settings.get(opt) or environ.get(GLOBAL_OPTIONS[opt]) or default
+
+    run: dict = {"args": [], "env": []}
+    flags: set[str] = set()
+    while i < len(argv):
+        arg = argv[i]
+        if arg == "--":  # click: everything after is COMMAND
+            run["args"].extend(argv[i + 1:])
+            break
+        if not arg.startswith("-") or arg == "-":  # click intersperses: options may follow COMMAND words
+            run["args"].append(arg)
+            i += 1
+            continue
+        if arg in RUN_FLAGS:
+            flags.add(RUN_FLAGS[arg])
+            i += 1
+            continue
+        opt, value, i = _option(argv, i)
+        field = RUN_VALUE_OPTIONS.get(opt)
+        if field is None:
+            raise Fallback(opt)  # --keep, --help, an unknown or new option, -dw combined flags
+        if field == "env":
+            run["env"].append(value)
+        else:
+            run[field] = value
+    if "image" not in run:
+        raise Fallback("--image missing")
+    if "pids" in run:
+        try:
+            run["pids"] = int(run["pids"])  # what click's INT does
+        except ValueError:
+            raise Fallback("--pids") from None
+    if run.get("network", "bridge") not in NETWORKS:
+        raise Fallback("--net")
+    if run.get("entrypoint") == "":
+        del run["entrypoint"]  # the CLI reads an empty --entrypoint as none
+    run["detach"] = "detach" in flags
+    run["read_only"] = "read_only" in flags
+    run["init"] = "no_init" not in flags
+    run["data_root"] = os.path.abspath(setting("--root", DEFAULT_DATA_ROOT))
+    run["cgroup_parent"] = setting("--cgroup-parent", DEFAULT_CGROUP_PARENT)
+    run["bridge"] = setting("--bridge", DEFAULT_BRIDGE)
+    run["subnet"] = setting("--subnet", DEFAULT_SUBNET)
+    for value in (*run["args"], *run["env"]):
+        _check_text(value)
+    for key in ("image", "name", "cpu", "memory", "hostname", "workdir", "user", "entrypoint"):
+        if key in run:
+            _check_text(run[key])
+    run_root = os.path.abspath(setting("--state", DEFAULT_RUN_ROOT))
+    return os.path.join(run_root, SOCKET_NAME), run
+
+
+def _option(argv: list[str], i: int) -> tuple[str, str, int]:
+    """One `--opt value`, `--opt=value` or `-o value` at argv[i] -> (opt, value, next index)."""
+    arg = argv[i]
+    if arg.startswith("--") and "=" in arg:
+        opt, _, value = arg.partition("=")
+        return opt, value, i + 1
+    if not arg.startswith("-") or (not arg.startswith("--") and len(arg) != 2):
+        raise Fallback(arg)
+    if i + 1 == len(argv) or argv[i + 1].startswith("-"):
+        raise Fallback(f"{arg} without a plain value")  # click's own error (or reading) applies
+    return arg, argv[i + 1], i + 2
+
+
+def _check_text(value: str) -> None:
+    try:
+        value.encode("utf-8")  # msgpack strings are UTF-8; argv bytes that are not go the long way
+    except UnicodeEncodeError:
+        raise Fallback("not UTF-8") from None
+
+
+# ----- the little msgpack needed (msgspec's tagged Structs are maps with a "type" key) --------
+
+def encode(value) -> bytes:
+    if value is None:
+        return b"\xc0"
+    if value is True:
+        return b"\xc3"
+    if value is False:
+        return b"\xc2"
+    if isinstance(value, int):
+        if 0 <= value < 0x80:
+            return bytes((value,))
+        if -32 <= value < 0:
+            return _struct.pack(">b", value)
+        return b"\xd3" + _struct.pack(">q", value)
+    if isinstance(value, str):
+        data = value.encode("utf-8")
+        n = len(data)
+        if n < 32:
+            return bytes((0xA0 | n,)) + data
+        if n < 0x100:
+            return b"\xd9" + bytes((n,)) + data
+        if n < 0x10000:
+            return b"\xda" + _struct.pack(">H", n) + data
+        return b"\xdb" + _struct.pack(">I", n) + data
+    if isinstance(value, list):
+        n = len(value)
+        head = bytes((0x90 | n,)) if n < 16 else b"\xdd" + _struct.pack(">I", n)
+        return head + b"".join(encode(item) for item in value)
+    if isinstance(value, dict):
+        n = len(value)
+        head = bytes((0x80 | n,)) if n < 16 else b"\xdf" + _struct.pack(">I", n)
+        return head + b"".join(encode(k) + encode(v) for k, v in value.items())
+    raise TypeError(f"cannot encode {type(value).__name__}")
+
+
+def decode(data: bytes):
+    """One msgpack value (maps, arrays, strings, ints, floats, nil, bools). Raises ValueError."""
+    value, end = _decode(data, 0)
+    if end != len(data):
+        raise ValueError("trailing bytes after the message")
+    return value
+
+
+_FIXED = {0xCC: ">B", 0xCD: ">H", 0xCE: ">I", 0xCF: ">Q", 0xD0: ">b", 0xD1: ">h", 0xD2: ">i", 0xD3: ">q",
+          0xCA: ">f", 0xCB: ">d"}
+
+
+def _decode(data: bytes, i: int):
+    if i >= len(data):
+        raise ValueError("truncated message")
+    b = data[i]
+    i += 1
+    if b < 0x80:
+        return b, i
+    if b >= 0xE0:
+        return b - 0x100, i
+    if 0x80 <= b <= 0x8F:
+        return _decode_map(data, i, b & 0x0F)
+    if 0x90 <= b <= 0x9F:
+        return _decode_array(data, i, b & 0x0F)
+    if 0xA0 <= b <= 0xBF:
+        return _decode_str(data, i, b & 0x1F)
+    if b == 0xC0:
+        return None, i
+    if b in (0xC2, 0xC3):
+        return b == 0xC3, i
+    if b in _FIXED:
+        fmt = _FIXED[b]
+        size = _struct.calcsize(fmt)
+        if i + size > len(data):
+            raise ValueError("truncated message")
+        return _struct.unpack_from(fmt, data, i)[0], i + size
+    lengths = {0xD9: (">B", "str"), 0xDA: (">H", "str"), 0xDB: (">I", "str"), 0xDC: (">H", "array"),
+               0xDD: (">I", "array"), 0xDE: (">H", "map"), 0xDF: (">I", "map")}
+    if b in lengths:
+        fmt, kind = lengths[b]
+        size = _struct.calcsize(fmt)
+        if i + size > len(data):
+            raise ValueError("truncated message")
+        n = _struct.unpack_from(fmt, data, i)[0]
+        i += size
+        return {"str": _decode_str, "array": _decode_array, "map": _decode_map}[kind](data, i, n)
+    raise ValueError(f"unsupported msgpack byte 0x{b:02x}")
+
+
+def _decode_str(data: bytes, i: int, n: int):
+    if i + n > len(data):
+        raise ValueError("truncated message")
+    return data[i:i + n].decode("utf-8"), i + n
+
+
+def _decode_array(data: bytes, i: int, n: int):
+    items = []
+    for _ in range(n):
+        item, i = _decode(data, i)
+        items.append(item)
+    return items, i
+
+
+def _decode_map(data: bytes, i: int, n: int):
+    result = {}
+    for _ in range(n):
+        key, i = _decode(data, i)
+        result[key], i = _decode(data, i)
+    return result, i
+
+
+def frame(message: dict) -> bytes:
+    body = encode(message)
+    return _struct.pack(">I", len(body)) + body
+
+
+# ----- the client ------------------------------------------------------------------------
+
+def connect(path: str):
+    """A connection to the fork-server at `path`. Raises Fallback when none answers there."""
+    sock = _socket.socket(_socket.AF_UNIX, _socket.SOCK_STREAM | _socket.SOCK_CLOEXEC)
+    try:
+        sock.connect(path)
+    except (OSError, ValueError):  # none there, a stale socket, not root (0600), a path too long
+        sock.close()
+        raise Fallback(f"no fork-server at {path}") from None
+    return sock
+
+
+def read_reply(sock) -> dict | None:
+    """The next reply, or None if the fork-server closed the connection first."""
+    buffer = b""
+    while len(buffer) < 4:
+        chunk = sock.recv(4096)
+        if not chunk:
+            return None
+        buffer += chunk
+    (length,) = _struct.unpack_from(">I", buffer)
+    if length > MAX_REPLY_BYTES:
+        raise ValueError(f"reply of {length} bytes")
+    while len(buffer) < 4 + length:
+        chunk = sock.recv(max(4096, 4 + length - len(buffer)))
+        if not chunk:
+            return None
+        buffer += chunk
+    reply = decode(buffer[4:4 + length])
+    if not isinstance(reply, dict):
+        raise ValueError("a reply that is not a map")
+    return reply
+
+
+def run(path: str, fields: dict) -> int:
+    """Send Run, relay signals, return the exit code `fcrun run` exits with.
+
+    Raises:
+        Fallback: no fork-server, or one that cannot run it as this command line would (it
+            made nothing then).
+    """
+    detach = fields["detach"]
+    if not detach:
+        for fd in (0, 1, 2):
+            try:
+                os.fstat(fd)
+            except OSError:
+                raise Fallback(f"fd {fd} is not open") from None
+    sock = connect(path)
+    try:
+        message = frame({"type": "Run", **fields})
+        if detach:
+            sock.sendall(message)
+        else:
+            # The frame and the three fds in one sendmsg: they arrive together.
+            sock.sendmsg([message], [(_socket.SOL_SOCKET, _socket.SCM_RIGHTS, _struct.pack("3i", 0, 1, 2))])
+
+            def forward(signum, _frame):
+                try:
+                    sock.sendall(frame({"type": "Signal", "signal": signum}))
+                except OSError:
+                    pass  # the fork-server is gone: the reply loop below says so
+
+            for sig in FORWARDED_SIGNALS:
+                _signal.signal(sig, forward)
+        reply = read_reply(sock)
+    except OSError as exc:
+        print(f"fcrun: fork-server at {path}: [Errno {exc.errno}] {exc.strerror}", file=sys.stderr)
+        return 125
+    except ValueError as exc:
+        print(f"fcrun: fork-server at {path}: bad reply: {exc}", file=sys.stderr)
+        return 125
+    finally:
+        sock.close()  # a signal from here on finds it closed: forward() ignores that
+    match reply:
+        case None:
+            print(f"fcrun: the fork-server at {path} closed the connection before the container exited",
+                  file=sys.stderr)
+            return 125
+        case {"type": "Exited", "code": int(code)}:
+            return code
+        case {"type": "Detached", "name": str(name)}:
+            sys.stdout.write(name + "\n")
+            sys.stdout.flush()
+            return 0
+        case {"type": "Failed", "kind": "Mismatch"}:
+            raise Fallback("the fork-server is set up differently")
+        case {"type": "Failed", "message": str(text)}:
+            print(f"fcrun: {text}", file=sys.stderr)
+            code = reply.get("exit_code", 125)
+            return code if isinstance(code, int) else 125
+    print(f"fcrun: fork-server at {path}: unexpected reply {reply.get('type')!r}", file=sys.stderr)
+    return 125
+
+
+def main(argv: list[str] | None = None) -> None:
+    """The `fcrun` console script: `fcrun run` through a fork-server if one runs, else click."""
+    argv = sys.argv[1:] if argv is None else argv
+    try:
+        path, fields = parse(argv)
+        code = run(path, fields)
+    except Fallback:
+        _click_main(argv)
+        return
+    sys.exit(code)
+
+
+def _click_main(argv: list[str]) -> None:
+    if sys.flags.no_site:  # started with -S for speed: the click CLI needs site-packages
+        import site
+
+        site.main()
+    from fcrun_cli.main import main as click_main
+
+    click_main(args=argv, prog_name="fcrun")

@@ -1,0 +1,159 @@
+"""`fcrun daemon` and the thin `fcrun run` client, end to end: a real fork-server on the test's
+private roots, real containers attached to the client's stdio, exit codes, signals, -d, bad
+input, and a client killed mid-run."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+from hostcheck import BRIDGE, CGROUP_PARENT, SUBNET
+
+pytestmark = [pytest.mark.root]
+
+# Runs the `fcrun` entry point and says at exit which path served it: "thin" (nothing but the
+# thin client was imported) or "click" (the in-process CLI).
+ENTRY = ("import atexit, sys\n"
+         "atexit.register(lambda: sys.stderr.write('|click' if 'click' in sys.modules else '|thin'))\n"
+         "from fcrun_cli.fast import main\n"
+         "main()\n")
+
+
+@pytest.fixture
+def env(runtime, data_root, run_root):
+    return dict(os.environ, FCRUN_ROOT=data_root, FCRUN_RUN=run_root, FCRUN_CGROUP_PARENT=CGROUP_PARENT,
+                FCRUN_BRIDGE=BRIDGE, FCRUN_SUBNET=SUBNET)
+
+
+@pytest.fixture
+def daemon(env, run_root, tmp_path):
+    """`fcrun daemon` on the test's roots; stopped (SIGTERM) and checked afterwards."""
+    log = open(tmp_path / "daemon.log", "w+")
+    proc = subprocess.Popen([sys.executable, "-m", "fcrun_cli", "daemon"], env=env, stdout=subprocess.PIPE,
+                            stderr=log, text=True)
+    try:
+        line = proc.stdout.readline()
+        assert line.startswith("ready "), f"{line!r}: {(tmp_path / 'daemon.log').read_text()}"
+        yield proc
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            rc = proc.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            rc = proc.wait()
+        proc.stdout.close()
+        log.close()
+    assert rc == 0, (tmp_path / "daemon.log").read_text()
+    assert not os.path.exists(os.path.join(run_root, "forkserver.sock"))
+
+
+def fcrun(env, *args, input=None, timeout=60):
+    """The `fcrun` entry point. Returns (returncode, stdout, stderr, path)."""
+    r = subprocess.run([sys.executable, "-c", ENTRY, *args], env=env, input=input, capture_output=True, text=True,
+                       timeout=timeout)
+    stderr, _, path = r.stderr.rpartition("|")
+    return r.returncode, r.stdout, stderr, path
+
+
+def names(env) -> list[str]:
+    return fcrun(env, "ps", "-q")[1].split()
+
+
+def test_exit_codes_and_stdio_pass_through_the_fork_server(daemon, env):
+    assert fcrun(env, "run", "--image", "busybox", "--net", "none", "--", "sh", "-c",
+                 "echo hello; echo oops >&2; exit 3") == (3, "hello\n", "oops\n", "thin")
+    assert fcrun(env, "run", "--image", "busybox", "--net", "none", "--", "cat", input="piped in\n") == \
+        (0, "piped in\n", "", "thin")
+    code, _, _, path = fcrun(env, "run", "--image", "busybox", "--net", "none", "--", "sh", "-c", "kill -TERM $$; sleep 5")
+    assert (code, path) == (128 + signal.SIGTERM, "thin")
+    # The options reach the container: limits, env, user, workdir, hostname, network.
+    code, out, err, path = fcrun(
+        env, "run", "--image", "busybox", "--name", "opts", "--cpu", "0.5", "-m", "64M", "-e", "GREETING=hi",
+        "-u", "1000:1000", "-w", "/tmp", "--hostname", "box", "--net", "bridge", "--",
+        "sh", "-c", 'echo "$GREETING $(id -u):$(id -g) $(pwd) $(hostname)"; ip -4 addr show eth0 | grep -c inet')
+    assert (code, out, path) == (0, "hi 1000:1000 /tmp box\n1\n", "thin"), err
+    assert names(env) == []  # a foreground container is removed before the client returns
+
+
+def test_signals_are_forwarded_to_the_container(daemon, env):
+    client = subprocess.Popen(
+        [sys.executable, "-c", ENTRY, "run", "--image", "busybox", "--net", "none", "--", "sh", "-c",
+         'trap "echo got TERM; exit 7" TERM; echo ready; while :; do sleep 0.1; done'],
+        env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        assert client.stdout.readline() == "ready\n"
+        client.send_signal(signal.SIGTERM)
+        out, err = client.communicate(timeout=30)
+    finally:
+        if client.poll() is None:
+            client.kill()
+            client.wait()
+    assert (client.returncode, out, err) == (7, "got TERM\n", "|thin")
+    assert names(env) == []
+
+
+def test_detached_run_answers_with_its_name_at_once(daemon, env):
+    assert fcrun(env, "run", "-d", "--name", "bg", "--image", "busybox", "--net", "none", "--", "sleep", "100") == \
+        (0, "bg\n", "", "thin")
+    try:
+        assert names(env) == ["bg"]
+        assert fcrun(env, "exec", "bg", "--", "sh", "-c", "echo in there")[:2] == (0, "in there\n")
+    finally:
+        assert fcrun(env, "rm", "-f", "bg")[0] == 0
+    assert names(env) == []
+
+
+@pytest.mark.parametrize("args, code, message", [
+    (["--image", "nope"], 3, "fcrun: image 'nope' not found"),
+    (["--image", "busybox", "--cpu", "lots"], 2, "fcrun: invalid CPU amount 'lots'"),
+    (["--image", "busybox", "--memory", "12Q"], 2, "(at --memory)"),
+    (["--image", "busybox", "--pids", "0"], 2, "fcrun: invalid --pids 0: must be >= 1 (at --pids)"),
+    (["--image", "busybox", "--name", "bad name"], 2, "fcrun: invalid container name 'bad name'"),
+    (["--image", "busybox", "--user", "nobody-here"], 2, "nobody-here"),
+    (["--image", "busybox", "--name", "noprog", "--", "/no/such/program"], 126, "/no/such/program"),
+])
+def test_bad_input_gives_the_in_process_error_and_leaves_nothing(daemon, env, tmp_path, args, code, message):
+    thin = fcrun(env, "run", "--net", "none", *args)
+    assert thin[0] == code and thin[3] == "thin", thin
+    assert thin[2].startswith("fcrun: ") and thin[2].count("\n") == 1 and message in thin[2], thin
+    # The same command in one process (a run root without a fork-server) says the same.
+    in_process = fcrun(dict(env, FCRUN_RUN=str(tmp_path / "run-cli")), "run", "--net", "none", *args)
+    assert in_process == (thin[0], thin[1], thin[2], "click")
+    assert names(env) == []
+
+
+def test_a_killed_client_takes_its_container_with_it(daemon, env, runtime):
+    with subprocess.Popen(
+            [sys.executable, "-c", ENTRY, "run", "--name", "victim", "--image", "busybox", "--net", "none", "--",
+             "sh", "-c", "echo up; exec sleep 60"], env=env, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
+            text=True) as client:
+        try:
+            assert client.stdout.readline() == "up\n"
+            pid = runtime.state("victim").pid
+        finally:
+            client.kill()  # SIGKILL: nothing is said to the fork-server, the connection just closes
+            client.wait()
+    deadline = time.monotonic() + 15
+    while names(env) or os.path.exists(f"/proc/{pid}"):
+        assert time.monotonic() < deadline, f"victim still there: {names(env)}"
+        time.sleep(0.05)
+
+
+def test_a_fork_server_set_up_differently_is_not_used(daemon, env):
+    other = dict(env, FCRUN_CGROUP_PARENT=CGROUP_PARENT + "-other")
+    code, out, err, path = fcrun(other, "run", "--image", "busybox", "--net", "none", "--", "echo", "in process")
+    assert (code, out, err, path) == (0, "in process\n", "", "click")
+    subprocess.run([sys.executable, "-m", "fcrun_cli", "--cgroup-parent", CGROUP_PARENT + "-other", "gc"], env=env,
+                   capture_output=True, timeout=60)  # its (empty) cgroup parent
+
+
+def test_a_second_daemon_on_the_same_socket_is_refused(daemon, env):
+    r = subprocess.run([sys.executable, "-m", "fcrun_cli", "daemon"], env=env, capture_output=True, text=True,
+                       timeout=30)
+    assert r.returncode == 4 and "already listens" in r.stderr, r.stderr
+    assert fcrun(env, "run", "--image", "busybox", "--net", "none", "--", "true") == (0, "", "", "thin")

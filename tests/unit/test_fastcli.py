@@ -1,0 +1,232 @@
+"""The thin `fcrun run` client (fcrun_cli/fast.py): its parser, its msgpack, and the fork-server's
+`Run`/`Signal` messages it speaks. The real thing (a fork-server, containers) is in
+tests/root/test_daemon_root.py."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import msgspec
+import pytest
+
+from fcrun import paths
+from fcrun.errors import NotFound, SpecError
+from fcrun.forkserver import protocol as p
+from fcrun.forkserver.server import ForkServer
+from fcrun_cli import fast
+
+NO_ENV: dict[str, str] = {}
+
+
+def parse(*argv: str, environ=NO_ENV):
+    return fast.parse(list(argv), environ)
+
+
+def test_defaults_are_fcruns():
+    assert (fast.DEFAULT_DATA_ROOT, fast.DEFAULT_RUN_ROOT, fast.DEFAULT_CGROUP_PARENT, fast.DEFAULT_BRIDGE,
+            fast.DEFAULT_SUBNET) == (paths.DEFAULT_DATA_ROOT, paths.DEFAULT_RUN_ROOT, paths.DEFAULT_CGROUP_PARENT,
+                                     paths.DEFAULT_BRIDGE, paths.DEFAULT_SUBNET)
+
+
+def test_the_run_command_line_becomes_run_fields():
+    path, run = parse("run", "-i", "busybox", "--name=web", "-d", "--cpu", "0.3", "-m", "64M", "--pids", "20",
+                      "--hostname", "h", "-e", "A=1", "--env", "B=2", "--net", "none", "-w", "/tmp", "-u", "1:2",
+                      "--read-only", "--no-init", "--entrypoint", "sh", "--", "-c", "echo --name")
+    assert path == "/run/fcrun/forkserver.sock"
+    assert run == {
+        "image": "busybox", "name": "web", "detach": True, "cpu": "0.3", "memory": "64M", "pids": 20,
+        "hostname": "h", "env": ["A=1", "B=2"], "network": "none", "workdir": "/tmp", "user": "1:2",
+        "read_only": True, "init": False, "entrypoint": "sh", "args": ["-c", "echo --name"],
+        "data_root": "/var/lib/fcrun", "cgroup_parent": "fcrun", "bridge": "fcrun0", "subnet": "10.88.0.0/16",
+    }
+
+
+def test_options_may_follow_command_words_as_click_reads_them():
+    _, run = parse("run", "--image", "busybox", "echo", "hi", "-d")
+    assert run["args"] == ["echo", "hi"] and run["detach"] is True
+
+
+def test_roots_and_network_come_from_global_options_then_the_environment():
+    env = {"FCRUN_ROOT": "/d", "FCRUN_RUN": "/r", "FCRUN_CGROUP_PARENT": "cg", "FCRUN_BRIDGE": "br0",
+           "FCRUN_SUBNET": "10.1.0.0/24"}
+    path, run = parse("run", "--image", "busybox", environ=env)
+    assert path == "/r/forkserver.sock"
+    assert (run["data_root"], run["cgroup_parent"], run["bridge"], run["subnet"]) == ("/d", "cg", "br0", "10.1.0.0/24")
+    path, run = parse("--state", "/s", "--root=/x", "--bridge", "b1", "run", "--image", "busybox", environ=env)
+    assert path == "/s/forkserver.sock" and run["data_root"] == "/x" and run["bridge"] == "b1"
+
+
+@pytest.mark.parametrize("argv", [
+    ["ps"], [], ["--version"], ["--help"], ["run", "--help"], ["run", "-h"],
+    ["run"],                                            # --image missing: click's error
+    ["run", "--image", "busybox", "--keep", "true"],    # not in the thin path
+    ["run", "--image", "busybox", "--nope"],            # unknown option: click's error
+    ["run", "--image", "busybox", "sh", "-c", "x"],     # -c is an option to click too: its error
+    ["run", "--image", "busybox", "--pids", "x"],       # click's "not a valid integer"
+    ["run", "--image", "busybox", "--net", "wifi"],     # click's choice error
+    ["run", "--image", "busybox", "--name"],            # a value missing
+    ["run", "--image", "busybox", "--cpu", "-1"],       # a value that looks like an option
+    ["run", "-dibusybox"],                              # combined short options
+    ["run", "--detach=1", "--image", "busybox"],
+    ["--cgroup-parent", "", "run", "--image", "busybox"],
+    ["--debug", "run", "--image", "busybox"],
+    ["run", "--image", "busybox", "--", "\udcff"],       # argv that is not UTF-8
+])
+def test_anything_else_falls_back_to_click(argv):
+    with pytest.raises(fast.Fallback):
+        fast.parse(argv, NO_ENV)
+
+
+def test_no_fork_server_falls_back(tmp_path):
+    with pytest.raises(fast.Fallback):
+        fast.connect(str(tmp_path / "forkserver.sock"))
+
+
+def test_without_a_fork_server_the_cli_is_clicks(tmp_path):
+    env = dict(os.environ, FCRUN_RUN=str(tmp_path / "run"), FCRUN_ROOT=str(tmp_path / "data"))
+    r = subprocess.run([sys.executable, "-m", "fcrun_cli", "run", "--image", "busybox", "--net", "wifi"],
+                       env=env, capture_output=True, text=True, timeout=30)
+    assert r.returncode == 2 and "Invalid value for '--net'" in r.stderr, r.stderr
+    r = subprocess.run([sys.executable, "-m", "fcrun_cli", "--version"], env=env, capture_output=True, text=True,
+                       timeout=30)
+    assert r.returncode == 0 and "fcrun, version" in r.stdout
+
+
+def test_the_fast_path_imports_neither_click_nor_msgspec_nor_fcrun():
+    code = ("import sys, fcrun_cli.fast as f; f.parse(['run', '--image', 'busybox', 'true'], {}); "
+            "print(sorted(m for m in sys.modules if m.split('.')[0] in ('click', 'msgspec', 'fcrun')))")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=30, check=True)
+    assert r.stdout.strip() == "[]"
+
+
+# ----- the msgpack of fast.py against msgspec's -------------------------------------------------
+
+
+def test_a_fast_run_frame_is_a_protocol_run():
+    _, fields = parse("run", "--image", "busybox", "--cpu", "0.5", "--pids", "300", "-e", "K=" + "v" * 300,
+                      "--", *[f"a{i}" for i in range(20)])
+    body = fast.frame({"type": "Run", **fields})[4:]
+    request = p.decode_request(body)
+    assert isinstance(request, p.Run)
+    assert request.args == [f"a{i}" for i in range(20)] and request.env == ["K=" + "v" * 300]
+    assert (request.cpu, request.pids, request.detach, request.init) == ("0.5", 300, False, True)
+    assert p.decode_request(fast.frame({"type": "Signal", "signal": 15})[4:]) == p.Signal(signal=15)
+
+
+@pytest.mark.parametrize("value", [None, True, False, 0, 127, 128, -1, -33, 1 << 40, -(1 << 40), 0.5, "", "x" * 31,
+                                   "é" * 40, "y" * 70000, [], list(range(20)), {"a": [1, {"b": None}]},
+                                   {str(i): i for i in range(20)}])
+def test_fast_msgpack_round_trips_with_msgspec(value):
+    assert fast.decode(msgspec.msgpack.encode(value)) == value
+    if not isinstance(value, float):
+        assert msgspec.msgpack.decode(fast.encode(value)) == value
+
+
+def test_replies_decode_in_the_thin_client():
+    assert fast.decode(p.frame(p.Exited(code=143))[4:]) == {"type": "Exited", "code": 143}
+    assert fast.decode(p.frame(p.Detached(name="web"))[4:]) == {"type": "Detached", "name": "web"}
+    failed = fast.decode(p.frame(p.Failed(kind="NotFound", message="image 'x' not found", http_status=404,
+                                          exit_code=3))[4:])
+    assert failed == {"type": "Failed", "kind": "NotFound", "message": "image 'x' not found", "http_status": 404,
+                      "exit_code": 3}
+
+
+@pytest.mark.parametrize("data", [b"", b"\x81", b"\xa5abc", b"\xc1", b"\x01\x02"])
+def test_bad_msgpack_is_a_value_error(data):
+    with pytest.raises(ValueError):
+        fast.decode(data)
+
+
+# ----- Run and Signal in the protocol and the server (no socket, no containers) -------------------
+
+
+@pytest.mark.parametrize("request_, where", [
+    (p.Run(image="busybox", name="bad name"), "--name"),
+    (p.Run(image="busybox", network="wifi"), "$.network"),
+    (p.Run(image="busybox", args=["a\0b"]), "$.args[0]"),
+    (p.Signal(signal=0), "$.signal"),
+    (p.Signal(signal=65), "$.signal"),
+])
+def test_run_and_signal_are_rechecked(request_, where):
+    with pytest.raises(SpecError, match=f"at {where.replace('$', '[$]').replace('[0]', '.0.')}"):
+        p.check_request(request_)
+
+
+def test_unknown_run_fields_are_refused():
+    with pytest.raises(SpecError, match="privileged"):
+        p.decode_request(msgspec.msgpack.encode({"type": "Run", "image": "busybox", "privileged": True}))
+
+
+class FakeImages:
+    def get(self, name):
+        raise NotFound(f"image {name!r} not found")
+
+
+class FakeRuntime:
+    def __init__(self):
+        self.paths = paths.Paths(data_root="/var/lib/fcrun", run_root="/run/fcrun")
+        self.cgroup_parent, self.bridge, self.subnet = "fcrun", "fcrun0", "10.88.0.0/16"
+        self.images = FakeImages()
+        self.runs = []
+
+    def run(self, *args, **kwargs):
+        self.runs.append((args, kwargs))
+        raise AssertionError("nothing should be created")
+
+
+class FakePool:
+    def __init__(self):
+        self.runtime = FakeRuntime()
+
+
+def _server_and_fds():
+    server = ForkServer(FakePool(), listener=None)
+    conn = object()
+    fds = [os.open("/dev/null", os.O_RDONLY) for _ in range(3)]
+    server.fds[conn] = list(fds)
+    return server, conn, fds
+
+
+def _is_closed(fd: int) -> bool:
+    try:
+        os.fstat(fd)
+    except OSError:
+        return True
+    return False
+
+
+def test_a_fork_server_set_up_differently_refuses_and_closes_the_fds():
+    server, conn, fds = _server_and_fds()
+    body = p.frame(p.Run(image="busybox", bridge="other0"))[4:]
+    reply = server._handle(body, conn)
+    assert isinstance(reply, p.Failed) and reply.kind == "Mismatch" and "other0" in reply.message
+    assert all(_is_closed(fd) for fd in fds) and server.fds == {}
+    assert server.runtime.runs == []
+
+
+@pytest.mark.parametrize("run, kind, code, text", [
+    (p.Run(image="missing"), "NotFound", 3, "image 'missing' not found"),
+    (p.Run(image="busybox", cpu="abc"), "SpecError", 2, "(at --cpu)"),
+    (p.Run(image="busybox", memory="lots"), "SpecError", 2, "(at --memory)"),
+    (p.Run(image="busybox", pids=0), "SpecError", 2, "invalid --pids 0: must be >= 1 (at --pids)"),
+])
+def test_bad_run_input_gets_the_clis_error_and_exit_code(run, kind, code, text):
+    server, conn, fds = _server_and_fds()
+    reply = server._handle(p.frame(run)[4:], conn)
+    assert isinstance(reply, p.Failed) and (reply.kind, reply.exit_code) == (kind, code), reply
+    assert text in reply.message
+    assert all(_is_closed(fd) for fd in fds)
+    assert server.runtime.runs == [] and server.runs == {}
+
+
+def test_a_foreground_run_needs_the_three_stdio_fds():
+    server = ForkServer(FakePool(), listener=None)
+    reply = server._handle(p.frame(p.Run(image="busybox"))[4:], object())
+    assert isinstance(reply, p.Failed) and reply.exit_code == 2 and "3 fds" in reply.message
+
+
+def test_a_signal_without_a_run_is_ignored():
+    server = ForkServer(FakePool(), listener=None)
+    assert server._handle(p.frame(p.Signal(signal=15))[4:], object()) is None
