@@ -538,13 +538,13 @@ class Runtime:
             res.pids = PidsResources(limit=pids_max)
         fields = []
         if cpu is not None:
-            fields.append("cpu_quota_us")
+            fields += ["cpu_quota_us", "cpu_period_us"]  # both known: no read of the kernel's first
         if memory_bytes is not None:
             fields.append("memory_bytes")
         if pids_max is not None:
             fields.append("pids_max")
         self._cgroup(state).update(limits_from_spec(msgspec.structs.replace(
-            state.spec, linux=msgspec.structs.replace(state.spec.linux, resources=res))), fields)
+            state.spec, linux=msgspec.structs.replace(state.spec.linux, resources=res))), fields, read_back=False)
         state.spec.linux.resources = res
 
     def fill_slot(self, name: str, source: str) -> None:

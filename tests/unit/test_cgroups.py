@@ -823,3 +823,16 @@ def test_load_rejects_foreign_paths(tmp_path, change):
     driver = host.detect()
     with pytest.raises(SpecError, match="cgroup.paths"):
         driver.load(change(driver.paths_for("w")))
+
+
+def test_update_without_read_back_writes_and_returns_none(tmp_path):
+    # The fork-server's claim path: both cpu fields given, nothing read back from the kernel.
+    (tmp_path / "v1").mkdir()
+    (tmp_path / "v2").mkdir()
+    for host in (v1_host(tmp_path / "v1"), v2_host(tmp_path / "v2")):
+        cg = host.detect().create("w", Limits(cpu_quota_us=100_000, cpu_period_us=100_000, memory_bytes=512 << 20))
+        host.kernel.writes.clear()
+        assert cg.update(Limits(cpu_quota_us=30_000, cpu_period_us=100_000, memory_bytes=256 << 20),
+                         {"cpu_quota_us", "cpu_period_us", "memory_bytes"}, read_back=False) is None
+        assert host.writes()
+        assert cg.limits() == Limits(cpu_quota_us=30_000, cpu_period_us=100_000, memory_bytes=256 << 20)

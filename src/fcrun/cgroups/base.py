@@ -302,8 +302,9 @@ class Cgroup(abc.ABC):
     def exists(self) -> bool:
         return any(self._io.exists(d) for d in self.dirs())
 
-    def update(self, limits: Limits, fields: Collection[str] | None = None) -> Limits:
-        """Change limits of the running cgroup; returns the limits now in force.
+    def update(self, limits: Limits, fields: Collection[str] | None = None, read_back: bool = True) -> Limits | None:
+        """Change limits of the running cgroup; returns the limits now in force (read from the
+        kernel; None with read_back=False, which spares those reads).
 
         Only ``fields`` (names of Limits fields) are written; None means all of them. A field
         whose value is None is set to unlimited. Changing only one of cpu_quota_us /
@@ -319,7 +320,7 @@ class Cgroup(abc.ABC):
         unknown = fields - set(LIMIT_FIELDS)
         if unknown:
             raise SpecError(f"unknown limit field(s) {sorted(unknown)}; known: {list(LIMIT_FIELDS)}", "fields")
-        if fields & CPU_FIELDS:
+        if fields & CPU_FIELDS and not CPU_FIELDS <= fields:
             # The other half of the cpu pair comes from the kernel, so read before merging.
             merged = msgspec.structs.replace(self.limits(), **{f: getattr(limits, f) for f in fields})
             fields |= CPU_FIELDS
@@ -327,7 +328,7 @@ class Cgroup(abc.ABC):
             merged = limits
         self._check_controllers(merged, fields)
         self._apply(merged, fields)
-        return self.limits()
+        return self.limits() if read_back else None
 
     def pids(self) -> list[int]:
         """Every process in this cgroup and its child cgroups, sorted; [] once it is gone.

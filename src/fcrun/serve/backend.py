@@ -52,6 +52,7 @@ class Started:
     ip: str
     port: int
     path: str = "start"  # "pool": a pre-warmed instance claimed from the fork-server's pool
+    forkserver_ms: float | None = None  # the fork-server's own time for it
 
 
 @dataclass
@@ -162,7 +163,7 @@ class RuntimeBackend:
                 reply = await self.forkserver.request(fsp.Claim(image=app.image, labels=labels, limits=limits,
                                                                 docroot=app.docroot))
                 if isinstance(reply, fsp.Made):
-                    return Started(name=reply.name, ip=reply.ip, port=port, path="pool")
+                    return Started(name=reply.name, ip=reply.ip, port=port, path="pool", forkserver_ms=reply.ms)
                 if isinstance(reply, fsp.Failed):
                     log.warning("claiming a pooled instance for %s: %s", app.name, reply.message)
             name = instance_name(app.name)
@@ -179,7 +180,7 @@ class RuntimeBackend:
             with contextlib.suppress(FcrunError, OSError):
                 await self._call(self.runtime.delete, reply.name, True)
             raise
-        return Started(name=reply.name, ip=reply.ip, port=port, path="start")
+        return Started(name=reply.name, ip=reply.ip, port=port, path="start", forkserver_ms=reply.ms)
 
     async def freeze(self, name: str) -> None:
         await self._call(self.runtime.freeze, name)

@@ -305,7 +305,8 @@ class Manager:
         self._record_instance(instance)
         how = "claimed from the pool" if instance.start_path == "pool" else "started"
         self._event(app.name, "start", f"{how} {instance.name} at {instance.ip}:{instance.port} in {ms:.0f} ms",
-                    {"instance": instance.name, "ms": round(ms, 1), "path": instance.start_path})
+                    {"instance": instance.name, "ms": round(ms, 1), "path": instance.start_path,
+                     "forkserver_ms": getattr(started, "forkserver_ms", None)})
         self._watch()
         return instance
 
