@@ -354,17 +354,21 @@ def events(ctx: click.Context, app_name: str | None, since_id: int | None, limit
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
 @click.pass_context
 def stats(ctx: click.Context, app_name: str | None, as_json: bool):
-    """Per-app metering: requests by status class, processing, CPU and instance seconds."""
+    """Per-app metering: requests by status class, processing, CPU and instance seconds,
+    instances (ready/all, frozen), and how requests that found no ready instance got one
+    (thawed / claimed from the pool / started)."""
     with connect(ctx) as admin:
         found = admin.stats(app_name)
     if as_json:
         click.echo(msgspec.json.format(msgspec.json.encode(found), indent=2).decode())
         return
-    table = [("APP", "REQUESTS", "2XX", "3XX", "4XX", "5XX", "REQUEST-S", "CPU-S", "INSTANCE-S", "INSTANCES")]
+    table = [("APP", "REQUESTS", "2XX", "3XX", "4XX", "5XX", "REQUEST-S", "CPU-S", "INSTANCE-S", "INSTANCES",
+              "FROZEN", "THAW/POOL/START")]
     for name, s in sorted(found.items()):
         table.append((name, str(s.requests), *(str(s.status.get(c, 0)) for c in ("2xx", "3xx", "4xx", "5xx")),
                       f"{s.request_seconds:.3f}", f"{s.cpu_seconds:.3f}", f"{s.instance_seconds:.1f}",
-                      f"{s.instances.ready}/{s.instances.total}"))
+                      f"{s.instances.ready}/{s.instances.total}", str(s.instances.frozen),
+                      "/".join(str(s.cold_paths.get(p, 0)) for p in ("thaw", "pool", "start"))))
     _print_table(table)
 
 

@@ -232,6 +232,6 @@ def test_stats_and_events_on_an_empty_cmdb(cli):
     result = cli("stats")
     assert result.exit_code == 0, result.output
     assert result.output.split() == ["APP", "REQUESTS", "2XX", "3XX", "4XX", "5XX", "REQUEST-S", "CPU-S",
-                                     "INSTANCE-S", "INSTANCES"]
+                                     "INSTANCE-S", "INSTANCES", "FROZEN", "THAW/POOL/START"]
     result = cli("events")
     assert result.exit_code == 0 and result.output == ""
