@@ -14,7 +14,8 @@ listen=127.0.0.1:8080
 
 $fcrun image build apache-php
 $fcrun app rm demo.test >/dev/null 2>&1 || true
-$fcrun app add demo.test --image apache-php --docroot "$PWD/examples/demo-site" --cpu 0.3 --memory 512M --idle-timeout 20s
+$fcrun app add demo.test --image apache-php --docroot "$PWD/examples/demo-site" --cpu 0.3 --memory 512M \
+    --freeze-after 2s --idle-timeout 20s
 
 $fcrun serve --listen "$listen" &
 serve_pid=$!
@@ -32,15 +33,22 @@ conn.request("GET", "/", headers={"Host": sys.argv[1]})
 r = conn.getresponse()
 body = r.read().decode().strip()
 cold = r.getheader("X-Fcrun-Cold-Start")
-how = f"cold start via {r.getheader('X-Fcrun-Cold-Start-Path')}: {cold} ms" if cold else "already running"
-print(f"  {r.status} in {(time.perf_counter() - t) * 1000:.1f} ms ({how}): {body}")
+how = f" (cold start via {r.getheader('X-Fcrun-Cold-Start-Path')}: {cold} ms)" if cold else (
+    " (already running)" if r.status == 200 else "")
+print(f"  {r.status} in {(time.perf_counter() - t) * 1000:.1f} ms{how}: {body}")
 PY
 }
-echo "== no container runs yet:"; $fcrun ps
-echo "== first request (the container starts on it):"; get demo.test
+# The fork-server pre-warms instances for the app's image (Apache/PHP up, then frozen, no app yet).
+for _ in $(seq 100); do
+    $fcrun ps | awk '$2 == "frozen" && $NF == "-"' | grep -q . && break
+    sleep 0.1
+done
+echo "== no instance of demo.test yet; the pool's pre-warmed ones (APP -):"; $fcrun ps
+echo "== first request (a pooled instance is claimed for demo.test):"; get demo.test
 echo "== second request:"; get demo.test
+echo "== idle for 3 s: the instance is frozen (freeze-after 2s):"; sleep 3; $fcrun ps
+echo "== the next request thaws it:"; get demo.test
 echo "== unknown host:"; get nobody.test || true
-$fcrun ps
 $fcrun stats
 if [ "$keep" = "--keep" ]; then
     echo "== serving http://$listen/ (Host: demo.test); Ctrl-C to stop"
