@@ -383,3 +383,47 @@ def test_the_hot_spare_is_thawed_when_idle_and_claimed_first():
     pool.step(clock.now)
     assert ("thaw", frozen.name) in runtime.calls
     assert pool.ready["apache-php"][0].thawed
+
+
+# ----- serve's side: the asyncio client and the supervisor ----------------------------------------
+
+
+def test_a_stuck_forkserver_is_killed_and_its_requests_fail_clearly():
+    import asyncio
+    import socket
+
+    from fcrun.forkserver.client import AsyncClient, ForkServerGone, Supervisor
+
+    class FakeProcess:
+        pid, returncode = 4242, None
+
+        def __init__(self):
+            self.signals = []
+
+        def send_signal(self, sig):
+            self.signals.append(sig)
+
+    async def main():
+        ours, theirs = socket.socketpair()
+        reader, writer = await asyncio.open_unix_connection(sock=ours)
+        sup = Supervisor("/nonexistent.sock", [])
+        sup.client, sup.process = AsyncClient(reader, writer), FakeProcess()
+        sup._up.set()
+        with pytest.raises(ForkServerGone, match="did not answer within 0.05s"):
+            await sup.request(p.Status(), timeout_s=0.05)  # `theirs` reads nothing, answers nothing
+        assert sup.process.signals == [9] and sup.client.broken
+        with pytest.raises(ForkServerGone, match="restarting"):
+            await sup.request(p.Status())  # until a new one is up
+        sup.client.close()
+        theirs.close()
+
+        # A fork-server that dies mid-request: the request fails, it does not hang.
+        ours, theirs = socket.socketpair()
+        reader, writer = await asyncio.open_unix_connection(sock=ours)
+        client = AsyncClient(reader, writer)
+        asyncio.get_running_loop().call_later(0.02, theirs.close)
+        with pytest.raises(ForkServerGone, match="went away"):
+            await client.request(p.Status())
+        client.close()
+
+    asyncio.run(main())

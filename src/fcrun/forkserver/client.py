@@ -19,6 +19,7 @@ from . import protocol as p
 log = logging.getLogger("fcrun.serve")
 
 READY_TIMEOUT_S = 15.0
+REQUEST_TIMEOUT_S = 60.0  # a fork-server that takes longer to answer is deemed stuck: killed, restarted
 RESTART_DELAYS_S = (0.05, 0.2, 1.0, 5.0)  # after repeated deaths, wait longer
 
 
@@ -177,11 +178,20 @@ class Supervisor:
                 except Exception:  # noqa: BLE001 - logged; serving goes on
                     log.exception("reconciling after a fork-server restart")
 
-    async def request(self, message: p.Request) -> p.Reply:
+    async def request(self, message: p.Request, timeout_s: float = REQUEST_TIMEOUT_S) -> p.Reply:
+        """One request. Raises ForkServerGone when it is down, dies before replying, or is stuck
+        (no reply within timeout_s: it is then killed, and restarted like after a crash)."""
         client = self.client
         if client is None or client.broken or not self._up.is_set():
             raise ForkServerGone("the fork-server is restarting")
-        return await client.request(message)
+        try:
+            return await asyncio.wait_for(client.request(message), timeout_s)
+        except asyncio.TimeoutError:
+            client.broken = True  # a reply may still come: this connection is out of step
+            log.error("the fork-server did not answer within %gs: killing it", timeout_s)
+            with contextlib.suppress(ProcessLookupError):
+                self.process.send_signal(signal.SIGKILL)
+            raise ForkServerGone(f"the fork-server did not answer within {timeout_s:g}s") from None
 
     async def set_pool(self, sizes: dict[str, int]) -> None:
         self.pool_sizes = dict(sizes)
