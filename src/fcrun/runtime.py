@@ -188,6 +188,7 @@ class Runtime:
         self._network = None
         self._images = None
         self._cap_last: int | None = None
+        self._loaded_cgroups: dict[tuple, Cgroup] = {}
 
     # ----- collaborators, made on first use -------------------------------------------------
 
@@ -482,7 +483,16 @@ class Runtime:
         return state
 
     def _cgroup(self, state: ContainerState) -> Cgroup:
-        return self.cgroups.load(state.cgroup_paths)
+        # load() re-checks persisted paths (they may come from another process's state file):
+        # 0.15 ms, several times per operation. The checked result is kept: a Cgroup holds no
+        # more than its driver and paths, which never change for a given set of paths.
+        key = tuple(sorted(state.cgroup_paths.items()))
+        cgroup = self._loaded_cgroups.get(key)
+        if cgroup is None:
+            if len(self._loaded_cgroups) >= 4096:
+                self._loaded_cgroups.clear()
+            cgroup = self._loaded_cgroups[key] = self.cgroups.load(state.cgroup_paths)
+        return cgroup
 
     # ----- operations on existing containers -----------------------------------------------
 
