@@ -13,7 +13,8 @@ background noise hits all of them alike:
                with no fork-server running: the click CLI does all the work in the new process
   (b') cli_daemon: the same command while a fork-server (`fcrun daemon`, started here on its
                own run root) listens: the thin client sends it a Run with its stdio and waits
-               for the exit code (fcrun_cli/fast.py). Both CLI contenders run with Python's
+               for the exit code (fcrun_cli/fast.py, started by the `fcrun` launcher
+               cli/fcrun with `python3 -S -E`). Both CLI contenders run with Python's
                bytecode cache allowed (PYTHONDONTWRITEBYTECODE dropped), as an installed command.
   (c) runc:    `runc run --bundle B` on the image's layer as a read-only root (runc removes
                its state on exit). No overlay, no writable layer: less work than (a) does.

@@ -3,10 +3,11 @@
 `fcrun run ...` with a fork-server listening at <run root>/forkserver.sock (`fcrun daemon`,
 or `fcrun serve`'s) is sent there as one `Run` request, with this process's stdin, stdout and
 stderr passed along (SCM_RIGHTS); the fork-server creates the container attached to them and
-answers with its exit code once it exited and was removed. This process forwards the signals
+answers with its exit code once it exited (and removes it right after). This process forwards the signals
 the in-process CLI forwards, and exits with that code. Nothing else is imported: no click, no
 msgspec, no fcrun (start-up time is most of a short `fcrun run`), so this module uses the
-standard library's built-in modules only and speaks the little msgpack it needs itself.
+interpreter's built-in modules only (not even os: the `fcrun` launcher starts Python without
+site, and there importing os costs ~1.2 ms) and speaks the little msgpack it needs itself.
 
 Everything else goes to the click CLI (fcrun_cli.main), in this process, as before: other
 commands, no fork-server, not root, an option or value this parser does not take as certainly
@@ -19,12 +20,10 @@ cgroup parent or network than this command line would use.
         |  <--  Exited(code) | Detached(name) | Failed(kind, message, exit_code)
 """
 
-from __future__ import annotations
-
-import os
-import sys
+import sys  # no `from __future__ import annotations`: the module __future__ is one import more
 
 import _signal
+import posix
 import _socket
 import _struct
 
@@ -56,7 +55,7 @@ class Fallback(Exception):
     """Not for the thin client: the click CLI handles this command line."""
 
 
-def parse(argv: list[str], environ=os.environ) -> tuple[str, dict]:
+def parse(argv: list[str], environ: dict[str, str] | None = None) -> tuple[str, dict]:
     """`fcrun [global options] run [options] [--] COMMAND...` -> (socket path, Run fields).
 
     Raises:
@@ -73,8 +72,10 @@ def parse(argv: list[str], environ=os.environ) -> tuple[str, dict]:
         raise Fallback("not `fcrun run`")
     i += 1
 
+    getenv = _getenv if environ is None else environ.get
+
     def setting(opt: str, default: str) -> str:
-        return settings.get(opt) or environ.get(GLOBAL_OPTIONS[opt]) or default
+        return settings.get(opt) or getenv(GLOBAL_OPTIONS[opt]) or default
 
     run: dict = {"args": [], "env": []}
     flags: set[str] = set()
@@ -113,7 +114,7 @@ def parse(argv: list[str], environ=os.environ) -> tuple[str, dict]:
     run["detach"] = "detach" in flags
     run["read_only"] = "read_only" in flags
     run["init"] = "no_init" not in flags
-    run["data_root"] = os.path.abspath(setting("--root", DEFAULT_DATA_ROOT))
+    run["data_root"] = abspath(setting("--root", DEFAULT_DATA_ROOT))
     run["cgroup_parent"] = setting("--cgroup-parent", DEFAULT_CGROUP_PARENT)
     run["bridge"] = setting("--bridge", DEFAULT_BRIDGE)
     run["subnet"] = setting("--subnet", DEFAULT_SUBNET)
@@ -122,8 +123,28 @@ def parse(argv: list[str], environ=os.environ) -> tuple[str, dict]:
     for key in ("image", "name", "cpu", "memory", "hostname", "workdir", "user", "entrypoint"):
         if key in run:
             _check_text(run[key])
-    run_root = os.path.abspath(setting("--state", DEFAULT_RUN_ROOT))
-    return os.path.join(run_root, SOCKET_NAME), run
+    run_root = abspath(setting("--state", DEFAULT_RUN_ROOT))
+    return run_root.rstrip("/") + "/" + SOCKET_NAME, run
+
+
+def _getenv(name: str) -> str | None:
+    """os.environ.get(name), from posix.environ (bytes), decoded as os.environ decodes it."""
+    value = posix.environ.get(name.encode())
+    return None if value is None else value.decode("utf-8", "surrogateescape")
+
+
+def abspath(path: str) -> str:
+    """os.path.abspath(path) (a unit test compares them), without os."""
+    if not path.startswith("/"):
+        path = posix.getcwd() + "/" + path
+    parts: list[str] = []
+    for part in path.split("/"):
+        if part == "..":
+            if parts:
+                parts.pop()
+        elif part and part != ".":
+            parts.append(part)
+    return ("//" if path.startswith("//") and not path.startswith("///") else "/") + "/".join(parts)
 
 
 def _option(argv: list[str], i: int) -> tuple[str, str, int]:
@@ -305,7 +326,7 @@ def run(path: str, fields: dict) -> int:
     if not detach:
         for fd in (0, 1, 2):
             try:
-                os.fstat(fd)
+                posix.fstat(fd)
             except OSError:
                 raise Fallback(f"fd {fd} is not open") from None
     sock = connect(path)

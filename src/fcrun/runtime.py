@@ -22,6 +22,7 @@ import select
 import shutil
 import signal
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import msgspec
@@ -631,13 +632,20 @@ class Runtime:
             self.states.save(state)
             return state
 
-    def delete(self, name: str, force: bool = False) -> None:
-        """Remove a stopped container (force: kill it first) and everything it held."""
+    def delete(self, name: str, force: bool = False, *, locked: Callable[[], object] | None = None) -> None:
+        """Remove a stopped container (force: kill it first) and everything it held.
+
+        `locked`: called once the container's lock is held, before anything is removed. The
+        fork-server answers a Run's client there: from then on whoever wants the name waits
+        for the removal (StateStore.reserve), so the client need not wait for it.
+        """
         require_root()
         with self.states.locked(name):
             state = self.state(name)
             if state.status != "stopped" and state.status != "creating" and not force:
                 raise IncorrectStatus(f"cannot remove container {name!r}: it is {state.status} (stop it first, or use rm -f)")
+            if locked is not None:
+                locked()
             self._teardown(state)
 
     def _teardown(self, state: ContainerState) -> None:

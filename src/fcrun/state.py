@@ -134,7 +134,16 @@ class StateStore:
         try:
             os.mkdir(path, 0o700)
         except FileExistsError:
-            raise AlreadyExists(f"container name {name!r} is already in use (see `fcrun ps`; `fcrun rm -f {name}` removes it)") from None
+            # A container being removed holds its lock until it is gone, and may already have
+            # told its owner it ended (the fork-server answers `fcrun run` before it removes
+            # the container): wait for the removal, then the name may be free.
+            with contextlib.suppress(NotFound):
+                with self.locked(name):
+                    pass
+            try:
+                os.mkdir(path, 0o700)
+            except FileExistsError:
+                raise AlreadyExists(f"container name {name!r} is already in use (see `fcrun ps`; `fcrun rm -f {name}` removes it)") from None
         return path
 
     def save(self, state: ContainerState) -> None:

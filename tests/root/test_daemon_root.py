@@ -13,6 +13,8 @@ import time
 import pytest
 from hostcheck import BRIDGE, CGROUP_PARENT, SUBNET
 
+from fcrun import RunOptions, spec_from_image
+
 pytestmark = [pytest.mark.root]
 
 # Runs the `fcrun` entry point and says at exit which path served it: "thin" (nothing but the
@@ -64,7 +66,17 @@ def names(env) -> list[str]:
     return fcrun(env, "ps", "-q")[1].split()
 
 
-def test_exit_codes_and_stdio_pass_through_the_fork_server(daemon, env):
+def settled(run_root) -> None:
+    """Return once the fork-server handled what came before: it removes a Run's container
+    right after its client got Exited, and before it reads the next request (this Status)."""
+    from fcrun.forkserver import Client
+    from fcrun.forkserver import protocol as p
+
+    with Client(os.path.join(run_root, "forkserver.sock")) as client:
+        assert isinstance(client.request(p.Status()), p.PoolStatus)
+
+
+def test_exit_codes_and_stdio_pass_through_the_fork_server(daemon, env, run_root):
     assert fcrun(env, "run", "--image", "busybox", "--net", "none", "--", "sh", "-c",
                  "echo hello; echo oops >&2; exit 3") == (3, "hello\n", "oops\n", "thin")
     assert fcrun(env, "run", "--image", "busybox", "--net", "none", "--", "cat", input="piped in\n") == \
@@ -77,7 +89,56 @@ def test_exit_codes_and_stdio_pass_through_the_fork_server(daemon, env):
         "-u", "1000:1000", "-w", "/tmp", "--hostname", "box", "--net", "bridge", "--",
         "sh", "-c", 'echo "$GREETING $(id -u):$(id -g) $(pwd) $(hostname)"; ip -4 addr show eth0 | grep -c inet')
     assert (code, out, path) == (0, "hi 1000:1000 /tmp box\n1\n", "thin"), err
-    assert names(env) == []  # a foreground container is removed before the client returns
+    settled(run_root)
+    assert names(env) == []  # a foreground container is removed once it exited
+
+
+def test_a_name_is_free_again_as_soon_as_the_client_returns(daemon, env, runtime, busybox):
+    """The fork-server answers Exited before it removes the container, holding its lock: the
+    same name right after, through the fork-server or in another process, must still work."""
+    for i in range(3):
+        assert fcrun(env, "run", "--name", "again", "--image", "busybox", "--net", "none", "--", "echo", str(i)) == \
+            (0, f"{i}\n", "", "thin")
+        # In this process, at once (StateStore.reserve waits for the removal), not via the fork-server.
+        spec = spec_from_image(busybox, RunOptions(args=["true"], network="none"), name="again")
+        assert runtime.run("again", spec, image=busybox).wait() == 0
+        runtime.delete("again")
+    assert names(env) == []
+
+
+def _ppid(pid: int) -> int:
+    with open(f"/proc/{pid}/status") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith("PPid:"))
+
+
+def test_the_installed_fcrun_launcher_goes_through_the_fork_server(daemon, env, runtime):
+    """The `fcrun` command beside this interpreter (cli/fcrun, a /bin/sh launcher): its
+    container is the fork-server's (forked by it, or by its spawner), not the client's."""
+    launcher = os.path.join(os.path.dirname(sys.executable), "fcrun")
+    with open(launcher) as f:
+        assert f.readline() == "#!/bin/sh\n"
+    r = subprocess.run([launcher, "run", "--image", "busybox", "--net", "none", "--", "sh", "-c", "echo hi; exit 5"],
+                       env=env, capture_output=True, text=True, timeout=60)
+    assert (r.returncode, r.stdout, r.stderr) == (5, "hi\n", "")
+    with subprocess.Popen([launcher, "run", "--name", "whose", "--image", "busybox", "--net", "none", "--",
+                           "sh", "-c", "echo up; exec sleep 60"], env=env, stdout=subprocess.PIPE, text=True) as client:
+        try:
+            assert client.stdout.readline() == "up\n"
+            parent = _ppid(runtime.state("whose").pid)
+            assert daemon.pid in (parent, _ppid(parent)) and client.pid not in (parent, _ppid(parent))
+        finally:
+            client.kill()
+            client.wait()
+    # Every other command goes to the click CLI (site loaded then), in the same process. The
+    # fork-server removes "whose" once it sees its client's connection closed.
+    deadline = time.monotonic() + 15
+    while True:
+        r = subprocess.run([launcher, "ps", "-q"], env=env, capture_output=True, text=True, timeout=60)
+        assert (r.returncode, r.stderr) == (0, ""), r.stderr
+        if r.stdout == "":
+            break
+        assert time.monotonic() < deadline, r.stdout
+        time.sleep(0.05)
 
 
 def test_signals_are_forwarded_to_the_container(daemon, env):

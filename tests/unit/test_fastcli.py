@@ -5,6 +5,7 @@ tests/root/test_daemon_root.py."""
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
 
@@ -99,6 +100,69 @@ def test_the_fast_path_imports_neither_click_nor_msgspec_nor_fcrun():
             "print(sorted(m for m in sys.modules if m.split('.')[0] in ('click', 'msgspec', 'fcrun')))")
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=30, check=True)
     assert r.stdout.strip() == "[]"
+
+
+@pytest.mark.parametrize("path", ["/var/lib/fcrun", "/x/y/", "/a/b/../c", "x/./y/", "/", "//a//b/", "///x", "..",
+                                  "/..", "a/../../b", ".", "run"])
+def test_abspath_is_os_paths(path):
+    assert fast.abspath(path) == os.path.abspath(path)
+
+
+def test_the_environment_is_read_as_os_environ_reads_it(monkeypatch):
+    monkeypatch.setenv("FCRUN_STATE_TEST", "/r\udcffun")  # not UTF-8: surrogate-escaped, as os.environ has it
+    assert fast._getenv("FCRUN_STATE_TEST") == os.environ["FCRUN_STATE_TEST"]
+    assert fast._getenv("FCRUN_NOT_SET_EVER") is None
+    monkeypatch.setenv("FCRUN_RUN", "/elsewhere/run")
+    assert fast.parse(["run", "--image", "busybox", "true"])[0] == "/elsewhere/run/forkserver.sock"
+
+
+# ----- the `fcrun` launcher (cli/fcrun) ----------------------------------------------------------
+
+LAUNCHER = os.path.join(os.path.dirname(__file__), "..", "..", "cli", "fcrun")  # pyproject: script-files
+# Says how it was started: without site? ignoring PYTHON* variables? its directory on sys.path? argv.
+STUB = ("import os, sys\n"
+        "def main():\n"
+        "    print(sys.flags.no_site, sys.flags.ignore_environment, os.path.dirname(__file__) in sys.path,\n"
+        "          sys.argv[1:])\n")
+
+
+def _prefix(tmp_path, fast_dir: str | None = None):
+    """A prefix as pip makes one: bin/fcrun (the launcher), bin/python3, lib/python3.X/site-packages."""
+    bin_dir = tmp_path / "prefix" / "bin"
+    bin_dir.mkdir(parents=True)
+    shutil.copy(LAUNCHER, bin_dir / "fcrun")
+    # This interpreter, as this venv has it (a symlink would lose the venv: no fcrun_cli there).
+    (bin_dir / "python3").write_text(f'#!/bin/sh\nexec {sys.executable} "$@"\n')
+    (bin_dir / "python3").chmod(0o755)
+    site_packages = tmp_path / "prefix" / "lib" / "python3.99" / "site-packages"
+    site_packages.mkdir(parents=True)
+    return str(bin_dir / "fcrun"), site_packages
+
+
+def test_the_launcher_runs_fast_py_from_site_packages_without_site(tmp_path):
+    launcher, site_packages = _prefix(tmp_path)
+    (site_packages / "fcrun_cli").mkdir()
+    (site_packages / "fcrun_cli" / "fast.py").write_text(STUB)
+    r = subprocess.run([launcher, "run", "--image", "a b", "--", "x"], capture_output=True, text=True, timeout=30)
+    assert (r.returncode, r.stdout, r.stderr) == (0, "1 1 False ['run', '--image', 'a b', '--', 'x']\n", "")
+
+
+def test_the_launcher_finds_an_editable_installs_project_by_pep_610(tmp_path):
+    launcher, site_packages = _prefix(tmp_path)
+    project = tmp_path / "my project"
+    (project / "cli").mkdir(parents=True)
+    (project / "cli" / "fast.py").write_text(STUB)
+    (site_packages / "fcrun-0.1.0.dist-info").mkdir()
+    (site_packages / "fcrun-0.1.0.dist-info" / "direct_url.json").write_text(
+        '{"dir_info": {"editable": true}, "url": "file://%s"}' % project)  # as pip writes it: one line, no newline
+    r = subprocess.run([launcher, "ps"], capture_output=True, text=True, timeout=30)
+    assert (r.returncode, r.stdout, r.stderr) == (0, "1 1 False ['ps']\n", "")
+
+
+def test_without_fast_py_the_launcher_runs_the_package_with_site(tmp_path):
+    launcher, _ = _prefix(tmp_path)  # python3 beside it is this interpreter: fcrun_cli is installed there
+    r = subprocess.run([launcher, "--version"], capture_output=True, text=True, timeout=30)
+    assert r.returncode == 0 and "fcrun, version" in r.stdout, r.stderr
 
 
 # ----- the msgpack of fast.py against msgspec's -------------------------------------------------

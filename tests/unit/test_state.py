@@ -1,4 +1,6 @@
 import os
+import threading
+import time
 
 import pytest
 
@@ -30,6 +32,33 @@ def test_store_round_trip_and_names(tmp_path):
     assert store.names() == []
     with pytest.raises(NotFound, match="no such container: 'web-1'"):
         store.load("web-1")
+
+
+def test_a_name_being_removed_is_reserved_once_its_removal_ends(tmp_path):
+    """Whoever removes a container holds its lock until the directory is gone (the fork-server
+    has answered `fcrun run` by then): reserve waits for that instead of failing."""
+    store = StateStore(str(tmp_path))
+    store.reserve("again")
+    holding, reserving = threading.Event(), threading.Event()
+
+    def remove_under_the_lock():
+        with store.locked("again"):
+            holding.set()
+            reserving.wait(10)
+            time.sleep(0.1)  # let reserve reach the lock first (the test passes either way)
+            store.remove("again")
+
+    remover = threading.Thread(target=remove_under_the_lock)
+    remover.start()
+    try:
+        assert holding.wait(10)
+        reserving.set()
+        assert store.reserve("again") == store.dir("again")
+    finally:
+        remover.join(10)
+    assert os.path.isdir(store.dir("again"))
+    with pytest.raises(AlreadyExists, match="again"):  # a live one: the lock is free, the name is not
+        store.reserve("again")
 
 
 def test_reserved_but_never_saved_reads_as_creating(tmp_path):

@@ -17,7 +17,8 @@ many bytes of msgpack (one msgspec tagged Struct). One request, one reply, in or
     Run(image, args, ...) + SCM_RIGHTS [stdin, stdout, stderr]  -->  create + start, attached to
                                                                      the client's three fds
     Signal(signal)        -->   (no reply) sent on to the container's pid 1
-                          <--   Exited(code) once it exited and was removed (128+N: signal N)
+                          <--   Exited(code) once it exited (128+N: signal N); removed right
+                                after, under its lock (its name is free when that is released)
     -d:                   <--   Detached(name) at once (output goes to the container's log)
     the client hangs up first: the container is killed and removed.
 
@@ -169,7 +170,8 @@ class Failed(msgspec.Struct, tag=True, frozen=True):
 
 
 class Exited(msgspec.Struct, tag=True, frozen=True):
-    """A Run's container exited (code: its exit code, 128+N if signal N killed it) and is removed."""
+    """A Run's container exited (code: its exit code, 128+N if signal N killed it); the fork-server
+    holds its lock and removes it next."""
 
     code: int
 
