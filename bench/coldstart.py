@@ -12,9 +12,7 @@ aborts the benchmark.
   (b) pool:  the fork-server's pool holds a pre-warmed, frozen apache-php instance; serve
       claims it (limits, the app's docroot mounted into its slot, labels, thaw) and proxies.
       After each run the app is scaled to 0 and the pool refilled before the next run.
-  (b) is measured with the pool full and settled: its oldest instance thawed again as the hot
-      spare (forkserver/pool.py); --no-hot-spare keeps every pooled instance frozen, so each
-      claim thaws one.
+  (b) is measured with the pool full: each claim thaws a frozen pooled instance.
   (c) thaw:  the app's own instance was frozen after --freeze-after (0.5 s) idle; the request
       thaws it. Before each run the benchmark waits until it is frozen again.
   (e) raw thaw: the floor under (c), without fcrun serve: an apache-php container of the same
@@ -235,7 +233,6 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--image-root", default=os.environ.get("FCRUN_ROOT", "/var/lib/fcrun"),
                         help="data root holding the apache-php image")
     parser.add_argument("--timeout", type=float, default=30.0, help="seconds one cold start may take")
-    parser.add_argument("--no-hot-spare", action="store_true", help="every pooled instance frozen (see (b))")
     parser.add_argument("--json", action="store_true", help="print the JSON on one line")
     args = parser.parse_args(argv)
     if os.geteuid() != 0:
@@ -255,8 +252,7 @@ def main(argv: list[str] | None = None) -> int:
         f.write("<?php phpinfo();\n")
     os.chmod(work, 0o755)
     serve = ServeProcess(work, args.image_root, cgroup_parent=f"fcrun-cold-{tag}", bridge=f"fcc{tag}"[:15],
-                         subnet=SERVE_SUBNET, extra_config="[forkserver]\npool_size = 1\n"
-                         + ("pool_hot_spare = false\n" if args.no_hot_spare else ""))
+                         subnet=SERVE_SUBNET, extra_config="[forkserver]\npool_size = 1\n")
     runc = RuncBaseline(work, image, tag)
     times: dict[str, list[float]] = {"start": [], "pool": [], "thaw": [], "runc": [], "raw_thaw": []}
     header_ms: dict[str, list[float]] = {"start": [], "pool": [], "thaw": []}
@@ -300,7 +296,7 @@ def main(argv: list[str] | None = None) -> int:
             scale_to_zero("start.test")
 
         def run_pool(i: int, record: bool) -> None:
-            status = serve.wait_pool_ready(thawed=0 if args.no_hot_spare else 1)
+            status = serve.wait_pool_ready()
             if record:
                 pooled_memory.extend(status.images["apache-php"].memory_bytes)
             before = status.images["apache-php"].claimed
@@ -355,7 +351,6 @@ def main(argv: list[str] | None = None) -> int:
         "c_thaw": s["thaw"],
         "d_runc": s["runc"],
         "e_raw_thaw": s["raw_thaw"],
-        "hot_spare": not args.no_hot_spare,
         "ratios": {
             "a_over_d_median": round(s["start"]["median_ms"] / s["runc"]["median_ms"], 3),
             "d_over_b_median": round(s["runc"]["median_ms"] / s["pool"]["median_ms"], 1),

@@ -69,13 +69,8 @@ def test_a_cold_app_is_served_from_the_pool_which_refills(pooled, tmp_path):
     pooled.cli("app", "add", "alpha.test", "--image", "apache-php", "--docroot", site, "--cpu", "0.5", "--memory", "256M")
     pooled.start()
     status = pooled.wait_pool(2)
-    deadline = time.monotonic() + 10
-    while pooled.pool().images["apache-php"].thawed != 1:  # the hot spare, thawed once all is quiet
-        assert time.monotonic() < deadline, pooled.pool()
-        time.sleep(0.05)
     pooled_names = {n for n, row in pooled.ps().items() if row["APP"] == "-"}
-    assert len(pooled_names) == 2
-    assert sorted(pooled.ps()[n]["STATE"] for n in pooled_names) == ["frozen", "running"]
+    assert len(pooled_names) == 2 and all(pooled.ps()[n]["STATE"] == "frozen" for n in pooled_names)
 
     code, headers, body = pooled.request("alpha.test")
     assert code == 200 and "alpha says hi" in body

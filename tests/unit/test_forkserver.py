@@ -194,7 +194,6 @@ class FakeRuntime:
 
 
 def make_pool(**kw):
-    kw.setdefault("hot_spare", False)
     clock = Clock()
     runtime = FakeRuntime()
     pool = Pool(runtime, clock=clock, **kw)
@@ -363,26 +362,6 @@ def test_removing_all_leaves_app_instances_alone():
     assert [c["labels"].get("fcrun.app") for c in runtime.containers.values()] == ["a.test"]
     assert not pool.warming and not any(pool.ready.values())
 
-
-
-def test_the_hot_spare_is_thawed_when_idle_and_claimed_first():
-    pool, runtime, clock = make_pool(hot_spare=True, refill_idle_s=0.1)
-    pool.set_sizes({"apache-php": 2})
-    warm_up(pool, clock)
-    spare, frozen = pool.ready["apache-php"]
-    assert spare.thawed and runtime.containers[spare.name]["status"] == "running"
-    assert not frozen.thawed and runtime.containers[frozen.name]["status"] == "frozen"
-    assert pool.status()["apache-php"].thawed == 1
-    made = pool.claim(p.Claim(image="apache-php", labels={"fcrun.app": "a.test"}, limits=LIMITS))
-    assert made.name == spare.name
-    thaws = [c for c in runtime.calls if c[0] == "thaw"]
-    clock.now += 0.05
-    pool.step(clock.now)  # a request just now: the next spare waits for a quiet moment
-    assert [c for c in runtime.calls if c[0] == "thaw"] == thaws
-    clock.now += 0.06
-    pool.step(clock.now)
-    assert ("thaw", frozen.name) in runtime.calls
-    assert pool.ready["apache-php"][0].thawed
 
 
 # ----- serve's side: the asyncio client and the supervisor ----------------------------------------

@@ -154,7 +154,6 @@ class ImagePool(msgspec.Struct, frozen=True):
     failures: int
     last_error: str = ""
     memory_bytes: list[int] = []  # cgroup memory use of each ready instance
-    thawed: int = 0  # of the ready ones, running again as the hot spare
 
 
 class PoolStatus(msgspec.Struct, tag=True, frozen=True):

@@ -422,7 +422,6 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--pool-memory", default=str(DEFAULT_POOL_MEMORY_BYTES))
     parser.add_argument("--pool-max-age", type=float, default=DEFAULT_MAX_AGE_S, help="seconds")
     parser.add_argument("--pool-warming", type=int, default=1, help="pooled instances warming at once")
-    parser.add_argument("--no-hot-spare", action="store_true", help="keep every pooled instance frozen")
     parser.add_argument("--parent-pid", type=int, default=0, help="exit when this process exits")
     args = parser.parse_args(argv)
     logging.basicConfig(level=os.environ.get("FCRUN_LOG", "INFO"), format="fcrun forkserver: %(message)s")
@@ -438,7 +437,7 @@ def main(argv: list[str] | None = None) -> int:
         run_runtime = Runtime(paths, cgroup_parent=args.cgroup_parent, bridge=args.bridge, subnet=args.subnet,
                               spawner=None)
         pool = Pool(runtime, cpu=args.pool_cpu, memory_bytes=memory, max_age_s=args.pool_max_age,
-                    max_warming=max(1, args.pool_warming), hot_spare=not args.no_hot_spare)
+                    max_warming=max(1, args.pool_warming))
         p.check_request(p.SetPool(sizes=dict(args.pool)))
         pool.set_sizes(dict(args.pool))
         parent_pidfd = os.pidfd_open(args.parent_pid) if args.parent_pid else -1

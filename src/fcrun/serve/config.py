@@ -60,7 +60,6 @@ class ForkServerConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True,
     pool_cpu: float = 1.0  # while warming and waiting; a claim sets the app's
     pool_memory_bytes: int = 512 << 20
     pool_max_age_s: float = 600.0  # pooled instances older than this are replaced
-    pool_hot_spare: bool = True  # keep the oldest pooled instance of each image thawed (forkserver/pool.py)
 
 
 class ServeConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True, frozen=True):

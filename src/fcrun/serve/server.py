@@ -78,7 +78,7 @@ class Serve:
         args = ["--data-root", cfg.paths.data_root, "--run-root", cfg.paths.run_root,
                 "--cgroup-parent", rc.cgroup_parent, "--bridge", rc.bridge, "--subnet", rc.subnet,
                 "--pool-cpu", repr(fs.pool_cpu), "--pool-memory", str(fs.pool_memory_bytes),
-                "--pool-max-age", repr(fs.pool_max_age_s), *([] if fs.pool_hot_spare else ["--no-hot-spare"])]
+                "--pool-max-age", repr(fs.pool_max_age_s)]
         return Supervisor(os.path.join(cfg.paths.run_root, FORKSERVER_SOCKET_NAME), args,
                           pool_sizes=self._pool_sizes(self.cmdb.list_apps()),
                           on_restart=self._forkserver_restarted, on_event=self._forkserver_event)

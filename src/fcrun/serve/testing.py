@@ -88,13 +88,13 @@ class ServeProcess:
         with Client(os.path.join(self.paths.run_root, "forkserver.sock"), timeout_s=10) as fs:
             return fs.request(protocol.Status())
 
-    def wait_pool_ready(self, image: str = "apache-php", timeout_s: float = 60.0, thawed: int = 0):
-        """The pool status once the image's pool is full (and has `thawed` hot spares)."""
+    def wait_pool_ready(self, image: str = "apache-php", timeout_s: float = 60.0):
+        """The pool status once the image's pool is full."""
         deadline = time.monotonic() + timeout_s
         while True:
             status = self.pool_status()
             pool = status.images.get(image)
-            if pool is not None and pool.size and pool.ready >= pool.size and pool.thawed >= thawed:
+            if pool is not None and pool.size and pool.ready >= pool.size:
                 return status
             if time.monotonic() > deadline:
                 raise RuntimeError(f"the pool of {image} is not full after {timeout_s:g} s: {status}")
