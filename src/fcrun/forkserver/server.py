@@ -10,9 +10,11 @@ separate process with pre-namespaced children, ~3.5 ms faster to a started conta
 first Runs are forked directly while it starts), attached to its client's stdio (fds passed
 with the request) and watched through its pidfd in the same poll loop; its client gets Exited
 as soon as it exited, and it is removed right after (before the next request), or when its
-client hangs up. It says "ready <pid>" on stdout once it listens. It exits on Shutdown, SIGTERM/SIGINT, or when the process named by
---parent-pid exits, removing its pool (unless Shutdown said otherwise); the app instances it
-made are serve's and live on. A new fork-server adopts the frozen pooled instances an earlier
+client hangs up.
+
+It says "ready <pid>" on stdout once it listens. It exits on Shutdown, SIGTERM/SIGINT, or when
+the process named by --parent-pid exits, removing its pool (unless Shutdown said otherwise);
+the app instances it made are serve's and live on. A new fork-server adopts the frozen pooled instances an earlier
 one left (a crash, SIGKILL) and removes its half-made ones.
 """
 
