@@ -28,6 +28,18 @@ def _load(name: str):
     return module
 
 
+def _run(name: str, argv: list[str], image_root_option: str | None = None, image_root: str | None = None,
+         as_json: bool = False) -> None:
+    """bench/NAME.py's main(argv), plus the data root and --json when given; its exit status."""
+    if image_root is not None:
+        argv += [image_root_option, image_root]
+    if as_json:
+        argv.append("--json")
+    code = _load(name).main(argv)
+    if code:
+        raise SystemExit(code)
+
+
 @click.group()
 def bench():
     """Benchmarks (from the source tree's bench/ directory)."""
@@ -46,17 +58,12 @@ def paper(mode: str, requests: int, concurrency: int | None, out: str | None, im
     """The talk's experiment: an apache-php app at 0.3 CPU under a fixed load, scaled out,
     up, or reactively at request N/2. Prints JSON (per-phase latency and throughput, failures,
     time to new capacity) and the path of a PNG plot of response time by request index."""
-    module = _load("paper")
     argv = ["--mode", mode, "--requests", str(requests)]
     if concurrency is not None:
         argv += ["--concurrency", str(concurrency)]
     if out is not None:
         argv += ["--out", out]
-    if image_store is not None:
-        argv += ["--image-store", image_store]
-    code = module.main(argv)
-    if code:
-        raise SystemExit(code)
+    _run("paper", argv, "--image-store", image_store)
 
 
 @bench.command("coldstart")
@@ -68,14 +75,7 @@ def coldstart(runs: int, warmup: int, image_store: str | None, as_json: bool):
     """Cold start of an apache-php app through fcrun serve, four ways: (a) start from nothing,
     (b) claim from the fork-server's warm pool, (c) thaw from frozen, (d) runc run of the same
     rootfs. GET / to the last byte of phpinfo; p50/p99 of each and their ratios, as JSON."""
-    argv = ["--runs", str(runs), "--warmup", str(warmup)]
-    if image_store is not None:
-        argv += ["--image-root", image_store]
-    if as_json:
-        argv.append("--json")
-    code = _load("coldstart").main(argv)
-    if code:
-        raise SystemExit(code)
+    _run("coldstart", ["--runs", str(runs), "--warmup", str(warmup)], "--image-root", image_store, as_json)
 
 
 @bench.command("density")
@@ -87,14 +87,8 @@ def coldstart(runs: int, warmup: int, image_store: str | None, as_json: bool):
 @click.option("--json", "as_json", is_flag=True, help="One line of JSON.")
 def density(instances: int, warming: int, image_store: str | None, as_json: bool):
     """Memory per pooled and per frozen apache-php instance, and how many fit in 24 GiB."""
-    argv = ["--instances", str(instances), "--warming", str(warming)]
-    if image_store is not None:
-        argv += ["--image-root", image_store]
-    if as_json:
-        argv.append("--json")
-    code = _load("pool_density").main(argv)
-    if code:
-        raise SystemExit(code)
+    _run("pool_density", ["--instances", str(instances), "--warming", str(warming)], "--image-root", image_store,
+         as_json)
 
 
 __all__ = ["bench"]

@@ -113,6 +113,17 @@ def proc_start_time(pid: int) -> int:
     return int(fields[19])
 
 
+def last_output_line(state: ContainerState, tail_bytes: int = 300) -> str:
+    """The last line a detached container wrote to its log ("" if none): why it exited, often."""
+    with contextlib.suppress(OSError):
+        with open(state.log_path, "rb") as f:
+            f.seek(max(0, os.fstat(f.fileno()).st_size - tail_bytes))
+            lines = f.read().decode(errors="replace").strip().splitlines()
+        if lines:
+            return lines[-1]
+    return ""
+
+
 def pid_alive(state: ContainerState) -> bool:
     return state.pid > 0 and proc_start_time(state.pid) == state.pid_start_time
 

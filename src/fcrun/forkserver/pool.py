@@ -49,6 +49,7 @@ from ..labels import APP_LABEL, POOL_LABEL
 from ..oci import Mount
 from ..options import RunOptions, spec_from_image
 from ..runtime import Runtime
+from ..state import last_output_line
 from .protocol import Claim, Empty, ImagePool, Made, Start
 
 log = logging.getLogger("fcrun.forkserver")
@@ -231,7 +232,8 @@ class Pool:
         try:
             state = self.runtime.state(pooled.name)
             if state.status != "running":
-                raise FcrunError(f"it is {state.status}{_log_tail(state.log_path)}")
+                line = last_output_line(state)
+                raise FcrunError(f"it is {state.status}{': ' + line if line else ''}")
             if now - pooled.made > self.warm_timeout_s:
                 raise FcrunError(f"not accepting on port {pooled.port} after {self.warm_timeout_s:g}s")
             if not _accepting(pooled.ip, pooled.port):
@@ -372,14 +374,4 @@ def _accepting(ip: str, port: int) -> bool:
                 log.debug("connect %s:%d: %s", ip, port, exc)
             return False
 
-
-def _log_tail(path: str) -> str:
-    with contextlib.suppress(OSError):
-        with open(path, "rb") as f:
-            f.seek(0, 2)
-            f.seek(max(0, f.tell() - 300))
-            lines = f.read().decode(errors="replace").strip().splitlines()
-        if lines:
-            return f": {lines[-1]}"
-    return ""
 

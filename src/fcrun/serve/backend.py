@@ -15,7 +15,6 @@ import contextlib
 import errno
 import functools
 import logging
-import os
 import re
 import secrets
 import signal
@@ -33,6 +32,7 @@ from ..labels import APP_LABEL
 from ..oci import Mount
 from ..options import RunOptions, spec_from_image
 from ..runtime import Runtime
+from ..state import last_output_line
 _SLUG = re.compile(r"[^a-z0-9.-]+")
 log = logging.getLogger("fcrun.serve")
 
@@ -209,21 +209,12 @@ class RuntimeBackend:
                 next_liveness = now + 0.05
                 state = await self._call(self.runtime.state, name)
                 if state.status == "stopped":
-                    raise StartFailed(f"instance {name} exited during start{self._log_tail(state.log_path)}")
+                    line = last_output_line(state)
+                    raise StartFailed(f"instance {name} exited during start{': ' + line if line else ''}")
             if now >= deadline:
                 raise StartFailed(f"instance {name} did not accept connections on port {port} in time")
             await asyncio.sleep(delay)
             delay = min(delay * 1.5, 0.02)
-
-    @staticmethod
-    def _log_tail(path: str) -> str:
-        with contextlib.suppress(OSError):
-            with open(path, "rb") as f:
-                f.seek(max(0, os.fstat(f.fileno()).st_size - 300))
-                tail = f.read().decode(errors="replace").strip().splitlines()
-            if tail:
-                return f": {tail[-1]}"
-        return ""
 
     async def accepting(self, ip: str, port: int) -> bool:
         loop = asyncio.get_running_loop()
