@@ -88,15 +88,62 @@ class PidsResources(_Base, kw_only=True):
     limit: int
 
 
+class DeviceRule(_Base, kw_only=True):
+    """linux.resources.devices[]: one cgroup device rule (type a|b|c, None = any number)."""
+
+    allow: bool
+    type: str = "a"
+    major: int | None = None
+    minor: int | None = None
+    access: str = "rwm"
+
+
 class Resources(_Base, kw_only=True):
     memory: MemoryResources | None = None
     cpu: CpuResources | None = None
     pids: PidsResources | None = None
+    devices: list[DeviceRule] = []
+
+
+class IDMapping(_Base, kw_only=True):
+    """linux.uidMappings[] / gidMappings[]: container ids [container_id, +size) are host ids
+    [host_id, +size)."""
+
+    container_id: int = msgspec.field(name="containerID")
+    host_id: int = msgspec.field(name="hostID")
+    size: int
+
+
+class SeccompArg(_Base, kw_only=True):
+    index: int
+    value: int
+    value_two: int = 0
+    op: str
+
+
+class SeccompSyscall(_Base, kw_only=True):
+    names: list[str]
+    action: str
+    errno_ret: int | None = None
+    args: list[SeccompArg] = []
+
+
+class Seccomp(_Base, kw_only=True):
+    """linux.seccomp, the OCI profile format (Docker's profiles use the same fields)."""
+
+    default_action: str
+    default_errno_ret: int | None = None
+    architectures: list[str] = []
+    flags: list[str] = []
+    syscalls: list[SeccompSyscall] = []
 
 
 class Linux(_Base, kw_only=True):
     namespaces: list[Namespace] = []
+    uid_mappings: list[IDMapping] = []
+    gid_mappings: list[IDMapping] = []
     resources: Resources | None = None
+    seccomp: Seccomp | None = None
     cgroups_path: str = ""
     masked_paths: list[str] = []
     readonly_paths: list[str] = []

@@ -60,6 +60,7 @@ STEP_HOSTNAME = "set hostname"
 STEP_WAIT = "wait for start"
 STEP_RLIMIT = "set rlimit"
 STEP_USER = "switch user"
+STEP_USERNS = "join user namespace"
 STEP_CAPS = "set capabilities"
 STEP_EXEC = "exec"
 
@@ -121,6 +122,17 @@ class ChildPlan(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     pdeathsig: int  # 0: the container may outlive its creator (detached)
     init_fd: int  # -1: run argv as pid 1 itself; else an fd of a static init (tini) to exec
     stdio: tuple[int, int, int] | None  # None: inherit the parent's
+    # A user namespace to join (an fd of it; -1: none), as the last step before dropping
+    # privileges: everything before runs as host root, whose mounts need it (userns.py).
+    userns_fd: int = -1
+    # (image layer dir, where to attach it idmapped to that namespace): the overlay's lower
+    # dirs are these attach points, on a tmpfs at rootfs, so the image's root-owned files are
+    # the container root's. Empty: the layers are used as they are.
+    idmapped_lower: list[tuple[bytes, bytes]] = []
+    upper_owner: tuple[int, int] | None = None  # (uid, gid) for a tmpfs upper dir's root
+    # A compiled seccomp filter (struct sock_filter[], as libseccomp exports it), loaded as
+    # the last step before execve; b"": none.
+    seccomp_filter: bytes = b""
     status_w: int = -1
     go_r: int = -1
     keep_fds: list[int] = []
@@ -223,6 +235,13 @@ def prepare_child(unshare_flags: int, pdeathsig: int) -> None:
     sc.unshare(unshare_flags & ~sc.CLONE_NEWCGROUP)
     if unshare_flags & sc.CLONE_NEWNET:
         sc.set_loopback_up()
+        # Any user may bind any port in the container's own network namespace (as Docker
+        # sets it): a container in a user namespace has no CAP_NET_BIND_SERVICE there.
+        fd = os.open(b"/proc/sys/net/ipv4/ip_unprivileged_port_start", os.O_WRONLY | os.O_CLOEXEC)
+        try:
+            os.write(fd, b"0")
+        finally:
+            os.close(fd)
 
 
 def _child_main(plan: ChildPlan, prepared: int = 0) -> None:
@@ -290,6 +309,20 @@ def _mount_rootfs(plan: ChildPlan) -> None:
         sc.mount(b"tmpfs", root, b"tmpfs", 0, plan.overlay_tmpfs)
         for path, mode in plan.overlay_tmpfs_dirs:
             os.mkdir(path, mode)
+        if plan.upper_owner is not None:
+            os.chown(plan.overlay_tmpfs_dirs[0][0], *plan.upper_owner)
+    elif plan.idmapped_lower:
+        sc.mount(b"tmpfs", root, b"tmpfs", 0, b"size=64k,mode=700")  # only attach points
+    for layer, attach_point in plan.idmapped_lower:
+        # A copy of the layer's mount that shows its files through the container's id mapping
+        # (host root's files as the container root's), in this mount namespace only.
+        os.mkdir(attach_point, 0o700)
+        fd = sc.open_tree(layer, sc.OPEN_TREE_CLONE)
+        try:
+            sc.mount_setattr(fd, sc.MOUNT_ATTR_IDMAP, userns_fd=plan.userns_fd)
+            sc.move_mount(fd, attach_point)
+        finally:
+            os.close(fd)
     if plan.overlay_data is not None:
         sc.mount(b"overlay", root, b"overlay", 0, plan.overlay_data)
     else:
@@ -304,11 +337,16 @@ def _mount_rootfs(plan: ChildPlan) -> None:
         except OSError as exc:
             raise OSError(exc.errno, exc.strerror, b"mount " + m.destination) from None
 
-    dev = root + b"/dev"
-    for name, mode, major, minor in plan.devices:
-        path = dev + b"/" + name
-        os.mknod(path, mode, os.makedev(major, minor))
-        os.chmod(path, mode & 0o7777)
+    # Inside the rootfs, whatever the image made of /dev (a symlink to a host directory must
+    # not get our device nodes there). mknod and symlink never follow a final symlink; the
+    # mode is given whole (umask 0), so no chmod, which would follow one.
+    dev = secure_join(root, b"/dev")
+    umask = os.umask(0)
+    try:
+        for name, mode, major, minor in plan.devices:
+            os.mknod(dev + b"/" + name, mode, os.makedev(major, minor))
+    finally:
+        os.umask(umask)
     for target, name in plan.dev_symlinks:
         os.symlink(target, dev + b"/" + name)
 
@@ -348,6 +386,13 @@ def _finish_and_exec(plan: ChildPlan) -> None:
                 if fd != target:
                     os.dup2(fd, target)
 
+        if plan.userns_fd >= 0:
+            # From here on capabilities count in the container's user namespace only (and
+            # our uid 0 is nobody there until setresuid below makes us its root).
+            step = STEP_USERNS
+            sc.setns(plan.userns_fd, sc.CLONE_NEWUSER)
+            os.close(plan.userns_fd)
+
         step = STEP_CAPS
         for cap in range(plan.cap_last + 1):
             if not plan.cap_bounding & (1 << cap):
@@ -362,8 +407,8 @@ def _finish_and_exec(plan: ChildPlan) -> None:
         os.setresuid(plan.uid, plan.uid, plan.uid)
         if switching:
             sc.prctl(sc.PR_SET_KEEPCAPS, 0)
-            if plan.pdeathsig:
-                sc.prctl(sc.PR_SET_PDEATHSIG, plan.pdeathsig)  # a credential change clears it
+        if (switching or plan.userns_fd >= 0) and plan.pdeathsig:
+            sc.prctl(sc.PR_SET_PDEATHSIG, plan.pdeathsig)  # a credential change clears it
 
         step = STEP_CAPS
         sc.capset(plan.cap_effective, plan.cap_permitted, plan.cap_inheritable)

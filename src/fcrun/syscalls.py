@@ -153,6 +153,7 @@ MOUNT_ATTR_RDONLY = 0x1
 MOUNT_ATTR_NOSUID = 0x2
 MOUNT_ATTR_NODEV = 0x4
 MOUNT_ATTR_NOEXEC = 0x8
+MOUNT_ATTR_IDMAP = 0x100000
 
 
 class _MountAttr(ctypes.Structure):
@@ -165,8 +166,10 @@ def open_tree(path: bytes, flags: int) -> int:
     return _check(_libc.syscall(_SYS_OPEN_TREE, -100, path, ctypes.c_uint(flags | os.O_CLOEXEC)))
 
 
-def mount_setattr(fd: int, attr_set: int, attr_clr: int = 0, recursive: bool = False) -> None:
-    attr = _MountAttr(attr_set, attr_clr, 0, 0)
+def mount_setattr(fd: int, attr_set: int, attr_clr: int = 0, recursive: bool = False, userns_fd: int = 0) -> None:
+    """Change a mount's attributes; with MOUNT_ATTR_IDMAP in attr_set, `userns_fd` gives the
+    user namespace whose id mapping the (detached, never attached) mount gets."""
+    attr = _MountAttr(attr_set, attr_clr, 0, userns_fd)
     flags = AT_EMPTY_PATH | (AT_RECURSIVE if recursive else 0)
     _check(_libc.syscall(_SYS_MOUNT_SETATTR, fd, b"", ctypes.c_uint(flags), ctypes.byref(attr),
                          ctypes.c_size_t(ctypes.sizeof(attr))))

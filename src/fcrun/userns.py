@@ -1,0 +1,194 @@
+"""User namespaces for containers: host id ranges, and the namespace a container joins.
+
+A container with a "user" namespace runs as root and www-data *inside* while, on the host, its
+processes and the files it writes belong to ids no host user has: `[base, base + 65536)`, a
+range of its own. When the spec gives no mappings, fcrun picks the range itself from a lease
+table (like /etc/subuid, but allocated per container and recorded as one file per range under
+the run root), so no two live containers ever share host ids: a tenant's root cannot signal,
+ptrace or read another tenant's processes or files, and is nobody to the host.
+
+How a container gets into its namespace (runtime.py, spawn.py):
+
+    parent (host root)                       container child (host root until the end)
+    make_userns(maps): fork a holder that
+      unshares CLONE_NEWUSER; write its
+      uid_map/gid_map; keep /proc/H/ns/user
+      open; the holder exits
+    fork child with the fd --------------->  mounts, with image layers presented through
+                                             idmapped mounts of that namespace (files owned
+                                             by host root show as the container's root)
+                                             pivot_root
+                                             setns(userns_fd): capabilities now only there
+                                             setresuid(0) = host `base`, exec
+
+The other namespaces stay owned by the host's user namespace, so container root can never
+mount, change its network or hostname (it holds no capability over them); the one thing that
+needs one, binding ports below 1024, is opened by `net.ipv4.ip_unprivileged_port_start=0` in
+the container's own network namespace (spawn.prepare_child), as Docker does.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import os
+import random
+
+from . import syscalls as sc
+from .errors import ContainerError, KernelError, SpecError
+from .oci import IDMapping
+
+RANGE_SIZE = 65536  # ids 0..65535 inside, as a distribution expects (nobody = 65534)
+# Host ids handed out: [FIRST_HOST_ID, FIRST_HOST_ID + RANGES * RANGE_SIZE). Above every
+# /etc/subuid range tools allocate by default (100000 + n * 65536) and below 2^32 - 1 (-1).
+FIRST_HOST_ID = 1 << 31
+RANGES = ((1 << 32) - FIRST_HOST_ID) // RANGE_SIZE - 1  # 32767
+_LEASE_TRIES = 64
+
+
+class IdRanges:
+    """Leases of host id ranges, one file per range (`<dir>/<index>` holding the container's
+    name), taken with O_EXCL so concurrent fcrun processes never hand out one range twice.
+
+    The lease lives under the run root (tmpfs): after a reboot no container runs, and the files
+    containers wrote with these ids are gone with their writable layers.
+    """
+
+    def __init__(self, directory: str):
+        self.directory = directory
+
+    def allocate(self, owner: str) -> int:
+        """Lease a free range for container `owner`; returns its first host id.
+
+        Raises:
+            ContainerError: no free range was found.
+        """
+        os.makedirs(self.directory, 0o700, exist_ok=True)
+        rng = random.SystemRandom()
+        # Random probing: O(1) while the table is far from full (32767 ranges, a host runs a
+        # few thousand containers); a full scan finds the last free ones.
+        candidates = [rng.randrange(RANGES) for _ in range(_LEASE_TRIES)]
+        for index in candidates + list(range(RANGES)):
+            if self._take(index, owner):
+                return FIRST_HOST_ID + index * RANGE_SIZE
+        raise ContainerError(f"no free user namespace id range left in {self.directory} ({RANGES} in use)")
+
+    def _take(self, index: int, owner: str) -> bool:
+        try:
+            fd = os.open(os.path.join(self.directory, str(index)), os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+        except FileExistsError:
+            return False
+        try:
+            os.write(fd, owner.encode())
+        finally:
+            os.close(fd)
+        return True
+
+    def release(self, base: int, owner: str) -> None:
+        """Give the range starting at `base` back, if `owner` holds it."""
+        path = os.path.join(self.directory, str((base - FIRST_HOST_ID) // RANGE_SIZE))
+        with contextlib.suppress(FileNotFoundError):
+            with open(path, "rb") as f:
+                if f.read().decode(errors="replace") != owner:
+                    return
+            os.unlink(path)
+
+    def owners(self) -> dict[int, str]:
+        """base -> container name of every lease."""
+        out = {}
+        if not os.path.isdir(self.directory):
+            return out
+        for entry in os.listdir(self.directory):
+            if entry.isdigit():
+                with contextlib.suppress(FileNotFoundError), open(os.path.join(self.directory, entry), "rb") as f:
+                    out[FIRST_HOST_ID + int(entry) * RANGE_SIZE] = f.read().decode(errors="replace")
+        return out
+
+
+def is_fcrun_range(mappings: list[IDMapping]) -> bool:
+    """Whether the mappings are one range fcrun leased (so it releases it on delete)."""
+    return (len(mappings) == 1 and mappings[0].container_id == 0 and mappings[0].size == RANGE_SIZE
+            and mappings[0].host_id >= FIRST_HOST_ID and (mappings[0].host_id - FIRST_HOST_ID) % RANGE_SIZE == 0)
+
+
+def range_mappings(base: int) -> list[IDMapping]:
+    return [IDMapping(container_id=0, host_id=base, size=RANGE_SIZE)]
+
+
+def root_host_ids(spec_linux) -> tuple[int, int]:
+    """The host uid and gid that the container's root (0) maps to; (0, 0) without a user ns."""
+    uid = next((m.host_id for m in spec_linux.uid_mappings if m.container_id == 0), 0)
+    gid = next((m.host_id for m in spec_linux.gid_mappings if m.container_id == 0), 0)
+    return uid, gid
+
+
+def check_mappings(mappings: list[IDMapping], where: str) -> None:
+    """The kernel's rules, checked first so the error names the spec field."""
+    if not mappings:
+        return
+    if len(mappings) > 340:
+        raise SpecError("at most 340 id mappings", where)
+    for i, m in enumerate(mappings):
+        if m.size < 1 or m.container_id < 0 or m.host_id < 0 or m.container_id + m.size > 1 << 32 or m.host_id + m.size > 1 << 32:
+            raise SpecError(f"id mapping {m.container_id}:{m.host_id}:{m.size} is out of range", f"{where}[{i}]")
+    spans = sorted((m.container_id, m.container_id + m.size) for m in mappings)
+    if any(a[1] > b[0] for a, b in zip(spans, spans[1:])):
+        raise SpecError("id mappings overlap inside the container", where)
+
+
+def _map_text(mappings: list[IDMapping]) -> bytes:
+    return "".join(f"{m.container_id} {m.host_id} {m.size}\n" for m in mappings).encode()
+
+
+def make_userns(uid_mappings: list[IDMapping], gid_mappings: list[IDMapping]) -> int:
+    """A new user namespace with these mappings, as an O_CLOEXEC fd (owned by the caller).
+
+    A namespace needs a process to be born in: a child unshares it and waits; we write its
+    maps (as host root, so any mapping is allowed and setgroups stays permitted), open its
+    ns file, and let it exit. The namespace lives on as long as the fd (or a member) does.
+
+    Raises:
+        KernelError: the kernel refused (user namespaces disabled, a bad mapping).
+    """
+    ready_r, ready_w = os.pipe2(os.O_CLOEXEC)
+    done_r, done_w = os.pipe2(os.O_CLOEXEC)
+    pid = os.fork()
+    if pid == 0:  # the holder: no Python beyond these calls, then _exit
+        try:
+            os.close(ready_r)
+            os.close(done_w)
+            sc.unshare(sc.CLONE_NEWUSER)
+            os.write(ready_w, b"u")
+            os.read(done_r, 1)  # EOF when the parent is done (or dead)
+        finally:
+            os._exit(0)
+    os.close(ready_w)
+    os.close(done_r)
+    step = "unshare a user namespace"
+    try:
+        if os.read(ready_r, 1) != b"u":
+            raise OSError(errno.EPERM, "the namespace holder exited first (user namespaces disabled?)")
+        step = "write uid_map"
+        _write(f"/proc/{pid}/uid_map", _map_text(uid_mappings))
+        step = "write gid_map"
+        _write(f"/proc/{pid}/gid_map", _map_text(gid_mappings))
+        step = "open the user namespace"
+        return os.open(f"/proc/{pid}/ns/user", os.O_RDONLY | os.O_CLOEXEC)
+    except OSError as exc:
+        raise KernelError.from_oserror(f"{step} of pid {pid}:", exc.filename or "", exc) from None
+    finally:
+        os.close(ready_r)
+        os.close(done_w)
+        os.waitpid(pid, 0)
+
+
+def _write(path: str, data: bytes) -> None:
+    fd = os.open(path, os.O_WRONLY | os.O_CLOEXEC)
+    try:
+        os.write(fd, data)
+    finally:
+        os.close(fd)
+
+
+__all__ = ["IdRanges", "RANGE_SIZE", "FIRST_HOST_ID", "make_userns", "range_mappings", "root_host_ids",
+           "is_fcrun_range", "check_mappings"]
