@@ -21,6 +21,7 @@ import pytest
 
 from fcrun.cgroups import KernelIO, Limits, Stats, V1Driver, V2Driver, detect
 from fcrun.cgroups.base import parse_flat_keyed, parse_max, parse_pids, parse_psi
+from fcrun.cgroups.devices import DeviceRule, assemble, program
 from fcrun.cgroups.mountinfo import parse_mountinfo, parse_proc_cgroup
 from fcrun.cgroups.v2 import format_cpu_max, parse_cpu_max
 from fcrun.errors import AlreadyExists, KernelError, MissingFeature, SpecError
@@ -37,7 +38,8 @@ V1_FILES = {
                "memory.usage_in_bytes": "0\n"},
     "pids": {"pids.max": "max\n", "pids.current": "0\n"},
     "freezer": {"freezer.state": "THAWED\n"},
-    "cpuset": {}, "devices": {}, "systemd": {},
+    "devices": {"devices.allow": "", "devices.deny": "", "devices.list": "a *:* rwm\n"},
+    "cpuset": {}, "systemd": {},
 }
 V2_FILES = {
     "cgroup.subtree_control": "", "cgroup.events": "populated 0\nfrozen 0\n", "cgroup.freeze": "0\n",
@@ -84,6 +86,9 @@ class FakeKernel(KernelIO):
         self.fail_once: dict[str, int] = {}
         self.sigkill_kills = True
         self.stuck_freezing = False
+        self.programs: list[bytes] = []  # device programs "loaded"; fd = 1000 + index
+        self.attaches: list[tuple[str, int]] = []  # (cgroup dir relative to top, program fd)
+        self.closed: list[int] = []
 
     def rel(self, path: str) -> str:
         return os.path.relpath(path, self.top)
@@ -160,6 +165,21 @@ class FakeKernel(KernelIO):
             if "cgroup.procs" in files:
                 with open(os.path.join(d, "cgroup.procs"), "w"):
                     pass
+
+    def load_device_program(self, code: bytes) -> int:
+        err = self.fail.get("bpf_prog_load")
+        if err:
+            raise KernelError("load cgroup device program", f"of {len(code) // 8} instructions", err)
+        self.programs.append(code)
+        return 1000 + len(self.programs) - 1
+
+    def attach_device_program(self, cgroup_dir: str, prog_fd: int) -> None:
+        if not os.path.isdir(cgroup_dir):
+            raise KernelError("attach device program to", cgroup_dir, errno.ENOENT)
+        self.attaches.append((self.rel(cgroup_dir), prog_fd))
+
+    def close(self, fd: int) -> None:
+        self.closed.append(fd)
 
     def kill(self, pid: int, sig: int) -> bool:
         self.kills.append((pid, sig))
@@ -356,11 +376,12 @@ def test_detect_this_machine_v1_hybrid(tmp_path):
     assert isinstance(driver, V1Driver) and driver.version == 1
     assert driver.parent_paths() == [
         host.path("cpu/fcrun"), host.path("cpuacct/fcrun"), host.path(f"memory{OWN_MEMORY}/fcrun"),
-        host.path("pids/fcrun"), host.path("freezer/fcrun")]
+        host.path("pids/fcrun"), host.path("freezer/fcrun"), host.path("devices/fcrun")]
     assert driver.paths_for("web-1") == {
         "cpu": host.path("cpu/fcrun/web-1"), "cpuacct": host.path("cpuacct/fcrun/web-1"),
         "memory": host.path(f"memory{OWN_MEMORY}/fcrun/web-1"),
-        "pids": host.path("pids/fcrun/web-1"), "freezer": host.path("freezer/fcrun/web-1")}
+        "pids": host.path("pids/fcrun/web-1"), "freezer": host.path("freezer/fcrun/web-1"),
+        "devices": host.path("devices/fcrun/web-1")}
     assert host.kernel.mkdirs == [] and host.kernel.writes == []  # detect only reads
 
 
@@ -377,7 +398,7 @@ def test_detect_comounted_cpu_cpuacct_share_a_dir(tmp_path):
     assert paths["cpu"] == paths["cpuacct"] == host.path("cpu,cpuacct/fcrun/w")
     cg = driver.create("w", Limits(cpu_quota_us=30_000))
     assert cg.procs_files() == [os.path.join(host.path(d), "cgroup.procs") for d in (
-        "cpu,cpuacct/fcrun/w", f"memory{OWN_MEMORY}/fcrun/w", "pids/fcrun/w", "freezer/fcrun/w")]
+        "cpu,cpuacct/fcrun/w", f"memory{OWN_MEMORY}/fcrun/w", "pids/fcrun/w", "freezer/fcrun/w", "devices/fcrun/w")]
     assert cg.limits().cpu_quota_us == 30_000
     cg.destroy()
     assert host.fcrun_dirs() == []
@@ -446,8 +467,9 @@ def test_v1_create_writes_exactly(tmp_path):
     cg = host.detect().create("web-1", Limits(cpu_quota_us=30_000, memory_bytes=256 << 20, pids_max=50))
     mem = f"memory{OWN_MEMORY}"
     assert host.kernel.mkdirs == [os.path.relpath(host.path(d), host.top) for d in (
-        "cpu/fcrun", "cpuacct/fcrun", f"{mem}/fcrun", "pids/fcrun", "freezer/fcrun",
-        "cpu/fcrun/web-1", "cpuacct/fcrun/web-1", f"{mem}/fcrun/web-1", "pids/fcrun/web-1", "freezer/fcrun/web-1")]
+        "cpu/fcrun", "cpuacct/fcrun", f"{mem}/fcrun", "pids/fcrun", "freezer/fcrun", "devices/fcrun",
+        "cpu/fcrun/web-1", "cpuacct/fcrun/web-1", f"{mem}/fcrun/web-1", "pids/fcrun/web-1", "freezer/fcrun/web-1",
+        "devices/fcrun/web-1")]
     assert host.writes() == [
         ("cpu/fcrun/web-1/cpu.cfs_period_us", "100000"),
         ("cpu/fcrun/web-1/cpu.cfs_quota_us", "30000"),
@@ -575,6 +597,103 @@ def test_create_rolls_back_with_the_real_kernel_io(tmp_path):
     assert host.fcrun_dirs() == []
 
 
+# --- device rules ----------------------------------------------------------------------------
+
+DENY_ALL_BUT_NULL = (DeviceRule(allow=False), DeviceRule(allow=True, type="c", major=1, minor=3),
+                     DeviceRule(allow=True, type="c", major=136, access="rw"))
+
+
+def test_v1_create_writes_device_rules_in_order(tmp_path):
+    host = v1_host(tmp_path)
+    cg = host.detect().create("web-1", Limits(pids_max=5, devices=DENY_ALL_BUT_NULL))
+    assert host.writes() == [
+        ("pids/fcrun/web-1/pids.max", "5"),
+        ("devices/fcrun/web-1/devices.deny", "a"),  # first: "a" resets, and only a childless group takes it
+        ("devices/fcrun/web-1/devices.allow", "c 1:3 rwm"),
+        ("devices/fcrun/web-1/devices.allow", "c 136:* rw"),
+    ]
+    assert host.kernel.programs == []
+    cg.destroy()
+    assert host.fcrun_dirs() == []
+
+
+def test_v1_without_the_devices_hierarchy(tmp_path):
+    host = v1_host(tmp_path)
+    driver = host.detect(controllers=("cpu", "cpuacct", "memory", "pids", "freezer"))
+    driver.create("plain", Limits())  # no rules: the devices hierarchy is not needed
+    with raises(MissingFeature, "devices"):
+        driver.create("w", Limits(devices=DENY_ALL_BUT_NULL))
+    assert host.fcrun_dirs() == sorted(f"{d}/fcrun{n}" for d in ("cpu", "cpuacct", f"memory{OWN_MEMORY}", "pids",
+                                                                  "freezer") for n in ("", "/plain"))
+
+
+def test_v1_failed_device_write_rolls_back(tmp_path):
+    host = v1_host(tmp_path)
+    host.kernel.fail["devices.allow"] = errno.EPERM  # as beneath a parent that denies it
+    with raises(KernelError, r'write "c 1:3 rwm" to .*devices/fcrun/w/devices.allow: \[Errno 1\]'):
+        host.detect().create("w", Limits(devices=DENY_ALL_BUT_NULL))
+    assert host.fcrun_dirs() == []
+
+
+def test_v2_loads_one_program_per_rule_set_and_attaches_it_to_each_group(tmp_path):
+    host = v2_host(tmp_path)
+    driver = host.detect()
+    a = driver.create("a", Limits(devices=DENY_ALL_BUT_NULL))
+    b = driver.create("b", Limits(devices=DENY_ALL_BUT_NULL))
+    driver.create("c", Limits())  # no rules: no program
+    assert host.kernel.programs == [assemble(program(DENY_ALL_BUT_NULL))]
+    assert host.kernel.attaches == [(host.kernel.rel(a.dir), 1000), (host.kernel.rel(b.dir), 1000)]
+    other = (DeviceRule(allow=False, type="b"),)
+    driver.create("d", Limits(devices=other))
+    assert len(host.kernel.programs) == 2 and host.kernel.attaches[-1][1] == 1001
+    assert not any(name.startswith("devices.") for name in os.listdir(a.dir))  # v2 has no device files
+
+
+def test_v2_device_program_cache_is_bounded(tmp_path):
+    from fcrun.cgroups.v2 import DEVICE_PROGRAMS_KEPT
+
+    host = v2_host(tmp_path)
+    driver = host.detect()
+    for minor in range(DEVICE_PROGRAMS_KEPT + 1):
+        driver.create(f"w{minor}", Limits(devices=(DeviceRule(allow=False, type="c", major=1, minor=minor),)))
+    assert host.kernel.closed == list(range(1000, 1000 + DEVICE_PROGRAMS_KEPT))  # closing detaches nothing
+    assert len(host.kernel.attaches) == DEVICE_PROGRAMS_KEPT + 1
+
+
+def test_v2_hybrid_controllerless_driver_attaches_too(tmp_path):
+    # This machine: /sys/fs/cgroup/unified has no controllers, yet takes device programs.
+    host = v1_host(tmp_path)
+    driver = host.detect(version=2, controllers=())
+    cg = driver.create("w", Limits(devices=DENY_ALL_BUT_NULL))
+    assert host.kernel.attaches == [(host.kernel.rel(cg.dir), 1000)]
+
+
+def test_v2_refused_program_rolls_back(tmp_path):
+    host = v2_host(tmp_path)
+    host.kernel.fail["bpf_prog_load"] = errno.EPERM
+    with raises(KernelError, r"load cgroup device program of \d+ instructions: \[Errno 1\]"):
+        host.detect().create("w", Limits(devices=DENY_ALL_BUT_NULL))
+    assert host.fcrun_dirs() == []
+
+
+def test_limits_devices_are_checked_and_hashable():
+    assert hash(Limits(devices=DENY_ALL_BUT_NULL)) == hash(Limits(devices=DENY_ALL_BUT_NULL))
+    with raises(SpecError, "at limits.devices"):
+        Limits(devices=(DeviceRule(allow=True, type="x"),))
+
+
+def test_load_accepts_paths_saved_before_the_devices_hierarchy(tmp_path):
+    host = v1_host(tmp_path)
+    driver = host.detect()
+    old = {k: v for k, v in driver.paths_for("w").items() if k != "devices"}
+    driver.create("w", Limits())
+    shutil.rmtree(driver.paths_for("w")["devices"])  # as an older fcrun made it: no group there
+    cg = driver.load(old)
+    assert "devices" not in cg.paths and cg.pids() == []
+    cg.destroy()
+    assert host.fcrun_dirs() == []  # the parents too, devices/fcrun included: this driver made them
+
+
 # --- update --------------------------------------------------------------------------------
 
 
@@ -677,7 +796,7 @@ def test_add_writes_every_procs_file(tmp_path):
     host = v1_host(tmp_path)
     cg = host.detect().create("w", Limits())
     cg.add(1234)
-    assert [t for _, t in host.kernel.writes] == ["1234"] * 5
+    assert [t for _, t in host.kernel.writes] == ["1234"] * 6  # cpu cpuacct memory pids freezer devices
     assert [host.path(p) for p, _ in host.writes()] == cg.procs_files()
 
 
@@ -796,8 +915,8 @@ def test_load_roundtrip_and_parent_cleanup(tmp_path):
     cg.destroy()
     # This driver did not make the parents, so destroy() leaves them; the explicit call removes them.
     assert host.fcrun_dirs() == sorted(["cpu/fcrun", "cpuacct/fcrun", f"memory{OWN_MEMORY}/fcrun", "freezer/fcrun",
-                                        "pids/fcrun"])
-    assert len(other.remove_parent_if_empty()) == 5
+                                        "pids/fcrun", "devices/fcrun"])
+    assert len(other.remove_parent_if_empty()) == 6
     assert host.fcrun_dirs() == []
 
 

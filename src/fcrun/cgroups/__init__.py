@@ -60,7 +60,7 @@ def detect(
     ``parent`` relative ("fcrun", "a/b"): created beneath the cgroup fcrun runs in, per
     hierarchy. Absolute ("/fcrun"): beneath the hierarchy root. ``version`` forces one (2 on a
     hybrid host uses its controller-less cgroup2 mount, usually with ``controllers=()``).
-    ``controllers`` defaults to cpu, cpuacct, memory, pids, freezer (v1) or cpu, memory, pids
+    ``controllers`` defaults to cpu, cpuacct, memory, pids, freezer, devices (v1) or cpu, memory, pids
     (v2). ``root``, ``mountinfo``, ``proc_cgroup`` and ``io`` are for tests. Reads only.
 
     Raises:

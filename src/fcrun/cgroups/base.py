@@ -23,6 +23,8 @@ from typing import ClassVar
 import msgspec
 
 from ..errors import AlreadyExists, KernelError, MissingFeature, SpecError
+from . import bpf
+from .devices import DeviceRule
 
 CGROUP_PROCS = "cgroup.procs"
 
@@ -37,6 +39,9 @@ LIMIT_FIELDS = ("cpu_quota_us", "cpu_period_us", "memory_bytes", "pids_max")
 # Fields written together: cpu.max holds quota and period in one file, and the v1 pair must be
 # ordered against each other, so a change to either rewrites both.
 CPU_FIELDS = frozenset({"cpu_quota_us", "cpu_period_us"})
+# Written by create only: a live change of device rules could not be made atomic on v1 (deny
+# all, then allow one by one) and nothing needs it.
+DEVICES_FIELD = "devices"
 
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,254}$")
 _POLL_FIRST_S = 0.001
@@ -49,6 +54,9 @@ class Limits(msgspec.Struct, frozen=True, kw_only=True):
     ``memory_bytes`` also caps swap where the kernel has the file (v2 ``memory.swap.max`` = 0,
     v1 ``memory.memsw.limit_in_bytes`` = memory), so a limited container cannot page out.
 
+    ``devices``: the device rules (devices.py), set at create only; () leaves every device
+    allowed, as a fresh cgroup has it.
+
     Raises (on construction or decoding):
         SpecError: a value is out of the range the kernel accepts, naming the field.
     """
@@ -57,6 +65,7 @@ class Limits(msgspec.Struct, frozen=True, kw_only=True):
     cpu_period_us: int = DEFAULT_CPU_PERIOD_US
     memory_bytes: int | None = None
     pids_max: int | None = None
+    devices: tuple[DeviceRule, ...] = ()
 
     def __post_init__(self) -> None:
         _check_int("cpu_period_us", self.cpu_period_us, MIN_CPU_PERIOD_US, MAX_CPU_PERIOD_US)
@@ -194,6 +203,30 @@ class KernelIO:
 
     def exists(self, path: str) -> bool:
         return os.path.exists(path)
+
+    def load_device_program(self, code: bytes) -> int:
+        """Load a cgroup v2 device program (bpf.py); returns its fd, owned by the caller."""
+        try:
+            return bpf.load_cgroup_device(code)
+        except OSError as exc:
+            log = getattr(exc, "verifier_log", "")
+            detail = f" (verifier: {' / '.join(log.splitlines()[-3:])})" if log else ""
+            raise KernelError("load cgroup device program", f"of {len(code) // 8} instructions{detail}",
+                              exc.errno or errno.EIO) from None
+
+    def attach_device_program(self, cgroup_dir: str, prog_fd: int) -> None:
+        """Attach a loaded device program to the cgroup ``cgroup_dir``; it goes with the cgroup."""
+        try:
+            fd = os.open(cgroup_dir, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+            try:
+                bpf.attach_cgroup_device(fd, prog_fd)
+            finally:
+                os.close(fd)
+        except OSError as exc:
+            raise KernelError.from_oserror("attach device program to", cgroup_dir, exc) from None
+
+    def close(self, fd: int) -> None:
+        os.close(fd)
 
     def subdirs(self, path: str) -> list[str]:
         """Names of the child cgroups of ``path``; [] when ``path`` is gone."""
@@ -448,7 +481,8 @@ class Cgroup(abc.ABC):
 
     @abc.abstractmethod
     def _apply(self, limits: Limits, fields: Collection[str]) -> None:
-        """Write ``fields`` of ``limits`` to the kernel (cpu fields always as a pair)."""
+        """Write ``fields`` of ``limits`` to the kernel (cpu fields always as a pair; devices
+        only from create, into a group that has no process yet)."""
 
     @abc.abstractmethod
     def limits(self) -> Limits:
@@ -488,6 +522,8 @@ class CgroupDriver(abc.ABC):
 
     version: ClassVar[int]
     cgroup_class: ClassVar[type[Cgroup]]
+    # Keys that persisted paths may lack: those of hierarchies fcrun took up later.
+    optional_keys: ClassVar[frozenset[str]] = frozenset()
 
     def __init__(
         self,
@@ -527,8 +563,9 @@ class CgroupDriver(abc.ABC):
         Raises:
             SpecError: a bad name. Nothing is created.
             AlreadyExists: a group of that name exists in some hierarchy.
-            MissingFeature: a limit needs a controller the host does not give us.
-            KernelError: a mkdir or limit write failed.
+            MissingFeature: a limit needs a controller the host does not give us (v1: device
+                rules need the devices hierarchy).
+            KernelError: a mkdir, limit write or device rule (v2: program load, attach) failed.
             On any failure every dir this call made is removed again.
 
         Resource handling: the caller owns the returned Cgroup and must destroy() it.
@@ -539,6 +576,8 @@ class CgroupDriver(abc.ABC):
         fields = {f for f in ("memory_bytes", "pids_max") if getattr(limits, f) is not None}
         if limits.cpu_quota_us is not None or limits.cpu_period_us != DEFAULT_CPU_PERIOD_US:
             fields |= CPU_FIELDS
+        if limits.devices:
+            fields.add(DEVICES_FIELD)
         cgroup._check_controllers(limits, fields)
         made: list[str] = []
         try:
@@ -557,11 +596,14 @@ class CgroupDriver(abc.ABC):
                 hierarchy's mount, or one that is the cgroup fcrun runs in or above it.
                 (Destroying such a cgroup would kill processes that are not ours.)
         """
-        if not isinstance(paths, dict) or sorted(paths) != sorted(self.keys):
+        required = set(self.keys) - self.optional_keys
+        if not isinstance(paths, dict) or not required <= set(paths) <= set(self.keys):
             raise SpecError(f"cgroup paths must have the keys {self.keys}, got {paths!r}", "cgroup.paths")
         names = set()
         for h in self.hierarchies:
             for key in h.keys:
+                if key not in paths:
+                    continue
                 path = paths[key]
                 where = f"cgroup.paths.{key}"
                 if not isinstance(path, str) or not os.path.isabs(path) or os.path.normpath(path) != path:
@@ -571,11 +613,11 @@ class CgroupDriver(abc.ABC):
                 if os.path.commonpath([path, h.base_dir]) == path:
                     raise SpecError(f"cgroup path {path} is fcrun's own cgroup or above it", where)
                 names.add(check_name(os.path.basename(path), where))
-            if len({paths[k] for k in h.keys}) != 1:
+            if len({paths[k] for k in h.keys if k in paths}) > 1:
                 raise SpecError(f"co-mounted controllers {list(h.keys)} must share one dir", "cgroup.paths")
         if len(names) != 1:
             raise SpecError(f"cgroup paths name different groups: {sorted(names)}", "cgroup.paths")
-        return self.cgroup_class(self, {k: paths[k] for k in self.keys})
+        return self.cgroup_class(self, {k: paths[k] for k in self.keys if k in paths})
 
     def remove_parent_if_empty(self) -> list[str]:
         """Remove each parent dir that has no child group and no process; returns those gone now.

@@ -11,11 +11,12 @@ import os
 from collections.abc import Collection
 
 from ..errors import KernelError, MissingFeature
-from .base import CPU_FIELDS, Cgroup, CgroupDriver, Limits, Stats, parse_flat_keyed, parse_max
+from .base import CPU_FIELDS, DEVICES_FIELD, Cgroup, CgroupDriver, Limits, Stats, parse_flat_keyed, parse_max
+from .devices import v1_writes
 
-# The hierarchies fcrun uses, also the keys of Cgroup.paths. cpuset, devices, blkio are left
-# alone: the container stays in fcrun's own groups there.
-CONTROLLERS = ("cpu", "cpuacct", "memory", "pids", "freezer")
+# The hierarchies fcrun uses, also the keys of Cgroup.paths. cpuset and blkio are left alone:
+# the container stays in fcrun's own groups there.
+CONTROLLERS = ("cpu", "cpuacct", "memory", "pids", "freezer", "devices")
 
 CPU_CFS_QUOTA_US = "cpu.cfs_quota_us"
 CPU_CFS_PERIOD_US = "cpu.cfs_period_us"
@@ -34,12 +35,13 @@ MEMORY_UNLIMITED_ABOVE = 1 << 62
 
 FROZEN, FREEZING, THAWED = "FROZEN", "FREEZING", "THAWED"
 
-_FIELD_KEY = {"cpu_quota_us": "cpu", "cpu_period_us": "cpu", "memory_bytes": "memory", "pids_max": "pids"}
+_FIELD_KEY = {"cpu_quota_us": "cpu", "cpu_period_us": "cpu", "memory_bytes": "memory", "pids_max": "pids",
+              DEVICES_FIELD: "devices"}
 
 
 class V1Cgroup(Cgroup):
     """A container's groups in the v1 hierarchies; ``paths`` keys: cpu, cpuacct, memory, pids,
-    freezer (co-mounted hierarchies share one dir)."""
+    freezer, devices (co-mounted hierarchies share one dir)."""
 
     def _check_controllers(self, limits: Limits, fields: Collection[str]) -> None:
         for field in fields:
@@ -53,6 +55,12 @@ class V1Cgroup(Cgroup):
         if "pids_max" in fields:
             value = "max" if limits.pids_max is None else str(limits.pids_max)
             self._io.write(os.path.join(self._dir("pids"), PIDS_MAX), value)
+        if DEVICES_FIELD in fields:
+            # A fresh group inherits its parent's rules; "a" (deny all) is refused (EINVAL)
+            # in a group with children, which a group fcrun just made does not have.
+            d = self._dir("devices")
+            for name, text in v1_writes(limits.devices):
+                self._io.write(os.path.join(d, name), text)
 
     def _write_cpu(self, quota_us: int | None, period_us: int) -> None:
         d = self._dir("cpu")
@@ -165,6 +173,8 @@ class V1Driver(CgroupDriver):
 
     version = 1
     cgroup_class = V1Cgroup
+    # Containers created before fcrun used the devices hierarchy have no group there.
+    optional_keys = frozenset({"devices"})
 
 
 def missing_hierarchy(controller: str) -> MissingFeature:

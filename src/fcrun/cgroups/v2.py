@@ -12,12 +12,14 @@ from __future__ import annotations
 import errno
 import os
 import signal
+import threading
 import time
 from collections.abc import Callable, Collection
 
 from ..errors import KernelError, MissingFeature
 from .base import (
     CPU_FIELDS,
+    DEVICES_FIELD,
     Cgroup,
     CgroupDriver,
     Hierarchy,
@@ -28,6 +30,7 @@ from .base import (
     parse_max,
     parse_psi,
 )
+from .devices import DeviceRule, assemble, program
 
 KEY = "unified"  # the only key of Cgroup.paths
 CONTROLLERS = ("cpu", "memory", "pids")  # those fcrun enables by default
@@ -46,6 +49,8 @@ MEMORY_CURRENT = "memory.current"
 MEMORY_PRESSURE = "memory.pressure"
 PIDS_MAX = "pids.max"
 PIDS_CURRENT = "pids.current"
+
+DEVICE_PROGRAMS_KEPT = 16  # rule sets; fcrun itself uses one (oci.DEFAULT_DEVICE_RULES)
 
 _FIELD_CONTROLLER = {"cpu_quota_us": "cpu", "cpu_period_us": "cpu", "memory_bytes": "memory", "pids_max": "pids"}
 
@@ -80,6 +85,8 @@ class V2Cgroup(Cgroup):
 
     def _check_controllers(self, limits: Limits, fields: Collection[str]) -> None:
         for field in fields:
+            if field == DEVICES_FIELD:
+                continue  # a BPF program, not a controller: every cgroup2 group can have one
             controller = _FIELD_CONTROLLER[field]
             if controller not in self._driver.controllers:
                 raise MissingFeature(
@@ -99,6 +106,8 @@ class V2Cgroup(Cgroup):
                 self._io.write(self._file(MEMORY_SWAP_MAX), "0" if limited else "max")
         if "pids_max" in fields:
             self._io.write(self._file(PIDS_MAX), "max" if limits.pids_max is None else str(limits.pids_max))
+        if DEVICES_FIELD in fields:
+            self._driver.attach_device_rules(self.dir, limits.devices)
 
     def limits(self) -> Limits:
         """Read back; a controller this driver does not enable reads as unlimited."""
@@ -171,8 +180,9 @@ class V2Cgroup(Cgroup):
 
 class V2Driver(CgroupDriver):
     """Creates container groups in the unified hierarchy and enables ``controllers`` on the
-    way down to them. ``controllers=()`` gives a driver for freeze, kill and stats only (as on
-    a hybrid host's controller-less /sys/fs/cgroup/unified)."""
+    way down to them; device rules become a BPF program attached to each group, which needs
+    no controller. ``controllers=()`` gives a driver for freeze, kill, stats and device rules
+    only (as on a hybrid host's controller-less /sys/fs/cgroup/unified)."""
 
     version = 2
     cgroup_class = V2Cgroup
@@ -188,6 +198,31 @@ class V2Driver(CgroupDriver):
     ):
         super().__init__([hierarchy], io=io, clock=clock, sleep=sleep)
         self.controllers = tuple(controllers)
+        self._device_programs: dict[tuple[DeviceRule, ...], int] = {}
+        self._device_programs_lock = threading.Lock()  # creates may run in several threads
+
+    def attach_device_rules(self, cgroup_dir: str, rules: tuple[DeviceRule, ...]) -> None:
+        """Attach the device program for ``rules`` to ``cgroup_dir``, loading it on first use.
+
+        One program serves every cgroup with the same rules (a program can be attached to
+        any number of cgroups), so a create pays for the verifier once per rule set.
+
+        Raises:
+            KernelError: the kernel refused the program or the attach.
+
+        Resource handling: the driver keeps the program fds (close-on-exec) for its lifetime;
+        past DEVICE_PROGRAMS_KEPT rule sets it closes them all, which detaches nothing. The
+        lock covers the attach too, so no fd is closed between lookup and use.
+        """
+        with self._device_programs_lock:
+            fd = self._device_programs.get(rules)
+            if fd is None:
+                if len(self._device_programs) >= DEVICE_PROGRAMS_KEPT:
+                    for old in self._device_programs.values():
+                        self.io.close(old)
+                    self._device_programs.clear()
+                fd = self._device_programs[rules] = self.io.load_device_program(assemble(program(rules)))
+            self.io.attach_device_program(cgroup_dir, fd)
 
     @property
     def hierarchy(self) -> Hierarchy:
