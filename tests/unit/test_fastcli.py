@@ -63,6 +63,7 @@ def test_roots_and_network_come_from_global_options_then_the_environment():
     ["ps"], [], ["--version"], ["--help"], ["run", "--help"], ["run", "-h"],
     ["run"],                                            # --image missing: click's error
     ["run", "--image", "busybox", "--keep", "true"],    # not in the thin path
+    ["run", "--image", "busybox", "--security-opt", "seccomp=unconfined", "true"],  # profiles: in-process only
     ["run", "--image", "busybox", "--nope"],            # unknown option: click's error
     ["run", "--image", "busybox", "sh", "-c", "x"],     # -c is an option to click too: its error
     ["run", "--image", "busybox", "--pids", "x"],       # click's "not a valid integer"
