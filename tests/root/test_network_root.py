@@ -23,7 +23,7 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 
 from fcrun.errors import KernelError
-from fcrun.network import BridgeNetwork, host_ifname, setup_loopback
+from fcrun.network import BridgeNetwork, host_ifname, mac_for, setup_loopback
 from fcrun.network.bridge import BRIDGE_ALIAS
 
 pytestmark = [
@@ -222,6 +222,34 @@ def test_attach_configures_the_container_netns(lab):
     assert f"inet {att.gateway}/24" in bridge and f"alias {BRIDGE_ALIAS}" in bridge
     assert net.ipam.leases() == {owner: att.ip}
     net.detach(owner)
+
+
+def _out(*argv: str) -> str:
+    return subprocess.run(argv, capture_output=True, text=True, check=True).stdout.strip()
+
+
+def test_attach_pins_address_and_mac_and_detach_unpins(lab):
+    net = lab.network()
+    pid, fd = lab.netns()
+    owner = lab.owner()
+    att = net.attach(owner, fd)
+    mac = mac_for(att.ip)
+
+    assert f"link/ether {mac} " in lab.run_in(pid, "ip", "-o", "link", "show", "eth0")
+    neighbour = _out("ip", "neigh", "show", att.ip, "dev", lab.bridge)
+    assert neighbour == f"{att.ip} lladdr {mac} PERMANENT"
+    fdb = _out("bridge", "fdb", "show", "br", lab.bridge)
+    assert f"{mac} dev {att.host_ifname} sticky master {lab.bridge} static" in fdb.splitlines()
+    port = _out("bridge", "-d", "link", "show", "dev", att.host_ifname)
+    assert " learning off flood off " in port and " isolated on locked on" in port
+
+    # The neighbour entry is on the bridge, so the kernel keeps it when the veth goes (the FDB
+    # entry goes with the port): detach has to delete it.
+    subprocess.run(["ip", "link", "del", att.host_ifname], check=True)
+    assert "PERMANENT" in _out("ip", "neigh", "show", att.ip, "dev", lab.bridge)
+    assert mac not in _out("bridge", "fdb", "show", "br", lab.bridge)
+    net.detach(owner)
+    assert _out("ip", "neigh", "show", att.ip, "dev", lab.bridge) == ""
 
 
 def _thread_netns_inode() -> int:

@@ -9,6 +9,7 @@
  *   probe mknod PATH b|c MAJ MIN   mknod, then open it for reading
  *   probe open PATH r|w         open a path for reading or writing
  *   probe rawsock               socket(AF_PACKET, SOCK_RAW) (what ARP spoofing needs)
+ *   probe garp IFNAME MAC IP    send one gratuitous ARP "IP is-at MAC", from Ethernet source MAC
  *   probe kill PID SIG          kill(2)
  *   probe connect IP PORT       a TCP connect with a 1 s timeout
  *   probe fork N                fork N children that sleep 5 s; prints "forked K" then the error
@@ -26,6 +27,8 @@
 #include <string.h>
 #include <arpa/inet.h>
 #include <linux/if_ether.h>
+#include <net/if.h>
+#include <netpacket/packet.h>
 #include <netinet/in.h>
 #include <poll.h>
 #include <sys/mount.h>
@@ -69,6 +72,31 @@ static int do_syscall(const char *name) {
     return report(rc);
 }
 
+/* A broadcast ARP request with sender IP == target IP: the kernel treats it as gratuitous
+ * (arp_is_garp) and overrides an existing neighbour entry with it at once. */
+static int send_garp(const char *ifname, const char *mac_text, const char *ip_text) {
+    unsigned char mac[6], frame[ETH_HLEN + 28] = {0};
+    struct in_addr ip;
+    if (sscanf(mac_text, "%hhx:%hhx:%hhx:%hhx:%hhx:%hhx",
+               &mac[0], &mac[1], &mac[2], &mac[3], &mac[4], &mac[5]) != 6
+        || inet_pton(AF_INET, ip_text, &ip) != 1) { fprintf(stderr, "bad MAC or IP\n"); return 1; }
+    int fd = socket(AF_PACKET, SOCK_RAW, htons(ETH_P_ARP));
+    if (fd < 0) return report(-1);
+    memset(frame, 0xff, 6);                       /* to: broadcast */
+    memcpy(frame + 6, mac, 6);                    /* from: MAC, whoever owns it */
+    frame[12] = ETH_P_ARP >> 8; frame[13] = ETH_P_ARP & 0xff;
+    unsigned char *arp = frame + ETH_HLEN;
+    static const unsigned char head[8] = {0, 1 /* Ethernet */, 8, 0 /* IPv4 */, 6, 4,
+                                          0, 1 /* request */};
+    memcpy(arp, head, 8);
+    memcpy(arp + 8, mac, 6); memcpy(arp + 14, &ip, 4);   /* sender: MAC, IP */
+    memcpy(arp + 24, &ip, 4);                            /* target: IP, MAC zero */
+    struct sockaddr_ll to = {.sll_family = AF_PACKET, .sll_protocol = htons(ETH_P_ARP),
+                             .sll_ifindex = if_nametoindex(ifname), .sll_halen = 6};
+    memset(to.sll_addr, 0xff, 6);
+    return report(sendto(fd, frame, sizeof frame, 0, (struct sockaddr *)&to, sizeof to));
+}
+
 int main(int argc, char **argv) {
     setvbuf(stdout, NULL, _IONBF, 0);
     if (argc < 2) { fprintf(stderr, "usage: probe COMMAND ...\n"); return 1; }
@@ -81,6 +109,7 @@ int main(int argc, char **argv) {
     }
     if (!strcmp(cmd, "open") && argc == 4) return report(open(argv[2], argv[3][0] == 'w' ? O_WRONLY : O_RDONLY));
     if (!strcmp(cmd, "rawsock")) return report(socket(AF_PACKET, SOCK_RAW, htons(ETH_P_ARP)));
+    if (!strcmp(cmd, "garp") && argc == 5) return send_garp(argv[2], argv[3], argv[4]);
     if (!strcmp(cmd, "kill") && argc == 4) return report(kill(atoi(argv[2]), atoi(argv[3])));
     if (!strcmp(cmd, "connect") && argc == 4) {
         int fd = socket(AF_INET, SOCK_STREAM | SOCK_NONBLOCK, 0);

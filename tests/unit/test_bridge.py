@@ -14,7 +14,15 @@ import pytest
 
 from fcrun.errors import KernelError, SpecError
 from fcrun.network import Attachment, BridgeNetwork, host_ifname, mac_for, setup_loopback
-from fcrun.network.rtnl import LOOPBACK_IFINDEX, Link
+from fcrun.network.bridge import PORT_OPTIONS
+from fcrun.network.rtnl import (
+    IFLA_BRPORT_ISOLATED,
+    IFLA_BRPORT_LEARNING,
+    IFLA_BRPORT_LOCKED,
+    IFLA_BRPORT_UNICAST_FLOOD,
+    LOOPBACK_IFINDEX,
+    Link,
+)
 
 
 @dataclass
@@ -24,7 +32,8 @@ class FakeLink:
     alias: str | None = None
     master: int | None = None
     up: bool = False
-    isolated: bool = False
+    port_options: dict[int, bool] = field(default_factory=dict)  # IFLA_BRPORT_* -> on
+    fdb: list[str] = field(default_factory=list)  # static MACs behind this port; die with it
     addresses: list[str] = field(default_factory=list)
     peer: tuple[int, str] | None = None  # for a host veth end: (netns fd, name) of its peer
 
@@ -37,6 +46,7 @@ class FakeKernel:
         self.host: dict[str, FakeLink] = {}
         self.namespaces: dict[int, dict[str, FakeLink]] = {}
         self.routes: list[str] = []
+        self.neighbours: dict[tuple[int, str], str] = {}  # host (ifindex, ip) -> permanent MAC
         self.fail_at: str | None = None
         self.calls: list[str] = []
         self._next_index = 100
@@ -101,15 +111,30 @@ class FakeRtnl:
         )
         self.k.ns(peer_netns_fd)[peer_name] = FakeLink(self.k.new_index(), "veth")
 
-    def set_port_isolated(self, index, name, isolated=True):
-        self._step("set_port_isolated")
-        self._by_index(index).isolated = isolated
+    def set_bridge_port(self, index, name, options):
+        self._step("set_bridge_port")
+        self._by_index(index).port_options.update(options)
+
+    def add_static_fdb(self, port_index, port_name, mac):
+        self._step("add_static_fdb")
+        self._by_index(port_index).fdb.append(mac)
+
+    def pin_neighbour(self, index, name, ip, mac):
+        self._step("pin_neighbour")
+        assert self._by_index(index).kind == "bridge"
+        self.k.neighbours[(index, ip)] = mac
+
+    def delete_neighbour(self, index, name, ip):
+        self._step("delete_neighbour")
+        return self.k.neighbours.pop((index, ip), None) is not None
 
     def set_up(self, index, name):
         self._step("set_up")
         link = self._by_index(index)
         if link.master is not None:
-            assert link.isolated, "a container port must be isolated before it comes up"
+            assert link.port_options == PORT_OPTIONS, "isolate and lock a port before it comes up"
+            assert link.fdb, "a port's MAC is in the FDB before it comes up"
+            assert link.fdb[0] in self.k.neighbours.values(), "and its address is pinned"
         link.up = True
 
     def delete_link(self, name):
@@ -117,6 +142,8 @@ class FakeRtnl:
         link = self.links.pop(name, None)
         if link is None:
             return False
+        for key in [key for key in self.k.neighbours if key[0] == link.index]:
+            del self.k.neighbours[key]  # neighbours die with their device (the bridge)
         if link.peer:
             peer_fd, peer_name = link.peer
             self.k.ns(peer_fd).pop(peer_name)  # a veth's peer dies with it
@@ -201,7 +228,15 @@ def test_attach_wires_bridge_veth_and_netns(network, kernel, netns_fd):
     bridge = kernel.host["fctest0"]
     assert bridge.up and bridge.addresses == ["10.234.5.1/24"] and bridge.alias == "fcrun-managed"
     port = kernel.host[att.host_ifname]
-    assert port.master == bridge.index and port.isolated and port.up
+    assert port.master == bridge.index and port.up
+    assert port.port_options == {
+        IFLA_BRPORT_ISOLATED: True,
+        IFLA_BRPORT_LEARNING: False,
+        IFLA_BRPORT_UNICAST_FLOOD: False,
+        IFLA_BRPORT_LOCKED: True,
+    }
+    assert port.fdb == ["0a:58:0a:ea:05:02"]
+    assert kernel.neighbours == {(bridge.index, "10.234.5.2"): "0a:58:0a:ea:05:02"}
     inside = kernel.ns(netns_fd)
     assert inside["lo"].up
     assert inside["eth0"].up and inside["eth0"].addresses == ["10.234.5.2/24"]
@@ -215,7 +250,10 @@ FAILURE_POINTS = [
     "host.set_alias",
     "host.add_address",
     "host.create_veth",
-    "host.set_port_isolated",
+    "host.set_bridge_port",
+    "host.add_static_fdb",
+    "host.pin_neighbour",
+    "host.set_up",
     "inner.set_up",
     "inner.add_address",
     "inner.add_default_route",
@@ -231,6 +269,7 @@ def test_failed_attach_leaves_nothing_behind(network, kernel, netns_fd, fail_at)
         # args[0], not str(): fcrun.errors.KernelError inherits OSError.__str__ (errno only)
         assert exc_info.value.args[0].startswith("attach web-1: "), "the message names the step"
     assert kernel.host == {}
+    assert kernel.neighbours == {}
     assert set(kernel.ns(netns_fd)) == {"lo"}
     assert network.ipam.leases() == {}
 
@@ -243,6 +282,7 @@ def test_failed_attach_keeps_a_bridge_that_serves_others(network, kernel, make_n
         network.attach("web-2", second)
     assert set(kernel.ns(second)) == {"lo"}
     assert set(kernel.host) == {"fctest0", host_ifname("web-1")}
+    assert list(kernel.neighbours.values()) == [mac_for("10.234.5.2")]
     assert network.ipam.leases() == {"web-1": "10.234.5.2"}
 
 
@@ -276,6 +316,7 @@ def test_detach_removes_veth_and_lease_and_is_idempotent(network, kernel, netns_
     network.attach("web-1", netns_fd)
     network.detach("web-1")
     assert set(kernel.host) == {"fctest0"} and set(kernel.ns(netns_fd)) == {"lo"}  # the bridge stays
+    assert kernel.neighbours == {}, "the pinned address is released with the lease"
     assert network.remove_bridge_if_unused() is True
     assert kernel.host == {}
     assert network.ipam.leases() == {}
@@ -290,6 +331,7 @@ def test_detach_of_a_gone_netns_leaves_the_veth_to_the_kernel(network, kernel, m
     network.detach("web-1", netns_gone=True)
     assert "host.delete_link" not in kernel.calls
     assert network.ipam.leases() == {"web-2": "10.234.5.3"}
+    assert list(kernel.neighbours.values()) == [mac_for("10.234.5.3")]  # web-1's unpinned
     # Had the netns lived on after all, gc finds the veth as an orphan port.
     assert network.gc({"web-2"}) == [host_ifname("web-1")]
 
@@ -317,10 +359,20 @@ def test_gc_removes_dead_owners_and_orphan_ports(network, kernel, make_netns):
 
     assert network.gc({"live"}) == ["dead", "fcvorphan"]
     assert set(kernel.host) == {"fctest0", host_ifname("live"), "fcvelsewhere"}
+    assert list(kernel.neighbours.values()) == [mac_for("10.234.5.2")]
     assert network.ipam.leases() == {"live": "10.234.5.2"}
 
     assert network.gc(set()) == ["live"]
     assert set(kernel.host) == {"fcvelsewhere"}
+
+
+def test_attach_pins_over_an_entry_the_host_learned_before(network, kernel, make_netns):
+    """Another container may have claimed the free address by ARP; attach replaces that."""
+    network.attach("web-0", make_netns())  # makes the bridge
+    bridge = kernel.host["fctest0"].index
+    kernel.neighbours[(bridge, "10.234.5.3")] = "0a:58:0a:ea:05:02"  # web-0 said "I am .3"
+    network.attach("web-1", make_netns())
+    assert kernel.neighbours[(bridge, "10.234.5.3")] == mac_for("10.234.5.3")
 
 
 def test_setup_loopback_brings_lo_up(kernel, netns_fd):

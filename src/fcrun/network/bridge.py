@@ -13,6 +13,20 @@ forwards between two isolated ports, so a container reaches the host (the gatewa
 and nothing else on the bridge. Nothing is routed further: fcrun never turns on ip_forward,
 NAT or masquerading.
 
+No container can take another's address. Isolation is layer 2 only, and a container has
+CAP_NET_RAW by default, so it can send any frame to the host: ARP "10.88.0.5 is-at <my MAC>"
+would turn the host's traffic for 10.88.0.5 to it, and a frame with a victim's source MAC
+would make the bridge learn that MAC on its port. So each address and MAC is told to the
+kernel, never learned from the container:
+
+- the host's neighbour entry for the container's IP is permanent, to the MAC fcrun gave its
+  eth0 (ARP input never changes a permanent entry);
+- the port does not learn; a static, sticky FDB entry says the container's MAC is behind it;
+- the port is locked: frames whose source MAC is not its static entry are dropped on entry;
+- unicast to an unknown MAC (a container that is gone) is not flooded to container ports.
+
+The container cannot change its eth0's MAC or address either: it has no CAP_NET_ADMIN.
+
 Concurrency: attach, detach and gc run under the IPAM lock of the bridge, so one fcrun
 process cannot delete the bridge while another is adding a port to it.
 """
@@ -41,6 +55,14 @@ HOST_IFNAME_PREFIX = "fcv"
 CONTAINER_IFNAME = "eth0"
 MAC_PREFIX = "0a:58"  # locally administered, unicast; the other four bytes are the IPv4 address
 _IFNAME = re.compile(r"^[A-Za-z0-9_.-]{1,15}$")  # IFNAMSIZ is 16 with the NUL
+
+# bridge link set dev fcv... isolated on learning off flood off locked on: one request.
+PORT_OPTIONS = {
+    rtnl.IFLA_BRPORT_ISOLATED: True,  # no frames to or from other isolated ports
+    rtnl.IFLA_BRPORT_LEARNING: False,  # the port's MAC comes from its static FDB entry only
+    rtnl.IFLA_BRPORT_UNICAST_FLOOD: False,  # frames for unknown MACs never reach a container
+    rtnl.IFLA_BRPORT_LOCKED: True,  # drop frames whose source MAC is not the port's own
+}
 
 
 class Attachment(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
@@ -147,13 +169,23 @@ class BridgeNetwork:
         lease = table.allocate(owner)
 
         veth = host_ifname(owner)
-        host.create_veth(veth, bridge_index, CONTAINER_IFNAME, netns_fd, mac_for(lease.ip))
+        mac = mac_for(lease.ip)
+        host.create_veth(veth, bridge_index, CONTAINER_IFNAME, netns_fd, mac)
         undo.append((f"delete veth {veth}", lambda: host.delete_link(veth)))
         port = host.get_link(veth)
         if port is None:
             raise KernelError("look up link", veth, errno.ENODEV)
-        # Isolate before the port comes up, so it never forwards to another container.
-        host.set_port_isolated(port.index, veth)
+        # Isolate, lock and pin before the port comes up, so that it never forwards to another
+        # container and no frame it lets in can claim another container's MAC or address.
+        host.set_bridge_port(port.index, veth, PORT_OPTIONS)
+        host.add_static_fdb(port.index, veth, mac)  # goes with the port
+        host.pin_neighbour(bridge_index, self.bridge, lease.ip, mac)
+        undo.append(
+            (
+                f"unpin neighbour {lease.ip}",
+                lambda: host.delete_neighbour(bridge_index, self.bridge, lease.ip),
+            )
+        )
         host.set_up(port.index, veth)
 
         self._configure_inside(inner, lease)
@@ -218,8 +250,8 @@ class BridgeNetwork:
             raise SpecError(f"netns fd {netns_fd} is the host's own network namespace", "netns")
 
     def detach(self, owner: str, *, netns_gone: bool = False) -> None:
-        """Remove ``owner``'s veth (its peer dies with it) and release its lease. Idempotent.
-        The bridge stays (see remove_bridge_if_unused).
+        """Remove ``owner``'s veth (its peer dies with it), unpin its address and release its
+        lease. Idempotent. The bridge stays (see remove_bridge_if_unused).
 
         ``netns_gone=True`` says the container's netns is destroyed or being destroyed (its
         last process has exited and no fd holds it). The kernel then deletes the veth itself,
@@ -233,6 +265,7 @@ class BridgeNetwork:
         with self._open_rtnl(None) as host, self.ipam.locked() as table:
             if not netns_gone:
                 host.delete_link(host_ifname(owner))
+            self._unpin(host, table, owner)
             table.release(owner)
             # The bridge stays for the next container: deleting and re-creating it costs
             # 35-55 ms of RCU waits per container. gc() / remove_bridge_if_unused() remove it.
@@ -261,6 +294,7 @@ class BridgeNetwork:
             for owner in sorted(table.leases()):
                 if owner not in live_owners:
                     host.delete_link(host_ifname(owner))
+                    self._unpin(host, table, owner)
                     table.release(owner)
                     removed.append(owner)
             bridge = host.get_link(self.bridge)
@@ -276,6 +310,23 @@ class BridgeNetwork:
                         removed.append(link.name)
             self._remove_bridge_if_unused(host, table)
         return removed
+
+    def _unpin(self, host: Rtnl, table: LeaseTable, owner: str) -> None:
+        """Delete the permanent neighbour entry of ``owner``'s address, if it has a lease.
+
+        The entry is on the bridge, not on the veth, so the kernel keeps it when the veth goes
+        (the FDB entry goes with the port). The veth is deleted first: with the entry gone
+        and the port still there, the host would ARP for the address again and learn it.
+        A stale entry left by a crash is harmless: the MAC follows the address, so it is
+        re-pinned to the same MAC when the address is leased again, and until then frames
+        for it are flooded to no container port.
+        """
+        lease = table.get(owner)
+        if lease is None:
+            return
+        bridge = host.get_link(self.bridge)
+        if bridge is not None:
+            host.delete_neighbour(bridge.index, self.bridge, lease.ip)
 
     def _remove_bridge_if_unused(self, host: Rtnl, table: LeaseTable) -> bool:
         if len(table):

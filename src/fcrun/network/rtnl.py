@@ -20,6 +20,7 @@ import logging
 import os
 import socket
 import struct
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 from ..errors import KernelError
@@ -51,6 +52,8 @@ RTM_GETLINK = 18
 RTM_SETLINK = 19
 RTM_NEWADDR = 20
 RTM_NEWROUTE = 24
+RTM_NEWNEIGH = 28
+RTM_DELNEIGH = 29
 RT_TABLE_MAIN = 254
 RTPROT_BOOT = 3
 RT_SCOPE_UNIVERSE = 0
@@ -69,17 +72,29 @@ IFLA_NET_NS_FD = 28
 IFLA_INFO_KIND = 1
 IFLA_INFO_DATA = 2
 VETH_INFO_PEER = 1
+IFLA_BRPORT_LEARNING = 8
+IFLA_BRPORT_UNICAST_FLOOD = 9
 IFLA_BRPORT_ISOLATED = 33
+IFLA_BRPORT_LOCKED = 39
 IFA_ADDRESS = 1
 IFA_LOCAL = 2
 IFF_UP = 0x1
 AF_BRIDGE = 7
+
+# <linux/neighbour.h>
+NDA_DST = 1
+NDA_LLADDR = 2
+NUD_NOARP = 0x40  # for a bridge FDB entry: "static" (NUD_PERMANENT there means "local")
+NUD_PERMANENT = 0x80
+NTF_MASTER = 0x04  # an FDB request for the bridge the port belongs to, not the port itself
+NTF_STICKY = 0x40  # learning on another port cannot move the entry there
 
 _NLMSGHDR = struct.Struct("=IHHII")
 _NLMSGERR = struct.Struct("=i")
 _IFINFOMSG = struct.Struct("=BxHiII")
 _IFADDRMSG = struct.Struct("=BBBBi")
 _RTMSG = struct.Struct("=BBBBBBBBI")
+_NDMSG = struct.Struct("=BxxxiHBB")  # family, pad, ifindex, state, flags, type
 _RTATTR = struct.Struct("=HH")
 _U32 = struct.Struct("=I")
 
@@ -309,13 +324,16 @@ class Rtnl:
         what = f"{name} (peer {peer_name} in netns fd {peer_netns_fd})"
         self._request(RTM_NEWLINK, NLM_F_ACK | NLM_F_CREATE | NLM_F_EXCL, body, "create veth", what)
 
-    def set_port_isolated(self, index: int, name: str, isolated: bool = True) -> None:
-        """``bridge link set dev NAME isolated on``: isolated ports cannot talk to each other,
-        only to the bridge itself and to non-isolated ports."""
-        body = _ifinfomsg(index, family=AF_BRIDGE) + _nested(
-            IFLA_PROTINFO, _attr(IFLA_BRPORT_ISOLATED, bytes([int(isolated)]))
-        )
-        self._request(RTM_SETLINK, NLM_F_ACK, body, "set bridge port isolated on", name)
+    def set_bridge_port(self, index: int, name: str, options: Mapping[int, bool]) -> None:
+        """``bridge link set dev NAME isolated on learning off ...``: the IFLA_BRPORT_* flags
+        in ``options`` (attribute -> on/off), all in one request.
+
+        An attribute the kernel does not know is ignored silently (br_setport parses
+        IFLA_PROTINFO leniently); kernel 5.18 is the first with IFLA_BRPORT_LOCKED.
+        """
+        flags = b"".join(_attr(kind, bytes([int(on)])) for kind, on in sorted(options.items()))
+        body = _ifinfomsg(index, family=AF_BRIDGE) + _nested(IFLA_PROTINFO, flags)
+        self._request(RTM_SETLINK, NLM_F_ACK, body, "set bridge port options of", name)
 
     def set_up(self, index: int, name: str) -> None:
         body = _ifinfomsg(index, flags=IFF_UP, change=IFF_UP)
@@ -333,6 +351,53 @@ class Rtnl:
             )
         except KernelError as exc:
             if exc.errno == errno.ENODEV:  # already gone (a veth dies with its netns)
+                return False
+            raise
+        return True
+
+    # -- bridge FDB and neighbours --------------------------------------------------------
+
+    def add_static_fdb(self, port_index: int, port_name: str, mac: str) -> None:
+        """``bridge fdb replace MAC dev PORT master static sticky``: the bridge sends frames for
+        MAC to PORT only, and no learning anywhere moves the entry. The kernel removes it with
+        the port."""
+        body = _NDMSG.pack(AF_BRIDGE, port_index, NUD_NOARP, NTF_MASTER | NTF_STICKY, 0) + _attr(
+            NDA_LLADDR, parse_mac(mac)
+        )
+        self._request(
+            RTM_NEWNEIGH,
+            NLM_F_ACK | NLM_F_CREATE | NLM_F_REPLACE,
+            body,
+            "add static fdb entry",
+            f"{mac} dev {port_name}",
+        )
+
+    def pin_neighbour(self, index: int, name: str, ip: str, mac: str) -> None:
+        """``ip neigh replace IP lladdr MAC dev NAME nud permanent``: the kernel never changes
+        a permanent entry on ARP input (neigh_update refuses without NEIGH_UPDATE_F_ADMIN),
+        so no gratuitous ARP can redirect IP. Replaces whatever entry IP had."""
+        body = (
+            _NDMSG.pack(socket.AF_INET, index, NUD_PERMANENT, 0, 0)
+            + _attr(NDA_DST, ipaddress.IPv4Address(ip).packed)
+            + _attr(NDA_LLADDR, parse_mac(mac))
+        )
+        self._request(
+            RTM_NEWNEIGH,
+            NLM_F_ACK | NLM_F_CREATE | NLM_F_REPLACE,
+            body,
+            "pin neighbour",
+            f"{ip} lladdr {mac} dev {name}",
+        )
+
+    def delete_neighbour(self, index: int, name: str, ip: str) -> bool:
+        """``ip neigh del IP dev NAME``; False if there was no entry."""
+        body = _NDMSG.pack(socket.AF_INET, index, 0, 0, 0) + _attr(
+            NDA_DST, ipaddress.IPv4Address(ip).packed
+        )
+        try:
+            self._request(RTM_DELNEIGH, NLM_F_ACK, body, "delete neighbour", f"{ip} dev {name}")
+        except KernelError as exc:
+            if exc.errno == errno.ENOENT:
                 return False
             raise
         return True
