@@ -88,6 +88,7 @@ def main(argv: list[str] | None = None) -> int:
                              "--data-root", paths.data_root, "--run-root", paths.run_root,
                              "--cgroup-parent", cgroup_parent, "--bridge", bridge, "--subnet", SUBNET,
                              "--pool", f"apache-php={args.instances}", "--pool-warming", str(args.warming),
+                             "--docroot-root", work,
                              "--parent-pid", str(os.getpid())], stdout=subprocess.PIPE)
     out: dict = {"benchmark": "memory of pooled and frozen apache-php instances", "instances": args.instances}
     claimed: list[str] = []

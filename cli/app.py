@@ -7,7 +7,11 @@ directly when no server runs (new settings are then picked up when serve starts)
   it must answer, there is no fallback;
 - else ``FCRUN_ADMIN_SOCKET``, else the admin_socket of ``FCRUN_CONFIG``'s file, else
   ``<run root>/admin.sock``;
-- direct mode uses ``<data root>/cmdb.sqlite3`` and the ``[defaults]`` of ``FCRUN_CONFIG``.
+- direct mode uses ``<data root>/cmdb.sqlite3``, and the ``[defaults]`` and ``docroot_roots`` of
+  ``FCRUN_CONFIG``.
+
+A ``--docroot`` outside the docroot roots, reached through a symlink or missing is refused by
+whichever of the two writes the app (docroot.py), and checked again whenever it is mounted.
 
 The group reads ``ctx.obj.paths`` (a fcrun.paths.Paths) when the main CLI provides it.
 Errors are FcrunError subclasses; the main group prints them and exits with their code.
@@ -25,6 +29,7 @@ import msgspec
 
 from fcrun.cmdb import App, AppStats, AppUpdate, Event, Instance, NewApp, open_cmdb
 from fcrun.cmdb.models import AppDefaults, Scale, check_docroot, normalize_hostname, parse_size
+from fcrun.docroot import DEFAULT_DOCROOT_ROOTS
 from fcrun.errors import SpecError
 from fcrun.options import parse_env
 from fcrun.paths import Paths
@@ -74,7 +79,9 @@ def connect(ctx: click.Context) -> Iterator[Admin]:
     if os.path.exists(socket_path) and server_answers(socket_path):
         yield AdminClient(socket_path)
         return
-    admin = LocalAdmin(open_cmdb(paths), config.defaults if config else AppDefaults())
+    admin = LocalAdmin(open_cmdb(paths), config.defaults if config else AppDefaults(),
+                       docroot_roots=config.docroot_roots if config else DEFAULT_DOCROOT_ROOTS,
+                       fcrun_roots=(paths.data_root, paths.run_root))
     try:
         yield admin
     finally:

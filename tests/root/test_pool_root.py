@@ -100,9 +100,9 @@ def test_a_claimed_instance_sees_only_its_own_apps_docroot(pooled, tmp_path):
                          "ls /var/www/html; cat /proc/self/mountinfo").stdout
         assert f"only-{name}.txt" in out and f"only-{other}.txt" not in out
         assert sites[other] not in out  # the other app's directory is mounted nowhere in it
-        # Its files come nosuid,nodev, and nothing above the docroot is reachable.
+        # Its files come read-only, nosuid, nodev, noexec, and nothing above the docroot is reachable.
         docroot_line = [line for line in out.splitlines() if " /var/www/html " in line][-1]
-        assert "nosuid" in docroot_line and "nodev" in docroot_line
+        assert {"ro", "nosuid", "nodev", "noexec"} <= set(docroot_line.split()[5].split(","))
     # Disposable: a claimed instance never returns to the pool, even after its app is gone.
     pooled.cli("app", "rm", "red.test")
     assert instances["red.test"] not in pooled.ps()

@@ -37,8 +37,10 @@ class Server:
         shutil.copy(os.path.join(store, "images", "apache-php.json"), os.path.join(self.data_root, "images"))
         self.port = _free_port()
         self.config = tmp_path / "fcrun.toml"
+        # The tests' sites live in tmp_path: the docroot root (the defaults are /srv, /var/www).
         self.config.write_text(
-            f'listen = "127.0.0.1:{self.port}"\nhold_timeout_s = 10\ndrain_timeout_s = 5\n{extra_config}\n'
+            f'listen = "127.0.0.1:{self.port}"\nhold_timeout_s = 10\ndrain_timeout_s = 5\n'
+            f'docroot_roots = ["{tmp_path}"]\n{extra_config}\n'
             f'[runtime]\ncgroup_parent = "{CGROUP_PARENT}"\nbridge = "{BRIDGE}"\nsubnet = "{SUBNET}"\n'
         )
         self.env = dict(os.environ, FCRUN_ROOT=self.data_root, FCRUN_RUN=self.run_root, FCRUN_CONFIG=str(self.config))

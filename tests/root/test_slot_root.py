@@ -14,6 +14,12 @@ from fcrun.options import RunOptions, spec_from_image
 pytestmark = pytest.mark.root
 
 
+@pytest.fixture(autouse=True)
+def _docroots_in_tmp(runtime, tmp_path):
+    """The sites live in tmp_path: make it the docroot root, as serve's docroot_roots would."""
+    runtime.docroot_roots = (str(tmp_path),)
+
+
 def _exec(rt, name, script):
     r, w = os.pipe()
     null = os.open("/dev/null", os.O_RDONLY)
@@ -47,7 +53,7 @@ def test_slot_is_empty_and_read_only_until_filled_then_shows_the_host_dir(runtim
     assert code == 0
     assert "hello from the host" in out
     top = [line for line in out.splitlines() if " /srv/site " in line][-1]  # the last mount is the one seen
-    assert "nosuid" in top.split()[5] and "nodev" in top.split()[5]
+    assert {"ro", "nosuid", "nodev", "noexec"} <= set(top.split()[5].split(","))
 
     # Filled once: a container that served one site never gets another.
     other = tmp_path / "other"
@@ -75,13 +81,16 @@ def test_removing_the_container_unmounts_the_slot_and_keeps_the_site(runtime, bu
 
 def test_bad_fill_changes_nothing(runtime, busybox, tmp_path):
     _start(runtime, busybox, "slot3")
-    with pytest.raises(SpecError, match="not an absolute path to a directory"):
+    with pytest.raises(SpecError, match="does not exist"):
         runtime.fill_slot("slot3", str(tmp_path / "missing"))
+    with pytest.raises(SpecError, match="outside the allowed docroot roots"):
+        runtime.fill_slot("slot3", "/etc")
     assert "fcrun.slot.source" not in runtime.state("slot3").labels
     plain = spec_from_image(busybox, RunOptions(args=["sleep", "600"], network="none"), name="noslot")
     runtime.run("noslot", plain, image=busybox, detach=True)
+    (tmp_path / "site").mkdir()
     with pytest.raises(IncorrectStatus, match="has no slot"):
-        runtime.fill_slot("noslot", str(tmp_path))
+        runtime.fill_slot("noslot", str(tmp_path / "site"))
     with open("/proc/self/mountinfo") as f:
         mountpoints = [line.split()[4] for line in f]
     slot = os.path.join(runtime.states.dir("slot3"), "slot")
@@ -109,7 +118,7 @@ def test_hand_over_applies_limits_slot_labels_and_thaws_in_one_step(runtime, bus
 
 def test_a_failed_hand_over_names_the_problem(runtime, busybox, tmp_path):
     _start(runtime, busybox, "slot5")
-    with pytest.raises(SpecError, match="not an absolute path to a directory"):
+    with pytest.raises(SpecError, match="does not exist"):
         runtime.hand_over("slot5", cpu=0.5, slot_source=str(tmp_path / "missing"), labels={"fcrun.app": "b"})
     state = runtime.state("slot5")
     assert "fcrun.app" not in state.labels  # checked before anything was changed

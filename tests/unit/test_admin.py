@@ -48,8 +48,8 @@ def cmdb(tmp_path):
 class ScalingController(DirectController):
     """A controller that can scale (as serve's manager will): records what it was asked."""
 
-    def __init__(self, cmdb):
-        super().__init__(cmdb)
+    def __init__(self, cmdb, **kwargs):
+        super().__init__(cmdb, **kwargs)
         self.scaled: list[tuple[str, Scale]] = []
 
     async def scale(self, name, request):
@@ -66,8 +66,8 @@ class SlowRemoval(DirectController):
 
 
 @pytest.fixture
-def server(cmdb, short_dir):
-    controller = ScalingController(cmdb)
+def server(cmdb, short_dir, tmp_path):
+    controller = ScalingController(cmdb, docroot_roots=(str(tmp_path),))  # the tests' sites live there
     with serve_in_thread(controller, os.path.join(short_dir, "run", "admin.sock"),
                          tcp_listen="127.0.0.1:0", token=TOKEN) as srv:
         yield srv
@@ -123,6 +123,23 @@ def test_app_routes(client, tmp_path):
     assert client.remove_app("example.test") is True
     assert client.list_apps() == []
     assert [e.kind for e in client.events("example.test")] == ["app-added", "app-updated", "app-removed"]
+
+
+def test_a_docroot_outside_the_roots_symlinked_or_missing_is_refused_and_nothing_written(client, tmp_path):
+    site = tmp_path / "site"
+    site.mkdir()
+    (tmp_path / "link").symlink_to(site)
+    (tmp_path / "etc").symlink_to("/etc")
+    for docroot, words in [("/etc", "outside the allowed docroot roots"), (str(tmp_path / "link"), "symlink"),
+                           (str(tmp_path / "etc"), "symlink"), (str(tmp_path / "missing"), "does not exist"),
+                           (str(tmp_path), "a docroot root itself")]:
+        with pytest.raises(SpecError, match=words):
+            client.add_app(NewApp(name="a.test", image="x", docroot=docroot))
+    assert client.list_apps() == [] and client.events() == []
+    client.add_app(NewApp(name="a.test", image="x", docroot=str(site)))
+    with pytest.raises(SpecError, match="symlink"):
+        client.update_app("a.test", AppUpdate(docroot=str(tmp_path / "link")))
+    assert client.get_app("a.test").docroot == str(site) and client.get_app("a.test").generation == 1
 
 
 def test_instances_stats_metrics_and_events(client, cmdb):

@@ -78,10 +78,18 @@ def test_the_app_commands_are_in_the_help(cli):
         assert f"  {command}" in result.output
 
 
+def _docroot_roots(tmp_path, monkeypatch) -> None:
+    """A config file that makes tmp_path the docroot root (the default roots are /srv, /var/www)."""
+    config = tmp_path / "fcrun.toml"
+    config.write_text(f"docroot_roots = [{str(tmp_path)!r}]\n")
+    monkeypatch.setenv("FCRUN_CONFIG", str(config))
+
+
 def test_add_ls_show_update_rm_without_a_server(cli, tmp_path, monkeypatch):
     site = tmp_path / "site"
     site.mkdir()
     monkeypatch.chdir(tmp_path)
+    _docroot_roots(tmp_path, monkeypatch)
     result = cli("app", "add", "Example.TEST", "--image", "apache-php", "--alias", "www.example.test",
                  "--docroot", "site", "--cpu", "0.3", "--cpu-max", "0.6", "--memory", "256M", "--min", "0",
                  "--max", "2", "--idle-timeout", "90s", "--freeze-after", "30s", "--max-lifetime", "1h",
@@ -147,6 +155,24 @@ def test_bad_input_exits_with_the_errors_code_naming_the_option(cli, args, code,
     assert result.exit_code == code, result.output
     assert words in result.output
     assert result.output.startswith("fcrun: ")
+
+
+def test_a_docroot_outside_the_roots_or_through_a_symlink_is_refused(cli, tmp_path, monkeypatch):
+    (tmp_path / "site").mkdir()
+    (tmp_path / "etc").symlink_to("/etc")
+    result = cli("app", "add", "a.test", "--image", "x", "--docroot", str(tmp_path / "site"))
+    assert result.exit_code == 2, result.output  # the default roots: /srv and /var/www
+    assert "outside the allowed docroot roots (/srv, /var/www)" in result.output
+    _docroot_roots(tmp_path, monkeypatch)
+    result = cli("app", "add", "a.test", "--image", "x", "--docroot", str(tmp_path / "etc"))
+    assert result.exit_code == 2, result.output
+    assert "symlink" in result.output
+    assert cli("app", "add", "a.test", "--image", "x", "--docroot", str(tmp_path / "site")).exit_code == 0
+    result = cli("app", "update", "a.test", "--docroot", "/etc")
+    assert result.exit_code == 2, result.output
+    assert "outside the allowed docroot roots" in result.output
+    shown = json.loads(cli("app", "show", "a.test", "--json").output)["app"]
+    assert shown["docroot"] == str(tmp_path / "site")
 
 
 def test_a_taken_hostname_names_the_app_that_has_it(cli):

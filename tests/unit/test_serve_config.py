@@ -34,6 +34,7 @@ def test_no_file_gives_the_defaults(paths):
     assert config.paths == paths
     assert config.runtime.bridge == "fcrun0" and config.runtime.subnet == "10.88.0.0/16"
     assert config.defaults.max_instances == 1 and config.defaults.idle_timeout_s == 60.0
+    assert config.docroot_roots == ("/srv", "/var/www")
 
 
 def test_roots_come_from_the_environment_when_not_given(monkeypatch, tmp_path):
@@ -93,6 +94,9 @@ def test_a_file_overrides_what_it_names(write, paths, tmp_path):
     ('[runtime]\nrun_root = "run"', "$.runtime.run_root", "absolute"),
     ("[defaults]\nmin_instances = 2", "$.defaults.min_instances", "above max_instances"),
     ("[defaults]\nmemory_bytes = 1024", "$.defaults.memory_bytes", "minimum"),
+    ('docroot_roots = ["/srv", "www"]', "$.docroot_roots[1]", "not a normalised absolute path"),
+    ('docroot_roots = ["/"]', "$.docroot_roots[0]", "any host directory"),
+    ('docroot_roots = "/srv"', "$.docroot_roots", "Expected `array`"),
 ])
 def test_errors_name_the_file_and_the_key(write, paths, text, where, words):
     path = write(text)

@@ -39,6 +39,7 @@ from ..errors import FcrunError, SpecError
 from ..options import RunOptions, spec_from_image
 from ..units import parse_cpu, parse_memory
 from ..paths import DEFAULT_BRIDGE, DEFAULT_CGROUP_PARENT, DEFAULT_SUBNET, Paths
+from ..docroot import DEFAULT_DOCROOT_ROOTS, check_roots
 from ..runtime import Container, Runtime
 from . import protocol as p
 from .pool import DEFAULT_MAX_AGE_S, DEFAULT_POOL_CPU, DEFAULT_POOL_MEMORY_BYTES, Pool
@@ -425,6 +426,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--pool-max-age", type=float, default=DEFAULT_MAX_AGE_S, help="seconds")
     parser.add_argument("--pool-warming", type=int, default=1, help="pooled instances warming at once")
     parser.add_argument("--parent-pid", type=int, default=0, help="exit when this process exits")
+    parser.add_argument("--docroot-root", action="append", default=None, metavar="DIR",
+                        help="a directory apps' docroots may lie under (repeatable; default: "
+                             f"{', '.join(DEFAULT_DOCROOT_ROOTS)}); every docroot is checked again here")
     args = parser.parse_args(argv)
     logging.basicConfig(level=os.environ.get("FCRUN_LOG", "INFO"), format="fcrun forkserver: %(message)s")
     if os.geteuid() != 0:
@@ -432,9 +436,11 @@ def main(argv: list[str] | None = None) -> int:
         return 77
     try:
         memory = parse_memory(args.pool_memory, "--pool-memory")
+        docroot_roots = tuple(args.docroot_root or DEFAULT_DOCROOT_ROOTS)
+        check_roots(docroot_roots, "--docroot-root")
         paths = Paths.from_env(args.data_root, args.run_root)
         runtime = Runtime(paths, cgroup_parent=args.cgroup_parent, bridge=args.bridge, subnet=args.subnet,
-                          spawner=False)
+                          spawner=False, docroot_roots=docroot_roots)
         # Run containers through the spawner (None: from the second on, or as $FCRUN_SPAWNER says).
         run_runtime = Runtime(paths, cgroup_parent=args.cgroup_parent, bridge=args.bridge, subnet=args.subnet,
                               spawner=None)

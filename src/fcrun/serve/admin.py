@@ -44,6 +44,7 @@ import tempfile
 import threading
 import time
 import urllib.parse
+from collections.abc import Sequence
 from typing import Any, Callable, Iterator, Protocol
 
 import httptools
@@ -51,6 +52,7 @@ import msgspec
 
 from ..cmdb.base import CMDB, CMDBError
 from ..cmdb.models import App, AppDefaults, AppStats, AppUpdate, Event, Instance, NewApp, Scale, new_app, spec_error
+from ..docroot import DEFAULT_DOCROOT_ROOTS, check_docroot
 from ..errors import AlreadyExists, FcrunError, IncorrectStatus, KernelError, NotFound, NotPermitted, SpecError
 from ..units import parse_cpu
 from .config import parse_address
@@ -126,12 +128,19 @@ class DirectController:
     `fcrun app` when no server runs). Records an event for every change.
 
     CMDB calls run in worker threads, so a busy database never stalls the event loop.
+
+    A docroot is accepted only under `docroot_roots` and clear of `fcrun_roots` (the data and
+    run roots), reached through no symlink (docroot.py); the runtime checks it again each time
+    it mounts it, since the path may change in between.
     """
 
-    def __init__(self, cmdb: CMDB, defaults: AppDefaults | None = None, clock: Callable[[], float] = time.time):
+    def __init__(self, cmdb: CMDB, defaults: AppDefaults | None = None, clock: Callable[[], float] = time.time,
+                 *, docroot_roots: Sequence[str] = DEFAULT_DOCROOT_ROOTS, fcrun_roots: Sequence[str] = ()):
         self.cmdb = cmdb
         self.defaults = defaults or AppDefaults()
         self.clock = clock
+        self.docroot_roots = tuple(docroot_roots)
+        self.fcrun_roots = tuple(fcrun_roots)
 
     async def list_apps(self) -> list[App]:
         return await asyncio.to_thread(self.cmdb.list_apps)
@@ -143,7 +152,9 @@ class DirectController:
         return await asyncio.to_thread(self._add_app, spec)
 
     def _add_app(self, spec: NewApp) -> App:
-        app = self.cmdb.add_app(new_app(spec, self.defaults, self.clock()))
+        app = new_app(spec, self.defaults, self.clock())
+        self._check_docroot(app.docroot)
+        app = self.cmdb.add_app(app)
         self.cmdb.add_event(app.name, "app-added", f"added {app.name} (image {app.image})",
                             {"hostnames": app.all_hostnames, "image": app.image})
         return app
@@ -152,11 +163,17 @@ class DirectController:
         return await asyncio.to_thread(self._update_app, name, update)
 
     def _update_app(self, name: str, update: AppUpdate) -> App:
+        if isinstance(update.docroot, str):
+            self._check_docroot(update.docroot)
         app = self.cmdb.update_app(name, update)
         changed = sorted(update.changes())  # names only: env values may be secrets
         message = f"updated {', '.join(changed) or 'nothing'} (generation {app.generation})"
         self.cmdb.add_event(name, "app-updated", message, {"changed": changed, "generation": app.generation})
         return app
+
+    def _check_docroot(self, docroot: str | None) -> None:
+        if docroot is not None:
+            check_docroot(docroot, self.docroot_roots, self.fcrun_roots, "docroot")
 
     async def remove_app(self, name: str) -> App:
         return await asyncio.to_thread(self._remove_app, name)
@@ -854,9 +871,10 @@ class LocalAdmin:
     Resource handling: owns the CMDB it is given; `close()` closes it.
     """
 
-    def __init__(self, cmdb: CMDB, defaults: AppDefaults | None = None):
+    def __init__(self, cmdb: CMDB, defaults: AppDefaults | None = None, *,
+                 docroot_roots: Sequence[str] = DEFAULT_DOCROOT_ROOTS, fcrun_roots: Sequence[str] = ()):
         self.cmdb = cmdb
-        self.controller = DirectController(cmdb, defaults)
+        self.controller = DirectController(cmdb, defaults, docroot_roots=docroot_roots, fcrun_roots=fcrun_roots)
 
     def list_apps(self) -> list[App]:
         return asyncio.run(self.controller.list_apps())

@@ -5,6 +5,7 @@ it changes::
 
     listen = "0.0.0.0:80"
     hold_timeout_s = 20
+    docroot_roots = ["/srv", "/var/www"]   # apps' docroots must lie under one of these
 
     [proxy]
     max_header_bytes = 16384
@@ -26,6 +27,7 @@ import tomllib
 import msgspec
 
 from ..cmdb.models import AppDefaults, check_defaults, spec_error
+from ..docroot import DEFAULT_DOCROOT_ROOTS, check_roots
 from ..errors import KernelError, NotFound, SpecError
 from ..forkserver.protocol import MAX_POOL_SIZE
 from ..proxy.config import ProxyConfig  # the [proxy] table is the proxy's own settings
@@ -72,6 +74,9 @@ class ServeConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True, froz
     hold_timeout_s: float = 30.0  # how long a request waits for a cold start before 504
     drain_timeout_s: float = 10.0  # how long a stopping instance's requests may take
     metrics_interval_s: float = 10.0  # how often instances' cgroup CPU time is sampled
+    # An app's docroot must lie strictly under one of these (docroot.py): checked by the admin
+    # API when it is set, and by the fork-server each time it is mounted.
+    docroot_roots: tuple[str, ...] = DEFAULT_DOCROOT_ROOTS
     proxy: ProxyConfig = ProxyConfig()
     runtime: RuntimeConfig = RuntimeConfig()
     defaults: AppDefaults = AppDefaults()
@@ -142,6 +147,10 @@ def check_config(config: ServeConfig, source: str = "configuration") -> None:
         value = getattr(config.runtime, key)
         if value and not os.path.isabs(value):
             fail(f"{key} {value!r} is not an absolute path", f"runtime.{key}")
+    try:
+        check_roots(config.docroot_roots)
+    except SpecError as exc:
+        fail(_bare(exc), exc.where)
     fs = config.forkserver
     for image, size in {"pool_size": fs.pool_size, **fs.pool_sizes}.items():
         if not 0 <= size <= MAX_POOL_SIZE:

@@ -4,16 +4,20 @@ metering)."""
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import msgspec
 
 from ..cmdb.models import AppStats, AppUpdate, NewApp, Scale
+from ..docroot import DEFAULT_DOCROOT_ROOTS
 from .admin import DirectController, check_scale
 from .manager import Manager
 
 
 class ManagedController(DirectController):
-    def __init__(self, cmdb, manager: Manager, defaults=None):
-        super().__init__(cmdb, defaults)
+    def __init__(self, cmdb, manager: Manager, defaults=None, *,
+                 docroot_roots: Sequence[str] = DEFAULT_DOCROOT_ROOTS, fcrun_roots: Sequence[str] = ()):
+        super().__init__(cmdb, defaults, docroot_roots=docroot_roots, fcrun_roots=fcrun_roots)
         self.manager = manager
 
     async def add_app(self, spec: NewApp):

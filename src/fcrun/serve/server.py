@@ -37,7 +37,8 @@ class Serve:
         self.config = config
         self.config_path = config_path
         rc = config.runtime
-        self.runtime = Runtime(config.paths, cgroup_parent=rc.cgroup_parent, bridge=rc.bridge, subnet=rc.subnet)
+        self.runtime = Runtime(config.paths, cgroup_parent=rc.cgroup_parent, bridge=rc.bridge, subnet=rc.subnet,
+                               docroot_roots=config.docroot_roots)
         self.cmdb = None
         self.backend = None
         self.forkserver: Supervisor | None = None
@@ -68,7 +69,9 @@ class Serve:
             log.info("reconciled: adopted %s, removed %s", result["adopted"], result["removed"])
         host, port = parse_address(cfg.listen, "listen")
         await self.proxy.start(host, port)
-        self.admin = AdminServer(ManagedController(self.cmdb, self.manager, cfg.defaults), cfg.admin_socket,
+        controller = ManagedController(self.cmdb, self.manager, cfg.defaults, docroot_roots=cfg.docroot_roots,
+                                       fcrun_roots=(cfg.paths.data_root, cfg.paths.run_root))
+        self.admin = AdminServer(controller, cfg.admin_socket,
                                  tcp_listen=cfg.admin_listen, token=cfg.admin_token)
         await self.admin.start()
         self._ticker = asyncio.get_running_loop().create_task(self._tick_forever())
@@ -79,6 +82,8 @@ class Serve:
                 "--cgroup-parent", rc.cgroup_parent, "--bridge", rc.bridge, "--subnet", rc.subnet,
                 "--pool-cpu", repr(fs.pool_cpu), "--pool-memory", str(fs.pool_memory_bytes),
                 "--pool-max-age", repr(fs.pool_max_age_s)]
+        for root in cfg.docroot_roots:
+            args += ["--docroot-root", root]
         return Supervisor(os.path.join(cfg.paths.run_root, FORKSERVER_SOCKET_NAME), args,
                           pool_sizes=self._pool_sizes(self.cmdb.list_apps()),
                           on_restart=self._forkserver_restarted, on_event=self._forkserver_event)

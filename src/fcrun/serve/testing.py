@@ -32,7 +32,9 @@ def free_port() -> int:
 class ServeProcess:
     def __init__(self, work: str, image_root: str, *, cgroup_parent: str, bridge: str, subnet: str,
                  hold_timeout_s: float = 30, drain_timeout_s: float = 5, image: str = "apache-php",
-                 extra_config: str = ""):
+                 extra_config: str = "", docroot_roots: tuple[str, ...] | None = None):
+        """`docroot_roots`: where apps' docroots may lie (default: `work`, where the callers
+        make their sites)."""
         self.work = work
         self.paths = Paths(data_root=os.path.join(work, "data"), run_root=os.path.join(work, "run"))
         os.makedirs(os.path.join(self.paths.data_root, "images"))
@@ -43,7 +45,8 @@ class ServeProcess:
         self.config = os.path.join(work, "fcrun.toml")
         with open(self.config, "w") as f:
             f.write(f'listen = "127.0.0.1:{self.port}"\nhold_timeout_s = {hold_timeout_s}\n'
-                    f'drain_timeout_s = {drain_timeout_s}\n[runtime]\ncgroup_parent = "{cgroup_parent}"\n'
+                    f'drain_timeout_s = {drain_timeout_s}\ndocroot_roots = {list(docroot_roots or (work,))!r}\n'
+                    f'[runtime]\ncgroup_parent = "{cgroup_parent}"\n'
                     f'bridge = "{bridge}"\nsubnet = "{subnet}"\n{extra_config}')
         self.env = dict(os.environ, FCRUN_ROOT=self.paths.data_root, FCRUN_RUN=self.paths.run_root,
                         FCRUN_CONFIG=self.config, FCRUN_CGROUP_PARENT=cgroup_parent, FCRUN_BRIDGE=bridge,
