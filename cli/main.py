@@ -143,16 +143,20 @@ def _parse_signal(text: str) -> int:
 @click.option("--entrypoint", default=None, help="Override the image's entrypoint (a single program).")
 @click.option("--no-init", is_flag=True, help="Run the command as pid 1 itself instead of under a zombie-reaping init.")
 @click.option("--keep", is_flag=True, help="Keep a foreground container after it exits (it is removed by default).")
+@click.option("--security-opt", "security_opts", multiple=True, metavar="seccomp=PROFILE",
+              help="seccomp=unconfined (no filter) or seccomp=PROFILE.json (an OCI/Docker profile) instead of "
+                   "the default profile (Docker's).")
 @click.argument("command", nargs=-1, type=click.UNPROCESSED)
 @click.pass_obj
 def run(obj: Context, image_name, name, detach, cpu, memory, pids, hostname, env, network, workdir, user, read_only,
-        tmpfs_rootfs, entrypoint, no_init, keep, command):
+        tmpfs_rootfs, entrypoint, no_init, keep, security_opts, command):
     """Run COMMAND in a new container (default: the image's entrypoint and cmd).
 
     Exits with the command's exit code (128+N if it was killed by signal N).
     """
     from fcrun.options import RunOptions, spec_from_image
     from fcrun.runtime import require_root
+    from fcrun.seccomp import parse_security_opts
 
     rt = obj.runtime
     options = RunOptions(
@@ -168,6 +172,7 @@ def run(obj: Context, image_name, name, detach, cpu, memory, pids, hostname, env
         user=user,
         readonly_rootfs=read_only,
         volatile_rootfs=tmpfs_rootfs,
+        seccomp=parse_security_opts(security_opts),
     )
     if pids is not None and pids < 1:
         raise SpecError(f"invalid --pids {pids}: must be >= 1", "--pids")

@@ -198,9 +198,22 @@ DEFAULT_MOUNTS = [
     Mount(destination="/sys", type="sysfs", source="sysfs", options=["nosuid", "noexec", "nodev", "ro"]),
 ]
 DEFAULT_RLIMITS = [Rlimit(type="RLIMIT_NOFILE", hard=1024, soft=1024)]
+# Deny every device, then allow the nodes fcrun makes in /dev (plan.DEVICES: made with mknod
+# once the child may already be in its cgroup, hence "m") and the container's own ptys.
+# runc allows the same plus "c *:* m" and "b *:* m" (mknod of any number, for images that
+# carry device nodes). A web app makes no device nodes, so fcrun leaves those out: a container
+# cannot even create a node for a host disk. Ptys need no "m": devpts makes them, and a pts
+# node made elsewhere would not reach a pty.
+DEFAULT_DEVICE_RULES = [
+    DeviceRule(allow=False, access="rwm"),
+    *(DeviceRule(allow=True, type="c", major=major, minor=minor, access="rwm")
+      for major, minor in ((1, 3), (1, 5), (1, 7), (1, 8), (1, 9), (5, 0))),  # null zero full random urandom tty
+    DeviceRule(allow=True, type="c", major=5, minor=2, access="rw"),  # /dev/ptmx -> pts/ptmx
+    DeviceRule(allow=True, type="c", major=136, access="rw"),  # /dev/pts/*
+]
 DEFAULT_ENV = ["PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"]
 DEFAULT_NAMESPACES = ["pid", "network", "ipc", "uts", "mount", "cgroup"]
-SUPPORTED_NAMESPACES = {"pid", "network", "ipc", "uts", "mount", "cgroup"}
+SUPPORTED_NAMESPACES = {"pid", "network", "ipc", "uts", "mount", "cgroup", "user"}
 RLIMIT_NAMES = {
     "RLIMIT_CPU", "RLIMIT_FSIZE", "RLIMIT_DATA", "RLIMIT_STACK", "RLIMIT_CORE", "RLIMIT_RSS",
     "RLIMIT_NPROC", "RLIMIT_NOFILE", "RLIMIT_MEMLOCK", "RLIMIT_AS", "RLIMIT_LOCKS",
@@ -228,6 +241,8 @@ def default_spec(
     readonly_rootfs: bool = False,
 ) -> Spec:
     """The spec `fcrun run` starts from: runc's defaults plus the given options."""
+    from .seccomp import DEFAULT_PROFILE  # here: fcrun.seccomp builds on this module's structs
+
     caps = list(DEFAULT_CAPABILITIES)
     # A non-root user keeps the bounding set but no effective capabilities, like Docker.
     live_caps = caps if uid == 0 else []
@@ -236,6 +251,7 @@ def default_spec(
         memory=MemoryResources(limit=memory_bytes) if memory_bytes else None,
         cpu=CpuResources(quota=cpu_quota_us, period=cpu_period_us) if cpu_quota_us else None,
         pids=PidsResources(limit=pids_max) if pids_max else None,
+        devices=[msgspec.structs.replace(r) for r in DEFAULT_DEVICE_RULES],
     )
     return Spec(
         process=Process(
@@ -255,6 +271,7 @@ def default_spec(
         linux=Linux(
             namespaces=namespaces,
             resources=resources,
+            seccomp=DEFAULT_PROFILE,  # shared by every default spec, compiled once (read-only)
             masked_paths=list(MASKED_PATHS),
             readonly_paths=list(READONLY_PATHS),
         ),
@@ -303,6 +320,19 @@ def validate_spec(spec: Spec) -> None:
     for required in ("pid", "mount"):
         if required not in seen:
             raise SpecError(f"fcrun requires a new {required} namespace", "$.linux.namespaces")
+    if (spec.linux.uid_mappings or spec.linux.gid_mappings) and "user" not in seen:
+        raise SpecError("id mappings need a user namespace", "$.linux.uidMappings")
+    if "user" in seen:
+        from .userns import check_mappings
+
+        check_mappings(spec.linux.uid_mappings, "$.linux.uidMappings")
+        check_mappings(spec.linux.gid_mappings, "$.linux.gidMappings")
+        if bool(spec.linux.uid_mappings) != bool(spec.linux.gid_mappings):
+            raise SpecError("give both uid and gid mappings, or neither (fcrun then picks a range)", "$.linux.gidMappings")
+    if spec.linux.seccomp is not None:
+        from .seccomp import validate_profile
+
+        validate_profile(spec.linux.seccomp, "$.linux.seccomp")
     if spec.hostname and "uts" not in seen:
         raise SpecError("hostname needs a uts namespace", "$.hostname")
     for i, m in enumerate(spec.mounts):
@@ -328,3 +358,8 @@ def validate_spec(spec: Spec) -> None:
                 raise SpecError("cpu quota must be >= 1000 us", "$.linux.resources.cpu.quota")
         if res.pids and res.pids.limit < 1:
             raise SpecError("pids limit must be >= 1", "$.linux.resources.pids.limit")
+        if res.devices:
+            from .cgroups.devices import check_rule  # the cgroup layer's rules, with the JSON path
+
+            for i, d in enumerate(res.devices):
+                check_rule(d.type, d.major, d.minor, d.access, f"$.linux.resources.devices[{i}]")

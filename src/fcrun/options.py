@@ -6,14 +6,15 @@ as `docker run` does. Every check names the option it is about.
 
 from __future__ import annotations
 
-import os
+from typing import Literal
 
 import msgspec
 
 from .errors import SpecError
-from .oci import DEFAULT_ENV, NetworkMode, Spec, default_spec
+from .oci import DEFAULT_ENV, NetworkMode, Seccomp, Spec, default_spec
 
 ROOTFS_ANNOTATION = "org.fcrun.rootfs"  # "tmpfs": a memory-backed writable layer
+IMAGE_FILE_MAX_BYTES = 1 << 20  # /etc/passwd, /etc/group read from an image: more is an attack
 from .units import CPU_PERIOD_US, cpu_to_quota_us
 
 
@@ -34,6 +35,9 @@ class RunOptions(msgspec.Struct, kw_only=True):
     # The writable layer on a tmpfs in the container's own mount namespace (Runtime.create's
     # volatile_rootfs): nothing written to disk; the container's files vanish when it stops.
     volatile_rootfs: bool = False
+    # "default": seccomp.DEFAULT_PROFILE; "unconfined": no filter; or a profile of its own
+    # (seccomp.parse_security_opts reads --security-opt seccomp=PROFILE.json into one).
+    seccomp: Seccomp | Literal["default", "unconfined"] = "default"
 
 
 def parse_env(items: list[str] | tuple[str, ...], where: str = "--env") -> list[str]:
@@ -55,14 +59,20 @@ def merge_env(base: list[str], extra: list[str]) -> list[str]:
     return [f"{k}={v}" for k, v in merged.items()]
 
 
-def _image_file_lines(layers: list[str], relpath: str) -> list[str]:
-    """Lines of the topmost layer's copy of a file (layers listed bottom first)."""
-    for layer in reversed(layers):
-        candidate = os.path.join(layer, relpath)
-        if os.path.isfile(candidate) and not os.path.islink(candidate):
-            with open(candidate, encoding="utf-8", errors="replace") as f:
-                return f.read().splitlines()
-    return []
+def _image_file_lines(layers: list[str], relpath: str, where: str) -> list[str]:
+    """Lines of a file in the image (layers listed bottom first) as the container sees it;
+    none where it is missing or not a regular file. Never reads outside the layers.
+
+    Raises:
+        SpecError: the file is over IMAGE_FILE_MAX_BYTES, or could not be read.
+    """
+    from .images.merged import read_file  # the images package is heavy; only a user name needs it
+
+    try:
+        data = read_file(layers, relpath, IMAGE_FILE_MAX_BYTES)
+    except OSError as exc:
+        raise SpecError(f"read the image's /{relpath}: {exc}", where) from None
+    return data.decode("utf-8", errors="replace").splitlines() if data is not None else []
 
 
 def resolve_user(user: str, layers: list[str], where: str = "--user") -> tuple[int, int]:
@@ -74,7 +84,7 @@ def resolve_user(user: str, layers: list[str], where: str = "--user") -> tuple[i
     if name.isdigit():
         uid = int(name)
     else:
-        for line in _image_file_lines(layers, "etc/passwd"):
+        for line in _image_file_lines(layers, "etc/passwd", where):
             fields = line.strip().split(":")
             if len(fields) >= 4 and fields[0] == name:
                 uid, gid = int(fields[2]), int(fields[3])
@@ -86,7 +96,7 @@ def resolve_user(user: str, layers: list[str], where: str = "--user") -> tuple[i
             gid = int(group)
         else:
             gid = None
-            for line in _image_file_lines(layers, "etc/group"):
+            for line in _image_file_lines(layers, "etc/group", where):
                 fields = line.strip().split(":")
                 if len(fields) >= 3 and fields[0] == group:
                     gid = int(fields[2])
@@ -127,4 +137,8 @@ def spec_from_image(image, options: RunOptions, *, name: str = "") -> Spec:
         if image is None:
             raise SpecError("a memory-backed rootfs needs an image", "--tmpfs-rootfs")
         spec.annotations[ROOTFS_ANNOTATION] = "tmpfs"
+    if options.seccomp == "unconfined":
+        spec.linux.seccomp = None
+    elif options.seccomp != "default":
+        spec.linux.seccomp = options.seccomp
     return spec

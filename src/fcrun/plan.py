@@ -14,6 +14,7 @@ from . import syscalls as sc
 from .capabilities import CAPABILITY_NUMBERS, capability_mask
 from .errors import SpecError
 from .oci import Mount, Spec
+from .seccomp import compile_filter, filter_flags
 from .spawn import ChildPlan, MountStep
 
 # Mount options that are flags; everything else (mode=, size=, gid=...) is filesystem data.
@@ -101,21 +102,34 @@ def build_plan(
     attached: bool,
     init_fd: int = -1,
     stdio: tuple[int, int, int] | None = None,
+    userns_fd: int = -1,
+    upper_owner: tuple[int, int] | None = None,
 ) -> ChildPlan:
     """Everything the container child does, decided here. Raises SpecError for bad mounts.
 
     `overlay_tmpfs_bytes` > 0: the child first mounts a tmpfs of that size at `rootfs`, makes
     `overlay_upper` and `overlay_work` in it (they must lie directly under `rootfs`), then
     mounts the overlay on top: a writable layer in memory, in the child's mount namespace only.
+
+    `userns_fd` >= 0: the child joins that user namespace last, and the image layers are
+    attached idmapped to it under `rootfs` (rootfs/lowerN) as the overlay's lower dirs.
+    `upper_owner`: the host (uid, gid) of the container's root, for a tmpfs upper dir.
     """
     flags = 0
     namespaces = {ns.type for ns in spec.linux.namespaces}
-    for ns in namespaces - {"pid"}:  # the pid namespace is entered by the parent, around fork
+    # The pid namespace is entered by the parent, around fork; the user namespace is made by
+    # the parent (userns.make_userns) and joined by the child last.
+    for ns in namespaces - {"pid", "user"}:
         flags |= sc.NAMESPACES[ns][0]
     caps = spec.process.capabilities
     mask = (lambda field: capability_mask(getattr(caps, field), f"$.process.capabilities.{field}")) if caps else (lambda f: 0)
     ambient = [CAPABILITY_NUMBERS[c if c.startswith("CAP_") else "CAP_" + c] for c in (caps.ambient if caps else [])]
     overlay_data = None
+    idmapped_lower: list[tuple[bytes, bytes]] = []
+    if overlay_lower is not None and userns_fd >= 0:
+        staged = [os.path.join(rootfs, f"lower{i}") for i in range(len(overlay_lower))]
+        idmapped_lower = [(layer.encode(), point.encode()) for layer, point in zip(overlay_lower, staged)]
+        overlay_lower = staged
     if overlay_lower is not None:
         # volatile: containers are disposable (their upper dir is deleted on rm), so skip the
         # syncs to the upper filesystem that would otherwise make every unmount wait for disk.
@@ -165,8 +179,14 @@ def build_plan(
         cap_ambient=ambient,
         cap_last=cap_last,
         no_new_privs=spec.process.no_new_privileges,
+        # Compiled here, before fork (cached: the default profile costs nothing per container).
+        seccomp_filter=compile_filter(spec.linux.seccomp) if spec.linux.seccomp is not None else b"",
+        seccomp_flags=filter_flags(spec.linux.seccomp) if spec.linux.seccomp is not None else 0,
         pdeathsig=signal.SIGKILL if attached else 0,
         init_fd=init_fd,
         stdio=stdio,
         keep_fds=[init_fd] if init_fd >= 0 else [],
+        userns_fd=userns_fd,
+        idmapped_lower=idmapped_lower,
+        upper_owner=upper_owner if overlay_tmpfs else None,
     )

@@ -22,7 +22,7 @@ import select
 import shutil
 import signal
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import msgspec
@@ -30,13 +30,17 @@ import msgspec
 from . import spawner
 from . import syscalls as sc
 from .cgroups import Cgroup, CgroupDriver, Limits, detect
+from .cgroups.devices import DeviceRule
+from .docroot import DEFAULT_DOCROOT_ROOTS, attach_docroot, open_docroot
 from .errors import ContainerError, FcrunError, IncorrectStatus, KernelError, MissingFeature, NotFound, NotPermitted, SpecError
 from .oci import Mount, Spec, network_mode, validate_spec
 from .paths import DEFAULT_BRIDGE, DEFAULT_CGROUP_PARENT, DEFAULT_SUBNET, Paths
 from .options import ROOTFS_ANNOTATION
 from .plan import build_plan
+from .sealed import sealed_copy
 from .spawn import ChildFailure, ChildPlan, _finish_and_exec, failure_to_error, fork_child, read_status
 from .state import ContainerState, NetworkState, Rootfs, StateStore, check_allowed, pid_alive, proc_start_time, validate_name
+from .userns import IdRanges, is_fcrun_range, make_userns, range_mappings, root_host_ids
 
 INIT_CANDIDATES = ("/usr/bin/tini-static",)  # static: the image may have no libc
 SETUP_TIMEOUT_S = 30.0
@@ -166,6 +170,8 @@ class Runtime:
         spawner: fork containers through a small helper process (spawner.py), which makes
             them start faster. None (default, or $FCRUN_SPAWNER unset): from the process's
             second container on; True ("1"): always; False ("0"): never.
+        docroot_roots: the only directories under which `fill_slot` takes a source (see
+            docroot.py; serve's `docroot_roots` setting).
     """
 
     def __init__(
@@ -176,12 +182,16 @@ class Runtime:
         bridge: str = DEFAULT_BRIDGE,
         subnet: str = DEFAULT_SUBNET,
         spawner: bool | None = None,
+        docroot_roots: Sequence[str] = DEFAULT_DOCROOT_ROOTS,
     ):
         self.paths = paths or Paths.from_env()
         if spawner is None:
             spawner = {"0": False, "1": True}.get(os.environ.get("FCRUN_SPAWNER", ""))
         self.spawner_mode = spawner
+        self.docroot_roots = tuple(docroot_roots)
         self.states = StateStore(self.paths.containers)
+        self.id_ranges = IdRanges(os.path.join(self.paths.run_root, "idmap"))
+        self._storage_root_checked = False
         self.cgroup_parent = cgroup_parent
         self.bridge = bridge
         self.subnet = subnet
@@ -265,12 +275,14 @@ class Runtime:
         if volatile_rootfs and image is None:
             raise SpecError("a memory-backed rootfs (volatile_rootfs) needs an image", "volatile_rootfs")
         init_path = _find_init() if init else None
+        userns = any(ns.type == "user" for ns in spec.linux.namespaces)
 
         cdir = self.states.reserve(name)
         creating = contextlib.ExitStack()
         undo = contextlib.ExitStack()
         undo.callback(self.states.remove, name)
-        init_fd = status_r = -1
+        init_fd = status_r = userns_fd = -1
+        root_ids = None
         try:
             # Held until the creation is over: `rm -f` and `gc` of another process wait for
             # it instead of taking the reserved name for the leftover of a crashed creation.
@@ -279,6 +291,14 @@ class Runtime:
                 name=name, status="creating", spec=spec, image=image.name if image else "",
                 created_at=time.time(), detached=detach, labels=dict(labels or {}),
             )
+            if userns:
+                if not spec.linux.uid_mappings:  # fcrun's choice: a host id range of its own
+                    base = self.id_ranges.allocate(name)
+                    undo.callback(self.id_ranges.release, base, name)
+                    state.spec = spec = msgspec.structs.replace(spec, linux=msgspec.structs.replace(
+                        spec.linux, uid_mappings=range_mappings(base), gid_mappings=range_mappings(base)))
+                userns_fd = make_userns(spec.linux.uid_mappings, spec.linux.gid_mappings)
+                root_ids = root_host_ids(spec.linux)
             if slot is not None:
                 undo.callback(_release_slot, cdir)
                 content = _make_slot(cdir)
@@ -297,9 +317,16 @@ class Runtime:
                         tmpfs_bytes=(res.memory.limit if res and res.memory and (res.memory.limit or 0) > 0 else VOLATILE_ROOTFS_DEFAULT_BYTES),
                     )
                 else:
-                    storage = os.path.join(self.paths.data_root, "containers", name)
-                    os.makedirs(os.path.join(storage, "upper"), 0o755)
+                    storage = os.path.join(self._storage_root(), name)
+                    # Root-only from the top: a container's files (a setuid copy of a shell,
+                    # say) must be out of every host user's reach. upper itself stays 0755,
+                    # since overlayfs shows it as the container's "/".
+                    os.mkdir(storage, 0o700)
                     undo.callback(shutil.rmtree, storage, True)
+                    os.mkdir(os.path.join(storage, "upper"))
+                    os.chmod(os.path.join(storage, "upper"), 0o755)  # mkdir obeys the umask
+                    if root_ids is not None:
+                        os.chown(os.path.join(storage, "upper"), *root_ids)
                     os.mkdir(os.path.join(storage, "work"), 0o700)
                     state.rootfs = Rootfs(
                         mountpoint=mountpoint, lower=lower,
@@ -312,11 +339,17 @@ class Runtime:
                 log_fd = os.open(os.path.join(cdir, "output.log"), os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o600)
                 null_fd = os.open("/dev/null", os.O_RDONLY | os.O_CLOEXEC)
                 undo.callback(os.close, log_fd)
+                if root_ids is not None:
+                    # Its root may reopen it (Apache opens /dev/stderr, i.e. /proc/self/fd/2),
+                    # which checks the file's owner; the 0700 container dir keeps others out.
+                    os.fchown(log_fd, *root_ids)
                 undo.callback(os.close, null_fd)
                 stdio = (null_fd, log_fd, log_fd)
                 state.log_path = os.path.join(cdir, "output.log")
             if init_path:
-                init_fd = os.open(init_path, os.O_RDONLY | os.O_CLOEXEC)
+                # A sealed memfd copy, not the host file: pid 1's /proc/1/exe is what the
+                # container can reach (sealed.py).
+                init_fd = sealed_copy(init_path)
             plan = build_plan(
                 spec,
                 rootfs=state.rootfs.mountpoint,
@@ -329,6 +362,8 @@ class Runtime:
                 attached=not detach,
                 init_fd=init_fd,
                 stdio=stdio,
+                userns_fd=userns_fd,
+                upper_owner=root_ids,
             )
             child = self._start_child(plan)
             undo.callback(child.abandon)
@@ -394,6 +429,8 @@ class Runtime:
         finally:
             if init_fd >= 0:
                 os.close(init_fd)
+            if userns_fd >= 0:
+                os.close(userns_fd)  # the child holds the namespace now (or nobody does)
             creating.close()
         # Success: keep what was made; only the parent's copies of stdio fds go.
         undo.pop_all()
@@ -406,6 +443,17 @@ class Runtime:
             os.close(go_w)
             return Container(self, state, report_r=report_r)
         return Container(self, state, status_r, go_w, report_r)
+
+    def _storage_root(self) -> str:
+        """<data root>/containers, the writable layers' parent: made 0700, and made so again
+        if an older fcrun left it open (checked once per Runtime)."""
+        path = os.path.join(self.paths.data_root, "containers")
+        if not self._storage_root_checked:
+            os.makedirs(path, 0o700, exist_ok=True)
+            if os.stat(path).st_mode & 0o077:
+                os.chmod(path, 0o700)
+            self._storage_root_checked = True
+        return path
 
     def _rootfs_mountpoint(self) -> str:
         """The run root's shared mount point for rootfs overlays, made on first use.
@@ -561,17 +609,20 @@ class Runtime:
     def fill_slot(self, name: str, source: str) -> None:
         """Mount host directory `source` on the container's slot (see create), live.
 
-        The mount is a detached copy of `source` made nosuid and nodev before it is attached,
-        so the container never sees it without those flags; it reaches the container through
-        mount propagation (the slot is the master of the container's mount). A slot is filled
-        once: a container that served one app's files never gets another's.
+        `source` must follow docroot.py's rules: strictly under one of `docroot_roots`, reached
+        through no symlink, clear of fcrun's own roots. It is opened once, and that directory
+        is what is mounted: a recursive, detached copy made read-only, nosuid, nodev and noexec
+        (every submount too) before it is attached, so the container never sees it without
+        those flags; it reaches the container through mount propagation (the slot is the
+        master of the container's mount). A slot is filled once: a container that served one
+        app's files never gets another's.
 
         Raises:
-            SpecError: `source` is not a directory. IncorrectStatus: no slot, already filled, or
-            the container is not running or frozen. KernelError: the kernel refused.
+            SpecError: `source` breaks a docroot rule. IncorrectStatus: no slot, already filled,
+            or the container is not running or frozen. KernelError: the kernel refused.
         """
         require_root()
-        _check_slot_source(source)
+        self._check_slot_source(source)
         with self.states.locked(name):
             state = self.state(name)
             check_allowed("update", name, state.status)
@@ -585,16 +636,19 @@ class Runtime:
             raise IncorrectStatus(f"container {name!r} has no slot (create it with slot=...)")
         if SLOT_SOURCE_LABEL in state.labels:
             raise IncorrectStatus(f"the slot of container {name!r} is already filled from {state.labels[SLOT_SOURCE_LABEL]}")
+        fd = self._open_slot_source(source)  # again: the path may have changed since any check
         try:
-            fd = sc.open_tree(source.encode(), sc.OPEN_TREE_CLONE)
-            try:
-                sc.mount_setattr(fd, sc.MOUNT_ATTR_NOSUID | sc.MOUNT_ATTR_NODEV)
-                sc.move_mount(fd, content.encode())
-            finally:
-                os.close(fd)
-        except OSError as exc:
-            raise KernelError.from_oserror(f"mount {source} into container {name}:", content, exc) from None
+            attach_docroot(fd, content)
+        finally:
+            os.close(fd)
         state.labels[SLOT_SOURCE_LABEL] = source
+
+    def _open_slot_source(self, source: str) -> int:
+        """An O_PATH fd of `source` if it may fill a slot (docroot.open_docroot); the caller closes it."""
+        return open_docroot(source, self.docroot_roots, (self.paths.data_root, self.paths.run_root), "source")
+
+    def _check_slot_source(self, source: str) -> None:
+        os.close(self._open_slot_source(source))
 
     def slot_dir(self, name: str) -> str:
         """The host directory behind a container's empty slot (what it shows until fill_slot).
@@ -602,6 +656,7 @@ class Runtime:
         return os.path.join(self.states.dir(name), "slot", "content")
 
     def hand_over(self, name: str, *, cpu: float | None = None, memory_bytes: int | None = None,
+                  pids_max: int | None = None,
                   slot_source: str | None = None, labels: dict[str, str] | None = None,
                   thaw: bool = False) -> ContainerState:
         """update + fill_slot + label + thaw in one step (one lock, one state read and write):
@@ -609,12 +664,12 @@ class Runtime:
         an error is raised and the caller should discard the container (a limit or the slot
         may already be applied)."""
         if slot_source is not None:
-            _check_slot_source(slot_source)
+            self._check_slot_source(slot_source)
         with self.states.locked(name):
             state = self.state(name)
             check_allowed("update", name, state.status)
-            if cpu is not None or memory_bytes is not None:
-                self._set_limits(state, cpu, memory_bytes, None)
+            if cpu is not None or memory_bytes is not None or pids_max is not None:
+                self._set_limits(state, cpu, memory_bytes, pids_max)
             if slot_source is not None:
                 self._fill_slot(state, slot_source)
             state.labels.update(labels or {})
@@ -673,6 +728,8 @@ class Runtime:
             self.network.detach(state.name, netns_gone=True)
         if not (state.rootfs and state.rootfs.tmpfs_bytes):  # a tmpfs layer went with the mount ns
             _remove_storage(os.path.join(self.paths.data_root, "containers", state.name))
+        if is_fcrun_range(state.spec.linux.uid_mappings):
+            self.id_ranges.release(state.spec.linux.uid_mappings[0].host_id, state.name)
         self.states.remove(state.name)
         if not self.states.names():
             # The last container is gone: leave no empty `fcrun` cgroup parent behind either
@@ -752,6 +809,10 @@ class Runtime:
                 continue
         if os.path.isdir(self.paths.network):
             removed += [f"lease:{o}" for o in self.network.gc(live)]
+        for base, owner in self.id_ranges.owners().items():
+            if owner not in live and not os.path.exists(self.states.dir(owner)):
+                self.id_ranges.release(base, owner)
+                removed.append(f"idrange:{owner}")
         storage_root = os.path.join(self.paths.data_root, "containers")
         if os.path.isdir(storage_root):
             for name in os.listdir(storage_root):
@@ -764,11 +825,6 @@ class Runtime:
         if self._cap_last is None:
             self._cap_last = sc.cap_last_cap()
         return self._cap_last
-
-
-def _check_slot_source(source: str) -> None:
-    if not os.path.isabs(source) or not os.path.isdir(source):
-        raise SpecError(f"slot source {source!r} is not an absolute path to a directory", "source")
 
 
 def _make_slot(cdir: str) -> str:
@@ -824,6 +880,8 @@ def limits_from_spec(spec: Spec) -> Limits:
         cpu_period_us=(res.cpu.period or 100_000) if res.cpu else 100_000,
         memory_bytes=res.memory.limit if res.memory else None,
         pids_max=res.pids.limit if res.pids else None,
+        devices=tuple(DeviceRule(allow=d.allow, type=d.type, major=d.major, minor=d.minor, access=d.access)
+                      for d in res.devices),
     )
 
 
@@ -1033,14 +1091,28 @@ def _exec_in(state: ContainerState, plan: ChildPlan) -> int:
             path = f"/proc/{state.pid}/ns/{fname}"
             if os.readlink(path) != os.readlink(f"/proc/self/ns/{fname}"):
                 fds.append((os.open(path, os.O_RDONLY | os.O_CLOEXEC), flag))
+        user_ns = f"/proc/{state.pid}/ns/user"
+        if os.readlink(user_ns) != os.readlink("/proc/self/ns/user"):
+            # Joined last, by _finish_and_exec: the others need host root's capabilities.
+            plan.userns_fd = os.open(user_ns, os.O_RDONLY | os.O_CLOEXEC)
         plan.status_w = status_w
         sc.setns(target_pid, sc.CLONE_NEWPID)  # our next child is born in the container's pid ns
         pid = -1
+        # Until its execve the child is this host python, in the container's pid namespace.
+        # Once it has dropped to the container's capabilities (_finish_and_exec), only being
+        # non-dumpable keeps the container's processes (no CAP_SYS_PTRACE) out of its
+        # /proc/PID/exe, mem and fd/; runc keeps itself so. Made so before the fork, as a
+        # prctl in the child would leave a window; its execve makes it dumpable again.
+        dumpable = sc.prctl(sc.PR_GET_DUMPABLE) == 1  # 0 and 2 (root only) keep them out as well
         try:
+            if dumpable:
+                sc.prctl(sc.PR_SET_DUMPABLE, 0)
             pid = os.fork()
         finally:
             if pid != 0:
                 sc.setns(own_pid, sc.CLONE_NEWPID)
+                if dumpable:
+                    sc.prctl(sc.PR_SET_DUMPABLE, 1)
         if pid == 0:
             try:
                 os.setsid()
@@ -1060,6 +1132,8 @@ def _exec_in(state: ContainerState, plan: ChildPlan) -> int:
         os.close(status_w)
         for fd, _ in fds:
             os.close(fd)
+        if plan.userns_fd >= 0:
+            os.close(plan.userns_fd)
         os.close(own_pid)
         os.close(target_pid)
     try:

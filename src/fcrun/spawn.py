@@ -49,6 +49,7 @@ import msgspec
 
 from . import syscalls as sc
 from .errors import ContainerError, KernelError
+from .seccomp.install import install_filter
 
 # Step names reported to the parent when the child fails.
 STEP_CGROUP = "join cgroup"
@@ -62,6 +63,7 @@ STEP_RLIMIT = "set rlimit"
 STEP_USER = "switch user"
 STEP_USERNS = "join user namespace"
 STEP_CAPS = "set capabilities"
+STEP_SECCOMP = "load seccomp filter"
 STEP_EXEC = "exec"
 
 MAX_SYMLINKS = 40
@@ -133,6 +135,7 @@ class ChildPlan(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     # A compiled seccomp filter (struct sock_filter[], as libseccomp exports it), loaded as
     # the last step before execve; b"": none.
     seccomp_filter: bytes = b""
+    seccomp_flags: int = 0  # SECCOMP_FILTER_FLAG_* to load it with
     status_w: int = -1
     go_r: int = -1
     keep_fds: list[int] = []
@@ -398,6 +401,13 @@ def _finish_and_exec(plan: ChildPlan) -> None:
             if not plan.cap_bounding & (1 << cap):
                 sc.prctl(sc.PR_CAPBSET_DROP, cap)
 
+        if plan.seccomp_filter and not plan.no_new_privs:
+            # Without no_new_privs the kernel takes a filter only from a process holding
+            # CAP_SYS_ADMIN, which the steps below drop: load it now, as runc does. The
+            # filter must then allow those steps (setresuid, capset, prctl, chdir, execve).
+            step = STEP_SECCOMP
+            install_filter(plan.seccomp_filter, plan.seccomp_flags)
+
         step = STEP_USER
         switching = plan.uid != 0 or plan.gid != 0
         if switching:
@@ -424,6 +434,14 @@ def _finish_and_exec(plan: ChildPlan) -> None:
 
         # Close every fd but stdio and the close-on-exec ones the exec itself needs.
         _close_all_but({plan.status_w, *plan.keep_fds})
+
+        if plan.seccomp_filter and plan.no_new_privs:
+            # Last, so that fcrun's own steps above are not subject to the container's
+            # profile; only execve (execveat for the init fd) and, on failure, write and
+            # exit_group still run under it.
+            step = STEP_SECCOMP
+            install_filter(plan.seccomp_filter, plan.seccomp_flags)
+            step = STEP_EXEC
 
         if plan.init_fd >= 0:
             os.execve(plan.init_fd, [b"init", b"--", program, *plan.argv[1:]], plan.env)
@@ -487,8 +505,10 @@ def fork_child(plan: ChildPlan, new_pid_ns: bool) -> tuple[int, int, int]:
     plan.status_w, plan.go_r = status_w, go_r
     try:
         # Our copies of the parent's ends must go in the child, or a dead parent would never
-        # read EOF.
-        pid = fork_plan(plan, new_pid_ns, close_in_child=(status_r, go_w))
+        # read EOF. Every other fd goes too: among them the lock on this very container
+        # (StateStore.locked), whose flock a created child would otherwise hold until its
+        # exec, so that the creator's next step on it (fill_slot before start) waited forever.
+        pid = fork_plan(plan, new_pid_ns, close_in_child=(status_r, go_w), close_others=True)
     except BaseException:
         os.close(status_r)
         os.close(go_w)
@@ -514,7 +534,7 @@ def fork_plan(plan: ChildPlan, new_pid_ns: bool, close_in_child: tuple[int, ...]
         for fd in close_in_child:
             os.close(fd)
         if close_others:
-            _close_all_but({plan.status_w, plan.go_r, *plan.keep_fds, *(plan.stdio or ())})
+            _close_all_but({plan.status_w, plan.go_r, *plan.keep_fds, *(plan.stdio or ()), plan.userns_fd})
         _child_main(plan)
 
     return fork_pid1(child, new_pid_ns)

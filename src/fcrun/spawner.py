@@ -66,6 +66,7 @@ import msgspec
 
 from . import syscalls as sc
 from .errors import ContainerError, SpecError
+from .seccomp.install import BPF_INSTRUCTION_BYTES, BPF_MAXINSNS, SECCOMP_FLAGS_ALLOWED
 from .spawn import (
     PREPARED_UNSHARE, ChildPlan, MountStep, _child_main, _close_all_but, _fail, fork_pid1, fork_plan, prepare_child,
 )
@@ -99,12 +100,14 @@ class Spawn(msgspec.Struct, tag=True, frozen=True, forbid_unknown_fields=True):
     """Fork (spawner) or become (warm child) a container child that runs `plan`.
 
     The plan's fd fields are unset (-1, None, []): the fds travel as SCM_RIGHTS, in the
-    order FD_STATUS .. FD_STDERR, then the init's when `init` is set.
+    order FD_STATUS .. FD_STDERR, then the init's when `init` is set, then the user
+    namespace's when `userns` is set.
     """
 
     plan: ChildPlan
     new_pid_ns: bool = True
     init: bool = False
+    userns: bool = False
 
 
 class Claim(msgspec.Struct, tag=True, frozen=True, forbid_unknown_fields=True):
@@ -232,10 +235,11 @@ def check_spawn(request: Spawn, nfds: int, cap_last: int) -> None:
         SpecError: naming the offending field.
     """
     plan = request.plan
-    expected = CHILD_FDS + (1 if request.init else 0)
+    expected = CHILD_FDS + (1 if request.init else 0) + (1 if request.userns else 0)
     if nfds != expected:
         raise SpecError(f"{nfds} fds came with the request, {expected} expected", "fds")
-    if plan.status_w != -1 or plan.go_r != -1 or plan.init_fd != -1 or plan.stdio is not None or plan.keep_fds:
+    if (plan.status_w != -1 or plan.go_r != -1 or plan.init_fd != -1 or plan.stdio is not None or plan.keep_fds
+            or plan.userns_fd != -1):
         raise SpecError("fd fields must be unset: fds travel as SCM_RIGHTS", "$.plan")
     if not plan.argv:
         raise SpecError("argv is empty", "$.plan.argv")
@@ -267,6 +271,11 @@ def check_spawn(request: Spawn, nfds: int, cap_last: int) -> None:
         raise SpecError("a capability beyond cap_last", "$.plan.cap_ambient")
     for i, m in enumerate(plan.mounts):
         _check_path(m.destination, f"$.plan.mounts[{i}].destination")
+    if plan.idmapped_lower and not request.userns:
+        raise SpecError("idmapped layers need a user namespace", "$.plan.idmapped_lower")
+    for i, (layer, point) in enumerate(plan.idmapped_lower):
+        _check_path(layer, f"$.plan.idmapped_lower[{i}]")
+        _check_path(point, f"$.plan.idmapped_lower[{i}]")
     for i, (name, mode, _major, _minor) in enumerate(plan.devices):
         if not name or b"/" in name or b"\0" in name or name in (b".", b".."):
             raise SpecError(f"device name {name!r}", f"$.plan.devices[{i}]")
@@ -279,6 +288,12 @@ def check_spawn(request: Spawn, nfds: int, cap_last: int) -> None:
     for where, paths in (("masked_paths", plan.masked_paths), ("readonly_paths", plan.readonly_paths)):
         for i, path in enumerate(paths):
             _check_path(path, f"$.plan.{where}[{i}]")
+    # The kernel checks the program itself when the child loads it; a filter can only take
+    # syscalls away from the container, never give it anything.
+    if len(plan.seccomp_filter) % BPF_INSTRUCTION_BYTES or len(plan.seccomp_filter) > BPF_MAXINSNS * BPF_INSTRUCTION_BYTES:
+        raise SpecError(f"{len(plan.seccomp_filter)} bytes is not a BPF program", "$.plan.seccomp_filter")
+    if plan.seccomp_flags & ~SECCOMP_FLAGS_ALLOWED:
+        raise SpecError(f"seccomp flags {plan.seccomp_flags:#x}", "$.plan.seccomp_flags")
 
 
 def _check_path(path: bytes, where: str) -> None:
@@ -298,9 +313,12 @@ def _plan_with_fds(request: Spawn, fds: list[int]) -> ChildPlan:
     plan = request.plan
     plan.status_w, plan.go_r = fds[FD_STATUS], fds[FD_GO]
     plan.stdio = (fds[FD_STDIN], fds[FD_STDOUT], fds[FD_STDERR])
+    extra = fds[CHILD_FDS:]
     if request.init:
-        plan.init_fd = fds[CHILD_FDS]
+        plan.init_fd = extra.pop(0)
         plan.keep_fds = [plan.init_fd]
+    if request.userns:
+        plan.userns_fd = extra.pop(0)
     return plan
 
 
@@ -657,14 +675,16 @@ class Client:
         reaps it and reports the exit on report_r (read_report), so the caller waits for an
         Exited message instead of calling waitpid.
         """
-        wire = msgspec.structs.replace(plan, status_w=-1, go_r=-1, init_fd=-1, stdio=None, keep_fds=[])
-        request = Spawn(plan=wire, new_pid_ns=new_pid_ns, init=plan.init_fd >= 0)
+        wire = msgspec.structs.replace(plan, status_w=-1, go_r=-1, init_fd=-1, stdio=None, keep_fds=[], userns_fd=-1)
+        request = Spawn(plan=wire, new_pid_ns=new_pid_ns, init=plan.init_fd >= 0, userns=plan.userns_fd >= 0)
         message = _encoder.encode(request)
         status_r, status_w = os.pipe2(os.O_CLOEXEC)
         go_r, go_w = os.pipe2(os.O_CLOEXEC)
         child_fds = [status_w, go_r, *(plan.stdio if plan.stdio is not None else (0, 1, 2))]
         if plan.init_fd >= 0:
             child_fds.append(plan.init_fd)
+        if plan.userns_fd >= 0:
+            child_fds.append(plan.userns_fd)
         try:
             try:
                 pid = self._send_to_warm(message, child_fds) if fits_warm_child(request) else -1

@@ -51,6 +51,8 @@ MNT_DETACH = 2
 
 # prctl options (linux/prctl.h).
 PR_SET_PDEATHSIG = 1
+PR_GET_DUMPABLE = 3
+PR_SET_DUMPABLE = 4
 PR_SET_KEEPCAPS = 8
 PR_CAPBSET_DROP = 24
 PR_SET_NO_NEW_PRIVS = 38
@@ -156,20 +158,26 @@ MOUNT_ATTR_NOEXEC = 0x8
 MOUNT_ATTR_IDMAP = 0x100000
 
 
+AT_FDCWD = -100
+
+
 class _MountAttr(ctypes.Structure):
     _fields_ = [("attr_set", ctypes.c_uint64), ("attr_clr", ctypes.c_uint64),
                 ("propagation", ctypes.c_uint64), ("userns_fd", ctypes.c_uint64)]
 
 
-def open_tree(path: bytes, flags: int) -> int:
-    """A detached copy (OPEN_TREE_CLONE) of the mount at `path`, as an fd; O_CLOEXEC always."""
-    return _check(_libc.syscall(_SYS_OPEN_TREE, -100, path, ctypes.c_uint(flags | os.O_CLOEXEC)))
+def open_tree(path: bytes, flags: int, dirfd: int = AT_FDCWD) -> int:
+    """A detached copy (OPEN_TREE_CLONE) of the mount at `path` (relative to `dirfd`; b"" with
+    AT_EMPTY_PATH: the directory `dirfd` itself), as an fd; O_CLOEXEC always."""
+    return _check(_libc.syscall(_SYS_OPEN_TREE, dirfd, path, ctypes.c_uint(flags | os.O_CLOEXEC)))
 
 
-def mount_setattr(fd: int, attr_set: int, attr_clr: int = 0, recursive: bool = False, userns_fd: int = 0) -> None:
+def mount_setattr(fd: int, attr_set: int, attr_clr: int = 0, recursive: bool = False, userns_fd: int = 0,
+                  propagation: int = 0) -> None:
     """Change a mount's attributes; with MOUNT_ATTR_IDMAP in attr_set, `userns_fd` gives the
-    user namespace whose id mapping the (detached, never attached) mount gets."""
-    attr = _MountAttr(attr_set, attr_clr, 0, userns_fd)
+    user namespace whose id mapping the (detached, never attached) mount gets. `propagation`:
+    0 (unchanged) or one of MS_PRIVATE, MS_SLAVE, MS_SHARED."""
+    attr = _MountAttr(attr_set, attr_clr, propagation, userns_fd)
     flags = AT_EMPTY_PATH | (AT_RECURSIVE if recursive else 0)
     _check(_libc.syscall(_SYS_MOUNT_SETATTR, fd, b"", ctypes.c_uint(flags), ctypes.byref(attr),
                          ctypes.c_size_t(ctypes.sizeof(attr))))
@@ -178,3 +186,22 @@ def mount_setattr(fd: int, attr_set: int, attr_clr: int = 0, recursive: bool = F
 def move_mount(fd: int, target: bytes) -> None:
     """Attach the detached tree `fd` at `target` (mount propagation applies as for mount(2))."""
     _check(_libc.syscall(_SYS_MOVE_MOUNT, fd, b"", -100, target, ctypes.c_uint(MOVE_MOUNT_F_EMPTY_PATH)))
+
+
+# openat2 (Linux 5.6+): path resolution the kernel confines. Same number on every architecture.
+_SYS_OPENAT2 = 437
+RESOLVE_NO_XDEV = 0x01
+RESOLVE_NO_MAGICLINKS = 0x02
+RESOLVE_NO_SYMLINKS = 0x04
+RESOLVE_BENEATH = 0x08
+RESOLVE_IN_ROOT = 0x10
+
+
+class _OpenHow(ctypes.Structure):
+    _fields_ = [("flags", ctypes.c_uint64), ("mode", ctypes.c_uint64), ("resolve", ctypes.c_uint64)]
+
+
+def openat2(dir_fd: int, path: bytes, flags: int, resolve: int, mode: int = 0) -> int:
+    """open `path` relative to `dir_fd` under the RESOLVE_* rules in `resolve`; O_CLOEXEC always."""
+    how = _OpenHow(flags | os.O_CLOEXEC, mode, resolve)
+    return _check(_libc.syscall(_SYS_OPENAT2, dir_fd, path, ctypes.byref(how), ctypes.c_size_t(ctypes.sizeof(how))))

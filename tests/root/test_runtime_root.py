@@ -478,3 +478,23 @@ def test_failure_half_way_rolls_back_everything(runtime, busybox, run_root, netw
     assert runtime.list() == []
     if network == "bridge":
         assert runtime.network.ipam.leases() == {}
+
+
+def test_a_created_container_holds_no_lock_on_itself(runtime, busybox):
+    """The container child, forked straight from this process, must not inherit the creation's
+    lock (an flock on the container's dir) and hold it until its exec: the next locked step of
+    the creator before start (fill_slot, label) would wait forever."""
+    from fcrun.runtime import Runtime
+
+    rt = Runtime(runtime.paths, cgroup_parent=runtime.cgroup_parent, bridge=runtime.bridge, subnet=runtime.subnet,
+                 spawner=False)
+    spec = spec_from_image(busybox, RunOptions(args=["true"], network="none"), name="lockfree")
+    container = rt.create("lockfree", spec, image=busybox)
+    inode = os.stat(rt.states.dir("lockfree")).st_ino
+    with open("/proc/locks") as f:
+        holders = [line for line in f if f":{inode} " in line]
+    assert holders == [], holders
+    rt.label("lockfree", {"checked": "yes"})  # would block forever with the lock inherited
+    container.start()
+    assert container.wait() == 0
+    rt.delete("lockfree")

@@ -1,7 +1,8 @@
 """Security tests: real attacks from inside containers and from unprivileged host users.
 
 They share the root tests' fixtures (tests/root/rootfixtures.py) and add `probe`, a static C
-helper (probe.c) that tries one attack per call and prints "ok" or "denied <errno>".
+helper (probe.c) that tries one attack per call and prints "ok" or "denied <errno>"; secutil.py
+holds what the tests share (running a container with its output captured, a host user).
 """
 
 from __future__ import annotations
@@ -31,10 +32,3 @@ def probe(tmp_path_factory) -> str:
     subprocess.run(["gcc", "-static", "-O1", "-o", out, PROBE_SOURCE], check=True, capture_output=True)
     os.chmod(out, 0o755)
     return out
-
-
-def probe_mount(probe_path: str):
-    """An OCI mount that puts the probe at /probe, read-only, in a container."""
-    from fcrun.oci import Mount
-
-    return Mount(destination="/probe", source=probe_path, options=["bind", "ro", "nosuid", "nodev"])

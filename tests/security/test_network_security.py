@@ -22,7 +22,7 @@ import pytest
 from fcrun.network import mac_for
 from fcrun.options import RunOptions, spec_from_image
 from hostcheck import BRIDGE
-from conftest import probe_mount
+from secutil import probe_mount
 
 pytestmark = [pytest.mark.root]
 

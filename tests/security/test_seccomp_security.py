@@ -14,7 +14,7 @@ import os
 import msgspec
 import pytest
 
-from conftest import probe_mount
+from secutil import probe_mount
 from fcrun.options import RunOptions, spec_from_image
 from fcrun.seccomp import DEFAULT_PROFILE
 

@@ -156,13 +156,18 @@ class FakeRuntime:
         os.makedirs(path, exist_ok=True)
         return path
 
-    def run(self, name, spec, *, image, detach, labels, slot=None):
+    def create(self, name, spec, *, image, detach, labels, slot=None):
+        """create + start are recorded as one "run" (instance.make_instance does both)."""
         self.calls.append(("run", name, slot))
         if self.fail_run:
             raise ContainerError(self.fail_run)
         ip = f"10.0.0.{len(self.containers) + 2}"
-        self.containers[name] = {"status": "running", "labels": dict(labels), "ip": ip, "slot": slot}
-        return type("C", (), {"ip": ip, "pid": 1000 + len(self.containers)})()
+        self.containers[name] = {"status": "running", "labels": dict(labels), "ip": ip, "slot": slot, "spec": spec}
+        return type("C", (), {"ip": ip, "pid": 1000 + len(self.containers), "start": lambda self: None})()
+
+    def fill_slot(self, name, source):
+        self.calls.append(("fill_slot", name, source))
+        self.containers[name]["docroot"] = source
 
     def state(self, name):
         c = self.containers[name]
@@ -176,7 +181,7 @@ class FakeRuntime:
         self.calls.append(("thaw", name))
         self.containers[name]["status"] = "running"
 
-    def hand_over(self, name, *, cpu, memory_bytes, slot_source, labels, thaw):
+    def hand_over(self, name, *, cpu, memory_bytes, pids_max, slot_source, labels, thaw):
         self.calls.append(("hand_over", name, cpu, memory_bytes, slot_source))
         if self.fail_hand_over:
             raise ContainerError(self.fail_hand_over)

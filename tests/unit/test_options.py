@@ -1,6 +1,10 @@
+import os
+import stat
+
 import pytest
 
 from fcrun.errors import SpecError
+from fcrun.images.layer import OVERLAY_OPAQUE_XATTR
 from fcrun.options import RunOptions, merge_env, parse_env, resolve_user, spec_from_image
 
 
@@ -78,3 +82,67 @@ def test_volatile_rootfs_is_an_annotation_of_the_spec(layers):
     assert spec.annotations["org.fcrun.rootfs"] == "tmpfs"
     with pytest.raises(SpecError, match="needs an image"):
         spec_from_image(None, RunOptions(args=["sh"], volatile_rootfs=True))
+
+
+def test_user_lookup_never_leaves_the_image(tmp_path):
+    # A hostile image whose etc is a symlink to a host directory: the lookup follows it inside
+    # the image (where there is no such directory), never to the host's file.
+    host = tmp_path / "host"
+    host.mkdir()
+    (host / "passwd").write_text("evil:x:4242:4242::/:/bin/sh\n")
+    (host / "group").write_text("evil:x:4242:\n")
+    layer = tmp_path / "layer"
+    layer.mkdir()
+    (layer / "etc").symlink_to(host)
+    with pytest.raises(SpecError, match="user 'evil' not found"):
+        resolve_user("evil", [str(layer)])
+    with pytest.raises(SpecError, match="group 'evil' not found"):
+        resolve_user("0:evil", [str(layer)])
+    # ... and ../../ in a relative target stops at the image's root.
+    (layer / "etc").unlink()
+    (layer / "etc").symlink_to("../../../../../../../../../" + str(host).lstrip("/"))
+    with pytest.raises(SpecError, match="user 'evil' not found"):
+        resolve_user("evil", [str(layer)])
+
+
+def test_user_lookup_follows_the_images_own_symlinks_in_its_merged_view(tmp_path):
+    lower = tmp_path / "lower"
+    (lower / "usr" / "etc").mkdir(parents=True)
+    (lower / "usr" / "etc" / "passwd").write_text("app:x:7:8::/:/bin/sh\n")
+    upper = tmp_path / "upper"
+    upper.mkdir()
+    (upper / "etc").symlink_to("/usr/etc")  # absolute: from the image's root, in any layer
+    assert resolve_user("app", [str(lower), str(upper)]) == (7, 8)
+
+
+def test_user_lookup_refuses_fifos_and_huge_files(tmp_path):
+    layer = tmp_path / "layer"
+    (layer / "etc").mkdir(parents=True)
+    os.mkfifo(layer / "etc" / "passwd")  # opening it would block for ever
+    with pytest.raises(SpecError, match="user 'app' not found"):
+        resolve_user("app", [str(layer)])
+    (layer / "etc" / "passwd").unlink()
+    (layer / "etc" / "passwd").write_text("app:x:7:8::/:/bin/sh\n" + "#" * (1 << 20))
+    with pytest.raises(SpecError, match=r"read the image's /etc/passwd: \[Errno 27\].*--user"):
+        resolve_user("app", [str(layer)])
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="whiteouts (mknod) and trusted.* xattrs need root")
+def test_user_lookup_respects_whiteouts_and_opaque_dirs(tmp_path):
+    lower = tmp_path / "lower"
+    (lower / "etc").mkdir(parents=True)
+    (lower / "etc" / "passwd").write_text("app:x:7:8::/:/bin/sh\n")
+    (lower / "etc" / "group").write_text("grp:x:9:\n")
+    upper = tmp_path / "upper"
+    (upper / "etc").mkdir(parents=True)
+    os.mknod(upper / "etc" / "passwd", stat.S_IFCHR, os.makedev(0, 0))  # layer.py's whiteout
+    layers = [str(lower), str(upper)]
+    with pytest.raises(SpecError, match="user 'app' not found"):
+        resolve_user("app", layers)
+    assert resolve_user("0:grp", layers) == (0, 9)  # the rest of the lower etc still shows
+    os.setxattr(upper / "etc", OVERLAY_OPAQUE_XATTR, b"y")
+    with pytest.raises(SpecError, match="group 'grp' not found"):
+        resolve_user("0:grp", layers)
+    os.unlink(upper / "etc" / "passwd")
+    with pytest.raises(SpecError, match="user 'app' not found"):
+        resolve_user("app", layers)  # hidden by the opaque dir now, not by the whiteout

@@ -45,9 +45,8 @@ import time
 from dataclasses import dataclass, field
 
 from ..errors import FcrunError, NotFound
+from ..instance import make_instance
 from ..labels import APP_LABEL, POOL_LABEL
-from ..oci import Mount
-from ..options import RunOptions, spec_from_image
 from ..runtime import Runtime
 from ..state import last_output_line
 from .protocol import Claim, Empty, ImagePool, Made, Start
@@ -126,6 +125,7 @@ class Pool:
         counters = self._counters(request.image)
         try:
             self.runtime.hand_over(pooled.name, cpu=request.limits.cpu, memory_bytes=request.limits.memory_bytes,
+                                   pids_max=request.limits.pids_max,
                                    slot_source=request.docroot, labels=dict(request.labels), thaw=True)
         except (FcrunError, OSError) as exc:
             counters.failures += 1
@@ -146,13 +146,9 @@ class Pool:
         t0 = self.clock()
         self.last_request = t0
         image = self.runtime.images.get(request.image)
-        options = RunOptions(cpu=request.limits.cpu, memory_bytes=request.limits.memory_bytes,
-                             env=list(request.env), network="bridge")
-        spec = spec_from_image(image, options, name=request.name)
-        if request.docroot:
-            spec.mounts.append(Mount(destination=_docroot_target(image), source=request.docroot,
-                                     options=["rbind", "nosuid", "nodev"]))
-        container = self.runtime.run(request.name, spec, image=image, detach=True, labels=dict(request.labels))
+        container = make_instance(self.runtime, image, name=request.name, cpu=request.limits.cpu,
+                                  memory_bytes=request.limits.memory_bytes, pids_max=request.limits.pids_max,
+                                  labels=dict(request.labels), env=request.env, docroot=request.docroot)
         ms = (self.clock() - t0) * 1000
         return Made(name=request.name, ip=container.ip, pid=container.pid, path="start", ms=round(ms, 2))
 
@@ -208,10 +204,8 @@ class Pool:
         name = f"pool-{_SLUG.sub('-', image_name)[:40]}-{secrets.token_hex(4)}"
         try:
             image = self.runtime.images.get(image_name)
-            spec = spec_from_image(image, RunOptions(cpu=self.cpu, memory_bytes=self.memory_bytes, network="bridge"),
-                                   name=name)
-            container = self.runtime.run(name, spec, image=image, detach=True, labels={POOL_LABEL: image_name},
-                                         slot=_docroot_target(image))
+            container = make_instance(self.runtime, image, name=name, cpu=self.cpu, memory_bytes=self.memory_bytes,
+                                      labels={POOL_LABEL: image_name})
         except (FcrunError, OSError) as exc:
             self._failed(image_name, f"making a pooled instance of {image_name}: {exc}", now)
             return
@@ -315,10 +309,6 @@ class Pool:
                 self.runtime.delete(name, force=True)
             except (FcrunError, OSError) as exc:
                 log.warning("removing %s: %s", name, exc)
-
-
-def _docroot_target(image) -> str:
-    return image.config.docroot or "/var/www/html"
 
 
 def _warm_up(ip: str, port: int, n: int) -> None:

@@ -37,6 +37,7 @@ from typing import Union
 
 import msgspec
 
+from ..cgroups.base import PID_MAX_LIMIT
 from ..errors import SpecError
 from ..state import validate_name
 
@@ -54,6 +55,7 @@ _LABEL_KEY = re.compile(r"^[a-z0-9][a-z0-9._/-]{0,127}$")
 class Limits(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     cpu: float  # fraction of one CPU
     memory_bytes: int
+    pids_max: int | None = None  # None: instance.DEFAULT_PIDS_MAX
 
 
 class Start(msgspec.Struct, tag=True, frozen=True, forbid_unknown_fields=True):
@@ -278,6 +280,8 @@ def _check_limits(limits: Limits) -> None:
         raise SpecError(f"cpu {limits.cpu!r} is not within 0.01..{cpu_count} (this machine's CPUs)", "$.limits.cpu")
     if limits.memory_bytes < MIN_MEMORY_BYTES:
         raise SpecError(f"memory_bytes {limits.memory_bytes} is below 4M", "$.limits.memory_bytes")
+    if limits.pids_max is not None and not 8 <= limits.pids_max <= PID_MAX_LIMIT:
+        raise SpecError(f"pids_max {limits.pids_max} is not within 8..{PID_MAX_LIMIT}", "$.limits.pids_max")
 
 
 def _check_env(env: list[str]) -> None:

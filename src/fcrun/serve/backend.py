@@ -28,9 +28,8 @@ from ..cgroups.base import Stats
 from ..errors import FcrunError, NotFound
 from ..forkserver import protocol as fsp
 from ..forkserver.client import ForkServerGone, Supervisor
+from ..instance import make_instance
 from ..labels import APP_LABEL
-from ..oci import Mount
-from ..options import RunOptions, spec_from_image
 from ..runtime import Runtime
 from ..state import last_output_line
 _SLUG = re.compile(r"[^a-z0-9.-]+")
@@ -128,14 +127,11 @@ class RuntimeBackend:
         except NotFound as exc:
             raise StartFailed(str(exc)) from None
         name = instance_name(app.name)
-        options = RunOptions(cpu=app.cpu, memory_bytes=app.memory_bytes, env=list(app.env), network="bridge")
         try:
-            spec = spec_from_image(image, options, name=name)
-            if app.docroot:
-                target = image.config.docroot or "/var/www/html"
-                spec.mounts.append(Mount(destination=target, source=app.docroot, options=["rbind", "nosuid", "nodev"]))
             container = await self._call(
-                self.runtime.run, name, spec, image=image, detach=True, labels={APP_LABEL: app.name}
+                make_instance, self.runtime, image, name=name, cpu=app.cpu, memory_bytes=app.memory_bytes,
+                pids_max=getattr(app, "pids_max", None), labels={APP_LABEL: app.name}, env=app.env,
+                docroot=app.docroot or None,
             )
         except FcrunError as exc:
             raise StartFailed(f"cannot start an instance of {app.name}: {exc}") from None
@@ -156,7 +152,7 @@ class RuntimeBackend:
             except NotFound as exc:
                 raise StartFailed(str(exc)) from None
         port = app.port_for(image.config.exposed_ports)
-        limits = fsp.Limits(cpu=app.cpu, memory_bytes=app.memory_bytes)
+        limits = fsp.Limits(cpu=app.cpu, memory_bytes=app.memory_bytes, pids_max=getattr(app, "pids_max", None))
         labels = {APP_LABEL: app.name}
         try:
             if self.poolable(app):

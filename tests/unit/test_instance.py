@@ -1,0 +1,84 @@
+"""instance.py: the one recipe every app and pooled instance is made from."""
+
+from __future__ import annotations
+
+import pytest
+
+from fcrun.errors import ContainerError
+from fcrun.images.image import ImageConfig
+from fcrun.instance import DEFAULT_PIDS_MAX, docroot_target, instance_spec, make_instance
+from fcrun.options import ROOTFS_ANNOTATION
+
+
+class Image:
+    name = "apache-php"
+    layers: list[str] = []
+
+    def __init__(self, docroot=None):
+        self.config = ImageConfig(cmd=["apache2-foreground"], exposed_ports=[80], docroot=docroot)
+
+
+def spec():
+    return instance_spec(Image(), name="site-1", cpu=0.3, memory_bytes=64 << 20)
+
+
+def test_an_instance_has_a_user_namespace_without_fixed_mappings():
+    s = spec()
+    assert "user" in [ns.type for ns in s.linux.namespaces]
+    assert s.linux.uid_mappings == [] and s.linux.gid_mappings == []  # the runtime leases a range
+
+
+def test_an_instance_cannot_forge_packets_or_make_devices():
+    caps = spec().process.capabilities
+    for field in ("bounding", "effective", "permitted"):
+        names = getattr(caps, field)
+        assert "CAP_NET_RAW" not in names and "CAP_MKNOD" not in names, field
+        assert "CAP_NET_BIND_SERVICE" in names and "CAP_SETUID" in names, field  # Apache still works
+
+
+def test_an_instance_has_a_pids_limit_by_default_and_the_apps_own_when_given():
+    assert spec().linux.resources.pids.limit == DEFAULT_PIDS_MAX
+    s = instance_spec(Image(), name="x", cpu=None, memory_bytes=None, pids_max=64)
+    assert s.linux.resources.pids.limit == 64
+
+
+def test_an_instance_writes_to_memory_not_to_the_data_root():
+    assert spec().annotations[ROOTFS_ANNOTATION] == "tmpfs"
+
+
+def test_the_docroot_target_is_the_images_or_the_default():
+    assert docroot_target(Image()) == "/var/www/html"
+    assert docroot_target(Image("/srv/www")) == "/srv/www"
+
+
+class RecordingRuntime:
+    def __init__(self, fail_fill=False):
+        self.calls = []
+        self.fail_fill = fail_fill
+
+    def create(self, name, spec, *, image, detach, labels, slot):
+        self.calls.append(("create", name, slot, detach))
+        runtime = self
+        return type("C", (), {"start": lambda self: runtime.calls.append(("start", name))})()
+
+    def fill_slot(self, name, source):
+        self.calls.append(("fill_slot", name, source))
+        if self.fail_fill:
+            raise ContainerError("refused")
+
+    def delete(self, name, force=False):
+        self.calls.append(("delete", name, force))
+
+
+def test_the_docroot_is_filled_into_the_slot_before_the_server_starts():
+    rt = RecordingRuntime()
+    make_instance(rt, Image(), name="a-1", cpu=0.5, memory_bytes=None, labels={}, docroot="/srv/a")
+    assert rt.calls == [("create", "a-1", "/var/www/html", True), ("fill_slot", "a-1", "/srv/a"), ("start", "a-1")]
+
+
+def test_a_refused_docroot_leaves_no_instance():
+    rt = RecordingRuntime(fail_fill=True)
+    with pytest.raises(ContainerError):
+        make_instance(rt, Image(), name="a-1", cpu=0.5, memory_bytes=None, labels={}, docroot="/etc")
+    assert rt.calls[-1] == ("delete", "a-1", True)
+    assert ("start", "a-1") not in rt.calls
