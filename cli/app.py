@@ -33,6 +33,7 @@ from fcrun.docroot import DEFAULT_DOCROOT_ROOTS
 from fcrun.errors import SpecError
 from fcrun.options import parse_env
 from fcrun.paths import Paths
+from fcrun.seccomp import parse_security_opts
 from fcrun.serve.admin import AdminClient, LocalAdmin, server_answers
 from fcrun.serve.config import ADMIN_SOCKET_NAME, load_config
 from fcrun.units import format_bytes, parse_cpu, parse_duration, parse_memory
@@ -117,6 +118,10 @@ def _settings_options(command):
         click.option("--port", default=None, help="Port the app listens on ('auto': the image's, else 80)."),
         click.option("--max-body", default=None, help="Largest request body (10M; 'off': no limit)."),
         click.option("--autoscale/--no-autoscale", default=None, help="Scale out and up with load."),
+        click.option("--pids", default=None,
+                     help="Most processes and threads per instance (default 1024; 'default' restores it)."),
+        click.option("--security-opt", "security_opts", multiple=True, metavar="seccomp=PROFILE",
+                     help="seccomp=default|unconfined|PROFILE.json (OCI profile, stored in the CMDB)."),
     ]
     for option in reversed(options):
         command = option(command)
@@ -157,6 +162,10 @@ def _changes(opts: dict[str, Any]) -> dict[str, Any]:
         out["port"] = None if opts["port"].strip().lower() == "auto" else _parse_port(opts["port"], "--port")
     if opts["max_body"] is not None:
         out["max_body_bytes"] = _or_none(opts["max_body"], "--max-body", parse_size)
+    if opts["pids"] is not None:
+        out["pids_max"] = None if opts["pids"].strip().lower() == "default" else _parse_pids(opts["pids"], "--pids")
+    if opts["security_opts"]:
+        out["seccomp"] = seccomp_setting_text(opts["security_opts"])
     if opts["autoscale"] is not None:
         out["autoscale"] = opts["autoscale"]
     return out
@@ -165,6 +174,18 @@ def _changes(opts: dict[str, Any]) -> dict[str, Any]:
 def _or_none(text: str, flag: str, parse: Callable[[str, str], Any]) -> Any:
     """None for 'off'/'none' (the setting is cleared), else the parsed value."""
     return None if text.strip().lower() in NONE_WORDS else parse(text, flag)
+
+
+def _parse_pids(text: str, flag: str) -> int:
+    if not text.isdigit():  # its range is validate_app's
+        raise SpecError(f"invalid pids limit {text!r}: use a number or 'default'", flag)
+    return int(text)
+
+
+def seccomp_setting_text(opts: tuple[str, ...]) -> str:
+    """--security-opt values -> the app's stored seccomp setting (a profile as its JSON)."""
+    profile = parse_security_opts(opts)
+    return profile if isinstance(profile, str) else msgspec.json.encode(profile).decode()
 
 
 def _parse_port(text: str, flag: str) -> int:
@@ -261,6 +282,8 @@ def show(ctx: click.Context, name: str, as_json: bool):
         ("cooldowns", f"up {_seconds_text(found.cooldown_up_s)}, down {_seconds_text(found.cooldown_down_s)}"),
         ("max body", format_bytes(found.max_body_bytes) if found.max_body_bytes is not None else "no limit"),
         ("port", str(found.port) if found.port is not None else "auto (the image's, else 80)"),
+        ("pids", str(found.pids_max) if found.pids_max is not None else "default (1024)"),
+        ("seccomp", found.seccomp if found.seccomp in ("default", "unconfined") else "custom profile"),
         ("generation", f"{found.generation} (updated {_time_text(found.updated_at)})"),
         ("created", _time_text(found.created_at)),
         ("running", f"{stats.instances.ready} ready / {stats.instances.total}"),

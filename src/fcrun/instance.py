@@ -31,6 +31,19 @@ DEFAULT_PIDS_MAX = 1024  # processes and threads of one instance (Apache prefork
 DROPPED_CAPABILITIES = frozenset({"CAP_NET_RAW", "CAP_MKNOD"})
 
 
+def seccomp_from_setting(setting: str, app: str = "") -> Seccomp | Literal["default", "unconfined"]:
+    """An app's stored seccomp setting (cmdb App.seccomp) -> what instance_spec takes.
+
+    Raises:
+        SpecError: a stored profile that is not valid (naming the app).
+    """
+    if setting in ("default", "unconfined"):
+        return setting  # type: ignore[return-value]
+    from .seccomp import parse_profile
+
+    return parse_profile(setting.encode(), f"the seccomp profile of app {app}" if app else "a seccomp profile")
+
+
 def docroot_target(image) -> str:
     """Where the app's docroot appears in an instance of `image`."""
     return image.config.docroot or DEFAULT_DOCROOT
@@ -62,9 +75,11 @@ def instance_spec(image, *, name: str, cpu: float | None, memory_bytes: int | No
 
 def make_instance(runtime, image, *, name: str, cpu: float | None, memory_bytes: int | None,
                   labels: dict[str, str], pids_max: int | None = None, env: list[str] | tuple[str, ...] = (),
-                  docroot: str | None = None, seccomp: Seccomp | Literal["default", "unconfined"] = "default"):
+                  docroot: str | None = None, seccomp: Seccomp | Literal["default", "unconfined"] = "default",
+                  pooled: bool = False):
     """Create and start an instance of `image` called `name`, with the app's `docroot` (a host
-    directory) in its slot, or the slot left empty for a pooled instance. Returns the running
+    directory) in its slot; `pooled`: the slot left empty, for a docroot later (fill_slot).
+    Without either the instance serves the image's own docroot. Returns the running
     Container (it is not waited for: readiness is the caller's business).
 
     Raises:
@@ -73,7 +88,8 @@ def make_instance(runtime, image, *, name: str, cpu: float | None, memory_bytes:
     """
     spec = instance_spec(image, name=name, cpu=cpu, memory_bytes=memory_bytes, pids_max=pids_max, env=env,
                          seccomp=seccomp)
-    container = runtime.create(name, spec, image=image, detach=True, labels=labels, slot=docroot_target(image))
+    slot = docroot_target(image) if docroot or pooled else None
+    container = runtime.create(name, spec, image=image, detach=True, labels=labels, slot=slot)
     if docroot:
         try:
             runtime.fill_slot(name, docroot)
@@ -84,4 +100,5 @@ def make_instance(runtime, image, *, name: str, cpu: float | None, memory_bytes:
     return container
 
 
-__all__ = ["DEFAULT_DOCROOT", "DEFAULT_PIDS_MAX", "docroot_target", "instance_spec", "make_instance"]
+__all__ = ["DEFAULT_DOCROOT", "DEFAULT_PIDS_MAX", "docroot_target", "instance_spec", "make_instance",
+           "seccomp_from_setting"]

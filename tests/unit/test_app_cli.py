@@ -9,6 +9,7 @@ import os
 import shutil
 import tempfile
 
+import msgspec
 import pytest
 from click.testing import CliRunner
 
@@ -261,3 +262,37 @@ def test_stats_and_events_on_an_empty_cmdb(cli):
                                      "INSTANCE-S", "INSTANCES", "FROZEN", "THAW/POOL/START"]
     result = cli("events")
     assert result.exit_code == 0 and result.output == ""
+
+
+def test_pids_and_seccomp_per_app(cli, tmp_path):
+    profile = tmp_path / "profile.json"
+    profile.write_text('{"defaultAction": "SCMP_ACT_ERRNO", "syscalls": [{"names": ["read", "write"], '
+                       '"action": "SCMP_ACT_ALLOW"}]}')
+    result = cli("app", "add", "sec.test", "--image", "apache-php", "--pids", "64", "--security-opt", f"seccomp={profile}")
+    assert result.exit_code == 0, result.output
+    result = cli("app", "show", "sec.test", "--json")
+    app = msgspec.json.decode(result.output)["app"]
+    assert app["pids_max"] == 64
+    assert msgspec.json.decode(app["seccomp"])["syscalls"][0]["names"] == ["read", "write"]  # stored whole
+    assert [line.split()[-2:] for line in cli("app", "show", "sec.test").output.splitlines()
+            if line.startswith(("pids:", "seccomp:"))] == [["pids:", "64"], ["custom", "profile"]]
+
+    result = cli("app", "update", "sec.test", "--pids", "default", "--security-opt", "seccomp=unconfined")
+    assert result.exit_code == 0, result.output
+    app = msgspec.json.decode(cli("app", "show", "sec.test", "--json").output)["app"]
+    assert (app.get("pids_max"), app["seccomp"]) == (None, "unconfined")
+
+    for args, wanted in ((["--pids", "2"], "pids_max"), (["--pids", "many"], "--pids"),
+                         (["--security-opt", "apparmor=x"], "--security-opt"),
+                         (["--security-opt", f"seccomp={tmp_path}/missing.json"], "missing.json")):
+        result = cli("app", "update", "sec.test", *args)
+        assert result.exit_code == 2 and wanted in result.output, result.output
+
+
+def test_only_apps_on_the_default_seccomp_profile_use_pooled_instances():
+    from fcrun.cmdb import App
+    from fcrun.serve.backend import RuntimeBackend
+
+    app = App(name="p.test", image="apache-php", docroot="/srv/p")
+    assert RuntimeBackend.poolable(app)
+    assert not RuntimeBackend.poolable(msgspec.structs.replace(app, seccomp="unconfined"))

@@ -158,6 +158,9 @@ def test_removing_an_app_frees_its_hostnames(db):
     ({"max_body_bytes": -1}, "max_body_bytes"),
     ({"port": 0}, "port"),
     ({"port": 65536}, "port"),
+    ({"pids_max": 2}, "pids_max"),
+    ({"seccomp": "strict"}, "seccomp"),
+    ({"seccomp": '{"defaultAction": "SCMP_ACT_NOPE"}'}, "seccomp"),
 ])
 def test_invalid_settings_name_the_field_and_write_nothing(db, db_path, fields, where):
     db.add_app(App(name="existing.test", image="x", hostnames=["alias.test"]))
@@ -253,6 +256,28 @@ def test_migrations_create_the_schema_and_reopening_changes_nothing(db_path):
     with SqliteCMDB(db_path) as again:
         assert [a.name for a in again.list_apps()] == ["a.test"]
     assert dump(db_path) == before
+
+
+def test_a_version_1_database_gets_the_apps_pids_and_seccomp_columns(db_path):
+    os.makedirs(os.path.dirname(db_path), exist_ok=True)
+    conn = sqlite3.connect(db_path)
+    try:
+        from fcrun.cmdb.migrations import MIGRATIONS
+
+        conn.execute("CREATE TABLE schema_version (version INTEGER NOT NULL)")
+        conn.execute("INSERT INTO schema_version (version) VALUES (1)")
+        for statement in MIGRATIONS[0].statements:
+            conn.execute(statement.format(serial_pk="INTEGER PRIMARY KEY AUTOINCREMENT"))
+        conn.execute("INSERT INTO apps VALUES ('old.test', 'x', '[]', NULL, 1, NULL, 536870912, 0, 4, 8, 60, 30,"
+                     " NULL, 10, 30, NULL, NULL, 1, 0, 0, 1)")
+        conn.commit()
+    finally:
+        conn.close()
+    with SqliteCMDB(db_path) as db:
+        old = db.get_app("old.test")
+        assert (old.pids_max, old.seccomp) == (None, "default")  # what it meant before
+        db.update_app("old.test", AppUpdate(pids_max=64, seccomp="unconfined"))
+        assert (db.get_app("old.test").pids_max, db.get_app("old.test").seccomp) == (64, "unconfined")
 
 
 def test_a_database_from_a_newer_fcrun_is_refused(db_path):

@@ -64,6 +64,9 @@ def test_unknown_fields_are_refused():
     (p.Claim(image="apache-php", labels={}, limits=LIMITS, docroot="/nonexistent/site"), "$.docroot"),
     (p.Start(image="apache-php", name="-bad", labels={}, limits=LIMITS), "$.name"),
     (p.Start(image="apache-php", name="ok", labels={}, limits=LIMITS, env=["NOEQUALS"]), "$.env[0]"),
+    (p.Start(image="apache-php", name="ok", labels={}, limits=p.Limits(cpu=0.5, memory_bytes=1 << 30, pids_max=1)),
+     "$.limits.pids_max"),
+    (p.Start(image="apache-php", name="ok", labels={}, limits=LIMITS, seccomp="{not json"), "$.seccomp"),
     (p.SetPool(sizes={"apache-php": p.MAX_POOL_SIZE + 1}), "$.sizes"),
     (p.SetPool(sizes={"apache-php": -1}), "$.sizes"),
 ])

@@ -76,6 +76,14 @@ def test_the_docroot_is_filled_into_the_slot_before_the_server_starts():
     assert rt.calls == [("create", "a-1", "/var/www/html", True), ("fill_slot", "a-1", "/srv/a"), ("start", "a-1")]
 
 
+def test_without_a_docroot_the_image_serves_its_own_and_a_pooled_instance_gets_an_empty_slot():
+    rt = RecordingRuntime()
+    make_instance(rt, Image(), name="a-1", cpu=0.5, memory_bytes=None, labels={})
+    make_instance(rt, Image(), name="p-1", cpu=0.5, memory_bytes=None, labels={}, pooled=True)
+    assert rt.calls == [("create", "a-1", None, True), ("start", "a-1"), ("create", "p-1", "/var/www/html", True),
+                        ("start", "p-1")]
+
+
 def test_a_refused_docroot_leaves_no_instance():
     rt = RecordingRuntime(fail_fill=True)
     with pytest.raises(ContainerError):

@@ -83,6 +83,10 @@ MIGRATIONS: tuple[Migration, ...] = (
         )""",
         "CREATE INDEX events_app ON events (app, id)",
     )),
+    Migration(2, "apps: pids limit and seccomp profile of their instances", (
+        "ALTER TABLE apps ADD COLUMN pids_max INTEGER",
+        "ALTER TABLE apps ADD COLUMN seccomp TEXT NOT NULL DEFAULT 'default'",
+    )),
 )
 
 LATEST_VERSION = MIGRATIONS[-1].version

@@ -19,6 +19,7 @@ from typing import Any, Literal
 import msgspec
 from msgspec import UNSET, UnsetType
 
+from ..cgroups.base import PID_MAX_LIMIT
 from ..errors import SpecError
 from ..units import MIN_MEMORY_BYTES, parse_cpu
 
@@ -38,6 +39,7 @@ DEFAULT_COOLDOWN_DOWN_S = 30.0
 DEFAULT_PORT = 80  # when neither the app nor the image names one
 
 MAX_HOSTNAME_LEN = 253
+MIN_PIDS_MAX = 8  # fewer and even the server's own processes cannot start
 _LABEL = re.compile(r"[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?")
 _ENV_KEY = re.compile(r"[^=\s]+")
 _SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgt]?)(i?b?)\s*$", re.IGNORECASE)
@@ -74,6 +76,10 @@ class App(msgspec.Struct, kw_only=True, frozen=True):
     created_at: float = 0.0
     updated_at: float = 0.0
     generation: int = 1  # incremented by every update
+    pids_max: int | None = None  # None: instance.DEFAULT_PIDS_MAX
+    # "default" (fcrun's default profile), "unconfined" (no filter), or an OCI profile's JSON
+    # (stored whole: the file it came from may change or vanish).
+    seccomp: str = "default"
 
     @property
     def all_hostnames(self) -> list[str]:
@@ -114,6 +120,8 @@ class AppUpdate(msgspec.Struct, kw_only=True, forbid_unknown_fields=True, omit_d
     max_body_bytes: int | None | UnsetType = UNSET
     port: int | None | UnsetType = UNSET
     autoscale: bool | UnsetType = UNSET
+    pids_max: int | None | UnsetType = UNSET
+    seccomp: str | UnsetType = UNSET
 
     def changes(self) -> dict[str, Any]:
         """The fields that are set, by name."""
@@ -348,6 +356,16 @@ def validate_app(app: App) -> App:
     _check_int(app.port, "port", 1, 65535, nullable=True)
     if not isinstance(app.autoscale, bool):
         raise SpecError(f"autoscale must be true or false, not {app.autoscale!r}", "autoscale")
+    _check_int(app.pids_max, "pids_max", MIN_PIDS_MAX, PID_MAX_LIMIT, nullable=True)
+    if not isinstance(app.seccomp, str):
+        raise SpecError(f"seccomp must be 'default', 'unconfined' or a profile's JSON, not {app.seccomp!r}", "seccomp")
+    if app.seccomp not in ("default", "unconfined"):
+        from ..seccomp import parse_profile
+
+        try:
+            parse_profile(app.seccomp.encode(), "the app's seccomp profile")
+        except SpecError as exc:
+            raise SpecError(f"{exc}: use 'default', 'unconfined' or an OCI seccomp profile", "seccomp") from None
     return msgspec.structs.replace(
         app, name=name, image=image, hostnames=hostnames, docroot=docroot, cpu=float(cpu),
         cpu_max=None if app.cpu_max is None else float(app.cpu_max),

@@ -34,6 +34,7 @@ _APP_COLUMNS = (
     "name", "image", "env", "docroot", "cpu", "cpu_max", "memory_bytes", "min_instances", "max_instances",
     "target_concurrency", "idle_timeout_s", "freeze_after_s", "max_lifetime_s", "cooldown_up_s",
     "cooldown_down_s", "max_body_bytes", "port", "autoscale", "created_at", "updated_at", "generation",
+    "pids_max", "seccomp",
 )
 _INSTANCE_COLUMNS = (
     "id", "app", "container", "state", "ip", "port", "cpu", "started_at", "last_request_at", "requests",

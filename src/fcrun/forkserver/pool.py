@@ -45,7 +45,7 @@ import time
 from dataclasses import dataclass, field
 
 from ..errors import FcrunError, NotFound
-from ..instance import make_instance
+from ..instance import make_instance, seccomp_from_setting
 from ..labels import APP_LABEL, POOL_LABEL
 from ..runtime import Runtime
 from ..state import last_output_line
@@ -148,7 +148,8 @@ class Pool:
         image = self.runtime.images.get(request.image)
         container = make_instance(self.runtime, image, name=request.name, cpu=request.limits.cpu,
                                   memory_bytes=request.limits.memory_bytes, pids_max=request.limits.pids_max,
-                                  labels=dict(request.labels), env=request.env, docroot=request.docroot)
+                                  labels=dict(request.labels), env=request.env, docroot=request.docroot,
+                                  seccomp=seccomp_from_setting(request.seccomp))
         ms = (self.clock() - t0) * 1000
         return Made(name=request.name, ip=container.ip, pid=container.pid, path="start", ms=round(ms, 2))
 
@@ -205,7 +206,7 @@ class Pool:
         try:
             image = self.runtime.images.get(image_name)
             container = make_instance(self.runtime, image, name=name, cpu=self.cpu, memory_bytes=self.memory_bytes,
-                                      labels={POOL_LABEL: image_name})
+                                      labels={POOL_LABEL: image_name}, pooled=True)
         except (FcrunError, OSError) as exc:
             self._failed(image_name, f"making a pooled instance of {image_name}: {exc}", now)
             return

@@ -39,6 +39,7 @@ import msgspec
 
 from ..cgroups.base import PID_MAX_LIMIT
 from ..errors import SpecError
+from ..instance import seccomp_from_setting
 from ..state import validate_name
 
 MAX_MESSAGE_BYTES = 1 << 20
@@ -66,6 +67,7 @@ class Start(msgspec.Struct, tag=True, frozen=True, forbid_unknown_fields=True):
     labels: dict[str, str]
     limits: Limits
     env: list[str] = []
+    seccomp: str = "default"  # the app's setting (cmdb App.seccomp): default, unconfined or a profile's JSON
     docroot: str | None = None  # host directory bind-mounted at the image's document root
 
 
@@ -234,6 +236,10 @@ def check_request(request: Request) -> None:
             _check_labels(request.labels)
             _check_limits(request.limits)
             _check_env(request.env)
+            try:
+                seccomp_from_setting(request.seccomp)
+            except SpecError as exc:
+                raise SpecError(str(exc), "$.seccomp") from None
             _check_docroot(request.docroot)
         case Claim():
             _check_image(request.image)

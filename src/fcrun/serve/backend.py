@@ -28,7 +28,7 @@ from ..cgroups.base import Stats
 from ..errors import FcrunError, NotFound
 from ..forkserver import protocol as fsp
 from ..forkserver.client import ForkServerGone, Supervisor
-from ..instance import make_instance
+from ..instance import make_instance, seccomp_from_setting
 from ..labels import APP_LABEL
 from ..runtime import Runtime
 from ..state import last_output_line
@@ -108,7 +108,7 @@ class RuntimeBackend:
         """Can a pooled instance serve this app? Pooled instances run the image as it is, with
         its default environment and port, and get the app's files through their docroot slot:
         so the app must bring a docroot and no environment or port of its own."""
-        return bool(app.docroot) and not app.env and app.port is None
+        return bool(app.docroot) and not app.env and app.port is None and app.seccomp == "default"
 
     async def _call(self, fn, *args, **kwargs):
         return await asyncio.get_running_loop().run_in_executor(self._pool, functools.partial(fn, *args, **kwargs))
@@ -130,8 +130,8 @@ class RuntimeBackend:
         try:
             container = await self._call(
                 make_instance, self.runtime, image, name=name, cpu=app.cpu, memory_bytes=app.memory_bytes,
-                pids_max=getattr(app, "pids_max", None), labels={APP_LABEL: app.name}, env=app.env,
-                docroot=app.docroot or None,
+                pids_max=app.pids_max, labels={APP_LABEL: app.name}, env=app.env,
+                docroot=app.docroot or None, seccomp=seccomp_from_setting(app.seccomp, app.name),
             )
         except FcrunError as exc:
             raise StartFailed(f"cannot start an instance of {app.name}: {exc}") from None
@@ -152,7 +152,7 @@ class RuntimeBackend:
             except NotFound as exc:
                 raise StartFailed(str(exc)) from None
         port = app.port_for(image.config.exposed_ports)
-        limits = fsp.Limits(cpu=app.cpu, memory_bytes=app.memory_bytes, pids_max=getattr(app, "pids_max", None))
+        limits = fsp.Limits(cpu=app.cpu, memory_bytes=app.memory_bytes, pids_max=app.pids_max)
         labels = {APP_LABEL: app.name}
         try:
             if self.poolable(app):
@@ -164,7 +164,8 @@ class RuntimeBackend:
                     log.warning("claiming a pooled instance for %s: %s", app.name, reply.message)
             name = instance_name(app.name)
             reply = await self.forkserver.request(fsp.Start(image=app.image, name=name, labels=labels, limits=limits,
-                                                            env=list(app.env), docroot=app.docroot))
+                                                            env=list(app.env), docroot=app.docroot,
+                                                            seccomp=app.seccomp))
         except ForkServerGone as exc:
             raise StartFailed(f"cannot start an instance of {app.name} now: {exc}; retry", 503) from None
         if isinstance(reply, fsp.Failed):
