@@ -378,3 +378,13 @@ def test_attach_pins_over_an_entry_the_host_learned_before(network, kernel, make
 def test_setup_loopback_brings_lo_up(kernel, netns_fd):
     setup_loopback(netns_fd, open_rtnl=kernel.open_rtnl)
     assert kernel.ns(netns_fd)["lo"].up
+
+
+def test_a_name_reused_before_the_kernel_removed_its_old_port_gets_a_new_one(network, kernel, make_netns):
+    first = make_netns()
+    network.attach("web-1", first)
+    network.detach("web-1", netns_gone=True)  # the kernel would delete the veth, later
+    stale = kernel.host[host_ifname("web-1")]  # ...and has not yet
+    att = network.attach("web-1", make_netns())
+    port = kernel.host[att.host_ifname]
+    assert port is not stale and port.up and port.peer[0] != first

@@ -170,7 +170,16 @@ class BridgeNetwork:
 
         veth = host_ifname(owner)
         mac = mac_for(lease.ip)
-        host.create_veth(veth, bridge_index, CONTAINER_IFNAME, netns_fd, mac)
+        try:
+            host.create_veth(veth, bridge_index, CONTAINER_IFNAME, netns_fd, mac)
+        except KernelError as exc:
+            if exc.errno != errno.EEXIST:
+                raise
+            # The port of an earlier container of the same name, whose netns the kernel is
+            # still tearing down (detach(netns_gone=True) leaves the veth to it): we hold the
+            # name's lease now, so that port is dead. Delete it and make ours.
+            host.delete_link(veth)
+            host.create_veth(veth, bridge_index, CONTAINER_IFNAME, netns_fd, mac)
         undo.append((f"delete veth {veth}", lambda: host.delete_link(veth)))
         port = host.get_link(veth)
         if port is None:
