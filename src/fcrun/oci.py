@@ -88,7 +88,7 @@ class PidsResources(_Base, kw_only=True):
     limit: int
 
 
-class DeviceRule(_Base, kw_only=True):
+class DeviceRule(_Base, kw_only=True, omit_defaults=False):  # runc needs type and access spelled out
     """linux.resources.devices[]: one cgroup device rule (type a|b|c, None = any number)."""
 
     allow: bool
