@@ -20,7 +20,7 @@ import textwrap
 
 import pytest
 
-from secutil import probe_mount
+from secutil import probe_mount, run_captured
 from fcrun.cgroups import Limits, detect
 from fcrun.cgroups.devices import DeviceRule, decide
 from fcrun.cgroups.mountinfo import parse_mountinfo
@@ -48,17 +48,7 @@ def run_probe(rt, image, probe, name, script, *, devices=None, mounts=()):
     spec.mounts += [probe_mount(probe), *mounts]
     if devices is not None:
         spec.linux.resources.devices = devices
-    r, w = os.pipe()
-    null = os.open("/dev/null", os.O_RDONLY)
-    try:
-        container = rt.run(name, spec, image=image, stdio=(null, w, w))
-    finally:
-        os.close(w)
-        os.close(null)
-    with os.fdopen(r, "rb") as f:
-        output = f.read().decode()
-    code = container.wait()
-    rt.delete(name)
+    code, output = run_captured(rt, name, spec, image)
     assert code == 0, output
     return dict(line.split(" ", 1) for line in output.splitlines())
 

@@ -106,9 +106,11 @@ def http_get(ip: str, timeout_s: float = 5.0) -> str:
 
 def host_neighbour(ip: str) -> str:
     """The host's entry for ip on the bridge: "10.234.0.2 lladdr 0a:58:... PERMANENT" or ""."""
-    return subprocess.run(
+    fields = subprocess.run(
         ["ip", "neigh", "show", ip, "dev", BRIDGE], capture_output=True, text=True, check=True
-    ).stdout.strip()
+    ).stdout.split()
+    # busybox's ip adds "used A/B/C probes N" before the state; iproute2 does not.
+    return " ".join(fields[:3] + fields[-1:]) if len(fields) > 3 else " ".join(fields)
 
 
 def fdb_port_of(mac: str) -> str | None:

@@ -14,7 +14,7 @@ import os
 import msgspec
 import pytest
 
-from secutil import probe_mount
+from secutil import probe_mount, run_captured
 from fcrun.options import RunOptions, spec_from_image
 from fcrun.seccomp import DEFAULT_PROFILE
 
@@ -35,18 +35,7 @@ def run(rt, image, name, args, *, probe=None, **opts):
     spec = spec_from_image(image, RunOptions(args=args, network="none", **opts), name=name)
     if probe:
         spec.mounts.append(probe_mount(probe))
-    r, w = os.pipe()
-    null = os.open("/dev/null", os.O_RDONLY)
-    try:
-        container = rt.run(name, spec, image=image, stdio=(null, w, w))
-    finally:
-        os.close(w)
-        os.close(null)
-    with os.fdopen(r, "rb") as f:
-        output = f.read().decode()
-    code = container.wait()
-    rt.delete(name)
-    return code, output
+    return run_captured(rt, name, spec, image)
 
 
 def probe_all(rt, image, probe, name, seccomp):
