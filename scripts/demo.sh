@@ -12,6 +12,11 @@ export FCRUN_ROOT=${FCRUN_ROOT:-/var/lib/fcrun} FCRUN_RUN=${FCRUN_RUN:-/run/fcru
 fcrun=.venv/bin/fcrun
 listen=127.0.0.1:8080
 
+# The demo site lives in this checkout: allow docroots under examples/ (by default only
+# /srv and /var/www are; see docroot_roots in README), for `app add` and for serve.
+export FCRUN_CONFIG=${FCRUN_CONFIG:-$(mktemp /tmp/fcrun-demo-XXXXXX.toml)}
+[ -s "$FCRUN_CONFIG" ] || printf 'docroot_roots = ["%s"]\n' "$PWD/examples" > "$FCRUN_CONFIG"
+
 $fcrun image build apache-php
 $fcrun app rm demo.test >/dev/null 2>&1 || true
 $fcrun app add demo.test --image apache-php --docroot "$PWD/examples/demo-site" --cpu 0.3 --memory 512M \
