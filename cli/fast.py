@@ -48,7 +48,7 @@ RUN_VALUE_OPTIONS = {"--image": "image", "-i": "image", "--name": "name", "--cpu
                      "--net": "network", "--workdir": "workdir", "-w": "workdir", "--user": "user", "-u": "user",
                      "--entrypoint": "entrypoint"}
 RUN_FLAGS = {"-d": "detach", "--detach": "detach", "--read-only": "read_only", "--no-init": "no_init"}
-# Not here on purpose: --security-opt (a profile is a file to read and compile; the click CLI
+# Not here on purpose: --userns (rare; the in-process path), --security-opt (a profile is a file to read and compile; the click CLI
 # does it in-process, and the fork-server's Run always gets the default profile).
 NETWORKS = ("bridge", "none", "host")
 

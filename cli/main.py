@@ -146,10 +146,13 @@ def _parse_signal(text: str) -> int:
 @click.option("--security-opt", "security_opts", multiple=True, metavar="seccomp=PROFILE",
               help="seccomp=unconfined (no filter) or seccomp=PROFILE.json (an OCI/Docker profile) instead of "
                    "the default profile (Docker's).")
+@click.option("--userns", is_flag=True,
+              help="Run in a user namespace: root inside is an unprivileged host id range of its own "
+                   "(what every `fcrun serve` instance gets).")
 @click.argument("command", nargs=-1, type=click.UNPROCESSED)
 @click.pass_obj
 def run(obj: Context, image_name, name, detach, cpu, memory, pids, hostname, env, network, workdir, user, read_only,
-        tmpfs_rootfs, entrypoint, no_init, keep, security_opts, command):
+        tmpfs_rootfs, entrypoint, no_init, keep, security_opts, userns, command):
     """Run COMMAND in a new container (default: the image's entrypoint and cmd).
 
     Exits with the command's exit code (128+N if it was killed by signal N).
@@ -173,6 +176,7 @@ def run(obj: Context, image_name, name, detach, cpu, memory, pids, hostname, env
         readonly_rootfs=read_only,
         volatile_rootfs=tmpfs_rootfs,
         seccomp=parse_security_opts(security_opts),
+        userns=userns,
     )
     if pids is not None and pids < 1:
         raise SpecError(f"invalid --pids {pids}: must be >= 1", "--pids")

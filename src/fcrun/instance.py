@@ -23,7 +23,7 @@ from typing import Literal
 
 import msgspec
 
-from .oci import Capabilities, Namespace, Seccomp, Spec
+from .oci import Capabilities, Seccomp, Spec
 from .options import RunOptions, spec_from_image
 
 DEFAULT_DOCROOT = "/var/www/html"  # where an image without a docroot label serves files from
@@ -61,7 +61,7 @@ def instance_spec(image, *, name: str, cpu: float | None, memory_bytes: int | No
         SpecError: a bad option (an env entry, a limit), naming it.
     """
     options = RunOptions(cpu=cpu, memory_bytes=memory_bytes, pids_max=pids_max or DEFAULT_PIDS_MAX,
-                         env=list(env), network="bridge", volatile_rootfs=True, seccomp=seccomp)
+                         env=list(env), network="bridge", volatile_rootfs=True, seccomp=seccomp, userns=True)
     spec = spec_from_image(image, options, name=name)
     caps = spec.process.capabilities
     if caps is not None:
@@ -69,7 +69,6 @@ def instance_spec(image, *, name: str, cpu: float | None, memory_bytes: int | No
             field: [c for c in getattr(caps, field) if c not in DROPPED_CAPABILITIES]
             for field in ("bounding", "effective", "inheritable", "permitted", "ambient")
         })
-    spec.linux = msgspec.structs.replace(spec.linux, namespaces=[*spec.linux.namespaces, Namespace(type="user")])
     return spec
 
 

@@ -11,7 +11,7 @@ from typing import Literal
 import msgspec
 
 from .errors import SpecError
-from .oci import DEFAULT_ENV, NetworkMode, Seccomp, Spec, default_spec
+from .oci import DEFAULT_ENV, Namespace, NetworkMode, Seccomp, Spec, default_spec
 
 ROOTFS_ANNOTATION = "org.fcrun.rootfs"  # "tmpfs": a memory-backed writable layer
 IMAGE_FILE_MAX_BYTES = 1 << 20  # /etc/passwd, /etc/group read from an image: more is an attack
@@ -38,6 +38,8 @@ class RunOptions(msgspec.Struct, kw_only=True):
     # "default": seccomp.DEFAULT_PROFILE; "unconfined": no filter; or a profile of its own
     # (seccomp.parse_security_opts reads --security-opt seccomp=PROFILE.json into one).
     seccomp: Seccomp | Literal["default", "unconfined"] = "default"
+    # A user namespace with a host id range of its own (userns.py); off by default, as in runc.
+    userns: bool = False
 
 
 def parse_env(items: list[str] | tuple[str, ...], where: str = "--env") -> list[str]:
@@ -137,6 +139,8 @@ def spec_from_image(image, options: RunOptions, *, name: str = "") -> Spec:
         if image is None:
             raise SpecError("a memory-backed rootfs needs an image", "--tmpfs-rootfs")
         spec.annotations[ROOTFS_ANNOTATION] = "tmpfs"
+    if options.userns:
+        spec.linux.namespaces.append(Namespace(type="user"))
     if options.seccomp == "unconfined":
         spec.linux.seccomp = None
     elif options.seccomp != "default":

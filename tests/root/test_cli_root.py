@@ -90,3 +90,15 @@ def test_name_in_use(fcrun):
     r = fcrun("run", "-d", "--name", "dup", "--image", "busybox", "--net", "none", "--", "sleep", "60")
     assert r.returncode == 4 and "'dup' is already in use" in r.stderr
     assert fcrun("rm", "-f", "dup").returncode == 0
+
+
+
+def test_run_userns_maps_root_to_an_unprivileged_host_range(fcrun):
+    from fcrun.userns import FIRST_HOST_ID, RANGE_SIZE
+
+    r = fcrun("run", "--userns", "--image", "busybox", "--net", "none", "--", "sh", "-c", "id -u; cat /proc/self/uid_map")
+    assert r.returncode == 0, r.stderr
+    uid, inside, host, size = (int(x) for x in r.stdout.split())
+    assert (uid, inside, size) == (0, 0, RANGE_SIZE) and host >= FIRST_HOST_ID
+    r = fcrun("run", "--image", "busybox", "--net", "none", "--", "cat", "/proc/self/uid_map")
+    assert r.stdout.split() == ["0", "0", "4294967295"]  # off by default, as in runc
