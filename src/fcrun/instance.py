@@ -28,6 +28,7 @@ from .options import RunOptions, spec_from_image
 
 DEFAULT_DOCROOT = "/var/www/html"  # where an image without a docroot label serves files from
 DEFAULT_PIDS_MAX = 1024  # processes and threads of one instance (Apache prefork: 8-150 workers)
+MIN_PIDS_MAX = 8  # an app's own limit may not go lower: init, the server and a worker or two
 DROPPED_CAPABILITIES = frozenset({"CAP_NET_RAW", "CAP_MKNOD"})
 
 
@@ -99,5 +100,5 @@ def make_instance(runtime, image, *, name: str, cpu: float | None, memory_bytes:
     return container
 
 
-__all__ = ["DEFAULT_DOCROOT", "DEFAULT_PIDS_MAX", "docroot_target", "instance_spec", "make_instance",
+__all__ = ["DEFAULT_DOCROOT", "DEFAULT_PIDS_MAX", "MIN_PIDS_MAX", "docroot_target", "instance_spec", "make_instance",
            "seccomp_from_setting"]

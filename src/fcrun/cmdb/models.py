@@ -39,7 +39,6 @@ DEFAULT_COOLDOWN_DOWN_S = 30.0
 DEFAULT_PORT = 80  # when neither the app nor the image names one
 
 MAX_HOSTNAME_LEN = 253
-MIN_PIDS_MAX = 8  # fewer and even the server's own processes cannot start
 _LABEL = re.compile(r"[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?")
 _ENV_KEY = re.compile(r"[^=\s]+")
 _SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgt]?)(i?b?)\s*$", re.IGNORECASE)
@@ -356,6 +355,8 @@ def validate_app(app: App) -> App:
     _check_int(app.port, "port", 1, 65535, nullable=True)
     if not isinstance(app.autoscale, bool):
         raise SpecError(f"autoscale must be true or false, not {app.autoscale!r}", "autoscale")
+    from ..instance import MIN_PIDS_MAX
+
     _check_int(app.pids_max, "pids_max", MIN_PIDS_MAX, PID_MAX_LIMIT, nullable=True)
     if not isinstance(app.seccomp, str):
         raise SpecError(f"seccomp must be 'default', 'unconfined' or a profile's JSON, not {app.seccomp!r}", "seccomp")

@@ -39,7 +39,7 @@ import msgspec
 
 from ..cgroups.base import PID_MAX_LIMIT
 from ..errors import SpecError
-from ..instance import seccomp_from_setting
+from ..instance import MIN_PIDS_MAX, seccomp_from_setting
 from ..state import validate_name
 
 MAX_MESSAGE_BYTES = 1 << 20
@@ -286,8 +286,8 @@ def _check_limits(limits: Limits) -> None:
         raise SpecError(f"cpu {limits.cpu!r} is not within 0.01..{cpu_count} (this machine's CPUs)", "$.limits.cpu")
     if limits.memory_bytes < MIN_MEMORY_BYTES:
         raise SpecError(f"memory_bytes {limits.memory_bytes} is below 4M", "$.limits.memory_bytes")
-    if limits.pids_max is not None and not 8 <= limits.pids_max <= PID_MAX_LIMIT:
-        raise SpecError(f"pids_max {limits.pids_max} is not within 8..{PID_MAX_LIMIT}", "$.limits.pids_max")
+    if limits.pids_max is not None and not MIN_PIDS_MAX <= limits.pids_max <= PID_MAX_LIMIT:
+        raise SpecError(f"pids_max {limits.pids_max} is not within {MIN_PIDS_MAX}..{PID_MAX_LIMIT}", "$.limits.pids_max")
 
 
 def _check_env(env: list[str]) -> None:
