@@ -52,8 +52,8 @@ import time
 from fcrun import Paths
 from fcrun import syscalls as sc
 from fcrun.images import ImageStore
-from fcrun.oci import Namespace, encode_spec
-from fcrun.options import RunOptions, spec_from_image
+from fcrun.runtime.spec import Namespace, encode_spec
+from fcrun.runtime.options import RunOptions, spec_from_image
 from fcrun.cmdb.models import Scale
 from fcrun.serve.testing import ServeProcess
 
@@ -394,7 +394,7 @@ class RawThaw:
     frozen and thawed through its cgroup, asked directly."""
 
     def __init__(self, runtime, image, site: str, timeout: float):
-        from fcrun.oci import Mount
+        from fcrun.runtime.spec import Mount
 
         self.runtime, self.timeout, self.name = runtime, timeout, f"raw-thaw-{os.getpid()}"
         spec = spec_from_image(image, RunOptions(cpu=CPU, memory_bytes=MEMORY, network="bridge"), name=self.name)

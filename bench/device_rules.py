@@ -20,7 +20,7 @@ import time
 
 from fcrun.cgroups import Limits, detect
 from fcrun.cgroups.devices import assemble, program
-from fcrun.oci import default_spec
+from fcrun.runtime.spec import default_spec
 from fcrun.runtime import limits_from_spec
 
 PARENT = f"fcrun-bench-devices-{os.getpid()}"

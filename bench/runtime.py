@@ -50,7 +50,7 @@ import time
 from fcrun import Paths, RunOptions, Runtime, spec_from_image
 from fcrun import syscalls as sc
 from fcrun.images import ImageStore
-from fcrun.plan import build_plan
+from fcrun.runtime.plan import build_plan
 
 CONTENDERS = ("library", "library_tmpfs_rootfs", "direct", "cli", "cli_daemon", "runc", "runc_overlay")
 

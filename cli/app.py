@@ -31,7 +31,7 @@ from fcrun.cmdb import App, AppStats, AppUpdate, Event, Instance, NewApp, open_c
 from fcrun.cmdb.models import AppDefaults, Scale, check_docroot, normalize_hostname, parse_size
 from fcrun.docroot import DEFAULT_DOCROOT_ROOTS
 from fcrun.errors import SpecError
-from fcrun.options import parse_env
+from fcrun.runtime.options import parse_env
 from fcrun.paths import Paths
 from fcrun.seccomp import parse_security_opts
 from fcrun.serve.admin import AdminClient, LocalAdmin, server_answers

@@ -157,7 +157,7 @@ def run(obj: Context, image_name, name, detach, cpu, memory, pids, hostname, env
 
     Exits with the command's exit code (128+N if it was killed by signal N).
     """
-    from fcrun.options import RunOptions, spec_from_image
+    from fcrun.runtime.options import RunOptions, spec_from_image
     from fcrun.runtime import require_root
     from fcrun.seccomp import parse_security_opts
 
@@ -304,7 +304,7 @@ def update(obj: Context, name, cpu, memory, pids):
 @click.pass_obj
 def exec_(obj: Context, name, env, workdir, command):
     """Run COMMAND inside a running container (its namespaces, cgroup and limits)."""
-    from fcrun.options import parse_env
+    from fcrun.runtime.options import parse_env
 
     code = obj.runtime.exec(name, list(command), env=parse_env(env), cwd=workdir)
     sys.exit(code)

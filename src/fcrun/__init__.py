@@ -25,10 +25,11 @@ _EXPORTS = {
     "AlreadyExists": "errors", "ContainerError": "errors", "FcrunError": "errors",
     "IncorrectStatus": "errors", "KernelError": "errors", "MissingFeature": "errors",
     "NotFound": "errors", "NotPermitted": "errors", "SpecError": "errors",
-    "Spec": "oci", "decode_spec": "oci", "default_spec": "oci", "encode_spec": "oci",
-    "RunOptions": "options", "spec_from_image": "options",
+    "Spec": "runtime.spec", "decode_spec": "runtime.spec", "default_spec": "runtime.spec",
+    "encode_spec": "runtime.spec",
+    "RunOptions": "runtime.options", "spec_from_image": "runtime.options",
     "Paths": "paths",
-    "Container": "runtime", "ContainerInfo": "runtime", "Runtime": "runtime",
+    "Container": "runtime.lifecycle", "ContainerInfo": "runtime.lifecycle", "Runtime": "runtime.lifecycle",
 }
 
 __all__ = sorted(_EXPORTS)

@@ -23,8 +23,8 @@ from typing import Literal
 
 import msgspec
 
-from .oci import Capabilities, Seccomp, Spec
-from .options import RunOptions, spec_from_image
+from .runtime.spec import Capabilities, Seccomp, Spec
+from .runtime.options import RunOptions, spec_from_image
 
 DEFAULT_DOCROOT = "/var/www/html"  # where an image without a docroot label serves files from
 DEFAULT_PIDS_MAX = 1024  # processes and threads of one instance (Apache prefork: 8-150 workers)

@@ -8,7 +8,7 @@ import time
 
 import pytest
 
-from fcrun.options import RunOptions, spec_from_image
+from fcrun.runtime.options import RunOptions, spec_from_image
 
 pytestmark = [pytest.mark.root, pytest.mark.slow]
 
@@ -49,7 +49,7 @@ def test_apache_php_serves_phpinfo_in_an_fcrun_container(runtime, apache_php):
 
 
 def test_apache_php_serves_a_bind_mounted_docroot(runtime, apache_php, tmp_path):
-    from fcrun.oci import Mount
+    from fcrun.runtime.spec import Mount
 
     site = tmp_path / "site"
     site.mkdir()

@@ -94,7 +94,7 @@ def test_name_in_use(fcrun):
 
 
 def test_run_userns_maps_root_to_an_unprivileged_host_range(fcrun):
-    from fcrun.userns import FIRST_HOST_ID, RANGE_SIZE
+    from fcrun.runtime.userns import FIRST_HOST_ID, RANGE_SIZE
 
     r = fcrun("run", "--userns", "--image", "busybox", "--net", "none", "--", "sh", "-c", "id -u; cat /proc/self/uid_map")
     assert r.returncode == 0, r.stderr

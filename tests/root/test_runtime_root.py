@@ -15,10 +15,10 @@ import time
 
 import pytest
 
-from fcrun.capabilities import DEFAULT_CAPABILITIES, capability_mask
+from fcrun.runtime.capabilities import DEFAULT_CAPABILITIES, capability_mask
 from fcrun.errors import AlreadyExists, ContainerError, IncorrectStatus, KernelError, NotFound, SpecError
-from fcrun.oci import Mount
-from fcrun.options import RunOptions, spec_from_image
+from fcrun.runtime.spec import Mount
+from fcrun.runtime.options import RunOptions, spec_from_image
 from hostcheck import CGROUP_PARENT, host_snapshot, settled_snapshot
 
 pytestmark = [pytest.mark.root]

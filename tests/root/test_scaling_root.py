@@ -38,7 +38,7 @@ def server(tmp_path, apache_php):
 
 def quota_cpus(srv: Server, name: str) -> float:
     """The instance's CPU quota as the kernel has it (cpu.max on v2, cfs_quota_us on v1)."""
-    from fcrun.state import StateStore
+    from fcrun.runtime.state import StateStore
 
     paths = StateStore(os.path.join(srv.run_root, "containers")).load(name).cgroup_paths
     cpu_dir = paths.get("cpu") or paths.get("unified") or next(iter(paths.values()))

@@ -9,7 +9,7 @@ import signal
 import pytest
 
 from fcrun.errors import IncorrectStatus, SpecError
-from fcrun.options import RunOptions, spec_from_image
+from fcrun.runtime.options import RunOptions, spec_from_image
 
 pytestmark = pytest.mark.root
 

@@ -15,12 +15,12 @@ import time
 import msgspec
 import pytest
 
-from fcrun import spawner
+from fcrun.runtime import spawner
 from fcrun.errors import ContainerError
-from fcrun.options import RunOptions, spec_from_image
-from fcrun.plan import build_plan
+from fcrun.runtime.options import RunOptions, spec_from_image
+from fcrun.runtime.plan import build_plan
 from fcrun.runtime import Runtime
-from fcrun.spawn import ChildFailure, read_status
+from fcrun.runtime.child import ChildFailure, read_status
 from hostcheck import BRIDGE, CGROUP_PARENT, SUBNET
 from test_runtime_root import run as _run  # run to completion, output captured
 

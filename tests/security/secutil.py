@@ -8,7 +8,7 @@ import subprocess
 
 def probe_mount(probe_path: str):
     """An OCI mount that puts the probe at /probe, read-only, in a container."""
-    from fcrun.oci import Mount
+    from fcrun.runtime.spec import Mount
 
     return Mount(destination="/probe", source=probe_path, options=["bind", "ro", "nosuid", "nodev"])
 

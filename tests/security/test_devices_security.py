@@ -25,8 +25,8 @@ from fcrun.cgroups import Limits, detect
 from fcrun.cgroups.devices import DeviceRule, decide
 from fcrun.cgroups.mountinfo import parse_mountinfo
 from fcrun.errors import MissingFeature
-from fcrun.oci import Mount, default_spec
-from fcrun.options import RunOptions, spec_from_image
+from fcrun.runtime.spec import Mount, default_spec
+from fcrun.runtime.options import RunOptions, spec_from_image
 from fcrun.runtime import limits_from_spec
 from hostcheck import CGROUP_PARENT
 

@@ -23,8 +23,8 @@ from fcrun import syscalls as sc
 from fcrun.cmdb import NewApp, SqliteCMDB
 from fcrun.docroot import attach_docroot, open_docroot
 from fcrun.errors import SpecError
-from fcrun.oci import Mount
-from fcrun.options import RunOptions, spec_from_image
+from fcrun.runtime.spec import Mount
+from fcrun.runtime.options import RunOptions, spec_from_image
 from fcrun.serve.admin import LocalAdmin
 
 pytestmark = [pytest.mark.root]

@@ -17,10 +17,10 @@ import time
 import pytest
 
 import fcrun.runtime
-import fcrun.spawn
+import fcrun.runtime.child
 from secutil import probe_mount
-from fcrun import sealed
-from fcrun.options import RunOptions, spec_from_image
+from fcrun.runtime import sealed
+from fcrun.runtime.options import RunOptions, spec_from_image
 
 pytestmark = [pytest.mark.root]
 
@@ -93,14 +93,14 @@ def test_exec_child_is_closed_to_the_container_until_it_execs(runtime, busybox, 
     # a full set would), still the host's python. The window a container process would race for.
     report_r, report_w = os.pipe()
     release_r, release_w = os.pipe()
-    find_executable = fcrun.spawn._find_executable
+    find_executable = fcrun.runtime.child._find_executable
 
     def hold_before_exec(name, search_path):
         os.write(report_w, f"{os.getpid()}\n".encode())  # its pid in the container's pid ns
         os.read(release_r, 1)
         return find_executable(name, search_path)
 
-    monkeypatch.setattr(fcrun.spawn, "_find_executable", hold_before_exec)
+    monkeypatch.setattr(fcrun.runtime.child, "_find_executable", hold_before_exec)
     exec_in_r, exec_in_w = os.pipe()
     exec_out_r, exec_out_w = os.pipe()
     result = {}
@@ -133,4 +133,4 @@ def test_exec_child_is_closed_to_the_container_until_it_execs(runtime, busybox, 
         for fd in (out, stdin_w, report_r, report_w, release_r, release_w, exec_in_r, exec_out_r, exec_out_w):
             os.close(fd)
     assert result.get("code") == 0
-    assert fcrun.runtime.sc.prctl(fcrun.runtime.sc.PR_GET_DUMPABLE) == 1  # the parent got its flag back
+    assert fcrun.runtime.lifecycle.sc.prctl(fcrun.runtime.lifecycle.sc.PR_GET_DUMPABLE) == 1  # the parent got its flag back

@@ -20,7 +20,7 @@ import msgspec
 import pytest
 
 from fcrun.network import mac_for
-from fcrun.options import RunOptions, spec_from_image
+from fcrun.runtime.options import RunOptions, spec_from_image
 from hostcheck import BRIDGE
 from secutil import probe_mount
 

@@ -14,7 +14,7 @@ import pytest
 
 from secutil import probe_mount, run_captured
 from fcrun.instance import DEFAULT_PIDS_MAX, instance_spec
-from fcrun.options import RunOptions, spec_from_image
+from fcrun.runtime.options import RunOptions, spec_from_image
 
 pytestmark = [pytest.mark.root]
 

@@ -15,7 +15,7 @@ import msgspec
 import pytest
 
 from secutil import probe_mount, run_captured
-from fcrun.options import RunOptions, spec_from_image
+from fcrun.runtime.options import RunOptions, spec_from_image
 from fcrun.seccomp import DEFAULT_PROFILE
 
 pytestmark = [pytest.mark.root]

@@ -19,11 +19,11 @@ import pytest
 
 from secutil import as_host_user, probe_mount, run_captured
 from fcrun.instance import instance_spec
-from fcrun.oci import Mount, Namespace
-from fcrun.options import RunOptions, spec_from_image
+from fcrun.runtime.spec import Mount, Namespace
+from fcrun.runtime.options import RunOptions, spec_from_image
 from fcrun.paths import Paths
 from fcrun.runtime import Runtime
-from fcrun.userns import FIRST_HOST_ID, RANGE_SIZE
+from fcrun.runtime.userns import FIRST_HOST_ID, RANGE_SIZE
 
 pytestmark = [pytest.mark.root]
 

@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-from fcrun import criu
-
-
+from fcrun.runtime import criu
 def _fresh():
     criu.availability.cache_clear()
 

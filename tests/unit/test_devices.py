@@ -27,9 +27,9 @@ from fcrun.cgroups.devices import (
     v1_writes,
 )
 from fcrun.errors import SpecError
-from fcrun.oci import DEFAULT_DEVICE_RULES, Resources, decode_spec, default_spec, encode_spec
-from fcrun.oci import DeviceRule as OciDeviceRule
-from fcrun.plan import DEVICES
+from fcrun.runtime.spec import DEFAULT_DEVICE_RULES, Resources, decode_spec, default_spec, encode_spec
+from fcrun.runtime.spec import DeviceRule as OciDeviceRule
+from fcrun.runtime.plan import DEVICES
 from fcrun.runtime import limits_from_spec
 
 DEFAULT = limits_from_spec(default_spec(["true"])).devices

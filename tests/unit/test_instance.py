@@ -7,7 +7,7 @@ import pytest
 from fcrun.errors import ContainerError
 from fcrun.images.image import ImageConfig
 from fcrun.instance import DEFAULT_PIDS_MAX, docroot_target, instance_spec, make_instance
-from fcrun.options import ROOTFS_ANNOTATION
+from fcrun.runtime.options import ROOTFS_ANNOTATION
 
 
 class Image:

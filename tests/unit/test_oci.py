@@ -3,7 +3,7 @@ import json
 import pytest
 
 from fcrun.errors import SpecError
-from fcrun.oci import decode_spec, default_spec, encode_spec, network_mode, validate_spec
+from fcrun.runtime.spec import decode_spec, default_spec, encode_spec, network_mode, validate_spec
 
 
 def test_default_spec_follows_runc_defaults():

@@ -5,7 +5,7 @@ import pytest
 
 from fcrun.errors import SpecError
 from fcrun.images.layer import OVERLAY_OPAQUE_XATTR
-from fcrun.options import RunOptions, merge_env, parse_env, resolve_user, spec_from_image
+from fcrun.runtime.options import RunOptions, merge_env, parse_env, resolve_user, spec_from_image
 
 
 class FakeConfig:

@@ -7,9 +7,9 @@ import pytest
 
 from fcrun import syscalls as sc
 from fcrun.errors import SpecError
-from fcrun.oci import Mount, default_spec
-from fcrun.plan import build_plan, mount_step
-from fcrun.spawn import secure_join
+from fcrun.runtime.spec import Mount, default_spec
+from fcrun.runtime.plan import build_plan, mount_step
+from fcrun.runtime.child import secure_join
 
 
 def _plan(spec, **kw):

@@ -5,9 +5,7 @@ import os
 
 import pytest
 
-from fcrun import sealed
-
-
+from fcrun.runtime import sealed
 def test_sealed_copy_is_remade_when_the_file_changes(tmp_path):
     path = tmp_path / "init"
     path.write_bytes(b"one")

@@ -12,8 +12,8 @@ import msgspec
 import pytest
 
 from fcrun.errors import SpecError
-from fcrun.oci import Seccomp, SeccompArg, SeccompSyscall, decode_spec, default_spec, encode_spec
-from fcrun.options import RunOptions, spec_from_image
+from fcrun.runtime.spec import Seccomp, SeccompArg, SeccompSyscall, decode_spec, default_spec, encode_spec
+from fcrun.runtime.options import RunOptions, spec_from_image
 from fcrun.seccomp import (
     DEFAULT_PROFILE, compile_filter, filter_flags, install_filter, load_profile, parse_security_opts, validate_profile,
 )
@@ -228,7 +228,7 @@ def test_install_filter_refuses_what_is_not_a_program():
 
 
 def test_the_plan_carries_the_compiled_filter_and_flags():
-    from fcrun.plan import build_plan
+    from fcrun.runtime.plan import build_plan
 
     spec = default_spec(["true"])
     plan = build_plan(spec, rootfs="/r", overlay_lower=None, cgroup_procs=[], cap_last=40, attached=True)
@@ -239,8 +239,8 @@ def test_the_plan_carries_the_compiled_filter_and_flags():
 
 
 def test_a_filter_crosses_to_the_spawner_intact():
-    from fcrun import spawner
-    from fcrun.plan import build_plan
+    from fcrun.runtime import spawner
+    from fcrun.runtime.plan import build_plan
 
     plan = build_plan(default_spec(["true"]), rootfs="/r", overlay_lower=None, cgroup_procs=[], cap_last=40,
                       attached=True)

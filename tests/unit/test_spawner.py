@@ -14,12 +14,12 @@ import socket
 import msgspec
 import pytest
 
-from fcrun import spawner
+from fcrun.runtime import spawner
 from fcrun import syscalls as sc
 from fcrun.errors import ContainerError, SpecError
-from fcrun.oci import default_spec
-from fcrun.plan import build_plan
-from fcrun.spawn import ChildPlan
+from fcrun.runtime.spec import default_spec
+from fcrun.runtime.plan import build_plan
+from fcrun.runtime.child import ChildPlan
 
 CAP_LAST = 40
 

@@ -5,8 +5,8 @@ import time
 import pytest
 
 from fcrun.errors import AlreadyExists, IncorrectStatus, NotFound, SpecError
-from fcrun.oci import default_spec
-from fcrun.state import ContainerState, StateStore, check_allowed, pid_alive, proc_start_time
+from fcrun.runtime.spec import default_spec
+from fcrun.runtime.state import ContainerState, StateStore, check_allowed, pid_alive, proc_start_time
 
 
 def test_lifecycle_table():
@@ -85,7 +85,7 @@ def test_pid_alive_detects_reuse():
 
 
 def test_a_memory_backed_rootfs_is_recorded(tmp_path):
-    from fcrun.state import Rootfs
+    from fcrun.runtime.state import Rootfs
 
     store = StateStore(str(tmp_path / "containers"))
     store.reserve("vol")

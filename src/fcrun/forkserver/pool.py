@@ -47,8 +47,8 @@ from dataclasses import dataclass, field
 from ..errors import FcrunError, NotFound
 from ..instance import make_instance, seccomp_from_setting
 from ..labels import APP_LABEL, POOL_LABEL
-from ..runtime import Runtime
-from ..state import last_output_line
+from ..runtime.lifecycle import Runtime
+from ..runtime.state import last_output_line
 from .protocol import Claim, Empty, ImagePool, Made, Start
 
 log = logging.getLogger("fcrun.forkserver")

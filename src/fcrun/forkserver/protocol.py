@@ -40,7 +40,7 @@ import msgspec
 from ..cgroups.base import PID_MAX_LIMIT
 from ..errors import SpecError
 from ..instance import MIN_PIDS_MAX, seccomp_from_setting
-from ..state import validate_name
+from ..runtime.state import validate_name
 
 MAX_MESSAGE_BYTES = 1 << 20
 MAX_POOL_SIZE = 1024

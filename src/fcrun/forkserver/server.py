@@ -36,11 +36,11 @@ import uuid
 from dataclasses import dataclass
 
 from ..errors import FcrunError, SpecError
-from ..options import RunOptions, spec_from_image
+from ..runtime.options import RunOptions, spec_from_image
 from ..units import parse_cpu, parse_memory
 from ..paths import DEFAULT_BRIDGE, DEFAULT_CGROUP_PARENT, DEFAULT_SUBNET, Paths
 from ..docroot import DEFAULT_DOCROOT_ROOTS, check_roots
-from ..runtime import Container, Runtime
+from ..runtime.lifecycle import Container, Runtime
 from . import protocol as p
 from .pool import DEFAULT_MAX_AGE_S, DEFAULT_POOL_CPU, DEFAULT_POOL_MEMORY_BYTES, Pool
 

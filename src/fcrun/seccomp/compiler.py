@@ -13,7 +13,7 @@ from collections import OrderedDict
 import msgspec
 
 from ..errors import SpecError
-from ..oci import Seccomp, SeccompSyscall
+from ..runtime.spec import Seccomp, SeccompSyscall
 from . import libseccomp as ls
 from .profile import ACT_ERRNO, ACT_TRACE, ARCHITECTURES, validate_profile
 

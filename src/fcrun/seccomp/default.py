@@ -37,7 +37,7 @@ from __future__ import annotations
 import errno
 import os
 
-from ..oci import Seccomp, SeccompArg, SeccompSyscall
+from ..runtime.spec import Seccomp, SeccompArg, SeccompSyscall
 
 ALLOWED = """
 accept accept4 access adjtimex alarm bind brk cachestat capget capset chdir chmod chown chown32

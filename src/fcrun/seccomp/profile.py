@@ -10,7 +10,7 @@ from __future__ import annotations
 import msgspec
 
 from ..errors import SpecError
-from ..oci import Seccomp
+from ..runtime.spec import Seccomp
 from . import install
 
 ACT_ERRNO = "SCMP_ACT_ERRNO"

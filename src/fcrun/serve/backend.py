@@ -30,8 +30,8 @@ from ..forkserver import protocol as fsp
 from ..forkserver.client import ForkServerGone, Supervisor
 from ..instance import make_instance, seccomp_from_setting
 from ..labels import APP_LABEL
-from ..runtime import Runtime
-from ..state import last_output_line
+from ..runtime.lifecycle import Runtime
+from ..runtime.state import last_output_line
 _SLUG = re.compile(r"[^a-z0-9.-]+")
 log = logging.getLogger("fcrun.serve")
 

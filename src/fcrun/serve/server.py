@@ -13,11 +13,11 @@ import logging
 import os
 import signal
 
-from .. import criu
+from ..runtime import criu
 from ..cmdb import open_cmdb
 from ..forkserver import Supervisor
 from ..proxy.server import ProxyServer
-from ..runtime import Runtime
+from ..runtime.lifecycle import Runtime
 from .admin import AdminServer
 from .backend import RuntimeBackend
 from .config import ServeConfig, load_config, parse_address

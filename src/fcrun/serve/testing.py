@@ -20,7 +20,7 @@ import sys
 import time
 
 from ..paths import Paths
-from ..runtime import Runtime
+from ..runtime.lifecycle import Runtime
 
 
 def free_port() -> int:

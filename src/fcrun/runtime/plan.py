@@ -10,12 +10,12 @@ import resource
 import signal
 import stat
 
-from . import syscalls as sc
+from .. import syscalls as sc
 from .capabilities import CAPABILITY_NUMBERS, capability_mask
-from .errors import SpecError
-from .oci import Mount, Spec
-from .seccomp import compile_filter, filter_flags
-from .spawn import ChildPlan, MountStep
+from ..errors import SpecError
+from .spec import Mount, Spec
+from ..seccomp import compile_filter, filter_flags
+from .child import ChildPlan, MountStep
 
 # Mount options that are flags; everything else (mode=, size=, gid=...) is filesystem data.
 _FLAG_OPTIONS = {

@@ -34,9 +34,9 @@ import errno
 import os
 import random
 
-from . import syscalls as sc
-from .errors import ContainerError, KernelError, SpecError
-from .oci import IDMapping
+from .. import syscalls as sc
+from ..errors import ContainerError, KernelError, SpecError
+from .spec import IDMapping
 
 RANGE_SIZE = 65536  # ids 0..65535 inside, as a distribution expects (nobody = 65534)
 # Host ids handed out: [FIRST_HOST_ID, FIRST_HOST_ID + RANGES * RANGE_SIZE). Above every

@@ -47,9 +47,9 @@ from collections.abc import Callable
 
 import msgspec
 
-from . import syscalls as sc
-from .errors import ContainerError, KernelError
-from .seccomp.install import install_filter
+from .. import syscalls as sc
+from ..errors import ContainerError, KernelError
+from ..seccomp.install import install_filter
 
 # Step names reported to the parent when the child fails.
 STEP_CGROUP = "join cgroup"

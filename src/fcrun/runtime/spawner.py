@@ -64,10 +64,10 @@ import time
 
 import msgspec
 
-from . import syscalls as sc
-from .errors import ContainerError, SpecError
-from .seccomp.install import BPF_INSTRUCTION_BYTES, BPF_MAXINSNS, SECCOMP_FLAGS_ALLOWED
-from .spawn import (
+from .. import syscalls as sc
+from ..errors import ContainerError, SpecError
+from ..seccomp.install import BPF_INSTRUCTION_BYTES, BPF_MAXINSNS, SECCOMP_FLAGS_ALLOWED
+from .child import (
     PREPARED_UNSHARE, ChildPlan, MountStep, _child_main, _close_all_but, _fail, fork_pid1, fork_plan, prepare_child,
 )
 
@@ -550,7 +550,7 @@ def main() -> None:
 
 # ----- the library's side ---------------------------------------------------------------------
 
-_BOOT = "import sys; sys.path[:0] = sys.argv[4:]; from fcrun.spawner import main; main()"
+_BOOT = "import sys; sys.path[:0] = sys.argv[4:]; from fcrun.runtime.spawner import main; main()"
 
 
 class SpawnerGone(ContainerError):

@@ -7,7 +7,7 @@ nothing that reaches the host (no SYS_ADMIN, NET_ADMIN, SYS_PTRACE, SYS_MODULE, 
 
 from __future__ import annotations
 
-from .errors import SpecError
+from ..errors import SpecError
 
 # linux/capability.h, in number order.
 CAPABILITY_NUMBERS = {

@@ -23,8 +23,8 @@ from typing import Iterator, Literal
 
 import msgspec
 
-from .errors import AlreadyExists, IncorrectStatus, NotFound, SpecError
-from .oci import Process, Root, Spec
+from ..errors import AlreadyExists, IncorrectStatus, NotFound, SpecError
+from .spec import Process, Root, Spec
 
 Status = Literal["creating", "created", "running", "frozen", "stopped"]
 

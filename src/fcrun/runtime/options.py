@@ -10,12 +10,12 @@ from typing import Literal
 
 import msgspec
 
-from .errors import SpecError
-from .oci import DEFAULT_ENV, Namespace, NetworkMode, Seccomp, Spec, default_spec
+from ..errors import SpecError
+from .spec import DEFAULT_ENV, Namespace, NetworkMode, Seccomp, Spec, default_spec
 
 ROOTFS_ANNOTATION = "org.fcrun.rootfs"  # "tmpfs": a memory-backed writable layer
 IMAGE_FILE_MAX_BYTES = 1 << 20  # /etc/passwd, /etc/group read from an image: more is an attack
-from .units import CPU_PERIOD_US, cpu_to_quota_us
+from ..units import CPU_PERIOD_US, cpu_to_quota_us
 
 
 class RunOptions(msgspec.Struct, kw_only=True):
@@ -68,7 +68,7 @@ def _image_file_lines(layers: list[str], relpath: str, where: str) -> list[str]:
     Raises:
         SpecError: the file is over IMAGE_FILE_MAX_BYTES, or could not be read.
     """
-    from .images.merged import read_file  # the images package is heavy; only a user name needs it
+    from ..images.merged import read_file  # the images package is heavy; only a user name needs it
 
     try:
         data = read_file(layers, relpath, IMAGE_FILE_MAX_BYTES)

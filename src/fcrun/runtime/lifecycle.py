@@ -28,17 +28,17 @@ from dataclasses import dataclass
 import msgspec
 
 from . import spawner
-from . import syscalls as sc
-from .cgroups import Cgroup, CgroupDriver, Limits, detect
-from .cgroups.devices import DeviceRule
-from .docroot import DEFAULT_DOCROOT_ROOTS, attach_docroot, open_docroot
-from .errors import ContainerError, FcrunError, IncorrectStatus, KernelError, MissingFeature, NotFound, NotPermitted, SpecError
-from .oci import Mount, Spec, network_mode, validate_spec
-from .paths import DEFAULT_BRIDGE, DEFAULT_CGROUP_PARENT, DEFAULT_SUBNET, Paths
+from .. import syscalls as sc
+from ..cgroups import Cgroup, CgroupDriver, Limits, detect
+from ..cgroups.devices import DeviceRule
+from ..docroot import DEFAULT_DOCROOT_ROOTS, attach_docroot, open_docroot
+from ..errors import ContainerError, FcrunError, IncorrectStatus, KernelError, MissingFeature, NotFound, NotPermitted, SpecError
+from .spec import Mount, Spec, network_mode, validate_spec
+from ..paths import DEFAULT_BRIDGE, DEFAULT_CGROUP_PARENT, DEFAULT_SUBNET, Paths
 from .options import ROOTFS_ANNOTATION
 from .plan import build_plan
 from .sealed import sealed_copy
-from .spawn import ChildFailure, ChildPlan, _finish_and_exec, failure_to_error, fork_child, read_status
+from .child import ChildFailure, ChildPlan, _finish_and_exec, failure_to_error, fork_child, read_status
 from .state import ContainerState, NetworkState, Rootfs, StateStore, check_allowed, pid_alive, proc_start_time, validate_name
 from .userns import IdRanges, is_fcrun_range, make_userns, range_mappings, root_host_ids
 
@@ -212,7 +212,7 @@ class Runtime:
     @property
     def network(self):
         if self._network is None:
-            from .network import BridgeNetwork
+            from ..network import BridgeNetwork
 
             self._network = BridgeNetwork(self.paths.network, bridge=self.bridge, subnet=self.subnet)
         return self._network
@@ -220,7 +220,7 @@ class Runtime:
     @property
     def images(self):
         if self._images is None:
-            from .images import ImageStore
+            from ..images import ImageStore
 
             self._images = ImageStore(self.paths)
         return self._images
@@ -584,8 +584,8 @@ class Runtime:
 
     def _set_limits(self, state: ContainerState, cpu: float | None, memory_bytes: int | None,
                     pids_max: int | None) -> None:
-        from .oci import CpuResources, MemoryResources, PidsResources, Resources
-        from .units import CPU_PERIOD_US, cpu_to_quota_us
+        from .spec import CpuResources, MemoryResources, PidsResources, Resources
+        from ..units import CPU_PERIOD_US, cpu_to_quota_us
 
         res = state.spec.linux.resources or Resources()
         if cpu is not None:
@@ -1122,7 +1122,7 @@ def _exec_in(state: ContainerState, plan: ChildPlan) -> int:
                 for fd, flag in fds:
                     sc.setns(fd, flag)
             except BaseException as exc:  # noqa: BLE001
-                from .spawn import _fail
+                from .child import _fail
 
                 _fail(plan, "join container", exc)
             _finish_and_exec(plan)

@@ -17,7 +17,7 @@ from typing import Literal
 import msgspec
 
 from .capabilities import DEFAULT_CAPABILITIES, capability_mask
-from .errors import SpecError
+from ..errors import SpecError
 
 OCI_VERSION = "1.0.2"
 
@@ -241,7 +241,7 @@ def default_spec(
     readonly_rootfs: bool = False,
 ) -> Spec:
     """The spec `fcrun run` starts from: runc's defaults plus the given options."""
-    from .seccomp import DEFAULT_PROFILE  # here: fcrun.seccomp builds on this module's structs
+    from ..seccomp import DEFAULT_PROFILE  # here: fcrun.seccomp builds on this module's structs
 
     caps = list(DEFAULT_CAPABILITIES)
     # A non-root user keeps the bounding set but no effective capabilities, like Docker.
@@ -330,7 +330,7 @@ def validate_spec(spec: Spec) -> None:
         if bool(spec.linux.uid_mappings) != bool(spec.linux.gid_mappings):
             raise SpecError("give both uid and gid mappings, or neither (fcrun then picks a range)", "$.linux.gidMappings")
     if spec.linux.seccomp is not None:
-        from .seccomp import validate_profile
+        from ..seccomp import validate_profile
 
         validate_profile(spec.linux.seccomp, "$.linux.seccomp")
     if spec.hostname and "uts" not in seen:
@@ -359,7 +359,7 @@ def validate_spec(spec: Spec) -> None:
         if res.pids and res.pids.limit < 1:
             raise SpecError("pids limit must be >= 1", "$.linux.resources.pids.limit")
         if res.devices:
-            from .cgroups.devices import check_rule  # the cgroup layer's rules, with the JSON path
+            from ..cgroups.devices import check_rule  # the cgroup layer's rules, with the JSON path
 
             for i, d in enumerate(res.devices):
                 check_rule(d.type, d.major, d.minor, d.access, f"$.linux.resources.devices[{i}]")
