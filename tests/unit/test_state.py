@@ -1,10 +1,12 @@
+import fcntl
 import os
 import threading
-import time
+import types
 
 import pytest
 
 from fcrun.errors import AlreadyExists, IncorrectStatus, NotFound, SpecError
+from fcrun.runtime import state
 from fcrun.runtime.spec import default_spec
 from fcrun.runtime.state import ContainerState, StateStore, check_allowed, pid_alive, proc_start_time
 
@@ -34,28 +36,46 @@ def test_store_round_trip_and_names(tmp_path):
         store.load("web-1")
 
 
-def test_a_name_being_removed_is_reserved_once_its_removal_ends(tmp_path):
+def test_a_name_being_removed_is_reserved_once_its_removal_ends(tmp_path, monkeypatch):
     """Whoever removes a container holds its lock until the directory is gone (the fork-server
-    has answered `fcrun run` by then): reserve waits for that instead of failing."""
+    has answered `fcrun run` by then): reserve waits for that instead of failing.
+
+    The interleaving is forced, not hoped for: the remover takes the lock, and removes only
+    once reserve's flock has found the lock taken (a non-blocking try that failed), so reserve
+    has met the existing directory and is waiting for the removal, as in the race it guards.
+    """
     store = StateStore(str(tmp_path))
     store.reserve("again")
-    holding, reserving = threading.Event(), threading.Event()
+    holding, reserve_blocked = threading.Event(), threading.Event()
+
+    def flock(fd: int, operation: int) -> None:
+        if operation == fcntl.LOCK_EX:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                return
+            except BlockingIOError:
+                reserve_blocked.set()  # only reserve can meet the lock taken: the remover holds it
+        fcntl.flock(fd, operation)
+
+    monkeypatch.setattr(state, "fcntl", types.SimpleNamespace(flock=flock, LOCK_EX=fcntl.LOCK_EX))
+    removed = []
 
     def remove_under_the_lock():
         with store.locked("again"):
             holding.set()
-            reserving.wait(10)
-            time.sleep(0.1)  # let reserve reach the lock first (the test passes either way)
-            store.remove("again")
+            if reserve_blocked.wait(10):
+                store.remove("again")
+                removed.append(not os.path.exists(store.dir("again")))
 
     remover = threading.Thread(target=remove_under_the_lock)
     remover.start()
     try:
-        assert holding.wait(10)
-        reserving.set()
+        assert holding.wait(10), "the remover never took the lock"
         assert store.reserve("again") == store.dir("again")
     finally:
+        reserve_blocked.set()  # a failed reserve must not leave the remover waiting
         remover.join(10)
+    assert removed == [True], "reserve did not wait on the lock while the name was being removed"
     assert os.path.isdir(store.dir("again"))
     with pytest.raises(AlreadyExists, match="again"):  # a live one: the lock is free, the name is not
         store.reserve("again")
