@@ -25,7 +25,6 @@ import stat
 import subprocess
 import sys
 import tarfile
-import time
 import urllib.request
 import uuid
 from pathlib import Path
@@ -36,6 +35,7 @@ import pytest
 from fcrun.images import Image, ImageStore
 from fcrun.images.store import LOCK_FILE, TMP_DIR
 from fcrun.paths import Paths
+from polling import retry_until_no_oserror, wait_until
 
 pytestmark = [
     pytest.mark.root,
@@ -212,10 +212,7 @@ def _tree_snapshot(root: str) -> dict[str, tuple[int, int, int]]:
 def test_busybox_builds_runs_and_caches(tmp_path, cleanup):
     store = _store(tmp_path / "store")
     lines: list[str] = []
-    started = time.monotonic()
     image = store.build("busybox", progress=lines.append)
-    build_s = time.monotonic() - started
-    assert build_s < 10, f"busybox took {build_s:.1f}s to build"
     assert any("applets" in line for line in lines), lines  # the script's own output came through
     (layer,) = image.layers
     assert os.path.isfile(os.path.join(layer, "bin/busybox"))
@@ -463,17 +460,15 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _get(url: str, deadline_s: float) -> str:
-    end = time.monotonic() + deadline_s
-    while True:
-        try:
-            with urllib.request.urlopen(url, timeout=5) as response:
-                assert response.status == 200
-                return response.read().decode()
-        except OSError:
-            if time.monotonic() > end:
-                raise
-            time.sleep(0.1)
+def _get(url: str, timeout_s: float) -> str:
+    """The body of GET url once the server answers 200 (an error status raises OSError too)."""
+
+    def get() -> str:
+        with urllib.request.urlopen(url, timeout=5) as response:
+            assert response.status == 200, f"GET {url}: {response.status}"
+            return response.read().decode()
+
+    return retry_until_no_oserror(f"GET {url} to succeed", get, timeout_s, interval_s=0.1)
 
 
 @pytest.mark.slow
@@ -499,15 +494,13 @@ def test_apache_php_serves_phpinfo(tmp_path, apache_image, cleanup):
 
     log = tmp_path / "apache.log"
     container.start_detached(image.config.entrypoint + image.config.cmd, log)
-    body = _get(f"http://127.0.0.1:{port}/", deadline_s=20)
+    body = _get(f"http://127.0.0.1:{port}/", timeout_s=60)
     assert "phpinfo()" in body and "PHP Version 8." in body, body[:500]
     assert 'Server API </td><td class="v">Apache 2.0 Handler' in body
 
     container.kill("SIGWINCH")  # the image's stop signal: graceful stop
-    end = time.monotonic() + 15
-    while container.status() not in ("stopped", "gone"):
-        assert time.monotonic() < end, "apache2 did not stop on SIGWINCH"
-        time.sleep(0.1)
+    wait_until("apache2 to stop on SIGWINCH", lambda: container.status() in ("stopped", "gone"),
+               interval_s=0.1, detail=container.status)
     output = log.read_text()
     assert '"GET / HTTP/1.1" 200' in output, output  # access log on stdout
     assert "resuming normal operations" in output, output  # error log on stderr

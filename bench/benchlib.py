@@ -1,0 +1,50 @@
+"""What the benchmarks here share: the check that they can run, and how they sum up timings.
+
+A module of bench/, imported by the scripts beside it (each puts bench/ on sys.path first, as
+`fcrun bench` loads a script by its path and does not).
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import statistics
+import sys
+
+SKIPPED = 77  # the exit status of a benchmark that cannot run here (automake's "skip")
+
+
+def preflight(script: str, tools: tuple[str, ...] = ()) -> int:
+    """0 if this process is root and every tool is on PATH; else SKIPPED, having said why on stderr."""
+    if os.geteuid() != 0:
+        print(f"{script}: needs root", file=sys.stderr)
+        return SKIPPED
+    for tool in tools:
+        if shutil.which(tool) is None:
+            print(f"{script}: needs {tool}", file=sys.stderr)
+            return SKIPPED
+    return 0
+
+
+def percentile(values: list[float], q: float) -> float:
+    """The value at percentile q (0..100) of values, nearest rank (no interpolation).
+
+    Raises:
+        ValueError: values is empty.
+    """
+    if not values:
+        raise ValueError("percentile of no values")
+    ordered = sorted(values)
+    index = min(len(ordered) - 1, max(0, round(q / 100 * (len(ordered) - 1))))
+    return ordered[index]
+
+
+def summary(values_ms: list[float], digits: int = 2) -> dict:
+    """median_ms, p99_ms, min_ms, max_ms and n of timings in milliseconds, rounded to digits.
+
+    Raises:
+        ValueError: values_ms is empty.
+    """
+    return {"median_ms": round(statistics.median(values_ms), digits),
+            "p99_ms": round(percentile(values_ms, 99), digits),
+            "min_ms": round(min(values_ms), digits), "max_ms": round(max(values_ms), digits), "n": len(values_ms)}

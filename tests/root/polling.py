@@ -1,0 +1,48 @@
+"""Waiting for the kernel or another process in root tests: poll, and fail saying what was awaited.
+
+The kernel finishes some work in the background (a dead netns's veth, a reaped orphan) and
+servers take a while to listen; a test polls for the state it needs. The bound only keeps a
+broken build from hanging the suite: it is generous and never what a test checks.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Callable, TypeVar
+
+T = TypeVar("T")
+
+
+def wait_until(what: str, predicate: Callable[[], T], timeout_s: float = 30.0, interval_s: float = 0.02,
+               detail: Callable[[], object] | None = None) -> T:
+    """predicate()'s first truthy value, polled every interval_s.
+
+    Raises:
+        AssertionError: still falsy after timeout_s; the message names `what` and, if given,
+            what detail() says then (a log, the last state).
+    """
+    deadline = time.monotonic() + timeout_s
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() >= deadline:
+            message = f"gave up waiting for {what} after {timeout_s} s"
+            raise AssertionError(f"{message}: {detail()}" if detail is not None else message)
+        time.sleep(interval_s)
+
+
+def retry_until_no_oserror(what: str, call: Callable[[], T], timeout_s: float = 30.0, interval_s: float = 0.05) -> T:
+    """call()'s result once it raises no OSError (a server not listening yet, say).
+
+    Raises:
+        AssertionError: it still raised after timeout_s; the message names `what` and the last error.
+    """
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            return call()
+        except OSError as exc:
+            if time.monotonic() >= deadline:
+                raise AssertionError(f"gave up waiting for {what} after {timeout_s} s: {exc!r}") from exc
+        time.sleep(interval_s)
