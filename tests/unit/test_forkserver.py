@@ -10,7 +10,7 @@ import os
 
 from fcrun.errors import ContainerError, NotFound, SpecError
 from fcrun.forkserver import protocol as p
-from fcrun.forkserver.pool import STEADY_POLLS, Pool
+from fcrun.forkserver.pool import PROBE_RETRY_S, STEADY_POLLS, WARM_POLL_S, Pool
 from fcrun.forkserver.server import ForkServer
 
 LIMITS = p.Limits(cpu=0.5, memory_bytes=256 << 20)
@@ -141,7 +141,7 @@ class FakeRuntime:
         self.images = self
         self.states = self
         self.slots = FakeRuntime.slots_root
-        self.warmed: list[tuple[str, int]] = []  # _warm_up calls: (ip, requests)
+        self.warmed: list[tuple[str, int]] = []  # send_warm_up_requests calls: (ip, requests)
 
     def get(self, name):
         if name not in self.image_names:
@@ -151,8 +151,8 @@ class FakeRuntime:
     def load(self, name):
         return name
 
-    def _cgroup(self, state):
-        return FakeCgroup(self, getattr(state, "name", state))
+    def cgroup(self, name):
+        return FakeCgroup(self, name)
 
     def slot_dir(self, name):
         path = os.path.join(self.slots, name)
@@ -201,36 +201,54 @@ class FakeRuntime:
                                   "created_at": 0.0})() for n, c in self.containers.items()]
 
 
+class FakeProbe:
+    """A connect to a warming instance, answered as its test says (None: not answered yet)."""
+
+    def __init__(self, ip, port, outcome):
+        self.ip, self.port, self.answer, self.closed = ip, port, outcome, False
+
+    def outcome(self):
+        return self.answer
+
+    def close(self):
+        self.closed = True
+
+
+class Probes:
+    """Pool.connect_probe for tests: makes FakeProbes answering `accepting`, and keeps them."""
+
+    def __init__(self, accepting=True):
+        self.accepting = accepting
+        self.made: list[FakeProbe] = []
+
+    def __call__(self, ip, port):
+        self.made.append(FakeProbe(ip, port, self.accepting))
+        return self.made[-1]
+
+
 def make_pool(**kw):
     clock = Clock()
     runtime = FakeRuntime()
-    pool = Pool(runtime, clock=clock, **kw)
+    pool = Pool(runtime, clock=clock, connect_probe=Probes(), **kw)
     return pool, runtime, clock
 
 
 @pytest.fixture(autouse=True)
 def no_network(monkeypatch, tmp_path):
-    """Pool code talks to instances' addresses; here there are none: every server accepts,
-    and warm-up requests are recorded instead of sent."""
+    """Pool code talks to instances' addresses; here there are none: warm-up requests are
+    recorded instead of sent (make_pool's probes answer instead of instances)."""
     import fcrun.forkserver.pool as pool_module
 
     calls = []
     monkeypatch.setattr(FakeRuntime, "slots_root", str(tmp_path))
-    monkeypatch.setattr(pool_module, "_accepting", lambda ip, port: True)
-    monkeypatch.setattr(pool_module, "_warm_up", lambda ip, port, n: calls.append((ip, n)))
+    monkeypatch.setattr(pool_module, "send_warm_up_requests", lambda ip, port, n: calls.append((ip, n)))
     return calls
 
 
 def warm_up(pool, clock, accepting=True, steps=50):
-    import fcrun.forkserver.pool as pool_module
-
-    original = pool_module._accepting
-    pool_module._accepting = lambda ip, port: accepting
-    try:
-        for _ in range(steps):
-            clock.now += max(pool.step(clock.now), 0.01)
-    finally:
-        pool_module._accepting = original
+    pool.connect_probe.accepting = accepting
+    for _ in range(steps):
+        clock.now += max(pool.step(clock.now), 0.01)
 
 
 def test_the_pool_fills_one_at_a_time_and_freezes_settled_instances():
@@ -328,6 +346,46 @@ def test_a_server_that_never_accepts_is_removed_after_the_warm_timeout():
     assert pool.status()["apache-php"].failures >= 1
     assert "not accepting" in pool.status()["apache-php"].last_error
     assert all(c["status"] != "frozen" for c in runtime.containers.values())
+
+
+def test_readiness_is_probed_without_waiting_and_a_silent_connect_is_started_again():
+    pool, runtime, clock = make_pool()
+    probes = pool.connect_probe
+    probes.accepting = None  # connects that get no answer (a lost SYN)
+    pool.set_sizes({"apache-php": 1})
+    pool.step(clock.now)  # makes one
+    (name,) = pool.warming
+    clock.now += WARM_POLL_S
+    pool.step(clock.now)
+    assert len(probes.made) == 1 and not probes.made[0].closed  # started; its answer read at later polls
+    clock.now += WARM_POLL_S
+    pool.step(clock.now)
+    assert len(probes.made) == 1  # still waiting for that one
+    clock.now += PROBE_RETRY_S
+    pool.step(clock.now)
+    assert len(probes.made) == 2 and probes.made[0].closed  # given up on, and a new one started
+    probes.made[-1].answer = False  # refused: closed, and the next poll tries again
+    clock.now += WARM_POLL_S
+    pool.step(clock.now)
+    assert probes.made[1].closed and name in pool.warming
+    probes.accepting = True
+    warm_up(pool, clock)
+    assert name not in pool.warming and runtime.containers[name]["status"] == "frozen"
+    assert all(probe.closed for probe in probes.made)
+    assert len(probes.made) == 3  # once accepted, only its worker count is polled
+    assert all((probe.ip, probe.port) == (runtime.containers[name]["ip"], 80) for probe in probes.made)
+
+
+def test_stopping_closes_the_probes_of_warming_instances():
+    pool, runtime, clock = make_pool()
+    pool.connect_probe.accepting = None
+    pool.set_sizes({"apache-php": 1})
+    for _ in range(3):
+        pool.step(clock.now)
+        clock.now += WARM_POLL_S
+    assert pool.warming and pool.connect_probe.made
+    pool.remove_all()
+    assert all(probe.closed for probe in pool.connect_probe.made) and not runtime.containers
 
 
 def test_old_instances_are_recycled_and_shrinking_removes_extras():

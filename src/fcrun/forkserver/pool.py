@@ -34,7 +34,6 @@ from __future__ import annotations
 
 import collections
 import contextlib
-import errno
 import logging
 import os
 import re
@@ -47,6 +46,7 @@ from dataclasses import dataclass, field
 from ..errors import FcrunError, NotFound
 from ..instance import make_instance, seccomp_from_setting
 from ..labels import APP_LABEL, POOL_LABEL
+from ..readiness import ConnectProbe
 from ..runtime.lifecycle import Runtime
 from ..runtime.state import last_output_line
 from .protocol import Claim, Empty, ImagePool, Made, Start
@@ -59,8 +59,9 @@ DEFAULT_MAX_AGE_S = 600.0
 REFILL_IDLE_S = 0.1
 WARM_TIMEOUT_S = 30.0
 WARM_POLL_S = 0.01
+PROBE_RETRY_S = 0.05  # a connect to a warming instance unanswered this long is started again
 STEADY_POLLS = 3  # worker count unchanged this many polls in a row: the server has settled
-WARMUP_FILE = "fcrun-warmup.php"  # in the slot; Runtime._release_slot removes it
+WARMUP_FILE = "fcrun-warmup.php"  # in the slot; runtime.slots.release_slot removes it
 WARMUP_SCRIPT = b"<?php echo 'warm';\n"
 WARMUP_TIMEOUT_S = 2.0
 MAX_BACKOFF_S = 30.0
@@ -78,6 +79,14 @@ class Pooled:
     procs: int = -1
     steady: int = 0
     next_poll: float = 0.0
+    accepted: bool = False  # a connect to its port was accepted once: now its workers settle
+    probe: ConnectProbe | None = None  # until then: a connect to its port, read at each poll
+    probe_started: float = 0.0
+
+    def close_probe(self) -> None:
+        if self.probe is not None:
+            self.probe.close()
+            self.probe = None
 
 
 @dataclass
@@ -100,6 +109,7 @@ class Pool:
     warm_timeout_s: float = WARM_TIMEOUT_S
     max_warming: int = 1  # instances warming at once (more fills faster but competes with serving)
     clock: object = time.monotonic
+    connect_probe: object = ConnectProbe  # (ip, port) -> a started ConnectProbe; tests give a fake
     sizes: dict[str, int] = field(default_factory=dict)
     ready: dict[str, collections.deque] = field(default_factory=dict)
     warming: dict[str, Pooled] = field(default_factory=dict)
@@ -160,7 +170,7 @@ class Pool:
             memory = []
             for pooled in self.ready.get(image, ()):
                 with contextlib.suppress(FcrunError, OSError):
-                    memory.append(self.runtime._cgroup(self.runtime.states.load(pooled.name)).stats().memory_bytes)
+                    memory.append(self.runtime.cgroup(pooled.name).stats().memory_bytes)
             out[image] = ImagePool(
                 size=self.sizes.get(image, 0), ready=len(self.ready.get(image, ())),
                 warming=sum(1 for p in self.warming.values() if p.image == image),
@@ -231,17 +241,20 @@ class Pool:
                 raise FcrunError(f"it is {state.status}{': ' + line if line else ''}")
             if now - pooled.made > self.warm_timeout_s:
                 raise FcrunError(f"not accepting on port {pooled.port} after {self.warm_timeout_s:g}s")
-            if not _accepting(pooled.ip, pooled.port):
-                return
-            procs = len(self.runtime._cgroup(state).pids())
+            if not pooled.accepted:
+                pooled.accepted = self._accepting(pooled, now)
+                if not pooled.accepted:
+                    return
+            procs = len(self.runtime.cgroup(pooled.name).pids())
             pooled.steady = pooled.steady + 1 if procs == pooled.procs else 0
             pooled.procs = procs
             if pooled.steady < STEADY_POLLS:
                 return
-            _warm_up(pooled.ip, pooled.port, 2 * procs)
+            send_warm_up_requests(pooled.ip, pooled.port, 2 * procs)
             self.runtime.freeze(pooled.name)
         except (FcrunError, OSError) as exc:
             del self.warming[pooled.name]
+            pooled.close_probe()
             self._remove(pooled, "warming failed")
             self._failed(pooled.image, f"pooled instance {pooled.name}: {exc}", now)
             return
@@ -249,6 +262,20 @@ class Pool:
         pooled.made = now  # its age counts from when it became ready
         self.ready.setdefault(pooled.image, collections.deque()).append(pooled)
         log.info("pooled %s ready (%s, %d processes)", pooled.name, pooled.image, pooled.procs)
+
+    def _accepting(self, pooled: Pooled, now: float) -> bool:
+        """Has a connect to the warming instance's port been accepted? Never waits: the connect
+        is started at one poll and its answer read at a later one (the fork-server's loop
+        serves clients meanwhile)."""
+        if pooled.probe is not None and now - pooled.probe_started >= PROBE_RETRY_S:
+            pooled.close_probe()  # no answer on our own bridge: a lost SYN, not a slow server
+        if pooled.probe is None:
+            pooled.probe = self.connect_probe(pooled.ip, pooled.port)
+            pooled.probe_started = now
+        outcome = pooled.probe.outcome()
+        if outcome is not None:
+            pooled.close_probe()  # refused: the next poll starts another
+        return bool(outcome)
 
     def _failed(self, image: str, message: str, now: float) -> None:
         counters = self._counters(image)
@@ -293,6 +320,7 @@ class Pool:
     def remove_all(self) -> list[str]:
         names = [p.name for p in self.warming.values()] + [p.name for q in self.ready.values() for p in q]
         for pooled in list(self.warming.values()):
+            pooled.close_probe()
             self._remove(pooled, "fork-server stopping")
         self.warming.clear()
         for queue in self.ready.values():
@@ -312,7 +340,7 @@ class Pool:
                 log.warning("removing %s: %s", name, exc)
 
 
-def _warm_up(ip: str, port: int, n: int) -> None:
+def send_warm_up_requests(ip: str, port: int, n: int) -> None:
     """n concurrent GET /WARMUP_FILE, each on its own connection (so that most workers of a
     pre-forking server take one), without threads: non-blocking sockets and one select loop.
     Best effort: whatever has not answered within WARMUP_TIMEOUT_S is dropped."""
@@ -351,18 +379,4 @@ def _warm_up(ip: str, port: int, n: int) -> None:
     finally:
         for sock in pending:
             sock.close()
-
-
-def _accepting(ip: str, port: int) -> bool:
-    """Does something accept on ip:port? (An address on our bridge: refused at once if not.)"""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.settimeout(0.05)
-        try:
-            sock.connect((ip, port))
-            return True
-        except OSError as exc:
-            if exc.errno not in (errno.ECONNREFUSED, errno.EHOSTUNREACH, errno.ENETUNREACH, None):
-                log.debug("connect %s:%d: %s", ip, port, exc)
-            return False
-
 
