@@ -13,7 +13,7 @@ from fcrun.forkserver import protocol as p
 from fcrun.forkserver.pool import PROBE_RETRY_S, STEADY_POLLS, WARM_POLL_S, Pool
 from fcrun.forkserver.server import ForkServer
 
-LIMITS = p.Limits(cpu=0.5, memory_bytes=256 << 20)
+LIMITS = p.InstanceLimits(cpu=0.5, memory_bytes=256 << 20)
 
 
 # ----- wire ---------------------------------------------------------------------------------------
@@ -55,16 +55,16 @@ def test_unknown_fields_are_refused():
 @pytest.mark.parametrize("request_, where", [
     (p.Claim(image="../etc", labels={}, limits=LIMITS), "$.image"),
     (p.Claim(image="apache-php", labels={"Bad Key": "x"}, limits=LIMITS), "$.labels"),
-    (p.Claim(image="apache-php", labels={}, limits=p.Limits(cpu=float("nan"), memory_bytes=1 << 30)), "$.limits.cpu"),
-    (p.Claim(image="apache-php", labels={}, limits=p.Limits(cpu=0.0, memory_bytes=1 << 30)), "$.limits.cpu"),
-    (p.Claim(image="apache-php", labels={}, limits=p.Limits(cpu=1000.0, memory_bytes=1 << 30)), "$.limits.cpu"),
-    (p.Claim(image="apache-php", labels={}, limits=p.Limits(cpu=0.5, memory_bytes=1024)), "$.limits.memory_bytes"),
+    (p.Claim(image="apache-php", labels={}, limits=p.InstanceLimits(cpu=float("nan"), memory_bytes=1 << 30)), "$.limits.cpu"),
+    (p.Claim(image="apache-php", labels={}, limits=p.InstanceLimits(cpu=0.0, memory_bytes=1 << 30)), "$.limits.cpu"),
+    (p.Claim(image="apache-php", labels={}, limits=p.InstanceLimits(cpu=1000.0, memory_bytes=1 << 30)), "$.limits.cpu"),
+    (p.Claim(image="apache-php", labels={}, limits=p.InstanceLimits(cpu=0.5, memory_bytes=1024)), "$.limits.memory_bytes"),
     (p.Claim(image="apache-php", labels={}, limits=LIMITS, docroot="srv/site"), "$.docroot"),
     (p.Claim(image="apache-php", labels={}, limits=LIMITS, docroot="/srv/../etc"), "$.docroot"),
     (p.Claim(image="apache-php", labels={}, limits=LIMITS, docroot="/nonexistent/site"), "$.docroot"),
     (p.Start(image="apache-php", name="-bad", labels={}, limits=LIMITS), "$.name"),
     (p.Start(image="apache-php", name="ok", labels={}, limits=LIMITS, env=["NOEQUALS"]), "$.env[0]"),
-    (p.Start(image="apache-php", name="ok", labels={}, limits=p.Limits(cpu=0.5, memory_bytes=1 << 30, pids_max=1)),
+    (p.Start(image="apache-php", name="ok", labels={}, limits=p.InstanceLimits(cpu=0.5, memory_bytes=1 << 30, pids_max=1)),
      "$.limits.pids_max"),
     (p.Start(image="apache-php", name="ok", labels={}, limits=LIMITS, seccomp="{not json"), "$.seccomp"),
     (p.SetPool(sizes={"apache-php": p.MAX_POOL_SIZE + 1}), "$.sizes"),

@@ -8,7 +8,7 @@ import os
 import pytest
 
 from fcrun.errors import FcrunError, SpecError
-from fcrun.network import IPAM, Lease, SubnetFull, parse_subnet
+from fcrun.network import IPAM, AddressLease, SubnetFull, parse_subnet
 
 
 @pytest.fixture
@@ -46,7 +46,7 @@ def test_parse_subnet_accepts_a_plain_ipv4_network():
 
 def test_allocates_lowest_address_after_gateway_in_order(state_dir):
     ipam = IPAM(state_dir, "10.234.1.0/24")
-    assert ipam.allocate("a") == Lease(ip="10.234.1.2", prefixlen=24, gateway="10.234.1.1")
+    assert ipam.allocate("a") == AddressLease(ip="10.234.1.2", prefixlen=24, gateway="10.234.1.1")
     assert ipam.allocate("b").ip == "10.234.1.3"
     assert ipam.allocate("c").ip == "10.234.1.4"
     assert ipam.leases() == {"a": "10.234.1.2", "b": "10.234.1.3", "c": "10.234.1.4"}

@@ -31,14 +31,14 @@ def connect_client(server: ProxyServer):
 
 def new_upstream(server: ProxyServer, instance_id: str = "a.test-1"):
     transport = FakeTransport(("10.0.0.2", 8080))
-    conn = UpstreamConnection(server.pool, instance_id)
+    conn = UpstreamConnection(server.upstreams, instance_id)
     conn.connection_made(transport)
     return conn, transport
 
 
 def pooled_upstream(server: ProxyServer, instance_id: str = "a.test-1"):
     conn, transport = new_upstream(server, instance_id)
-    server.pool.release(conn, server.now)
+    server.upstreams.release(conn, server.now)
     return conn, transport
 
 
@@ -53,7 +53,7 @@ def test_get_is_forwarded_and_the_upstream_connection_reused():
     up.data_received(OK)
     assert client_t.take() == OK_TO_CLIENT
     assert router.leases[0].settled == [(200, len(GET), len(OK_TO_CLIENT), False)]
-    assert server.requests_in_flight == 0 and server.pool.idle_connections == 1
+    assert server.requests_in_flight == 0 and server.upstreams.idle_connections == 1
 
     client.data_received(GET)
     assert up_t.take() == HEAD_TO_UPSTREAM   # same upstream connection
@@ -73,7 +73,7 @@ def test_http10_client_without_keep_alive_is_closed_after_the_response():
     assert client_t.eof_written and not client_t.closed   # lingering: the client closes first
     server.check_timeouts(server.now + server.config.linger_s + 0.1)
     assert client_t.closed
-    assert server.pool.idle_connections == 1   # the upstream side stays pooled
+    assert server.upstreams.idle_connections == 1   # the upstream side stays pooled
 
 
 def test_http10_client_with_keep_alive_keeps_it():
@@ -156,7 +156,7 @@ def test_chunked_body_over_the_app_limit_is_413_when_it_crosses():
     client.data_received(b"8\r\n89abcdef\r\n")
     assert client_t.take().startswith(b"HTTP/1.1 413 ")
     assert up_t.aborted   # the upstream got a truncated request: never reused
-    assert router.leases[0].settled[0][0] == 413 and server.pool.idle_connections == 0
+    assert router.leases[0].settled[0][0] == 413 and server.upstreams.idle_connections == 0
 
 
 def test_global_body_limit_applies_when_the_app_sets_none():
@@ -289,7 +289,7 @@ def test_idempotent_request_is_retried_once_on_a_fresh_connection():
             fresh.append(transport)
             return conn
 
-        server.pool.connect = connect
+        server.upstreams.connect = connect
         client, client_t = connect_client(server)
         client.data_received(GET)
         assert stale_t.take() == HEAD_TO_UPSTREAM
@@ -298,7 +298,7 @@ def test_idempotent_request_is_retried_once_on_a_fresh_connection():
             await asyncio.sleep(0)
         (fresh_t,) = fresh
         assert fresh_t.take() == HEAD_TO_UPSTREAM
-        conn = next(iter(server.pool._live["a.test-1"]))
+        conn = next(iter(server.upstreams._live["a.test-1"]))
         conn.data_received(OK)
         assert client_t.take() == OK_TO_CLIENT
         assert [lease.settled for lease in router.leases] == [[(200, len(GET), len(OK_TO_CLIENT), False)]]
@@ -310,7 +310,7 @@ def test_idempotent_request_is_retried_once_on_a_fresh_connection():
             await asyncio.sleep(0)
         assert len(fresh) == 2
         fresh[1].take()
-        next(iter(server.pool._live["a.test-1"])).connection_lost(None)
+        next(iter(server.upstreams._live["a.test-1"])).connection_lost(None)
         assert client_t.take().startswith(b"HTTP/1.1 502 ")
         await server.tasks.aclose()
 
@@ -387,7 +387,7 @@ def test_instance_gone_closes_its_pooled_connections():
     server.instance_gone("a.test-1")
     assert idle_t.closed and not busy_t.closed
     busy.data_received(OK)
-    assert busy_t.closed and server.pool.idle_connections == 0
+    assert busy_t.closed and server.upstreams.idle_connections == 0
 
 
 def test_pool_expires_idle_connections():
@@ -470,7 +470,7 @@ def test_upstream_connect_failures(error, status):
         async def connect(lease):
             raise error
 
-        server.pool.connect = connect
+        server.upstreams.connect = connect
         client, client_t = connect_client(server)
         client.data_received(GET)
         for _ in range(5):

@@ -546,7 +546,7 @@ def test_concurrent_clients_share_a_bounded_pool(run):
             results = await asyncio.gather(*(get(port, "/slow") for _ in range(20)))
             assert [(status, body) for status, _, body in results] == [(200, b"slow")] * 20
             assert 1 <= app.connections <= 20
-            assert server.pool.idle_connections <= 4
+            assert server.upstreams.idle_connections <= 4
             assert settled_once(router) == [200] * 20
 
     run(main)

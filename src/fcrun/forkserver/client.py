@@ -41,7 +41,7 @@ class Client:
             self.sock.close()
             raise ForkServerGone(f"cannot reach the fork-server at {path}: {exc}") from None
 
-    def request(self, message: p.Request) -> p.Reply:
+    def request(self, message: p.Command) -> p.Reply:
         try:
             self.sock.sendall(p.frame(message))
             header = self._read(p.HEADER.size)
@@ -82,7 +82,7 @@ class AsyncClient:
         reader, writer = await asyncio.open_unix_connection(path)
         return cls(reader, writer)
 
-    async def request(self, message: p.Request) -> p.Reply:
+    async def request(self, message: p.Command) -> p.Reply:
         async with self._lock:
             if self.broken:
                 raise ForkServerGone("the fork-server connection is closed")
@@ -178,7 +178,7 @@ class Supervisor:
                 except Exception:  # noqa: BLE001 - logged; serving goes on
                     log.exception("reconciling after a fork-server restart")
 
-    async def request(self, message: p.Request, timeout_s: float = REQUEST_TIMEOUT_S) -> p.Reply:
+    async def request(self, message: p.Command, timeout_s: float = REQUEST_TIMEOUT_S) -> p.Reply:
         """One request. Raises ForkServerGone when it is down, dies before replying, or is stuck
         (no reply within timeout_s: it is then killed, and restarted like after a crash)."""
         client = self.client

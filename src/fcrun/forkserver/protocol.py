@@ -41,10 +41,10 @@ from ..cgroups.base import PID_MAX_LIMIT
 from ..errors import SpecError
 from ..instance import MIN_PIDS_MAX, seccomp_from_setting
 from ..runtime.state import validate_name
+from ..units import MIN_MEMORY_BYTES
 
 MAX_MESSAGE_BYTES = 1 << 20
 MAX_POOL_SIZE = 1024
-MIN_MEMORY_BYTES = 4 << 20
 MAX_SIGNAL = 64  # SIGRTMAX on Linux
 RUN_NETWORKS = ("bridge", "none", "host")
 STDIO_FDS = 3  # a foreground Run carries stdin, stdout, stderr (SCM_RIGHTS)
@@ -53,7 +53,9 @@ _IMAGE = re.compile(r"^[a-z0-9][a-z0-9._-]{0,127}$")
 _LABEL_KEY = re.compile(r"^[a-z0-9][a-z0-9._/-]{0,127}$")
 
 
-class Limits(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+class InstanceLimits(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    """An app instance's limits as a user gives them (cgroups.Limits holds the kernel's units)."""
+
     cpu: float  # fraction of one CPU
     memory_bytes: int
     pids_max: int | None = None  # None: instance.DEFAULT_PIDS_MAX
@@ -65,7 +67,7 @@ class Start(msgspec.Struct, tag=True, frozen=True, forbid_unknown_fields=True):
     image: str
     name: str
     labels: dict[str, str]
-    limits: Limits
+    limits: InstanceLimits
     env: list[str] = []
     seccomp: str = "default"  # the app's setting (cmdb App.seccomp): default, unconfined or a profile's JSON
     docroot: str | None = None  # host directory bind-mounted at the image's document root
@@ -76,7 +78,7 @@ class Claim(msgspec.Struct, tag=True, frozen=True, forbid_unknown_fields=True):
 
     image: str
     labels: dict[str, str]
-    limits: Limits
+    limits: InstanceLimits
     docroot: str | None = None
 
 
@@ -130,7 +132,7 @@ class Signal(msgspec.Struct, tag=True, frozen=True, forbid_unknown_fields=True):
     signal: int
 
 
-Request = Union[Start, Claim, SetPool, Status, Shutdown, Run, Signal]
+Command = Union[Start, Claim, SetPool, Status, Shutdown, Run, Signal]  # what a client may send
 
 
 class Made(msgspec.Struct, tag=True, frozen=True):
@@ -185,17 +187,17 @@ class Detached(msgspec.Struct, tag=True, frozen=True):
 
 Reply = Union[Made, Empty, Done, PoolStatus, Failed, Exited, Detached]
 
-_request_decoder = msgspec.msgpack.Decoder(Request)
+_request_decoder = msgspec.msgpack.Decoder(Command)
 _reply_decoder = msgspec.msgpack.Decoder(Reply)
 _encoder = msgspec.msgpack.Encoder()
 
 
-def frame(message: Request | Reply) -> bytes:
+def frame(message: Command | Reply) -> bytes:
     body = _encoder.encode(message)
     return HEADER.pack(len(body)) + body
 
 
-def decode_request(body: bytes) -> Request:
+def decode_request(body: bytes) -> Command:
     """Raises SpecError naming what is wrong (msgspec's path, e.g. `$.limits.cpu`)."""
     try:
         return _request_decoder.decode(body)
@@ -227,7 +229,7 @@ def split_frames(buffer: bytearray) -> list[bytes]:
     return bodies
 
 
-def check_request(request: Request) -> None:
+def check_request(request: Command) -> None:
     """Re-check a decoded request as the privileged side must. Raises SpecError naming the field."""
     match request:
         case Start():
@@ -280,7 +282,7 @@ def _check_labels(labels: dict[str, str]) -> None:
             raise SpecError(f"invalid label {key!r}", f"$.labels[{key!r}]")
 
 
-def _check_limits(limits: Limits) -> None:
+def _check_limits(limits: InstanceLimits) -> None:
     cpu_count = os.cpu_count() or 1
     if not (math.isfinite(limits.cpu) and 0.01 <= limits.cpu <= cpu_count):
         raise SpecError(f"cpu {limits.cpu!r} is not within 0.01..{cpu_count} (this machine's CPUs)", "$.limits.cpu")

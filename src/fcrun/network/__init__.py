@@ -6,13 +6,13 @@ a ``--net none`` container gets. Kernel access is the small rtnetlink client in 
 """
 
 from .bridge import Attachment, BridgeNetwork, host_ifname, mac_for, setup_loopback
-from .ipam import IPAM, Lease, SubnetFull, parse_subnet
+from .ipam import IPAM, AddressLease, SubnetFull, parse_subnet
 
 __all__ = [
     "IPAM",
     "Attachment",
     "BridgeNetwork",
-    "Lease",
+    "AddressLease",
     "SubnetFull",
     "host_ifname",
     "mac_for",

@@ -45,7 +45,7 @@ import msgspec
 from ..errors import KernelError, SpecError
 from ..paths import DEFAULT_BRIDGE, DEFAULT_SUBNET
 from . import rtnl
-from .ipam import IPAM, Lease, LeaseTable
+from .ipam import IPAM, AddressLease, LeaseTable
 from .rtnl import LOOPBACK_IFINDEX, Rtnl
 
 log = logging.getLogger(__name__)
@@ -228,7 +228,7 @@ class BridgeNetwork:
         return link.index
 
     @staticmethod
-    def _configure_inside(inner: Rtnl, lease: Lease) -> None:
+    def _configure_inside(inner: Rtnl, lease: AddressLease) -> None:
         inner.set_up(LOOPBACK_IFINDEX, "lo")
         eth = inner.get_link(CONTAINER_IFNAME)
         if eth is None:

@@ -39,7 +39,7 @@ class SubnetFull(FcrunError):
     http_status = 503
 
 
-class Lease(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+class AddressLease(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     """One container's address: ``ip/prefixlen``, reaching the host at ``gateway``."""
 
     ip: str
@@ -107,14 +107,14 @@ class LeaseTable:
     def __len__(self) -> int:
         return len(self._leases)
 
-    def _lease(self, ip: str) -> Lease:
-        return Lease(ip=ip, prefixlen=self.subnet.prefixlen, gateway=str(self.gateway))
+    def _lease(self, ip: str) -> AddressLease:
+        return AddressLease(ip=ip, prefixlen=self.subnet.prefixlen, gateway=str(self.gateway))
 
-    def get(self, owner: str) -> Lease | None:
+    def get(self, owner: str) -> AddressLease | None:
         ip = self._leases.get(owner)
         return None if ip is None else self._lease(ip)
 
-    def allocate(self, owner: str) -> Lease:
+    def allocate(self, owner: str) -> AddressLease:
         """The next free address after the last one handed out (wrapping around, never the
         network, gateway or broadcast address); ``owner``'s existing lease if it has one.
 
@@ -228,7 +228,7 @@ class IPAM:
         except OSError as exc:
             raise KernelError.from_oserror("write leases file", self.path, exc) from None
 
-    def allocate(self, owner: str) -> Lease:
+    def allocate(self, owner: str) -> AddressLease:
         """A lease for ``owner`` (its existing one if it has one).
 
         Raises:
@@ -242,7 +242,7 @@ class IPAM:
         with self.locked() as table:
             table.release(owner)
 
-    def lease(self, owner: str) -> Lease | None:
+    def lease(self, owner: str) -> AddressLease | None:
         with self.locked() as table:
             return table.get(owner)
 

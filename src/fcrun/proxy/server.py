@@ -14,8 +14,8 @@ so a request costs no timer handle.
 A request's life on a connection::
 
     client bytes -> RequestReader -> request_head -> _start -> lease (acquire_nowait | acquire task)
-                 -> _leased (413 check) -> pool.take | connect task -> _attach: head (+ body) upstream
-    upstream bytes -> ResponseReader -> client bytes ... -> response_done -> pool.release, lease.done
+                 -> _leased (413 check) -> upstreams.take | connect task -> _attach: head (+ body) upstream
+    upstream bytes -> ResponseReader -> client bytes ... -> response_done -> upstreams.release, lease.done
 """
 
 from __future__ import annotations
@@ -32,7 +32,7 @@ from typing import Any
 from .config import ProxyConfig
 from .http import CONTINUE, HEAD, Forwarding, Request, RequestReader, cold_start_headers, error_response
 from .router import Lease, RouteError, Router
-from .upstream import UpstreamConnection, UpstreamPool
+from .upstream import UpstreamConnection, UpstreamConnections
 
 log = logging.getLogger("fcrun.proxy")
 
@@ -310,7 +310,7 @@ class ClientConnection(asyncio.Protocol):
                 self._reply_error(ex, 413, f"request body over {limit} bytes", close=True)
                 return
             ex.max_body = limit
-        conn = self.server.pool.take(lease.instance_id)
+        conn = self.server.upstreams.take(lease.instance_id)
         if conn is None:
             ex.task = self.server.tasks.spawn(self._connect(ex))
             return
@@ -319,7 +319,7 @@ class ClientConnection(asyncio.Protocol):
     async def _connect(self, ex: Exchange) -> None:
         server = self.server
         try:
-            conn = await server.pool.connect(ex.lease)
+            conn = await server.upstreams.connect(ex.lease)
         except TimeoutError:
             ex.task = None
             self._reply_error(ex, 504, f"upstream of {ex.host} did not accept a connection within "
@@ -331,7 +331,7 @@ class ClientConnection(asyncio.Protocol):
             return
         ex.task = None
         if ex is not self.active or self.closed:
-            server.pool.release(conn, server.now)
+            server.upstreams.release(conn, server.now)
             return
         self._attach(ex, conn)
 
@@ -374,7 +374,7 @@ class ClientConnection(asyncio.Protocol):
         reader = conn.reader
         ex.conn = None
         if reader.reusable and ex.complete:
-            server.pool.release(conn, server.now)
+            server.upstreams.release(conn, server.now)
         else:
             conn.close()
         # _end() and _next() for a finished keep-alive exchange, inlined: this is the hot path.
@@ -589,7 +589,7 @@ class ClientConnection(asyncio.Protocol):
 class ProxyServer:
     """The HTTP/1.1 reverse proxy: client connections in, leases from ``router``, instances out.
 
-    Resource handling: owns its listening sockets, client connections, upstream pool and
+    Resource handling: owns its listening sockets, client connections, upstream connections and
     tasks; ``close()`` releases all of them.
     """
 
@@ -597,7 +597,7 @@ class ProxyServer:
         self.router = router
         self.config = config = config or ProxyConfig()
         self.forwarding = Forwarding(config)
-        self.pool = UpstreamPool(config, self.forwarding)
+        self.upstreams = UpstreamConnections(config, self.forwarding)
         self.tasks = TaskOwner()
         self.now = 0.0                 # coarse clock (loop.time() at the last sweep)
         self.closing = False
@@ -698,11 +698,11 @@ class ProxyServer:
         self.now = now
         for conn in [c for c in self._connections if c.deadline <= now]:
             conn.on_deadline()
-        self.pool.expire(now)
+        self.upstreams.expire(now)
 
     def instance_gone(self, instance_id: str) -> None:
         """Drop the pooled connections of a stopped instance (busy ones close after their response)."""
-        self.pool.instance_gone(instance_id)
+        self.upstreams.instance_gone(instance_id)
 
     async def close(self, drain_timeout_s: float = 10.0) -> None:
         """Stop accepting, let in-flight requests finish for up to ``drain_timeout_s``, then
@@ -742,4 +742,4 @@ class ProxyServer:
             if not self._connections:
                 break
             await asyncio.sleep(0)
-        self.pool.close()
+        self.upstreams.close()

@@ -1,7 +1,7 @@
-"""Keep-alive connections to app instances, pooled per instance.
+"""Keep-alive connections to app instances, kept per instance (UpstreamConnections).
 
 A connection carries one request at a time (no pipelining towards apps). It goes back to its
-instance's pool only after the response was read to its end and the whole request was sent;
+instance's idle list only after the response was read to its end and the whole request was sent;
 anything else (an error, a client that went away mid-exchange, a close-delimited response)
 closes it. Idle connections are kept newest-first (LIFO), so that a burst's extra connections
 age out and get closed after ``upstream_idle_s``.
@@ -23,15 +23,15 @@ if TYPE_CHECKING:
 class UpstreamConnection(asyncio.Protocol):
     """One TCP connection to an instance; busy while ``client`` is set."""
 
-    __slots__ = ("pool", "instance_id", "transport", "reader", "client", "client_transport",
+    __slots__ = ("upstreams", "instance_id", "transport", "reader", "client", "client_transport",
                  "exchange", "reused", "got_bytes", "idle_since", "closed", "tunnel",
                  "read_paused", "tunnel_bytes")
 
-    def __init__(self, pool: UpstreamPool, instance_id: str):
-        self.pool = pool
+    def __init__(self, upstreams: UpstreamConnections, instance_id: str):
+        self.upstreams = upstreams
         self.instance_id = instance_id
         self.transport: asyncio.Transport | None = None
-        self.reader = ResponseReader(pool.forwarding)
+        self.reader = ResponseReader(upstreams.forwarding)
         self.client: ClientConnection | None = None
         self.client_transport: asyncio.Transport | None = None
         self.exchange: Exchange | None = None
@@ -84,7 +84,7 @@ class UpstreamConnection(asyncio.Protocol):
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport   # type: ignore[assignment]
-        self.pool._register(self)
+        self.upstreams._register(self)
 
     def data_received(self, data: bytes) -> None:
         if self.tunnel:
@@ -131,7 +131,7 @@ class UpstreamConnection(asyncio.Protocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.closed = True
-        self.pool._unregister(self)
+        self.upstreams._unregister(self)
         client = self.client
         if client is None:
             return
@@ -150,7 +150,7 @@ class UpstreamConnection(asyncio.Protocol):
             self.client.upstream_write_resumed()
 
 
-class UpstreamPool:
+class UpstreamConnections:
     """Idle keep-alive connections per instance, and every live one (for instance_gone)."""
 
     def __init__(self, config: ProxyConfig, forwarding: Forwarding):
