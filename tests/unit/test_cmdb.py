@@ -16,7 +16,7 @@ import pytest
 
 from fcrun.cmdb import App, AppUpdate, CMDBError, Instance, NewApp, SqliteCMDB, open_cmdb
 from fcrun.cmdb.migrations import LATEST_VERSION
-from fcrun.cmdb.models import AppDefaults, host_from_header, new_app, normalize_hostname, spec_error
+from fcrun.cmdb.models import AppDefaults, new_app, normalize_hostname, spec_error
 from fcrun.errors import AlreadyExists, NotFound, SpecError
 from fcrun.paths import Paths
 
@@ -208,11 +208,20 @@ def test_api_bodies_reject_unknown_fields_naming_them():
 def test_hostname_helpers():
     assert normalize_hostname("Example.TEST.") == "example.test"
     assert normalize_hostname("10.0.0.1") == "10.0.0.1"
-    assert host_from_header("Example.Test:8080") == "example.test"
-    assert host_from_header("[::1]:8080") == "::1"
-    assert host_from_header("example.test.") == "example.test"
     with pytest.raises(SpecError, match="without a scheme or port"):
         normalize_hostname("http://example.test", "--alias")
+
+
+@pytest.mark.parametrize("host", ["a.test", "A.Test", "a.test.", "a.test:8080", "A.TEST.:80", " www.a.test "])
+def test_an_app_is_found_by_its_host_as_a_client_writes_it(db, host):
+    db.add_app(App(name="a.test", image="x", hostnames=["www.a.test"]))
+    assert db.app_for_host(host).name == "a.test"
+
+
+@pytest.mark.parametrize("host", ["b.test", "[::1]:8080", "a.test:http", "a test", ""])
+def test_other_hosts_find_no_app(db, host):
+    db.add_app(App(name="a.test", image="x"))
+    assert db.app_for_host(host) is None
 
 
 def test_instances_upsert_list_remove(db):

@@ -5,6 +5,7 @@
 PostgreSQL implementation can take its place.
 """
 
+from ..hostnames import normalize_host, normalize_hostname
 from ..paths import Paths
 from .base import CMDB, CMDBError
 from .models import (
@@ -17,8 +18,6 @@ from .models import (
     InstanceCounts,
     NewApp,
     Scale,
-    host_from_header,
-    normalize_hostname,
     validate_app,
 )
 from .sqlite import CMDB_FILE, SqliteCMDB
@@ -36,6 +35,6 @@ def open_cmdb(paths: Paths) -> CMDB:
 
 __all__ = [
     "App", "AppDefaults", "AppStats", "AppUpdate", "CMDB", "CMDBError", "CMDB_FILE", "Event", "Instance",
-    "InstanceCounts", "NewApp", "Scale", "SqliteCMDB", "host_from_header", "normalize_hostname", "open_cmdb",
+    "InstanceCounts", "NewApp", "Scale", "SqliteCMDB", "normalize_host", "normalize_hostname", "open_cmdb",
     "validate_app",
 ]

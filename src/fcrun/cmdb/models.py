@@ -21,6 +21,7 @@ from msgspec import UNSET, UnsetType
 
 from ..cgroups.base import PID_MAX_LIMIT
 from ..errors import SpecError
+from ..hostnames import normalize_hostname  # also for `from fcrun.cmdb.models import normalize_hostname`
 from ..units import MIN_MEMORY_BYTES, parse_cpu
 
 InstanceState = Literal["starting", "ready", "draining", "frozen", "stopped"]
@@ -38,8 +39,6 @@ DEFAULT_COOLDOWN_UP_S = 10.0
 DEFAULT_COOLDOWN_DOWN_S = 30.0
 DEFAULT_PORT = 80  # when neither the app nor the image names one
 
-MAX_HOSTNAME_LEN = 253
-_LABEL = re.compile(r"[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?")
 _ENV_KEY = re.compile(r"[^=\s]+")
 _SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgt]?)(i?b?)\s*$", re.IGNORECASE)
 _SIZE_FACTOR = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}
@@ -211,46 +210,6 @@ class Scale(msgspec.Struct, kw_only=True, forbid_unknown_fields=True, omit_defau
 
 
 # -- validation ------------------------------------------------------------------------------
-
-
-def normalize_hostname(text: str, where: str = "name") -> str:
-    """Check an RFC 1123 hostname and return it lowercased, without a trailing dot.
-
-    Raises:
-        SpecError: not a hostname (a port, a scheme, an underscore, an empty or long label).
-    """
-    if not isinstance(text, str) or not text:
-        raise SpecError("hostname is empty", where)
-    host = text.strip().lower()
-    if host.endswith("."):
-        host = host[:-1]
-    if ":" in host or "/" in host:
-        raise SpecError(f"invalid hostname {text!r}: give the name alone, without a scheme or port", where)
-    if len(host) > MAX_HOSTNAME_LEN:
-        raise SpecError(f"invalid hostname {text!r}: longer than {MAX_HOSTNAME_LEN} characters", where)
-    for label in host.split("."):
-        if not _LABEL.fullmatch(label):
-            raise SpecError(
-                f"invalid hostname {text!r}: each dot-separated label must be 1-63 letters, digits "
-                "or '-', not starting or ending with '-'",
-                where,
-            )
-    return host
-
-
-def host_from_header(value: str) -> str:
-    """A Host header as the routing key: port stripped, case-folded, trailing dot dropped.
-
-    ``Example.TEST:8080`` -> ``example.test``; ``[::1]:8080`` -> ``::1``. Does not validate.
-    """
-    host = value.strip()
-    if host.startswith("["):
-        end = host.find("]")
-        host = host[1:end] if end > 0 else host
-    else:
-        host = host.partition(":")[0]
-    host = host.lower()
-    return host[:-1] if host.endswith(".") else host
 
 
 def parse_size(text: str | int, where: str) -> int:

@@ -22,10 +22,11 @@ from typing import Any, Iterator
 import msgspec
 
 from ..errors import AlreadyExists, KernelError, NotFound
+from ..hostnames import normalize_host
 from ..paths import Paths
 from .base import CMDBError
 from .migrations import migrate
-from .models import App, AppUpdate, Event, Instance, apply_update, host_from_header, validate_app
+from .models import App, AppUpdate, Event, Instance, apply_update, validate_app
 
 CMDB_FILE = "cmdb.sqlite3"
 BUSY_TIMEOUT_S = 5.0
@@ -136,8 +137,13 @@ class SqliteCMDB:
         return app
 
     def app_for_host(self, host: str) -> App | None:
+        """The app answering to `host` (a Host header's value, port and case as a client sent
+        them), or None."""
+        name = normalize_host(host)
+        if name is None:
+            return None  # not a host name: no app can have it
         with self._read(f"look up host {host}") as cur:
-            row = cur.execute(SELECT_APP_BY_HOST, (host_from_header(host),)).fetchone()
+            row = cur.execute(SELECT_APP_BY_HOST, (name,)).fetchone()
             if row is None:
                 return None
             aliases = [r[0] for r in cur.execute(SELECT_ALIASES, (row[0],))]

@@ -32,6 +32,7 @@ from typing import Protocol
 import httptools
 from httptools import HttpParserCallbackError, HttpParserError, HttpParserUpgrade
 
+from ..hostnames import normalize_host
 from .config import ProxyConfig
 
 CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
@@ -86,10 +87,6 @@ _CONNECTION_OPTIONS = frozenset((b"close", b"keep-alive", b"upgrade", b""))
 _CONNECTION_PLAIN = frozenset(spelling for option in (b"close", b"keep-alive", b"upgrade")
                               for spelling in (option, option.title(), option.upper()))
 
-# Host names: letters, digits, '-', '.', '_' (seen in the wild); IPv6 literals in brackets.
-_HOST_CHARS = b"abcdefghijklmnopqrstuvwxyz0123456789-._"
-_IPV6_CHARS = b"0123456789abcdef:.[]"
-
 # Response body framing towards the client.
 _BODY_NONE = 0        # HEAD, 204, 304, 101
 _BODY_RAW = 1         # Content-Length, or close-delimited for an HTTP/1.0 client
@@ -121,29 +118,6 @@ def error_response(status: int, message: str, *, close: bool, head_only: bool = 
     head = (b"HTTP/1.1 %d %s\r\nContent-Type: text/plain; charset=utf-8\r\nContent-Length: %d\r\n%s\r\n"
             % (status, reason.encode(), len(body), connection))
     return head if head_only else head + body
-
-
-def normalize_host(raw: bytes) -> str | None:
-    """The routing key of a Host value: lowercase, port and a trailing dot stripped; None if invalid."""
-    host = raw.strip().lower()
-    if host[:1] == b"[":
-        end = host.find(b"]")
-        if end < 0:
-            return None
-        name, port = host[:end + 1], host[end + 1:]
-        if name.translate(None, _IPV6_CHARS):
-            return None
-        if port and (port[:1] != b":" or not port[1:].isdigit()):
-            return None
-        return name.decode("ascii")
-    name, colon, port = host.partition(b":")
-    if colon and not port.isdigit():
-        return None
-    if name[-1:] == b".":
-        name = name[:-1]
-    if not name or name.translate(None, _HOST_CHARS):
-        return None
-    return name.decode("ascii")
 
 
 def _connection_tokens(value: bytes, into: set[bytes] | None) -> set[bytes] | None:
