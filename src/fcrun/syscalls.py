@@ -13,7 +13,10 @@ import os
 import socket
 import struct
 
-_libc = ctypes.CDLL(None, use_errno=True)
+# The C library, loaded once for every ctypes call fcrun makes (seccomp, bpf, netlink's setns,
+# the image store's syncfs): one handle, so a function's restype is set in one place.
+libc = ctypes.CDLL(None, use_errno=True)
+libc.syscall.restype = ctypes.c_long  # syscall(2) returns a long
 
 # Namespace flags (linux/sched.h).
 CLONE_NEWNS = 0x00020000
@@ -75,28 +78,28 @@ def _check(result: int) -> int:
 
 
 def unshare(flags: int) -> None:
-    _check(_libc.unshare(flags))
+    _check(libc.unshare(flags))
 
 
 def setns(fd: int, nstype: int = 0) -> None:
-    _check(_libc.setns(fd, nstype))
+    _check(libc.setns(fd, nstype))
 
 
 def mount(source: bytes | None, target: bytes, fstype: bytes | None, flags: int, data: bytes | None) -> None:
-    _check(_libc.mount(source, target, fstype, ctypes.c_ulong(flags), data))
+    _check(libc.mount(source, target, fstype, ctypes.c_ulong(flags), data))
 
 
 def umount2(target: bytes, flags: int = 0) -> None:
-    _check(_libc.umount2(target, flags))
+    _check(libc.umount2(target, flags))
 
 
 def pivot_root(new_root: bytes, put_old: bytes) -> None:
-    _check(_libc.syscall(_SYS_PIVOT_ROOT[_MACHINE], new_root, put_old))
+    _check(libc.syscall(_SYS_PIVOT_ROOT[_MACHINE], new_root, put_old))
 
 
 def prctl(option: int, arg2: int = 0, arg3: int = 0, arg4: int = 0, arg5: int = 0) -> int:
     return _check(
-        _libc.prctl(option, ctypes.c_ulong(arg2), ctypes.c_ulong(arg3), ctypes.c_ulong(arg4), ctypes.c_ulong(arg5))
+        libc.prctl(option, ctypes.c_ulong(arg2), ctypes.c_ulong(arg3), ctypes.c_ulong(arg4), ctypes.c_ulong(arg5))
     )
 
 
@@ -115,7 +118,7 @@ def capset(effective: int, permitted: int, inheritable: int) -> None:
         _CapData(effective & 0xFFFFFFFF, permitted & 0xFFFFFFFF, inheritable & 0xFFFFFFFF),
         _CapData(effective >> 32, permitted >> 32, inheritable >> 32),
     )
-    _check(_libc.syscall(_SYS_CAPSET[_MACHINE], ctypes.byref(header), data))
+    _check(libc.syscall(_SYS_CAPSET[_MACHINE], ctypes.byref(header), data))
 
 
 def cap_last_cap() -> int:
@@ -123,8 +126,13 @@ def cap_last_cap() -> int:
         return int(f.read())
 
 
+def syncfs(fd: int) -> None:
+    """syncfs(2): write out the dirty data of the filesystem holding `fd`."""
+    _check(libc.syncfs(fd))
+
+
 def sethostname(name: bytes) -> None:
-    _check(_libc.sethostname(name, len(name)))
+    _check(libc.sethostname(name, len(name)))
 
 
 def set_loopback_up() -> None:
@@ -169,7 +177,7 @@ class _MountAttr(ctypes.Structure):
 def open_tree(path: bytes, flags: int, dirfd: int = AT_FDCWD) -> int:
     """A detached copy (OPEN_TREE_CLONE) of the mount at `path` (relative to `dirfd`; b"" with
     AT_EMPTY_PATH: the directory `dirfd` itself), as an fd; O_CLOEXEC always."""
-    return _check(_libc.syscall(_SYS_OPEN_TREE, dirfd, path, ctypes.c_uint(flags | os.O_CLOEXEC)))
+    return _check(libc.syscall(_SYS_OPEN_TREE, dirfd, path, ctypes.c_uint(flags | os.O_CLOEXEC)))
 
 
 def mount_setattr(fd: int, attr_set: int, attr_clr: int = 0, recursive: bool = False, userns_fd: int = 0,
@@ -179,13 +187,13 @@ def mount_setattr(fd: int, attr_set: int, attr_clr: int = 0, recursive: bool = F
     0 (unchanged) or one of MS_PRIVATE, MS_SLAVE, MS_SHARED."""
     attr = _MountAttr(attr_set, attr_clr, propagation, userns_fd)
     flags = AT_EMPTY_PATH | (AT_RECURSIVE if recursive else 0)
-    _check(_libc.syscall(_SYS_MOUNT_SETATTR, fd, b"", ctypes.c_uint(flags), ctypes.byref(attr),
+    _check(libc.syscall(_SYS_MOUNT_SETATTR, fd, b"", ctypes.c_uint(flags), ctypes.byref(attr),
                          ctypes.c_size_t(ctypes.sizeof(attr))))
 
 
 def move_mount(fd: int, target: bytes) -> None:
     """Attach the detached tree `fd` at `target` (mount propagation applies as for mount(2))."""
-    _check(_libc.syscall(_SYS_MOVE_MOUNT, fd, b"", -100, target, ctypes.c_uint(MOVE_MOUNT_F_EMPTY_PATH)))
+    _check(libc.syscall(_SYS_MOVE_MOUNT, fd, b"", -100, target, ctypes.c_uint(MOVE_MOUNT_F_EMPTY_PATH)))
 
 
 # openat2 (Linux 5.6+): path resolution the kernel confines. Same number on every architecture.
@@ -204,4 +212,4 @@ class _OpenHow(ctypes.Structure):
 def openat2(dir_fd: int, path: bytes, flags: int, resolve: int, mode: int = 0) -> int:
     """open `path` relative to `dir_fd` under the RESOLVE_* rules in `resolve`; O_CLOEXEC always."""
     how = _OpenHow(flags | os.O_CLOEXEC, mode, resolve)
-    return _check(_libc.syscall(_SYS_OPENAT2, dir_fd, path, ctypes.byref(how), ctypes.c_size_t(ctypes.sizeof(how))))
+    return _check(libc.syscall(_SYS_OPENAT2, dir_fd, path, ctypes.byref(how), ctypes.c_size_t(ctypes.sizeof(how))))

@@ -10,7 +10,7 @@ import re
 
 from .errors import SpecError
 
-CPU_PERIOD_US = 100_000  # the kernel default period; cpu.max "30000 100000" is 0.3 CPU
+CPU_PERIOD_US = 100_000  # the kernel's default CFS period; cpu.max "30000 100000" is 0.3 CPU
 
 _SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgt]?)(i?b?)\s*$", re.IGNORECASE)
 _SIZE_FACTOR = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}

@@ -23,7 +23,7 @@ import pytest
 from secutil import probe_mount, run_captured
 from fcrun.cgroups import Limits, detect
 from fcrun.cgroups.devices import DeviceRule, decide
-from fcrun.cgroups.mountinfo import parse_mountinfo
+from fcrun.mountinfo import parse_mountinfo
 from fcrun.errors import MissingFeature
 from fcrun.runtime.spec import Mount, default_spec
 from fcrun.runtime.options import RunOptions, spec_from_image

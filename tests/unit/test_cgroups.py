@@ -22,7 +22,8 @@ import pytest
 from fcrun.cgroups import KernelIO, Limits, Stats, V1Driver, V2Driver, detect
 from fcrun.cgroups.base import parse_flat_keyed, parse_max, parse_pids, parse_psi
 from fcrun.cgroups.devices import DeviceRule, assemble, program
-from fcrun.cgroups.mountinfo import parse_mountinfo, parse_proc_cgroup
+from fcrun.cgroups.membership import parse_proc_cgroup
+from fcrun.mountinfo import parse_mountinfo
 from fcrun.cgroups.v2 import format_cpu_max, parse_cpu_max
 from fcrun.errors import AlreadyExists, KernelError, MissingFeature, SpecError
 

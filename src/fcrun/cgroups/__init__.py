@@ -21,7 +21,8 @@ from collections.abc import Callable, Iterable
 from ..errors import MissingFeature, SpecError
 from . import v1, v2
 from .base import Cgroup, CgroupDriver, Hierarchy, KernelIO, Limits, Stats, check_name
-from .mountinfo import Mount, ProcCgroup, mount_at, parse_mountinfo, parse_proc_cgroup
+from ..mountinfo import PROC_SELF_MOUNTINFO, Mount, mount_at, parse_mountinfo
+from .membership import ProcCgroup, parse_proc_cgroup
 from .v1 import V1Cgroup, V1Driver
 from .v2 import V2Cgroup, V2Driver
 
@@ -39,7 +40,6 @@ __all__ = [
 ]
 
 CGROUP_ROOT = "/sys/fs/cgroup"
-PROC_MOUNTINFO = "/proc/self/mountinfo"
 PROC_CGROUP = "/proc/self/cgroup"
 
 
@@ -49,7 +49,7 @@ def detect(
     version: int | None = None,
     controllers: Iterable[str] | None = None,
     root: str = CGROUP_ROOT,
-    mountinfo: str = PROC_MOUNTINFO,
+    mountinfo: str = PROC_SELF_MOUNTINFO,
     proc_cgroup: str = PROC_CGROUP,
     io: KernelIO | None = None,
     clock: Callable[[], float] = time.monotonic,

@@ -23,12 +23,12 @@ from typing import ClassVar
 import msgspec
 
 from ..errors import AlreadyExists, KernelError, MissingFeature, SpecError
+from ..units import CPU_PERIOD_US
 from . import bpf
 from .devices import DeviceRule
 
 CGROUP_PROCS = "cgroup.procs"
 
-DEFAULT_CPU_PERIOD_US = 100_000
 MIN_CPU_PERIOD_US = 1_000  # the kernel refuses periods outside 1 ms .. 1 s (EINVAL)
 MAX_CPU_PERIOD_US = 1_000_000
 MIN_CPU_QUOTA_US = 1_000  # and quotas under 1 ms
@@ -62,7 +62,7 @@ class Limits(msgspec.Struct, frozen=True, kw_only=True):
     """
 
     cpu_quota_us: int | None = None
-    cpu_period_us: int = DEFAULT_CPU_PERIOD_US
+    cpu_period_us: int = CPU_PERIOD_US
     memory_bytes: int | None = None
     pids_max: int | None = None
     devices: tuple[DeviceRule, ...] = ()
@@ -574,7 +574,7 @@ class CgroupDriver(abc.ABC):
         cgroup = self.cgroup_class(self, paths)
         # A fresh group starts unlimited with the default period, so only the rest is written.
         fields = {f for f in ("memory_bytes", "pids_max") if getattr(limits, f) is not None}
-        if limits.cpu_quota_us is not None or limits.cpu_period_us != DEFAULT_CPU_PERIOD_US:
+        if limits.cpu_quota_us is not None or limits.cpu_period_us != CPU_PERIOD_US:
             fields |= CPU_FIELDS
         if limits.devices:
             fields.add(DEVICES_FIELD)

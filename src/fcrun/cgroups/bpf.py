@@ -16,8 +16,7 @@ import errno
 import os
 import struct
 
-_libc = ctypes.CDLL(None, use_errno=True)
-_libc.syscall.restype = ctypes.c_long
+from ..syscalls import libc
 
 _SYS_BPF = {"x86_64": 321, "aarch64": 280, "riscv64": 280, "ppc64le": 361, "s390x": 351}
 _MACHINE = os.uname().machine
@@ -45,7 +44,7 @@ _PROG_ATTACH = struct.Struct("=IIIII")
 
 
 def _bpf(cmd: int, attr: ctypes.Array) -> int:
-    result = _libc.syscall(ctypes.c_long(_SYS_BPF[_MACHINE]), ctypes.c_long(cmd), attr, ctypes.c_uint(len(attr)))
+    result = libc.syscall(ctypes.c_long(_SYS_BPF[_MACHINE]), ctypes.c_long(cmd), attr, ctypes.c_uint(len(attr)))
     if result < 0:
         err = ctypes.get_errno()
         raise OSError(err, os.strerror(err))

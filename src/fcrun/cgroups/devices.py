@@ -139,6 +139,10 @@ class Insn(NamedTuple):
     off: int = 0
     imm: int = 0
 
+    def jumping(self, off: int) -> "Insn":
+        """The same instruction with jump offset `off` (relative to the next instruction)."""
+        return Insn(self.op, self.dst, self.src, off, self.imm)
+
     def encode(self) -> bytes:
         # dst_reg is the low nibble of the second byte on little-endian machines (x86_64, arm64).
         return struct.pack("<BBhi", self.op, (self.src << 4) | self.dst, self.off, self.imm)
@@ -185,7 +189,7 @@ def _block(rule: DeviceRule) -> list[Insn]:
         checks.append(Insn(JNE_IMM, R_MINOR, imm=rule.minor))
     checks += [Insn(MOV64_IMM, R_RESULT, imm=int(rule.allow)), Insn(EXIT)]
     # Jumps are relative to the next instruction; the next block starts after the last one.
-    return [insn._replace(off=len(checks) - i - 1) if insn.op in (JNE_IMM, JEQ_IMM, JNE_REG) else insn
+    return [insn.jumping(len(checks) - i - 1) if insn.op in (JNE_IMM, JEQ_IMM, JNE_REG) else insn
             for i, insn in enumerate(checks)]
 
 

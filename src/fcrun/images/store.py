@@ -21,12 +21,10 @@ still run on them; ``prune`` removes layers no record and no container refers to
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import errno
 import fcntl
 import hashlib
 import os
-import re
 import shutil
 import tarfile
 import tempfile
@@ -36,7 +34,9 @@ from typing import Callable, Iterable, Iterator
 
 import msgspec
 
+from .. import syscalls as sc
 from ..errors import FcrunError, IncorrectStatus, KernelError, NotFound, SpecError
+from ..mountinfo import read_mountpoints
 from ..paths import Paths
 from ..units import format_bytes
 from . import oci
@@ -66,8 +66,6 @@ TMP_DIR = ".image-tmp"
 LOCK_FILE = "images.lock"
 RECORD_SUFFIX = ".json"
 
-_MNT_DETACH = 2  # <sys/mount.h>
-_libc = ctypes.CDLL(None, use_errno=True)
 _record_decoder = msgspec.json.Decoder(Image)
 
 
@@ -411,8 +409,9 @@ class ImageStore:
         and unlike sync(2) it does not wait for every other filesystem's dirty pages."""
         fd = os.open(self._tmp, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
         try:
-            if _libc.syncfs(fd) != 0:
-                raise KernelError("syncfs", self._tmp, ctypes.get_errno())
+            sc.syncfs(fd)
+        except OSError as exc:
+            raise KernelError.from_oserror("syncfs", self._tmp, exc) from None
         finally:
             os.close(fd)
 
@@ -522,9 +521,7 @@ def _fsync_dir(path: str) -> None:
 def _mounts_below(path: str) -> list[str]:
     """Mount points at or below ``path``, deepest first."""
     prefix = os.path.realpath(path).rstrip("/") + "/"
-    with open("/proc/self/mountinfo") as f:
-        points = [_unescape_mountinfo(line.split()[4]) for line in f]
-    return sorted((p for p in points if (p + "/").startswith(prefix)), key=len, reverse=True)
+    return sorted((p for p in read_mountpoints() if (p + "/").startswith(prefix)), key=len, reverse=True)
 
 
 def _unmount_below(path: str) -> None:
@@ -537,12 +534,9 @@ def _unmount_below(path: str) -> None:
         KernelError: umount2 failed.
     """
     for mount_point in _mounts_below(path):
-        if _libc.umount2(os.fsencode(mount_point), _MNT_DETACH) != 0:
-            err = ctypes.get_errno()
-            if err != errno.EINVAL:  # EINVAL: already gone with a parent mount
-                raise KernelError("umount2(MNT_DETACH)", mount_point, err)
+        try:
+            sc.umount2(os.fsencode(mount_point), sc.MNT_DETACH)
+        except OSError as exc:
+            if exc.errno != errno.EINVAL:  # EINVAL: already gone with a parent mount
+                raise KernelError.from_oserror("umount2(MNT_DETACH)", mount_point, exc) from None
 
-
-def _unescape_mountinfo(field: str) -> str:
-    # The kernel writes space, tab, newline and backslash as octal escapes (\040 ...).
-    return re.sub(r"\\([0-7]{3})", lambda m: chr(int(m.group(1), 8)), field)

@@ -12,7 +12,6 @@ to create the socket, then returns to where the thread was; no helper process is
 
 from __future__ import annotations
 
-import ctypes
 import errno
 import ipaddress
 import itertools
@@ -24,6 +23,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 
 from ..errors import KernelError
+from ..syscalls import setns  # setns(2) for the calling thread (Python 3.11 has no os.setns)
 
 log = logging.getLogger(__name__)
 
@@ -99,19 +99,6 @@ _RTATTR = struct.Struct("=HH")
 _U32 = struct.Struct("=I")
 
 _RECV_BUFSIZE = 1 << 16
-
-_libc = ctypes.CDLL(None, use_errno=True)
-
-
-def setns(fd: int, nstype: int) -> None:
-    """setns(2) for the calling thread (Python 3.11 has no os.setns).
-
-    Raises:
-        OSError: with the errno of the failed call.
-    """
-    if _libc.setns(fd, nstype) != 0:
-        err = ctypes.get_errno()
-        raise OSError(err, os.strerror(err))
 
 
 def same_netns(fd: int, path: str = THREAD_NETNS) -> bool:

@@ -18,6 +18,7 @@ import msgspec
 
 from .capabilities import DEFAULT_CAPABILITIES, capability_mask
 from ..errors import SpecError
+from ..units import CPU_PERIOD_US, MIN_MEMORY_BYTES
 
 OCI_VERSION = "1.0.2"
 
@@ -235,7 +236,7 @@ def default_spec(
     hostname: str = "",
     network: NetworkMode = "bridge",
     cpu_quota_us: int | None = None,
-    cpu_period_us: int = 100_000,
+    cpu_period_us: int = CPU_PERIOD_US,
     memory_bytes: int | None = None,
     pids_max: int | None = None,
     readonly_rootfs: bool = False,
@@ -348,10 +349,10 @@ def validate_spec(spec: Spec) -> None:
                 raise SpecError(f"path {p!r} must be absolute without '..'", f"$.linux.{field}[{i}]")
     res = spec.linux.resources
     if res is not None:
-        if res.memory and res.memory.limit is not None and res.memory.limit < (4 << 20):
+        if res.memory and res.memory.limit is not None and res.memory.limit < MIN_MEMORY_BYTES:
             raise SpecError("memory limit below 4 MiB", "$.linux.resources.memory.limit")
         if res.cpu and res.cpu.quota is not None:
-            period = res.cpu.period or 100_000
+            period = res.cpu.period or CPU_PERIOD_US
             if not 1000 <= period <= 1_000_000:
                 raise SpecError("cpu period must be 1000..1000000 us", "$.linux.resources.cpu.period")
             if res.cpu.quota < 1000:

@@ -8,6 +8,8 @@ import ctypes
 import errno as _errno
 import os
 
+from ..syscalls import libc
+
 PR_SET_SECCOMP = 22
 SECCOMP_MODE_FILTER = 2
 SECCOMP_SET_MODE_FILTER = 1
@@ -21,8 +23,6 @@ SECCOMP_FLAGS_ALLOWED = SECCOMP_FILTER_FLAG_TSYNC | SECCOMP_FILTER_FLAG_LOG | SE
 # seccomp(2)'s number, needed only to pass flags (prctl cannot); per os.uname().machine.
 _SYS_SECCOMP = {"x86_64": 317, "aarch64": 277, "riscv64": 277, "ppc64le": 358, "s390x": 348}.get(os.uname().machine)
 
-_libc = ctypes.CDLL(None, use_errno=True)
-
 
 class SockFprog(ctypes.Structure):
     """struct sock_fprog: the instruction count and a pointer to the instructions."""
@@ -33,8 +33,9 @@ class SockFprog(ctypes.Structure):
 def install_filter(bpf: bytes, flags: int = 0) -> None:
     """Load `bpf` (struct sock_filter[]) as a seccomp filter of this process, for good.
 
-    Needs no_new_privs, or CAP_SYS_ADMIN in the caller's user namespace (spawn.py loads it
-    before the capabilities are dropped when the spec turns no_new_privs off, as runc does).
+    Needs no_new_privs, or CAP_SYS_ADMIN in the caller's user namespace (runtime/child.py
+    loads it before the capabilities are dropped when the spec turns no_new_privs off, as
+    runc does).
     `flags`: SECCOMP_FILTER_FLAG_* bits (profile.filter_flags).
 
     Raises:
@@ -48,9 +49,9 @@ def install_filter(bpf: bytes, flags: int = 0) -> None:
     if flags:
         if _SYS_SECCOMP is None:
             raise OSError(_errno.ENOSYS, "load seccomp filter: seccomp(2) flags on this machine")
-        rc = _libc.syscall(ctypes.c_long(_SYS_SECCOMP), ctypes.c_uint(SECCOMP_SET_MODE_FILTER), ctypes.c_uint(flags), ctypes.byref(fprog))
+        rc = libc.syscall(ctypes.c_long(_SYS_SECCOMP), ctypes.c_uint(SECCOMP_SET_MODE_FILTER), ctypes.c_uint(flags), ctypes.byref(fprog))
     else:
-        rc = _libc.prctl(PR_SET_SECCOMP, ctypes.c_ulong(SECCOMP_MODE_FILTER), ctypes.byref(fprog), ctypes.c_ulong(0), ctypes.c_ulong(0))
+        rc = libc.prctl(PR_SET_SECCOMP, ctypes.c_ulong(SECCOMP_MODE_FILTER), ctypes.byref(fprog), ctypes.c_ulong(0), ctypes.c_ulong(0))
     if rc != 0:
         err = ctypes.get_errno()
         raise OSError(err, f"load seccomp filter ({len(bpf) // BPF_INSTRUCTION_BYTES} instructions): {os.strerror(err)}")

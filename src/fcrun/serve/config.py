@@ -32,6 +32,7 @@ from ..errors import KernelError, NotFound, SpecError
 from ..forkserver.protocol import MAX_POOL_SIZE
 from ..proxy.config import ProxyConfig  # the [proxy] table is the proxy's own settings
 from ..paths import DEFAULT_BRIDGE, DEFAULT_CGROUP_PARENT, DEFAULT_SUBNET, Paths
+from ..units import MIN_MEMORY_BYTES
 
 ADMIN_SOCKET_NAME = "admin.sock"  # under the run root unless admin_socket says otherwise
 MIN_HEADER_BYTES = 1024
@@ -158,7 +159,7 @@ def check_config(config: ServeConfig, source: str = "configuration") -> None:
                  else f"forkserver.pool_sizes.{image}")
     if not (_positive(fs.pool_cpu) and fs.pool_cpu <= (os.cpu_count() or 1)):
         fail(f"pool_cpu {fs.pool_cpu!r} must be above 0 and at most this machine's CPUs", "forkserver.pool_cpu")
-    if fs.pool_memory_bytes < (4 << 20):
+    if fs.pool_memory_bytes < MIN_MEMORY_BYTES:
         fail("pool_memory_bytes must be at least 4M", "forkserver.pool_memory_bytes")
     if not _positive(fs.pool_max_age_s):
         fail("pool_max_age_s must be a positive number of seconds", "forkserver.pool_max_age_s")

@@ -1,7 +1,9 @@
-"""Parsing of /proc/self/mountinfo and /proc/self/cgroup: pure functions of text, no I/O.
+"""/proc/PID/mountinfo (proc(5)), parsed in one place: pure functions of text, no I/O,
+and `read_mountpoints` for the one read callers need.
 
-The driver reads the two files once, hands the text here, and decides from the result which
-cgroup version the host runs and where each hierarchy is mounted.
+Every reader of mountinfo goes through here, so every one unescapes alike: the kernel writes
+space, tab, newline and backslash in paths as \\040, \\011, \\012 and \\134, and a path
+compared unescaped misses a mount on a directory whose name has a space.
 """
 
 from __future__ import annotations
@@ -10,7 +12,7 @@ import re
 
 import msgspec
 
-from ..errors import SpecError
+from .errors import SpecError
 
 _OCTAL_ESCAPE = re.compile(r"\\([0-7]{3})")
 
@@ -27,16 +29,14 @@ class Mount(msgspec.Struct, frozen=True, kw_only=True):
     super_options: tuple[str, ...]
 
 
-class ProcCgroup(msgspec.Struct, frozen=True, kw_only=True):
-    """One line of /proc/<pid>/cgroup: ``hierarchy-id:controller-list:cgroup-path``."""
-
-    hierarchy_id: int
-    controllers: tuple[str, ...]  # () for the v2 line "0::/path"
-    path: str
+PROC_SELF_MOUNTINFO = "/proc/self/mountinfo"
+MOUNTPOINT_FIELD = 4  # 0-based: mount id, parent id, major:minor, root, mount point, ...
 
 
-def _unescape(field: str) -> str:
-    # The kernel writes space, tab, newline and backslash in paths as \040, \011, \012, \134.
+def unescape(field: str) -> str:
+    """A mountinfo path field as the path it names (\\040 -> " ", \\011, \\012, \\134)."""
+    if "\\" not in field:
+        return field
     return _OCTAL_ESCAPE.sub(lambda m: chr(int(m.group(1), 8)), field)
 
 
@@ -58,10 +58,10 @@ def parse_mountinfo(text: str) -> list[Mount]:
                 Mount(
                     mount_id=int(fields[0]),
                     parent_id=int(fields[1]),
-                    root=_unescape(fields[3]),
-                    mountpoint=_unescape(fields[4]),
+                    root=unescape(fields[3]),
+                    mountpoint=unescape(fields[4]),
                     fstype=fields[sep + 1],
-                    source=_unescape(fields[sep + 2]),
+                    source=unescape(fields[sep + 2]),
                     super_options=tuple(fields[sep + 3].split(",")),
                 )
             )
@@ -70,23 +70,31 @@ def parse_mountinfo(text: str) -> list[Mount]:
     return mounts
 
 
-def parse_proc_cgroup(text: str) -> list[ProcCgroup]:
-    """Parse /proc/<pid>/cgroup text.
+def mountpoints(text: str) -> list[str]:
+    """Every mount point in mountinfo text, unescaped, in file order (a cheaper
+    parse_mountinfo for callers that need no other field).
 
     Raises:
-        SpecError: a line is not ``id:controllers:path``.
+        SpecError: a line has too few fields.
     """
-    entries = []
+    points = []
     for lineno, line in enumerate(text.splitlines(), 1):
-        if not line.strip():
-            continue
-        # The path may itself contain ":", so split only twice.
-        parts = line.split(":", 2)
-        if len(parts) != 3 or not parts[0].isdigit() or not parts[2].startswith("/"):
-            raise SpecError(f"malformed /proc/self/cgroup line {line!r}", f"cgroup line {lineno}")
-        controllers = tuple(c for c in parts[1].split(",") if c)
-        entries.append(ProcCgroup(hierarchy_id=int(parts[0]), controllers=controllers, path=parts[2]))
-    return entries
+        fields = line.split(maxsplit=MOUNTPOINT_FIELD + 1)
+        if len(fields) > MOUNTPOINT_FIELD:
+            points.append(unescape(fields[MOUNTPOINT_FIELD]))
+        elif line.strip():
+            raise SpecError(f"malformed mountinfo line {line!r}", f"mountinfo line {lineno}")
+    return points
+
+
+def read_mountpoints(path: str = PROC_SELF_MOUNTINFO) -> list[str]:
+    """The mount points of this process's mount namespace (or of `path`'s), unescaped.
+
+    Raises:
+        OSError: the file cannot be read. SpecError: it is not mountinfo.
+    """
+    with open(path) as f:
+        return mountpoints(f.read())
 
 
 def mount_at(mounts: list[Mount], mountpoint: str) -> Mount | None:
