@@ -410,7 +410,7 @@ class RawThaw:
             if time.monotonic() > deadline:
                 raise SystemExit("raw thaw: its Apache never served phpinfo")
             time.sleep(0.05)
-        self.cgroup = runtime._cgroup(runtime.states.load(self.name))
+        self.cgroup = runtime.cgroup(self.name)
 
     def run_once(self) -> float:
         self.cgroup.freeze()

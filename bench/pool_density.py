@@ -113,7 +113,7 @@ def main(argv: list[str] | None = None) -> int:
             half = args.instances // 2
             for i in range(half):
                 made = fs.request(p.Claim(image="apache-php", labels={"fcrun.app": f"app{i}.test"},
-                                          limits=p.Limits(cpu=1.0, memory_bytes=512 << 20), docroot=site))
+                                          limits=p.InstanceLimits(cpu=1.0, memory_bytes=512 << 20), docroot=site))
                 if not isinstance(made, p.Made):
                     raise SystemExit(f"claim {i}: {made}")
                 claimed.append(made.name)
@@ -130,7 +130,7 @@ def main(argv: list[str] | None = None) -> int:
                 time.sleep(0.5)
         mixed = settle()
         total = len(runtime.states.names())
-        cgroup_frozen_apps = [runtime._cgroup(runtime.states.load(n)).stats().memory_bytes for n in claimed]
+        cgroup_frozen_apps = [runtime.cgroup(n).stats().memory_bytes for n in claimed]
         per_instance = (before - mixed) / total
         per_pooled = (before - pooled) / args.instances
         out.update({

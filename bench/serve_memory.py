@@ -220,7 +220,7 @@ def main() -> int:
         usage, rss, cache, ooms = [], [], [], 0
         for row in rows:
             state = serve.runtime.state(row["name"])
-            usage.append(serve.runtime._cgroup(state).stats().memory_bytes)
+            usage.append(serve.runtime.cgroup(row["name"]).stats().memory_bytes)
             stat = cgroup_memory_stat(state.cgroup_paths.get("memory", ""))
             rss.append(stat.get("rss", 0))
             cache.append(stat.get("cache", 0))

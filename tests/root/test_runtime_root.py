@@ -187,7 +187,7 @@ def test_volatile_rootfs_counts_against_the_memory_cgroup(runtime, busybox):
     assert state.rootfs.tmpfs_bytes == 128 << 20  # sized to the memory limit
     wait_until("dd to write /big", lambda: b"written" in _read(state.log_path), detail=lambda: _read(state.log_path))
     # 24 MiB stay charged while the file exists, though dd has exited.
-    assert runtime._cgroup(state).stats().memory_bytes >= 24 << 20
+    assert runtime.cgroup("t-volmem").stats().memory_bytes >= 24 << 20
     runtime.delete("t-volmem", force=True)
 
 
@@ -357,7 +357,7 @@ def test_pids_limit_stops_a_fork_loop(runtime, busybox):
     start_detached(runtime, busybox, "t-pids", ["sh", "-c", script], pids_max=8, network="none")
     log_path = runtime.state("t-pids").log_path
     wait_until("the fork loop to be refused", lambda: b"can't fork" in _read(log_path), detail=lambda: _read(log_path))
-    stats = runtime._cgroup(runtime.state("t-pids")).stats()
+    stats = runtime.cgroup("t-pids").stats()
     assert 3 <= stats.pids_current <= 8, stats  # the sleeps that did start are still there
 
 
@@ -378,6 +378,14 @@ def test_freeze_stops_progress_and_thaw_resumes(runtime, busybox):
     assert runtime.state("t-frz").status == "running"
     thawed_at = _cpu_usage_us(cgroup)
     wait_until("the thawed loop to run again", lambda: _cpu_usage_us(cgroup) > thawed_at + 20_000)
+    # Frozen or not is read from the cgroup: a freeze or thaw written to it directly (serve's
+    # backend thaws so) leaves state() true, and state.json never says "frozen".
+    runtime.cgroup("t-frz").freeze()
+    assert runtime.state("t-frz").status == "frozen"
+    runtime.cgroup("t-frz").thaw()
+    assert runtime.state("t-frz").status == "running"
+    with open(os.path.join(runtime.states.dir("t-frz"), "state.json"), "rb") as f:
+        assert b'"status":"running"' in f.read()
 
 
 # ----- exec, kill, rm, state across processes -------------------------------------------------

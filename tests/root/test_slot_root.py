@@ -3,6 +3,7 @@ docroot). Checked from inside the container, for real mounts and propagation."""
 
 from __future__ import annotations
 
+import errno
 import os
 import signal
 
@@ -108,7 +109,7 @@ def test_hand_over_applies_limits_slot_labels_and_thaws_in_one_step(runtime, bus
                               labels={"fcrun.app": "a.test"}, thaw=True)
     assert state.status == "running" and runtime.state("slot4").status == "running"
     assert state.labels["fcrun.app"] == "a.test" and state.labels["fcrun.slot.source"] == str(site)
-    limits = runtime._cgroup(state).limits()  # what the kernel has now, v1 or v2
+    limits = runtime.cgroup("slot4").limits()  # what the kernel has now, v1 or v2
     assert limits.cpu_quota_us == 25000 and limits.memory_bytes == 48 << 20
     row = [r for r in runtime.list() if r.name == "slot4"][0]
     assert (row.cpu, row.memory_bytes) == (0.25, 48 << 20)
@@ -122,4 +123,30 @@ def test_a_failed_hand_over_names_the_problem(runtime, busybox, tmp_path):
         runtime.hand_over("slot5", cpu=0.5, slot_source=str(tmp_path / "missing"), labels={"fcrun.app": "b"})
     state = runtime.state("slot5")
     assert "fcrun.app" not in state.labels  # checked before anything was changed
-    assert runtime._cgroup(state).limits().cpu_quota_us != 50000
+    assert runtime.cgroup("slot5").limits().cpu_quota_us != 50000
+
+
+def test_a_slot_still_mounted_keeps_the_apps_files_even_under_a_path_with_a_space(tmp_path):
+    """release_slot deletes files in slot/content only when nothing is mounted there: read
+    from mountinfo, where the kernel writes a space as \\040. Nine stacked mounts outlast its
+    eight unmounts; the app's files under them must survive."""
+    from fcrun import syscalls as sc
+    from fcrun.runtime.slots import release_slot, slot_content
+
+    cdir = tmp_path / "run root with a space" / "c1"
+    content = slot_content(str(cdir))
+    os.makedirs(content)
+    app = tmp_path / "app"
+    app.mkdir()
+    (app / "index.php").write_text("the app's own file\n")
+    for _ in range(9):
+        sc.mount(str(app).encode(), content.encode(), None, sc.MS_BIND, None)
+    try:
+        with pytest.raises(OSError) as busy:
+            release_slot(str(cdir))  # rmdir of the still-mounted content fails
+        assert busy.value.errno == errno.EBUSY
+        assert (app / "index.php").read_text() == "the app's own file\n"
+    finally:
+        sc.umount2(content.encode(), sc.MNT_DETACH)
+    release_slot(str(cdir))  # nothing mounted now: the slot's own dirs go
+    assert not os.path.exists(content) and (app / "index.php").exists()

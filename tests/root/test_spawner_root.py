@@ -10,15 +10,18 @@ import signal
 import subprocess
 import sys
 import textwrap
+import threading
 import time
 
 import msgspec
 import pytest
 
-from fcrun.runtime import spawner
+from fcrun.runtime.spawner import client as spawner
+from fcrun.runtime.spawner import protocol
 from fcrun.errors import ContainerError
 from fcrun.runtime.options import RunOptions, spec_from_image
 from fcrun.runtime.plan import build_plan
+from fcrun.runtime.userns import FIRST_HOST_ID, RANGE_SIZE
 from fcrun.runtime import Runtime
 from fcrun.runtime.child import ChildFailure, read_status
 from hostcheck import BRIDGE, CGROUP_PARENT, SUBNET
@@ -39,9 +42,7 @@ def via_spawner(runtime):
 def _warm_pids(client: spawner.Client, timeout_s: float = 5.0) -> set[int]:
     deadline = time.monotonic() + timeout_s
     while True:
-        with client._lock:
-            client._read_ctrl()
-            pids = {pid for pid, _ in client._warm}
+        pids = client.warm_pids()
         if pids or time.monotonic() > deadline:
             return pids
         time.sleep(0.01)
@@ -110,7 +111,7 @@ def test_bad_requests_are_refused_where_they_would_be_carried_out(via_spawner, b
     def bad_plan(network):
         spec = spec_from_image(busybox, RunOptions(args=["true"], network=network), name="t-sp-bad")
         plan = build_plan(spec, rootfs=str(tmp_path), overlay_lower=None, cgroup_procs=[],
-                          cap_last=via_spawner._cap_last_cached(), attached=True)
+                          cap_last=via_spawner.cap_last, attached=True)
         return msgspec.structs.replace(plan, argv=[])
 
     # The spawner itself (no warm child fits host network): refused before any fork.
@@ -128,11 +129,11 @@ def test_bad_requests_are_refused_where_they_would_be_carried_out(via_spawner, b
         assert pid > 0 and report_r == -1  # a warm child's exit is reported once it is claimed
         with pytest.raises(ChildFailure, match="argv is empty") as failure:
             read_status(status_r, 5.0)
-        assert failure.value.step == spawner.STEP_CHECK
+        assert failure.value.step == protocol.STEP_CHECK
         _wait_gone([pid])
         time.sleep(0.05)  # the spawner reaps it (its claim has not come: it keeps the status)
         report_r = client.claim(pid)
-        assert spawner.read_report(report_r, 5.0) == spawner.Exited(pid=pid, wait_status=127 << 8)
+        assert protocol.read_report(report_r, 5.0) == protocol.Exited(pid=pid, wait_status=127 << 8)
     finally:
         for fd in (status_r, go_w, report_r):
             os.close(fd)
@@ -141,7 +142,7 @@ def test_bad_requests_are_refused_where_they_would_be_carried_out(via_spawner, b
 def test_killing_the_spawner_kills_attached_containers_and_the_next_start_recovers(via_spawner, busybox):
     spec = spec_from_image(busybox, RunOptions(args=["sleep", "300"], network="none"), name="t-sp-kill")
     c = via_spawner.run("t-sp-kill", spec, image=busybox)
-    client = spawner._shared
+    client = spawner.current()
     assert client is not None
     warm = _warm_pids(client)
     os.kill(client.pid, signal.SIGKILL)
@@ -150,19 +151,20 @@ def test_killing_the_spawner_kills_attached_containers_and_the_next_start_recove
     assert via_spawner.state("t-sp-kill").status == "stopped"
     via_spawner.delete("t-sp-kill")
     assert _run(via_spawner, busybox, "t-sp-next", ["true"], network="none")[0] == 0
-    assert spawner._shared is not None and spawner._shared.pid != client.pid
+    assert spawner.current() is not None and spawner.current().pid != client.pid
 
 
 def test_containers_follow_the_library_process_through_the_spawner(runtime, busybox, data_root, run_root):
     code = textwrap.dedent(f"""
         import time
-        from fcrun import Paths, Runtime, RunOptions, spec_from_image, spawner
+        from fcrun import Paths, Runtime, RunOptions, spec_from_image
+        from fcrun.runtime.spawner import client as spawner
         rt = Runtime(Paths(data_root={data_root!r}, run_root={run_root!r}), cgroup_parent="{CGROUP_PARENT}", spawner=True)
         img = rt.images.get("busybox")
         opts = RunOptions(args=["sleep", "300"], network="none")
         a = rt.run("t-sp-attached", spec_from_image(img, opts, name="t-sp-attached"), image=img)
         d = rt.run("t-sp-detached", spec_from_image(img, opts, name="t-sp-detached"), image=img, detach=True)
-        print(a.pid, d.pid, spawner._shared.pid, flush=True)
+        print(a.pid, d.pid, spawner.current().pid, flush=True)
         time.sleep(300)
     """)
     sup = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
@@ -182,8 +184,37 @@ def test_containers_follow_the_library_process_through_the_spawner(runtime, busy
 
 def test_shutdown_leaves_no_process_behind(via_spawner, busybox):
     assert _run(via_spawner, busybox, "t-sp-end", ["true"], network="none")[0] == 0
-    client = spawner._shared
+    client = spawner.current()
     pids = {client.pid, *_warm_pids(client)}
     spawner.shutdown()
     _wait_gone(pids)
-    assert spawner._shared is None
+    assert spawner.current() is None
+
+
+def test_a_threaded_process_forks_through_the_spawner_whatever_it_was_told(runtime, busybox):
+    """No Python runs between fork and exec in a threaded process (serve without the
+    fork-server creates containers from worker threads): the container and its user
+    namespace's holder come from the single-threaded spawner, even with spawner=False."""
+    rt = _runtime(runtime, False)
+    stop = threading.Event()
+    thread = threading.Thread(target=stop.wait)
+    thread.start()
+    try:
+        spec = spec_from_image(busybox, RunOptions(args=["sleep", "30"], network="none", userns=True), name="t-sp-thr")
+        c = rt.run("t-sp-thr", spec, image=busybox)
+        try:
+            client = spawner.current()
+            assert client is not None
+            with open(f"/proc/{c.pid}/status") as f:
+                status = dict(line.rstrip("\n").split(":\t", 1) for line in f)
+            assert status["PPid"] == str(client.pid)  # forked by the spawner, not by us
+            with open(f"/proc/{c.pid}/uid_map") as f:
+                inside, outside, size = f.read().split()
+            assert (inside, size) == ("0", str(RANGE_SIZE)) and int(outside) >= FIRST_HOST_ID
+        finally:
+            rt.kill("t-sp-thr", signal.SIGKILL)
+            assert c.wait() == 128 + 9
+            rt.delete("t-sp-thr")
+    finally:
+        stop.set()
+        thread.join()

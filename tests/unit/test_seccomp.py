@@ -239,16 +239,16 @@ def test_the_plan_carries_the_compiled_filter_and_flags():
 
 
 def test_a_filter_crosses_to_the_spawner_intact():
-    from fcrun.runtime import spawner
+    from fcrun.runtime.spawner import protocol
     from fcrun.runtime.plan import build_plan
 
     plan = build_plan(default_spec(["true"]), rootfs="/r", overlay_lower=None, cgroup_procs=[], cap_last=40,
                       attached=True)
-    wire = spawner._spawn_decoder.decode(spawner._encoder.encode(spawner.Spawn(plan=plan)))
+    wire = protocol.decode_spawn(protocol.encode(protocol.Spawn(plan=plan)))
     assert wire.plan.seccomp_filter == plan.seccomp_filter
     bad = msgspec.structs.replace(wire, plan=msgspec.structs.replace(wire.plan, seccomp_filter=b"\0" * 12))
     with pytest.raises(SpecError) as info:
-        spawner.check_spawn(bad, spawner.CHILD_FDS, 40)
+        protocol.check_spawn(bad, protocol.CHILD_FDS, 40)
     assert info.value.where == "$.plan.seccomp_filter"
 
 

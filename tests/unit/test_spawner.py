@@ -10,11 +10,15 @@ import fcntl
 import os
 import signal
 import socket
+import subprocess
+import sys
+import threading
 
 import msgspec
 import pytest
 
-from fcrun.runtime import spawner
+from fcrun.runtime.spawner import client as spawner
+from fcrun.runtime.spawner import protocol
 from fcrun import syscalls as sc
 from fcrun.errors import ContainerError, SpecError
 from fcrun.runtime.spec import default_spec
@@ -32,13 +36,13 @@ def _plan(**kw) -> ChildPlan:
     return build_plan(default_spec(["sh", "-c", "true"]), **args)
 
 
-def _request(**plan_changes) -> spawner.Spawn:
-    return spawner.Spawn(plan=msgspec.structs.replace(_plan(), **plan_changes), new_pid_ns=True, init=True)
+def _request(**plan_changes) -> protocol.Spawn:
+    return protocol.Spawn(plan=msgspec.structs.replace(_plan(), **plan_changes), new_pid_ns=True, init=True)
 
 
 def test_a_spawn_request_survives_the_wire():
     request = _request()
-    decoded = msgspec.msgpack.decode(msgspec.msgpack.encode(request), type=spawner.Spawn)
+    decoded = msgspec.msgpack.decode(msgspec.msgpack.encode(request), type=protocol.Spawn)
     assert decoded == request
     assert decoded.plan.env == request.plan.env and decoded.plan.mounts == request.plan.mounts
 
@@ -47,16 +51,16 @@ def test_unknown_fields_and_messages_are_refused():
     fields = msgspec.msgpack.decode(msgspec.msgpack.encode(_request()))  # a plain dict
     raw = msgspec.msgpack.encode({**fields, "extra": 1})
     with pytest.raises(msgspec.ValidationError, match="extra"):
-        spawner._to_spawner_decoder.decode(raw)
+        protocol.decode_to_spawner(raw)
     with pytest.raises(msgspec.ValidationError):
-        spawner._to_spawner_decoder.decode(msgspec.msgpack.encode({"type": "Exec", "pid": 1}))
-    assert spawner._to_spawner_decoder.decode(msgspec.msgpack.encode(spawner.Claim(pid=7))) == spawner.Claim(pid=7)
+        protocol.decode_to_spawner(msgspec.msgpack.encode({"type": "Exec", "pid": 1}))
+    assert protocol.decode_to_spawner(msgspec.msgpack.encode(protocol.Claim(pid=7))) == protocol.Claim(pid=7)
 
 
 def test_check_spawn_accepts_what_build_plan_makes():
-    spawner.check_spawn(_request(), nfds=spawner.CHILD_FDS + 1, cap_last=CAP_LAST)
+    protocol.check_spawn(_request(), nfds=protocol.CHILD_FDS + 1, cap_last=CAP_LAST)
     without_init = msgspec.structs.replace(_request(), init=False)
-    spawner.check_spawn(without_init, nfds=spawner.CHILD_FDS, cap_last=CAP_LAST)
+    protocol.check_spawn(without_init, nfds=protocol.CHILD_FDS, cap_last=CAP_LAST)
 
 
 @pytest.mark.parametrize("changes, match", [
@@ -83,42 +87,42 @@ def test_check_spawn_accepts_what_build_plan_makes():
 ])
 def test_check_spawn_refuses(changes, match):
     with pytest.raises(SpecError, match=match):
-        spawner.check_spawn(_request(**changes), nfds=spawner.CHILD_FDS + 1, cap_last=CAP_LAST)
+        protocol.check_spawn(_request(**changes), nfds=protocol.CHILD_FDS + 1, cap_last=CAP_LAST)
 
 
 def test_check_spawn_counts_the_fds():
     with pytest.raises(SpecError, match="5 fds came with the request, 6 expected"):
-        spawner.check_spawn(_request(), nfds=spawner.CHILD_FDS, cap_last=CAP_LAST)
+        protocol.check_spawn(_request(), nfds=protocol.CHILD_FDS, cap_last=CAP_LAST)
 
 
 def test_which_requests_a_warm_child_fits():
-    assert spawner.fits_warm_child(_request())
-    assert not spawner.fits_warm_child(msgspec.structs.replace(_request(), new_pid_ns=False))
+    assert protocol.fits_warm_child(_request())
+    assert not protocol.fits_warm_child(msgspec.structs.replace(_request(), new_pid_ns=False))
     host_net = build_plan(default_spec(["sh"], network="host"), rootfs="/r", overlay_lower=None,
                           cgroup_procs=[], cap_last=CAP_LAST, attached=True)
-    assert not spawner.fits_warm_child(spawner.Spawn(plan=host_net))
+    assert not protocol.fits_warm_child(protocol.Spawn(plan=host_net))
 
 
 def test_received_fds_take_their_places_in_the_plan():
-    plan = spawner._plan_with_fds(_request(), [10, 11, 12, 13, 14, 15])
+    plan = protocol.plan_with_fds(_request(), [10, 11, 12, 13, 14, 15])
     assert (plan.status_w, plan.go_r, plan.stdio, plan.init_fd, plan.keep_fds) == (10, 11, (12, 13, 14), 15, [15])
-    plan = spawner._plan_with_fds(msgspec.structs.replace(_request(), init=False), [10, 11, 12, 13, 14])
+    plan = protocol.plan_with_fds(msgspec.structs.replace(_request(), init=False), [10, 11, 12, 13, 14])
     assert plan.init_fd == -1 and plan.keep_fds == []
 
 
 def test_reports_are_framed_and_eof_means_the_spawner_is_gone():
     r, w = os.pipe()
     try:
-        os.write(w, spawner.encode_report(spawner.Spawned(pid=42)))
-        os.write(w, spawner.encode_report(spawner.Exited(pid=42, wait_status=3 << 8)))
-        assert spawner.read_report(r, 1.0) == spawner.Spawned(pid=42)
-        assert spawner.read_report(r) == spawner.Exited(pid=42, wait_status=768)
-        os.write(w, spawner.encode_report(spawner.Refused(message="no", errno=22))[:5])
+        os.write(w, protocol.encode_report(protocol.Spawned(pid=42)))
+        os.write(w, protocol.encode_report(protocol.Exited(pid=42, wait_status=3 << 8)))
+        assert protocol.read_report(r, 1.0) == protocol.Spawned(pid=42)
+        assert protocol.read_report(r) == protocol.Exited(pid=42, wait_status=768)
+        os.write(w, protocol.encode_report(protocol.Refused(message="no", errno=22))[:5])
         os.close(w)
         w = -1
         with pytest.raises(ContainerError, match="middle of a message"):
-            spawner.read_report(r)
-        assert spawner.read_report(r) is None
+            protocol.read_report(r)
+        assert protocol.read_report(r) is None
     finally:
         os.close(r)
         if w >= 0:
@@ -129,7 +133,7 @@ def test_a_silent_spawner_times_out():
     r, w = os.pipe()
     try:
         with pytest.raises(ContainerError, match="did not answer"):
-            spawner.read_report(r, 0.01)
+            protocol.read_report(r, 0.01)
     finally:
         os.close(r)
         os.close(w)
@@ -138,7 +142,7 @@ def test_a_silent_spawner_times_out():
 def test_await_spawned_turns_refusals_into_errors():
     r, w = os.pipe()
     try:
-        os.write(w, spawner.encode_report(spawner.Refused(message="spawner refused the request: bad", errno=22)))
+        os.write(w, protocol.encode_report(protocol.Refused(message="spawner refused the request: bad", errno=22)))
         with pytest.raises(ContainerError, match=r"bad \[Errno 22\]"):
             spawner.await_spawned(r, 1.0)
         os.close(w)
@@ -159,12 +163,12 @@ def test_received_fds_are_close_on_exec():
     try:
         os.set_inheritable(w, True)
         socket.send_fds(a, [b"x"], [w])
-        data, fds, flags = spawner._recv_with_fds(b, bytearray(64))
+        data, fds, flags = protocol.recv_with_fds(b, bytearray(64))
         assert data == b"x" and len(fds) == 1 and not flags & socket.MSG_CTRUNC
         assert fcntl.fcntl(fds[0], fcntl.F_GETFD) & fcntl.FD_CLOEXEC
         os.close(fds[0])
         with pytest.raises(BlockingIOError):
-            spawner._recv_with_fds(b, bytearray(64), nowait=True)
+            protocol.recv_with_fds(b, bytearray(64), nowait=True)
     finally:
         for fd in (r, w):
             os.close(fd)
@@ -179,6 +183,7 @@ class FakeClient:
         self.pid = 12345
         self._ready = ready
         self.closed = False
+        self.forgotten = False
 
     @classmethod
     def start(cls, warm_children=spawner.WARM_CHILDREN):
@@ -193,15 +198,14 @@ class FakeClient:
     def close(self):
         self.closed = True
 
+    def forget(self):
+        self.forgotten = True
+
 
 @pytest.fixture
 def policy(monkeypatch):
-    monkeypatch.setattr(spawner, "_shared", None)
-    monkeypatch.setattr(spawner, "_direct_creates", 0)
-    monkeypatch.setattr(spawner, "_start_failures", 0)
     monkeypatch.setattr(FakeClient, "started", 0)
-    monkeypatch.setattr(spawner, "Client", FakeClient)
-    return spawner
+    return spawner.SharedSpawner(client_class=FakeClient)
 
 
 def test_auto_mode_forks_the_first_container_itself_then_uses_a_spawner(policy):
@@ -209,7 +213,7 @@ def test_auto_mode_forks_the_first_container_itself_then_uses_a_spawner(policy):
     assert FakeClient.started == 0
     client = policy.for_create(None)  # the second creation starts one
     assert isinstance(client, FakeClient) and FakeClient.started == 1
-    assert policy.for_create(None) is client
+    assert policy.for_create(None) is client and policy.current is client
     assert policy.for_create(False) is None
 
 
@@ -217,7 +221,7 @@ def test_auto_mode_does_not_wait_for_a_spawner_that_is_not_ready(policy, monkeyp
     monkeypatch.setattr(FakeClient, "start", classmethod(lambda cls, n=2: FakeClient(ready=False)))
     policy.for_create(None)
     assert policy.for_create(None) is None  # not ready yet: fork directly this time
-    assert policy._shared is not None
+    assert policy.current is not None
 
 
 def test_a_spawner_that_dies_at_start_is_given_up_after_a_few_tries(policy, monkeypatch):
@@ -225,10 +229,20 @@ def test_a_spawner_that_dies_at_start_is_given_up_after_a_few_tries(policy, monk
     policy.for_create(None)
     for _ in range(spawner.MAX_START_FAILURES):
         assert policy.for_create(None) is None
-    assert policy._start_failures == spawner.MAX_START_FAILURES
-    assert policy.for_create(None) is None and policy._shared is None
+    assert policy.start_failures == spawner.MAX_START_FAILURES
+    assert policy.for_create(None) is None and policy.current is None
     with pytest.raises(spawner.SpawnerGone):
         policy.for_create(True)  # asked for explicitly: say so
+
+
+def test_shutdown_closes_the_spawner_and_a_forked_child_forgets_it(policy):
+    policy.for_create(None)
+    client = policy.for_create(None)
+    policy.shutdown()
+    assert client.closed and policy.current is None
+    forgotten = policy.for_create(True)
+    policy.after_fork_in_child()
+    assert forgotten.forgotten and not forgotten.closed and policy.current is None
 
 
 def test_the_library_pid_and_pdeathsig_go_on_the_spawner_command_line(monkeypatch):
@@ -245,6 +259,81 @@ def test_the_library_pid_and_pdeathsig_go_on_the_spawner_command_line(monkeypatc
         assert seen["argv"][5:8] == [str(os.getpid()), str(int(signal.SIGKILL)), "3"]
         assert seen["env"] == {}
         assert seen["kw"]["setpgroup"] == 0
-        assert (os.POSIX_SPAWN_DUP2, seen["kw"]["file_actions"][0][1], spawner.CTRL_FD) == seen["kw"]["file_actions"][0]
+        assert (os.POSIX_SPAWN_DUP2, seen["kw"]["file_actions"][0][1], protocol.CTRL_FD) == seen["kw"]["file_actions"][0]
     finally:
-        client._sock.close()
+        client.forget()
+
+
+def test_make_userns_requests_are_rechecked():
+    good = protocol.MakeUserns(uid_map=b"0 2147483648 65536\n", gid_map=b"0 2147483648 65536\n")
+    protocol.check_make_userns(good, nfds=1)
+    with pytest.raises(SpecError, match="1 expected"):
+        protocol.check_make_userns(good, nfds=2)
+    for bad in (b"", b"0 1 2", b"0 1\n", b"0 -1 2\n", b"0 1 2 3\n", b"0 1 2\n" * 400):
+        with pytest.raises(SpecError, match=r"\$\.uid_map"):
+            protocol.check_make_userns(msgspec.structs.replace(good, uid_map=bad), nfds=1)
+    assert protocol.decode_to_spawner(protocol.encode(good)) == good
+
+
+def test_a_reply_datagram_is_one_framed_report():
+    report = protocol.Refused(message="write uid_map of pid 7:", obj="", errno=1)
+    assert protocol.decode_report(protocol.encode_report(report)) == report
+    assert protocol.decode_report(protocol.encode_report(protocol.UsernsMade())) == protocol.UsernsMade()
+    with pytest.raises(ContainerError, match="malformed"):
+        protocol.decode_report(protocol.encode_report(report)[:-1])
+
+
+class RecordingSpawner:
+    """Stands in for `client.for_create`: records the modes asked for; False means none."""
+
+    def __init__(self):
+        self.modes = []
+
+    def for_create(self, mode):
+        self.modes.append(mode)
+        return None if mode is False else self
+
+    def send(self, plan, new_pid_ns=True):
+        return 4242, -1, -1, -1  # a warm child's answer: pid, status_r, go_w, no report pipe yet
+
+    def make_userns(self, uid_map, gid_map):
+        return 99
+
+
+def test_a_threaded_process_never_forks_python_itself(monkeypatch):
+    """serve without the fork-server creates containers from worker threads: whatever the
+    Runtime's spawner setting, they and their user namespaces come from the spawner."""
+    from fcrun.runtime import process
+
+    recording = RecordingSpawner()
+    forked = []
+    threaded = [False]
+    monkeypatch.setattr(spawner, "for_create", recording.for_create)
+    monkeypatch.setattr(process, "process_is_threaded", lambda: threaded[0])
+    monkeypatch.setattr(process, "fork_child", lambda plan, new_pid_ns: forked.append(plan) or (1, -1, -1))
+    monkeypatch.setattr(process, "new_userns", lambda uid_map, gid_map: forked.append(uid_map) or 98)
+    plan = _plan()
+    assert process.start_child(plan, False).pid == 1 and forked == [plan]  # single-threaded: as asked
+    assert process.make_userns(b"0 1 1\n", b"0 1 1\n") == 98
+    threaded[0] = True
+    for mode in (False, None, True):
+        assert process.start_child(plan, mode).pid == 4242
+    assert process.make_userns(b"0 1 1\n", b"0 1 1\n") == 99
+    assert recording.modes == [False, True, True, True, True]
+    assert len(forked) == 2  # nothing forked here once threaded
+
+
+def test_threads_are_counted_from_the_kernel():
+    from fcrun.runtime import process
+
+    fresh = subprocess.run([sys.executable, "-c", "from fcrun.runtime.process import process_is_threaded as t; print(t())"],
+                           capture_output=True, text=True, check=True)
+    assert fresh.stdout == "False\n", fresh.stderr
+    stop = threading.Event()
+    thread = threading.Thread(target=stop.wait)
+    thread.start()
+    try:
+        assert process.process_is_threaded()
+    finally:
+        stop.set()
+        thread.join()

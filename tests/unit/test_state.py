@@ -21,6 +21,35 @@ def test_lifecycle_table():
             check_allowed(op, "c", status)
 
 
+def test_every_operation_is_in_the_one_table():
+    for op in ("update", "fill_slot", "hand_over"):
+        check_allowed(op, "c", "frozen")
+        with pytest.raises(IncorrectStatus, match=f"cannot {op.replace('_', ' ')} container 'c': it is stopped"):
+            check_allowed(op, "c", "stopped")
+    for status in state.ALL_STATUSES:
+        check_allowed("label", "c", status)
+        check_allowed("force_delete", "c", status)
+    with pytest.raises(IncorrectStatus, match=r"it is running \(must be creating/stopped; stop it first, or use rm -f\)"):
+        check_allowed("delete", "c", "running")
+    assert state.is_allowed("delete", "creating") and not state.is_allowed("delete", "frozen")
+
+
+def test_frozen_is_never_written_and_old_files_saying_it_read_as_running(tmp_path):
+    """Whether a container is frozen is its cgroup's to say (Runtime.refresh reads it): a thaw
+    that writes the cgroup directly leaves no state file saying "frozen"."""
+    store = StateStore(str(tmp_path / "containers"))
+    store.reserve("f")
+    frozen = ContainerState(name="f", status="frozen", spec=default_spec(["sh"]), pid=7)
+    store.save(frozen)
+    assert frozen.status == "frozen"  # the caller's copy is left as it was
+    with open(os.path.join(store.dir("f"), "state.json"), "rb") as f:
+        raw = f.read()
+    assert b'"status":"running"' in raw
+    with open(os.path.join(store.dir("f"), "state.json"), "wb") as f:
+        f.write(raw.replace(b'"status":"running"', b'"status":"frozen"'))  # an older fcrun's file
+    assert store.load("f").status == "running"
+
+
 def test_store_round_trip_and_names(tmp_path):
     store = StateStore(str(tmp_path / "containers"))
     store.reserve("web-1")

@@ -41,6 +41,7 @@ from ..units import parse_cpu, parse_memory
 from ..paths import DEFAULT_BRIDGE, DEFAULT_CGROUP_PARENT, DEFAULT_SUBNET, Paths
 from ..docroot import DEFAULT_DOCROOT_ROOTS, check_roots
 from ..runtime.lifecycle import Container, Runtime
+from ..runtime.process import exit_code
 from . import protocol as p
 from .pool import DEFAULT_MAX_AGE_S, DEFAULT_POOL_CPU, DEFAULT_POOL_MEMORY_BYTES, Pool
 
@@ -324,8 +325,7 @@ class ForkServer:
         if status is None:
             code = run.container.wait()
         else:
-            code = os.waitstatus_to_exitcode(status)
-            code = 128 - code if code < 0 else code
+            code = exit_code(status)
         # The client needs only the exit code: it gets it as soon as the container's lock is
         # held, and the container is removed after that, before the next request. Whoever
         # wants the name meanwhile waits for that lock (StateStore.reserve, rm, ...), so a

@@ -3,13 +3,20 @@ youki's libcontainer play).
 
     spec.py          the OCI runtime spec as typed structs, its decoding and validation
     options.py       `fcrun run`'s options -> a Spec (RunOptions, spec_from_image)
-    plan.py          Spec -> ChildPlan: every step the child takes, decided before the fork
+    plan.py          Spec -> ChildPlan (every step the child takes) and cgroup Limits
+    state.py         state.json on disk; the lifecycle table (ALLOWED, check_allowed)
+    lifecycle.py     Runtime: the entry point (create, run, kill, freeze, update, delete, gc)
+    creation.py      create's steps, each with its undo (validate, reserve, ... record)
+    container.py     Container (start, wait) and ContainerInfo (a row of `fcrun ps`)
+    process.py       who forks the child (here or the spawner), the handshake, the waits
     child.py         what runs in the new process between fork and exec (the plan's steps)
-    spawner.py       a small single-threaded process that forks children for the library
-    userns.py        host id ranges and user namespaces; capabilities.py, sealed.py (init)
-    state.py         state.json on disk: the container's lifecycle states and transitions
-    lifecycle.py     Runtime: create, start, kill, freeze, update, delete, exec, gc
-    criu.py          checkpoint/restore, where the kernel and CRIU allow
+    spawner/         a small single-threaded process that forks children for the library:
+                     protocol.py (wire, re-checks), server.py (the process), client.py
+    exec.py          exec into a running container
+    slots.py         a directory in a container filled with a host directory, live
+    storage.py       the writable layers on disk and the shared rootfs mount point
+    userns.py        host id ranges and mappings; holder.py makes the namespace itself
+    capabilities.py, sealed.py (pid 1's init as a sealed memfd), criu.py (checkpoint)
 
 Public names are imported on first use (PEP 562): the spawner imports `fcrun.runtime.child`
 and must not pay for the rest.
@@ -20,8 +27,8 @@ from __future__ import annotations
 import importlib
 
 _EXPORTS = {
-    "Container": "lifecycle", "ContainerInfo": "lifecycle", "Runtime": "lifecycle",
-    "limits_from_spec": "lifecycle", "require_root": "lifecycle",
+    "Container": "container", "ContainerInfo": "container", "Runtime": "lifecycle",
+    "limits_from_spec": "plan", "require_root": "lifecycle",
 }
 
 __all__ = sorted(_EXPORTS)

@@ -1,9 +1,9 @@
 """Process creation: the child that becomes a container, and the handshake with its parent.
 
 The parent computes a `ChildPlan` (plain bytes and ints, nothing to look up) and forks. The
-child runs `_child_main(plan)`: a flat sequence of system calls that ends in execve. It makes
+child runs `child_main(plan)`: a flat sequence of system calls that ends in execve. It makes
 no decision the plan did not make, so it stays small and allocation-light, and a fork-server
-(a process with no threads and no event loop: spawner.py) can drive it the same way as the
+(a process with no threads and no event loop: spawner/) can drive it the same way as the
 library. The spawner may also fork a child *before* it has a plan (`prepare_child`: pid,
 uts, ipc and net namespaces, PDEATHSIG, session) and hand it the plan later; the child then
 goes on from there.
@@ -86,7 +86,7 @@ class ChildPlan(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     """Everything the child needs, precomputed by the parent.
 
     A msgspec Struct because it also crosses a process boundary: the library sends it to the
-    spawner (spawner.py), which forks the child. The fd fields are numbers in the forking
+    spawner (spawner/), which forks the child. The fd fields are numbers in the forking
     process; on the wire they are -1/None and the fds travel alongside (SCM_RIGHTS).
     """
 
@@ -202,7 +202,9 @@ def _mount_one(m: MountStep, target: bytes) -> None:
         sc.mount(None, target, None, sc.MS_BIND | sc.MS_REMOUNT | sc.MS_RDONLY | sc.MS_REC, None)
 
 
-def _fail(plan: ChildPlan, step: str, exc: BaseException) -> None:
+def fail(plan: ChildPlan, step: str, exc: BaseException) -> None:
+    """Report a failed step to the parent on the status pipe ("E<step>\\0<errno>\\0<message>")
+    and exit 127. Never returns: in a forked child, nothing may unwind into the parent's code."""
     err = getattr(exc, "errno", None) or _errno.EIO
     filename = getattr(exc, "filename", None)
     if isinstance(filename, bytes):
@@ -214,7 +216,7 @@ def _fail(plan: ChildPlan, step: str, exc: BaseException) -> None:
         os._exit(127)
 
 
-# Namespaces a pre-forked child (spawner.py) makes before it knows its plan: none of them
+# Namespaces a pre-forked child (spawner/) makes before it knows its plan: none of them
 # depends on the plan or on the host's state at the time. The mount namespace is not among
 # them: a copy made ahead of time would miss host mounts made since.
 PREPARED_UNSHARE = sc.CLONE_NEWUTS | sc.CLONE_NEWIPC | sc.CLONE_NEWNET
@@ -247,7 +249,7 @@ def prepare_child(unshare_flags: int, pdeathsig: int) -> None:
             os.close(fd)
 
 
-def _child_main(plan: ChildPlan, prepared: int = 0) -> None:
+def child_main(plan: ChildPlan, prepared: int = 0) -> None:
     """Runs in the forked child. Never returns: execs or exits 127.
 
     `prepared`: the namespaces prepare_child made already (a pre-forked child, with
@@ -295,9 +297,9 @@ def _child_main(plan: ChildPlan, prepared: int = 0) -> None:
                 os._exit(127)  # never run the command unless told to
         os.close(plan.go_r)
 
-        _finish_and_exec(plan)
+        finish_and_exec(plan)
     except BaseException as exc:  # noqa: BLE001 - everything must be reported, then _exit
-        _fail(plan, step, exc)
+        fail(plan, step, exc)
 
 
 def _mount_rootfs(plan: ChildPlan) -> None:
@@ -377,7 +379,7 @@ def _pivot_root(plan: ChildPlan) -> None:
         sc.mount(None, b"/", None, sc.MS_BIND | sc.MS_REMOUNT | sc.MS_RDONLY, None)
 
 
-def _finish_and_exec(plan: ChildPlan) -> None:
+def finish_and_exec(plan: ChildPlan) -> None:
     """Drop privileges and exec. Shared by container creation and `exec` into a container."""
     step = STEP_RLIMIT
     try:
@@ -433,7 +435,7 @@ def _finish_and_exec(plan: ChildPlan) -> None:
         program = _find_executable(plan.argv[0], plan.env.get(b"PATH", b"/usr/sbin:/usr/bin:/sbin:/bin"))
 
         # Close every fd but stdio and the close-on-exec ones the exec itself needs.
-        _close_all_but({plan.status_w, *plan.keep_fds})
+        close_all_but({plan.status_w, *plan.keep_fds})
 
         if plan.seccomp_filter and plan.no_new_privs:
             # Last, so that fcrun's own steps above are not subject to the container's
@@ -447,10 +449,10 @@ def _finish_and_exec(plan: ChildPlan) -> None:
             os.execve(plan.init_fd, [b"init", b"--", program, *plan.argv[1:]], plan.env)
         os.execve(program, plan.argv, plan.env)
     except BaseException as exc:  # noqa: BLE001
-        _fail(plan, step, exc)
+        fail(plan, step, exc)
 
 
-def _close_all_but(keep: set[int]) -> None:
+def close_all_but(keep: set[int]) -> None:
     """Close every fd above stdio except `keep` (os.closerange uses close_range(2))."""
     low = 3
     for fd in sorted(keep):
@@ -534,8 +536,8 @@ def fork_plan(plan: ChildPlan, new_pid_ns: bool, close_in_child: tuple[int, ...]
         for fd in close_in_child:
             os.close(fd)
         if close_others:
-            _close_all_but({plan.status_w, plan.go_r, *plan.keep_fds, *(plan.stdio or ()), plan.userns_fd})
-        _child_main(plan)
+            close_all_but({plan.status_w, plan.go_r, *plan.keep_fds, *(plan.stdio or ()), plan.userns_fd})
+        child_main(plan)
 
     return fork_pid1(child, new_pid_ns)
 

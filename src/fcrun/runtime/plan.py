@@ -1,4 +1,5 @@
-"""Turn an OCI spec into a ChildPlan: every decision made before fork.
+"""Turn an OCI spec into a ChildPlan, and its resources into cgroup Limits: every decision
+made before fork (runc's specconv).
 
 Pure functions of the spec and host facts, so they are unit-tested without root.
 """
@@ -11,8 +12,11 @@ import signal
 import stat
 
 from .. import syscalls as sc
+from ..cgroups.base import Limits
+from ..cgroups.devices import DeviceRule
 from .capabilities import CAPABILITY_NUMBERS, capability_mask
 from ..errors import SpecError
+from ..units import CPU_PERIOD_US
 from .spec import Mount, Spec
 from ..seccomp import compile_filter, filter_flags
 from .child import ChildPlan, MountStep
@@ -189,4 +193,19 @@ def build_plan(
         userns_fd=userns_fd,
         idmapped_lower=idmapped_lower,
         upper_owner=upper_owner if overlay_tmpfs else None,
+    )
+
+
+def limits_from_spec(spec: Spec) -> Limits:
+    """The cgroup limits of the spec's linux.resources (none: no limits)."""
+    res = spec.linux.resources
+    if res is None:
+        return Limits()
+    return Limits(
+        cpu_quota_us=res.cpu.quota if res.cpu else None,
+        cpu_period_us=(res.cpu.period or CPU_PERIOD_US) if res.cpu else CPU_PERIOD_US,
+        memory_bytes=res.memory.limit if res.memory else None,
+        pids_max=res.pids.limit if res.pids else None,
+        devices=tuple(DeviceRule(allow=d.allow, type=d.type, major=d.major, minor=d.minor, access=d.access)
+                      for d in res.devices),
     )

@@ -10,6 +10,12 @@ The lifecycle is checked here and only here (youki's `can_start()`, h11's `_stat
     creating -> created -> running <-> frozen
         \\          \\          \\          \\
          `----------`----------`----------`--> stopped -> (deleted)
+
+"frozen" is never written to state.json: a frozen container is a running one whose cgroup
+is frozen, and that is read from the cgroup (as runc reads "paused" from the freezer), so a
+thaw by any route (Runtime.thaw, or a write to the cgroup itself) leaves the state true.
+`StateStore.save` writes a frozen container as running; `load` reads the "frozen" of an
+older fcrun's file as running.
 """
 
 from __future__ import annotations
@@ -18,7 +24,6 @@ import contextlib
 import fcntl
 import os
 import re
-import time
 from typing import Iterator, Literal
 
 import msgspec
@@ -30,23 +35,38 @@ Status = Literal["creating", "created", "running", "frozen", "stopped"]
 
 NAME_RE = re.compile(r"^[a-zA-Z0-9][a-zA-Z0-9_.-]{0,62}$")
 
+ALL_STATUSES = frozenset({"creating", "created", "running", "frozen", "stopped"})
+LIVE = frozenset({"created", "running", "frozen"})  # a process that may be signalled, changed
+
 # operation -> statuses it is allowed in
 ALLOWED: dict[str, frozenset[str]] = {
     "start": frozenset({"created"}),
-    "kill": frozenset({"created", "running", "frozen"}),
+    "kill": LIVE,
     "freeze": frozenset({"running"}),
     "thaw": frozenset({"frozen"}),
-    "update": frozenset({"created", "running", "frozen"}),
+    "update": LIVE,
+    "fill_slot": LIVE,
+    "hand_over": LIVE,
+    "label": ALL_STATUSES,
     "exec": frozenset({"running"}),
-    "delete": frozenset({"stopped", "creating"}),
+    "delete": frozenset({"stopped", "creating"}),  # "creating": the leftover of a crashed creation
+    "force_delete": ALL_STATUSES,  # `rm -f`: a live container is killed first
 }
+# What the user is told to do instead, where there is something to do.
+_HINTS = {"delete": "stop it first, or use rm -f"}
+
+
+def is_allowed(operation: str, status: str) -> bool:
+    """Whether `operation` is allowed for a container in `status` (see ALLOWED)."""
+    return status in ALLOWED[operation]
 
 
 def check_allowed(operation: str, name: str, status: str) -> None:
     """Raises IncorrectStatus unless `operation` is allowed for a container in `status`."""
     if status not in ALLOWED[operation]:
         allowed = "/".join(sorted(ALLOWED[operation]))
-        raise IncorrectStatus(f"cannot {operation} container {name!r}: it is {status} (must be {allowed})")
+        hint = f"; {_HINTS[operation]}" if operation in _HINTS else ""
+        raise IncorrectStatus(f"cannot {operation.replace('_', ' ')} container {name!r}: it is {status} (must be {allowed}{hint})")
 
 
 def validate_name(name: str, where: str = "--name") -> str:
@@ -158,6 +178,9 @@ class StateStore:
         return path
 
     def save(self, state: ContainerState) -> None:
+        """Write the state atomically; a frozen container as running (frozen is the cgroup's)."""
+        if state.status == "frozen":
+            state = msgspec.structs.replace(state, status="running")
         path = os.path.join(self.dir(state.name), "state.json")
         tmp = path + ".tmp"
         with open(tmp, "wb") as f:
@@ -168,12 +191,15 @@ class StateStore:
         validate_name(name, "container name")
         try:
             with open(os.path.join(self.dir(name), "state.json"), "rb") as f:
-                return _decoder.decode(f.read())
+                state = _decoder.decode(f.read())
         except FileNotFoundError:
             if os.path.isdir(self.dir(name)):
                 # Reserved but never saved: a creation that crashed early. `rm -f`/gc clean it.
                 return ContainerState(name=name, status="creating", spec=_EMPTY_SPEC)
             raise NotFound(f"no such container: {name!r}") from None
+        if state.status == "frozen":  # written by an older fcrun: whether it is, its cgroup says
+            state.status = "running"
+        return state
 
     def names(self) -> list[str]:
         try:
@@ -208,10 +234,6 @@ class StateStore:
             yield
         finally:
             os.close(fd)
-
-
-def now() -> float:
-    return time.time()
 
 
 # Placeholder spec for a container whose creation crashed before its state was first saved.

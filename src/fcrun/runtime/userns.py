@@ -7,13 +7,14 @@ table (like /etc/subuid, but allocated per container and recorded as one file pe
 the run root), so no two live containers ever share host ids: a tenant's root cannot signal,
 ptrace or read another tenant's processes or files, and is nobody to the host.
 
-How a container gets into its namespace (runtime.py, spawn.py):
+How a container gets into its namespace (creation.py, holder.py, child.py):
 
     parent (host root)                       container child (host root until the end)
-    make_userns(maps): fork a holder that
-      unshares CLONE_NEWUSER; write its
+    holder.new_userns(maps): fork a holder
+      that unshares CLONE_NEWUSER; write its
       uid_map/gid_map; keep /proc/H/ns/user
-      open; the holder exits
+      open; the holder exits (a threaded
+      library has its spawner do this)
     fork child with the fd --------------->  mounts, with image layers presented through
                                              idmapped mounts of that namespace (files owned
                                              by host root show as the container's root)
@@ -24,18 +25,16 @@ How a container gets into its namespace (runtime.py, spawn.py):
 The other namespaces stay owned by the host's user namespace, so container root can never
 mount, change its network or hostname (it holds no capability over them); the one thing that
 needs one, binding ports below 1024, is opened by `net.ipv4.ip_unprivileged_port_start=0` in
-the container's own network namespace (spawn.prepare_child), as Docker does.
+the container's own network namespace (child.prepare_child), as Docker does.
 """
 
 from __future__ import annotations
 
 import contextlib
-import errno
 import os
 import random
 
-from .. import syscalls as sc
-from ..errors import ContainerError, KernelError, SpecError
+from ..errors import ContainerError, SpecError
 from .spec import IDMapping
 
 RANGE_SIZE = 65536  # ids 0..65535 inside, as a distribution expects (nobody = 65534)
@@ -136,59 +135,10 @@ def check_mappings(mappings: list[IDMapping], where: str) -> None:
         raise SpecError("id mappings overlap inside the container", where)
 
 
-def _map_text(mappings: list[IDMapping]) -> bytes:
+def map_text(mappings: list[IDMapping]) -> bytes:
+    """The mappings as /proc/PID/uid_map (or gid_map) takes them: "inside outside count" lines."""
     return "".join(f"{m.container_id} {m.host_id} {m.size}\n" for m in mappings).encode()
 
 
-def make_userns(uid_mappings: list[IDMapping], gid_mappings: list[IDMapping]) -> int:
-    """A new user namespace with these mappings, as an O_CLOEXEC fd (owned by the caller).
-
-    A namespace needs a process to be born in: a child unshares it and waits; we write its
-    maps (as host root, so any mapping is allowed and setgroups stays permitted), open its
-    ns file, and let it exit. The namespace lives on as long as the fd (or a member) does.
-
-    Raises:
-        KernelError: the kernel refused (user namespaces disabled, a bad mapping).
-    """
-    ready_r, ready_w = os.pipe2(os.O_CLOEXEC)
-    done_r, done_w = os.pipe2(os.O_CLOEXEC)
-    pid = os.fork()
-    if pid == 0:  # the holder: no Python beyond these calls, then _exit
-        try:
-            os.close(ready_r)
-            os.close(done_w)
-            sc.unshare(sc.CLONE_NEWUSER)
-            os.write(ready_w, b"u")
-            os.read(done_r, 1)  # EOF when the parent is done (or dead)
-        finally:
-            os._exit(0)
-    os.close(ready_w)
-    os.close(done_r)
-    step = "unshare a user namespace"
-    try:
-        if os.read(ready_r, 1) != b"u":
-            raise OSError(errno.EPERM, "the namespace holder exited first (user namespaces disabled?)")
-        step = "write uid_map"
-        _write(f"/proc/{pid}/uid_map", _map_text(uid_mappings))
-        step = "write gid_map"
-        _write(f"/proc/{pid}/gid_map", _map_text(gid_mappings))
-        step = "open the user namespace"
-        return os.open(f"/proc/{pid}/ns/user", os.O_RDONLY | os.O_CLOEXEC)
-    except OSError as exc:
-        raise KernelError.from_oserror(f"{step} of pid {pid}:", exc.filename or "", exc) from None
-    finally:
-        os.close(ready_r)
-        os.close(done_w)
-        os.waitpid(pid, 0)
-
-
-def _write(path: str, data: bytes) -> None:
-    fd = os.open(path, os.O_WRONLY | os.O_CLOEXEC)
-    try:
-        os.write(fd, data)
-    finally:
-        os.close(fd)
-
-
-__all__ = ["IdRanges", "RANGE_SIZE", "FIRST_HOST_ID", "make_userns", "range_mappings", "root_host_ids",
+__all__ = ["IdRanges", "RANGE_SIZE", "FIRST_HOST_ID", "map_text", "range_mappings", "root_host_ids",
            "is_fcrun_range", "check_mappings"]

@@ -1,0 +1,329 @@
+"""Creating a container, step by step: `Runtime.create` and `Runtime.run` are this.
+
+    validate   name, spec, image, options: nothing is made for a bad request
+    reserve    the name (its state dir, locked until the creation is over)
+    userns     a host id range and the user namespace, when the spec has one
+    slot       the slot's mount (slots.py), when asked for
+    rootfs     overlay dirs (storage.py) or a tmpfs layer, or the spec's root as it is
+    plan       stdio, init, ChildPlan (plan.py)
+    child      forked (process.py: here or by the spawner); the handshake is child.py's
+    cgroup     made while the child mounts its rootfs, the child moved in
+    network    the veth into the child's netns (bridge mode), then "J" (or "JS": run)
+    record     the one save of state.json
+    handshake  "R", then "C" (created) or the exec (run)
+
+Resource handling: every step registers its undo; on any failure they run in reverse, so a
+failed creation leaves nothing behind (no state dir, id range, slot mount, layer, cgroup,
+veth, lease or process). A crash before `record` leaves a reserved name, which `fcrun gc`
+cleans up by name; the child dies with us or at the EOF of its go pipe.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import time
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import msgspec
+
+from ..errors import ContainerError, FcrunError, KernelError, MissingFeature, SpecError
+from .child import ChildFailure, ChildPlan, failure_to_error, read_status
+from .container import Container
+from .options import ROOTFS_ANNOTATION
+from .plan import build_plan, limits_from_spec
+from .process import SETUP_TIMEOUT_S, ChildHandle, child_report, make_userns, read_ready, send_go, start_child
+from .sealed import sealed_copy
+from .slots import SLOT_OPTIONS, make_slot, release_slot
+from .spec import Mount, Spec, network_mode, validate_spec
+from .state import ContainerState, NetworkState, Rootfs, proc_start_time, validate_name
+from .userns import map_text, range_mappings, root_host_ids
+
+if TYPE_CHECKING:
+    from ..images import Image
+    from .lifecycle import Runtime
+
+INIT_CANDIDATES = ("/usr/bin/tini-static",)  # static: the image may have no libc
+VOLATILE_ROOTFS_DEFAULT_BYTES = 512 << 20  # its size cap when the container has no memory limit
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class CreateRequest:
+    """A checked request to create a container (see Runtime.create for the fields)."""
+
+    name: str
+    spec: Spec
+    image: "Image | None"
+    detach: bool
+    stdio: tuple[int, int, int] | None
+    init_path: str | None
+    labels: dict[str, str]
+    slot: str | None
+    volatile_rootfs: bool
+    start: bool  # run(): exec at once, no "created" stop
+
+
+def validate(runtime: "Runtime", name: str, spec: Spec, *, image, detach: bool, stdio, init: bool, labels,
+             slot: str | None, volatile_rootfs: bool | None, start: bool) -> CreateRequest:
+    """Check a creation's inputs before anything is made.
+
+    Raises:
+        SpecError: bad name, spec or options. NotFound: unknown image. MissingFeature: no init.
+    """
+    validate_name(name)
+    validate_spec(spec)
+    if isinstance(image, str):
+        image = runtime.images.get(image)
+    if image is None and not os.path.isdir(spec.root.path):
+        raise SpecError(f"root filesystem {spec.root.path!r} is not a directory", "$.root.path")
+    if volatile_rootfs is None:
+        volatile_rootfs = spec.annotations.get(ROOTFS_ANNOTATION, "") == "tmpfs"
+    if volatile_rootfs and image is None:
+        raise SpecError("a memory-backed rootfs (volatile_rootfs) needs an image", "volatile_rootfs")
+    return CreateRequest(name=name, spec=spec, image=image, detach=detach, stdio=stdio,
+                         init_path=find_init() if init else None, labels=dict(labels or {}), slot=slot,
+                         volatile_rootfs=volatile_rootfs, start=start)
+
+
+def find_init() -> str:
+    """A static init for pid 1: $FCRUN_INIT, else Debian's tini-static.
+
+    Raises:
+        MissingFeature: there is none.
+    """
+    override = os.environ.get("FCRUN_INIT")
+    for path in ((override,) if override else INIT_CANDIDATES):
+        if os.access(path, os.X_OK):
+            return path
+    raise MissingFeature("a static init for pid 1 (/usr/bin/tini-static)", "apt-get install tini, or pass init=False / --no-init")
+
+
+class Creation:
+    """One container being created: what is made so far, and the undo of each step.
+
+    Resource handling: `run` either returns a Container that owns the handshake fds, or
+    undoes everything and raises.
+    """
+
+    def __init__(self, runtime: "Runtime", request: CreateRequest):
+        self.runtime = runtime
+        self.request = request
+        self.name = request.name
+        self.undo = contextlib.ExitStack()
+        self.state: ContainerState | None = None
+        self.cdir = ""
+        self.userns_fd = self.init_fd = -1
+        self.root_ids: tuple[int, int] | None = None
+        self.stdio = request.stdio
+        self.child: ChildHandle | None = None
+
+    def run(self) -> Container:
+        """Create the container (and start it, for run()).
+
+        Raises:
+            AlreadyExists: name taken. KernelError/ContainerError: the kernel or the child
+            failed; everything made so far is undone first.
+        """
+        self.cdir = self.runtime.states.reserve(self.name)
+        self.undo.callback(self.runtime.states.remove, self.name)
+        creating = contextlib.ExitStack()
+        try:
+            # Held until the creation is over, its rollback included: `rm -f` and `gc` of
+            # another process wait for it instead of taking the reserved name for the leftover
+            # of a crashed creation.
+            creating.enter_context(self.runtime.states.locked(self.name))
+            self._make()
+        except ChildFailure as failure:
+            self.undo.close()
+            raise failure_to_error(failure, self.name) from None
+        except BaseException as exc:
+            # The child may have died first and said why; its report beats our symptom of it
+            # (a broken pipe, a vanished /proc/PID/ns/net).
+            report = child_report(self.child.status_r) if self.child is not None else None
+            self.undo.close()
+            if report is not None:
+                raise failure_to_error(report, self.name) from None
+            if isinstance(exc, OSError) and not isinstance(exc, FcrunError):
+                raise KernelError.from_oserror(f"create container {self.name}:", exc.filename or "", exc) from None
+            raise
+        finally:
+            for fd in (self.init_fd, self.userns_fd):  # the child holds them now (or nobody does)
+                if fd >= 0:
+                    os.close(fd)
+            creating.close()
+        return self._keep()
+
+    def _make(self) -> None:
+        request = self.request
+        self.state = ContainerState(
+            name=self.name, status="creating", spec=request.spec, image=request.image.name if request.image else "",
+            created_at=time.time(), detached=request.detach, labels=request.labels,
+        )
+        if any(ns.type == "user" for ns in self.state.spec.linux.namespaces):
+            self._user_namespace()
+        if request.slot is not None:
+            self._slot(request.slot)
+        self._rootfs()
+        if request.detach and self.stdio is None:
+            self._log_stdio()
+        self.child = start_child(self._plan(), self.runtime.spawner_mode)
+        self.undo.callback(self.child.abandon)
+        self._cgroup()
+        go = b"JS" if request.start else b"J"
+        bridge = network_mode(self.state.spec) == "bridge"
+        if bridge:
+            self._bridge_network()
+        else:
+            self.state.network = NetworkState(mode=network_mode(self.state.spec))
+        send_go(self.child.go_w, go, self.child.status_r)
+        self._record()
+        if not bridge:
+            read_ready(self.child.status_r, self.name)
+        self._handshake()
+
+    def _user_namespace(self) -> None:
+        state = self.state
+        spec = state.spec
+        if not spec.linux.uid_mappings:  # fcrun's choice: a host id range of its own
+            base = self.runtime.id_ranges.allocate(self.name)
+            self.undo.callback(self.runtime.id_ranges.release, base, self.name)
+            state.spec = spec = msgspec.structs.replace(spec, linux=msgspec.structs.replace(
+                spec.linux, uid_mappings=range_mappings(base), gid_mappings=range_mappings(base)))
+        self.userns_fd = make_userns(map_text(spec.linux.uid_mappings), map_text(spec.linux.gid_mappings))
+        self.root_ids = root_host_ids(spec.linux)
+
+    def _slot(self, destination: str) -> None:
+        self.undo.callback(release_slot, self.cdir)
+        content = make_slot(self.cdir)
+        spec = self.state.spec
+        self.state.spec = msgspec.structs.replace(spec, mounts=[
+            *spec.mounts, Mount(destination=destination, source=content, options=list(SLOT_OPTIONS))])
+
+    def _rootfs(self) -> None:
+        state, image = self.state, self.request.image
+        if image is None:
+            state.rootfs = Rootfs(mountpoint=os.path.abspath(state.spec.root.path))
+            return
+        # No mount point of its own: the child mounts the rootfs on the shared, always empty
+        # dir inside its own mount namespace.
+        storage = self.runtime.storage
+        mountpoint = storage.rootfs_mountpoint()
+        lower = list(reversed(image.layers))
+        if self.request.volatile_rootfs:
+            res = state.spec.linux.resources
+            memory = res.memory.limit if res and res.memory and (res.memory.limit or 0) > 0 else None
+            state.rootfs = Rootfs(
+                mountpoint=mountpoint, lower=lower, upper=os.path.join(mountpoint, "upper"),
+                work=os.path.join(mountpoint, "work"), tmpfs_bytes=memory or VOLATILE_ROOTFS_DEFAULT_BYTES,
+            )
+            return
+        upper, work = storage.make_layer(self.name, self.root_ids)
+        self.undo.callback(storage.remove, self.name)
+        state.rootfs = Rootfs(mountpoint=mountpoint, lower=lower, upper=upper, work=work)
+
+    def _log_stdio(self) -> None:
+        """A detached container's stdio: /dev/null in, its output.log out."""
+        log_path = os.path.join(self.cdir, "output.log")
+        log_fd = os.open(log_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o600)
+        self.undo.callback(os.close, log_fd)
+        null_fd = os.open("/dev/null", os.O_RDONLY | os.O_CLOEXEC)
+        self.undo.callback(os.close, null_fd)
+        if self.root_ids is not None:
+            # Its root may reopen it (Apache opens /dev/stderr, i.e. /proc/self/fd/2), which
+            # checks the file's owner; the 0700 container dir keeps others out.
+            os.fchown(log_fd, *self.root_ids)
+        self.stdio = (null_fd, log_fd, log_fd)
+        self.state.log_path = log_path
+
+    def _plan(self) -> ChildPlan:
+        if self.request.init_path:
+            # A sealed memfd copy, not the host file: pid 1's /proc/1/exe is what the
+            # container can reach (sealed.py).
+            self.init_fd = sealed_copy(self.request.init_path)
+        rootfs = self.state.rootfs
+        return build_plan(
+            self.state.spec,
+            rootfs=rootfs.mountpoint,
+            overlay_lower=rootfs.lower or None,
+            overlay_upper=rootfs.upper,
+            overlay_work=rootfs.work,
+            overlay_tmpfs_bytes=rootfs.tmpfs_bytes,
+            cgroup_procs=[],  # the parent moves the child (_cgroup), in parallel with its mounts
+            cap_last=self.runtime.cap_last,
+            attached=not self.request.detach,
+            init_fd=self.init_fd,
+            stdio=self.stdio,
+            userns_fd=self.userns_fd,
+            upper_owner=self.root_ids,
+        )
+
+    def _cgroup(self) -> None:
+        """Make the container's cgroup and move the child in, while it mounts its rootfs.
+
+        On cgroup v1 the move waits for an RCU grace period when no other move happened
+        lately: better spent now, alongside the child's mounts, than after.
+        """
+        state, cgroups = self.state, self.runtime.cgroups
+        cgroup = cgroups.create(self.name, limits_from_spec(state.spec))
+        self.undo.callback(cgroup.destroy)
+        state.cgroup_version = cgroups.version
+        state.cgroup_paths = dict(cgroup.paths)
+        state.pid = self.child.wait_pid()
+        state.pid_start_time = proc_start_time(state.pid)
+        cgroup.add(state.pid)
+
+    def _bridge_network(self) -> None:
+        """Once the child's namespaces exist ("R"), move a veth into its netns."""
+        read_ready(self.child.status_r, self.name)
+        network = self.runtime.network
+        netns_fd = os.open(f"/proc/{self.state.pid}/ns/net", os.O_RDONLY | os.O_CLOEXEC)
+        try:
+            # A failed creation changes nothing: not even a bridge this attach made.
+            self.undo.callback(self._remove_bridge_quietly)
+            self.undo.callback(network.detach, self.name)
+            att = network.attach(self.name, netns_fd)
+        finally:
+            os.close(netns_fd)
+        self.state.network = NetworkState(
+            mode="bridge", ip=att.ip, prefixlen=att.prefixlen, gateway=att.gateway,
+            host_ifname=att.host_ifname, bridge=att.bridge,
+        )
+
+    def _remove_bridge_quietly(self) -> None:
+        try:
+            self.runtime.network.remove_bridge_if_unused()
+        except (FcrunError, OSError) as exc:  # a rollback goes on; the next gc tries again
+            log.warning("container %s: rollback: remove bridge: %s", self.name, exc)
+
+    def _record(self) -> None:
+        """The one save of a creation, made while the child mounts its rootfs, with the status
+        it has once the handshake completes; if it does not, the rollback removes it again."""
+        self.state.status = "running" if self.request.start else "created"
+        self.state.started_at = time.time() if self.request.start else 0.0
+        self.runtime.states.save(self.state)
+
+    def _handshake(self) -> None:
+        status_r = self.child.status_r
+        if self.request.start:  # the child got "JS": no "C", the next news is the exec
+            if read_status(status_r, SETUP_TIMEOUT_S) != b"":
+                raise ContainerError(f"container {self.name}: unexpected message from its setup")
+        elif read_status(status_r, SETUP_TIMEOUT_S) != b"C":
+            raise ContainerError(f"container {self.name}: setup ended before the rootfs was ready")
+
+    def _keep(self) -> Container:
+        """Success: keep what was made; only the parent's copies of the log's fds go."""
+        self.undo.pop_all()
+        if self.stdio is not None and self.state.log_path:
+            for fd in set(self.stdio):
+                os.close(fd)
+        child = self.child
+        report_r = child.claim()  # the container exists: now the spawner may be told
+        if self.request.start:
+            os.close(child.status_r)
+            os.close(child.go_w)
+            return Container(self.runtime, self.state, report_r=report_r)
+        return Container(self.runtime, self.state, child.status_r, child.go_w, report_r)
