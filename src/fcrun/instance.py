@@ -23,12 +23,12 @@ from typing import Literal
 
 import msgspec
 
+from .constraints import MIN_PIDS_MAX  # an app's own pids limit may not go lower
 from .runtime.spec import Capabilities, Seccomp, Spec
 from .runtime.options import RunOptions, spec_from_image
 
 DEFAULT_DOCROOT = "/var/www/html"  # where an image without a docroot label serves files from
 DEFAULT_PIDS_MAX = 1024  # processes and threads of one instance (Apache prefork: 8-150 workers)
-MIN_PIDS_MAX = 8  # an app's own limit may not go lower: init, the server and a worker or two
 DROPPED_CAPABILITIES = frozenset({"CAP_NET_RAW", "CAP_MKNOD"})
 
 

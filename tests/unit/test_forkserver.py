@@ -76,6 +76,20 @@ def test_every_request_is_rechecked(request_, where):
     assert info.value.where.startswith(where)
 
 
+def test_ranges_are_checked_as_a_request_is_decoded_and_named_in_words():
+    import msgspec
+
+    body = msgspec.msgpack.encode({"type": "Claim", "image": "apache-php", "labels": {},
+                                   "limits": {"cpu": 0.5, "memory_bytes": 1 << 20}})
+    with pytest.raises(SpecError) as info:
+        p.decode_request(body)
+    assert info.value.where == "$.limits.memory_bytes"
+    assert str(info.value) == "bad request: memory_bytes must be at least 4194304 (at $.limits.memory_bytes)"
+    with pytest.raises(SpecError) as info:
+        p.decode_request(msgspec.msgpack.encode({"type": "Signal", "signal": 65}))
+    assert info.value.where == "$.signal" and "signal must be at most 64" in str(info.value)
+
+
 def test_good_requests_pass(tmp_path):
     p.check_request(p.Claim(image="apache-php", labels={"fcrun.app": "a.test"}, limits=LIMITS, docroot=str(tmp_path)))
     p.check_request(p.Start(image="apache-php", name="a-1", labels={}, limits=LIMITS, env=["A=1"]))

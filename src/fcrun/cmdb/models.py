@@ -5,13 +5,14 @@ msgspec Structs and nothing here touches the database. Validation is separate fr
 a row read back from the CMDB is trusted as it is (its docroot may have gone since), while
 everything a user sends goes through `validate_app` before it is written.
 
-Errors name the field they are about (``memory_bytes``, ``hostnames[1]``), as the admin API
-and the CMDB see it; the CLI parses its flags itself and names the flag (``--memory``).
+The ranges of numbers are the types of App's fields (constraints.py: ``memory_bytes:
+MemoryBytes``), checked by `validate_app` when it converts an app. Errors name the field they
+are about (``memory_bytes``, ``hostnames[1]``), as the admin API and the CMDB see it; the CLI
+parses its flags itself and names the flag (``--memory``).
 """
 
 from __future__ import annotations
 
-import math
 import os
 import re
 from typing import Any, Literal
@@ -19,10 +20,10 @@ from typing import Any, Literal
 import msgspec
 from msgspec import UNSET, UnsetType
 
-from ..cgroups.base import PID_MAX_LIMIT
+from ..constraints import Count, Cpu, MemoryBytes, PidsMax, Port, PositiveCount, PositiveSeconds, Seconds, describe
+from ..constraints import spec_error  # noqa: F401 - where the admin API has always imported it from
 from ..errors import SpecError
 from ..hostnames import normalize_hostname  # also for `from fcrun.cmdb.models import normalize_hostname`
-from ..units import MIN_MEMORY_BYTES, parse_cpu
 
 InstanceState = Literal["starting", "ready", "draining", "frozen", "stopped"]
 INSTANCE_STATES: tuple[str, ...] = ("starting", "ready", "draining", "frozen", "stopped")
@@ -34,7 +35,7 @@ DEFAULT_MIN_INSTANCES = 0
 DEFAULT_MAX_INSTANCES = 1
 DEFAULT_TARGET_CONCURRENCY = 10
 DEFAULT_IDLE_TIMEOUT_S = 60.0
-DEFAULT_FREEZE_AFTER_S = 30.0  # frozen (no CPU, thawed in ~1 ms) long before it is stopped
+DEFAULT_FREEZE_AFTER_S = 30.0  # frozen (no CPU, quick to thaw) long before it is stopped
 DEFAULT_COOLDOWN_UP_S = 10.0
 DEFAULT_COOLDOWN_DOWN_S = 30.0
 DEFAULT_PORT = 80  # when neither the app nor the image names one
@@ -57,24 +58,24 @@ class App(msgspec.Struct, kw_only=True, frozen=True):
     hostnames: list[str] = []
     env: list[str] = []  # "KEY=value"
     docroot: str | None = None  # host directory bind-mounted at the image's document root
-    cpu: float = DEFAULT_CPU  # fraction of one CPU
-    cpu_max: float | None = None  # ceiling for scale-up
-    memory_bytes: int = DEFAULT_MEMORY_BYTES
-    min_instances: int = DEFAULT_MIN_INSTANCES
-    max_instances: int = DEFAULT_MAX_INSTANCES
-    target_concurrency: int = DEFAULT_TARGET_CONCURRENCY
-    idle_timeout_s: float = DEFAULT_IDLE_TIMEOUT_S
-    freeze_after_s: float | None = DEFAULT_FREEZE_AFTER_S  # None: never frozen
-    max_lifetime_s: float | None = None  # None: instances are never replaced for age
-    cooldown_up_s: float = DEFAULT_COOLDOWN_UP_S
-    cooldown_down_s: float = DEFAULT_COOLDOWN_DOWN_S
-    max_body_bytes: int | None = None  # None: no limit
-    port: int | None = None
+    cpu: Cpu = DEFAULT_CPU  # fraction of one CPU
+    cpu_max: Cpu | None = None  # ceiling for scale-up
+    memory_bytes: MemoryBytes = DEFAULT_MEMORY_BYTES
+    min_instances: Count = DEFAULT_MIN_INSTANCES
+    max_instances: PositiveCount = DEFAULT_MAX_INSTANCES
+    target_concurrency: PositiveCount = DEFAULT_TARGET_CONCURRENCY
+    idle_timeout_s: Seconds = DEFAULT_IDLE_TIMEOUT_S
+    freeze_after_s: Seconds | None = DEFAULT_FREEZE_AFTER_S  # None: never frozen
+    max_lifetime_s: PositiveSeconds | None = None  # None: instances are never replaced for age
+    cooldown_up_s: Seconds = DEFAULT_COOLDOWN_UP_S
+    cooldown_down_s: Seconds = DEFAULT_COOLDOWN_DOWN_S
+    max_body_bytes: Count | None = None  # None: no limit
+    port: Port | None = None
     autoscale: bool = True
     created_at: float = 0.0
     updated_at: float = 0.0
     generation: int = 1  # incremented by every update
-    pids_max: int | None = None  # None: instance.DEFAULT_PIDS_MAX
+    pids_max: PidsMax | None = None  # None: instance.DEFAULT_PIDS_MAX
     # "default" (fcrun's default profile), "unconfined" (no filter), or an OCI profile's JSON
     # (stored whole: the file it came from may change or vanish).
     seccomp: str = "default"
@@ -139,17 +140,17 @@ class AppDefaults(msgspec.Struct, kw_only=True, forbid_unknown_fields=True, froz
     `check_defaults` applies the rules an app's own settings follow.
     """
 
-    cpu: float = DEFAULT_CPU
-    memory_bytes: int = DEFAULT_MEMORY_BYTES
-    min_instances: int = DEFAULT_MIN_INSTANCES
-    max_instances: int = DEFAULT_MAX_INSTANCES
-    target_concurrency: int = DEFAULT_TARGET_CONCURRENCY
-    idle_timeout_s: float = DEFAULT_IDLE_TIMEOUT_S
-    freeze_after_s: float | None = DEFAULT_FREEZE_AFTER_S  # None: never frozen
-    max_lifetime_s: float | None = None
-    cooldown_up_s: float = DEFAULT_COOLDOWN_UP_S
-    cooldown_down_s: float = DEFAULT_COOLDOWN_DOWN_S
-    max_body_bytes: int | None = None
+    cpu: Cpu = DEFAULT_CPU
+    memory_bytes: MemoryBytes = DEFAULT_MEMORY_BYTES
+    min_instances: Count = DEFAULT_MIN_INSTANCES
+    max_instances: PositiveCount = DEFAULT_MAX_INSTANCES
+    target_concurrency: PositiveCount = DEFAULT_TARGET_CONCURRENCY
+    idle_timeout_s: Seconds = DEFAULT_IDLE_TIMEOUT_S
+    freeze_after_s: Seconds | None = DEFAULT_FREEZE_AFTER_S  # None: never frozen
+    max_lifetime_s: PositiveSeconds | None = None
+    cooldown_up_s: Seconds = DEFAULT_COOLDOWN_UP_S
+    cooldown_down_s: Seconds = DEFAULT_COOLDOWN_DOWN_S
+    max_body_bytes: Count | None = None
     autoscale: bool = True
 
 
@@ -240,25 +241,6 @@ def check_docroot(path: str, where: str = "docroot") -> str:
     return os.path.normpath(path)
 
 
-def _check_seconds(value: float | None, where: str, *, nullable: bool = False, positive: bool = False) -> None:
-    if value is None and nullable:
-        return
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-        raise SpecError(f"{where} must be a finite number of seconds, not {value!r}", where)
-    if value < 0 or (positive and value == 0):
-        raise SpecError(f"{where} must be {'> 0' if positive else '>= 0'} seconds, not {value!r}", where)
-
-
-def _check_int(value: int | None, where: str, minimum: int, maximum: int | None = None, nullable: bool = False) -> None:
-    if value is None and nullable:
-        return
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise SpecError(f"{where} must be an integer, not {value!r}", where)
-    if value < minimum or (maximum is not None and value > maximum):
-        span = f">= {minimum}" if maximum is None else f"in {minimum}..{maximum}"
-        raise SpecError(f"{where} must be {span}, not {value}", where)
-
-
 def validate_app(app: App) -> App:
     """Check every setting of an app and return it normalized (hostnames lowercased, paths
     normalized, the image name canonical).
@@ -268,8 +250,13 @@ def validate_app(app: App) -> App:
     """
     from ..images import parse_name  # the image store owns the rule for image names
 
+    try:  # every field's type and range, as App's annotations say (msgspec checks them on conversion)
+        app = msgspec.convert(msgspec.to_builtins(app), App)
+    except msgspec.ValidationError as exc:
+        message, location = describe(exc)
+        raise SpecError(message, location.removeprefix("$.")) from None
     name = normalize_hostname(app.name, "name")
-    if not isinstance(app.image, str) or not app.image.strip():
+    if not app.image.strip():
         raise SpecError("image name is empty", "image")
     image = parse_name(app.image.strip(), "image")
 
@@ -283,42 +270,17 @@ def validate_app(app: App) -> App:
         hostnames.append(host)
 
     for i, item in enumerate(app.env):
-        key, sep, _ = item.partition("=") if isinstance(item, str) else ("", "", "")
+        key, sep, _ = item.partition("=")
         if not sep or not _ENV_KEY.fullmatch(key):
             raise SpecError(f"environment entry {item!r} is not KEY=value", f"env[{i}]")
 
     docroot = None if app.docroot is None else check_docroot(app.docroot, "docroot")
-    cpu = parse_cpu(app.cpu, "cpu")
-    if app.cpu_max is not None:
-        parse_cpu(app.cpu_max, "cpu_max")
-        if app.cpu_max < cpu:
-            raise SpecError(f"cpu_max {app.cpu_max:g} is below cpu {cpu:g}", "cpu_max")
-    _check_int(app.memory_bytes, "memory_bytes", 0)
-    if app.memory_bytes < MIN_MEMORY_BYTES:
-        raise SpecError(f"memory_bytes {app.memory_bytes} is below the minimum of 4M ({MIN_MEMORY_BYTES})",
-                        "memory_bytes")
-    _check_int(app.min_instances, "min_instances", 0)
-    _check_int(app.max_instances, "max_instances", 1)
+    if app.cpu_max is not None and app.cpu_max < app.cpu:
+        raise SpecError(f"cpu_max {app.cpu_max:g} is below cpu {app.cpu:g}", "cpu_max")
     if app.min_instances > app.max_instances:
         raise SpecError(
             f"min_instances {app.min_instances} is above max_instances {app.max_instances}", "min_instances"
         )
-    _check_int(app.target_concurrency, "target_concurrency", 1)
-    _check_seconds(app.idle_timeout_s, "idle_timeout_s")
-    _check_seconds(app.freeze_after_s, "freeze_after_s", nullable=True)
-    # A zero lifetime would replace every instance as soon as it is up.
-    _check_seconds(app.max_lifetime_s, "max_lifetime_s", nullable=True, positive=True)
-    _check_seconds(app.cooldown_up_s, "cooldown_up_s")
-    _check_seconds(app.cooldown_down_s, "cooldown_down_s")
-    _check_int(app.max_body_bytes, "max_body_bytes", 0, nullable=True)
-    _check_int(app.port, "port", 1, 65535, nullable=True)
-    if not isinstance(app.autoscale, bool):
-        raise SpecError(f"autoscale must be true or false, not {app.autoscale!r}", "autoscale")
-    from ..instance import MIN_PIDS_MAX
-
-    _check_int(app.pids_max, "pids_max", MIN_PIDS_MAX, PID_MAX_LIMIT, nullable=True)
-    if not isinstance(app.seccomp, str):
-        raise SpecError(f"seccomp must be 'default', 'unconfined' or a profile's JSON, not {app.seccomp!r}", "seccomp")
     if app.seccomp not in ("default", "unconfined"):
         from ..seccomp import parse_profile
 
@@ -326,10 +288,7 @@ def validate_app(app: App) -> App:
             parse_profile(app.seccomp.encode(), "the app's seccomp profile")
         except SpecError as exc:
             raise SpecError(f"{exc}: use 'default', 'unconfined' or an OCI seccomp profile", "seccomp") from None
-    return msgspec.structs.replace(
-        app, name=name, image=image, hostnames=hostnames, docroot=docroot, cpu=float(cpu),
-        cpu_max=None if app.cpu_max is None else float(app.cpu_max),
-    )
+    return msgspec.structs.replace(app, name=name, image=image, hostnames=hostnames, docroot=docroot)
 
 
 def check_defaults(defaults: AppDefaults) -> None:
@@ -357,23 +316,3 @@ def apply_update(app: App, update: AppUpdate, now: float) -> App:
     return validate_app(
         msgspec.structs.replace(app, **update.changes(), updated_at=now, generation=app.generation + 1)
     )
-
-
-def spec_error(exc: msgspec.ValidationError | msgspec.DecodeError, source: str = "") -> SpecError:
-    """A msgspec decoding error as a SpecError whose location names the key.
-
-    msgspec says ``Object contains unknown field `x` - at `$.proxy```; this gives
-    ``<source>: unknown key `x` (at $.proxy.x)``.
-    """
-    text = str(exc)
-    message, sep, location = text.rpartition(" - at `")
-    if sep:
-        location = location.rstrip("`")
-    else:
-        message, location = text, "$"
-    m = re.fullmatch(r"Object (contains unknown|missing required) field `([^`]*)`", message)
-    if m:
-        message = ("unknown key" if m.group(1) == "contains unknown" else "missing required key") + f" `{m.group(2)}`"
-        location = f"{location}.{m.group(2)}"
-    prefix = f"{source}: " if source else ""
-    return SpecError(prefix + message, location)

@@ -29,22 +29,20 @@ against what fcrun itself would accept, whoever sent it.
 
 from __future__ import annotations
 
-import math
 import os
 import re
 import struct
-from typing import Union
+from typing import Annotated, Union
 
 import msgspec
 
-from ..cgroups.base import PID_MAX_LIMIT
+from ..constraints import MAX_POOL_SIZE  # noqa: F401 - protocol.MAX_POOL_SIZE, as it always was
+from ..constraints import MachineCpu, MemoryBytes, PidsMax, PoolSize, spec_error
 from ..errors import SpecError
-from ..instance import MIN_PIDS_MAX, seccomp_from_setting
+from ..instance import seccomp_from_setting
 from ..runtime.state import validate_name
-from ..units import MIN_MEMORY_BYTES
 
 MAX_MESSAGE_BYTES = 1 << 20
-MAX_POOL_SIZE = 1024
 MAX_SIGNAL = 64  # SIGRTMAX on Linux
 RUN_NETWORKS = ("bridge", "none", "host")
 STDIO_FDS = 3  # a foreground Run carries stdin, stdout, stderr (SCM_RIGHTS)
@@ -56,9 +54,9 @@ _LABEL_KEY = re.compile(r"^[a-z0-9][a-z0-9._/-]{0,127}$")
 class InstanceLimits(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     """An app instance's limits as a user gives them (cgroups.Limits holds the kernel's units)."""
 
-    cpu: float  # fraction of one CPU
-    memory_bytes: int
-    pids_max: int | None = None  # None: instance.DEFAULT_PIDS_MAX
+    cpu: MachineCpu  # fraction of one CPU
+    memory_bytes: MemoryBytes
+    pids_max: PidsMax | None = None  # None: instance.DEFAULT_PIDS_MAX
 
 
 class Start(msgspec.Struct, tag=True, frozen=True, forbid_unknown_fields=True):
@@ -85,7 +83,7 @@ class Claim(msgspec.Struct, tag=True, frozen=True, forbid_unknown_fields=True):
 class SetPool(msgspec.Struct, tag=True, frozen=True, forbid_unknown_fields=True):
     """How many pooled instances to keep per image (0 or absent: none)."""
 
-    sizes: dict[str, int]
+    sizes: dict[str, PoolSize]
 
 
 class Status(msgspec.Struct, tag=True, frozen=True, forbid_unknown_fields=True):
@@ -129,7 +127,7 @@ class Run(msgspec.Struct, tag=True, frozen=True, forbid_unknown_fields=True):
 class Signal(msgspec.Struct, tag=True, frozen=True, forbid_unknown_fields=True):
     """Send `signal` to the pid 1 of this connection's running container (no reply)."""
 
-    signal: int
+    signal: Annotated[int, msgspec.Meta(ge=1, le=MAX_SIGNAL)]
 
 
 Command = Union[Start, Claim, SetPool, Status, Shutdown, Run, Signal]  # what a client may send
@@ -198,11 +196,15 @@ def frame(message: Command | Reply) -> bytes:
 
 
 def decode_request(body: bytes) -> Command:
-    """Raises SpecError naming what is wrong (msgspec's path, e.g. `$.limits.cpu`)."""
+    """Decode a request, its fields' types and ranges checked (the annotations above).
+
+    Raises:
+        SpecError: naming what is wrong, at msgspec's path (``$.limits.cpu``).
+    """
     try:
         return _request_decoder.decode(body)
     except msgspec.ValidationError as exc:
-        raise SpecError(f"bad request: {exc}") from None
+        raise spec_error(exc, "bad request") from None
     except msgspec.DecodeError as exc:
         raise SpecError(f"undecodable request: {exc}") from None
 
@@ -230,13 +232,18 @@ def split_frames(buffer: bytearray) -> list[bytes]:
 
 
 def check_request(request: Command) -> None:
-    """Re-check a decoded request as the privileged side must. Raises SpecError naming the field."""
+    """Re-check a request as the privileged side must, however it was made: its fields' types
+    and ranges (as decoding checks them), then what a type cannot say.
+
+    Raises:
+        SpecError: naming the field, at its path.
+    """
+    decode_request(_encoder.encode(request))
     match request:
         case Start():
             _check_image(request.image)
             validate_name(request.name, "$.name")
             _check_labels(request.labels)
-            _check_limits(request.limits)
             _check_env(request.env)
             try:
                 seccomp_from_setting(request.seccomp)
@@ -246,13 +253,10 @@ def check_request(request: Command) -> None:
         case Claim():
             _check_image(request.image)
             _check_labels(request.labels)
-            _check_limits(request.limits)
             _check_docroot(request.docroot)
         case SetPool():
-            for image, size in request.sizes.items():
+            for image in request.sizes:
                 _check_image(image, f"$.sizes[{image!r}]")
-                if not 0 <= size <= MAX_POOL_SIZE:
-                    raise SpecError(f"pool size {size} for {image} is not within 0..{MAX_POOL_SIZE}", f"$.sizes[{image!r}]")
         case Run():
             # Only what the in-process CLI does not check itself; the rest (image name, cpu,
             # memory, pids, env, user, workdir, the spec made of them) goes through the CLI's
@@ -264,9 +268,6 @@ def check_request(request: Command) -> None:
             for i, arg in enumerate(request.args):
                 if "\0" in arg:
                     raise SpecError("argument holds a NUL byte", f"$.args[{i}]")
-        case Signal():
-            if not 1 <= request.signal <= MAX_SIGNAL:
-                raise SpecError(f"signal {request.signal} is not within 1..{MAX_SIGNAL}", "$.signal")
 
 
 def _check_image(image: str, where: str = "$.image") -> None:
@@ -280,16 +281,6 @@ def _check_labels(labels: dict[str, str]) -> None:
     for key, value in labels.items():
         if not _LABEL_KEY.match(key) or len(value) > 1024 or "\0" in value:
             raise SpecError(f"invalid label {key!r}", f"$.labels[{key!r}]")
-
-
-def _check_limits(limits: InstanceLimits) -> None:
-    cpu_count = os.cpu_count() or 1
-    if not (math.isfinite(limits.cpu) and 0.01 <= limits.cpu <= cpu_count):
-        raise SpecError(f"cpu {limits.cpu!r} is not within 0.01..{cpu_count} (this machine's CPUs)", "$.limits.cpu")
-    if limits.memory_bytes < MIN_MEMORY_BYTES:
-        raise SpecError(f"memory_bytes {limits.memory_bytes} is below 4M", "$.limits.memory_bytes")
-    if limits.pids_max is not None and not MIN_PIDS_MAX <= limits.pids_max <= PID_MAX_LIMIT:
-        raise SpecError(f"pids_max {limits.pids_max} is not within {MIN_PIDS_MAX}..{PID_MAX_LIMIT}", "$.limits.pids_max")
 
 
 def _check_env(env: list[str]) -> None:

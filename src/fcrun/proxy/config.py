@@ -2,16 +2,22 @@
 
 from __future__ import annotations
 
+from typing import Annotated
+
 import msgspec
+
+from ..constraints import PositiveSeconds
+
+MIN_HEADER_BYTES = 1024
 
 
 class ProxyConfig(msgspec.Struct, kw_only=True, frozen=True, forbid_unknown_fields=True):
-    max_header_bytes: int = 32 * 1024
+    max_header_bytes: Annotated[int, msgspec.Meta(ge=MIN_HEADER_BYTES)] = 32 * 1024
     """Request line plus headers; a larger head is answered 431."""
-    header_timeout_s: float = 10.0
+    header_timeout_s: PositiveSeconds = 10.0
     """From a connection's first byte (or a keep-alive request's first byte) to the end of the head.
     Over it: 408 when part of a head arrived, a silent close otherwise (slowloris)."""
-    keepalive_timeout_s: float = 60.0
+    keepalive_timeout_s: PositiveSeconds = 60.0
     """How long an idle client connection is kept between requests."""
     upstream_connect_timeout_s: float = 5.0
     """Connecting to an instance; over it the client gets 504."""

@@ -20,22 +20,19 @@ Unknown keys and wrong types are errors that name the file and the key
 
 from __future__ import annotations
 
-import math
 import os
 import tomllib
 
 import msgspec
 
-from ..cmdb.models import AppDefaults, check_defaults, spec_error
+from ..cmdb.models import AppDefaults, check_defaults
+from ..constraints import MachineCpu, MemoryBytes, PoolSize, PositiveSeconds, spec_error
 from ..docroot import DEFAULT_DOCROOT_ROOTS, check_roots
 from ..errors import KernelError, NotFound, SpecError
-from ..forkserver.protocol import MAX_POOL_SIZE
 from ..proxy.config import ProxyConfig  # the [proxy] table is the proxy's own settings
 from ..paths import DEFAULT_BRIDGE, DEFAULT_CGROUP_PARENT, DEFAULT_SUBNET, Paths
-from ..units import MIN_MEMORY_BYTES
 
 ADMIN_SOCKET_NAME = "admin.sock"  # under the run root unless admin_socket says otherwise
-MIN_HEADER_BYTES = 1024
 
 
 class RuntimeConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True, frozen=True):
@@ -58,11 +55,11 @@ class ForkServerConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True,
     """
 
     enabled: bool = True  # false: serve makes instances itself, and there is no pool
-    pool_size: int = 2
-    pool_sizes: dict[str, int] = {}
-    pool_cpu: float = 1.0  # while warming and waiting; a claim sets the app's
-    pool_memory_bytes: int = 512 << 20
-    pool_max_age_s: float = 600.0  # pooled instances older than this are replaced
+    pool_size: PoolSize = 2
+    pool_sizes: dict[str, PoolSize] = {}
+    pool_cpu: MachineCpu = 1.0  # while warming and waiting; a claim sets the app's
+    pool_memory_bytes: MemoryBytes = 512 << 20
+    pool_max_age_s: PositiveSeconds = 600.0  # pooled instances older than this are replaced
 
 
 class ServeConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True, frozen=True):
@@ -72,9 +69,9 @@ class ServeConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True, froz
     admin_socket: str = ""  # root-only unix socket of the admin API; "": <run_root>/admin.sock
     admin_listen: str | None = None  # optional TCP admin listener, e.g. "127.0.0.1:8081"
     admin_token: str | None = None  # bearer token the TCP listener requires
-    hold_timeout_s: float = 30.0  # how long a request waits for a cold start before 504
-    drain_timeout_s: float = 10.0  # how long a stopping instance's requests may take
-    metrics_interval_s: float = 10.0  # how often instances' cgroup CPU time is sampled
+    hold_timeout_s: PositiveSeconds = 30.0  # how long a request waits for a cold start before 504
+    drain_timeout_s: PositiveSeconds = 10.0  # how long a stopping instance's requests may take
+    metrics_interval_s: PositiveSeconds = 10.0  # how often instances' cgroup CPU time is sampled
     # An app's docroot must lie strictly under one of these (docroot.py): checked by the admin
     # API when it is set, and by the fork-server each time it is mounted.
     docroot_roots: tuple[str, ...] = DEFAULT_DOCROOT_ROOTS
@@ -98,7 +95,8 @@ def load_config(path: str | None = None, paths: Paths | None = None) -> ServeCon
     Raises:
         NotFound: the file does not exist.
         KernelError: it cannot be read.
-        SpecError: it is not TOML, or a key is unknown, mistyped or out of range (named).
+        SpecError: it is not TOML, or a key is unknown, mistyped or out of range (named: the
+            ranges are the fields' types, constraints.py, checked as the file is decoded).
     """
     source = path or "configuration"
     raw = _read_toml(path) if path is not None else {}
@@ -119,7 +117,12 @@ def load_config(path: str | None = None, paths: Paths | None = None) -> ServeCon
 
 
 def check_config(config: ServeConfig, source: str = "configuration") -> None:
-    """Raises SpecError naming the first key whose value is out of range."""
+    """What the fields' types cannot say: addresses, absolute paths, a token the TCP admin
+    listener needs, docroot roots, and the app defaults' rules.
+
+    Raises:
+        SpecError: naming the first key that breaks one.
+    """
 
     def fail(message: str, key: str) -> None:
         raise SpecError(f"{source}: {message}", f"$.{key}")
@@ -136,14 +139,6 @@ def check_config(config: ServeConfig, source: str = "configuration") -> None:
              "admin_token")
     if config.admin_socket and not os.path.isabs(config.admin_socket):
         fail(f"admin_socket {config.admin_socket!r} is not an absolute path", "admin_socket")
-    for key in ("hold_timeout_s", "drain_timeout_s", "metrics_interval_s"):
-        if not _positive(getattr(config, key)):
-            fail(f"{key} must be a positive number of seconds", key)
-    for key in ("header_timeout_s", "keepalive_timeout_s"):
-        if not _positive(getattr(config.proxy, key)):
-            fail(f"{key} must be a positive number of seconds", f"proxy.{key}")
-    if config.proxy.max_header_bytes < MIN_HEADER_BYTES:
-        fail(f"max_header_bytes must be at least {MIN_HEADER_BYTES}", "proxy.max_header_bytes")
     for key in ("data_root", "run_root"):
         value = getattr(config.runtime, key)
         if value and not os.path.isabs(value):
@@ -152,17 +147,6 @@ def check_config(config: ServeConfig, source: str = "configuration") -> None:
         check_roots(config.docroot_roots)
     except SpecError as exc:
         fail(_bare(exc), exc.where)
-    fs = config.forkserver
-    for image, size in {"pool_size": fs.pool_size, **fs.pool_sizes}.items():
-        if not 0 <= size <= MAX_POOL_SIZE:
-            fail(f"pool size {size} is not within 0..{MAX_POOL_SIZE}", f"forkserver.{image}" if image == "pool_size"
-                 else f"forkserver.pool_sizes.{image}")
-    if not (_positive(fs.pool_cpu) and fs.pool_cpu <= (os.cpu_count() or 1)):
-        fail(f"pool_cpu {fs.pool_cpu!r} must be above 0 and at most this machine's CPUs", "forkserver.pool_cpu")
-    if fs.pool_memory_bytes < MIN_MEMORY_BYTES:
-        fail("pool_memory_bytes must be at least 4M", "forkserver.pool_memory_bytes")
-    if not _positive(fs.pool_max_age_s):
-        fail("pool_max_age_s must be a positive number of seconds", "forkserver.pool_max_age_s")
     try:
         check_defaults(config.defaults)
     except SpecError as exc:
@@ -193,10 +177,6 @@ def _read_toml(path: str) -> dict:
         raise SpecError(f"{path}: invalid TOML: {exc}") from None
     except OSError as exc:
         raise KernelError.from_oserror("read", path, exc) from None
-
-
-def _positive(value: float) -> bool:
-    return math.isfinite(value) and value > 0
 
 
 def _bare(exc: SpecError) -> str:
