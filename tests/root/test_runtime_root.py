@@ -335,14 +335,17 @@ def test_cpu_quota_is_enforced_and_update_changes_it_live(runtime, busybox):
 
     before = cgroup.stats()
 
-    def ten_periods_later():
+    def twenty_periods_later():
         stats = cgroup.stats()
-        return stats if stats.nr_periods >= before.nr_periods + 10 else None
+        return stats if stats.nr_periods >= before.nr_periods + 20 else None
 
-    after = wait_until("ten CFS periods of the busy loop", ten_periods_later)
-    assert after.nr_throttled - before.nr_throttled >= 5, (before, after)  # out of quota, again and again
-    # Usage and cpu.stat are read one after the other, mid-period: a margin of two periods' quota.
-    assert after.cpu_usage_us - before.cpu_usage_us <= 1000 * (after.nr_periods - before.nr_periods + 2), (before, after)
+    after = wait_until("twenty CFS periods of the busy loop", twenty_periods_later)
+    assert after.nr_throttled - before.nr_throttled >= 10, (before, after)  # out of quota, again and again
+    # The kernel charges the quota at its tick (4 ms at HZ=250, 10 ms at HZ=100): the loop
+    # overruns by up to a tick before it is throttled, and pays it back in the next periods.
+    # 20 ms of slack, against the 2 s an unthrottled loop would take in those 2 s on an idle host.
+    assert after.cpu_usage_us - before.cpu_usage_us <= 1000 * (after.nr_periods - before.nr_periods) + 20_000, (
+        before, after)
 
 
 def test_memory_limit_oom_kills_inside_the_container_only(runtime, busybox):

@@ -1,5 +1,13 @@
-"""Reactive scaling end to end: a real `fcrun serve`, real Apache/PHP containers, a CPU-heavy
-PHP script as the load, the kernel's own CFS quota and throttling figures."""
+"""Reactive scaling on the real kernel: the saturation signal from a container's own CFS figures,
+then end to end with a real `fcrun serve`, real Apache/PHP containers and a CPU-heavy PHP script
+as the load.
+
+Saturation is "throttled, and using its whole quota". Another process busy on the host (a noisy
+neighbour) can keep an instance from reaching its quota, and then it is rightly not saturated;
+so the quotas here are small (0.05-0.1 CPU) next to what any
+host running the suite has to spare, and every wait's bound only keeps a broken policy from
+hanging the suite.
+"""
 
 from __future__ import annotations
 
@@ -10,11 +18,16 @@ import time
 
 import pytest
 from hostcheck import host_snapshot, settled_snapshot
+from polling import wait_until
 from test_serve_root import Server
+
+from fcrun.cmdb.models import App
+from fcrun.runtime.options import RunOptions, spec_from_image
+from fcrun.serve import monitor, policy
 
 pytestmark = [pytest.mark.root, pytest.mark.slow]
 
-# About 5 ms of CPU per request: an instance at 0.2 CPU saturates at ~40 requests/s.
+# About 5 ms of CPU per request: an instance at 0.05 CPU saturates at ~10 requests/s.
 BURN_PHP = "<?php $x = 0; for ($i = 0; $i < 300000; $i++) { $x += $i % 7; } echo 'burnt ', $x;"
 
 
@@ -25,6 +38,7 @@ def server(tmp_path, apache_php):
     site = tmp_path / "site"
     site.mkdir()
     (site / "burn.php").write_text(BURN_PHP)
+    (site / "hello.txt").write_text("hello\n")  # a cold start that is no load once served
     srv.site = str(site)
     try:
         yield srv
@@ -62,24 +76,48 @@ def scale_events(srv: Server) -> list[tuple[float, str, str]]:
             ("scale-up", "scale-down", "scale-out", "scale-in", "start", "stop", "scale-failed")]
 
 
-def wait_for(what: str, predicate, timeout_s: float, interval_s: float = 0.2):
-    deadline = time.monotonic() + timeout_s
-    while True:
-        value = predicate()
-        if value:
-            return value
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        time.sleep(interval_s)
+def test_a_busy_loop_at_its_quota_reads_as_saturated_and_the_policy_scales_it_up(runtime, busybox):
+    """What serve's monitor computes from a real cgroup, fed to the real policy: a busy loop at a
+    small quota (5 ms per 100 ms period: it runs out in every period unless the host leaves it
+    less than 5 % of a CPU) with one request in flight is throttled and uses its whole quota, so
+    the policy raises its quota once the signal has held for sustain_up_s. Samples span ten
+    periods: the kernel charges the quota at its tick (4 ms at HZ=250), so one period's share
+    swings by a tick; ten periods' average does not."""
+    spec = spec_from_image(busybox, RunOptions(args=["sh", "-c", "while :; do :; done"], cpu=0.05, network="none"),
+                           name="t-busy")
+    runtime.run("t-busy", spec, image=busybox, detach=True)
+    cgroup = runtime.cgroups.load(runtime.state("t-busy").cgroup_paths)
+    app = App(name="busy.test", image="busybox", cpu=0.05, cpu_max=0.2, max_instances=1)
+    tuning = policy.Tuning()
+    started = time.monotonic()
+    last = monitor.reading(started, cgroup.stats(), busy_s=0.0, completed=0, latency_s=0.0)
+    history, plans = policy.History(), []
+    for _ in range(2):  # the first sample starts the hot run, the second acts on it
+        wait_until("ten more CFS periods", lambda: cgroup.stats().nr_periods >= last.nr_periods + 10)
+        now = time.monotonic()
+        current = monitor.reading(now, cgroup.stats(), busy_s=now - started, completed=0, latency_s=0.0)
+        figures = monitor.figures("t-busy", 0.05, started, last, current)
+        assert figures.throttled >= tuning.throttled_high, figures
+        assert figures.quota_used >= tuning.busy_high, figures
+        plan = policy.decide(policy.AppMetrics(app=app, instances=(figures,), history=history), now, tuning)
+        history, last = plan.history, current
+        plans.append(plan)
+    assert plans[0].decisions == ()  # one hot sample is not enough
+    (decision,) = plans[1].decisions
+    assert (decision.action, decision.instance, decision.cpu) == ("scale-up", "t-busy", 0.1), decision
+    assert "t-busy throttled in" in decision.reason and "cpu 0.05 -> 0.1" in decision.reason
+    runtime.delete("t-busy", force=True)
 
 
 def test_cpu_heavy_load_scales_up_then_out_and_back_down_to_zero(server):
-    server.cli("app", "add", "burn.test", "--image", "apache-php", "--docroot", server.site, "--cpu", "0.2",
-               "--cpu-max", "0.4", "--memory", "256M", "--max", "2", "--cooldown-up", "1s", "--cooldown-down", "2s",
+    server.cli("app", "add", "burn.test", "--image", "apache-php", "--docroot", server.site, "--cpu", "0.05",
+               "--cpu-max", "0.1", "--memory", "256M", "--max", "2", "--cooldown-up", "1s", "--cooldown-down", "2s",
                "--idle-timeout", "8s")
     server.start()
-    assert server.request("burn.test", "/burn.php")[0] == 200  # cold start
+    assert server.request("burn.test", "/hello.txt")[0] == 200  # cold start
     (first,) = server.containers()
-    assert quota_cpus(server, first) == pytest.approx(0.2)
+    # Its quota starts at --cpu: the first scale-up's event says "cpu 0.05 -> 0.1". It is not
+    # read here: on a loaded host, Apache finishing its own start can already saturate 0.05 CPU.
 
     stop = threading.Event()
     statuses: list[int] = []
@@ -93,20 +131,20 @@ def test_cpu_heavy_load_scales_up_then_out_and_back_down_to_zero(server):
     with concurrent.futures.ThreadPoolExecutor(max_workers=6) as pool:
         workers = [pool.submit(worker, i) for i in range(6)]
         try:
-            # Throttled at 0.2 CPU: the quota is raised live, to the ceiling (typically within a
+            # Throttled at 0.05 CPU: the quota is raised live, to the ceiling (typically within a
             # second; no timing is asserted, the bound only keeps a broken policy from hanging).
-            up = wait_for("a scale-up", lambda: [e for e in scale_events(server) if e[1] == "scale-up"], 30)
-            assert f"{first} throttled in" in up[0][2] and "cpu 0.2 -> 0.4" in up[0][2]
-            assert quota_cpus(server, first) == pytest.approx(0.4)
+            up = wait_until("a scale-up", lambda: [e for e in scale_events(server) if e[1] == "scale-up"], 60, 0.2)
+            assert f"{first} throttled in" in up[0][2] and "cpu 0.05 -> 0.1" in up[0][2]
+            assert quota_cpus(server, first) == pytest.approx(0.1)
             # Still saturated at the ceiling: a second instance, after the up cooldown.
-            out = wait_for("a scale-out", lambda: [e for e in scale_events(server) if e[1] == "scale-out"], 10)
-            assert out[0][0] - up[0][0] >= 1.0 - 0.05 and "at the cpu ceiling 0.4" in out[0][2]
-            wait_for("two instances", lambda: len(server.containers()) == 2, 10)
+            out = wait_until("a scale-out", lambda: [e for e in scale_events(server) if e[1] == "scale-out"], 60, 0.2)
+            assert out[0][0] - up[0][0] >= 1.0 - 0.05 and "at the cpu ceiling 0.1" in out[0][2]
+            wait_until("two instances", lambda: len(server.containers()) == 2, 60, 0.2)
             second = next(n for n in server.containers() if n != first)
             # It takes requests too, and gets its own scale-up once throttled.
-            wait_for("the second scale-up", lambda: [e for e in scale_events(server)
-                                                      if e[1] == "scale-up" and second in e[2]], 10)
-            assert quota_cpus(server, second) == pytest.approx(0.4)
+            wait_until("the second scale-up", lambda: [e for e in scale_events(server)
+                                                       if e[1] == "scale-up" and second in e[2]], 60, 0.2)
+            assert quota_cpus(server, second) == pytest.approx(0.1)
         finally:
             stop.set()
             for w in workers:
@@ -116,12 +154,12 @@ def test_cpu_heavy_load_scales_up_then_out_and_back_down_to_zero(server):
 
     # Load gone: after the down cooldown one instance drains and stops, the other's quota falls
     # back to --cpu; with no request at all, idle-timeout stops the last one.
-    wait_for("zero instances", lambda: server.containers() == [], 25, 0.5)
+    wait_until("zero instances", lambda: server.containers() == [], 60, 0.5)
     events = [e for e in scale_events(server) if e[0] >= load_stopped]
     kinds = [k for _, k, _ in events]
     assert kinds.index("scale-in") < kinds.index("scale-down"), events
     assert "load fits in 1 instance" in events[kinds.index("scale-in")][2]
-    assert "cpu 0.4 -> 0.2" in events[kinds.index("scale-down")][2]
+    assert "cpu 0.1 -> 0.05" in events[kinds.index("scale-down")][2]
     assert events[-1][1] == "stop" and "idle" in events[-1][2]
     assert "scale-up" not in kinds and "scale-out" not in kinds and "scale-failed" not in kinds
 
