@@ -40,16 +40,21 @@ MAX_REPLY_BYTES = 1 << 20
 FORWARDED_SIGNALS = (_signal.SIGINT, _signal.SIGTERM, _signal.SIGHUP, _signal.SIGQUIT, _signal.SIGUSR1,
                      _signal.SIGUSR2, _signal.SIGWINCH)
 
-# Options of `fcrun` itself (value, env var) and of `fcrun run`, as in fcrun_cli/main.py.
+# Options of `fcrun` itself (value, env var) and of `fcrun run` (option -> the click parameter and
+# RunRequest field it sets), as in fcrun_cli/main.py. Every option of click's `fcrun run` is in
+# exactly one of the three run tables, with the same name, kind and choices (test_fastcli.py checks).
 GLOBAL_OPTIONS = {"--root": "FCRUN_ROOT", "--state": "FCRUN_RUN", "--cgroup-parent": "FCRUN_CGROUP_PARENT",
                   "--bridge": "FCRUN_BRIDGE", "--subnet": "FCRUN_SUBNET"}
 RUN_VALUE_OPTIONS = {"--image": "image", "-i": "image", "--name": "name", "--cpu": "cpu", "--memory": "memory",
                      "-m": "memory", "--pids": "pids", "--hostname": "hostname", "--env": "env", "-e": "env",
                      "--net": "network", "--workdir": "workdir", "-w": "workdir", "--user": "user", "-u": "user",
                      "--entrypoint": "entrypoint"}
+RUN_LIST_FIELDS = ("env",)  # repeatable value options
 RUN_FLAGS = {"-d": "detach", "--detach": "detach", "--read-only": "read_only", "--no-init": "no_init"}
-# Not here on purpose: --userns (rare; the in-process path), --security-opt (a profile is a file to read and compile; the click CLI
-# does it in-process, and the fork-server's Run always gets the default profile).
+# Left to the click CLI (the command line falls back to it): --keep (the fork-server always
+# removes a foreground container), --security-opt (a profile is a file to read and compile),
+# --tmpfs-rootfs and --userns (rare: the in-process path), and help.
+RUN_CLICK_ONLY = ("--keep", "--security-opt", "--tmpfs-rootfs", "--userns", "-h", "--help")
 NETWORKS = ("bridge", "none", "host")
 
 
@@ -79,7 +84,7 @@ def parse(argv: list[str], environ: dict[str, str] | None = None) -> tuple[str, 
     def setting(opt: str, default: str) -> str:
         return settings.get(opt) or getenv(GLOBAL_OPTIONS[opt]) or default
 
-    run: dict = {"args": [], "env": []}
+    run: dict = {"args": [], **{field: [] for field in RUN_LIST_FIELDS}}
     flags: set[str] = set()
     while i < len(argv):
         arg = argv[i]
@@ -98,8 +103,8 @@ def parse(argv: list[str], environ: dict[str, str] | None = None) -> tuple[str, 
         field = RUN_VALUE_OPTIONS.get(opt)
         if field is None:
             raise Fallback(opt)  # --keep, --help, an unknown or new option, -dw combined flags
-        if field == "env":
-            run["env"].append(value)
+        if field in RUN_LIST_FIELDS:
+            run[field].append(value)
         else:
             run[field] = value
     if "image" not in run:
@@ -120,7 +125,7 @@ def parse(argv: list[str], environ: dict[str, str] | None = None) -> tuple[str, 
     run["cgroup_parent"] = setting("--cgroup-parent", DEFAULT_CGROUP_PARENT)
     run["bridge"] = setting("--bridge", DEFAULT_BRIDGE)
     run["subnet"] = setting("--subnet", DEFAULT_SUBNET)
-    for value in (*run["args"], *run["env"]):
+    for value in (*run["args"], *(item for field in RUN_LIST_FIELDS for item in run[field])):
         _check_text(value)
     for key in ("image", "name", "cpu", "memory", "hostname", "workdir", "user", "entrypoint"):
         if key in run:

@@ -13,7 +13,6 @@ import os
 import signal
 import sys
 import time
-import uuid
 
 import click
 
@@ -123,7 +122,7 @@ def _parse_signal(text: str) -> int:
 
 
 @main.command(context_settings={"ignore_unknown_options": False})
-@click.option("--image", "-i", "image_name", required=True, help="Image to run (see `fcrun image ls`).")
+@click.option("--image", "-i", required=True, help="Image to run (see `fcrun image ls`).")
 @click.option("--name", default=None, help="Container name (default: a random one).")
 @click.option("-d", "--detach", is_flag=True, help="Leave the container running in the background; output goes to its log.")
 @click.option("--cpu", default=None, help="CPU limit as a fraction of one CPU (0.3 = cpu.max \"30000 100000\").")
@@ -151,40 +150,30 @@ def _parse_signal(text: str) -> int:
                    "(what every `fcrun serve` instance gets).")
 @click.argument("command", nargs=-1, type=click.UNPROCESSED)
 @click.pass_obj
-def run(obj: Context, image_name, name, detach, cpu, memory, pids, hostname, env, network, workdir, user, read_only,
+def run(obj: Context, image, name, detach, cpu, memory, pids, hostname, env, network, workdir, user, read_only,
         tmpfs_rootfs, entrypoint, no_init, keep, security_opts, userns, command):
     """Run COMMAND in a new container (default: the image's entrypoint and cmd).
 
     Exits with the command's exit code (128+N if it was killed by signal N).
     """
-    from fcrun.runtime.options import RunOptions, spec_from_image
+    from fcrun.runrequest import RunRequest, run_spec
     from fcrun.runtime import require_root
-    from fcrun.seccomp import parse_security_opts
 
     rt = obj.runtime
-    options = RunOptions(
-        args=list(command),
-        entrypoint=[entrypoint] if entrypoint else None,
-        cpu=parse_cpu(cpu) if cpu is not None else None,
-        memory_bytes=parse_memory(memory) if memory is not None else None,
-        pids_max=pids,
-        hostname=hostname,
-        env=list(env),
-        network=network,
-        workdir=workdir,
-        user=user,
-        readonly_rootfs=read_only,
-        volatile_rootfs=tmpfs_rootfs,
-        seccomp=parse_security_opts(security_opts),
+    request = RunRequest(
+        image=image, args=list(command), name=name, detach=detach, cpu=cpu, memory=memory, pids=pids,
+        hostname=hostname, env=list(env), network=network, workdir=workdir, user=user, read_only=read_only,
+        tmpfs_rootfs=tmpfs_rootfs, entrypoint=entrypoint, init=not no_init, security_opts=list(security_opts),
         userns=userns,
     )
-    if pids is not None and pids < 1:
-        raise SpecError(f"invalid --pids {pids}: must be >= 1", "--pids")
-    name = name or "fc-" + uuid.uuid4().hex[:10]
-    require_root()
-    image = rt.images.get(image_name)
-    spec = spec_from_image(image, options, name=name)
-    container = rt.create(name, spec, image=image, detach=detach, init=not no_init)
+
+    def image_as_root(image_name: str):
+        require_root()  # after the options' own checks, so that a bad option is reported to anyone
+        return rt.images.get(image_name)
+
+    plan = run_spec(request, image_as_root)
+    name = plan.name
+    container = rt.create(name, plan.spec, image=plan.image, detach=plan.detach, init=plan.init)
     if detach:
         container.start()
         click.echo(name)

@@ -9,6 +9,7 @@ import shutil
 import subprocess
 import sys
 
+import click
 import msgspec
 import pytest
 
@@ -16,7 +17,9 @@ from fcrun import paths
 from fcrun.errors import NotFound, SpecError
 from fcrun.forkserver import protocol as p
 from fcrun.forkserver.server import ForkServer
+from fcrun.runrequest import NETWORKS, RunRequest
 from fcrun_cli import fast
+from fcrun_cli.main import main as click_main
 
 NO_ENV: dict[str, str] = {}
 
@@ -42,6 +45,41 @@ def test_the_run_command_line_becomes_run_fields():
         "read_only": True, "init": False, "entrypoint": "sh", "args": ["-c", "echo --name"],
         "data_root": "/var/lib/fcrun", "cgroup_parent": "fcrun", "bridge": "fcrun0", "subnet": "10.88.0.0/16",
     }
+
+
+def click_options(command) -> dict[str, click.Option]:
+    """Every option string of a click command (help included) -> its parameter."""
+    top = click.Context(click_main, **click_main.context_settings)  # -h/--help, as `fcrun` sets them
+    params = command.get_params(top if command is click_main else click.Context(command, parent=top))
+    return {opt: param for param in params if isinstance(param, click.Option)
+            for opt in (*param.opts, *param.secondary_opts)}
+
+
+def test_the_run_option_tables_are_clicks_run_options():
+    options = click_options(click_main.commands["run"])
+    tables = (fast.RUN_VALUE_OPTIONS, fast.RUN_FLAGS, fast.RUN_CLICK_ONLY)
+    for opt in options:  # a new click option must be placed in a table, deliberately
+        assert sum(opt in table for table in tables) == 1, f"{opt} is in {sum(opt in t for t in tables)} tables"
+    assert {opt for table in tables for opt in table} == set(options), "a table names an option click has not"
+    defaults = {f.name: f.default for f in msgspec.structs.fields(RunRequest)}  # what fast.py leaves out
+    for opt, field in fast.RUN_VALUE_OPTIONS.items():
+        param = options[opt]
+        assert not param.is_flag and param.name == field and field in defaults, opt
+        assert param.multiple == (field in fast.RUN_LIST_FIELDS), opt
+        if not param.multiple and not param.required:
+            assert param.default == defaults[field], opt  # absent from the command line: the same value
+    for opt, flag in fast.RUN_FLAGS.items():
+        assert options[opt].is_flag and options[opt].name == flag, opt
+        assert defaults.get(flag) is False or flag == "no_init" and defaults["init"] is True, opt
+    assert options["--pids"].type is click.INT  # fast.py converts --pids with int() as click's INT does
+    assert tuple(options["--net"].type.choices) == fast.NETWORKS == NETWORKS == p.RUN_NETWORKS
+
+
+def test_the_global_options_are_clicks():
+    options = click_options(click_main)
+    for opt, envvar in fast.GLOBAL_OPTIONS.items():
+        assert not options[opt].is_flag and options[opt].envvar == envvar, opt
+    assert {opt for opt, param in options.items() if param.envvar} == set(fast.GLOBAL_OPTIONS)
 
 
 def test_options_may_follow_command_words_as_click_reads_them():
@@ -269,6 +307,18 @@ def test_a_fork_server_set_up_differently_refuses_and_closes_the_fds():
     assert isinstance(reply, p.Failed) and reply.kind == "Mismatch" and "other0" in reply.message
     assert all(_is_closed(fd) for fd in fds) and server.fds == {}
     assert server.runtime.runs == []
+
+
+@pytest.mark.parametrize("fields, option", [
+    ({"security_opts": ["seccomp=unconfined"]}, "--security-opt"),
+    ({"tmpfs_rootfs": True}, "--tmpfs-rootfs"),
+    ({"userns": True}, "--userns"),
+])
+def test_options_left_to_the_cli_are_a_mismatch(fields, option):
+    server, conn, fds = _server_and_fds()
+    reply = server._handle(p.frame(p.Run(image="busybox", **fields))[4:], conn)
+    assert isinstance(reply, p.Failed) and reply.kind == "Mismatch" and option in reply.message  # the client falls back
+    assert all(_is_closed(fd) for fd in fds) and server.runtime.runs == []
 
 
 @pytest.mark.parametrize("run, kind, code, text", [

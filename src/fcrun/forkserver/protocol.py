@@ -40,11 +40,12 @@ from ..constraints import MAX_POOL_SIZE  # noqa: F401 - protocol.MAX_POOL_SIZE, 
 from ..constraints import MachineCpu, MemoryBytes, PidsMax, PoolSize, spec_error
 from ..errors import SpecError
 from ..instance import seccomp_from_setting
+from ..runrequest import NETWORKS, RunRequest
 from ..runtime.state import validate_name
 
 MAX_MESSAGE_BYTES = 1 << 20
 MAX_SIGNAL = 64  # SIGRTMAX on Linux
-RUN_NETWORKS = ("bridge", "none", "host")
+RUN_NETWORKS = NETWORKS
 STDIO_FDS = 3  # a foreground Run carries stdin, stdout, stderr (SCM_RIGHTS)
 HEADER = struct.Struct(">I")
 _IMAGE = re.compile(r"^[a-z0-9][a-z0-9._-]{0,127}$")
@@ -94,30 +95,16 @@ class Shutdown(msgspec.Struct, tag=True, frozen=True, forbid_unknown_fields=True
     remove_pool: bool = True
 
 
-class Run(msgspec.Struct, tag=True, frozen=True, forbid_unknown_fields=True):
-    """`fcrun run`: the options of the command line, checked and applied as the CLI does.
+class Run(RunRequest, tag=True, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    """`fcrun run`: the command line's options (runrequest.RunRequest), which the fork-server
+    turns into a container with the CLI's own `run_spec`, so errors read the same.
 
-    cpu and memory are the text the user gave: the fork-server parses them with the CLI's own
-    functions, so errors read the same. data_root, cgroup_parent, bridge and subnet are the
-    client's settings; a fork-server whose own differ refuses with Failed(kind="Mismatch")
-    (the client then runs the container itself).
+    data_root, cgroup_parent, bridge and subnet are the client's settings; a fork-server whose
+    own differ refuses with Failed(kind="Mismatch") (the client then runs the container
+    itself), as it does for the options it leaves to the CLI (--security-opt, --tmpfs-rootfs,
+    --userns: the thin client never sends them).
     """
 
-    image: str
-    args: list[str] = []
-    name: str | None = None  # None: a random fc-<hex> name, as the CLI makes
-    detach: bool = False
-    cpu: str | None = None
-    memory: str | None = None
-    pids: int | None = None
-    hostname: str = ""
-    env: list[str] = []
-    network: str = "bridge"
-    workdir: str = ""
-    user: str = ""
-    read_only: bool = False
-    entrypoint: str | None = None
-    init: bool = True
     data_root: str | None = None
     cgroup_parent: str | None = None
     bridge: str | None = None
@@ -259,8 +246,8 @@ def check_request(request: Command) -> None:
                 _check_image(image, f"$.sizes[{image!r}]")
         case Run():
             # Only what the in-process CLI does not check itself; the rest (image name, cpu,
-            # memory, pids, env, user, workdir, the spec made of them) goes through the CLI's
-            # own code in the same order (ForkServer._run), so errors read the same.
+            # memory, pids, env, user, workdir, the spec made of them) is run_spec's, the CLI's
+            # own code (ForkServer._run), so errors read the same.
             if request.name is not None:
                 validate_name(request.name)
             if request.network not in RUN_NETWORKS:

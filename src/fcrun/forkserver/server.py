@@ -32,12 +32,11 @@ import socket
 import stat
 import struct
 import sys
-import uuid
 from dataclasses import dataclass
 
 from ..errors import FcrunError, SpecError
-from ..runtime.options import RunOptions, spec_from_image
-from ..units import parse_cpu, parse_memory
+from ..runrequest import run_spec
+from ..units import parse_memory
 from ..paths import DEFAULT_BRIDGE, DEFAULT_CGROUP_PARENT, DEFAULT_SUBNET, Paths
 from ..docroot import DEFAULT_DOCROOT_ROOTS, check_roots
 from ..runtime.lifecycle import Container, Runtime
@@ -233,8 +232,8 @@ class ForkServer:
     def _run(self, request: p.Run, conn: socket.socket | None) -> p.Reply | None:
         """Create and start a Run's container; foreground: watch it, reply when it exits.
 
-        The same steps, in the same order, as `fcrun run` in one process (fcrun_cli/main.py),
-        so that errors read the same.
+        The options become a container through run_spec, as `fcrun run` in one process
+        (fcrun_cli/main.py) makes it, so that errors read the same.
 
         Resource handling: the client's fds are closed here whatever happens (the container
         holds its own copies); the container is this connection's until _end_run.
@@ -250,28 +249,12 @@ class ForkServer:
                 raise SpecError(f"a foreground Run passes stdin, stdout and stderr ({p.STDIO_FDS} fds, SCM_RIGHTS);"
                                 f" got {len(fds)}", "$")
             rt = self.run_runtime
-            options = RunOptions(
-                args=list(request.args),
-                entrypoint=[request.entrypoint] if request.entrypoint else None,
-                cpu=parse_cpu(request.cpu) if request.cpu is not None else None,
-                memory_bytes=parse_memory(request.memory) if request.memory is not None else None,
-                pids_max=request.pids,
-                hostname=request.hostname,
-                env=list(request.env),
-                network=request.network,
-                workdir=request.workdir,
-                user=request.user,
-                readonly_rootfs=request.read_only,
-            )
-            if request.pids is not None and request.pids < 1:
-                raise SpecError(f"invalid --pids {request.pids}: must be >= 1", "--pids")
-            name = request.name or "fc-" + uuid.uuid4().hex[:10]
-            image = rt.images.get(request.image)
-            spec = spec_from_image(image, options, name=name)
-            if request.detach:
-                rt.run(name, spec, image=image, detach=True, init=request.init)
+            plan = run_spec(request, rt.images.get)
+            name = plan.name
+            if plan.detach:
+                rt.run(name, plan.spec, image=plan.image, detach=True, init=plan.init)
                 return p.Detached(name=name)
-            container = rt.run(name, spec, image=image, stdio=(fds[0], fds[1], fds[2]), init=request.init)
+            container = rt.run(name, plan.spec, image=plan.image, stdio=(fds[0], fds[1], fds[2]), init=plan.init)
         finally:
             for fd in fds:
                 os.close(fd)
@@ -288,7 +271,12 @@ class ForkServer:
         return None
 
     def _mismatch(self, request: p.Run) -> str:
-        """Why this fork-server cannot run it as the client's CLI would ("" if it can)."""
+        """Why this fork-server cannot run it as the client's CLI would ("" if it can): other
+        roots or network, or an option it leaves to the CLI in the client's process."""
+        for option, given in (("--security-opt", request.security_opts), ("--tmpfs-rootfs", request.tmpfs_rootfs),
+                              ("--userns", request.userns)):
+            if given:  # a profile is a file the client names; the others are rare: the CLI's own path
+                return f"this fork-server leaves {option} to the fcrun command itself"
         rt = self.run_runtime
         ours = {"data_root": rt.paths.data_root, "cgroup_parent": rt.cgroup_parent, "bridge": rt.bridge,
                 "subnet": rt.subnet}
