@@ -7,7 +7,8 @@ answers with its exit code once it exited (and removes it right after). This pro
 the in-process CLI forwards, and exits with that code. Nothing else is imported: no click, no
 msgspec, no fcrun (start-up time is most of a short `fcrun run`), so this module uses the
 interpreter's built-in modules only (not even os: the `fcrun` launcher starts Python without
-site, and there importing os costs ~1.2 ms) and speaks the little msgpack it needs itself.
+site, and there importing os is a visible share of the whole start-up) and speaks the little
+msgpack it needs itself.
 
 Everything else goes to the click CLI (fcrun_cli.main), in this process, as before: other
 commands, no fork-server, not root, an option or value this parser does not take as certainly
@@ -27,7 +28,8 @@ import posix
 import _socket
 import _struct
 
-# Must equal fcrun.paths' defaults (a unit test checks): importing fcrun.paths costs ~10 ms.
+# Must equal fcrun.paths' defaults (a unit test checks): importing fcrun.paths would cost more than
+# the rest of the thin client.
 DEFAULT_DATA_ROOT = "/var/lib/fcrun"
 DEFAULT_RUN_ROOT = "/run/fcrun"
 DEFAULT_CGROUP_PARENT = "fcrun"

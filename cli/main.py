@@ -347,9 +347,10 @@ def daemon(obj: Context, pool):
 
     While it runs, `fcrun run` is a thin client: the fork-server creates the container,
     attached to the client's stdin, stdout and stderr, and the command skips the CLI's
-    imports and the container set-up in a fresh process (~19 ms instead of ~100, on par with
-    `runc run`). `fcrun serve` starts one of its own (at the same socket); run one or the other. SIGTERM or Ctrl-C stops it (foreground containers it runs
-    are killed; detached ones live on).
+    imports and the container set-up in a fresh process (on par with `runc run`: see
+    bench/README.md). `fcrun serve` starts one of its own (at the same socket); run one or the
+    other. SIGTERM or Ctrl-C stops it (foreground containers it runs are killed; detached ones
+    live on).
     """
     import socket as socket_
 

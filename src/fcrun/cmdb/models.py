@@ -90,9 +90,12 @@ class App(msgspec.Struct, kw_only=True, frozen=True):
 
     def port_for(self, exposed_ports: list[int]) -> int:
         """The port an instance listens on, given the image's exposed ports."""
-        if self.port is not None:
-            return self.port
-        return exposed_ports[0] if exposed_ports else DEFAULT_PORT
+        return self.port if self.port is not None else image_port(exposed_ports)
+
+
+def image_port(exposed_ports: list[int]) -> int:
+    """The port an instance of an image listens on unless its app says otherwise."""
+    return exposed_ports[0] if exposed_ports else DEFAULT_PORT
 
 
 class AppUpdate(msgspec.Struct, kw_only=True, forbid_unknown_fields=True, omit_defaults=True):

@@ -13,15 +13,15 @@ forked) accepting on its port, then frozen. Its document root is an empty, read-
 A claimed instance belongs to its app for good (disposable: it never returns to the pool).
 
 Warm-up: a pre-forking server's workers each do some work on their first request (mod_php:
-the interpreter's per-process start, opcache attach; the first phpinfo() in a fresh worker
-took 3.2 ms, in a warmed one 1.8 ms). Before it is frozen, each pooled instance gets
+the interpreter's per-process start, opcache attach), which the first request to a claimed
+instance would otherwise wait for. Before it is frozen, each pooled instance gets
 2 x (its processes) concurrent `GET /fcrun-warmup.php` requests, served from a file put in its
 empty slot (WARMUP_FILE; the app's docroot later covers it). For an image without PHP they
 are 404s, and harmless.
 
 (A "hot spare", the oldest ready instance kept thawed so that a claim need not thaw, was tried
-and measured: no gain to the last byte of the first response, 3.9-5.3 ms against 4.1-4.5 ms
-over three runs of 30 each, so every pooled instance stays frozen.)
+and measured without gain to the last byte of the first response (bench/README.md,
+coldstart.py), so every pooled instance stays frozen.)
 Ready instances older than `max_age_s` are replaced. Refills happen one at a time and only
 after `refill_idle_s` without a request, so making one never delays a claim by more than one
 container creation.
@@ -43,6 +43,7 @@ import socket
 import time
 from dataclasses import dataclass, field
 
+from ..cmdb.models import image_port
 from ..errors import FcrunError, NotFound
 from ..instance import make_instance, seccomp_from_setting
 from ..labels import APP_LABEL, POOL_LABEL
@@ -227,7 +228,7 @@ class Pool:
             self._delete(name)
             self._failed(image_name, f"writing the warm-up script of {name}: {exc}", now)
             return
-        port = image.config.exposed_ports[0] if image.config.exposed_ports else 80
+        port = image_port(image.config.exposed_ports)
         self.warming[name] = Pooled(name=name, image=image_name, ip=container.ip, port=port, pid=container.pid,
                                     made=now, next_poll=now + WARM_POLL_S)
         counters.backoff_s = 0.0
@@ -305,7 +306,7 @@ class Pool:
                     img = self.runtime.images.get(image)
                 except NotFound:
                     img = None
-                port = img.config.exposed_ports[0] if img and img.config.exposed_ports else 80
+                port = image_port(img.config.exposed_ports if img else [])
                 age = max(0.0, time.time() - info.created_at)
                 self.ready.setdefault(image, collections.deque()).append(
                     Pooled(name=info.name, image=image, ip=info.ip, port=port, pid=info.pid, made=now - age))

@@ -5,8 +5,8 @@
 It creates containers for the clients of its socket (`fcrun serve`, the library's `Client`,
 the `fcrun run` thin client), keeps the pool of pre-warmed instances (pool.py), and reaps the
 containers it forked. Pooled and app instances it forks itself (Runtime(spawner=False): no
-threads, no helper). A `Run` container is forked through the library's spawner (spawner.py: a
-separate process with pre-namespaced children, ~3.5 ms faster to a started container; the
+threads, no helper). A `Run` container is forked through the library's spawner (runtime/spawner/: a
+separate process with pre-namespaced children, faster to a started container; the
 first Runs are forked directly while it starts), attached to its client's stdio (fds passed
 with the request) and watched through its pidfd in the same poll loop; its client gets Exited
 as soon as it exited, and it is removed right after (before the next request), or when its

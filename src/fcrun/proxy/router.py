@@ -65,8 +65,8 @@ class Router(Protocol):
     # def acquire_nowait(self, host: str) -> Lease | None
     #     A lease when an instance is ready right now, else None (the proxy then awaits
     #     acquire()). Raises RouteError like acquire(). This is the hot path: without it every
-    #     request pays for an asyncio task (about 15 % more proxy CPU per request, measured
-    #     with bench/proxy_overhead.py --no-nowait).
+    #     request pays for an asyncio task (measurably more proxy CPU per request:
+    #     bench/proxy_overhead.py --no-nowait).
     #
     # def connection_opened(self, host: str) -> None
     # def connection_closed(self, host: str) -> None
