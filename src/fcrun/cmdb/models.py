@@ -137,24 +137,18 @@ class NewApp(AppUpdate, kw_only=True, forbid_unknown_fields=True, omit_defaults=
     image: str
 
 
-class AppDefaults(msgspec.Struct, kw_only=True, forbid_unknown_fields=True, frozen=True):
-    """Settings a new app gets when it does not say otherwise (serve config ``[defaults]``).
-
-    `check_defaults` applies the rules an app's own settings follow.
-    """
-
-    cpu: Cpu = DEFAULT_CPU
-    memory_bytes: MemoryBytes = DEFAULT_MEMORY_BYTES
-    min_instances: Count = DEFAULT_MIN_INSTANCES
-    max_instances: PositiveCount = DEFAULT_MAX_INSTANCES
-    target_concurrency: PositiveCount = DEFAULT_TARGET_CONCURRENCY
-    idle_timeout_s: Seconds = DEFAULT_IDLE_TIMEOUT_S
-    freeze_after_s: Seconds | None = DEFAULT_FREEZE_AFTER_S  # None: never frozen
-    max_lifetime_s: PositiveSeconds | None = None
-    cooldown_up_s: Seconds = DEFAULT_COOLDOWN_UP_S
-    cooldown_down_s: Seconds = DEFAULT_COOLDOWN_DOWN_S
-    max_body_bytes: Count | None = None
-    autoscale: bool = True
+# What a new app takes from serve's [defaults] (AppDefaults) when it does not say otherwise:
+# these fields of App, with App's types (ranges included) and built-in defaults, so that the two
+# cannot drift apart. `check_defaults` applies the rules an app's own settings follow.
+DEFAULTABLE_FIELDS = ("cpu", "memory_bytes", "min_instances", "max_instances", "target_concurrency",
+                      "idle_timeout_s", "freeze_after_s", "max_lifetime_s", "cooldown_up_s", "cooldown_down_s",
+                      "max_body_bytes", "autoscale")
+AppDefaults = msgspec.defstruct(
+    "AppDefaults",
+    [(f.name, f.type, f.default) for f in msgspec.structs.fields(App) if f.name in DEFAULTABLE_FIELDS],
+    kw_only=True, forbid_unknown_fields=True, frozen=True, module=__name__,
+)
+AppDefaults.__doc__ = "Settings a new app gets when it does not say otherwise (serve config ``[defaults]``)."
 
 
 class Instance(msgspec.Struct, kw_only=True, frozen=True):
