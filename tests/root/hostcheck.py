@@ -36,15 +36,31 @@ def host_snapshot(run_root: str) -> dict:
     return {"mounts": mounts, "links": links, "netns": netns, "cgroups": cgroups, "states": states}
 
 
-def settled_snapshot(run_root: str, expected: dict, timeout_s: float = 3.0) -> dict:
-    """The snapshot once it equals `expected`, or the last one after timeout_s.
+def settled_snapshot(run_root: str, expected: dict, timeout_s: float = 15.0) -> dict:
+    """The snapshot once it equals `expected` (so, `expected`).
 
     A dead container's network namespace (and the veth in it) is destroyed by the kernel in
-    the background, shortly after its last process exits; give that a moment.
+    the background, shortly after its last process exits; give that a moment (longer on a
+    loaded host: the bound only keeps a leak from hanging the suite).
+
+    Raises:
+        AssertionError: it still differs after timeout_s; the message lists what differs.
     """
     deadline = time.monotonic() + timeout_s
     while True:
         snap = host_snapshot(run_root)
-        if snap == expected or time.monotonic() > deadline:
+        if snap == expected:
             return snap
+        if time.monotonic() > deadline:
+            raise AssertionError(f"the host is not as before the test after {timeout_s} s: {snapshot_diff(expected, snap)}")
         time.sleep(0.05)
+
+
+def snapshot_diff(before: dict, after: dict) -> str:
+    """What `after` has that `before` had not (+) and the other way round (-), per kind."""
+    parts = []
+    for kind in sorted(set(before) | set(after)):
+        old, new = set(before.get(kind, ())), set(after.get(kind, ()))
+        if old != new:
+            parts.append(f"{kind}: +{sorted(new - old)} -{sorted(old - new)}")
+    return "; ".join(parts)

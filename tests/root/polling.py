@@ -46,3 +46,24 @@ def retry_until_no_oserror(what: str, call: Callable[[], T], timeout_s: float = 
             if time.monotonic() >= deadline:
                 raise AssertionError(f"gave up waiting for {what} after {timeout_s} s: {exc!r}") from exc
         time.sleep(interval_s)
+
+
+def http_get_when_up(ip: str, path: str = "/", port: int = 80, host: str = "example.test",
+                     timeout_s: float = 30.0) -> tuple[int, dict[str, str], str]:
+    """(status, headers, body) of GET path from ip:port once a server there answers (a container's Apache, say).
+
+    Raises:
+        AssertionError: nothing answered within timeout_s.
+    """
+    import http.client
+
+    def get() -> tuple[int, dict[str, str], str]:
+        conn = http.client.HTTPConnection(ip, port, timeout=5)
+        try:
+            conn.request("GET", path, headers={"Host": host})
+            response = conn.getresponse()
+            return response.status, dict(response.getheaders()), response.read().decode(errors="replace")
+        finally:
+            conn.close()
+
+    return retry_until_no_oserror(f"a server on {ip}:{port} to answer GET {path}", get, timeout_s, interval_s=0.02)

@@ -2,38 +2,20 @@
 
 from __future__ import annotations
 
-import http.client
 import os
-import time
 
 import pytest
+from polling import http_get_when_up
 
 from fcrun.runtime.options import RunOptions, spec_from_image
 
 pytestmark = [pytest.mark.root, pytest.mark.slow]
 
 
-def _get(ip: str, path: str = "/", timeout_s: float = 10.0) -> tuple[int, str]:
-    deadline = time.monotonic() + timeout_s
-    while True:
-        try:
-            conn = http.client.HTTPConnection(ip, 80, timeout=5)
-            try:
-                conn.request("GET", path, headers={"Host": "example.test"})
-                response = conn.getresponse()
-                return response.status, response.read().decode(errors="replace")
-            finally:
-                conn.close()
-        except OSError:
-            if time.monotonic() > deadline:
-                raise
-            time.sleep(0.02)
-
-
 def test_apache_php_serves_phpinfo_in_an_fcrun_container(runtime, apache_php):
     spec = spec_from_image(apache_php, RunOptions(cpu=0.5, memory_bytes=256 << 20), name="t-apache")
     container = runtime.run("t-apache", spec, image=apache_php, detach=True)
-    status, body = _get(container.ip)
+    status, _, body = http_get_when_up(container.ip)
     assert status == 200
     assert "PHP Version 8." in body and "phpinfo()" in body and "apache2handler" in body
     # The master runs as root, its prefork workers as www-data (33), all in the container's pid ns.
@@ -57,7 +39,7 @@ def test_apache_php_serves_a_bind_mounted_docroot(runtime, apache_php, tmp_path)
     spec = spec_from_image(apache_php, RunOptions(), name="t-site")
     spec.mounts.append(Mount(destination=apache_php.config.docroot, source=str(site), options=["rbind", "ro"]))
     container = runtime.run("t-site", spec, image=apache_php, detach=True)
-    status, body = _get(container.ip)
+    status, _, body = http_get_when_up(container.ip)
     assert status == 200
     assert body.startswith("hello from t-site php 8.")
     runtime.delete("t-site", force=True)

@@ -25,7 +25,6 @@ import stat
 import subprocess
 import sys
 import tarfile
-import urllib.request
 import uuid
 from pathlib import Path
 from typing import Callable
@@ -35,7 +34,7 @@ import pytest
 from fcrun.images import Image, ImageStore
 from fcrun.images.store import LOCK_FILE, TMP_DIR
 from fcrun.paths import Paths
-from polling import retry_until_no_oserror, wait_until
+from polling import http_get_when_up, wait_until
 
 pytestmark = [
     pytest.mark.root,
@@ -460,17 +459,6 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _get(url: str, timeout_s: float) -> str:
-    """The body of GET url once the server answers 200 (an error status raises OSError too)."""
-
-    def get() -> str:
-        with urllib.request.urlopen(url, timeout=5) as response:
-            assert response.status == 200, f"GET {url}: {response.status}"
-            return response.read().decode()
-
-    return retry_until_no_oserror(f"GET {url} to succeed", get, timeout_s, interval_s=0.1)
-
-
 @pytest.mark.slow
 @pytest.mark.timeout(900)
 def test_apache_php_serves_phpinfo(tmp_path, apache_image, cleanup):
@@ -494,7 +482,8 @@ def test_apache_php_serves_phpinfo(tmp_path, apache_image, cleanup):
 
     log = tmp_path / "apache.log"
     container.start_detached(image.config.entrypoint + image.config.cmd, log)
-    body = _get(f"http://127.0.0.1:{port}/", timeout_s=60)
+    status, _, body = http_get_when_up("127.0.0.1", "/", port=port, timeout_s=60)
+    assert status == 200, body[:500]
     assert "phpinfo()" in body and "PHP Version 8." in body, body[:500]
     assert 'Server API </td><td class="v">Apache 2.0 Handler' in body
 

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
 import subprocess
 import sys
 import textwrap
@@ -20,7 +19,7 @@ from fcrun.errors import AlreadyExists, ContainerError, IncorrectStatus, KernelE
 from fcrun.runtime.spec import Mount
 from fcrun.runtime.options import RunOptions, spec_from_image
 from hostcheck import CGROUP_PARENT, host_snapshot, settled_snapshot
-from polling import retry_until_no_oserror, wait_until
+from polling import http_get_when_up, wait_until
 
 pytestmark = [pytest.mark.root]
 
@@ -282,17 +281,8 @@ def test_bridge_network_host_reaches_container_and_leases_are_unique(runtime, bu
     b = start_detached(runtime, busybox, "t-web2", ["sleep", "60"])
     assert a.ip and b.ip and a.ip != b.ip
     assert a.ip.startswith("10.234.0.")
-
-    def get_passwd() -> bytes:
-        with socket.create_connection((a.ip, 8080), timeout=1) as s:
-            s.sendall(b"GET /passwd HTTP/1.0\r\n\r\n")
-            reply = b""
-            while chunk := s.recv(4096):
-                reply += chunk
-        return reply
-
-    reply = retry_until_no_oserror(f"httpd in the container to answer on {a.ip}:8080", get_passwd)
-    assert b" 200 " in reply.split(b"\r\n")[0] and b"root:x:0:0" in reply, reply
+    status, _, body = http_get_when_up(a.ip, "/passwd", port=8080)
+    assert status == 200 and "root:x:0:0" in body, (status, body)
     # Interfaces inside: lo and eth0 only, default route via the bridge.
     r, w = os.pipe()
     code = runtime.exec("t-web2", ["sh", "-c", "ls /sys/class/net | tr '\\n' ' '; ip route | grep default"], stdio=(0, w, w))
@@ -313,10 +303,6 @@ def test_bridge_network_host_reaches_container_and_leases_are_unique(runtime, bu
 # ----- cgroups --------------------------------------------------------------------------------
 
 
-def _cgroup_of(rt, name):
-    return rt.cgroups.load(rt.state(name).cgroup_paths)
-
-
 def _cpu_usage_us(cgroup) -> int:
     return cgroup.stats().cpu_usage_us
 
@@ -327,7 +313,7 @@ def test_cpu_quota_is_enforced_and_update_changes_it_live(runtime, busybox):
     The live update goes down to the smallest quota (1 ms per 100 ms period), which a busy loop
     exceeds in every period it runs, however loaded the host."""
     start_detached(runtime, busybox, "t-cpu", ["sh", "-c", "while :; do :; done"], cpu=0.6, network="none")
-    cgroup = _cgroup_of(runtime, "t-cpu")
+    cgroup = runtime.cgroup("t-cpu")
     assert (cgroup.limits().cpu_quota_us, cgroup.limits().cpu_period_us) == (60000, 100000)
     runtime.update("t-cpu", cpu=0.01)
     assert (cgroup.limits().cpu_quota_us, cgroup.limits().cpu_period_us) == (1000, 100000)
@@ -366,7 +352,7 @@ def test_pids_limit_stops_a_fork_loop(runtime, busybox):
 
 def test_freeze_stops_progress_and_thaw_resumes(runtime, busybox):
     start_detached(runtime, busybox, "t-frz", ["sh", "-c", "while :; do :; done"], cpu=0.5, network="none")
-    cgroup = _cgroup_of(runtime, "t-frz")
+    cgroup = runtime.cgroup("t-frz")
     start = _cpu_usage_us(cgroup)
     wait_until("the busy loop to run", lambda: _cpu_usage_us(cgroup) > start + 20_000)
     runtime.freeze("t-frz")

@@ -86,7 +86,7 @@ def test_a_busy_loop_at_its_quota_reads_as_saturated_and_the_policy_scales_it_up
     spec = spec_from_image(busybox, RunOptions(args=["sh", "-c", "while :; do :; done"], cpu=0.05, network="none"),
                            name="t-busy")
     runtime.run("t-busy", spec, image=busybox, detach=True)
-    cgroup = runtime.cgroups.load(runtime.state("t-busy").cgroup_paths)
+    cgroup = runtime.cgroup("t-busy")
     app = App(name="busy.test", image="busybox", cpu=0.05, cpu_max=0.2, max_instances=1)
     tuning = policy.Tuning()
     started = time.monotonic()

@@ -25,6 +25,7 @@ from fcrun.runtime.userns import FIRST_HOST_ID, RANGE_SIZE
 from fcrun.runtime import Runtime
 from fcrun.runtime.child import ChildFailure, read_status
 from hostcheck import BRIDGE, CGROUP_PARENT, SUBNET
+from polling import wait_until
 from test_runtime_root import run as _run  # run to completion, output captured
 
 pytestmark = [pytest.mark.root]
@@ -39,13 +40,8 @@ def via_spawner(runtime):
     return _runtime(runtime, True)
 
 
-def _warm_pids(client: spawner.Client, timeout_s: float = 5.0) -> set[int]:
-    deadline = time.monotonic() + timeout_s
-    while True:
-        pids = client.warm_pids()
-        if pids or time.monotonic() > deadline:
-            return pids
-        time.sleep(0.01)
+def _warm_pids(client: spawner.Client) -> set[int]:
+    return wait_until("the spawner's warm children", client.warm_pids, interval_s=0.01)
 
 
 def _gone(pid: int) -> bool:

@@ -22,6 +22,7 @@ import pytest
 from fcrun.network import mac_for
 from fcrun.runtime.options import RunOptions, spec_from_image
 from hostcheck import BRIDGE
+from polling import retry_until_no_oserror
 from secutil import probe_mount
 
 pytestmark = [pytest.mark.root]
@@ -85,23 +86,20 @@ def host_socket() -> socket.socket:
     return sock
 
 
-def http_get(ip: str, timeout_s: float = 5.0) -> str:
+def http_get(ip: str, timeout_s: float = 30.0) -> str:
     """The body of GET / from ip:HTTP_PORT, retried until the server is up."""
-    deadline = time.monotonic() + timeout_s
-    while True:
-        try:
-            with host_socket() as conn:
-                conn.settimeout(1)
-                conn.connect((ip, HTTP_PORT))
-                conn.sendall(b"GET / HTTP/1.0\r\n\r\n")
-                reply = b""
-                while chunk := conn.recv(4096):
-                    reply += chunk
-            return reply.partition(b"\r\n\r\n")[2].decode().strip()
-        except OSError:
-            if time.monotonic() > deadline:
-                raise
-            time.sleep(0.05)
+
+    def get() -> str:
+        with host_socket() as conn:
+            conn.settimeout(1)
+            conn.connect((ip, HTTP_PORT))
+            conn.sendall(b"GET / HTTP/1.0\r\n\r\n")
+            reply = b""
+            while chunk := conn.recv(4096):
+                reply += chunk
+        return reply.partition(b"\r\n\r\n")[2].decode().strip()
+
+    return retry_until_no_oserror(f"the server on {ip}:{HTTP_PORT} to answer", get, timeout_s)
 
 
 def host_neighbour(ip: str) -> str:

@@ -14,6 +14,7 @@ import os
 import msgspec
 import pytest
 
+from polling import http_get_when_up
 from secutil import probe_mount, run_captured
 from fcrun.runtime.options import RunOptions, spec_from_image
 from fcrun.seccomp import DEFAULT_PROFILE
@@ -96,27 +97,10 @@ def test_exec_into_a_container_gets_its_profile(runtime, busybox):
 
 @pytest.mark.slow
 def test_apache_php_serves_under_the_default_profile(runtime, apache_php):
-    import http.client
-    import time
-
     spec = spec_from_image(apache_php, RunOptions(cpu=0.5, memory_bytes=256 << 20), name="t-sc-apache")
     assert spec.linux.seccomp is DEFAULT_PROFILE
     container = runtime.run("t-sc-apache", spec, image=apache_php, detach=True)
-    deadline = time.monotonic() + 10
-    while True:
-        try:
-            conn = http.client.HTTPConnection(container.ip, 80, timeout=5)
-            try:
-                conn.request("GET", "/", headers={"Host": "example.test"})
-                response = conn.getresponse()
-                status, body = response.status, response.read().decode(errors="replace")
-            finally:
-                conn.close()
-            break
-        except OSError:
-            if time.monotonic() > deadline:
-                raise
-            time.sleep(0.05)
+    status, headers, body = http_get_when_up(container.ip)
     # Every process (init, the Apache master, its prefork workers) runs under the filter.
     r, w = os.pipe()
     code = runtime.exec("t-sc-apache", ["sh", "-c", "grep -h '^Seccomp:' /proc/[0-9]*/status | sort | uniq -c"],
@@ -125,5 +109,5 @@ def test_apache_php_serves_under_the_default_profile(runtime, apache_php):
     with os.fdopen(r) as f:
         modes = f.read().split()
     runtime.delete("t-sc-apache", force=True)
-    assert status == 200 and "Apache/2.4" in response.headers.get("Server", "") + body
+    assert status == 200 and "Apache/2.4" in headers.get("Server", "") + body
     assert code == 0 and modes[1:] == ["Seccomp:", "2"] and int(modes[0]) >= 3, modes
