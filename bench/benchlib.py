@@ -10,6 +10,7 @@ import os
 import shutil
 import statistics
 import sys
+import tempfile
 
 SKIPPED = 77  # the exit status of a benchmark that cannot run here (automake's "skip")
 
@@ -27,13 +28,9 @@ def preflight(script: str, tools: tuple[str, ...] = ()) -> int:
 
 
 def percentile(values: list[float], q: float) -> float:
-    """The value at percentile q (0..100) of values, nearest rank (no interpolation).
-
-    Raises:
-        ValueError: values is empty.
-    """
+    """The value at percentile q (0..100) of values, nearest rank (no interpolation); nan if none."""
     if not values:
-        raise ValueError("percentile of no values")
+        return float("nan")
     ordered = sorted(values)
     index = min(len(ordered) - 1, max(0, round(q / 100 * (len(ordered) - 1))))
     return ordered[index]
@@ -48,3 +45,18 @@ def summary(values_ms: list[float], digits: int = 2) -> dict:
     return {"median_ms": round(statistics.median(values_ms), digits),
             "p99_ms": round(percentile(values_ms, 99), digits),
             "min_ms": round(min(values_ms), digits), "max_ms": round(max(values_ms), digits), "n": len(values_ms)}
+
+
+def work_dir_with_site(prefix: str, index_php: str) -> tuple[str, str]:
+    """A new temporary directory (removed by the caller) holding site/index.php: (work, site).
+
+    Both are world-readable: the site is an app's docroot, mounted into containers whose users
+    are not root on the host.
+    """
+    work = tempfile.mkdtemp(prefix=prefix)
+    site = os.path.join(work, "site")
+    os.mkdir(site)
+    with open(os.path.join(site, "index.php"), "w") as f:
+        f.write(index_php)
+    os.chmod(work, 0o755)
+    return work, site

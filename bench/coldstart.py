@@ -46,16 +46,18 @@ import shutil
 import statistics
 import subprocess
 import sys
-import tempfile
 import time
 
 from fcrun import Paths
 from fcrun import syscalls as sc
 from fcrun.images import ImageStore
-from fcrun.runtime.spec import Namespace, encode_spec
+from fcrun.runtime.spec import encode_spec
 from fcrun.runtime.options import RunOptions, spec_from_image
 from fcrun.cmdb.models import Scale
 from fcrun.serve.testing import ServeProcess
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # bench/'s helpers, also under `fcrun bench`
+from benchlib import preflight, summary, work_dir_with_site  # noqa: E402
 
 HOST = "cold.test"
 FREEZE_AFTER_S = 0.5
@@ -64,17 +66,6 @@ MEMORY = 512 << 20
 SERVE_SUBNET = "10.237.0.0/24"
 RUNC_HOST_IP, RUNC_CONTAINER_IP = "10.239.0.1", "10.239.0.2"
 MS_NOSUID, MS_NODEV = 2, 4
-
-
-def percentile(values: list[float], q: float) -> float:
-    ordered = sorted(values)
-    index = min(len(ordered) - 1, max(0, round(q / 100 * (len(ordered) - 1))))
-    return ordered[index]
-
-
-def summary(values: list[float]) -> dict:
-    return {"median_ms": round(statistics.median(values), 1), "p99_ms": round(percentile(values, 99), 1),
-            "min_ms": round(min(values), 1), "max_ms": round(max(values), 1), "n": len(values)}
 
 
 def sh(*argv: str, check: bool = True) -> subprocess.CompletedProcess:
@@ -235,22 +226,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--timeout", type=float, default=30.0, help="seconds one cold start may take")
     parser.add_argument("--json", action="store_true", help="print the JSON on one line")
     args = parser.parse_args(argv)
-    if os.geteuid() != 0:
-        print("bench/coldstart.py: needs root", file=sys.stderr)
-        return 77
-    if shutil.which("runc") is None:
-        print("bench/coldstart.py: needs runc", file=sys.stderr)
-        return 77
+    if code := preflight("bench/coldstart.py", ("runc",)):
+        return code
     store = ImageStore(Paths(data_root=args.image_root, run_root="/nonexistent"))
     image = store.get("apache-php")
 
     tag = str(os.getpid())
-    work = tempfile.mkdtemp(prefix="fcrun-cold-")
-    site = os.path.join(work, "site")
-    os.makedirs(site)
-    with open(os.path.join(site, "index.php"), "w") as f:
-        f.write("<?php phpinfo();\n")
-    os.chmod(work, 0o755)
+    work, site = work_dir_with_site("fcrun-cold-", "<?php phpinfo();\n")
     serve = ServeProcess(work, args.image_root, cgroup_parent=f"fcrun-cold-{tag}", bridge=f"fcc{tag}"[:15],
                          subnet=SERVE_SUBNET, extra_config="[forkserver]\npool_size = 1\n")
     runc = RuncBaseline(work, image, tag)
@@ -340,7 +322,7 @@ def main(argv: list[str] | None = None) -> int:
         serve_ok = serve.exit_codes == [0]
         shutil.rmtree(work, ignore_errors=True)
 
-    s = {k: summary(v) for k, v in times.items()}
+    s = {k: summary(v, digits=1) for k, v in times.items()}
     out = {
         "benchmark": "cold start of apache-php through fcrun serve: GET / to the last byte of phpinfo",
         "runs": args.runs,
@@ -364,8 +346,8 @@ def main(argv: list[str] | None = None) -> int:
             "a_over_d_le_1": s["start"]["median_ms"] <= s["runc"]["median_ms"],
             "d_over_b_ge_20": s["runc"]["median_ms"] >= 20 * s["pool"]["median_ms"],
         },
-        "serve_header_ms": {k: summary(v) for k, v in header_ms.items() if v},
-        "serve_claim_ms": summary(claim_ms) if claim_ms else None,
+        "serve_header_ms": {k: summary(v, digits=1) for k, v in header_ms.items() if v},
+        "serve_claim_ms": summary(claim_ms, digits=1) if claim_ms else None,
         "memory": {
             "pooled_frozen_instance_cgroup_bytes_median": int(statistics.median(pooled_memory)) if pooled_memory else None,
             "app_frozen_instance_cgroup_bytes_median": int(statistics.median(frozen_memory)) if frozen_memory else None,

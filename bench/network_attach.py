@@ -36,10 +36,10 @@ import sys
 import tempfile
 import time
 
+from fcrun.network import BridgeNetwork, host_ifname, mac_for
+
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # bench/'s helpers, also under `fcrun bench`
 from benchlib import preflight, summary  # noqa: E402
-
-from fcrun.network import BridgeNetwork, host_ifname, mac_for  # noqa: E402
 
 SUBNET = "10.241.0.0/24"
 IP_BASELINE_HOST = 250  # the iproute2 side's address: far above what the IPAM hands out here

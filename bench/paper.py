@@ -60,6 +60,9 @@ from dataclasses import dataclass
 
 from fcrun.serve.testing import ServeProcess
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # bench/'s helpers, also under `fcrun bench`
+from benchlib import percentile, preflight  # noqa: E402
+
 APP = "paper.test"
 MODES = ("scale-out", "scale-up", "reactive")
 CPU = 0.3
@@ -369,14 +372,6 @@ def run_mode(image_root: str, mode: str, n: int, concurrency: int, warmup_s: flo
         shutil.rmtree(work, ignore_errors=True)
 
 
-def percentile(values: list[float], q: float) -> float:
-    ordered = sorted(values)
-    if not ordered:
-        return float("nan")
-    index = min(len(ordered) - 1, max(0, round(q / 100 * (len(ordered) - 1))))
-    return ordered[index]
-
-
 def phase(records: list[Record]) -> dict:
     ok = [r for r in records if not r.error and 200 <= r.status < 300]
     lat = [r.latency * 1000 for r in ok]
@@ -532,9 +527,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", default=RESULTS_DIR, help="directory for the JSON and the PNG")
     parser.add_argument("--image-store", default=None, help="data root holding the apache-php image")
     args = parser.parse_args(argv)
-    if os.geteuid() != 0:
-        print("bench/paper.py needs root (it runs fcrun serve and containers)", file=sys.stderr)
-        return 77
+    if code := preflight("bench/paper.py"):
+        return code
     if args.requests < 2 * SWITCH_WINDOW or args.concurrency < 1:
         parser.error(f"--requests must be at least {2 * SWITCH_WINDOW} and --concurrency at least 1")
     try:

@@ -33,6 +33,9 @@ from fcrun.forkserver import Client
 from fcrun.forkserver import protocol as p
 from fcrun.runtime import Runtime
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # bench/'s helpers, also under `fcrun bench`
+from benchlib import preflight  # noqa: E402
+
 GIB = 1 << 30
 SUBNET = "10.240.0.0/22"
 
@@ -65,9 +68,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--timeout", type=float, default=900.0, help="seconds the pool may take to fill")
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args(argv)
-    if os.geteuid() != 0:
-        print("bench/pool_density.py: needs root", file=sys.stderr)
-        return 77
+    if code := preflight("bench/pool_density.py"):
+        return code
     tag = str(os.getpid())
     work = tempfile.mkdtemp(prefix="fcrun-density-")
     os.chmod(work, 0o755)

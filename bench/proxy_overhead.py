@@ -41,32 +41,29 @@ import time
 HOST = "127.0.0.1"
 APP_HOST = "bench.test"
 
-BACKEND_CONF = """
+# Both nginx instances: one worker, keep-alive without end, no access log. {http} is the rest
+# of the http block: BACKEND_HTTP or PROXY_HTTP.
+NGINX_CONF = """
 worker_processes 1;
-pid {tmp}/backend.pid;
-error_log {tmp}/backend-error.log warn;
+pid {tmp}/{name}.pid;
+error_log {tmp}/{name}-error.log warn;
 events {{ worker_connections 4096; }}
 http {{
     access_log off;
     keepalive_requests 10000000;
     keepalive_timeout 120s;
+{http}}}
+"""
+
+BACKEND_HTTP = """\
     server {{
         listen {host}:{port} backlog=4096;
         root {tmp}/www;
         location / {{ }}
     }}
-}}
 """
 
-PROXY_CONF = """
-worker_processes 1;
-pid {tmp}/proxy.pid;
-error_log {tmp}/proxy-error.log warn;
-events {{ worker_connections 4096; }}
-http {{
-    access_log off;
-    keepalive_requests 10000000;
-    keepalive_timeout 120s;
+PROXY_HTTP = """\
     upstream backend {{
         server {host}:{backend_port};
         keepalive 64;
@@ -85,7 +82,6 @@ http {{
             proxy_buffering on;
         }}
     }}
-}}
 """
 
 
@@ -108,10 +104,11 @@ def wait_listening(port: int, proc: subprocess.Popen, timeout_s: float = 10.0) -
     raise RuntimeError(f"nothing listens on {HOST}:{port} after {timeout_s} s")
 
 
-def start_nginx(tmp: str, name: str, conf: str, pin: list[str]) -> subprocess.Popen:
+def start_nginx(tmp: str, name: str, http: str, pin: list[str]) -> subprocess.Popen:
+    """nginx with NGINX_CONF around `http` (the rest of its http block), in the foreground."""
     path = os.path.join(tmp, f"{name}.conf")
     with open(path, "w") as f:
-        f.write(conf)
+        f.write(NGINX_CONF.format(tmp=tmp, name=name, http=http))
     return subprocess.Popen(pin + ["nginx", "-p", tmp, "-c", path, "-g", "daemon off;"],
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
 
@@ -261,11 +258,11 @@ def main() -> int:
     ports = {"direct": free_port(), "fcrun": free_port(), "nginx": free_port()}
     procs: list[subprocess.Popen] = []
     try:
-        backend = start_nginx(tmp, "backend", BACKEND_CONF.format(tmp=tmp, host=HOST, port=ports["direct"]),
+        backend = start_nginx(tmp, "backend", BACKEND_HTTP.format(tmp=tmp, host=HOST, port=ports["direct"]),
                               client_pin)
         procs.append(backend)
         wait_listening(ports["direct"], backend)
-        proxy = start_nginx(tmp, "proxy", PROXY_CONF.format(tmp=tmp, host=HOST, port=ports["nginx"],
+        proxy = start_nginx(tmp, "proxy", PROXY_HTTP.format(host=HOST, port=ports["nginx"],
                                                             backend_port=ports["direct"]), proxy_pin)
         procs.append(proxy)
         wait_listening(ports["nginx"], proxy)

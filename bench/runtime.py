@@ -41,7 +41,6 @@ import argparse
 import json
 import os
 import shutil
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -52,18 +51,10 @@ from fcrun import syscalls as sc
 from fcrun.images import ImageStore
 from fcrun.runtime.plan import build_plan
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # bench/'s helpers, also under `fcrun bench`
+from benchlib import preflight, summary  # noqa: E402
+
 CONTENDERS = ("library", "library_tmpfs_rootfs", "direct", "cli", "cli_daemon", "runc", "runc_overlay")
-
-
-def percentile(values: list[float], q: float) -> float:
-    ordered = sorted(values)
-    index = min(len(ordered) - 1, max(0, round(q / 100 * (len(ordered) - 1))))
-    return ordered[index]
-
-
-def summary(values: list[float]) -> dict:
-    return {"median_ms": round(statistics.median(values), 2), "p99_ms": round(percentile(values, 99), 2),
-            "min_ms": round(min(values), 2), "n": len(values)}
 
 
 def make_runc_bundle(bundle: str, rootfs: str, readonly: bool = True) -> None:
@@ -93,9 +84,8 @@ def main() -> int:
     unknown = set(args.only.split(",")) - set(CONTENDERS)
     if unknown:
         parser.error(f"--only: unknown contender(s) {sorted(unknown)}")
-    if os.geteuid() != 0:
-        print("bench/runtime.py: needs root", file=sys.stderr)
-        return 77
+    if code := preflight("bench/runtime.py"):
+        return code
 
     top = tempfile.mkdtemp(prefix="fcrun-bench-")
     work = top

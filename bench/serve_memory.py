@@ -31,11 +31,13 @@ import os
 import shutil
 import statistics
 import sys
-import tempfile
 import time
 
 from fcrun.cmdb import App, open_cmdb
 from fcrun.serve.testing import ServeProcess
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # bench/'s helpers, also under `fcrun bench`
+from benchlib import preflight, work_dir_with_site  # noqa: E402
 
 SUBNET = "10.235.0.0/24"
 MIB = 1 << 20
@@ -154,20 +156,14 @@ def main() -> int:
                         help="data root holding the apache-php image")
     parser.add_argument("--json", action="store_true", help="print the JSON on one line")
     args = parser.parse_args()
-    if os.geteuid() != 0:
-        print("bench/serve_memory.py: needs root", file=sys.stderr)
-        return 77
+    if code := preflight("bench/serve_memory.py"):
+        return code
     if not 0 < args.instances <= args.apps <= 100_000 or args.instances > 200:
         parser.error("need 0 < --instances <= --apps <= 100000 and --instances <= 200")
     memory_bytes = int(args.memory.rstrip("Mm")) * MIB
 
     tag = str(os.getpid())
-    work = tempfile.mkdtemp(prefix="fcrun-mem-")
-    site = os.path.join(work, "site")
-    os.mkdir(site)
-    with open(os.path.join(site, "index.php"), "w") as f:
-        f.write("<?php echo 'hi from ', gethostname();")
-    os.chmod(work, 0o755)
+    work, site = work_dir_with_site("fcrun-mem-", "<?php echo 'hi from ', gethostname();")
     serve = MemoryServe(work, args.image_root, cgroup_parent=f"fcrun-mem-{tag}", bridge=f"fcm{tag}"[:15],
                         subnet=SUBNET, hold_timeout_s=60)
     names = [f"app{i:05d}.mem.test" for i in range(args.apps)]
