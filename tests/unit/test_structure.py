@@ -12,6 +12,8 @@ import ast
 import pathlib
 import re
 
+import pytest
+
 ROOT = pathlib.Path(__file__).resolve().parents[2]
 SOURCES = ("src", "cli")
 # Attributes of these names are other objects' own business (self._x, os._exit, sys._getframe).
@@ -62,27 +64,6 @@ def test_no_module_uses_another_modules_private_names():
     assert found == [], "private names used outside their module (give them a public name):\n" + "\n".join(found)
 
 
-def test_the_private_use_check_finds_what_it_should(tmp_path):
-    module = tmp_path / "m.py"
-    module.write_text(
-        "from fcrun.runtime.child import _fail, public\n"
-        "from .spawner import _child_main\n"
-        "from os import _exit\n"  # not fcrun's
-        "def _mine(): pass\n"
-        "class C:\n"
-        "    def f(self, rt):\n"
-        "        self._own = 1\n"
-        "        rt._own, _mine(), os._exit\n"
-        "        return rt._cgroup(rt._state)\n"
-    )
-    assert private_cross_uses(module, tmp_path) == [
-        "m.py:1 imports _fail",
-        "m.py:2 imports _child_main",
-        "m.py:9 uses ._cgroup",
-        "m.py:9 uses ._state",
-    ]
-
-
 def timing_asserts(path: pathlib.Path, root: pathlib.Path = ROOT) -> list[str]:
     return [f"{path.relative_to(root)}:{n}" for n, line in enumerate(path.read_text().splitlines(), 1)
             if TIMING_ASSERT.search(line) and "cpu_seconds" not in line]
@@ -93,14 +74,34 @@ def test_no_test_asserts_a_duration():
     assert found == [], "tests asserting a duration (measure it in bench/ instead):\n" + "\n".join(found)
 
 
-def test_the_timing_check_finds_what_it_should(tmp_path):
-    example = tmp_path / "t.py"
-    example.write_text(
-        "assert build_s < 10\n"
-        "    assert statistics.median(timings_ms['attach']) < 20\n"
-        "assert elapsed <= 0.5\n"
-        "assert quota_us == 60000\n"
-        "assert len(items) < 10\n"
-        "assert x << 2\n"
-    )
-    assert timing_asserts(example, tmp_path) == ["t.py:1", "t.py:2", "t.py:3"]
+# Each check on an example: what it must find, and what it must leave alone.
+PRIVATE_USE_EXAMPLE = (
+    "from fcrun.runtime.child import _fail, public\n"
+    "from .spawner import _child_main\n"
+    "from os import _exit\n"  # not fcrun's
+    "def _mine(): pass\n"
+    "class C:\n"
+    "    def f(self, rt):\n"
+    "        self._own = 1\n"
+    "        rt._own, _mine(), os._exit\n"
+    "        return rt._cgroup(rt._state)\n"
+)
+TIMING_EXAMPLE = (
+    "assert build_s < 10\n"
+    "    assert statistics.median(timings_ms['attach']) < 20\n"
+    "assert elapsed <= 0.5\n"
+    "assert quota_us == 60000\n"
+    "assert len(items) < 10\n"
+    "assert x << 2\n"
+)
+
+
+@pytest.mark.parametrize("check,source,expected", [
+    (private_cross_uses, PRIVATE_USE_EXAMPLE,
+     ["x.py:1 imports _fail", "x.py:2 imports _child_main", "x.py:9 uses ._cgroup", "x.py:9 uses ._state"]),
+    (timing_asserts, TIMING_EXAMPLE, ["x.py:1", "x.py:2", "x.py:3"]),
+], ids=["private names", "timing asserts"])
+def test_each_check_finds_what_it_should(tmp_path, check, source, expected):
+    example = tmp_path / "x.py"
+    example.write_text(source)
+    assert check(example, tmp_path) == expected
