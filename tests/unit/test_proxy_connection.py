@@ -42,10 +42,15 @@ def pooled_upstream(server: ProxyServer, instance_id: str = "a.test-1"):
     return conn, transport
 
 
+def proxied(config: ProxyConfig | None = None, **router_args):
+    """A proxy with one pooled upstream connection to a.test and one client connected:
+    (server, router, upstream, its transport, client, its transport)."""
+    server, router = make_server(config, **router_args)
+    return (server, router, *pooled_upstream(server), *connect_client(server))
+
+
 def test_get_is_forwarded_and_the_upstream_connection_reused():
-    server, router = make_server()
-    up, up_t = pooled_upstream(server)
-    client, client_t = connect_client(server)
+    server, router, up, up_t, client, client_t = proxied()
 
     client.data_received(GET)
     assert up_t.take() == HEAD_TO_UPSTREAM
@@ -64,9 +69,7 @@ def test_get_is_forwarded_and_the_upstream_connection_reused():
 
 
 def test_http10_client_without_keep_alive_is_closed_after_the_response():
-    server, router = make_server()
-    up, up_t = pooled_upstream(server)
-    client, client_t = connect_client(server)
+    server, router, up, up_t, client, client_t = proxied()
     client.data_received(b"GET /x HTTP/1.0\r\nHost: a.test\r\n\r\n")
     up.data_received(OK)
     assert b"Connection: close\r\n" in client_t.take()
@@ -77,9 +80,7 @@ def test_http10_client_without_keep_alive_is_closed_after_the_response():
 
 
 def test_http10_client_with_keep_alive_keeps_it():
-    server, _ = make_server()
-    up, _ = pooled_upstream(server)
-    client, client_t = connect_client(server)
+    server, _, up, _, client, client_t = proxied()
     client.data_received(b"GET /x HTTP/1.0\r\nHost: a.test\r\nConnection: keep-alive\r\n\r\n")
     up.data_received(OK)
     assert b"Connection: keep-alive\r\n" in client_t.take()
@@ -87,9 +88,7 @@ def test_http10_client_with_keep_alive_keeps_it():
 
 
 def test_head_request_gets_no_body():
-    server, router = make_server()
-    up, up_t = pooled_upstream(server)
-    client, client_t = connect_client(server)
+    server, router, up, up_t, client, client_t = proxied()
     client.data_received(b"HEAD /x HTTP/1.1\r\nHost: a.test\r\n\r\n")
     assert up_t.take().startswith(b"HEAD /x HTTP/1.1\r\n")
     up.data_received(b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\n")
@@ -100,29 +99,29 @@ def test_head_request_gets_no_body():
     assert client_t.take() == OK_TO_CLIENT
 
 
-def test_unknown_host_is_404_naming_the_host_and_the_connection_stays():
-    server, router = make_server()
+def first_response(request: bytes, config: ProxyConfig | None = None, **router_args):
+    """A new client of a proxy with no upstream connection sends request:
+    (server, client, its transport, what the proxy has answered so far)."""
+    server, _ = make_server(config, **router_args)
     client, client_t = connect_client(server)
-    client.data_received(b"GET / HTTP/1.1\r\nHost: nope.test\r\n\r\n")
-    response = client_t.take()
+    client.data_received(request)
+    return server, client, client_t, client_t.take()
+
+
+def test_unknown_host_is_404_naming_the_host_and_the_connection_stays():
+    server, _, client_t, response = first_response(b"GET / HTTP/1.1\r\nHost: nope.test\r\n\r\n")
     assert response.startswith(b"HTTP/1.1 404 Not Found\r\n") and b"nope.test" in response
     assert not client_t.closed and not client_t.eof_written and server.requests_in_flight == 0
 
 
 @pytest.mark.parametrize("status", [502, 503, 504])
 def test_route_errors_become_the_response(status):
-    server, router = make_server(errors={"a.test": RouteError(status, "image 'web' missing")})
-    client, client_t = connect_client(server)
-    client.data_received(GET)
-    response = client_t.take()
+    *_, response = first_response(GET, errors={"a.test": RouteError(status, "image 'web' missing")})
     assert response.startswith(b"HTTP/1.1 %d " % status) and b"image 'web' missing" in response
 
 
 def test_malformed_request_is_400_and_the_connection_closes():
-    server, _ = make_server()
-    client, client_t = connect_client(server)
-    client.data_received(b"GET / HTTP/1.1\r\nHost a.test\r\n\r\n")
-    response = client_t.take()
+    _, client, client_t, response = first_response(b"GET / HTTP/1.1\r\nHost a.test\r\n\r\n")
     assert response.startswith(b"HTTP/1.1 400 Bad Request\r\n") and b"Connection: close" in response
     assert client_t.eof_written
     client.data_received(b"more garbage")   # drained while lingering, never parsed
@@ -130,16 +129,13 @@ def test_malformed_request_is_400_and_the_connection_closes():
 
 
 def test_oversized_head_is_431():
-    server, _ = make_server(ProxyConfig(max_header_bytes=256))
-    client, client_t = connect_client(server)
-    client.data_received(b"GET / HTTP/1.1\r\nHost: a.test\r\nCookie: " + b"c" * 300 + b"\r\n\r\n")
-    assert client_t.take().startswith(b"HTTP/1.1 431 Request Header Fields Too Large\r\n")
+    *_, response = first_response(b"GET / HTTP/1.1\r\nHost: a.test\r\nCookie: " + b"c" * 300 + b"\r\n\r\n",
+                                  ProxyConfig(max_header_bytes=256))
+    assert response.startswith(b"HTTP/1.1 431 Request Header Fields Too Large\r\n")
 
 
 def test_content_length_over_the_app_limit_is_413_up_front():
-    server, router = make_server(max_body_bytes=10)
-    up, up_t = pooled_upstream(server)
-    client, client_t = connect_client(server)
+    server, router, up, up_t, client, client_t = proxied(max_body_bytes=10)
     client.data_received(b"POST /u HTTP/1.1\r\nHost: a.test\r\nContent-Length: 100\r\n\r\n0123456789")
     response = client_t.take()
     assert response.startswith(b"HTTP/1.1 413 ") and b"Connection: close" in response
@@ -148,9 +144,7 @@ def test_content_length_over_the_app_limit_is_413_up_front():
 
 
 def test_chunked_body_over_the_app_limit_is_413_when_it_crosses():
-    server, router = make_server(max_body_bytes=10)
-    up, up_t = pooled_upstream(server)
-    client, client_t = connect_client(server)
+    server, router, up, up_t, client, client_t = proxied(max_body_bytes=10)
     client.data_received(b"POST /u HTTP/1.1\r\nHost: a.test\r\nTransfer-Encoding: chunked\r\n\r\n8\r\n01234567\r\n")
     assert up_t.take().endswith(b"\r\n\r\n8\r\n01234567\r\n")   # streamed, not held
     client.data_received(b"8\r\n89abcdef\r\n")
@@ -168,9 +162,7 @@ def test_global_body_limit_applies_when_the_app_sets_none():
 
 
 def test_expect_continue_is_answered_by_the_proxy():
-    server, _ = make_server()
-    up, up_t = pooled_upstream(server)
-    client, client_t = connect_client(server)
+    server, _, up, up_t, client, client_t = proxied()
     client.data_received(b"PUT /f HTTP/1.1\r\nHost: a.test\r\nExpect: 100-continue\r\nContent-Length: 5\r\n\r\n")
     assert client_t.take() == b"HTTP/1.1 100 Continue\r\n\r\n"
     head = up_t.take()
@@ -205,9 +197,7 @@ def test_slow_head_gets_408_and_a_silent_connection_is_just_closed():
 
 
 def test_idle_keep_alive_timeout_closes_quietly():
-    server, _ = make_server(ProxyConfig(keepalive_timeout_s=60.0, header_timeout_s=10.0))
-    up, _ = pooled_upstream(server)
-    client, client_t = connect_client(server)
+    server, _, up, _, client, client_t = proxied(ProxyConfig(keepalive_timeout_s=60.0, header_timeout_s=10.0))
     client.data_received(GET)
     server.check_timeouts(server.now + 30)   # waiting for the upstream: no deadline
     up.data_received(OK)
@@ -219,9 +209,7 @@ def test_idle_keep_alive_timeout_closes_quietly():
 
 
 def test_pipelined_requests_are_answered_in_order():
-    server, router = make_server()
-    up, up_t = pooled_upstream(server)
-    client, client_t = connect_client(server)
+    server, router, up, up_t, client, client_t = proxied()
     client.data_received(GET + b"GET /y HTTP/1.1\r\nHost: a.test\r\n\r\n")
     assert up_t.take() == HEAD_TO_UPSTREAM and not client_t.reading
     up.data_received(OK)
@@ -232,9 +220,7 @@ def test_pipelined_requests_are_answered_in_order():
 
 
 def test_client_gone_mid_response_settles_the_lease_once_and_drops_the_upstream():
-    server, router = make_server()
-    up, up_t = pooled_upstream(server)
-    client, client_t = connect_client(server)
+    server, router, up, up_t, client, client_t = proxied()
     client.data_received(GET)
     up.data_received(b"HTTP/1.1 200 OK\r\nContent-Length: 10\r\n\r\n01234")
     client.connection_lost(None)
@@ -256,9 +242,7 @@ def test_client_gone_before_the_response_is_499():
 
 
 def test_upstream_reset_mid_response_cuts_the_client():
-    server, router = make_server()
-    up, _ = pooled_upstream(server)
-    client, client_t = connect_client(server)
+    server, router, up, _, client, client_t = proxied()
     client.data_received(GET)
     up.data_received(b"HTTP/1.1 200 OK\r\nContent-Length: 10\r\n\r\n01234")
     up.connection_lost(ConnectionResetError())
@@ -267,9 +251,7 @@ def test_upstream_reset_mid_response_cuts_the_client():
 
 
 def test_non_idempotent_request_is_not_retried_on_a_stale_connection():
-    server, router = make_server()
-    up, up_t = pooled_upstream(server)
-    client, client_t = connect_client(server)
+    server, router, up, up_t, client, client_t = proxied()
     client.data_received(b"POST /p HTTP/1.1\r\nHost: a.test\r\nContent-Length: 0\r\n\r\n")
     assert up_t.take().startswith(b"POST")
     up.connection_lost(None)   # closed before a byte of response: stale
@@ -318,9 +300,7 @@ def test_idempotent_request_is_retried_once_on_a_fresh_connection():
 
 
 def test_backpressure_pauses_the_other_side():
-    server, _ = make_server()
-    up, up_t = pooled_upstream(server)
-    client, client_t = connect_client(server)
+    server, _, up, up_t, client, client_t = proxied()
     client.data_received(b"POST /p HTTP/1.1\r\nHost: a.test\r\nContent-Length: 100\r\n\r\n")
     client.pause_writing()
     assert not up_t.reading
@@ -333,9 +313,7 @@ def test_backpressure_pauses_the_other_side():
 
 
 def test_cold_start_is_reported_in_the_response():
-    server, _ = make_server(cold_start=("pool", 12.5))
-    up, _ = pooled_upstream(server)
-    client, client_t = connect_client(server)
+    server, _, up, _, client, client_t = proxied(cold_start=("pool", 12.5))
     client.data_received(GET)
     up.data_received(OK)
     response = client_t.take()
@@ -343,9 +321,7 @@ def test_cold_start_is_reported_in_the_response():
 
 
 def test_websocket_upgrade_becomes_a_tunnel():
-    server, router = make_server()
-    up, up_t = pooled_upstream(server)
-    client, client_t = connect_client(server)
+    server, router, up, up_t, client, client_t = proxied()
     client.data_received(b"GET /ws HTTP/1.1\r\nHost: a.test\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n\r\nearly")
     assert b"Connection: upgrade\r\nUpgrade: websocket\r\n" in up_t.take()
     client.data_received(b"-more")
@@ -369,9 +345,7 @@ def test_websocket_upgrade_becomes_a_tunnel():
 
 
 def test_refused_upgrade_is_an_ordinary_response_then_close():
-    server, _ = make_server()
-    up, _ = pooled_upstream(server)
-    client, client_t = connect_client(server)
+    server, _, up, _, client, client_t = proxied()
     client.data_received(b"GET /ws HTTP/1.1\r\nHost: a.test\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n\r\n")
     up.data_received(b"HTTP/1.1 400 Bad Request\r\nContent-Length: 0\r\n\r\n")
     response = client_t.take()

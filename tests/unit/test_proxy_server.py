@@ -223,6 +223,28 @@ async def get(port: int, path: str = "/hello", host: str = "a.test") -> tuple[in
         await client.close()
 
 
+async def answered_then_closed(port: int, request: bytes) -> tuple[int, dict[bytes, bytes], bytes]:
+    """The response to request on a new connection, which the proxy then closes."""
+    client = await Client.connect(port)
+    try:
+        client.send(request)
+        response = await client.response()
+        assert await client.at_eof(), f"the proxy kept the connection open after {response[0]}"
+        return response
+    finally:
+        await client.close()
+
+
+async def eventually(what: str, predicate, timeout_s: float = 5.0) -> None:
+    """Poll predicate() on the loop until it is true; fail naming `what` if it never is."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout_s
+    while not predicate():
+        if loop.time() >= deadline:
+            raise AssertionError(f"gave up waiting for {what} after {timeout_s} s")
+        await asyncio.sleep(0.01)
+
+
 def settled_once(router: StaticRouter) -> list[int]:
     """The status each lease was settled with; each exactly once."""
     assert all(len(lease.settled) == 1 for lease in router.leases), [lease.settled for lease in router.leases]
@@ -363,10 +385,7 @@ def test_websocket_style_upgrade_is_tunnelled(run):
             client.writer.write_eof()
             assert await client.at_eof()
             await client.close()
-            for _ in range(100):
-                if router.leases[0].settled:
-                    break
-                await asyncio.sleep(0.01)
+            await eventually("the lease to be settled", lambda: router.leases[0].settled)
             assert settled_once(router) == [101]
 
     run(main)
@@ -417,12 +436,8 @@ def test_slowloris_head_times_out(run):
     async def main():
         config = ProxyConfig(header_timeout_s=0.2, timer_resolution_s=0.05)
         async with proxy({}, config) as (server, _, port):
-            client = await Client.connect(port)
-            client.send(b"GET / HTTP/1.1\r\nHost: a.te")
-            status, headers, _ = await client.response()
+            status, headers, _ = await answered_then_closed(port, b"GET / HTTP/1.1\r\nHost: a.te")
             assert status == 408 and headers[b"connection"] == b"close"
-            assert await client.at_eof()
-            await client.close()
 
     run(main)
 
@@ -431,11 +446,8 @@ def test_idle_keep_alive_connection_is_closed(run):
     async def main():
         config = ProxyConfig(keepalive_timeout_s=0.2, timer_resolution_s=0.05)
         async with App() as app, proxy({"a.test": app.port}, config) as (server, _, port):
-            client = await Client.connect(port)
-            client.send(b"GET /hello HTTP/1.1\r\nHost: a.test\r\n\r\n")
-            assert (await client.response())[0] == 200
-            assert await client.at_eof()
-            await client.close()
+            status, _, _ = await answered_then_closed(port, b"GET /hello HTTP/1.1\r\nHost: a.test\r\n\r\n")
+            assert status == 200
 
     run(main)
 
@@ -452,10 +464,7 @@ def test_reset_mid_response_is_never_retried(run, method):
             assert len(rest) < 100   # truncated, and the connection closed
             await client.close()
             assert app.paths(b"/partial") == 1
-            for _ in range(100):
-                if router.leases[0].settled:
-                    break
-                await asyncio.sleep(0.01)
+            await eventually("the lease to be settled", lambda: router.leases[0].settled)
             assert router.leases[0].settled[0][0] == 200 and router.leases[0].settled[0][3] is True
 
     run(main)
@@ -477,12 +486,8 @@ def test_upstream_that_closes_after_each_response(run):
 def test_http10_client_without_keep_alive(run):
     async def main():
         async with App() as app, proxy({"a.test": app.port}) as (_, _, port):
-            client = await Client.connect(port)
-            client.send(b"GET /hello HTTP/1.0\r\nHost: a.test\r\n\r\n")
-            status, headers, body = await client.response()
+            status, headers, body = await answered_then_closed(port, b"GET /hello HTTP/1.0\r\nHost: a.test\r\n\r\n")
             assert (status, body, headers[b"connection"]) == (200, b"hello", b"close")
-            assert await client.at_eof()
-            await client.close()
 
     run(main)
 
@@ -504,12 +509,8 @@ def test_head_request(run):
 def test_malformed_request_is_400(run):
     async def main():
         async with proxy({}) as (_, _, port):
-            client = await Client.connect(port)
-            client.send(b"GET / HTTP/1.1\r\nHost a.test\r\n\r\n")
-            status, headers, _ = await client.response()
+            status, headers, _ = await answered_then_closed(port, b"GET / HTTP/1.1\r\nHost a.test\r\n\r\n")
             assert status == 400 and headers[b"connection"] == b"close"
-            assert await client.at_eof()
-            await client.close()
 
     run(main)
 
@@ -523,10 +524,7 @@ def test_close_drains_in_flight_requests(run):
             port = server.sockets[0].getsockname()[1]
             client = await Client.connect(port)
             client.send(b"GET /slow HTTP/1.1\r\nHost: a.test\r\n\r\n")
-            for _ in range(100):
-                if server.requests_in_flight:
-                    break
-                await asyncio.sleep(0.01)
+            await eventually("the request to be in flight", lambda: server.requests_in_flight)
             closing = asyncio.create_task(server.close(drain_timeout_s=5))
             status, headers, body = await client.response()
             assert (status, body, headers[b"connection"]) == (200, b"slow", b"close")
