@@ -9,8 +9,7 @@ import signal
 import time
 
 import pytest
-from hostcheck import host_snapshot, settled_snapshot
-from test_serve_root import Server
+from serving import Server, serving
 
 from fcrun.forkserver import Client, ForkServerGone
 from fcrun.forkserver import protocol as fsp
@@ -51,17 +50,8 @@ def _site(tmp_path, name: str, text: str) -> str:
 
 @pytest.fixture
 def pooled(tmp_path, apache_php):
-    snapshot_root = str(tmp_path / "run")
-    before = host_snapshot(snapshot_root)
-    srv = PoolServer(tmp_path, apache_php, extra_config="[forkserver]\npool_size = 2\n")
-    try:
+    with serving(tmp_path, apache_php, "[forkserver]\npool_size = 2\n", PoolServer) as srv:
         yield srv
-    finally:
-        srv.stop()
-        leftover = srv.reap_leftovers()
-    assert srv.proc is None or srv.proc.returncode == 0, srv.read_log()
-    assert leftover == [], f"serve left instances behind: {leftover}"
-    assert settled_snapshot(snapshot_root, before) == before, "serve left something on the host"
 
 
 def test_a_cold_app_is_served_from_the_pool_which_refills(pooled, tmp_path):

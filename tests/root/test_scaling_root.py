@@ -17,9 +17,8 @@ import threading
 import time
 
 import pytest
-from hostcheck import host_snapshot, settled_snapshot
 from polling import wait_until
-from test_serve_root import Server
+from serving import Server, serving
 
 from fcrun.cmdb.models import App
 from fcrun.runtime.options import RunOptions, spec_from_image
@@ -33,21 +32,13 @@ BURN_PHP = "<?php $x = 0; for ($i = 0; $i < 300000; $i++) { $x += $i % 7; } echo
 
 @pytest.fixture
 def server(tmp_path, apache_php):
-    before = host_snapshot(str(tmp_path / "run"))
-    srv = Server(tmp_path, apache_php, extra_config="[forkserver]\npool_size = 0\n")  # counts containers: no pool
-    site = tmp_path / "site"
-    site.mkdir()
-    (site / "burn.php").write_text(BURN_PHP)
-    (site / "hello.txt").write_text("hello\n")  # a cold start that is no load once served
-    srv.site = str(site)
-    try:
+    with serving(tmp_path, apache_php, "[forkserver]\npool_size = 0\n") as srv:  # counts containers: no pool
+        site = tmp_path / "site"
+        site.mkdir()
+        (site / "burn.php").write_text(BURN_PHP)
+        (site / "hello.txt").write_text("hello\n")  # a cold start that is no load once served
+        srv.site = str(site)
         yield srv
-    finally:
-        srv.stop()
-        leftover = srv.reap_leftovers()
-    assert srv.proc is None or srv.proc.returncode == 0, srv.read_log()
-    assert leftover == [], "serve left instances behind"
-    assert settled_snapshot(str(tmp_path / "run"), before) == before
 
 
 def quota_cpus(srv: Server, name: str) -> float:
