@@ -26,6 +26,7 @@ from fcrun.cgroups.membership import parse_proc_cgroup
 from fcrun.mountinfo import parse_mountinfo
 from fcrun.cgroups.v2 import format_cpu_max, parse_cpu_max
 from fcrun.errors import AlreadyExists, KernelError, MissingFeature, SpecError
+from fakeclock import Clock
 
 MEM_UNLIMITED = "9223372036854771712"
 OWN_MEMORY = "/process_api/437ffd"  # this machine: the memory cgroup is machine-owned
@@ -59,20 +60,6 @@ def raises(exc_type: type[Exception], pattern: str):
     with pytest.raises(exc_type) as info:
         yield info
     assert re.search(pattern, info.value.args[0]), info.value.args[0]
-
-
-class FakeClock:
-    def __init__(self):
-        self.now = 0.0
-        self.on_sleep = None  # called on each sleep: lets a test change the tree "meanwhile"
-
-    def __call__(self) -> float:
-        return self.now
-
-    def sleep(self, seconds: float) -> None:
-        self.now += seconds
-        if self.on_sleep:
-            self.on_sleep()
 
 
 class FakeKernel(KernelIO):
@@ -209,7 +196,7 @@ class Host:
             f.write("\n".join(proc_cgroup) + "\n")
         self.kernel = FakeKernel(self.top, {os.path.join(self.root, k) if k else self.root: dict(v)
                                             for k, v in templates.items()})  # copies: tests edit them
-        self.clock = FakeClock()
+        self.clock = Clock()
         os.makedirs(self.root, exist_ok=True)
         for d in own_dirs:  # the pre-existing host cgroups, made "by the machine"
             path = os.path.join(self.root, d) if d else self.root

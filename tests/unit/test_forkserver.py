@@ -12,6 +12,7 @@ from fcrun.errors import ContainerError, NotFound, SpecError
 from fcrun.forkserver import protocol as p
 from fcrun.forkserver.pool import PROBE_RETRY_S, STEADY_POLLS, WARM_POLL_S, Pool
 from fcrun.forkserver.server import ForkServer
+from fakeclock import Clock
 
 LIMITS = p.InstanceLimits(cpu=0.5, memory_bytes=256 << 20)
 
@@ -111,14 +112,6 @@ def test_a_bad_request_gets_failed_and_changes_nothing():
 
 
 # ----- the pool -----------------------------------------------------------------------------------
-
-
-class Clock:
-    def __init__(self):
-        self.now = 100.0
-
-    def __call__(self):
-        return self.now
 
 
 class FakeImage:
@@ -241,7 +234,7 @@ class Probes:
 
 
 def make_pool(**kw):
-    clock = Clock()
+    clock = Clock(100.0)
     runtime = FakeRuntime()
     pool = Pool(runtime, clock=clock, connect_probe=Probes(), **kw)
     return pool, runtime, clock
@@ -424,7 +417,7 @@ def test_adopt_takes_frozen_unclaimed_instances_and_removes_half_made_ones():
                    "slot": "/x"},
         "other": {"status": "running", "labels": {}, "ip": "10.0.0.5", "slot": None},
     }
-    pool = Pool(runtime, clock=Clock())
+    pool = Pool(runtime, clock=Clock(100.0))
     adopted, removed = pool.adopt()
     assert adopted == ["pool-a"] and removed == ["pool-b"]
     assert set(runtime.containers) == {"pool-a", "pool-c", "other"}  # claimed and foreign ones untouched

@@ -18,14 +18,7 @@ from fcrun.cmdb.sqlite import SqliteCMDB
 from fcrun.proxy.router import RouteError
 from fcrun.serve.backend import Existing, StartFailed, Started
 from fcrun.serve.manager import Manager
-
-
-class Clock:
-    def __init__(self):
-        self.now = 1000.0
-
-    def __call__(self):
-        return self.now
+from fakeclock import Clock
 
 
 class FakeBackend:
@@ -103,7 +96,7 @@ def cmdb(tmp_path):
 
 
 def make(cmdb, **kw):
-    clock = Clock()
+    clock = Clock(1000.0)
     backend = FakeBackend()
     gone = []
     kw.setdefault("sample_interval_s", 0)  # no background monitor: tests call sample()
