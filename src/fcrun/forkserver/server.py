@@ -30,7 +30,6 @@ import selectors
 import signal
 import socket
 import stat
-import struct
 import sys
 from dataclasses import dataclass
 
@@ -41,6 +40,7 @@ from ..paths import DEFAULT_BRIDGE, DEFAULT_CGROUP_PARENT, DEFAULT_SUBNET, Paths
 from ..docroot import DEFAULT_DOCROOT_ROOTS, check_roots
 from ..runtime.lifecycle import Container, Runtime
 from ..runtime.process import exit_code
+from ..unixsock import bind_private, peer_credentials
 from . import protocol as p
 from .pool import DEFAULT_MAX_AGE_S, DEFAULT_POOL_CPU, DEFAULT_POOL_MEMORY_BYTES, Pool
 
@@ -48,7 +48,6 @@ log = logging.getLogger("fcrun.forkserver")
 
 LISTEN_BACKLOG = 64
 SEND_TIMEOUT_S = 5.0
-_UCRED = struct.Struct("3i")
 _FD_ANCILLARY_BYTES = socket.CMSG_SPACE(p.STDIO_FDS * array.array("i").itemsize)
 
 
@@ -148,7 +147,7 @@ class ForkServer:
             if exc.errno in (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM):
                 log.warning("accept: %s", exc)  # overload: the next select tries again
             return
-        pid, uid, gid = _UCRED.unpack(conn.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, _UCRED.size))
+        pid, uid, _gid = peer_credentials(conn)
         if uid != 0:  # the socket is 0600 under a 0700 directory; checked again all the same
             log.warning("refused a client with uid %d (pid %d)", uid, pid)
             conn.close()
@@ -379,18 +378,9 @@ def listen(path: str) -> socket.socket:
     st = os.stat(directory)
     if st.st_uid != 0 or st.st_mode & stat.S_IWOTH:
         raise SpecError(f"socket directory {directory} must be root's and not world-writable", "--socket")
-    with contextlib.suppress(FileNotFoundError):
-        if stat.S_ISSOCK(os.lstat(path).st_mode):
-            os.unlink(path)  # an earlier fork-server's; only one runs per path (serve starts it)
-    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
-    old = os.umask(0o177)
-    try:
-        sock.bind(path)
-    finally:
-        os.umask(old)
-    os.chmod(path, 0o600)
-    sock.listen(LISTEN_BACKLOG)
-    return sock
+    # A socket left at `path` is an earlier fork-server's and is replaced: only one runs per
+    # path (serve starts it).
+    return bind_private(path, what="fork-server socket", where="--socket", backlog=LISTEN_BACKLOG)
 
 
 def _pool_size(text: str) -> tuple[str, int]:
