@@ -12,11 +12,11 @@ import shutil
 import socket
 import stat
 import tempfile
-import time
 
 import msgspec
 import pytest
 
+from polling import wait_until
 from secutil import as_host_user, probe_mount, run_captured
 from fcrun.instance import instance_spec
 from fcrun.runtime.spec import Mount, Namespace
@@ -28,13 +28,6 @@ from fcrun.runtime.userns import FIRST_HOST_ID, RANGE_SIZE
 pytestmark = [pytest.mark.root]
 
 NOBODY = 65533  # a host uid with no account: the curious local user
-
-
-def wait_for(condition, what: str, timeout_s: float = 5.0) -> None:
-    deadline = time.monotonic() + timeout_s
-    while not condition():
-        assert time.monotonic() < deadline, f"gave up waiting for {what}"
-        time.sleep(0.01)
 
 
 def busybox_spec(image, args, *, userns: bool, probe: str | None = None, **opts):
@@ -98,7 +91,7 @@ def test_a_setuid_file_written_by_container_root_is_out_of_host_users_reach(host
     container = runtime.run("planter", spec, image=busybox, detach=True)
     upper = container.state.rootfs.upper
     planted = os.path.join(upper, "bin", "rootprobe")
-    wait_for(lambda: os.path.exists(planted) and os.stat(planted).st_mode & stat.S_ISUID, "the planted file")
+    wait_until("the planted file", lambda: os.path.exists(planted) and os.stat(planted).st_mode & stat.S_ISUID)
     st = os.stat(planted)
     assert st.st_uid == 0 and st.st_mode & stat.S_ISUID  # the setuid-root file is there...
     result = as_host_user(NOBODY, planted, "ids")
@@ -122,7 +115,7 @@ def test_in_a_user_namespace_a_planted_setuid_file_belongs_to_nobody_on_the_host
     spec = busybox_spec(busybox, ["sh", "-c", "/probe setuidfile /bin/rootprobe && sleep 30"], userns=True, probe=probe)
     container = runtime.run("planter2", spec, image=busybox, detach=True)
     planted = os.path.join(container.state.rootfs.upper, "bin", "rootprobe")
-    wait_for(lambda: os.path.exists(planted) and os.stat(planted).st_mode & stat.S_ISUID, "the planted file")
+    wait_until("the planted file", lambda: os.path.exists(planted) and os.stat(planted).st_mode & stat.S_ISUID)
     st = os.stat(planted)
     assert st.st_mode & stat.S_ISUID
     assert st.st_uid == container.state.spec.linux.uid_mappings[0].host_id != 0  # setuid to nobody
@@ -142,7 +135,7 @@ def test_tenant_a_cannot_read_signal_or_reach_tenant_b(runtime, busybox, probe, 
         specs[name] = spec
     b = runtime.run("tb", specs["tb"], image=busybox, detach=True)
     secret = shared / "b-secret"
-    wait_for(lambda: secret.exists() and stat.S_IMODE(secret.stat().st_mode) == 0o600, "B's secret file")
+    wait_until("B's secret file", lambda: secret.exists() and stat.S_IMODE(secret.stat().st_mode) == 0o600)
     b_host_uid = (shared / "b-secret").stat().st_uid
     assert b_host_uid == b.state.spec.linux.uid_mappings[0].host_id
 
