@@ -129,7 +129,11 @@ def test_cpu_heavy_load_scales_up_then_out_and_back_down_to_zero(server):
             assert quota_cpus(server, first) == pytest.approx(0.1)
             # Still saturated at the ceiling: a second instance, after the up cooldown.
             out = wait_until("a scale-out", lambda: [e for e in scale_events(server) if e[1] == "scale-out"], 60, 0.2)
-            assert out[0][0] - up[0][0] >= 1.0 - 0.05 and "at the cpu ceiling 0.1" in out[0][2]
+            assert "at the cpu ceiling 0.1" in out[0][2]
+            # After the scale-up (the cooldown between them is the policy's, checked on a fake
+            # clock in test_policy and test_manager: events are stamped when written, not decided).
+            kinds = [kind for _, kind, _ in scale_events(server)]
+            assert kinds.index("scale-up") < kinds.index("scale-out"), kinds
             wait_until("two instances", lambda: len(server.containers()) == 2, 60, 0.2)
             second = next(n for n in server.containers() if n != first)
             # It takes requests too, and gets its own scale-up once throttled.
