@@ -3,37 +3,39 @@
 The manager sees only the `InstanceBackend` protocol, so its lifecycle logic is unit-tested
 with a fake backend and a fake clock; `RuntimeBackend` is the real one.
 
-Runtime calls block (fork, mount, cgroup writes: ~10 ms), so they run in a small thread pool;
+Runtime calls block (fork, mount, cgroup writes), so they run in a small thread pool;
 readiness is checked on the event loop by connecting to the instance's port ("ready" means
-accepting, not just "process started").
+accepting, not just "process started": readiness.py).
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
-import errno
 import functools
 import logging
 import re
 import secrets
 import signal
-import socket
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Callable, Protocol
 
-from ..cgroups.base import Stats
+from .. import readiness
+from ..cgroups.base import Cgroup, Stats
+from ..cmdb.models import App
 from ..errors import FcrunError, NotFound
 from ..forkserver import protocol as fsp
 from ..forkserver.client import ForkServerGone, Supervisor
+from ..images.image import Image
 from ..instance import make_instance, seccomp_from_setting
 from ..labels import APP_LABEL
 from ..runtime.lifecycle import Runtime
 from ..runtime.state import last_output_line
+
 _SLUG = re.compile(r"[^a-z0-9.-]+")
 log = logging.getLogger("fcrun.serve")
+LIVENESS_INTERVAL_S = 0.05  # while waiting for a port: how often to check the process is still there
 
 
 class StartFailed(Exception):
@@ -68,8 +70,8 @@ class Existing:
 
 
 class InstanceBackend(Protocol):
-    async def start(self, app, deadline: float) -> Started: ...
-    async def stop(self, name: str, app) -> float: ...  # returns CPU seconds the instance used
+    async def start(self, app: App, deadline: float) -> Started: ...  # deadline: the manager's clock
+    async def stop(self, name: str, app: App | None) -> float: ...  # returns CPU seconds the instance used
     def cpu_seconds(self, name: str) -> float: ...
     def cgroup_stats(self, name: str) -> Stats | None: ...  # cheap, called on the event loop
     async def set_cpu(self, name: str, cpu: float) -> None: ...  # live, no restart
@@ -92,19 +94,22 @@ class RuntimeBackend:
     With a fork-server (`forkserver`, serve's Supervisor), instances are made there: claimed
     from its pool of pre-warmed instances when the app can use one (see `poolable`), else
     started by it. Without one, this process makes them through the Runtime.
+
+    `clock` is the one the manager reads: start deadlines come from it.
     """
 
     def __init__(self, runtime: Runtime, workers: int = 4, poll_interval_s: float = 0.002,
-                 forkserver: Supervisor | None = None):
+                 forkserver: Supervisor | None = None, clock: Callable[[], float] = time.monotonic):
         self.runtime = runtime
         self.forkserver = forkserver
+        self.clock = clock
         self._pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="fcrun-runtime")
         self._poll_s = poll_interval_s
-        self._cgroups: dict[str, object] = {}  # name -> Cgroup, so sampling skips the state file
-        self._images: dict[str, object] = {}  # name -> Image, re-read when a start fails
+        self._cgroups: dict[str, Cgroup] = {}  # so sampling skips the state file
+        self._images: dict[str, Image] = {}  # re-read when a start fails
 
     @staticmethod
-    def poolable(app) -> bool:
+    def poolable(app: App) -> bool:
         """Can a pooled instance serve this app? Pooled instances run the image as it is, with
         its default environment and port, and get the app's files through their docroot slot:
         so the app must bring a docroot and no environment or port of its own."""
@@ -113,12 +118,12 @@ class RuntimeBackend:
     async def _call(self, fn, *args, **kwargs):
         return await asyncio.get_running_loop().run_in_executor(self._pool, functools.partial(fn, *args, **kwargs))
 
-    async def start(self, app, deadline: float) -> Started:
+    async def start(self, app: App, deadline: float) -> Started:
         """Create and start a container for `app`, then wait until its port accepts.
 
         Raises:
             StartFailed: image missing, container failed, or not accepting by `deadline`
-                (time.monotonic()). Whatever was made is removed first.
+                (on `clock`). Whatever was made is removed first.
         """
         if self.forkserver is not None:
             return await self._start_through_forkserver(app, deadline)
@@ -136,15 +141,10 @@ class RuntimeBackend:
         except FcrunError as exc:
             raise StartFailed(f"cannot start an instance of {app.name}: {exc}") from None
         port = app.port_for(image.config.exposed_ports)
-        try:
-            await self._wait_accepting(name, container.ip, port, deadline)
-        except BaseException:
-            with contextlib.suppress(FcrunError, OSError):
-                await self._call(self.runtime.delete, name, True)
-            raise
+        await self._wait_accepting_or_remove(name, container.ip, port, deadline)
         return Started(name=name, ip=container.ip, port=port)
 
-    async def _start_through_forkserver(self, app, deadline: float) -> Started:
+    async def _start_through_forkserver(self, app: App, deadline: float) -> Started:
         image = self._images.get(app.image)
         if image is None:
             try:
@@ -152,7 +152,7 @@ class RuntimeBackend:
             except NotFound as exc:
                 raise StartFailed(str(exc)) from None
         port = app.port_for(image.config.exposed_ports)
-        limits = fsp.Limits(cpu=app.cpu, memory_bytes=app.memory_bytes, pids_max=app.pids_max)
+        limits = fsp.InstanceLimits(cpu=app.cpu, memory_bytes=app.memory_bytes, pids_max=app.pids_max)
         labels = {APP_LABEL: app.name}
         try:
             if self.poolable(app):
@@ -171,12 +171,7 @@ class RuntimeBackend:
         if isinstance(reply, fsp.Failed):
             self._images.pop(app.image, None)
             raise StartFailed(f"cannot start an instance of {app.name}: {reply.message}")
-        try:
-            await self._wait_accepting(reply.name, reply.ip, port, deadline)
-        except BaseException:
-            with contextlib.suppress(FcrunError, OSError):
-                await self._call(self.runtime.delete, reply.name, True)
-            raise
+        await self._wait_accepting_or_remove(reply.name, reply.ip, port, deadline)
         return Started(name=reply.name, ip=reply.ip, port=port, path="start", forkserver_ms=reply.ms)
 
     async def freeze(self, name: str) -> None:
@@ -190,10 +185,19 @@ class RuntimeBackend:
         Raises:
             FcrunError: the instance is gone, or the kernel refused.
         """
-        cgroup = self._cgroup(name)
-        if cgroup is None:
-            raise NotFound(f"instance {name} is gone")
-        cgroup.thaw()
+        self._cgroup(name).thaw()
+
+    async def _wait_accepting_or_remove(self, name: str, ip: str, port: int, deadline: float) -> None:
+        """Wait until the new instance accepts; if it never does (or the wait is cancelled),
+        remove it before raising."""
+        try:
+            await self._wait_accepting(name, ip, port, deadline)
+        except BaseException:
+            try:
+                await self._call(self.runtime.delete, name, True)
+            except (FcrunError, OSError) as exc:  # gc removes it later; the start's error matters more
+                log.warning("cannot remove instance %s after its failed start: %s", name, exc)
+            raise
 
     async def _wait_accepting(self, name: str, ip: str, port: int, deadline: float) -> None:
         delay = self._poll_s
@@ -201,9 +205,9 @@ class RuntimeBackend:
         while True:
             if await self.accepting(ip, port):
                 return
-            now = time.monotonic()
+            now = self.clock()
             if now >= next_liveness:
-                next_liveness = now + 0.05
+                next_liveness = now + LIVENESS_INTERVAL_S
                 state = await self._call(self.runtime.state, name)
                 if state.status == "stopped":
                     line = last_output_line(state)
@@ -214,23 +218,16 @@ class RuntimeBackend:
             delay = min(delay * 1.5, 0.02)
 
     async def accepting(self, ip: str, port: int) -> bool:
-        loop = asyncio.get_running_loop()
-        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-        sock.setblocking(False)
-        try:
-            await asyncio.wait_for(loop.sock_connect(sock, (ip, port)), 1.0)
-            return True
-        except (OSError, asyncio.TimeoutError) as exc:
-            if isinstance(exc, OSError) and exc.errno not in (errno.ECONNREFUSED, errno.EHOSTUNREACH, errno.ENETUNREACH, None):
-                return False
-            return False
-        finally:
-            sock.close()
+        return await readiness.accepting(ip, port)
 
-    async def stop(self, name: str, app) -> float:
+    async def stop(self, name: str, app: App | None) -> float:
         """Kill and remove an instance; returns the CPU seconds it used. The manager drains an
         instance of requests before stopping it, and instances are disposable (FastContainer's
-        immutability), so there is nothing left for a graceful stop to finish."""
+        immutability), so there is nothing left for a graceful stop to finish.
+
+        Raises:
+            FcrunError: the runtime could not remove it.
+        """
         cpu = self.cpu_seconds(name)
         self._cgroups.pop(name, None)
         try:
@@ -238,10 +235,12 @@ class RuntimeBackend:
         except NotFound:
             return cpu
         if state.status in ("running", "frozen"):
-            with contextlib.suppress(FcrunError, OSError):
+            try:
                 if state.status == "frozen":
                     await self._call(self.runtime.thaw, name)
                 await self._call(self.runtime.kill, name, signal.SIGKILL)
+            except (FcrunError, OSError) as exc:  # it exited meanwhile; the forced delete kills what is left
+                log.debug("killing instance %s: %s", name, exc)
         await self._call(self.runtime.delete, name, True)
         return cpu
 
@@ -252,20 +251,20 @@ class RuntimeBackend:
     def cgroup_stats(self, name: str) -> Stats | None:
         """The instance's cgroup figures (a few small kernel-file reads), None once it is gone."""
         try:
-            cgroup = self._cgroup(name)
-            return cgroup.stats() if cgroup is not None else None
-        except (FcrunError, OSError):
+            return self._cgroup(name).stats()
+        except (FcrunError, OSError):  # gone, or its cgroup is being removed: no figures
             self._cgroups.pop(name, None)
             return None
 
-    def _cgroup(self, name: str):
-        """The instance's Cgroup, cached (sampling and thawing skip the state file); None if gone."""
+    def _cgroup(self, name: str) -> Cgroup:
+        """The instance's Cgroup, cached: sampling and thawing skip the state file.
+
+        Raises:
+            NotFound: the instance is gone.
+        """
         cgroup = self._cgroups.get(name)
         if cgroup is None:
-            try:
-                cgroup = self._cgroups[name] = self.runtime._cgroup(self.runtime.states.load(name))
-            except (FcrunError, OSError):
-                return None
+            cgroup = self._cgroups[name] = self.runtime.cgroup(name)
         return cgroup
 
     async def set_cpu(self, name: str, cpu: float) -> None:
