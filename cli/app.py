@@ -34,7 +34,7 @@ from fcrun.errors import SpecError
 from fcrun.runtime.options import parse_env
 from fcrun.paths import Paths
 from fcrun.seccomp import parse_security_opts
-from fcrun.serve.admin import AdminClient, LocalAdmin, server_answers
+from fcrun.serve.admin_client import AdminClient, LocalAdmin, server_answers
 from fcrun.serve.config import ADMIN_SOCKET_NAME, load_config
 from fcrun.units import format_bytes, parse_cpu, parse_duration, parse_memory
 

@@ -111,7 +111,7 @@ def test_an_idle_instance_is_frozen_and_thawed_by_the_next_request(pooled, tmp_p
         time.sleep(0.1)
     # A frozen instance still holds its memory, and both ps and the metrics say how much.
     assert pooled.ps()[name]["USED"] != "-"
-    from fcrun.serve.admin import AdminClient
+    from fcrun.serve.admin_client import AdminClient
 
     metrics = AdminClient(os.path.join(pooled.run_root, "admin.sock")).metrics_text()
     frozen_memory = [line for line in metrics.splitlines()

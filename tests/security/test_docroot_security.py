@@ -25,7 +25,7 @@ from fcrun.docroot import attach_docroot, open_docroot
 from fcrun.errors import SpecError
 from fcrun.runtime.spec import Mount
 from fcrun.runtime.options import RunOptions, spec_from_image
-from fcrun.serve.admin import LocalAdmin
+from fcrun.serve.admin_client import LocalAdmin
 
 pytestmark = [pytest.mark.root]
 

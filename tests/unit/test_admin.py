@@ -14,18 +14,11 @@ import pytest
 
 from fcrun.cmdb import AppStats, AppUpdate, Instance, NewApp, Scale, SqliteCMDB
 from fcrun.errors import AlreadyExists, IncorrectStatus, KernelError, NotFound, NotPermitted, SpecError
-from fcrun.serve.admin import (
-    AdminClient,
-    AdminServer,
-    DirectController,
-    HttpError,
-    RequestParser,
-    ServerUnavailable,
-    _peer_allowed,
-    remote_error,
-    render_metrics,
-    serve_in_thread,
-)
+from fcrun.serve.admin_client import AdminClient, ServerUnavailable, remote_error
+from fcrun.serve.admin_server import AdminServer, HttpError, RequestParser, peer_allowed, serve_in_thread
+from fcrun.serve.controller import DirectController
+from fcrun.serve.metrics import render_metrics
+from fcrun.unixsock import peer_credentials
 
 TOKEN = "s3cret-token"
 
@@ -59,10 +52,20 @@ class ScalingController(DirectController):
 
 
 class SlowRemoval(DirectController):
-    """remove_app never finishes (an instance that never drains)."""
+    """remove_app never finishes (an instance that never drains); says whether it was cancelled."""
+
+    def __init__(self, cmdb):
+        super().__init__(cmdb)
+        self.removing: list[str] = []
+        self.cancelled: list[str] = []
 
     async def remove_app(self, name):
-        await asyncio.Event().wait()
+        self.removing.append(name)
+        try:
+            await asyncio.Event().wait()
+        except asyncio.CancelledError:
+            self.cancelled.append(name)
+            raise
 
 
 @pytest.fixture
@@ -247,12 +250,14 @@ def test_the_tcp_listener_cannot_run_without_a_token(cmdb, short_dir):
 
 def test_a_removal_that_outlasts_the_wait_answers_202(cmdb, short_dir):
     path = os.path.join(short_dir, "admin.sock")
-    with serve_in_thread(SlowRemoval(cmdb), path, remove_wait_s=0.0) as srv:
+    controller = SlowRemoval(cmdb)
+    with serve_in_thread(controller, path, remove_wait_s=0.0) as srv:
         client = AdminClient(path)
         client.add_app(NewApp(name="a.test", image="x"))
         assert client.remove_app("a.test") is False
-        assert len(srv._removals) == 1  # owned by the server, cancelled when it closes
-    assert not srv._removals
+        assert controller.removing == ["a.test"] and controller.cancelled == []  # still going on
+    # Owned by the server: cancelled when it closed, and nothing of it is left.
+    assert controller.cancelled == ["a.test"] and len(srv.tasks) == 0
 
 
 def test_keep_alive_serves_several_requests_on_one_connection(server):
@@ -290,7 +295,9 @@ def test_remote_errors_keep_their_class_for_every_kind():
 def test_peer_credentials_of_the_same_user_are_allowed():
     a, b = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
     with a, b:
-        assert _peer_allowed(a)
+        assert peer_allowed(a)
+        assert peer_credentials(a) == (os.getpid(), os.geteuid(), os.getegid())
+    assert not peer_allowed(None)
 
 
 # -- the request parser, without I/O ----------------------------------------------------------

@@ -7,6 +7,8 @@ import asyncio
 import json
 import os
 import shutil
+import subprocess
+import sys
 import tempfile
 
 import msgspec
@@ -15,7 +17,8 @@ from click.testing import CliRunner
 
 from fcrun.cmdb import Instance, SqliteCMDB
 from fcrun.paths import Paths
-from fcrun.serve.admin import DirectController, serve_in_thread
+from fcrun.serve.admin_server import serve_in_thread
+from fcrun.serve.controller import DirectController
 from fcrun_cli.app import app, events, stats
 from fcrun_cli.main import main
 
@@ -70,6 +73,18 @@ def server(roots):
     with serve_in_thread(controller, os.path.join(roots.run_root, "admin.sock")) as srv:
         yield srv
     cmdb.close()
+
+
+def test_the_app_commands_do_not_load_the_admin_server_or_the_manager():
+    # A fresh interpreter: this one has loaded the server for the other tests.
+    code = ("import sys, fcrun_cli.app, fcrun.serve.admin_client; "
+            "print(' '.join(sorted(m for m in sys.modules if m.startswith(('fcrun.', 'fcrun_cli.')))))")
+    loaded = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split()
+    assert "fcrun_cli.app" in loaded and "fcrun.serve.admin_client" in loaded  # it did import them
+    assert "fcrun.serve.controller" in loaded  # LocalAdmin's
+    for heavy in ("fcrun.serve.admin_server", "fcrun.serve.manager", "fcrun.serve.server", "fcrun.serve.backend",
+                  "fcrun.runtime.lifecycle"):
+        assert heavy not in loaded, f"`fcrun app` imports {heavy}"
 
 
 def test_the_app_commands_are_in_the_help(cli):

@@ -12,11 +12,12 @@ import errno
 import pytest
 
 from fcrun.cgroups.base import Stats
-from fcrun.cmdb.models import App
+from fcrun.cmdb.models import App, Scale
 from fcrun.errors import KernelError
 from fcrun.cmdb.sqlite import SqliteCMDB
 from fcrun.proxy.router import RouteError
 from fcrun.serve.backend import Existing, StartFailed, Started
+from fcrun.serve.instances import InstanceState
 from fcrun.serve.manager import Manager
 from fakeclock import Clock
 
@@ -140,7 +141,8 @@ def test_concurrent_requests_to_a_cold_app_share_one_start(cmdb):
         hot.done(200, 0, 0, False)
         hot.done(500, 0, 0, True)  # a second done() is ignored
         stats = manager.stats()["example.test"]
-        assert stats["requests"] == 51 and stats["status"]["2xx"] == 51 and stats["starts"] == 1
+        assert stats.requests == 51 and stats.status["2xx"] == 51 and stats.starts == 1
+        await manager.records.flush()  # written off the event loop
         events = [e.kind for e in cmdb.list_events("example.test")]
         assert "start" in events
         assert [i.id for i in cmdb.list_instances("example.test")] == ["example.test-0"]
@@ -151,11 +153,9 @@ def test_least_outstanding_instance_is_chosen(cmdb):
     async def main():
         manager, backend, clock, _ = make(cmdb)
         first = await manager.acquire("example.test")
-        # a second instance, as scale-out will add
-        state = manager.apps["example.test"]
-        second = await manager._start_instance(state, deadline=0)
+        await manager.scale("example.test", Scale(instances=2))  # a second instance
         lease = manager.acquire_nowait("example.test")
-        assert lease.instance_id == second.name  # first has one outstanding request
+        assert lease.instance_id == "example.test-1"  # the first has one outstanding request
         first.done(200, 0, 0, False)
         lease.done(200, 0, 0, False)
     run(main())
@@ -182,7 +182,7 @@ def test_idle_instance_is_stopped_and_the_next_request_starts_again(cmdb):
         manager.connection_closed("example.test")
         clock.now += 60
         manager.tick()
-        await asyncio.gather(*manager._tasks)
+        await manager.settle()
         assert backend.stopped == ["example.test-0"] and gone == ["example.test-0"]
         assert manager.apps["example.test"].instances == {}
         assert cmdb.list_instances() == []
@@ -190,7 +190,7 @@ def test_idle_instance_is_stopped_and_the_next_request_starts_again(cmdb):
         assert lease.cold_start is not None and backend.started[-1] == "example.test-1"
         lease.done(200, 0, 0, False)
         stats = manager.stats()["example.test"]
-        assert stats["cpu_seconds"] == 0.75  # 0.5 from the stopped one, 0.25 live
+        assert stats.cpu_seconds == 0.75  # 0.5 from the stopped one, 0.25 live
     run(main())
 
 
@@ -232,6 +232,7 @@ def test_failed_start_is_502_with_the_reason_and_is_retried(cmdb):
         with pytest.raises(RouteError) as info:
             await manager.acquire("example.test")
         assert info.value.status == 502 and "not found" in info.value.message
+        await manager.records.flush()
         assert [e.kind for e in cmdb.list_events("example.test")] == ["start-failed"]
         backend.fail_with = None
         lease = await manager.acquire("example.test")
@@ -267,7 +268,7 @@ def test_max_lifetime_replaces_without_a_gap(cmdb):
         backend.gate.set()
         old.done(200, 0, 0, False)
         during.done(200, 0, 0, False)
-        await asyncio.gather(*list(manager._tasks))
+        await manager.settle()
         assert backend.stopped == ["example.test-0"]
         assert manager.acquire_nowait("example.test").instance_id == "example.test-1"
     run(main())
@@ -353,11 +354,6 @@ class Load:
         self.manager.sample()
 
 
-async def settle(manager):
-    while manager._tasks:
-        await asyncio.gather(*list(manager._tasks))
-
-
 def test_in_flight_and_latency_are_measured_from_the_leases(cmdb):
     from fcrun.serve.monitor import figures
 
@@ -390,7 +386,7 @@ def test_a_throttled_instance_is_scaled_up_live_then_out_then_back(cmdb):
         load.step(1.0, 0.9)  # first reading
         load.step(1.0, 0.9)  # hot
         load.step(1.0, 0.9)  # hot for a sample interval: act
-        await settle(manager)
+        await manager.settle()
         assert backend.cpu_set == [("example.test-0", 0.6)]
         assert manager.apps["example.test"].instances["example.test-0"].cpu == 0.6
         assert cmdb.list_instances("example.test")[0].cpu == 0.6
@@ -405,13 +401,13 @@ def test_a_throttled_instance_is_scaled_up_live_then_out_then_back(cmdb):
             load.step(1.0, 0.9)
         assert backend.started == ["example.test-0"]  # cooldown_up (1 s) not over yet
         load.step(1.0, 0.9)
-        await asyncio.sleep(0)
+        await manager.records.flush()
         assert [e.kind for e in cmdb.list_events("example.test")][-1] == "scale-out"
         assert manager.apps["example.test"].pending_starts == 1
         during = manager.acquire_nowait("example.test")
         assert during.instance_id == "example.test-0"
         backend.gate.set()
-        await settle(manager)
+        await manager.settle()
         assert backend.started == ["example.test-0", "example.test-1"]
         fresh = manager.acquire_nowait("example.test")
         assert fresh.instance_id == "example.test-1"  # least outstanding
@@ -423,11 +419,11 @@ def test_a_throttled_instance_is_scaled_up_live_then_out_then_back(cmdb):
             load.step(0.0, 0.0)
         assert backend.stopped == []
         load.step(0.0, 0.0)
-        await settle(manager)
+        await manager.settle()
         assert backend.stopped == ["example.test-1"]  # the newest
         for _ in range(8):
             load.step(0.0, 0.0)
-        await settle(manager)
+        await manager.settle()
         assert backend.cpu_set[-1] == ("example.test-0", 0.3)
         kinds = [e.kind for e in cmdb.list_events("example.test")]
         assert kinds.count("scale-in") == 1 and kinds.count("scale-down") == 1
@@ -445,7 +441,7 @@ def test_autoscale_off_means_no_decisions(cmdb):
         load = Load(manager, backend, clock)
         for _ in range(40):
             load.step(1.0, 1.0)
-        await settle(manager)
+        await manager.settle()
         assert backend.cpu_set == [] and backend.started == ["example.test-0"]
         lease.done(200, 0, 0, False)
     run(main())
@@ -461,7 +457,7 @@ def test_a_failed_quota_change_is_an_event_and_keeps_the_old_quota(cmdb):
         load = Load(manager, backend, clock)
         for _ in range(3):
             load.step(1.0, 1.0)
-        await settle(manager)
+        await manager.settle()
         assert manager.apps["example.test"].instances["example.test-0"].cpu == 0.3
         failed = [e for e in cmdb.list_events("example.test") if e.kind == "scale-failed"]
         assert len(failed) == 1 and "Invalid argument" in failed[0].message
@@ -489,6 +485,7 @@ def test_forced_scaling_works_with_autoscale_off(cmdb):
         assert backend.stopped == ["example.test-1"] or backend.stopped == ["example.test-0"]
         assert lease.instance_id not in backend.stopped  # the busy one stays
         lease.done(200, 0, 0, False)
+        await manager.records.flush()
         events = [e for e in cmdb.list_events("example.test") if e.kind.startswith("scale-")]
         assert [e.kind for e in events] == ["scale-out", "scale-up", "scale-up", "scale-in"]
         assert all(e.data["forced"] for e in events) and "fcrun app scale" in events[0].message
@@ -524,11 +521,11 @@ def test_a_forced_action_restarts_the_cooldown(cmdb):
         load = Load(manager, backend, clock)
         for _ in range(12):  # 3 s of saturation: within the cooldown of the forced scale-out
             load.step(1.0, 1.0)
-        await settle(manager)
+        await manager.settle()
         assert backend.cpu_set == []
         for _ in range(10):
             load.step(1.0, 1.0)
-        await settle(manager)
+        await manager.settle()
         assert sorted(backend.cpu_set) == [("example.test-0", 0.6), ("example.test-1", 0.6)]
         for lease in leases:
             lease.done(200, 0, 0, False)
@@ -562,18 +559,18 @@ def test_the_monitor_runs_while_instances_exist(cmdb):
     async def main():
         manager, backend, clock, _ = make(cmdb, sample_interval_s=0.001)
         lease = await manager.acquire("example.test")
-        assert manager._monitor is not None
+        assert manager.monitoring
         await asyncio.sleep(0.01)
         assert manager.apps["example.test"].instances["example.test-0"].reading is not None
         lease.done(200, 0, 0, False)
         await manager.scale("example.test", Scale(instances=0))
         await asyncio.sleep(0.01)
-        assert manager._monitor is None  # it ended with the last instance
+        assert not manager.monitoring  # it ended with the last instance
         lease = await manager.acquire("example.test")
-        assert manager._monitor is not None
+        assert manager.monitoring
         lease.done(200, 0, 0, False)
         await manager.shutdown()
-        assert manager._monitor is None
+        assert not manager.monitoring
     run(main())
 
 
@@ -584,7 +581,7 @@ def test_app_scale_command_through_the_admin_api(monkeypatch):
 
     from click.testing import CliRunner
 
-    from fcrun.serve.admin import serve_in_thread
+    from fcrun.serve.admin_server import serve_in_thread
     from fcrun.serve.controller import ManagedController
     from fcrun_cli.app import app as app_group
     from fcrun_cli.main import main
@@ -687,18 +684,18 @@ def test_idle_instance_is_frozen_then_thawed_by_the_next_request(cmdb):
         assert backend.frozen == set()
         clock.now += 1
         manager.tick()
-        await asyncio.gather(*manager._tasks)
+        await manager.settle()
         inst = manager.apps["example.test"].instances["example.test-0"]
-        assert backend.frozen == {"example.test-0"} and inst.state == "frozen"
+        assert backend.frozen == {"example.test-0"} and inst.state is InstanceState.FROZEN
         assert manager.acquire_nowait("example.test") is None  # not routable while frozen
         clock.now += 5
         lease = await manager.acquire("example.test")
         assert lease.cold_start[0] == "thaw" and lease.instance_id == "example.test-0"
         assert backend.thawed == ["example.test-0"] and backend.started == ["example.test-0"]
-        assert inst.state == "ready"
+        assert inst.state is InstanceState.READY
         lease.done(200, 0, 0, False)
         stats = manager.stats()["example.test"]
-        assert stats["cold_paths"] == {"thaw": 1, "pool": 0, "start": 1} and stats["freezes"] == 1
+        assert stats.cold_paths == {"thaw": 1, "pool": 0, "start": 1} and stats.freezes == 1
     run(main())
 
 
@@ -710,11 +707,11 @@ def test_a_frozen_instance_idle_for_the_idle_timeout_is_stopped(cmdb):
         (await manager.acquire("example.test")).done(200, 0, 0, False)
         clock.now += 30
         manager.tick()
-        await asyncio.gather(*manager._tasks)
-        assert manager.stats()["example.test"]["instances"]["frozen"] == 1
+        await manager.settle()
+        assert manager.stats()["example.test"].instances.frozen == 1
         clock.now += 570
         manager.tick()
-        await asyncio.gather(*manager._tasks)
+        await manager.settle()
         assert backend.stopped == ["example.test-0"] and manager.apps["example.test"].instances == {}
     run(main())
 
@@ -729,7 +726,7 @@ def test_no_freezing_when_off_or_not_before_the_idle_timeout(cmdb):
         (await manager.acquire("example.test")).done(200, 0, 0, False)
         clock.now += idle - 1
         manager.tick()
-        await asyncio.gather(*manager._tasks)
+        await manager.settle()
         assert backend.frozen == set() and backend.stopped == []
     run(main(None, 600))
     run(main(60, 60))  # it would be stopped first
@@ -764,11 +761,11 @@ def test_a_failed_thaw_starts_a_new_instance_and_stops_the_old(cmdb):
         (await manager.acquire("example.test")).done(200, 0, 0, False)
         clock.now += 31
         manager.tick()
-        await asyncio.gather(*manager._tasks)
+        await manager.settle()
         backend.thaw_fails = True
         lease = await manager.acquire("example.test")
         assert lease.cold_start[0] == "start" and lease.instance_id == "example.test-1"
-        await asyncio.gather(*manager._tasks)
+        await manager.settle()
         assert backend.stopped == ["example.test-0"]
         assert any(e.kind == "thaw-failed" for e in cmdb.list_events("example.test"))
         lease.done(200, 0, 0, False)
@@ -782,6 +779,7 @@ def test_pool_claims_are_reported_as_such_and_a_503_start_failure_stays_503(cmdb
         lease = await manager.acquire("example.test")
         assert lease.cold_start[0] == "pool"
         lease.done(200, 0, 0, False)
+        await manager.records.flush()
         events = [e for e in cmdb.list_events("example.test") if e.kind == "start"]
         assert events[-1].data["path"] == "pool" and "claimed from the pool" in events[-1].message
 

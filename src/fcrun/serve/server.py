@@ -3,67 +3,99 @@
 Start-up: open the CMDB, reconcile what an earlier serve left (adopt reachable instances,
 remove the rest), then listen. SIGTERM/SIGINT: stop accepting, let in-flight requests finish,
 stop every instance. SIGHUP: re-read the configuration's reloadable parts and the apps.
+
+Every task serve starts belongs to one `TaskOwner` (tasks.py): the proxy, the manager and the
+admin API each get a scope of it, closed in the order above; signal handlers only set a flag
+or start a job of it. A service that fails (the lifecycle ticker, the monitor) stops serve,
+which then exits non-zero. One clock, injected, serves every deadline of the manager and
+the backend.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import os
 import signal
+import time
+from typing import Callable
 
-from ..runtime import criu
 from ..cmdb import open_cmdb
+from ..cmdb.base import CMDB, CMDBError
+from ..cmdb.models import App
+from ..errors import FcrunError
 from ..forkserver import Supervisor
 from ..proxy.server import ProxyServer
+from ..runtime import criu
 from ..runtime.lifecycle import Runtime
-from .admin import AdminServer
+from .admin_server import AdminServer
 from .backend import RuntimeBackend
 from .config import ServeConfig, load_config, parse_address
 from .controller import ManagedController
 from .manager import Manager
+from .records import Recorder
+from .tasks import TaskOwner
 
 log = logging.getLogger("fcrun.serve")
 
 TICK_INTERVAL_S = 0.5  # how often idle and max-lifetime checks run
 FORKSERVER_SOCKET_NAME = "forkserver.sock"  # under the run root
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
+
+
+class ServeFailed(FcrunError):
+    """A part of serve that must keep running failed; serve stopped (the log says why)."""
+
+    exit_code = 1
 
 
 class Serve:
-    """One running `fcrun serve`. Use `await start()`, then `await wait_closed()` or `stop()`."""
+    """One running `fcrun serve`. Use `await start()`, then `await run_until_stopped()` (or
+    `request_stop()` / `stop()`).
 
-    def __init__(self, config: ServeConfig, config_path: str | None = None):
+    Resource handling: `stop()` releases everything `start()` made, also after a failed start.
+    """
+
+    def __init__(self, config: ServeConfig, config_path: str | None = None, *,
+                 clock: Callable[[], float] = time.monotonic):
         self.config = config
         self.config_path = config_path
+        self.clock = clock
         rc = config.runtime
         self.runtime = Runtime(config.paths, cgroup_parent=rc.cgroup_parent, bridge=rc.bridge, subnet=rc.subnet,
                                docroot_roots=config.docroot_roots)
-        self.cmdb = None
-        self.backend = None
+        self.tasks = TaskOwner("serve", on_failure=lambda exc: self.request_stop())
+        self.cmdb: CMDB | None = None
+        self.records: Recorder | None = None
+        self.backend: RuntimeBackend | None = None
         self.forkserver: Supervisor | None = None
         self.manager: Manager | None = None
         self.proxy: ProxyServer | None = None
         self.admin: AdminServer | None = None
         self._ticker: asyncio.Task | None = None
+        self._stop_requested = asyncio.Event()
         self._stopped = asyncio.Event()
         self._stopping = False
 
     async def start(self) -> None:
         cfg = self.config
-        self.cmdb = open_cmdb(cfg.paths)
+        self.cmdb = await asyncio.to_thread(open_cmdb, cfg.paths)
+        self.records = Recorder(self.cmdb, self.tasks.scope("records"))
+        apps = await asyncio.to_thread(self.cmdb.list_apps)
         if cfg.forkserver.enabled:
-            self.forkserver = self._make_supervisor()
+            self.forkserver = self._make_supervisor(apps)
             await self.forkserver.start()
-        self.backend = RuntimeBackend(self.runtime, forkserver=self.forkserver)
+        self.backend = RuntimeBackend(self.runtime, forkserver=self.forkserver, clock=self.clock)
         self.manager = Manager(self.cmdb, self.backend, hold_timeout_s=cfg.hold_timeout_s,
-                               drain_timeout_s=cfg.drain_timeout_s)
+                               drain_timeout_s=cfg.drain_timeout_s, clock=self.clock,
+                               tasks=self.tasks.scope("manager"), records=self.records, apps=apps)
         self.manager.on_apps_reloaded = self._apps_reloaded
         self.proxy = ProxyServer(self.manager, cfg.proxy)
+        self.proxy.tasks = self.tasks.scope("proxy")  # its request tasks are serve's too
         self.manager.on_instance_gone = self.proxy.instance_gone
-        usable, why = await asyncio.get_running_loop().run_in_executor(None, criu.availability)
+        usable, why = await asyncio.to_thread(criu.availability)
         log.info("checkpoint/restore (CRIU): %s: %s", "available, not used yet" if usable else "unavailable", why)
-        self._forkserver_event("criu", f"checkpoint/restore {'available' if usable else 'unavailable'}: {why}")
+        self.records.event(None, "criu", f"checkpoint/restore {'available' if usable else 'unavailable'}: {why}")
         result = await self.manager.reconcile()
         if result["adopted"] or result["removed"]:
             log.info("reconciled: adopted %s, removed %s", result["adopted"], result["removed"])
@@ -71,12 +103,12 @@ class Serve:
         await self.proxy.start(host, port)
         controller = ManagedController(self.cmdb, self.manager, cfg.defaults, docroot_roots=cfg.docroot_roots,
                                        fcrun_roots=(cfg.paths.data_root, cfg.paths.run_root))
-        self.admin = AdminServer(controller, cfg.admin_socket,
-                                 tcp_listen=cfg.admin_listen, token=cfg.admin_token)
+        self.admin = AdminServer(controller, cfg.admin_socket, tcp_listen=cfg.admin_listen, token=cfg.admin_token,
+                                 tasks=self.tasks.scope("admin"))
         await self.admin.start()
-        self._ticker = asyncio.get_running_loop().create_task(self._tick_forever())
+        self._ticker = self.tasks.spawn_service(self._tick_forever(), name="lifecycle ticker")
 
-    def _make_supervisor(self) -> Supervisor:
+    def _make_supervisor(self, apps: list[App]) -> Supervisor:
         cfg, rc, fs = self.config, self.config.runtime, self.config.forkserver
         args = ["--data-root", cfg.paths.data_root, "--run-root", cfg.paths.run_root,
                 "--cgroup-parent", rc.cgroup_parent, "--bridge", rc.bridge, "--subnet", rc.subnet,
@@ -85,20 +117,20 @@ class Serve:
         for root in cfg.docroot_roots:
             args += ["--docroot-root", root]
         return Supervisor(os.path.join(cfg.paths.run_root, FORKSERVER_SOCKET_NAME), args,
-                          pool_sizes=self._pool_sizes(self.cmdb.list_apps()),
+                          pool_sizes=self._pool_sizes(apps),
                           on_restart=self._forkserver_restarted, on_event=self._forkserver_event)
 
-    def _pool_sizes(self, apps) -> dict[str, int]:
+    def _pool_sizes(self, apps: list[App]) -> dict[str, int]:
         """Pooled instances per image: for each image that an app able to use one runs."""
         fs = self.config.forkserver
         images = {app.image for app in apps if RuntimeBackend.poolable(app)}
         return {image: fs.pool_sizes.get(image, fs.pool_size) for image in sorted(images)}
 
-    def _apps_reloaded(self, apps) -> None:
+    def _apps_reloaded(self, apps: list[App]) -> None:
         if self.forkserver is not None and not self._stopping:
             sizes = self._pool_sizes(apps)
             if sizes != self.forkserver.pool_sizes:
-                self.manager._spawn(self.forkserver.set_pool(sizes))
+                self.tasks.spawn(self.forkserver.set_pool(sizes), name="set the pool sizes")
 
     async def _forkserver_restarted(self) -> None:
         """A new fork-server adopted the old one's pool; instances it made but never reported
@@ -107,8 +139,7 @@ class Serve:
         log.info("fork-server restarted (pid %s); reconciled: %s", self.forkserver.pid, result)
 
     def _forkserver_event(self, kind: str, message: str) -> None:
-        with contextlib.suppress(Exception):
-            self.cmdb.add_event(None, kind, message, {})
+        self.records.event(None, kind, message)
 
     @property
     def address(self) -> tuple[str, int]:
@@ -122,16 +153,41 @@ class Serve:
             except Exception:  # noqa: BLE001 - a bad tick must not end serve; it is logged
                 log.exception("lifecycle tick failed")
 
-    def reload(self) -> None:
-        """SIGHUP: re-read the apps (and the config file's reloadable values)."""
+    def request_stop(self) -> None:
+        """Ask serve to stop (SIGTERM, SIGINT, a failed service): `run_until_stopped` returns."""
+        self._stop_requested.set()
+
+    def request_reload(self) -> None:
+        """SIGHUP: reload in a job of serve's (a signal handler must not block)."""
+        if not self._stopping:
+            self.tasks.spawn(self.reload(), name="reload")
+
+    async def reload(self) -> None:
+        """Re-read the config file's reloadable values and the apps; on an error serve goes on
+        with what it had."""
         if self.config_path:
             try:
-                fresh = load_config(self.config_path, self.config.paths)
+                fresh = await asyncio.to_thread(load_config, self.config_path, self.config.paths)
+            except FcrunError as exc:
+                log.error("reload: keeping the configuration: %s", exc)
+            else:
                 self.manager.hold_timeout_s = fresh.hold_timeout_s
                 self.manager.drain_timeout_s = fresh.drain_timeout_s
-            except Exception as exc:  # noqa: BLE001 - keep serving with the old config
-                log.error("reload: %s", exc)
-        self.manager.reload_apps()
+        try:
+            await self.manager.reload_apps()
+        except CMDBError as exc:
+            log.error("reload: keeping the apps: %s", exc)
+
+    async def run_until_stopped(self) -> None:
+        """Serve until `request_stop()`, then stop.
+
+        Raises:
+            ServeFailed: a service failed (it is logged); everything was stopped all the same.
+        """
+        await self._stop_requested.wait()
+        await self.stop()
+        if self.tasks.failure is not None:
+            raise ServeFailed(f"serve stopped after a failure: {self.tasks.failure!r} (see the log above)")
 
     async def stop(self) -> None:
         """Drain and stop everything this serve made. Idempotent."""
@@ -139,11 +195,11 @@ class Serve:
             await self._stopped.wait()
             return
         self._stopping = True
+        self._stop_requested.set()
         try:
             if self._ticker is not None:
                 self._ticker.cancel()
-                with contextlib.suppress(asyncio.CancelledError):
-                    await self._ticker
+                await asyncio.wait({self._ticker})
             if self.proxy is not None:
                 await self.proxy.close(self.config.drain_timeout_s)
             if self.admin is not None:
@@ -152,8 +208,13 @@ class Serve:
                 await self.manager.shutdown()
             if self.forkserver is not None:
                 await self.forkserver.close(remove_pool=True)
-            with contextlib.suppress(Exception):  # the bridge outlives containers, not serve
+            try:  # the bridge outlives containers, not serve
                 self.runtime.network.remove_bridge_if_unused()
+            except (FcrunError, OSError) as exc:
+                log.warning("cannot remove the bridge: %s", exc)
+            if self.records is not None:
+                await self.records.aclose()
+            await self.tasks.aclose()
         finally:
             if self.backend is not None:
                 self.backend.close()
@@ -166,7 +227,11 @@ class Serve:
 
 
 async def serve_forever(config: ServeConfig, config_path: str | None, ready=None) -> None:
-    """Run until SIGTERM/SIGINT. `ready(serve)` is called once listening."""
+    """Run until SIGTERM/SIGINT. `ready(serve)` is called once listening.
+
+    Raises:
+        ServeFailed: a part of serve failed and it stopped.
+    """
     server = Serve(config, config_path)
     loop = asyncio.get_running_loop()
     try:
@@ -174,12 +239,16 @@ async def serve_forever(config: ServeConfig, config_path: str | None, ready=None
     except BaseException:
         await server.stop()
         raise
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, lambda: loop.create_task(server.stop()))
-    loop.add_signal_handler(signal.SIGHUP, server.reload)
-    if ready is not None:
-        ready(server)
-    await server.wait_closed()
+    for sig in STOP_SIGNALS:
+        loop.add_signal_handler(sig, server.request_stop)
+    loop.add_signal_handler(signal.SIGHUP, server.request_reload)
+    try:
+        if ready is not None:
+            ready(server)
+        await server.run_until_stopped()
+    finally:
+        for sig in (*STOP_SIGNALS, signal.SIGHUP):
+            loop.remove_signal_handler(sig)
 
 
 def run(config_path: str | None, listen: str | None, paths=None, ready=None, runtime_overrides=None) -> None:

@@ -19,6 +19,7 @@ import subprocess
 import sys
 import time
 
+from ..errors import FcrunError
 from ..paths import Paths
 from ..runtime.lifecycle import Runtime
 
@@ -111,7 +112,7 @@ class ServeProcess:
             return ""
 
     def admin(self):
-        from .admin import AdminClient
+        from .admin_client import AdminClient
 
         return AdminClient(self.admin_socket)
 
@@ -153,11 +154,11 @@ class ServeProcess:
         for name in left:
             try:
                 self.runtime.delete(name, force=True)
-            except Exception as exc:  # noqa: BLE001 - best effort, reported
+            except (FcrunError, OSError) as exc:  # best effort, reported
                 print(f"could not delete {name}: {exc}", file=sys.stderr)
         try:
             self.runtime.cgroups.remove_parent_if_empty()
             self.runtime.network.remove_bridge_if_unused()
-        except Exception:  # noqa: BLE001 - best effort
-            pass
+        except (FcrunError, OSError) as exc:  # best effort, reported: the caller's run goes on
+            print(f"could not remove the cgroup parent or the bridge: {exc}", file=sys.stderr)
         return left
