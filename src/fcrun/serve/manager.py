@@ -14,10 +14,9 @@ once it accepts connections, with a slow start: see instances.py) or drained and
 `scale()` does the same on an operator's order (`fcrun app scale`), with or without
 autoscale. Every decision is an event with its reason and figures.
 
-Instances and their states live in instances.py (the table of allowed moves is there),
-metering in metering.py, CMDB writes in records.py (never on the event loop). Every task the
-manager starts belongs to its `TaskOwner` (tasks.py), and every deadline is read from its
-injected clock.
+Instances and their states (with the table of allowed moves) live in instances.py, metering
+in metering.py, CMDB writes in records.py (off the event loop). Every task it starts belongs
+to its `TaskOwner` (tasks.py); every deadline is read from its injected clock.
 
 A request that finds no ready instance is served, fastest first, by thawing a frozen one
 ("thaw"), by a pre-warmed instance claimed from the fork-server's pool ("pool"), or by a
