@@ -28,7 +28,8 @@ import click
 import msgspec
 
 from fcrun.cmdb import App, AppStats, AppUpdate, Event, Instance, NewApp, open_cmdb
-from fcrun.cmdb.models import AppDefaults, Scale, check_docroot, normalize_hostname, parse_size
+from fcrun.cmdb.models import AppDefaults, Scale, check_docroot, normalize_hostname
+from fcrun.units import parse_size
 from fcrun.docroot import DEFAULT_DOCROOT_ROOTS
 from fcrun.errors import SpecError
 from fcrun.runtime.options import parse_env

@@ -392,6 +392,10 @@ def main(argv: list[str] | None = None) -> None:
         path, fields = parse(argv)
         code = run(path, fields)
     except Fallback:
+        code = None
+    if code is None:
+        # click runs outside the handler: inside it, every exception raised later (all of
+        # `fcrun serve`) would chain to this Fallback as its __context__.
         _click_main(argv)
         return
     sys.exit(code)

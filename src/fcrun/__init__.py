@@ -17,7 +17,7 @@ whole library at start-up.
 
 from __future__ import annotations
 
-import importlib
+from .lazy import lazy_exports
 
 __version__ = "0.1.0"
 
@@ -29,20 +29,10 @@ _EXPORTS = {
     "encode_spec": "runtime.spec",
     "RunOptions": "runtime.options", "spec_from_image": "runtime.options",
     "Paths": "paths",
-    "Container": "runtime.lifecycle", "ContainerInfo": "runtime.lifecycle", "Runtime": "runtime.lifecycle",
+    "Container": "runtime.container", "ContainerInfo": "runtime.container", "Runtime": "runtime.lifecycle",
 }
 
 __all__ = sorted(_EXPORTS)
 
 
-def __getattr__(name: str):
-    module = _EXPORTS.get(name)
-    if module is None:
-        raise AttributeError(f"module 'fcrun' has no attribute {name!r}")
-    value = getattr(importlib.import_module(f".{module}", __name__), name)
-    globals()[name] = value
-    return value
-
-
-def __dir__() -> list[str]:
-    return sorted(list(globals()) + __all__)
+__getattr__, __dir__ = lazy_exports(__name__, globals(), _EXPORTS)

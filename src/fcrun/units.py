@@ -20,15 +20,27 @@ _DURATION_FACTOR = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, None: 1.0}
 MIN_MEMORY_BYTES = 4 << 20  # below this a container cannot even exec a shell
 
 
-def parse_memory(text: str | int, where: str = "--memory") -> int:
-    """'512M', '1G', '1.5g', '65536' (bytes) -> bytes. Powers of 1024, as docker and runc use."""
+def parse_size(text: str | int, where: str, what: str = "size", example: str = "10M") -> int:
+    """'10M', '1G', '1.5g', '65536' (bytes) -> bytes. Powers of 1024, as docker and runc use.
+
+    Raises:
+        SpecError: not a size, or negative (naming `what` and `where`).
+    """
     if isinstance(text, int):
         value = text
     else:
         m = _SIZE.match(text)
         if not m:
-            raise SpecError(f"invalid memory size {text!r}: use a number with K, M, G or T (e.g. 512M)", where)
+            raise SpecError(f"invalid {what} {text!r}: use a number with K, M, G or T (e.g. {example})", where)
         value = int(float(m.group(1)) * _SIZE_FACTOR[m.group(2).lower()])
+    if value < 0:
+        raise SpecError(f"{what} {text!r} is negative", where)
+    return value
+
+
+def parse_memory(text: str | int, where: str = "--memory") -> int:
+    """'512M', '1G', '1.5g', '65536' (bytes) -> bytes, at least MIN_MEMORY_BYTES."""
+    value = parse_size(text, where, "memory size", "512M")
     if value < MIN_MEMORY_BYTES:
         raise SpecError(f"memory limit {text!r} is below the minimum of 4M", where)
     return value

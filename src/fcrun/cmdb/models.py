@@ -41,8 +41,6 @@ DEFAULT_COOLDOWN_DOWN_S = 30.0
 DEFAULT_PORT = 80  # when neither the app nor the image names one
 
 _ENV_KEY = re.compile(r"[^=\s]+")
-_SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgt]?)(i?b?)\s*$", re.IGNORECASE)
-_SIZE_FACTOR = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}
 
 
 class App(msgspec.Struct, kw_only=True, frozen=True):
@@ -208,20 +206,6 @@ class Scale(msgspec.Struct, kw_only=True, forbid_unknown_fields=True, omit_defau
 
 
 # -- validation ------------------------------------------------------------------------------
-
-
-def parse_size(text: str | int, where: str) -> int:
-    """'10M', '1G', '65536' -> bytes (powers of 1024), for sizes that may be small (body limits)."""
-    if isinstance(text, int):
-        value = text
-    else:
-        m = _SIZE.match(text)
-        if not m:
-            raise SpecError(f"invalid size {text!r}: use a number with K, M, G or T (e.g. 10M)", where)
-        value = int(float(m.group(1)) * _SIZE_FACTOR[m.group(2).lower()])
-    if value < 0:
-        raise SpecError(f"size {text!r} is negative", where)
-    return value
 
 
 def check_docroot(path: str, where: str = "docroot") -> str:

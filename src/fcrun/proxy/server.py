@@ -26,9 +26,8 @@ import logging
 import math
 import socket
 from collections import deque
-from collections.abc import Coroutine
-from typing import Any
 
+from ..tasks import TaskOwner
 from .config import ProxyConfig
 from .http import CONTINUE, HEAD, Forwarding, Request, RequestReader, cold_start_headers, error_response
 from .router import Lease, RouteError, Router
@@ -67,38 +66,6 @@ class Exchange(Request):
     retried = False
     tunnel_early: list[bytes] | None = None   # bytes after an upgrade request, before the 101
     unsent_head = b""                         # upstream_head until written (kept for a retry)
-
-
-class TaskOwner:
-    """Owns the proxy's background tasks; nothing is fire-and-forget.
-
-    The tasks outlive the callback that starts them (a cold start outlives data_received), so
-    they cannot live in one ``async with TaskGroup`` scope; the server is their scope instead:
-    failures are logged when a task ends, and ``aclose()`` cancels and awaits all of them.
-    """
-
-    def __init__(self) -> None:
-        self._tasks: set[asyncio.Task] = set()
-
-    def spawn(self, coro: Coroutine[Any, Any, Any]) -> asyncio.Task:
-        task = asyncio.get_running_loop().create_task(coro)
-        self._tasks.add(task)
-        task.add_done_callback(self._reap)
-        return task
-
-    def _reap(self, task: asyncio.Task) -> None:
-        self._tasks.discard(task)
-        if not task.cancelled() and task.exception() is not None:
-            log.error("proxy task %s failed", task.get_name(), exc_info=task.exception())
-
-    async def aclose(self) -> None:
-        tasks = list(self._tasks)
-        for task in tasks:
-            task.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
-
-    def __len__(self) -> int:
-        return len(self._tasks)
 
 
 class ClientConnection(asyncio.Protocol):
@@ -598,7 +565,7 @@ class ProxyServer:
         self.config = config = config or ProxyConfig()
         self.forwarding = Forwarding(config)
         self.upstreams = UpstreamConnections(config, self.forwarding)
-        self.tasks = TaskOwner()
+        self.tasks = TaskOwner("proxy")  # serve replaces it with a scope of its own owner
         self.now = 0.0                 # coarse clock (loop.time() at the last sweep)
         self.closing = False
         self.requests_in_flight = 0

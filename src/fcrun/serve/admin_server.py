@@ -38,7 +38,7 @@ from .admin_protocol import (
 from .config import parse_address
 from .controller import Controller
 from .metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
-from .tasks import TaskOwner
+from ..tasks import TaskOwner
 
 log = logging.getLogger("fcrun.admin")
 

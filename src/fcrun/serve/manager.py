@@ -45,7 +45,7 @@ from .instances import SLOW_START_FIRST, UNCAPPED, Instance, InstanceLease, leas
 from .metering import Meter
 from .policy import AppMetrics, Decision, History, Tuning, decide
 from .records import Recorder
-from .tasks import TaskOwner
+from ..tasks import TaskOwner
 
 log = logging.getLogger("fcrun.serve")
 

@@ -20,7 +20,7 @@ from typing import Any
 
 from ..cmdb.base import CMDB, CMDBError
 from ..cmdb.models import Instance as InstanceRow
-from .tasks import TaskOwner
+from ..tasks import TaskOwner
 
 log = logging.getLogger("fcrun.serve")
 

@@ -34,7 +34,7 @@ from .config import ServeConfig, load_config, parse_address
 from .controller import ManagedController
 from .manager import Manager
 from .records import Recorder
-from .tasks import TaskOwner
+from ..tasks import TaskOwner
 
 log = logging.getLogger("fcrun.serve")
 

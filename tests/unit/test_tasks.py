@@ -1,4 +1,4 @@
-"""serve's one task owner (fcrun.serve.tasks): jobs and services, scopes, failures, closing."""
+"""serve's one task owner (fcrun.tasks): jobs and services, scopes, failures, closing."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import logging
 
 import pytest
 
-from fcrun.serve.tasks import TaskOwner
+from fcrun.tasks import TaskOwner
 
 
 class Boom(Exception):
@@ -31,7 +31,7 @@ def test_a_failed_job_is_logged_and_serve_goes_on(caplog):
         await owner.join()
         assert task.done() and len(owner) == 0
         assert failures == [] and owner.failure is None
-    with caplog.at_level(logging.ERROR, "fcrun.serve"):
+    with caplog.at_level(logging.ERROR, "fcrun.tasks"):
         run(main())
     [record] = caplog.records
     assert "serve: task stop web-1 failed" in record.getMessage() and isinstance(record.exc_info[1], Boom)
@@ -43,7 +43,7 @@ def test_an_expected_failure_is_left_to_whoever_awaits_the_job(caplog):
         task = owner.spawn(fail(Boom("no image")), name="start", expected=(Boom,))
         with pytest.raises(Boom):
             await task
-    with caplog.at_level(logging.DEBUG, "fcrun.serve"):
+    with caplog.at_level(logging.DEBUG, "fcrun.tasks"):
         run(main())
     assert caplog.records == []
 
@@ -59,7 +59,7 @@ def test_a_failed_service_in_a_scope_reaches_the_roots_on_failure(caplog):
         manager.spawn_service(asyncio.sleep(0), name="ends normally")
         await root.join()
         assert len(failures) == 1  # ending without an exception is no failure
-    with caplog.at_level(logging.ERROR, "fcrun.serve"):
+    with caplog.at_level(logging.ERROR, "fcrun.tasks"):
         run(main())
     assert ["serve/manager: service monitor failed; serve stops"] == [r.getMessage() for r in caplog.records]
 

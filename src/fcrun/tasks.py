@@ -1,4 +1,4 @@
-"""One owner for every task `fcrun serve` starts (trio's nursery, in asyncio).
+"""One owner for every task `fcrun serve` and its proxy start (trio's nursery, in asyncio).
 
 Serve's tasks outlive the callbacks that start them (a cold start outlives the request that
 asked for it, an instance's drain outlives the tick that decided it), so they cannot live in
@@ -26,7 +26,7 @@ import logging
 from collections.abc import Coroutine
 from typing import Any, Callable
 
-log = logging.getLogger("fcrun.serve")
+log = logging.getLogger("fcrun.tasks")
 
 
 class TaskOwner:
