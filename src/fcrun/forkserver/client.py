@@ -14,6 +14,7 @@ import time
 from typing import Callable
 
 from ..errors import ContainerError
+from ..tasks import TaskOwner
 from . import protocol as p
 
 log = logging.getLogger("fcrun.serve")
@@ -108,8 +109,10 @@ class Supervisor:
     """
 
     def __init__(self, socket_path: str, args: list[str], pool_sizes: dict[str, int] | None = None,
-                 on_restart: Callable[[], object] | None = None, on_event: Callable[[str, str], None] | None = None):
+                 on_restart: Callable[[], object] | None = None, on_event: Callable[[str, str], None] | None = None,
+                 tasks: TaskOwner | None = None):
         self.socket_path = socket_path
+        self.tasks = tasks if tasks is not None else TaskOwner("forkserver")  # serve gives a scope of its own
         self.args = args
         self.pool_sizes = dict(pool_sizes or {})
         self.on_restart = on_restart
@@ -128,7 +131,7 @@ class Supervisor:
     async def start(self) -> None:
         """Start the fork-server and connect. Raises ContainerError if it does not come up."""
         await self._launch()
-        self._watcher = asyncio.get_running_loop().create_task(self._watch())
+        self._watcher = self.tasks.spawn_service(self._watch(), name="fork-server watcher")
 
     async def _launch(self) -> None:
         cmd = [sys.executable, "-m", "fcrun.forkserver", "--socket", self.socket_path,

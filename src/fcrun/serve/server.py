@@ -118,7 +118,8 @@ class Serve:
             args += ["--docroot-root", root]
         return Supervisor(os.path.join(cfg.paths.run_root, FORKSERVER_SOCKET_NAME), args,
                           pool_sizes=self._pool_sizes(apps),
-                          on_restart=self._forkserver_restarted, on_event=self._forkserver_event)
+                          on_restart=self._forkserver_restarted, on_event=self._forkserver_event,
+                          tasks=self.tasks.scope("forkserver"))
 
     def _pool_sizes(self, apps: list[App]) -> dict[str, int]:
         """Pooled instances per image: for each image that an app able to use one runs."""
