@@ -22,7 +22,7 @@ from typing import Annotated
 import msgspec
 from msgspec import Meta
 
-from .cgroups.base import PID_MAX_LIMIT
+from .cgroups.limits import PID_MAX_LIMIT
 from .errors import SpecError
 from .units import MIN_MEMORY_BYTES
 

@@ -20,7 +20,7 @@ import msgspec
 import pytest
 
 from fcrun.cgroups import KernelIO, Limits, Stats, V1Driver, V2Driver, detect
-from fcrun.cgroups.base import parse_flat_keyed, parse_max, parse_pids, parse_psi
+from fcrun.cgroups.kernel import parse_flat_keyed, parse_max, parse_pids, parse_psi
 from fcrun.cgroups.devices import DeviceRule, assemble, program
 from fcrun.cgroups.membership import parse_proc_cgroup
 from fcrun.mountinfo import parse_mountinfo

@@ -11,7 +11,7 @@ import errno
 
 import pytest
 
-from fcrun.cgroups.base import Stats
+from fcrun.cgroups import Stats
 from fcrun.cmdb.models import App, Scale
 from fcrun.errors import KernelError
 from fcrun.cmdb.sqlite import SqliteCMDB

@@ -209,7 +209,7 @@ def test_a_crowded_saturated_app_gets_quota_and_an_instance_at_once():
 
 
 def test_saturation_is_judged_over_whole_cfs_periods():
-    from fcrun.cgroups.base import Stats
+    from fcrun.cgroups import Stats
     from fcrun.serve.monitor import figures, reading
 
     def stats(usage_us, periods, throttled):
@@ -310,7 +310,7 @@ def test_steps_follow_the_tuning_and_stop_at_the_ceiling(tuning):
 
 
 def test_figures_are_the_difference_of_two_readings():
-    from fcrun.cgroups.base import Stats
+    from fcrun.cgroups import Stats
     from fcrun.serve.monitor import figures, reading
 
     def stats(usage_us, periods, throttled, psi=None):

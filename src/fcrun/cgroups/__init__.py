@@ -20,7 +20,9 @@ from collections.abc import Callable, Iterable
 
 from ..errors import MissingFeature, SpecError
 from . import v1, v2
-from .base import Cgroup, CgroupDriver, Hierarchy, KernelIO, Limits, Stats, check_name
+from .base import Cgroup, CgroupDriver, Hierarchy, check_name
+from .kernel import KernelIO
+from .limits import Limits, Stats
 from ..mountinfo import PROC_SELF_MOUNTINFO, Mount, mount_at, parse_mountinfo
 from .membership import ProcCgroup, parse_proc_cgroup
 from .v1 import V1Cgroup, V1Driver

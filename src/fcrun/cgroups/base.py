@@ -1,11 +1,9 @@
-"""What both cgroup versions share: the Limits and Stats structs, the kernel-file layer, the
-parsers of kernel file formats, and the Cgroup / CgroupDriver base classes.
+"""The Cgroup / CgroupDriver base classes both cgroup versions share, and the Hierarchy they
+work in.
 
 The version-specific classes (v1.py, v2.py) only say which file holds what; creating,
-rolling back, killing, waiting and removing is done once, here.
-
-Every kernel access goes through ``KernelIO`` so unit tests can point a driver at a tmp
-directory and record (or fail) each write; the root tests run the same code on the real kernel.
+rolling back, killing, waiting and removing is done once, here. The values they take and give
+are in limits.py; every kernel access goes through kernel.KernelIO.
 """
 
 from __future__ import annotations
@@ -24,227 +22,14 @@ import msgspec
 
 from ..errors import AlreadyExists, KernelError, MissingFeature, SpecError
 from ..units import CPU_PERIOD_US
-from . import bpf
-from .devices import DeviceRule
+from .kernel import KernelIO, parse_pids
+from .limits import CPU_FIELDS, DEVICES_FIELD, LIMIT_FIELDS, Limits, Stats
 
 CGROUP_PROCS = "cgroup.procs"
-
-MIN_CPU_PERIOD_US = 1_000  # the kernel refuses periods outside 1 ms .. 1 s (EINVAL)
-MAX_CPU_PERIOD_US = 1_000_000
-MIN_CPU_QUOTA_US = 1_000  # and quotas under 1 ms
-MAX_CPU_QUOTA_US = (1 << 44) - 1  # the kernel's max_cfs_runtime (MAX_BW)
-PID_MAX_LIMIT = 1 << 22  # the kernel's PID_MAX_LIMIT on 64-bit
-
-LIMIT_FIELDS = ("cpu_quota_us", "cpu_period_us", "memory_bytes", "pids_max")
-# Fields written together: cpu.max holds quota and period in one file, and the v1 pair must be
-# ordered against each other, so a change to either rewrites both.
-CPU_FIELDS = frozenset({"cpu_quota_us", "cpu_period_us"})
-# Written by create only: a live change of device rules could not be made atomic on v1 (deny
-# all, then allow one by one) and nothing needs it.
-DEVICES_FIELD = "devices"
 
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,254}$")
 _POLL_FIRST_S = 0.001
 _POLL_MAX_S = 0.05
-
-
-class Limits(msgspec.Struct, frozen=True, kw_only=True):
-    """Resource limits of one container. ``None`` means unlimited ("max" / -1 in the kernel).
-
-    ``memory_bytes`` also caps swap where the kernel has the file (v2 ``memory.swap.max`` = 0,
-    v1 ``memory.memsw.limit_in_bytes`` = memory), so a limited container cannot page out.
-
-    ``devices``: the device rules (devices.py), set at create only; () leaves every device
-    allowed, as a fresh cgroup has it.
-
-    Raises (on construction or decoding):
-        SpecError: a value is out of the range the kernel accepts, naming the field.
-    """
-
-    cpu_quota_us: int | None = None
-    cpu_period_us: int = CPU_PERIOD_US
-    memory_bytes: int | None = None
-    pids_max: int | None = None
-    devices: tuple[DeviceRule, ...] = ()
-
-    def __post_init__(self) -> None:
-        _check_int("cpu_period_us", self.cpu_period_us, MIN_CPU_PERIOD_US, MAX_CPU_PERIOD_US)
-        if self.cpu_quota_us is not None:
-            _check_int("cpu_quota_us", self.cpu_quota_us, MIN_CPU_QUOTA_US, MAX_CPU_QUOTA_US)
-        if self.memory_bytes is not None:
-            _check_int("memory_bytes", self.memory_bytes, 1, 1 << 62)
-        if self.pids_max is not None:
-            _check_int("pids_max", self.pids_max, 1, PID_MAX_LIMIT)
-
-
-def _check_int(field: str, value: object, low: int, high: int) -> None:
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise SpecError(f"{field} must be an integer, not {value!r}", f"limits.{field}")
-    if not low <= value <= high:
-        raise SpecError(f"{field} {value} is out of range {low}..{high}", f"limits.{field}")
-
-
-Pressure = dict[str, dict[str, float]]  # {"some": {"avg10": 0.5, ..., "total": 1234.0}, "full": {...}}
-
-
-class Stats(msgspec.Struct, frozen=True, kw_only=True):
-    """A snapshot of one cgroup's accounting. Times in microseconds, memory in bytes.
-
-    ``cpu_pressure`` / ``memory_pressure`` are the parsed PSI files, None where the kernel
-    has none for this cgroup (cgroup v1, or PSI disabled). On v2, counters of a controller
-    the driver does not enable (memory, pids, throttling) read 0.
-    """
-
-    cpu_usage_us: int
-    nr_periods: int
-    nr_throttled: int
-    throttled_us: int
-    memory_bytes: int
-    pids_current: int
-    frozen: bool
-    cpu_pressure: Pressure | None = None
-    memory_pressure: Pressure | None = None
-
-
-# --- parsers of kernel file formats (pure) ---------------------------------------------------
-
-
-def parse_flat_keyed(text: str) -> dict[str, int]:
-    """``"usage_usec 12\\nnr_periods 3\\n"`` (cpu.stat, cgroup.events) -> {"usage_usec": 12, ...}.
-
-    Raises:
-        SpecError: a line is not ``key integer``.
-    """
-    values = {}
-    for line in text.splitlines():
-        parts = line.split()
-        if not parts:
-            continue
-        if len(parts) != 2 or not re.fullmatch(r"-?\d+", parts[1]):
-            raise SpecError(f"malformed flat-keyed line {line!r}")
-        values[parts[0]] = int(parts[1])
-    return values
-
-
-def parse_psi(text: str) -> Pressure:
-    """``"some avg10=0.12 avg60=0.00 avg300=0.00 total=1234"`` (+ a "full" line) -> nested dict.
-
-    Raises:
-        SpecError: a line is not ``kind key=number ...``.
-    """
-    pressure: Pressure = {}
-    for line in text.splitlines():
-        parts = line.split()
-        if not parts:
-            continue
-        row = {}
-        for item in parts[1:]:
-            key, sep, value = item.partition("=")
-            try:
-                row[key] = float(value)
-            except ValueError:
-                raise SpecError(f"malformed PSI line {line!r}") from None
-            if not sep:
-                raise SpecError(f"malformed PSI line {line!r}")
-        pressure[parts[0]] = row
-    return pressure
-
-
-def parse_max(text: str) -> int | None:
-    """A v2 limit file (``memory.max``, ``pids.max``): "max" -> None, "1024" -> 1024."""
-    text = text.strip()
-    return None if text == "max" else int(text)
-
-
-def parse_pids(text: str) -> list[int]:
-    """cgroup.procs -> pids (the kernel lists them unsorted, v1 possibly with repeats)."""
-    return [int(line) for line in text.split()]
-
-
-# --- kernel access ---------------------------------------------------------------------------
-
-
-class KernelIO:
-    """The only place the cgroup code touches the kernel. Errors name the op, file and errno.
-
-    Unit tests subclass it to record writes or make one fail; the default is the real thing.
-    """
-
-    def read(self, path: str) -> str:
-        try:
-            with open(path) as f:
-                return f.read()
-        except OSError as exc:
-            raise KernelError.from_oserror("read", path, exc) from None
-
-    def write(self, path: str, text: str) -> None:
-        # No O_CREAT: a missing control file means a missing controller, not a file to make.
-        # O_TRUNC is ignored by cgroupfs and keeps a regular file (unit tests) exact.
-        try:
-            fd = os.open(path, os.O_WRONLY | os.O_TRUNC | os.O_CLOEXEC)
-            try:
-                os.write(fd, text.encode())
-            finally:
-                os.close(fd)
-        except OSError as exc:
-            raise KernelError.from_oserror(f'write "{text}" to', path, exc) from None
-
-    def mkdir(self, path: str) -> None:
-        try:
-            os.mkdir(path, 0o755)
-        except OSError as exc:
-            raise KernelError.from_oserror("create cgroup", path, exc) from None
-
-    def rmdir(self, path: str) -> None:
-        try:
-            os.rmdir(path)
-        except OSError as exc:
-            raise KernelError.from_oserror("remove cgroup", path, exc) from None
-
-    def exists(self, path: str) -> bool:
-        return os.path.exists(path)
-
-    def load_device_program(self, code: bytes) -> int:
-        """Load a cgroup v2 device program (bpf.py); returns its fd, owned by the caller."""
-        try:
-            return bpf.load_cgroup_device(code)
-        except OSError as exc:
-            log = getattr(exc, "verifier_log", "")
-            detail = f" (verifier: {' / '.join(log.splitlines()[-3:])})" if log else ""
-            raise KernelError("load cgroup device program", f"of {len(code) // 8} instructions{detail}",
-                              exc.errno or errno.EIO) from None
-
-    def attach_device_program(self, cgroup_dir: str, prog_fd: int) -> None:
-        """Attach a loaded device program to the cgroup ``cgroup_dir``; it goes with the cgroup."""
-        try:
-            fd = os.open(cgroup_dir, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-            try:
-                bpf.attach_cgroup_device(fd, prog_fd)
-            finally:
-                os.close(fd)
-        except OSError as exc:
-            raise KernelError.from_oserror("attach device program to", cgroup_dir, exc) from None
-
-    def close(self, fd: int) -> None:
-        os.close(fd)
-
-    def subdirs(self, path: str) -> list[str]:
-        """Names of the child cgroups of ``path``; [] when ``path`` is gone."""
-        try:
-            with os.scandir(path) as it:
-                return sorted(e.name for e in it if e.is_dir(follow_symlinks=False))
-        except FileNotFoundError:
-            return []
-        except OSError as exc:
-            raise KernelError.from_oserror("list cgroup", path, exc) from None
-
-    def kill(self, pid: int, sig: int) -> bool:
-        """Send ``sig`` to ``pid``; False when it is already gone."""
-        try:
-            os.kill(pid, sig)
-        except ProcessLookupError:
-            return False
-        return True
 
 
 def check_name(name: str, where: str = "name") -> str:

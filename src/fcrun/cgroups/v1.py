@@ -11,7 +11,9 @@ import os
 from collections.abc import Collection
 
 from ..errors import KernelError, MissingFeature
-from .base import CPU_FIELDS, DEVICES_FIELD, Cgroup, CgroupDriver, Limits, Stats, parse_flat_keyed, parse_max
+from .base import Cgroup, CgroupDriver
+from .kernel import parse_flat_keyed, parse_max
+from .limits import CPU_FIELDS, DEVICES_FIELD, Limits, Stats
 from .devices import v1_writes
 
 # The hierarchies fcrun uses, also the keys of Cgroup.paths. cpuset and blkio are left alone:

@@ -17,19 +17,9 @@ import time
 from collections.abc import Callable, Collection
 
 from ..errors import KernelError, MissingFeature
-from .base import (
-    CPU_FIELDS,
-    DEVICES_FIELD,
-    Cgroup,
-    CgroupDriver,
-    Hierarchy,
-    KernelIO,
-    Limits,
-    Stats,
-    parse_flat_keyed,
-    parse_max,
-    parse_psi,
-)
+from .base import Cgroup, CgroupDriver, Hierarchy
+from .kernel import KernelIO, parse_flat_keyed, parse_max, parse_psi
+from .limits import CPU_FIELDS, DEVICES_FIELD, Limits, Stats
 from .devices import DeviceRule, assemble, program
 
 KEY = "unified"  # the only key of Cgroup.paths

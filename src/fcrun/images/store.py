@@ -39,7 +39,7 @@ from ..errors import FcrunError, IncorrectStatus, KernelError, NotFound, SpecErr
 from ..mountinfo import read_mountpoints
 from ..paths import Paths
 from ..units import format_bytes
-from . import oci
+from . import oci, oci_source
 from .image import Image, ImageConfig, parse_name
 from .layer import (
     HashingReader,
@@ -131,7 +131,7 @@ class ImageStore:
         ]
 
     def layer_dir(self, diff_id: str) -> str:
-        return os.path.join(self.paths.layers, oci.blob_path(diff_id, "diff_id").rsplit("/", 1)[1])
+        return os.path.join(self.paths.layers, oci_source.blob_path(diff_id, "diff_id").rsplit("/", 1)[1])
 
     # -- building -------------------------------------------------------------------------
 
@@ -274,7 +274,7 @@ class ImageStore:
         label = ref.digest or ref.path
         step = f"{plan.name}: layer {index + 1}/{len(plan.layers)} {label[:19]}"
         if ref.digest is not None:
-            oci.verify_blob(plan.source, ref.path, ref.digest, ref.size)
+            oci_source.verify_blob(plan.source, ref.path, ref.digest, ref.size)
         if ref.diff_id and (ref.diff_id in staged or os.path.isdir(self.layer_dir(ref.diff_id))):
             if ref.digest is None:
                 # A legacy docker-archive names a layer blob by id, not digest: only the
@@ -290,7 +290,7 @@ class ImageStore:
             staged[diff_id] = (tmp, content_bytes)
         return diff_id
 
-    def _extract(self, source: oci.Source, ref: oci.LayerRef, label: str) -> tuple[str, str, int]:
+    def _extract(self, source: oci_source.Source, ref: oci.LayerRef, label: str) -> tuple[str, str, int]:
         """Extract one layer blob into a new tmp dir; check its diff_id.
 
         Resource handling: the tmp dir is the caller's once this returns; on error it is removed.
@@ -308,14 +308,14 @@ class ImageStore:
             self._discard(tmp)
             raise
 
-    def _verify_diff_id(self, source: oci.Source, ref: oci.LayerRef, label: str) -> None:
+    def _verify_diff_id(self, source: oci_source.Source, ref: oci.LayerRef, label: str) -> None:
         with self._uncompressed(source, ref, label) as reader:
             _drain(reader, label)
         _check_diff_id(reader, ref, label)
 
     @contextlib.contextmanager
     def _uncompressed(
-        self, source: oci.Source, ref: oci.LayerRef, label: str
+        self, source: oci_source.Source, ref: oci.LayerRef, label: str
     ) -> Iterator[HashingReader]:
         with source.open(ref.path) as blob:
             compression = ref.compression

@@ -12,7 +12,7 @@ import signal
 import stat
 
 from .. import syscalls as sc
-from ..cgroups.base import Limits
+from ..cgroups.limits import Limits
 from ..cgroups.devices import DeviceRule
 from .capabilities import CAPABILITY_NUMBERS, capability_mask
 from ..errors import SpecError

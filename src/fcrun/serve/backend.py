@@ -22,7 +22,8 @@ from dataclasses import dataclass
 from typing import Callable, Protocol
 
 from .. import readiness
-from ..cgroups.base import Cgroup, Stats
+from ..cgroups.base import Cgroup
+from ..cgroups.limits import Stats
 from ..cmdb.models import App
 from ..errors import FcrunError, NotFound
 from ..forkserver import protocol as fsp

@@ -7,7 +7,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
 
-from ..cgroups.base import Stats
+from ..cgroups.limits import Stats
 from ..cmdb.models import AppStats, InstanceCounts
 from .instances import FROZEN, READY, Instance
 

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from ..cgroups.base import Stats
+from ..cgroups.limits import Stats
 from ..units import CPU_PERIOD_US
 from .policy import InstanceFigures
 
