@@ -5,8 +5,9 @@ import pytest
 
 from fcrun.proxy.config import ProxyConfig
 from fcrun.hostnames import normalize_host
-from fcrun.proxy.http import (Forwarding, Request, RequestReader, ResponseReader, cold_start_headers,
-                              error_response)
+from fcrun.proxy.http import Forwarding, cold_start_headers, error_response
+from fcrun.proxy.request import Request, RequestReader
+from fcrun.proxy.response import ResponseReader
 
 CLIENT_IP = "192.0.2.7"
 TAIL = b"X-Forwarded-For: 192.0.2.7\r\nX-Forwarded-Proto: http\r\nVia: 1.1 fcrun\r\n"

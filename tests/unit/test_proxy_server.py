@@ -345,7 +345,7 @@ async def stalled(progress, steps: int = 200) -> None:
 def proxy_buffered(server: ProxyServer) -> int:
     """Bytes the proxy holds in its transports' write buffers and pending body lists."""
     held = 0
-    for conn in server._connections:
+    for conn in server.connections:
         held += conn.transport.get_write_buffer_size()
         if conn.active is not None:
             held += conn.active.pending_bytes

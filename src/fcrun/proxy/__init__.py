@@ -2,7 +2,8 @@
 
 :class:`ProxyServer` accepts client connections and forwards each request to an instance that a
 :class:`Router` leases to it; the router (the lifecycle manager) starts instances when none is
-ready. See http.py for the protocol rules, server.py for the request path.
+ready. See http.py for the protocol rules (request.py and response.py for each side),
+connection.py for the request path, server.py for accepting and shutting down.
 """
 
 from __future__ import annotations

@@ -13,11 +13,12 @@ import asyncio
 from typing import TYPE_CHECKING
 
 from .config import ProxyConfig
-from .http import Forwarding, ResponseReader
+from .http import Forwarding
+from .response import ResponseReader
 from .router import Lease
 
 if TYPE_CHECKING:
-    from .server import ClientConnection, Exchange
+    from .connection import ClientConnection, Exchange
 
 
 class UpstreamConnection(asyncio.Protocol):
