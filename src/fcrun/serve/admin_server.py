@@ -64,7 +64,7 @@ class HttpError(Exception):
 
 
 class AdminRequest(msgspec.Struct):
-    """One parsed admin API request (proxy.http.Request is a proxied one)."""
+    """One parsed admin API request (proxy.request.Request is a proxied one)."""
 
     method: str
     path: str
