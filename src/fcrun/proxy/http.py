@@ -49,6 +49,19 @@ HEADER_VIA = 7
 HEADER_EXPECT = 8
 HEADER_DUPLICATE_HOST = 9   # not a header: a second Host line
 
+# Hop-by-hop headers (RFC 9110 7.6.1), in requests and responses alike: never forwarded as
+# received. Each side's table adds its own entries to these.
+HOP_BY_HOP_HEADERS = {
+    b"connection": HEADER_CONNECTION,
+    b"keep-alive": HEADER_DROP,
+    b"proxy-connection": HEADER_DROP,
+    b"te": HEADER_DROP,
+    b"trailer": HEADER_DROP,
+    b"transfer-encoding": HEADER_TRANSFER_ENCODING,
+    b"upgrade": HEADER_UPGRADE,
+    b"via": HEADER_VIA,
+}
+
 # Connection tokens that are options, not header names.
 _CONNECTION_OPTIONS = frozenset((b"close", b"keep-alive", b"upgrade", b""))
 _CONNECTION_PLAIN = frozenset(spelling for option in (b"close", b"keep-alive", b"upgrade")

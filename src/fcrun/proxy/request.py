@@ -13,26 +13,19 @@ from httptools import HttpParserCallbackError, HttpParserError, HttpParserUpgrad
 from ..hostnames import normalize_host
 from .http import (CRLF, HEADER_CONNECTION, HEADER_CONTENT_LENGTH, HEADER_DROP, HEADER_DUPLICATE_HOST,
                    HEADER_EXPECT, HEADER_FORWARDED_FOR, HEADER_HOST, HEADER_TRANSFER_ENCODING, HEADER_UPGRADE,
-                   HEADER_VIA, Forwarding, ProtocolViolation, connection_tokens)
+                   HEADER_VIA, HOP_BY_HOP_HEADERS, Forwarding, ProtocolViolation, connection_tokens)
 
 IDEMPOTENT_METHODS = frozenset((b"GET", b"HEAD", b"OPTIONS", b"TRACE", b"PUT", b"DELETE"))
 
 # What to do with a request header, by lowercase name (kinds in http.py). Absent: forwarded unchanged.
 _REQUEST_HEADERS = {
+    **HOP_BY_HOP_HEADERS,
     b"host": HEADER_HOST,
     b"content-length": HEADER_CONTENT_LENGTH,
-    b"connection": HEADER_CONNECTION,
-    b"keep-alive": HEADER_DROP,
-    b"proxy-connection": HEADER_DROP,
-    b"te": HEADER_DROP,
-    b"trailer": HEADER_DROP,
-    b"transfer-encoding": HEADER_TRANSFER_ENCODING,
-    b"upgrade": HEADER_UPGRADE,
     b"x-forwarded-for": HEADER_FORWARDED_FOR,
     # The proxy is the edge: a client's own claims about scheme and host are replaced.
     b"x-forwarded-proto": HEADER_DROP,
     b"x-forwarded-host": HEADER_DROP,
-    b"via": HEADER_VIA,
     b"expect": HEADER_EXPECT,
 }
 

@@ -9,21 +9,12 @@ import httptools
 from httptools import HttpParserCallbackError, HttpParserError, HttpParserUpgrade
 
 from .http import (CRLF, HEAD, HEADER_CONNECTION, HEADER_DROP, HEADER_TRANSFER_ENCODING, HEADER_UPGRADE,
-                   HEADER_VIA, Forwarding, ProtocolViolation, connection_tokens)
+                   HEADER_VIA, HOP_BY_HOP_HEADERS, Forwarding, ProtocolViolation, connection_tokens)
 from .request import Request
 
 # What to do with a response header, by lowercase name (kinds in http.py). Absent: forwarded unchanged.
 # Content-Length is not here: llhttp's keep-alive verdict implies it (see on_headers_complete).
-_RESPONSE_HEADERS = {
-    b"connection": HEADER_CONNECTION,
-    b"keep-alive": HEADER_DROP,
-    b"proxy-connection": HEADER_DROP,
-    b"te": HEADER_DROP,
-    b"trailer": HEADER_DROP,
-    b"transfer-encoding": HEADER_TRANSFER_ENCODING,
-    b"upgrade": HEADER_UPGRADE,
-    b"via": HEADER_VIA,
-}
+_RESPONSE_HEADERS = HOP_BY_HOP_HEADERS
 _RESPONSE_SPECIAL_LENGTHS = frozenset(len(name) for name in _RESPONSE_HEADERS)
 
 # Response body framing towards the client.
