@@ -3,12 +3,16 @@
 loading the result in the child just before execve (install.py).
 """
 
-from .compiler import compile_filter
-from .default import DEFAULT_PROFILE
-from .install import install_filter
-from .profile import filter_flags, load_profile, parse_profile, parse_security_opts, validate_profile
+from ..lazy import lazy_exports
 
-__all__ = [
-    "DEFAULT_PROFILE", "compile_filter", "filter_flags", "install_filter", "load_profile",
-    "parse_profile", "parse_security_opts", "validate_profile",
-]
+# Imported on first use: the container child needs only install.py, and the spawner that
+# forks it must not load the compiler, the profiles and the OCI spec structs.
+_EXPORTS = {
+    "compile_filter": "compiler", "DEFAULT_PROFILE": "default", "install_filter": "install",
+    "filter_flags": "profile", "load_profile": "profile", "parse_profile": "profile",
+    "parse_security_opts": "profile", "validate_profile": "profile",
+}
+
+__all__ = sorted(_EXPORTS)
+
+__getattr__, __dir__ = lazy_exports(__name__, globals(), _EXPORTS)
