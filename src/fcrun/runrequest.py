@@ -15,7 +15,7 @@ from __future__ import annotations
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import get_args
+from typing import TYPE_CHECKING, get_args
 
 import msgspec
 
@@ -23,6 +23,9 @@ from .errors import SpecError
 from .runtime.options import RunOptions, spec_from_image
 from .runtime.spec import NetworkMode, Spec
 from .units import parse_cpu, parse_memory
+
+if TYPE_CHECKING:  # the images package is heavy; the fast paths need only the name
+    from .images.image import Image
 
 NETWORKS: tuple[str, ...] = get_args(NetworkMode)  # --net: bridge, none, host
 
@@ -55,7 +58,7 @@ class RunPlan:
     """What `fcrun run` creates: Runtime.create/run(name, spec, image=image, detach=..., init=...)."""
 
     name: str
-    image: object  # images.Image
+    image: Image
     spec: Spec
     detach: bool
     init: bool
@@ -66,10 +69,10 @@ def new_container_name() -> str:
     return "fc-" + uuid.uuid4().hex[:10]
 
 
-def run_spec(request: RunRequest, get_image: Callable[[str], object]) -> RunPlan:
+def run_spec(request: RunRequest, get_image: Callable[[str], Image]) -> RunPlan:
     """The container `fcrun run` makes for `request`: every option checked and applied.
 
-    `get_image(name)` returns the images.Image to run; it is called once every option is known
+    `get_image(name)` returns the Image to run; it is called once every option is known
     to be good (the CLI checks for root there, so a bad option is reported to anyone).
 
     Raises:

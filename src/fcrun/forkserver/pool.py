@@ -41,6 +41,7 @@ import select
 import secrets
 import socket
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from ..cmdb.models import image_port
@@ -109,8 +110,8 @@ class Pool:
     refill_idle_s: float = REFILL_IDLE_S
     warm_timeout_s: float = WARM_TIMEOUT_S
     max_warming: int = 1  # instances warming at once (more fills faster but competes with serving)
-    clock: object = time.monotonic
-    connect_probe: object = ConnectProbe  # (ip, port) -> a started ConnectProbe; tests give a fake
+    clock: Callable[[], float] = time.monotonic
+    connect_probe: Callable[[str, int], ConnectProbe] = ConnectProbe  # a started probe; tests give a fake
     sizes: dict[str, int] = field(default_factory=dict)
     ready: dict[str, collections.deque] = field(default_factory=dict)
     warming: dict[str, Pooled] = field(default_factory=dict)
