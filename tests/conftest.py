@@ -14,3 +14,17 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "root" in item.keywords:
             item.add_marker(skip)
+
+
+# Property-based tests (hypothesis): a bounded run by default (CI), a long one on demand with
+# `FCRUN_FUZZ=long ./scripts/test.sh tests/fuzz` (or `--hypothesis-profile=long`).
+try:
+    from hypothesis import HealthCheck, settings
+except ImportError:  # hypothesis comes with the [test] extra; without it the fuzz tests skip
+    pass
+else:
+    settings.register_profile("ci", max_examples=200, deadline=None, derandomize=False,
+                              suppress_health_check=[HealthCheck.too_slow])
+    settings.register_profile("long", max_examples=20_000, deadline=None,
+                              suppress_health_check=[HealthCheck.too_slow])
+    settings.load_profile(os.environ.get("FCRUN_FUZZ", "ci"))
