@@ -45,6 +45,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from ..cmdb.models import image_port
+from ..crashpoints import crash_point
 from ..errors import FcrunError, NotFound
 from ..instance import make_instance, seccomp_from_setting
 from ..labels import APP_LABEL, POOL_LABEL
@@ -134,6 +135,7 @@ class Pool:
         if not queue:
             return Empty(f"no pooled instance of {request.image} is ready")
         pooled = queue.popleft()
+        crash_point("claim.taken")
         counters = self._counters(request.image)
         try:
             self.runtime.hand_over(pooled.name, cpu=request.limits.cpu, memory_bytes=request.limits.memory_bytes,

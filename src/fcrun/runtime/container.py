@@ -10,6 +10,7 @@ import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
+from ..crashpoints import crash_point
 from ..errors import IncorrectStatus, NotFound
 from .child import ChildFailure, failure_to_error, read_status
 from .process import SETUP_TIMEOUT_S, exit_code, send_go, wait_exit, wait_report
@@ -85,9 +86,11 @@ class Container:
             self.runtime.remove_failed(self.state)
             raise
         self._close_fds()
+        crash_point("start.go")
         self.state.status = "running"
         self.state.started_at = time.time()
         self.runtime.states.save(self.state)
+        crash_point("start.saved")
 
     def wait(self) -> int:
         """Wait for pid 1 to exit; returns its exit code (128+N when killed by signal N)."""

@@ -29,6 +29,7 @@ from typing import TYPE_CHECKING
 
 import msgspec
 
+from ..crashpoints import crash_point
 from ..errors import ContainerError, FcrunError, KernelError, MissingFeature, SpecError
 from .child import ChildFailure, ChildPlan, failure_to_error, read_status
 from .container import Container
@@ -136,6 +137,7 @@ class Creation:
             # another process wait for it instead of taking the reserved name for the leftover
             # of a crashed creation.
             creating.enter_context(self.runtime.states.locked(self.name))
+            crash_point("create.reserved")
             self._make()
         except ChildFailure as failure:
             self.undo.close()
@@ -155,7 +157,9 @@ class Creation:
                 if fd >= 0:
                     os.close(fd)
             creating.close()
-        return self._keep()
+        container = self._keep()
+        crash_point("create.done")
+        return container
 
     def _make(self) -> None:
         request = self.request
@@ -167,20 +171,26 @@ class Creation:
             self._user_namespace()
         if request.slot is not None:
             self._slot(request.slot)
+            crash_point("create.slot")
         self._rootfs()
+        crash_point("create.rootfs")
         if request.detach and self.stdio is None:
             self._log_stdio()
         self.child = start_child(self._plan(), self.runtime.spawner_mode)
         self.undo.callback(self.child.abandon)
+        crash_point("create.spawned")
         self._cgroup()
+        crash_point("create.cgroup")
         go = b"JS" if request.start else b"J"
         bridge = network_mode(self.state.spec) == "bridge"
         if bridge:
             self._bridge_network()
         else:
             self.state.network = NetworkState(mode=network_mode(self.state.spec))
+        crash_point("create.network")
         send_go(self.child.go_w, go, self.child.status_r)
         self._record()
+        crash_point("create.saved")
         if not bridge:
             read_ready(self.child.status_r, self.name)
         self._handshake()

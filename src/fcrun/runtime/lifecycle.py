@@ -18,6 +18,7 @@ import msgspec
 
 from .. import syscalls as sc
 from ..cgroups import Cgroup, CgroupDriver, detect
+from ..crashpoints import crash_point
 from ..docroot import DEFAULT_DOCROOT_ROOTS
 from ..errors import FcrunError, NotFound, NotPermitted, SpecError
 from ..paths import DEFAULT_BRIDGE, DEFAULT_CGROUP_PARENT, DEFAULT_SUBNET, Paths
@@ -256,6 +257,7 @@ class Runtime:
             state = self.state(name)
             check_allowed("freeze", name, state.status)
             self._cgroup(state).freeze()
+            crash_point("freeze.frozen")
 
     def thaw(self, name: str) -> None:
         """Thaw a frozen container (its cgroup; state() then says "running")."""
@@ -263,6 +265,7 @@ class Runtime:
             state = self.state(name)
             check_allowed("thaw", name, state.status)
             self._cgroup(state).thaw()
+            crash_point("thaw.thawed")
 
     def update(self, name: str, *, cpu: float | None = None, memory_bytes: int | None = None, pids_max: int | None = None) -> ContainerState:
         """Change limits of a live container; only the given ones change."""
@@ -339,13 +342,17 @@ class Runtime:
             check_allowed("hand_over", name, state.status)
             if cpu is not None or memory_bytes is not None or pids_max is not None:
                 self._set_limits(state, cpu, memory_bytes, pids_max)
+                crash_point("claim.limits")
             if slot_source is not None:
                 self._fill_slot(state, slot_source)
+                crash_point("claim.slot")
             state.labels.update(labels or {})
             if thaw and state.status == "frozen":
                 self._cgroup(state).thaw()
                 state.status = "running"
+                crash_point("claim.thawed")
             self.states.save(state)
+            crash_point("claim.saved")
             return state
 
     def label(self, name: str, labels: dict[str, str]) -> ContainerState:
@@ -394,6 +401,7 @@ class Runtime:
             check_allowed("force_delete" if force else "delete", name, state.status)
             if locked is not None:
                 locked()
+            crash_point("delete.locked")
             self._teardown(state)
 
     def remove_failed(self, state: ContainerState) -> None:
@@ -437,6 +445,7 @@ class Runtime:
         cdir = self.states.dir(state.name)
         if os.path.lexists(os.path.join(cdir, "slot")):  # most containers have none: spare the look
             release_slot(cdir)  # first: nothing below may reach into it
+            crash_point("delete.slot")
         if pid_alive(state):
             kill_quietly(state.pid)
             if state.status == "frozen" and state.cgroup_paths:
@@ -446,6 +455,7 @@ class Runtime:
                     log.warning("container %s: thaw before removal: %s", state.name, exc)
             wait_gone(state)
         reap(state.pid)
+        crash_point("delete.killed")
         if state.cgroup_paths:
             self._remove_cgroup(state)
         elif state.status == "creating":
@@ -454,15 +464,20 @@ class Runtime:
             cgroup = self.cgroups.load(self.cgroups.paths_for(state.name))
             if cgroup.exists():
                 cgroup.destroy()
+        crash_point("delete.cgroup")
         if state.network and state.network.mode == "bridge":
             # Every process is gone, so the netns is being destroyed and the kernel deletes the
             # veth with it; deleting it ourselves would wait ~15 ms for RCU.
             self.network.detach(state.name, netns_gone=True)
+            crash_point("delete.network")
         if not (state.rootfs and state.rootfs.tmpfs_bytes):  # a tmpfs layer went with the mount ns
             self.storage.remove(state.name)
+            crash_point("delete.storage")
         if is_fcrun_range(state.spec.linux.uid_mappings):
             self.id_ranges.release(state.spec.linux.uid_mappings[0].host_id, state.name)
+            crash_point("delete.idrange")
         self.states.remove(state.name)
+        crash_point("delete.done")
         if not self.states.names():
             # The last container is gone: leave no empty `fcrun` cgroup parent behind either
             # (the bridge goes with its last lease). A concurrent create re-makes it.

@@ -22,6 +22,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
+from ..cmdb.models import Instance as InstanceRow
 from ..errors import IncorrectStatus
 from . import monitor
 
@@ -132,6 +133,11 @@ class Instance:
         if outstanding == 1 and self.state is DRAINING:
             self.drained.set()
         return elapsed
+
+    def row(self) -> InstanceRow:
+        """Its CMDB row now."""
+        return InstanceRow(id=self.name, app=self.app, container=self.name, state=RECORDED_STATE[self.state],
+                           ip=self.ip, port=self.port, cpu=self.cpu or None, started_at=self.started_at)
 
     def busy_until(self, now: float) -> float:
         """`busy_s` brought up to `now`."""

@@ -6,21 +6,20 @@ connections (concurrent requests for a cold app share one start). `tick()` appli
 mortality (stop after idle-timeout, with draining) and immutability (replace after
 max-lifetime); serve calls it periodically, tests call it with a fake clock.
 
-While instances run, the manager also watches them (FastContainer's self-monitoring): every
-`sample_interval_s` `sample()` reads each instance's cgroup and request counters (monitor.py),
-hands each app's figures to the scaling policy (policy.py, a pure function) and carries out
-its decisions - a quota raised or lowered live, an instance started (it joins the rotation
-once it accepts connections, with a slow start: see instances.py) or drained and stopped.
-`scale()` does the same on an operator's order (`fcrun app scale`), with or without
+While instances run, the manager also watches them (FastContainer's self-monitoring): every `sample_interval_s`
+`sample()` reads each instance's cgroup and request counters (monitor.py), hands each app's figures to the
+scaling policy (policy.py, a pure function) and carries out its decisions - a quota raised or lowered live, an
+instance started (it joins the rotation once it accepts connections, with a slow start: see instances.py) or
+drained and stopped. `scale()` does the same on an operator's order (`fcrun app scale`), with or without
 autoscale. Every decision is an event with its reason and figures.
 
-Instances and their states (with the table of allowed moves) live in instances.py, metering
-in metering.py, CMDB writes in records.py (off the event loop). Every task it starts belongs
-to its `TaskOwner` (tasks.py); every deadline is read from its injected clock.
+Instances and their states (with the table of allowed moves) live in instances.py, metering in metering.py,
+CMDB writes in records.py (off the event loop). Every task it starts belongs to its `TaskOwner` (tasks.py);
+every deadline is read from its injected clock.
 
-A request that finds no ready instance is served, fastest first, by thawing a frozen one
-("thaw"), by a pre-warmed instance claimed from the fork-server's pool ("pool"), or by a
-new one ("start"): the path and its time go to the client in X-Fcrun-Cold-Start.
+A request that finds no ready instance is served, fastest first, by thawing a frozen one ("thaw"), by a
+pre-warmed instance claimed from the fork-server's pool ("pool"), or by a new one ("start"): the path and its
+time go to the client in X-Fcrun-Cold-Start.
 """
 
 from __future__ import annotations
@@ -35,12 +34,12 @@ import msgspec
 
 from ..cmdb.base import CMDB, CMDBError
 from ..cmdb.models import App, AppStats, Scale
-from ..cmdb.models import Instance as InstanceRow
+from ..crashpoints import crash_point
 from ..errors import ContainerError, FcrunError, IncorrectStatus, NotFound
 from ..proxy.router import RouteError
 from . import monitor
 from .backend import InstanceBackend, StartFailed
-from .instances import DRAINING, FREEZING, FROZEN, IDLE_CANDIDATES, READY, RECORDED_STATE, REPLACING, STOPPED
+from .instances import DRAINING, FREEZING, FROZEN, IDLE_CANDIDATES, READY, REPLACING, STOPPED
 from .instances import SLOW_START_FIRST, UNCAPPED, Instance, InstanceLease, least_loaded, slow_start_cap
 from .metering import Meter
 from .policy import AppMetrics, Decision, History, Tuning, decide
@@ -220,6 +219,7 @@ class Manager:
             raise
         finally:
             state.pending_starts -= 1
+        crash_point("serve.instance.started")  # before the manager or the CMDB knows of it
         now = self.clock()
         instance = Instance(name=started.name, app=app.name, ip=started.ip, port=started.port,
                             started_at=time.time(),  # wall clock: shown to people, not a deadline
@@ -347,12 +347,14 @@ class Manager:
             log.info("%s: %d requests still in flight after %gs of draining; stopping it anyway",
                      instance.name, instance.outstanding, self.drain_timeout_s)
         self.on_instance_gone(instance.name)
+        crash_point("serve.instance.drained")
         try:
             cpu = await self.backend.stop(instance.name, state.app)
         except (FcrunError, OSError) as exc:  # recorded; the instance is out of routing either way
             log.warning("stopping %s: %s", instance.name, exc)
             self.records.event(state.app.name, "stop-failed", f"stopping {instance.name}: {exc}")
             cpu = 0.0
+        crash_point("serve.instance.stopped")  # its CMDB row still says it runs
         instance.move_to(STOPPED)
         state.instances.pop(instance.name, None)
         state.meter.stopped(instance, cpu, self.clock())
@@ -511,6 +513,7 @@ class Manager:
         t0 = self.clock()
         try:
             await self.backend.set_cpu(inst.name, cpu)
+            crash_point("serve.scale-up.written")  # cpu.max changed, its CMDB row not yet
         except (FcrunError, OSError) as exc:  # recorded; the instance keeps its old quota
             inst.cpu = before
             if inst.routable:
@@ -548,6 +551,7 @@ class Manager:
                 before, inst.cpu = inst.cpu, cpu
                 try:
                     await self.backend.set_cpu(inst.name, cpu)
+                    crash_point("serve.scale-up.written")
                 except FcrunError:
                     inst.cpu = before
                     raise
@@ -581,20 +585,16 @@ class Manager:
     @staticmethod
     def _count_forced(state: AppState, action: str, now: float) -> None:
         """A forced action restarts the policy's cooldown of its family."""
-        if action in ("scale-up", "scale-out"):
-            state.history = History(last_up_s=now, last_down_s=state.history.last_down_s)
-        else:
-            state.history = History(last_up_s=state.history.last_up_s, last_down_s=now)
+        up = action in ("scale-up", "scale-out")
+        state.history = History(last_up_s=now if up else state.history.last_up_s,
+                                last_down_s=state.history.last_down_s if up else now)
 
     # ----- metering and records ---------------------------------------------------------------
 
     def stats(self) -> dict[str, AppStats]:
         """Each app's metering now (counters plus its live instances' cgroup figures)."""
         now = self.clock()
-        return {name: state.meter.stats(list(state.instances.values()), self.backend, now)
-                for name, state in self.apps.items()}
+        return {name: s.meter.stats(list(s.instances.values()), self.backend, now) for name, s in self.apps.items()}
 
     def _record(self, inst: Instance) -> None:
-        self.records.instance(InstanceRow(id=inst.name, app=inst.app, container=inst.name,
-                                          state=RECORDED_STATE[inst.state], ip=inst.ip, port=inst.port,
-                                          cpu=inst.cpu or None, started_at=inst.started_at))
+        self.records.instance(inst.row())
