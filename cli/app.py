@@ -3,8 +3,10 @@
 They talk to the running server's admin API when its socket answers, and work on the CMDB
 directly when no server runs (new settings are then picked up when serve starts). Where:
 
-- ``FCRUN_ADMIN_URL`` (``http://HOST:PORT``, with ``FCRUN_ADMIN_TOKEN``): a remote server;
-  it must answer, there is no fallback;
+- ``FCRUN_ADMIN_URL`` (``http://HOST:PORT`` or ``https://HOST:PORT``, with
+  ``FCRUN_ADMIN_TOKEN``; for https, ``FCRUN_ADMIN_CA`` names the CA file or the server's
+  self-signed certificate, else the system's CAs are trusted): a remote server; it must
+  answer, there is no fallback;
 - else ``FCRUN_ADMIN_SOCKET``, else the admin_socket of ``FCRUN_CONFIG``'s file, else
   ``<run root>/admin.sock``;
 - direct mode uses ``<data root>/cmdb.sqlite3``, and the ``[defaults]`` and ``docroot_roots`` of
@@ -41,6 +43,7 @@ from fcrun.units import format_bytes, parse_cpu, parse_duration, parse_memory
 
 ADMIN_URL_ENV = "FCRUN_ADMIN_URL"
 ADMIN_TOKEN_ENV = "FCRUN_ADMIN_TOKEN"
+ADMIN_CA_ENV = "FCRUN_ADMIN_CA"  # https:// only: the CA (or the self-signed certificate) to trust
 ADMIN_SOCKET_ENV = "FCRUN_ADMIN_SOCKET"
 CONFIG_ENV = "FCRUN_CONFIG"
 NONE_WORDS = ("none", "off")  # clear a setting that may be unset: `--max-lifetime off`
@@ -69,7 +72,7 @@ def connect(ctx: click.Context) -> Iterator[Admin]:
     """
     url = os.environ.get(ADMIN_URL_ENV)
     if url:
-        yield AdminClient(url, os.environ.get(ADMIN_TOKEN_ENV))
+        yield AdminClient(url, os.environ.get(ADMIN_TOKEN_ENV), ca_file=os.environ.get(ADMIN_CA_ENV))
         return
     paths = getattr(ctx.obj, "paths", None) or Paths.from_env()
     config_path = os.environ.get(CONFIG_ENV)

@@ -15,7 +15,8 @@ import pytest
 from fcrun.cmdb import AppStats, AppUpdate, Instance, NewApp, Scale, SqliteCMDB
 from fcrun.errors import AlreadyExists, IncorrectStatus, KernelError, NotFound, NotPermitted, SpecError
 from fcrun.serve.admin_client import AdminClient, ServerUnavailable, remote_error
-from fcrun.serve.admin_server import AdminServer, HttpError, RequestParser, peer_allowed, serve_in_thread
+from fcrun.serve.admin_http import HttpError, RequestParser
+from fcrun.serve.admin_server import AdminServer, peer_allowed, serve_in_thread
 from fcrun.serve.controller import DirectController
 from fcrun.serve.metrics import render_metrics
 from fcrun.unixsock import peer_credentials

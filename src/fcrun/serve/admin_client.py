@@ -11,6 +11,7 @@ import asyncio
 import errno
 import http.client
 import socket
+import ssl
 import urllib.parse
 from collections.abc import Sequence
 from typing import Any
@@ -21,7 +22,15 @@ from ..cmdb.base import CMDB, CMDBError
 from ..cmdb.models import App, AppDefaults, AppStats, AppUpdate, Event, Instance, NewApp, Scale
 from ..docroot import DEFAULT_DOCROOT_ROOTS
 from ..errors import AlreadyExists, FcrunError, KernelError, NotFound, NotPermitted, SpecError
-from .admin_protocol import DEFAULT_EVENT_LIMIT, DEFAULT_REMOVE_WAIT_S, JSON_CONTENT_TYPE, ErrorBody, Removal, encode
+from .admin_protocol import (
+    DEFAULT_EVENT_LIMIT,
+    DEFAULT_REMOVE_WAIT_S,
+    JSON_CONTENT_TYPE,
+    ErrorBody,
+    Removal,
+    client_tls_context,
+    encode,
+)
 from .controller import DirectController
 
 CLIENT_TIMEOUT_S = 2 * DEFAULT_REMOVE_WAIT_S  # longer than the server's remove wait
@@ -33,6 +42,14 @@ class ServerUnavailable(FcrunError):
 
     exit_code = 1
     http_status = 503
+
+
+class TransportError(FcrunError):
+    """The connection to a TCP admin API failed on its way: the TLS handshake (a certificate
+    not trusted, one side not speaking TLS), or a server that closed it without an answer."""
+
+    exit_code = 1
+    http_status = 502
 
 
 def server_answers(path: str) -> bool:
@@ -112,16 +129,23 @@ _SCALE_RESULT = msgspec.json.Decoder(Scale)
 class AdminClient:
     """Blocking client of the admin API, one connection per call.
 
-    `address` is a unix socket path, or ``http://HOST:PORT`` for the TCP listener (which
-    needs `token`). Methods raise the FcrunError subclass the server raised, and
-    ServerUnavailable when nothing listens (before anything was sent, so retrying elsewhere
-    is safe).
+    `address` is a unix socket path, or ``http://HOST:PORT`` / ``https://HOST:PORT`` for the
+    TCP listener (which needs `token`). For https the server's certificate and host name are
+    verified against `ca_file` (its CA, or a self-signed certificate itself), else the
+    system's CAs. Methods raise the FcrunError subclass the server raised, ServerUnavailable
+    when nothing listens (before anything was sent, so retrying elsewhere is safe), and
+    TransportError when TLS fails.
+
+    Raises:
+        SpecError: `ca_file` cannot be read or holds no certificate.
     """
 
-    def __init__(self, address: str, token: str | None = None, timeout_s: float = CLIENT_TIMEOUT_S):
+    def __init__(self, address: str, token: str | None = None, timeout_s: float = CLIENT_TIMEOUT_S,
+                 *, ca_file: str | None = None):
         self.address = address
         self.token = token
         self.timeout_s = timeout_s
+        self.tls = client_tls_context(ca_file) if address.startswith("https://") else None
 
     # routes
     def list_apps(self) -> list[App]:
@@ -162,7 +186,11 @@ class AdminClient:
     # transport
     def request(self, method: str, path: str, body: bytes | None = None,
                 headers: dict[str, str] | None = None) -> tuple[int, bytes]:
-        """One raw request; returns (status, body). Raises ServerUnavailable, NotPermitted, KernelError."""
+        """One raw request; returns (status, body).
+
+        Raises:
+            ServerUnavailable, NotPermitted, TransportError, KernelError.
+        """
         conn = self._connection()
         try:
             try:
@@ -173,6 +201,14 @@ class AdminClient:
                 raise NotPermitted(
                     f"connect to admin API {self.address}: permission denied (it is root-only)"
                 ) from None
+            except ssl.SSLCertVerificationError as exc:
+                raise TransportError(
+                    f"connect to admin API {self.address}: its TLS certificate is not trusted "
+                    f"({exc.verify_message}); give the CA that signed it, or the certificate itself, as the CA file"
+                ) from None
+            except ssl.SSLError as exc:
+                raise TransportError(f"connect to admin API {self.address}: TLS handshake failed ({exc.reason or exc}); "
+                                     "if it listens without TLS, use http://") from None
             except OSError as exc:
                 raise KernelError.from_oserror("connect to admin API", self.address, exc) from None
             all_headers = {"Content-Type": JSON_CONTENT_TYPE, **(headers or {})}
@@ -183,6 +219,10 @@ class AdminClient:
                 response = conn.getresponse()
                 return response.status, response.read()
             except (OSError, http.client.HTTPException) as exc:
+                closed = isinstance(exc, (http.client.RemoteDisconnected, ConnectionResetError))
+                if closed and self.address.startswith("http://"):  # what a TLS listener does to plain HTTP
+                    raise TransportError(f"{method} {path} on admin API {self.address}: closed without an answer "
+                                         f"({exc}); if it listens with TLS, use https://") from None
                 raise KernelError(f"{method} {path} on admin API", self.address,
                                   getattr(exc, "errno", None) or errno.EIO) from None
         finally:
@@ -202,8 +242,10 @@ class AdminClient:
     def _connection(self) -> http.client.HTTPConnection:
         if self.address.startswith(("http://", "https://")):
             url = urllib.parse.urlsplit(self.address)
-            cls = http.client.HTTPSConnection if url.scheme == "https" else http.client.HTTPConnection
-            return cls(url.hostname or "localhost", url.port, timeout=self.timeout_s)
+            if url.scheme == "https":
+                return http.client.HTTPSConnection(url.hostname or "localhost", url.port, timeout=self.timeout_s,
+                                                   context=self.tls)
+            return http.client.HTTPConnection(url.hostname or "localhost", url.port, timeout=self.timeout_s)
         return _UnixHTTPConnection(self.address, self.timeout_s)
 
 

@@ -1,155 +1,58 @@
 """The admin API's server: HTTP/1.1 JSON on a private unix socket, optionally on TCP with a
-bearer token (routes and wire format: admin_protocol.py).
+bearer token (and TLS), and a read-only metrics listener (routes and wire format:
+admin_protocol.py).
 
-The server only parses and routes; what a route does is the `Controller`'s business
-(controller.py). Parsing is sans-IO (`RequestParser`: bytes in, `AdminRequest`s out); the
-`AdminServer` owns the sockets and the connections.
+The server only routes; what a route does is the `Controller`'s business (controller.py).
+Parsing is sans-IO (admin_http.py: bytes in, `AdminRequest`s out, the head checked by the
+listener's rules before the body is taken); the `AdminServer` owns the sockets, the
+connections and their deadlines.
+
+Against hostile clients (bounds: `AdminLimits`, serve's ``admin_*`` settings): a listener
+takes at most `max_connections` and closes one more at accept, so flooding one never locks
+root out of the unix socket; the token is checked on the complete head, and a wrong one gets
+401 and a closed connection without its body ever being waited for; a head, a body, an idle
+keep-alive and a TLS handshake each have a deadline.
 """
 
 from __future__ import annotations
 
 import asyncio
-import collections
 import contextlib
 import hmac
 import logging
 import os
 import socket
+import ssl
 import threading
-import urllib.parse
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
-import httptools
 import msgspec
 
 from ..cmdb.models import AppUpdate, NewApp, Scale, spec_error
 from ..errors import AlreadyExists, FcrunError, KernelError, NotFound, NotPermitted, SpecError
 from ..unixsock import bind_private, peer_credentials
 from .admin_client import server_answers
+from .admin_http import BODY, HEAD, IDLE, AdminRequest, HttpError, RequestParser, Response
 from .admin_protocol import (
     DEFAULT_EVENT_LIMIT,
     DEFAULT_REMOVE_WAIT_S,
-    JSON_CONTENT_TYPE,
     MAX_EVENT_LIMIT,
+    METRICS_PATH,
+    AdminLimits,
     ErrorBody,
     Removal,
     encode,
+    is_loopback,
+    server_tls_context,
 )
-from .config import parse_address
+from .config import ServeConfig, parse_address
 from .controller import Controller
 from .metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from ..tasks import TaskOwner
 
 log = logging.getLogger("fcrun.admin")
 
-MAX_HEAD_BYTES = 64 << 10
-MAX_BODY_BYTES = 1 << 20
-REQUEST_TIMEOUT_S = 30.0  # for a whole request, counted from the end of the previous one
-
-_REASONS = {200: "OK", 201: "Created", 202: "Accepted", 400: "Bad Request", 401: "Unauthorized", 403: "Forbidden",
-            404: "Not Found", 405: "Method Not Allowed", 409: "Conflict", 413: "Content Too Large",
-            431: "Request Header Fields Too Large", 500: "Internal Server Error", 502: "Bad Gateway",
-            503: "Service Unavailable"}
-
-
-# -- HTTP parsing (no I/O) --------------------------------------------------------------------
-
-
-class HttpError(Exception):
-    """A request the server cannot take: answered with `status`, then the connection closes."""
-
-    def __init__(self, status: int, message: str):
-        super().__init__(message)
-        self.status = status
-
-
-class AdminRequest(msgspec.Struct):
-    """One parsed admin API request (proxy.request.Request is a proxied one)."""
-
-    method: str
-    path: str
-    query: dict[str, list[str]]
-    headers: dict[str, str]  # names lowercased
-    body: bytes
-    keep_alive: bool
-
-
-class RequestParser:
-    """Bytes in, complete `AdminRequest`s out (httptools underneath); keeps pipelined requests."""
-
-    def __init__(self, max_head_bytes: int = MAX_HEAD_BYTES, max_body_bytes: int = MAX_BODY_BYTES):
-        self.max_head_bytes = max_head_bytes
-        self.max_body_bytes = max_body_bytes
-        self.complete: collections.deque[AdminRequest] = collections.deque()
-        self._parser = httptools.HttpRequestParser(self)
-        self._reset()
-
-    def feed(self, data: bytes) -> None:
-        """Raises HttpError: malformed (400), head too large (431), body too large (413)."""
-        try:
-            self._parser.feed_data(data)
-        except httptools.HttpParserCallbackError as exc:
-            if isinstance(exc.__context__, HttpError):
-                raise exc.__context__ from None
-            raise HttpError(400, f"malformed request: {exc}") from None
-        except httptools.HttpParserUpgrade:
-            raise HttpError(400, "the admin API does not upgrade connections") from None
-        except httptools.HttpParserError as exc:
-            raise HttpError(400, f"malformed request: {exc}") from None
-
-    def _reset(self) -> None:
-        self._url = bytearray()
-        self._headers: dict[str, str] = {}
-        self._body = bytearray()
-        self._head_bytes = 0
-
-    def _count_head(self, n: int) -> None:
-        self._head_bytes += n
-        if self._head_bytes > self.max_head_bytes:
-            raise HttpError(431, f"request head is larger than {self.max_head_bytes} bytes")
-
-    # httptools callbacks
-    def on_message_begin(self) -> None:
-        self._reset()
-
-    def on_url(self, url: bytes) -> None:
-        self._count_head(len(url))
-        self._url += url
-
-    def on_header(self, name: bytes, value: bytes) -> None:
-        self._count_head(len(name) + len(value) + 4)
-        self._headers[name.decode("latin-1").lower()] = value.decode("latin-1")
-
-    def on_body(self, body: bytes) -> None:
-        self._body += body
-        if len(self._body) > self.max_body_bytes:
-            raise HttpError(413, f"request body is larger than {self.max_body_bytes} bytes")
-
-    def on_message_complete(self) -> None:
-        url = urllib.parse.urlsplit(self._url.decode("latin-1"))
-        self.complete.append(AdminRequest(
-            method=self._parser.get_method().decode("ascii"),
-            path=urllib.parse.unquote(url.path),
-            query=urllib.parse.parse_qs(url.query),
-            headers=self._headers,
-            body=bytes(self._body),
-            keep_alive=self._parser.should_keep_alive(),
-        ))
-
-
-class Response(msgspec.Struct):
-    status: int
-    body: bytes = b""
-    content_type: str = JSON_CONTENT_TYPE
-    headers: dict[str, str] = {}
-
-    def encode(self, keep_alive: bool) -> bytes:
-        head = [f"HTTP/1.1 {self.status} {_REASONS.get(self.status, 'Unknown')}",
-                f"Content-Type: {self.content_type}", f"Content-Length: {len(self.body)}"]
-        head += [f"{k}: {v}" for k, v in self.headers.items()]
-        if not keep_alive:
-            head.append("Connection: close")
-        return ("\r\n".join(head) + "\r\n\r\n").encode("latin-1") + self.body
+READ_CHUNK_BYTES = 64 << 10
 
 
 _NEW_APP = msgspec.json.Decoder(NewApp)
@@ -198,10 +101,68 @@ def peer_allowed(sock: socket.socket | None) -> bool:
 # -- the server -------------------------------------------------------------------------------
 
 
+class Listener:
+    """One socket of the admin API, who may use it and what for.
+
+    `kind`: "unix" (peer credentials: root or serve's user; every route), "tcp" (the admin
+    token on every request; every route) or "metrics" (the metrics token when one is set;
+    GET /metrics only).
+    """
+
+    def __init__(self, kind: str, address: str, *, token: str | None = None, tls: ssl.SSLContext | None = None):
+        self.kind = kind
+        self.address = address
+        self.token = token.encode() if token else None
+        self.tls = tls
+        self.open_connections = 0
+        self.refused_connections = 0  # over max_connections, since start
+        self.server: asyncio.Server | None = None
+
+    @property
+    def bound_address(self) -> tuple[str, int] | None:
+        """(host, port) of a TCP listener once listening (its real port when 0 was asked for)."""
+        if self.server is None or self.kind == "unix":
+            return None
+        return self.server.sockets[0].getsockname()[:2]
+
+    def connection_ended(self, _task: asyncio.Task | None = None) -> None:
+        self.open_connections -= 1
+
+    def authorized(self, headers: dict[str, str]) -> bool:
+        """Whether the request carries this listener's bearer token (constant-time compare)."""
+        if self.token is None:
+            return self.kind != "tcp"  # the admin TCP listener never runs without one
+        scheme, _, given = headers.get("authorization", "").partition(" ")
+        return scheme.lower() == "bearer" and hmac.compare_digest(given.strip().encode(), self.token)
+
+    def check_head(self, request: AdminRequest) -> None:
+        """Refuse a request on its head: a missing or wrong token (401); on the metrics
+        listener, anything but GET /metrics (404, 405).
+
+        Raises:
+            HttpError: the request is refused.
+        """
+        if self.kind == "unix":
+            return  # peer credentials were checked when the connection came
+        if not self.authorized(request.headers):
+            raise HttpError(401, "missing or wrong bearer token", "NotPermitted",
+                            {"WWW-Authenticate": 'Bearer realm="fcrun"'})
+        if self.kind == "metrics" and request.path != METRICS_PATH:
+            raise HttpError(404, f"the metrics listener serves {METRICS_PATH} only", "NotFound")
+        if self.kind == "metrics" and request.method != "GET":
+            raise HttpError(405, f"method {request.method} is not allowed on {METRICS_PATH}")
+
+
 class AdminServer:
-    """Serves the admin API on a unix socket and, optionally, on TCP with a bearer token.
+    """Serves the admin API on a unix socket and, optionally, on TCP with a bearer token, and
+    /metrics on a listener of its own.
 
     Args:
+        tcp_listen, token, tls: the TCP admin listener, its bearer token (required) and its TLS
+            context (admin_protocol.server_tls_context; None: plain HTTP).
+        metrics_listen, metrics_token, metrics_tls: the read-only metrics listener, its
+            optional token (not the admin token) and TLS context.
+        limits: bounds on every connection (`AdminLimits`).
         tasks: the owner of its connections and of removals that outlast their DELETE
             (serve's scope for the admin API); by default an owner of its own.
 
@@ -211,62 +172,73 @@ class AdminServer:
     """
 
     def __init__(self, controller: Controller, socket_path: str, *, tcp_listen: str | None = None,
-                 token: str | None = None, remove_wait_s: float = DEFAULT_REMOVE_WAIT_S,
+                 token: str | None = None, tls: ssl.SSLContext | None = None, metrics_listen: str | None = None,
+                 metrics_token: str | None = None, metrics_tls: ssl.SSLContext | None = None,
+                 limits: AdminLimits = AdminLimits(), remove_wait_s: float = DEFAULT_REMOVE_WAIT_S,
                  tasks: TaskOwner | None = None):
         if tcp_listen is not None and not token:
             raise SpecError("the TCP admin listener needs a bearer token", "admin_token")
+        if token and metrics_token and hmac.compare_digest(token.encode(), metrics_token.encode()):
+            raise SpecError("metrics_token must differ from admin_token (a scrape credential is not an admin one)",
+                            "metrics_token")
         self.controller = controller
         self.socket_path = socket_path
-        self.tcp_listen = tcp_listen
+        self.limits = limits
         self.remove_wait_s = remove_wait_s
         self.tasks = tasks if tasks is not None else TaskOwner("admin")
-        self._token = token.encode() if token else None
-        self._servers: list[asyncio.Server] = []
+        self.listeners = [Listener("unix", socket_path)]
+        if tcp_listen is not None:
+            self.listeners.append(Listener("tcp", tcp_listen, token=token, tls=tls))
+        if metrics_listen is not None:
+            self.listeners.append(Listener("metrics", metrics_listen, token=metrics_token, tls=metrics_tls))
         self._socket_inode: tuple[int, int] | None = None
+
+    def listener(self, kind: str) -> Listener | None:
+        """The listener of `kind` ("unix", "tcp", "metrics"), if serve has one."""
+        return next((lst for lst in self.listeners if lst.kind == kind), None)
 
     @property
     def tcp_address(self) -> tuple[str, int] | None:
-        """Where the TCP listener is bound (its real port when 0 was asked for)."""
-        for server in self._servers:
-            for sock in server.sockets:
-                if sock.family in (socket.AF_INET, socket.AF_INET6):
-                    return sock.getsockname()[:2]
-        return None
+        """Where the TCP admin listener is bound (its real port when 0 was asked for)."""
+        tcp = self.listener("tcp")
+        return tcp.bound_address if tcp else None
 
     async def start(self) -> None:
         """Raises: AlreadyExists (a live server holds the socket), KernelError, SpecError."""
+        unix = self.listeners[0]
         sock = _bind_admin_socket(self.socket_path)
         try:
             st = os.stat(self.socket_path)
             self._socket_inode = (st.st_dev, st.st_ino)
-            self._servers.append(await asyncio.start_unix_server(self._unix_connection, sock=sock))
+            unix.server = await asyncio.start_unix_server(self._accepted_by(unix), sock=sock)
         except BaseException:
             sock.close()
             self._unlink_socket()
             raise
-        if self.tcp_listen is not None:
-            host, port = parse_address(self.tcp_listen, "admin_listen")
+        for listener in self.listeners[1:]:
+            where = "admin_listen" if listener.kind == "tcp" else "metrics_listen"
+            host, port = parse_address(listener.address, where)
+            if listener.tls is None and listener.token is not None and not is_loopback(host):
+                log.warning("the %s listener on %s is not loopback and has no TLS: its bearer token crosses the "
+                            "network in clear text (admin_tls_cert/admin_tls_key)", where, listener.address)
             try:
-                self._servers.append(await asyncio.start_server(self._tcp_connection, host, port))
+                # Plain TCP even for TLS: the handshake is the connection's own job, after it
+                # was counted (asyncio's ssl= would shake hands before anyone counts it).
+                listener.server = await asyncio.start_server(self._accepted_by(listener), host, port)
             except OSError as exc:
                 await self.close()
-                raise KernelError.from_oserror("listen on", self.tcp_listen, exc) from None
+                raise KernelError.from_oserror("listen on", listener.address, exc) from None
 
     async def close(self) -> None:
-        for server in self._servers:
+        servers = [lst.server for lst in self.listeners if lst.server is not None]
+        for server in servers:
             server.close()
         await self.tasks.aclose()
-        for server in self._servers:
+        for server in servers:
             await server.wait_closed()
-        self._servers.clear()
+        for listener in self.listeners:
+            listener.server = None
         self._unlink_socket()
-
-    async def __aenter__(self) -> "AdminServer":
-        await self.start()
-        return self
-
-    async def __aexit__(self, *exc_info) -> None:
-        await self.close()
 
     def _unlink_socket(self) -> None:
         # Only our own socket: a newer server may have taken the path over.
@@ -280,37 +252,56 @@ class AdminServer:
             log.warning("cannot remove the admin socket %s: %s", self.socket_path, exc)
         self._socket_inode = None
 
-    # Plain callbacks, not coroutines: asyncio would start an unowned task for a coroutine.
-    def _unix_connection(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        self._adopt(reader, writer, tcp=False)
+    def _accepted_by(self, listener: Listener) -> Callable[[asyncio.StreamReader, asyncio.StreamWriter], None]:
+        # A plain callback, not a coroutine: asyncio would start an unowned task for a
+        # coroutine, and it runs inside connection_made, before the first byte is read.
+        def accepted(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            self._adopt(listener, reader, writer)
+        return accepted
 
-    def _tcp_connection(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        self._adopt(reader, writer, tcp=True)
-
-    def _adopt(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, *, tcp: bool) -> None:
+    def _adopt(self, listener: Listener, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         if self.tasks.closed:  # accepted while closing: nobody would serve it
             writer.close()
             return
-        self.tasks.spawn(self._serve_connection(reader, writer, tcp=tcp), name="admin connection")
+        if listener.open_connections >= self.limits.max_connections:
+            if listener.refused_connections == 0 or listener.refused_connections % 1000 == 0:
+                log.warning("admin %s listener %s: %d connections open, the most allowed; refusing more "
+                            "(%d refused so far)", listener.kind, listener.address, listener.open_connections,
+                            listener.refused_connections + 1)
+            listener.refused_connections += 1
+            if listener.tls is None:  # a TLS client would not understand plain text
+                writer.write(_error(503, "too many admin connections open; try again later").encode(False))
+            writer.close()
+            return
+        if listener.tls is not None:
+            # The ClientHello must reach the TLS layer, not the stream's buffer: hold reading
+            # until start_tls takes the transport over (it resumes it).
+            writer.transport.pause_reading()
+        listener.open_connections += 1
+        task = self.tasks.spawn(self._serve_connection(listener, reader, writer), name=f"admin {listener.kind} connection")
+        task.add_done_callback(listener.connection_ended)
 
-    async def _serve_connection(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, *, tcp: bool) -> None:
+    async def _serve_connection(self, listener: Listener, reader: asyncio.StreamReader,
+                                writer: asyncio.StreamWriter) -> None:
         try:
-            if not tcp and not peer_allowed(writer.get_extra_info("socket")):
+            if listener.tls is not None and not await self._handshake(listener, writer):
+                return
+            if listener.kind == "unix" and not peer_allowed(writer.get_extra_info("socket")):
                 writer.write(error_response(NotPermitted("the admin API is for root only")).encode(False))
                 return
-            parser = RequestParser()
+            limits = self.limits
+            parser = RequestParser(limits.max_head_bytes, limits.max_body_bytes, check_head=listener.check_head)
             while True:
                 try:
-                    async with asyncio.timeout(REQUEST_TIMEOUT_S):
-                        request = await _next_request(reader, parser)
-                except TimeoutError:
-                    return
+                    request = await self._next_request(reader, parser)
                 except HttpError as exc:
-                    writer.write(json_response(ErrorBody(error=str(exc), kind="SpecError"), exc.status).encode(False))
+                    # Refused on its head or cut short: answered, and the connection closes
+                    # without reading what else the client sends.
+                    writer.write(_error(exc.status, str(exc), exc.kind, exc.headers).encode(False))
                     return
                 if request is None:
                     return
-                response = await self._dispatch(request, tcp=tcp)
+                response = await self._dispatch(request)
                 writer.write(response.encode(request.keep_alive))
                 await writer.drain()
                 if not request.keep_alive:
@@ -319,29 +310,66 @@ class AdminServer:
             log.debug("admin connection ended by the client: %s", exc)
         finally:
             writer.close()
-            try:
-                await writer.wait_closed()
-            except ConnectionError as exc:  # the client reset it: closed either way
+            try:  # bounded: a TLS client may never answer our close_notify
+                async with asyncio.timeout(self.limits.header_timeout_s):
+                    await writer.wait_closed()
+            except TimeoutError:
+                writer.transport.abort()
+            except (ConnectionError, ssl.SSLError) as exc:  # the client reset it: closed either way
                 log.debug("admin connection closed with %s", exc)
 
-    async def _dispatch(self, request: AdminRequest, *, tcp: bool) -> Response:
-        if tcp and not self._authorized(request):
-            response = json_response(ErrorBody(error="missing or wrong bearer token", kind="NotPermitted"), 401)
-            response.headers = {"WWW-Authenticate": 'Bearer realm="fcrun"'}
-            return response
+    async def _handshake(self, listener: Listener, writer: asyncio.StreamWriter) -> bool:
+        """TLS within header_timeout_s; False (logged) if it failed: a plain-HTTP client, a
+        client that does not trust the certificate, one too slow."""
+        timeout_s = self.limits.header_timeout_s
+        try:
+            async with asyncio.timeout(timeout_s):
+                await writer.start_tls(listener.tls, ssl_handshake_timeout=timeout_s)
+        except TimeoutError:
+            log.debug("admin %s listener: no TLS handshake within %s s from %s", listener.kind, timeout_s,
+                      writer.get_extra_info("peername"))
+            return False
+        except (ssl.SSLError, ConnectionError, OSError) as exc:
+            log.info("admin %s listener: TLS handshake with %s failed: %s", listener.kind,
+                     writer.get_extra_info("peername"), exc)
+            return False
+        return True
+
+    async def _next_request(self, reader: asyncio.StreamReader, parser: RequestParser) -> AdminRequest | None:
+        """The next complete request, or None when the client closed the connection or sent
+        nothing for keepalive_timeout_s.
+
+        Raises:
+            HttpError: the parser refused it, or its head or body took too long (408).
+        """
+        loop = asyncio.get_running_loop()
+        limits = self.limits
+        timeouts = {IDLE: limits.keepalive_timeout_s, HEAD: limits.header_timeout_s, BODY: limits.body_timeout_s}
+        phase, deadline = None, 0.0
+        while not parser.complete:
+            if parser.phase != phase:  # each phase has its own deadline, counted from its start
+                phase = parser.phase
+                deadline = loop.time() + timeouts[phase]
+            try:
+                async with asyncio.timeout_at(deadline):
+                    data = await reader.read(READ_CHUNK_BYTES)
+            except TimeoutError:
+                if phase == IDLE:
+                    return None
+                raise HttpError(408, f"request {phase} not complete within {timeouts[phase]} s") from None
+            if not data:
+                return None
+            parser.feed(data)
+        return parser.complete.popleft()
+
+    async def _dispatch(self, request: AdminRequest) -> Response:
         try:
             return await self._route(request)
         except FcrunError as exc:
             return error_response(exc)
         except Exception as exc:  # noqa: BLE001 - a bug in a route: logged, answered 500, serve goes on
             log.exception("admin API %s %s failed", request.method, request.path)
-            return json_response(ErrorBody(error=f"internal error: {exc!r}"), 500)
-
-    def _authorized(self, request: AdminRequest) -> bool:
-        scheme, _, given = request.headers.get("authorization", "").partition(" ")
-        if scheme.lower() != "bearer" or self._token is None:
-            return False
-        return hmac.compare_digest(given.strip().encode(), self._token)
+            return _error(500, f"internal error: {exc!r}", "FcrunError")
 
     async def _route(self, request: AdminRequest) -> Response:
         c = self.controller
@@ -371,8 +399,7 @@ class AdminServer:
                 return Response(200, (await c.metrics_text()).encode(), METRICS_CONTENT_TYPE)
             case (_, ["apps"] | ["apps", _] | ["apps", _, "scale"] | ["instances"] | ["events"] | ["stats"]
                   | ["metrics"]):
-                return json_response(ErrorBody(error=f"method {request.method} is not allowed on {request.path}",
-                                               kind="SpecError"), 405)
+                return _error(405, f"method {request.method} is not allowed on {request.path}")
             case _:
                 raise NotFound(f"no such admin API path: {request.path}")
 
@@ -387,14 +414,26 @@ class AdminServer:
         return json_response(Removal(removed=name))
 
 
-async def _next_request(reader: asyncio.StreamReader, parser: RequestParser) -> AdminRequest | None:
-    """The next complete request, or None when the client closed the connection."""
-    while not parser.complete:
-        data = await reader.read(65536)
-        if not data:
-            return None
-        parser.feed(data)
-    return parser.complete.popleft()
+def _error(status: int, message: str, kind: str = "SpecError", headers: dict[str, str] | None = None) -> Response:
+    return Response(status, encode(ErrorBody(error=message, kind=kind)), headers=headers or {})
+
+
+def admin_options(config: ServeConfig) -> dict[str, Any]:
+    """AdminServer's keyword arguments from serve's configuration (checked: load_config).
+
+    Raises:
+        SpecError: a TLS file no longer loads (it changed since the configuration was read).
+    """
+    tls = None
+    if config.admin_tls_cert is not None and config.admin_tls_key is not None:
+        tls = server_tls_context(config.admin_tls_cert, config.admin_tls_key)
+    limits = AdminLimits(max_connections=config.admin_max_connections,
+                         keepalive_timeout_s=config.admin_keepalive_timeout_s,
+                         header_timeout_s=config.admin_header_timeout_s, body_timeout_s=config.admin_body_timeout_s,
+                         max_body_bytes=config.admin_max_body_bytes)
+    return dict(tcp_listen=config.admin_listen, token=config.admin_token, tls=tls,
+                metrics_listen=config.metrics_listen, metrics_token=config.metrics_token,
+                metrics_tls=tls if config.metrics_tls else None, limits=limits)
 
 
 def _bind_admin_socket(path: str) -> socket.socket:
@@ -418,12 +457,15 @@ def _bind_admin_socket(path: str) -> socket.socket:
 
 
 @contextlib.contextmanager
-def serve_in_thread(controller: Controller, socket_path: str, **kwargs: Any) -> Iterator[AdminServer]:
-    """Run an AdminServer on its own event loop in a thread (for tests and tools).
+def serve_in_thread(controller: Controller, socket_path: str, *,
+                    loop_factory: Callable[[], asyncio.AbstractEventLoop] = asyncio.new_event_loop,
+                    **kwargs: Any) -> Iterator[AdminServer]:
+    """Run an AdminServer on its own event loop in a thread (for tests and tools; `loop_factory`:
+    uvloop.new_event_loop for serve's loop).
 
     Resource handling: on exit the server is closed, the loop stopped and the thread joined.
     """
-    loop = asyncio.new_event_loop()
+    loop = loop_factory()
     thread = threading.Thread(target=loop.run_forever, name="fcrun-admin", daemon=True)
     thread.start()
     server = AdminServer(controller, socket_path, **kwargs)

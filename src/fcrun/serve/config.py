@@ -26,13 +26,15 @@ import tomllib
 import msgspec
 
 from ..cmdb.models import AppDefaults, check_defaults
-from ..constraints import MachineCpu, MemoryBytes, PoolSize, PositiveSeconds, spec_error
+from ..constraints import MachineCpu, MemoryBytes, PoolSize, PositiveCount, PositiveSeconds, spec_error
 from ..docroot import DEFAULT_DOCROOT_ROOTS, check_roots
 from ..errors import KernelError, NotFound, SpecError
 from ..proxy.config import ProxyConfig  # the [proxy] table is the proxy's own settings
 from ..paths import DEFAULT_BRIDGE, DEFAULT_CGROUP_PARENT, DEFAULT_SUBNET, Paths
+from .admin_protocol import AdminLimits, is_loopback, server_tls_context
 
 ADMIN_SOCKET_NAME = "admin.sock"  # under the run root unless admin_socket says otherwise
+ADMIN_LIMITS = AdminLimits()  # the admin_* bounds' defaults
 
 
 class RuntimeConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True, frozen=True):
@@ -69,6 +71,24 @@ class ServeConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True, froz
     admin_socket: str = ""  # root-only unix socket of the admin API; "": <run_root>/admin.sock
     admin_listen: str | None = None  # optional TCP admin listener, e.g. "127.0.0.1:8081"
     admin_token: str | None = None  # bearer token the TCP listener requires
+    # TLS for the TCP admin listener: PEM certificate (chain) and unencrypted key, both or
+    # neither, absolute paths; loaded and checked with the file (admin_protocol.py).
+    admin_tls_cert: str | None = None
+    admin_tls_key: str | None = None
+    # A TCP admin listener on a non-loopback address must have TLS (the token would cross the
+    # network in clear text) unless this says the path is trusted (a private link, a TLS proxy).
+    admin_allow_plaintext: bool = False
+    # Bounds on each admin connection, on every admin and metrics listener (admin_server.py).
+    admin_max_connections: PositiveCount = ADMIN_LIMITS.max_connections  # per listener; more: refused
+    admin_keepalive_timeout_s: PositiveSeconds = ADMIN_LIMITS.keepalive_timeout_s  # idle between requests
+    admin_header_timeout_s: PositiveSeconds = ADMIN_LIMITS.header_timeout_s  # a head, a TLS handshake
+    admin_body_timeout_s: PositiveSeconds = ADMIN_LIMITS.body_timeout_s
+    admin_max_body_bytes: PositiveCount = ADMIN_LIMITS.max_body_bytes
+    # Read-only listener for Prometheus: GET /metrics only. Its token (none: open) is never the
+    # admin token and authorizes nothing else; metrics_tls serves it with admin_tls_cert/key.
+    metrics_listen: str | None = None  # e.g. "127.0.0.1:9108"
+    metrics_token: str | None = None
+    metrics_tls: bool = False
     hold_timeout_s: PositiveSeconds = 30.0  # how long a request waits for a cold start before 504
     drain_timeout_s: PositiveSeconds = 10.0  # how long a stopping instance's requests may take
     metrics_interval_s: PositiveSeconds = 10.0  # how often instances' cgroup CPU time is sampled
@@ -127,7 +147,7 @@ def check_config(config: ServeConfig, source: str = "configuration") -> None:
     def fail(message: str, key: str) -> None:
         raise SpecError(f"{source}: {message}", f"$.{key}")
 
-    for key in ("listen", "admin_listen"):
+    for key in ("listen", "admin_listen", "metrics_listen"):
         value = getattr(config, key)
         if value is not None:
             try:
@@ -137,6 +157,7 @@ def check_config(config: ServeConfig, source: str = "configuration") -> None:
     if config.admin_listen is not None and not config.admin_token:
         fail("admin_token is required when admin_listen is set (the TCP admin API needs a bearer token)",
              "admin_token")
+    _check_admin_tls_and_metrics(config, fail)
     if config.admin_socket and not os.path.isabs(config.admin_socket):
         fail(f"admin_socket {config.admin_socket!r} is not an absolute path", "admin_socket")
     for key in ("data_root", "run_root"):
@@ -151,6 +172,38 @@ def check_config(config: ServeConfig, source: str = "configuration") -> None:
         check_defaults(config.defaults)
     except SpecError as exc:
         fail(_bare(exc), f"defaults.{exc.where}")
+
+
+def _check_admin_tls_and_metrics(config: ServeConfig, fail) -> None:
+    """TLS files that load, a non-loopback admin_listen with TLS (or admin_allow_plaintext),
+    and a metrics token that is not the admin token."""
+    cert, key = config.admin_tls_cert, config.admin_tls_key
+    if (cert is None) != (key is None):
+        fail("admin_tls_cert and admin_tls_key go together: set both or neither",
+             "admin_tls_key" if key is None else "admin_tls_cert")
+    if cert is not None:
+        if config.admin_listen is None and not config.metrics_tls:
+            fail("admin_tls_cert is set but no listener uses it: set admin_listen (or metrics_tls)", "admin_tls_cert")
+        try:
+            server_tls_context(cert, key)
+        except SpecError as exc:
+            fail(_bare(exc), exc.where)
+    elif config.metrics_tls:
+        fail("metrics_tls needs admin_tls_cert and admin_tls_key (the metrics listener uses that certificate)",
+             "metrics_tls")
+    if config.admin_listen is not None and cert is None and not config.admin_allow_plaintext:
+        host, _ = parse_address(config.admin_listen, "admin_listen")
+        if not is_loopback(host):
+            fail(f"admin_listen {config.admin_listen} is not a loopback address and has no TLS: the admin token "
+                 "would cross the network in clear text; set admin_tls_cert and admin_tls_key, or "
+                 "admin_allow_plaintext = true if the network path is trusted", "admin_listen")
+    if config.metrics_token is not None and config.metrics_listen is None:
+        fail("metrics_token is set but metrics_listen is not", "metrics_token")
+    if config.metrics_token is not None and config.metrics_token == config.admin_token:
+        fail("metrics_token must differ from admin_token: a scrape credential must not be an admin credential",
+             "metrics_token")
+    if config.metrics_token == "":
+        fail("metrics_token is empty: remove it for an open metrics listener, or set a token", "metrics_token")
 
 
 def parse_address(text: str, where: str = "listen") -> tuple[str, int]:

@@ -28,7 +28,7 @@ from ..forkserver import Supervisor
 from ..proxy.server import ProxyServer
 from ..runtime import criu
 from ..runtime.lifecycle import Runtime
-from .admin_server import AdminServer
+from .admin_server import AdminServer, admin_options
 from .backend import RuntimeBackend
 from .config import ServeConfig, load_config, parse_address
 from .controller import ManagedController
@@ -103,8 +103,7 @@ class Serve:
         await self.proxy.start(host, port)
         controller = ManagedController(self.cmdb, self.manager, cfg.defaults, docroot_roots=cfg.docroot_roots,
                                        fcrun_roots=(cfg.paths.data_root, cfg.paths.run_root))
-        self.admin = AdminServer(controller, cfg.admin_socket, tcp_listen=cfg.admin_listen, token=cfg.admin_token,
-                                 tasks=self.tasks.scope("admin"))
+        self.admin = AdminServer(controller, cfg.admin_socket, tasks=self.tasks.scope("admin"), **admin_options(cfg))
         await self.admin.start()
         self._ticker = self.tasks.spawn_service(self._tick_forever(), name="lifecycle ticker")
 
