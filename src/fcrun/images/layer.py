@@ -9,7 +9,12 @@ The tar is hostile input. Extraction never follows a symlink: every parent direc
 with O_NOFOLLOW relative to its own parent's fd, starting from the layer root, so a member
 cannot write outside the layer even after an earlier member planted ``a -> /etc``. Members are
 also refused when their name or hard-link target is absolute or contains ``..``, and when they
-are device nodes (other than the 0:0 whiteout). Nothing is extracted with ``tarfile.extractall``.
+are device nodes (other than the 0:0 whiteout), when a path is longer than PATH_MAX or deeper
+than ``MAX_PATH_DEPTH``, and when a header field (mtime, owner) is out of range. Nothing is
+extracted with ``tarfile.extractall``; headers are read by tarstream.py, which bounds them.
+
+What a layer may cost is counted while it streams (limits.py): every uncompressed byte read,
+every byte written, every file made. A cap crossed stops the extraction there.
 """
 
 from __future__ import annotations
@@ -17,14 +22,17 @@ from __future__ import annotations
 import errno
 import gzip
 import hashlib
+import math
 import os
 import shutil
 import stat
 import tarfile
 import zlib
-from typing import IO, Protocol
+from typing import IO, Callable, Protocol
 
 from ..errors import FcrunError, KernelError, SpecError
+from .limits import ImportBudget, ImportLimits
+from .tarstream import TarRefused, open_stream
 
 WHITEOUT_PREFIX = ".wh."
 OPAQUE_MARKER = ".wh..wh..opq"
@@ -33,6 +41,13 @@ OVERLAY_OPAQUE_XATTR = "trusted.overlay.opaque"
 # must not be able to plant overlayfs' own trusted.overlay.* attributes (redirect, metacopy).
 KEPT_XATTRS = ("security.capability",)
 KEPT_XATTR_PREFIXES = ("user.",)
+
+# Linux's PATH_MAX, with its NUL: a longer name could not be opened by path in the container.
+MAX_PATH_BYTES = 4095
+# Real trees are a few dozen levels deep; deletion (shutil.rmtree) recurses once per level.
+MAX_PATH_DEPTH = 256
+MAX_ID = (1 << 32) - 2  # (uid_t)-1 means "leave unchanged" to chown(2)
+_MAX_MTIME_S = 1 << 33  # year 2242; os.utime takes nanoseconds in a signed 64-bit value
 
 _CHUNK = 1 << 20
 _HOST_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EIO, errno.EROFS, errno.ENOMEM, errno.EPERM)
@@ -61,17 +76,26 @@ class KernelOverlayMarks:
 
 
 class HashingReader:
-    """A read-only stream that hashes (and counts) what passes through it."""
+    """A read-only stream that hashes (and counts) what passes through it.
 
-    def __init__(self, raw: IO[bytes]):
+    ``on_read`` is told the size of each chunk read, and may raise to stop the stream (a
+    decompression bomb stops at the cap, not at its end).
+    """
+
+    def __init__(self, raw: IO[bytes], on_read: Callable[[int], None] | None = None):
         self._raw = raw
+        self._on_read = on_read
         self.sha256 = hashlib.sha256()
         self.bytes_read = 0
 
     def read(self, size: int = -1) -> bytes:
+        if size is None or size < 0:
+            size = _CHUNK  # never one unbounded read of a decompressing stream
         data = self._raw.read(size)
         self.sha256.update(data)
         self.bytes_read += len(data)
+        if self._on_read is not None:
+            self._on_read(len(data))
         return data
 
     def drain(self) -> None:
@@ -88,7 +112,8 @@ class LayerExtractor:
 
     ``label`` names the layer in errors (its blob digest). Owners are kept when running as
     root (``same_owner``), numerically: a container's uid 33 is www-data whatever the host's
-    /etc/passwd says.
+    /etc/passwd says. ``budget`` counts files and bytes written against the import's caps
+    (default: a budget of its own with the default caps).
 
     Resource handling: holds an fd on the layer root from construction until ``close()``.
     """
@@ -99,14 +124,17 @@ class LayerExtractor:
         label: str,
         marks: OverlayMarks | None = None,
         same_owner: bool | None = None,
+        budget: ImportBudget | None = None,
     ):
         self.root = root
         self.label = label
         self.marks = marks or KernelOverlayMarks()
         self.same_owner = os.geteuid() == 0 if same_owner is None else same_owner
+        self.budget = budget or ImportBudget(ImportLimits())
         self.content_bytes = 0
         self._root_fd = os.open(root, _DIR_FLAGS)
-        self._dir_attrs: list[tuple[list[str], tarfile.TarInfo]] = []
+        # path parts -> the last entry for that directory (a later duplicate wins)
+        self._dir_attrs: dict[tuple[str, ...], tarfile.TarInfo] = {}
 
     def close(self) -> None:
         if self._root_fd >= 0:
@@ -126,25 +154,34 @@ class LayerExtractor:
 
         Raises:
             SpecError: a member is unsafe, or the tar is truncated or corrupt.
+            ImportLimitExceeded: a cap of the budget is crossed.
+            KernelError: the host failed a write (ENOSPC, EIO), naming the path.
         """
         try:
-            with tarfile.open(fileobj=stream, mode="r|") as tar:
-                for member in tar:
+            with open_stream(stream) as tar:
+                while (member := tar.next()) is not None:
+                    tar.members.clear()  # tarfile keeps every member; a stream needs none back
+                    self.budget.add_files()
                     self._extract_member(tar, member)
-            # Directory modes and times last: creating children changes a directory's mtime,
-            # and a read-only directory mode must not stop its own children being written.
-            for parts, member in reversed(self._dir_attrs):
-                self._apply_dir_attrs(parts, member)
-        except SpecError:
+            # Directory modes and times last, deepest first: creating children changes a
+            # directory's mtime, and a read-only mode must not stop its children being written.
+            for parts in sorted(self._dir_attrs, key=len, reverse=True):
+                self._apply_dir_attrs(list(parts), self._dir_attrs[parts])
+        except FcrunError:
             raise
+        except TarRefused as exc:
+            raise SpecError(f"layer {self.label}: {exc}") from None
         except (tarfile.TarError, EOFError, zlib.error, gzip.BadGzipFile) as exc:
             raise SpecError(f"layer {self.label}: truncated or corrupt tar: {exc}") from None
+        except (ValueError, OverflowError) as exc:  # a header field tarfile could not take
+            raise SpecError(f"layer {self.label}: corrupt tar header: {exc}") from None
 
     def _extract_member(self, tar: tarfile.TarFile, member: tarfile.TarInfo) -> None:
         parts = self._parts(member.name, member.name)
+        self._check_header(member)
         if not parts:  # "./": the layer root itself
             if member.isdir():
-                self._dir_attrs.append((parts, member))
+                self._dir_attrs[()] = member
             return
         leaf = parts[-1]
         parent_fd = self._open_dir(parts[:-1], member.name, create=True)
@@ -161,11 +198,13 @@ class LayerExtractor:
                 self.marks.whiteout(parent_fd, hidden)
             elif member.isdir():
                 self._make_dir(parent_fd, leaf, member)
-                self._dir_attrs.append((parts, member))
+                self._dir_attrs[tuple(parts)] = member
             elif member.isreg():
                 self._remove(parent_fd, leaf)
                 self._write_file(tar, member, parent_fd, leaf)
             elif member.issym():
+                if not member.linkname or "\0" in member.linkname:
+                    raise self._refused(member.name, f"bad symlink target {member.linkname!r}")
                 self._remove(parent_fd, leaf)
                 # The target is stored as text and never followed here; inside the container it
                 # resolves against the container's root.
@@ -201,21 +240,36 @@ class LayerExtractor:
         return SpecError(f"layer {self.label}: member {member_name!r}: {why}")
 
     def _os_error(self, operation: str, member_name: str, exc: OSError) -> FcrunError:
-        """A full disk or missing privilege is the host's problem; anything else, the layer's."""
-        obj = f"member {member_name!r} of layer {self.label}"
+        """A full disk or missing privilege is the host's problem; anything else, the layer's.
+
+        A host error names the path written, so "No space left on device" says which disk.
+        """
         if exc.errno in _HOST_ERRNOS:
-            return KernelError.from_oserror(operation, obj, exc)
-        return SpecError(f"{operation} {obj}: {exc}")
+            path = os.path.join(self.root, member_name.lstrip("/"))
+            return KernelError.from_oserror(operation, f"{path} (layer {self.label})", exc)
+        return SpecError(f"{operation} member {member_name!r} of layer {self.label}: {exc}")
 
     def _parts(self, name: str, member_name: str) -> list[str]:
         if "\0" in name:
             raise self._refused(member_name, "NUL in path")
         if name.startswith("/"):
             raise self._refused(member_name, f"absolute path {name!r} escapes the layer")
+        if len(os.fsencode(name)) > MAX_PATH_BYTES:
+            raise self._refused(member_name, f"path is longer than {MAX_PATH_BYTES} bytes")
         parts = [p for p in name.split("/") if p not in ("", ".")]
         if ".." in parts:
             raise self._refused(member_name, f"path {name!r} escapes the layer with '..'")
+        if len(parts) > MAX_PATH_DEPTH:
+            raise self._refused(member_name, f"path is deeper than {MAX_PATH_DEPTH} levels")
         return parts
+
+    def _check_header(self, member: tarfile.TarInfo) -> None:
+        """Fields the kernel would refuse (or misread) are refused here, by name."""
+        if not (math.isfinite(member.mtime) and abs(member.mtime) < _MAX_MTIME_S):
+            raise self._refused(member.name, f"mtime {member.mtime} is out of range")
+        for field in ("uid", "gid"):
+            if not 0 <= getattr(member, field) <= MAX_ID:
+                raise self._refused(member.name, f"{field} {getattr(member, field)} is out of range")
 
     def _open_dir(self, parts: list[str], member_name: str, create: bool) -> int:
         """Open the directory ``parts`` below the root without following any symlink.
@@ -235,7 +289,8 @@ class LayerExtractor:
                             member_name, f"{'/'.join(walked)!r} does not exist in this layer"
                         ) from None
                     # A tar may list a file before its directory; the directory's own entry,
-                    # if it comes, sets mode and owner later.
+                    # if it comes, sets mode and owner later. It is a file made all the same.
+                    self.budget.add_files()
                     os.mkdir(part, 0o755, dir_fd=fd)
                     next_fd = os.open(part, _DIR_FLAGS, dir_fd=fd)
                 except OSError as exc:
@@ -294,11 +349,13 @@ class LayerExtractor:
             dir_fd=dir_fd,
         )
         try:
+            self.budget.check_write(member.size)
             remaining = member.size
-            while remaining:
+            while remaining > 0:
                 chunk = source.read(min(_CHUNK, remaining))
                 if not chunk:
                     raise self._refused(member.name, "truncated file data")
+                self.budget.add_written(len(chunk))
                 os.write(fd, chunk)  # regular files on a local fs: no short writes short of ENOSPC
                 remaining -= len(chunk)
             self.content_bytes += member.size
@@ -348,7 +405,7 @@ class LayerExtractor:
                 xattr = key.removeprefix("SCHILY.xattr.")
                 if xattr != key and (xattr in KEPT_XATTRS or xattr.startswith(KEPT_XATTR_PREFIXES)):
                     os.setxattr(path, xattr, value.encode("utf-8", "surrogateescape"))
-        os.utime(path, ns=(int(member.mtime * 1e9),) * 2, **by_name)
+        os.utime(path, ns=(int(member.mtime * 1_000_000_000),) * 2, **by_name)
 
     def _apply_dir_attrs(self, parts: list[str], member: tarfile.TarInfo) -> None:
         try:

@@ -27,6 +27,7 @@ import msgspec
 
 from ..errors import SpecError
 from .image import ImageConfig, parse_name
+from .limits import ImportLimits
 from .oci_config import CONFIG_TYPES, ConfigFile, checked_diff_ids, image_config, layer_compression
 from .oci_source import DirectorySource, Source, blob_path, open_source, read_json
 
@@ -108,10 +109,13 @@ class ImportPlan:
 # -- the plan -----------------------------------------------------------------------------
 
 
-def read_image(path: str, wanted_name: str | None = None) -> ImportPlan:
+def read_image(
+    path: str, wanted_name: str | None = None, limits: ImportLimits | None = None
+) -> ImportPlan:
     """Read and check an image's index, manifest and config; say which layers to extract.
 
-    ``wanted_name`` (already canonical) picks among several images in one archive.
+    ``wanted_name`` (already canonical) picks among several images in one archive. ``limits``
+    bound how much of an archive is read to index it.
 
     Raises:
         SpecError: not an image, unsupported media type or platform, digest mismatch, missing
@@ -119,7 +123,7 @@ def read_image(path: str, wanted_name: str | None = None) -> ImportPlan:
 
     Resource handling: the plan's ``source`` is open; the caller closes it.
     """
-    source = open_source(path)
+    source = open_source(path, limits)
     try:
         if source.has("index.json"):
             plan = _read_oci(source, path, wanted_name)

@@ -13,6 +13,9 @@ half-written layer; a crash can at worst leave an unreferenced complete layer (`
 debris in ``.image-tmp``, which the next writer clears. Readers take no lock: a record is
 either the old file or the new one.
 
+An import is capped (limits.py: layer size, image size, file count), counted while the layers
+stream; a refusal, like a full disk, leaves nothing behind either.
+
 Layers are never written after they are renamed into place: containers use them as overlayfs
 lower dirs. A rebuild or re-import makes new layers and leaves the old ones for containers that
 still run on them; ``prune`` removes layers no record and no container refers to.
@@ -41,6 +44,7 @@ from ..paths import Paths
 from ..units import format_bytes
 from . import oci, oci_source
 from .image import Image, ImageConfig, parse_name
+from .limits import ImportBudget, ImportLimits
 from .layer import (
     HashingReader,
     LayerExtractor,
@@ -207,56 +211,88 @@ class ImageStore:
     # -- importing ------------------------------------------------------------------------
 
     def import_(
-        self, path: str, name: str | None = None, progress: Progress | None = None
+        self,
+        path: str,
+        name: str | None = None,
+        progress: Progress | None = None,
+        limits: ImportLimits | None = None,
     ) -> Image:
         """Import an OCI layout directory, OCI archive or docker-archive tarball as ``name``.
 
         ``name`` defaults to the image's own reference (annotation or RepoTags), else the
         archive's file name. An existing image of that name is replaced (its layers stay for
-        containers still using them; see ``prune``).
+        containers still using them; see ``prune``). ``limits`` caps what the import may
+        write (default: ``ImportLimits()``: 4 GiB a layer, 8 GiB an image, 500,000 files).
 
         Raises:
             SpecError: bad name, not an image, unknown media type, digest or size mismatch,
             truncated archive, or an unsafe layer member (path escape, symlink traversal, hard
-            link outside the layer, device node). Nothing is left under the name then.
+            link outside the layer, device node, sparse file).
+            ImportLimitExceeded: a cap of ``limits`` is crossed (a SpecError).
+            KernelError: the host failed (a full data root: ENOSPC), naming the path.
+            In every case nothing is left behind: no record, no layer, no temporary file.
         """
         progress = progress or _quiet
+        limits = limits or ImportLimits()
         wanted = parse_name(name) if name is not None else None
         started = time.monotonic()
-        plan = oci.read_image(path, wanted)
+        plan = oci.read_image(path, wanted, limits)
         with plan.source, self._locked(progress):
-            progress(f"{plan.name}: importing {plan.format} {path} ({len(plan.layers)} layers)")
-            staged: dict[str, tuple[str, int]] = {}  # diff_id -> (tmp dir, content bytes)
             try:
-                diff_ids = [
-                    self._stage_layer(plan, i, staged, progress) for i in range(len(plan.layers))
-                ]
-                diff_ids = _topmost_once(diff_ids)
-                self._sync()  # layer content on disk before the renames make it part of the store
-                for diff_id, (tmp, _) in staged.items():
-                    self._commit_layer(tmp, diff_id)
-                size = sum(
-                    staged[d][1] if d in staged else tree_content_bytes(self.layer_dir(d))
-                    for d in diff_ids
-                )
-                image = Image(
-                    name=plan.name,
-                    id=plan.image_id,
-                    layers=[self.layer_dir(d) for d in diff_ids],
-                    config=plan.config,
-                    created=time.time(),
-                    source=os.path.abspath(path),
-                    size_bytes=size,
-                    diff_ids=diff_ids,
-                )
-                self._write_record(image)
-            finally:
-                for tmp, _ in staged.values():
-                    self._discard(tmp)  # a no-op for committed layers
+                image = self._import_plan(plan, path, limits, progress)
+            except FcrunError:
+                raise
+            except OSError as exc:
+                raise _host_error("import image into", self.paths.data_root, exc) from None
         progress(
-            f"{plan.name}: imported {image.id[:19]}, {format_bytes(size)}, "
+            f"{plan.name}: imported {image.id[:19]}, {format_bytes(image.size_bytes)}, "
             f"in {time.monotonic() - started:.1f}s"
         )
+        return image
+
+    def _import_plan(
+        self, plan: oci.ImportPlan, path: str, limits: ImportLimits, progress: Progress
+    ) -> Image:
+        """Extract, commit and record the image ``plan`` describes (the store lock is held)."""
+        progress(f"{plan.name}: importing {plan.format} {path} ({len(plan.layers)} layers)")
+        budget = ImportBudget(limits)
+        staged: dict[str, tuple[str, int]] = {}  # diff_id -> (tmp dir, content bytes)
+        try:
+            diff_ids = [
+                self._stage_layer(plan, i, staged, budget, progress)
+                for i in range(len(plan.layers))
+            ]
+            diff_ids = _topmost_once(diff_ids)
+            self._sync()  # layer content on disk before the renames make it part of the store
+            committed = []
+            for diff_id, (tmp, _) in staged.items():
+                if not os.path.isdir(self.layer_dir(diff_id)):
+                    committed.append(diff_id)
+                self._commit_layer(tmp, diff_id)
+            size = sum(
+                staged[d][1] if d in staged else tree_content_bytes(self.layer_dir(d))
+                for d in diff_ids
+            )
+            image = Image(
+                name=plan.name,
+                id=plan.image_id,
+                layers=[self.layer_dir(d) for d in diff_ids],
+                config=plan.config,
+                created=time.time(),
+                source=os.path.abspath(path),
+                size_bytes=size,
+                diff_ids=diff_ids,
+            )
+            try:
+                self._write_record(image)
+            except BaseException:
+                # Without a record the layers this import added belong to nothing: take them back.
+                for diff_id in committed:
+                    self._discard(self.layer_dir(diff_id))
+                raise
+        finally:
+            for tmp, _ in staged.values():
+                self._discard(tmp)  # a no-op for committed layers
         return image
 
     def _stage_layer(
@@ -264,6 +300,7 @@ class ImageStore:
         plan: oci.ImportPlan,
         index: int,
         staged: dict[str, tuple[str, int]],
+        budget: ImportBudget,
         progress: Progress,
     ) -> str:
         """Verify layer ``index`` and extract it into a tmp dir unless the store has it.
@@ -272,6 +309,7 @@ class ImageStore:
         """
         ref = plan.layers[index]
         label = ref.digest or ref.path
+        budget.start_layer(label)
         step = f"{plan.name}: layer {index + 1}/{len(plan.layers)} {label[:19]}"
         if ref.digest is not None:
             oci_source.verify_blob(plan.source, ref.path, ref.digest, ref.size)
@@ -279,27 +317,33 @@ class ImageStore:
             if ref.digest is None:
                 # A legacy docker-archive names a layer blob by id, not digest: only the
                 # diff_id says what it holds, so hash it even though nothing is extracted.
-                self._verify_diff_id(plan.source, ref, label)
+                self._verify_diff_id(plan.source, ref, label, budget)
             progress(f"{step}: already stored")
             return ref.diff_id
         progress(f"{step}: extracting")
-        diff_id, tmp, content_bytes = self._extract(plan.source, ref, label)
+        diff_id, tmp, content_bytes = self._extract(plan.source, ref, label, budget)
         if diff_id in staged:  # the same content twice in one image
             self._discard(tmp)
         else:
             staged[diff_id] = (tmp, content_bytes)
         return diff_id
 
-    def _extract(self, source: oci_source.Source, ref: oci.LayerRef, label: str) -> tuple[str, str, int]:
+    def _extract(
+        self, source: oci_source.Source, ref: oci.LayerRef, label: str, budget: ImportBudget
+    ) -> tuple[str, str, int]:
         """Extract one layer blob into a new tmp dir; check its diff_id.
 
         Resource handling: the tmp dir is the caller's once this returns; on error it is removed.
         """
-        tmp = tempfile.mkdtemp(prefix="layer-", dir=self._tmp)
+        try:
+            tmp = tempfile.mkdtemp(prefix="layer-", dir=self._tmp)
+        except OSError as exc:
+            raise _host_error("create layer directory in", self._tmp, exc) from None
         try:
             os.chmod(tmp, 0o755)
-            with self._uncompressed(source, ref, label) as reader:
-                with LayerExtractor(tmp, label, marks=self._marks) as extractor:
+            budget.add_files()  # the layer's root directory
+            with self._uncompressed(source, ref, label, budget) as reader:
+                with LayerExtractor(tmp, label, marks=self._marks, budget=budget) as extractor:
                     extractor.extract(reader)  # type: ignore[arg-type]
                 _drain(reader, label)  # the tar's trailing padding counts in the diff_id
             _check_diff_id(reader, ref, label)
@@ -308,21 +352,23 @@ class ImageStore:
             self._discard(tmp)
             raise
 
-    def _verify_diff_id(self, source: oci_source.Source, ref: oci.LayerRef, label: str) -> None:
-        with self._uncompressed(source, ref, label) as reader:
+    def _verify_diff_id(
+        self, source: oci_source.Source, ref: oci.LayerRef, label: str, budget: ImportBudget
+    ) -> None:
+        with self._uncompressed(source, ref, label, budget) as reader:
             _drain(reader, label)
         _check_diff_id(reader, ref, label)
 
     @contextlib.contextmanager
     def _uncompressed(
-        self, source: oci_source.Source, ref: oci.LayerRef, label: str
+        self, source: oci_source.Source, ref: oci.LayerRef, label: str, budget: ImportBudget
     ) -> Iterator[HashingReader]:
         with source.open(ref.path) as blob:
             compression = ref.compression
             if compression is None:
                 compression = sniff_compression(blob.read(4), label)
                 blob.seek(0)
-            yield HashingReader(open_uncompressed(blob, compression))
+            yield HashingReader(open_uncompressed(blob, compression), on_read=budget.add_read)
 
     # -- removing -------------------------------------------------------------------------
 
@@ -430,7 +476,12 @@ class ImageStore:
         return image
 
     def _write_record(self, image: Image) -> None:
-        fd, tmp = tempfile.mkstemp(prefix=f".{image.name}.", suffix=".tmp", dir=self.paths.images)
+        try:
+            fd, tmp = tempfile.mkstemp(
+                prefix=f".{image.name}.", suffix=".tmp", dir=self.paths.images
+            )
+        except OSError as exc:
+            raise _host_error("create image record in", self.paths.images, exc) from None
         try:
             with os.fdopen(fd, "wb") as f:
                 f.write(msgspec.json.format(msgspec.json.encode(image)))
@@ -438,6 +489,10 @@ class ImageStore:
                 os.fsync(f.fileno())
             os.chmod(tmp, 0o644)
             os.rename(tmp, self._record_path(image.name))
+        except OSError as exc:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(tmp)
+            raise _host_error("write image record", self._record_path(image.name), exc) from None
         except BaseException:
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(tmp)
@@ -469,9 +524,29 @@ class ImageStore:
             os.rename(path, doomed)
             path = doomed
         if os.path.isdir(path) and not os.path.islink(path):
+            if os.geteuid() != 0:
+                _make_tree_writable(path)
             shutil.rmtree(path)
         else:
             os.unlink(path)
+
+
+def _make_tree_writable(root: str) -> None:
+    """Give the owner rwx on every directory below ``root``, so a non-root user can delete a
+    layer whose tar made directories read-only (root is not stopped by modes)."""
+    stack = [root]
+    while stack:
+        directory = stack.pop()
+        with contextlib.suppress(OSError):
+            os.chmod(directory, 0o700, follow_symlinks=False)
+        with contextlib.suppress(OSError), os.scandir(directory) as entries:
+            stack.extend(e.path for e in entries if e.is_dir(follow_symlinks=False))
+
+
+def _host_error(operation: str, default_path: str, exc: OSError) -> KernelError:
+    """A KernelError naming the path the kernel refused (or ``default_path``)."""
+    path = exc.filename if isinstance(exc.filename, str) else default_path
+    return KernelError.from_oserror(operation, path, exc)
 
 
 def _drain(reader: HashingReader, label: str) -> None:
