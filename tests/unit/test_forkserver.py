@@ -8,10 +8,13 @@ import pytest
 
 import os
 
+from fcrun.cgroups.limits import Limits
 from fcrun.errors import ContainerError, NotFound, SpecError
 from fcrun.forkserver import protocol as p
-from fcrun.forkserver.pool import PROBE_RETRY_S, STEADY_POLLS, WARM_POLL_S, Pool
+from fcrun.forkserver.pool import (DEFAULT_POOL_CPU, DEFAULT_POOL_MEMORY_BYTES, PROBE_RETRY_S, STEADY_POLLS,
+                                   WARM_POLL_S, Pool)
 from fcrun.forkserver.server import ForkServer
+from fcrun.units import cpu_to_quota_us
 from fakeclock import Clock
 
 LIMITS = p.InstanceLimits(cpu=0.5, memory_bytes=256 << 20)
@@ -132,6 +135,11 @@ class FakeCgroup:
     def stats(self):
         return type("Stats", (), {"memory_bytes": 12 << 20})()
 
+    def limits(self):
+        c = self.runtime.containers[self.name]
+        return Limits(cpu_quota_us=cpu_to_quota_us(c.get("cpu", DEFAULT_POOL_CPU)),
+                      memory_bytes=c.get("memory_bytes", DEFAULT_POOL_MEMORY_BYTES))
+
 
 class FakeRuntime:
     """Containers as dicts: what Pool calls of Runtime, and a record of it."""
@@ -198,6 +206,7 @@ class FakeRuntime:
         c = self.containers[name]
         c["labels"].update(labels)
         c["status"] = "running" if thaw else c["status"]
+        c["cpu"], c["memory_bytes"] = cpu, memory_bytes
 
     def delete(self, name, force=False):
         self.calls.append(("delete", name))
@@ -423,6 +432,21 @@ def test_adopt_takes_frozen_unclaimed_instances_and_removes_half_made_ones():
     assert set(runtime.containers) == {"pool-a", "pool-c", "other"}  # claimed and foreign ones untouched
     assert [r.name for r in pool.ready["apache-php"]] == ["pool-a"]
     assert pool.remove_all() == ["pool-a"] and set(runtime.containers) == {"pool-c", "other"}
+
+
+def test_adopt_removes_a_frozen_instance_whose_claim_crashed_half_way():
+    """A kill -9 inside hand_over may leave an app's limits or docroot applied, the instance
+    still frozen and its app label unsaved: it must never be pooled (and claimed) again."""
+    runtime = FakeRuntime()
+    pooled = {"status": "frozen", "ip": "10.0.0.2", "slot": "/x"}
+    runtime.containers = {
+        "pool-limits": {**pooled, "labels": {"fcrun.pool": "apache-php"}, "cpu": 0.3, "memory_bytes": 32 << 20},
+        "pool-docroot": {**pooled, "labels": {"fcrun.pool": "apache-php", "fcrun.slot.source": "/srv/a"}},
+        "pool-untouched": {**pooled, "labels": {"fcrun.pool": "apache-php"}},
+    }
+    adopted, removed = Pool(runtime, clock=Clock(100.0)).adopt()
+    assert adopted == ["pool-untouched"] and sorted(removed) == ["pool-docroot", "pool-limits"]
+    assert set(runtime.containers) == {"pool-untouched"}
 
 
 def test_removing_all_leaves_app_instances_alone():

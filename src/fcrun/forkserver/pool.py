@@ -49,9 +49,13 @@ from ..crashpoints import crash_point
 from ..errors import FcrunError, NotFound
 from ..instance import make_instance, seccomp_from_setting
 from ..labels import APP_LABEL, POOL_LABEL
+from ..mountinfo import read_mountpoints
 from ..readiness import ConnectProbe
+from ..runtime.container import ContainerInfo
 from ..runtime.lifecycle import Runtime
+from ..runtime.slots import SLOT_SOURCE_LABEL
 from ..runtime.state import last_output_line
+from ..units import cpu_to_quota_us
 from .protocol import Claim, Empty, ImagePool, Made, Start
 
 log = logging.getLogger("fcrun.forkserver")
@@ -295,16 +299,18 @@ class Pool:
     # ----- reconciling and removal ------------------------------------------------------------
 
     def adopt(self) -> tuple[list[str], list[str]]:
-        """At start-up, take over what an earlier fork-server pooled: frozen, unclaimed instances
-        join the pool; half-made ones (running: they were warming) are removed. Claimed
-        instances (fcrun.app) are serve's, never touched."""
+        """At start-up, take over what an earlier fork-server pooled: frozen, untouched instances
+        join the pool; the others are removed: half-made ones (running: they were warming) and
+        half-claimed ones (a crash during hand_over: the app's limits or docroot may be applied,
+        its label not yet saved). Claimed instances (fcrun.app) are serve's, never touched."""
         adopted, removed = [], []
         now = self.clock()
+        mountpoints = set(read_mountpoints())
         for info in self.runtime.list():
             image = info.labels.get(POOL_LABEL)
             if not image or APP_LABEL in info.labels:
                 continue
-            if info.status == "frozen":
+            if info.status == "frozen" and self._untouched(info, mountpoints):
                 try:
                     img = self.runtime.images.get(image)
                 except NotFound:
@@ -320,6 +326,18 @@ class Pool:
         for image, queue in self.ready.items():
             self.ready[image] = collections.deque(sorted(queue, key=lambda p: p.made))
         return adopted, removed
+
+    def _untouched(self, info: ContainerInfo, mountpoints: set[str]) -> bool:
+        """Whether a pooled instance is as the pool made it: its slot empty, the pool's limits.
+        A claim that crashed may have applied an app's: such an instance is never pooled again."""
+        if SLOT_SOURCE_LABEL in info.labels or os.path.realpath(self.runtime.slot_dir(info.name)) in mountpoints:
+            return False
+        try:  # the kernel's, not the state file's: hand_over saves the new limits last
+            limits = self.runtime.cgroup(info.name).limits()
+        except (FcrunError, OSError):
+            return False
+        return (limits.cpu_quota_us == cpu_to_quota_us(self.cpu, limits.cpu_period_us)
+                and limits.memory_bytes == self.memory_bytes)
 
     def remove_all(self) -> list[str]:
         names = [p.name for p in self.warming.values()] + [p.name for q in self.ready.values() for p in q]

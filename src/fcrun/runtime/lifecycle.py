@@ -27,7 +27,7 @@ from .container import Container, ContainerInfo
 from .creation import Creation, validate
 from .exec import exec_in, exec_spec
 from .plan import build_plan, limits_from_spec
-from .process import kill_quietly, reap, wait_gone
+from .process import kill_quietly, reap, wait_gone, wait_gone_pid
 from .slots import fill_slot, open_slot_source, release_slot, slot_content
 from .spec import CpuResources, MemoryResources, PidsResources, Resources, Spec, validate_spec
 from .state import LIVE, ContainerState, StateStore, check_allowed, is_allowed, pid_alive
@@ -35,6 +35,7 @@ from .storage import Storage
 from .userns import IdRanges, is_fcrun_range
 
 MAX_CACHED_CGROUPS = 4096
+ORPHAN_EXIT_TIMEOUT_S = 2.0  # a created container whose creator died: gone at once at the EOF of its go pipe
 
 log = logging.getLogger(__name__)
 
@@ -422,6 +423,8 @@ class Runtime:
             try:
                 with self.states.locked(name):
                     state = self.state(name)
+                    if orphaned_created(state):
+                        state = self._settle_orphan(state)
                     if is_allowed("delete", state.status) and not pid_alive(state):
                         self._teardown(state)
                         removed.append(name)
@@ -440,6 +443,17 @@ class Runtime:
                 self.storage.remove(name)
                 removed.append(f"storage:{name}")
         return removed
+
+    def _settle_orphan(self, state: ContainerState) -> ContainerState:
+        """A created container whose creator died (orphaned_created) either exits at the EOF of
+        its go pipe (then it is stopped, and gc removes it) or it was told to start just
+        before the crash and has exec'd: it runs, and its state says so from now on."""
+        wait_gone_pid(state.pid, ORPHAN_EXIT_TIMEOUT_S)
+        if not pid_alive(state):
+            return self.refresh(state)
+        state.status = "running"
+        self.states.save(state)
+        return state
 
     def _teardown(self, state: ContainerState) -> None:
         cdir = self.states.dir(state.name)
@@ -499,6 +513,24 @@ class Runtime:
                 pass  # busy: a process that is not the container's, a child group, a task
                 # still being released (v1): the thorough way below
         cgroup.destroy()
+
+
+def orphaned_created(state: ContainerState) -> bool:
+    """A created container whose creator died: only the creator can start it (it holds the
+    go pipe), so it exits at the pipe's EOF, maybe just after a gc looked; unless the creator
+    died after its "start" and before saving it (Container.start). Its creator (or the
+    creator's spawner) was its parent: an orphan's parent is init."""
+    return state.status == "created" and pid_alive(state) and parent_pid(state.pid) == 1
+
+
+def parent_pid(pid: int) -> int:
+    """The parent of process `pid` (0 if it is gone)."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            data = f.read()
+    except OSError:
+        return 0
+    return int(data[data.rindex(b")") + 2:].split()[1])  # the name may hold spaces and ')'
 
 
 def require_root() -> None:
