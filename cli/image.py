@@ -20,8 +20,9 @@ import msgspec
 
 from fcrun.errors import FcrunError
 from fcrun.images import Image, ImageStore
+from fcrun.images.limits import DEFAULT_MAX_FILES, ImportLimits
 from fcrun.paths import Paths
-from fcrun.units import format_bytes
+from fcrun.units import format_bytes, parse_size
 
 
 def _store(ctx: click.Context) -> ImageStore:
@@ -68,14 +69,33 @@ def build(ctx: click.Context, recipe: str, rebuild: bool) -> None:
 @image.command("import")
 @click.argument("path", type=click.Path(exists=True))
 @click.argument("name", required=False)
+@click.option("--max-layer-size", default="4G", show_default=True,
+              help="Refuse a layer bigger than this uncompressed (tar read or files written).")
+@click.option("--max-image-size", default="8G", show_default=True,
+              help="Refuse an image whose new layers are bigger than this together.")
+@click.option("--max-files", default=DEFAULT_MAX_FILES, show_default=True, type=int,
+              help="Refuse an image with more files than this (all layers).")
 @click.pass_context
 @_reports_errors
-def import_(ctx: click.Context, path: str, name: str | None) -> None:
+def import_(
+    ctx: click.Context,
+    path: str,
+    name: str | None,
+    max_layer_size: str,
+    max_image_size: str,
+    max_files: int,
+) -> None:
     """Import an OCI layout directory, OCI archive or docker-archive tarball.
 
-    NAME defaults to the image's own reference, else the file name.
+    NAME defaults to the image's own reference, else the file name. The caps stop
+    decompression and sparse-file bombs while they stream; nothing is kept of a refused image.
     """
-    imported = _store(ctx).import_(path, name, progress=_progress)
+    limits = ImportLimits(
+        max_layer_bytes=parse_size(max_layer_size, "--max-layer-size", "layer size", "4G"),
+        max_image_bytes=parse_size(max_image_size, "--max-image-size", "image size", "8G"),
+        max_files=max_files,
+    )
+    imported = _store(ctx).import_(path, name, progress=_progress, limits=limits)
     click.echo(f"{imported.name} {imported.id}")
 
 

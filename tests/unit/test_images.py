@@ -8,6 +8,7 @@ whiteouts are tested as root in tests/root/test_images_root.py.
 
 from __future__ import annotations
 
+import errno
 import gzip
 import hashlib
 import io
@@ -23,8 +24,10 @@ import msgspec
 import pytest
 from click.testing import CliRunner
 
-from fcrun.errors import IncorrectStatus, NotFound, SpecError
+from fcrun.errors import IncorrectStatus, KernelError, NotFound, SpecError
 from fcrun.images import BuildFailed, ImageConfig, ImageStore, parse_name
+from fcrun.images.layer import HashingReader, LayerExtractor
+from fcrun.images.limits import ImportBudget, ImportLimitExceeded, ImportLimits
 from fcrun.images.oci import host_platform, name_from_reference
 from fcrun.images.recipes import exists_in_root, find_recipe, load_config, recipe_hash
 from fcrun.images.store import TMP_DIR
@@ -834,3 +837,332 @@ def test_cli_defaults_to_the_environment(tmp_path, monkeypatch):
     result = CliRunner().invoke(image_cli, ["ls", "--json"])
     assert result.exit_code == 0, result.output
     assert json.loads(result.output) == []
+
+
+# -- import caps, counted while streaming -----------------------------------------------------
+
+
+def gzip_zeros_bomb(tar_header: bytes, zero_mib: int) -> bytes:
+    """A gzip stream of ``tar_header`` and then ``zero_mib`` MiB of zeros, made cheaply: gzip
+    members may be concatenated, so one compressed MiB of zeros is repeated."""
+    one_mib = gzip.compress(b"\0" * (1 << 20), mtime=0)
+    return gzip.compress(tar_header, mtime=0) + one_mib * zero_mib
+
+
+def big_file_header(name: str, size: int) -> bytes:
+    info = tarfile.TarInfo(name)
+    info.size = size
+    info.mtime = MTIME
+    return info.tobuf(format=tarfile.PAX_FORMAT)
+
+
+def import_blob(store: ImageStore, tmp_path: Path, blob: bytes, limits=None, diff_id=None):
+    """An OCI layout whose single layer blob is ``blob`` (gzip), imported as "bomb"."""
+    layout = Layout(tmp_path / "bomb")
+    config = {"architecture": "amd64", "os": "linux",
+              "rootfs": {"type": "layers", "diff_ids": [diff_id or sha256(b"unknown")]}}
+    manifest = {
+        "schemaVersion": 2,
+        "mediaType": "application/vnd.oci.image.manifest.v1+json",
+        "config": layout.blob(json.dumps(config).encode(), "application/vnd.oci.image.config.v1+json"),
+        "layers": [layout.blob(blob, OCI_GZIP)],
+    }
+    layout.manifests = [
+        layout.blob(json.dumps(manifest).encode(), "application/vnd.oci.image.manifest.v1+json")
+    ]
+    layout.write_index()
+    return store.import_(str(layout.root), "bomb", limits=limits)
+
+
+def test_a_gzip_bomb_stops_at_the_layer_cap_while_streaming(tmp_path):
+    """2 GiB of zeros in 2 MiB of gzip: the extractor stops once the cap is crossed, having
+    decompressed at most one chunk (1 MiB) more than the cap, not the whole stream."""
+    bomb = gzip_zeros_bomb(big_file_header("zeros", 2 << 30), 2048)
+    budget = ImportBudget(ImportLimits(max_layer_bytes=8 << 20))
+    budget.start_layer("sha256:bomb")
+    root = tmp_path / "layer"
+    root.mkdir()
+    reader = HashingReader(gzip.GzipFile(fileobj=io.BytesIO(bomb)), on_read=budget.add_read)
+    with pytest.raises(ImportLimitExceeded) as info:
+        with LayerExtractor(str(root), "sha256:bomb", marks=RecordingMarks(), budget=budget) as x:
+            x.extract(reader)  # type: ignore[arg-type]
+    assert budget.layer_read_bytes <= (8 << 20) + (1 << 20)
+    message = str(info.value)
+    assert "layer sha256:bomb" in message and "8M" in message and "--max-layer-size" in message
+
+
+def test_a_refused_bomb_leaves_nothing_behind(store, tmp_path):
+    bomb = gzip_zeros_bomb(big_file_header("zeros", 64 << 20), 64)
+    with pytest.raises(ImportLimitExceeded, match=r"layer sha256:[0-9a-f]{64}: .*layer size cap of 16M"):
+        import_blob(store, tmp_path, bomb, ImportLimits(max_layer_bytes=16 << 20))
+    assert_store_clean(store)
+    with pytest.raises(ImportLimitExceeded, match=r"image size cap of 4M; raise --max-image-size"):
+        import_blob(store, tmp_path, bomb, ImportLimits(max_image_bytes=4 << 20))
+    assert_store_clean(store)
+
+
+def test_the_image_cap_sums_the_layers_and_the_file_cap_counts_made_directories(store, tmp_path):
+    layers = [layer_tar(Entry(f"f{i}", data=b"x" * 600)) for i in range(2)]
+    layout = Layout(tmp_path / "two")
+    layout.add_image(layers)
+    # each layer's tar is 10 KiB (tarfile pads to 20 blocks): the second crosses 15,000 bytes
+    with pytest.raises(ImportLimitExceeded, match=rf"layer {layout.images[0]['layers'][1]['digest']}"
+                       r": uncompressed tar of the image so far exceeds the image size cap of 14.65K"):
+        store.import_(str(layout.root), "two", limits=ImportLimits(max_image_bytes=15_000))
+    assert_store_clean(store)
+
+    deep = Layout(tmp_path / "deep")
+    deep.add_image([layer_tar(Entry("a/b/c/d/e/f/g/h/file", data=b"x"))])
+    with pytest.raises(ImportLimitExceeded, match=r"more than 5 files .* raise --max-files"):
+        store.import_(str(deep.root), "deep", limits=ImportLimits(max_files=5))
+    assert_store_clean(store)
+    assert store.import_(str(deep.root), "deep", limits=ImportLimits(max_files=11)).name == "deep"
+
+
+def test_a_big_file_is_refused_from_its_header_before_it_is_written(store, tmp_path, monkeypatch):
+    written: list[int] = []
+    real_write = os.write
+    monkeypatch.setattr(os, "write", lambda fd, data: written.append(len(data)) or real_write(fd, data))
+    bomb = gzip_zeros_bomb(big_file_header("zeros", 64 << 20), 64)
+    with pytest.raises(ImportLimitExceeded, match="layer size cap of 1M"):
+        import_blob(store, tmp_path, bomb, ImportLimits(max_layer_bytes=1 << 20))
+    assert sum(written) < 1 << 20  # not one chunk of the file: refused from its header
+    assert_store_clean(store)
+
+
+def test_limits_must_be_positive():
+    with pytest.raises(SpecError, match="max_files must be positive"):
+        ImportLimits(max_files=0)
+
+
+# -- hostile headers --------------------------------------------------------------------------
+
+
+def with_checksum(header: bytearray) -> bytes:
+    header[148:156] = b" " * 8
+    header[148:156] = b"%06o\0 " % sum(header)
+    return bytes(header)
+
+
+def gnu_sparse_tar(name: str, realsize: int) -> bytes:
+    """An old-GNU sparse member ('S'): a 1-byte data block that claims ``realsize`` bytes."""
+    info = tarfile.TarInfo(name)
+    info.size = 512
+    info.type = tarfile.GNUTYPE_SPARSE
+    header = bytearray(info.tobuf(format=tarfile.GNU_FORMAT))
+    header[386:398] = b"%011o\0" % (realsize - 1)  # one data byte at the very end
+    header[398:410] = b"%011o\0" % 1
+    header[483:495] = b"%011o\0" % realsize
+    return with_checksum(header) + b"x" + b"\0" * 511 + b"\0" * 1024
+
+
+def pax_tar(records: dict[str, str], name: str = "f", data: bytes = b"x") -> bytes:
+    info = tarfile.TarInfo(name)
+    info.size = len(data)
+    info.pax_headers = records
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w", format=tarfile.PAX_FORMAT) as tar:
+        tar.addfile(info, io.BytesIO(data))
+    return buf.getvalue()
+
+
+def raw_pax_tar(payload: bytes) -> bytes:
+    """A pax header whose records are ``payload`` as is, then a file."""
+    info = tarfile.TarInfo("././@PaxHeader")
+    info.type = tarfile.XHDTYPE
+    info.size = len(payload)
+    padded = payload + b"\0" * (-len(payload) % 512)
+    return info.tobuf(format=tarfile.USTAR_FORMAT) + padded + layer_tar(Entry("f", data=b"x"))
+
+
+@pytest.mark.parametrize(
+    "layer,message",
+    [
+        (gnu_sparse_tar("sparse", 1 << 40), r"'sparse' is a GNU sparse file; sparse files are not"),
+        (pax_tar({"GNU.sparse.major": "1", "GNU.sparse.minor": "0", "GNU.sparse.name": "s"}),
+         r"pax header GNU.sparse.major: sparse files are not supported"),
+        (pax_tar({"GNU.sparse.map": "0,1,x"}), r"GNU.sparse.map: sparse files"),
+        (pax_tar({"GNU.sparse.realsize": "1099511627776"}), r"sparse files are not supported"),
+        (raw_pax_tar(b"1" * 65536), r"malformed pax record at byte 0"),  # CVE-2024-6232's shape
+        (raw_pax_tar(b"9 path=a\n" + b"11 size=-3\n"), r"'a' has a negative size -3"),
+        (raw_pax_tar(b"12 size=xyz\n"), r"pax header size='xyz' is not a number"),
+        (raw_pax_tar(b"30 path=a\n"), r"malformed pax record at byte 0 \(length 30\)"),
+        (pax_tar({"mtime": "nan"}), r"member 'f': mtime nan is out of range"),
+        (pax_tar({"mtime": "1e30"}), r"mtime 1e\+30 is out of range"),
+        (pax_tar({"uid": "-1"}), r"uid -1 is out of range"),
+        (pax_tar({"gid": "4294967295"}), r"gid 4294967295 is out of range"),
+        (pax_tar({"path": "a/" * 300 + "f"}), r"path is deeper than 256 levels"),
+        (pax_tar({"path": "d/" + "x" * 4100}), r"path is longer than 4095 bytes"),
+        (pax_tar({"path": "x" * 256}), r"File name too long"),
+        (pax_tar({"linkpath": "a\0b"}, name="l"), None),  # a file's linkpath is not used
+    ],
+)
+def test_hostile_headers_are_refused_by_name(store, tmp_path, layer, message):
+    if message is None:
+        assert import_layer_image(store, tmp_path, layer).name == "bad"
+        return
+    with pytest.raises(SpecError, match=message):
+        import_layer(store, tmp_path, layer)
+    assert_store_clean(store)
+
+
+def import_layer_image(store: ImageStore, tmp_path: Path, layer: bytes):
+    layout = Layout(tmp_path / "bad")
+    layout.add_image([layer])
+    return store.import_(str(layout.root), "bad")
+
+
+def test_an_oversized_long_name_header_is_refused_before_it_is_read(store, tmp_path):
+    info = tarfile.TarInfo("././@LongLink")
+    info.type = tarfile.GNUTYPE_LONGNAME
+    info.size = 1 << 30  # tarfile would allocate all of it
+    layer = info.tobuf(format=tarfile.GNU_FORMAT) + b"a" * 512
+    with pytest.raises(SpecError, match=r"extended header of 1073741824 bytes .* over the 1048576-byte"):
+        import_layer(store, tmp_path, layer)
+    assert_store_clean(store)
+
+
+def test_hostile_but_harmless_members_stay_inside_the_layer(store, tmp_path, outside, marks):
+    layer = layer_tar(
+        Entry("new\nline", data=b"n"),
+        Entry("dup", data=b"first"),
+        Entry("dup", "d"),
+        Entry("dup/inner", data=b"i"),
+        Entry("dup", data=b"last wins"),
+        Entry("twice", "d", mode=0o700),
+        Entry("twice", "d", mode=0o750),
+        Entry("su", data=b"#!", mode=0o6755),
+        Entry("escape", "l", link=str(outside)),
+        Entry("escape", data=b"replaces the symlink, not its target"),
+        Entry("hl-src", data=b"h"),
+        Entry("x/.wh.\n", data=b""),
+        Entry("./.wh..wh..opq"),
+        Entry("x/.wh..wh.plnk/ignored", data=b""),
+    )
+    image = import_layer_image(store, tmp_path, layer)
+    root = Path(image.layers[0])
+    assert (root / "new\nline").read_bytes() == b"n"
+    assert (root / "dup").read_bytes() == b"last wins"
+    assert stat.S_IMODE((root / "twice").stat().st_mode) == 0o750
+    assert stat.S_IMODE((root / "su").stat().st_mode) == 0o6755  # images need setuid (su, ping)
+    assert not (root / "escape").is_symlink() and (root / "escape").read_bytes().startswith(b"repl")
+    assert os.listdir(outside) == []
+    assert "x/\n" in marks.whiteouts and "" in marks.opaque_dirs
+    assert stat.S_IMODE(os.stat(store.paths.layers).st_mode) == 0o700  # setuid files unreachable
+
+
+@pytest.mark.parametrize(
+    "entries,message",
+    [
+        ([Entry(".wh.", data=b"")], r"bad whiteout name"),
+        ([Entry("d/.wh...", data=b"")], r"bad whiteout name"),
+        ([Entry("s", "l", link="")], r"bad symlink target ''"),
+        ([Entry("h", "h", link="later"), Entry("later", data=b"x")], r"'later' is not in this layer"),
+        ([Entry("d", "d"), Entry("h", "h", link="d")], r"hard link to directory 'd'"),
+        ([Entry("h", "h", link=".")], r"hard link to the layer root"),
+    ],
+)
+def test_more_unsafe_members_are_refused(store, tmp_path, entries, message):
+    with pytest.raises(SpecError, match=message):
+        import_layer(store, tmp_path, layer_tar(*entries))
+    assert_store_clean(store)
+
+
+def test_a_symlink_target_with_nul_is_refused(store, tmp_path):
+    layer = pax_tar({"linkpath": "a\0b"}, name="s")
+    layer = layer.replace(b"0000000000000\x000", b"0000000000000\x000", 1)
+    info = tarfile.TarInfo("s")
+    info.type = tarfile.SYMTYPE
+    info.pax_headers = {"linkpath": "a\0b"}
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w", format=tarfile.PAX_FORMAT) as tar:
+        tar.addfile(info)
+    with pytest.raises(SpecError, match=r"member 's': bad symlink target 'a\\x00b'"):
+        import_layer(store, tmp_path, buf.getvalue())
+    assert_store_clean(store)
+
+
+# -- hostile sources --------------------------------------------------------------------------
+
+
+def test_layout_blobs_must_be_regular_files_inside_the_layout(store, layout):
+    layer_hex = layout.images[0]["layers"][0]["digest"][7:]
+    blob = layout.root / "blobs/sha256" / layer_hex
+    blob.unlink()
+    blob.symlink_to("/dev/zero")  # reading it would never end
+    with pytest.raises(SpecError, match=f"blobs/sha256/{layer_hex} is a symlink out of the image"):
+        store.import_(str(layout.root))
+    blob.unlink()
+    os.mkfifo(blob)  # opening it would block forever
+    with pytest.raises(SpecError, match=f"blobs/sha256/{layer_hex} is not a regular file"):
+        store.import_(str(layout.root))
+    assert_store_clean(store)
+
+
+def test_an_archive_is_indexed_only_up_to_the_caps(store, layout, tmp_path):
+    archive = layout.archive(tmp_path / "webapp.tar")
+    with pytest.raises(ImportLimitExceeded, match=r"lists more than 3 members; raise --max-files"):
+        store.import_(str(archive), limits=ImportLimits(max_files=3))
+    zeros = tmp_path / "zeros.tar.gz"  # a compressed archive that expands to 64 MiB
+    zeros.write_bytes(gzip_zeros_bomb(big_file_header("blobs/sha256/" + "0" * 64, 64 << 20), 64))
+    with pytest.raises(ImportLimitExceeded, match=r"archive is larger than 1025K uncompressed"):
+        store.import_(str(zeros), limits=ImportLimits(max_image_bytes=1 << 20, max_files=1))
+    assert_store_clean(store)
+
+
+def test_an_archive_link_loop_is_refused(store, tmp_path):
+    archive = tmp_path / "loop.tar"
+    with tarfile.open(archive, "w") as tar:
+        for name, target in (("index.json", "a"), ("a", "b"), ("b", "a")):
+            info = tarfile.TarInfo(name)
+            info.type = tarfile.SYMTYPE
+            info.linkname = target
+            tar.addfile(info)
+    with pytest.raises(SpecError, match="index.json: more than 8 links to follow"):
+        store.import_(str(archive), "loop")
+    assert_store_clean(store)
+
+
+# -- the host failing -------------------------------------------------------------------------
+
+
+class FullDiskMarks(RecordingMarks):
+    def whiteout(self, dir_fd: int, name: str) -> None:
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+
+def test_a_full_disk_names_the_path_and_leaves_nothing(paths, recipes, layout, tmp_path):
+    store = ImageStore(paths, recipes_dir=str(recipes), marks=FullDiskMarks())
+    with pytest.raises(KernelError) as info:
+        store.import_(str(layout.root))
+    assert info.value.errno == errno.ENOSPC
+    assert f"{paths.data_root}/{TMP_DIR}/layer-" in str(info.value)
+    assert "etc/.wh.gone" in str(info.value) and "No space left on device" in str(info.value)
+    assert_store_clean(store)
+
+
+def test_a_failed_record_write_takes_back_the_new_layers(store, layout, monkeypatch):
+    def full(image):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(store, "_write_record", full)
+    with pytest.raises(KernelError, match=rf"import image into {store.paths.data_root}: \[Errno 28\]"):
+        store.import_(str(layout.root))
+    assert_store_clean(store)
+    monkeypatch.undo()
+    assert store.import_(str(layout.root)).name == "webapp:1.0"  # the store still works
+
+
+def test_cli_import_caps(paths, tmp_path):
+    obj = SimpleNamespace(paths=paths)
+    layout = Layout(tmp_path / "layout")
+    layout.add_image([layer_tar(Entry("big", data=b"x" * 4096))])
+    result = CliRunner().invoke(image_cli, ["import", str(layout.root), "--max-layer-size", "1K"], obj=obj)
+    assert result.exit_code == SpecError.exit_code, result.output
+    assert "layer size cap of 1K; raise --max-layer-size" in result.output
+    result = CliRunner().invoke(image_cli, ["import", str(layout.root), "--max-files", "1"], obj=obj)
+    assert result.exit_code == SpecError.exit_code and "--max-files" in result.output
+    result = CliRunner().invoke(image_cli, ["import", str(layout.root), "--max-layer-size", "lots"], obj=obj)
+    assert result.exit_code == SpecError.exit_code and "--max-layer-size" in result.output
+    result = CliRunner().invoke(image_cli, ["import", str(layout.root), "--max-image-size", "20K"], obj=obj)
+    assert result.exit_code == 0, result.output

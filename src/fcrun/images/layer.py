@@ -184,7 +184,10 @@ class LayerExtractor:
                 self._dir_attrs[()] = member
             return
         leaf = parts[-1]
-        parent_fd = self._open_dir(parts[:-1], member.name, create=True)
+        try:
+            parent_fd = self._open_dir(parts[:-1], member.name, create=True)
+        except OSError as exc:
+            raise self._os_error("open the directory of", member.name, exc) from None
         try:
             if leaf == OPAQUE_MARKER:
                 self.marks.opaque(parent_fd)
@@ -412,6 +415,8 @@ class LayerExtractor:
             fd = self._open_dir(parts, member.name, create=False)
         except SpecError:
             return  # replaced by a later member (a file, a symlink, a whiteout): nothing to set
+        except OSError as exc:
+            raise self._os_error("open directory", member.name, exc) from None
         try:
             if fd == self._root_fd:
                 fd = os.dup(fd)

@@ -130,6 +130,9 @@ class TarSource(Source):
             ) from None
         try:
             self._members = self._index(limits)
+        except ImportLimitExceeded:
+            self._tar.close()
+            raise
         except (tarfile.TarError, EOFError, OSError, TarRefused, ValueError) as exc:
             self._tar.close()
             raise SpecError(f"{path}: truncated or corrupt tar archive: {exc}") from None

@@ -537,8 +537,8 @@ def _make_tree_writable(root: str) -> None:
     stack = [root]
     while stack:
         directory = stack.pop()
-        with contextlib.suppress(OSError):
-            os.chmod(directory, 0o700, follow_symlinks=False)
+        with contextlib.suppress(OSError):  # only real directories are stacked: no symlink
+            os.chmod(directory, 0o700)
         with contextlib.suppress(OSError), os.scandir(directory) as entries:
             stack.extend(e.path for e in entries if e.is_dir(follow_symlinks=False))
 
