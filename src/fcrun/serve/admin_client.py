@@ -201,6 +201,9 @@ class AdminClient:
                 raise NotPermitted(
                     f"connect to admin API {self.address}: permission denied (it is root-only)"
                 ) from None
+            except (ConnectionResetError, ssl.SSLEOFError):  # what a server at its connection limit does
+                raise ServerUnavailable(f"{self.address} closed the connection at once: too many admin "
+                                        "connections open? Try again later") from None
             except ssl.SSLCertVerificationError as exc:
                 raise TransportError(
                     f"connect to admin API {self.address}: its TLS certificate is not trusted "

@@ -18,6 +18,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
+import functools
 import hmac
 import logging
 import os
@@ -53,6 +55,10 @@ from ..tasks import TaskOwner
 log = logging.getLogger("fcrun.admin")
 
 READ_CHUNK_BYTES = 64 << 10
+LISTEN_BACKLOG = 128
+# accept() failing with these means the host is short of fds or memory: log, wait, retry.
+OVERLOAD_ERRNOS = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM})
+ACCEPT_BACKOFF_S = 0.1
 
 
 _NEW_APP = msgspec.json.Decoder(NewApp)
@@ -114,16 +120,15 @@ class Listener:
         self.address = address
         self.token = token.encode() if token else None
         self.tls = tls
-        self.open_connections = 0
+        self.open_connections = 0  # from accept (before a TLS handshake) to close
         self.refused_connections = 0  # over max_connections, since start
-        self.server: asyncio.Server | None = None
+        self.sock: socket.socket | None = None  # listening (TCP listeners)
+        self.unix_server: asyncio.Server | None = None
 
     @property
     def bound_address(self) -> tuple[str, int] | None:
         """(host, port) of a TCP listener once listening (its real port when 0 was asked for)."""
-        if self.server is None or self.kind == "unix":
-            return None
-        return self.server.sockets[0].getsockname()[:2]
+        return self.sock.getsockname()[:2] if self.sock is not None else None
 
     def connection_ended(self, _task: asyncio.Task | None = None) -> None:
         self.open_connections -= 1
@@ -152,6 +157,16 @@ class Listener:
         if self.kind == "metrics" and request.method != "GET":
             raise HttpError(405, f"method {request.method} is not allowed on {METRICS_PATH}")
 
+    def full(self, limit: int) -> bool:
+        """Whether a new connection must be refused; counts and logs the refusal if so."""
+        if self.open_connections < limit:
+            return False
+        if self.refused_connections % 1000 == 0:  # the first of a flood, then one line a thousand
+            log.warning("admin %s listener %s: %d connections open, the most allowed; refusing more (%d refused "
+                        "so far)", self.kind, self.address, self.open_connections, self.refused_connections + 1)
+        self.refused_connections += 1
+        return True
+
 
 class AdminServer:
     """Serves the admin API on a unix socket and, optionally, on TCP with a bearer token, and
@@ -163,12 +178,12 @@ class AdminServer:
         metrics_listen, metrics_token, metrics_tls: the read-only metrics listener, its
             optional token (not the admin token) and TLS context.
         limits: bounds on every connection (`AdminLimits`).
-        tasks: the owner of its connections and of removals that outlast their DELETE
-            (serve's scope for the admin API); by default an owner of its own.
+        tasks: the owner of its accept loops, connections and removals that outlast their
+            DELETE (serve's scope for the admin API); by default an owner of its own.
 
     Resource handling: `start()` creates the socket file (replacing a stale one, refusing a
-    live one); `close()` stops listening, ends open connections, cancels what is left of
-    removals answered with 202, and unlinks the socket.
+    live one) and binds the TCP listeners; `close()` stops listening, ends open connections,
+    cancels what is left of removals answered with 202, and unlinks the socket.
     """
 
     def __init__(self, controller: Controller, socket_path: str, *, tcp_listen: str | None = None,
@@ -210,34 +225,31 @@ class AdminServer:
         try:
             st = os.stat(self.socket_path)
             self._socket_inode = (st.st_dev, st.st_ino)
-            unix.server = await asyncio.start_unix_server(self._accepted_by(unix), sock=sock)
+            unix.unix_server = await asyncio.start_unix_server(self._unix_accepted, sock=sock)
         except BaseException:
             sock.close()
             self._unlink_socket()
             raise
+        try:
+            for listener in self.listeners[1:]:
+                listener.sock = _bind_tcp(listener)
+        except BaseException:
+            await self.close()
+            raise
         for listener in self.listeners[1:]:
-            where = "admin_listen" if listener.kind == "tcp" else "metrics_listen"
-            host, port = parse_address(listener.address, where)
-            if listener.tls is None and listener.token is not None and not is_loopback(host):
-                log.warning("the %s listener on %s is not loopback and has no TLS: its bearer token crosses the "
-                            "network in clear text (admin_tls_cert/admin_tls_key)", where, listener.address)
-            try:
-                # Plain TCP even for TLS: the handshake is the connection's own job, after it
-                # was counted (asyncio's ssl= would shake hands before anyone counts it).
-                listener.server = await asyncio.start_server(self._accepted_by(listener), host, port)
-            except OSError as exc:
-                await self.close()
-                raise KernelError.from_oserror("listen on", listener.address, exc) from None
+            self.tasks.spawn_service(self._accept_forever(listener), name=f"admin {listener.kind} accept loop")
 
     async def close(self) -> None:
-        servers = [lst.server for lst in self.listeners if lst.server is not None]
-        for server in servers:
-            server.close()
-        await self.tasks.aclose()
-        for server in servers:
-            await server.wait_closed()
+        unix_server = self.listeners[0].unix_server
+        if unix_server is not None:
+            unix_server.close()
+        await self.tasks.aclose()  # the accept loops first, then every connection
+        if unix_server is not None:
+            await unix_server.wait_closed()
         for listener in self.listeners:
-            listener.server = None
+            if listener.sock is not None:
+                listener.sock.close()
+            listener.sock = listener.unix_server = None
         self._unlink_socket()
 
     def _unlink_socket(self) -> None:
@@ -252,40 +264,73 @@ class AdminServer:
             log.warning("cannot remove the admin socket %s: %s", self.socket_path, exc)
         self._socket_inode = None
 
-    def _accepted_by(self, listener: Listener) -> Callable[[asyncio.StreamReader, asyncio.StreamWriter], None]:
-        # A plain callback, not a coroutine: asyncio would start an unowned task for a
-        # coroutine, and it runs inside connection_made, before the first byte is read.
-        def accepted(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-            self._adopt(listener, reader, writer)
-        return accepted
+    def _unix_accepted(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        # A plain callback, not a coroutine: asyncio would start an unowned task for a coroutine.
+        unix = self.listeners[0]
+        if self.tasks.closed or unix.full(self.limits.max_connections):
+            if not self.tasks.closed:
+                writer.write(_too_many().encode(False))
+            writer.close()
+            return
+        unix.open_connections += 1
+        task = self.tasks.spawn(self._serve_connection(unix, reader, writer), name="admin unix connection")
+        task.add_done_callback(unix.connection_ended)
 
-    def _adopt(self, listener: Listener, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        if self.tasks.closed:  # accepted while closing: nobody would serve it
-            writer.close()
+    async def _accept_forever(self, listener: Listener) -> None:
+        """Accept on a TCP listener, count, refuse over the limit. Own loop rather than
+        asyncio.start_server: a connection is counted before its TLS handshake, and one over
+        the limit is closed without one."""
+        loop = asyncio.get_running_loop()
+        while True:
+            try:
+                conn, _ = await loop.sock_accept(listener.sock)
+            except OSError as exc:
+                if exc.errno not in OVERLOAD_ERRNOS:
+                    raise
+                log.warning("admin %s listener %s: accept: %s; retrying in %s s", listener.kind, listener.address,
+                            exc, ACCEPT_BACKOFF_S)
+                await asyncio.sleep(ACCEPT_BACKOFF_S)
+                continue
+            if listener.full(self.limits.max_connections):
+                _refuse(conn, plain=listener.tls is None)
+                continue
+            listener.open_connections += 1
+            started: list[bool] = []  # `conn` is the coroutine's once it runs; until then, ours
+            task = self.tasks.spawn(self._serve_tcp(listener, conn, started), name=f"admin {listener.kind} connection")
+            task.add_done_callback(listener.connection_ended)
+            task.add_done_callback(functools.partial(_close_unless_started, conn, started))
+
+    async def _serve_tcp(self, listener: Listener, conn: socket.socket, started: list[bool]) -> None:
+        """Streams (and TLS, within header_timeout_s) on an accepted socket, then serve it.
+
+        Resource handling: `conn` belongs to the transport once connect_accepted_socket has it,
+        which closes it whether or not the handshake succeeds."""
+        started.append(True)
+        loop = asyncio.get_running_loop()
+        reader = asyncio.StreamReader(loop=loop)
+        protocol = asyncio.StreamReaderProtocol(reader, loop=loop)
+        timeout_s = self.limits.header_timeout_s
+        try:
+            peer = conn.getpeername()
+        except OSError:  # reset before we got here
+            peer = None
+        try:
+            async with asyncio.timeout(timeout_s):
+                transport, _ = await loop.connect_accepted_socket(
+                    lambda: protocol, conn, ssl=listener.tls,
+                    ssl_handshake_timeout=timeout_s if listener.tls is not None else None)
+        except TimeoutError:
+            log.debug("admin %s listener: no TLS handshake within %s s from %s", listener.kind, timeout_s, peer)
             return
-        if listener.open_connections >= self.limits.max_connections:
-            if listener.refused_connections == 0 or listener.refused_connections % 1000 == 0:
-                log.warning("admin %s listener %s: %d connections open, the most allowed; refusing more "
-                            "(%d refused so far)", listener.kind, listener.address, listener.open_connections,
-                            listener.refused_connections + 1)
-            listener.refused_connections += 1
-            if listener.tls is None:  # a TLS client would not understand plain text
-                writer.write(_error(503, "too many admin connections open; try again later").encode(False))
-            writer.close()
+        except OSError as exc:  # ssl.SSLError among them: a plain-HTTP client, an untrusting one
+            log.info("admin %s listener: TLS handshake with %s failed: %s", listener.kind, peer, exc)
             return
-        if listener.tls is not None:
-            # The ClientHello must reach the TLS layer, not the stream's buffer: hold reading
-            # until start_tls takes the transport over (it resumes it).
-            writer.transport.pause_reading()
-        listener.open_connections += 1
-        task = self.tasks.spawn(self._serve_connection(listener, reader, writer), name=f"admin {listener.kind} connection")
-        task.add_done_callback(listener.connection_ended)
+        writer = asyncio.StreamWriter(transport, protocol, reader, loop)
+        await self._serve_connection(listener, reader, writer)
 
     async def _serve_connection(self, listener: Listener, reader: asyncio.StreamReader,
                                 writer: asyncio.StreamWriter) -> None:
         try:
-            if listener.tls is not None and not await self._handshake(listener, writer):
-                return
             if listener.kind == "unix" and not peer_allowed(writer.get_extra_info("socket")):
                 writer.write(error_response(NotPermitted("the admin API is for root only")).encode(False))
                 return
@@ -315,25 +360,8 @@ class AdminServer:
                     await writer.wait_closed()
             except TimeoutError:
                 writer.transport.abort()
-            except (ConnectionError, ssl.SSLError) as exc:  # the client reset it: closed either way
+            except OSError as exc:  # the client reset it: closed either way
                 log.debug("admin connection closed with %s", exc)
-
-    async def _handshake(self, listener: Listener, writer: asyncio.StreamWriter) -> bool:
-        """TLS within header_timeout_s; False (logged) if it failed: a plain-HTTP client, a
-        client that does not trust the certificate, one too slow."""
-        timeout_s = self.limits.header_timeout_s
-        try:
-            async with asyncio.timeout(timeout_s):
-                await writer.start_tls(listener.tls, ssl_handshake_timeout=timeout_s)
-        except TimeoutError:
-            log.debug("admin %s listener: no TLS handshake within %s s from %s", listener.kind, timeout_s,
-                      writer.get_extra_info("peername"))
-            return False
-        except (ssl.SSLError, ConnectionError, OSError) as exc:
-            log.info("admin %s listener: TLS handshake with %s failed: %s", listener.kind,
-                     writer.get_extra_info("peername"), exc)
-            return False
-        return True
 
     async def _next_request(self, reader: asyncio.StreamReader, parser: RequestParser) -> AdminRequest | None:
         """The next complete request, or None when the client closed the connection or sent
@@ -412,6 +440,57 @@ class AdminServer:
             return json_response(Removal(removing=name), 202)
         task.result()  # raises NotFound and the like
         return json_response(Removal(removed=name))
+
+
+def _close_unless_started(conn: socket.socket, started: list[bool], _task: asyncio.Task) -> None:
+    if not started:  # cancelled before its first step (serve closing): nobody else has `conn`
+        conn.close()
+
+
+def _too_many() -> Response:
+    return _error(503, "too many admin connections open; try again later", "ServerUnavailable")
+
+
+def _refuse(conn: socket.socket, *, plain: bool) -> None:
+    """Close a connection over the limit at once: a 503 for a plain-HTTP client if the socket
+    takes it without waiting (a TLS client would not understand it)."""
+    conn.setblocking(False)  # neither the send nor the recv may wait
+    with contextlib.suppress(OSError):  # best effort: the close is what matters
+        if plain:
+            conn.send(_too_many().encode(False))
+        # What the client already sent is dropped: unread, it would turn the close into a reset
+        # that can overtake the 503.
+        conn.recv(READ_CHUNK_BYTES)
+    conn.close()
+
+
+def _bind_tcp(listener: Listener) -> socket.socket:
+    """A listening, non-blocking socket at the listener's HOST:PORT (its first address).
+
+    Raises:
+        SpecError: the address is malformed or its host does not resolve.
+        KernelError: bind or listen failed (the port is taken, say).
+    """
+    where = "admin_listen" if listener.kind == "tcp" else "metrics_listen"
+    host, port = parse_address(listener.address, where)
+    if listener.tls is None and listener.token is not None and not is_loopback(host):
+        log.warning("the %s listener on %s is not loopback and has no TLS: its bearer token crosses the network "
+                    "in clear text (admin_tls_cert/admin_tls_key)", where, listener.address)
+    try:
+        family, kind, proto, _, sockaddr = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM,
+                                                              flags=socket.AI_PASSIVE)[0]
+    except socket.gaierror as exc:
+        raise SpecError(f"{where} {listener.address}: cannot resolve {host!r}: {exc.strerror}", where) from None
+    sock = socket.socket(family, kind, proto)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind(sockaddr)
+        sock.listen(LISTEN_BACKLOG)
+        sock.setblocking(False)
+    except OSError as exc:
+        sock.close()
+        raise KernelError.from_oserror("listen on", listener.address, exc) from None
+    return sock
 
 
 def _error(status: int, message: str, kind: str = "SpecError", headers: dict[str, str] | None = None) -> Response:
