@@ -17,6 +17,8 @@ test_crash_serve_root.py.
 
 from __future__ import annotations
 
+import collections
+import json
 import os
 import secrets
 import signal
@@ -91,6 +93,7 @@ KEPT = {
 }
 ROUNDS = [(op, step) for op, steps in OPERATIONS.items() for step in steps]
 ROUNDS += [("run-spawner", step) for step in CREATE_STEPS + START_STEPS]
+PASSED: collections.Counter = collections.Counter()  # step -> rounds that passed (for the report)
 
 
 def _rounds() -> list[tuple[str, str]]:
@@ -216,6 +219,20 @@ def test_kill_9_at_a_step_then_reconcile_leaves_the_host_as_before(crash_roots, 
     rt.cgroups.remove_parent_if_empty()
     rt.network.remove_bridge_if_unused()
     _settled(rt, before)
+    PASSED[step] += 1
+
+
+@pytest.fixture(scope="module", autouse=True)
+def report():
+    """$FCRUN_CRASH_RESULTS/crash-runtime.json: the rounds run and passed (host as before)."""
+    yield
+    out = os.environ.get("FCRUN_CRASH_RESULTS")
+    if out and PASSED:
+        os.makedirs(out, exist_ok=True)
+        with open(os.path.join(out, "crash-runtime.json"), "w") as f:
+            json.dump({"rounds_passed": sum(PASSED.values()), "rounds": len(_rounds()), "per_step": dict(PASSED),
+                       "kept_steps": sorted(KEPT)}, f, indent=2, sort_keys=True)
+            f.write("\n")
 
 
 def test_every_step_of_the_runtime_has_a_round():
