@@ -179,3 +179,16 @@ def test_fcrun_app_over_https_trusts_the_ca_it_is_given(tls_files, tmp_path, mon
     finally:
         cmdb.close()
         shutil.rmtree(base, ignore_errors=True)
+
+
+def test_a_key_every_user_can_read_is_warned_about(tls_files, tmp_path, caplog):
+    key = tmp_path / "key.pem"
+    shutil.copy(f"{tls_files}/key.pem", key)
+    config = ServeConfig(admin_listen="127.0.0.1:0", admin_token="t", admin_tls_cert=f"{tls_files}/cert.pem",
+                         admin_tls_key=str(key))
+    key.chmod(0o600)
+    admin_options(config)
+    assert "can be read by every user" not in caplog.text
+    key.chmod(0o644)
+    admin_options(config)
+    assert f"admin_tls_key {key} can be read by every user" in caplog.text

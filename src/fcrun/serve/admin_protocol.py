@@ -1,5 +1,5 @@
-"""The admin API of `fcrun serve` on the wire: routes, bodies and limits that its server
-(admin_server.py) and its client (admin_client.py) share.
+"""The admin API of `fcrun serve` on the wire: routes, bodies, limits and TLS settings that its
+server (admin_server.py) and its client (admin_client.py) share.
 
 Routes (bodies are msgspec Structs from fcrun.cmdb.models, encoded as JSON)::
 
@@ -21,12 +21,13 @@ Errors: an FcrunError becomes its http_status with ``{"error": message, "kind": 
 Who may call: the unix socket is created mode 0600 (root-only when serve runs as root) and
 each connection's peer credentials are checked again; the optional TCP listener requires
 ``Authorization: Bearer <admin_token>`` on every request (compared in constant time, on the
-request head, before any byte of the body is read), over TLS when it has a certificate.
+request head: a wrong one is answered 401 before the body is waited for), over TLS when it has
+a certificate.
 
 The optional metrics listener (``metrics_listen``) answers ``GET /metrics`` and nothing else,
-with ``Authorization: Bearer <metrics_token>`` when one is set. The two tokens are never
-interchangeable: the admin token is not taken on the metrics listener, nor the metrics token on
-the admin one (a scrape credential is not an admin credential).
+to anyone, or with ``Authorization: Bearer <metrics_token>`` when one is set. The metrics
+token must differ from the admin token and authorizes nothing on the admin listeners; where
+the metrics listener has a token, the admin token is not taken there either.
 """
 
 from __future__ import annotations

@@ -506,6 +506,9 @@ def admin_options(config: ServeConfig) -> dict[str, Any]:
     tls = None
     if config.admin_tls_cert is not None and config.admin_tls_key is not None:
         tls = server_tls_context(config.admin_tls_cert, config.admin_tls_key)
+        with contextlib.suppress(OSError):  # it was just read: only a race would fail here
+            if os.stat(config.admin_tls_key).st_mode & 0o007:
+                log.warning("admin_tls_key %s can be read by every user: make it mode 0600", config.admin_tls_key)
     limits = AdminLimits(max_connections=config.admin_max_connections,
                          keepalive_timeout_s=config.admin_keepalive_timeout_s,
                          header_timeout_s=config.admin_header_timeout_s, body_timeout_s=config.admin_body_timeout_s,
