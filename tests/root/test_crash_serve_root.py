@@ -116,17 +116,29 @@ SERVE_STEPS = {
     "serve.instance.drained": ("scale-in", 1),
     # stopped, then serve died before its row went: nothing runs, the stale row goes
     "serve.instance.stopped": ("scale-in", 0),
+    # frozen when idle, then serve died: adopted frozen, the next request thaws it
+    "freeze.frozen": ("idle", 1),
+    # a request thawed it, then serve died: adopted running
+    "thaw.thawed": ("idle-then-request", 1),
 }
 
 
 @pytest.mark.parametrize("step", sorted(SERVE_STEPS))
 def test_kill_9_of_serve_at_a_scale_step_then_restart_reconciles(crashing, step):
     trigger, running_after = SERVE_STEPS[step]
+    if trigger.startswith("idle"):
+        crashing.cli("app", "update", APP, "--freeze-after", "1s")
     crashing.crash_at(step)
     crashing.start()
     if trigger != "request":
         assert crashing.request(APP)[0] == 200
     match trigger:
+        case "idle":
+            pass  # frozen after 1 s idle: serve dies there
+        case "idle-then-request":
+            _wait_for(lambda: [r["status"] for r in _ps(crashing).values()] == ["frozen"], "never frozen")
+            with pytest.raises((ConnectionError, http.client.HTTPException)):
+                crashing.request(APP)
         case "request":
             with pytest.raises((ConnectionError, http.client.HTTPException)):
                 crashing.request(APP)  # accepted, then serve died: a reset, not a hang
@@ -142,7 +154,9 @@ def test_kill_9_of_serve_at_a_scale_step_then_restart_reconciles(crashing, step)
     status, headers, body = crashing.request(APP)
     assert status == 200 and "crash site" in body
     if running_after:  # served by the adopted instance, not a new one
-        assert "X-Fcrun-Cold-Start" not in headers and crashing.running() == running
+        assert headers.get("X-Fcrun-Cold-Start-Path", "thaw") == "thaw" and crashing.running() == running
+    if trigger == "idle":
+        assert headers["X-Fcrun-Cold-Start-Path"] == "thaw"  # adopted frozen, thawed by the request
     if step == "serve.scale-up.written":
         assert "0.7" in crashing.cli("ps").stdout  # the quota the kernel has, adopted
 

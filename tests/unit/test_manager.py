@@ -289,6 +289,22 @@ def test_reconcile_adopts_reachable_instances_and_removes_the_rest(cmdb):
     run(main())
 
 
+def test_reconcile_adopts_a_frozen_instance_frozen_and_the_next_request_thaws_it(cmdb):
+    """An idle instance serve froze before it was killed: still the app's, its memory warm."""
+    async def main():
+        manager, backend, clock, _ = make(cmdb)
+        backend.existing_list = [Existing(name="f", app="example.test", ip="10.0.0.6", port=0, running=False,
+                                          started_at=1.0, frozen=True)]
+        backend.frozen.add("f")
+        backend.accepting_ips = set()  # a frozen server is not asked: its kernel would accept, it would not
+        assert await manager.reconcile() == {"adopted": ["f"], "removed": []}
+        assert manager.acquire_nowait("example.test") is None  # frozen: out of routing
+        lease = await manager.acquire("example.test")
+        assert lease.instance_id == "f" and lease.cold_start[0] == "thaw" and backend.thawed == ["f"]
+        assert backend.started == []  # no new instance
+    run(main())
+
+
 def test_metrics_are_prometheus_text_through_the_controller(cmdb):
     from fcrun.serve.controller import ManagedController
 

@@ -68,6 +68,7 @@ class Existing:
     running: bool
     started_at: float
     cpu: float | None = None  # its CPU quota now (it may have been scaled up)
+    frozen: bool = False  # its cgroup is frozen (an idle instance): adopted frozen
 
 
 class InstanceBackend(Protocol):
@@ -282,7 +283,7 @@ class RuntimeBackend:
         for row in rows:
             app = row.labels.get(APP_LABEL)
             if app:
-                found.append(Existing(name=row.name, app=app, ip=row.ip, port=0, running=row.status == "running",
+                found.append(Existing(name=row.name, app=app, ip=row.ip, port=0, running=row.status == "running", frozen=row.status == "frozen",
                                       started_at=row.created_at, cpu=row.cpu))
         return found
 

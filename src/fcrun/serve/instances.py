@@ -20,11 +20,14 @@ import asyncio
 import enum
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from ..cmdb.models import Instance as InstanceRow
 from ..errors import IncorrectStatus
 from . import monitor
+
+if TYPE_CHECKING:
+    from .backend import Existing
 
 
 class InstanceState(enum.Enum):
@@ -142,6 +145,14 @@ class Instance:
     def busy_until(self, now: float) -> float:
         """`busy_s` brought up to `now`."""
         return self.busy_s + self.outstanding * (now - self.busy_at)
+
+
+def adopted_instance(found: "Existing", port: int, cpu: float, now: float) -> Instance:
+    """An instance an earlier serve left, taken over at start-up (Manager.reconcile): a frozen
+    one stays frozen, out of routing, until a request thaws it."""
+    return Instance(name=found.name, app=found.app, ip=found.ip, port=port, started_at=found.started_at,
+                    started_mono=now, last_active=now, cpu=cpu, busy_at=now, state=FROZEN if found.frozen else READY,
+                    routable=not found.frozen)
 
 
 def least_loaded(instances: Iterable[Instance]) -> Instance | None:

@@ -39,7 +39,7 @@ from ..errors import ContainerError, FcrunError, IncorrectStatus, NotFound
 from ..proxy.router import RouteError
 from . import monitor
 from .backend import InstanceBackend, StartFailed
-from .instances import DRAINING, FREEZING, FROZEN, IDLE_CANDIDATES, READY, REPLACING, STOPPED
+from .instances import DRAINING, FREEZING, FROZEN, IDLE_CANDIDATES, READY, REPLACING, STOPPED, adopted_instance
 from .instances import SLOW_START_FIRST, UNCAPPED, Instance, InstanceLease, least_loaded, slow_start_cap
 from .metering import Meter
 from .policy import AppMetrics, Decision, History, Tuning, decide
@@ -311,6 +311,7 @@ class Manager:
             return False
         try:
             self.backend.thaw(inst.name)
+            crash_point("thaw.thawed")
         except (FcrunError, OSError) as exc:  # recorded; the request gets another instance
             log.warning("thawing %s: %s", inst.name, exc)
             self.records.event(state.app.name, "thaw-failed", f"cannot thaw {inst.name}: {exc}",
@@ -391,10 +392,9 @@ class Manager:
             state = self.apps.get(found.app)
             row = recorded.get(found.name)
             port = (row.port if row and row.port else None) or (state.app.port if state else None) or 80
-            if state and found.running and found.ip and await self.backend.accepting(found.ip, port):
-                now = self.clock()
-                inst = Instance(name=found.name, app=found.app, ip=found.ip, port=port, started_at=found.started_at,
-                                started_mono=now, last_active=now, cpu=found.cpu or state.app.cpu, busy_at=now)
+            # A frozen one is not asked (its kernel would accept, its server not): a request thaws it.
+            if state and found.ip and (found.frozen or found.running and await self.backend.accepting(found.ip, port)):
+                inst = adopted_instance(found, port, found.cpu or state.app.cpu, self.clock())
                 state.instances[inst.name] = inst
                 self._record(inst)
                 adopted.append(found.name)
