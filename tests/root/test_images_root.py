@@ -14,6 +14,7 @@ image there while the recipe's hash is unchanged (the store's own build cache). 
 
 from __future__ import annotations
 
+import errno
 import gzip
 import hashlib
 import io
@@ -31,6 +32,7 @@ from typing import Callable
 
 import pytest
 
+from fcrun.errors import KernelError
 from fcrun.images import Image, ImageStore
 from fcrun.images.store import LOCK_FILE, TMP_DIR
 from fcrun.paths import Paths
@@ -496,3 +498,46 @@ def test_apache_php_serves_phpinfo(tmp_path, apache_image, cleanup):
     assert (
         _tree_snapshot(os.path.join(layer, "etc/apache2")) == before
     )  # config edits went to upper
+
+
+# -- a full data root -------------------------------------------------------------------------
+
+
+def _small_tmpfs(where: Path, cleanup: Cleanup, size: str, inodes: int) -> Path:
+    where.mkdir()
+    subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", f"size={size},nr_inodes={inodes},mode=0700", "fcrun-test", str(where)],
+        check=True,
+    )
+    cleanup.add(lambda: subprocess.run(["umount", str(where)], check=True))
+    return where
+
+
+@pytest.mark.parametrize(
+    "layer,size,inodes",
+    [
+        (lambda: _tar([("big", "f", os.urandom(8 << 20))]), "4m", 1000),  # out of blocks
+        (lambda: _tar([(f"f{i}", "f", "x") for i in range(200)]), "64m", 64),  # out of inodes
+    ],
+    ids=["blocks", "inodes"],
+)
+def test_a_full_data_root_fails_cleanly_and_the_store_still_works(tmp_path, cleanup, layer, size, inodes):
+    data_root = _small_tmpfs(tmp_path / "small", cleanup, size, inodes)
+    layout = tmp_path / "full"
+    _write_layout(layout, [layer()], {"os": "linux"})
+    store = _store(data_root)
+    with pytest.raises(KernelError) as info:
+        store.import_(str(layout), "full")
+    message = str(info.value)
+    assert info.value.errno == errno.ENOSPC, message
+    assert f"{data_root}/{TMP_DIR}/layer-" in message and "No space left on device" in message
+    # nothing left: no record, no layer, no temporary file, and the space is free again
+    assert store.list() == []
+    assert os.listdir(data_root / "layers") == [] and os.listdir(data_root / TMP_DIR) == []
+    assert sorted(os.listdir(data_root)) == sorted(["images", "layers", TMP_DIR, LOCK_FILE])
+    usage = os.statvfs(data_root)
+    assert (usage.f_blocks - usage.f_bfree) * usage.f_frsize < 64 << 10
+    small = tmp_path / "small-image"
+    _write_layout(small, [_tar([("bin", "d", b""), ("bin/tool", "f", "x")])], {"os": "linux"})
+    image = store.import_(str(small), "small")
+    assert store.list() == [image] and os.path.isfile(os.path.join(image.layers[0], "bin/tool"))

@@ -1069,8 +1069,6 @@ def test_more_unsafe_members_are_refused(store, tmp_path, entries, message):
 
 
 def test_a_symlink_target_with_nul_is_refused(store, tmp_path):
-    layer = pax_tar({"linkpath": "a\0b"}, name="s")
-    layer = layer.replace(b"0000000000000\x000", b"0000000000000\x000", 1)
     info = tarfile.TarInfo("s")
     info.type = tarfile.SYMTYPE
     info.pax_headers = {"linkpath": "a\0b"}
