@@ -9,10 +9,14 @@ upper dirs, and processes the crashed process forked (found by a token in their 
 A container that survives must be complete and live (pid 1 alive in its own cgroup, its lease
 and veth in place); a second `rm -f` then removes it, and the host must equal the snapshot.
 
+The fork-server's rounds: `fcrun daemon` killed at a step of a `fcrun run` it serves (create,
+or the removal after the container exited), foreground and detached; the client must return
+(no hang), and the next fork-server's start-up (gc, the pool's adopt) is the reconcile.
+
 Rounds: each step once, and create's and start's once more with the spawner forking the
-container (the fork-server's way for `fcrun run`): 36 rounds, ~10 s. FCRUN_CRASH_ROUNDS=100
-runs 100 rounds over the same list, round robin. Serve's steps and traffic across crashes:
-test_crash_serve_root.py.
+container (the fork-server's way for `fcrun run`): 36 rounds, plus 16 of the fork-server's,
+~20 s. FCRUN_CRASH_ROUNDS=100 runs 100 rounds over the first list, round robin. Serve's steps
+and traffic across crashes: test_crash_serve_root.py.
 """
 
 from __future__ import annotations
@@ -239,3 +243,80 @@ def test_every_step_of_the_runtime_has_a_round():
     covered = {step for _, step in ROUNDS}
     assert covered == set(CREATE_STEPS + START_STEPS + FREEZE_STEPS + THAW_STEPS + DELETE_STEPS + CLAIM_STEPS)
     assert KEPT <= covered
+
+
+# ----- the fork-server: kill -9 while it runs a `fcrun run` (the thin client's path) -----------
+
+# (step, detached) -> whether the container runs on after the next fork-server's start
+DAEMON_ROUNDS = {
+    **{(step, False): False for step in CREATE_STEPS if step != "create.slot"},  # attached: dies with it
+    **{(step, True): step in ("create.saved", "create.done") for step in ("create.network", "create.saved",
+                                                                             "create.done")},
+    # a foreground Run's container exited; the fork-server died removing it: gc finishes
+    **{(step, False): False for step in ("delete.locked", "delete.killed", "delete.cgroup", "delete.network",
+                                         "delete.storage", "delete.done")},
+}
+
+
+def _daemon(env: dict, log_path) -> subprocess.Popen:
+    log = open(log_path, "a")
+    proc = subprocess.Popen([sys.executable, "-m", "fcrun_cli", "daemon"], env=env, stdout=subprocess.PIPE,
+                            stderr=log, text=True)
+    log.close()
+    line = proc.stdout.readline()
+    assert line.startswith("ready "), f"{line!r}: {_read(log_path)}"
+    return proc
+
+
+def _read(path) -> str:
+    with open(path) as f:
+        return f.read()
+
+
+def _stop(proc: subprocess.Popen, socket_path: str) -> int:
+    """SIGTERM once it serves (it says "ready" just before it sets its signal handlers)."""
+    from fcrun.forkserver import Client
+    from fcrun.forkserver import protocol as p
+
+    with Client(socket_path) as client:
+        client.request(p.Status())
+    proc.send_signal(signal.SIGTERM)
+    rc = proc.wait(timeout=30)
+    proc.stdout.close()
+    return rc
+
+
+@pytest.mark.parametrize(("step", "detached"), sorted(DAEMON_ROUNDS), ids=lambda v: str(v))
+def test_kill_9_of_the_forkserver_in_a_run_then_its_restart_reconciles(crash_roots, step, detached, tmp_path):
+    rt, _ = crash_roots
+    before = crash_snapshot(rt)
+    token = secrets.token_hex(8)
+    env = {**os.environ, "FCRUN_ROOT": rt.paths.data_root, "FCRUN_RUN": rt.paths.run_root,
+           "FCRUN_CGROUP_PARENT": CGROUP_PARENT, "FCRUN_BRIDGE": BRIDGE, "FCRUN_SUBNET": SUBNET,
+           "FCRUN_SPAWNER": "1", TOKEN_ENV: token}
+    log_path = tmp_path / "daemon.log"
+    daemon = _daemon({**env, "FCRUN_CRASH_AT": step}, log_path)
+    command = ["sh", "-c", "exit 3"] if step.startswith("delete.") else ["sleep", "1000"]
+    client = subprocess.run([sys.executable, "-m", "fcrun_cli", "run", *(["-d"] if detached else []), "--name", NAME,
+                             "--image", "busybox", "--", *command], env=env, capture_output=True, text=True,
+                            timeout=60)  # a hang fails here
+    assert daemon.wait(timeout=30) == -signal.SIGKILL, _read(log_path)
+    daemon.stdout.close()
+    assert client.returncode != 0 or step.startswith("delete."), (client.returncode, client.stderr)
+
+    restarted = _daemon(env, log_path)  # its start-up is the reconcile: gc, then the pool's adopt
+    assert _stop(restarted, os.path.join(rt.paths.run_root, "forkserver.sock")) == 0, _read(log_path)
+    rt = _runtime(rt.paths)
+    assert _forked_by(token) == [], f"{step}: processes the crashed fork-server forked are left"
+    kept = rt.states.names()
+    if DAEMON_ROUNDS[(step, detached)]:
+        assert kept == [NAME], f"{step}: a detached container that runs was lost: {kept}"
+        state = rt.state(NAME)
+        assert state.status == "running" and state.pid in rt.cgroup(NAME).pids(), state
+        rt.delete(NAME, force=True)
+    else:
+        assert kept == [], f"{step}: the restarted fork-server kept {kept}"
+    rt.cgroups.remove_parent_if_empty()
+    rt.network.remove_bridge_if_unused()
+    _settled(rt, before)
+    PASSED[f"forkserver:{step}"] += 1
