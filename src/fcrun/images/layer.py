@@ -50,6 +50,7 @@ MAX_ID = (1 << 32) - 2  # (uid_t)-1 means "leave unchanged" to chown(2)
 _MAX_MTIME_S = 1 << 33  # year 2242; os.utime takes nanoseconds in a signed 64-bit value
 
 _CHUNK = 1 << 20
+_MAX_READS_AT_END = 64
 _HOST_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EIO, errno.EROFS, errno.ENOMEM, errno.EPERM)
 _DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 
@@ -87,11 +88,18 @@ class HashingReader:
         self._on_read = on_read
         self.sha256 = hashlib.sha256()
         self.bytes_read = 0
+        self._reads_at_end = 0
 
     def read(self, size: int = -1) -> bytes:
         if size is None or size < 0:
             size = _CHUNK  # never one unbounded read of a decompressing stream
         data = self._raw.read(size)
+        if not data and size:
+            # A reader that keeps asking at the end is looping (tarfile skipping data that
+            # is not there): stop it rather than spin.
+            self._reads_at_end += 1
+            if self._reads_at_end > _MAX_READS_AT_END:
+                raise EOFError("read past the end of the stream")
         self.sha256.update(data)
         self.bytes_read += len(data)
         if self._on_read is not None:
@@ -162,6 +170,8 @@ class LayerExtractor:
                 while (member := tar.next()) is not None:
                     tar.members.clear()  # tarfile keeps every member; a stream needs none back
                     self.budget.add_files()
+                    if member.isreg() or member.type not in tarfile.SUPPORTED_TYPES:
+                        self.budget.check_read(member.size)  # its data is read or skipped next
                     self._extract_member(tar, member)
             # Directory modes and times last, deepest first: creating children changes a
             # directory's mtime, and a read-only mode must not stop its children being written.

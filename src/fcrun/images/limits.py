@@ -88,6 +88,14 @@ class ImportBudget:
         self.image_read_bytes += n
         self._check_bytes("uncompressed tar", self.layer_read_bytes, self.image_read_bytes)
 
+    def check_read(self, n: int) -> None:
+        """Refuse before reading (or skipping) a member's ``n`` bytes of data that would cross
+        a cap: tarfile skips data it is not asked for block by block, so a header claiming
+        10**200 bytes would otherwise keep it reading an empty stream for ever."""
+        self._check_bytes(
+            "uncompressed tar", self.layer_read_bytes + n, self.image_read_bytes + n
+        )
+
     def check_write(self, n: int) -> None:
         """Refuse before writing ``n`` bytes that would cross a cap (a file's size from its
         header: refusing a 1 TiB sparse file must not first write 4 GiB of it)."""
