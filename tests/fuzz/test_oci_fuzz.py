@@ -207,7 +207,18 @@ def outcome_kind(message: str) -> str:
     return re.sub(r"sha256:[0-9a-f]+|'[^']*'", "_", message)[:60]
 
 
-def run_import(build_layers, gz: bool, lie: str, limits: ImportLimits) -> None:
+def archive(layout: Path, form: str) -> Path:
+    """The layout as is ("dir"), or as an OCI archive: a tar, or a gzipped tar."""
+    if form == "dir":
+        return layout
+    path = layout.with_name("layout." + form)
+    with tarfile.open(path, "w:gz" if form == "tar.gz" else "w") as tar:
+        for child in sorted(layout.iterdir()):
+            tar.add(child, arcname=child.name)
+    return path
+
+
+def run_import(build_layers, gz: bool, lie: str, limits: ImportLimits, form: str = "dir") -> None:
     """Import the layers ``build_layers(outside_dir)`` makes, in a fresh store; check every
     property of the module docstring."""
     base = Path(tempfile.mkdtemp(prefix="fcrun-fuzz-"))
@@ -223,7 +234,7 @@ def run_import(build_layers, gz: bool, lie: str, limits: ImportLimits) -> None:
         store = ImageStore(Paths(data_root=str(base / "data"), run_root=str(base / "run")),
                            recipes_dir=str(base), marks=PlaceholderMarks())
         try:
-            image = store.import_(str(base / "layout"), limits=limits)
+            image = store.import_(str(archive(base / "layout", form)), "fuzz", limits=limits)
         except FcrunError as exc:
             assert str(exc), f"{type(exc).__name__} without a message"
             event(f"refused: {type(exc).__name__}: {outcome_kind(str(exc))}")
@@ -235,7 +246,8 @@ def run_import(build_layers, gz: bool, lie: str, limits: ImportLimits) -> None:
                 assert_within(layer, outside_inodes)
             assert os.listdir(os.path.join(store.paths.data_root, TMP_DIR)) == []
         assert snapshot(outside) == before
-        assert set(os.listdir(base)) <= {"data", "layout", "outside"}  # data: made on first lock
+        # data is made when the store is first locked; the archive is the test's own
+        assert set(os.listdir(base)) <= {"data", "layout", "outside", "layout." + form}
     finally:
         for dirpath, dirs, _files in os.walk(base):  # modes from the tar must not stop cleanup
             for d in dirs:
@@ -302,12 +314,13 @@ def test_random_layers_import_within_the_root_or_are_refused_cleanly(entries, pa
     flips=st.lists(st.tuples(st.integers(0, 1 << 16), st.integers(0, 255)), max_size=3),
     cut=st.one_of(st.none(), st.integers(0, 1 << 16)),
     limits=LIMITS,
+    form=st.sampled_from(["dir", "tar", "tar.gz"]),
 )
-def test_random_layouts_of_corrupt_layers(layers, gz, lie, flips, cut, limits):
+def test_random_layouts_of_corrupt_layers(layers, gz, lie, flips, cut, limits, form):
     def build_layers(outside: str) -> list[bytes]:
         tars = [build_tar(entries, {}, outside) for entries in layers]
         if tars:
             tars[0] = corrupt(tars[0], flips, cut)
         return tars
 
-    run_import(build_layers, gz, lie, limits)
+    run_import(build_layers, gz, lie, limits, form)

@@ -988,6 +988,7 @@ def raw_pax_tar(payload: bytes) -> bytes:
         (raw_pax_tar(b"12 size=xyz\n"), r"pax header size='xyz' is not a number"),
         (raw_pax_tar(b"30 path=a\n"), r"malformed pax record at byte 0 \(length 30\)"),
         (pax_tar({"mtime": "nan"}), r"member 'f': mtime nan is out of range"),
+        (raw_pax_tar(b"210 size=" + b"1" * 200 + b"\n"), r"uncompressed tar exceeds the layer size"),
         (pax_tar({"mtime": "1e30"}), r"mtime 1e\+30 is out of range"),
         (pax_tar({"uid": "-1"}), r"uid -1 is out of range"),
         (pax_tar({"gid": "4294967295"}), r"gid 4294967295 is out of range"),
