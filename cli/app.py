@@ -72,7 +72,7 @@ def connect(ctx: click.Context) -> Iterator[Admin]:
     """
     url = os.environ.get(ADMIN_URL_ENV)
     if url:
-        yield AdminClient(url, os.environ.get(ADMIN_TOKEN_ENV), ca_file=os.environ.get(ADMIN_CA_ENV))
+        yield AdminClient(url, os.environ.get(ADMIN_TOKEN_ENV), ca_file=os.environ.get(ADMIN_CA_ENV) or None)
         return
     paths = getattr(ctx.obj, "paths", None) or Paths.from_env()
     config_path = os.environ.get(CONFIG_ENV)

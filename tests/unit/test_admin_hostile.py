@@ -382,3 +382,25 @@ def test_failed_and_refused_connections_leave_no_file_descriptor_behind(cmdb, sh
             raw(server.tcp_address, head())  # plain text to TLS: the handshake fails
         wait_until(lambda: tcp.open_connections == 0, "every connection closed")
         wait_until(lambda: len(os.listdir("/proc/self/fd")) == before, "the server's sockets closed")
+
+
+@LOOPS
+def test_closing_the_server_does_not_wait_for_its_clients(cmdb, short_dir, certificate, loop_factory):
+    # Deadlines longer than pytest's own timeout: if close waited for any of these clients
+    # (an idle TLS keep-alive, a handshake never begun, a plain keep-alive), the test would fail.
+    patient = AdminLimits(keepalive_timeout_s=3600, header_timeout_s=3600, body_timeout_s=3600)
+    tls = client_tls_context(certificate[0])
+    with start(cmdb, short_dir, loop_factory, tls=server_tls_context(*certificate), limits=patient,
+               metrics_listen="127.0.0.1:0") as server:
+        idle_tls = connect(server.tcp_address, tls)
+        idle_tls.sendall(head())
+        assert idle_tls.recv(65536).startswith(b"HTTP/1.1 200 ")
+        silent = connect(server.tcp_address)
+        idle_plain = connect(server.listener("metrics").bound_address)
+        idle_plain.sendall(head("/metrics", token=None))
+        assert idle_plain.recv(65536).startswith(b"HTTP/1.1 200 ")
+        tcp = server.listener("tcp")
+        wait_until(lambda: tcp.open_connections == 2, "both TLS-port connections counted")
+    for sock in (idle_tls, silent, idle_plain):
+        assert read_until_closed(sock) == b""  # closed by the server as it stopped
+        sock.close()

@@ -354,14 +354,20 @@ class AdminServer:
         except ConnectionError as exc:
             log.debug("admin connection ended by the client: %s", exc)
         finally:
-            writer.close()
-            try:  # bounded: a TLS client may never answer our close_notify
-                async with asyncio.timeout(self.limits.header_timeout_s):
-                    await writer.wait_closed()
-            except TimeoutError:
-                writer.transport.abort()
-            except OSError as exc:  # the client reset it: closed either way
-                log.debug("admin connection closed with %s", exc)
+            await self._close(writer)
+
+    async def _close(self, writer: asyncio.StreamWriter) -> None:
+        if asyncio.current_task().cancelling():  # serve is closing: no goodbye to wait for
+            writer.transport.abort()
+            return
+        writer.close()
+        try:  # bounded: a TLS client may never answer our close_notify
+            async with asyncio.timeout(self.limits.header_timeout_s):
+                await writer.wait_closed()
+        except TimeoutError:
+            writer.transport.abort()
+        except OSError as exc:  # the client reset it: closed either way
+            log.debug("admin connection closed with %s", exc)
 
     async def _next_request(self, reader: asyncio.StreamReader, parser: RequestParser) -> AdminRequest | None:
         """The next complete request, or None when the client closed the connection or sent
