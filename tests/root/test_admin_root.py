@@ -72,8 +72,10 @@ def wait_until(predicate, what: str) -> None:
 
 def exchange(address, data: bytes, tls: ssl.SSLContext | None = None) -> bytes:
     """Send `data`, return all the server answers until it closes (a reset counts as closed)."""
-    with socket.create_connection(address, timeout=WAIT_S) as plain:
-        sock = tls.wrap_socket(plain, server_hostname="127.0.0.1") if tls else plain
+    sock = socket.create_connection(address, timeout=WAIT_S)
+    if tls is not None:
+        sock = tls.wrap_socket(sock, server_hostname="127.0.0.1")
+    with sock:
         sock.sendall(data)
         answer = b""
         try:
