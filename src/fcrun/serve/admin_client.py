@@ -225,7 +225,8 @@ class AdminClient:
                 closed = isinstance(exc, (http.client.RemoteDisconnected, ConnectionResetError))
                 if closed and self.address.startswith("http://"):  # what a TLS listener does to plain HTTP
                     raise TransportError(f"{method} {path} on admin API {self.address}: closed without an answer "
-                                         f"({exc}); if it listens with TLS, use https://") from None
+                                         f"({exc}); if it listens with TLS, use https:// (else it may be at its "
+                                         "connection limit)") from None
                 raise KernelError(f"{method} {path} on admin API", self.address,
                                   getattr(exc, "errno", None) or errno.EIO) from None
         finally:
