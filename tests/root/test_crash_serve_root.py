@@ -159,6 +159,9 @@ def test_kill_9_of_serve_at_a_scale_step_then_restart_reconciles(crashing, step)
         assert headers["X-Fcrun-Cold-Start-Path"] == "thaw"  # adopted frozen, thawed by the request
     if step == "serve.scale-up.written":
         assert "0.7" in crashing.cli("ps").stdout  # the quota the kernel has, adopted
+    RESULTS.setdefault("steps", {"crashes": 0, "passed": []})
+    RESULTS["steps"]["crashes"] += 1
+    RESULTS["steps"]["passed"].append(step)
 
 
 @pytest.fixture
@@ -214,6 +217,9 @@ def test_kill_9_of_the_forkserver_in_a_claim_then_its_restart_reconciles(pooling
     assert sorted(apps) == pooling.instance_rows()
     if owner == APP:
         assert apps == [pooled]  # adopted, not replaced
+    RESULTS.setdefault("claim_steps", {"crashes": 0, "passed": []})
+    RESULTS["claim_steps"]["crashes"] += 1
+    RESULTS["claim_steps"]["passed"].append(step)
 
 
 class Traffic:
@@ -340,7 +346,12 @@ def report():
     out = os.environ.get("FCRUN_CRASH_RESULTS")
     if out and RESULTS:
         os.makedirs(out, exist_ok=True)
-        total = {k: sum(r[k] for r in RESULTS.values()) for k in ("crashes", "sent", "responses", "reset", "lost")}
+        traffic = [r for r in RESULTS.values() if "sent" in r]
+        total = {k: sum(r[k] for r in traffic) for k in ("crashes", "sent", "responses", "reset", "lost")}
         with open(os.path.join(out, "crash-serve.json"), "w") as f:
-            json.dump({"hang_s": HANG_S, "total": total, **RESULTS}, f, indent=2, sort_keys=True)
+            json.dump({"hang_s": HANG_S, "traffic_total": total, **RESULTS,
+                       "meaning": "lost: a request accepted before a crash that got neither a response nor a "
+                                  "reset within hang_s; reset: accepted, then the connection was cut by the "
+                                  "crash; refused: sent while serve was down (not accepted)"},
+                      f, indent=2, sort_keys=True)
             f.write("\n")
