@@ -13,7 +13,7 @@ Properties, for every example:
 - a refused import leaves nothing: no record, no layer, nothing in the store's tmp dir.
 
 A bounded run (200 examples per test) is the default; ``FCRUN_FUZZ=long`` runs 20,000.
-Cases the fuzzer found are kept as ``@example``s (see REGRESSIONS).
+Failing cases (found by the fuzzer or in review) are kept as ``@example``s.
 """
 
 from __future__ import annotations
@@ -277,15 +277,22 @@ LIMITS = st.one_of(
 OUTSIDE_FILES = {"file": b"sentinel", "passwd": b"root:x:0:0"}
 
 # Cases the fuzzer found, kept as examples (each one failed before its fix):
-REGRESSIONS = [
-    # symlink with an empty target: os.symlink raised FileNotFoundError (now refused by name)
-    [("l", "a", "", b"", 0o644, (0, 0))],
-    # symlink target with NUL: os.symlink raised ValueError ("embedded null byte")
-    [("l", "a", "\x00", b"", 0o644, (0, 0))],
-    # a directory entry twice, read-only the first time: its attrs were applied twice
-    [("d", "dir", "", b"", 0o000, (0, 0)), ("f", "dir/a", "", b"x", 0o644, (0, 0)),
-     ("d", "dir", "", b"", 0o000, (0, 0))],
-]
+def _one(kind: str, name: str, link: str = "", data: bytes = b"", mode: int = 0o644):
+    return (kind, name, link, data, mode, (0, 0))
+
+
+DEFAULTS = ImportLimits()
+
+# Each failed before its fix. Found by this fuzzer:
+# - a 300-byte name as a parent directory: ENAMETOOLONG escaped as a bare OSError (then, once
+#   import wrapped OSErrors, as a host error, exit 125) instead of the layer's fault;
+# - a pax size of 10**200 on a member whose data is skipped: tarfile skipped it block by block,
+#   reading an empty stream for ever (the long run).
+# Found by reading the code, kept here so the fuzzer keeps checking them:
+# - a symlink target with NUL: os.symlink raised ValueError;
+# - pax mtime=nan, uid=-1: ValueError/OverflowError from os.utime/os.chown;
+# - pax GNU.sparse.* with a bad map: ValueError from tarfile's int();
+# - a directory entry twice, read-only the first time: its attributes were applied twice.
 
 
 @given(
@@ -294,21 +301,20 @@ REGRESSIONS = [
     gz=st.booleans(),
     limits=LIMITS,
 )
-@example(entries=REGRESSIONS[0], pax_oddities={}, gz=False, limits=ImportLimits())
-@example(entries=REGRESSIONS[1], pax_oddities={}, gz=True, limits=ImportLimits())
-@example(entries=REGRESSIONS[2], pax_oddities={}, gz=False, limits=ImportLimits())
-@example(entries=[("x", "a", "", b"abc", 0o644, (0, 0))], pax_oddities={"mtime": "nan"},
-         gz=False, limits=ImportLimits())
-@example(entries=[("x", "a", "", b"abc", 0o644, (0, 0))], pax_oddities={"uid": "-1"},
-         gz=False, limits=ImportLimits())
-@example(entries=[("x", "a", "", b"abc", 0o644, (0, 0))], pax_oddities={"GNU.sparse.map": "1,2"},
-         gz=False, limits=ImportLimits())
-# a pax size of 10**200 on a member whose data is skipped: tarfile skipped it block by block,
-# reading an empty stream for ever (found by the long run)
-@example(entries=[("x", ".wh..wh..opq", "", b"", 0o644, (0, 0))], pax_oddities={"size": "1" * 200},
-         gz=True, limits=ImportLimits())
-@example(entries=[("g", "a", "", b"abc", 0o644, (0, 0)), ("f", "b", "", b"", 0o644, (0, 0))],
-         pax_oddities={"GNU.sparse.realsize": "x"}, gz=False, limits=ImportLimits())
+@example(entries=[_one("f", "a" * 300 + "/b", data=b"x")], pax_oddities={}, gz=False, limits=DEFAULTS)
+@example(entries=[_one("x", ".wh..wh..opq")], pax_oddities={"size": "1" * 200}, gz=True,
+         limits=DEFAULTS)
+@example(entries=[_one("l", "a", "\x00")], pax_oddities={}, gz=True, limits=DEFAULTS)
+@example(entries=[_one("x", "a", data=b"abc")], pax_oddities={"mtime": "nan"}, gz=False,
+         limits=DEFAULTS)
+@example(entries=[_one("x", "a", data=b"abc")], pax_oddities={"uid": "-1"}, gz=False,
+         limits=DEFAULTS)
+@example(entries=[_one("x", "a", data=b"abc")], pax_oddities={"GNU.sparse.map": "1,2"}, gz=False,
+         limits=DEFAULTS)
+@example(entries=[_one("g", "a", data=b"abc"), _one("f", "b")],
+         pax_oddities={"GNU.sparse.realsize": "x"}, gz=False, limits=DEFAULTS)
+@example(entries=[_one("d", "dir", mode=0), _one("f", "dir/a", data=b"x"), _one("d", "dir", mode=0)],
+         pax_oddities={}, gz=False, limits=DEFAULTS)
 def test_random_layers_import_within_the_root_or_are_refused_cleanly(entries, pax_oddities, gz, limits):
     run_import(lambda outside: [build_tar(entries, pax_oddities, outside)], gz, "", limits)
 
