@@ -264,29 +264,30 @@ class ImageStore:
             ]
             diff_ids = _topmost_once(diff_ids)
             self._sync()  # layer content on disk before the renames make it part of the store
-            committed = []
-            for diff_id, (tmp, _) in staged.items():
-                if not os.path.isdir(self.layer_dir(diff_id)):
-                    committed.append(diff_id)
-                self._commit_layer(tmp, diff_id)
-            size = sum(
-                staged[d][1] if d in staged else tree_content_bytes(self.layer_dir(d))
-                for d in diff_ids
-            )
-            image = Image(
-                name=plan.name,
-                id=plan.image_id,
-                layers=[self.layer_dir(d) for d in diff_ids],
-                config=plan.config,
-                created=time.time(),
-                source=os.path.abspath(path),
-                size_bytes=size,
-                diff_ids=diff_ids,
-            )
+            committed = []  # layers this import adds to the store
             try:
+                for diff_id, (tmp, _) in staged.items():
+                    if not os.path.isdir(self.layer_dir(diff_id)):
+                        committed.append(diff_id)
+                    self._commit_layer(tmp, diff_id)
+                size = sum(
+                    staged[d][1] if d in staged else tree_content_bytes(self.layer_dir(d))
+                    for d in diff_ids
+                )
+                image = Image(
+                    name=plan.name,
+                    id=plan.image_id,
+                    layers=[self.layer_dir(d) for d in diff_ids],
+                    config=plan.config,
+                    created=time.time(),
+                    source=os.path.abspath(path),
+                    size_bytes=size,
+                    diff_ids=diff_ids,
+                )
                 self._write_record(image)
             except BaseException:
-                # Without a record the layers this import added belong to nothing: take them back.
+                # Without a record the layers this import added belong to nothing: take them
+                # back (a full disk must not leave orphans for `prune` to find).
                 for diff_id in committed:
                     self._discard(self.layer_dir(diff_id))
                 raise
