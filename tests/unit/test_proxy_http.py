@@ -1,5 +1,7 @@
 """The proxy's HTTP rules, sans-IO: RequestReader and ResponseReader fed plain bytes."""
 
+import re
+
 import msgspec
 import pytest
 
@@ -10,7 +12,11 @@ from fcrun.proxy.request import Request, RequestReader
 from fcrun.proxy.response import ResponseReader
 
 CLIENT_IP = "192.0.2.7"
-TAIL = b"X-Forwarded-For: 192.0.2.7\r\nX-Forwarded-Proto: http\r\nVia: 1.1 fcrun\r\n"
+TAIL = b"X-Forwarded-For: 192.0.2.7\r\nX-Real-IP: 192.0.2.7\r\nX-Forwarded-Proto: http\r\nVia: 1.1 fcrun\r\n"
+
+
+def host_tail(host: bytes) -> bytes:
+    return b'Forwarded: for=192.0.2.7;host="%s";proto=http\r\nX-Forwarded-Host: %s\r\n' % (host, host)
 
 
 class Sink:
@@ -52,7 +58,7 @@ def test_simple_get_is_rewritten_for_the_upstream():
     assert req.method == b"GET" and req.url == b"/a?b=1" and req.host == "example.test"
     assert req.keep_alive and not req.http10 and req.complete
     assert req.upstream_head == (b"GET /a?b=1 HTTP/1.1\r\nHost: Example.TEST:8080\r\nAccept: */*\r\n" + TAIL
-                                 + b"X-Forwarded-Host: Example.TEST:8080\r\n\r\n")
+                                 + host_tail(b"Example.TEST:8080") + b"\r\n")
     assert not sink.errors
 
 
@@ -73,14 +79,98 @@ def test_hop_by_hop_headers_are_removed():
     assert not req.upgrade
 
 
-def test_forwarded_for_and_via_are_appended():
+FORWARDING_CLAIMS = (b"X-Forwarded-For: 203.0.113.1\r\nx-forwarded-for: 10.0.0.1\r\nX-Forwarded-Proto: https\r\n"
+                     b"X-Forwarded-Host: evil.test\r\nFORWARDED: for=198.51.100.9;proto=https\r\n"
+                     b"X-Real-IP: 198.51.100.9\r\nVia: 1.1 cdn\r\n")
+
+
+def test_a_client_s_forwarding_headers_are_replaced_by_what_the_proxy_saw():
     r, sink = reader()
-    r.feed(b"GET / HTTP/1.1\r\nHost: a.test\r\nX-Forwarded-For: 203.0.113.1\r\nX-Forwarded-For: 10.0.0.1\r\n"
-           b"Via: 1.1 cdn\r\n\r\n")
+    r.feed(b"GET / HTTP/1.1\r\nHost: a.test\r\n" + FORWARDING_CLAIMS + b"\r\n")
+    head = sink.heads[0].upstream_head
+    headers = headers_of(head)
+    for name, value in ((b"X-Forwarded-For", b"192.0.2.7"), (b"X-Real-IP", b"192.0.2.7"),
+                        (b"X-Forwarded-Proto", b"http"), (b"X-Forwarded-Host", b"a.test"),
+                        (b"Forwarded", b'for=192.0.2.7;host="a.test";proto=http')):
+        assert [v for n, v in headers if n.lower() == name.lower()] == [value]
+    for claim in (b"203.0.113.1", b"10.0.0.1", b"https", b"evil.test", b"198.51.100.9"):
+        assert claim not in head
+    assert (b"Via", b"1.1 cdn, 1.1 fcrun") in headers   # Via is appended: loop detection, not trust
+
+
+def test_a_trusted_proxy_s_forwarding_headers_are_appended_to_and_kept():
+    config = ProxyConfig(trusted_proxies=("192.0.2.0/24", "10.0.0.0/8"))
+    r, sink = reader(config)
+    r.feed(b"GET / HTTP/1.1\r\nHost: a.test\r\n" + FORWARDING_CLAIMS + b"\r\n")
     headers = headers_of(sink.heads[0].upstream_head)
     assert (b"X-Forwarded-For", b"203.0.113.1, 10.0.0.1, 192.0.2.7") in headers
+    assert (b"X-Real-IP", b"203.0.113.1") in headers   # the rightmost address that is no trusted proxy
+    assert (b"X-Forwarded-Proto", b"https") in headers and (b"X-Forwarded-Host", b"evil.test") in headers
+    assert (b"Forwarded", b'for=198.51.100.9;proto=https, for=192.0.2.7;host="a.test";proto=http') in headers
     assert (b"Via", b"1.1 cdn, 1.1 fcrun") in headers
-    assert [name for name, _ in headers].count(b"X-Forwarded-For") == 1
+    names = [name.lower() for name, _ in headers]
+    for name in (b"x-forwarded-for", b"x-real-ip", b"x-forwarded-proto", b"x-forwarded-host", b"forwarded"):
+        assert names.count(name) == 1, name
+
+
+def test_a_trusted_proxy_that_sends_no_forwarding_headers_gets_the_proxy_s_own():
+    r, sink = reader(ProxyConfig(trusted_proxies=("192.0.2.7",)))
+    r.feed(b"GET / HTTP/1.1\r\nHost: a.test\r\n\r\n")
+    assert sink.heads[0].upstream_head == b"GET / HTTP/1.1\r\nHost: a.test\r\n" + TAIL + host_tail(b"a.test") + b"\r\n"
+
+
+def test_a_peer_outside_the_trusted_networks_is_not_believed():
+    r, sink = reader(ProxyConfig(trusted_proxies=("10.0.0.0/8", "2001:db8::/32")))
+    r.feed(b"GET / HTTP/1.1\r\nHost: a.test\r\n" + FORWARDING_CLAIMS + b"\r\n")
+    assert (b"X-Forwarded-For", b"192.0.2.7") in headers_of(sink.heads[0].upstream_head)
+
+
+@pytest.mark.parametrize("forwarded_for, real_ip", [
+    (b"203.0.113.1, 10.0.0.2", b"203.0.113.1"),
+    (b"203.0.113.1, 198.51.100.1, 10.0.0.2", b"198.51.100.1"),   # the leftmost entries are the client's word
+    (b"10.0.0.3, 10.0.0.2", b"10.0.0.3"),                        # all trusted: the leftmost
+    (b"10.0.0.3,not-an-ip, 10.0.0.2", b"10.0.0.2"),              # garbage stops the walk
+    (b"", b"10.0.0.1"),
+    (None, b"10.0.0.1"),
+])
+def test_real_client_ip_reads_x_forwarded_for_as_nginx_realip_does(forwarded_for, real_ip):
+    forwarding = Forwarding(ProxyConfig(trusted_proxies=("10.0.0.0/8",)))
+    assert forwarding.real_client_ip(forwarded_for, b"10.0.0.1") == real_ip
+
+
+@pytest.mark.parametrize("peer, trusted", [
+    ("10.1.2.3", True), ("::ffff:10.1.2.3", True), ("2001:db8::5", True), ("11.0.0.1", False),
+    ("2001:db9::5", False), ("unix", False),
+])
+def test_trusted_peers(peer, trusted):
+    forwarding = Forwarding(ProxyConfig(trusted_proxies=("10.0.0.0/8", "2001:db8::/32")))
+    assert forwarding.trusts(peer) is trusted
+
+
+def test_an_ipv6_client_is_quoted_in_forwarded():
+    sink = Sink()
+    r = RequestReader(sink, "2001:db8::5", Forwarding(ProxyConfig()))
+    r.feed(b"GET / HTTP/1.1\r\nHost: [::1]:8080\r\n\r\n")
+    headers = headers_of(sink.heads[0].upstream_head)
+    assert (b"Forwarded", b'for="[2001:db8::5]";host="[::1]:8080";proto=http') in headers
+    assert (b"X-Forwarded-For", b"2001:db8::5") in headers
+
+
+@pytest.mark.parametrize("entries, bad", [
+    (["10.0.0.0/8", "10.0.0.1/8"], "trusted_proxies[1]: '10.0.0.1/8'"),   # host bits set
+    (["proxy.example"], "trusted_proxies[0]: 'proxy.example'"),
+    (["10.0.0.0/33"], "trusted_proxies[0]: '10.0.0.0/33'"),
+])
+def test_trusted_proxies_must_be_cidrs_and_the_bad_one_is_named(entries, bad):
+    with pytest.raises(msgspec.ValidationError, match=re.escape(bad) + ".* is not a CIDR"):
+        msgspec.convert({"trusted_proxies": entries}, ProxyConfig)
+
+
+def test_forwarded_for_and_via_from_an_http10_client():
+    r, sink = reader()
+    r.feed(b"GET / HTTP/1.0\r\nHost: a.test\r\nX-Forwarded-For: 203.0.113.1\r\n\r\n")
+    headers = headers_of(sink.heads[0].upstream_head)
+    assert (b"X-Forwarded-For", b"192.0.2.7") in headers and (b"Via", b"1.0 fcrun") in headers
 
 
 @pytest.mark.parametrize("request_head, keep_alive", [
@@ -144,6 +234,135 @@ def test_bad_requests(request_head, status):
     assert r.stopped and not sink.heads
 
 
+HEAD_START = b"GET / HTTP/1.1\r\nHost: a.test\r\nX-Before: 1\r\n"
+
+
+@pytest.mark.parametrize("byte", [b"\r", b"\x00", b"\x01", b"\x0b", b"\x0c", b"\x1b", b"\x1f", b"\x7f"])
+def test_a_control_byte_in_a_header_value_is_400_naming_the_header(byte):
+    r, sink = reader()
+    r.feed(HEAD_START + b"X-Evil: a" + byte + b"b\r\nX-After: 2\r\n\r\n")
+    assert sink.errors == [(400, f'malformed request: header "X-Evil" holds the control byte '
+                                 f'0x{byte[0]:02x} in its value')]
+    assert r.stopped and not sink.heads
+
+
+@pytest.mark.parametrize("name", [b"X-E\x00vil", b"X-E\rvil", b"X-E vil", b"X-E\x7fvil", b"X-E\x80vil",
+                                  b"X-E(vil"])
+def test_a_bad_byte_in_a_header_name_is_400_naming_the_header(name):
+    r, sink = reader()
+    r.feed(HEAD_START + name + b": v\r\n\r\n")
+    ((status, message),) = sink.errors
+    assert status == 400 and message.startswith('malformed request: header name "X-E') and r.stopped
+    assert "not allowed in a name" in message
+
+
+@pytest.mark.parametrize("fold", [b" ", b"\t", b"  \t "])
+def test_obs_fold_is_400_naming_the_folded_header(fold):
+    r, sink = reader()
+    r.feed(HEAD_START + b"X-Folded: a\r\n" + fold + b"b\r\n\r\n")
+    assert sink.errors == [(400, 'malformed request: header "X-Folded" continues on a folded line '
+                                 '(obs-fold is not accepted)')]
+    assert not sink.heads
+
+
+@pytest.mark.parametrize("request_head, detail", [
+    (b"GET / HTTP/1.1\nHost: a.test\r\n\r\n", "the request line ends with a bare LF"),
+    (HEAD_START + b"X-Bare: 1\nX-Next: 2\r\n\r\n", 'header "X-Bare" ends with a bare LF'),
+    (HEAD_START + b"\n", "the head ends with a bare LF"),
+    (b"GET / HTTP/1.1\nHost: a.test\n\n", "the request line ends with a bare LF"),
+])
+def test_a_bare_lf_line_end_is_400(request_head, detail):
+    """RFC 9112 2.2 lets a recipient accept a bare LF; fcrun refuses it, so that no server
+    behind it can split the head at a place the proxy did not."""
+    r, sink = reader()
+    r.feed(request_head)
+    ((status, message),) = sink.errors
+    assert status == 400 and detail in message and not sink.heads
+
+
+def test_the_header_at_fault_is_named_when_the_head_came_in_several_reads():
+    r, sink = reader()
+    for part in (b"GET / HTTP/1.1\r\nHo", b"st: a.test\r\nX-Sp", b"lit: a\x00", b"b\r\n\r\n"):
+        if not r.stopped:
+            r.feed(part)
+    assert sink.errors == [(400, 'malformed request: header "X-Split" holds the control byte 0x00 in its value')]
+
+
+def test_a_bad_header_after_a_pipelined_request_is_still_400():
+    r, sink = reader()
+    r.feed(b"POST / HTTP/1.1\r\nHost: a.test\r\nContent-Length: 11\r\n\r\nX-Evil: \x00\r\n"
+           b"GET / HTTP/1.1\r\nHost: a.test\r\nX-Evil: a\rb\r\n\r\n")
+    assert len(sink.heads) == 1 and sink.heads[0].complete
+    ((status, message),) = sink.errors
+    # The second head began inside the read, where llhttp does not say: the reason is llhttp's
+    # (naming a header from the first request's body would be wrong).
+    assert status == 400 and message.startswith("malformed request: ") and "X-Evil" not in message
+
+
+@pytest.mark.parametrize("value", [b"a\tb", b"caf\xc3\xa9", b"\x80\xff", b"  padded"])
+def test_tab_and_obs_text_in_values_are_forwarded_as_parsed(value):
+    r, sink = reader()
+    r.feed(HEAD_START + b"X-Text: " + value + b"\r\n\r\n")
+    assert (b"X-Text: " + value.lstrip() + b"\r\n") in sink.heads[0].upstream_head
+
+
+@pytest.mark.parametrize("request_head, status", [
+    (b"POST / HTTP/1.1\r\nHost: a.test\r\nTransfer-Encoding: chunked\r\nContent-Length: 3\r\n\r\n", 400),
+    (b"POST / HTTP/1.1\r\nHost: a.test\r\nContent-Length: 3\r\nContent-Length: 3\r\n\r\nabc", 400),
+    (b"POST / HTTP/1.1\r\nHost: a.test\r\nContent-Length: 3, 3\r\n\r\nabc", 400),
+    (b"POST / HTTP/1.1\r\nHost: a.test\r\nContent-Length: +3\r\n\r\nabc", 400),
+    (b"POST / HTTP/1.1\r\nHost: a.test\r\nContent-Length: 0x3\r\n\r\nabc", 400),
+    (b"POST / HTTP/1.1\r\nHost: a.test\r\nContent-Length: 1" + b"0" * 20 + b"\r\n\r\n", 400),
+    (b"POST / HTTP/1.1\r\nHost: a.test\r\nTransfer-Encoding: chunked, gzip\r\n\r\n", 400),   # chunked not last
+    (b"POST / HTTP/1.1\r\nHost: a.test\r\nTransfer-Encoding: chunked\r\nTransfer-Encoding: chunked\r\n\r\n", 400),
+    (b"POST / HTTP/1.1\r\nHost: a.test\r\nTransfer-Encoding: identity\r\n\r\n", 501),
+    (b"POST / HTTP/1.1\r\nHost: a.test\r\nTransfer-Encoding: \r\n\r\n", 400),
+    (b"POST / HTTP/1.1\r\nHost: a.test\r\nTransfer-Encoding : chunked\r\n\r\n", 400),   # space before colon
+    (b"POST / HTTP/1.1\r\nHost: a.test\r\nConnection: Upgrade\r\nUpgrade: x\r\nContent-Length: 3\r\n\r\nabc", 400),
+    (b"POST / HTTP/1.1\r\nHost: a.test\r\nConnection: Upgrade\r\nUpgrade: x\r\nTransfer-Encoding: chunked\r\n\r\n"
+     b"0\r\n\r\n", 400),
+])
+def test_heads_that_could_be_framed_two_ways_are_refused(request_head, status):
+    r, sink = reader()
+    r.feed(request_head)
+    assert [e[0] for e in sink.errors] == [status]
+    assert r.stopped and not sink.heads and not sink.upgrades
+
+
+CHUNKED_HEAD = b"POST /p HTTP/1.1\r\nHost: a.test\r\nTransfer-Encoding: chunked\r\n\r\n"
+
+
+@pytest.mark.parametrize("body, reason", [
+    (b"1" + b"0" * 16 + b"\r\n", "Chunk size overflow"),
+    (b"-1\r\nx\r\n", "Invalid character in chunk size"),
+    (b"0x1\r\nx\r\n", "Invalid character in chunk size"),
+    (b"1 \r\nx\r\n", "Invalid character in chunk size"),
+    (b"1\nx\r\n0\r\n\r\n", "Missing expected CR after chunk size"),
+    (b"1;a\x01\r\nx\r\n", "Invalid character in chunk extensions"),
+    (b"1;a\nx\r\n", "Missing expected CR after chunk extension"),
+    (b"1\r\nxy0\r\n\r\n", "Expected LF after chunk data"),
+    (b"1\r\nx\r\n0\r\nContent-Length: 5\r\n\r\n", "Content-Length can't be present with Transfer-Encoding"),
+    (b"1\r\nx\r\n0\r\nX-T: a\x00\r\n\r\n", "Invalid header value char"),
+])
+def test_bad_chunked_framing_is_400_after_what_was_forwarded(body, reason):
+    r, sink = reader()
+    r.feed(CHUNKED_HEAD + body)
+    ((status, message),) = sink.errors
+    assert status == 400 and reason in message and r.stopped
+    (req,) = sink.heads
+    assert not req.complete   # the driver cuts the upstream: the request never looks finished there
+    assert b"0\r\n\r\n" not in b"".join(req.pending)
+
+
+def test_chunk_extensions_and_trailers_are_dropped_and_the_body_rechunked():
+    r, sink = reader()
+    r.feed(CHUNKED_HEAD + b"3;name=value;q=\"a;b\"\r\nabc\r\n00A\r\n0123456789\r\n0;last\r\nX-Trailer: 1\r\n"
+           b"Content-Type: evil\r\n\r\n")
+    (req,) = sink.heads
+    assert req.complete and not sink.errors
+    assert b"".join(req.pending) == b"3\r\nabc\r\na\r\n0123456789\r\n0\r\n\r\n"
+
+
 def test_content_length_body_is_passed_through():
     r, sink = reader()
     r.feed(b"POST /p HTTP/1.1\r\nHost: a.test\r\nContent-Length: 10\r\n\r\n01234")
@@ -196,7 +415,7 @@ def test_upgrade_request_hands_over_the_early_bytes():
     r.feed(b"GET /ws HTTP/1.1\r\nHost: a.test\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n\r\nEARLY")
     (req,) = sink.heads
     assert req.upgrade and not req.keep_alive
-    assert req.upstream_head.endswith(b"Connection: upgrade\r\nUpgrade: websocket\r\nX-Forwarded-Host: a.test\r\n\r\n")
+    assert req.upstream_head.endswith(host_tail(b"a.test") + b"Connection: upgrade\r\nUpgrade: websocket\r\n\r\n")
     assert sink.upgrades == [(req, b"EARLY")] and r.stopped
 
 

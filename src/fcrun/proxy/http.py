@@ -16,9 +16,26 @@ a response head is forwarded as slices of the bytes received (see ResponseReader
 
 Hop-by-hop headers (RFC 9110 7.6.1) never cross the proxy: Connection and the headers it names,
 Keep-Alive, Proxy-*, TE, Trailer, Transfer-Encoding (bodies are re-framed instead), and Upgrade
-(except on a WebSocket-style upgrade, which is re-stated explicitly). A client's
-X-Forwarded-Proto and X-Forwarded-Host are replaced (the proxy is the edge); X-Forwarded-For
-and Via are appended to.
+(except on a WebSocket-style upgrade, which is re-stated explicitly).
+
+Forwarding headers say who the client is (:class:`Forwarding`). The proxy is the edge, so by
+default a client's X-Forwarded-For, X-Forwarded-Proto, X-Forwarded-Host, Forwarded and
+X-Real-IP never reach the app: they are replaced by what the proxy saw (the TCP peer's address,
+its own scheme, the Host). Only a peer inside ``[proxy] trusted_proxies`` (a load balancer in
+front of fcrun) is believed, as nginx's realip module believes ``set_real_ip_from``: its
+X-Forwarded-For and Forwarded are appended to, its X-Forwarded-Proto/-Host kept, and X-Real-IP
+is the rightmost X-Forwarded-For address that is not itself a trusted proxy. Via is always
+appended to (it is for loop detection, not trust).
+
+What reaches the upstream is re-serialized from the parsed fields, never copied from the
+client's bytes: the request line from method, target and "HTTP/1.1", each header as
+``name: value CRLF``, the body re-framed. llhttp, in its strict mode (fcrun sets none of its
+"dangerous leniencies"), has already refused every head that could be read two ways: CR, LF,
+NUL or another control character (HTAB aside) in a header name or value, obs-fold (a line
+starting with SP or HTAB), a bare LF as line end, Content-Length together with
+Transfer-Encoding, two Content-Length lines, a Transfer-Encoding whose last coding is not
+chunked, a chunk size over 64 bits, a malformed chunk extension. A refused head is answered
+400, naming the header at fault where :func:`describe_header_error` can tell which it is.
 
 Expect: 100-continue is answered by the proxy itself, not forwarded: the driver sends
 ``100 Continue`` once the request has an upstream connection (after a cold start, after the body
@@ -28,9 +45,10 @@ dropped.
 
 from __future__ import annotations
 
+import ipaddress
 from http import HTTPStatus
 
-from .config import ProxyConfig
+from .config import ProxyConfig, trusted_networks
 
 CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
 CRLF = b"\r\n"
@@ -48,6 +66,9 @@ HEADER_FORWARDED_FOR = 6
 HEADER_VIA = 7
 HEADER_EXPECT = 8
 HEADER_DUPLICATE_HOST = 9   # not a header: a second Host line
+HEADER_FORWARDED = 10       # Forwarded (RFC 7239)
+HEADER_FORWARDED_PROTO = 11
+HEADER_FORWARDED_HOST = 12
 
 # Hop-by-hop headers (RFC 9110 7.6.1), in requests and responses alike: never forwarded as
 # received. Each side's table adds its own entries to these.
@@ -109,19 +130,124 @@ def connection_tokens(value: bytes, into: set[bytes] | None) -> set[bytes] | Non
 
 
 class Forwarding:
-    """Header bytes precomputed once per server (and per client address) for the hot path."""
+    """The forwarding headers' rules, and their bytes precomputed once per server (and per
+    client address) for the hot path."""
 
     def __init__(self, config: ProxyConfig):
         via = config.via.encode("ascii")
         self.via_11 = b"1.1 " + via
         self.via_10 = b"1.0 " + via
         self.via_line = b"Via: 1.1 " + via + CRLF
-        self.proto_line = b"X-Forwarded-Proto: " + config.forwarded_proto.encode("ascii") + CRLF
+        self.proto = config.forwarded_proto.encode("ascii")
+        self.proto_line = b"X-Forwarded-Proto: " + self.proto + CRLF
         self.max_header_bytes = config.max_header_bytes
+        self.trusted = trusted_networks(config.trusted_proxies)
+
+    def trusts(self, client_ip: bytes | str) -> bool:
+        """Is this peer address inside ``trusted_proxies`` (its forwarding headers believed)?"""
+        if not self.trusted:
+            return False
+        try:
+            address = ipaddress.ip_address(client_ip.decode("ascii") if isinstance(client_ip, bytes)
+                                           else client_ip)
+        except (ValueError, UnicodeDecodeError):
+            return False   # not an IP address (a unix socket peer)
+        if address.version == 6 and address.ipv4_mapped is not None:
+            address = address.ipv4_mapped   # a dual-stack socket's view of an IPv4 peer
+        return any(address in network for network in self.trusted)
+
+    def real_client_ip(self, forwarded_for: bytes | None, peer: bytes) -> bytes:
+        """The client's address as nginx's realip (recursive) reads it from a trusted peer:
+        X-Forwarded-For from the right, skipping trusted proxies; the peer itself if the list
+        is empty; the last valid address before an entry that is not an address."""
+        client = peer
+        for entry in reversed(forwarded_for.split(b",")) if forwarded_for else ():
+            if not self.trusts(client):
+                break
+            entry = entry.strip()
+            try:
+                ipaddress.ip_address(entry.decode("ascii"))
+            except (ValueError, UnicodeDecodeError):
+                break
+            client = entry
+        return client
 
     def client_tail(self, client_ip: bytes) -> bytes:
-        """The common request tail for a client that sent neither X-Forwarded-For nor Via."""
-        return b"X-Forwarded-For: " + client_ip + CRLF + self.proto_line + self.via_line
+        """The common request tail for a client that sent no forwarding header nor Via
+        (the host's lines follow: :meth:`host_tail`)."""
+        return (b"X-Forwarded-For: " + client_ip + CRLF + b"X-Real-IP: " + client_ip + CRLF
+                + self.proto_line + self.via_line)
+
+    def forwarded_element(self, client_ip: bytes, host: bytes) -> bytes:
+        """This hop's element of the Forwarded header (RFC 7239): ``for=...;host="...";proto=...``."""
+        return b"for=%s;host=\"%s\";proto=%s" % (forwarded_node(client_ip), host, self.proto)
+
+    def host_tail(self, client_ip: bytes, host: bytes) -> bytes:
+        """Forwarded and X-Forwarded-Host for a request to ``host`` (a Host value already
+        checked by normalize_host, so it needs no escaping inside quotes)."""
+        return (b"Forwarded: " + self.forwarded_element(client_ip, host) + CRLF
+                + b"X-Forwarded-Host: " + host + CRLF)
+
+
+def forwarded_node(client_ip: bytes) -> bytes:
+    """A peer address as a Forwarded ``for=`` node: IPv6 quoted in brackets, no address "unknown"."""
+    if b":" in client_ip:
+        return b'"[' + client_ip + b']"'
+    if client_ip[:1].isdigit():
+        return client_ip
+    return b"unknown"
+
+
+# Bytes a header name may hold (RFC 9110 5.6.2 tchar).
+_TCHAR = frozenset(b"!#$%&'*+-.^_`|~0123456789abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ")
+_SHOWN_NAME_CHARS = 64
+
+
+def _shown(name: bytes) -> str:
+    """A header name for an error message: printable ASCII as is, any other byte as \\xNN."""
+    text = "".join(chr(byte) if 0x20 < byte < 0x7F and byte != 0x22 else f"\\x{byte:02x}"
+                   for byte in name[:_SHOWN_NAME_CHARS])
+    return '"' + text + ('..."' if len(name) > _SHOWN_NAME_CHARS else '"')
+
+
+def describe_header_error(head: bytes) -> str | None:
+    """Which line of a refused request head broke the rules, in words naming its header.
+
+    ``head`` holds the head's bytes from its start up to at least the line at fault (more may
+    follow). None when no header line is at fault (the request line was, or the reason is
+    elsewhere). Called only on the error path, after llhttp refused the head.
+    """
+    lines = head.lstrip(b"\r\n").split(b"\n")
+    if len(lines) < 2:
+        return None
+    if not lines[0].endswith(b"\r"):
+        return "the request line ends with a bare LF (lines end with CRLF)"
+    previous = None
+    last = len(lines) - 1
+    for index in range(1, len(lines)):
+        line = lines[index]
+        ended = index < last          # the last piece has not reached its LF yet
+        crlf = line.endswith(b"\r")
+        text = line[:-1] if crlf else line
+        if not text:
+            return "the head ends with a bare LF (lines end with CRLF)" if ended and not crlf else None
+        if text[:1] in (b" ", b"\t"):
+            if previous is None:
+                return "the first header line starts with whitespace"
+            return f"header {_shown(previous)} continues on a folded line (obs-fold is not accepted)"
+        name, colon, value = text.partition(b":")
+        bad = next((byte for byte in name if byte not in _TCHAR), None)
+        if bad is not None:
+            return f"header name {_shown(name)} holds the byte 0x{bad:02x}, not allowed in a name"
+        if not colon:
+            return f"header line {_shown(name)} has no colon" if ended else None
+        bad = next((byte for byte in value if (byte < 0x20 and byte != 0x09) or byte == 0x7F), None)
+        if bad is not None:
+            return f"header {_shown(name)} holds the control byte 0x{bad:02x} in its value"
+        if ended and not crlf:
+            return f"header {_shown(name)} ends with a bare LF (lines end with CRLF)"
+        previous = name
+    return None
 
 
 def cold_start_headers(cold_start: tuple[str, float]) -> bytes:

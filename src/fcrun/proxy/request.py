@@ -12,8 +12,9 @@ from httptools import HttpParserCallbackError, HttpParserError, HttpParserUpgrad
 
 from ..hostnames import normalize_host
 from .http import (CRLF, HEADER_CONNECTION, HEADER_CONTENT_LENGTH, HEADER_DROP, HEADER_DUPLICATE_HOST,
-                   HEADER_EXPECT, HEADER_FORWARDED_FOR, HEADER_HOST, HEADER_TRANSFER_ENCODING, HEADER_UPGRADE,
-                   HEADER_VIA, HOP_BY_HOP_HEADERS, Forwarding, ProtocolViolation, connection_tokens)
+                   HEADER_EXPECT, HEADER_FORWARDED, HEADER_FORWARDED_FOR, HEADER_FORWARDED_HOST,
+                   HEADER_FORWARDED_PROTO, HEADER_HOST, HEADER_TRANSFER_ENCODING, HEADER_UPGRADE, HEADER_VIA,
+                   HOP_BY_HOP_HEADERS, Forwarding, ProtocolViolation, connection_tokens, describe_header_error)
 
 IDEMPOTENT_METHODS = frozenset((b"GET", b"HEAD", b"OPTIONS", b"TRACE", b"PUT", b"DELETE"))
 
@@ -22,10 +23,12 @@ _REQUEST_HEADERS = {
     **HOP_BY_HOP_HEADERS,
     b"host": HEADER_HOST,
     b"content-length": HEADER_CONTENT_LENGTH,
+    # Forwarding headers: replaced by the proxy's own, or kept/appended to for a trusted peer.
     b"x-forwarded-for": HEADER_FORWARDED_FOR,
-    # The proxy is the edge: a client's own claims about scheme and host are replaced.
-    b"x-forwarded-proto": HEADER_DROP,
-    b"x-forwarded-host": HEADER_DROP,
+    b"x-forwarded-proto": HEADER_FORWARDED_PROTO,
+    b"x-forwarded-host": HEADER_FORWARDED_HOST,
+    b"forwarded": HEADER_FORWARDED,
+    b"x-real-ip": HEADER_DROP,
     b"expect": HEADER_EXPECT,
 }
 
@@ -116,9 +119,9 @@ class RequestReader:
     the reader is ``stopped`` and must not be fed again.
     """
 
-    __slots__ = ("_sink", "_parser", "_forwarding", "_client_ip", "_tail", "_factory", "_req",
-                 "_lines", "_special", "_head_len", "_head_raw", "_in_head", "_limit",
-                 "_last_host_raw", "_last_host", "in_message", "stopped")
+    __slots__ = ("_sink", "_parser", "_forwarding", "_client_ip", "_trusted", "_tail", "_factory", "_req",
+                 "_lines", "_special", "_head_len", "_head_raw", "_head_reads", "_in_head", "_limit",
+                 "_last_host_raw", "_last_host", "_host_tail", "in_message", "stopped")
 
     def __init__(self, sink: RequestSink, client_ip: str, forwarding: Forwarding,
                  request_factory: type[Request] = Request):
@@ -126,6 +129,7 @@ class RequestReader:
         self._parser = httptools.HttpRequestParser(self)
         self._forwarding = forwarding
         self._client_ip = client_ip.encode("ascii", "replace")
+        self._trusted = forwarding.trusts(client_ip)   # a proxy in front of us: its headers believed
         self._tail = forwarding.client_tail(self._client_ip)
         self._factory = request_factory
         self._req: Request | None = None
@@ -133,10 +137,15 @@ class RequestReader:
         self._special: list[tuple[int, bytes]] | None = None   # rare headers of this head
         self._head_len = 0
         self._head_raw = 0          # bytes fed while a head was incomplete (bounds llhttp's buffering)
+        # The earlier reads of the head being parsed, kept only to name the header at fault when
+        # llhttp refuses it; None when the head began inside a read after another request (its
+        # start is not known, so the header is not named).
+        self._head_reads: tuple[bytes, ...] | None = ()
         self._in_head = True        # between requests or inside a head (not in a body)
         self._limit = forwarding.max_header_bytes
         self._last_host_raw = b""
         self._last_host = ""
+        self._host_tail = b""
         self.in_message = False     # some bytes of a request have arrived and it is not complete
         self.stopped = False
 
@@ -155,13 +164,23 @@ class RequestReader:
             raise (err.__context__ or err) from None   # a bug in the sink: let the driver see it
         except HttpParserError as err:
             req = self._req if self.in_message else None
+            message = f"malformed request: {err}"
+            if self._in_head and self._head_reads is not None:
+                detail = describe_header_error(b"".join(self._head_reads) + data)
+                if detail is not None:
+                    message = f"malformed request: {detail}"
             self.stopped = True
             self.in_message = False
-            self._sink.request_error(req, 400, f"malformed request: {err}")
+            self._sink.request_error(req, 400, message)
             return
-        if self._in_head and self._head_raw > self._limit:
-            self.stopped = True
-            self._sink.request_error(None, 431, f"request head over {self._limit} bytes")
+        if self._in_head:
+            if self._head_raw > self._limit:
+                self.stopped = True
+                self._sink.request_error(None, 431, f"request head over {self._limit} bytes")
+            elif not self.in_message:
+                self._head_reads = ()      # the next head starts with the next read
+            elif self._head_reads is not None:
+                self._head_reads += (data,)
 
     def _fail(self, req: Request | None, status: int, message: str) -> None:
         self.stopped = True
@@ -212,6 +231,7 @@ class RequestReader:
         parser = self._parser
         self._in_head = False
         self._head_raw = 0
+        self._head_reads = None   # a next head in this read starts where llhttp does not say
         method = req.method = parser.get_method()
         url = req.url
         req.head_bytes = head_bytes = self._head_len + len(method) + len(url) + 14
@@ -238,14 +258,15 @@ class RequestReader:
             if host is None:
                 self._fail(req, 400, "invalid Host header")
             self._last_host_raw, self._last_host = host_raw, host
+            self._host_tail = self._forwarding.host_tail(self._client_ip, host_raw.strip())
             req.host = host
         lines[0] = method
         lines[2] = req.url
         if self._special is None and not http10:
-            lines.append(self._tail)
+            lines += (self._tail, self._host_tail, CRLF)
         else:
             self._special_headers(req, lines, http10)
-        lines += (b"X-Forwarded-Host: ", req.host_raw, CRLF, CRLF)
+            lines.append(CRLF)
         req.upstream_head = b"".join(lines)
         self._lines = []
         self._sink.request_head(req)
@@ -253,6 +274,7 @@ class RequestReader:
     def _special_headers(self, req: Request, lines: list[bytes], http10: bool) -> None:
         """The rare path: headers that change how the request is forwarded, and HTTP/1.0."""
         forwarded_for = via = transfer_encoding = expect = upgrade = tokens = None
+        forwarded = forwarded_proto = forwarded_host = None
         for kind, value in self._special or ():
             if kind == HEADER_CONNECTION:
                 tokens = connection_tokens(value, tokens)
@@ -266,6 +288,12 @@ class RequestReader:
                 via = value if via is None else via + b", " + value
             elif kind == HEADER_EXPECT:
                 expect = value
+            elif kind == HEADER_FORWARDED:
+                forwarded = value if forwarded is None else forwarded + b", " + value
+            elif kind == HEADER_FORWARDED_PROTO:
+                forwarded_proto = value if forwarded_proto is None else forwarded_proto + b", " + value
+            elif kind == HEADER_FORWARDED_HOST:
+                forwarded_host = value if forwarded_host is None else forwarded_host + b", " + value
             elif kind == HEADER_DUPLICATE_HOST:
                 self._fail(req, 400, "more than one Host header")
         if transfer_encoding is not None:
@@ -279,17 +307,36 @@ class RequestReader:
         if tokens is not None:
             lines[:] = _drop_named(lines, 4, tokens)
         forwarding = self._forwarding
+        client_ip = self._client_ip
+        if not self._trusted:
+            # The proxy is the edge: what the client says about itself is dropped, every time.
+            forwarded_for = forwarded = forwarded_proto = forwarded_host = None
         if forwarded_for is None and via is None and not http10:
             lines.append(self._tail)
         else:
             via_token = forwarding.via_10 if http10 else forwarding.via_11
             lines += (b"X-Forwarded-For: ",
-                      self._client_ip if forwarded_for is None else forwarded_for + b", " + self._client_ip,
-                      CRLF, forwarding.proto_line,
+                      client_ip if forwarded_for is None else forwarded_for + b", " + client_ip, CRLF,
+                      b"X-Real-IP: ",
+                      client_ip if forwarded_for is None else forwarding.real_client_ip(forwarded_for, client_ip),
+                      CRLF,
+                      forwarding.proto_line if forwarded_proto is None else
+                      b"X-Forwarded-Proto: " + forwarded_proto + CRLF,
                       b"Via: ", via_token if via is None else via + b", " + via_token, CRLF)
+        if forwarded is None and forwarded_host is None:
+            lines.append(self._host_tail)
+        else:
+            host = req.host_raw.strip()
+            element = forwarding.forwarded_element(client_ip, host)
+            lines += (b"Forwarded: ", element if forwarded is None else forwarded + b", " + element, CRLF,
+                      b"X-Forwarded-Host: ", host if forwarded_host is None else forwarded_host, CRLF)
         if req.chunked:
             lines.append(b"Transfer-Encoding: chunked\r\n")
         if self._parser.should_upgrade():
+            if req.has_body:
+                # llhttp hands the body over as tunnel bytes while the upstream would read it as
+                # a body: two readings of the same bytes, so neither is allowed.
+                self._fail(req, 400, "an upgrade request cannot have a body")
             req.upgrade = True
             req.keep_alive = False   # after an upgrade request the connection is no HTTP anymore
             if upgrade is not None:
