@@ -7,8 +7,9 @@ answered afterwards.
 Requests across crashes: a request the proxy accepted before a crash gets a response or a
 reset connection, never a hang; a request sent while serve is down is refused. The counts go
 to $FCRUN_CRASH_RESULTS/crash-serve.json when that is set (bench/results/ holds a run's).
-Rounds: each serve step once and 3 crashes of each process under traffic (CI, ~1 min);
-FCRUN_CRASH_SERVE_KILLS=N kills each N times instead.
+Rounds: each of serve's steps once (scale, freeze, thaw and the removal its stop makes), each
+claim case once, and 3 crashes of each process under traffic (CI, ~50 s);
+FCRUN_CRASH_SERVE_KILLS=N kills each N times under traffic instead.
 """
 
 from __future__ import annotations
@@ -116,6 +117,8 @@ SERVE_STEPS = {
     "serve.instance.drained": ("scale-in", 1),
     # stopped, then serve died before its row went: nothing runs, the stale row goes
     "serve.instance.stopped": ("scale-in", 0),
+    # serve's stop killed it, then died removing it: the new serve's fork-server's gc finishes
+    **{step: ("scale-in", 0) for step in ("delete.locked", "delete.cgroup", "delete.network", "delete.done")},
     # frozen when idle, then serve died: adopted frozen, the next request thaws it
     "freeze.frozen": ("idle", 1),
     # a request thawed it, then serve died: adopted running
@@ -150,6 +153,7 @@ def test_kill_9_of_serve_at_a_scale_step_then_restart_reconciles(crashing, step)
     crashing.restart()
     running = crashing.running()
     assert len(running) == running_after, (step, running, crashing.read_log()[-3000:])
+    assert sorted(_ps(crashing)) == running, f"{step}: the reconcile left a dead or half-made container"
     assert crashing.instance_rows() == running, "the CMDB's instance rows are not what runs"
     status, headers, body = crashing.request(APP)
     assert status == 200 and "crash site" in body
