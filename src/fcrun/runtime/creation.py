@@ -15,7 +15,9 @@
 Resource handling: every step registers its undo; on any failure they run in reverse, so a
 failed creation leaves nothing behind (no state dir, id range, slot mount, layer, cgroup,
 veth, lease or process). A crash before `record` leaves a reserved name, which `fcrun gc`
-cleans up by name; the child dies with us or at the EOF of its go pipe.
+cleans up by name; the child dies with us or at the EOF of its go pipe. A crash after it
+leaves a created container whose creator is gone, which gc settles (orphaned_created in
+lifecycle.py). Each step has a crash point (crashpoints.py) where the crash suite kills us.
 """
 
 from __future__ import annotations
