@@ -13,8 +13,9 @@ from fcrun.proxy.upstream import UpstreamConnection
 GET = b"GET /x HTTP/1.1\r\nHost: a.test\r\n\r\n"
 OK = b"HTTP/1.1 200 OK\r\nServer: app\r\nConnection: keep-alive\r\nContent-Length: 5\r\n\r\nhello"
 OK_TO_CLIENT = b"HTTP/1.1 200 OK\r\nServer: app\r\nContent-Length: 5\r\nVia: 1.1 fcrun\r\n\r\nhello"
-HEAD_TO_UPSTREAM = (b"GET /x HTTP/1.1\r\nHost: a.test\r\nX-Forwarded-For: 192.0.2.7\r\nX-Forwarded-Proto: http\r\n"
-                    b"Via: 1.1 fcrun\r\nX-Forwarded-Host: a.test\r\n\r\n")
+HEAD_TO_UPSTREAM = (b"GET /x HTTP/1.1\r\nHost: a.test\r\nX-Forwarded-For: 192.0.2.7\r\nX-Real-IP: 192.0.2.7\r\n"
+                    b"X-Forwarded-Proto: http\r\nVia: 1.1 fcrun\r\n"
+                    b'Forwarded: for=192.0.2.7;host="a.test";proto=http\r\nX-Forwarded-Host: a.test\r\n\r\n')
 
 
 def make_server(config: ProxyConfig | None = None, **router_args) -> tuple[ProxyServer, StaticRouter]:
@@ -333,7 +334,7 @@ def test_websocket_upgrade_becomes_a_tunnel():
     assert up_t.take() == b"ping"
     up.data_received(b"pong")
     assert client_t.take() == b"pong"
-    server.check_timeouts(server.now + 3600)   # tunnels have no idle deadline here
+    server.check_timeouts(server.now + server.config.tunnel_idle_timeout_s - 1)   # bytes came at 0
     assert not client_t.closed
     assert client.eof_received() is True and up_t.eof_written
     assert up.eof_received() is False and client_t.closed
@@ -470,3 +471,161 @@ def test_cold_start_wait_is_cancelled_when_the_client_leaves():
         assert len(server.tasks) == 0 and router.leases == [] and server.requests_in_flight == 0
 
     asyncio.run(main())
+
+
+# Bounds against slow and hostile clients (and instances), on the coarse clock: check_timeouts(t)
+# is the sweep at time t, so nothing sleeps.
+
+POST_100K = b"POST /u HTTP/1.1\r\nHost: a.test\r\nContent-Length: 100000\r\n\r\n"
+BOUNDS = ProxyConfig(body_idle_timeout_s=30.0, body_timeout_s=300.0, upstream_response_timeout_s=60.0,
+                     upstream_read_timeout_s=60.0, send_timeout_s=60.0, tunnel_idle_timeout_s=300.0)
+
+
+def test_body_with_no_byte_for_the_idle_timeout_is_408_and_the_lease_settles():
+    server, router, up, up_t, client, client_t = proxied(BOUNDS)
+    client.data_received(POST_100K + b"x")
+    assert up_t.take().endswith(b"\r\n\r\nx")   # streamed to the instance as it comes
+    server.check_timeouts(20.0)
+    client.data_received(b"y")                  # a byte at 20 s: the idle clock starts again
+    server.check_timeouts(45.0)
+    assert client_t.take() == b""
+    server.check_timeouts(51.0)
+    response = client_t.take()
+    assert response.startswith(b"HTTP/1.1 408 ") and b"body_idle_timeout_s" in response
+    assert b"Connection: close" in response and client_t.eof_written
+    assert up_t.aborted   # the instance got a truncated request: dropped, never pooled
+    (lease,) = router.leases
+    assert lease.settled == [(408, len(POST_100K) + 2, len(response), False)]
+    assert server.requests_in_flight == 0 and server.upstreams.idle_connections == 0
+    client.data_received(b"z" * 100)   # still trickling while we linger: dropped
+    server.check_timeouts(51.0 + server.config.linger_s + 1)
+    assert client_t.closed and client_t.take() == b""
+
+
+def test_body_trickled_past_the_total_timeout_is_408():
+    server, router, _, _, client, client_t = proxied(BOUNDS)
+    client.data_received(POST_100K)
+    for second in range(10, 300, 10):   # a byte every 10 s: never idle for 30 s
+        server.check_timeouts(float(second))
+        client.data_received(b"x")
+    assert client_t.take() == b""
+    server.check_timeouts(301.0)
+    response = client_t.take()
+    assert response.startswith(b"HTTP/1.1 408 ") and b"not complete within 300 s (body_timeout_s)" in response
+    assert router.leases[0].settled[0][0] == 408
+
+
+def test_time_the_proxy_holds_the_body_back_is_not_the_clients():
+    server, router, up, _, client, client_t = proxied(BOUNDS)
+    client.data_received(POST_100K + b"x")
+    up.pause_writing()   # the instance reads slowly: the proxy stops reading the client
+    assert not client_t.reading
+    server.check_timeouts(1000.0)
+    assert client_t.take() == b"" and not client_t.closed
+    up.resume_writing()
+    assert client_t.reading
+    server.check_timeouts(1020.0)
+    client.data_received(b"x")
+    server.check_timeouts(1040.0)    # 20 s idle, 40 s of reading time in all
+    assert client_t.take() == b""
+    server.check_timeouts(1051.0)
+    assert client_t.take().startswith(b"HTTP/1.1 408 ")
+
+
+def test_slow_body_during_a_cold_start_is_408_and_the_wait_is_cancelled():
+    async def main():
+        server, router = make_server(BOUNDS, delay_s=600)
+        client, client_t = connect_client(server)
+        client.data_received(POST_100K + b"x")
+        await asyncio.sleep(0)
+        assert len(server.tasks) == 1   # waiting for the instance
+        server.check_timeouts(31.0)
+        assert client_t.take().startswith(b"HTTP/1.1 408 ")
+        for _ in range(5):
+            await asyncio.sleep(0)
+        assert len(server.tasks) == 0 and router.leases == [] and server.requests_in_flight == 0
+
+    asyncio.run(main())
+
+
+def test_no_response_head_within_the_timeout_is_504_naming_host_and_timeout():
+    server, router, up, up_t, client, client_t = proxied(BOUNDS)
+    client.data_received(GET)
+    assert up_t.take() == HEAD_TO_UPSTREAM
+    server.check_timeouts(59.0)
+    assert client_t.take() == b""
+    server.check_timeouts(61.0)
+    response = client_t.take()
+    assert response.startswith(b"HTTP/1.1 504 Gateway Timeout\r\n")
+    assert b"a.test" in response and b"60 s (upstream_response_timeout_s)" in response
+    assert up_t.aborted and router.leases[0].settled[0][0] == 504 and router.leases[0].settled[0][3] is True
+    assert not client_t.closed   # the client's connection serves its next request
+
+
+def test_instance_silent_mid_response_is_cut():
+    server, router, up, _, client, client_t = proxied(BOUNDS)
+    client.data_received(GET)
+    up.data_received(b"HTTP/1.1 200 OK\r\nContent-Length: 10\r\n\r\n01234")
+    server.check_timeouts(50.0)
+    up.data_received(b"5")   # a byte at 50 s
+    server.check_timeouts(100.0)
+    assert not client_t.closed
+    server.check_timeouts(111.0)
+    assert client_t.closed and client_t.take().endswith(b"012345")
+    assert router.leases[0].settled[0][0] == 200 and router.leases[0].settled[0][3] is True
+
+
+def test_client_that_reads_nothing_is_dropped_after_the_send_timeout():
+    server, router, up, up_t, client, client_t = proxied(BOUNDS)
+    client.data_received(GET)
+    up.data_received(b"HTTP/1.1 200 OK\r\nContent-Length: 1000000\r\n\r\n" + b"x" * 1000)
+    server.check_timeouts(10.0)
+    client.pause_writing()   # the client's socket is full: the instance is paused, not buffered
+    assert not up_t.reading
+    server.check_timeouts(69.0)
+    assert not client_t.closed
+    server.check_timeouts(71.0)
+    assert client_t.aborted
+    client.connection_lost(None)
+    assert up_t.aborted and router.leases[0].settled[0][3] is True
+
+
+def test_a_slow_reader_that_reads_gets_its_response():
+    server, router, up, up_t, client, client_t = proxied(BOUNDS)
+    client.data_received(GET)
+    up.data_received(b"HTTP/1.1 200 OK\r\nContent-Length: 4\r\n\r\nab")
+    for second in (50.0, 100.0, 150.0):
+        client.pause_writing()
+        server.check_timeouts(second)
+        client.resume_writing()   # it takes some: neither the send nor the read timeout applies
+        server.check_timeouts(second + 1)
+    assert not client_t.closed
+    up.data_received(b"cd")
+    assert client_t.take().endswith(b"abcd") and router.leases[0].settled[0][:1] == (200,)
+
+
+def test_idle_tunnel_is_closed_on_both_sides():
+    server, router, up, up_t, client, client_t = proxied(BOUNDS)
+    client.data_received(b"GET /ws HTTP/1.1\r\nHost: a.test\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n\r\n")
+    up.data_received(b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\r\n")
+    server.check_timeouts(200.0)
+    up.data_received(b"ping")          # the instance spoke at 200 s
+    server.check_timeouts(450.0)
+    client.data_received(b"pong")      # the client at 450 s
+    server.check_timeouts(749.0)
+    assert not client_t.closed
+    server.check_timeouts(751.0)
+    assert client_t.aborted
+    client.connection_lost(None)
+    assert up_t.closed and router.leases[0].settled[0][0] == 101
+
+
+def test_default_body_limit_is_10_mib_and_0_is_unlimited():
+    assert ProxyConfig().max_body_bytes == 10 * 1024 * 1024
+    post = b"POST /u HTTP/1.1\r\nHost: a.test\r\nContent-Length: %d\r\n\r\n"
+    *_, response = first_response(post % (10 * 1024 * 1024 + 1))
+    assert response.startswith(b"HTTP/1.1 413 ")
+    for config, lease_limit in ((ProxyConfig(max_body_bytes=0), None), (ProxyConfig(), 0)):
+        server, router, _, up_t, client, client_t = proxied(config, max_body_bytes=lease_limit)
+        client.data_received(post % (64 * 1024 * 1024))
+        assert client_t.take() == b"" and up_t.take().startswith(b"POST /u ")

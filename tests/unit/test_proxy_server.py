@@ -6,6 +6,7 @@ Every test runs on asyncio's loop and on uvloop's.
 import asyncio
 import contextlib
 import hashlib
+import socket
 
 import pytest
 
@@ -38,6 +39,7 @@ class App:
 
     def __init__(self) -> None:
         self.connections = 0
+        self.closed_connections = 0   # connections the app saw end (the proxy closed or reset them)
         self.requests: list[tuple[bytes, bytes, dict[bytes, bytes]]] = []
         self.sent = 0
         self.release = asyncio.Event()
@@ -79,6 +81,7 @@ class App:
         except ConnectionError:
             return
         finally:
+            self.closed_connections += 1
             self._writers.discard(writer)
             writer.close()
 
@@ -108,6 +111,8 @@ class App:
             remaining = int(headers.get(b"content-length", b"0"))
             while remaining:
                 data = await reader.read(min(remaining, CHUNK))
+                if not data:
+                    return False   # the proxy cut the request short
                 digest.update(data)
                 length += len(data)
                 remaining -= len(data)
@@ -142,6 +147,17 @@ class App:
     async def handle_close_after(self, method, target, headers, reader, writer):
         writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
         await writer.drain()
+        return False
+
+    async def handle_hang(self, method, target, headers, reader, writer):
+        """Never answers: waits until the proxy gives up on it (its connection ends)."""
+        await reader.read()
+        return False
+
+    async def handle_stall(self, method, target, headers, reader, writer):
+        """Half a response, then silence until the connection ends."""
+        writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 100\r\n\r\n0123456789")
+        await reader.read()
         return False
 
     async def handle_slow(self, method, target, headers, reader, writer):
@@ -277,7 +293,7 @@ def test_forwarding_headers_reach_the_app(run):
                         b"Connection: keep-alive, X-Hop\r\nX-Hop: 1\r\nKeep-Alive: 5\r\n\r\n")
             _, _, body = await client.response()
             seen = dict(line.split(b": ", 1) for line in body.split(b"\n"))
-            assert seen[b"x-forwarded-for"] == b"203.0.113.9, 127.0.0.1"
+            assert seen[b"x-forwarded-for"] == b"127.0.0.1" and seen[b"x-real-ip"] == b"127.0.0.1"  # replaced
             assert seen[b"x-forwarded-proto"] == b"http" and seen[b"x-forwarded-host"] == b"A.test"
             assert seen[b"via"] == b"1.1 fcrun" and seen[b"host"] == b"A.test"
             assert not {b"connection", b"x-hop", b"keep-alive"} & seen.keys()
@@ -289,7 +305,8 @@ def test_forwarding_headers_reach_the_app(run):
 def test_large_chunked_upload_and_download_stream_with_backpressure(run):
     async def main():
         total = 24 * 1024 * 1024
-        async with App() as app, proxy({"a.test": app.port}) as (server, router, port):
+        config = ProxyConfig(timer_resolution_s=0.05, max_body_bytes=0)   # 0: unlimited (default 10 MiB)
+        async with App() as app, proxy({"a.test": app.port}, config) as (server, router, port):
             # Download: the client does not read; the proxy must hold back the app, not buffer.
             client = await Client.connect(port)
             client.send(b"GET /big?n=%d HTTP/1.1\r\nHost: a.test\r\n\r\n" % total)
@@ -548,3 +565,244 @@ def test_concurrent_clients_share_a_bounded_pool(run):
             assert settled_once(router) == [200] * 20
 
     run(main)
+
+
+# Bounds against slow and hostile clients, on real sockets. The sweep is driven by hand
+# (timer_resolution_s is an hour: it never runs by itself): server.check_timeouts(t) is the
+# sweep at time t, so the clients are as slow as the test says without the test sleeping.
+
+MANUAL_SWEEP = ProxyConfig(timer_resolution_s=3600.0, body_idle_timeout_s=30.0, body_timeout_s=300.0,
+                           upstream_response_timeout_s=60.0, upstream_read_timeout_s=60.0, send_timeout_s=60.0,
+                           tunnel_idle_timeout_s=300.0)
+
+
+async def swept(server: ProxyServer, seconds: float) -> None:
+    """Move the proxy's clock on by ``seconds`` and sweep; then let the loop deliver what it did."""
+    server.check_timeouts(server.now + seconds)
+    for _ in range(5):
+        await asyncio.sleep(0.01)
+
+
+def test_slow_body_is_408_and_frees_the_instance(run):
+    async def main():
+        async with App() as app, proxy({"a.test": app.port}, MANUAL_SWEEP) as (server, router, port):
+            client = await Client.connect(port)
+            client.send(b"POST /echo HTTP/1.1\r\nHost: a.test\r\nContent-Length: 100000\r\n\r\nx")
+            await eventually("the app to get the request", lambda: app.requests)
+            await swept(server, 20)
+            client.send(b"y")   # one byte at 20 s: not idle yet
+            await asyncio.sleep(0.05)
+            await swept(server, 20)
+            assert not router.leases[0].settled
+            await swept(server, 11)
+            status, headers, body = await client.response()
+            assert status == 408 and headers[b"connection"] == b"close" and b"body_idle_timeout_s" in body
+            client.send(b"z" * 1000)   # still sending while the proxy lingers: dropped
+            assert settled_once(router) == [408] and server.requests_in_flight == 0
+            await eventually("the app's connection to end", lambda: app.closed_connections == 1)
+            await client.close()
+
+    run(main)
+
+
+def test_body_trickled_past_the_total_timeout_is_408(run):
+    async def main():
+        async with App() as app, proxy({"a.test": app.port}, MANUAL_SWEEP) as (server, router, port):
+            client = await Client.connect(port)
+            client.send(b"POST /echo HTTP/1.1\r\nHost: a.test\r\nTransfer-Encoding: chunked\r\n\r\n")
+            for _ in range(15):   # a chunk every 20 s of proxy time: never idle for 30 s
+                client.send(b"1\r\nx\r\n")
+                await asyncio.sleep(0.01)
+                await swept(server, 20)
+            status, _, body = await answered(client)
+            assert status == 408 and b"not complete within 300 s" in body
+            assert settled_once(router) == [408]
+
+    run(main)
+
+
+async def answered(client: Client) -> tuple[int, dict, bytes]:
+    response = await client.response()
+    await client.close()
+    return response
+
+
+def test_no_response_head_is_504_naming_the_host_and_the_timeout(run):
+    async def main():
+        async with App() as app, proxy({"a.test": app.port}, MANUAL_SWEEP) as (server, router, port):
+            client = await Client.connect(port)
+            client.send(b"GET /hang HTTP/1.1\r\nHost: a.test\r\n\r\n")
+            await eventually("the app to get the request", lambda: app.requests)
+            await swept(server, 59)
+            assert not router.leases[0].settled
+            await swept(server, 2)
+            status, _, body = await client.response()
+            assert status == 504 and b"a.test" in body and b"60 s (upstream_response_timeout_s)" in body
+            await eventually("the app's connection to end", lambda: app.closed_connections == 1)
+            client.send(b"GET /hello HTTP/1.1\r\nHost: a.test\r\n\r\n")   # the client's connection lives on
+            assert (await client.response())[2] == b"hello"
+            await client.close()
+            assert settled_once(router) == [504, 200]
+
+    run(main)
+
+
+def test_upstream_connect_timeout_is_504(run):
+    async def main():
+        # A listener whose accept queue is full: the kernel drops further SYNs, connect() hangs.
+        listener = socket.socket()
+        listener.bind(("127.0.0.1", 0))
+        listener.listen(0)
+        fillers = []
+        try:
+            for _ in range(3):
+                filler = socket.socket()
+                filler.setblocking(False)
+                with contextlib.suppress(BlockingIOError):
+                    filler.connect(listener.getsockname())
+                fillers.append(filler)
+            config = ProxyConfig(timer_resolution_s=0.05, upstream_connect_timeout_s=0.2)
+            async with proxy({"a.test": listener.getsockname()[1]}, config) as (_, router, port):
+                status, _, body = await get(port)
+                assert status == 504 and b"did not accept a connection within 0.2 s" in body
+                assert settled_once(router) == [504]
+        finally:
+            for sock in fillers + [listener]:
+                sock.close()
+
+    run(main)
+
+
+def test_stalled_instance_mid_response_is_cut(run):
+    async def main():
+        async with App() as app, proxy({"a.test": app.port}, MANUAL_SWEEP) as (server, router, port):
+            client = await Client.connect(port)
+            client.send(b"GET /stall HTTP/1.1\r\nHost: a.test\r\n\r\n")
+            status, headers = await client.head()
+            assert status == 200 and headers[b"content-length"] == b"100"
+            await swept(server, 61)
+            assert await client.reader.read() == b"0123456789"   # truncated, then closed
+            await client.close()
+            await eventually("the app's connection to end", lambda: app.closed_connections == 1)
+            (lease,) = router.leases
+            assert lease.settled[0][0] == 200 and lease.settled[0][3] is True
+
+    run(main)
+
+
+def test_slow_reader_holds_the_instance_back_then_is_dropped(run):
+    async def main():
+        total = 64 * 1024 * 1024
+        async with App() as app, proxy({"a.test": app.port}, MANUAL_SWEEP) as (server, router, port):
+            loop = asyncio.get_running_loop()
+            reader_sock = socket.socket()
+            reader_sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+            reader_sock.setblocking(False)
+            await loop.sock_connect(reader_sock, ("127.0.0.1", port))
+            await loop.sock_sendall(reader_sock, b"GET /big?n=%d HTTP/1.1\r\nHost: a.test\r\n\r\n" % total)
+            await loop.sock_recv(reader_sock, 1)   # it reads one byte, then nothing
+            await stalled(lambda: app.sent)
+            assert app.sent < 16 * 1024 * 1024   # the instance was paused, not drained into memory
+            assert proxy_buffered(server) <= 1024 * 1024
+            await swept(server, 61)
+            await eventually("the lease to be settled", lambda: router.leases[0].settled)
+            assert router.leases[0].settled[0][3] is True and server.active_connections == 0
+            await eventually("the app's connection to end", lambda: app.closed_connections == 1)
+            reader_sock.close()
+
+    run(main, timeout_s=60)
+
+
+def test_idle_tunnel_is_closed_on_both_sides(run):
+    async def main():
+        async with App() as app, proxy({"a.test": app.port}, MANUAL_SWEEP) as (server, router, port):
+            client = await Client.connect(port)
+            client.send(b"GET /ws HTTP/1.1\r\nHost: a.test\r\nConnection: Upgrade\r\nUpgrade: echo\r\n\r\n")
+            assert (await client.head())[0] == 101
+            await swept(server, 250)
+            client.send(b"ping")
+            assert await client.reader.readexactly(4) == b"PING"
+            await swept(server, 250)   # 250 s after the last byte
+            assert not router.leases[0].settled
+            await swept(server, 51)
+            assert await client.reader.read() == b""
+            await client.close()
+            await eventually("the app's connection to end", lambda: app.closed_connections == 1)
+            await eventually("the lease to be settled", lambda: router.leases[0].settled)
+            assert settled_once(router) == [101]
+
+    run(main)
+
+
+async def refused(port: int, source: str = "127.0.0.1") -> bytes:
+    """What a new connection from ``source`` is told before the proxy closes it."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", port, local_addr=(source, 0))
+    try:
+        return await reader.read()
+    finally:
+        writer.close()
+
+
+async def held(port: int, n: int, source: str = "127.0.0.1") -> list[asyncio.StreamWriter]:
+    writers = []
+    for _ in range(n):
+        writers.append((await asyncio.open_connection("127.0.0.1", port, local_addr=(source, 0)))[1])
+    return writers
+
+
+def test_connections_over_the_global_cap_get_503_at_accept(run):
+    async def main():
+        config = ProxyConfig(timer_resolution_s=0.05, max_connections=3)
+        async with App() as app, proxy({"a.test": app.port}, config) as (server, router, port):
+            writers = await held(port, 3)
+            await eventually("3 connections to be accepted", lambda: server.open_connections == 3)
+            answer = await refused(port)
+            assert answer.startswith(b"HTTP/1.1 503 ") and b"too many open connections" in answer
+            assert server.refused_connections == 1 and server.open_connections == 3
+            writers.pop().close()
+            await eventually("a connection to be counted out", lambda: server.open_connections == 2)
+            assert (await get(port))[:3:2] == (200, b"hello")
+            for writer in writers:
+                writer.close()
+            await eventually("every connection to be counted out", lambda: server.open_connections == 0)
+
+    run(main)
+
+
+def test_connections_over_the_per_ip_cap_get_503_and_other_addresses_do_not(run):
+    async def main():
+        config = ProxyConfig(timer_resolution_s=0.05, max_connections_per_ip=2)
+        async with App() as app, proxy({"a.test": app.port}, config) as (server, router, port):
+            writers = await held(port, 2)
+            await eventually("2 connections to be accepted", lambda: server.open_connections == 2)
+            answer = await refused(port)   # loopback is not exempt
+            assert answer.startswith(b"HTTP/1.1 503 ") and b"from your address" in answer
+            assert (await get_from(port, "127.0.0.2"))[2] == b"hello"   # another address is not capped
+            for writer in writers:
+                writer.close()
+            await eventually("the connections to be counted out", lambda: server.open_connections == 0)
+            assert (await get(port))[2] == b"hello"
+
+    run(main)
+
+
+def test_trusted_proxies_are_exempt_from_the_per_ip_cap(run):
+    async def main():
+        config = ProxyConfig(timer_resolution_s=0.05, max_connections_per_ip=1, trusted_proxies=("127.0.0.1/32",))
+        async with App() as app, proxy({"a.test": app.port}, config) as (server, _, port):
+            writers = await held(port, 3)
+            await eventually("3 connections to be accepted", lambda: server.open_connections == 3)
+            assert server.refused_connections == 0
+            for writer in writers:
+                writer.close()
+
+    run(main)
+
+
+async def get_from(port: int, source: str) -> tuple[int, dict, bytes]:
+    client = Client(*await asyncio.open_connection("127.0.0.1", port, local_addr=(source, 0)))
+    try:
+        client.send(b"GET /hello HTTP/1.1\r\nHost: a.test\r\n\r\n")
+        return await client.response()
+    finally:
+        await client.close()

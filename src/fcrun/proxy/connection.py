@@ -8,7 +8,22 @@ all of this happens inside two ``data_received`` calls, without a task, a timer 
 
 Slow paths run as tasks owned by the server (its :class:`~fcrun.tasks.TaskOwner`): waiting for a
 cold start, connecting to an instance. A connection's deadline is a number the server's sweep
-compares (server.py), so a request costs no timer handle.
+compares (server.py), so a request costs no timer handle. The hot path only stamps the coarse
+clock on each read (``last_read``); an idle deadline that comes due looks at the stamp and
+moves itself on if bytes came meanwhile.
+
+What a connection waits for, and its bound (``[proxy]``: ProxyConfig)::
+
+    HEADER    a request head          header_timeout_s, from its first byte      -> 408, close
+    IDLE      the next request        keepalive_timeout_s                         -> close
+    BODY      the client's body       body_idle_timeout_s between bytes,
+                                      body_timeout_s in all (not while the proxy holds the
+                                      client back)                                -> 408, close
+    RESPONSE  the instance's head     upstream_response_timeout_s                 -> 504
+              its body's next byte    upstream_read_timeout_s                     -> cut, close
+              the client to read      send_timeout_s (the instance is paused)     -> abort
+    TUNNEL    a byte either way       tunnel_idle_timeout_s                       -> close both
+    LINGER    the client to close     linger_s, after our Connection: close       -> close
 
 A request's life on a connection::
 
@@ -40,11 +55,14 @@ _PAUSE_UPSTREAM = 1   # the upstream's write buffer is full
 _PAUSE_BUFFER = 2     # body bytes held while no upstream connection is ready
 _PAUSE_PIPELINE = 4   # a pipelined request waits for the one before it
 
-# What a connection's deadline means.
-_NONE = 0
+# What a connection's deadline means (the table in the module docstring).
+_NONE = 0             # no deadline: the router and the connect bound what is waited for
 _HEADER = 1           # a request head must be complete by then (slowloris)
 _IDLE = 2             # keep-alive between requests
 _LINGER = 3           # we said Connection: close and are draining what the client still sends
+_BODY = 4             # the active request's body is still coming from the client
+_RESPONSE = 5         # the request is with the instance: its response (or the client's reading of it)
+_TUNNEL = 6           # an upgraded connection
 _NEVER = math.inf
 
 
@@ -57,6 +75,7 @@ class Exchange(Request):
     retried = False
     tunnel_early: list[bytes] | None = None   # bytes after an upgrade request, before the 101
     unsent_head = b""                         # upstream_head until written (kept for a retry)
+    body_until = _NEVER                       # the body_timeout_s deadline, once the body is awaited
 
 
 class ClientConnection(asyncio.Protocol):
@@ -64,7 +83,8 @@ class ClientConnection(asyncio.Protocol):
 
     __slots__ = ("server", "transport", "reader", "active", "queue", "paused", "write_paused",
                  "deadline", "deadline_kind", "host", "closed", "tunnel", "in_feed", "eof",
-                 "tunnel_eofs", "deferred_error", "peer")
+                 "tunnel_eofs", "deferred_error", "peer", "peer_key", "last_read", "paused_since",
+                 "write_paused_since")
 
     def __init__(self, server: ProxyServer):
         self.server = server
@@ -84,6 +104,10 @@ class ClientConnection(asyncio.Protocol):
         self.tunnel_eofs = 0
         self.deferred_error: tuple[int, str] | None = None
         self.peer = "?"
+        self.peer_key: str | None = None   # set by the server when it counts this connection
+        self.last_read = server.now        # coarse time of the last byte from the client
+        self.paused_since = 0.0            # when reading from the client was last paused
+        self.write_paused_since = 0.0      # when the client last stopped taking our writes
 
     # asyncio callbacks ------------------------------------------------------------------------
 
@@ -99,6 +123,7 @@ class ClientConnection(asyncio.Protocol):
             transport.close()
 
     def data_received(self, data: bytes) -> None:
+        self.last_read = self.server.now
         tunnel = self.tunnel
         if tunnel is not None:
             self.active.body_bytes += len(data)
@@ -129,6 +154,13 @@ class ClientConnection(asyncio.Protocol):
             # The common case: a request without body, its head still to send.
             ex.conn.transport.write(ex.unsent_head)
             ex.unsent_head = b""
+        ex = self.active
+        if ex is not None:
+            if ex.complete and ex.conn is not None:
+                if self.deadline_kind != _RESPONSE:
+                    self._await_response()
+            else:
+                self._await(ex)
 
     def eof_received(self) -> bool:
         self.eof = True
@@ -145,7 +177,7 @@ class ClientConnection(asyncio.Protocol):
     def connection_lost(self, exc: Exception | None) -> None:
         self.closed = True
         server = self.server
-        server.connections.discard(self)
+        server.connection_closed(self)
         if self.host is not None and server.router_connection_closed is not None:
             server.router_connection_closed(self.host)
         ex = self.active
@@ -172,6 +204,7 @@ class ClientConnection(asyncio.Protocol):
 
     def pause_writing(self) -> None:
         self.write_paused = True
+        self.write_paused_since = self.server.now
         conn = self.tunnel or (self.active.conn if self.active is not None else None)
         if conn is not None:
             conn.pause_reading()
@@ -180,19 +213,21 @@ class ClientConnection(asyncio.Protocol):
         self.write_paused = False
         conn = self.tunnel or (self.active.conn if self.active is not None else None)
         if conn is not None:
+            conn.last_read = self.server.now   # its silence meanwhile was ours
             conn.resume_reading()
 
     # RequestReader events ---------------------------------------------------------------------
 
     def request_head(self, ex: Exchange) -> None:
-        self.deadline = _NEVER
-        self.deadline_kind = _NONE
         if self.active is not None or self.queue:
+            # Pipelined: the deadline stays the active request's.
             if self.queue is None:
                 self.queue = deque()
             self.queue.append(ex)
             self._pause(_PAUSE_PIPELINE)
             return
+        self.deadline = _NEVER
+        self.deadline_kind = _NONE
         self._start(ex)
 
     def request_error(self, ex: Exchange | None, status: int, message: str) -> None:
@@ -237,8 +272,12 @@ class ClientConnection(asyncio.Protocol):
                 return
             if lease is not None:
                 self._leased(ex, lease)
+                if not self.in_feed and self.active is ex:
+                    self._await(ex)
                 return
         ex.task = server.tasks.spawn(self._acquire(ex))
+        if not self.in_feed:
+            self._await(ex)
 
     async def _acquire(self, ex: Exchange) -> None:
         try:
@@ -263,7 +302,7 @@ class ClientConnection(asyncio.Protocol):
         limit = lease.max_body_bytes
         if limit is None:
             limit = self.server.config.max_body_bytes
-        if limit is not None:
+        if limit:   # None or 0: unlimited
             if ex.body_bytes > limit or (ex.content_length is not None and ex.content_length > limit):
                 self._reply_error(ex, 413, f"request body over {limit} bytes", close=True)
                 return
@@ -306,7 +345,10 @@ class ClientConnection(asyncio.Protocol):
             self.transport.write(CONTINUE)
         if not self.in_feed:
             self._flush(ex)
+            if self.active is ex:
+                self._await(ex)
         # else: data_received sends the head with whatever body this read brought, in one write
+        # (and sets the deadline)
 
     def _flush(self, ex: Exchange) -> None:
         """Write what ``ex`` still owes its upstream: the head (once), then pending body bytes."""
@@ -368,6 +410,8 @@ class ClientConnection(asyncio.Protocol):
             # The pooled connection had gone stale (the instance closed it as we sent): nothing
             # of a response arrived and the request can be repeated, once, on a new connection.
             ex.retried = True
+            self.deadline_kind = _NONE   # the connect is bounded by its own timeout
+            self.deadline = _NEVER
             ex.task = self.server.tasks.spawn(self._connect(ex))
             return
         self._reply_error(ex, 502, f"{reason} ({ex.host})")
@@ -383,8 +427,8 @@ class ClientConnection(asyncio.Protocol):
         conn.tunnel = True
         self.tunnel = conn
         ex.conn = None
-        self.deadline = _NEVER
-        self.deadline_kind = _NONE
+        conn.last_read = self.last_read = self.server.now
+        self._set_deadline(_TUNNEL, self.server.config.tunnel_idle_timeout_s)
         if conn.reader.tunnel_data:
             conn.tunnel_bytes += len(conn.reader.tunnel_data)
             self.transport.write(conn.reader.tunnel_data)
@@ -459,7 +503,7 @@ class ClientConnection(asyncio.Protocol):
             return
         queue = self.queue
         if queue:
-            self._start(queue.popleft())
+            self._start(queue.popleft())   # sets the deadline for it
             if not queue and self.deferred_error is None:
                 self._resume(_PAUSE_PIPELINE)   # the started request's body may still be coming
             return
@@ -506,6 +550,7 @@ class ClientConnection(asyncio.Protocol):
     def _pause(self, reason: int) -> None:
         if not self.paused and not self.closed:
             self.transport.pause_reading()
+            self.paused_since = self.server.now
         self.paused |= reason
 
     def _resume(self, reason: int) -> None:
@@ -513,20 +558,148 @@ class ClientConnection(asyncio.Protocol):
             self.paused &= ~reason
             if not self.paused and not self.closed:
                 self.transport.resume_reading()
+                # The client's body deadlines do not count the time we held it back.
+                now = self.server.now
+                self.last_read = now
+                ex = self.active
+                if ex is not None and not ex.complete:
+                    ex.body_until += now - self.paused_since
 
     def _set_deadline(self, kind: int, timeout_s: float) -> None:
         self.deadline_kind = kind
         self.deadline = self.server.now + timeout_s
 
+    def _await(self, ex: Exchange) -> None:
+        """Set the deadline for what the active exchange ``ex`` waits for now (see the table
+        in the module docstring); a deadline of the same kind already running is kept."""
+        if not ex.complete:
+            if self.deadline_kind != _BODY:
+                server = self.server
+                now = server.now
+                if ex.body_until == _NEVER:
+                    ex.body_until = now + server.config.body_timeout_s
+                self.last_read = now
+                self.deadline_kind = _BODY
+                self.deadline = min(now + server.config.body_idle_timeout_s, ex.body_until)
+        elif ex.conn is not None:
+            if self.deadline_kind != _RESPONSE:
+                self._await_response()
+        elif self.deadline_kind != _NONE:
+            self.deadline_kind = _NONE   # a cold start or a connect: bounded by the router and the connect
+            self.deadline = _NEVER
+
+    def _await_response(self) -> None:
+        self.deadline_kind = _RESPONSE
+        self.deadline = self.server.now + self.server.config.upstream_response_timeout_s
+
     def on_deadline(self) -> None:
         """The server's sweep found this connection's deadline passed."""
         kind = self.deadline_kind
+        if kind == _BODY:
+            self._body_deadline()
+            return
+        if kind == _RESPONSE:
+            self._response_deadline()
+            return
+        if kind == _TUNNEL:
+            self._tunnel_deadline()
+            return
         self.deadline = _NEVER
         self.deadline_kind = _NONE
         if kind == _HEADER and self.reader.in_message:
             self.transport.write(error_response(408, "request head not received in time", close=True))
         if kind != _NONE:
-            self.transport.close()
+            self._close_now()
+
+    def _body_deadline(self) -> None:
+        server = self.server
+        config = server.config
+        now = server.now
+        ex = self.active
+        if ex is None or ex.complete:   # not reached: the phase's ends set a new deadline
+            self.deadline_kind = _NONE
+            self.deadline = _NEVER
+            return
+        if self.paused:
+            # We hold the client back (the instance reads slowly, or is starting): not its fault.
+            self.deadline = now + config.body_idle_timeout_s
+            return
+        idle_due = self.last_read + config.body_idle_timeout_s
+        due = min(idle_due, ex.body_until)
+        if due > now:
+            self.deadline = due   # bytes came meanwhile
+            return
+        if ex.body_until <= idle_due:
+            message = f"request body not complete within {config.body_timeout_s:g} s (body_timeout_s)"
+        else:
+            message = f"no byte of the request body for {config.body_idle_timeout_s:g} s (body_idle_timeout_s)"
+        self.deadline_kind = _NONE
+        self.deadline = _NEVER
+        self.reader.stopped = True
+        self.request_error(ex, 408, message)   # settles the lease; the instance's connection is dropped
+
+    def _response_deadline(self) -> None:
+        server = self.server
+        config = server.config
+        now = server.now
+        ex = self.active
+        conn = ex.conn if ex is not None else None
+        if conn is None:   # not reached: a retry's connect clears the deadline
+            self.deadline_kind = _NONE
+            self.deadline = _NEVER
+            return
+        reader = conn.reader
+        if not reader.head_sent:
+            self._reply_error(ex, 504, f"upstream of {ex.host} sent no response within "
+                                       f"{config.upstream_response_timeout_s:g} s (upstream_response_timeout_s)")
+            return
+        if self.write_paused:
+            # A slow reader: the instance is paused for it, so only the transports' buffers are
+            # held; it gets send_timeout_s to take some of them.
+            due = self.write_paused_since + config.send_timeout_s
+            if due > now:
+                self.deadline = due
+                return
+            self.deadline_kind = _NONE
+            self.deadline = _NEVER
+            self.transport.abort()   # connection_lost settles the lease as failed
+            return
+        due = conn.last_read + config.upstream_read_timeout_s
+        if due > now:
+            self.deadline = due
+            return
+        # The instance stalled mid-response: cut the client, so that it sees the truncation.
+        self.deadline_kind = _NONE
+        self.deadline = _NEVER
+        ex.conn = None
+        conn.abort()
+        self._end(ex, reader.status, reader.head_bytes + reader.body_bytes, True)
+        self.reader.stopped = True
+        self._close_now()
+
+    def _tunnel_deadline(self) -> None:
+        now = self.server.now
+        conn = self.tunnel
+        if conn is None:
+            self.deadline_kind = _NONE
+            self.deadline = _NEVER
+            return
+        due = max(self.last_read, conn.last_read) + self.server.config.tunnel_idle_timeout_s
+        if due > now:
+            self.deadline = due
+            return
+        self.deadline_kind = _NONE
+        self.deadline = _NEVER
+        self.transport.abort()   # connection_lost closes the instance's side and settles the lease
+
+    def _close_now(self) -> None:
+        """Close the client socket; at once (abort) if it holds bytes the client is not taking,
+        since close() would wait for them without end."""
+        transport = self.transport
+        if transport.get_write_buffer_size():
+            transport.abort()
+        else:
+            transport.close()
 
     @property
     def lingering(self) -> bool:

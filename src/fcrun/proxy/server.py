@@ -6,19 +6,25 @@ descriptors or memory), hands each to a :class:`~fcrun.proxy.connection.ClientCo
 the slow-path tasks (:class:`TaskOwner`: cold starts, connects, adopting an accepted socket)
 and the coarse clock. Timeouts are one sweep every ``timer_resolution_s`` over all
 connections' deadlines (a coarse clock, as nginx keeps one), so a request costs no timer handle.
+
+Open client connections are bounded at accept, before a byte is read or a protocol object
+made: beyond ``max_connections`` in all, or ``max_connections_per_ip`` from one address (an
+IPv6 peer's /64), a connection gets a canned 503 and is closed. So a flood of connections
+costs the kernel's socket buffers and a log line every few seconds, never unbounded memory.
 """
 
 from __future__ import annotations
 
 import asyncio
 import errno
+import ipaddress
 import logging
 import socket
 
 from ..tasks import TaskOwner
 from .config import ProxyConfig
 from .connection import ClientConnection
-from .http import Forwarding
+from .http import Forwarding, error_response
 from .router import Router
 from .upstream import UpstreamConnections
 
@@ -32,6 +38,27 @@ _ACCEPT_PEER_ERRNOS = frozenset((errno.ECONNABORTED, errno.EPROTO, errno.EPERM))
 _ACCEPT_BATCH = 64
 _ACCEPT_BACKOFF_MIN_S = 0.05
 _ACCEPT_BACKOFF_MAX_S = 2.0
+# Refused connections are logged at most this often (counted meanwhile): a flood must not
+# become a flood of log lines.
+_REFUSAL_LOG_INTERVAL_S = 10.0
+# Written at accept without reading the request (there is no room for its connection).
+_REFUSED_FULL = error_response(503, "the server has too many open connections; try again later", close=True)
+_REFUSED_PEER = error_response(503, "too many open connections from your address; close some and try again",
+                               close=True)
+
+
+def peer_key(host: str) -> str:
+    """What the per-client cap counts by: an IPv4 address itself, an IPv6 address by its /64
+    (one subscriber's usual allocation: counting single IPv6 addresses would bound nothing)."""
+    if ":" not in host:
+        return host
+    try:
+        address = ipaddress.IPv6Address(host.partition("%")[0])
+    except ValueError:
+        return host
+    if address.ipv4_mapped is not None:
+        return str(address.ipv4_mapped)   # a dual-stack socket's view of an IPv4 peer
+    return f"{ipaddress.IPv6Address(int(address) >> 64 << 64)}/64"
 
 
 class ProxyServer:
@@ -55,6 +82,12 @@ class ProxyServer:
         self.router_connection_opened = getattr(router, "connection_opened", None)
         self.router_connection_closed = getattr(router, "connection_closed", None)
         self.connections: set[ClientConnection] = set()   # open client connections (they add themselves)
+        self.open_connections = 0   # accepted and not yet closed (counted at accept, against max_connections)
+        self.refused_connections = 0   # refused at accept since start (both caps)
+        self._per_peer: dict[str, int] = {}   # open connections by peer_key()
+        self._refusals = {"max_connections": 0, "max_connections_per_ip": 0}   # since the last log line
+        self._refusal_last_peer = ""
+        self._refusal_log_due = 0.0
         self._sockets: list[socket.socket] = []
         self._loop: asyncio.AbstractEventLoop | None = None
         self._sweeper: asyncio.TimerHandle | None = None
@@ -85,7 +118,7 @@ class ProxyServer:
             sock = socket.create_server((host, port), family=family, backlog=4096)
         sock.setblocking(False)
         self._loop = loop
-        self.now = loop.time()
+        self.now = self.upstreams.now = loop.time()
         self._sockets.append(sock)
         loop.add_reader(sock.fileno(), self._accept, sock)
         if self._sweeper is None:
@@ -94,7 +127,7 @@ class ProxyServer:
     def _accept(self, sock: socket.socket) -> None:
         for _ in range(_ACCEPT_BATCH):
             try:
-                client, _ = sock.accept()
+                client, addr = sock.accept()
             except (BlockingIOError, InterruptedError):
                 return
             except OSError as err:
@@ -104,9 +137,68 @@ class ProxyServer:
                 return
             self._accept_backoff_s = _ACCEPT_BACKOFF_MIN_S
             client.setblocking(False)
+            key = self._admit(client, addr)
+            if key is None:
+                continue
             if client.family != socket.AF_UNIX:
                 client.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            self.tasks.spawn(self._adopt(client))
+            self.tasks.spawn(self._adopt(client, key))
+
+    def _admit(self, client: socket.socket, addr: object) -> str | None:
+        """Count a new connection against the caps: its peer_key ("" when only the global cap
+        applies), or None when it was refused (answered 503 and closed)."""
+        config = self.config
+        if self.open_connections >= config.max_connections:
+            self._refuse(client, _REFUSED_FULL, "max_connections", addr)
+            return None
+        key = ""
+        if client.family in (socket.AF_INET, socket.AF_INET6) and not self.forwarding.trusts(addr[0]):
+            key = peer_key(addr[0])
+            count = self._per_peer.get(key, 0)
+            if count >= config.max_connections_per_ip:
+                self._refuse(client, _REFUSED_PEER, "max_connections_per_ip", addr)
+                return None
+            self._per_peer[key] = count + 1
+        self.open_connections += 1
+        return key
+
+    def _refuse(self, client: socket.socket, response: bytes, limit: str, addr: object) -> None:
+        try:
+            client.send(response)   # best effort: it fits an empty socket buffer, or is lost
+        except OSError:
+            pass
+        client.close()
+        self.refused_connections += 1
+        self._refusals[limit] += 1
+        self._refusal_last_peer = addr[0] if isinstance(addr, tuple) else "a unix socket"
+        self._log_refusals(self._loop.time())
+
+    def _log_refusals(self, now: float) -> None:
+        """One line per _REFUSAL_LOG_INTERVAL_S at most, with the counts since the last one."""
+        refusals = self._refusals
+        if now < self._refusal_log_due or not (refusals["max_connections"] or refusals["max_connections_per_ip"]):
+            return
+        log.warning("proxy: refused %d connection(s) at accept over max_connections=%d and %d over "
+                    "max_connections_per_ip=%d (the last from %s); %d open",
+                    refusals["max_connections"], self.config.max_connections, refusals["max_connections_per_ip"],
+                    self.config.max_connections_per_ip, self._refusal_last_peer, self.open_connections)
+        refusals["max_connections"] = refusals["max_connections_per_ip"] = 0
+        self._refusal_log_due = now + _REFUSAL_LOG_INTERVAL_S
+
+    def connection_closed(self, conn: ClientConnection) -> None:
+        """A client connection is gone (ClientConnection.connection_lost): uncount it."""
+        self.connections.discard(conn)
+        key = conn.peer_key
+        if key is None:
+            return   # never counted (made by connection_factory), or uncounted already
+        conn.peer_key = None
+        self.open_connections -= 1
+        if key:
+            count = self._per_peer[key] - 1
+            if count:
+                self._per_peer[key] = count
+            else:
+                del self._per_peer[key]
 
     def _pause_accepting(self, sock: socket.socket, err: OSError) -> None:
         """Out of file descriptors or memory: log, stop accepting for a while, then retry.
@@ -131,12 +223,18 @@ class ProxyServer:
         if not self.closing:
             self._loop.add_reader(sock.fileno(), self._accept, sock)
 
-    async def _adopt(self, client: socket.socket) -> None:
+    async def _adopt(self, client: socket.socket, key: str) -> None:
+        conn = ClientConnection(self)
+        conn.peer_key = key
         try:
-            await self._loop.connect_accepted_socket(self.connection_factory, client)
+            await self._loop.connect_accepted_socket(lambda: conn, client)
         except OSError as err:
             log.warning("proxy: cannot adopt an accepted connection: %s", err)
             client.close()
+        finally:
+            if conn.transport is None:   # never made (failed, or cancelled by close()): uncount it
+                client.close()
+                self.connection_closed(conn)
 
     def _sweep(self) -> None:
         self.check_timeouts(self._loop.time())
@@ -148,6 +246,7 @@ class ProxyServer:
         for conn in [c for c in self.connections if c.deadline <= now]:
             conn.on_deadline()
         self.upstreams.expire(now)
+        self._log_refusals(now)
 
     def instance_gone(self, instance_id: str) -> None:
         """Drop the pooled connections of a stopped instance (busy ones close after their response)."""

@@ -114,6 +114,9 @@ class FakeTransport(asyncio.Transport):
     def can_write_eof(self) -> bool:
         return True
 
+    def get_write_buffer_size(self) -> int:
+        return 0   # everything written counts as sent
+
     def is_closing(self) -> bool:
         return self.closed
 

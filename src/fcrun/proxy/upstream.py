@@ -26,7 +26,7 @@ class UpstreamConnection(asyncio.Protocol):
 
     __slots__ = ("upstreams", "instance_id", "transport", "reader", "client", "client_transport",
                  "exchange", "reused", "got_bytes", "idle_since", "closed", "tunnel",
-                 "read_paused", "tunnel_bytes")
+                 "read_paused", "tunnel_bytes", "last_read")
 
     def __init__(self, upstreams: UpstreamConnections, instance_id: str):
         self.upstreams = upstreams
@@ -43,6 +43,7 @@ class UpstreamConnection(asyncio.Protocol):
         self.tunnel = False
         self.read_paused = False
         self.tunnel_bytes = 0
+        self.last_read = upstreams.now   # coarse time of the last byte from the instance
 
     def start(self, client: ClientConnection, exchange: Exchange, keep_alive: bool,
               extra_headers: bytes) -> None:
@@ -51,6 +52,7 @@ class UpstreamConnection(asyncio.Protocol):
         self.client_transport = client.transport
         self.exchange = exchange
         self.got_bytes = False
+        self.last_read = self.upstreams.now
         self.reader.begin(exchange, keep_alive, extra_headers)
 
     def detach(self) -> None:
@@ -88,6 +90,7 @@ class UpstreamConnection(asyncio.Protocol):
         self.upstreams._register(self)
 
     def data_received(self, data: bytes) -> None:
+        self.last_read = self.upstreams.now
         if self.tunnel:
             self.tunnel_bytes += len(data)
             self.client_transport.write(data)
@@ -157,6 +160,7 @@ class UpstreamConnections:
     def __init__(self, config: ProxyConfig, forwarding: Forwarding):
         self.config = config
         self.forwarding = forwarding
+        self.now = 0.0   # the server's coarse clock (set by expire)
         self._idle: dict[str, list[UpstreamConnection]] = {}
         self._live: dict[str, set[UpstreamConnection]] = {}
 
@@ -207,7 +211,8 @@ class UpstreamConnections:
         self._live.pop(instance_id, None)
 
     def expire(self, now: float) -> None:
-        """Close idle connections unused for upstream_idle_s."""
+        """Advance the coarse clock to ``now``; close idle connections unused for upstream_idle_s."""
+        self.now = now
         cutoff = now - self.config.upstream_idle_s
         for idle in self._idle.values():
             while idle and idle[0].idle_since <= cutoff:
