@@ -41,7 +41,12 @@ from fcrun.images.limits import ImportLimits  # noqa: E402
 from fcrun.images.store import TMP_DIR  # noqa: E402
 from fcrun.paths import Paths  # noqa: E402
 
-pytestmark = pytest.mark.fuzz
+LONG = os.environ.get("FCRUN_FUZZ") == "long"
+# The long run's 20,000 examples a test take minutes: more than setup.cfg's 300 s per test.
+pytestmark = [pytest.mark.fuzz, pytest.mark.timeout(1800 if LONG else 300)]
+# Examples in memory where there is a tmpfs: each successful import syncfs()es its filesystem,
+# which on a busy disk costs more than the rest of the example.
+FUZZ_TMP = "/dev/shm" if os.path.isdir("/dev/shm") else None
 
 OCI_GZIP = "application/vnd.oci.image.layer.v1.tar+gzip"
 OCI_TAR = "application/vnd.oci.image.layer.v1.tar"
@@ -225,7 +230,7 @@ def archive(layout: Path, form: str) -> Path:
 def run_import(build_layers, gz: bool, lie: str, limits: ImportLimits, form: str = "dir") -> None:
     """Import the layers ``build_layers(outside_dir)`` makes, in a fresh store; check every
     property of the module docstring."""
-    base = Path(tempfile.mkdtemp(prefix="fcrun-fuzz-"))
+    base = Path(tempfile.mkdtemp(prefix="fcrun-fuzz-", dir=FUZZ_TMP))
     try:
         outside = base / "outside"
         outside.mkdir()
