@@ -213,12 +213,37 @@ def outcome_kind(message: str) -> str:
                  "zstd", "diff_id", "hashes to", "missing", "longer than", "not in this layer"):
         if kind in message:
             return kind
-    return re.sub(r"sha256:[0-9a-f]+|'[^']*'", "_", message)[:60]
+    return re.sub(r"sha256:[0-9a-f]+|'[^']*'|/\S+", "_", message)[:60]
+
+
+def write_docker_archive(path: Path, layers: list[bytes], gz: bool, lie: str) -> None:
+    """What `docker save` wrote before docker 25: layers named by id, checked by diff_id only
+    (and gzipped here when ``gz``: import sniffs the compression)."""
+    diff_ids = [sha256(t) for t in layers]
+    if lie == "diff_id":
+        diff_ids = diff_ids[::-1] if len(diff_ids) > 1 else [sha256(b"other")]
+    config = json.dumps({"architecture": "amd64", "os": "linux",
+                         "rootfs": {"type": "layers", "diff_ids": diff_ids}}).encode()
+    files = {hashlib.sha256(config).hexdigest() + ".json": config}
+    for i, data in enumerate(layers):
+        files[f"{i:064x}/layer.tar"] = gzip.compress(data, mtime=0) if gz else data
+    manifest = [{"Config": next(iter(files)), "RepoTags": ["fuzz:1"],
+                 "Layers": [n for n in files if n.endswith("layer.tar")]}]
+    if lie == "index_junk":
+        manifest = [{"Config": 5}]
+    files["manifest.json"] = json.dumps(manifest).encode()
+    if lie == "missing_blob" and layers:
+        del files[f"{len(layers) - 1:064x}/layer.tar"]
+    with tarfile.open(path, "w") as tar:
+        for name, data in files.items():
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
 
 
 def archive(layout: Path, form: str) -> Path:
     """The layout as is ("dir"), or as an OCI archive: a tar, or a gzipped tar."""
-    if form == "dir":
+    if form in ("dir", "docker.tar"):
         return layout
     path = layout.with_name("layout." + form)
     with tarfile.open(path, "w:gz" if form == "tar.gz" else "w") as tar:
@@ -239,7 +264,10 @@ def run_import(build_layers, gz: bool, lie: str, limits: ImportLimits, form: str
         before = snapshot(outside)
         outside_inodes = {(os.lstat(outside / n).st_dev, os.lstat(outside / n).st_ino)
                           for n in OUTSIDE_FILES}
-        write_layout(base / "layout", build_layers(str(outside)), gz, lie)
+        if form == "docker.tar":
+            write_docker_archive(base / "layout", build_layers(str(outside)), gz, lie)
+        else:
+            write_layout(base / "layout", build_layers(str(outside)), gz, lie)
         # As root, real overlay whiteouts (mknod 0:0, trusted.overlay.opaque); else placeholders.
         marks = None if os.geteuid() == 0 else PlaceholderMarks()
         store = ImageStore(Paths(data_root=str(base / "data"), run_root=str(base / "run")),
@@ -331,7 +359,7 @@ def test_random_layers_import_within_the_root_or_are_refused_cleanly(entries, pa
     flips=st.lists(st.tuples(st.integers(0, 1 << 16), st.integers(0, 255)), max_size=3),
     cut=st.one_of(st.none(), st.integers(0, 1 << 16)),
     limits=LIMITS,
-    form=st.sampled_from(["dir", "tar", "tar.gz"]),
+    form=st.sampled_from(["dir", "tar", "tar.gz", "docker.tar"]),
 )
 def test_random_layouts_of_corrupt_layers(layers, gz, lie, flips, cut, limits, form):
     def build_layers(outside: str) -> list[bytes]:
