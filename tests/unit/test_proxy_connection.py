@@ -629,3 +629,22 @@ def test_default_body_limit_is_10_mib_and_0_is_unlimited():
         server, router, _, up_t, client, client_t = proxied(config, max_body_bytes=lease_limit)
         client.data_received(post % (64 * 1024 * 1024))
         assert client_t.take() == b"" and up_t.take().startswith(b"POST /u ")
+
+
+def test_send_and_read_timeouts_shorter_than_the_response_timeout_still_apply():
+    config = ProxyConfig(upstream_response_timeout_s=600.0, upstream_read_timeout_s=20.0, send_timeout_s=10.0)
+    server, router, up, _, client, client_t = proxied(config)
+    client.data_received(GET)
+    server.check_timeouts(5.0)
+    up.data_received(b"HTTP/1.1 200 OK\r\nContent-Length: 10\r\n\r\n01")
+    server.check_timeouts(24.0)
+    assert not client_t.closed
+    server.check_timeouts(26.0)   # nothing from the instance since 5 s
+    assert client_t.closed and router.leases[0].settled[0][3] is True
+
+    server, router, up, _, client, client_t = proxied(config)
+    client.data_received(GET)
+    up.data_received(b"HTTP/1.1 200 OK\r\nContent-Length: 10\r\n\r\n01")
+    client.pause_writing()
+    server.check_timeouts(11.0)
+    assert client_t.aborted

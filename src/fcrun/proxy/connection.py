@@ -76,6 +76,7 @@ class Exchange(Request):
     tunnel_early: list[bytes] | None = None   # bytes after an upgrade request, before the 101
     unsent_head = b""                         # upstream_head until written (kept for a retry)
     body_until = _NEVER                       # the body_timeout_s deadline, once the body is awaited
+    response_due = _NEVER                     # the upstream_response_timeout_s deadline, once sent
 
 
 class ClientConnection(asyncio.Protocol):
@@ -204,7 +205,9 @@ class ClientConnection(asyncio.Protocol):
 
     def pause_writing(self) -> None:
         self.write_paused = True
-        self.write_paused_since = self.server.now
+        now = self.write_paused_since = self.server.now
+        if self.deadline_kind == _RESPONSE:
+            self.deadline = min(self.deadline, now + self.server.config.send_timeout_s)
         conn = self.tunnel or (self.active.conn if self.active is not None else None)
         if conn is not None:
             conn.pause_reading()
@@ -589,8 +592,14 @@ class ClientConnection(asyncio.Protocol):
             self.deadline = _NEVER
 
     def _await_response(self) -> None:
+        server = self.server
+        config = server.config
+        now = server.now
+        self.active.response_due = now + config.upstream_response_timeout_s
         self.deadline_kind = _RESPONSE
-        self.deadline = self.server.now + self.server.config.upstream_response_timeout_s
+        # The head's arrival moves no deadline (the hot path stays free of it), so the sweep
+        # looks again within upstream_read_timeout_s, when the body's own bound may be due.
+        self.deadline = now + min(config.upstream_response_timeout_s, config.upstream_read_timeout_s)
 
     def on_deadline(self) -> None:
         """The server's sweep found this connection's deadline passed."""
@@ -650,6 +659,9 @@ class ClientConnection(asyncio.Protocol):
             return
         reader = conn.reader
         if not reader.head_sent:
+            if ex.response_due > now:
+                self.deadline = min(ex.response_due, now + config.upstream_read_timeout_s)
+                return
             self._reply_error(ex, 504, f"upstream of {ex.host} sent no response within "
                                        f"{config.upstream_response_timeout_s:g} s (upstream_response_timeout_s)")
             return
