@@ -110,9 +110,9 @@ def remove_stale_temps(directory: str, filename: str) -> list[str]:
     return removed
 
 
-def quarantine(path: str, into: str | None = None) -> str:
-    """Move an unreadable file aside (``<name>.corrupt-<UTC time>``, in `into` or beside it)
-    for the operator to look at; returns where it went.
+def quarantine(path: str, into: str | None = None, *, prefix: str = "") -> str:
+    """Move an unreadable file aside (``<prefix><name>.corrupt-<UTC time>``, in `into` or
+    beside it) for the operator to look at; returns where it went.
 
     Call it while holding the file's lock, so that no good file written meanwhile is moved.
 
@@ -124,10 +124,10 @@ def quarantine(path: str, into: str | None = None) -> str:
         os.makedirs(into, mode=0o700, exist_ok=True)
         directory = into
     stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
-    target = os.path.join(directory, f"{filename}{CORRUPT_MARK}{stamp}")
+    target = os.path.join(directory, f"{prefix}{filename}{CORRUPT_MARK}{stamp}")
     n = 1
     while os.path.lexists(target):  # two in one second: keep both
         n += 1
-        target = os.path.join(directory, f"{filename}{CORRUPT_MARK}{stamp}-{n}")
+        target = os.path.join(directory, f"{prefix}{filename}{CORRUPT_MARK}{stamp}-{n}")
     os.rename(path, target)
     return target

@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import json
 import os
+import re
 
 import pytest
 
-from fcrun.errors import FcrunError, SpecError
+from fcrun.errors import SpecError
 from fcrun.network import IPAM, AddressLease, SubnetFull, parse_subnet
 
 
@@ -138,13 +139,94 @@ def test_switching_subnet_with_live_leases_is_refused(state_dir):
     assert IPAM(state_dir, "10.234.2.0/24").allocate("b").ip == "10.234.2.2"
 
 
-def test_corrupt_leases_file_names_the_file(state_dir):
+LEASE_CORRUPTIONS = {
+    "empty": (b"", "empty file"),
+    "garbage": (b"{not json", "malformed"),
+    "torn": (b'{"subnet":"10.234.1.0/24","leases":{"a":"10.2', "truncated"),
+    "wrong type": (b'{"subnet":"10.234.1.0/24","leases":{"a":5}}', r"Expected `str`, got `int`"),
+    "not an address": (b'{"subnet":"10.234.1.0/24","leases":{"a":"ten"}}', "a: 'ten' is not an IPv4 address"),
+    "outside the subnet": (b'{"subnet":"10.234.1.0/24","leases":{"a":"10.9.9.9"}}',
+                           "a: 10.9.9.9 is not a container address of 10.234.1.0/24"),
+    "the gateway": (b'{"subnet":"10.234.1.0/24","leases":{"a":"10.234.1.1"}}', "not a container address"),
+    "leased twice": (b'{"subnet":"10.234.1.0/24","leases":{"a":"10.234.1.5","b":"10.234.1.5"}}',
+                     "10.234.1.5 is leased to both a and b"),
+    "bad subnet": (b'{"subnet":"banana","leases":{}}', "subnet 'banana'"),
+}
+
+
+@pytest.mark.parametrize("kind", sorted(LEASE_CORRUPTIONS))
+def test_a_corrupt_leases_file_is_named_quarantined_and_rebuilt_from_the_containers(state_dir, caplog, kind):
+    """Rebuilt from what live containers' states say they hold, so no live address is handed
+    out again; the file is kept for the operator."""
+    data, reason = LEASE_CORRUPTIONS[kind]
+    ipam = IPAM(state_dir, "10.234.1.0/24", recover=lambda: {"web": "10.234.1.7", "db": "10.234.1.3"})
+    os.makedirs(state_dir)
+    with open(ipam.path, "wb") as f:
+        f.write(data)
+
+    lease = ipam.allocate("new")
+
+    assert lease.ip == "10.234.1.8"  # after the highest address in use: neither 3 nor 7
+    assert ipam.leases() == {"web": "10.234.1.7", "db": "10.234.1.3", "new": "10.234.1.8"}
+    [record] = [r for r in caplog.records if r.name == "fcrun.network.ipam"]
+    message = record.getMessage()
+    assert f"leases file {ipam.path} is corrupt" in message and re.search(reason, message), message
+    assert "rebuilt 2 leases from the containers' states" in message
+    [moved] = [n for n in os.listdir(state_dir) if ".corrupt-" in n]
+    assert moved.startswith("leases-default.json.corrupt-") and f"moved to {os.path.join(state_dir, moved)}" in message
+    with open(os.path.join(state_dir, moved), "rb") as f:
+        assert f.read() == data
+
+
+def test_without_a_source_a_corrupt_leases_file_starts_empty_and_says_so(state_dir, caplog):
     ipam = IPAM(state_dir, "10.234.1.0/24")
     os.makedirs(state_dir)
     with open(ipam.path, "w") as f:
         f.write("{not json")
-    with pytest.raises(FcrunError, match=f"read leases file {ipam.path}"):
-        ipam.allocate("a")
+    assert ipam.allocate("a").ip == "10.234.1.2"
+    assert "starting with no leases (nothing to rebuild them from)" in caplog.text
+    assert f"leases file {ipam.path} is corrupt" in caplog.text
+
+
+def test_a_rebuild_skips_unusable_and_doubled_addresses(state_dir, caplog):
+    ipam = IPAM(state_dir, "10.234.1.0/24",
+                recover=lambda: {"a": "10.234.1.5", "b": "10.234.1.5", "c": "192.168.0.1", "d": "x"})
+    os.makedirs(state_dir)
+    with open(ipam.path, "w") as f:
+        f.write("")
+    assert ipam.leases() == {"a": "10.234.1.5"}
+    for owner in ("b", "c", "d"):
+        assert f"{owner}'s address" in caplog.text
+
+
+def test_a_failed_save_names_the_file_and_keeps_the_old_table(state_dir, monkeypatch):
+    from fcrun import atomicfile
+    from fcrun.errors import KernelError
+
+    ipam = IPAM(state_dir, "10.234.1.0/24")
+    ipam.allocate("a")
+
+    def full(fd):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(atomicfile.os, "fsync", full)
+    with pytest.raises(KernelError, match=f"write leases file {ipam.path}: .*No space left on device"):
+        ipam.allocate("b")
+    monkeypatch.undo()
+    assert ipam.leases() == {"a": "10.234.1.2"}
+    assert sorted(os.listdir(state_dir)) == ["leases-default.json", "leases-default.lock"]
+
+
+def test_stale_temporaries_are_removed_under_the_lock(state_dir):
+    ipam = IPAM(state_dir, "10.234.1.0/24")
+    ipam.allocate("a")
+    stale = os.path.join(state_dir, ".leases-default.json.k1l2m3.tmp")  # a write killed mid-way
+    with open(stale, "w") as f:
+        f.write('{"sub')
+    assert ipam.leases() == {"a": "10.234.1.2"}
+    with ipam.locked():
+        assert ipam.remove_stale_temps() == [stale]
+    assert sorted(os.listdir(state_dir)) == ["leases-default.json", "leases-default.lock"]
 
 
 def test_failed_block_under_the_lock_saves_nothing(state_dir):

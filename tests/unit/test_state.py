@@ -1,4 +1,5 @@
 import fcntl
+import re
 import os
 import threading
 import types
@@ -144,3 +145,195 @@ def test_a_memory_backed_rootfs_is_recorded(tmp_path):
     assert store.load("vol").rootfs.tmpfs_bytes == 64 << 20
     # State written before the field existed reads as a layer on disk.
     assert Rootfs(mountpoint="/m").tmpfs_bytes == 0
+
+
+# ----- crash safety and corrupt files ------------------------------------------------------------
+
+def _saved(store: StateStore, name: str = "c", **fields) -> ContainerState:
+    store.reserve(name)
+    st = ContainerState(name=name, status="running", spec=default_spec(["sh"]), pid=123, **fields)
+    with store.locked(name):
+        store.save(st)
+    return st
+
+
+def _state_file(store: StateStore, name: str = "c") -> str:
+    return os.path.join(store.dir(name), "state.json")
+
+
+def _file(store: StateStore) -> bytes:
+    with open(_state_file(store), "rb") as f:
+        return f.read()
+
+
+def _torn(store: StateStore) -> bytes:
+    whole = _file(store)
+    return whole[: len(whole) // 2]
+
+
+CORRUPTIONS = {
+    "empty": (lambda store: b"", "empty file"),
+    "garbage": (lambda store: b"\x00\xffnot json at all", "malformed"),
+    "torn": (_torn, "truncated"),
+    "wrong type": (lambda store: _file(store).replace(b'"pid":123', b'"pid":"x"'),
+                   r"Expected `int`, got `str` - at `\$.pid`"),
+    "unknown status": (lambda store: _file(store).replace(b'"running"', b'"exploded"'), r"at `\$.status`"),
+    "another container's": (lambda store: _encoded(ContainerState(name="other", status="running",
+                                                                    spec=default_spec(["sh"]))),
+                            "it names container 'other'"),
+}
+
+
+def _encoded(st: ContainerState) -> bytes:
+    import msgspec
+
+    return msgspec.json.encode(st)
+
+
+@pytest.mark.parametrize("kind", sorted(CORRUPTIONS))
+def test_a_corrupt_state_file_is_named_quarantined_and_read_as_lost(tmp_path, caplog, kind):
+    store = StateStore(str(tmp_path / "containers"))
+    _saved(store)
+    _saved(store, "good")
+    make, reason = CORRUPTIONS[kind]
+    bad = make(store)
+    with open(_state_file(store), "wb") as f:
+        f.write(bad)
+    caplog.set_level("WARNING", logger="fcrun.runtime.state")
+
+    st = store.load("c")
+
+    assert st.status == "creating" and st.name == "c" and st.pid == 0  # what gc and rm -f remove by name
+    [record] = caplog.records
+    assert f"container state {_state_file(store)} is corrupt" in record.getMessage()
+    assert re.search(reason, record.getMessage())
+    quarantined = os.listdir(os.path.join(store.root, ".quarantine"))
+    assert len(quarantined) == 1 and quarantined[0].startswith("c.state.json.corrupt-")
+    assert f"moved to {os.path.join(store.root, '.quarantine', quarantined[0])}" in record.getMessage()
+    with open(os.path.join(store.root, ".quarantine", quarantined[0]), "rb") as f:
+        assert f.read() == bad  # kept for the operator as it was
+    assert store.names() == ["c", "good"]  # the quarantine is no container
+    assert store.load("good").status == "running"  # the others are untouched
+    caplog.clear()
+    assert store.load("c").status == "creating" and caplog.records == []  # reported once
+    store.remove("c")
+    assert store.names() == ["good"]
+
+
+def test_a_corrupt_file_whose_lock_is_held_elsewhere_is_reported_and_left_to_the_holder(tmp_path, caplog):
+    store = StateStore(str(tmp_path / "containers"))
+    _saved(store)
+    with open(_state_file(store), "wb") as f:
+        f.write(b"{")
+    holding, done = threading.Event(), threading.Event()
+
+    def holder():
+        with store.locked("c"):
+            holding.set()
+            done.wait(10)
+
+    t = threading.Thread(target=holder)
+    t.start()
+    try:
+        assert holding.wait(10)
+        assert store.load("c").status == "creating"
+    finally:
+        done.set()
+        t.join(10)
+    assert "left for whoever holds the lock of container 'c'" in caplog.text
+    assert os.path.exists(_state_file(store)) and not os.path.exists(os.path.join(store.root, ".quarantine"))
+    with store.locked("c"):  # the holder (gc, rm -f) loads it under the lock: moved then
+        assert store.load("c").status == "creating"
+    assert not os.path.exists(_state_file(store))
+
+
+def test_save_leaves_no_temporary_and_a_stale_one_is_removed_with_the_container(tmp_path):
+    store = StateStore(str(tmp_path / "containers"))
+    _saved(store)
+    assert os.listdir(store.dir("c")) == ["state.json"]
+    stale = os.path.join(store.dir("c"), ".state.json.x1y2z3.tmp")  # a save killed mid-way
+    with open(stale, "wb") as f:
+        f.write(b'{"na')
+    assert store.load("c").pid == 123
+    with store.locked("c"):
+        assert store.remove_stale_temps("c") == [stale]
+    with open(stale, "wb") as f:
+        f.write(b'{"na')
+    store.remove("c")
+    assert not os.path.exists(store.dir("c"))
+
+
+def test_a_failed_save_names_the_file_and_keeps_the_old_state(tmp_path, monkeypatch):
+    from fcrun import atomicfile
+    from fcrun.errors import KernelError
+
+    store = StateStore(str(tmp_path / "containers"))
+    _saved(store)
+
+    def full(fd):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(atomicfile.os, "fsync", full)
+    with store.locked("c"):
+        with pytest.raises(KernelError, match=f"write container state {_state_file(store)}: .*No space left on device"):
+            store.save(ContainerState(name="c", status="stopped", spec=default_spec(["sh"]), pid=123))
+    monkeypatch.undo()
+    assert store.load("c").status == "running"
+    assert os.listdir(store.dir("c")) == ["state.json"]
+
+
+def test_a_thread_may_take_a_lock_it_holds_and_others_wait(tmp_path):
+    store = StateStore(str(tmp_path / "containers"))
+    _saved(store)
+    seen = []
+    with store.locked("c"):
+        with store.locked("c"):  # refresh saving inside a locked operation
+            with store.try_locked("c") as held:
+                seen.append(held)
+        t = threading.Thread(target=lambda: seen.append(store.try_locked("c").__enter__()))
+        t.start()
+        t.join(10)
+    with store.try_locked("c") as held:
+        seen.append(held)
+    with store.try_locked("gone") as held:
+        seen.append(held)
+    assert seen == [True, False, True, False]
+
+
+def test_record_stopped_saves_under_the_lock_only_for_the_same_process(tmp_path):
+    store = StateStore(str(tmp_path / "containers"))
+    st = _saved(store, pid_start_time=5)
+    other_process = ContainerState(name="c", status="running", spec=st.spec, pid=123, pid_start_time=6)
+    assert not store.record_stopped(other_process)  # a reused pid: not this container's
+    assert store.load("c").status == "running"
+    with store.locked("c"):
+        store.save(ContainerState(name="c", status="running", spec=st.spec, pid=123, pid_start_time=5,
+                                  labels={"set": "meanwhile"}))
+    assert store.record_stopped(st)
+    saved = store.load("c")
+    assert saved.status == "stopped" and saved.labels == {"set": "meanwhile"}  # nothing else lost
+
+
+def test_record_stopped_leaves_a_container_whose_lock_is_held_to_its_holder(tmp_path):
+    store = StateStore(str(tmp_path / "containers"))
+    st = _saved(store)
+    results = []
+    with store.locked("c"):
+        t = threading.Thread(target=lambda: results.append(store.record_stopped(st)))
+        t.start()
+        t.join(10)
+    assert results == [False] and store.load("c").status == "running"
+
+
+def test_leases_on_reads_the_addresses_of_a_bridge(tmp_path):
+    from fcrun.runtime.state import NetworkState
+
+    store = StateStore(str(tmp_path / "containers"))
+    _saved(store, "a", network=NetworkState(mode="bridge", ip="10.88.0.5", prefixlen=16, bridge="fcrun0"))
+    _saved(store, "b", network=NetworkState(mode="bridge", ip="10.89.0.5", prefixlen=16, bridge="other"))
+    _saved(store, "n", network=NetworkState(mode="none"))
+    _saved(store, "bad", network=NetworkState(mode="bridge", ip="10.88.0.6", prefixlen=16, bridge="fcrun0"))
+    with open(_state_file(store, "bad"), "wb") as f:
+        f.write(b"garbage")
+    store.reserve("creating")
+    assert store.leases_on("fcrun0") == {"a": "10.88.0.5"}

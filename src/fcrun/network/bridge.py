@@ -118,9 +118,11 @@ class BridgeNetwork:
         subnet: str = DEFAULT_SUBNET,
         *,
         open_rtnl: OpenRtnl = rtnl.open_rtnl,
+        recover_leases: Callable[[], dict[str, str]] | None = None,
     ):
         self.bridge = validate_bridge_name(bridge)
-        self.ipam = IPAM(state_dir, subnet, name=bridge)
+        # recover_leases: owner -> address, what a corrupt leases file is rebuilt from (ipam.py).
+        self.ipam = IPAM(state_dir, subnet, name=bridge, recover=recover_leases)
         self._open_rtnl = open_rtnl
 
     def attach(self, owner: str, netns_fd: int) -> Attachment:
@@ -300,6 +302,7 @@ class BridgeNetwork:
         """
         removed: list[str] = []
         with self._open_rtnl(None) as host, self.ipam.locked() as table:
+            self.ipam.remove_stale_temps()  # of writes a crash cut short
             for owner in sorted(table.leases()):
                 if owner not in live_owners:
                     host.delete_link(host_ifname(owner))

@@ -1,9 +1,18 @@
 """IPv4 address leases for one container network, in a file that many fcrun processes share.
 
 Every read-modify-write holds an exclusive flock on a lock file next to the leases file, and
-the new table replaces the old one by rename, so a crash leaves the old or the new table,
-never half of one. There is no fsync: the file lives in the run root (tmpfs) and describes
-veths that do not survive a reboot either.
+the new table replaces the old one atomically (atomicfile.write_atomic: a unique temporary,
+fsync, rename, directory fsync), so a crash leaves the old or the new table, never half of
+one. The fsyncs matter only where the run root is on a disk (on tmpfs they cost nothing):
+there a power loss could otherwise leave an empty file.
+
+A leases file that cannot be read back (garbage, torn, wrong types, addresses outside the
+subnet) is moved aside (``leases-<name>.json.corrupt-<time>``, kept for the operator) and the
+table is rebuilt from the containers' own states (the ``recover`` callable: owner -> address,
+`StateStore.leases_on`), with a warning naming the file and what was wrong. Rebuilding rather
+than starting empty: an empty table would hand a live container's address, and so its MAC
+(``bridge.mac_for``), to the next one, and the host would send one's traffic to the other.
+Without ``recover`` (the IPAM used on its own) the table starts empty, and the warning says so.
 
 Addresses are handed out round-robin, as CNI's host-local plugin does: the next free one
 after the last handed out, wrapping around. A freed address is thus not reused until the
@@ -18,15 +27,19 @@ from __future__ import annotations
 import fcntl
 import ipaddress
 import itertools
+import logging
 import os
 import re
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
 import msgspec
 
+from ..atomicfile import quarantine, remove_stale_temps, write_atomic
 from ..errors import FcrunError, KernelError, SpecError
 from ..paths import DEFAULT_SUBNET
+
+log = logging.getLogger(__name__)
 
 MIN_PREFIXLEN = 8
 MAX_PREFIXLEN = 30  # a /30 holds the gateway and one container
@@ -156,28 +169,35 @@ class LeaseTable:
         return dict(self._leases)
 
 
+class CorruptLeases(FcrunError):
+    """The leases file cannot be read back; the message names it and what is wrong."""
+
+
 class IPAM:
     """A persisted allocator of addresses in ``subnet``, safe across fcrun processes.
 
     ``name`` (the bridge's) keeps networks apart: ``leases-<name>.json`` and
-    ``leases-<name>.lock`` in ``state_dir``.
+    ``leases-<name>.lock`` in ``state_dir``. ``recover``: owner -> address of the leases that
+    live owners hold, what a corrupt leases file is rebuilt from (see the module docstring).
     """
 
-    def __init__(self, state_dir: str, subnet: str = DEFAULT_SUBNET, *, name: str = "default"):
+    def __init__(self, state_dir: str, subnet: str = DEFAULT_SUBNET, *, name: str = "default",
+                 recover: Callable[[], dict[str, str]] | None = None):
         self.subnet = parse_subnet(subnet)
         if not _NAME.match(name):
             raise SpecError(f"invalid network name {name!r}: use 1-64 of [A-Za-z0-9_.-]", "name")
         self.state_dir = state_dir
         self.path = os.path.join(state_dir, f"leases-{name}.json")
         self.lock_path = os.path.join(state_dir, f"leases-{name}.lock")
+        self.recover = recover
 
     @contextmanager
     def locked(self) -> Iterator[LeaseTable]:
         """Hold the lock and yield the table; save it on a clean exit if it changed.
 
         Raises:
-            KernelError: the state directory or lock file cannot be made or locked.
-            FcrunError: the leases file is corrupt.
+            KernelError: the state directory or lock file cannot be made or locked, or the
+                table cannot be written.
             SpecError: the file holds leases of another subnet.
 
         Resource handling: the flock is on a fresh open file description, so threads of one
@@ -203,10 +223,12 @@ class IPAM:
                 data = f.read()
         except FileNotFoundError:
             return LeaseTable(self.subnet, {})
+        except OSError as exc:
+            raise KernelError.from_oserror("read leases file", self.path, exc) from None
         try:
-            stored = _decoder.decode(data)
-        except msgspec.DecodeError as exc:
-            raise FcrunError(f"read leases file {self.path}: {exc}") from None
+            stored = self._decode(data)
+        except CorruptLeases as exc:
+            return self._rebuild(exc)
         if stored.leases and stored.subnet != str(self.subnet):
             raise SpecError(
                 f"network in {self.path} uses subnet {stored.subnet} and has {len(stored.leases)}"
@@ -216,17 +238,70 @@ class IPAM:
         last_ip = stored.last_ip if stored.subnet == str(self.subnet) else None
         return LeaseTable(self.subnet, stored.leases, last_ip)
 
-    def _save(self, table: LeaseTable) -> None:
-        tmp = self.path + ".tmp"  # one writer at a time: we hold the lock
+    def _decode(self, data: bytes) -> LeaseFile:
+        """Raises CorruptLeases: not JSON, torn, wrong types, or addresses that cannot be
+        leases (not IPv4, outside its subnet, the network, gateway or broadcast, leased twice)."""
+        def corrupt(what: str) -> CorruptLeases:
+            return CorruptLeases(f"leases file {self.path} is corrupt: {what}")
+
         try:
-            with open(tmp, "wb") as f:
-                stored = LeaseFile(
-                    subnet=str(self.subnet), leases=table.leases(), last_ip=table.last_ip
-                )
-                f.write(_encoder.encode(stored))
-            os.replace(tmp, self.path)
+            stored = _decoder.decode(data)
+        except msgspec.DecodeError as exc:
+            raise corrupt("empty file" if not data else str(exc)) from None
+        try:
+            subnet = ipaddress.IPv4Network(stored.subnet, strict=True)
+        except ValueError as exc:
+            raise corrupt(f"subnet {stored.subnet!r}: {exc}") from None
+        usable = range(int(subnet.network_address) + 2, int(subnet.broadcast_address))
+        seen: dict[str, str] = {}
+        for owner, ip in [*stored.leases.items(), *([("last_ip", stored.last_ip)] if stored.last_ip else [])]:
+            try:
+                address = int(ipaddress.IPv4Address(ip))
+            except ValueError:
+                raise corrupt(f"{owner}: {ip!r} is not an IPv4 address") from None
+            if address not in usable:
+                raise corrupt(f"{owner}: {ip} is not a container address of {subnet}")
+            if owner != "last_ip":
+                if ip in seen:
+                    raise corrupt(f"{ip} is leased to both {seen[ip]} and {owner}")
+                seen[ip] = owner
+        return stored
+
+    def _rebuild(self, problem: CorruptLeases) -> LeaseTable:
+        """Move the corrupt file aside; the table of what live owners hold (or an empty one)."""
+        try:
+            moved = quarantine(self.path)
         except OSError as exc:
-            raise KernelError.from_oserror("write leases file", self.path, exc) from None
+            raise KernelError.from_oserror("move aside corrupt leases file", self.path, exc) from None
+        leases: dict[str, str] = {}
+        if self.recover is not None:
+            usable = range(int(self.subnet.network_address) + 2, int(self.subnet.broadcast_address))
+            for owner, ip in sorted(self.recover().items()):
+                try:
+                    ok = int(ipaddress.IPv4Address(ip)) in usable
+                except ValueError:
+                    ok = False
+                if ok and ip not in leases.values():
+                    leases[owner] = ip
+                else:
+                    log.warning("rebuild %s: %s's address %s is unusable or taken; not leased", self.path, owner, ip)
+            outcome = f"rebuilt {len(leases)} leases from the containers' states"
+        else:
+            outcome = "starting with no leases (nothing to rebuild them from)"
+        log.warning("%s; moved to %s, %s", problem, moved, outcome)
+        last_ip = str(max(ipaddress.IPv4Address(ip) for ip in leases.values())) if leases else None
+        table = LeaseTable(self.subnet, leases, last_ip)
+        table.changed = True  # written back at once, so the rebuild happens once
+        return table
+
+    def _save(self, table: LeaseTable) -> None:
+        stored = LeaseFile(subnet=str(self.subnet), leases=table.leases(), last_ip=table.last_ip)
+        write_atomic(self.path, _encoder.encode(stored), what="leases file")
+
+    def remove_stale_temps(self) -> list[str]:
+        """Delete what writes killed mid-way left; returns the paths. Call it inside
+        `locked()`, so no write is in progress."""
+        return remove_stale_temps(self.state_dir, os.path.basename(self.path))
 
     def allocate(self, owner: str) -> AddressLease:
         """A lease for ``owner`` (its existing one if it has one).

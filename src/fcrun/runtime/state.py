@@ -16,20 +16,36 @@ is frozen, and that is read from the cgroup (as runc reads "paused" from the fre
 thaw by any route (Runtime.thaw, or a write to the cgroup itself) leaves the state true.
 `StateStore.save` writes a frozen container as running; `load` reads the "frozen" of an
 older fcrun's file as running.
+
+Every save is atomic and durable (atomicfile.write_atomic) and made under the container's
+lock. A state file that cannot be read back (garbage, empty, torn, wrong types, another
+container's name) is reported by path and reason, moved to ``<containers>/.quarantine/``
+for the operator, and the container is then what a creation that crashed before its first
+save leaves: "creating", with nothing known but its name. `fcrun gc` and `rm -f` remove that
+by name (its cgroup, upper dir, lease, slot), so one bad file stops neither them, `fcrun ps`,
+the fork-server nor serve.
 """
 
 from __future__ import annotations
 
 import contextlib
 import fcntl
+import logging
 import os
 import re
+import threading
 from typing import Iterator, Literal
 
 import msgspec
 
-from ..errors import AlreadyExists, IncorrectStatus, NotFound, SpecError
+from ..atomicfile import quarantine, remove_stale_temps, write_atomic
+from ..errors import AlreadyExists, FcrunError, IncorrectStatus, NotFound, SpecError
 from .spec import Process, Root, Spec
+
+log = logging.getLogger(__name__)
+
+STATE_FILE = "state.json"
+QUARANTINE_DIR = ".quarantine"  # under the containers dir; NAME_RE never matches it
 
 Status = Literal["creating", "created", "running", "frozen", "stopped"]
 
@@ -118,6 +134,42 @@ _encoder = msgspec.json.Encoder()
 _decoder = msgspec.json.Decoder(ContainerState)
 
 
+class CorruptState(FcrunError):
+    """A container's state file cannot be read back; the message names the file and why."""
+
+
+def decode_state(path: str, name: str, data: bytes) -> ContainerState:
+    """The ContainerState in `data`, read from `path`, the file of container `name`.
+
+    Raises:
+        CorruptState: not JSON, torn, a field of the wrong type, or another container's state.
+    """
+    try:
+        state = _decoder.decode(data)
+    except msgspec.DecodeError as exc:  # ValidationError included: wrong types, missing fields
+        what = "empty file" if not data else str(exc)
+        raise CorruptState(f"container state {path} is corrupt: {what}") from None
+    if state.name != name:
+        # Acting on it would kill, unmount and release another container's things.
+        raise CorruptState(f"container state {path} is corrupt: it names container {state.name!r}")
+    if state.pid < 0:
+        raise CorruptState(f"container state {path} is corrupt: pid {state.pid}")
+    return state
+
+
+# The containers each thread holds the lock of, so that a thread that holds one can take it
+# again (flock excludes every other open file description, this process's own included).
+# Keyed by pid too: a child forked while its parent held a lock does not hold it.
+_held = threading.local()
+
+
+def _held_locks() -> dict[tuple[int, str], int]:
+    counts = getattr(_held, "counts", None)
+    if counts is None:
+        counts = _held.counts = {}
+    return counts
+
+
 def proc_start_time(pid: int) -> int:
     """Start time of a process in clock ticks since boot, or 0 if it does not exist."""
     try:
@@ -178,28 +230,104 @@ class StateStore:
         return path
 
     def save(self, state: ContainerState) -> None:
-        """Write the state atomically; a frozen container as running (frozen is the cgroup's)."""
+        """Write the state atomically and durably; a frozen container as running (frozen is
+        the cgroup's). The caller holds the container's lock (`locked`).
+
+        Raises:
+            KernelError: it could not be written (a full disk, say); the file on disk is then
+                the one before, whole.
+        """
         if state.status == "frozen":
             state = msgspec.structs.replace(state, status="running")
-        path = os.path.join(self.dir(state.name), "state.json")
-        tmp = path + ".tmp"
-        with open(tmp, "wb") as f:
-            f.write(_encoder.encode(state))
-        os.replace(tmp, path)
+        path = os.path.join(self.dir(state.name), STATE_FILE)
+        write_atomic(path, _encoder.encode(state), what="container state")
 
     def load(self, name: str) -> ContainerState:
+        """The container's saved state.
+
+        A file that cannot be read back is reported (logged, naming it and what is wrong),
+        quarantined once its lock can be had, and read as a creation's leftover ("creating").
+
+        Raises:
+            NotFound: no such container.
+        """
         validate_name(name, "container name")
+        path = os.path.join(self.dir(name), STATE_FILE)
         try:
-            with open(os.path.join(self.dir(name), "state.json"), "rb") as f:
-                state = _decoder.decode(f.read())
+            with open(path, "rb") as f:
+                data = f.read()
+                identity = _identity(os.fstat(f.fileno()))
         except FileNotFoundError:
             if os.path.isdir(self.dir(name)):
                 # Reserved but never saved: a creation that crashed early. `rm -f`/gc clean it.
                 return ContainerState(name=name, status="creating", spec=_EMPTY_SPEC)
             raise NotFound(f"no such container: {name!r}") from None
+        try:
+            state = decode_state(path, name, data)
+        except CorruptState as exc:
+            self._quarantine(name, path, identity, exc)
+            return ContainerState(name=name, status="creating", spec=_EMPTY_SPEC)
         if state.status == "frozen":  # written by an older fcrun: whether it is, its cgroup says
             state.status = "running"
         return state
+
+    def _quarantine(self, name: str, path: str, identity: tuple[int, int, int], problem: CorruptState) -> None:
+        """Move a corrupt state file aside, if it is still the file that was read and its
+        lock can be had at once (whoever holds it will find the file and do it)."""
+        with self.try_locked(name) as held:
+            if not held:
+                log.warning("%s; left for whoever holds the lock of container %r", problem, name)
+                return
+            try:
+                if _identity(os.stat(path)) != identity:
+                    return  # replaced meanwhile by a good save
+                moved = quarantine(path, into=os.path.join(self.root, QUARANTINE_DIR), prefix=f"{name}.")
+            except FileNotFoundError:
+                return  # moved or removed meanwhile
+            except OSError as exc:
+                log.warning("%s; it could not be moved aside: %s", problem, exc)
+                return
+        log.warning("%s; moved to %s, and container %r is treated as lost (gc or rm -f removes"
+                    " what is left of it)", problem, moved, name)
+
+    def record_stopped(self, state: ContainerState) -> bool:
+        """Save that `state`'s pid 1 has exited, if the container's lock can be had at once
+        (its holder is acting on it and will find out itself) and the file still describes
+        that process. Returns whether it was saved.
+
+        Raises:
+            KernelError: the file could not be written.
+        """
+        with self.try_locked(state.name) as held:
+            if not held:
+                return False
+            try:
+                current = self.load(state.name)
+            except NotFound:
+                return False
+            if (current.status not in LIVE or current.pid != state.pid
+                    or current.pid_start_time != state.pid_start_time):
+                return False
+            current.status = "stopped"
+            self.save(current)
+            return True
+
+    def leases_on(self, bridge: str) -> dict[str, str]:
+        """container -> IP of every container whose state says it has an address on `bridge`:
+        what the IPAM rebuilds a corrupt leases file from. Reads without locks, skips what
+        cannot be read (this runs under the IPAM lock, which creations take under theirs)."""
+        leases = {}
+        for name in self.names():
+            path = os.path.join(self.dir(name), STATE_FILE)
+            try:
+                with open(path, "rb") as f:
+                    state = decode_state(path, name, f.read())
+            except (OSError, CorruptState):
+                continue
+            net = state.network
+            if net is not None and net.mode == "bridge" and net.bridge == bridge and net.ip:
+                leases[name] = net.ip
+        return leases
 
     def names(self) -> list[str]:
         try:
@@ -207,9 +335,15 @@ class StateStore:
         except FileNotFoundError:
             return []
 
+    def remove_stale_temps(self, name: str) -> list[str]:
+        """Delete what saves killed mid-write left in the container's directory; returns the
+        paths. The caller holds the container's lock (so no save is in progress)."""
+        return remove_stale_temps(self.dir(name), STATE_FILE)
+
     def remove(self, name: str) -> None:
         path = self.dir(name)
-        for entry in ("state.json", "state.json.tmp", "lock", "output.log"):  # "lock": older fcrun
+        self.remove_stale_temps(name)
+        for entry in (STATE_FILE, "state.json.tmp", "lock", "output.log"):  # ".tmp", "lock": older fcrun
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(os.path.join(path, entry))
         with contextlib.suppress(FileNotFoundError):
@@ -222,18 +356,56 @@ class StateStore:
         """Serialise changes to one container across fcrun processes. NotFound if it is gone.
 
         The lock is on the container's directory itself (flock works on any open file): no
-        lock file to create and remove for every container.
+        lock file to create and remove for every container. A thread that holds it may take
+        it again (Runtime.refresh saves under it, inside and outside locked operations).
         """
-        validate_name(name, "container name")
-        try:
-            fd = os.open(self.dir(name), os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-        except FileNotFoundError:
-            raise NotFound(f"no such container: {name!r}") from None
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX)
+        with self._lock(name, blocking=True) as held:
+            if not held:
+                raise NotFound(f"no such container: {name!r}")
             yield
+
+    @contextlib.contextmanager
+    def try_locked(self, name: str) -> Iterator[bool]:
+        """The container's lock if it can be had at once: yields True holding it, or False
+        when another process or thread holds it, or the container is gone."""
+        with self._lock(name, blocking=False) as held:
+            yield held
+
+    @contextlib.contextmanager
+    def _lock(self, name: str, *, blocking: bool) -> Iterator[bool]:
+        validate_name(name, "container name")
+        path = self.dir(name)
+        key = (os.getpid(), path)
+        held = _held_locks()
+        if held.get(key):  # this thread's already
+            held[key] += 1
+            try:
+                yield os.path.isdir(path)
+            finally:
+                held[key] -= 1
+            return
+        try:
+            fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        except FileNotFoundError:
+            yield False
+            return
+        try:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX if blocking else fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                yield False
+                return
+            held[key] = 1
+            try:
+                yield True
+            finally:
+                del held[key]
         finally:
             os.close(fd)
+
+
+def _identity(st: os.stat_result) -> tuple[int, int, int]:
+    return (st.st_dev, st.st_ino, st.st_mtime_ns)
 
 
 # Placeholder spec for a container whose creation crashed before its state was first saved.
