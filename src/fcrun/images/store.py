@@ -38,6 +38,7 @@ from typing import Callable, Iterable, Iterator
 import msgspec
 
 from .. import syscalls as sc
+from ..atomicfile import write_atomic
 from ..errors import FcrunError, IncorrectStatus, KernelError, NotFound, SpecError
 from ..mountinfo import read_mountpoints
 from ..paths import Paths
@@ -477,28 +478,8 @@ class ImageStore:
         return image
 
     def _write_record(self, image: Image) -> None:
-        try:
-            fd, tmp = tempfile.mkstemp(
-                prefix=f".{image.name}.", suffix=".tmp", dir=self.paths.images
-            )
-        except OSError as exc:
-            raise _host_error("create image record in", self.paths.images, exc) from None
-        try:
-            with os.fdopen(fd, "wb") as f:
-                f.write(msgspec.json.format(msgspec.json.encode(image)))
-                f.flush()
-                os.fsync(f.fileno())
-            os.chmod(tmp, 0o644)
-            os.rename(tmp, self._record_path(image.name))
-        except OSError as exc:
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(tmp)
-            raise _host_error("write image record", self._record_path(image.name), exc) from None
-        except BaseException:
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(tmp)
-            raise
-        _fsync_dir(self.paths.images)
+        write_atomic(self._record_path(image.name), msgspec.json.format(msgspec.json.encode(image)),
+                     mode=0o644, what="image record")
 
     def _commit_layer(self, tmp: str, diff_id: str) -> str:
         """Rename a finished layer into place; keep the existing one if it is already there."""
