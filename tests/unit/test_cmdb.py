@@ -299,12 +299,111 @@ def test_a_database_from_a_newer_fcrun_is_refused(db_path):
         SqliteCMDB(db_path)
 
 
-def test_wal_mode_is_on(db, db_path):
+def test_wal_mode_is_on_and_every_commit_is_synced(db, db_path):
     conn = sqlite3.connect(db_path)
     try:
-        assert conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+        assert conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"  # persistent: the file's
     finally:
         conn.close()
+    # Per connection: FULL (2) fsyncs the WAL at every commit, so a returned write survives a
+    # power loss (NORMAL, 1, would sync only at checkpoints).
+    assert db._conn.execute("PRAGMA synchronous").fetchone()[0] == 2
+
+
+def _raw(db_path: str, sql: str, *args) -> None:
+    """Write behind the CMDB's back, as disk corruption or a hand edit would."""
+    conn = sqlite3.connect(db_path, isolation_level=None)
+    try:
+        conn.execute(sql, args)
+    finally:
+        conn.close()
+
+
+ROW_CORRUPTIONS = {
+    "env not JSON": ("env", "[\"A=1", "column env: .*truncated"),
+    "env not a list": ("env", '{"A": 1}', "column env: Expected `array`, got `object`"),
+    "cpu not a number": ("cpu", "lots", r"column cpu: Expected `float`, got `str`"),
+    "memory out of range": ("memory_bytes", -5, "column memory_bytes: Expected `int` >= "),
+    "autoscale not a boolean": ("autoscale", 7, "column autoscale: 7 is not a boolean"),
+    "image not text": ("image", b"\x00\x01", r"column image: Expected `str`, got `bytes`"),
+}
+
+
+@pytest.mark.parametrize("kind", sorted(ROW_CORRUPTIONS))
+def test_a_garbage_app_row_is_named_and_the_other_apps_keep_working(db, db_path, caplog, kind):
+    column, value, reason = ROW_CORRUPTIONS[kind]
+    db.add_app(App(name="bad.test", image="apache-php", hostnames=["alias.bad.test"]))
+    db.add_app(App(name="good.test", image="apache-php"))
+    _raw(db_path, f"UPDATE apps SET {column} = ? WHERE name = 'bad.test'", value)
+
+    with pytest.raises(CMDBError, match=f"app 'bad.test' in CMDB {db_path} is corrupt: {reason}"):
+        db.get_app("bad.test")
+    with pytest.raises(CMDBError, match="app 'bad.test'"):
+        db.app_for_host("alias.bad.test")
+    assert [a.name for a in db.list_apps()] == ["good.test"]
+    assert [a.name for a in db.list_apps()] == ["good.test"]
+    warned = [r.getMessage() for r in caplog.records if "bad.test" in r.getMessage()]
+    assert len(warned) == 1 and "it is left out" in warned[0]  # once, not at every reload
+    assert db.app_for_host("good.test").name == "good.test"
+    db.update_app("good.test", AppUpdate(cpu=0.5))
+    db.add_app(App(name="new.test", image="apache-php"))
+
+    removed = db.remove_app("bad.test")  # how the operator gets rid of it
+    assert removed.name == "bad.test"
+    assert db.app_for_host("alias.bad.test") is None
+    db.add_app(App(name="bad.test", image="apache-php", hostnames=["alias.bad.test"]))
+    assert [a.name for a in db.list_apps()] == ["bad.test", "good.test", "new.test"]
+
+
+def test_garbage_instance_and_event_rows_are_left_out_or_shown_without_their_data(db, db_path, caplog):
+    db.upsert_instance(Instance(id="i-1", app="a.test", container="c-1", state="ready", started_at=1.0))
+    db.upsert_instance(Instance(id="i-2", app="a.test", container="c-2", state="ready", started_at=2.0))
+    _raw(db_path, "UPDATE instances SET requests = 'many' WHERE id = 'i-1'")
+    assert [i.id for i in db.list_instances()] == ["i-2"]
+    assert f"instance 'i-1' in CMDB {db_path} is corrupt" in caplog.text
+    first = db.add_event("a.test", "started", "one", {"n": 1})
+    db.add_event("a.test", "started", "two", {"n": 2})
+    _raw(db_path, "UPDATE events SET data = '{broken' WHERE id = ?", first.id)
+    assert [(e.message, e.data) for e in db.list_events()] == [("one", {}), ("two", {"n": 2})]
+    assert f"event {first.id} in CMDB {db_path}: column data is corrupt" in caplog.text
+
+
+def test_a_file_that_is_not_a_database_is_named_at_open(db_path):
+    os.makedirs(os.path.dirname(db_path))
+    with open(db_path, "wb") as f:
+        f.write(b"this is not an SQLite database, it only sits where one should" * 100)
+    with pytest.raises(CMDBError, match=f"open in CMDB {db_path}: the file is corrupt or not an SQLite database"):
+        SqliteCMDB(db_path)
+
+
+def test_damaged_pages_are_named(db_path):
+    with SqliteCMDB(db_path) as db:
+        for i in range(50):
+            db.add_app(App(name=f"app{i}.test", image="apache-php", env=[f"K={'v' * 200}"]))
+    # Closed: the WAL is checkpointed into the file. Keep the header page, damage the rest.
+    size = os.path.getsize(db_path)
+    with open(db_path, "r+b") as f:
+        f.seek(4096)
+        f.write(b"\xa5" * (size - 4096))
+    with pytest.raises(CMDBError, match=f"in CMDB {db_path}: the file is corrupt"):
+        with SqliteCMDB(db_path) as db:
+            db.list_apps()
+
+
+def test_a_full_database_names_the_file_and_keeps_every_row(db, db_path):
+    """SQLITE_FULL, as a full disk gives it (here by capping the file's pages; the root test
+    tests/root/test_corrupt_state_root.py fills a real tmpfs)."""
+    db.add_app(App(name="kept.test", image="apache-php"))
+    pages = db._conn.execute("PRAGMA page_count").fetchone()[0]
+    db._conn.execute(f"PRAGMA max_page_count = {pages}")
+    with pytest.raises(CMDBError, match=f"add app big.test in CMDB {db_path}: no space left on device"):
+        db.add_app(App(name="big.test", image="apache-php", env=[f"K={'v' * 100_000}"]))
+    with pytest.raises(CMDBError, match="no space left on device"):
+        db.add_event(None, "big", "x" * 100_000)
+    assert [a.name for a in db.list_apps()] == ["kept.test"]
+    db._conn.execute(f"PRAGMA max_page_count = {pages * 1000}")  # space freed
+    db.add_app(App(name="big.test", image="apache-php", env=[f"K={'v' * 100_000}"]))
+    assert [a.name for a in db.list_apps()] == ["big.test", "kept.test"]
 
 
 def test_an_unwritable_data_root_is_a_kernel_error(tmp_path):

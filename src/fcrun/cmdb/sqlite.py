@@ -8,12 +8,27 @@ snapshot. Other processes (`fcrun app` while `fcrun serve` runs) read and write 
 
 The statements below are portable SQL (PostgreSQL takes them as they are, with ``%s`` for
 ``?``); SQLite-only settings are the PRAGMAs in `_connect`.
+
+Durability: WAL with ``synchronous = FULL``, so a write that returned is on disk: the WAL is
+fsynced at every commit (NORMAL would sync it only at checkpoints, and a power loss could
+take back an `fcrun app add` that had already answered). Commits are a few per scale action,
+never one per request (serve's request counters live in memory), so the fsync costs nothing
+that matters. A full disk fails the write that needed the space, with a "no space left"
+error naming the file; the transaction is rolled back and every earlier row stays.
+
+Corrupt content is contained: a row whose columns do not decode (JSON that does not parse, a
+type or range that cannot be an App's) is a CMDBError naming that app and column for whoever
+asks for it (`get_app`, a Host lookup), is left out of `list_apps` with a warning, and can be
+removed (`remove_app`); the other apps keep working. A file that is not an SQLite database,
+or whose pages are damaged, is a CMDBError naming the file when it is opened or read.
 """
 
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
+import re
 import sqlite3
 import threading
 import time
@@ -27,6 +42,8 @@ from ..paths import Paths
 from .base import CMDBError
 from .migrations import migrate
 from .models import App, AppUpdate, Event, Instance, apply_update, validate_app
+
+log = logging.getLogger(__name__)
 
 CMDB_FILE = "cmdb.sqlite3"
 BUSY_TIMEOUT_S = 5.0
@@ -47,6 +64,7 @@ UPDATE_APP = (
     f"UPDATE apps SET {', '.join(f'{c} = ?' for c in _APP_COLUMNS[1:])} WHERE name = ?"
 )
 SELECT_APP = f"SELECT {_APP_SELECT} FROM apps a WHERE a.name = ?"
+SELECT_APP_IMAGE = "SELECT image FROM apps WHERE name = ?"
 SELECT_APPS = f"SELECT {_APP_SELECT} FROM apps a ORDER BY a.name"
 SELECT_APP_BY_HOST = f"SELECT {_APP_SELECT} FROM app_hostnames h JOIN apps a ON a.name = h.app WHERE h.hostname = ?"
 DELETE_APP = "DELETE FROM apps WHERE name = ?"
@@ -79,6 +97,10 @@ _env_decode = msgspec.json.Decoder(list[str]).decode
 _data_decode = msgspec.json.Decoder(dict[str, Any]).decode
 
 
+class CorruptRow(Exception):
+    """A row whose columns cannot be what they stand for; says which column and why."""
+
+
 class SqliteCMDB:
     """The CMDB in one SQLite file (see the module docstring for locking).
 
@@ -91,6 +113,7 @@ class SqliteCMDB:
     def __init__(self, path: str, *, busy_timeout_s: float = BUSY_TIMEOUT_S):
         self.path = path
         self._lock = threading.Lock()
+        self._reported: set[str] = set()  # corrupt rows warned about: once each, not every list
         self._conn = _connect(path, busy_timeout_s)
         try:
             with self._write("open") as cur:
@@ -131,7 +154,7 @@ class SqliteCMDB:
 
     def get_app(self, name: str) -> App:
         with self._read(f"read app {name}") as cur:
-            app = _get_app(cur, name)
+            app = self._get_app(cur, name)
         if app is None:
             raise NotFound(f"app {name!r} does not exist")
         return app
@@ -147,7 +170,7 @@ class SqliteCMDB:
             if row is None:
                 return None
             aliases = [r[0] for r in cur.execute(SELECT_ALIASES, (row[0],))]
-        return _app_from_row(row, aliases)
+        return self._app(row, aliases)
 
     def list_apps(self) -> list[App]:
         with self._read("list apps") as cur:
@@ -155,11 +178,17 @@ class SqliteCMDB:
             aliases: dict[str, list[str]] = {}
             for app, hostname in cur.execute(SELECT_ALL_ALIASES):
                 aliases.setdefault(app, []).append(hostname)
-        return [_app_from_row(row, aliases.get(row[0], [])) for row in rows]
+        apps = []
+        for row in rows:
+            try:
+                apps.append(self._app(row, aliases.get(row[0], [])))
+            except CMDBError as exc:  # the others keep working
+                self._report(f"{exc}; it is left out (fix it or `fcrun app rm` it)")
+        return apps
 
     def update_app(self, name: str, update: AppUpdate) -> App:
         with self._write(f"update app {name}") as cur:
-            current = _get_app(cur, name)
+            current = self._get_app(cur, name)
             if current is None:
                 raise NotFound(f"app {name!r} does not exist")
             app = apply_update(current, update, time.time())
@@ -171,8 +200,14 @@ class SqliteCMDB:
         return app
 
     def remove_app(self, name: str) -> App:
+        """Also removes an app whose row is corrupt (returned with its name and image only)."""
         with self._write(f"remove app {name}") as cur:
-            app = _get_app(cur, name)
+            try:
+                app = self._get_app(cur, name)
+            except CMDBError as exc:
+                log.warning("%s; removing it", exc)
+                image = cur.execute(SELECT_APP_IMAGE, (name,)).fetchone()[0]
+                app = App(name=name, image=image if isinstance(image, str) else "")
             if app is None:
                 raise NotFound(f"app {name!r} does not exist")
             cur.execute(DELETE_HOSTNAMES, (name,))
@@ -195,7 +230,13 @@ class SqliteCMDB:
                 rows = cur.execute(SELECT_INSTANCES).fetchall()
             else:
                 rows = cur.execute(SELECT_APP_INSTANCES, (app,)).fetchall()
-        return [Instance(**dict(zip(_INSTANCE_COLUMNS, row))) for row in rows]
+        instances = []
+        for row in rows:
+            try:
+                instances.append(msgspec.convert(dict(zip(_INSTANCE_COLUMNS, row)), Instance))
+            except msgspec.ValidationError as exc:
+                self._report(f"instance {row[0]!r} in CMDB {self.path} is corrupt: {exc}; it is left out")
+        return instances
 
     # -- events ------------------------------------------------------------------------------
 
@@ -221,23 +262,55 @@ class SqliteCMDB:
                     rows = cur.execute(SELECT_APP_EVENTS_LATEST, (app, limit)).fetchall()
                 rows.reverse()
         return [
-            Event(id=r[0], ts=r[1], app=r[2], kind=r[3], message=r[4], data=_data_decode(r[5])) for r in rows
+            Event(id=r[0], ts=r[1], app=r[2], kind=r[3], message=r[4], data=self._event_data(r[0], r[5]))
+            for r in rows
         ]
+
+    # -- rows ------------------------------------------------------------------------------------
+
+    def _app(self, row: tuple, aliases: list[str]) -> App:
+        try:
+            return _app_from_row(row, aliases)
+        except CorruptRow as exc:
+            raise CMDBError(f"app {row[0]!r} in CMDB {self.path} is corrupt: {exc}") from None
+
+    def _get_app(self, cur: sqlite3.Cursor, name: str) -> App | None:
+        row = cur.execute(SELECT_APP, (name,)).fetchone()
+        if row is None:
+            return None
+        return self._app(row, [r[0] for r in cur.execute(SELECT_ALIASES, (name,))])
+
+    def _event_data(self, event_id: int, raw: Any) -> dict[str, Any]:
+        try:
+            return _data_decode(raw)
+        except (msgspec.DecodeError, TypeError) as exc:
+            self._report(f"event {event_id} in CMDB {self.path}: column data is corrupt ({exc}); shown without it")
+            return {}
+
+    def _report(self, message: str) -> None:
+        if message not in self._reported:
+            self._reported.add(message)
+            log.warning("%s", message)
 
     # -- transactions ------------------------------------------------------------------------
 
     @contextlib.contextmanager
     def _write(self, operation: str) -> Iterator[sqlite3.Cursor]:
-        """One write transaction: all of it commits, or (on any exception) none of it."""
+        """One write transaction: all of it commits, or (on any exception) none of it.
+
+        COMMIT is where the WAL is written and synced, so it is where a full disk fails; SQLite
+        may then have rolled back already (SQLITE_FULL does): `_end` rolls back only what is
+        still open, so the error the caller sees is the one that happened.
+        """
         with self._lock, _db_errors(operation, self.path):
             cur = self._conn.cursor()
             cur.execute("BEGIN IMMEDIATE")
             try:
                 yield cur
+                cur.execute("COMMIT")
             except BaseException:
-                cur.execute("ROLLBACK")
+                self._end(cur)
                 raise
-            cur.execute("COMMIT")
 
     @contextlib.contextmanager
     def _read(self, operation: str) -> Iterator[sqlite3.Cursor]:
@@ -247,8 +320,18 @@ class SqliteCMDB:
             cur.execute("BEGIN")
             try:
                 yield cur
-            finally:
                 cur.execute("COMMIT")
+            except BaseException:
+                self._end(cur)
+                raise
+
+    def _end(self, cur: sqlite3.Cursor) -> None:
+        """Roll back what a failed transaction left open (nothing, if SQLite already did)."""
+        if self._conn.in_transaction:
+            try:
+                cur.execute("ROLLBACK")
+            except sqlite3.Error as exc:  # the first error is the one to report
+                log.warning("roll back in CMDB %s: %s", self.path, exc)
 
 
 def _connect(path: str, busy_timeout_s: float) -> sqlite3.Connection:
@@ -266,8 +349,8 @@ def _connect(path: str, busy_timeout_s: float) -> sqlite3.Connection:
         try:
             conn.execute(f"PRAGMA busy_timeout = {int(busy_timeout_s * 1000)}")
             _enable_wal(conn, path, busy_timeout_s)
-            # In WAL mode NORMAL never corrupts; a power loss may lose the last commits only.
-            conn.execute("PRAGMA synchronous = NORMAL")
+            # FULL: every commit's WAL is fsynced before it returns (see the module docstring).
+            conn.execute("PRAGMA synchronous = FULL")
             conn.execute("PRAGMA foreign_keys = ON")
         except BaseException:
             conn.close()
@@ -300,7 +383,18 @@ def _db_errors(operation: str, path: str) -> Iterator[None]:
     try:
         yield
     except sqlite3.Error as exc:
-        raise CMDBError(f"{operation} in CMDB {path}: {exc}") from None
+        raise CMDBError(f"{operation} in CMDB {path}: {_explain(exc)}") from None
+
+
+def _explain(exc: sqlite3.Error) -> str:
+    """SQLite's message, with what it means for the operator where SQLite's words are terse."""
+    code = getattr(exc, "sqlite_errorcode", 0) & 0xFF  # the primary result code
+    if code == sqlite3.SQLITE_FULL:
+        return f"no space left on device ({exc}); nothing was written, free space and retry"
+    if code in (sqlite3.SQLITE_CORRUPT, sqlite3.SQLITE_NOTADB):
+        return (f"the file is corrupt or not an SQLite database ({exc}); restore it from a backup,"
+                " or move it aside to start with an empty CMDB")
+    return str(exc)
 
 
 def _app_row(app: App) -> tuple:
@@ -312,17 +406,22 @@ def _app_row(app: App) -> tuple:
 
 
 def _app_from_row(row: tuple, aliases: list[str]) -> App:
+    """Raises CorruptRow: a column that cannot be what App says it is."""
     fields = dict(zip(_APP_COLUMNS, row))
-    fields["env"] = _env_decode(fields["env"])
+    try:
+        fields["env"] = _env_decode(fields["env"])
+    except (msgspec.DecodeError, TypeError) as exc:
+        raise CorruptRow(f"column env: {exc}") from None
+    if fields["autoscale"] not in (0, 1):  # a BOOLEAN column: SQLite stores 0 or 1
+        raise CorruptRow(f"column autoscale: {fields['autoscale']!r} is not a boolean")
     fields["autoscale"] = bool(fields["autoscale"])
-    return App(hostnames=aliases, **fields)
-
-
-def _get_app(cur: sqlite3.Cursor, name: str) -> App | None:
-    row = cur.execute(SELECT_APP, (name,)).fetchone()
-    if row is None:
-        return None
-    return _app_from_row(row, [r[0] for r in cur.execute(SELECT_ALIASES, (name,))])
+    fields["hostnames"] = aliases
+    try:
+        return msgspec.convert(fields, App)
+    except msgspec.ValidationError as exc:
+        # msgspec says "Expected `float`, got `str` - at `$.cpu`": name the column first.
+        found = re.fullmatch(r"(.*) - at `\$\.(\w+)`", str(exc))
+        raise CorruptRow(f"column {found[2]}: {found[1]}" if found else str(exc)) from None
 
 
 def _check_hostnames_free(cur: sqlite3.Cursor, app: App) -> None:
