@@ -363,6 +363,19 @@ def test_chunk_extensions_and_trailers_are_dropped_and_the_body_rechunked():
     assert b"".join(req.pending) == b"3\r\nabc\r\na\r\n0123456789\r\n0\r\n\r\n"
 
 
+def test_the_upstream_head_is_rebuilt_from_the_parsed_fields_not_copied():
+    """Leading empty lines, whitespace around a value, the version, the target's form: the
+    upstream gets one spelling of each, the one the proxy parsed."""
+    r, sink = reader()
+    r.feed(b"\r\nPUT http://a.test/x HTTP/1.0\r\nHost:a.test\r\nX-A:\t  b c  \r\nConnection: keep-alive\r\n"
+           b"Content-Length:  2\r\n\r\nok")
+    (req,) = sink.heads
+    assert req.upstream_head == (b"PUT /x HTTP/1.1\r\nX-A: b c  \r\nContent-Length: 2\r\nHost: a.test\r\n"
+                                 b"X-Forwarded-For: 192.0.2.7\r\nX-Real-IP: 192.0.2.7\r\nX-Forwarded-Proto: http\r\n"
+                                 b"Via: 1.0 fcrun\r\n" + host_tail(b"a.test") + b"\r\n")
+    assert req.pending == [b"ok"]
+
+
 def test_content_length_body_is_passed_through():
     r, sink = reader()
     r.feed(b"POST /p HTTP/1.1\r\nHost: a.test\r\nContent-Length: 10\r\n\r\n01234")
@@ -557,11 +570,30 @@ def test_switching_protocols_without_an_upgrade_request_is_an_error():
     b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nhiEXTRA",     # more than one response
     b"garbage\r\n\r\n",
     b"HTTP/1.1 200 OK\r\nTransfer-Encoding: gzip\r\n\r\n",
+    # What llhttp refuses in a response head, as in a request's:
+    b"HTTP/1.1 200 OK\r\nX-A: a\x00b\r\nContent-Length: 0\r\n\r\n",
+    b"HTTP/1.1 200 OK\r\nX-A: a\rb\r\nContent-Length: 0\r\n\r\n",
+    b"HTTP/1.1 200 OK\r\nX-A: a\nContent-Length: 0\r\n\r\n",
+    b"HTTP/1.1 200 OK\r\nX-A: a\r\n b\r\nContent-Length: 0\r\n\r\n",
+    b"HTTP/1.1 200 OK\r\nContent-Length: 3\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n",
+    b"HTTP/1.1 200 OK\r\nContent-Length: 3\r\nContent-Length: 4\r\n\r\nabcd",
+    # and what it lets through in the status line, which the proxy forwards raw:
+    b"HTTP/1.1 200 O\x00K\r\nContent-Length: 0\r\n\r\n",
+    b"HTTP/1.1 200 O\x1bK\r\nContent-Length: 0\r\n\r\n",
+    b"HTTP/1.0 404 \x7f\r\nContent-Length: 0\r\n\r\n",
 ])
 def test_broken_upstream_responses(raw):
     rr = response_reader()
     rr.feed(raw)
     assert rr.error
+
+
+@pytest.mark.parametrize("status_line", [b"HTTP/1.1 200 OK", b"HTTP/1.1 404 Not\tFound \xff", b"HTTP/1.1 204 ",
+                                         b"HTTP/1.1 200"])
+def test_status_lines_without_control_bytes_pass(status_line):
+    rr = response_reader()
+    rr.feed(status_line + b"\r\nContent-Length: 0\r\n\r\n")
+    assert not rr.error and out(rr).startswith(status_line + b"\r\n")
 
 
 def test_cold_start_headers_go_into_the_head():

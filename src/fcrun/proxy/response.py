@@ -16,6 +16,9 @@ from .request import Request
 # Content-Length is not here: llhttp's keep-alive verdict implies it (see on_headers_complete).
 _RESPONSE_HEADERS = HOP_BY_HOP_HEADERS
 _RESPONSE_SPECIAL_LENGTHS = frozenset(len(name) for name in _RESPONSE_HEADERS)
+# Control bytes a reason phrase may not hold (RFC 9112 4: HTAB, SP, VCHAR, obs-text only).
+# llhttp lets them through there (not in header lines), and the status line is forwarded raw.
+_REASON_CONTROL_BYTES = bytes(range(0x09)) + bytes(range(0x0A, 0x20)) + b"\x7f"
 
 # Response body framing towards the client.
 _BODY_NONE = 0        # HEAD, 204, 304, 101
@@ -161,6 +164,10 @@ class ResponseReader:
         te = upgrade = via = None
         # The head goes out as slices of raw: the status line (as HTTP/1.1) and the header
         # lines between the ones to cut, without the blank line.
+        line_end = raw.find(b"\r\n", start)
+        reason = raw[start + 13:line_end]   # after "HTTP/1.x 200 "
+        if len(reason.translate(None, _REASON_CONTROL_BYTES)) != len(reason):
+            self._violation("upstream sent a control byte in its status line")
         if raw[start:start + 9] == b"HTTP/1.1 ":
             parts = []
             position = start
