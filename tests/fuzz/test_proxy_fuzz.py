@@ -588,3 +588,141 @@ def test_regression_an_upgrade_request_with_a_body_smuggles_nothing():
     assert sink.heads == [] and sink.errors == [400]
     responses, received, closed = run_bounded(exchange(stream, [stream.data]), asyncio.new_event_loop)
     assert received == [] and responses[0][0] == 400 and closed
+
+
+# -- ResponseReader, sans-IO: what the client gets is well-formed, whatever the upstream's framing
+
+HOP_NAMES = [b"Connection", b"Keep-Alive", b"Proxy-Authenticate", b"Proxy-Foo", b"TE", b"Trailer", b"Upgrade"]
+
+
+@dataclass
+class Resp:
+    status: int
+    body: bytes          # what the client must get (none for HEAD, 204, 304)
+    raw: bytes
+    headers: list[tuple[bytes, bytes]]   # end-to-end headers the client must get, in order
+    method: bytes
+    http10_client: bool
+    close_delimited: bool
+
+
+@st.composite
+def responses(draw) -> Resp:
+    method = draw(st.sampled_from([b"GET", b"GET", b"HEAD", b"POST"]))
+    http10_client = draw(st.booleans())
+    status = draw(st.sampled_from([200, 200, 201, 204, 206, 301, 304, 404, 500, 503]))
+    version = draw(st.sampled_from([b"HTTP/1.1", b"HTTP/1.1", b"HTTP/1.0"]))
+    reason = draw(st.sampled_from([b"OK", b"Whatever", b"", b"Not\tFound", b"\xe9t\xe9", b"A  B"]))
+    own = draw(st.lists(st.tuples(NAMES, VALUES), max_size=5))
+    hop = draw(st.lists(st.sampled_from(HOP_NAMES[1:]), max_size=3, unique=True))
+    named_hop = draw(st.lists(NAMES, max_size=2, unique=True))   # listed in Connection
+    own = [(name, value) for name, value in own if name.lower() not in {n.lower() for n in named_hop}]
+    via = draw(st.sampled_from([None, b"1.0 app", b"1.1 a, 1.1 b"]))
+    no_body = method == b"HEAD" or status in (204, 304)
+    body = b"" if status in (204, 304) else draw(BODIES)
+    framing = draw(st.sampled_from(["length", "chunked", "close"]))
+    if version == b"HTTP/1.0" and framing == "chunked":
+        framing = "length"
+    if no_body and framing == "close":
+        framing = "length"
+    lines = list(own) + [(name, b"x") for name in hop] + [(name, b"1") for name in named_hop]
+    if named_hop or draw(st.booleans()):
+        lines.append((b"Connection", b", ".join([b"keep-alive", *named_hop])))
+    if via is not None:
+        lines.append((b"Via", via))
+    lines = draw(st.permutations(lines))
+    if framing == "length" and status not in (204, 304):
+        lines.append((b"Content-Length", b"%d" % len(body)))
+    elif framing == "chunked" and status not in (204, 304):
+        lines.append((b"Transfer-Encoding", b"chunked"))
+    head = b"%s %d %s\r\n" % (version, status, reason) + b"".join(b"%s: %s\r\n" % line for line in lines) + b"\r\n"
+    if no_body:
+        wire_body = b""
+    elif framing == "chunked":
+        wire_body = chunked(body, draw(st.lists(st.integers(1, 64), max_size=6)),
+                            draw(st.lists(EXTENSIONS, min_size=1, max_size=3)),
+                            draw(st.lists(st.tuples(NAMES, VALUES), max_size=2)))
+    else:
+        wire_body = body
+    interim = b"".join(draw(st.lists(st.sampled_from([b"HTTP/1.1 100 Continue\r\n\r\n",
+                                                       b"HTTP/1.1 103 Early Hints\r\nLink: </a>\r\n\r\n"]),
+                                     max_size=2)))
+    expected_headers = [(n, v) for n, v in lines if n.lower() not in
+                        {b"connection", b"via", b"content-length", b"transfer-encoding"} | {h.lower() for h in hop}
+                        and n.lower() not in {n.lower() for n in named_hop}]
+    event(f"response framing: {framing}")
+    return Resp(status, b"" if no_body else body, interim + head + wire_body, expected_headers, method,
+                http10_client, framing == "close" and not no_body)
+
+
+def read_response_strictly(data: bytes, resp: Resp) -> tuple[list[tuple[bytes, bytes]], bytes, bool]:
+    """(end-to-end headers, body, says close) of the bytes the proxy wrote; fails on anything loose."""
+    end = data.index(b"\r\n\r\n") + 4
+    head, rest = data[:end], data[end:]
+    assert b"\n" not in head.replace(b"\r\n", b"") and b"\r" not in head.replace(b"\r\n", b""), head
+    status_line, *lines = head[:-4].split(b"\r\n")
+    assert re.fullmatch(rb"HTTP/1\.1 %d( [\t\x20-\x7e\x80-\xff]*)?" % resp.status, status_line), status_line
+    headers = []
+    for line in lines:
+        match = HEADER_LINE.fullmatch(line)
+        assert match, line
+        headers.append((match[1], match[2]))
+    lower = {name.lower(): value for name, value in headers}
+    names = [name.lower() for name, _ in headers]
+    for hop in (b"keep-alive", b"proxy-authenticate", b"proxy-foo", b"te", b"trailer", b"upgrade"):
+        assert hop not in names, hop
+    assert names.count(b"via") == 1 and lower[b"via"].endswith(b"1.1 fcrun")
+    assert names.count(b"connection") <= 1 and lower.get(b"connection", b"close") in (b"close", b"keep-alive")
+    assert not (b"content-length" in lower and b"transfer-encoding" in lower)
+    own = [(n, v) for n, v in headers if n.lower() not in
+           (b"via", b"connection", b"content-length", b"transfer-encoding", b"x-fcrun-cold-start",
+            b"x-fcrun-cold-start-path")]
+    close = lower.get(b"connection") == b"close"
+    if resp.method == b"HEAD" or resp.status in (204, 304):
+        assert rest == b""
+        return own, b"", close
+    if lower.get(b"transfer-encoding") == b"chunked":
+        return own, dechunk_strictly(rest, True), close
+    if b"content-length" in lower:
+        assert len(rest) == int(lower[b"content-length"])
+        return own, rest, close
+    assert close, "a body delimited by the close without Connection: close"
+    return own, rest, close
+
+
+def respond(resp: Resp, pieces: list[bytes]) -> tuple[bytes, bool]:
+    from fcrun.proxy.request import Request
+    from fcrun.proxy.response import ResponseReader
+
+    req = Request()
+    req.method, req.http10 = resp.method, resp.http10_client
+    reader = ResponseReader(Forwarding(ProxyConfig()))
+    reader.begin(req, keep_alive=True)
+    out = []
+    for piece in pieces:
+        reader.feed(piece)
+        assert reader.error is None, reader.error
+        out += reader.out
+        reader.out.clear()
+    if not reader.complete:
+        assert resp.close_delimited
+        assert reader.feed_eof()
+        out += reader.out
+    assert reader.complete and not reader.error
+    return b"".join(out), reader.reusable
+
+
+@given(responses(), st.data())
+def test_response_reader_writes_one_well_formed_response_however_the_bytes_are_split(resp, data):
+    whole, reusable = respond(resp, [resp.raw])
+    headers, body, close = read_response_strictly(whole, resp)
+    assert headers == resp.headers and body == resp.body
+    if resp.close_delimited:
+        assert not reusable   # its end was the close
+    if resp.close_delimited and resp.http10_client:
+        assert close
+    cuts = data.draw(st.lists(st.integers(1, max(1, len(resp.raw) - 1)), max_size=10), label="cuts")
+    split, _ = respond(resp, pieces_at(resp.raw, cuts))
+    assert read_response_strictly(split, resp) == (headers, body, close)
+    one_by_one, _ = respond(resp, [bytes([b]) for b in resp.raw])
+    assert read_response_strictly(one_by_one, resp) == (headers, body, close)
