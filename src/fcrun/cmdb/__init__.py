@@ -7,7 +7,7 @@ PostgreSQL implementation can take its place.
 
 from ..hostnames import normalize_host, normalize_hostname
 from ..paths import Paths
-from .base import CMDB, CMDBError
+from .base import CMDB, CMDBError, CorruptApp
 from .models import (
     App,
     AppDefaults,
@@ -34,7 +34,7 @@ def open_cmdb(paths: Paths) -> CMDB:
 
 
 __all__ = [
-    "App", "AppDefaults", "AppStats", "AppUpdate", "CMDB", "CMDBError", "CMDB_FILE", "Event", "Instance",
+    "App", "AppDefaults", "AppStats", "AppUpdate", "CMDB", "CMDBError", "CMDB_FILE", "CorruptApp", "Event", "Instance",
     "InstanceCounts", "NewApp", "Scale", "SqliteCMDB", "normalize_host", "normalize_hostname", "open_cmdb",
     "validate_app",
 ]

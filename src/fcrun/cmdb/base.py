@@ -20,6 +20,11 @@ class CMDBError(FcrunError):
     http_status = 503
 
 
+class CorruptApp(CMDBError):
+    """One app's row cannot be read back (the message names the app and column); the other
+    apps are unaffected, and `remove_app` still removes it."""
+
+
 class CMDB(Protocol):
     """Apps, their instances and events.
 
@@ -36,7 +41,7 @@ class CMDB(Protocol):
         ...
 
     def get_app(self, name: str) -> App:
-        """Raises: NotFound."""
+        """Raises: NotFound, CorruptApp."""
         ...
 
     def app_for_host(self, host: str) -> App | None:
@@ -56,7 +61,8 @@ class CMDB(Protocol):
         ...
 
     def remove_app(self, name: str) -> App:
-        """Delete an app and its hostnames (not its instance rows); returns what was removed.
+        """Delete an app and its hostnames (not its instance rows); returns what was removed
+        (of an app whose row is corrupt: its name and image).
 
         Raises: NotFound.
         """

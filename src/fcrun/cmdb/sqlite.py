@@ -39,7 +39,7 @@ import msgspec
 from ..errors import AlreadyExists, KernelError, NotFound
 from ..hostnames import normalize_host
 from ..paths import Paths
-from .base import CMDBError
+from .base import CMDBError, CorruptApp
 from .migrations import migrate
 from .models import App, AppUpdate, Event, Instance, apply_update, validate_app
 
@@ -182,7 +182,7 @@ class SqliteCMDB:
         for row in rows:
             try:
                 apps.append(self._app(row, aliases.get(row[0], [])))
-            except CMDBError as exc:  # the others keep working
+            except CorruptApp as exc:  # the others keep working
                 self._report(f"{exc}; it is left out (fix it or `fcrun app rm` it)")
         return apps
 
@@ -204,7 +204,7 @@ class SqliteCMDB:
         with self._write(f"remove app {name}") as cur:
             try:
                 app = self._get_app(cur, name)
-            except CMDBError as exc:
+            except CorruptApp as exc:
                 log.warning("%s; removing it", exc)
                 image = cur.execute(SELECT_APP_IMAGE, (name,)).fetchone()[0]
                 app = App(name=name, image=image if isinstance(image, str) else "")
@@ -272,7 +272,7 @@ class SqliteCMDB:
         try:
             return _app_from_row(row, aliases)
         except CorruptRow as exc:
-            raise CMDBError(f"app {row[0]!r} in CMDB {self.path} is corrupt: {exc}") from None
+            raise CorruptApp(f"app {row[0]!r} in CMDB {self.path} is corrupt: {exc}") from None
 
     def _get_app(self, cur: sqlite3.Cursor, name: str) -> App | None:
         row = cur.execute(SELECT_APP, (name,)).fetchone()
@@ -383,18 +383,33 @@ def _db_errors(operation: str, path: str) -> Iterator[None]:
     try:
         yield
     except sqlite3.Error as exc:
-        raise CMDBError(f"{operation} in CMDB {path}: {_explain(exc)}") from None
+        raise CMDBError(f"{operation} in CMDB {path}: {_explain(exc, path)}") from None
 
 
-def _explain(exc: sqlite3.Error) -> str:
+def _explain(exc: sqlite3.Error, path: str) -> str:
     """SQLite's message, with what it means for the operator where SQLite's words are terse."""
     code = getattr(exc, "sqlite_errorcode", 0) & 0xFF  # the primary result code
-    if code == sqlite3.SQLITE_FULL:
+    if code == sqlite3.SQLITE_FULL or (code == sqlite3.SQLITE_IOERR and _nearly_full(path)):
+        # A full disk is SQLITE_FULL when a write runs out of space, but a bare "disk I/O
+        # error" when opening cannot make the -shm file (SQLite does not pass on the errno).
         return f"no space left on device ({exc}); nothing was written, free space and retry"
     if code in (sqlite3.SQLITE_CORRUPT, sqlite3.SQLITE_NOTADB):
         return (f"the file is corrupt or not an SQLite database ({exc}); restore it from a backup,"
                 " or move it aside to start with an empty CMDB")
     return str(exc)
+
+
+def _nearly_full(path: str) -> bool:
+    """Whether the filesystem holding `path` has less room than SQLite's -shm file needs."""
+    try:
+        st = os.statvfs(os.path.dirname(path) or ".")
+    except OSError:
+        return False
+    return st.f_bavail * st.f_frsize < SHM_BYTES
+
+
+# The size of the -shm index a WAL database's first connection makes (SQLite's 32 KiB pages).
+SHM_BYTES = 32 << 10
 
 
 def _app_row(app: App) -> tuple:

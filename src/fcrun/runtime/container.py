@@ -87,9 +87,12 @@ class Container:
             raise
         self._close_fds()
         crash_point("start.go")
-        self.state.status = "running"
-        self.state.started_at = time.time()
-        self.runtime.states.save(self.state)
+        with self.runtime.states.locked(self.name):  # NotFound: removed meanwhile (rm -f)
+            state = self.runtime.states.load(self.name)  # keeps what others changed (labels)
+            state.status = "running"
+            state.started_at = time.time()
+            self.runtime.states.save(state)
+            self.state = state
         crash_point("start.saved")
 
     def wait(self) -> int:

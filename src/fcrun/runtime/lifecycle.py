@@ -95,7 +95,8 @@ class Runtime:
         if self._network is None:
             from ..network import BridgeNetwork
 
-            self._network = BridgeNetwork(self.paths.network, bridge=self.bridge, subnet=self.subnet)
+            self._network = BridgeNetwork(self.paths.network, bridge=self.bridge, subnet=self.subnet,
+                                          recover_leases=lambda: self.states.leases_on(self.bridge))
         return self._network
 
     @property
@@ -194,8 +195,8 @@ class Runtime:
         if not pid_alive(state):
             state.status = "stopped"
             try:
-                self.states.save(state)
-            except OSError as exc:  # removed meanwhile, or the run root is read-only: say it as it is
+                self.states.record_stopped(state)  # under the container's lock, if free now
+            except OSError as exc:  # the run root is full or read-only: say it as it is
                 log.debug("container %s: save stopped status: %s", state.name, exc)
         elif state.status in ("running", "frozen") and state.cgroup_paths:
             try:
@@ -430,6 +431,7 @@ class Runtime:
                         removed.append(name)
                     else:
                         live.add(name)
+                        removed += [f"temp:{p}" for p in self.states.remove_stale_temps(name)]  # saves cut short
             except (NotFound, FileNotFoundError):
                 continue  # removed meanwhile
         if os.path.isdir(self.paths.network):

@@ -15,7 +15,7 @@ import time
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any, Callable, Protocol
 
-from ..cmdb.base import CMDB
+from ..cmdb.base import CMDB, CorruptApp
 from ..cmdb.models import App, AppDefaults, AppStats, AppUpdate, Event, Instance, NewApp, Scale, new_app
 from ..docroot import DEFAULT_DOCROOT_ROOTS, check_docroot
 from ..errors import IncorrectStatus, SpecError
@@ -173,7 +173,10 @@ class ManagedController(DirectController):
         return app
 
     async def remove_app(self, name: str) -> App:
-        await self.get_app(name)  # NotFound before anything changes
+        try:
+            await self.get_app(name)  # NotFound before anything changes
+        except CorruptApp:
+            pass  # a row that cannot be read back is removed all the same (how it is fixed)
         await self.manager.remove_app(name)  # 404 for new requests, drain, stop
         await self.manager.records.flush()  # its instance rows are gone before the app is
         return await super().remove_app(name)
