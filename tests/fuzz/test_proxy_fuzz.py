@@ -70,7 +70,8 @@ class Req:
     raw: bytes
     refused: int | None = None      # the status a hostile request must get
     refused_in_body: bool = False   # refused after its head went upstream (broken chunking)
-    close: bool = False             # Connection: close: nothing after it is read
+    close: bool = False             # Connection: close (or HTTP/1.0): nothing after it is read
+    http10: bool = False
 
 
 @dataclass
@@ -143,7 +144,10 @@ def requests(draw, seq: int, hostile: str | None = None, last: bool = False) -> 
     claims = draw(FORWARDING_CLAIMS)
     framing = draw(st.sampled_from(["none", "length", "chunked"]))
     body = draw(BODIES) if framing != "none" else b""
-    close = last and draw(st.booleans())
+    http10 = last and hostile is None and draw(st.integers(0, 4)) == 0
+    keep_alive_10 = http10 and draw(st.booleans())
+    close = last and not keep_alive_10 and (http10 or draw(st.booleans()))
+    expect = framing != "none" and draw(st.integers(0, 3)) == 0
 
     lines = [(b"Host", host)] + headers + claims
     lines = draw(st.permutations(lines))
@@ -152,10 +156,15 @@ def requests(draw, seq: int, hostile: str | None = None, last: bool = False) -> 
         lines.append((b"Content-Length", b"%d" % len(body)))
     elif framing == "chunked":
         lines.append((b"Transfer-Encoding", b"chunked"))
-    if close:
+    if close and not http10:
         lines.append((b"Connection", b"close"))
+    if keep_alive_10:
+        lines.append((b"Connection", b"keep-alive"))
+    if expect:
+        lines.append((b"Expect", b"100-continue"))
     refused, refused_in_body = None, False
-    head_lines = [b"%s %s HTTP/1.1\r\n" % (method, target)] + [b"%s: %s\r\n" % line for line in lines]
+    head_lines = [b"%s %s HTTP/1.%d\r\n" % (method, target, 0 if http10 else 1)] + [
+        b"%s: %s\r\n" % line for line in lines]
     body_bytes = body
     if framing == "chunked":
         sizes = draw(st.lists(st.integers(1, 64), max_size=6))
@@ -202,7 +211,7 @@ def requests(draw, seq: int, hostile: str | None = None, last: bool = False) -> 
             head_lines.insert(at, b"Host: b.test\r\n")
             head_lines[0] = b"%s %s HTTP/1.1\r\n" % (method, path)   # absolute form would override Host
     raw = b"".join(head_lines) + b"\r\n" + body_bytes
-    return Req(seq, method, target, path, own, body, framing, raw, refused, refused_in_body, close)
+    return Req(seq, method, target, path, own, body, framing, raw, refused, refused_in_body, close, http10)
 
 
 @st.composite
@@ -284,7 +293,8 @@ def check_forwarded(req: Req, method: bytes, target: bytes, headers: list[tuple[
     assert dict(lower)[b"x-forwarded-proto"] == b"http" and names.count(b"x-forwarded-proto") == 1
     assert dict(lower)[b"x-forwarded-host"] == host
     assert dict(lower)[b"forwarded"] == b'for=%s;host="%s";proto=http' % (client_ip, host)
-    assert dict(lower)[b"via"] == b"1.1 fcrun"
+    assert dict(lower)[b"via"] == (b"1.0 fcrun" if req.http10 else b"1.1 fcrun")
+    assert b"expect" not in names and b"connection" not in names
     assert (b"content-length" in names) is (req.framing == "length")
     assert (b"transfer-encoding" in names) is (req.framing == "chunked")
     if req.framing == "length":
@@ -456,6 +466,8 @@ class Upstream:
 async def read_response(reader: asyncio.StreamReader, head_request: bool) -> tuple[int, dict[bytes, bytes], bytes]:
     """One response, read strictly: fails the test on a malformed one."""
     head = await reader.readuntil(b"\r\n\r\n")
+    while head == b"HTTP/1.1 100 Continue\r\n\r\n":   # asked for by Expect: 100-continue
+        head = await reader.readuntil(b"\r\n\r\n")
     assert b"\r" not in head.replace(b"\r\n", b"") and b"\n" not in head.replace(b"\r\n", b""), head
     status_line, *lines = head[:-4].split(b"\r\n")
     match = re.fullmatch(rb"HTTP/1\.1 ([1-5][0-9][0-9]) [\x20-\x7e]*", status_line)
