@@ -648,3 +648,39 @@ def test_send_and_read_timeouts_shorter_than_the_response_timeout_still_apply():
     client.pause_writing()
     server.check_timeouts(11.0)
     assert client_t.aborted
+
+
+def test_a_client_waiting_for_100_continue_is_not_timed_until_it_is_sent():
+    async def main():
+        server, router = make_server(BOUNDS)
+        connected = asyncio.Event()
+
+        async def connect(lease):   # an instance that takes its time to accept
+            await connected.wait()
+            return new_upstream(server)[0]
+
+        server.upstreams.connect = connect
+        client, client_t = connect_client(server)
+        client.data_received(b"PUT /f HTTP/1.1\r\nHost: a.test\r\nExpect: 100-continue\r\nContent-Length: 5\r\n\r\n")
+        await asyncio.sleep(0)
+        server.check_timeouts(100.0)
+        assert client_t.take() == b""   # no 408: the client is right to wait
+        connected.set()
+        for _ in range(5):
+            await asyncio.sleep(0)
+        assert client_t.take() == b"HTTP/1.1 100 Continue\r\n\r\n"
+        server.check_timeouts(131.0)   # now its body is late
+        assert client_t.take().startswith(b"HTTP/1.1 408 ")
+        await server.tasks.aclose()
+
+    asyncio.run(main())
+
+
+def test_per_ip_caps_count_ipv6_peers_by_their_64():
+    from fcrun.proxy.server import peer_key
+
+    assert peer_key("192.0.2.7") == "192.0.2.7"
+    assert peer_key("2001:db8:1:2:aaaa::1") == peer_key("2001:db8:1:2:bbbb::9") == "2001:db8:1:2::/64"
+    assert peer_key("2001:db8:1:3::1") != peer_key("2001:db8:1:2::1")
+    assert peer_key("::ffff:192.0.2.7") == "192.0.2.7"   # a dual-stack socket's IPv4 peer
+    assert peer_key("fe80::1%eth0") == "fe80::/64"

@@ -576,11 +576,19 @@ class ClientConnection(asyncio.Protocol):
         """Set the deadline for what the active exchange ``ex`` waits for now (see the table
         in the module docstring); a deadline of the same kind already running is kept."""
         if not ex.complete:
-            if self.deadline_kind != _BODY:
+            if ex.expect_continue and ex.body_bytes == 0 and ex.conn is None:
+                # The client waits for our 100 Continue, sent once an instance is connected:
+                # its body's clock starts then.
+                if self.deadline_kind != _NONE:
+                    self.deadline_kind = _NONE
+                    self.deadline = _NEVER
+            elif self.deadline_kind != _BODY:
                 server = self.server
                 now = server.now
                 if ex.body_until == _NEVER:
                     ex.body_until = now + server.config.body_timeout_s
+                    if self.paused:
+                        self.paused_since = now   # held before this body's clock started: not added to it
                 self.last_read = now
                 self.deadline_kind = _BODY
                 self.deadline = min(now + server.config.body_idle_timeout_s, ex.body_until)
