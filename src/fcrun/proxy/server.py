@@ -19,6 +19,7 @@ import asyncio
 import errno
 import ipaddress
 import logging
+import resource
 import socket
 
 from ..tasks import TaskOwner
@@ -121,8 +122,18 @@ class ProxyServer:
         self.now = self.upstreams.now = loop.time()
         self._sockets.append(sock)
         loop.add_reader(sock.fileno(), self._accept, sock)
+        self._check_descriptor_limit()
         if self._sweeper is None:
             self._sweeper = loop.call_later(self.config.timer_resolution_s, self._sweep)
+
+    def _check_descriptor_limit(self) -> None:
+        """Say so when max_connections cannot be reached: accept would fail with EMFILE first
+        (handled, with a back-off, but every other open() in the process fails too)."""
+        soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
+        if soft != resource.RLIM_INFINITY and soft < self.config.max_connections + 256:
+            log.warning("proxy: RLIMIT_NOFILE is %d, under [proxy] max_connections=%d plus room for "
+                        "upstream connections: raise it (ulimit -n, LimitNOFILE=) or lower max_connections",
+                        soft, self.config.max_connections)
 
     def _accept(self, sock: socket.socket) -> None:
         for _ in range(_ACCEPT_BATCH):
