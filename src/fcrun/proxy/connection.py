@@ -8,22 +8,8 @@ all of this happens inside two ``data_received`` calls, without a task, a timer 
 
 Slow paths run as tasks owned by the server (its :class:`~fcrun.tasks.TaskOwner`): waiting for a
 cold start, connecting to an instance. A connection's deadline is a number the server's sweep
-compares (server.py), so a request costs no timer handle. The hot path only stamps the coarse
-clock on each read (``last_read``); an idle deadline that comes due looks at the stamp and
-moves itself on if bytes came meanwhile.
-
-What a connection waits for, and its bound (``[proxy]``: ProxyConfig)::
-
-    HEADER    a request head          header_timeout_s, from its first byte      -> 408, close
-    IDLE      the next request        keepalive_timeout_s                         -> close
-    BODY      the client's body       body_idle_timeout_s between bytes,
-                                      body_timeout_s in all (not while the proxy holds the
-                                      client back)                                -> 408, close
-    RESPONSE  the instance's head     upstream_response_timeout_s                 -> 504
-              its body's next byte    upstream_read_timeout_s                     -> cut, close
-              the client to read      send_timeout_s (the instance is paused)     -> abort
-    TUNNEL    a byte either way       tunnel_idle_timeout_s                       -> close both
-    LINGER    the client to close     linger_s, after our Connection: close       -> close
+compares (server.py), so a request costs no timer handle; what each deadline means, and its
+handling, live in deadlines.py (the Deadlines half of ClientConnection).
 
 A request's life on a connection::
 
@@ -36,10 +22,10 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import math
 from collections import deque
 from typing import TYPE_CHECKING
 
+from .deadlines import HEADER, IDLE, LINGER, NEVER, NO_DEADLINE, RESPONSE, TUNNEL, Deadlines
 from .http import CONTINUE, HEAD, cold_start_headers, error_response
 from .request import Request, RequestReader
 from .router import Lease, RouteError
@@ -55,15 +41,6 @@ _PAUSE_UPSTREAM = 1   # the upstream's write buffer is full
 _PAUSE_BUFFER = 2     # body bytes held while no upstream connection is ready
 _PAUSE_PIPELINE = 4   # a pipelined request waits for the one before it
 
-# What a connection's deadline means (the table in the module docstring).
-_NONE = 0             # no deadline: the router and the connect bound what is waited for
-_HEADER = 1           # a request head must be complete by then (slowloris)
-_IDLE = 2             # keep-alive between requests
-_LINGER = 3           # we said Connection: close and are draining what the client still sends
-_BODY = 4             # the active request's body is still coming from the client
-_RESPONSE = 5         # the request is with the instance: its response (or the client's reading of it)
-_TUNNEL = 6           # an upgraded connection
-_NEVER = math.inf
 
 
 class Exchange(Request):
@@ -75,11 +52,11 @@ class Exchange(Request):
     retried = False
     tunnel_early: list[bytes] | None = None   # bytes after an upgrade request, before the 101
     unsent_head = b""                         # upstream_head until written (kept for a retry)
-    body_until = _NEVER                       # the body_timeout_s deadline, once the body is awaited
-    response_due = _NEVER                     # the upstream_response_timeout_s deadline, once sent
+    body_until = NEVER                        # the body_timeout_s deadline, once the body is awaited
+    response_due = NEVER                      # the upstream_response_timeout_s deadline, once sent
 
 
-class ClientConnection(asyncio.Protocol):
+class ClientConnection(Deadlines, asyncio.Protocol):
     """One client socket: its requests in order, one at a time towards the upstream."""
 
     __slots__ = ("server", "transport", "reader", "active", "queue", "paused", "write_paused",
@@ -95,8 +72,8 @@ class ClientConnection(asyncio.Protocol):
         self.queue: deque[Exchange] | None = None     # pipelined requests behind it
         self.paused = 0
         self.write_paused = False
-        self.deadline = _NEVER
-        self.deadline_kind = _NONE
+        self.deadline = NEVER
+        self.deadline_kind = NO_DEADLINE
         self.host: str | None = None                  # reported to the router's hooks
         self.closed = False
         self.tunnel: UpstreamConnection | None = None
@@ -119,7 +96,7 @@ class ClientConnection(asyncio.Protocol):
         self.peer = peer[0] if isinstance(peer, tuple) else "unix"
         self.reader = RequestReader(self, self.peer, server.forwarding, Exchange)
         server.connections.add(self)
-        self._set_deadline(_HEADER, server.config.header_timeout_s)
+        self._set_deadline(HEADER, server.config.header_timeout_s)
         if server.closing:
             transport.close()
 
@@ -134,8 +111,8 @@ class ClientConnection(asyncio.Protocol):
         if reader.stopped:
             self._received_while_stopped(data)
             return
-        if self.deadline_kind == _IDLE:
-            self._set_deadline(_HEADER, self.server.config.header_timeout_s)
+        if self.deadline_kind == IDLE:
+            self._set_deadline(HEADER, self.server.config.header_timeout_s)
         self.in_feed = True
         try:
             reader.feed(data)
@@ -158,7 +135,7 @@ class ClientConnection(asyncio.Protocol):
         ex = self.active
         if ex is not None:
             if ex.complete and ex.conn is not None:
-                if self.deadline_kind != _RESPONSE:
+                if self.deadline_kind != RESPONSE:
                     self._await_response()
             else:
                 self._await(ex)
@@ -206,7 +183,7 @@ class ClientConnection(asyncio.Protocol):
     def pause_writing(self) -> None:
         self.write_paused = True
         now = self.write_paused_since = self.server.now
-        if self.deadline_kind == _RESPONSE:
+        if self.deadline_kind == RESPONSE:
             self.deadline = min(self.deadline, now + self.server.config.send_timeout_s)
         conn = self.tunnel or (self.active.conn if self.active is not None else None)
         if conn is not None:
@@ -229,8 +206,8 @@ class ClientConnection(asyncio.Protocol):
             self.queue.append(ex)
             self._pause(_PAUSE_PIPELINE)
             return
-        self.deadline = _NEVER
-        self.deadline_kind = _NONE
+        self.deadline = NEVER
+        self.deadline_kind = NO_DEADLINE
         self._start(ex)
 
     def request_error(self, ex: Exchange | None, status: int, message: str) -> None:
@@ -390,7 +367,7 @@ class ClientConnection(asyncio.Protocol):
                        reader.head_bytes + reader.body_bytes, False)
         if (ex.complete and not reader.close_client and not self.paused and not self.queue
                 and not server.closing and not self.eof and not self.reader.in_message):
-            self.deadline_kind = _IDLE
+            self.deadline_kind = IDLE
             self.deadline = server.now + server.config.keepalive_timeout_s
             return
         if not ex.complete:
@@ -413,8 +390,8 @@ class ClientConnection(asyncio.Protocol):
             # The pooled connection had gone stale (the instance closed it as we sent): nothing
             # of a response arrived and the request can be repeated, once, on a new connection.
             ex.retried = True
-            self.deadline_kind = _NONE   # the connect is bounded by its own timeout
-            self.deadline = _NEVER
+            self.deadline_kind = NO_DEADLINE   # the connect is bounded by its own timeout
+            self.deadline = NEVER
             ex.task = self.server.tasks.spawn(self._connect(ex))
             return
         self._reply_error(ex, 502, f"{reason} ({ex.host})")
@@ -431,7 +408,7 @@ class ClientConnection(asyncio.Protocol):
         self.tunnel = conn
         ex.conn = None
         conn.last_read = self.last_read = self.server.now
-        self._set_deadline(_TUNNEL, self.server.config.tunnel_idle_timeout_s)
+        self._set_deadline(TUNNEL, self.server.config.tunnel_idle_timeout_s)
         if conn.reader.tunnel_data:
             conn.tunnel_bytes += len(conn.reader.tunnel_data)
             self.transport.write(conn.reader.tunnel_data)
@@ -517,9 +494,9 @@ class ClientConnection(asyncio.Protocol):
         if self.paused & _PAUSE_PIPELINE:
             self._resume(_PAUSE_PIPELINE)
         if self.reader.in_message:
-            self._set_deadline(_HEADER, self.server.config.header_timeout_s)
+            self._set_deadline(HEADER, self.server.config.header_timeout_s)
         else:
-            self._set_deadline(_IDLE, self.server.config.keepalive_timeout_s)
+            self._set_deadline(IDLE, self.server.config.keepalive_timeout_s)
 
     def _close_gracefully(self) -> None:
         """Close after what was written, reading and dropping what the client still sends.
@@ -536,7 +513,7 @@ class ClientConnection(asyncio.Protocol):
             transport.close()
             return
         transport.write_eof()
-        self._set_deadline(_LINGER, self.server.config.linger_s)
+        self._set_deadline(LINGER, self.server.config.linger_s)
 
     def _received_while_stopped(self, data: bytes) -> None:
         ex = self.active
@@ -567,164 +544,6 @@ class ClientConnection(asyncio.Protocol):
                 ex = self.active
                 if ex is not None and not ex.complete:
                     ex.body_until += now - self.paused_since
-
-    def _set_deadline(self, kind: int, timeout_s: float) -> None:
-        self.deadline_kind = kind
-        self.deadline = self.server.now + timeout_s
-
-    def _await(self, ex: Exchange) -> None:
-        """Set the deadline for what the active exchange ``ex`` waits for now (see the table
-        in the module docstring); a deadline of the same kind already running is kept."""
-        if not ex.complete:
-            if ex.expect_continue and ex.body_bytes == 0 and ex.conn is None:
-                # The client waits for our 100 Continue, sent once an instance is connected:
-                # its body's clock starts then.
-                if self.deadline_kind != _NONE:
-                    self.deadline_kind = _NONE
-                    self.deadline = _NEVER
-            elif self.deadline_kind != _BODY:
-                server = self.server
-                now = server.now
-                if ex.body_until == _NEVER:
-                    ex.body_until = now + server.config.body_timeout_s
-                    if self.paused:
-                        self.paused_since = now   # held before this body's clock started: not added to it
-                self.last_read = now
-                self.deadline_kind = _BODY
-                self.deadline = min(now + server.config.body_idle_timeout_s, ex.body_until)
-        elif ex.conn is not None:
-            if self.deadline_kind != _RESPONSE:
-                self._await_response()
-        elif self.deadline_kind != _NONE:
-            self.deadline_kind = _NONE   # a cold start or a connect: bounded by the router and the connect
-            self.deadline = _NEVER
-
-    def _await_response(self) -> None:
-        server = self.server
-        config = server.config
-        now = server.now
-        self.active.response_due = now + config.upstream_response_timeout_s
-        self.deadline_kind = _RESPONSE
-        # The head's arrival moves no deadline (the hot path stays free of it), so the sweep
-        # looks again within upstream_read_timeout_s, when the body's own bound may be due.
-        self.deadline = now + min(config.upstream_response_timeout_s, config.upstream_read_timeout_s)
-
-    def on_deadline(self) -> None:
-        """The server's sweep found this connection's deadline passed."""
-        kind = self.deadline_kind
-        if kind == _BODY:
-            self._body_deadline()
-            return
-        if kind == _RESPONSE:
-            self._response_deadline()
-            return
-        if kind == _TUNNEL:
-            self._tunnel_deadline()
-            return
-        self.deadline = _NEVER
-        self.deadline_kind = _NONE
-        if kind == _HEADER and self.reader.in_message:
-            self.transport.write(error_response(408, "request head not received in time", close=True))
-        if kind != _NONE:
-            self._close_now()
-
-    def _body_deadline(self) -> None:
-        server = self.server
-        config = server.config
-        now = server.now
-        ex = self.active
-        if ex is None or ex.complete:   # not reached: the phase's ends set a new deadline
-            self.deadline_kind = _NONE
-            self.deadline = _NEVER
-            return
-        if self.paused:
-            # We hold the client back (the instance reads slowly, or is starting): not its fault.
-            self.deadline = now + config.body_idle_timeout_s
-            return
-        idle_due = self.last_read + config.body_idle_timeout_s
-        due = min(idle_due, ex.body_until)
-        if due > now:
-            self.deadline = due   # bytes came meanwhile
-            return
-        if ex.body_until <= idle_due:
-            message = f"request body not complete within {config.body_timeout_s:g} s (body_timeout_s)"
-        else:
-            message = f"no byte of the request body for {config.body_idle_timeout_s:g} s (body_idle_timeout_s)"
-        self.deadline_kind = _NONE
-        self.deadline = _NEVER
-        self.reader.stopped = True
-        self.request_error(ex, 408, message)   # settles the lease; the instance's connection is dropped
-
-    def _response_deadline(self) -> None:
-        server = self.server
-        config = server.config
-        now = server.now
-        ex = self.active
-        conn = ex.conn if ex is not None else None
-        if conn is None:   # not reached: a retry's connect clears the deadline
-            self.deadline_kind = _NONE
-            self.deadline = _NEVER
-            return
-        reader = conn.reader
-        if not reader.head_sent:
-            if ex.response_due > now:
-                self.deadline = min(ex.response_due, now + config.upstream_read_timeout_s)
-                return
-            self._reply_error(ex, 504, f"upstream of {ex.host} sent no response within "
-                                       f"{config.upstream_response_timeout_s:g} s (upstream_response_timeout_s)")
-            return
-        if self.write_paused:
-            # A slow reader: the instance is paused for it, so only the transports' buffers are
-            # held; it gets send_timeout_s to take some of them.
-            due = self.write_paused_since + config.send_timeout_s
-            if due > now:
-                self.deadline = due
-                return
-            self.deadline_kind = _NONE
-            self.deadline = _NEVER
-            self.transport.abort()   # connection_lost settles the lease as failed
-            return
-        due = conn.last_read + config.upstream_read_timeout_s
-        if due > now:
-            self.deadline = due
-            return
-        # The instance stalled mid-response: cut the client, so that it sees the truncation.
-        self.deadline_kind = _NONE
-        self.deadline = _NEVER
-        ex.conn = None
-        conn.abort()
-        self._end(ex, reader.status, reader.head_bytes + reader.body_bytes, True)
-        self.reader.stopped = True
-        self._close_now()
-
-    def _tunnel_deadline(self) -> None:
-        now = self.server.now
-        conn = self.tunnel
-        if conn is None:
-            self.deadline_kind = _NONE
-            self.deadline = _NEVER
-            return
-        due = max(self.last_read, conn.last_read) + self.server.config.tunnel_idle_timeout_s
-        if due > now:
-            self.deadline = due
-            return
-        self.deadline_kind = _NONE
-        self.deadline = _NEVER
-        self.transport.abort()   # connection_lost closes the instance's side and settles the lease
-
-    def _close_now(self) -> None:
-        """Close the client socket; at once (abort) if it holds bytes the client is not taking,
-        since close() would wait for them without end."""
-        transport = self.transport
-        if transport.get_write_buffer_size():
-            transport.abort()
-        else:
-            transport.close()
-
-    @property
-    def lingering(self) -> bool:
-        """It answered its last request and only waits for the client to close (see _close_gracefully)."""
-        return self.deadline_kind == _LINGER
 
     def shutdown(self) -> None:
         """The server is closing: an idle connection closes now, a busy one after its response."""
