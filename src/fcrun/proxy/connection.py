@@ -42,7 +42,6 @@ _PAUSE_BUFFER = 2     # body bytes held while no upstream connection is ready
 _PAUSE_PIPELINE = 4   # a pipelined request waits for the one before it
 
 
-
 class Exchange(Request):
     """A request plus what the proxy holds for it: lease, upstream connection, slow-path task."""
 
