@@ -259,6 +259,14 @@ class ForkServer:
                 os.close(fd)
         try:
             pidfd = os.pidfd_open(container.pid)  # a zombie has one too: an early exit is seen
+        except ProcessLookupError:
+            # Exited and already reaped: the spawner forked it and reaps at once (a container
+            # that exits right after its exec, while the creation still saves its state).
+            # The spawner's report says how it ended.
+            code = container.wait()
+            with contextlib.suppress(FcrunError, OSError):
+                rt.delete(name, force=True)
+            return p.Exited(code=code)
         except OSError:
             with contextlib.suppress(FcrunError, OSError):
                 rt.delete(name, force=True)
