@@ -114,7 +114,8 @@ FORWARDING_CLAIMS = st.lists(st.tuples(st.sampled_from([b"X-Forwarded-For", b"x-
 EXTENSIONS = st.sampled_from([b"", b"", b";a", b";name=value", b';q="x;y"', b";a=1;b=2"])
 BODIES = st.binary(max_size=200)
 HOSTILE = st.sampled_from(["value_ctl", "name_ctl", "obs_fold", "bare_lf", "cl_te", "two_cl", "te_not_last",
-                           "chunk_overflow", "chunk_ext_ctl", "bad_method", "target_ctl", "two_hosts"])
+                           "chunk_overflow", "chunk_ext_ctl", "bad_method", "target_ctl", "two_hosts",
+                           "empty_host", "no_host", "bad_host"])
 
 
 def chunked(body: bytes, sizes: list[int], extensions: list[bytes], trailers: list[tuple[bytes, bytes]]) -> bytes:
@@ -207,9 +208,18 @@ def requests(draw, seq: int, hostile: str | None = None, last: bool = False) -> 
         elif hostile == "target_ctl":
             head_lines[0] = b"%s %s%s HTTP/1.1\r\n" % (method, target, draw(st.sampled_from(
                 [b"\x00", b"\x7f", b"\x01x", b" x", b"\tx", b"\xff"])))
-        elif hostile == "two_hosts":
-            head_lines.insert(at, b"Host: b.test\r\n")
+        elif hostile in ("two_hosts", "empty_host", "no_host", "bad_host"):
             head_lines[0] = b"%s %s HTTP/1.1\r\n" % (method, path)   # absolute form would override Host
+            host_at = next(i for i, line in enumerate(head_lines) if line.startswith(b"Host:"))
+            if hostile == "two_hosts":
+                head_lines.insert(at, b"Host: b.test\r\n")
+            elif hostile == "empty_host":
+                head_lines[host_at] = draw(st.sampled_from([b"Host:\r\n", b"Host: \r\n", b"Host:\t\r\n"]))
+            elif hostile == "no_host":
+                del head_lines[host_at]
+            else:
+                head_lines[host_at] = b"Host: " + draw(st.sampled_from(
+                    [b"a b", b"a.test:x", b"[::1", b"a/b", b"a@b", b"a.test:8080:1", b":80"])) + b"\r\n"
     raw = b"".join(head_lines) + b"\r\n" + body_bytes
     return Req(seq, method, target, path, own, body, framing, raw, refused, refused_in_body, close, http10)
 
@@ -738,3 +748,16 @@ def test_response_reader_writes_one_well_formed_response_however_the_bytes_are_s
     assert read_response_strictly(split, resp) == (headers, body, close)
     one_by_one, _ = respond(resp, [bytes([b]) for b in resp.raw])
     assert read_response_strictly(one_by_one, resp) == (headers, body, close)
+
+
+@pytest.mark.parametrize("host_line", [b"Host:\r\n", b"Host: \r\n", b"Host:\t\r\n"])
+def test_regression_an_empty_host_on_a_connection_s_first_request_is_refused(host_line):
+    """Found by the fuzzing (hostile "empty_host", long run): the reader remembered the previous
+    request's Host to skip checking it again, starting from b"", so an empty Host on the first
+    request passed as the host "" unchecked, and went upstream without Forwarded or
+    X-Forwarded-Host."""
+    raw = b"GET / HTTP/1.1\r\n" + host_line + b"X-Seq: 0\r\n\r\n"
+    stream = Stream([Req(0, b"GET", b"/", b"/", [], b"", "none", raw, refused=400)])
+    check_transcript(stream, read_all([stream.data]))
+    responses, received, closed = run_bounded(exchange(stream, [stream.data]), asyncio.new_event_loop)
+    assert received == [] and responses[0][0] == 400 and closed

@@ -16,6 +16,11 @@ from .http import (CRLF, HEADER_CONNECTION, HEADER_CONTENT_LENGTH, HEADER_DROP, 
                    HEADER_FORWARDED_PROTO, HEADER_HOST, HEADER_TRANSFER_ENCODING, HEADER_UPGRADE, HEADER_VIA,
                    HOP_BY_HOP_HEADERS, Forwarding, ProtocolViolation, connection_tokens, describe_header_error)
 
+# The Host value of the connection's previous request, before there was one: a value no Host
+# line can have (llhttp refuses a CR in a value), so the first request's Host is always checked.
+# (b"" was the sentinel once, and made an empty Host on a first request pass unchecked.)
+_NO_HOST_YET = b"\r"
+
 IDEMPOTENT_METHODS = frozenset((b"GET", b"HEAD", b"OPTIONS", b"TRACE", b"PUT", b"DELETE"))
 
 # What to do with a request header, by lowercase name (kinds in http.py). Absent: forwarded unchanged.
@@ -143,7 +148,7 @@ class RequestReader:
         self._head_reads: tuple[bytes, ...] | None = ()
         self._in_head = True        # between requests or inside a head (not in a body)
         self._limit = forwarding.max_header_bytes
-        self._last_host_raw = b""
+        self._last_host_raw = _NO_HOST_YET
         self._last_host = ""
         self._host_tail = b""
         self.in_message = False     # some bytes of a request have arrived and it is not complete
