@@ -217,6 +217,7 @@ def test_head_just_under_the_limit_passes():
 @pytest.mark.parametrize("request_head, status", [
     (b"GET / HTTP/1.1\r\nHost a.test\r\n\r\n", 400),                 # no colon
     (b"GET / HTTP/1.1\r\n\r\n", 400),                                # no Host
+    (b"GET / HTTP/1.1\r\nHost: \r\n\r\n", 400),                      # empty Host, first request (fuzz found)
     (b"GET / HTTP/1.1\r\nHost: a.test\r\nHost: b.test\r\n\r\n", 400),
     (b"GET / HTTP/1.1\r\nHost: a test\r\n\r\n", 400),
     (b"GET / HTTP/1.1\r\nHost: a.test:http\r\n\r\n", 400),
