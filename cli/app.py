@@ -120,7 +120,8 @@ def _settings_options(command):
         click.option("--env", "-e", multiple=True, metavar="KEY=VALUE",
                      help="Environment of the instances (repeatable; on update it replaces the list)."),
         click.option("--port", default=None, help="Port the app listens on ('auto': the image's, else 80)."),
-        click.option("--max-body", default=None, help="Largest request body (10M; 'off': no limit)."),
+        click.option("--max-body", default=None,
+                     help="Largest request body (10M; 'off': no limit; 'default': the proxy's max_body_bytes)."),
         click.option("--autoscale/--no-autoscale", default=None, help="Scale out and up with load."),
         click.option("--pids", default=None,
                      help="Most processes and threads per instance (default 1024; 'default' restores it)."),
@@ -165,7 +166,7 @@ def _changes(opts: dict[str, Any]) -> dict[str, Any]:
     if opts["port"] is not None:
         out["port"] = None if opts["port"].strip().lower() == "auto" else _parse_port(opts["port"], "--port")
     if opts["max_body"] is not None:
-        out["max_body_bytes"] = _or_none(opts["max_body"], "--max-body", parse_size)
+        out["max_body_bytes"] = _max_body(opts["max_body"])
     if opts["pids"] is not None:
         out["pids_max"] = None if opts["pids"].strip().lower() == "default" else _parse_pids(opts["pids"], "--pids")
     if opts["security_opts"]:
@@ -178,6 +179,21 @@ def _changes(opts: dict[str, Any]) -> dict[str, Any]:
 def _or_none(text: str, flag: str, parse: Callable[[str, str], Any]) -> Any:
     """None for 'off'/'none' (the setting is cleared), else the parsed value."""
     return None if text.strip().lower() in NONE_WORDS else parse(text, flag)
+
+
+def _max_body(text: str) -> int | None:
+    """--max-body: 0 for 'off' (no limit, as the proxy reads 0), None for 'default' (the proxy's
+    max_body_bytes applies), else a size."""
+    word = text.strip().lower()
+    if word == "default":
+        return None
+    return 0 if word in NONE_WORDS else parse_size(text, "--max-body")
+
+
+def _max_body_text(limit: int | None) -> str:
+    if limit is None:
+        return "the proxy's default (max_body_bytes)"
+    return "no limit" if limit == 0 else format_bytes(limit)
 
 
 def _parse_pids(text: str, flag: str) -> int:
@@ -284,7 +300,7 @@ def show(ctx: click.Context, name: str, as_json: bool):
         ("freeze after", _seconds_text(found.freeze_after_s)),
         ("max lifetime", _seconds_text(found.max_lifetime_s)),
         ("cooldowns", f"up {_seconds_text(found.cooldown_up_s)}, down {_seconds_text(found.cooldown_down_s)}"),
-        ("max body", format_bytes(found.max_body_bytes) if found.max_body_bytes is not None else "no limit"),
+        ("max body", _max_body_text(found.max_body_bytes)),
         ("port", str(found.port) if found.port is not None else "auto (the image's, else 80)"),
         ("pids", str(found.pids_max) if found.pids_max is not None else "default (1024)"),
         ("seccomp", found.seccomp if found.seccomp in ("default", "unconfined") else "custom profile"),

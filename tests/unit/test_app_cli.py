@@ -139,6 +139,12 @@ def test_add_ls_show_update_rm_without_a_server(cli, tmp_path, monkeypatch):
     assert "max lifetime: off" in result.output and "aliases:      -" in result.output
     assert "0..3" in result.output and "auto (the image's, else 80)" in result.output
 
+    # --max-body: 'off' is stored as 0 (no limit), 'default' as unset (the proxy's 10 MiB applies)
+    for word, stored, shown_text in (("off", 0, "no limit"), ("default", None, "the proxy's default")):
+        assert cli("app", "update", "example.test", "--max-body", word).exit_code == 0
+        assert json.loads(cli("app", "show", "example.test", "--json").output)["app"]["max_body_bytes"] == stored
+        assert shown_text in cli("app", "show", "example.test").output
+
     result = cli("app", "rm", "example.test")
     assert result.exit_code == 0, result.output
     assert result.output == "removed example.test\n"
@@ -146,7 +152,7 @@ def test_add_ls_show_update_rm_without_a_server(cli, tmp_path, monkeypatch):
 
     result = cli("events", "example.test")
     assert result.exit_code == 0, result.output
-    assert [line.split()[4] for line in result.output.splitlines()] == ["app-added", "app-updated", "app-removed"]
+    assert [line.split()[4] for line in result.output.splitlines()] == ["app-added"] + ["app-updated"] * 3 + ["app-removed"]
 
 
 @pytest.mark.parametrize("args,code,words", [

@@ -50,3 +50,20 @@ def test_a_stop_request_ends_serve_cleanly_and_a_second_stop_does_nothing(tmp_pa
         await serve.wait_closed()
         assert serve.tasks.failure is None and serve.bridge_removals == [True]
     asyncio.run(main())
+
+
+def test_serve_raises_its_soft_descriptor_limit_for_max_connections():
+    import resource
+
+    from fcrun.serve.server import raise_descriptor_limit
+
+    before = resource.getrlimit(resource.RLIMIT_NOFILE)
+    try:
+        hard = before[1]
+        resource.setrlimit(resource.RLIMIT_NOFILE, (256, hard))
+        soft = raise_descriptor_limit(1000)
+        want = 2 * 1000 + 1024 if hard == resource.RLIM_INFINITY else min(2 * 1000 + 1024, hard)
+        assert soft == want == resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+        assert raise_descriptor_limit(10) == want  # never lowered
+    finally:
+        resource.setrlimit(resource.RLIMIT_NOFILE, before)

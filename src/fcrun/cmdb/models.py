@@ -67,7 +67,7 @@ class App(msgspec.Struct, kw_only=True, frozen=True):
     max_lifetime_s: PositiveSeconds | None = None  # None: instances are never replaced for age
     cooldown_up_s: Seconds = DEFAULT_COOLDOWN_UP_S
     cooldown_down_s: Seconds = DEFAULT_COOLDOWN_DOWN_S
-    max_body_bytes: Count | None = None  # None: no limit
+    max_body_bytes: Count | None = None  # None: the proxy's max_body_bytes (10 MiB); 0: no limit
     port: Port | None = None
     autoscale: bool = True
     created_at: float = 0.0

@@ -32,7 +32,8 @@ class Lease(Protocol):
     cold_start: tuple[str, float] | None
     """``(path, ms)`` when this request waited for capacity ("start", "pool", "thaw"), else None."""
     max_body_bytes: int | None
-    """Per-app request body limit (413 when over); None falls back to ProxyConfig.max_body_bytes."""
+    """Per-app request body limit (413 when over); None falls back to ProxyConfig.max_body_bytes;
+    0 is no limit."""
     instance_id: str
     """Stable key of the instance for the upstream connection pool."""
 

@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import resource
 import signal
 import time
 from typing import Callable
@@ -272,4 +273,19 @@ def run(config_path: str | None, listen: str | None, paths=None, ready=None, run
     except ImportError:  # pragma: no cover - uvloop is a dependency; plain asyncio works too
         runner = asyncio.run
     logging.basicConfig(level=os.environ.get("FCRUN_LOG", "INFO"), format="fcrun serve: %(message)s")
+    raise_descriptor_limit(config.proxy.max_connections)
     runner(serve_forever(config, config_path, ready))
+
+
+def raise_descriptor_limit(max_connections: int) -> int:
+    """Raise the soft RLIMIT_NOFILE towards the hard one, so that [proxy] max_connections can be
+    reached: each client connection may hold an upstream one too. Returns the soft limit now.
+    (The default soft limit, 1024, would make accept() fail with EMFILE long before.)"""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    wanted = 2 * max_connections + 1024
+    if hard != resource.RLIM_INFINITY:
+        wanted = min(wanted, hard)
+    if soft != resource.RLIM_INFINITY and soft < wanted:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (wanted, hard))
+        soft = wanted
+    return soft
