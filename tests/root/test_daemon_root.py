@@ -218,3 +218,18 @@ def test_a_second_daemon_on_the_same_socket_is_refused(daemon, env):
                        timeout=30)
     assert r.returncode == 4 and "already listens" in r.stderr, r.stderr
     assert fcrun(env, "run", "--image", "busybox", "--net", "none", "--", "true") == (0, "", "", "thin")
+
+
+def test_sigterm_right_after_ready_stops_the_daemon_cleanly(env, run_root, tmp_path):
+    # "ready" is printed only once the SIGTERM handler is in place: a supervisor that stops the
+    # daemon the moment it is ready gets a clean exit (0, socket removed), not a death by signal.
+    for _ in range(5):
+        with open(tmp_path / "daemon.log", "w+") as log:
+            proc = subprocess.Popen([sys.executable, "-m", "fcrun_cli", "daemon"], env=env, stdout=subprocess.PIPE,
+                                    stderr=log, text=True)
+            line = proc.stdout.readline()
+            proc.send_signal(signal.SIGTERM)
+            rc = proc.wait(timeout=20)
+            proc.stdout.close()
+        assert line.startswith("ready ") and rc == 0, (line, rc, (tmp_path / "daemon.log").read_text())
+        assert not os.path.exists(os.path.join(run_root, "forkserver.sock"))

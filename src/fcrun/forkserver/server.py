@@ -31,6 +31,7 @@ import signal
 import socket
 import stat
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from ..errors import FcrunError, SpecError
@@ -81,7 +82,9 @@ class ForkServer:
     def runtime(self):
         return self.pool.runtime
 
-    def serve(self) -> None:
+    def serve(self, on_ready: Callable[[], None] = lambda: None) -> None:
+        """Serve until stopped; `on_ready` runs once the signal handlers are in place (so that a
+        SIGTERM right after "ready" stops the server cleanly instead of killing it)."""
         self._wake_r, self._wake_w = socket.socketpair()  # signals wake the select through it
         self._wake_r.setblocking(False)
         self._wake_w.setblocking(False)
@@ -93,6 +96,7 @@ class ForkServer:
         self.selector.register(self._wake_r, selectors.EVENT_READ, "wake")
         if self.parent_pidfd >= 0:
             self.selector.register(self.parent_pidfd, selectors.EVENT_READ, "parent")
+        on_ready()
         timeout = 0.0
         try:
             while self.running:
@@ -447,9 +451,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"fcrun forkserver: {exc}", file=sys.stderr)
         return getattr(exc, "exit_code", 1)
     server = ForkServer(pool, listener, parent_pidfd, run_runtime)
-    print(f"ready {os.getpid()}", flush=True)
     try:
-        server.serve()
+        server.serve(on_ready=lambda: print(f"ready {os.getpid()}", flush=True))
     finally:
         listener.close()
         with contextlib.suppress(FileNotFoundError):

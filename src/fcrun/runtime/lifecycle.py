@@ -436,6 +436,7 @@ class Runtime:
                 continue  # removed meanwhile
         if os.path.isdir(self.paths.network):
             removed += [f"lease:{o}" for o in self.network.gc(live)]
+        removed += [f"temp:{p}" for p in self.id_ranges.remove_stale_temps()]
         for base, owner in self.id_ranges.owners().items():
             if owner not in live and not os.path.exists(self.states.dir(owner)):
                 self.id_ranges.release(base, owner)

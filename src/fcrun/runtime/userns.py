@@ -33,7 +33,10 @@ from __future__ import annotations
 import contextlib
 import os
 import random
+import tempfile
+import time
 
+from ..atomicfile import TEMP_SUFFIX, fsync_dir
 from ..errors import ContainerError, SpecError
 from .spec import IDMapping
 
@@ -43,6 +46,7 @@ RANGE_SIZE = 65536  # ids 0..65535 inside, as a distribution expects (nobody = 6
 FIRST_HOST_ID = 1 << 31
 RANGES = ((1 << 32) - FIRST_HOST_ID) // RANGE_SIZE - 1  # 32767
 _LEASE_TRIES = 64
+_TEMP_PREFIX = ".lease."  # never all digits: owners() skips it
 
 
 class IdRanges:
@@ -73,15 +77,51 @@ class IdRanges:
         raise ContainerError(f"no free user namespace id range left in {self.directory} ({RANGES} in use)")
 
     def _take(self, index: int, owner: str) -> bool:
+        """Lease range `index` for `owner`, or False when someone holds it.
+
+        The lease appears whole or not at all: the owner is written and fsynced to a temporary
+        first, then link(2)ed to the range's name (which, like O_EXCL, fails when it exists).
+        Creating the name first and writing the owner after would leave an ownerless lease, never
+        released by gc, to a crash in between.
+        """
+        final = os.path.join(self.directory, str(index))
+        if os.path.exists(final):
+            return False
+        tmp = self._temporary(owner)
         try:
-            fd = os.open(os.path.join(self.directory, str(index)), os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+            os.link(tmp, final)
         except FileExistsError:
             return False
+        finally:
+            os.unlink(tmp)
+        fsync_dir(self.directory, what="user namespace id range lease")
+        return True
+
+    def _temporary(self, owner: str) -> str:
+        fd, tmp = tempfile.mkstemp(prefix=_TEMP_PREFIX, suffix=TEMP_SUFFIX, dir=self.directory)
         try:
             os.write(fd, owner.encode())
+            os.fsync(fd)
+        except BaseException:
+            os.unlink(tmp)
+            raise
         finally:
             os.close(fd)
-        return True
+        return tmp
+
+    def remove_stale_temps(self, min_age_s: float = 60.0) -> list[str]:
+        """Delete temporaries older than `min_age_s` (their writer was killed before unlinking
+        them; a live writer unlinks its own within microseconds). Returns their paths."""
+        removed = []
+        with contextlib.suppress(FileNotFoundError):
+            for entry in os.listdir(self.directory):
+                path = os.path.join(self.directory, entry)
+                if entry.startswith(_TEMP_PREFIX) and entry.endswith(TEMP_SUFFIX):
+                    with contextlib.suppress(FileNotFoundError):
+                        if time.time() - os.lstat(path).st_mtime >= min_age_s:
+                            os.unlink(path)
+                            removed.append(path)
+        return removed
 
     def release(self, base: int, owner: str) -> None:
         """Give the range starting at `base` back, if `owner` holds it."""
