@@ -1,9 +1,15 @@
-"""The OCI runtime spec (config.json), as msgspec Structs, for the subset fcrun supports.
+"""The OCI runtime spec (config.json, runtime-spec 1.2 on Linux), as msgspec Structs.
 
 Field names follow the spec (camelCase on the wire, snake_case in Python). A spec read from a
 bundle's config.json is decoded with `decode_spec`, which reports a bad field with its JSON
 path (`at $.linux.resources.memory.limit`), and then checked by `validate_spec` for what the
 type system cannot say (absolute paths, known namespaces, fcrun's limits).
+
+Every field of the spec is declared here, strictly: a field the spec does not have is refused
+("unknown field", with its path), and a field fcrun does not honour is declared as
+`NotSupported` and refused by `validate_spec` when it is set (REFUSED says why), never dropped
+in silence: a runtime that ignored `linux.intelRdt` or `process.apparmorProfile` would run the
+container with less isolation than its engine asked for. Only `annotations` is free-form.
 
 `default_spec` builds what `fcrun run` and the library start from: runc's defaults (mounts,
 masked and read-only paths, rlimits, capabilities), adjusted by options.
@@ -11,8 +17,10 @@ masked and read-only paths, rlimits, capabilities), adjusted by options.
 
 from __future__ import annotations
 
+import functools
 import os
-from typing import Literal
+import re
+from typing import Any, Literal
 
 import msgspec
 
@@ -23,14 +31,29 @@ from ..units import CPU_PERIOD_US, MIN_MEMORY_BYTES
 OCI_VERSION = "1.0.2"
 
 
-class _Base(msgspec.Struct, rename="camel", omit_defaults=True, forbid_unknown_fields=False, kw_only=True):
+class _Base(msgspec.Struct, rename="camel", omit_defaults=True, forbid_unknown_fields=True, kw_only=True):
     pass
+
+
+# A field of the spec that fcrun declares (so that it is not an "unknown field") but does not
+# honour: any value other than absent or null is refused by validate_spec, naming it.
+NotSupported = Any
+NOT_SET = msgspec.UNSET
 
 
 class User(_Base, kw_only=True):
     uid: int = 0
     gid: int = 0
+    umask: int | None = None
     additional_gids: list[int] = []
+    username: NotSupported = NOT_SET  # Windows only
+
+
+class ConsoleSize(_Base, kw_only=True):
+    """process.consoleSize: the terminal's size (rows, columns), for a process with a terminal."""
+
+    height: int = 0
+    width: int = 0
 
 
 class Capabilities(_Base, kw_only=True):
@@ -56,6 +79,14 @@ class Process(_Base, kw_only=True):
     capabilities: Capabilities | None = None
     rlimits: list[Rlimit] = []
     no_new_privileges: bool = False  # the OCI default; default_spec() turns it on
+    console_size: ConsoleSize | None = None
+    oom_score_adj: int | None = None
+    apparmor_profile: str = ""  # refused unless empty: this host has no AppArmor policy for it
+    selinux_label: str = ""  # refused unless empty
+    scheduler: NotSupported = NOT_SET
+    io_priority: NotSupported = NOT_SET
+    exec_cpu_affinity: NotSupported = msgspec.field(default=NOT_SET, name="execCPUAffinity")
+    command_line: NotSupported = NOT_SET  # Windows only
 
 
 class Root(_Base, kw_only=True):
@@ -68,6 +99,28 @@ class Mount(_Base, kw_only=True):
     type: str = "bind"
     source: str = ""
     options: list[str] = []
+    uid_mappings: NotSupported = NOT_SET  # idmapped bind mounts
+    gid_mappings: NotSupported = NOT_SET
+
+
+class Hook(_Base, kw_only=True):
+    """One hook: a host program run with the container's state JSON on stdin."""
+
+    path: str
+    args: list[str] = []
+    env: list[str] = []
+    timeout: int | None = None  # seconds; None: wait for it as long as it runs
+
+
+class Hooks(_Base, kw_only=True):
+    """hooks: when each runs is hooks.py's."""
+
+    prestart: list[Hook] = []  # deprecated by the spec, still sent by engines
+    create_runtime: list[Hook] = []
+    create_container: list[Hook] = []
+    start_container: list[Hook] = []
+    poststart: list[Hook] = []
+    poststop: list[Hook] = []
 
 
 class Namespace(_Base, kw_only=True):
@@ -78,11 +131,25 @@ class Namespace(_Base, kw_only=True):
 class MemoryResources(_Base, kw_only=True):
     limit: int | None = None
     swap: int | None = None
+    reservation: NotSupported = NOT_SET
+    kernel: NotSupported = NOT_SET
+    kernel_tcp: NotSupported = msgspec.field(default=NOT_SET, name="kernelTCP")
+    swappiness: NotSupported = NOT_SET
+    disable_oom_killer: NotSupported = msgspec.field(default=NOT_SET, name="disableOOMKiller")
+    use_hierarchy: NotSupported = NOT_SET
+    check_before_update: NotSupported = NOT_SET
 
 
 class CpuResources(_Base, kw_only=True):
     quota: int | None = None
     period: int | None = None
+    shares: NotSupported = NOT_SET
+    burst: NotSupported = NOT_SET
+    realtime_runtime: NotSupported = NOT_SET
+    realtime_period: NotSupported = NOT_SET
+    cpus: NotSupported = NOT_SET
+    mems: NotSupported = NOT_SET
+    idle: NotSupported = NOT_SET
 
 
 class PidsResources(_Base, kw_only=True):
@@ -104,6 +171,11 @@ class Resources(_Base, kw_only=True):
     cpu: CpuResources | None = None
     pids: PidsResources | None = None
     devices: list[DeviceRule] = []
+    block_io: NotSupported = msgspec.field(default=NOT_SET, name="blockIO")
+    hugepage_limits: NotSupported = NOT_SET
+    network: NotSupported = NOT_SET
+    rdma: NotSupported = NOT_SET
+    unified: NotSupported = NOT_SET
 
 
 class IDMapping(_Base, kw_only=True):
@@ -136,6 +208,8 @@ class Seccomp(_Base, kw_only=True):
     default_errno_ret: int | None = None
     architectures: list[str] = []
     flags: list[str] = []
+    listener_path: NotSupported = NOT_SET
+    listener_metadata: NotSupported = NOT_SET
     syscalls: list[SeccompSyscall] = []
 
 
@@ -149,6 +223,14 @@ class Linux(_Base, kw_only=True):
     masked_paths: list[str] = []
     readonly_paths: list[str] = []
     rootfs_propagation: str = ""
+    sysctl: dict[str, str] = {}
+    devices: NotSupported = NOT_SET
+    time_offsets: NotSupported = NOT_SET
+    mount_label: str = ""  # refused unless empty (SELinux)
+    intel_rdt: NotSupported = msgspec.field(default=NOT_SET, name="intelRdt")
+    personality: NotSupported = NOT_SET
+    net_devices: NotSupported = NOT_SET
+    memory_policy: NotSupported = NOT_SET
 
 
 class Spec(_Base, kw_only=True, omit_defaults=False):
@@ -156,21 +238,42 @@ class Spec(_Base, kw_only=True, omit_defaults=False):
     process: Process
     root: Root
     hostname: str = ""
+    domainname: NotSupported = NOT_SET
     mounts: list[Mount] = []
+    hooks: Hooks | None = None
     linux: Linux = msgspec.field(default_factory=Linux)
     annotations: dict[str, str] = {}
+    solaris: NotSupported = NOT_SET  # other platforms' sections
+    windows: NotSupported = NOT_SET
+    vm: NotSupported = NOT_SET
+    zos: NotSupported = NOT_SET
 
 
 _decoder = msgspec.json.Decoder(Spec)
 _encoder = msgspec.json.Encoder()
 
 
+# msgspec's words for an unknown field; no " - at" part when it is at the top level.
+_UNKNOWN_FIELD = re.compile(r"^Object contains unknown field `(?P<field>[^`]*)`(?: - at `(?P<at>\$.*)`)?$")
+_AT = re.compile(r" - at `(?P<at>\$[^`]*)`$")
+
+
 def decode_spec(data: bytes, source: str = "config.json") -> Spec:
-    """Decode and validate a config.json. Raises SpecError naming the file and JSON path."""
+    """Decode and validate a config.json. Raises SpecError naming the file and JSON path:
+    a wrong type, a field the runtime-spec does not have, or one fcrun does not honour."""
     try:
         spec = _decoder.decode(data)
     except msgspec.ValidationError as exc:
-        raise SpecError(f"invalid OCI spec in {source}: {exc}") from None
+        text = str(exc)
+        unknown = _UNKNOWN_FIELD.match(text)
+        if unknown:
+            where = f"{unknown['at'] or '$'}.{unknown['field']}"
+            raise SpecError(f"invalid OCI spec in {source}: unknown field {unknown['field']!r} "
+                            "(not in the OCI runtime spec)", where) from None
+        at = _AT.search(text)
+        if at:
+            raise SpecError(f"invalid OCI spec in {source}: {text[:at.start()]}", at["at"]) from None
+        raise SpecError(f"invalid OCI spec in {source}: {text}") from None
     except msgspec.DecodeError as exc:
         raise SpecError(f"malformed JSON in {source}: {exc}") from None
     validate_spec(spec)
@@ -288,8 +391,73 @@ def network_mode(spec: Spec) -> NetworkMode:
     return "bridge" if mode == "bridge" else "none"
 
 
+# Why each NotSupported field is refused: the spec's fields that fcrun does not (yet) honour.
+_WHY = {
+    "username": "a Windows field",
+    "commandLine": "a Windows field",
+    "scheduler": "sched_setattr is not supported by fcrun",
+    "ioPriority": "ioprio_set is not supported by fcrun",
+    "execCPUAffinity": "CPU affinity is not supported by fcrun",
+    "uidMappings": "idmapped bind mounts are not supported by fcrun",
+    "gidMappings": "idmapped bind mounts are not supported by fcrun",
+    "devices": "creating device nodes from linux.devices is not supported by fcrun",
+    "timeOffsets": "time namespaces are not supported by fcrun",
+    "intelRdt": "Intel RDT (resctrl) is not supported by fcrun",
+    "personality": "personality(2) is not supported by fcrun",
+    "netDevices": "moving network devices into the container is not supported by fcrun",
+    "memoryPolicy": "set_mempolicy is not supported by fcrun",
+    "domainname": "setting the NIS domain name is not supported by fcrun",
+    "listenerPath": "seccomp notify listeners are not supported by fcrun",
+    "listenerMetadata": "seccomp notify listeners are not supported by fcrun",
+    "solaris": "not a Linux field", "windows": "not a Linux field", "vm": "not a Linux field",
+    "zos": "not a Linux field",
+}
+
+
+@functools.cache
+def _not_supported_fields(cls: type) -> tuple[tuple[str, str], ...]:
+    """(Python name, JSON name) of the fields `cls` declares as NotSupported."""
+    return tuple((field, wire) for field, wire in zip(cls.__struct_fields__, cls.__struct_encode_fields__)
+                 if cls.__annotations__.get(field) in ("NotSupported", NotSupported))
+
+
+def _refuse_not_supported(obj: msgspec.Struct | None, where: str) -> None:
+    """Refuse every NotSupported field of `obj` that is set (not absent, not null)."""
+    if obj is None:
+        return
+    for field, wire in _not_supported_fields(type(obj)):
+        if getattr(obj, field) not in (NOT_SET, None):
+            why = _WHY.get(wire, "not supported by fcrun's cgroup layer" if ".resources" in where else "not supported by fcrun")
+            raise SpecError(f"{where[2:]}.{wire}: {why}", f"{where}.{wire}")
+
+
+def refuse_not_supported(spec: Spec) -> None:
+    """Raise SpecError for the first field of the spec fcrun does not honour, naming it."""
+    _refuse_not_supported(spec, "$")
+    _refuse_not_supported(spec.process, "$.process")
+    _refuse_not_supported(spec.process.user, "$.process.user")
+    for i, m in enumerate(spec.mounts):
+        _refuse_not_supported(m, f"$.mounts[{i}]")
+    _refuse_not_supported(spec.linux, "$.linux")
+    _refuse_not_supported(spec.linux.seccomp, "$.linux.seccomp")
+    res = spec.linux.resources
+    if res is not None:
+        _refuse_not_supported(res, "$.linux.resources")
+        _refuse_not_supported(res.memory, "$.linux.resources.memory")
+        _refuse_not_supported(res.cpu, "$.linux.resources.cpu")
+    for field, wire, why in (("apparmor_profile", "apparmorProfile", "AppArmor profiles are not supported by fcrun"),
+                             ("selinux_label", "selinuxLabel", "SELinux labels are not supported by fcrun")):
+        if getattr(spec.process, field):
+            raise SpecError(f"process.{wire}: {why}", f"$.process.{wire}")
+    if spec.hooks is not None and any(getattr(spec.hooks, f) for f in spec.hooks.__struct_fields__):
+        raise SpecError("hooks: not supported by fcrun yet", "$.hooks")
+    if spec.linux.mount_label:
+        raise SpecError("linux.mountLabel: SELinux labels are not supported by fcrun", "$.linux.mountLabel")
+
+
 def validate_spec(spec: Spec) -> None:
     """Check what the types cannot: paths, names, ranges. Raises SpecError with the JSON path."""
+    refuse_not_supported(spec)
     if not spec.process.args:
         raise SpecError("process.args is empty: nothing to run", "$.process.args")
     if not os.path.isabs(spec.process.cwd):
