@@ -41,10 +41,12 @@ def exec_spec(spec: Spec, args: list[str], env: list[str] | None, cwd: str | Non
     return msgspec.structs.replace(spec, process=process)
 
 
-def exec_in(state: ContainerState, plan: ChildPlan) -> int:
+def exec_in(state: ContainerState, plan: ChildPlan, *, wait: bool = True) -> int:
     """Fork a process into the container's namespaces and cgroup, exec the plan, wait for it.
 
-    Returns its exit code (128+N when killed by signal N).
+    Returns its exit code (128+N when killed by signal N); with wait=False, its pid as soon
+    as it has exec'd (our child: the caller waits for it, or exits and leaves it to its
+    subreaper, as `runc exec --detach` does).
 
     Raises:
         KernelError: a namespace could not be opened or joined, or the fork failed.
@@ -76,6 +78,8 @@ def exec_in(state: ContainerState, plan: ChildPlan) -> int:
         raise failure_to_error(failure, state.name) from None
     finally:
         os.close(status_r)
+    if not wait:
+        return pid
     while True:
         try:
             _, status = os.waitpid(pid, 0)

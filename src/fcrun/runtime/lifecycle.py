@@ -29,7 +29,7 @@ from .exec import exec_in, exec_spec
 from .plan import build_plan, limits_from_spec
 from .process import kill_quietly, reap, wait_gone, wait_gone_pid
 from .slots import fill_slot, open_slot_source, release_slot, slot_content
-from .spec import CpuResources, MemoryResources, PidsResources, Resources, Spec, validate_spec
+from .spec import CpuResources, MemoryResources, PidsResources, Resources, Spec, User, validate_spec
 from .state import LIVE, ContainerState, StateStore, check_allowed, is_allowed, pid_alive
 from .storage import Storage
 from .userns import IdRanges, is_fcrun_range
@@ -367,9 +367,10 @@ class Runtime:
             return state
 
     def exec(self, name: str, args: list[str], *, env: list[str] | None = None, cwd: str | None = None,
-             stdio: tuple[int, int, int] | None = None) -> int:
+             stdio: tuple[int, int, int] | None = None, user: User | None = None, wait: bool = True) -> int:
         """Run a command in a running container (its namespaces, cgroup and limits; exec.py).
-        Returns its exit code.
+        Returns its exit code; with wait=False its pid once it has exec'd (the caller's child).
+        `user`: who it runs as (default: the container's process user).
 
         Raises:
             SpecError: no command, or a bad env/cwd. IncorrectStatus: not running.
@@ -380,10 +381,12 @@ class Runtime:
         state = self.state(name)
         check_allowed("exec", name, state.status)
         spec = exec_spec(state.spec, args, env, cwd)
+        if user is not None:
+            spec = msgspec.structs.replace(spec, process=msgspec.structs.replace(spec.process, user=user))
         validate_spec(spec)
         plan = build_plan(spec, rootfs="/", overlay_lower=None, cgroup_procs=self._cgroup(state).procs_files(),
-                          cap_last=self.cap_last, attached=True, stdio=stdio)
-        return exec_in(state, plan)
+                          cap_last=self.cap_last, attached=wait, stdio=stdio)
+        return exec_in(state, plan, wait=wait)
 
     # ----- removal ----------------------------------------------------------------------------
 

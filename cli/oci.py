@@ -1,0 +1,227 @@
+"""`fcrun-oci`: runc's command line over fcrun's library, for engines (podman, containerd).
+
+A thin front like `fcrun` (cli/main.py): it parses runc's flags and calls fcrun.runtime's
+public API. The commands are oci_commands.py's; what they print (state JSON, the list
+table, features, the default spec) is oci_report.py's; the process that holds a created
+container until `start` is oci_holder.py's.
+
+Engines expect runc's conventions, kept here: global flags before the command (--root,
+--log, --log-format, --debug, --systemd-cgroup); every error exits 1 with one line on
+stderr, and the same line in --log (a JSON object {"level","msg","time"} with
+--log-format json, which engines read back). argparse, not click: engines run this binary
+several times per container, and start-up time counts.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import sys
+
+DEFAULT_ROOT = "/run/fcrun-oci"
+VERSION = "0.1.0"  # pyproject's; importlib.metadata would cost ~10 ms per call
+
+
+class OciError(Exception):
+    """An error the CLI itself finds (bad flags, unsupported options, unknown container)."""
+
+
+class Options:
+    """The global flags, and what commands share: the Runtime, made on first use."""
+
+    def __init__(self, args: argparse.Namespace):
+        self.root = os.path.abspath(args.root)
+        self.log_path = args.log
+        self.log_format = args.log_format
+        self.debug = args.debug
+        self._runtime = None
+
+    @property
+    def runtime(self):
+        if self._runtime is None:
+            from fcrun.paths import Paths
+            from fcrun.runtime import Runtime
+
+            # --root is one world: state, locks and id ranges under it, and a cgroup parent
+            # of its own, so that the same ID under two roots names two containers.
+            self._runtime = Runtime(Paths(data_root=self.root, run_root=self.root),
+                                    cgroup_parent=cgroup_parent_for(self.root), spawner=False)
+        return self._runtime
+
+    @property
+    def holder_dir(self) -> str:
+        """Where the start sockets of created containers live (oci_holder.py)."""
+        return os.path.join(self.root, "oci")
+
+    def log(self, level: str, message: str) -> None:
+        """Append one line to --log, in --log-format (runc's logrus formats)."""
+        if not self.log_path:
+            return
+        now = datetime.datetime.now(datetime.timezone.utc).isoformat().replace("+00:00", "Z")
+        if self.log_format == "json":
+            line = json.dumps({"level": level, "msg": message, "time": now}, separators=(",", ":"))
+        else:
+            line = f"time={json.dumps(now)} level={level} msg={json.dumps(message)}"
+        try:
+            with open(self.log_path, "a", encoding="utf-8") as f:
+                f.write(line + "\n")
+        except OSError as exc:  # the error itself still reaches stderr
+            print(f"fcrun-oci: write log {self.log_path}: {exc}", file=sys.stderr)
+
+
+def cgroup_parent_for(root: str) -> str:
+    """The cgroup parent of the containers under state root `root`: $FCRUN_OCI_CGROUP_PARENT,
+    else "fcrun-oci" for the default root and "fcrun-oci-<hash of root>" for any other."""
+    override = os.environ.get("FCRUN_OCI_CGROUP_PARENT")
+    if override:
+        return override
+    if root == DEFAULT_ROOT:
+        return "fcrun-oci"
+    import hashlib
+
+    return "fcrun-oci-" + hashlib.sha256(root.encode()).hexdigest()[:12]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from fcrun_cli import oci_commands as cmd
+
+    parser = argparse.ArgumentParser(prog="fcrun-oci", description="An OCI runtime with runc's command line, on fcrun.")
+    parser.add_argument("--root", default=DEFAULT_ROOT, help=f"state directory (default {DEFAULT_ROOT})")
+    parser.add_argument("--log", default="", help="append errors (and --debug messages) to this file")
+    parser.add_argument("--log-format", default="text", choices=["text", "json"], help="format of --log")
+    parser.add_argument("--debug", action="store_true", help="log debug messages too")
+    parser.add_argument("--systemd-cgroup", action="store_true", help="not supported: refused")
+    parser.add_argument("--rootless", dest="global_rootless", default="false", help="only 'false' (or 'auto' as root) is supported")
+    parser.add_argument("-v", "--version", action="store_true", help="print the version")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+
+    def command(name, func, help_text):
+        p = sub.add_parser(name, help=help_text, description=help_text)
+        p.set_defaults(func=func)
+        return p
+
+    p = command("create", cmd.create, "create a container from a bundle (stopped before its process runs)")
+    p.add_argument("id")
+    p.add_argument("-b", "--bundle", default=".", help="bundle directory (default: the current one)")
+    p.add_argument("--pid-file", default="", help="write the container's pid here")
+    p.add_argument("--console-socket", default="", help="unix socket to send the pty master to (terminal: true)")
+    p.add_argument("--no-pivot", action="store_true", help="accepted (fcrun always pivots)")
+    p.add_argument("--no-new-keyring", action="store_true", help="accepted")
+    p.add_argument("--preserve-fds", type=int, default=0, help="only 0 is supported")
+
+    p = command("run", cmd.run, "create and start a container, and wait for it (its exit code)")
+    p.add_argument("id")
+    p.add_argument("-b", "--bundle", default=".")
+    p.add_argument("--pid-file", default="")
+    p.add_argument("--console-socket", default="")
+    p.add_argument("-d", "--detach", action="store_true")
+    p.add_argument("--no-pivot", action="store_true")
+    p.add_argument("--no-new-keyring", action="store_true")
+    p.add_argument("--preserve-fds", type=int, default=0)
+
+    command("start", cmd.start, "run the user process of a created container").add_argument("id")
+    command("state", cmd.state, "print a container's OCI state as JSON").add_argument("id")
+
+    p = command("kill", cmd.kill, "send a signal (default TERM) to a container's process")
+    p.add_argument("-a", "--all", action="store_true", help="to every process of the container")
+    p.add_argument("id")
+    p.add_argument("signal", nargs="?", default="SIGTERM")
+
+    p = command("delete", cmd.delete, "remove a stopped (or, with --force, any) container")
+    p.add_argument("-f", "--force", action="store_true")
+    p.add_argument("id")
+
+    p = command("list", cmd.list_, "list containers")
+    p.add_argument("-f", "--format", default="table", choices=["table", "json"])
+    p.add_argument("-q", "--quiet", action="store_true")
+
+    p = command("ps", cmd.ps, "processes of a container")
+    p.add_argument("-f", "--format", default="table", choices=["table", "json"])
+    p.add_argument("id")
+    p.add_argument("ps_args", nargs=argparse.REMAINDER)
+
+    command("pause", cmd.pause, "freeze every process of a container").add_argument("id")
+    command("resume", cmd.resume, "thaw a paused container").add_argument("id")
+
+    p = command("exec", cmd.exec_, "run a process in a running container")
+    p.add_argument("-p", "--process", default="", help="process.json (OCI process) instead of ARGS")
+    p.add_argument("-d", "--detach", action="store_true")
+    p.add_argument("--pid-file", default="")
+    p.add_argument("-t", "--tty", action="store_true")
+    p.add_argument("--console-socket", default="")
+    p.add_argument("-e", "--env", action="append", default=[])
+    p.add_argument("--cwd", default="")
+    p.add_argument("-u", "--user", default="", help="uid[:gid]")
+    p.add_argument("--preserve-fds", type=int, default=0)
+    p.add_argument("id")
+    p.add_argument("args", nargs=argparse.REMAINDER)
+
+    p = command("update", cmd.update, "change a live container's resource limits")
+    p.add_argument("-r", "--resources", default="", help="LinuxResources JSON file ('-': stdin)")
+    p.add_argument("--memory", default=None)
+    p.add_argument("--cpu-quota", type=int, default=None)
+    p.add_argument("--cpu-period", type=int, default=None)
+    p.add_argument("--pids-limit", type=int, default=None)
+    p.add_argument("id")
+
+    p = command("events", cmd.events, "container statistics (--stats: one JSON object)")
+    p.add_argument("--stats", action="store_true")
+    p.add_argument("--interval", default="5s")
+    p.add_argument("id")
+
+    command("features", cmd.features, "print the features this runtime supports (JSON)")
+
+    p = command("spec", cmd.spec, "write a default config.json")
+    p.add_argument("-b", "--bundle", default="")
+    p.add_argument("--rootless", action="store_true")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    options = Options(args)
+    try:
+        if args.version:
+            from fcrun.runtime.spec import OCI_VERSION
+
+            print(f"fcrun-oci version {VERSION}\nspec: {OCI_VERSION}")
+            return 0
+        if args.systemd_cgroup:
+            raise OciError("--systemd-cgroup is not supported: fcrun-oci manages cgroupfs directly "
+                           "(configure the engine's cgroup manager as cgroupfs)")
+        if args.global_rootless not in ("false", "auto") or (args.global_rootless == "auto" and os.geteuid() != 0):
+            raise OciError("rootless mode is not supported: run fcrun-oci as root")
+        if args.command is None:
+            parser.print_help()
+            return 0
+        if options.debug:
+            options.log("debug", f"fcrun-oci {' '.join(argv)}")
+        return args.func(options, args) or 0
+    except KeyboardInterrupt:
+        return 130
+    except BaseException as exc:  # noqa: BLE001 - every error is one line and exit 1, as runc
+        if isinstance(exc, SystemExit):
+            raise
+        message = describe(exc)
+        options.log("error", message)
+        print(message, file=sys.stderr)
+        return 1
+
+
+def describe(exc: BaseException) -> str:
+    """One line for an error: the library's own message (it names what and where), else the
+    OS error with its file."""
+    from fcrun.errors import FcrunError
+
+    if isinstance(exc, OSError) and not isinstance(exc, FcrunError) and exc.strerror:
+        where = f" {exc.filename}" if exc.filename else ""
+        return f"{exc.strerror}{where}"
+    return " ".join(str(exc).split()) or type(exc).__name__
+
+
+if __name__ == "__main__":
+    sys.exit(main())

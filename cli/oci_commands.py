@@ -1,0 +1,387 @@
+"""The commands of `fcrun-oci` (runc's), each a call or two into fcrun.runtime's public API.
+
+Each takes the global Options (cli/oci.py) and its parsed arguments and returns an exit
+code; errors are raised and oci.main prints them as runc does.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+
+from fcrun_cli import oci_holder, oci_report
+from fcrun_cli.oci import OciError
+
+CONFIG_FILE = "config.json"
+
+
+# ----- helpers -------------------------------------------------------------------------------
+
+def load_state(options, name: str):
+    """The container's ContainerState; "container does not exist" (runc's words) if none."""
+    from fcrun.errors import NotFound
+
+    try:
+        return options.runtime.state(name)
+    except NotFound:
+        raise OciError("container does not exist") from None
+
+
+def load_bundle(bundle: str):
+    """The bundle's config.json as a Spec, with root.path made absolute (it is relative to
+    the bundle, not to our working directory).
+
+    Raises:
+        OciError: no config.json. SpecError: what decode_spec refuses (bad JSON, a field it
+        does not know), naming the file and the field.
+    """
+    import msgspec
+
+    from fcrun.runtime.spec import decode_spec
+
+    bundle = os.path.abspath(bundle)
+    path = os.path.join(bundle, CONFIG_FILE)
+    try:
+        with open(path, "rb") as f:
+            data = f.read()
+    except FileNotFoundError:
+        raise OciError(f"JSON specification file {path} not found") from None
+    spec = decode_spec(data, path)
+    root = os.path.join(bundle, spec.root.path)  # an absolute root.path stays as it is
+    return bundle, msgspec.structs.replace(spec, root=msgspec.structs.replace(spec.root, path=root))
+
+
+def parse_signal(text: str) -> int:
+    """A signal by number, name or SIG-name (runc kill's SIGNAL)."""
+    name = text.upper()
+    if name.isdigit():
+        number = int(name)
+        if not 0 < number < signal.NSIG:
+            raise OciError(f"invalid signal {text!r}")
+        return number
+    if not name.startswith("SIG"):
+        name = "SIG" + name
+    try:
+        return int(signal.Signals[name])
+    except KeyError:
+        raise OciError(f"unknown signal {text!r}") from None
+
+
+def write_pid_file(path: str, pid: int) -> None:
+    from fcrun.atomicfile import write_atomic
+
+    write_atomic(os.path.abspath(path), str(pid).encode(), mode=0o644, what="pid file")
+
+
+def inherited_stdio() -> tuple[int, int, int]:
+    """Our stdin, stdout and stderr for the container (an engine gives pipes or fifos);
+    /dev/null for any that is closed."""
+    fds = []
+    for fd in (0, 1, 2):
+        try:
+            os.fstat(fd)
+            fds.append(fd)
+        except OSError:
+            fds.append(os.open("/dev/null", os.O_RDWR))
+    return fds[0], fds[1], fds[2]
+
+
+def refuse_unsupported(args, spec=None) -> None:
+    """Flags and fields fcrun-oci cannot honour, refused by name before anything is made."""
+    if getattr(args, "preserve_fds", 0):
+        raise OciError("--preserve-fds is not supported by fcrun-oci (the container gets stdin, stdout and stderr only)")
+    terminal = spec.process.terminal if spec is not None else getattr(args, "tty", False)
+    if terminal or getattr(args, "console_socket", ""):
+        raise OciError(TERMINAL_REFUSAL)
+
+
+TERMINAL_REFUSAL = ("a terminal (process.terminal, --tty, --console-socket) is not supported by fcrun-oci yet: "
+                    "the container's process takes the caller's stdio")
+
+
+# ----- lifecycle -----------------------------------------------------------------------------
+
+def _create(options, args):
+    """Create the container from --bundle; returns the Container (its go pipe ours)."""
+    from fcrun.errors import AlreadyExists
+
+    bundle, spec = load_bundle(args.bundle)
+    refuse_unsupported(args, spec)
+    try:
+        return options.runtime.create(args.id, spec, detach=True, stdio=inherited_stdio(), init=False,
+                                      labels={oci_report.BUNDLE_LABEL: bundle})
+    except AlreadyExists:
+        raise OciError(f"container with id exists: {args.id}") from None
+
+
+def create(options, args) -> int:
+    container = _create(options, args)
+    try:
+        if args.pid_file:
+            write_pid_file(args.pid_file, container.pid)
+        oci_holder.hold(container, options.holder_dir)
+    except BaseException:
+        options.runtime.delete(args.id, force=True)  # nothing left behind
+        raise
+    return 0
+
+
+def run(options, args) -> int:
+    container = _create(options, args)
+    try:
+        if args.pid_file:
+            write_pid_file(args.pid_file, container.pid)
+        container.start()
+    except BaseException:
+        options.runtime.delete(args.id, force=True)
+        raise
+    if args.detach:
+        return 0
+    try:
+        return container.wait()
+    finally:
+        options.runtime.delete(args.id, force=True)
+
+
+def start(options, args) -> int:
+    status = load_state(options, args.id).status
+    if status != "created":
+        what = {"stopped": "a container that has stopped"}.get(status, "an already running container")
+        raise OciError(f"cannot start {what}")
+    try:
+        oci_holder.request_start(options.holder_dir, args.id)
+    except oci_holder.HolderGone:
+        raise OciError(f"cannot start container {args.id}: the process holding it since create is gone") from None
+    return 0
+
+
+def state(options, args) -> int:
+    st = load_state(options, args.id)
+    print(oci_report.pretty(oci_report.state_json(st.name, st.status, st.pid, st.created_at, st.labels, st.spec)))
+    return 0
+
+
+def kill(options, args) -> int:
+    sig = parse_signal(args.signal)
+    st = load_state(options, args.id)
+    if st.status not in ("created", "running", "frozen"):
+        raise OciError("container not running")
+    if args.all:
+        options.runtime.cgroup(args.id).kill(sig)
+        if sig == signal.SIGKILL and st.status == "frozen":
+            options.runtime.thaw(args.id)  # a frozen task acts on SIGKILL only once thawed (v1)
+    else:
+        options.runtime.kill(args.id, sig)
+    return 0
+
+
+def delete(options, args) -> int:
+    from fcrun.errors import NotFound
+
+    try:
+        st = options.runtime.state(args.id)
+    except NotFound:
+        if args.force:
+            oci_holder.forget(options.holder_dir, args.id)
+            return 0  # runc: deleting what is not there, by force, succeeds
+        raise OciError("container does not exist") from None
+    if st.status in ("running", "frozen") and not args.force:
+        raise OciError(f"cannot delete container {args.id} that is not stopped: {oci_report.OCI_STATUS[st.status]}")
+    # A created container goes without --force, as with runc: its process never ran.
+    options.runtime.delete(args.id, force=True)
+    oci_holder.forget(options.holder_dir, args.id)
+    return 0
+
+
+def pause(options, args) -> int:
+    load_state(options, args.id)
+    options.runtime.freeze(args.id)
+    return 0
+
+
+def resume(options, args) -> int:
+    load_state(options, args.id)
+    options.runtime.thaw(args.id)
+    return 0
+
+
+# ----- queries -------------------------------------------------------------------------------
+
+def list_(options, args) -> int:
+    from fcrun.errors import FcrunError
+
+    states = []
+    rt = options.runtime
+    for name in rt.states.names():
+        try:
+            st = rt.state(name)
+        except FcrunError:
+            continue  # removed meanwhile, or a creation's leftover being written
+        states.append(oci_report.state_json(st.name, st.status, st.pid, st.created_at, st.labels, st.spec))
+    if args.quiet:
+        sys.stdout.write("".join(s["id"] + "\n" for s in states))
+    elif args.format == "json":
+        print(json.dumps(states))
+    else:
+        sys.stdout.write(oci_report.list_table(states))
+    return 0
+
+
+def ps(options, args) -> int:
+    st = load_state(options, args.id)
+    pids = options.runtime.cgroup(args.id).pids() if st.status != "stopped" else []
+    if args.format == "json":
+        print(json.dumps(pids))
+        return 0
+    out = subprocess.run(["ps", *(args.ps_args or ["-ef"])], capture_output=True, text=True, check=False)
+    if out.returncode != 0:
+        raise OciError(f"ps {' '.join(args.ps_args or ['-ef'])}: {out.stderr.strip()}")
+    sys.stdout.write(oci_report.ps_table(out.stdout, set(pids)))
+    return 0
+
+
+def events(options, args) -> int:
+    if not args.stats:
+        raise OciError("events without --stats (a stream of events) is not supported by fcrun-oci")
+    st = load_state(options, args.id)
+    if st.status == "stopped":
+        raise OciError("container not running")
+    stats = options.runtime.cgroup(args.id).stats()
+    res = st.spec.linux.resources
+    memory_limit = res.memory.limit if res and res.memory else None
+    pids_limit = res.pids.limit if res and res.pids else None
+    print(json.dumps(oci_report.stats_event(args.id, stats, memory_limit, pids_limit)))
+    return 0
+
+
+# ----- changes -------------------------------------------------------------------------------
+
+def update(options, args) -> int:
+    from fcrun.units import parse_memory
+
+    memory = parse_memory(args.memory) if args.memory is not None else None
+    quota, period, pids = args.cpu_quota, args.cpu_period, args.pids_limit
+    if args.resources:
+        memory, quota, period, pids = resources_file(args.resources, memory, quota, period, pids)
+    st = load_state(options, args.id)
+    cpu = None
+    if quota is not None or period is not None:
+        res = st.spec.linux.resources
+        current = res.cpu if res and res.cpu else None
+        quota = quota if quota is not None else (current.quota if current else None)
+        if quota is None or quota <= 0:
+            raise OciError("--cpu-period needs a CPU quota (--cpu-quota, or one the container has)")
+        period = period or (current.period if current and current.period else 100_000)
+        cpu = quota / period
+    if cpu is None and memory is None and pids is None:
+        raise OciError("nothing to update: give --resources, --memory, --cpu-quota, --cpu-period or --pids-limit")
+    options.runtime.update(args.id, cpu=cpu, memory_bytes=memory, pids_max=pids)
+    return 0
+
+
+def resources_file(path: str, memory, quota, period, pids):
+    """--resources: a LinuxResources JSON (file, or '-' for stdin); what fcrun cannot change
+    live is refused by name."""
+    import msgspec
+
+    from fcrun.runtime.spec import Resources
+
+    data = sys.stdin.buffer.read() if path == "-" else open(path, "rb").read()
+    try:
+        res = msgspec.json.decode(data, type=Resources)
+    except msgspec.DecodeError as exc:
+        raise OciError(f"invalid --resources {path}: {exc}") from None
+    if res.devices:
+        raise OciError("update of linux.resources.devices is not supported by fcrun-oci")
+    if res.memory is not None:
+        memory = res.memory.limit if res.memory.limit and res.memory.limit > 0 else memory
+    if res.cpu is not None:
+        quota = res.cpu.quota if res.cpu.quota and res.cpu.quota > 0 else quota
+        period = res.cpu.period or period
+    if res.pids is not None and res.pids.limit > 0:
+        pids = res.pids.limit
+    return memory, quota, period, pids
+
+
+def exec_(options, args) -> int:
+    import msgspec
+
+    from fcrun.runtime.spec import Process, User
+
+    refuse_unsupported(args)
+    st = load_state(options, args.id)
+    if st.status != "running":
+        raise OciError(f"cannot exec in a {oci_report.OCI_STATUS.get(st.status, st.status)} container")
+    env, cwd, user = list(args.env), args.cwd or None, None
+    if args.process:
+        with open(args.process, "rb") as f:
+            try:
+                process = msgspec.json.decode(f.read(), type=Process)
+            except msgspec.DecodeError as exc:
+                raise OciError(f"invalid process {args.process}: {exc}") from None
+        if process.terminal:
+            raise OciError(TERMINAL_REFUSAL)
+        argv, env, cwd, user = process.args, process.env + env, process.cwd, process.user
+    else:
+        argv = [a for a in args.args if a != "--"] if args.args[:1] == ["--"] else list(args.args)
+        if not argv:
+            raise OciError("exec needs ARGS or --process")
+        if args.user:
+            uid, _, gid = args.user.partition(":")
+            if not uid.isdigit() or (gid and not gid.isdigit()):
+                raise OciError(f"--user {args.user!r}: give uid[:gid] as numbers")
+            user = User(uid=int(uid), gid=int(gid or 0))
+    result = options.runtime.exec(args.id, argv, env=env, cwd=cwd, user=user, wait=not args.detach)
+    if args.detach:
+        if args.pid_file:
+            write_pid_file(args.pid_file, result)
+        return 0
+    return result
+
+
+# ----- documents -----------------------------------------------------------------------------
+
+def features(options, args) -> int:
+    from fcrun.runtime.capabilities import CAPABILITY_NUMBERS
+    from fcrun.runtime.spec import OCI_VERSION, SUPPORTED_MOUNT_TYPES, SUPPORTED_NAMESPACES
+
+    print(oci_report.pretty(oci_report.features(
+        OCI_VERSION, SUPPORTED_NAMESPACES, sorted(CAPABILITY_NUMBERS, key=CAPABILITY_NUMBERS.get),
+        SUPPORTED_MOUNT_TYPES, hook_names(), SECCOMP_ACTIONS)))
+    return 0
+
+
+SECCOMP_ACTIONS = ("SCMP_ACT_ALLOW", "SCMP_ACT_ERRNO", "SCMP_ACT_KILL", "SCMP_ACT_KILL_PROCESS",
+                   "SCMP_ACT_KILL_THREAD", "SCMP_ACT_LOG", "SCMP_ACT_TRACE", "SCMP_ACT_TRAP")
+
+
+def hook_names() -> list[str]:
+    """The hooks the spec decoder takes (spec.Hooks' fields, in the spec's names)."""
+    import msgspec
+
+    from fcrun.runtime import spec
+
+    hooks = getattr(spec, "Hooks", None)
+    if hooks is None:
+        return []
+    return [f.encode_name for f in msgspec.structs.fields(hooks)]
+
+
+def spec(options, args) -> int:
+    from fcrun.runtime.spec import default_spec, encode_spec
+
+    if args.rootless:
+        raise OciError("rootless containers are not supported by fcrun-oci")
+    directory = os.path.abspath(args.bundle or ".")
+    path = os.path.join(directory, CONFIG_FILE)
+    if os.path.lexists(path):
+        raise OciError(f"File {path} exists. Remove it first")
+    config = default_spec(["sh"], rootfs="rootfs", network="none", readonly_rootfs=True)
+    document = json.dumps(json.loads(encode_spec(config)), indent="\t") + "\n"
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644)  # never over one
+    with os.fdopen(fd, "w") as f:
+        f.write(document)
+    return 0
