@@ -72,16 +72,15 @@ class Options:
 
 
 def cgroup_parent_for(root: str) -> str:
-    """The cgroup parent of the containers under state root `root`: $FCRUN_OCI_CGROUP_PARENT,
-    else "fcrun-oci" for the default root and "fcrun-oci-<hash of root>" for any other."""
-    override = os.environ.get("FCRUN_OCI_CGROUP_PARENT")
-    if override:
-        return override
+    """The cgroup parent of the containers under state root `root`: "fcrun-oci" (or
+    $FCRUN_OCI_CGROUP_PARENT) for the default root, with "-<hash of root>" for any other, so
+    that the same ID under two roots is two cgroups."""
+    base = os.environ.get("FCRUN_OCI_CGROUP_PARENT") or "fcrun-oci"
     if root == DEFAULT_ROOT:
-        return "fcrun-oci"
+        return base
     import hashlib
 
-    return "fcrun-oci-" + hashlib.sha256(root.encode()).hexdigest()[:12]
+    return f"{base}-{hashlib.sha256(root.encode()).hexdigest()[:12]}"
 
 
 def build_parser() -> argparse.ArgumentParser:
