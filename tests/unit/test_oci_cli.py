@@ -1,0 +1,168 @@
+"""`fcrun-oci` without containers: flags, errors and logs as runc gives them, what it prints.
+
+Root tests (tests/root/test_oci_cli_root.py) run the commands on real containers.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+
+import pytest
+
+from fcrun.runtime.spec import decode_spec
+from fcrun_cli import oci, oci_commands, oci_report
+
+LAUNCHER = os.path.join(os.path.dirname(__file__), "..", "..", "cli", "fcrun-oci")
+
+
+def run_main(capsys, *argv: str) -> tuple[int, str, str]:
+    code = oci.main(list(argv))
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def test_version_is_runc_like(capsys):
+    code, out, _ = run_main(capsys, "--version")
+    name, spec = out.splitlines()
+    assert code == 0 and name.startswith("fcrun-oci version ") and spec.startswith("spec: 1.")
+
+
+def test_the_launcher_runs_the_cli():
+    env = dict(os.environ, PATH=os.path.dirname(sys.executable) + ":" + os.environ["PATH"])
+    r = subprocess.run([LAUNCHER, "--version"], env=env, capture_output=True, text=True, timeout=30)
+    assert r.returncode == 0 and r.stdout.startswith("fcrun-oci version "), r.stderr
+
+
+def test_features_is_oci_features_json(capsys):
+    code, out, _ = run_main(capsys, "features")
+    features = json.loads(out)
+    assert code == 0
+    assert features["ociVersionMin"] == "1.0.0"
+    assert {"pid", "mount", "network", "user"} <= set(features["linux"]["namespaces"])
+    assert "CAP_SYS_ADMIN" in features["linux"]["capabilities"]
+    assert features["linux"]["cgroup"]["systemd"] is False
+    assert "nosuid" in features["mountOptions"]
+
+
+def test_spec_writes_a_decodable_config_and_never_overwrites(capsys, tmp_path):
+    code, _, err = run_main(capsys, "spec", "--bundle", str(tmp_path))
+    assert code == 0, err
+    config = (tmp_path / "config.json").read_bytes()
+    spec = decode_spec(config)
+    assert spec.root.path == "rootfs" and spec.process.args == ["sh"]
+    code, _, err = run_main(capsys, "spec", "--bundle", str(tmp_path))
+    assert code == 1 and "exists" in err and len(err.splitlines()) == 1
+    assert (tmp_path / "config.json").read_bytes() == config
+
+
+def test_errors_are_one_line_exit_1_and_logged_as_json(capsys, tmp_path):
+    log = tmp_path / "log.json"
+    code, out, err = run_main(capsys, "--root", str(tmp_path / "root"), "--log", str(log), "--log-format", "json",
+                              "state", "nosuch")
+    assert (code, out, err) == (1, "", "container does not exist\n")
+    entry = json.loads(log.read_text())
+    assert entry["level"] == "error" and entry["msg"] == "container does not exist"
+    assert entry["time"].endswith("Z")
+
+
+def test_text_log_format_is_logrus_like(capsys, tmp_path):
+    log = tmp_path / "log.txt"
+    code, _, _ = run_main(capsys, "--root", str(tmp_path), "--log", str(log), "start", "nosuch")
+    assert code == 1
+    assert 'level=error msg="container does not exist"' in log.read_text()
+
+
+def test_systemd_cgroup_and_rootless_are_refused(capsys, tmp_path):
+    code, _, err = run_main(capsys, "--root", str(tmp_path), "--systemd-cgroup", "list")
+    assert code == 1 and "--systemd-cgroup is not supported" in err
+    code, _, err = run_main(capsys, "--root", str(tmp_path), "--rootless", "true", "list")
+    assert code == 1 and "rootless" in err
+
+
+def test_delete_force_of_a_missing_container_succeeds_as_runc(capsys, tmp_path):
+    assert run_main(capsys, "--root", str(tmp_path), "delete", "--force", "nosuch")[0] == 0
+    code, _, err = run_main(capsys, "--root", str(tmp_path), "delete", "nosuch")
+    assert (code, err) == (1, "container does not exist\n")
+
+
+def test_list_of_an_empty_root(capsys, tmp_path):
+    code, out, _ = run_main(capsys, "--root", str(tmp_path), "list", "--format", "json")
+    assert (code, json.loads(out)) == (0, [])
+    code, out, _ = run_main(capsys, "--root", str(tmp_path), "list")
+    assert out.split() == ["ID", "PID", "STATUS", "BUNDLE", "CREATED", "OWNER"]
+
+
+@pytest.mark.parametrize("breakage, message", [
+    (None, "config.json not found"),
+    (b"{", "malformed JSON"),
+    (b'{"ociVersion": "1.0.2", "process": {"args": ["true"], "frobnicate": 1}, "root": {"path": "rootfs"}}',
+     "frobnicate"),
+])
+def test_bad_bundle_is_one_line(capsys, tmp_path, breakage, message):
+    if breakage is not None:
+        (tmp_path / "config.json").write_bytes(breakage)
+    code, _, err = run_main(capsys, "--root", str(tmp_path / "root"), "create", "--bundle", str(tmp_path), "x")
+    assert code == 1 and message in err and len(err.splitlines()) == 1, err
+    assert not os.path.exists(tmp_path / "root" / "containers" / "x")
+
+
+def test_bundle_root_path_is_relative_to_the_bundle(tmp_path):
+    (tmp_path / "config.json").write_text(json.dumps(
+        {"ociVersion": "1.0.2", "process": {"args": ["true"], "cwd": "/"}, "root": {"path": "rootfs"},
+         "linux": {"namespaces": [{"type": "pid"}, {"type": "mount"}]}}))
+    bundle, spec = oci_commands.load_bundle(str(tmp_path))
+    assert bundle == str(tmp_path) and spec.root.path == str(tmp_path / "rootfs")
+
+
+@pytest.mark.parametrize("text, number", [("KILL", 9), ("SIGTERM", 15), ("usr1", signal.SIGUSR1), ("2", 2)])
+def test_signals_by_name_or_number(text, number):
+    assert oci_commands.parse_signal(text) == number
+
+
+@pytest.mark.parametrize("text", ["NOPE", "0", "999"])
+def test_bad_signals_are_refused(text):
+    with pytest.raises(oci.OciError):
+        oci_commands.parse_signal(text)
+
+
+def test_two_roots_get_two_cgroup_parents(monkeypatch):
+    monkeypatch.delenv("FCRUN_OCI_CGROUP_PARENT", raising=False)
+    assert oci.cgroup_parent_for(oci.DEFAULT_ROOT) == "fcrun-oci"
+    a, b = oci.cgroup_parent_for("/run/a"), oci.cgroup_parent_for("/run/b")
+    assert a != b and a.startswith("fcrun-oci-")
+
+
+class FakeSpec:
+    oci_version = "1.0.2"
+    annotations = {"io.podman": "x"}
+
+    class root:
+        path = "/b/rootfs"
+
+
+@pytest.mark.parametrize("status, oci_status, has_pid", [
+    ("created", "created", True), ("running", "running", True), ("frozen", "paused", True),
+    ("stopped", "stopped", False),
+])
+def test_state_json(status, oci_status, has_pid):
+    state = oci_report.state_json("c", status, 42, 0.5, {oci_report.BUNDLE_LABEL: "/b"}, FakeSpec)
+    assert state["status"] == oci_status and state["pid"] == (42 if has_pid else 0)
+    assert (state["id"], state["bundle"], state["rootfs"]) == ("c", "/b", "/b/rootfs")
+    assert state["created"] == "1970-01-01T00:00:00.500000000Z"
+    assert state["annotations"] == {"io.podman": "x"}
+
+
+def test_list_table_pads_columns_as_tabwriter():
+    rows = [{"id": "a-long-container-id", "pid": 7, "status": "running", "bundle": "/b", "created": "T", "owner": ""}]
+    header, row = oci_report.list_table(rows).splitlines()
+    assert header.index("PID") == row.index("7") == len("a-long-container-id") + 1
+    assert row.endswith("root")
+
+
+def test_ps_table_keeps_the_container_pids():
+    output = "UID PID PPID CMD\nroot 1 0 init\nroot 42 1 sleep\nroot 43 1 other\n"
+    assert oci_report.ps_table(output, {42}) == "UID PID PPID CMD\nroot 42 1 sleep\n"
