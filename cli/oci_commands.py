@@ -89,32 +89,76 @@ def inherited_stdio() -> tuple[int, int, int]:
     return fds[0], fds[1], fds[2]
 
 
-def refuse_unsupported(args, spec=None) -> None:
-    """Flags and fields fcrun-oci cannot honour, refused by name before anything is made."""
+def refuse_unsupported(args) -> None:
+    """Flags fcrun-oci cannot honour, refused by name before anything is made."""
     if getattr(args, "preserve_fds", 0):
         raise OciError("--preserve-fds is not supported by fcrun-oci (the container gets stdin, stdout and stderr only)")
-    terminal = spec.process.terminal if spec is not None else getattr(args, "tty", False)
-    if terminal or getattr(args, "console_socket", ""):
-        raise OciError(TERMINAL_REFUSAL)
 
 
-TERMINAL_REFUSAL = ("a terminal (process.terminal, --tty, --console-socket) is not supported by fcrun-oci yet: "
-                    "the container's process takes the caller's stdio")
+class Stdio:
+    """The process's stdio: ours (an engine's pipes or fifos), or a new pty's slave when it
+    wants a terminal, whose master then goes to --console-socket (oci_console.py).
+
+    Resource handling: close() closes our copies of the pty (the process holds its own).
+    """
+
+    def __init__(self, terminal: bool, console_socket: str, console_size=None):
+        if terminal and not console_socket:
+            raise OciError("cannot allocate a terminal without --console-socket (fcrun-oci does not proxy one)")
+        if console_socket and not terminal:
+            raise OciError("--console-socket is only for a process with a terminal (process.terminal, --tty)")
+        self.console_socket = console_socket
+        self.master = self.slave = -1
+        if terminal:
+            from fcrun_cli.oci_console import open_pty
+
+            size = (console_size.height, console_size.width) if console_size is not None else (0, 0)
+            self.master, self.slave = open_pty(*size)
+            self.fds = (self.slave, self.slave, self.slave)
+        else:
+            self.fds = inherited_stdio()
+
+    def hand_over_console(self) -> None:
+        """Send the pty master to the engine (nothing without a terminal)."""
+        if self.master >= 0:
+            from fcrun_cli.oci_console import send_master
+
+            try:
+                send_master(self.console_socket, self.master)
+            except OSError as exc:
+                raise OciError(f"send the terminal to --console-socket {self.console_socket}: {exc}") from None
+
+    def close(self) -> None:
+        for fd in (self.master, self.slave):
+            if fd >= 0:
+                os.close(fd)
+        self.master = self.slave = -1
 
 
 # ----- lifecycle -----------------------------------------------------------------------------
 
 def _create(options, args):
-    """Create the container from --bundle; returns the Container (its go pipe ours)."""
+    """Create the container from --bundle, its terminal sent to the engine; returns the
+    Container (its go pipe ours)."""
     from fcrun.errors import AlreadyExists
 
+    refuse_unsupported(args)
     bundle, spec = load_bundle(args.bundle)
-    refuse_unsupported(args, spec)
+    stdio = Stdio(spec.process.terminal, args.console_socket, spec.process.console_size)
     try:
-        return options.runtime.create(args.id, spec, detach=True, stdio=inherited_stdio(), init=False,
-                                      labels={oci_report.BUNDLE_LABEL: bundle})
-    except AlreadyExists:
-        raise OciError(f"container with id exists: {args.id}") from None
+        try:
+            container = options.runtime.create(args.id, spec, detach=True, stdio=stdio.fds, init=False,
+                                               labels={oci_report.BUNDLE_LABEL: bundle})
+        except AlreadyExists:
+            raise OciError(f"container with id exists: {args.id}") from None
+        try:
+            stdio.hand_over_console()
+        except BaseException:
+            options.runtime.delete(args.id, force=True)  # nothing left behind
+            raise
+        return container
+    finally:
+        stdio.close()
 
 
 def create(options, args) -> int:
@@ -315,16 +359,15 @@ def exec_(options, args) -> int:
     st = load_state(options, args.id)
     if st.status != "running":
         raise OciError(f"cannot exec in a {oci_report.OCI_STATUS.get(st.status, st.status)} container")
-    env, cwd, user = list(args.env), args.cwd or None, None
+    env, cwd, user, terminal, size = list(args.env), args.cwd or None, None, args.tty, None
     if args.process:
         with open(args.process, "rb") as f:
             try:
                 process = msgspec.json.decode(f.read(), type=Process)
             except msgspec.DecodeError as exc:
                 raise OciError(f"invalid process {args.process}: {exc}") from None
-        if process.terminal:
-            raise OciError(TERMINAL_REFUSAL)
         argv, env, cwd, user = process.args, process.env + env, process.cwd, process.user
+        terminal, size = process.terminal or terminal, process.console_size
     else:
         argv = [a for a in args.args if a != "--"] if args.args[:1] == ["--"] else list(args.args)
         if not argv:
@@ -334,12 +377,19 @@ def exec_(options, args) -> int:
             if not uid.isdigit() or (gid and not gid.isdigit()):
                 raise OciError(f"--user {args.user!r}: give uid[:gid] as numbers")
             user = User(uid=int(uid), gid=int(gid or 0))
-    result = options.runtime.exec(args.id, argv, env=env, cwd=cwd, user=user, wait=not args.detach)
+    stdio = Stdio(terminal, args.console_socket, size)
+    try:
+        pid = options.runtime.exec(args.id, argv, env=env, cwd=cwd, user=user, stdio=stdio.fds, wait=False)
+        stdio.hand_over_console()
+    finally:
+        stdio.close()
+    if args.pid_file:
+        write_pid_file(args.pid_file, pid)
     if args.detach:
-        if args.pid_file:
-            write_pid_file(args.pid_file, result)
-        return 0
-    return result
+        return 0  # our child until we exit; then the engine's subreaper's, as with runc
+    from fcrun.runtime.process import exit_code
+
+    return exit_code(os.waitpid(pid, 0)[1])
 
 
 # ----- documents -----------------------------------------------------------------------------

@@ -8,10 +8,13 @@ the container, as with runc).
 
 from __future__ import annotations
 
+import array
 import json
 import os
+import select
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 
@@ -280,7 +283,6 @@ def test_duplicate_id_is_refused_and_changes_nothing(oci, sleeper):
     ("bad-json", "malformed JSON"),
     ("unknown-field", "frobnicate"),
     ("no-config", "config.json not found"),
-    ("terminal", "terminal"),
 ])
 def test_bad_bundles_fail_with_one_line_and_leave_nothing(oci, tmp_path, breakage, message):
     bundle = make_bundle(str(tmp_path / "bad"), ["true"])
@@ -298,12 +300,6 @@ def test_bad_bundles_fail_with_one_line_and_leave_nothing(oci, tmp_path, breakag
             json.dump(document, f)
     elif breakage == "no-config":
         os.unlink(config)
-    elif breakage == "terminal":
-        with open(config) as f:
-            document = json.load(f)
-        document["process"]["terminal"] = True
-        with open(config, "w") as f:
-            json.dump(document, f)
     log = str(tmp_path / "log.json")
     r = oci.with_files("--log", log, "--log-format", "json", "create", "--bundle", bundle, "bad1")
     assert r.returncode == 1
@@ -318,3 +314,88 @@ def test_bad_bundles_fail_with_one_line_and_leave_nothing(oci, tmp_path, breakag
 def test_systemd_cgroup_is_refused_clearly(oci):
     r = oci("--systemd-cgroup", "list")
     assert r.returncode == 1 and "--systemd-cgroup is not supported" in r.stderr
+
+
+class ConsoleSocket:
+    """An engine's --console-socket: takes the pty master the runtime sends (SCM_RIGHTS)."""
+
+    def __init__(self, path: str):
+        self.path = path
+        self.listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self.listener.bind(path)
+        self.listener.listen(1)  # the runtime's send waits in the backlog until we accept
+
+    def receive_master(self) -> int:
+        conn, _ = self.listener.accept()
+        with conn:
+            _, ancillary, _, _ = conn.recvmsg(64, socket.CMSG_SPACE(4))
+        (level, kind, data), = ancillary
+        assert (level, kind) == (socket.SOL_SOCKET, socket.SCM_RIGHTS)
+        return array.array("i", data[:4])[0]
+
+    def close(self) -> None:
+        self.listener.close()
+
+
+def read_until(fd: int, wanted: str) -> str:
+    """What the pty master gives until `wanted` appears in it."""
+    seen = []
+
+    def got() -> bool:
+        while select.select([fd], [], [], 0)[0]:
+            try:
+                chunk = os.read(fd, 4096)
+            except OSError:  # EIO: every slave is closed
+                return True
+            if not chunk:
+                return True
+            seen.append(chunk.decode(errors="replace"))
+        return wanted in "".join(seen)
+
+    wait_until(f"{wanted!r} on the terminal", got, detail=lambda: "".join(seen))
+    return "".join(seen)
+
+
+TTY_PROBE = "set -- $(cat /proc/self/stat); echo tty_nr=$7; [ -t 0 ] && echo stdin-is-tty; read line; echo got:$line"
+
+
+def test_terminal_goes_to_the_console_socket(oci, tmp_path):
+    bundle = make_bundle(str(tmp_path / "tty"), ["sh", "-c", TTY_PROBE + "; exec sleep 300"])
+    config = os.path.join(bundle, "config.json")
+    with open(config) as f:
+        document = json.load(f)
+    document["process"]["terminal"] = True
+    document["process"]["consoleSize"] = {"height": 40, "width": 100}
+    with open(config, "w") as f:
+        json.dump(document, f)
+    console = ConsoleSocket(str(tmp_path / "console.sock"))
+    try:
+        r = oci.with_files("create", "--bundle", bundle, "--console-socket", console.path, "t1")
+        assert r.returncode == 0, r.stderr
+        master = console.receive_master()
+    finally:
+        console.close()
+    try:
+        assert oci("start", "t1").returncode == 0
+        assert "stdin-is-tty" in read_until(master, "stdin-is-tty")
+        os.write(master, b"hello\n")
+        read_until(master, "got:hello")
+
+        console = ConsoleSocket(str(tmp_path / "exec.sock"))
+        try:
+            r = oci.with_files("exec", "--tty", "--detach", "--console-socket", console.path, "t1", "sh", "-c", TTY_PROBE)
+            assert r.returncode == 0, r.stderr
+            exec_master = console.receive_master()
+        finally:
+            console.close()
+        try:
+            seen = read_until(exec_master, "stdin-is-tty")
+            assert "tty_nr=0" not in seen, f"exec --tty: the pty is its controlling terminal: {seen}"
+            os.write(exec_master, b"again\n")
+            read_until(exec_master, "got:again")
+        finally:
+            os.close(exec_master)
+    finally:
+        os.close(master)
+    r = oci("create", "--bundle", bundle, "t2")
+    assert r.returncode == 1 and "--console-socket" in r.stderr

@@ -16,7 +16,10 @@ and the namespaces it joins are opened here.
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import os
+import termios
 
 import msgspec
 
@@ -146,6 +149,12 @@ def _join_and_exec(plan: ChildPlan, namespaces: list[tuple[int, int]]) -> None:
     """In the exec child: join the container, then exec. Never returns."""
     try:
         os.setsid()
+        if plan.stdio is not None and os.isatty(plan.stdio[0]):
+            # A terminal given as stdio (`fcrun-oci exec --tty`) becomes the controlling
+            # terminal of the new session; one that controls another session already (a
+            # caller's own terminal) cannot, and stays plain stdio.
+            with contextlib.suppress(OSError):
+                fcntl.ioctl(plan.stdio[0], termios.TIOCSCTTY, 0)
         for procs in plan.cgroup_procs:
             with open(procs, "wb") as f:
                 f.write(b"0")
