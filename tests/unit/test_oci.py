@@ -69,3 +69,44 @@ def test_resource_ranges():
         validate_spec(default_spec(["sh"], memory_bytes=1024))
     with pytest.raises(SpecError, match="quota"):
         validate_spec(default_spec(["sh"], cpu_quota_us=10))
+
+
+@pytest.mark.parametrize("mutate,where,match", [
+    (lambda s: s.linux.sysctl.update({"vm.swappiness": "1"}), "$.linux.sysctl['vm.swappiness']", "not namespaced"),
+    (lambda s: s.linux.sysctl.update({"kernel.sem": "1 2 3 4"}) or setattr(
+        s.linux, "namespaces", [n for n in s.linux.namespaces if n.type != "ipc"]), "$.linux.sysctl['kernel.sem']", "ipc namespace"),
+    (lambda s: s.linux.sysctl.update({"net/../x": "1"}), "$.linux.sysctl['net/../x']", "invalid sysctl"),
+    (lambda s: setattr(s.process.user, "umask", 0o1777), "$.process.user.umask", "umask"),
+    (lambda s: setattr(s.process, "oom_score_adj", 1001), "$.process.oomScoreAdj", "-1000..1000"),
+    (lambda s: s.process.rlimits.append(s.process.rlimits[0]), "$.process.rlimits[1].type", "twice"),
+    (lambda s: setattr(s.linux.namespaces[1], "path", "relative/ns"), "$.linux.namespaces[1].path", "absolute"),
+    (lambda s: setattr(s.linux.namespaces[0], "path", "/proc/1/ns/pid"), "$.linux.namespaces[0].path", "pid namespace by path"),
+])
+def test_validate_new_process_and_linux_fields(mutate, where, match):
+    spec = default_spec(["sh"])
+    mutate(spec)
+    with pytest.raises(SpecError, match=match) as info:
+        validate_spec(spec)
+    assert info.value.where == where
+
+
+def test_hooks_are_checked():
+    from fcrun.runtime.spec import Hook, Hooks
+
+    spec = default_spec(["sh"])
+    spec.hooks = Hooks(poststop=[Hook(path="relative")])
+    with pytest.raises(SpecError) as info:
+        validate_spec(spec)
+    assert info.value.where == "$.hooks.poststop[0].path"
+    spec.hooks = Hooks(create_runtime=[Hook(path="/bin/true", timeout=0)])
+    with pytest.raises(SpecError, match="timeout") as info:
+        validate_spec(spec)
+    assert info.value.where == "$.hooks.createRuntime[0].timeout"
+
+
+def test_a_joined_network_namespace_is_not_bridged():
+    spec = default_spec(["sh"])
+    for ns in spec.linux.namespaces:
+        if ns.type == "network":
+            ns.path = "/run/netns/x"
+    assert network_mode(spec) == "none"

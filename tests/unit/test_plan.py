@@ -124,3 +124,63 @@ def test_plan_memory_backed_layer_rejects_bad_input():
     with pytest.raises(SpecError, match="invalid size"):
         _plan(default_spec(["sh"]), rootfs="/m", overlay_upper="/m/upper", overlay_work="/m/work",
               overlay_tmpfs_bytes=-1)
+
+
+def test_mount_propagation_options_become_a_propagation_step():
+    step = mount_step(Mount(destination="/m", type="tmpfs", source="tmpfs", options=["nosuid", "rslave"]), "$.mounts[0]")
+    assert step.propagation == sc.MS_SLAVE | sc.MS_REC
+    assert step.flags == sc.MS_NOSUID
+    shared = mount_step(Mount(destination="/m", type="tmpfs", options=["private", "shared"]), "$.mounts[0]")
+    assert shared.propagation == sc.MS_SHARED  # the last one wins
+    assert mount_step(Mount(destination="/m", type="tmpfs"), "$.mounts[0]").propagation == 0
+
+
+def test_more_mount_flags_are_understood():
+    step = mount_step(Mount(destination="/m", type="tmpfs", options=["noatime", "atime", "nodiratime", "sync"]), "m")
+    assert not step.flags & sc.MS_NOATIME
+    assert step.flags & 2048 and step.flags & 16  # MS_NODIRATIME, MS_SYNCHRONOUS
+
+
+def test_rootfs_propagation_unbindable_is_refused_by_name():
+    spec = default_spec(["sh"])
+    spec.linux.rootfs_propagation = "runbindable"
+    with pytest.raises(SpecError, match="'runbindable' is not supported") as info:
+        _plan(spec)
+    assert info.value.where == "$.linux.rootfsPropagation"
+
+
+def test_plan_process_fields_umask_oom_groups_sysctl():
+    spec = default_spec(["sh"])
+    assert _plan(spec).umask == 0o022 and _plan(spec).oom_score_adj is None  # runc's default umask
+    spec.process.user.umask = 0o077
+    spec.process.user.additional_gids = [10, 20]
+    spec.process.oom_score_adj = -500
+    spec.linux.sysctl = {"net.ipv4.ip_forward": "1", "kernel.shmmni": "100"}
+    plan = _plan(spec)
+    assert plan.umask == 0o077 and plan.groups == [10, 20] and plan.oom_score_adj == -500
+    assert plan.sysctl == [(b"/proc/sys/net/ipv4/ip_forward", b"1"), (b"/proc/sys/kernel/shmmni", b"100")]
+
+
+def test_plan_joins_a_namespace_with_a_path_instead_of_making_it():
+    from fcrun.runtime.spec import Namespace
+
+    spec = default_spec(["sh"])
+    spec.linux.namespaces = [Namespace(type=ns.type, path="/run/netns/x" if ns.type == "network" else "")
+                             for ns in spec.linux.namespaces]
+    plan = _plan(spec)
+    assert plan.join_namespaces == [(b"/run/netns/x", sc.CLONE_NEWNET)]
+    assert not plan.unshare_flags & sc.CLONE_NEWNET and not plan.new_netns
+    assert plan.unshare_flags & sc.CLONE_NEWUTS
+
+
+def test_plan_carries_the_hooks_the_child_runs():
+    from fcrun.runtime.spec import Hook, Hooks
+
+    spec = default_spec(["sh"])
+    spec.hooks = Hooks(create_runtime=[Hook(path="/host/only")],
+                       create_container=[Hook(path="/bin/a", args=["a", "1"], env=["X=1"], timeout=5)],
+                       start_container=[Hook(path="/bin/b")])
+    plan = _plan(spec, hook_state=b'{"id":"c1"}')
+    assert [(h.stage, h.path, h.argv, h.env, h.timeout_s) for h in plan.hooks] == [
+        ("createContainer", b"/bin/a", [b"a", b"1"], [b"X=1"], 5), ("startContainer", b"/bin/b", [], [], 0)]
+    assert plan.hook_state == b'{"id":"c1"}'

@@ -65,6 +65,10 @@ STEP_USERNS = "join user namespace"
 STEP_CAPS = "set capabilities"
 STEP_SECCOMP = "load seccomp filter"
 STEP_EXEC = "exec"
+STEP_JOIN = "join namespace"
+STEP_SYSCTL = "set sysctl"
+STEP_HOOK = "run hook"
+STEP_OOM = "set oom_score_adj"
 
 MAX_SYMLINKS = 40
 
@@ -80,6 +84,17 @@ class MountStep(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     bind: bool = False
     file_target: bool = False  # bind of a file: the mount point must be a file
     remount_flags: int = 0  # non-zero: a bind remount with these flags follows (e.g. read-only)
+    propagation: int = 0  # MS_SHARED/MS_SLAVE/MS_PRIVATE (| MS_REC), set on the mount last; 0: left as it is
+
+
+class HookStep(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
+    """An OCI hook the child runs itself (createContainer, startContainer): see hooks.py."""
+
+    stage: str  # "createContainer" or "startContainer"
+    path: bytes
+    argv: list[bytes]
+    env: list[bytes]
+    timeout_s: int = 0  # 0: none
 
 
 class ChildPlan(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
@@ -136,6 +151,15 @@ class ChildPlan(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     # the last step before execve; b"": none.
     seccomp_filter: bytes = b""
     seccomp_flags: int = 0  # SECCOMP_FILTER_FLAG_* to load it with
+    # Namespaces to join instead of making them: (path of a namespace file, its CLONE_NEW* type),
+    # joined right after the unshare of the others, while the host's paths are reachable.
+    join_namespaces: list[tuple[bytes, int]] = []
+    sysctl: list[tuple[bytes, bytes]] = []  # (file under /proc/sys, value), written in the new namespaces
+    umask: int = 0o022  # as runc sets it when the spec gives none
+    oom_score_adj: int | None = None  # None: inherited
+    hooks: list[HookStep] = []
+    # The hooks' state JSON, without "status" and "pid", which the child puts first.
+    hook_state: bytes = b"{}"
     status_w: int = -1
     go_r: int = -1
     keep_fds: list[int] = []
@@ -263,9 +287,17 @@ def child_main(plan: ChildPlan, prepared: int = 0) -> None:
             sc.unshare(plan.unshare_flags & ~prepared & ~sc.CLONE_NEWCGROUP)
         else:
             prepare_child(plan.unshare_flags, plan.pdeathsig)
+        step = STEP_JOIN
+        for path, nstype in plan.join_namespaces:
+            _join_namespace(path, nstype)
         if plan.hostname is not None:
             step = STEP_HOSTNAME
             sc.sethostname(plan.hostname)
+        step = STEP_SYSCTL
+        for path, value in plan.sysctl:
+            _write_file(path, value)
+        # Our pid as the runtime sees it, for the hooks' state: the host's /proc is still ours.
+        host_pid = int(os.readlink(b"/proc/self")) if plan.hooks else 0
         os.write(plan.status_w, b"R")
 
         step = STEP_ROOTFS
@@ -283,6 +315,9 @@ def child_main(plan: ChildPlan, prepared: int = 0) -> None:
             finally:
                 os.close(fd)
 
+        step = STEP_HOOK
+        run_child_hooks(plan, "createContainer", b"creating", host_pid)
+
         step = STEP_PIVOT
         _pivot_root(plan)
         if plan.unshare_flags & sc.CLONE_NEWCGROUP:
@@ -296,10 +331,74 @@ def child_main(plan: ChildPlan, prepared: int = 0) -> None:
             if os.read(plan.go_r, 1) != b"S":
                 os._exit(127)  # never run the command unless told to
         os.close(plan.go_r)
+        step = STEP_HOOK
+        run_child_hooks(plan, "startContainer", b"created", host_pid)
 
         finish_and_exec(plan)
     except BaseException as exc:  # noqa: BLE001 - everything must be reported, then _exit
         fail(plan, step, exc)
+
+
+def _join_namespace(path: bytes, nstype: int) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        sc.setns(fd, nstype)
+    except OSError as exc:
+        raise OSError(exc.errno, exc.strerror, path) from None
+    finally:
+        os.close(fd)
+
+
+def _write_file(path: bytes, value: bytes) -> None:
+    fd = os.open(path, os.O_WRONLY | os.O_CLOEXEC)
+    try:
+        os.write(fd, value)
+    except OSError as exc:
+        raise OSError(exc.errno, exc.strerror, path) from None
+    finally:
+        os.close(fd)
+
+
+def run_child_hooks(plan: ChildPlan, stage: str, status: bytes, host_pid: int) -> None:
+    """Run the plan's hooks of `stage` one by one, each with the state JSON on stdin.
+
+    Raises:
+        OSError: a hook could not run, failed (EIO... its exit status in the message) or ran
+            past its timeout (ETIMEDOUT; it is killed).
+    """
+    hooks = [h for h in plan.hooks if h.stage == stage]
+    if not hooks:
+        return
+    state = b'{"status":"%s","pid":%d,' % (status, host_pid) + plan.hook_state[1:]
+    for hook in hooks:
+        stdin_r, stdin_w = os.pipe2(os.O_CLOEXEC)
+        pid = os.fork()
+        if pid == 0:
+            try:
+                os.dup2(stdin_r, 0)
+                os.execve(hook.path, hook.argv or [hook.path], dict(e.split(b"=", 1) for e in hook.env))
+            finally:
+                os._exit(127)
+        os.close(stdin_r)
+        try:
+            os.write(stdin_w, state)  # a state is far below a pipe's buffer: never blocks
+        except BrokenPipeError:
+            pass  # the hook need not read it
+        os.close(stdin_w)
+        pidfd = os.pidfd_open(pid)
+        try:
+            ready, _, _ = select.select([pidfd], [], [], hook.timeout_s or None)
+        finally:
+            os.close(pidfd)
+        if not ready:
+            os.kill(pid, signal.SIGKILL)
+            os.waitpid(pid, 0)
+            raise OSError(_errno.ETIMEDOUT, f"{stage} hook {hook.path.decode(errors='replace')}: still running "
+                          f"after its timeout of {hook.timeout_s}s; killed")
+        code = os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1])
+        if code != 0:
+            how = f"exit code {code}" if code > 0 else f"killed by signal {-code}"
+            raise OSError(_errno.EIO, f"{stage} hook {hook.path.decode(errors='replace')} failed: {how}")
 
 
 def _mount_rootfs(plan: ChildPlan) -> None:
@@ -339,6 +438,8 @@ def _mount_rootfs(plan: ChildPlan) -> None:
             target = secure_join(root, m.destination)
             _make_mountpoint(target, m.file_target)
             _mount_one(m, target)
+            if m.propagation:
+                sc.mount(None, target, None, m.propagation, None)
         except OSError as exc:
             raise OSError(exc.errno, exc.strerror, b"mount " + m.destination) from None
 
@@ -383,6 +484,10 @@ def finish_and_exec(plan: ChildPlan) -> None:
     """Drop privileges and exec. Shared by container creation and `exec` into a container."""
     step = STEP_RLIMIT
     try:
+        if plan.oom_score_adj is not None:
+            step = STEP_OOM  # before the capabilities go: lowering it needs CAP_SYS_RESOURCE
+            _write_file(b"/proc/self/oom_score_adj", b"%d" % plan.oom_score_adj)
+            step = STEP_RLIMIT
         for res, soft, hard in plan.rlimits:
             resource.setrlimit(res, (soft, hard))
 
@@ -431,6 +536,7 @@ def finish_and_exec(plan: ChildPlan) -> None:
             sc.prctl(sc.PR_SET_NO_NEW_PRIVS, 1)
 
         step = STEP_EXEC
+        os.umask(plan.umask)
         os.chdir(plan.cwd)
         program = _find_executable(plan.argv[0], plan.env.get(b"PATH", b"/usr/sbin:/usr/bin:/sbin:/bin"))
 
@@ -494,6 +600,8 @@ def failure_to_error(failure: ChildFailure, name: str) -> Exception:
     """Turn a child's report into the error the user sees."""
     if failure.step == STEP_EXEC and failure.err == _errno.ENOENT:
         return ContainerError(f"container {name}: {failure.message}: executable not found in the container")
+    if failure.step == STEP_HOOK:
+        return ContainerError(f"container {name}: {failure.message}")
     return KernelError(f"container {name}: {failure.step}", failure.message, failure.err)
 
 

@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING
 from ..crashpoints import crash_point
 from ..errors import IncorrectStatus, NotFound
 from .child import ChildFailure, failure_to_error, read_status
+from .hooks import oci_state, run_hooks_logged
 from .process import SETUP_TIMEOUT_S, exit_code, send_go, wait_exit, wait_report
 from .state import ContainerState, check_allowed
 
@@ -94,6 +95,8 @@ class Container:
             self.runtime.states.save(state)
             self.state = state
         crash_point("start.saved")
+        run_hooks_logged(state.spec, "poststart", oci_state(self.name, state.spec, "running", state.pid, state.labels),
+                         self.name)
 
     def wait(self) -> int:
         """Wait for pid 1 to exit; returns its exit code (128+N when killed by signal N)."""

@@ -35,6 +35,7 @@ from ..crashpoints import crash_point
 from ..errors import ContainerError, FcrunError, KernelError, MissingFeature, SpecError
 from .child import ChildFailure, ChildPlan, failure_to_error, read_status
 from .container import Container
+from .hooks import child_hook_state, hooks_of, oci_state, run_hooks, run_hooks_logged
 from .options import ROOTFS_ANNOTATION
 from .plan import build_plan, limits_from_spec
 from .process import SETUP_TIMEOUT_S, ChildHandle, child_report, make_userns, read_ready, send_go, start_child
@@ -79,6 +80,7 @@ def validate(runtime: "Runtime", name: str, spec: Spec, *, image, detach: bool, 
     """
     validate_name(name)
     validate_spec(spec)
+    check_namespace_paths(spec)
     if isinstance(image, str):
         image = runtime.images.get(image)
     if image is None and not os.path.isdir(spec.root.path):
@@ -90,6 +92,33 @@ def validate(runtime: "Runtime", name: str, spec: Spec, *, image, detach: bool, 
     return CreateRequest(name=name, spec=spec, image=image, detach=detach, stdio=stdio,
                          init_path=find_init() if init else None, labels=dict(labels or {}), slot=slot,
                          volatile_rootfs=volatile_rootfs, start=start)
+
+
+# linux.namespaces[].type -> the name /proc/PID/ns/ and nsfs give that kind of namespace.
+NSFS_NAMES = {"network": "net", "ipc": "ipc", "uts": "uts", "mount": "mnt", "pid": "pid", "cgroup": "cgroup",
+              "user": "user", "time": "time"}
+
+
+def check_namespace_paths(spec: Spec) -> None:
+    """Each namespace to join by path must be a namespace of its type (not any file).
+
+    Raises:
+        SpecError: naming the namespace's path and what it is instead.
+    """
+    for i, ns in enumerate(spec.linux.namespaces):
+        if not ns.path:
+            continue
+        where = f"$.linux.namespaces[{i}].path"
+        try:
+            fd = os.open(ns.path, os.O_RDONLY | os.O_CLOEXEC)
+        except OSError as exc:
+            raise SpecError(f"{ns.type} namespace {ns.path!r}: [Errno {exc.errno}] {exc.strerror}", where) from None
+        try:
+            what = os.readlink(f"/proc/self/fd/{fd}")  # "net:[4026531992]" for a network namespace
+        finally:
+            os.close(fd)
+        if not what.startswith(NSFS_NAMES[ns.type] + ":["):
+            raise SpecError(f"{ns.path!r} is not a {ns.type} namespace (it is {what!r})", where)
 
 
 def find_init() -> str:
@@ -190,12 +219,23 @@ class Creation:
         else:
             self.state.network = NetworkState(mode=network_mode(self.state.spec))
         crash_point("create.network")
+        ready = bridge
+        if hooks_of(self.state.spec, "prestart") or hooks_of(self.state.spec, "create_runtime"):
+            if not ready:
+                read_ready(self.child.status_r, self.name)  # the namespaces the hooks act on exist
+                ready = True
+            run_hooks(self.state.spec, ("prestart", "create_runtime"), self._oci_state("creating"))
         send_go(self.child.go_w, go, self.child.status_r)
         self._record()
         crash_point("create.saved")
-        if not bridge:
+        if not ready:
             read_ready(self.child.status_r, self.name)
         self._handshake()
+        if request.start:
+            run_hooks_logged(self.state.spec, "poststart", self._oci_state("running"), self.name)
+
+    def _oci_state(self, status: str) -> bytes:
+        return oci_state(self.name, self.state.spec, status, self.state.pid, self.state.labels)
 
     def _user_namespace(self) -> None:
         state = self.state
@@ -271,6 +311,7 @@ class Creation:
             stdio=self.stdio,
             userns_fd=self.userns_fd,
             upper_owner=self.root_ids,
+            hook_state=child_hook_state(self.name, self.state.spec, self.state.labels),
         )
 
     def _cgroup(self) -> None:

@@ -26,6 +26,7 @@ from ..units import CPU_PERIOD_US, cpu_to_quota_us
 from .container import Container, ContainerInfo
 from .creation import Creation, validate
 from .exec import exec_in, exec_spec
+from .hooks import oci_state, run_hooks_logged
 from .plan import build_plan, limits_from_spec
 from .process import kill_quietly, reap, wait_gone, wait_gone_pid
 from .slots import fill_slot, open_slot_source, release_slot, slot_content
@@ -408,6 +409,7 @@ class Runtime:
                 locked()
             crash_point("delete.locked")
             self._teardown(state)
+        run_hooks_logged(state.spec, "poststop", oci_state(name, state.spec, "stopped", state.pid, state.labels), name)
 
     def remove_failed(self, state: ContainerState) -> None:
         """Undo a created container whose start failed (errors are logged: the start's own

@@ -19,18 +19,48 @@ from ..errors import SpecError
 from ..units import CPU_PERIOD_US
 from .spec import Mount, Spec
 from ..seccomp import compile_filter, filter_flags
-from .child import ChildPlan, MountStep
+from .child import ChildPlan, HookStep, MountStep
 
 # Mount options that are flags; everything else (mode=, size=, gid=...) is filesystem data.
+# <sys/mount.h> flags syscalls.py does not name.
+MS_SYNCHRONOUS = 16
+MS_MANDLOCK = 64
+MS_DIRSYNC = 128
+MS_NOSYMFOLLOW = 256
+MS_NODIRATIME = 2048
+MS_SILENT = 32768
+MS_UNBINDABLE = 1 << 17
+MS_RELATIME = 1 << 21
+MS_I_VERSION = 1 << 23
+MS_LAZYTIME = 1 << 25
+
 _FLAG_OPTIONS = {
     "ro": (sc.MS_RDONLY, True), "rw": (sc.MS_RDONLY, False),
     "nosuid": (sc.MS_NOSUID, True), "suid": (sc.MS_NOSUID, False),
     "nodev": (sc.MS_NODEV, True), "dev": (sc.MS_NODEV, False),
     "noexec": (sc.MS_NOEXEC, True), "exec": (sc.MS_NOEXEC, False),
-    "strictatime": (sc.MS_STRICTATIME, True), "noatime": (sc.MS_NOATIME, True),
-    "relatime": (0, True), "bind": (sc.MS_BIND, True), "rbind": (sc.MS_BIND | sc.MS_REC, True),
+    "strictatime": (sc.MS_STRICTATIME, True), "nostrictatime": (sc.MS_STRICTATIME, False),
+    "noatime": (sc.MS_NOATIME, True), "atime": (sc.MS_NOATIME, False),
+    "relatime": (MS_RELATIME, True), "norelatime": (MS_RELATIME, False),
+    "nodiratime": (MS_NODIRATIME, True), "diratime": (MS_NODIRATIME, False),
+    "sync": (MS_SYNCHRONOUS, True), "async": (MS_SYNCHRONOUS, False),
+    "dirsync": (MS_DIRSYNC, True), "mand": (MS_MANDLOCK, True), "nomand": (MS_MANDLOCK, False),
+    "lazytime": (MS_LAZYTIME, True), "nolazytime": (MS_LAZYTIME, False),
+    "iversion": (MS_I_VERSION, True), "noiversion": (MS_I_VERSION, False),
+    "silent": (MS_SILENT, True), "loud": (MS_SILENT, False),
+    "nosymfollow": (MS_NOSYMFOLLOW, True), "symfollow": (MS_NOSYMFOLLOW, False),
+    "bind": (sc.MS_BIND, True), "rbind": (sc.MS_BIND | sc.MS_REC, True),
 }
-_PROPAGATION_OPTIONS = {"private", "rprivate", "slave", "rslave", "shared", "rshared"}
+# A mount's own propagation (runc's names); set on it once it is mounted.
+MOUNT_PROPAGATION = {
+    "private": sc.MS_PRIVATE, "rprivate": sc.MS_PRIVATE | sc.MS_REC,
+    "slave": sc.MS_SLAVE, "rslave": sc.MS_SLAVE | sc.MS_REC,
+    "shared": sc.MS_SHARED, "rshared": sc.MS_SHARED | sc.MS_REC,
+    "unbindable": MS_UNBINDABLE, "runbindable": MS_UNBINDABLE | sc.MS_REC,
+}
+# linux.rootfsPropagation: applied recursively to the container's whole mount tree ("" means
+# slave: host mounts still reach the container, nothing goes back). The spawner re-checks it
+# against slave/private/shared, so unbindable is refused here, by name.
 _PROPAGATION = {"": sc.MS_SLAVE, "slave": sc.MS_SLAVE, "rslave": sc.MS_SLAVE,
                 "private": sc.MS_PRIVATE, "rprivate": sc.MS_PRIVATE,
                 "shared": sc.MS_SHARED, "rshared": sc.MS_SHARED}
@@ -48,13 +78,14 @@ def mount_step(m: Mount, where: str) -> MountStep:
     """One OCI mount -> a MountStep. Bind mounts that ask for flags get a remount step,
     because the kernel ignores flags like MS_RDONLY on the initial bind."""
     flags = 0
+    propagation = 0
     data: list[str] = []
     for opt in m.options:
         if opt in _FLAG_OPTIONS:
             bit, on = _FLAG_OPTIONS[opt]
             flags = flags | bit if on else flags & ~bit
-        elif opt in _PROPAGATION_OPTIONS:
-            continue  # per-mount propagation is not supported; the rootfs propagation applies
+        elif opt in MOUNT_PROPAGATION:
+            propagation = MOUNT_PROPAGATION[opt]  # the last one given wins, as in runc
         elif "=" in opt or opt in ("newinstance",):
             data.append(opt)
         else:
@@ -69,11 +100,11 @@ def mount_step(m: Mount, where: str) -> MountStep:
         extra = flags & ~(sc.MS_BIND | sc.MS_REC)
         return MountStep(
             destination=dest, source=m.source.encode(), fstype=None, flags=bind_flags, data=None,
-            bind=True, file_target=not os.path.isdir(m.source), remount_flags=extra,
+            bind=True, file_target=not os.path.isdir(m.source), remount_flags=extra, propagation=propagation,
         )
     return MountStep(
         destination=dest, source=(m.source or m.type).encode(), fstype=m.type.encode(),
-        flags=flags, data=",".join(data).encode() if data else None,
+        flags=flags, data=",".join(data).encode() if data else None, propagation=propagation,
     )
 
 
@@ -93,6 +124,23 @@ def _env(spec: Spec) -> dict[bytes, bytes]:
     return env
 
 
+def sysctl_file(key: str) -> bytes:
+    """linux.sysctl's key -> its file under /proc/sys (net.ipv4.ip_forward -> .../net/ipv4/ip_forward)."""
+    return b"/proc/sys/" + key.replace(".", "/").encode()
+
+
+def _hooks(spec: Spec) -> list[HookStep]:
+    """The hooks the child runs itself (hooks.py says which and when)."""
+    if spec.hooks is None:
+        return []
+    return [
+        HookStep(stage=stage, path=h.path.encode(), argv=[a.encode() for a in h.args],
+                 env=[e.encode() for e in h.env], timeout_s=h.timeout or 0)
+        for stage, hooks in (("createContainer", spec.hooks.create_container), ("startContainer", spec.hooks.start_container))
+        for h in hooks
+    ]
+
+
 def build_plan(
     spec: Spec,
     *,
@@ -108,6 +156,7 @@ def build_plan(
     stdio: tuple[int, int, int] | None = None,
     userns_fd: int = -1,
     upper_owner: tuple[int, int] | None = None,
+    hook_state: bytes = b"{}",
 ) -> ChildPlan:
     """Everything the container child does, decided here. Raises SpecError for bad mounts.
 
@@ -118,12 +167,14 @@ def build_plan(
     `userns_fd` >= 0: the child joins that user namespace last, and the image layers are
     attached idmapped to it under `rootfs` (rootfs/lowerN) as the overlay's lower dirs.
     `upper_owner`: the host (uid, gid) of the container's root, for a tmpfs upper dir.
+    `hook_state`: the OCI state JSON (no status, no pid) for the hooks the child runs.
     """
     flags = 0
     namespaces = {ns.type for ns in spec.linux.namespaces}
+    joined = [(ns.path.encode(), sc.NAMESPACES[ns.type][0]) for ns in spec.linux.namespaces if ns.path]
     # The pid namespace is entered by the parent, around fork; the user namespace is made by
-    # the parent (userns.make_userns) and joined by the child last.
-    for ns in namespaces - {"pid", "user"}:
+    # the parent (userns.make_userns) and joined by the child last. One with a path is joined.
+    for ns in namespaces - {"pid", "user"} - {ns.type for ns in spec.linux.namespaces if ns.path}:
         flags |= sc.NAMESPACES[ns][0]
     caps = spec.process.capabilities
     mask = (lambda field: capability_mask(getattr(caps, field), f"$.process.capabilities.{field}")) if caps else (lambda f: 0)
@@ -152,6 +203,9 @@ def build_plan(
         overlay_tmpfs = f"size={overlay_tmpfs_bytes},mode=755".encode()
     propagation = _PROPAGATION.get(spec.linux.rootfs_propagation)
     if propagation is None:
+        if spec.linux.rootfs_propagation in MOUNT_PROPAGATION:
+            raise SpecError(f"rootfs propagation {spec.linux.rootfs_propagation!r} is not supported by fcrun",
+                            "$.linux.rootfsPropagation")
         raise SpecError(f"unknown rootfs propagation {spec.linux.rootfs_propagation!r}", "$.linux.rootfsPropagation")
     return ChildPlan(
         argv=[a.encode() for a in spec.process.args],
@@ -169,7 +223,7 @@ def build_plan(
         readonly_root=spec.root.readonly,
         propagation=propagation,
         unshare_flags=flags,
-        new_netns="network" in namespaces,
+        new_netns=bool(flags & sc.CLONE_NEWNET),
         hostname=spec.hostname.encode() if spec.hostname and "uts" in namespaces else None,
         cgroup_procs=[p.encode() for p in cgroup_procs],
         rlimits=_rlimits(spec),
@@ -193,6 +247,12 @@ def build_plan(
         userns_fd=userns_fd,
         idmapped_lower=idmapped_lower,
         upper_owner=upper_owner if overlay_tmpfs else None,
+        join_namespaces=joined,
+        sysctl=[(sysctl_file(k), v.encode()) for k, v in spec.linux.sysctl.items()],
+        umask=spec.process.user.umask if spec.process.user.umask is not None else 0o022,
+        oom_score_adj=spec.process.oom_score_adj,
+        hooks=_hooks(spec),
+        hook_state=hook_state,
     )
 
 

@@ -323,6 +323,15 @@ RLIMIT_NAMES = {
     "RLIMIT_NPROC", "RLIMIT_NOFILE", "RLIMIT_MEMLOCK", "RLIMIT_AS", "RLIMIT_LOCKS",
     "RLIMIT_SIGPENDING", "RLIMIT_MSGQUEUE", "RLIMIT_NICE", "RLIMIT_RTPRIO", "RLIMIT_RTTIME",
 }
+# Namespaces a spec may join by path (the child setns()es into them first). pid, mount, user
+# and cgroup are made in an order of fcrun's handshake that a joined one would break.
+JOINABLE_NAMESPACES = ("network", "ipc", "uts")
+# linux.sysctl keys a container may set, and the namespace each needs of its own (runc's list:
+# only namespaced sysctls, so that a container cannot change the host's).
+IPC_SYSCTLS = {"kernel.msgmax", "kernel.msgmnb", "kernel.msgmni", "kernel.sem", "kernel.shmall",
+               "kernel.shmmax", "kernel.shmmni", "kernel.shm_rmid_forced"}
+UTS_SYSCTLS = {"kernel.hostname", "kernel.domainname"}
+_SYSCTL_KEY = re.compile(r"^[a-z0-9_]+(\.[A-Za-z0-9_:@+-]+)+$")
 SUPPORTED_MOUNT_TYPES = {"bind", "proc", "tmpfs", "devpts", "mqueue", "sysfs"}
 
 NetworkMode = Literal["bridge", "none", "host"]
@@ -384,9 +393,12 @@ def default_spec(
 
 
 def network_mode(spec: Spec) -> NetworkMode:
-    """bridge/none from the annotation when the spec has a network namespace, else host."""
+    """bridge/none from the annotation when the spec has a network namespace of its own, none
+    when it joins one by path (whoever made it set it up), else host."""
     if not any(ns.type == "network" for ns in spec.linux.namespaces):
         return "host"
+    if any(ns.type == "network" and ns.path for ns in spec.linux.namespaces):
+        return "none"
     mode = spec.annotations.get("org.fcrun.network", "none")
     return "bridge" if mode == "bridge" else "none"
 
@@ -449,10 +461,28 @@ def refuse_not_supported(spec: Spec) -> None:
                              ("selinux_label", "selinuxLabel", "SELinux labels are not supported by fcrun")):
         if getattr(spec.process, field):
             raise SpecError(f"process.{wire}: {why}", f"$.process.{wire}")
-    if spec.hooks is not None and any(getattr(spec.hooks, f) for f in spec.hooks.__struct_fields__):
-        raise SpecError("hooks: not supported by fcrun yet", "$.hooks")
     if spec.linux.mount_label:
         raise SpecError("linux.mountLabel: SELinux labels are not supported by fcrun", "$.linux.mountLabel")
+
+
+def _check_sysctl(sysctl: dict[str, str], namespaces: set[str]) -> None:
+    """Only namespaced sysctls, each with its namespace in the spec. Raises SpecError."""
+    for key, value in sysctl.items():
+        where = f"$.linux.sysctl[{key!r}]"
+        if not _SYSCTL_KEY.match(key) or "/" in key:
+            raise SpecError(f"invalid sysctl name {key!r}", where)
+        if "\0" in value:
+            raise SpecError("a NUL byte in the value", where)
+        if key in IPC_SYSCTLS or key.startswith("fs.mqueue."):
+            needed = "ipc"
+        elif key in UTS_SYSCTLS:
+            needed = "uts"
+        elif key.startswith("net."):
+            needed = "network"
+        else:
+            raise SpecError(f"sysctl {key!r} is not namespaced: setting it would change the host", where)
+        if needed not in namespaces:
+            raise SpecError(f"sysctl {key!r} needs the container's own {needed} namespace", where)
 
 
 def validate_spec(spec: Spec) -> None:
@@ -467,12 +497,23 @@ def validate_spec(spec: Spec) -> None:
             raise SpecError(f"environment entry {item!r} is not KEY=VALUE", f"$.process.env[{i}]")
     if spec.process.user.uid < 0 or spec.process.user.gid < 0:
         raise SpecError("uid and gid must be >= 0", "$.process.user")
+    for i, gid in enumerate(spec.process.user.additional_gids):
+        if not 0 <= gid < 1 << 32:
+            raise SpecError(f"gid {gid} is out of range", f"$.process.user.additionalGids[{i}]")
+    if spec.process.user.umask is not None and not 0 <= spec.process.user.umask <= 0o777:
+        raise SpecError(f"umask {spec.process.user.umask:#o} is not 0..0o777", "$.process.user.umask")
+    if spec.process.oom_score_adj is not None and not -1000 <= spec.process.oom_score_adj <= 1000:
+        raise SpecError(f"oomScoreAdj {spec.process.oom_score_adj} is not -1000..1000", "$.process.oomScoreAdj")
     if spec.process.capabilities:
         for field in ("bounding", "effective", "inheritable", "permitted", "ambient"):
             capability_mask(getattr(spec.process.capabilities, field), f"$.process.capabilities.{field}")
+    rlimit_types = set()
     for i, rl in enumerate(spec.process.rlimits):
         if rl.type not in RLIMIT_NAMES:
             raise SpecError(f"unknown rlimit {rl.type!r}", f"$.process.rlimits[{i}].type")
+        if rl.type in rlimit_types:
+            raise SpecError(f"rlimit {rl.type} given twice", f"$.process.rlimits[{i}].type")
+        rlimit_types.add(rl.type)
         if rl.soft > rl.hard:
             raise SpecError("soft limit exceeds hard limit", f"$.process.rlimits[{i}]")
     if len(spec.hostname) > 64 or any(c in spec.hostname for c in "/ \0"):
@@ -482,7 +523,11 @@ def validate_spec(spec: Spec) -> None:
         if ns.type not in SUPPORTED_NAMESPACES:
             raise SpecError(f"namespace type {ns.type!r} is not supported by fcrun", f"$.linux.namespaces[{i}].type")
         if ns.path:
-            raise SpecError("joining an existing namespace by path is not supported yet", f"$.linux.namespaces[{i}].path")
+            if ns.type not in JOINABLE_NAMESPACES:
+                raise SpecError(f"joining an existing {ns.type} namespace by path is not supported by fcrun "
+                                f"(only {', '.join(JOINABLE_NAMESPACES)})", f"$.linux.namespaces[{i}].path")
+            if not os.path.isabs(ns.path):
+                raise SpecError(f"namespace path {ns.path!r} must be absolute", f"$.linux.namespaces[{i}].path")
         if ns.type in seen:
             raise SpecError(f"namespace {ns.type!r} listed twice", f"$.linux.namespaces[{i}]")
         seen.add(ns.type)
@@ -498,6 +543,10 @@ def validate_spec(spec: Spec) -> None:
         check_mappings(spec.linux.gid_mappings, "$.linux.gidMappings")
         if bool(spec.linux.uid_mappings) != bool(spec.linux.gid_mappings):
             raise SpecError("give both uid and gid mappings, or neither (fcrun then picks a range)", "$.linux.gidMappings")
+    _check_sysctl(spec.linux.sysctl, seen)
+    from .hooks import check_hooks  # here: hooks.py builds on this module's structs
+
+    check_hooks(spec)
     if spec.linux.seccomp is not None:
         from ..seccomp import validate_profile
 

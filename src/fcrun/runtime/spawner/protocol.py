@@ -305,6 +305,16 @@ def _check_paths_and_devices(request: Spawn) -> None:
     for where, paths in (("masked_paths", plan.masked_paths), ("readonly_paths", plan.readonly_paths)):
         for i, path in enumerate(paths):
             check_path(path, f"$.plan.{where}[{i}]")
+    for i, (path, nstype) in enumerate(plan.join_namespaces):  # the OCI spec's namespaces with a path
+        check_path(path, f"$.plan.join_namespaces[{i}]")
+        if nstype not in (sc.CLONE_NEWNET, sc.CLONE_NEWIPC, sc.CLONE_NEWUTS):
+            raise SpecError(f"namespace type {nstype:#x} cannot be joined", f"$.plan.join_namespaces[{i}]")
+    for i, (path, _value) in enumerate(plan.sysctl):
+        check_path(path, f"$.plan.sysctl[{i}]")
+        if not path.startswith(b"/proc/sys/"):
+            raise SpecError(f"{path!r} is not under /proc/sys", f"$.plan.sysctl[{i}]")
+    for i, hook in enumerate(plan.hooks):
+        check_path(hook.path, f"$.plan.hooks[{i}].path")
 
 
 def check_path(path: bytes, where: str) -> None:

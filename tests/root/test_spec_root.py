@@ -1,0 +1,198 @@
+"""Root tests of the runtime-spec fields fcrun honours beyond its own defaults: hooks, umask,
+additionalGids, oomScoreAdj, sysctl, mount propagation, joining a namespace by path.
+
+Each is checked from inside a real container (busybox) or, for hooks, from what the hook saw.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+
+import msgspec
+import pytest
+
+from fcrun.errors import ContainerError, NotFound, SpecError
+from fcrun.runtime.hooks import BUNDLE_LABEL
+from fcrun.runtime.options import RunOptions, spec_from_image
+from fcrun.runtime.spec import Hook, Hooks, Mount, Namespace
+from hostcheck import host_snapshot, settled_snapshot
+
+pytestmark = [pytest.mark.root]
+
+
+def _spec(image, name, script, **opts):
+    return spec_from_image(image, RunOptions(args=["sh", "-c", script], network="none", **opts), name=name)
+
+
+def _run(rt, image, name, spec, **kw):
+    """Run to completion; returns (exit code, output). The container is deleted."""
+    r, w = os.pipe()
+    null = os.open("/dev/null", os.O_RDONLY)
+    try:
+        container = rt.run(name, spec, image=image, stdio=(null, w, w), **kw)
+    finally:
+        os.close(w)
+        os.close(null)
+    chunks = []
+    while chunk := os.read(r, 65536):
+        chunks.append(chunk)
+    os.close(r)
+    code = container.wait()
+    rt.delete(name)
+    return code, b"".join(chunks).decode()
+
+
+def _recorder(tmp_path, stage):
+    """A host hook that saves its stdin (the state JSON) and its argv/env to tmp_path/STAGE."""
+    out = tmp_path / stage
+    return Hook(path="/bin/sh", args=["sh", "-c", f'cat > {out}.json; echo "$0 $1 $HOOK_ENV" > {out}.args', "hookname", "arg1"],
+                env=["HOOK_ENV=set"], timeout=10)
+
+
+def test_hooks_run_at_each_stage_with_the_state_on_stdin(runtime, busybox, tmp_path):
+    os.chmod(tmp_path, 0o755)
+    spec = _spec(busybox, "t-hooks", "cat /start.json; echo; echo done")
+    # startContainer runs in the container: its path and output files are the container's.
+    spec.hooks = Hooks(
+        prestart=[_recorder(tmp_path, "prestart")],
+        create_runtime=[_recorder(tmp_path, "createRuntime")],
+        create_container=[_recorder(tmp_path, "createContainer")],
+        start_container=[Hook(path="/bin/sh", args=["sh", "-c", "cat > /start.json"])],
+        poststart=[_recorder(tmp_path, "poststart")],
+        poststop=[_recorder(tmp_path, "poststop")],
+    )
+    container = runtime.create("t-hooks", spec, image=busybox, labels={BUNDLE_LABEL: "/bundles/t-hooks"})
+    pid = container.pid
+    created = {stage: json.loads((tmp_path / f"{stage}.json").read_text())
+               for stage in ("prestart", "createRuntime", "createContainer")}
+    assert not (tmp_path / "poststart.json").exists()
+    for stage, state in created.items():
+        assert state["id"] == "t-hooks" and state["pid"] == pid, stage
+        assert state["status"] == "creating" and state["bundle"] == "/bundles/t-hooks", stage
+        assert (tmp_path / f"{stage}.args").read_text() == "hookname arg1 set\n", stage
+    container.start()
+    poststart = json.loads((tmp_path / "poststart.json").read_text())
+    assert poststart["status"] == "running" and poststart["pid"] == pid
+    assert container.wait() == 0
+    runtime.delete("t-hooks")
+    poststop = json.loads((tmp_path / "poststop.json").read_text())
+    assert poststop["status"] == "stopped" and poststop["id"] == "t-hooks"
+
+
+def test_start_container_hook_runs_inside_the_container(runtime, busybox):
+    spec = _spec(busybox, "t-hook-in", "cat /start.json")
+    spec.hooks = Hooks(start_container=[Hook(path="/bin/sh", args=["sh", "-c", "cat > /start.json"])])
+    code, out = _run(runtime, busybox, "t-hook-in", spec)
+    assert code == 0
+    state = json.loads(out)
+    assert state["status"] == "created" and state["id"] == "t-hook-in" and state["pid"] > 1
+
+
+@pytest.mark.parametrize("stage", ["create_runtime", "prestart", "create_container"])
+def test_a_failing_create_hook_fails_create_and_leaves_nothing(runtime, busybox, run_root, stage):
+    before = host_snapshot(run_root)
+    spec = _spec(busybox, "t-hook-fail", "true")
+    setattr(spec, "hooks", Hooks(**{stage: [Hook(path="/bin/sh", args=["sh", "-c", "echo no way >&2; exit 3"])]}))
+    with pytest.raises(ContainerError, match="hook /bin/sh failed: exit code 3"):
+        runtime.create("t-hook-fail", spec, image=busybox)
+    with pytest.raises(NotFound):
+        runtime.state("t-hook-fail")
+    assert settled_snapshot(run_root, before) == before
+
+
+def test_a_hook_past_its_timeout_is_killed_and_fails_create(runtime, busybox, run_root):
+    before = host_snapshot(run_root)
+    spec = _spec(busybox, "t-hook-slow", "true")
+    spec.hooks = Hooks(create_runtime=[Hook(path="/bin/sleep", args=["sleep", "30"], timeout=1)])
+    with pytest.raises(ContainerError, match="timeout of 1s"):
+        runtime.create("t-hook-slow", spec, image=busybox)
+    assert settled_snapshot(run_root, before) == before
+
+
+def test_umask_additional_gids_and_oom_score_adj(runtime, busybox):
+    spec = _spec(busybox, "t-proc", "umask; id -G; cat /proc/self/oom_score_adj")
+    spec.process.user = msgspec.structs.replace(spec.process.user, umask=0o077, additional_gids=[10, 20])
+    spec.process.oom_score_adj = 500
+    code, out = _run(runtime, busybox, "t-proc", spec)
+    assert code == 0, out
+    umask, groups, oom = out.split("\n")[:3]
+    assert umask == "0077"
+    assert {"10", "20"} <= set(groups.split())
+    assert oom == "500"
+
+
+def test_default_umask_is_runcs(runtime, busybox):
+    code, out = _run(runtime, busybox, "t-umask", _spec(busybox, "t-umask", "umask"))
+    assert (code, out) == (0, "0022\n")
+
+
+def test_namespaced_sysctls_are_set_in_the_container_only(runtime, busybox):
+    with open("/proc/sys/kernel/shmmni") as f:
+        host_shmmni = f.read()
+    spec = _spec(busybox, "t-sysctl", "cat /proc/sys/kernel/shmmni /proc/sys/net/ipv4/ip_forward")
+    spec.linux.sysctl = {"kernel.shmmni": "1234", "net.ipv4.ip_forward": "1"}
+    assert _run(runtime, busybox, "t-sysctl", spec) == (0, "1234\n1\n")
+    with open("/proc/sys/kernel/shmmni") as f:
+        assert f.read() == host_shmmni
+
+
+def test_a_host_wide_sysctl_is_refused(runtime, busybox):
+    spec = _spec(busybox, "t-sysctl-bad", "true")
+    spec.linux.sysctl = {"vm.overcommit_memory": "1"}
+    with pytest.raises(SpecError, match="not namespaced"):
+        runtime.create("t-sysctl-bad", spec, image=busybox)
+
+
+def test_mount_propagation_option_is_applied(runtime, busybox, tmp_path):
+    src = tmp_path / "shared-src"
+    src.mkdir()
+    spec = _spec(busybox, "t-prop", "grep ' /mnt/a ' /proc/self/mountinfo; grep ' /mnt/b ' /proc/self/mountinfo")
+    spec.mounts = [*spec.mounts,
+                   Mount(destination="/mnt/a", source=str(src), options=["rbind", "rprivate"]),
+                   Mount(destination="/mnt/b", type="tmpfs", source="tmpfs", options=["shared"])]
+    code, out = _run(runtime, busybox, "t-prop", spec)
+    assert code == 0, out
+    line_a, line_b = out.splitlines()
+    optional_a = line_a.split(" - ")[0].split()[6:]
+    assert not any(f.startswith(("shared:", "master:")) for f in optional_a), line_a
+    assert "shared:" in line_b.split(" - ")[0], line_b
+
+
+def test_joining_a_network_namespace_by_path(runtime, busybox):
+    holder = runtime.run("t-ns-holder", _spec(busybox, "t-ns-holder", "sleep 60"), image=busybox, detach=True)
+    try:
+        ns_path = f"/proc/{holder.pid}/ns/net"
+        expected = os.readlink(ns_path)
+        spec = _spec(busybox, "t-ns-join", "readlink /proc/self/ns/net")
+        spec.linux.namespaces = [Namespace(type=ns.type, path=ns_path if ns.type == "network" else "")
+                                 for ns in spec.linux.namespaces]
+        assert _run(runtime, busybox, "t-ns-join", spec) == (0, expected + "\n")
+    finally:
+        runtime.delete("t-ns-holder", force=True)
+
+
+@pytest.mark.parametrize("path_of,match", [
+    (lambda pid: "/etc/hostname", "is not a network namespace"),
+    (lambda pid: f"/proc/{pid}/ns/ipc", "is not a network namespace"),
+    (lambda pid: "/nonexistent/ns", "No such file"),
+])
+def test_a_bad_namespace_path_is_refused_by_name(runtime, busybox, run_root, path_of, match):
+    before = host_snapshot(run_root)
+    path = path_of(os.getpid())
+    spec = _spec(busybox, "t-ns-bad", "true")
+    spec.linux.namespaces = [Namespace(type=ns.type, path=path if ns.type == "network" else "")
+                             for ns in spec.linux.namespaces]
+    with pytest.raises(SpecError, match=match) as info:
+        runtime.create("t-ns-bad", spec, image=busybox)
+    assert info.value.where.startswith("$.linux.namespaces[") and path in str(info.value)
+    assert settled_snapshot(run_root, before) == before
+
+
+def test_joining_a_pid_namespace_by_path_is_refused(runtime, busybox):
+    spec = _spec(busybox, "t-ns-pid", "true")
+    spec.linux.namespaces = [Namespace(type=ns.type, path=f"/proc/{os.getpid()}/ns/pid" if ns.type == "pid" else "")
+                             for ns in spec.linux.namespaces]
+    with pytest.raises(SpecError, match="joining an existing pid namespace by path is not supported"):
+        runtime.create("t-ns-pid", spec, image=busybox)
+
