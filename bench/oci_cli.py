@@ -1,0 +1,264 @@
+#!/usr/bin/env python3
+"""An OCI runtime CLI as an engine drives it: create + start + delete of /bin/true, fcrun-oci against runc.
+
+Each round times one cycle per runtime, alternating which goes first, on the same busybox bundle (runc's
+default spec, read-only root, no terminal, /bin/true), each runtime with its own --root beside the other's:
+
+    RUNTIME --root R create --bundle B --pid-file P ID   # the container's init waits for start
+    RUNTIME --root R start ID                            # /bin/true runs and exits
+    (wait for the init to exit: this process is a child subreaper, as conmon and containerd's shim are)
+    RUNTIME --root R delete ID
+
+With podman installed, also `podman run --rm IMAGE /bin/true` per runtime (--podman-runs rounds, alternating):
+a private podman (storage, run root, cgroup parent under its own temporary directory; vfs storage, cgroupfs,
+--network none, the busybox rootfs imported from a tar: no registry).
+
+The contender is --runtime, else fcrun-oci beside this Python, in the source tree's cli/ or on PATH; without
+one (or if it fails a cycle, said on stderr with its error) runc is timed alone. Prints JSON: median and p99
+(ms) of each, and the ratios of fcrun-oci's to runc's. Needs root. Usage:
+bench/oci_cli.py [--runs 50] [--warmup 3] [--runtime PATH] [--podman-runs 10] [--json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import glob
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tarfile
+import tempfile
+import time
+
+from fcrun import syscalls as sc
+from fcrun.images import ImageStore
+from fcrun.paths import Paths
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # bench/'s helpers, also under `fcrun bench`
+from benchlib import preflight, summary  # noqa: E402
+
+PR_SET_CHILD_SUBREAPER = 36  # prctl(2): orphaned descendants (a detached container's init) are reparented to us
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+BLOB_INFO_CACHE = "/var/lib/containers/cache"  # podman import writes it whatever its storage root
+
+
+class CycleFailed(Exception):
+    """A runtime command of a cycle exited non-zero; the message names it and its stderr."""
+
+
+def find_fcrun_oci() -> str | None:
+    for candidate in (os.path.join(os.path.dirname(sys.executable), "fcrun-oci"), os.path.join(REPO, "cli", "fcrun-oci")):
+        if os.path.isfile(candidate) and os.access(candidate, os.X_OK):
+            return candidate
+    return shutil.which("fcrun-oci")
+
+
+def make_bundle(bundle: str, rootfs: str) -> None:
+    """runc's default spec on rootfs (read-only), running /bin/true without a terminal."""
+    subprocess.run(["runc", "spec", "--bundle", bundle], check=True)
+    with open(os.path.join(bundle, "config.json")) as f:
+        config = json.load(f)
+    config["root"] = {"path": rootfs, "readonly": True}
+    config["process"]["terminal"] = False
+    config["process"]["args"] = ["/bin/true"]
+    with open(os.path.join(bundle, "config.json"), "w") as f:
+        json.dump(config, f)
+
+
+def call(argv: list[str]) -> None:
+    r = subprocess.run(argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    if r.returncode != 0:
+        raise CycleFailed(f"{' '.join(argv)} exited {r.returncode}: {r.stderr.strip()[-500:]}")
+
+
+def cycle(runtime: str, state_root: str, bundle: str, container_id: str) -> float:
+    """One create + start + wait + delete of the bundle's /bin/true; its milliseconds.
+
+    Raises:
+        CycleFailed: a command failed (the container is deleted with --force first).
+    """
+    pid_file = os.path.join(state_root, f"{container_id}.pid")
+    base = [runtime, "--root", state_root]
+    t0 = time.perf_counter()
+    try:
+        call([*base, "create", "--bundle", bundle, "--pid-file", pid_file, container_id])
+        with open(pid_file) as f:
+            pid = int(f.read())
+        call([*base, "start", container_id])
+        os.waitpid(pid, 0)  # ours to reap: we are a subreaper and the runtime that made it has exited
+        call([*base, "delete", container_id])
+    except (CycleFailed, OSError, ValueError) as failure:
+        subprocess.run([*base, "delete", "--force", container_id], stdin=subprocess.DEVNULL,
+                       stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        raise CycleFailed(str(failure)) from None
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(pid_file)
+    return (time.perf_counter() - t0) * 1000
+
+
+def reap_orphans() -> None:
+    """Reap what else the runtimes left to us (a monitor process, a failed cycle's init)."""
+    with contextlib.suppress(ChildProcessError):
+        while os.waitpid(-1, os.WNOHANG)[0] > 0:
+            pass
+
+
+class PrivatePodman:
+    """podman with its storage, run root, tmp dir, locks, events and CNI config under `home` (see the docstring)."""
+
+    def __init__(self, home: str, cgroup_parent: str):
+        self.home, self.cgroup_parent = home, cgroup_parent
+        conf = os.path.join(home, "containers.conf")
+        with open(conf, "w") as f:
+            f.write(f"""[containers]
+default_ulimits = ["nofile=1024:1024", "nproc=4096:4096"]
+[engine]
+cgroup_manager = "cgroupfs"
+events_logger = "file"
+events_logfile_path = "{home}/events.log"
+lock_type = "file"
+static_dir = "{home}/static"
+tmp_dir = "{home}/tmp"
+volume_path = "{home}/volumes"
+runtime_supports_json = ["crun", "runc", "kata", "runsc", "krun", "fcrun-oci"]
+[network]
+network_backend = "cni"
+network_config_dir = "{home}/cni"
+""")
+        open(os.path.join(home, "registries.conf"), "w").close()
+        with open(os.path.join(home, "storage.conf"), "w") as f:
+            f.write(f'[storage]\ndriver = "vfs"\ngraphroot = "{home}/root"\nrunroot = "{home}/run"\n')
+        self.env = dict(os.environ, CONTAINERS_CONF=conf, CONTAINERS_REGISTRIES_CONF=os.path.join(home, "registries.conf"),
+                        CONTAINERS_STORAGE_CONF=os.path.join(home, "storage.conf"))
+        self.argv = ["podman", "--root", f"{home}/root", "--runroot", f"{home}/run", "--storage-driver", "vfs",
+                     "--cgroup-manager", "cgroupfs", "--events-backend", "file", "--tmpdir", f"{home}/tmp",
+                     "--network-config-dir", f"{home}/cni"]
+
+    def __call__(self, *args: str, runtime: str | None = None) -> None:
+        flags = ["--runtime", runtime, "--runtime-flag", f"root={self.home}/state-{os.path.basename(runtime)}"] \
+            if runtime else []
+        r = subprocess.run([*self.argv, *flags, *args], env=self.env, stdin=subprocess.DEVNULL,
+                           stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, timeout=120)
+        if r.returncode != 0:
+            raise CycleFailed(f"podman {' '.join(args)} exited {r.returncode}: {r.stderr.strip()[-500:]}")
+
+    def run_rm(self, runtime: str) -> float:
+        t0 = time.perf_counter()
+        self("run", "--rm", "--pull", "never", "--network", "none", "--cgroup-parent", self.cgroup_parent,
+             "localhost/fcrun-bench-busybox", "/bin/true", runtime=runtime)
+        return (time.perf_counter() - t0) * 1000
+
+    def remove_cgroups(self) -> None:
+        for top in glob.glob(f"/sys/fs/cgroup/*/{self.cgroup_parent.strip('/')}") + \
+                glob.glob(f"/sys/fs/cgroup/{self.cgroup_parent.strip('/')}"):
+            for dirpath, _, _ in sorted(os.walk(top), key=lambda entry: -entry[0].count("/")):
+                with contextlib.suppress(OSError):
+                    os.rmdir(dirpath)
+
+
+def time_rounds(contenders: dict[str, object], rounds: int, warmup: int, timed) -> dict[str, list[float]]:
+    """timed(label, contender, i) for each contender per round, alternating the order; a contender whose run fails
+    is dropped, saying why on stderr (the others go on)."""
+    results: dict[str, list[float]] = {label: [] for label in contenders}
+    live = list(contenders)
+    for i in range(warmup + rounds):
+        for label in (live if i % 2 == 0 else list(reversed(live))):
+            if label not in live:
+                continue
+            try:
+                elapsed_ms = timed(label, contenders[label], i)
+            except (CycleFailed, subprocess.TimeoutExpired) as failure:
+                print(f"bench/oci_cli.py: {label} failed, timing the others alone: {failure}", file=sys.stderr)
+                live.remove(label)
+                results.pop(label)
+                continue
+            if i >= warmup:
+                results[label].append(elapsed_ms)
+    return results
+
+
+def with_ratios(results: dict[str, list[float]]) -> dict:
+    out = {label: summary(values) for label, values in results.items() if values}
+    if "fcrun-oci" in out and "runc" in out:
+        out["ratios"] = {"fcrun_oci_over_runc": round(out["fcrun-oci"]["median_ms"] / out["runc"]["median_ms"], 3),
+                         "fcrun_oci_p99_over_runc_p99": round(out["fcrun-oci"]["p99_ms"] / out["runc"]["p99_ms"], 3)}
+    return out
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--runs", type=int, default=50)
+    parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--runtime", help="the runtime to compare with runc (default: fcrun-oci, found as above)")
+    parser.add_argument("--podman-runs", type=int, default=10, help="rounds of podman run --rm (0: none)")
+    parser.add_argument("--json", action="store_true", help="print only the JSON result")
+    args = parser.parse_args()
+    if code := preflight("bench/oci_cli.py", ("runc",)):
+        return code
+    contenders = {"runc": shutil.which("runc")}
+    candidate = args.runtime or find_fcrun_oci()
+    if candidate is None:
+        print("bench/oci_cli.py: no fcrun-oci (not installed, --runtime not given): timing runc alone", file=sys.stderr)
+    else:
+        contenders["fcrun-oci"] = os.path.abspath(candidate)
+    sc.prctl(PR_SET_CHILD_SUBREAPER, 1)
+    work = tempfile.mkdtemp(prefix="fcrun-bench-oci-")
+    had_blob_cache = os.path.exists(BLOB_INFO_CACHE)
+    try:
+        return bench(args, contenders, work)
+    finally:
+        reap_orphans()
+        shutil.rmtree(work, ignore_errors=True)
+        if not had_blob_cache:
+            shutil.rmtree(BLOB_INFO_CACHE, ignore_errors=True)
+            with contextlib.suppress(OSError):
+                os.rmdir(os.path.dirname(BLOB_INFO_CACHE))
+
+
+def bench(args: argparse.Namespace, contenders: dict[str, str], work: str) -> int:
+    image = ImageStore(Paths(data_root=os.path.join(work, "data"), run_root="/nonexistent")).build(
+        "busybox", progress=lambda *a: None)
+    bundle = os.path.join(work, "bundle")
+    os.mkdir(bundle)
+    make_bundle(bundle, image.layers[-1])
+    state_roots = {label: os.path.join(work, f"state-{label}") for label in contenders}
+    for d in state_roots.values():
+        os.mkdir(d, 0o700)
+    tag = os.getpid()
+
+    def oci_cycle(label: str, runtime: str, i: int) -> float:
+        try:
+            return cycle(runtime, state_roots[label], bundle, f"fcrun-bench-{tag}-{i}")
+        finally:
+            reap_orphans()
+
+    out = {"benchmark": "OCI runtime CLI: create + start + wait + delete of /bin/true (busybox, read-only root)",
+           "runs": args.runs, "runtimes": contenders,
+           "create_start_delete": with_ratios(time_rounds(contenders, args.runs, args.warmup, oci_cycle))}
+    if args.podman_runs and shutil.which("podman"):
+        home = os.path.join(work, "podman")
+        os.mkdir(home, 0o700)
+        podman = PrivatePodman(home, f"/fcrun-bench-podman-{tag}")
+        try:
+            archive = os.path.join(work, "busybox.tar")
+            with tarfile.open(archive, "w") as tar:
+                tar.add(image.layers[-1], arcname=".")
+            podman("import", archive, "localhost/fcrun-bench-busybox")
+            out["podman_run_rm"] = with_ratios(time_rounds(
+                contenders, args.podman_runs, 1, lambda label, runtime, i: podman.run_rm(runtime)))
+        finally:
+            with contextlib.suppress(CycleFailed):
+                podman("rm", "-a", "-f", "-t", "0")
+            podman.remove_cgroups()
+    elif args.podman_runs:
+        print("bench/oci_cli.py: podman not installed: no podman run --rm figures", file=sys.stderr)
+    print(json.dumps(out, indent=None if args.json else 2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
