@@ -84,8 +84,6 @@ def cgroup_parent_for(root: str) -> str:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from fcrun_cli import oci_commands as cmd
-
     parser = argparse.ArgumentParser(prog="fcrun-oci", description="An OCI runtime with runc's command line, on fcrun.")
     parser.add_argument("--root", default=DEFAULT_ROOT, help=f"state directory (default {DEFAULT_ROOT})")
     parser.add_argument("--log", default="", help="append errors (and --debug messages) to this file")
@@ -96,12 +94,14 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("-v", "--version", action="store_true", help="print the version")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
 
-    def command(name, func, help_text):
+    def command(name, func_name, help_text):
+        # The function's name only: oci_commands (and the library) are imported once the
+        # command is known; `start` mostly needs neither (run_command).
         p = sub.add_parser(name, help=help_text, description=help_text)
-        p.set_defaults(func=func)
+        p.set_defaults(func_name=func_name)
         return p
 
-    p = command("create", cmd.create, "create a container from a bundle (stopped before its process runs)")
+    p = command("create", "create", "create a container from a bundle (stopped before its process runs)")
     p.add_argument("id")
     p.add_argument("-b", "--bundle", default=".", help="bundle directory (default: the current one)")
     p.add_argument("--pid-file", default="", help="write the container's pid here")
@@ -110,7 +110,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-new-keyring", action="store_true", help="accepted")
     p.add_argument("--preserve-fds", type=int, default=0, help="only 0 is supported")
 
-    p = command("run", cmd.run, "create and start a container, and wait for it (its exit code)")
+    p = command("run", "run", "create and start a container, and wait for it (its exit code)")
     p.add_argument("id")
     p.add_argument("-b", "--bundle", default=".")
     p.add_argument("--pid-file", default="")
@@ -120,31 +120,31 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-new-keyring", action="store_true")
     p.add_argument("--preserve-fds", type=int, default=0)
 
-    command("start", cmd.start, "run the user process of a created container").add_argument("id")
-    command("state", cmd.state, "print a container's OCI state as JSON").add_argument("id")
+    command("start", "start", "run the user process of a created container").add_argument("id")
+    command("state", "state", "print a container's OCI state as JSON").add_argument("id")
 
-    p = command("kill", cmd.kill, "send a signal (default TERM) to a container's process")
+    p = command("kill", "kill", "send a signal (default TERM) to a container's process")
     p.add_argument("-a", "--all", action="store_true", help="to every process of the container")
     p.add_argument("id")
     p.add_argument("signal", nargs="?", default="SIGTERM")
 
-    p = command("delete", cmd.delete, "remove a stopped (or, with --force, any) container")
+    p = command("delete", "delete", "remove a stopped (or, with --force, any) container")
     p.add_argument("-f", "--force", action="store_true")
     p.add_argument("id")
 
-    p = command("list", cmd.list_, "list containers")
+    p = command("list", "list_", "list containers")
     p.add_argument("-f", "--format", default="table", choices=["table", "json"])
     p.add_argument("-q", "--quiet", action="store_true")
 
-    p = command("ps", cmd.ps, "processes of a container")
+    p = command("ps", "ps", "processes of a container")
     p.add_argument("-f", "--format", default="table", choices=["table", "json"])
     p.add_argument("id")
     p.add_argument("ps_args", nargs=argparse.REMAINDER)
 
-    command("pause", cmd.pause, "freeze every process of a container").add_argument("id")
-    command("resume", cmd.resume, "thaw a paused container").add_argument("id")
+    command("pause", "pause", "freeze every process of a container").add_argument("id")
+    command("resume", "resume", "thaw a paused container").add_argument("id")
 
-    p = command("exec", cmd.exec_, "run a process in a running container")
+    p = command("exec", "exec_", "run a process in a running container")
     p.add_argument("-p", "--process", default="", help="process.json (OCI process) instead of ARGS")
     p.add_argument("-d", "--detach", action="store_true")
     p.add_argument("--pid-file", default="")
@@ -157,7 +157,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("id")
     p.add_argument("args", nargs=argparse.REMAINDER)
 
-    p = command("update", cmd.update, "change a live container's resource limits")
+    p = command("update", "update", "change a live container's resource limits")
     p.add_argument("-r", "--resources", default="", help="LinuxResources JSON file ('-': stdin)")
     p.add_argument("--memory", default=None)
     p.add_argument("--cpu-quota", type=int, default=None)
@@ -165,14 +165,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--pids-limit", type=int, default=None)
     p.add_argument("id")
 
-    p = command("events", cmd.events, "container statistics (--stats: one JSON object)")
+    p = command("events", "events", "container statistics (--stats: one JSON object)")
     p.add_argument("--stats", action="store_true")
     p.add_argument("--interval", default="5s")
     p.add_argument("id")
 
-    command("features", cmd.features, "print the features this runtime supports (JSON)")
+    command("features", "features", "print the features this runtime supports (JSON)")
 
-    p = command("spec", cmd.spec, "write a default config.json")
+    p = command("spec", "spec", "write a default config.json")
     p.add_argument("-b", "--bundle", default="")
     p.add_argument("--rootless", action="store_true")
     return parser
@@ -199,7 +199,7 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         if options.debug:
             options.log("debug", f"fcrun-oci {' '.join(argv)}")
-        return args.func(options, args) or 0
+        return run_command(options, args)
     except KeyboardInterrupt:
         return 130
     except BaseException as exc:  # noqa: BLE001 - every error is one line and exit 1, as runc
@@ -209,6 +209,24 @@ def main(argv: list[str] | None = None) -> int:
         options.log("error", message)
         print(message, file=sys.stderr)
         return 1
+
+
+def run_command(options: Options, args: argparse.Namespace) -> int:
+    if args.func_name == "start":
+        # Engines run `start` right after `create`: ask the holder at once, with the standard
+        # library only. Without a holder (not created, or gone), the full command says why.
+        from fcrun_cli import oci_holder
+
+        try:
+            oci_holder.request_start(options.holder_dir, args.id)
+            return 0
+        except oci_holder.HolderGone:
+            pass
+        except RuntimeError as exc:  # the start itself failed: the holder's message
+            raise OciError(str(exc)) from None
+    from fcrun_cli import oci_commands
+
+    return getattr(oci_commands, args.func_name)(options, args) or 0
 
 
 def describe(exc: BaseException) -> str:

@@ -430,7 +430,13 @@ def spec(options, args) -> int:
     if os.path.lexists(path):
         raise OciError(f"File {path} exists. Remove it first")
     config = default_spec(["sh"], rootfs="rootfs", network="none", readonly_rootfs=True)
-    document = json.dumps(json.loads(encode_spec(config)), indent="\t") + "\n"
+    document = json.loads(encode_spec(config))
+    # The encoder leaves out fields at their default; other runtimes want these spelled out
+    # (runc refuses a process without cwd).
+    process = document["process"]
+    process.update(terminal=config.process.terminal, cwd=config.process.cwd,
+                   user={"uid": config.process.user.uid, "gid": config.process.user.gid, **process.get("user", {})})
+    document = json.dumps(document, indent="\t") + "\n"
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644)  # never over one
     with os.fdopen(fd, "w") as f:
         f.write(document)

@@ -8,7 +8,8 @@ from __future__ import annotations
 import datetime
 import json
 
-BUNDLE_LABEL = "org.fcrun.oci.bundle"  # where create records the bundle (ContainerState.labels)
+from fcrun.runtime.hooks import BUNDLE_LABEL  # where create records the bundle; hooks' state reads it too
+
 # fcrun's statuses as the OCI runtime spec names them ("frozen" is runc's "paused").
 OCI_STATUS = {"creating": "creating", "created": "created", "running": "running", "frozen": "paused",
               "stopped": "stopped"}

@@ -54,6 +54,8 @@ def test_spec_writes_a_decodable_config_and_never_overwrites(capsys, tmp_path):
     config = (tmp_path / "config.json").read_bytes()
     spec = decode_spec(config)
     assert spec.root.path == "rootfs" and spec.process.args == ["sh"]
+    process = json.loads(config)["process"]
+    assert (process["cwd"], process["user"], process["terminal"]) == ("/", {"uid": 0, "gid": 0}, False)  # runc wants cwd
     code, _, err = run_main(capsys, "spec", "--bundle", str(tmp_path))
     assert code == 1 and "exists" in err and len(err.splitlines()) == 1
     assert (tmp_path / "config.json").read_bytes() == config
