@@ -196,3 +196,43 @@ def test_joining_a_pid_namespace_by_path_is_refused(runtime, busybox):
     with pytest.raises(SpecError, match="joining an existing pid namespace by path is not supported"):
         runtime.create("t-ns-pid", spec, image=busybox)
 
+
+
+def test_resources_beyond_fcrun_limits_reach_the_cgroup(runtime, busybox):
+    from fcrun.runtime.spec import CpuResources, MemoryResources
+
+    spec = _spec(busybox, "t-res", "sleep 60", memory_bytes=64 << 20)
+    res = spec.linux.resources
+    res.memory = MemoryResources(limit=64 << 20, swap=128 << 20, reservation=32 << 20, swappiness=10,
+                                 disable_oom_killer=True)
+    res.cpu = CpuResources(shares=512)
+    runtime.run("t-res", spec, image=busybox, detach=True)
+    try:
+        paths = runtime.state("t-res").cgroup_paths
+        if runtime.cgroups.version != 1:
+            pytest.skip("the values checked below are cgroup v1's files; this host runs v2")
+
+        def read(controller, file):
+            with open(os.path.join(paths[controller], file)) as f:
+                return f.read().split("\n")[0]
+
+        assert read("cpu", "cpu.shares") == "512"
+        assert read("memory", "memory.limit_in_bytes") == str(64 << 20)
+        assert read("memory", "memory.memsw.limit_in_bytes") == str(128 << 20)
+        assert read("memory", "memory.soft_limit_in_bytes") == str(32 << 20)
+        assert read("memory", "memory.swappiness") == "10"
+        assert read("memory", "memory.oom_control") == "oom_kill_disable 1"
+    finally:
+        runtime.delete("t-res", force=True)
+
+
+def test_a_resource_the_host_cannot_set_is_refused_and_leaves_nothing(runtime, busybox, run_root):
+    from fcrun.runtime.spec import CpuResources
+
+    before = host_snapshot(run_root)
+    spec = _spec(busybox, "t-res-bad", "true")
+    spec.linux.resources.cpu = CpuResources(cpus="0-1")
+    with pytest.raises(SpecError, match="cpus: not supported") as info:
+        runtime.create("t-res-bad", spec, image=busybox)
+    assert info.value.where == "$.linux.resources.cpu.cpus"
+    assert settled_snapshot(run_root, before) == before

@@ -184,3 +184,22 @@ def test_plan_carries_the_hooks_the_child_runs():
     assert [(h.stage, h.path, h.argv, h.env, h.timeout_s) for h in plan.hooks] == [
         ("createContainer", b"/bin/a", [b"a", b"1"], [b"X=1"], 5), ("startContainer", b"/bin/b", [], [], 0)]
     assert plan.hook_state == b'{"id":"c1"}'
+
+
+def test_cgroup_settings_per_version():
+    from fcrun.runtime.plan import cgroup_settings
+    from fcrun.runtime.spec import CpuResources, MemoryResources
+
+    spec = default_spec(["sh"])
+    spec.linux.resources.memory = MemoryResources(limit=64 << 20, swap=128 << 20, reservation=-1, swappiness=5)
+    spec.linux.resources.cpu = CpuResources(shares=1024)
+    v1 = {(c, f): v for c, f, v, _ in cgroup_settings(spec, 1)}
+    assert v1 == {("cpu", "cpu.shares"): "1024", ("memory", "memory.soft_limit_in_bytes"): "-1",
+                  ("memory", "memory.memsw.limit_in_bytes"): str(128 << 20), ("memory", "memory.swappiness"): "5"}
+    with pytest.raises(SpecError, match="no cgroup v2 file") as info:
+        cgroup_settings(spec, 2)
+    assert info.value.where == "$.linux.resources.memory.swappiness"
+    spec.linux.resources.memory.swappiness = None
+    v2 = {(c, f): v for c, f, v, _ in cgroup_settings(spec, 2)}
+    assert v2 == {("unified", "cpu.weight"): "39", ("unified", "memory.low"): "max",
+                  ("unified", "memory.swap.max"): str(64 << 20)}

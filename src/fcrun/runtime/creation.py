@@ -37,7 +37,7 @@ from .child import ChildFailure, ChildPlan, failure_to_error, read_status
 from .container import Container
 from .hooks import child_hook_state, hooks_of, oci_state, run_hooks, run_hooks_logged
 from .options import ROOTFS_ANNOTATION
-from .plan import build_plan, limits_from_spec
+from .plan import build_plan, cgroup_settings, limits_from_spec
 from .process import SETUP_TIMEOUT_S, ChildHandle, child_report, make_userns, read_ready, send_go, start_child
 from .sealed import sealed_copy
 from .slots import SLOT_OPTIONS, make_slot, release_slot
@@ -81,6 +81,7 @@ def validate(runtime: "Runtime", name: str, spec: Spec, *, image, detach: bool, 
     validate_name(name)
     validate_spec(spec)
     check_namespace_paths(spec)
+    cgroup_settings(spec, runtime.cgroups.version)  # refuses what this host's cgroup version lacks
     if isinstance(image, str):
         image = runtime.images.get(image)
     if image is None and not os.path.isdir(spec.root.path):
@@ -132,6 +133,25 @@ def find_init() -> str:
         if os.access(path, os.X_OK):
             return path
     raise MissingFeature("a static init for pid 1 (/usr/bin/tini-static)", "apt-get install tini, or pass init=False / --no-init")
+
+
+def write_cgroup_setting(path: str, value: str, where: str) -> None:
+    """Write one of cgroup_settings' values.
+
+    Raises:
+        SpecError: the host's kernel has no such file (swap accounting off, no cfs burst),
+            naming the spec's field. KernelError: the kernel refused the value.
+    """
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CLOEXEC)
+    except FileNotFoundError:
+        raise SpecError(f"this host's kernel has no {os.path.basename(path)}: not supported here", where) from None
+    try:
+        os.write(fd, value.encode())
+    except OSError as exc:
+        raise KernelError.from_oserror(f"write {value!r} to", path, exc) from None
+    finally:
+        os.close(fd)
 
 
 class Creation:
@@ -323,6 +343,8 @@ class Creation:
         state, cgroups = self.state, self.runtime.cgroups
         cgroup = cgroups.create(self.name, limits_from_spec(state.spec))
         self.undo.callback(cgroup.destroy)
+        for controller, file, value, where in cgroup_settings(state.spec, cgroups.version):
+            write_cgroup_setting(os.path.join(cgroup.paths[controller], file), value, where)
         state.cgroup_version = cgroups.version
         state.cgroup_paths = dict(cgroup.paths)
         state.pid = self.child.wait_pid()

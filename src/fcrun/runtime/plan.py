@@ -256,6 +256,54 @@ def build_plan(
     )
 
 
+def cgroup_settings(spec: Spec, version: int) -> list[tuple[str, str, str, str]]:
+    """linux.resources fields beyond the cgroup layer's Limits, as (controller key of
+    Cgroup.paths, file, value, JSON path): written after the Limits, at create.
+
+    Raises:
+        SpecError: a field this cgroup version has no file for, naming it.
+    """
+    res = spec.linux.resources
+    out: list[tuple[str, str, str, str]] = []
+    if res is None:
+        return out
+    mem, cpu = res.memory, res.cpu
+    at = "$.linux.resources"
+    v1 = version == 1
+
+    def refuse_on_v2(field: str) -> None:
+        raise SpecError(f"linux.resources.{field} has no cgroup v2 file: not supported on this host", f"{at}.{field}")
+
+    if cpu is not None and cpu.shares is not None:
+        if v1:
+            out.append(("cpu", "cpu.shares", str(cpu.shares), f"{at}.cpu.shares"))
+        else:  # runc's conversion of shares (2..262144) to a weight (1..10000)
+            out.append(("unified", "cpu.weight", str(1 + ((cpu.shares - 2) * 9999) // 262142), f"{at}.cpu.shares"))
+    if cpu is not None and cpu.burst is not None:
+        out.append(("cpu", "cpu.cfs_burst_us", str(cpu.burst), f"{at}.cpu.burst") if v1
+                   else ("unified", "cpu.max.burst", str(cpu.burst), f"{at}.cpu.burst"))
+    if mem is not None:
+        if mem.reservation is not None:
+            out.append(("memory", "memory.soft_limit_in_bytes", str(mem.reservation), f"{at}.memory.reservation") if v1
+                       else ("unified", "memory.low", "max" if mem.reservation == -1 else str(mem.reservation),
+                             f"{at}.memory.reservation"))
+        if mem.swap is not None:
+            if v1:  # memory + swap, as the spec has it; after the memory limit (the kernel wants memsw >= it)
+                out.append(("memory", "memory.memsw.limit_in_bytes", str(mem.swap), f"{at}.memory.swap"))
+            else:  # v2 limits swap alone
+                swap = "max" if mem.swap == -1 else str(mem.swap - (mem.limit or 0))
+                out.append(("unified", "memory.swap.max", swap, f"{at}.memory.swap"))
+        if mem.swappiness is not None:
+            if not v1:
+                refuse_on_v2("memory.swappiness")
+            out.append(("memory", "memory.swappiness", str(mem.swappiness), f"{at}.memory.swappiness"))
+        if mem.disable_oom_killer:
+            if not v1:
+                refuse_on_v2("memory.disableOOMKiller")
+            out.append(("memory", "memory.oom_control", "1", f"{at}.memory.disableOOMKiller"))
+    return out
+
+
 def limits_from_spec(spec: Spec) -> Limits:
     """The cgroup limits of the spec's linux.resources (none: no limits)."""
     res = spec.linux.resources

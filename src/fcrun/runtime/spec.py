@@ -130,12 +130,12 @@ class Namespace(_Base, kw_only=True):
 
 class MemoryResources(_Base, kw_only=True):
     limit: int | None = None
-    swap: int | None = None
-    reservation: NotSupported = NOT_SET
+    swap: int | None = None  # memory + swap, as the spec has it; -1: unlimited
+    reservation: int | None = None
     kernel: NotSupported = NOT_SET
     kernel_tcp: NotSupported = msgspec.field(default=NOT_SET, name="kernelTCP")
-    swappiness: NotSupported = NOT_SET
-    disable_oom_killer: NotSupported = msgspec.field(default=NOT_SET, name="disableOOMKiller")
+    swappiness: int | None = None
+    disable_oom_killer: bool | None = msgspec.field(default=None, name="disableOOMKiller")
     use_hierarchy: NotSupported = NOT_SET
     check_before_update: NotSupported = NOT_SET
 
@@ -143,8 +143,8 @@ class MemoryResources(_Base, kw_only=True):
 class CpuResources(_Base, kw_only=True):
     quota: int | None = None
     period: int | None = None
-    shares: NotSupported = NOT_SET
-    burst: NotSupported = NOT_SET
+    shares: int | None = None
+    burst: int | None = None
     realtime_runtime: NotSupported = NOT_SET
     realtime_period: NotSupported = NOT_SET
     cpus: NotSupported = NOT_SET
@@ -485,6 +485,26 @@ def _check_sysctl(sysctl: dict[str, str], namespaces: set[str]) -> None:
             raise SpecError(f"sysctl {key!r} needs the container's own {needed} namespace", where)
 
 
+def _check_memory_and_cpu_extras(res: Resources) -> None:
+    """The linux.resources fields beyond fcrun's own limits (plan.cgroup_settings writes them)."""
+    mem, cpu = res.memory, res.cpu
+    if mem is not None:
+        if mem.swap is not None and mem.swap != -1:
+            if mem.limit is None:
+                raise SpecError("a swap limit needs a memory limit", "$.linux.resources.memory.swap")
+            if mem.swap < mem.limit:
+                raise SpecError("swap (memory + swap) must be >= the memory limit", "$.linux.resources.memory.swap")
+        if mem.reservation is not None and mem.reservation != -1 and mem.reservation < 0:
+            raise SpecError("memory reservation must be >= 0 or -1", "$.linux.resources.memory.reservation")
+        if mem.swappiness is not None and not 0 <= mem.swappiness <= 100:
+            raise SpecError("swappiness must be 0..100", "$.linux.resources.memory.swappiness")
+    if cpu is not None:
+        if cpu.shares is not None and not 2 <= cpu.shares <= 262144:
+            raise SpecError("cpu shares must be 2..262144", "$.linux.resources.cpu.shares")
+        if cpu.burst is not None and cpu.burst < 0:
+            raise SpecError("cpu burst must be >= 0", "$.linux.resources.cpu.burst")
+
+
 def validate_spec(spec: Spec) -> None:
     """Check what the types cannot: paths, names, ranges. Raises SpecError with the JSON path."""
     refuse_not_supported(spec)
@@ -574,6 +594,7 @@ def validate_spec(spec: Spec) -> None:
                 raise SpecError("cpu period must be 1000..1000000 us", "$.linux.resources.cpu.period")
             if res.cpu.quota < 1000:
                 raise SpecError("cpu quota must be >= 1000 us", "$.linux.resources.cpu.quota")
+        _check_memory_and_cpu_extras(res)
         if res.pids and res.pids.limit < 1:
             raise SpecError("pids limit must be >= 1", "$.linux.resources.pids.limit")
         if res.devices:
