@@ -31,7 +31,7 @@ BUDGET_S = int(os.environ.get("FCRUN_RTVAL_BUDGET", "600"))
 
 # Tests clean under runc that fcrun-oci does not pass yet: test name -> why. Only ever remove entries:
 # test_fcrun_oci_is_clean_wherever_runc_is fails when one of them passes, telling to remove it.
-# From the run of 2026-12-04 22:20 UTC (fcrun-oci of the issue 13 work in progress): 25 of 58 clean, runc 31.
+# From the run of 2026-12-04 21:55 UTC (fcrun-oci of the issue 13 work in progress): 25 of 58 clean, runc 31.
 CPU_SHARES = "refuses linux.resources.cpu.shares ('not supported by fcrun's cgroup layer')"
 PIDS_CGROUP = "'get pids cgroup data' fails: the container's pids cgroup is not at the spec's cgroupsPath"
 KNOWN_GAPS: dict[str, str] = {
