@@ -16,7 +16,7 @@ a private podman (storage, run root, cgroup parent under its own temporary direc
 The contender is --runtime, else fcrun-oci beside this Python, in the source tree's cli/ or on PATH; without
 one (or if it fails a cycle, said on stderr with its error) runc is timed alone. Prints JSON: median and p99
 (ms) of each, and the ratios of fcrun-oci's to runc's. Needs root. Usage:
-bench/oci_cli.py [--runs 50] [--warmup 3] [--runtime PATH] [--podman-runs 10] [--json]
+bench/oci_cli.py [--runs 50] [--warmup 3] [--runtime PATH] [--podman-runs 10] [--without-mount DEST] [--json]
 """
 
 from __future__ import annotations
@@ -56,11 +56,13 @@ def find_fcrun_oci() -> str | None:
     return shutil.which("fcrun-oci")
 
 
-def make_bundle(bundle: str, rootfs: str) -> None:
-    """runc's default spec on rootfs (read-only), running /bin/true without a terminal."""
+def make_bundle(bundle: str, rootfs: str, without_mounts: list[str]) -> None:
+    """runc's default spec on rootfs (read-only), running /bin/true without a terminal, less the mounts at the
+    destinations in without_mounts."""
     subprocess.run(["runc", "spec", "--bundle", bundle], check=True)
     with open(os.path.join(bundle, "config.json")) as f:
         config = json.load(f)
+    config["mounts"] = [m for m in config["mounts"] if m["destination"] not in without_mounts]
     config["root"] = {"path": rootfs, "readonly": True}
     config["process"]["terminal"] = False
     config["process"]["args"] = ["/bin/true"]
@@ -68,10 +70,14 @@ def make_bundle(bundle: str, rootfs: str) -> None:
         json.dump(config, f)
 
 
-def call(argv: list[str]) -> None:
-    r = subprocess.run(argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    if r.returncode != 0:
-        raise CycleFailed(f"{' '.join(argv)} exited {r.returncode}: {r.stderr.strip()[-500:]}")
+def call(argv: list[str], stderr_path: str) -> None:
+    """Run a runtime command, its stderr to a file: a pipe would be the container's stderr too (its init inherits
+    create's stdio), and reading it to EOF would wait for the container."""
+    with open(stderr_path, "w+") as stderr:
+        returncode = subprocess.run(argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=stderr).returncode
+        if returncode != 0:
+            stderr.seek(0)
+            raise CycleFailed(f"{' '.join(argv)} exited {returncode}: {stderr.read().strip()[-500:]}")
 
 
 def cycle(runtime: str, state_root: str, bundle: str, container_id: str) -> float:
@@ -81,15 +87,16 @@ def cycle(runtime: str, state_root: str, bundle: str, container_id: str) -> floa
         CycleFailed: a command failed (the container is deleted with --force first).
     """
     pid_file = os.path.join(state_root, f"{container_id}.pid")
+    stderr_path = os.path.join(state_root, "stderr")
     base = [runtime, "--root", state_root]
     t0 = time.perf_counter()
     try:
-        call([*base, "create", "--bundle", bundle, "--pid-file", pid_file, container_id])
+        call([*base, "create", "--bundle", bundle, "--pid-file", pid_file, container_id], stderr_path)
         with open(pid_file) as f:
             pid = int(f.read())
-        call([*base, "start", container_id])
+        call([*base, "start", container_id], stderr_path)
         os.waitpid(pid, 0)  # ours to reap: we are a subreaper and the runtime that made it has exited
-        call([*base, "delete", container_id])
+        call([*base, "delete", container_id], stderr_path)
     except (CycleFailed, OSError, ValueError) as failure:
         subprocess.run([*base, "delete", "--force", container_id], stdin=subprocess.DEVNULL,
                        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -160,9 +167,10 @@ network_config_dir = "{home}/cni"
                     os.rmdir(dirpath)
 
 
-def time_rounds(contenders: dict[str, object], rounds: int, warmup: int, timed) -> dict[str, list[float]]:
+def time_rounds(contenders: dict[str, object], rounds: int, warmup: int, timed,
+                failed: dict[str, str]) -> dict[str, list[float]]:
     """timed(label, contender, i) for each contender per round, alternating the order; a contender whose run fails
-    is dropped, saying why on stderr (the others go on)."""
+    is dropped, saying why on stderr and in failed[label] (the others go on)."""
     results: dict[str, list[float]] = {label: [] for label in contenders}
     live = list(contenders)
     for i in range(warmup + rounds):
@@ -174,6 +182,7 @@ def time_rounds(contenders: dict[str, object], rounds: int, warmup: int, timed) 
             except (CycleFailed, subprocess.TimeoutExpired) as failure:
                 print(f"bench/oci_cli.py: {label} failed, timing the others alone: {failure}", file=sys.stderr)
                 live.remove(label)
+                failed[label] = str(failure)[:500]
                 results.pop(label)
                 continue
             if i >= warmup:
@@ -181,8 +190,10 @@ def time_rounds(contenders: dict[str, object], rounds: int, warmup: int, timed) 
     return results
 
 
-def with_ratios(results: dict[str, list[float]]) -> dict:
+def with_ratios(results: dict[str, list[float]], failed: dict[str, str]) -> dict:
     out = {label: summary(values) for label, values in results.items() if values}
+    if failed:
+        out["failed"] = failed
     if "fcrun-oci" in out and "runc" in out:
         out["ratios"] = {"fcrun_oci_over_runc": round(out["fcrun-oci"]["median_ms"] / out["runc"]["median_ms"], 3),
                          "fcrun_oci_p99_over_runc_p99": round(out["fcrun-oci"]["p99_ms"] / out["runc"]["p99_ms"], 3)}
@@ -195,6 +206,9 @@ def main() -> int:
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--runtime", help="the runtime to compare with runc (default: fcrun-oci, found as above)")
     parser.add_argument("--podman-runs", type=int, default=10, help="rounds of podman run --rm (0: none)")
+    parser.add_argument("--without-mount", action="append", default=[], metavar="DEST",
+                        help="leave the default spec's mount at DEST out of the bundle (both runtimes; repeatable), "
+                             "e.g. /sys/fs/cgroup for a runtime that refuses the cgroup mount")
     parser.add_argument("--json", action="store_true", help="print only the JSON result")
     args = parser.parse_args()
     if code := preflight("bench/oci_cli.py", ("runc",)):
@@ -224,7 +238,7 @@ def bench(args: argparse.Namespace, contenders: dict[str, str], work: str) -> in
         "busybox", progress=lambda *a: None)
     bundle = os.path.join(work, "bundle")
     os.mkdir(bundle)
-    make_bundle(bundle, image.layers[-1])
+    make_bundle(bundle, image.layers[-1], args.without_mount)
     state_roots = {label: os.path.join(work, f"state-{label}") for label in contenders}
     for d in state_roots.values():
         os.mkdir(d, 0o700)
@@ -237,8 +251,9 @@ def bench(args: argparse.Namespace, contenders: dict[str, str], work: str) -> in
             reap_orphans()
 
     out = {"benchmark": "OCI runtime CLI: create + start + wait + delete of /bin/true (busybox, read-only root)",
-           "runs": args.runs, "runtimes": contenders,
-           "create_start_delete": with_ratios(time_rounds(contenders, args.runs, args.warmup, oci_cycle))}
+           "runs": args.runs, "runtimes": contenders, "mounts_left_out": args.without_mount}
+    failed: dict[str, str] = {}
+    out["create_start_delete"] = with_ratios(time_rounds(contenders, args.runs, args.warmup, oci_cycle, failed), failed)
     if args.podman_runs and shutil.which("podman"):
         home = os.path.join(work, "podman")
         os.mkdir(home, 0o700)
@@ -248,8 +263,9 @@ def bench(args: argparse.Namespace, contenders: dict[str, str], work: str) -> in
             with tarfile.open(archive, "w") as tar:
                 tar.add(image.layers[-1], arcname=".")
             podman("import", archive, "localhost/fcrun-bench-busybox")
+            failed = {}
             out["podman_run_rm"] = with_ratios(time_rounds(
-                contenders, args.podman_runs, 1, lambda label, runtime, i: podman.run_rm(runtime)))
+                contenders, args.podman_runs, 1, lambda label, runtime, i: podman.run_rm(runtime), failed), failed)
         finally:
             with contextlib.suppress(CycleFailed):
                 podman("rm", "-a", "-f", "-t", "0")
