@@ -35,14 +35,26 @@ class HolderGone(Exception):
     """No holder answers for a created container: it was killed, or the machine rebooted."""
 
 
+LONGEST_PLAIN_NAME = 80  # beyond it the socket is named by a hash of the ID (sun_path: 107 bytes)
+
+
+def socket_file(name: str) -> str:
+    """The socket's file name in the holder dir: the ID's, or its hash's for a long ID."""
+    if len(name) > LONGEST_PLAIN_NAME:
+        import hashlib
+
+        name = hashlib.sha256(name.encode()).hexdigest()[:40]
+    return f"{name}.sock"
+
+
 def socket_path(holder_dir: str, name: str) -> str:
-    return os.path.join(holder_dir, f"{name}.sock")
+    return os.path.join(holder_dir, socket_file(name))
 
 
 def _short(dir_fd: int, name: str) -> str:
     # sun_path holds 107 bytes; a deep --root would not fit. The same directory reached
     # through our fd of it is always short.
-    return f"/proc/self/fd/{dir_fd}/{name}.sock"
+    return f"/proc/self/fd/{dir_fd}/{socket_file(name)}"
 
 
 def hold(container, holder_dir: str) -> int:

@@ -159,6 +159,14 @@ def test_create_start_state_kill_delete(oci, sleeper, tmp_path):
     assert (r.returncode, r.stderr.strip()) == (1, "container does not exist")
 
 
+@pytest.mark.parametrize("name", ["f" * 64, "a" * 128])  # podman's and Docker's IDs: 64 hex digits
+def test_engine_sized_ids(oci, sleeper, name):
+    assert oci.with_files("create", "--bundle", sleeper, name).returncode == 0
+    assert oci("start", name).returncode == 0
+    assert oci.state(name)["status"] == "running"
+    assert oci("delete", "--force", name).returncode == 0
+
+
 def test_a_created_container_is_deleted_without_force(oci, sleeper):
     assert oci.with_files("create", "--bundle", sleeper, "c2").returncode == 0
     pid = oci.state("c2")["pid"]

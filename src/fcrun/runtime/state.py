@@ -49,7 +49,9 @@ QUARANTINE_DIR = ".quarantine"  # under the containers dir; NAME_RE never matche
 
 Status = Literal["creating", "created", "running", "frozen", "stopped"]
 
-NAME_RE = re.compile(r"^[a-zA-Z0-9][a-zA-Z0-9_.-]{0,62}$")
+# Up to 128 characters: engines name containers by 64 hex digits (podman, Docker), containerd
+# by up to 76; a name is one path component (state dir, cgroup) and never an interface name.
+NAME_RE = re.compile(r"^[a-zA-Z0-9][a-zA-Z0-9_.-]{0,127}$")
 
 ALL_STATUSES = frozenset({"creating", "created", "running", "frozen", "stopped"})
 LIVE = frozenset({"created", "running", "frozen"})  # a process that may be signalled, changed
@@ -88,7 +90,7 @@ def check_allowed(operation: str, name: str, status: str) -> None:
 def validate_name(name: str, where: str = "--name") -> str:
     if not NAME_RE.match(name):
         raise SpecError(
-            f"invalid container name {name!r}: use 1-63 letters, digits, '.', '_' or '-', starting with a letter or digit",
+            f"invalid container name {name!r}: use 1-128 letters, digits, '.', '_' or '-', starting with a letter or digit",
             where,
         )
     return name
