@@ -236,3 +236,27 @@ def test_a_resource_the_host_cannot_set_is_refused_and_leaves_nothing(runtime, b
         runtime.create("t-res-bad", spec, image=busybox)
     assert info.value.where == "$.linux.resources.cpu.cpus"
     assert settled_snapshot(run_root, before) == before
+
+
+def test_linux_devices_domainname_and_personality(runtime, busybox):
+    from fcrun.runtime.spec import DeviceRule, LinuxDevice, Personality
+
+    spec = _spec(busybox, "t-dev", "stat -c '%F %t:%T %a %u:%g' /dev/fuse /dev/sub/pipe /dev/null; "
+                                   "cat /proc/sys/kernel/domainname; uname -m")
+    spec.hostname = "h"
+    spec.domainname = "example.org"
+    spec.linux.personality = Personality(domain="LINUX32")
+    spec.linux.devices = [LinuxDevice(path="/dev/fuse", type="c", major=10, minor=229, file_mode=0o640, uid=1, gid=2),
+                          LinuxDevice(path="/dev/sub/pipe", type="p", file_mode=0o600),
+                          LinuxDevice(path="/dev/null", type="c", major=1, minor=3, file_mode=0o600)]
+    spec.linux.resources.devices.append(DeviceRule(allow=True, type="c", major=10, minor=229, access="rwm"))
+    code, out = _run(runtime, busybox, "t-dev", spec)
+    assert code == 0, out
+    fuse, pipe, null, domain, machine = out.splitlines()
+    assert fuse == "character special file a:e5 640 1:2"
+    assert pipe.startswith("fifo") and pipe.endswith(" 600 0:0")
+    assert null == "character special file 1:3 600 0:0"  # the spec's replaces fcrun's default
+    assert domain == "example.org"
+    # LINUX32 makes uname report the 32-bit machine of a 64-bit host.
+    assert machine == {"x86_64": "i686", "aarch64": "armv8l"}.get(os.uname().machine, machine)
+    assert machine != os.uname().machine

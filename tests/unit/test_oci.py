@@ -110,3 +110,32 @@ def test_a_joined_network_namespace_is_not_bridged():
         if ns.type == "network":
             ns.path = "/run/netns/x"
     assert network_mode(spec) == "none"
+
+
+def test_devices_personality_and_domainname_are_checked_and_planned():
+    from fcrun.runtime.plan import build_plan
+    from fcrun.runtime.spec import LinuxDevice, Personality
+    import stat
+
+    spec = default_spec(["sh"])
+    spec.domainname = "example.org"
+    spec.linux.personality = Personality(domain="LINUX32")
+    spec.linux.devices = [LinuxDevice(path="/dev/fuse", type="c", major=10, minor=229, file_mode=0o600, uid=0, gid=5),
+                          LinuxDevice(path="/dev/net/fifo", type="p")]
+    validate_spec(spec)
+    plan = build_plan(spec, rootfs="/r", overlay_lower=None, cgroup_procs=[], cap_last=40, attached=True)
+    assert plan.domainname == b"example.org" and plan.personality == 0x0008
+    assert plan.spec_devices == [(b"/dev/fuse", stat.S_IFCHR | 0o600, 10, 229, 0, 5),
+                                 (b"/dev/net/fifo", stat.S_IFIFO | 0o666, 0, 0, 0, 0)]
+    for mutate, where in (
+        (lambda s: setattr(s.linux.personality, "domain", "BSD"), "$.linux.personality.domain"),
+        (lambda s: setattr(s.linux.personality, "flags", ["SHORT_INODE"]), "$.linux.personality.flags"),
+        (lambda s: setattr(s.linux.devices[0], "path", "/etc/passwd"), "$.linux.devices[0].path"),
+        (lambda s: setattr(s.linux.devices[0], "type", "x"), "$.linux.devices[0].type"),
+        (lambda s: setattr(s, "domainname", "a/b"), "$.domainname"),
+    ):
+        bad = decode_spec(encode_spec(spec))
+        mutate(bad)
+        with pytest.raises(SpecError) as info:
+            validate_spec(bad)
+        assert info.value.where == where

@@ -39,7 +39,7 @@ def test_a_field_unknown_to_the_spec_is_refused_with_its_path(mutate, where):
 
 @pytest.mark.parametrize("mutate,where,why", [
     (lambda d: d["linux"].__setitem__("intelRdt", {"closID": "a"}), "$.linux.intelRdt", "Intel RDT"),
-    (lambda d: d["linux"].__setitem__("personality", {"domain": "LINUX32"}), "$.linux.personality", "personality"),
+    (lambda d: d["linux"].__setitem__("netDevices", {"eth1": {}}), "$.linux.netDevices", "network devices"),
     (lambda d: d["linux"].__setitem__("timeOffsets", {"monotonic": {"secs": 1}}), "$.linux.timeOffsets", "time namespaces"),
     (lambda d: d["linux"].__setitem__("mountLabel", "system_u:object_r:x"), "$.linux.mountLabel", "SELinux"),
     (lambda d: d["process"].__setitem__("apparmorProfile", "docker-default"), "$.process.apparmorProfile", "AppArmor"),

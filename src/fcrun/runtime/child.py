@@ -38,6 +38,7 @@ the parent then rolls back everything it made.
 
 from __future__ import annotations
 
+import ctypes
 import errno as _errno
 import os
 import resource
@@ -158,6 +159,11 @@ class ChildPlan(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     umask: int = 0o022  # as runc sets it when the spec gives none
     oom_score_adj: int | None = None  # None: inherited
     hooks: list[HookStep] = []
+    domainname: bytes | None = None  # None: left as the uts namespace has it
+    personality: int = -1  # PER_*; -1: inherited
+    # linux.devices: (path inside the container, mode incl. S_IFCHR/S_IFBLK/S_IFIFO, major, minor,
+    # uid, gid), made after the default /dev nodes (one with the same path replaces its default).
+    spec_devices: list[tuple[bytes, int, int, int, int, int]] = []
     # The hooks' state JSON, without "status" and "pid", which the child puts first.
     hook_state: bytes = b"{}"
     status_w: int = -1
@@ -293,6 +299,9 @@ def child_main(plan: ChildPlan, prepared: int = 0) -> None:
         if plan.hostname is not None:
             step = STEP_HOSTNAME
             sc.sethostname(plan.hostname)
+        if plan.domainname is not None:
+            step = STEP_HOSTNAME
+            _check_libc(sc.libc.setdomainname(plan.domainname, len(plan.domainname)), "setdomainname")
         step = STEP_SYSCTL
         for path, value in plan.sysctl:
             _write_file(path, value)
@@ -337,6 +346,12 @@ def child_main(plan: ChildPlan, prepared: int = 0) -> None:
         finish_and_exec(plan)
     except BaseException as exc:  # noqa: BLE001 - everything must be reported, then _exit
         fail(plan, step, exc)
+
+
+def _check_libc(result: int, call: str) -> None:
+    if result < 0:
+        err = ctypes.get_errno()
+        raise OSError(err, f"{call}: {os.strerror(err)}")
 
 
 def _join_namespace(path: bytes, nstype: int) -> None:
@@ -455,6 +470,18 @@ def _mount_rootfs(plan: ChildPlan) -> None:
         os.umask(umask)
     for target, name in plan.dev_symlinks:
         os.symlink(target, dev + b"/" + name)
+    if plan.spec_devices:
+        umask = os.umask(0)
+        try:
+            for path, mode, major, minor, uid, gid in plan.spec_devices:
+                target = secure_join(root, path)
+                os.makedirs(os.path.dirname(target), 0o755, exist_ok=True)
+                if os.path.lexists(target):
+                    os.unlink(target)  # one of the defaults above: the spec's says otherwise
+                os.mknod(target, mode, os.makedev(major, minor))
+                os.lchown(target, uid, gid)
+        finally:
+            os.umask(umask)
 
     for p in plan.masked_paths:
         target = secure_join(root, p)
@@ -484,6 +511,8 @@ def finish_and_exec(plan: ChildPlan) -> None:
     """Drop privileges and exec. Shared by container creation and `exec` into a container."""
     step = STEP_RLIMIT
     try:
+        if plan.personality >= 0:
+            _check_libc(sc.libc.personality(plan.personality), "personality")
         if plan.oom_score_adj is not None:
             step = STEP_OOM  # before the capabilities go: lowering it needs CAP_SYS_RESOURCE
             _write_file(b"/proc/self/oom_score_adj", b"%d" % plan.oom_score_adj)

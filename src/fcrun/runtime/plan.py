@@ -17,7 +17,7 @@ from ..cgroups.devices import DeviceRule
 from .capabilities import CAPABILITY_NUMBERS, capability_mask
 from ..errors import SpecError
 from ..units import CPU_PERIOD_US
-from .spec import Mount, Spec
+from .spec import PERSONALITY_DOMAINS, LinuxDevice, Mount, Spec
 from ..seccomp import compile_filter, filter_flags
 from .child import ChildPlan, HookStep, MountStep
 
@@ -127,6 +127,14 @@ def _env(spec: Spec) -> dict[bytes, bytes]:
 def sysctl_file(key: str) -> bytes:
     """linux.sysctl's key -> its file under /proc/sys (net.ipv4.ip_forward -> .../net/ipv4/ip_forward)."""
     return b"/proc/sys/" + key.replace(".", "/").encode()
+
+
+_DEVICE_FILE_TYPES = {"c": stat.S_IFCHR, "u": stat.S_IFCHR, "b": stat.S_IFBLK, "p": stat.S_IFIFO}
+
+
+def _device(d: LinuxDevice) -> tuple[bytes, int, int, int, int, int]:
+    mode = _DEVICE_FILE_TYPES[d.type] | (d.file_mode if d.file_mode is not None else 0o666)
+    return (d.path.encode(), mode, d.major, d.minor, d.uid or 0, d.gid or 0)
 
 
 def _hooks(spec: Spec) -> list[HookStep]:
@@ -252,6 +260,9 @@ def build_plan(
         umask=spec.process.user.umask if spec.process.user.umask is not None else 0o022,
         oom_score_adj=spec.process.oom_score_adj,
         hooks=_hooks(spec),
+        domainname=spec.domainname.encode() if spec.domainname else None,
+        personality=PERSONALITY_DOMAINS[spec.linux.personality.domain] if spec.linux.personality else -1,
+        spec_devices=[_device(d) for d in spec.linux.devices],
         hook_state=hook_state,
     )
 

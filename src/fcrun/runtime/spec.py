@@ -213,6 +213,25 @@ class Seccomp(_Base, kw_only=True):
     syscalls: list[SeccompSyscall] = []
 
 
+class LinuxDevice(_Base, kw_only=True):
+    """linux.devices[]: a device node the runtime makes in the container."""
+
+    path: str
+    type: str  # c, b, u (= c) or p (a fifo)
+    major: int = 0
+    minor: int = 0
+    file_mode: int | None = None  # permission bits; None: 0666
+    uid: int | None = None
+    gid: int | None = None
+
+
+class Personality(_Base, kw_only=True):
+    """linux.personality: the execution domain (LINUX or LINUX32), as runc supports it."""
+
+    domain: str
+    flags: list[str] = []
+
+
 class Linux(_Base, kw_only=True):
     namespaces: list[Namespace] = []
     uid_mappings: list[IDMapping] = []
@@ -224,11 +243,11 @@ class Linux(_Base, kw_only=True):
     readonly_paths: list[str] = []
     rootfs_propagation: str = ""
     sysctl: dict[str, str] = {}
-    devices: NotSupported = NOT_SET
+    devices: list[LinuxDevice] = []
     time_offsets: NotSupported = NOT_SET
     mount_label: str = ""  # refused unless empty (SELinux)
     intel_rdt: NotSupported = msgspec.field(default=NOT_SET, name="intelRdt")
-    personality: NotSupported = NOT_SET
+    personality: Personality | None = None
     net_devices: NotSupported = NOT_SET
     memory_policy: NotSupported = NOT_SET
 
@@ -238,7 +257,7 @@ class Spec(_Base, kw_only=True, omit_defaults=False):
     process: Process
     root: Root
     hostname: str = ""
-    domainname: NotSupported = NOT_SET
+    domainname: str = ""
     mounts: list[Mount] = []
     hooks: Hooks | None = None
     linux: Linux = msgspec.field(default_factory=Linux)
@@ -412,13 +431,10 @@ _WHY = {
     "execCPUAffinity": "CPU affinity is not supported by fcrun",
     "uidMappings": "idmapped bind mounts are not supported by fcrun",
     "gidMappings": "idmapped bind mounts are not supported by fcrun",
-    "devices": "creating device nodes from linux.devices is not supported by fcrun",
     "timeOffsets": "time namespaces are not supported by fcrun",
     "intelRdt": "Intel RDT (resctrl) is not supported by fcrun",
-    "personality": "personality(2) is not supported by fcrun",
     "netDevices": "moving network devices into the container is not supported by fcrun",
     "memoryPolicy": "set_mempolicy is not supported by fcrun",
-    "domainname": "setting the NIS domain name is not supported by fcrun",
     "listenerPath": "seccomp notify listeners are not supported by fcrun",
     "listenerMetadata": "seccomp notify listeners are not supported by fcrun",
     "solaris": "not a Linux field", "windows": "not a Linux field", "vm": "not a Linux field",
@@ -463,6 +479,31 @@ def refuse_not_supported(spec: Spec) -> None:
             raise SpecError(f"process.{wire}: {why}", f"$.process.{wire}")
     if spec.linux.mount_label:
         raise SpecError("linux.mountLabel: SELinux labels are not supported by fcrun", "$.linux.mountLabel")
+
+
+PERSONALITY_DOMAINS = {"LINUX": 0x0000, "LINUX32": 0x0008}  # <sys/personality.h> PER_LINUX, PER_LINUX32
+DEVICE_TYPES = {"c", "u", "b", "p"}
+
+
+def _check_devices(devices: list[LinuxDevice]) -> None:
+    seen = set()
+    for i, d in enumerate(devices):
+        where = f"$.linux.devices[{i}]"
+        if not os.path.isabs(d.path) or ".." in d.path.split("/") or not d.path.startswith("/dev/"):
+            raise SpecError(f"device path {d.path!r} must be absolute, under /dev, without '..'", f"{where}.path")
+        if d.path in seen:
+            raise SpecError(f"device {d.path!r} listed twice", f"{where}.path")
+        seen.add(d.path)
+        if d.type not in DEVICE_TYPES:
+            raise SpecError(f"device type {d.type!r} is not one of c, b, u, p", f"{where}.type")
+        if not (0 <= d.major < 1 << 12 and 0 <= d.minor < 1 << 20):
+            raise SpecError("device major/minor out of range", where)
+        if d.file_mode is not None and not 0 <= d.file_mode <= 0o7777:
+            raise SpecError(f"fileMode {d.file_mode:#o} is not a permission mode", f"{where}.fileMode")
+        for field in ("uid", "gid"):
+            value = getattr(d, field)
+            if value is not None and not 0 <= value < 1 << 32:
+                raise SpecError(f"{field} {value} out of range", f"{where}.{field}")
 
 
 def _check_sysctl(sysctl: dict[str, str], namespaces: set[str]) -> None:
@@ -573,6 +614,20 @@ def validate_spec(spec: Spec) -> None:
         validate_profile(spec.linux.seccomp, "$.linux.seccomp")
     if spec.hostname and "uts" not in seen:
         raise SpecError("hostname needs a uts namespace", "$.hostname")
+    if spec.domainname and "uts" not in seen:
+        raise SpecError("domainname needs a uts namespace", "$.domainname")
+    if len(spec.domainname) > 64 or any(c in spec.domainname for c in "/ \0"):
+        raise SpecError(f"invalid domainname {spec.domainname!r}", "$.domainname")
+    _check_devices(spec.linux.devices)
+    if spec.linux.devices and "user" in seen:
+        raise SpecError("device nodes in a user namespace are not supported by fcrun (mknod there is "
+                        "not allowed; runc bind-mounts them instead)", "$.linux.devices")
+    if spec.linux.personality is not None:
+        if spec.linux.personality.domain not in PERSONALITY_DOMAINS:
+            raise SpecError(f"personality domain {spec.linux.personality.domain!r} is not one of "
+                            f"{', '.join(PERSONALITY_DOMAINS)}", "$.linux.personality.domain")
+        if spec.linux.personality.flags:
+            raise SpecError("personality flags are not supported by fcrun (nor by runc)", "$.linux.personality.flags")
     for i, m in enumerate(spec.mounts):
         if not os.path.isabs(m.destination) or ".." in m.destination.split("/"):
             raise SpecError(f"mount destination {m.destination!r} must be absolute without '..'", f"$.mounts[{i}].destination")

@@ -315,6 +315,10 @@ def _check_paths_and_devices(request: Spawn) -> None:
             raise SpecError(f"{path!r} is not under /proc/sys", f"$.plan.sysctl[{i}]")
     for i, hook in enumerate(plan.hooks):
         check_path(hook.path, f"$.plan.hooks[{i}].path")
+    for i, (path, mode, *_numbers) in enumerate(plan.spec_devices):  # the OCI spec's linux.devices
+        check_path(path, f"$.plan.spec_devices[{i}]")
+        if not path.startswith(b"/dev/") or not (stat.S_ISCHR(mode) or stat.S_ISBLK(mode) or stat.S_ISFIFO(mode)):
+            raise SpecError("a device node under /dev", f"$.plan.spec_devices[{i}]")
 
 
 def check_path(path: bytes, where: str) -> None:
