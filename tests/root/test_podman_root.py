@@ -129,13 +129,13 @@ network_config_dir = "{home}/cni"
             return
         try:
             yield
-        except (AssertionError, subprocess.SubprocessError) as failure:
+        except Exception as failure:  # any way of failing is the gap showing
             pytest.skip(f"known gap of {self.runtime_name}: {self.gap} (fails: {str(failure)[:300]})")
         pytest.fail(f"passes with {self.runtime_name} now: remove it from KNOWN_GAPS in {__file__}")
 
 
 def leftovers(podman: Podman) -> list[str]:
-    """What the test's podman left: processes that name its home, mounts under it, its cgroups."""
+    """What the test's podman left: processes that name its home (conmon, a container's init), mounts under it."""
     left = []
     for cmdline in glob.glob("/proc/[0-9]*/cmdline"):
         try:
@@ -155,10 +155,13 @@ def remove_cgroups(parent: str) -> list[str]:
     busy = []
     for top in glob.glob(f"/sys/fs/cgroup/*/{parent.strip('/')}") + glob.glob(f"/sys/fs/cgroup/{parent.strip('/')}"):
         for dirpath, _, _ in sorted(os.walk(top), key=lambda entry: -entry[0].count("/")):
-            with open(os.path.join(dirpath, "cgroup.procs")) as f:
-                if f.read().strip():
-                    busy.append(dirpath)
-                    continue
+            try:
+                with open(os.path.join(dirpath, "cgroup.procs")) as f:
+                    if f.read().strip():
+                        busy.append(dirpath)
+                        continue
+            except FileNotFoundError:  # removed meanwhile (podman cleaning up a container's)
+                continue
             with contextlib.suppress(OSError):  # a parent of a busy one: reported through the child
                 os.rmdir(dirpath)
     return busy
@@ -166,8 +169,9 @@ def remove_cgroups(parent: str) -> list[str]:
 
 @pytest.fixture(params=["runc", "fcrun-oci"])
 def podman(request, busybox_archive):
-    if shutil.which("podman") is None or shutil.which("conmon") is None and not os.path.exists("/usr/bin/conmon"):
-        pytest.skip("podman or conmon not installed (scripts/setup.sh installs both)")
+    missing = [tool for tool in ("podman", "conmon") if shutil.which(tool) is None]
+    if missing:
+        pytest.skip(f"{' and '.join(missing)} not installed (scripts/setup.sh installs podman and conmon)")
     runtime = runc_path() if request.param == "runc" else fcrun_oci_path()
     if runtime is None:
         pytest.skip(FCRUN_OCI_ABSENT if request.param == "fcrun-oci" else "runc not installed: no baseline")
