@@ -200,7 +200,7 @@ def with_ratios(results: dict[str, list[float]], failed: dict[str, str]) -> dict
     return out
 
 
-def main() -> int:
+def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--runs", type=int, default=50)
     parser.add_argument("--warmup", type=int, default=3)
@@ -210,7 +210,7 @@ def main() -> int:
                         help="leave the default spec's mount at DEST out of the bundle (both runtimes; repeatable), "
                              "e.g. /sys/fs/cgroup for a runtime that refuses the cgroup mount")
     parser.add_argument("--json", action="store_true", help="print only the JSON result")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     if code := preflight("bench/oci_cli.py", ("runc",)):
         return code
     contenders = {"runc": shutil.which("runc")}
