@@ -209,9 +209,9 @@ def test_fcrun_oci_is_clean_wherever_runc_is():
     assert not unknown, f"KNOWN_GAPS names tests the suite does not have: {unknown}"
     print("clean under runc:", " ".join(n for n in names if is_clean(baseline.get(n))))
     print("clean under fcrun-oci:", " ".join(n for n in names if is_clean(candidate.get(n))))
-    # Only tests that were selected and that runc passes here count; the rest is printed for whoever reads it.
     assert {runtime: container_ids(runtime) for runtime in (runc, oci)} == before, "the suite left containers behind"
     assert left_by_the_suite() == [], "the suite left things on the host"
+    # Only tests that were selected and that runc passes here count; the rest is printed above for whoever reads it.
     problems = compare(baseline, candidate, KNOWN_GAPS, names)
     details = "\n".join(f"--- {p}\n{tap_failures(oci, p.split(':')[0])}\n{stderr_of(oci, p.split(':')[0])}"
                         for p in problems)
