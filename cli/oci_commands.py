@@ -154,11 +154,22 @@ def _create(options, args):
         try:
             stdio.hand_over_console()
         except BaseException:
-            options.runtime.delete(args.id, force=True)  # nothing left behind
+            discard(options, args.id)
             raise
         return container
     finally:
         stdio.close()
+
+
+def discard(options, name: str) -> None:
+    """Remove a container whose create or start failed, leaving nothing; the failure is
+    what gets reported (a failed start has removed it already)."""
+    from fcrun.errors import NotFound
+
+    try:
+        options.runtime.delete(name, force=True)
+    except NotFound:
+        pass
 
 
 def create(options, args) -> int:
@@ -168,7 +179,7 @@ def create(options, args) -> int:
             write_pid_file(args.pid_file, container.pid)
         oci_holder.hold(container, options.holder_dir)
     except BaseException:
-        options.runtime.delete(args.id, force=True)  # nothing left behind
+        discard(options, args.id)
         raise
     return 0
 
@@ -180,14 +191,14 @@ def run(options, args) -> int:
             write_pid_file(args.pid_file, container.pid)
         container.start()
     except BaseException:
-        options.runtime.delete(args.id, force=True)
+        discard(options, args.id)
         raise
     if args.detach:
         return 0
     try:
         return container.wait()
     finally:
-        options.runtime.delete(args.id, force=True)
+        discard(options, args.id)
 
 
 def start(options, args) -> int:

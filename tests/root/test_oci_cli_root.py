@@ -407,3 +407,13 @@ def test_terminal_goes_to_the_console_socket(oci, tmp_path):
         os.close(master)
     r = oci("create", "--bundle", bundle, "t2")
     assert r.returncode == 1 and "--console-socket" in r.stderr
+
+
+def test_a_process_that_cannot_run_is_reported_not_masked(oci, tmp_path):
+    bundle = make_bundle(str(tmp_path / "missing"), ["/no/such/program"])
+    r = oci.with_files("run", "--bundle", bundle, "m1")
+    assert r.returncode == 1 and "/no/such/program" in r.stderr and len(r.stderr.splitlines()) == 1, r.stderr
+    assert oci.with_files("create", "--bundle", bundle, "m2").returncode == 0
+    r = oci("start", "m2")
+    assert r.returncode == 1 and "/no/such/program" in r.stderr, r.stderr
+    assert oci("list", "-q").stdout == ""  # a failed start removes what create made
