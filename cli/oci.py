@@ -83,8 +83,16 @@ def cgroup_parent_for(root: str) -> str:
     return f"{base}-{hashlib.sha256(root.encode()).hexdigest()[:12]}"
 
 
+class Parser(argparse.ArgumentParser):
+    """argparse, with a usage error as one line and exit 1 (runc's "flag provided but not
+    defined"), logged like any other error, instead of usage text and exit 2."""
+
+    def error(self, message: str):
+        raise OciError(f"{self.prog}: {message}")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="fcrun-oci", description="An OCI runtime with runc's command line, on fcrun.")
+    parser = Parser(prog="fcrun-oci", description="An OCI runtime with runc's command line, on fcrun.")
     parser.add_argument("--root", default=DEFAULT_ROOT, help=f"state directory (default {DEFAULT_ROOT})")
     parser.add_argument("--log", default="", help="append errors (and --debug messages) to this file")
     parser.add_argument("--log-format", default="text", choices=["text", "json"], help="format of --log")
@@ -181,7 +189,11 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     parser = build_parser()
-    args = parser.parse_args(argv)
+    try:
+        args = parser.parse_args(argv)
+    except OciError as exc:  # --log may not be parsed yet: stderr only
+        print(exc, file=sys.stderr)
+        return 1
     options = Options(args)
     try:
         if args.version:

@@ -299,17 +299,34 @@ def ps(options, args) -> int:
 
 
 def events(options, args) -> int:
-    if not args.stats:
-        raise OciError("events without --stats (a stream of events) is not supported by fcrun-oci")
-    st = load_state(options, args.id)
-    if st.status == "stopped":
-        raise OciError("container not running")
-    stats = options.runtime.cgroup(args.id).stats()
-    res = st.spec.linux.resources
-    memory_limit = res.memory.limit if res and res.memory else None
-    pids_limit = res.pids.limit if res and res.pids else None
-    print(json.dumps(oci_report.stats_event(args.id, stats, memory_limit, pids_limit)))
-    return 0
+    """--stats: one stats event. Without it: a stats event every --interval until the
+    container stops (runc also streams OOM events; fcrun-oci does not)."""
+    import time
+
+    interval_s = parse_duration_s(args.interval)
+    while True:
+        st = load_state(options, args.id)
+        if st.status == "stopped":
+            if args.stats:
+                raise OciError("container not running")
+            return 0
+        stats = options.runtime.cgroup(args.id).stats()
+        res = st.spec.linux.resources
+        memory_limit = res.memory.limit if res and res.memory else None
+        pids_limit = res.pids.limit if res and res.pids else None
+        print(json.dumps(oci_report.stats_event(args.id, stats, memory_limit, pids_limit)), flush=True)
+        if args.stats:
+            return 0
+        time.sleep(interval_s)
+
+
+def parse_duration_s(text: str) -> float:
+    """A Go duration as runc's --interval takes it ("5s", "500ms", "1m"), in seconds."""
+    for unit, scale in (("ms", 0.001), ("s", 1.0), ("m", 60.0), ("h", 3600.0)):
+        number = text[:-len(unit)]
+        if text.endswith(unit) and number.replace(".", "", 1).isdigit() and float(number) > 0:
+            return float(number) * scale
+    raise OciError(f"invalid --interval {text!r}: give a duration like 5s or 500ms")
 
 
 # ----- changes -------------------------------------------------------------------------------

@@ -417,3 +417,21 @@ def test_a_process_that_cannot_run_is_reported_not_masked(oci, tmp_path):
     r = oci("start", "m2")
     assert r.returncode == 1 and "/no/such/program" in r.stderr, r.stderr
     assert oci("list", "-q").stdout == ""  # a failed start removes what create made
+
+
+def test_events_stream_stats_until_the_container_stops(oci, sleeper):
+    assert oci.with_files("create", "--bundle", sleeper, "e1").returncode == 0
+    assert oci("start", "e1").returncode == 0
+    stream = subprocess.Popen([LAUNCHER, "--root", oci.root, "events", "--interval", "50ms", "e1"], env=oci.env,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        first = json.loads(stream.stdout.readline())
+        assert (first["type"], first["id"]) == ("stats", "e1")
+        assert oci("kill", "e1", "KILL").returncode == 0
+        out, err = stream.communicate(timeout=60)
+    finally:
+        if stream.poll() is None:
+            stream.kill()
+            stream.wait()
+    assert stream.returncode == 0, err
+    assert all(json.loads(line)["type"] == "stats" for line in out.splitlines())

@@ -168,3 +168,19 @@ def test_list_table_pads_columns_as_tabwriter():
 def test_ps_table_keeps_the_container_pids():
     output = "UID PID PPID CMD\nroot 1 0 init\nroot 42 1 sleep\nroot 43 1 other\n"
     assert oci_report.ps_table(output, {42}) == "UID PID PPID CMD\nroot 42 1 sleep\n"
+
+
+def test_a_usage_error_is_one_line_and_exit_1(capsys, tmp_path):
+    code, _, err = run_main(capsys, "--root", str(tmp_path), "update", "--cpu-shares", "5", "x")
+    assert code == 1 and "unrecognized arguments: --cpu-shares" in err and len(err.splitlines()) == 1
+
+
+@pytest.mark.parametrize("text, seconds", [("5s", 5.0), ("500ms", 0.5), ("1m", 60.0), ("1.5s", 1.5)])
+def test_event_intervals(text, seconds):
+    assert oci_commands.parse_duration_s(text) == seconds
+
+
+@pytest.mark.parametrize("text", ["", "5", "0s", "-1s", "fast"])
+def test_bad_event_intervals(text):
+    with pytest.raises(oci.OciError):
+        oci_commands.parse_duration_s(text)
