@@ -260,3 +260,21 @@ def test_linux_devices_domainname_and_personality(runtime, busybox):
     # LINUX32 makes uname report the 32-bit machine of a 64-bit host.
     assert machine == {"x86_64": "i686", "aarch64": "armv8l"}.get(os.uname().machine, machine)
     assert machine != os.uname().machine
+
+
+def test_a_cgroup_mount_shows_the_containers_own_groups_read_only(runtime, busybox):
+    # As podman's config.json has it.
+    spec = _spec(busybox, "t-cgmount", "", memory_bytes=64 << 20)
+    spec.mounts = [*spec.mounts, Mount(destination="/sys/fs/cgroup", type="cgroup", source="cgroup",
+                                       options=["rprivate", "nosuid", "noexec", "nodev", "relatime", "ro"])]
+    if runtime.cgroups.version == 1:
+        script = "cat /sys/fs/cgroup/memory/memory.limit_in_bytes; ls /sys/fs/cgroup/memory/ | grep -c fcrun; "
+    else:
+        script = "cat /sys/fs/cgroup/memory.max; echo 0; "
+    spec.process.args = ["sh", "-c", script + "touch /sys/fs/cgroup/x 2>/dev/null && echo writable || echo read-only"]
+    code, out = _run(runtime, busybox, "t-cgmount", spec)
+    assert code == 0, out
+    limit, nested, writable = out.splitlines()
+    assert limit == str(64 << 20)  # its own group, not the host's root
+    assert nested == "0"  # no fcrun parent or sibling groups in sight
+    assert writable == "read-only"

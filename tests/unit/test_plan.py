@@ -203,3 +203,17 @@ def test_cgroup_settings_per_version():
     v2 = {(c, f): v for c, f, v, _ in cgroup_settings(spec, 2)}
     assert v2 == {("unified", "cpu.weight"): "39", ("unified", "memory.low"): "max",
                   ("unified", "memory.swap.max"): str(64 << 20)}
+
+
+def test_a_cgroup_mount_binds_the_containers_own_groups():
+    spec = default_spec(["sh"])
+    spec.mounts.append(Mount(destination="/sys/fs/cgroup", type="cgroup", source="cgroup", options=["nosuid", "ro", "rprivate"]))
+    v1 = _plan(spec, cgroup_dirs={"cpu": "/sys/fs/cgroup/cpu,cpuacct/fcrun/c1", "cpuacct": "/sys/fs/cgroup/cpu,cpuacct/fcrun/c1",
+                                  "memory": "/sys/fs/cgroup/memory/fcrun/c1"})
+    assert v1.cgroup_mount == b"/sys/fs/cgroup" and v1.cgroup_mount_flags == sc.MS_NOSUID | sc.MS_RDONLY
+    assert v1.cgroup_binds == [(b"/sys/fs/cgroup/cpu,cpuacct/fcrun/c1", b"cpu,cpuacct"),
+                               (b"/sys/fs/cgroup/memory/fcrun/c1", b"memory")]
+    assert all(m.destination != b"/sys/fs/cgroup" for m in v1.mounts)
+    v2 = _plan(spec, cgroup_dirs={"unified": "/sys/fs/cgroup/fcrun/c1"})
+    assert v2.cgroup_binds == [(b"/sys/fs/cgroup/fcrun/c1", b"")]
+    assert _plan(spec).cgroup_mount is None  # exec's plan: no mounts

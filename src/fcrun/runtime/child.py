@@ -164,6 +164,12 @@ class ChildPlan(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     # linux.devices: (path inside the container, mode incl. S_IFCHR/S_IFBLK/S_IFIFO, major, minor,
     # uid, gid), made after the default /dev nodes (one with the same path replaces its default).
     spec_devices: list[tuple[bytes, int, int, int, int, int]] = []
+    # A mount of type cgroup: at this destination, the container's own cgroup dirs bound
+    # (host dir, name under the destination; b"": the destination itself, cgroup v2) once the
+    # child is in them (after "J"), then made read-only with `cgroup_mount_flags` if they say so.
+    cgroup_mount: bytes | None = None
+    cgroup_mount_flags: int = 0
+    cgroup_binds: list[tuple[bytes, bytes]] = []
     # The hooks' state JSON, without "status" and "pid", which the child puts first.
     hook_state: bytes = b"{}"
     status_w: int = -1
@@ -323,6 +329,10 @@ def child_main(plan: ChildPlan, prepared: int = 0) -> None:
                 os.write(fd, b"0")
             finally:
                 os.close(fd)
+
+        if plan.cgroup_mount is not None:
+            step = STEP_MOUNT
+            _mount_cgroups(plan)
 
         step = STEP_HOOK
         run_child_hooks(plan, "createContainer", b"creating", host_pid)
@@ -494,6 +504,26 @@ def _mount_rootfs(plan: ChildPlan) -> None:
         if os.path.exists(target):
             sc.mount(target, target, None, sc.MS_BIND | sc.MS_REC, None)
             sc.mount(None, target, None, sc.MS_BIND | sc.MS_REMOUNT | sc.MS_RDONLY | sc.MS_REC, None)
+
+
+def _mount_cgroups(plan: ChildPlan) -> None:
+    """The spec's cgroup mount: the container's own groups only (as runc does without a
+    cgroup namespace on v1), never the host's hierarchy."""
+    target = secure_join(plan.rootfs, plan.cgroup_mount)
+    os.makedirs(target, 0o755, exist_ok=True)
+    flags = plan.cgroup_mount_flags & (sc.MS_RDONLY | sc.MS_NOSUID | sc.MS_NODEV | sc.MS_NOEXEC)
+    try:
+        if any(name for _, name in plan.cgroup_binds):  # v1: a tmpfs holding one dir per hierarchy
+            sc.mount(b"tmpfs", target, b"tmpfs", sc.MS_NOSUID | sc.MS_NODEV | sc.MS_NOEXEC, b"mode=755")
+        for source, name in plan.cgroup_binds:
+            point = target + b"/" + name if name else target
+            os.makedirs(point, 0o755, exist_ok=True)
+            sc.mount(source, point, None, sc.MS_BIND | sc.MS_REC, None)
+            sc.mount(None, point, None, sc.MS_BIND | sc.MS_REMOUNT | flags, None)
+        if any(name for _, name in plan.cgroup_binds) and flags & sc.MS_RDONLY:
+            sc.mount(None, target, None, sc.MS_REMOUNT | flags, None)
+    except OSError as exc:
+        raise OSError(exc.errno, exc.strerror, b"mount " + plan.cgroup_mount) from None
 
 
 def _pivot_root(plan: ChildPlan) -> None:

@@ -332,6 +332,7 @@ class Creation:
             userns_fd=self.userns_fd,
             upper_owner=self.root_ids,
             hook_state=child_hook_state(self.name, self.state.spec, self.state.labels),
+            cgroup_dirs=self.runtime.cgroups.paths_for(self.name),
         )
 
     def _cgroup(self) -> None:

@@ -11,6 +11,8 @@ import resource
 import signal
 import stat
 
+import msgspec
+
 from .. import syscalls as sc
 from ..cgroups.limits import Limits
 from ..cgroups.devices import DeviceRule
@@ -137,6 +139,35 @@ def _device(d: LinuxDevice) -> tuple[bytes, int, int, int, int, int]:
     return (d.path.encode(), mode, d.major, d.minor, d.uid or 0, d.gid or 0)
 
 
+CGROUP_TYPES = ("cgroup", "cgroup2")
+CGROUP_ROOT = "/sys/fs/cgroup/"
+
+
+def _cgroup_mount(spec: Spec, cgroup_dirs: dict[str, str] | None) -> dict:
+    """The ChildPlan fields of the spec's mount of type cgroup (one at most)."""
+    found = [(i, m) for i, m in enumerate(spec.mounts) if m.type in CGROUP_TYPES]
+    if not found:
+        return {}
+    if len(found) > 1:
+        raise SpecError("more than one cgroup mount", f"$.mounts[{found[1][0]}]")
+    i, m = found[0]
+    if cgroup_dirs is None:
+        return {}  # a plan for exec: it joins the container's mount namespace, mounts nothing
+    step = mount_step(msgspec.structs.replace(m, type="tmpfs"), f"$.mounts[{i}]")
+    binds = []
+    for key, path in sorted(cgroup_dirs.items()):
+        # v1: the hierarchy's name (cpu,cpuacct; memory; ...); v2 ("unified"): the destination itself.
+        if key == "unified":
+            name = ""
+        elif path.startswith(CGROUP_ROOT):
+            name = path[len(CGROUP_ROOT):].split("/", 1)[0]
+        else:
+            name = key
+        if (path.encode(), name.encode()) not in binds:
+            binds.append((path.encode(), name.encode()))
+    return {"cgroup_mount": m.destination.encode(), "cgroup_mount_flags": step.flags, "cgroup_binds": binds}
+
+
 def _hooks(spec: Spec) -> list[HookStep]:
     """The hooks the child runs itself (hooks.py says which and when)."""
     if spec.hooks is None:
@@ -165,6 +196,7 @@ def build_plan(
     userns_fd: int = -1,
     upper_owner: tuple[int, int] | None = None,
     hook_state: bytes = b"{}",
+    cgroup_dirs: dict[str, str] | None = None,
 ) -> ChildPlan:
     """Everything the container child does, decided here. Raises SpecError for bad mounts.
 
@@ -176,6 +208,7 @@ def build_plan(
     attached idmapped to it under `rootfs` (rootfs/lowerN) as the overlay's lower dirs.
     `upper_owner`: the host (uid, gid) of the container's root, for a tmpfs upper dir.
     `hook_state`: the OCI state JSON (no status, no pid) for the hooks the child runs.
+    `cgroup_dirs`: the container's cgroup dirs (Cgroup.paths), for a mount of type cgroup.
     """
     flags = 0
     namespaces = {ns.type for ns in spec.linux.namespaces}
@@ -223,7 +256,7 @@ def build_plan(
         overlay_data=overlay_data,
         overlay_tmpfs=overlay_tmpfs,
         overlay_tmpfs_dirs=[(overlay_upper.encode(), 0o755), (overlay_work.encode(), 0o700)] if overlay_tmpfs else [],
-        mounts=[mount_step(m, f"$.mounts[{i}]") for i, m in enumerate(spec.mounts)],
+        mounts=[mount_step(m, f"$.mounts[{i}]") for i, m in enumerate(spec.mounts) if m.type not in CGROUP_TYPES],
         devices=[(name, stat.S_IFCHR | 0o666, major, minor) for name, major, minor in DEVICES],
         dev_symlinks=list(DEV_SYMLINKS),
         masked_paths=[p.encode() for p in spec.linux.masked_paths],
@@ -260,6 +293,7 @@ def build_plan(
         umask=spec.process.user.umask if spec.process.user.umask is not None else 0o022,
         oom_score_adj=spec.process.oom_score_adj,
         hooks=_hooks(spec),
+        **_cgroup_mount(spec, cgroup_dirs),
         domainname=spec.domainname.encode() if spec.domainname else None,
         personality=PERSONALITY_DOMAINS[spec.linux.personality.domain] if spec.linux.personality else -1,
         spec_devices=[_device(d) for d in spec.linux.devices],

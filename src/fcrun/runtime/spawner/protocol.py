@@ -315,6 +315,10 @@ def _check_paths_and_devices(request: Spawn) -> None:
             raise SpecError(f"{path!r} is not under /proc/sys", f"$.plan.sysctl[{i}]")
     for i, hook in enumerate(plan.hooks):
         check_path(hook.path, f"$.plan.hooks[{i}].path")
+    for i, (path, name) in enumerate(plan.cgroup_binds):  # a mount of type cgroup: the container's own groups
+        check_path(path, f"$.plan.cgroup_binds[{i}]")
+        if not path.startswith(_CGROUP_ROOT) or b"/" in name or name in (b".", b".."):
+            raise SpecError(f"{path!r} is not a cgroup dir, or {name!r} a name", f"$.plan.cgroup_binds[{i}]")
     for i, (path, mode, *_numbers) in enumerate(plan.spec_devices):  # the OCI spec's linux.devices
         check_path(path, f"$.plan.spec_devices[{i}]")
         if not path.startswith(b"/dev/") or not (stat.S_ISCHR(mode) or stat.S_ISBLK(mode) or stat.S_ISFIFO(mode)):
