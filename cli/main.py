@@ -18,7 +18,7 @@ import click
 
 from fcrun.errors import AlreadyExists, FcrunError, SpecError
 from fcrun.paths import DEFAULT_BRIDGE, DEFAULT_CGROUP_PARENT, DEFAULT_SUBNET, Paths
-from fcrun.units import format_bytes, parse_cpu, parse_memory
+from fcrun.units import format_bytes, parse_cpu, parse_memory, parse_signal
 
 # The runtime, image store and serve modules are imported inside the commands that use them:
 # a CLI call pays only for what it runs (start-up time is part of `fcrun run`'s cost).
@@ -107,18 +107,6 @@ def main(ctx: click.Context, root, run_root, cgroup_parent, bridge, subnet):
       fcrun rm -f web
     """
     ctx.obj = Context(Paths.from_env(root, run_root), cgroup_parent, bridge, subnet)
-
-
-def _parse_signal(text: str) -> int:
-    name = text.upper()
-    if name.isdigit():
-        return int(name)
-    if not name.startswith("SIG"):
-        name = "SIG" + name
-    try:
-        return int(signal.Signals[name])
-    except KeyError:
-        raise SpecError(f"unknown signal {text!r}", "SIGNAL") from None
 
 
 @main.command(context_settings={"ignore_unknown_options": False})
@@ -238,7 +226,7 @@ def ps(obj: Context, as_json, quiet):
 @click.pass_obj
 def kill(obj: Context, name, sig):
     """Send SIGNAL (default TERM) to the container's pid 1."""
-    obj.runtime.kill(name, _parse_signal(sig))
+    obj.runtime.kill(name, parse_signal(sig))
 
 
 @main.command()

@@ -54,22 +54,6 @@ def load_bundle(bundle: str):
     return bundle, msgspec.structs.replace(spec, root=msgspec.structs.replace(spec.root, path=root))
 
 
-def parse_signal(text: str) -> int:
-    """A signal by number, name or SIG-name (runc kill's SIGNAL)."""
-    name = text.upper()
-    if name.isdigit():
-        number = int(name)
-        if not 0 < number < signal.NSIG:
-            raise OciError(f"invalid signal {text!r}")
-        return number
-    if not name.startswith("SIG"):
-        name = "SIG" + name
-    try:
-        return int(signal.Signals[name])
-    except KeyError:
-        raise OciError(f"unknown signal {text!r}") from None
-
-
 def write_pid_file(path: str, pid: int) -> None:
     from fcrun.atomicfile import write_atomic
 
@@ -220,6 +204,8 @@ def state(options, args) -> int:
 
 
 def kill(options, args) -> int:
+    from fcrun.units import parse_signal
+
     sig = parse_signal(args.signal)
     st = load_state(options, args.id)
     if st.status not in ("created", "running", "frozen"):
@@ -303,7 +289,11 @@ def events(options, args) -> int:
     container stops (runc also streams OOM events; fcrun-oci does not)."""
     import time
 
-    interval_s = parse_duration_s(args.interval)
+    from fcrun.units import parse_duration
+
+    interval_s = parse_duration(args.interval, "--interval")
+    if interval_s <= 0:
+        raise OciError(f"--interval {args.interval!r} must be above 0")
     while True:
         st = load_state(options, args.id)
         if st.status == "stopped":
@@ -318,15 +308,6 @@ def events(options, args) -> int:
         if args.stats:
             return 0
         time.sleep(interval_s)
-
-
-def parse_duration_s(text: str) -> float:
-    """A Go duration as runc's --interval takes it ("5s", "500ms", "1m"), in seconds."""
-    for unit, scale in (("ms", 0.001), ("s", 1.0), ("m", 60.0), ("h", 3600.0)):
-        number = text[:-len(unit)]
-        if text.endswith(unit) and number.replace(".", "", 1).isdigit() and float(number) > 0:
-            return float(number) * scale
-    raise OciError(f"invalid --interval {text!r}: give a duration like 5s or 500ms")
 
 
 # ----- changes -------------------------------------------------------------------------------

@@ -1,4 +1,4 @@
-"""Parsing of human units: memory sizes, CPU fractions, durations.
+"""Parsing of human units: memory sizes, CPU fractions, durations, signals.
 
 Each parser raises SpecError naming the option it was given, so a CLI flag or a config key
 is reported where the user wrote it.
@@ -7,6 +7,7 @@ is reported where the user wrote it.
 from __future__ import annotations
 
 import re
+import signal
 
 from .errors import SpecError
 
@@ -78,6 +79,25 @@ def parse_duration(text: str | float | int, where: str = "duration") -> float:
     if value < 0:
         raise SpecError(f"duration {text!r} is negative", where)
     return value
+
+
+def parse_signal(text: str, where: str = "SIGNAL") -> int:
+    """'KILL', 'SIGTERM', 'usr1', '9' -> the signal's number (`fcrun kill`, `fcrun-oci kill`).
+
+    Raises:
+        SpecError: no such signal.
+    """
+    name = text.upper()
+    if name.isdigit():
+        if not 0 < int(name) < signal.NSIG:
+            raise SpecError(f"invalid signal number {text!r}: use 1-{signal.NSIG - 1}", where)
+        return int(name)
+    if not name.startswith("SIG"):
+        name = "SIG" + name
+    try:
+        return int(signal.Signals[name])
+    except KeyError:
+        raise SpecError(f"unknown signal {text!r}", where) from None
 
 
 def format_bytes(n: int | None) -> str:
