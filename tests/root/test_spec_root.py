@@ -159,13 +159,14 @@ def test_mount_propagation_option_is_applied(runtime, busybox, tmp_path):
     assert "shared:" in line_b.split(" - ")[0], line_b
 
 
-def test_joining_a_network_namespace_by_path(runtime, busybox):
+@pytest.mark.parametrize("ns_type,proc_name", [("network", "net"), ("ipc", "ipc"), ("uts", "uts"), ("cgroup", "cgroup")])
+def test_joining_a_namespace_by_path(runtime, busybox, ns_type, proc_name):
     holder = runtime.run("t-ns-holder", _spec(busybox, "t-ns-holder", "sleep 60"), image=busybox, detach=True)
     try:
-        ns_path = f"/proc/{holder.pid}/ns/net"
+        ns_path = f"/proc/{holder.pid}/ns/{proc_name}"
         expected = os.readlink(ns_path)
-        spec = _spec(busybox, "t-ns-join", "readlink /proc/self/ns/net")
-        spec.linux.namespaces = [Namespace(type=ns.type, path=ns_path if ns.type == "network" else "")
+        spec = _spec(busybox, "t-ns-join", f"readlink /proc/self/ns/{proc_name}")
+        spec.linux.namespaces = [Namespace(type=ns.type, path=ns_path if ns.type == ns_type else "")
                                  for ns in spec.linux.namespaces]
         assert _run(runtime, busybox, "t-ns-join", spec) == (0, expected + "\n")
     finally:

@@ -300,8 +300,14 @@ def child_main(plan: ChildPlan, prepared: int = 0) -> None:
         else:
             prepare_child(plan.unshare_flags, plan.pdeathsig)
         step = STEP_JOIN
+        cgroup_ns_fd = -1
         for path, nstype in plan.join_namespaces:
-            _join_namespace(path, nstype)
+            if nstype == sc.CLONE_NEWCGROUP:
+                # Joined where a new one would be made (after pivot_root), opened while the
+                # host's paths are reachable.
+                cgroup_ns_fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+            else:
+                _join_namespace(path, nstype)
         if plan.hostname is not None:
             step = STEP_HOSTNAME
             sc.sethostname(plan.hostname)
@@ -342,6 +348,10 @@ def child_main(plan: ChildPlan, prepared: int = 0) -> None:
         if plan.unshare_flags & sc.CLONE_NEWCGROUP:
             step = STEP_CGROUP
             sc.unshare(sc.CLONE_NEWCGROUP)
+        elif cgroup_ns_fd >= 0:
+            step = STEP_JOIN
+            sc.setns(cgroup_ns_fd, sc.CLONE_NEWCGROUP)
+            os.close(cgroup_ns_fd)
         if go != b"JS":
             # Created: say so and wait to be started. (Told to start already, we go on: the
             # exec itself is the parent's next news, which spares it one wake-up.)

@@ -342,9 +342,11 @@ RLIMIT_NAMES = {
     "RLIMIT_NPROC", "RLIMIT_NOFILE", "RLIMIT_MEMLOCK", "RLIMIT_AS", "RLIMIT_LOCKS",
     "RLIMIT_SIGPENDING", "RLIMIT_MSGQUEUE", "RLIMIT_NICE", "RLIMIT_RTPRIO", "RLIMIT_RTTIME",
 }
-# Namespaces a spec may join by path (the child setns()es into them first). pid, mount, user
-# and cgroup are made in an order of fcrun's handshake that a joined one would break.
-JOINABLE_NAMESPACES = ("network", "ipc", "uts")
+# Namespaces a spec may join by path (the child setns()es into them where it would make
+# them). pid, mount and user are made in an order of fcrun's handshake that a joined one would
+# break: the parent enters the pid namespace around fork, the rootfs is mounted in the new mount
+# namespace, and the user namespace is the parent's, made with its id maps.
+JOINABLE_NAMESPACES = ("network", "ipc", "uts", "cgroup")
 # linux.sysctl keys a container may set, and the namespace each needs of its own (runc's list:
 # only namespaced sysctls, so that a container cannot change the host's).
 IPC_SYSCTLS = {"kernel.msgmax", "kernel.msgmnb", "kernel.msgmni", "kernel.sem", "kernel.shmall",

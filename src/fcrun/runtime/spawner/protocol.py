@@ -307,7 +307,7 @@ def _check_paths_and_devices(request: Spawn) -> None:
             check_path(path, f"$.plan.{where}[{i}]")
     for i, (path, nstype) in enumerate(plan.join_namespaces):  # the OCI spec's namespaces with a path
         check_path(path, f"$.plan.join_namespaces[{i}]")
-        if nstype not in (sc.CLONE_NEWNET, sc.CLONE_NEWIPC, sc.CLONE_NEWUTS):
+        if nstype not in (sc.CLONE_NEWNET, sc.CLONE_NEWIPC, sc.CLONE_NEWUTS, sc.CLONE_NEWCGROUP):
             raise SpecError(f"namespace type {nstype:#x} cannot be joined", f"$.plan.join_namespaces[{i}]")
     for i, (path, _value) in enumerate(plan.sysctl):
         check_path(path, f"$.plan.sysctl[{i}]")
