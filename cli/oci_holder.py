@@ -137,10 +137,12 @@ def request_start(holder_dir: str, name: str) -> None:
         with socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET | socket.SOCK_CLOEXEC) as conn:
             try:
                 conn.connect(_short(dir_fd, name))
-            except (FileNotFoundError, ConnectionRefusedError):
+                conn.send(b"start")
+                reply = conn.recv(REPLY_MAX_BYTES)
+            except (FileNotFoundError, ConnectionRefusedError, ConnectionResetError, BrokenPipeError):
+                # None there, or it left (another start's, or the container's death) while
+                # we waited in its queue.
                 raise HolderGone(name) from None
-            conn.send(b"start")
-            reply = conn.recv(REPLY_MAX_BYTES)
     finally:
         os.close(dir_fd)
     if reply == b"ok":

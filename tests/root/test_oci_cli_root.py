@@ -435,3 +435,17 @@ def test_events_stream_stats_until_the_container_stops(oci, sleeper):
             stream.wait()
     assert stream.returncode == 0, err
     assert all(json.loads(line)["type"] == "stats" for line in out.splitlines())
+
+
+def test_concurrent_starts_start_it_once(oci, sleeper):
+    assert oci.with_files("create", "--bundle", sleeper, "s1").returncode == 0
+    starts = [subprocess.Popen([LAUNCHER, "--root", oci.root, "start", "s1"], env=oci.env, stdout=subprocess.PIPE,
+                               stderr=subprocess.PIPE, text=True) for _ in range(3)]
+    results = [(p.wait(timeout=60), p.stderr.read()) for p in starts]
+    for p in starts:
+        p.stdout.close()
+        p.stderr.close()
+    assert sorted(code for code, _ in results) == [0, 1, 1], results
+    assert all("already running" in err for code, err in results if code == 1), results
+    assert oci.state("s1")["status"] == "running"
+    wait_until("the output", lambda: oci.output() == "started\n", detail=oci.output)
