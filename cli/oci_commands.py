@@ -14,6 +14,7 @@ import sys
 
 from fcrun_cli import oci_holder, oci_report
 from fcrun_cli.oci import OciError
+from fcrun_cli.oci_console import Stdio
 
 CONFIG_FILE = "config.json"
 
@@ -60,63 +61,10 @@ def write_pid_file(path: str, pid: int) -> None:
     write_atomic(os.path.abspath(path), str(pid).encode(), mode=0o644, what="pid file")
 
 
-def inherited_stdio() -> tuple[int, int, int]:
-    """Our stdin, stdout and stderr for the container (an engine gives pipes or fifos);
-    /dev/null for any that is closed."""
-    fds = []
-    for fd in (0, 1, 2):
-        try:
-            os.fstat(fd)
-            fds.append(fd)
-        except OSError:
-            fds.append(os.open("/dev/null", os.O_RDWR))
-    return fds[0], fds[1], fds[2]
-
-
 def refuse_unsupported(args) -> None:
     """Flags fcrun-oci cannot honour, refused by name before anything is made."""
     if getattr(args, "preserve_fds", 0):
         raise OciError("--preserve-fds is not supported by fcrun-oci (the container gets stdin, stdout and stderr only)")
-
-
-class Stdio:
-    """The process's stdio: ours (an engine's pipes or fifos), or a new pty's slave when it
-    wants a terminal, whose master then goes to --console-socket (oci_console.py).
-
-    Resource handling: close() closes our copies of the pty (the process holds its own).
-    """
-
-    def __init__(self, terminal: bool, console_socket: str, console_size=None):
-        if terminal and not console_socket:
-            raise OciError("cannot allocate a terminal without --console-socket (fcrun-oci does not proxy one)")
-        if console_socket and not terminal:
-            raise OciError("--console-socket is only for a process with a terminal (process.terminal, --tty)")
-        self.console_socket = console_socket
-        self.master = self.slave = -1
-        if terminal:
-            from fcrun_cli.oci_console import open_pty
-
-            size = (console_size.height, console_size.width) if console_size is not None else (0, 0)
-            self.master, self.slave = open_pty(*size)
-            self.fds = (self.slave, self.slave, self.slave)
-        else:
-            self.fds = inherited_stdio()
-
-    def hand_over_console(self) -> None:
-        """Send the pty master to the engine (nothing without a terminal)."""
-        if self.master >= 0:
-            from fcrun_cli.oci_console import send_master
-
-            try:
-                send_master(self.console_socket, self.master)
-            except OSError as exc:
-                raise OciError(f"send the terminal to --console-socket {self.console_socket}: {exc}") from None
-
-    def close(self) -> None:
-        for fd in (self.master, self.slave):
-            if fd >= 0:
-                os.close(fd)
-        self.master = self.slave = -1
 
 
 # ----- lifecycle -----------------------------------------------------------------------------
