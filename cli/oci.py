@@ -218,6 +218,10 @@ def main(argv: list[str] | None = None) -> int:
         if isinstance(exc, SystemExit):
             raise
         message = describe(exc)
+        if options.debug:
+            import traceback
+
+            options.log("debug", "".join(traceback.format_exception(exc)))
         options.log("error", message)
         print(message, file=sys.stderr)
         return 1
@@ -247,8 +251,7 @@ def describe(exc: BaseException) -> str:
     from fcrun.errors import FcrunError
 
     if isinstance(exc, OSError) and not isinstance(exc, FcrunError) and exc.strerror:
-        where = f" {exc.filename}" if exc.filename else ""
-        return f"{exc.strerror}{where}"
+        return f"{exc.filename}: {exc.strerror}" if exc.filename else exc.strerror
     return " ".join(str(exc).split()) or type(exc).__name__
 
 

@@ -181,3 +181,12 @@ def test_a_usage_error_is_one_line_and_exit_1(capsys, tmp_path):
 def test_bad_event_intervals_are_one_line(capsys, tmp_path, interval):
     code, _, err = run_main(capsys, "--root", str(tmp_path), "events", "--interval", interval, "x")
     assert code == 1 and "--interval" in err and len(err.splitlines()) == 1, err
+
+
+def test_a_system_error_names_its_file_and_debug_logs_the_traceback(capsys, tmp_path):
+    log = tmp_path / "log"
+    code, _, err = run_main(capsys, "--root", str(tmp_path), "--debug", "--log", str(log), "update",
+                            "--resources", str(tmp_path / "missing.json"), "x")
+    assert (code, err) == (1, f"{tmp_path / 'missing.json'}: No such file or directory\n")
+    text = log.read_text()
+    assert "level=debug" in text and "Traceback" in text and "level=error" in text
