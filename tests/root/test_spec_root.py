@@ -279,3 +279,17 @@ def test_a_cgroup_mount_shows_the_containers_own_groups_read_only(runtime, busyb
     assert limit == str(64 << 20)  # its own group, not the host's root
     assert nested == "0"  # no fcrun parent or sibling groups in sight
     assert writable == "read-only"
+
+
+def test_scheduler_and_io_priority_reach_the_process(runtime, busybox):
+    from fcrun.runtime.spec import IOPriority, Scheduler
+
+    # /proc/self/stat after the command name: field 19 is nice, 41 the policy (proc(5)).
+    spec = _spec(busybox, "t-sched", "ionice -p $$; cut -d')' -f2- /proc/self/stat | awk '{print $17, $39}'")
+    spec.process.scheduler = Scheduler(policy="SCHED_BATCH", nice=5)
+    spec.process.io_priority = IOPriority(class_="IOPRIO_CLASS_BE", priority=6)
+    code, out = _run(runtime, busybox, "t-sched", spec)
+    assert code == 0, out
+    ionice, stat_fields = out.splitlines()
+    assert ionice == "best-effort: prio 6"
+    assert stat_fields == "5 3"  # nice 5, SCHED_BATCH

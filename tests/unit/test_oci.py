@@ -139,3 +139,31 @@ def test_devices_personality_and_domainname_are_checked_and_planned():
         with pytest.raises(SpecError) as info:
             validate_spec(bad)
         assert info.value.where == where
+
+
+def test_scheduler_and_io_priority_are_checked_and_planned():
+    import struct
+
+    from fcrun.runtime.plan import build_plan
+    from fcrun.runtime.spec import IOPriority, Scheduler
+
+    spec = default_spec(["sh"])
+    spec.process.scheduler = Scheduler(policy="SCHED_FIFO", priority=10, flags=["SCHED_FLAG_RESET_ON_FORK"])
+    spec.process.io_priority = IOPriority(class_="IOPRIO_CLASS_BE", priority=3)
+    validate_spec(spec)
+    plan = build_plan(spec, rootfs="/r", overlay_lower=None, cgroup_procs=[], cap_last=40, attached=True)
+    assert struct.unpack("=IIQiIQQQ", plan.sched_attr) == (48, 1, 1, 0, 10, 0, 0, 0)
+    assert plan.ioprio == 2 << 13 | 3
+    assert json.loads(encode_spec(spec))["process"]["ioPriority"] == {"class": "IOPRIO_CLASS_BE", "priority": 3}
+    for mutate, where in (
+        (lambda s: setattr(s.process.scheduler, "policy", "SCHED_FAST"), "$.process.scheduler.policy"),
+        (lambda s: setattr(s.process.scheduler, "priority", 0), "$.process.scheduler.priority"),
+        (lambda s: setattr(s.process.scheduler, "flags", ["X"]), "$.process.scheduler.flags[0]"),
+        (lambda s: setattr(s.process.io_priority, "class_", "IOPRIO_CLASS_X"), "$.process.ioPriority.class"),
+        (lambda s: setattr(s.process.io_priority, "priority", 8), "$.process.ioPriority.priority"),
+    ):
+        bad = decode_spec(encode_spec(spec))
+        mutate(bad)
+        with pytest.raises(SpecError) as info:
+            validate_spec(bad)
+        assert info.value.where == where

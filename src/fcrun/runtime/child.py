@@ -72,6 +72,10 @@ STEP_HOOK = "run hook"
 STEP_OOM = "set oom_score_adj"
 
 MAX_SYMLINKS = 40
+_MACHINE = os.uname().machine
+_SYS_SCHED_SETATTR = {"x86_64": 314, "aarch64": 274, "riscv64": 274, "ppc64le": 355, "s390x": 345}
+_SYS_IOPRIO_SET = {"x86_64": 251, "aarch64": 30, "riscv64": 30, "ppc64le": 273, "s390x": 282}
+IOPRIO_WHO_PROCESS = 1
 
 
 class MountStep(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
@@ -160,6 +164,8 @@ class ChildPlan(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     oom_score_adj: int | None = None  # None: inherited
     hooks: list[HookStep] = []
     domainname: bytes | None = None  # None: left as the uts namespace has it
+    sched_attr: bytes = b""  # a struct sched_attr for sched_setattr(2); b"": inherited
+    ioprio: int = -1  # ioprio_set(2)'s value (class << 13 | level); -1: inherited
     personality: int = -1  # PER_*; -1: inherited
     # linux.devices: (path inside the container, mode incl. S_IFCHR/S_IFBLK/S_IFIFO, major, minor,
     # uid, gid), made after the default /dev nodes (one with the same path replaces its default).
@@ -553,6 +559,11 @@ def finish_and_exec(plan: ChildPlan) -> None:
     try:
         if plan.personality >= 0:
             _check_libc(sc.libc.personality(plan.personality), "personality")
+        # Before the capabilities go: a real-time policy or class needs CAP_SYS_NICE / SYS_ADMIN.
+        if plan.sched_attr:
+            _check_libc(sc.libc.syscall(_SYS_SCHED_SETATTR[_MACHINE], 0, plan.sched_attr, 0), "sched_setattr")
+        if plan.ioprio >= 0:
+            _check_libc(sc.libc.syscall(_SYS_IOPRIO_SET[_MACHINE], IOPRIO_WHO_PROCESS, 0, plan.ioprio), "ioprio_set")
         if plan.oom_score_adj is not None:
             step = STEP_OOM  # before the capabilities go: lowering it needs CAP_SYS_RESOURCE
             _write_file(b"/proc/self/oom_score_adj", b"%d" % plan.oom_score_adj)

@@ -10,6 +10,7 @@ import os
 import resource
 import signal
 import stat
+import struct
 
 import msgspec
 
@@ -19,7 +20,7 @@ from ..cgroups.devices import DeviceRule
 from .capabilities import CAPABILITY_NUMBERS, capability_mask
 from ..errors import SpecError
 from ..units import CPU_PERIOD_US
-from .spec import PERSONALITY_DOMAINS, LinuxDevice, Mount, Spec
+from .spec import IOPRIO_CLASSES, PERSONALITY_DOMAINS, SCHED_FLAGS, SCHED_POLICIES, LinuxDevice, Mount, Spec
 from ..seccomp import compile_filter, filter_flags
 from .child import ChildPlan, HookStep, MountStep
 
@@ -129,6 +130,18 @@ def _env(spec: Spec) -> dict[bytes, bytes]:
 def sysctl_file(key: str) -> bytes:
     """linux.sysctl's key -> its file under /proc/sys (net.ipv4.ip_forward -> .../net/ipv4/ip_forward)."""
     return b"/proc/sys/" + key.replace(".", "/").encode()
+
+
+def _sched_attr(spec: Spec) -> bytes:
+    """process.scheduler as the kernel's struct sched_attr (its first version, 48 bytes)."""
+    sched = spec.process.scheduler
+    if sched is None:
+        return b""
+    flags = 0
+    for flag in sched.flags:
+        flags |= SCHED_FLAGS[flag]
+    return struct.pack("=IIQiIQQQ", 48, SCHED_POLICIES[sched.policy], flags, sched.nice, sched.priority,
+                       sched.runtime, sched.deadline, sched.period)
 
 
 _DEVICE_FILE_TYPES = {"c": stat.S_IFCHR, "u": stat.S_IFCHR, "b": stat.S_IFBLK, "p": stat.S_IFIFO}
@@ -295,6 +308,9 @@ def build_plan(
         hooks=_hooks(spec),
         **_cgroup_mount(spec, cgroup_dirs),
         domainname=spec.domainname.encode() if spec.domainname else None,
+        sched_attr=_sched_attr(spec),
+        ioprio=(IOPRIO_CLASSES[spec.process.io_priority.class_] << 13 | spec.process.io_priority.priority
+                if spec.process.io_priority else -1),
         personality=PERSONALITY_DOMAINS[spec.linux.personality.domain] if spec.linux.personality else -1,
         spec_devices=[_device(d) for d in spec.linux.devices],
         hook_state=hook_state,

@@ -70,6 +70,25 @@ class Rlimit(_Base, kw_only=True):
     soft: int
 
 
+class Scheduler(_Base, kw_only=True):
+    """process.scheduler: sched_setattr(2)'s policy and parameters for the process."""
+
+    policy: str
+    nice: int = 0
+    priority: int = 0
+    flags: list[str] = []
+    runtime: int = 0
+    deadline: int = 0
+    period: int = 0
+
+
+class IOPriority(_Base, kw_only=True):
+    """process.ioPriority: ioprio_set(2)'s class and level for the process."""
+
+    class_: str = msgspec.field(name="class")
+    priority: int = 0
+
+
 class Process(_Base, kw_only=True):
     terminal: bool = False
     user: User = msgspec.field(default_factory=User)
@@ -83,8 +102,8 @@ class Process(_Base, kw_only=True):
     oom_score_adj: int | None = None
     apparmor_profile: str = ""  # refused unless empty: this host has no AppArmor policy for it
     selinux_label: str = ""  # refused unless empty
-    scheduler: NotSupported = NOT_SET
-    io_priority: NotSupported = NOT_SET
+    scheduler: Scheduler | None = None
+    io_priority: IOPriority | None = None
     exec_cpu_affinity: NotSupported = msgspec.field(default=NOT_SET, name="execCPUAffinity")
     command_line: NotSupported = NOT_SET  # Windows only
 
@@ -429,8 +448,6 @@ def network_mode(spec: Spec) -> NetworkMode:
 _WHY = {
     "username": "a Windows field",
     "commandLine": "a Windows field",
-    "scheduler": "sched_setattr is not supported by fcrun",
-    "ioPriority": "ioprio_set is not supported by fcrun",
     "execCPUAffinity": "CPU affinity is not supported by fcrun",
     "uidMappings": "idmapped bind mounts are not supported by fcrun",
     "gidMappings": "idmapped bind mounts are not supported by fcrun",
@@ -482,6 +499,39 @@ def refuse_not_supported(spec: Spec) -> None:
             raise SpecError(f"process.{wire}: {why}", f"$.process.{wire}")
     if spec.linux.mount_label:
         raise SpecError("linux.mountLabel: SELinux labels are not supported by fcrun", "$.linux.mountLabel")
+
+
+# <linux/sched.h> and <linux/ioprio.h>: the names the spec uses.
+SCHED_POLICIES = {"SCHED_OTHER": 0, "SCHED_FIFO": 1, "SCHED_RR": 2, "SCHED_BATCH": 3, "SCHED_ISO": 4,
+                  "SCHED_IDLE": 5, "SCHED_DEADLINE": 6}
+SCHED_FLAGS = {"SCHED_FLAG_RESET_ON_FORK": 0x01, "SCHED_FLAG_RECLAIM": 0x02, "SCHED_FLAG_DL_OVERRUN": 0x04,
+               "SCHED_FLAG_KEEP_POLICY": 0x08, "SCHED_FLAG_KEEP_PARAMS": 0x10, "SCHED_FLAG_UTIL_CLAMP_MIN": 0x20,
+               "SCHED_FLAG_UTIL_CLAMP_MAX": 0x40}
+IOPRIO_CLASSES = {"IOPRIO_CLASS_RT": 1, "IOPRIO_CLASS_BE": 2, "IOPRIO_CLASS_IDLE": 3}
+
+
+def _check_scheduling(process: Process) -> None:
+    sched = process.scheduler
+    if sched is not None:
+        if sched.policy not in SCHED_POLICIES:
+            raise SpecError(f"unknown scheduler policy {sched.policy!r}", "$.process.scheduler.policy")
+        for i, flag in enumerate(sched.flags):
+            if flag not in SCHED_FLAGS:
+                raise SpecError(f"unknown scheduler flag {flag!r}", f"$.process.scheduler.flags[{i}]")
+        if not -20 <= sched.nice <= 19:
+            raise SpecError("nice must be -20..19", "$.process.scheduler.nice")
+        realtime = sched.policy in ("SCHED_FIFO", "SCHED_RR")
+        if not (1 <= sched.priority <= 99 if realtime else sched.priority == 0):
+            raise SpecError(f"priority {sched.priority} is not valid for {sched.policy} (1..99 for FIFO and RR, "
+                            "else 0)", "$.process.scheduler.priority")
+        if sched.policy != "SCHED_DEADLINE" and (sched.runtime or sched.deadline or sched.period):
+            raise SpecError("runtime, deadline and period are for SCHED_DEADLINE only", "$.process.scheduler")
+    io = process.io_priority
+    if io is not None:
+        if io.class_ not in IOPRIO_CLASSES:
+            raise SpecError(f"unknown io priority class {io.class_!r}", "$.process.ioPriority.class")
+        if not 0 <= io.priority <= 7:
+            raise SpecError("io priority must be 0..7", "$.process.ioPriority.priority")
 
 
 PERSONALITY_DOMAINS = {"LINUX": 0x0000, "LINUX32": 0x0008}  # <sys/personality.h> PER_LINUX, PER_LINUX32
@@ -622,6 +672,7 @@ def validate_spec(spec: Spec) -> None:
     if len(spec.domainname) > 64 or any(c in spec.domainname for c in "/ \0"):
         raise SpecError(f"invalid domainname {spec.domainname!r}", "$.domainname")
     _check_devices(spec.linux.devices)
+    _check_scheduling(spec.process)
     if spec.linux.devices and "user" in seen:
         raise SpecError("device nodes in a user namespace are not supported by fcrun (mknod there is "
                         "not allowed; runc bind-mounts them instead)", "$.linux.devices")
