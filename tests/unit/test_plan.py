@@ -217,3 +217,17 @@ def test_a_cgroup_mount_binds_the_containers_own_groups():
     v2 = _plan(spec, cgroup_dirs={"unified": "/sys/fs/cgroup/fcrun/c1"})
     assert v2.cgroup_binds == [(b"/sys/fs/cgroup/fcrun/c1", b"")]
     assert _plan(spec).cgroup_mount is None  # exec's plan: no mounts
+
+
+def test_unlimited_values_as_runc_reads_them():
+    from fcrun.runtime.plan import limits_from_spec
+    from fcrun.runtime.spec import CpuResources, MemoryResources, PidsResources, validate_spec
+
+    for unlimited in (-1, 0):
+        spec = default_spec(["sh"])
+        spec.linux.resources.memory = MemoryResources(limit=unlimited)
+        spec.linux.resources.cpu = CpuResources(quota=unlimited, period=100000)
+        spec.linux.resources.pids = PidsResources(limit=unlimited)
+        validate_spec(spec)
+        limits = limits_from_spec(spec)
+        assert (limits.memory_bytes, limits.cpu_quota_us, limits.pids_max) == (None, None, None)

@@ -20,7 +20,7 @@ from ..cgroups.devices import DeviceRule
 from .capabilities import CAPABILITY_NUMBERS, capability_mask
 from ..errors import SpecError
 from ..units import CPU_PERIOD_US
-from .spec import IOPRIO_CLASSES, PERSONALITY_DOMAINS, SCHED_FLAGS, SCHED_POLICIES, LinuxDevice, Mount, Spec
+from .spec import IOPRIO_CLASSES, PERSONALITY_DOMAINS, SCHED_FLAGS, SCHED_POLICIES, LinuxDevice, Mount, Spec, limited
 from ..seccomp import compile_filter, filter_flags
 from .child import ChildPlan, HookStep, MountStep
 
@@ -371,10 +371,10 @@ def limits_from_spec(spec: Spec) -> Limits:
     if res is None:
         return Limits()
     return Limits(
-        cpu_quota_us=res.cpu.quota if res.cpu else None,
+        cpu_quota_us=res.cpu.quota if res.cpu and limited(res.cpu.quota) else None,
         cpu_period_us=(res.cpu.period or CPU_PERIOD_US) if res.cpu else CPU_PERIOD_US,
-        memory_bytes=res.memory.limit if res.memory else None,
-        pids_max=res.pids.limit if res.pids else None,
+        memory_bytes=res.memory.limit if res.memory and limited(res.memory.limit) else None,
+        pids_max=res.pids.limit if res.pids and limited(res.pids.limit) else None,
         devices=tuple(DeviceRule(allow=d.allow, type=d.type, major=d.major, minor=d.minor, access=d.access)
                       for d in res.devices),
     )

@@ -579,12 +579,18 @@ def _check_sysctl(sysctl: dict[str, str], namespaces: set[str]) -> None:
             raise SpecError(f"sysctl {key!r} needs the container's own {needed} namespace", where)
 
 
+def limited(value: int | None) -> bool:
+    """Whether a linux.resources limit is set: runc reads -1 as "max" and 0 as not set (memory
+    limit, cpu quota, pids limit), and so does fcrun."""
+    return value is not None and value > 0
+
+
 def _check_memory_and_cpu_extras(res: Resources) -> None:
     """The linux.resources fields beyond fcrun's own limits (plan.cgroup_settings writes them)."""
     mem, cpu = res.memory, res.cpu
     if mem is not None:
         if mem.swap is not None and mem.swap != -1:
-            if mem.limit is None:
+            if not limited(mem.limit):
                 raise SpecError("a swap limit needs a memory limit", "$.linux.resources.memory.swap")
             if mem.swap < mem.limit:
                 raise SpecError("swap (memory + swap) must be >= the memory limit", "$.linux.resources.memory.swap")
@@ -695,17 +701,15 @@ def validate_spec(spec: Spec) -> None:
                 raise SpecError(f"path {p!r} must be absolute without '..'", f"$.linux.{field}[{i}]")
     res = spec.linux.resources
     if res is not None:
-        if res.memory and res.memory.limit is not None and res.memory.limit < MIN_MEMORY_BYTES:
+        if limited(res.memory.limit if res.memory else None) and res.memory.limit < MIN_MEMORY_BYTES:
             raise SpecError("memory limit below 4 MiB", "$.linux.resources.memory.limit")
-        if res.cpu and res.cpu.quota is not None:
+        if res.cpu and limited(res.cpu.quota):
             period = res.cpu.period or CPU_PERIOD_US
             if not 1000 <= period <= 1_000_000:
                 raise SpecError("cpu period must be 1000..1000000 us", "$.linux.resources.cpu.period")
             if res.cpu.quota < 1000:
                 raise SpecError("cpu quota must be >= 1000 us", "$.linux.resources.cpu.quota")
         _check_memory_and_cpu_extras(res)
-        if res.pids and res.pids.limit < 1:
-            raise SpecError("pids limit must be >= 1", "$.linux.resources.pids.limit")
         if res.devices:
             from ..cgroups.devices import check_rule  # the cgroup layer's rules, with the JSON path
 
