@@ -3,9 +3,8 @@
 runc's protocol with engines: the runtime makes a pty, the slave becomes the process's
 stdin, stdout, stderr and controlling terminal, and the master goes to the engine over the
 unix socket named by --console-socket, as SCM_RIGHTS (conmon, containerd-shim then copy
-between it and the user). fcrun takes the slave as the process's given stdio; an exec'd
-process also gets it as its controlling terminal (runtime/exec.py), a created one not yet
-(runtime/child.py would make the TIOCSCTTY call after its dup2 of stdio).
+between it and the user). fcrun takes the slave as the process's given stdio, and its
+child makes a terminal given so its controlling terminal (runtime/child.py, finish_and_exec).
 """
 
 from __future__ import annotations

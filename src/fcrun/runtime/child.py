@@ -40,10 +40,12 @@ from __future__ import annotations
 
 import ctypes
 import errno as _errno
+import fcntl
 import os
 import resource
 import select
 import signal
+import termios
 from collections.abc import Callable
 
 import msgspec
@@ -575,6 +577,14 @@ def finish_and_exec(plan: ChildPlan) -> None:
             for target, fd in enumerate(plan.stdio):
                 if fd != target:
                     os.dup2(fd, target)
+            if os.isatty(0):
+                # A terminal given as stdio (fcrun-oci's pty: process.terminal, exec --tty)
+                # becomes the controlling terminal of our session (setsid). One that controls
+                # another session (a caller's own terminal) cannot, and stays plain stdio.
+                try:
+                    fcntl.ioctl(0, termios.TIOCSCTTY, 0)
+                except OSError:
+                    pass
 
         if plan.userns_fd >= 0:
             # From here on capabilities count in the container's user namespace only (and

@@ -16,10 +16,7 @@ and the namespaces it joins are opened here.
 
 from __future__ import annotations
 
-import contextlib
-import fcntl
 import os
-import termios
 
 import msgspec
 
@@ -148,13 +145,7 @@ def _fork_in_pid_ns(target: int, child) -> int:
 def _join_and_exec(plan: ChildPlan, namespaces: list[tuple[int, int]]) -> None:
     """In the exec child: join the container, then exec. Never returns."""
     try:
-        os.setsid()
-        if plan.stdio is not None and os.isatty(plan.stdio[0]):
-            # A terminal given as stdio (`fcrun-oci exec --tty`) becomes the controlling
-            # terminal of the new session; one that controls another session already (a
-            # caller's own terminal) cannot, and stays plain stdio.
-            with contextlib.suppress(OSError):
-                fcntl.ioctl(plan.stdio[0], termios.TIOCSCTTY, 0)
+        os.setsid()  # a terminal given as stdio becomes its controlling one (finish_and_exec)
         for procs in plan.cgroup_procs:
             with open(procs, "wb") as f:
                 f.write(b"0")
