@@ -205,7 +205,7 @@ def test_resources_beyond_fcrun_limits_reach_the_cgroup(runtime, busybox):
     spec = _spec(busybox, "t-res", "sleep 60", memory_bytes=64 << 20)
     res = spec.linux.resources
     res.memory = MemoryResources(limit=64 << 20, swap=128 << 20, reservation=32 << 20, swappiness=10,
-                                 disable_oom_killer=True)
+                                 disable_oom_killer=True, kernel_tcp=8 << 20)
     res.cpu = CpuResources(shares=512)
     runtime.run("t-res", spec, image=busybox, detach=True)
     try:
@@ -223,6 +223,7 @@ def test_resources_beyond_fcrun_limits_reach_the_cgroup(runtime, busybox):
         assert read("memory", "memory.soft_limit_in_bytes") == str(32 << 20)
         assert read("memory", "memory.swappiness") == "10"
         assert read("memory", "memory.oom_control") == "oom_kill_disable 1"
+        assert read("memory", "memory.kmem.tcp.limit_in_bytes") == str(8 << 20)
     finally:
         runtime.delete("t-res", force=True)
 

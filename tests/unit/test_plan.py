@@ -191,15 +191,18 @@ def test_cgroup_settings_per_version():
     from fcrun.runtime.spec import CpuResources, MemoryResources
 
     spec = default_spec(["sh"])
-    spec.linux.resources.memory = MemoryResources(limit=64 << 20, swap=128 << 20, reservation=-1, swappiness=5)
+    spec.linux.resources.memory = MemoryResources(limit=64 << 20, swap=128 << 20, reservation=-1, swappiness=5,
+                                                  kernel_tcp=1 << 20)
     spec.linux.resources.cpu = CpuResources(shares=1024)
     v1 = {(c, f): v for c, f, v, _ in cgroup_settings(spec, 1)}
     assert v1 == {("cpu", "cpu.shares"): "1024", ("memory", "memory.soft_limit_in_bytes"): "-1",
+                  ("memory", "memory.kmem.tcp.limit_in_bytes"): str(1 << 20),
                   ("memory", "memory.memsw.limit_in_bytes"): str(128 << 20), ("memory", "memory.swappiness"): "5"}
-    with pytest.raises(SpecError, match="no cgroup v2 file") as info:
-        cgroup_settings(spec, 2)
-    assert info.value.where == "$.linux.resources.memory.swappiness"
-    spec.linux.resources.memory.swappiness = None
+    for field, wire in (("kernel_tcp", "kernelTCP"), ("swappiness", "swappiness")):
+        with pytest.raises(SpecError, match="no cgroup v2 file") as info:
+            cgroup_settings(spec, 2)
+        assert info.value.where == f"$.linux.resources.memory.{wire}"
+        setattr(spec.linux.resources.memory, field, None)
     v2 = {(c, f): v for c, f, v, _ in cgroup_settings(spec, 2)}
     assert v2 == {("unified", "cpu.weight"): "39", ("unified", "memory.low"): "max",
                   ("unified", "memory.swap.max"): str(64 << 20)}

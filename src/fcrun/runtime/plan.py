@@ -354,6 +354,10 @@ def cgroup_settings(spec: Spec, version: int) -> list[tuple[str, str, str, str]]
             else:  # v2 limits swap alone
                 swap = "max" if mem.swap == -1 else str(mem.swap - (mem.limit or 0))
                 out.append(("unified", "memory.swap.max", swap, f"{at}.memory.swap"))
+        if mem.kernel_tcp is not None:
+            if not v1:
+                refuse_on_v2("memory.kernelTCP")
+            out.append(("memory", "memory.kmem.tcp.limit_in_bytes", str(mem.kernel_tcp), f"{at}.memory.kernelTCP"))
         if mem.swappiness is not None:
             if not v1:
                 refuse_on_v2("memory.swappiness")

@@ -152,7 +152,7 @@ class MemoryResources(_Base, kw_only=True):
     swap: int | None = None  # memory + swap, as the spec has it; -1: unlimited
     reservation: int | None = None
     kernel: NotSupported = NOT_SET
-    kernel_tcp: NotSupported = msgspec.field(default=NOT_SET, name="kernelTCP")
+    kernel_tcp: int | None = msgspec.field(default=None, name="kernelTCP")
     swappiness: int | None = None
     disable_oom_killer: bool | None = msgspec.field(default=None, name="disableOOMKiller")
     use_hierarchy: NotSupported = NOT_SET
@@ -455,6 +455,7 @@ _WHY = {
     "intelRdt": "Intel RDT (resctrl) is not supported by fcrun",
     "netDevices": "moving network devices into the container is not supported by fcrun",
     "memoryPolicy": "set_mempolicy is not supported by fcrun",
+    "kernel": "kernel memory limits are not enforced by Linux since 5.16 (memory.kmem.limit_in_bytes is ignored)",
     "listenerPath": "seccomp notify listeners are not supported by fcrun",
     "listenerMetadata": "seccomp notify listeners are not supported by fcrun",
     "solaris": "not a Linux field", "windows": "not a Linux field", "vm": "not a Linux field",
