@@ -294,3 +294,18 @@ def test_scheduler_and_io_priority_reach_the_process(runtime, busybox):
     ionice, stat_fields = out.splitlines()
     assert ionice == "best-effort: prio 6"
     assert stat_fields == "5 3"  # nice 5, SCHED_BATCH
+
+
+def test_cpu_affinity_and_memory_policy_reach_the_process(runtime, busybox):
+    from fcrun.runtime.spec import CPUAffinity, MemoryPolicy
+
+    if not os.path.exists("/proc/self/numa_maps"):
+        pytest.skip("this kernel has no NUMA support (no /proc/PID/numa_maps) to show the memory policy")
+    spec = _spec(busybox, "t-affinity", "grep Cpus_allowed_list /proc/self/status; grep -c ' bind:0 ' /proc/self/numa_maps")
+    spec.process.exec_cpu_affinity = CPUAffinity(final="0")
+    spec.linux.memory_policy = MemoryPolicy(mode="MPOL_BIND", nodes="0")
+    code, out = _run(runtime, busybox, "t-affinity", spec)
+    assert code == 0, out
+    cpus, bound = out.splitlines()
+    assert cpus.split() == ["Cpus_allowed_list:", "0"]
+    assert int(bound) > 0  # the process's mappings follow the bind policy

@@ -167,3 +167,30 @@ def test_scheduler_and_io_priority_are_checked_and_planned():
         with pytest.raises(SpecError) as info:
             validate_spec(bad)
         assert info.value.where == where
+
+
+def test_cpu_affinity_and_memory_policy_are_checked_and_planned():
+    from fcrun.runtime.plan import build_plan
+    from fcrun.runtime.spec import CPUAffinity, MemoryPolicy, parse_id_list
+
+    assert parse_id_list("0-2,5", "w", 8) == [0, 1, 2, 5]
+    spec = default_spec(["sh"])
+    spec.process.exec_cpu_affinity = CPUAffinity(initial="0", final="0")
+    spec.linux.memory_policy = MemoryPolicy(mode="MPOL_BIND", nodes="0", flags=["MPOL_F_STATIC_NODES"])
+    validate_spec(spec)
+    plan = build_plan(spec, rootfs="/r", overlay_lower=None, cgroup_procs=[], cap_last=40, attached=True)
+    assert plan.cpu_affinity == [0]
+    assert (plan.mempolicy_mode, plan.mempolicy_nodes) == (2 | 1 << 15, 1)
+    assert json.loads(encode_spec(spec))["process"]["execCPUAffinity"] == {"initial": "0", "final": "0"}
+    for mutate, where in (
+        (lambda s: setattr(s.process.exec_cpu_affinity, "final", "0-x"), "$.process.execCPUAffinity.final"),
+        (lambda s: setattr(s.process.exec_cpu_affinity, "initial", "100000"), "$.process.execCPUAffinity.initial"),
+        (lambda s: setattr(s.linux.memory_policy, "mode", "MPOL_X"), "$.linux.memoryPolicy.mode"),
+        (lambda s: setattr(s.linux.memory_policy, "nodes", ""), "$.linux.memoryPolicy.nodes"),
+        (lambda s: setattr(s.linux.memory_policy, "flags", ["Y"]), "$.linux.memoryPolicy.flags[0]"),
+    ):
+        bad = decode_spec(encode_spec(spec))
+        mutate(bad)
+        with pytest.raises(SpecError) as info:
+            validate_spec(bad)
+        assert info.value.where == where

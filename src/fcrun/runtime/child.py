@@ -78,6 +78,7 @@ _MACHINE = os.uname().machine
 _SYS_SCHED_SETATTR = {"x86_64": 314, "aarch64": 274, "riscv64": 274, "ppc64le": 355, "s390x": 345}
 _SYS_IOPRIO_SET = {"x86_64": 251, "aarch64": 30, "riscv64": 30, "ppc64le": 273, "s390x": 282}
 IOPRIO_WHO_PROCESS = 1
+_SYS_SET_MEMPOLICY = {"x86_64": 238, "aarch64": 237, "riscv64": 237, "ppc64le": 261, "s390x": 270}
 
 
 class MountStep(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
@@ -168,6 +169,10 @@ class ChildPlan(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     domainname: bytes | None = None  # None: left as the uts namespace has it
     sched_attr: bytes = b""  # a struct sched_attr for sched_setattr(2); b"": inherited
     ioprio: int = -1  # ioprio_set(2)'s value (class << 13 | level); -1: inherited
+    cpu_affinity: list[int] = []  # CPUs for sched_setaffinity; []: inherited
+    # set_mempolicy(2): mode | flags, and the nodes as one 64-bit mask; mode -1: inherited.
+    mempolicy_mode: int = -1
+    mempolicy_nodes: int = 0
     personality: int = -1  # PER_*; -1: inherited
     # linux.devices: (path inside the container, mode incl. S_IFCHR/S_IFBLK/S_IFIFO, major, minor,
     # uid, gid), made after the default /dev nodes (one with the same path replaces its default).
@@ -566,6 +571,14 @@ def finish_and_exec(plan: ChildPlan) -> None:
             _check_libc(sc.libc.syscall(_SYS_SCHED_SETATTR[_MACHINE], 0, plan.sched_attr, 0), "sched_setattr")
         if plan.ioprio >= 0:
             _check_libc(sc.libc.syscall(_SYS_IOPRIO_SET[_MACHINE], IOPRIO_WHO_PROCESS, 0, plan.ioprio), "ioprio_set")
+        if plan.cpu_affinity:
+            os.sched_setaffinity(0, plan.cpu_affinity)
+        if plan.mempolicy_mode >= 0:
+            nodes = ctypes.c_ulong(plan.mempolicy_nodes)
+            mask = ctypes.byref(nodes) if plan.mempolicy_nodes else None
+            # maxnode: the kernel reads one bit less than it is told (set_mempolicy(2), BUGS).
+            _check_libc(sc.libc.syscall(_SYS_SET_MEMPOLICY[_MACHINE], plan.mempolicy_mode, mask,
+                                        65 if plan.mempolicy_nodes else 0), "set_mempolicy")
         if plan.oom_score_adj is not None:
             step = STEP_OOM  # before the capabilities go: lowering it needs CAP_SYS_RESOURCE
             _write_file(b"/proc/self/oom_score_adj", b"%d" % plan.oom_score_adj)

@@ -20,7 +20,10 @@ from ..cgroups.devices import DeviceRule
 from .capabilities import CAPABILITY_NUMBERS, capability_mask
 from ..errors import SpecError
 from ..units import CPU_PERIOD_US
-from .spec import IOPRIO_CLASSES, PERSONALITY_DOMAINS, SCHED_FLAGS, SCHED_POLICIES, LinuxDevice, Mount, Spec, limited
+from .spec import (
+    IOPRIO_CLASSES, MAX_NUMA_NODES, MEMORY_POLICY_FLAGS, MEMORY_POLICY_MODES, PERSONALITY_DOMAINS, SCHED_FLAGS,
+    SCHED_POLICIES, LinuxDevice, Mount, Spec, limited, parse_id_list,
+)
 from ..seccomp import compile_filter, filter_flags
 from .child import ChildPlan, HookStep, MountStep
 
@@ -130,6 +133,27 @@ def _env(spec: Spec) -> dict[bytes, bytes]:
 def sysctl_file(key: str) -> bytes:
     """linux.sysctl's key -> its file under /proc/sys (net.ipv4.ip_forward -> .../net/ipv4/ip_forward)."""
     return b"/proc/sys/" + key.replace(".", "/").encode()
+
+
+def _cpu_affinity(spec: Spec) -> list[int]:
+    """The CPUs the process runs on: execCPUAffinity's final list (what the process has once it
+    is in its cgroup), else its initial one."""
+    affinity = spec.process.exec_cpu_affinity
+    text = (affinity.final or affinity.initial) if affinity else ""
+    return parse_id_list(text, "$.process.execCPUAffinity", os.cpu_count() or 1) if text else []
+
+
+def _memory_policy(spec: Spec) -> dict:
+    policy = spec.linux.memory_policy
+    if policy is None:
+        return {}
+    mode = MEMORY_POLICY_MODES[policy.mode]
+    for flag in policy.flags:
+        mode |= MEMORY_POLICY_FLAGS[flag]
+    nodes = 0
+    for node in parse_id_list(policy.nodes, "$.linux.memoryPolicy.nodes", MAX_NUMA_NODES) if policy.nodes else []:
+        nodes |= 1 << node
+    return {"mempolicy_mode": mode, "mempolicy_nodes": nodes}
 
 
 def _sched_attr(spec: Spec) -> bytes:
@@ -309,6 +333,8 @@ def build_plan(
         **_cgroup_mount(spec, cgroup_dirs),
         domainname=spec.domainname.encode() if spec.domainname else None,
         sched_attr=_sched_attr(spec),
+        cpu_affinity=_cpu_affinity(spec),
+        **_memory_policy(spec),
         ioprio=(IOPRIO_CLASSES[spec.process.io_priority.class_] << 13 | spec.process.io_priority.priority
                 if spec.process.io_priority else -1),
         personality=PERSONALITY_DOMAINS[spec.linux.personality.domain] if spec.linux.personality else -1,

@@ -89,6 +89,21 @@ class IOPriority(_Base, kw_only=True):
     priority: int = 0
 
 
+class CPUAffinity(_Base, kw_only=True):
+    """process.execCPUAffinity: CPU lists ("0-3,7") for the process."""
+
+    initial: str = ""
+    final: str = ""
+
+
+class MemoryPolicy(_Base, kw_only=True):
+    """linux.memoryPolicy: set_mempolicy(2)'s mode, nodes ("0-1") and flags for the process."""
+
+    mode: str
+    nodes: str = ""
+    flags: list[str] = []
+
+
 class Process(_Base, kw_only=True):
     terminal: bool = False
     user: User = msgspec.field(default_factory=User)
@@ -104,7 +119,7 @@ class Process(_Base, kw_only=True):
     selinux_label: str = ""  # refused unless empty
     scheduler: Scheduler | None = None
     io_priority: IOPriority | None = None
-    exec_cpu_affinity: NotSupported = msgspec.field(default=NOT_SET, name="execCPUAffinity")
+    exec_cpu_affinity: CPUAffinity | None = msgspec.field(default=None, name="execCPUAffinity")
     command_line: NotSupported = NOT_SET  # Windows only
 
 
@@ -268,7 +283,7 @@ class Linux(_Base, kw_only=True):
     intel_rdt: NotSupported = msgspec.field(default=NOT_SET, name="intelRdt")
     personality: Personality | None = None
     net_devices: NotSupported = NOT_SET
-    memory_policy: NotSupported = NOT_SET
+    memory_policy: MemoryPolicy | None = None
 
 
 class Spec(_Base, kw_only=True, omit_defaults=False):
@@ -448,13 +463,11 @@ def network_mode(spec: Spec) -> NetworkMode:
 _WHY = {
     "username": "a Windows field",
     "commandLine": "a Windows field",
-    "execCPUAffinity": "CPU affinity is not supported by fcrun",
     "uidMappings": "idmapped bind mounts are not supported by fcrun",
     "gidMappings": "idmapped bind mounts are not supported by fcrun",
     "timeOffsets": "time namespaces are not supported by fcrun",
     "intelRdt": "Intel RDT (resctrl) is not supported by fcrun",
     "netDevices": "moving network devices into the container is not supported by fcrun",
-    "memoryPolicy": "set_mempolicy is not supported by fcrun",
     "kernel": "kernel memory limits are not enforced by Linux since 5.16 (memory.kmem.limit_in_bytes is ignored)",
     "listenerPath": "seccomp notify listeners are not supported by fcrun",
     "listenerMetadata": "seccomp notify listeners are not supported by fcrun",
@@ -533,6 +546,45 @@ def _check_scheduling(process: Process) -> None:
             raise SpecError(f"unknown io priority class {io.class_!r}", "$.process.ioPriority.class")
         if not 0 <= io.priority <= 7:
             raise SpecError("io priority must be 0..7", "$.process.ioPriority.priority")
+
+
+MEMORY_POLICY_MODES = {"MPOL_DEFAULT": 0, "MPOL_PREFERRED": 1, "MPOL_BIND": 2, "MPOL_INTERLEAVE": 3,
+                       "MPOL_LOCAL": 4, "MPOL_PREFERRED_MANY": 5, "MPOL_WEIGHTED_INTERLEAVE": 6}
+MEMORY_POLICY_FLAGS = {"MPOL_F_NUMA_BALANCING": 1 << 13, "MPOL_F_RELATIVE_NODES": 1 << 14, "MPOL_F_STATIC_NODES": 1 << 15}
+MAX_NUMA_NODES = 64  # fcrun passes set_mempolicy one 64-bit word of nodes
+
+
+def parse_id_list(text: str, where: str, limit: int) -> list[int]:
+    """"0-3,7" -> [0, 1, 2, 3, 7]. Raises SpecError naming `where`."""
+    out: list[int] = []
+    for part in text.split(","):
+        low, _, high = part.strip().partition("-")
+        if not low.isdigit() or (high and not high.isdigit()):
+            raise SpecError(f"{text!r} is not a list like 0-3,7", where)
+        first, last = int(low), int(high or low)
+        if first > last or last >= limit:
+            raise SpecError(f"{part!r} is not a range of ids below {limit}", where)
+        out.extend(range(first, last + 1))
+    return out
+
+
+def _check_affinity_and_memory_policy(spec: Spec) -> None:
+    affinity = spec.process.exec_cpu_affinity
+    if affinity is not None:
+        for field in ("initial", "final"):
+            if getattr(affinity, field):
+                parse_id_list(getattr(affinity, field), f"$.process.execCPUAffinity.{field}", os.cpu_count() or 1)
+    policy = spec.linux.memory_policy
+    if policy is not None:
+        if policy.mode not in MEMORY_POLICY_MODES:
+            raise SpecError(f"unknown memory policy mode {policy.mode!r}", "$.linux.memoryPolicy.mode")
+        for i, flag in enumerate(policy.flags):
+            if flag not in MEMORY_POLICY_FLAGS:
+                raise SpecError(f"unknown memory policy flag {flag!r}", f"$.linux.memoryPolicy.flags[{i}]")
+        if policy.nodes:
+            parse_id_list(policy.nodes, "$.linux.memoryPolicy.nodes", MAX_NUMA_NODES)
+        elif policy.mode not in ("MPOL_DEFAULT", "MPOL_LOCAL", "MPOL_PREFERRED"):
+            raise SpecError(f"{policy.mode} needs nodes", "$.linux.memoryPolicy.nodes")
 
 
 PERSONALITY_DOMAINS = {"LINUX": 0x0000, "LINUX32": 0x0008}  # <sys/personality.h> PER_LINUX, PER_LINUX32
@@ -680,6 +732,7 @@ def validate_spec(spec: Spec) -> None:
         raise SpecError(f"invalid domainname {spec.domainname!r}", "$.domainname")
     _check_devices(spec.linux.devices)
     _check_scheduling(spec.process)
+    _check_affinity_and_memory_policy(spec)
     if spec.linux.devices and "user" in seen:
         raise SpecError("device nodes in a user namespace are not supported by fcrun (mknod there is "
                         "not allowed; runc bind-mounts them instead)", "$.linux.devices")
