@@ -2,7 +2,7 @@
 """An OCI runtime CLI as an engine drives it: create + start + delete of /bin/true, fcrun-oci against runc.
 
 Each round times one cycle per runtime, alternating which goes first, on the same busybox bundle (runc's
-default spec, read-only root, no terminal, /bin/true), each runtime with its own --root beside the other's:
+default spec with its ambient capabilities inheritable too, read-only root, no terminal, /bin/true), each runtime with its own --root beside the other's:
 
     RUNTIME --root R create --bundle B --pid-file P ID   # the container's init waits for start
     RUNTIME --root R start ID                            # /bin/true runs and exits
@@ -57,12 +57,16 @@ def find_fcrun_oci() -> str | None:
 
 
 def make_bundle(bundle: str, rootfs: str, without_mounts: list[str]) -> None:
-    """runc's default spec on rootfs (read-only), running /bin/true without a terminal, less the mounts at the
-    destinations in without_mounts."""
+    """runc's default spec on rootfs (read-only), running /bin/true without a terminal, its ambient capabilities
+    inheritable too, less the mounts at the destinations in without_mounts."""
     subprocess.run(["runc", "spec", "--bundle", bundle], check=True)
     with open(os.path.join(bundle, "config.json")) as f:
         config = json.load(f)
     config["mounts"] = [m for m in config["mounts"] if m["destination"] not in without_mounts]
+    # runc's default lists ambient capabilities that are not inheritable, which the kernel refuses to raise: runc
+    # goes on without them, fcrun-oci (2026-12-04) fails. Inheritable too, so both raise them.
+    caps = config["process"]["capabilities"]
+    caps["inheritable"] = list(caps.get("ambient", []))
     config["root"] = {"path": rootfs, "readonly": True}
     config["process"]["terminal"] = False
     config["process"]["args"] = ["/bin/true"]
