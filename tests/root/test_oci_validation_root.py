@@ -31,9 +31,9 @@ BUDGET_S = int(os.environ.get("FCRUN_RTVAL_BUDGET", "600"))
 
 # Tests clean under runc that fcrun-oci does not pass yet: test name -> why. Only ever remove entries:
 # test_fcrun_oci_is_clean_wherever_runc_is fails when one of them passes, telling to remove it.
-# From the runs of 2026-12-04 (fcrun-oci of the issue 13 work in progress): at 21:55 UTC 25 of 58 clean, at 22:30
+# From the runs of 2026-12-04 (fcrun-oci of the issue 13 work in progress): at 21:55 UTC 25 of 58 clean, at 22:25
 # 26 (linux_devices went); runc 31.
-CPU_SHARES = ("refuses cpu fields runc applies: cpu.cpus at 22:30, cpu.shares before "
+CPU_SHARES = ("refuses cpu fields runc applies: cpu.cpus at 22:25, cpu.shares before "
               "('not supported by fcrun's cgroup layer')")
 PIDS_CGROUP = "'get pids cgroup data' fails: the container's pids cgroup is not at the spec's cgroupsPath"
 KNOWN_GAPS: dict[str, str] = {
