@@ -234,3 +234,27 @@ def test_unlimited_values_as_runc_reads_them():
         validate_spec(spec)
         limits = limits_from_spec(spec)
         assert (limits.memory_bytes, limits.cpu_quota_us, limits.pids_max) == (None, None, None)
+
+
+def test_cgroup_settings_v2_only_and_v1_only_fields():
+    from fcrun.runtime.plan import cgroup_settings
+    from fcrun.runtime.spec import CpuResources
+
+    spec = default_spec(["sh"])
+    spec.linux.resources.unified = {"memory.high": "50M"}
+    with pytest.raises(SpecError, match="needs cgroup v2") as info:
+        cgroup_settings(spec, 1)
+    assert info.value.where == "$.linux.resources.unified['memory.high']"
+    assert cgroup_settings(spec, 2) == [("unified", "memory.high", "50M", "$.linux.resources.unified['memory.high']")]
+    spec.linux.resources.unified = {"cgroup.procs": "1"}
+    with pytest.raises(SpecError, match="not a controller's file"):
+        cgroup_settings(spec, 2)
+    spec.linux.resources.unified = {}
+    spec.linux.resources.cpu = CpuResources(idle=1)
+    with pytest.raises(SpecError, match="needs cgroup v2"):
+        cgroup_settings(spec, 1)
+    assert cgroup_settings(spec, 2)[0][:3] == ("unified", "cpu.idle", "1")
+    spec.linux.resources.cpu = CpuResources(realtime_runtime=1000, realtime_period=100000)
+    assert [(f, v) for _, f, v, _ in cgroup_settings(spec, 1)] == [("cpu.rt_period_us", "100000"), ("cpu.rt_runtime_us", "1000")]
+    with pytest.raises(SpecError, match="no cgroup v2 file"):
+        cgroup_settings(spec, 2)

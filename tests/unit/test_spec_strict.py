@@ -48,7 +48,7 @@ def test_a_field_unknown_to_the_spec_is_refused_with_its_path(mutate, where):
     (lambda d: d["linux"]["resources"].__setitem__("rdma", {"mlx": {}}), "$.linux.resources.rdma", "not supported"),
     (lambda d: d["mounts"][0].__setitem__("uidMappings", []), "$.mounts[0].uidMappings", "idmapped"),
     (lambda d: d["linux"]["resources"].__setitem__("blockIO", {"weight": 10}), "$.linux.resources.blockIO", "not supported"),
-    (lambda d: d["linux"]["resources"]["cpu"].__setitem__("realtimeRuntime", 5), "$.linux.resources.cpu.realtimeRuntime", "not supported"),
+    (lambda d: d["linux"]["resources"]["cpu"].__setitem__("cpus", "0"), "$.linux.resources.cpu.cpus", "cpuset"),
     (lambda d: d["linux"]["resources"]["memory"].__setitem__("kernel", 5), "$.linux.resources.memory.kernel", "not enforced"),
     (lambda d: d["linux"]["seccomp"].__setitem__("listenerPath", "/run/x.sock"), "$.linux.seccomp.listenerPath", "listener"),
     (lambda d: d.__setitem__("windows", {}), "$.windows", "not a Linux field"),

@@ -369,6 +369,24 @@ def cgroup_settings(spec: Spec, version: int) -> list[tuple[str, str, str, str]]
     if cpu is not None and cpu.burst is not None:
         out.append(("cpu", "cpu.cfs_burst_us", str(cpu.burst), f"{at}.cpu.burst") if v1
                    else ("unified", "cpu.max.burst", str(cpu.burst), f"{at}.cpu.burst"))
+    if cpu is not None and cpu.idle is not None:
+        if v1:
+            raise SpecError("linux.resources.cpu.idle needs cgroup v2: not supported on this host", f"{at}.cpu.idle")
+        out.append(("unified", "cpu.idle", str(cpu.idle), f"{at}.cpu.idle"))
+    for field, file in (("realtime_period", "cpu.rt_period_us"), ("realtime_runtime", "cpu.rt_runtime_us")):
+        value = getattr(cpu, field) if cpu is not None else None
+        if value is not None:
+            wire = "realtimePeriod" if field == "realtime_period" else "realtimeRuntime"
+            if not v1:
+                refuse_on_v2(f"cpu.{wire}")
+            out.append(("cpu", file, str(value), f"{at}.cpu.{wire}"))  # the period first: the kernel checks runtime against it
+    for key, value in sorted(res.unified.items()):
+        where = f"{at}.unified[{key!r}]"
+        if v1:
+            raise SpecError("linux.resources.unified needs cgroup v2: not supported on this host", where)
+        if "/" in key or "." not in key or key.startswith(("cgroup.", ".")):
+            raise SpecError(f"{key!r} is not a controller's file of the container's cgroup", where)
+        out.append(("unified", key, value, where))
     if mem is not None:
         if mem.reservation is not None:
             out.append(("memory", "memory.soft_limit_in_bytes", str(mem.reservation), f"{at}.memory.reservation") if v1

@@ -179,11 +179,11 @@ class CpuResources(_Base, kw_only=True):
     period: int | None = None
     shares: int | None = None
     burst: int | None = None
-    realtime_runtime: NotSupported = NOT_SET
-    realtime_period: NotSupported = NOT_SET
-    cpus: NotSupported = NOT_SET
+    realtime_runtime: int | None = None
+    realtime_period: int | None = None
+    cpus: NotSupported = NOT_SET  # cpuset: a controller fcrun's cgroup layer does not join
     mems: NotSupported = NOT_SET
-    idle: NotSupported = NOT_SET
+    idle: int | None = None
 
 
 class PidsResources(_Base, kw_only=True):
@@ -209,7 +209,7 @@ class Resources(_Base, kw_only=True):
     hugepage_limits: NotSupported = NOT_SET
     network: NotSupported = NOT_SET
     rdma: NotSupported = NOT_SET
-    unified: NotSupported = NOT_SET
+    unified: dict[str, str] = {}
 
 
 class IDMapping(_Base, kw_only=True):
@@ -468,6 +468,12 @@ _WHY = {
     "timeOffsets": "time namespaces are not supported by fcrun",
     "intelRdt": "Intel RDT (resctrl) is not supported by fcrun",
     "netDevices": "moving network devices into the container is not supported by fcrun",
+    "cpus": "the cpuset controller is not joined by fcrun's cgroup layer: not supported",
+    "mems": "the cpuset controller is not joined by fcrun's cgroup layer: not supported",
+    "blockIO": "the blkio controller is not joined by fcrun's cgroup layer: not supported",
+    "hugepageLimits": "the hugetlb controller is not joined by fcrun's cgroup layer: not supported",
+    "network": "the net_cls/net_prio controllers are not joined by fcrun's cgroup layer: not supported",
+    "rdma": "the rdma controller is not joined by fcrun's cgroup layer: not supported",
     "kernel": "kernel memory limits are not enforced by Linux since 5.16 (memory.kmem.limit_in_bytes is ignored)",
     "listenerPath": "seccomp notify listeners are not supported by fcrun",
     "listenerMetadata": "seccomp notify listeners are not supported by fcrun",
