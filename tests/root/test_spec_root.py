@@ -234,7 +234,7 @@ def test_a_resource_the_host_cannot_set_is_refused_and_leaves_nothing(runtime, b
     before = host_snapshot(run_root)
     spec = _spec(busybox, "t-res-bad", "true")
     spec.linux.resources.cpu = CpuResources(cpus="0-1")
-    with pytest.raises(SpecError, match="cpus: not supported") as info:
+    with pytest.raises(SpecError, match="cpus: the cpuset controller is not joined") as info:
         runtime.create("t-res-bad", spec, image=busybox)
     assert info.value.where == "$.linux.resources.cpu.cpus"
     assert settled_snapshot(run_root, before) == before
