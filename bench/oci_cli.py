@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import glob
 import json
 import os
 import shutil
@@ -39,10 +38,10 @@ from fcrun.paths import Paths
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # bench/'s helpers, also under `fcrun bench`
 from benchlib import preflight, summary  # noqa: E402
+from podmanlib import BLOB_INFO_CACHE, private_podman, remove_blob_info_cache, remove_cgroup_tree  # noqa: E402
 
 PR_SET_CHILD_SUBREAPER = 36  # prctl(2): orphaned descendants (a detached container's init) are reparented to us
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-BLOB_INFO_CACHE = "/var/lib/containers/cache"  # podman import writes it whatever its storage root
 
 
 class CycleFailed(Exception):
@@ -119,35 +118,11 @@ def reap_orphans() -> None:
 
 
 class PrivatePodman:
-    """podman with its storage, run root, tmp dir, locks, events and CNI config under `home` (see the docstring)."""
+    """podman with everything of its own under `home` (podmanlib.py), its containers in cgroup_parent."""
 
     def __init__(self, home: str, cgroup_parent: str):
         self.home, self.cgroup_parent = home, cgroup_parent
-        conf = os.path.join(home, "containers.conf")
-        with open(conf, "w") as f:
-            f.write(f"""[containers]
-default_ulimits = ["nofile=1024:1024", "nproc=4096:4096"]
-[engine]
-cgroup_manager = "cgroupfs"
-events_logger = "file"
-events_logfile_path = "{home}/events.log"
-lock_type = "file"
-static_dir = "{home}/static"
-tmp_dir = "{home}/tmp"
-volume_path = "{home}/volumes"
-runtime_supports_json = ["crun", "runc", "kata", "runsc", "krun", "fcrun-oci"]
-[network]
-network_backend = "cni"
-network_config_dir = "{home}/cni"
-""")
-        open(os.path.join(home, "registries.conf"), "w").close()
-        with open(os.path.join(home, "storage.conf"), "w") as f:
-            f.write(f'[storage]\ndriver = "vfs"\ngraphroot = "{home}/root"\nrunroot = "{home}/run"\n')
-        self.env = dict(os.environ, CONTAINERS_CONF=conf, CONTAINERS_REGISTRIES_CONF=os.path.join(home, "registries.conf"),
-                        CONTAINERS_STORAGE_CONF=os.path.join(home, "storage.conf"))
-        self.argv = ["podman", "--root", f"{home}/root", "--runroot", f"{home}/run", "--storage-driver", "vfs",
-                     "--cgroup-manager", "cgroupfs", "--events-backend", "file", "--tmpdir", f"{home}/tmp",
-                     "--network-config-dir", f"{home}/cni"]
+        self.argv, self.env = private_podman(home)
 
     def __call__(self, *args: str, runtime: str | None = None) -> None:
         flags = ["--runtime", runtime, "--runtime-flag", f"root={self.home}/state-{os.path.basename(runtime)}"] \
@@ -162,13 +137,6 @@ network_config_dir = "{home}/cni"
         self("run", "--rm", "--pull", "never", "--network", "none", "--cgroup-parent", self.cgroup_parent,
              "localhost/fcrun-bench-busybox", "/bin/true", runtime=runtime)
         return (time.perf_counter() - t0) * 1000
-
-    def remove_cgroups(self) -> None:
-        for top in glob.glob(f"/sys/fs/cgroup/*/{self.cgroup_parent.strip('/')}") + \
-                glob.glob(f"/sys/fs/cgroup/{self.cgroup_parent.strip('/')}"):
-            for dirpath, _, _ in sorted(os.walk(top), key=lambda entry: -entry[0].count("/")):
-                with contextlib.suppress(OSError):
-                    os.rmdir(dirpath)
 
 
 def time_rounds(contenders: dict[str, object], rounds: int, warmup: int, timed,
@@ -231,10 +199,7 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         reap_orphans()
         shutil.rmtree(work, ignore_errors=True)
-        if not had_blob_cache:
-            shutil.rmtree(BLOB_INFO_CACHE, ignore_errors=True)
-            with contextlib.suppress(OSError):
-                os.rmdir(os.path.dirname(BLOB_INFO_CACHE))
+        remove_blob_info_cache(had_blob_cache)
 
 
 def bench(args: argparse.Namespace, contenders: dict[str, str], work: str) -> int:
@@ -273,7 +238,7 @@ def bench(args: argparse.Namespace, contenders: dict[str, str], work: str) -> in
         finally:
             with contextlib.suppress(CycleFailed):
                 podman("rm", "-a", "-f", "-t", "0")
-            podman.remove_cgroups()
+            remove_cgroup_tree(podman.cgroup_parent)
     elif args.podman_runs:
         print("bench/oci_cli.py: podman not installed: no podman run --rm figures", file=sys.stderr)
     print(json.dumps(out, indent=None if args.json else 2))

@@ -19,13 +19,17 @@ import pty
 import select
 import shutil
 import subprocess
+import sys
 import tarfile
 import tempfile
 import time
 
 import pytest
-from ociruntimes import FCRUN_OCI_ABSENT, fcrun_oci_path, runc_path
+from ociruntimes import FCRUN_OCI_ABSENT, REPO, fcrun_oci_path, runc_path
 from polling import wait_until
+
+sys.path.insert(0, os.path.join(REPO, "bench"))  # the private podman's configuration, shared with bench/oci_cli.py
+from podmanlib import BLOB_INFO_CACHE, private_podman, remove_blob_info_cache, remove_cgroup_tree  # noqa: E402
 
 pytestmark = [pytest.mark.root]
 
@@ -38,7 +42,6 @@ KNOWN_GAPS: dict[str, str] = {
     "test_run_it_through_a_terminal": "the terminal is not a /dev/pts entry inside the container ('not a tty')",
 }
 _parents = itertools.count()
-BLOB_INFO_CACHE = "/var/lib/containers/cache"
 
 
 @pytest.fixture(scope="session")
@@ -54,10 +57,7 @@ def busybox_archive(busybox, tmp_path_factory):
                 setattr(info, "gname", "") or info)
     had_cache = os.path.exists(BLOB_INFO_CACHE)
     yield path
-    if not had_cache:
-        shutil.rmtree(BLOB_INFO_CACHE, ignore_errors=True)
-        with contextlib.suppress(OSError):
-            os.rmdir(os.path.dirname(BLOB_INFO_CACHE))  # /var/lib/containers, if nothing else is in it
+    remove_blob_info_cache(had_cache)
 
 
 class Podman:
@@ -65,38 +65,8 @@ class Podman:
 
     def __init__(self, home: str, runtime: str, runtime_name: str, cgroup_parent: str):
         self.home, self.runtime, self.runtime_name, self.cgroup_parent = home, runtime, runtime_name, cgroup_parent
-        for d in ("root", "run", "tmp", "static", "volumes", "cni"):
-            os.mkdir(os.path.join(home, d), 0o700)
-        conf = os.path.join(home, "containers.conf")
-        with open(conf, "w") as f:
-            f.write(f"""[containers]
-# podman's defaults (nofile 1048576) are above this host's hard limits, which root cannot raise here
-# (no CAP_SYS_RESOURCE): runc refuses them with EPERM
-default_ulimits = ["nofile=1024:1024", "nproc=4096:4096"]
-[engine]
-cgroup_manager = "cgroupfs"
-events_logger = "file"
-events_logfile_path = "{home}/events.log"
-lock_type = "file"
-static_dir = "{home}/static"
-tmp_dir = "{home}/tmp"
-volume_path = "{home}/volumes"
-# podman passes --log-format=json only to runtimes named here; fcrun-oci speaks it as runc does
-runtime_supports_json = ["crun", "runc", "kata", "runsc", "krun", "fcrun-oci"]
-[network]
-network_backend = "cni"
-network_config_dir = "{home}/cni"
-""")
-        registries = os.path.join(home, "registries.conf")
-        open(registries, "w").close()  # no registry: nothing is ever pulled
-        self.env = dict(os.environ, CONTAINERS_CONF=conf, CONTAINERS_REGISTRIES_CONF=registries,
-                        CONTAINERS_STORAGE_CONF=os.path.join(home, "storage.conf"))
-        with open(self.env["CONTAINERS_STORAGE_CONF"], "w") as f:
-            f.write(f'[storage]\ndriver = "vfs"\ngraphroot = "{home}/root"\nrunroot = "{home}/run"\n')
-        self.argv = ["podman", "--root", f"{home}/root", "--runroot", f"{home}/run", "--storage-driver", "vfs",
-                     "--cgroup-manager", "cgroupfs", "--events-backend", "file", "--tmpdir", f"{home}/tmp",
-                     "--network-config-dir", f"{home}/cni", "--runtime", runtime,
-                     "--runtime-flag", f"root={home}/runtime-state"]
+        argv, self.env = private_podman(home)
+        self.argv = [*argv, "--runtime", runtime, "--runtime-flag", f"root={home}/runtime-state"]
         self.run_options = ["--pull", "never", "--network", "none", "--cgroup-parent", cgroup_parent]
         self.gap = None  # set by the fixture: why this check is a known gap of this runtime
 
@@ -143,24 +113,6 @@ def leftovers(podman: Podman) -> list[str]:
     return left
 
 
-def remove_cgroups(parent: str) -> list[str]:
-    """rmdir the cgroup parent and what podman made beneath it (conmon's, the containers'), in every hierarchy;
-    the ones that still hold processes are kept and returned."""
-    busy = []
-    for top in glob.glob(f"/sys/fs/cgroup/*/{parent.strip('/')}") + glob.glob(f"/sys/fs/cgroup/{parent.strip('/')}"):
-        for dirpath, _, _ in sorted(os.walk(top), key=lambda entry: -entry[0].count("/")):
-            try:
-                with open(os.path.join(dirpath, "cgroup.procs")) as f:
-                    if f.read().strip():
-                        busy.append(dirpath)
-                        continue
-            except FileNotFoundError:  # removed meanwhile (podman cleaning up a container's)
-                continue
-            with contextlib.suppress(OSError):  # a parent of a busy one: reported through the child
-                os.rmdir(dirpath)
-    return busy
-
-
 @pytest.fixture(params=["runc", "fcrun-oci"])
 def podman(request, busybox_archive):
     missing = [tool for tool in ("podman", "conmon") if shutil.which(tool) is None]
@@ -184,7 +136,7 @@ def podman(request, busybox_archive):
         while leftovers(engine) and time.monotonic() < deadline:
             time.sleep(0.05)
         left = leftovers(engine)
-        busy = remove_cgroups(engine.cgroup_parent)
+        busy = remove_cgroup_tree(engine.cgroup_parent)
         if not left:
             engine("rmi", "-a", "-f", check=False)
             shutil.rmtree(home, ignore_errors=True)
