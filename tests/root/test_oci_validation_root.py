@@ -118,14 +118,24 @@ def run_suite(runtime: str, tests: list[str] | None) -> dict[str, str]:
         return parse_summary(f.read())
 
 
+def result_file(runtime: str, suffix: str) -> str:
+    """run.sh's last-<binary><suffix> file of the runtime; "" if there is none."""
+    try:
+        with open(os.path.join(RTVAL_HOME, f"last-{os.path.basename(runtime)}{suffix}")) as f:
+            return f.read()
+    except OSError:
+        return ""
+
+
+def first_lines(lines: list[str], max_lines: int) -> str:
+    more = [f"... ({len(lines) - max_lines} more lines)"] if len(lines) > max_lines else []
+    return "\n".join(lines[:max_lines] + more)
+
+
 def stderr_of(runtime: str, test: str, max_lines: int = 15) -> str:
     """The test's stderr in run.sh's .err file (its last try: "### NAME" or "### NAME (again)" heads each), cut to
     max_lines."""
-    try:
-        with open(os.path.join(RTVAL_HOME, f"last-{os.path.basename(runtime)}.err")) as f:
-            text = f.read()
-    except OSError:
-        return ""
+    text = result_file(runtime, ".err")
     lines, current = [], None
     for line in text.splitlines():
         if line.startswith("### "):
@@ -135,17 +145,13 @@ def stderr_of(runtime: str, test: str, max_lines: int = 15) -> str:
             continue
         if current == test:
             lines.append(line)
-    return "\n".join(lines[:max_lines] + ([f"... ({len(lines) - max_lines} more lines)"] if len(lines) > max_lines else []))
+    return first_lines(lines, max_lines)
 
 
 def tap_failures(runtime: str, test: str, max_lines: int = 15) -> str:
     """The test's "not ok" lines in run.sh's .tap, with their diagnostics (# lines, error, stderr, actual), cut to
     max_lines."""
-    try:
-        with open(os.path.join(RTVAL_HOME, f"last-{os.path.basename(runtime)}.tap")) as f:
-            text = f.read()
-    except OSError:
-        return ""
+    text = result_file(runtime, ".tap")
     lines, current, failing = [], None, False
     for line in text.splitlines():
         if line.startswith("# rtval: "):
@@ -160,7 +166,7 @@ def tap_failures(runtime: str, test: str, max_lines: int = 15) -> str:
         elif failing and (line.startswith("# ") or
                           line.lstrip().startswith(('"error"', '"stderr"', '"actual"', '"expected"'))):
             lines.append(line)
-    return "\n".join(lines[:max_lines] + ([f"... ({len(lines) - max_lines} more lines)"] if len(lines) > max_lines else []))
+    return first_lines(lines, max_lines)
 
 
 def container_ids(runtime: str) -> set[str]:
