@@ -309,3 +309,20 @@ def test_cpu_affinity_and_memory_policy_reach_the_process(runtime, busybox):
     cpus, bound = out.splitlines()
     assert cpus.split() == ["Cpus_allowed_list:", "0"]
     assert int(bound) > 0  # the process's mappings follow the bind policy
+
+
+def test_runc_default_capabilities_start_and_ambient_ones_reach_a_non_root_user(runtime, busybox):
+    from fcrun.runtime.spec import Capabilities
+
+    names = ["CAP_AUDIT_WRITE", "CAP_KILL", "CAP_NET_BIND_SERVICE"]
+    spec = _spec(busybox, "t-caps", "grep -E '^Cap(Amb|Eff)' /proc/self/status")
+    spec.process.capabilities = Capabilities(bounding=names, effective=names, permitted=names, ambient=names)
+    code, out = _run(runtime, busybox, "t-caps", spec)  # runc spec's default: ambient, not inheritable
+    assert code == 0, out
+    assert "CapAmb:\t0000000000000000" in out
+    spec = _spec(busybox, "t-caps-user", "grep -E '^Cap(Amb|Eff)' /proc/self/status", user="1000:1000")
+    spec.process.capabilities = Capabilities(bounding=names, effective=names, permitted=names,
+                                             inheritable=["CAP_KILL", "CAP_NET_BIND_SERVICE"], ambient=names)
+    code, out = _run(runtime, busybox, "t-caps-user", spec)
+    assert code == 0, out
+    assert "CapAmb:\t0000000000000420" in out  # KILL (5) and NET_BIND_SERVICE (10): a non-root process keeps them

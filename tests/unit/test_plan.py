@@ -258,3 +258,15 @@ def test_cgroup_settings_v2_only_and_v1_only_fields():
     assert [(f, v) for _, f, v, _ in cgroup_settings(spec, 1)] == [("cpu.rt_period_us", "100000"), ("cpu.rt_runtime_us", "1000")]
     with pytest.raises(SpecError, match="no cgroup v2 file"):
         cgroup_settings(spec, 2)
+
+
+def test_ambient_capabilities_the_kernel_cannot_hold_are_left_out_as_runc_does():
+    from fcrun.runtime.spec import Capabilities
+
+    spec = default_spec(["sh"])
+    names = ["CAP_AUDIT_WRITE", "CAP_KILL", "CAP_NET_BIND_SERVICE"]
+    # runc spec's default: ambient listed, inheritable not.
+    spec.process.capabilities = Capabilities(bounding=names, effective=names, permitted=names, ambient=names)
+    assert _plan(spec).cap_ambient == []
+    spec.process.capabilities.inheritable = ["CAP_KILL", "CAP_NET_BIND_SERVICE"]
+    assert _plan(spec).cap_ambient == [5, 10]

@@ -257,6 +257,11 @@ def build_plan(
     caps = spec.process.capabilities
     mask = (lambda field: capability_mask(getattr(caps, field), f"$.process.capabilities.{field}")) if caps else (lambda f: 0)
     ambient = [CAPABILITY_NUMBERS[c if c.startswith("CAP_") else "CAP_" + c] for c in (caps.ambient if caps else [])]
+    # The kernel holds an ambient capability only while it is both permitted and inheritable;
+    # runc's own default spec lists ambient ones it does not make inheritable, and runc skips
+    # what it cannot raise (with a warning). So does fcrun, where it is decided: here.
+    raisable = mask("permitted") & mask("inheritable")
+    ambient = [cap for cap in ambient if raisable & (1 << cap)]
     overlay_data = None
     idmapped_lower: list[tuple[bytes, bytes]] = []
     if overlay_lower is not None and userns_fd >= 0:
