@@ -5,10 +5,8 @@ from __future__ import annotations
 
 import asyncio
 import os
-import shutil
 import socket
 import stat
-import tempfile
 
 import pytest
 
@@ -23,13 +21,6 @@ from fcrun.unixsock import peer_credentials
 
 TOKEN = "s3cret-token"
 
-
-@pytest.fixture
-def short_dir():
-    """A short directory for unix sockets (their paths are limited to 107 bytes)."""
-    path = tempfile.mkdtemp(prefix="fc-", dir="/tmp")
-    yield path
-    shutil.rmtree(path, ignore_errors=True)
 
 
 @pytest.fixture

@@ -25,18 +25,6 @@ from fcrun_cli.main import main
 main.add_command(app)  # cli/main.py adds it; registering again is harmless
 
 
-@pytest.fixture
-def paths(tmp_path):
-    return Paths(data_root=str(tmp_path / "data"), run_root=str(tmp_path / "run"))
-
-
-@pytest.fixture
-def write(tmp_path):
-    def write(text: str) -> str:
-        path = tmp_path / "fcrun.toml"
-        path.write_text(text)
-        return str(path)
-    return write
 
 
 def openssl(*args: str) -> None:

@@ -10,7 +10,6 @@ import shutil
 import socket
 import ssl
 import subprocess
-import tempfile
 import time
 
 import pytest
@@ -32,12 +31,6 @@ SHORT = AdminLimits(max_connections=3, keepalive_timeout_s=0.3, header_timeout_s
 # Serve runs on uvloop; the tests run each server on both loops.
 LOOPS = pytest.mark.parametrize("loop_factory", [uvloop.new_event_loop, None], ids=["uvloop", "asyncio"])
 
-
-@pytest.fixture
-def short_dir():
-    path = tempfile.mkdtemp(prefix="fc-", dir="/tmp")
-    yield path
-    shutil.rmtree(path, ignore_errors=True)
 
 
 @pytest.fixture

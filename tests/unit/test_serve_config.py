@@ -5,22 +5,9 @@ from __future__ import annotations
 import pytest
 
 from fcrun.errors import NotFound, SpecError
-from fcrun.paths import Paths
 from fcrun.serve.config import ServeConfig, load_config, parse_address
 
 
-@pytest.fixture
-def paths(tmp_path):
-    return Paths(data_root=str(tmp_path / "data"), run_root=str(tmp_path / "run"))
-
-
-@pytest.fixture
-def write(tmp_path):
-    def write(text: str) -> str:
-        path = tmp_path / "fcrun.toml"
-        path.write_text(text)
-        return str(path)
-    return write
 
 
 def test_no_file_gives_the_defaults(paths):
