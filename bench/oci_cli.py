@@ -40,6 +40,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # bench/'s helpe
 from benchlib import preflight, summary  # noqa: E402
 from podmanlib import BLOB_INFO_CACHE, private_podman, remove_blob_info_cache, remove_cgroup_tree  # noqa: E402
 
+PHASES = ("create", "start", "wait", "delete")  # a cycle's steps, timed each
 PR_SET_CHILD_SUBREAPER = 36  # prctl(2): orphaned descendants (a detached container's init) are reparented to us
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -83,8 +84,10 @@ def call(argv: list[str], stderr_path: str) -> None:
             raise CycleFailed(f"{' '.join(argv)} exited {returncode}: {stderr.read().strip()[-500:]}")
 
 
-def cycle(runtime: str, state_root: str, bundle: str, container_id: str) -> float:
-    """One create + start + wait + delete of the bundle's /bin/true; its milliseconds.
+def cycle(runtime: str, state_root: str, bundle: str, container_id: str,
+          phases: dict[str, list[float]] | None = None) -> float:
+    """One create + start + wait + delete of the bundle's /bin/true; its milliseconds (each
+    command's appended to phases[command] too, given phases).
 
     Raises:
         CycleFailed: a command failed (the container is deleted with --force first).
@@ -93,13 +96,18 @@ def cycle(runtime: str, state_root: str, bundle: str, container_id: str) -> floa
     stderr_path = os.path.join(state_root, "stderr")
     base = [runtime, "--root", state_root]
     t0 = time.perf_counter()
+    marks = [t0]
     try:
         call([*base, "create", "--bundle", bundle, "--pid-file", pid_file, container_id], stderr_path)
+        marks.append(time.perf_counter())
         with open(pid_file) as f:
             pid = int(f.read())
         call([*base, "start", container_id], stderr_path)
+        marks.append(time.perf_counter())
         os.waitpid(pid, 0)  # ours to reap: we are a subreaper and the runtime that made it has exited
+        marks.append(time.perf_counter())
         call([*base, "delete", container_id], stderr_path)
+        marks.append(time.perf_counter())
     except (CycleFailed, OSError, ValueError) as failure:
         subprocess.run([*base, "delete", "--force", container_id], stdin=subprocess.DEVNULL,
                        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -107,6 +115,9 @@ def cycle(runtime: str, state_root: str, bundle: str, container_id: str) -> floa
     finally:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(pid_file)
+    if phases is not None:
+        for name, start, end in zip(PHASES, marks, marks[1:]):
+            phases[name].append((end - start) * 1000)
     return (time.perf_counter() - t0) * 1000
 
 
@@ -213,9 +224,12 @@ def bench(args: argparse.Namespace, contenders: dict[str, str], work: str) -> in
         os.mkdir(d, 0o700)
     tag = os.getpid()
 
+    phases = {label: {name: [] for name in PHASES} for label in contenders}
+
     def oci_cycle(label: str, runtime: str, i: int) -> float:
         try:
-            return cycle(runtime, state_roots[label], bundle, f"fcrun-bench-{tag}-{i}")
+            return cycle(runtime, state_roots[label], bundle, f"fcrun-bench-{tag}-{i}",
+                         phases[label] if i >= args.warmup else None)
         finally:
             reap_orphans()
 
@@ -223,6 +237,9 @@ def bench(args: argparse.Namespace, contenders: dict[str, str], work: str) -> in
            "runs": args.runs, "runtimes": contenders, "mounts_left_out": args.without_mount}
     failed: dict[str, str] = {}
     out["create_start_delete"] = with_ratios(time_rounds(contenders, args.runs, args.warmup, oci_cycle, failed), failed)
+    # Each command's own time (the cycle's runs; `wait`: from start's exit to the init's).
+    out["per_command"] = {label: {name: summary(values) for name, values in steps.items() if values}
+                          for label, steps in phases.items() if label not in failed}
     if args.podman_runs and shutil.which("podman"):
         home = os.path.join(work, "podman")
         os.mkdir(home, 0o700)
@@ -238,7 +255,11 @@ def bench(args: argparse.Namespace, contenders: dict[str, str], work: str) -> in
         finally:
             with contextlib.suppress(CycleFailed):
                 podman("rm", "-a", "-f", "-t", "0")
-            remove_cgroup_tree(podman.cgroup_parent)
+            # conmon, and fcrun-oci's holder (oci_holder.py: up to EXIT_LINGER_S after the container's exit
+            # when the delete goes elsewhere; podman's cleanup leaves --runtime-flag root= out), leave shortly.
+            deadline = time.monotonic() + 15
+            while remove_cgroup_tree(podman.cgroup_parent) and time.monotonic() < deadline:
+                time.sleep(0.2)
     elif args.podman_runs:
         print("bench/oci_cli.py: podman not installed: no podman run --rm figures", file=sys.stderr)
     print(json.dumps(out, indent=None if args.json else 2))

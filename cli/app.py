@@ -9,8 +9,12 @@ directly when no server runs (new settings are then picked up when serve starts)
   answer, there is no fallback;
 - else ``FCRUN_ADMIN_SOCKET``, else the admin_socket of ``FCRUN_CONFIG``'s file, else
   ``<run root>/admin.sock``;
-- direct mode uses ``<data root>/cmdb.sqlite3``, and the ``[defaults]`` and ``docroot_roots`` of
-  ``FCRUN_CONFIG``.
+- direct mode uses the CMDB of ``fcrun --cmdb URL`` (env ``FCRUN_CMDB``), else ``FCRUN_CONFIG``'s
+  ``[cmdb] url``, else ``<data root>/cmdb.sqlite3``; and the ``[defaults]`` and
+  ``docroot_roots`` of ``FCRUN_CONFIG``.
+
+``FCRUN_CONFIG``'s file is, as for serve, /etc/fcrun/fcrun.toml when the variable is unset and
+that file exists.
 
 A ``--docroot`` outside the docroot roots, reached through a symlink or missing is refused by
 whichever of the two writes the app (docroot.py), and checked again whenever it is mounted.
@@ -30,15 +34,18 @@ import click
 import msgspec
 
 from fcrun.cmdb import App, AppStats, AppUpdate, Event, Instance, NewApp, open_cmdb
-from fcrun.cmdb.models import AppDefaults, Scale, check_docroot, normalize_hostname
+from fcrun_cli.cmdb import chosen_url
+from fcrun.cmdb.models import AppDefaults, Scale, check_docroot, check_ready_path, normalize_hostname
 from fcrun.units import parse_size
 from fcrun.docroot import DEFAULT_DOCROOT_ROOTS
+from fcrun_cli.logs import app_logs
+from fcrun_cli.node import app_move, placements_of, placements_text
 from fcrun.errors import SpecError
 from fcrun.runtime.options import parse_env
 from fcrun.paths import Paths
 from fcrun.seccomp import parse_security_opts
 from fcrun.serve.admin_client import AdminClient, LocalAdmin, server_answers
-from fcrun.serve.config import ADMIN_SOCKET_NAME, load_config
+from fcrun.serve.config import ADMIN_SOCKET_NAME, default_config_path, load_config
 from fcrun.units import format_bytes, parse_cpu, parse_duration, parse_memory
 
 ADMIN_URL_ENV = "FCRUN_ADMIN_URL"
@@ -75,7 +82,7 @@ def connect(ctx: click.Context) -> Iterator[Admin]:
         yield AdminClient(url, os.environ.get(ADMIN_TOKEN_ENV), ca_file=os.environ.get(ADMIN_CA_ENV) or None)
         return
     paths = getattr(ctx.obj, "paths", None) or Paths.from_env()
-    config_path = os.environ.get(CONFIG_ENV)
+    config_path = default_config_path(os.environ.get(CONFIG_ENV))  # else /etc/fcrun/fcrun.toml, as serve
     config = load_config(config_path, paths) if config_path else None
     socket_path = (
         os.environ.get(ADMIN_SOCKET_ENV)
@@ -84,7 +91,7 @@ def connect(ctx: click.Context) -> Iterator[Admin]:
     if os.path.exists(socket_path) and server_answers(socket_path):
         yield AdminClient(socket_path)
         return
-    admin = LocalAdmin(open_cmdb(paths), config.defaults if config else AppDefaults(),
+    admin = LocalAdmin(open_cmdb(paths, chosen_url(ctx, config)), config.defaults if config else AppDefaults(),
                        docroot_roots=config.docroot_roots if config else DEFAULT_DOCROOT_ROOTS,
                        fcrun_roots=(paths.data_root, paths.run_root))
     try:
@@ -127,6 +134,9 @@ def _settings_options(command):
                      help="Most processes and threads per instance (default 1024; 'default' restores it)."),
         click.option("--security-opt", "security_opts", multiple=True, metavar="seccomp=PROFILE",
                      help="seccomp=default|unconfined|PROFILE.json (OCI profile, stored in the CMDB)."),
+        click.option("--ready-path", default=None, metavar="PATH",
+                     help="An instance gets requests only once GET PATH (Host: the app's name) answers 2xx "
+                          "or 3xx, besides accepting connections (/healthz; 'off', the default: accepting is enough)."),
     ]
     for option in reversed(options):
         command = option(command)
@@ -173,6 +183,8 @@ def _changes(opts: dict[str, Any]) -> dict[str, Any]:
         out["seccomp"] = seccomp_setting_text(opts["security_opts"])
     if opts["autoscale"] is not None:
         out["autoscale"] = opts["autoscale"]
+    if opts["ready_path"] is not None:
+        out["ready_path"] = _or_none(opts["ready_path"], "--ready-path", check_ready_path)
     return out
 
 
@@ -241,10 +253,12 @@ def add(ctx: click.Context, hostname: str, **opts):
     if not opts.get("image"):
         raise SpecError("an app needs an image: give --image (e.g. --image apache-php)", "--image")
     name = normalize_hostname(hostname, "HOSTNAME")
+    opts["image"] = _image_from_registry(ctx, opts["image"])
     spec = NewApp(name=name, **_changes(opts))
     with connect(ctx) as admin:
         added = admin.add_app(spec)
     click.echo(added.name)
+    _warn_if_image_missing(ctx, added.image)
 
 
 @app.command("ls")
@@ -282,8 +296,11 @@ def show(ctx: click.Context, name: str, as_json: bool):
         found = admin.get_app(name)
         stats = admin.stats(found.name).get(found.name, AppStats())
         instances = admin.list_instances(found.name)
+        placements = placements_of(admin, found.name)  # None through a server (its API has none)
     if as_json:
         doc = {"app": found, "stats": stats, "instances": instances}
+        if placements is not None:
+            doc["placements"] = placements
         click.echo(msgspec.json.format(msgspec.json.encode(doc), indent=2).decode())
         return
     rows = [
@@ -304,9 +321,11 @@ def show(ctx: click.Context, name: str, as_json: bool):
         ("port", str(found.port) if found.port is not None else "auto (the image's, else 80)"),
         ("pids", str(found.pids_max) if found.pids_max is not None else "default (1024)"),
         ("seccomp", found.seccomp if found.seccomp in ("default", "unconfined") else "custom profile"),
+        ("ready", f"GET {found.ready_path} answers 2xx/3xx" if found.ready_path else "accepting connections"),
         ("generation", f"{found.generation} (updated {_time_text(found.updated_at)})"),
         ("created", _time_text(found.created_at)),
         ("running", f"{stats.instances.ready} ready / {stats.instances.total}"),
+        *([("placements", placements_text(placements))] if placements is not None else []),
         ("requests", " ".join([str(stats.requests)] + [f"{k}:{v}" for k, v in sorted(stats.status.items()) if v])),
         ("metering", f"request {stats.request_seconds:.3f}s, cpu {stats.cpu_seconds:.3f}s, "
                      f"instances {stats.instance_seconds:.1f}s"),
@@ -316,10 +335,10 @@ def show(ctx: click.Context, name: str, as_json: bool):
         click.echo(f"{key + ':':<{width}} {value}")
     if instances:
         click.echo("")
-        table = [("INSTANCE", "STATE", "ADDRESS", "CPU", "STARTED", "REQUESTS")]
+        table = [("INSTANCE", "STATE", "NODE", "ADDRESS", "CPU", "STARTED", "REQUESTS")]
         for i in instances:
             address = f"{i.ip}:{i.port}" if i.ip else "-"
-            table.append((i.id, i.state, address, f"{i.cpu:g}" if i.cpu is not None else "-",
+            table.append((i.id, i.state, i.owner or "-", address, f"{i.cpu:g}" if i.cpu is not None else "-",
                           _time_text(i.started_at), str(i.requests)))
         _print_table(table)
 
@@ -343,9 +362,68 @@ def update(ctx: click.Context, name: str, clear_aliases: bool, clear_env: bool, 
         changes["env"] = []
     if not changes:
         raise SpecError("nothing to update: give at least one setting (see --help)", "fcrun app update")
+    if "image" in changes:
+        changes["image"] = _image_from_registry(ctx, changes["image"])
     with connect(ctx) as admin:
         updated = admin.update_app(name, AppUpdate(**changes))
     click.echo(f"{updated.name}: generation {updated.generation}; new instances use the new settings")
+    if "image" in changes:
+        _warn_if_image_missing(ctx, updated.image)
+
+
+def _image_from_registry(ctx: click.Context, image: str) -> str:
+    """`--image REF` of a registry (`host/repo:tag`, `docker://...`): pull it on first use and
+    give the app the image's local name (images/pull.py `ensure_image`). Pulled here, before the
+    app is written, so a failed pull adds nothing and serve never waits on a registry.
+    A local name is returned as it is.
+    """
+    import sys
+
+    from fcrun.images.reference import is_registry_reference
+
+    if not is_registry_reference(image):
+        return image
+    if os.environ.get(ADMIN_URL_ENV):
+        raise SpecError(f"{image!r} is a registry reference and the server is remote: pull it on the "
+                        "server's host (`fcrun image pull REF`) and give the image's name", "--image")
+    from fcrun.images import ImageStore
+    from fcrun.images.pull import PullOptions, ensure_image
+
+    paths = getattr(ctx.obj, "paths", None) or Paths.from_env()
+    show = sys.stderr.isatty()
+    return ensure_image(ImageStore(paths), image, PullOptions.from_env(progress=show),
+                        progress=(lambda line: click.echo(line, err=True)) if show else None)
+
+
+def _warn_if_image_missing(ctx: click.Context, image: str) -> None:
+    """Warn (stderr; the app stays added) when `image` is not in the local image store: the
+    app's first request would fail to start an instance. Says nothing when a remote server
+    (FCRUN_ADMIN_URL) runs the app, or when the store cannot be read (not root): it cannot tell.
+    """
+    if os.environ.get(ADMIN_URL_ENV):
+        return
+    from fcrun.errors import NotFound
+    from fcrun.images import ImageStore
+    from fcrun.images.recipes import list_recipes
+
+    paths = getattr(ctx.obj, "paths", None) or Paths.from_env()
+    store = ImageStore(paths)
+    try:
+        os.listdir(paths.images)
+    except FileNotFoundError:
+        pass  # no image at all yet
+    except OSError:
+        return  # the store is unreadable here: whether the image is there is unknown
+    try:
+        store.get(image)
+        return
+    except NotFound:
+        pass
+    how = [f"`fcrun image pull {image}`"]
+    if ":" not in image and image in list_recipes(store.recipes_dir):
+        how.insert(0, f"`fcrun image build {image}`")
+    click.echo(f"fcrun: warning: image {image!r} is not in the local image store ({paths.images}) yet: its "
+               f"instances cannot start until it is; get it with {' or '.join(how)}", err=True)
 
 
 @app.command("scale")
@@ -449,5 +527,10 @@ def _time_text(ts: float | None) -> str:
         return "-"
     return datetime.datetime.fromtimestamp(ts).strftime("%Y-%m-%d %H:%M:%S")
 
+
+# `fcrun app logs APP` reads log files, not the admin API: it lives with `fcrun logs`.
+app.add_command(app_logs, "logs")
+# `fcrun app move APP --node NAME` works on the CMDB's placements: it lives with `fcrun node`.
+app.add_command(app_move, "move")
 
 __all__ = ["app", "connect", "events", "stats"]

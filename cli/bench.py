@@ -91,4 +91,56 @@ def density(instances: int, warming: int, image_store: str | None, as_json: bool
          as_json)
 
 
+@bench.command("oci-cli")
+@click.option("--runs", type=click.IntRange(min=1), default=50, show_default=True, help="Timed cycles per runtime.")
+@click.option("--warmup", type=click.IntRange(min=0), default=3, show_default=True, help="Untimed cycles first.")
+@click.option("--runtime", default=None, metavar="PATH",
+              help="The runtime to compare with runc (default: fcrun-oci beside this Python, or on PATH).")
+@click.option("--podman-runs", type=click.IntRange(min=0), default=10, show_default=True,
+              help="Rounds of `podman run --rm` per runtime (0: none; skipped without podman).")
+@click.option("--without-mount", multiple=True, metavar="DEST",
+              help="Leave the default spec's mount at DEST out of the bundle, for both runtimes (repeatable).")
+@click.option("--json", "as_json", is_flag=True, help="One line of JSON.")
+def oci_cli(runs: int, warmup: int, runtime: str | None, podman_runs: int, without_mount: tuple[str, ...],
+            as_json: bool):
+    """fcrun-oci against runc as an engine drives them: create + start + delete of /bin/true on
+    the same bundle (each command's time too), and `podman run --rm` with each. Needs root, runc."""
+    argv = ["--runs", str(runs), "--warmup", str(warmup), "--podman-runs", str(podman_runs)]
+    if runtime is not None:
+        argv += ["--runtime", runtime]
+    for dest in without_mount:
+        argv += ["--without-mount", dest]
+    _run("oci_cli", argv, as_json=as_json)
+
+
+@bench.command("cluster")
+@click.option("--runs", type=click.IntRange(min=1), default=30, show_default=True,
+              help="Timed cold starts per contender.")
+@click.option("--warmup", type=click.IntRange(min=0), default=2, show_default=True, help="Untimed rounds first.")
+@click.option("--rounds", type=click.IntRange(min=1), default=3, show_default=True,
+              help="wrk runs per warm contender (alternating).")
+@click.option("--duration", type=click.IntRange(min=1), default=8, show_default=True, help="Seconds per wrk run.")
+@click.option("--connections", "-c", type=click.IntRange(min=1), default=32, show_default=True)
+@click.option("--threads", "-t", type=click.IntRange(min=1), default=2, show_default=True)
+@click.option("--node-netns", is_flag=True, help="The node (and nginx's node) in a network namespace of its own, "
+              "reached over a veth, instead of on loopback.")
+@click.option("--out", default=None, metavar="PATH", help="Where the JSON goes too (default: "
+              "bench/results/cluster.json, with --node-netns cluster-netns.json; '-': nowhere).")
+@click.option("--image-store", default=None, metavar="DIR", help="Data root holding the apache-php image.")
+@click.option("--json", "as_json", is_flag=True, help="One line of JSON.")
+def cluster(runs: int, warmup: int, rounds: int, duration: int, connections: int, threads: int, node_netns: bool,
+            out: str | None, image_store: str | None, as_json: bool):
+    """A front and a node (`serve --role front|node`) on one PostgreSQL against a single-host
+    serve: cold start from the pool through the front (with and without a placement) vs the
+    single host's, and warm throughput front -> node -> instance vs nginx -> nginx -> instance
+    (wrk). Medians, p99 and ratios, as JSON. Needs root, PostgreSQL, wrk, nginx."""
+    argv = ["--runs", str(runs), "--warmup", str(warmup), "--rounds", str(rounds), "--duration", str(duration),
+            "--connections", str(connections), "--threads", str(threads)]
+    if node_netns:
+        argv.append("--node-netns")
+    if out is not None:
+        argv += ["--out", out]
+    _run("cluster", argv, "--image-root", image_store, as_json)
+
+
 __all__ = ["bench"]

@@ -46,7 +46,8 @@ FORWARDED_SIGNALS = (_signal.SIGINT, _signal.SIGTERM, _signal.SIGHUP, _signal.SI
 # RunRequest field it sets), as in fcrun_cli/main.py. Every option of click's `fcrun run` is in
 # exactly one of the three run tables, with the same name, kind and choices (test_fastcli.py checks).
 GLOBAL_OPTIONS = {"--root": "FCRUN_ROOT", "--state": "FCRUN_RUN", "--cgroup-parent": "FCRUN_CGROUP_PARENT",
-                  "--bridge": "FCRUN_BRIDGE", "--subnet": "FCRUN_SUBNET"}
+                  "--bridge": "FCRUN_BRIDGE", "--subnet": "FCRUN_SUBNET",
+                  "--cmdb": "FCRUN_CMDB"}  # taken and unused: `fcrun run` reads no CMDB
 RUN_VALUE_OPTIONS = {"--image": "image", "-i": "image", "--name": "name", "--cpu": "cpu", "--memory": "memory",
                      "-m": "memory", "--pids": "pids", "--hostname": "hostname", "--env": "env", "-e": "env",
                      "--net": "network", "--workdir": "workdir", "-w": "workdir", "--user": "user", "-u": "user",
@@ -58,6 +59,9 @@ RUN_FLAGS = {"-d": "detach", "--detach": "detach", "--read-only": "read_only", "
 # --tmpfs-rootfs and --userns (rare: the in-process path), and help.
 RUN_CLICK_ONLY = ("--keep", "--security-opt", "--tmpfs-rootfs", "--userns", "-h", "--help")
 NETWORKS = ("bridge", "none", "host")
+# What `fcrun run` exits with when it fails itself (as docker and podman): 125 fcrun's own
+# failure, 126 the command cannot be invoked, 127 not found (fcrun.errors; a unit test checks).
+OWN_EXIT_CODES = (125, 126, 127)
 
 
 class Fallback(Exception):
@@ -358,10 +362,10 @@ def run(path: str, fields: dict) -> int:
         reply = read_reply(sock)
     except OSError as exc:
         print(f"fcrun: fork-server at {path}: [Errno {exc.errno}] {exc.strerror}", file=sys.stderr)
-        return 125
+        return OWN_EXIT_CODES[0]
     except ValueError as exc:
         print(f"fcrun: fork-server at {path}: bad reply: {exc}", file=sys.stderr)
-        return 125
+        return OWN_EXIT_CODES[0]
     finally:
         sock.close()  # a signal from here on finds it closed: forward() ignores that
     match reply:
@@ -379,8 +383,10 @@ def run(path: str, fields: dict) -> int:
             raise Fallback("the fork-server is set up differently")
         case {"type": "Failed", "message": str(text)}:
             print(f"fcrun: {text}", file=sys.stderr)
-            code = reply.get("exit_code", 125)
-            return code if isinstance(code, int) else 125
+            # The fork-server gives `fcrun run`'s code (fcrun.errors.command_exit_code); one that
+            # could be the command's own (an older fork-server's 2 or 3) reads as 125.
+            code = reply.get("exit_code")
+            return code if code in OWN_EXIT_CODES else OWN_EXIT_CODES[0]
     print(f"fcrun: fork-server at {path}: unexpected reply {reply.get('type')!r}", file=sys.stderr)
     return 125
 

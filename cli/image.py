@@ -1,4 +1,4 @@
-"""`fcrun image ...`: build, import, list, inspect and remove images.
+"""`fcrun image ...`: build, import, pull, list, inspect and remove images.
 
 The group reads two optional attributes of the click context object, so the main CLI decides
 where the data lives and how to tell whether a container uses an image:
@@ -50,7 +50,7 @@ def _progress(line: str) -> None:
 
 @click.group("image")
 def image() -> None:
-    """Build, import, list and remove images."""
+    """Build, import, pull, list and remove images."""
 
 
 @image.command("build")
@@ -97,6 +97,66 @@ def import_(
     )
     imported = _store(ctx).import_(path, name, progress=_progress, limits=limits)
     click.echo(f"{imported.name} {imported.id}")
+
+
+@image.command("pull")
+@click.argument("ref")
+@click.argument("name", required=False)
+@click.option("--platform", default=None, metavar="OS/ARCH[/VARIANT]",
+              help="The image of this platform from a multi-arch index. [default: this host's]")
+@click.option("--tls-verify", type=click.BOOL, default=None,
+              help="--tls-verify=false: a local plain-HTTP registry. [default: HTTPS with a verified "
+                   "certificate, unless registries.conf marks the registry insecure]")
+@click.option("--authfile", type=click.Path(dir_okay=False), default=None,
+              help="Registry credentials (skopeo's auth file). [default: the one `skopeo login` writes]")
+@click.option("--timeout", "timeout", default="10m", show_default=True,
+              help="Give up on the registry after this long (each of the two registry calls).")
+@click.option("--progress/--quiet", default=None,
+              help="Print each blob and step on stderr. [default: when stderr is a terminal]")
+@click.option("--max-layer-size", default="4G", show_default=True, help="As for `fcrun image import`.")
+@click.option("--max-image-size", default="8G", show_default=True, help="As for `fcrun image import`.")
+@click.option("--max-files", default=DEFAULT_MAX_FILES, show_default=True, type=int,
+              help="As for `fcrun image import`.")
+@click.pass_context
+@_reports_errors
+def pull(
+    ctx: click.Context,
+    ref: str,
+    name: str | None,
+    platform: str | None,
+    tls_verify: bool | None,
+    authfile: str | None,
+    timeout: str,
+    progress: bool | None,
+    max_layer_size: str,
+    max_image_size: str,
+    max_files: int,
+) -> None:
+    """Pull image REF from an OCI/Docker registry (through skopeo) and store it as NAME.
+
+    \b
+      fcrun image pull docker.io/library/busybox:1.36
+      fcrun image pull registry.example:5000/team/app:2.1@sha256:<64 hex>   # pinned
+      fcrun image pull --tls-verify=false 127.0.0.1:5000/app:dev
+
+    NAME defaults to REF's last path component and tag (app:2.1; a digest alone: app:sha256-<12
+    hex>). A digest in REF pins the image: a registry with other content is refused. The record
+    keeps the digest REF resolved to (`fcrun image inspect`: repo_digest).
+    """
+    from fcrun.images.pull import PullOptions
+    from fcrun.images.pull import pull as pull_image
+    from fcrun.units import parse_duration
+
+    show = sys.stderr.isatty() if progress is None else progress
+    options = PullOptions.from_env(platform=platform, tls_verify=tls_verify, authfile=authfile,
+                          timeout_s=parse_duration(timeout, "--timeout"), progress=show)
+    limits = ImportLimits(
+        max_layer_bytes=parse_size(max_layer_size, "--max-layer-size", "layer size", "4G"),
+        max_image_bytes=parse_size(max_image_size, "--max-image-size", "image size", "8G"),
+        max_files=max_files,
+    )
+    pulled = pull_image(_store(ctx), ref, name, options, progress=_progress if show else None, limits=limits)
+    click.echo(f"{pulled.name} {pulled.id} {pulled.repo_digest}")
 
 
 @image.command("ls")

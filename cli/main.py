@@ -2,7 +2,10 @@
 
 Errors from the library are printed as one line `fcrun: <what went wrong>` and the process
 exits with the error's exit code (2 bad input, 3 not found, 4 name in use, 5 wrong state,
-77 not root, 125 kernel, 126 container failed to start).
+77 not root, 125 kernel, 126 container failed to start), except `fcrun run` and `fcrun exec`,
+which exit with their command's code and so use docker's and podman's codes for their own
+failures: 125 for fcrun's (usage errors included), 126 for a command that cannot be invoked,
+127 for one not found (`ContainerCommand`, fcrun.errors.command_exit_code).
 """
 
 from __future__ import annotations
@@ -16,7 +19,7 @@ import time
 
 import click
 
-from fcrun.errors import AlreadyExists, FcrunError, SpecError
+from fcrun.errors import RUN_OWN_FAILURE, AlreadyExists, FcrunError, SpecError, command_exit_code
 from fcrun.paths import DEFAULT_BRIDGE, DEFAULT_CGROUP_PARENT, DEFAULT_SUBNET, Paths
 from fcrun.units import format_bytes, parse_cpu, parse_memory, parse_signal
 
@@ -29,8 +32,9 @@ FORWARDED_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGQUI
 class Context:
     """What every command needs: the state roots and a lazily built Runtime."""
 
-    def __init__(self, paths: Paths, cgroup_parent: str, bridge: str, subnet: str):
+    def __init__(self, paths: Paths, cgroup_parent: str, bridge: str, subnet: str, cmdb_url: str | None = None):
         self.paths = paths
+        self.cmdb_url = cmdb_url  # --cmdb: the CMDB serve, app and cmdb use (None: the config's, else SQLite)
         self._runtime_args = dict(cgroup_parent=cgroup_parent, bridge=bridge, subnet=subnet)
         self._runtime = None
 
@@ -47,6 +51,32 @@ class Context:
         return [c.name for c in self.runtime.list() if c.image == image.name]
 
 
+def _completion_paths(ctx: click.Context) -> Paths:
+    """The roots a completion reads: shell completion runs no callback, so ctx.obj is unset."""
+    params = ctx.find_root().params
+    return Paths.from_env(params.get("root"), params.get("run_root"))
+
+
+def complete_images(ctx: click.Context, _param, incomplete: str) -> list[str]:
+    """Image names for shell completion (none when the store cannot be read: not root)."""
+    from fcrun.images import ImageStore
+
+    try:
+        names = [image.name for image in ImageStore(_completion_paths(ctx)).list()]
+    except (FcrunError, OSError):
+        return []
+    return [name for name in names if name.startswith(incomplete)]
+
+
+def complete_containers(ctx: click.Context, _param, incomplete: str) -> list[str]:
+    """Container names for shell completion (none when the run root cannot be read)."""
+    try:
+        names = sorted(os.listdir(_completion_paths(ctx).containers))
+    except OSError:
+        return []
+    return [name for name in names if name.startswith(incomplete) and not name.startswith(".")]
+
+
 # Subcommand groups living in other modules, loaded only when named.
 LAZY_COMMANDS = {
     "image": ("fcrun_cli.image", "image"),
@@ -54,6 +84,10 @@ LAZY_COMMANDS = {
     "events": ("fcrun_cli.app", "events"),
     "stats": ("fcrun_cli.app", "stats"),
     "bench": ("fcrun_cli.bench", "bench"),
+    "cmdb": ("fcrun_cli.cmdb", "cmdb"),
+    "node": ("fcrun_cli.node", "node"),
+    "logs": ("fcrun_cli.logs", "logs"),
+    "service": ("fcrun_cli.service", "service"),
 }
 
 
@@ -84,6 +118,33 @@ class FcrunGroup(click.Group):
             ctx.exit(125)
 
 
+def _report(ctx: click.Context, exc: Exception) -> str:
+    """The one line an error is reported with."""
+    if isinstance(exc, FcrunError):
+        return f"fcrun: {exc}"
+    where = f" {exc.filename}" if getattr(exc, "filename", None) else ""
+    return f"fcrun: {ctx.info_name or 'fcrun'}{where}: [Errno {exc.errno}] {exc.strerror}"
+
+
+class ContainerCommand(click.Command):
+    """`fcrun run` and `fcrun exec`: they exit with their command's code, so their own failures
+    exit 125 (a usage error too, which click would exit 2 for), 126 or 127 (command_exit_code)."""
+
+    def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
+        try:
+            return super().parse_args(ctx, args)
+        except click.UsageError as exc:
+            exc.exit_code = RUN_OWN_FAILURE
+            raise
+
+    def invoke(self, ctx: click.Context):
+        try:
+            return super().invoke(ctx)
+        except (FcrunError, OSError) as exc:
+            click.echo(_report(ctx, exc), err=True)
+            ctx.exit(command_exit_code(exc))
+
+
 @click.group(cls=FcrunGroup, context_settings={"help_option_names": ["-h", "--help"]})
 @click.option("--root", envvar="FCRUN_ROOT", default=None, metavar="DIR",
               help="Data root: images, layers, container upper dirs. [env FCRUN_ROOT; default /var/lib/fcrun]")
@@ -93,9 +154,12 @@ class FcrunGroup(click.Group):
               help="Cgroup holding all containers: a name beneath fcrun's own cgroup, or an absolute path.")
 @click.option("--bridge", envvar="FCRUN_BRIDGE", default=DEFAULT_BRIDGE, show_default=True, help="Bridge for --net bridge.")
 @click.option("--subnet", envvar="FCRUN_SUBNET", default=DEFAULT_SUBNET, show_default=True, help="Subnet of the bridge.")
+@click.option("--cmdb", "cmdb_url", envvar="FCRUN_CMDB", default=None, metavar="URL",
+              help="The CMDB of serve, app and cmdb: postgresql://USER:PASSWORD@HOST/DB or sqlite:///PATH. "
+                   "[env FCRUN_CMDB; default: the config's [cmdb] url, else <root>/cmdb.sqlite3]")
 @click.version_option(package_name="fcrun")
 @click.pass_context
-def main(ctx: click.Context, root, run_root, cgroup_parent, bridge, subnet):
+def main(ctx: click.Context, root, run_root, cgroup_parent, bridge, subnet, cmdb_url):
     """fcrun: a reactive container runtime for web applications.
 
     \b
@@ -106,11 +170,11 @@ def main(ctx: click.Context, root, run_root, cgroup_parent, bridge, subnet):
       fcrun ps
       fcrun rm -f web
     """
-    ctx.obj = Context(Paths.from_env(root, run_root), cgroup_parent, bridge, subnet)
+    ctx.obj = Context(Paths.from_env(root, run_root), cgroup_parent, bridge, subnet, cmdb_url)
 
 
-@main.command(context_settings={"ignore_unknown_options": False})
-@click.option("--image", "-i", required=True, help="Image to run (see `fcrun image ls`).")
+@main.command(cls=ContainerCommand, context_settings={"ignore_unknown_options": False})
+@click.option("--image", "-i", required=True, shell_complete=complete_images, help="Image to run (see `fcrun image ls`).")
 @click.option("--name", default=None, help="Container name (default: a random one).")
 @click.option("-d", "--detach", is_flag=True, help="Leave the container running in the background; output goes to its log.")
 @click.option("--cpu", default=None, help="CPU limit as a fraction of one CPU (0.3 = cpu.max \"30000 100000\").")
@@ -142,7 +206,9 @@ def run(obj: Context, image, name, detach, cpu, memory, pids, hostname, env, net
         tmpfs_rootfs, entrypoint, no_init, keep, security_opts, userns, command):
     """Run COMMAND in a new container (default: the image's entrypoint and cmd).
 
-    Exits with the command's exit code (128+N if it was killed by signal N).
+    Exits with the command's exit code (128+N if it was killed by signal N); as docker and
+    podman, 125 if fcrun failed before the command ran, 126 if the command cannot be invoked,
+    127 if it was not found.
     """
     from fcrun.runrequest import RunRequest, run_spec
     from fcrun.runtime import require_root
@@ -221,7 +287,7 @@ def ps(obj: Context, as_json, quiet):
 
 
 @main.command()
-@click.argument("name")
+@click.argument("name", shell_complete=complete_containers)
 @click.argument("sig", metavar="[SIGNAL]", default="TERM")
 @click.pass_obj
 def kill(obj: Context, name, sig):
@@ -231,7 +297,7 @@ def kill(obj: Context, name, sig):
 
 @main.command()
 @click.option("-f", "--force", is_flag=True, help="Kill the container first if it is running.")
-@click.argument("names", nargs=-1, required=True)
+@click.argument("names", nargs=-1, required=True, shell_complete=complete_containers)
 @click.pass_obj
 def rm(obj: Context, force, names):
     """Remove containers and everything they hold (cgroup, IP, upper dir)."""
@@ -240,7 +306,7 @@ def rm(obj: Context, force, names):
 
 
 @main.command()
-@click.argument("name")
+@click.argument("name", shell_complete=complete_containers)
 @click.pass_obj
 def freeze(obj: Context, name):
     """Freeze every process of a container (cgroup freezer)."""
@@ -248,7 +314,7 @@ def freeze(obj: Context, name):
 
 
 @main.command()
-@click.argument("name")
+@click.argument("name", shell_complete=complete_containers)
 @click.pass_obj
 def thaw(obj: Context, name):
     """Resume a frozen container."""
@@ -256,7 +322,7 @@ def thaw(obj: Context, name):
 
 
 @main.command()
-@click.argument("name")
+@click.argument("name", shell_complete=complete_containers)
 @click.option("--cpu", default=None, help="New CPU limit (fraction of one CPU).")
 @click.option("--memory", "-m", default=None, help="New memory limit (512M, 1G).")
 @click.option("--pids", type=int, default=None, help="New process limit.")
@@ -273,14 +339,17 @@ def update(obj: Context, name, cpu, memory, pids):
     )
 
 
-@main.command(name="exec")
-@click.argument("name")
+@main.command(name="exec", cls=ContainerCommand)
+@click.argument("name", shell_complete=complete_containers)
 @click.option("--env", "-e", multiple=True, help="KEY=VALUE (repeatable).")
 @click.option("--workdir", "-w", default=None, help="Working directory inside the container.")
 @click.argument("command", nargs=-1, required=True, type=click.UNPROCESSED)
 @click.pass_obj
 def exec_(obj: Context, name, env, workdir, command):
-    """Run COMMAND inside a running container (its namespaces, cgroup and limits)."""
+    """Run COMMAND inside a running container (its namespaces, cgroup and limits).
+
+    Exits with the command's exit code; 125, 126 and 127 as `fcrun run`.
+    """
     from fcrun.runtime.options import parse_env
 
     code = obj.runtime.exec(name, list(command), env=parse_env(env), cwd=workdir)
@@ -288,35 +357,41 @@ def exec_(obj: Context, name, env, workdir, command):
 
 
 @main.command()
-@click.argument("name")
-@click.pass_obj
-def logs(obj: Context, name):
-    """Print the output of a detached container."""
-    state = obj.runtime.state(name)
-    if not state.log_path:
-        raise SpecError(f"container {name!r} was not started detached: its output went to the terminal", "NAME")
-    with open(state.log_path, "rb") as f:
-        sys.stdout.buffer.write(f.read())
-
-
-@main.command()
 @click.option("--listen", default=None, metavar="HOST:PORT", help="Where the HTTP proxy listens. [default: 0.0.0.0:8080]")
 @click.option("--config", "config_path", envvar="FCRUN_CONFIG", default=None, metavar="FILE",
               help="TOML configuration (every key has a default). [env FCRUN_CONFIG]")
+@click.option("--log-format", type=click.Choice(["text", "json"]), envvar="FCRUN_LOG_FORMAT", default=None,
+              help="serve's log lines: text or one JSON object a line. [env FCRUN_LOG_FORMAT; default text]")
+@click.option("--access-log", is_flag=True, default=False,
+              help="Log one line per request (app, instance, status, duration, cold start). [config: [proxy] access_log]")
+@click.option("--role", type=click.Choice(["all", "node", "front"]), envvar="FCRUN_ROLE", default=None,
+              help="all: one host; node: a compute host of a cluster; front: a proxy in front of the nodes "
+                   "(node and front need a postgresql:// CMDB; docs/cluster.md). [config: [cluster] role; default all]")
+@click.option("--node-name", default=None, metavar="NAME",
+              help="This serve's name in the cluster. [config: [cluster] node_name; default HOSTNAME:RUN_ROOT]")
+@click.option("--advertise", default=None, metavar="HOST:PORT",
+              help="A node's address that fronts forward to. [config: [cluster] advertise; default --listen]")
 @click.pass_obj
-def serve(obj: Context, listen, config_path):
+def serve(obj: Context, listen, config_path, log_format, access_log, role, node_name, advertise):
     """Run the reactive HTTP proxy, container manager and admin API.
 
     A request for an app with no running instance starts one and is held until it accepts
     connections; instances idle for the app's idle timeout are stopped. Manage apps with
     `fcrun app` (it talks to this server's admin socket). SIGTERM drains and stops
     everything; SIGHUP reloads the apps and the config file.
+
+    Several hosts (--role node on each compute host, --role front on the proxies, one
+    PostgreSQL CMDB): docs/cluster.md. A front runs no containers and needs no root.
     """
-    from fcrun.runtime import require_root
     from fcrun.serve import server
 
-    require_root()
-    server.run(config_path, listen, obj.paths, runtime_overrides=obj._runtime_args)
+    if role != "front":
+        from fcrun.runtime import require_root
+
+        require_root()
+    server.run(config_path, listen, obj.paths, runtime_overrides=obj._runtime_args, cmdb_url=obj.cmdb_url,
+               log_format=log_format, access_log=access_log,
+               cluster_overrides={"role": role, "node_name": node_name, "advertise": advertise})
 
 
 @main.command()

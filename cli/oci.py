@@ -8,17 +8,17 @@ container until `start` is oci_holder.py's.
 Engines expect runc's conventions, kept here: global flags before the command (--root,
 --log, --log-format, --debug, --systemd-cgroup); every error exits 1 with one line on
 stderr, and the same line in --log (a JSON object {"level","msg","time"} with
---log-format json, which engines read back). argparse, not click: engines run this binary
-several times per container, and start-up time counts.
+--log-format json, which engines read back). argparse, not click, and only for what
+oci_fast.parse leaves to it (the plain forms of create, start, delete, state and kill are read
+by hand): engines run this binary three times per container, and start-up time counts.
 """
 
 from __future__ import annotations
 
-import argparse
-import datetime
-import json
 import os
 import sys
+
+from fcrun_cli.oci_fast import log_line
 
 DEFAULT_ROOT = "/run/fcrun-oci"
 VERSION = "0.1.0"  # pyproject's; importlib.metadata would cost ~10 ms per call
@@ -31,7 +31,7 @@ class OciError(Exception):
 class Options:
     """The global flags, and what commands share: the Runtime, made on first use."""
 
-    def __init__(self, args: argparse.Namespace):
+    def __init__(self, args):
         self.root = os.path.abspath(args.root)
         self.log_path = args.log
         self.log_format = args.log_format
@@ -57,18 +57,7 @@ class Options:
 
     def log(self, level: str, message: str) -> None:
         """Append one line to --log, in --log-format (runc's logrus formats)."""
-        if not self.log_path:
-            return
-        now = datetime.datetime.now(datetime.timezone.utc).isoformat().replace("+00:00", "Z")
-        if self.log_format == "json":
-            line = json.dumps({"level": level, "msg": message, "time": now}, separators=(",", ":"))
-        else:
-            line = f"time={json.dumps(now)} level={level} msg={json.dumps(message)}"
-        try:
-            with open(self.log_path, "a", encoding="utf-8") as f:
-                f.write(line + "\n")
-        except OSError as exc:  # the error itself still reaches stderr
-            print(f"fcrun-oci: write log {self.log_path}: {exc}", file=sys.stderr)
+        log_line(self.log_path, self.log_format, level, message)
 
 
 def cgroup_parent_for(root: str) -> str:
@@ -78,20 +67,26 @@ def cgroup_parent_for(root: str) -> str:
     base = os.environ.get("FCRUN_OCI_CGROUP_PARENT") or "fcrun-oci"
     if root == DEFAULT_ROOT:
         return base
-    import hashlib
+    try:
+        from _sha256 import sha256  # hashlib would load OpenSSL first: ~2 ms of each command
+    except ImportError:  # Python 3.12+: _sha2
+        from hashlib import sha256
 
-    return f"{base}-{hashlib.sha256(root.encode()).hexdigest()[:12]}"
-
-
-class Parser(argparse.ArgumentParser):
-    """argparse, with a usage error as one line and exit 1 (runc's "flag provided but not
-    defined"), logged like any other error, instead of usage text and exit 2."""
-
-    def error(self, message: str):
-        raise OciError(f"{self.prog}: {message}")
+    return f"{base}-{sha256(root.encode()).hexdigest()[:12]}"
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser():
+    """The whole command line (oci_fast.parse reads the frequent commands' plain forms without
+    it: importing and building this costs more than some commands' work)."""
+    import argparse
+
+    class Parser(argparse.ArgumentParser):
+        """argparse, with a usage error as one line and exit 1 (runc's "flag provided but not
+        defined"), logged like any other error, instead of usage text and exit 2."""
+
+        def error(self, message: str):
+            raise OciError(f"{self.prog}: {message}")
+
     parser = Parser(prog="fcrun-oci", description="An OCI runtime with runc's command line, on fcrun.")
     parser.add_argument("--root", default=DEFAULT_ROOT, help=f"state directory (default {DEFAULT_ROOT})")
     parser.add_argument("--log", default="", help="append errors (and --debug messages) to this file")
@@ -161,16 +156,24 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-e", "--env", action="append", default=[])
     p.add_argument("--cwd", default="")
     p.add_argument("-u", "--user", default="", help="uid[:gid]")
+    p.add_argument("-g", "--additional-gids", action="append", type=int, default=[], help="add a supplementary group")
+    p.add_argument("-c", "--cap", action="append", default=[], help="add a capability")
+    p.add_argument("--no-new-privs", action="store_true", default=None, help="set no_new_privs")
+    p.add_argument("--apparmor", default="", help="not supported: refused")
+    p.add_argument("--process-label", default="", help="not supported: refused")
+    p.add_argument("--cgroup", action="append", default=[], help="not supported: refused")
     p.add_argument("--preserve-fds", type=int, default=0)
     p.add_argument("id")
     p.add_argument("args", nargs=argparse.REMAINDER)
 
     p = command("update", "update", "change a live container's resource limits")
     p.add_argument("-r", "--resources", default="", help="LinuxResources JSON file ('-': stdin)")
-    p.add_argument("--memory", default=None)
-    p.add_argument("--cpu-quota", type=int, default=None)
-    p.add_argument("--cpu-period", type=int, default=None)
-    p.add_argument("--pids-limit", type=int, default=None)
+    for flag in ("--memory", "--memory-swap", "--memory-reservation", "--kernel-memory", "--kernel-memory-tcp",
+                 "--cpuset-cpus", "--cpuset-mems"):
+        p.add_argument(flag, default=None)
+    for flag in ("--cpu-shares", "--cpu-period", "--cpu-quota", "--cpu-rt-period", "--cpu-rt-runtime",
+                 "--pids-limit", "--blkio-weight"):
+        p.add_argument(flag, type=int, default=None)
     p.add_argument("id")
 
     p = command("events", "events", "container statistics (--stats: one JSON object)")
@@ -186,14 +189,15 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def main(argv: list[str] | None = None) -> int:
+def main(argv: list[str] | None = None, args=None) -> int:
+    """`args`: argv already parsed (by oci_fast.parse, as build_parser's parser would)."""
     argv = sys.argv[1:] if argv is None else argv
-    parser = build_parser()
-    try:
-        args = parser.parse_args(argv)
-    except OciError as exc:  # --log may not be parsed yet: stderr only
-        print(exc, file=sys.stderr)
-        return 1
+    if args is None:
+        try:
+            args = build_parser().parse_args(argv)
+        except OciError as exc:  # --log may not be parsed yet: stderr only
+            print(exc, file=sys.stderr)
+            return 1
     options = Options(args)
     try:
         if args.version:
@@ -207,7 +211,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.global_rootless not in ("false", "auto") or (args.global_rootless == "auto" and os.geteuid() != 0):
             raise OciError("rootless mode is not supported: run fcrun-oci as root")
         if args.command is None:
-            parser.print_help()
+            build_parser().print_help()
             return 0
         if options.debug:
             options.log("debug", f"fcrun-oci {' '.join(argv)}")
@@ -227,16 +231,16 @@ def main(argv: list[str] | None = None) -> int:
         return 1
 
 
-def run_command(options: Options, args: argparse.Namespace) -> int:
+def run_command(options: Options, args) -> int:
     if args.func_name == "start":
         # Engines run `start` right after `create`: ask the holder at once, with the standard
         # library only. Without a holder (not created, or gone), the full command says why.
-        from fcrun_cli import oci_holder
+        from fcrun_cli.oci_fast import HolderGone, ask_holder
 
         try:
-            oci_holder.request_start(options.holder_dir, args.id)
+            ask_holder(options.holder_dir, args.id)
             return 0
-        except oci_holder.HolderGone:
+        except HolderGone:
             pass
         except RuntimeError as exc:  # the start itself failed: the holder's message
             raise OciError(str(exc)) from None

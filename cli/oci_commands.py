@@ -6,15 +6,12 @@ code; errors are raised and oci.main prints them as runc does.
 
 from __future__ import annotations
 
-import json
 import os
 import signal
-import subprocess
 import sys
 
 from fcrun_cli import oci_holder, oci_report
 from fcrun_cli.oci import OciError
-from fcrun_cli.oci_console import Stdio
 
 CONFIG_FILE = "config.json"
 
@@ -41,7 +38,7 @@ def load_bundle(bundle: str):
     """
     import msgspec
 
-    from fcrun.runtime.spec import decode_spec
+    from fcrun.runtime.spec import decode_spec, with_runc_device_rules
 
     bundle = os.path.abspath(bundle)
     path = os.path.join(bundle, CONFIG_FILE)
@@ -50,7 +47,8 @@ def load_bundle(bundle: str):
             data = f.read()
     except FileNotFoundError:
         raise OciError(f"JSON specification file {path} not found") from None
-    spec = decode_spec(data, path)
+    # runc's default device rules follow the bundle's (podman's lone deny-all still lets /dev/null be used).
+    spec = with_runc_device_rules(decode_spec(data, path))
     root = os.path.join(bundle, spec.root.path)  # an absolute root.path stays as it is
     return bundle, msgspec.structs.replace(spec, root=msgspec.structs.replace(spec.root, path=root))
 
@@ -73,22 +71,19 @@ def _create(options, args):
     """Create the container from --bundle, its terminal sent to the engine; returns the
     Container (its go pipe ours)."""
     from fcrun.errors import AlreadyExists
+    from fcrun_cli.oci_console import Stdio
 
     refuse_unsupported(args)
     bundle, spec = load_bundle(args.bundle)
     stdio = Stdio(spec.process.terminal, args.console_socket, spec.process.console_size)
     try:
         try:
-            container = options.runtime.create(args.id, spec, detach=True, stdio=stdio.fds, init=False,
-                                               labels={oci_report.BUNDLE_LABEL: bundle})
+            # With a terminal, the child sends its master to --console-socket during create.
+            return options.runtime.create(args.id, spec, detach=True, stdio=stdio.fds, init=False,
+                                          labels={oci_report.BUNDLE_LABEL: bundle},
+                                          console_socket=stdio.console_socket)
         except AlreadyExists:
             raise OciError(f"container with id exists: {args.id}") from None
-        try:
-            stdio.hand_over_console()
-        except BaseException:
-            discard(options, args.id)
-            raise
-        return container
     finally:
         stdio.close()
 
@@ -109,7 +104,9 @@ def create(options, args) -> int:
     try:
         if args.pid_file:
             write_pid_file(args.pid_file, container.pid)
-        oci_holder.hold(container, options.holder_dir)
+        # The holder also runs this container's `delete` while it lingers (oci_holder.py).
+        oci_holder.hold(container, options.holder_dir,
+                        delete=lambda force: delete(options, type(args)(id=args.id, force=force)))
     except BaseException:
         discard(options, args.id)
         raise
@@ -139,7 +136,7 @@ def start(options, args) -> int:
         what = {"stopped": "a container that has stopped"}.get(status, "an already running container")
         raise OciError(f"cannot start {what}")
     try:
-        oci_holder.request_start(options.holder_dir, args.id)
+        oci_holder.ask_holder(options.holder_dir, args.id)
     except oci_holder.HolderGone:
         raise OciError(f"cannot start container {args.id}: the process holding it since create is gone") from None
     return 0
@@ -156,7 +153,9 @@ def kill(options, args) -> int:
 
     sig = parse_signal(args.signal)
     st = load_state(options, args.id)
-    if st.status not in ("created", "running", "frozen"):
+    # --all reaches a stopped container's other processes too, as runc's: without a pid
+    # namespace of its own, they outlive its first one (in its cgroup, until delete).
+    if st.status not in ("created", "running", "frozen") and not (args.all and st.status == "stopped"):
         raise OciError("container not running")
     if args.all:
         options.runtime.cgroup(args.id).kill(sig)
@@ -200,6 +199,8 @@ def resume(options, args) -> int:
 # ----- queries -------------------------------------------------------------------------------
 
 def list_(options, args) -> int:
+    import json
+
     from fcrun.errors import FcrunError
 
     states = []
@@ -220,6 +221,9 @@ def list_(options, args) -> int:
 
 
 def ps(options, args) -> int:
+    import json
+    import subprocess
+
     st = load_state(options, args.id)
     pids = options.runtime.cgroup(args.id).pids() if st.status != "stopped" else []
     if args.format == "json":
@@ -235,6 +239,7 @@ def ps(options, args) -> int:
 def events(options, args) -> int:
     """--stats: one stats event. Without it: a stats event every --interval until the
     container stops (runc also streams OOM events; fcrun-oci does not)."""
+    import json
     import time
 
     from fcrun.units import parse_duration
@@ -261,69 +266,78 @@ def events(options, args) -> int:
 # ----- changes -------------------------------------------------------------------------------
 
 def update(options, args) -> int:
-    from fcrun.units import parse_memory
+    """runc update: --resources (a LinuxResources JSON), then runc's flags over it; only what is
+    given changes (Runtime.update_resources: every field creation writes, but device rules)."""
+    from fcrun.runtime.spec import BlockIO, CpuResources, MemoryResources, PidsResources, Resources
+    from fcrun.units import parse_size
 
-    memory = parse_memory(args.memory) if args.memory is not None else None
-    quota, period, pids = args.cpu_quota, args.cpu_period, args.pids_limit
-    if args.resources:
-        memory, quota, period, pids = resources_file(args.resources, memory, quota, period, pids)
-    st = load_state(options, args.id)
-    cpu = None
-    if quota is not None or period is not None:
-        res = st.spec.linux.resources
-        current = res.cpu if res and res.cpu else None
-        quota = quota if quota is not None else (current.quota if current else None)
-        if quota is None or quota <= 0:
-            raise OciError("--cpu-period needs a CPU quota (--cpu-quota, or one the container has)")
-        period = period or (current.period if current and current.period else 100_000)
-        cpu = quota / period
-    if cpu is None and memory is None and pids is None:
-        raise OciError("nothing to update: give --resources, --memory, --cpu-quota, --cpu-period or --pids-limit")
-    options.runtime.update(args.id, cpu=cpu, memory_bytes=memory, pids_max=pids)
+    res = resources_file(args.resources) if args.resources else Resources()
+
+    def size(flag: str, text):  # runc's sizes: bytes with an optional unit; -1 is "unlimited"
+        return -1 if text.strip() == "-1" else parse_size(text, flag, "memory size", "512M")
+
+    memory = {field: size(flag, getattr(args, attr)) for field, flag, attr in UPDATE_MEMORY_FLAGS
+              if getattr(args, attr) is not None}
+    cpu = {field: getattr(args, attr) for field, attr in UPDATE_CPU_FLAGS if getattr(args, attr) is not None}
+    if memory:
+        res.memory = msgspec_replace(res.memory or MemoryResources(), memory)
+    if cpu:
+        res.cpu = msgspec_replace(res.cpu or CpuResources(), cpu)
+    if args.pids_limit is not None:
+        res.pids = PidsResources(limit=args.pids_limit)
+    if args.blkio_weight is not None:
+        res.block_io = msgspec_replace(res.block_io or BlockIO(), {"weight": args.blkio_weight})
+    if res == Resources():
+        raise OciError("nothing to update: give --resources or a flag (see fcrun-oci update --help)")
+    options.runtime.update_resources(args.id, res)
     return 0
 
 
-def resources_file(path: str, memory, quota, period, pids):
-    """--resources: a LinuxResources JSON (file, or '-' for stdin); what fcrun cannot change
-    live is refused by name."""
+# runc update's flags -> linux.resources fields.
+UPDATE_MEMORY_FLAGS = (("limit", "--memory", "memory"), ("swap", "--memory-swap", "memory_swap"),
+                       ("reservation", "--memory-reservation", "memory_reservation"),
+                       ("kernel", "--kernel-memory", "kernel_memory"), ("kernel_tcp", "--kernel-memory-tcp", "kernel_memory_tcp"))
+UPDATE_CPU_FLAGS = (("shares", "cpu_shares"), ("period", "cpu_period"), ("quota", "cpu_quota"),
+                    ("realtime_period", "cpu_rt_period"), ("realtime_runtime", "cpu_rt_runtime"),
+                    ("cpus", "cpuset_cpus"), ("mems", "cpuset_mems"))
+
+
+def msgspec_replace(struct, changes: dict):
     import msgspec
 
-    from fcrun.runtime.spec import Resources
+    return msgspec.structs.replace(struct, **changes)
 
-    data = sys.stdin.buffer.read() if path == "-" else open(path, "rb").read()
-    try:
-        res = msgspec.json.decode(data, type=Resources)
-    except msgspec.DecodeError as exc:
-        raise OciError(f"invalid --resources {path}: {exc}") from None
-    if res.devices:
-        raise OciError("update of linux.resources.devices is not supported by fcrun-oci")
-    if res.memory is not None:
-        memory = res.memory.limit if res.memory.limit and res.memory.limit > 0 else memory
-    if res.cpu is not None:
-        quota = res.cpu.quota if res.cpu.quota and res.cpu.quota > 0 else quota
-        period = res.cpu.period or period
-    if res.pids is not None and res.pids.limit > 0:
-        pids = res.pids.limit
-    return memory, quota, period, pids
+
+def resources_file(path: str):
+    """--resources: a LinuxResources JSON (file, or '-' for stdin), decoded strictly (an unknown
+    field is refused with its path)."""
+    from fcrun.runtime.spec import decode_resources
+
+    return decode_resources(sys.stdin.buffer.read() if path == "-" else open(path, "rb").read(),
+                            "--resources " + path)
 
 
 def exec_(options, args) -> int:
     import msgspec
 
+    from fcrun.errors import SpecError
     from fcrun.runtime.spec import Process, User
+    from fcrun_cli.oci_console import Stdio
 
     refuse_unsupported(args)
     st = load_state(options, args.id)
     if st.status != "running":
         raise OciError(f"cannot exec in a {oci_report.OCI_STATUS.get(st.status, st.status)} container")
-    env, cwd, user, terminal, size = list(args.env), args.cwd or None, None, args.tty, None
+    env, cwd, user, terminal, size, process = list(args.env), args.cwd or None, None, args.tty, None, None
     if args.process:
+        # The whole process, as runc takes it: the flags that set its parts (-e, --cwd, --user)
+        # do not apply; the library merges it with the container's (exec_process_spec).
         with open(args.process, "rb") as f:
             try:
                 process = msgspec.json.decode(f.read(), type=Process)
             except msgspec.DecodeError as exc:
                 raise OciError(f"invalid process {args.process}: {exc}") from None
-        argv, env, cwd, user = process.args, process.env + env, process.cwd, process.user
+        argv, env, cwd = [], None, None
         terminal, size = process.terminal or terminal, process.console_size
     else:
         argv = [a for a in args.args if a != "--"] if args.args[:1] == ["--"] else list(args.args)
@@ -334,10 +348,28 @@ def exec_(options, args) -> int:
             if not uid.isdigit() or (gid and not gid.isdigit()):
                 raise OciError(f"--user {args.user!r}: give uid[:gid] as numbers")
             user = User(uid=int(uid), gid=int(gid or 0))
+        for flag, value, why in (("--cgroup", args.cgroup, "an exec joins the container's own cgroups"),
+                                 ("--apparmor", args.apparmor, "this host has no AppArmor policy for it"),
+                                 ("--process-label", args.process_label, "fcrun has no SELinux support")):
+            if value:
+                raise OciError(f"{flag} is not supported by fcrun-oci ({why})")
+        if args.additional_gids or args.cap or args.no_new_privs is not None:
+            # runc's flags for the rest of the process: the container's, with them applied.
+            from fcrun.runtime.exec import process_from_flags
+
+            process = process_from_flags(st.spec.process, argv, env=env, cwd=cwd or "", user=user,
+                                         additional_gids=args.additional_gids, caps=args.cap,
+                                         no_new_privileges=args.no_new_privs)
+            argv, env, cwd, user = [], None, None, None
     stdio = Stdio(terminal, args.console_socket, size)
     try:
-        pid = options.runtime.exec(args.id, argv, env=env, cwd=cwd, user=user, stdio=stdio.fds, wait=False)
-        stdio.hand_over_console()
+        try:
+            pid = options.runtime.exec(args.id, argv, env=env, cwd=cwd, user=user, stdio=stdio.fds, wait=False,
+                                       process=process, console_socket=stdio.console_socket)
+        except SpecError as exc:
+            if not args.process:
+                raise
+            raise OciError(f"process {args.process}: {exc}") from None  # its $.process.X is in that file
     finally:
         stdio.close()
     if args.pid_file:
@@ -378,6 +410,8 @@ def hook_names() -> list[str]:
 
 
 def spec(options, args) -> int:
+    import json
+
     from fcrun.runtime.spec import default_spec, encode_spec
 
     if args.rootless:

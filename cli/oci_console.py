@@ -3,46 +3,18 @@
 runc's protocol with engines: the runtime makes a pty, the slave becomes the process's
 stdin, stdout, stderr and controlling terminal, and the master goes to the engine over the
 unix socket named by --console-socket, as SCM_RIGHTS (conmon, containerd-shim then copy
-between it and the user). fcrun takes the slave as the process's given stdio, and its
-child makes a terminal given so its controlling terminal (runtime/child.py, finish_and_exec).
+between it and the user). The pty must be the container's own (from its /dev/ptmx, so that
+the process sees its terminal as /dev/pts/N): fcrun-oci connects to the socket and hands the
+connection to the library, whose child makes the pty inside the container and sends the
+master itself (fcrun/runtime/console.py).
 """
 
 from __future__ import annotations
 
-import array
-import fcntl
 import os
 import socket
-import struct
-import termios
 
 from fcrun_cli.oci import OciError
-
-
-def open_pty(height: int = 0, width: int = 0) -> tuple[int, int]:
-    """A new pty (master, slave), O_CLOEXEC, with this window size if given.
-
-    Resource handling: the caller closes both.
-    """
-    master, slave = os.openpty()
-    for fd in (master, slave):
-        os.set_inheritable(fd, False)
-    if height and width:
-        fcntl.ioctl(master, termios.TIOCSWINSZ, struct.pack("HHHH", height, width, 0, 0))
-    return master, slave
-
-
-def send_master(socket_path: str, master: int) -> None:
-    """Send the pty master over --console-socket (SCM_RIGHTS, with its name as the data, as
-    runc's utils.SendFile does).
-
-    Raises:
-        OSError: the socket could not be reached or took nothing.
-    """
-    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC) as conn:
-        conn.connect(socket_path)
-        fds = array.array("i", [master])
-        conn.sendmsg([b"/dev/ptmx"], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, fds.tobytes())])
 
 
 def inherited_stdio() -> tuple[int, int, int]:
@@ -54,41 +26,55 @@ def inherited_stdio() -> tuple[int, int, int]:
             os.fstat(fd)
             fds.append(fd)
         except OSError:
-            fds.append(os.open("/dev/null", os.O_RDWR))
+            fds.append(os.open("/dev/null", os.O_RDWR | os.O_CLOEXEC))
     return fds[0], fds[1], fds[2]
 
 
-class Stdio:
-    """The process's stdio: ours (an engine's pipes or fifos), or a new pty's slave when it
-    wants a terminal, whose master then goes to --console-socket (oci_console.py).
+def connect_console_socket(path: str) -> int:
+    """A connection to --console-socket, for the library to send the pty master over.
 
-    Resource handling: close() closes our copies of the pty (the process holds its own).
+    Raises:
+        OciError: it could not be reached, naming it.
+
+    Resource handling: the caller closes the fd.
+    """
+    conn = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+    try:
+        conn.connect(path)
+    except OSError as exc:
+        conn.close()
+        raise OciError(f"connect to --console-socket {path}: {exc.strerror or exc}") from None
+    return conn.detach()
+
+
+class Stdio:
+    """The process's stdio: ours (an engine's pipes or fifos); with a terminal, also a
+    connection to --console-socket (`console_socket`, else -1), over which the library's child
+    sends the master of the pty it makes in the container, whose slave then replaces `fds`.
+
+    Resource handling: close() closes the connection and any /dev/null opened for `fds`.
     """
 
     def __init__(self, terminal: bool, console_socket: str, console_size=None):
+        # console_size: the library reads it from the process itself (process.consoleSize).
         if terminal and not console_socket:
             raise OciError("cannot allocate a terminal without --console-socket (fcrun-oci does not proxy one)")
         if console_socket and not terminal:
             raise OciError("--console-socket is only for a process with a terminal (process.terminal, --tty)")
-        self.console_socket = console_socket
-        self.master = self.slave = -1
+        self.fds = inherited_stdio()
+        self.console_socket = -1
         if terminal:
-            size = (console_size.height, console_size.width) if console_size is not None else (0, 0)
-            self.master, self.slave = open_pty(*size)
-            self.fds = (self.slave, self.slave, self.slave)
-        else:
-            self.fds = inherited_stdio()
-
-    def hand_over_console(self) -> None:
-        """Send the pty master to the engine (nothing without a terminal)."""
-        if self.master >= 0:
             try:
-                send_master(self.console_socket, self.master)
-            except OSError as exc:
-                raise OciError(f"send the terminal to --console-socket {self.console_socket}: {exc}") from None
+                self.console_socket = connect_console_socket(console_socket)
+            except BaseException:
+                self.close()
+                raise
 
     def close(self) -> None:
-        for fd in (self.master, self.slave):
-            if fd >= 0:
+        if self.console_socket >= 0:
+            os.close(self.console_socket)
+            self.console_socket = -1
+        for target, fd in enumerate(self.fds):
+            if fd != target:  # a /dev/null of ours
                 os.close(fd)
-        self.master = self.slave = -1
+        self.fds = (0, 1, 2)

@@ -5,10 +5,9 @@ Pure functions of library values, so unit tests check them without root.
 
 from __future__ import annotations
 
-import datetime
-import json
-
-from fcrun.runtime.hooks import BUNDLE_LABEL  # where create records the bundle; hooks' state reads it too
+# The label where create records the bundle: fcrun.runtime.hooks.BUNDLE_LABEL, which the hooks'
+# state reads too (a unit test checks they are equal; importing hooks here cost `state` ~10 ms).
+BUNDLE_LABEL = "oci.bundle"
 
 # fcrun's statuses as the OCI runtime spec names them ("frozen" is runc's "paused").
 OCI_STATUS = {"creating": "creating", "created": "created", "running": "running", "frozen": "paused",
@@ -18,6 +17,8 @@ LIST_COLUMNS = ("ID", "PID", "STATUS", "BUNDLE", "CREATED", "OWNER")
 
 def rfc3339(timestamp: float) -> str:
     """runc's time format (Go's RFC3339Nano, UTC), from seconds since the epoch."""
+    import datetime
+
     moment = datetime.datetime.fromtimestamp(timestamp, datetime.timezone.utc)
     return moment.strftime("%Y-%m-%dT%H:%M:%S.") + f"{moment.microsecond:06d}000Z"
 
@@ -111,4 +112,6 @@ MOUNT_OPTIONS = {
 
 
 def pretty(value) -> str:
+    import json
+
     return json.dumps(value, indent=2)

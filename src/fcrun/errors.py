@@ -101,3 +101,30 @@ class ContainerError(FcrunError):
 
     exit_code = 126
     http_status = 502
+
+
+class CommandNotFound(ContainerError):
+    """The container's command does not exist there (a shell's 127, as docker and podman exit)."""
+
+    exit_code = 127
+
+
+class CommandNotInvokable(ContainerError):
+    """The container's command exists but cannot be run: not executable, a directory, or not a
+    format the kernel runs (a shell's 126, as docker and podman exit)."""
+
+    exit_code = 126
+
+
+# `fcrun run` and `fcrun exec` exit with the command's own code, so their own failures take
+# the codes docker and podman use, which a command seldom does: 125 whatever fcrun's fault
+# (bad option, missing image, a kernel or runtime failure before the command ran), 126 and
+# 127 when the command could not be invoked or found. Other subcommands keep exit_code.
+RUN_OWN_FAILURE = 125
+
+
+def command_exit_code(exc: BaseException) -> int:
+    """What `fcrun run` / `fcrun exec` exit with when `exc` stopped them before the command ran."""
+    if isinstance(exc, (CommandNotFound, CommandNotInvokable)):
+        return exc.exit_code
+    return RUN_OWN_FAILURE

@@ -1,4 +1,5 @@
-"""Is an instance ready? The one readiness probe: a TCP connect to its address and port.
+"""Is an instance ready? A TCP connect to its address and port, then, for an app with a
+ready path (`fcrun app add --ready-path /healthz`), a GET of that path answered 2xx or 3xx.
 
 An instance counts as ready once something accepts connections on its port (a started
 process is not enough: Apache takes a while to bind and fork its workers). On fcrun's own
@@ -11,13 +12,20 @@ The probe comes in two forms, both built on `ConnectProbe`:
   thread around one poll loop (forkserver/server.py), and its pool checks warming instances
   between requests, so a probe that waited for an answer would hold up every client;
 - `accepting`, awaited on serve's event loop while a request waits for a cold start.
+
+The HTTP probe (`ready_status`) runs only on serve's event loop, after the instance accepts:
+the fork-server's pool warms instances for any app, so it cannot know an app's path, and a
+pooled instance is probed once claimed. Its request and the parsing of the answer's status
+line are plain functions (`ready_request`, `status_of`); `ready_status` only does the I/O.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import errno
 import logging
+import re
 import select
 import socket
 
@@ -92,4 +100,56 @@ async def accepting(ip: str, port: int, timeout_s: float = ACCEPT_TIMEOUT_S) -> 
         return bool(probe.outcome())
 
 
-__all__ = ["ACCEPT_TIMEOUT_S", "NOT_LISTENING_ERRNOS", "ConnectProbe", "accepting"]
+# -- the HTTP probe ---------------------------------------------------------------------------
+
+READY_TIMEOUT_S = 1.0  # `ready_status`: no status line within this long counts as no answer
+_STATUS_LINE = re.compile(rb"HTTP/1\.[01] ([1-5][0-9][0-9])(?:[ \t][^\r\n]*)?\r?\n")
+
+
+def ready_request(host: str, path: str) -> bytes:
+    """The probe's request: GET `path` with `host` as Host, one request on the connection.
+
+    `path` is one models.check_ready_path accepted (printable ASCII, no space), and `host` a
+    normalized hostname, so neither can end the request line or add a header.
+    """
+    return (f"GET {path} HTTP/1.1\r\nHost: {host}\r\nUser-Agent: fcrun-readiness\r\nAccept: */*\r\n"
+            "Connection: close\r\n\r\n").encode("ascii")
+
+
+def status_of(first_line: bytes) -> int | None:
+    """The status code of a response's first line (b"HTTP/1.1 503 Service Unavailable\\r\\n"),
+    None if it is not an HTTP/1.x status line."""
+    found = _STATUS_LINE.fullmatch(first_line)
+    return int(found[1]) if found else None
+
+
+def is_ready(status: int | None) -> bool:
+    """2xx and 3xx mean ready (a redirect to a login page is a working app)."""
+    return status is not None and 200 <= status < 400
+
+
+async def ready_status(ip: str, port: int, host: str, path: str, timeout_s: float = READY_TIMEOUT_S) -> int | None:
+    """GET `path` from ip:port (Host: `host`); the answer's status code, or None when the
+    connection failed or no status line came within `timeout_s`. Never raises for the
+    instance's behaviour (a failure is logged at debug level).
+
+    Resource handling: the connection is closed before this returns.
+    """
+    try:
+        async with asyncio.timeout(timeout_s):
+            reader, writer = await asyncio.open_connection(ip, port)
+            try:
+                writer.write(ready_request(host, path))
+                line = await reader.readline()
+            finally:
+                writer.close()
+                with contextlib.suppress(OSError):  # a reset after our read: nothing is lost
+                    await writer.wait_closed()
+    except (OSError, TimeoutError, ValueError) as exc:  # ValueError: a first line over the stream's limit
+        log.debug("GET %s from %s:%d: %s", path, ip, port, exc or type(exc).__name__)
+        return None
+    return status_of(line)
+
+
+__all__ = ["ACCEPT_TIMEOUT_S", "NOT_LISTENING_ERRNOS", "READY_TIMEOUT_S", "ConnectProbe", "accepting", "is_ready",
+           "ready_request", "ready_status", "status_of"]

@@ -70,10 +70,14 @@ _MACHINE = os.uname().machine  # not platform.machine(): the spawner keeps its i
 _LINUX_CAPABILITY_VERSION_3 = 0x20080522
 
 
-def _check(result: int) -> int:
+def _check(result: int, what: bytes | None = None) -> int:
+    """`result`, or OSError from errno; `what` (the call and its path) becomes the error's filename, so a
+    failure deep in a container's set-up says which mount it was."""
     if result == -1:
         err = ctypes.get_errno()
-        raise OSError(err, os.strerror(err))
+        if what is None:
+            raise OSError(err, os.strerror(err))
+        raise OSError(err, os.strerror(err), what)
     return result
 
 
@@ -86,15 +90,16 @@ def setns(fd: int, nstype: int = 0) -> None:
 
 
 def mount(source: bytes | None, target: bytes, fstype: bytes | None, flags: int, data: bytes | None) -> None:
-    _check(libc.mount(source, target, fstype, ctypes.c_ulong(flags), data))
+    _check(libc.mount(source, target, fstype, ctypes.c_ulong(flags), data),
+           b"mount " + (fstype or source or b"(remount)") + b" on " + target)
 
 
 def umount2(target: bytes, flags: int = 0) -> None:
-    _check(libc.umount2(target, flags))
+    _check(libc.umount2(target, flags), b"umount " + target)
 
 
 def pivot_root(new_root: bytes, put_old: bytes) -> None:
-    _check(libc.syscall(_SYS_PIVOT_ROOT[_MACHINE], new_root, put_old))
+    _check(libc.syscall(_SYS_PIVOT_ROOT[_MACHINE], new_root, put_old), b"pivot_root " + new_root)
 
 
 def prctl(option: int, arg2: int = 0, arg3: int = 0, arg4: int = 0, arg5: int = 0) -> int:
@@ -177,7 +182,7 @@ class _MountAttr(ctypes.Structure):
 def open_tree(path: bytes, flags: int, dirfd: int = AT_FDCWD) -> int:
     """A detached copy (OPEN_TREE_CLONE) of the mount at `path` (relative to `dirfd`; b"" with
     AT_EMPTY_PATH: the directory `dirfd` itself), as an fd; O_CLOEXEC always."""
-    return _check(libc.syscall(_SYS_OPEN_TREE, dirfd, path, ctypes.c_uint(flags | os.O_CLOEXEC)))
+    return _check(libc.syscall(_SYS_OPEN_TREE, dirfd, path, ctypes.c_uint(flags | os.O_CLOEXEC)), b"open_tree " + path)
 
 
 def mount_setattr(fd: int, attr_set: int, attr_clr: int = 0, recursive: bool = False, userns_fd: int = 0,
@@ -193,7 +198,8 @@ def mount_setattr(fd: int, attr_set: int, attr_clr: int = 0, recursive: bool = F
 
 def move_mount(fd: int, target: bytes) -> None:
     """Attach the detached tree `fd` at `target` (mount propagation applies as for mount(2))."""
-    _check(libc.syscall(_SYS_MOVE_MOUNT, fd, b"", -100, target, ctypes.c_uint(MOVE_MOUNT_F_EMPTY_PATH)))
+    _check(libc.syscall(_SYS_MOVE_MOUNT, fd, b"", -100, target, ctypes.c_uint(MOVE_MOUNT_F_EMPTY_PATH)),
+           b"move_mount to " + target)
 
 
 # openat2 (Linux 5.6+): path resolution the kernel confines. Same number on every architecture.

@@ -78,7 +78,7 @@ class TaskOwner:
         """Wait until this owner and its scopes have no task left (new ones included)."""
         while pending := self._pending():
             # Each task's failure is handled where it ends (_ended): here only the waiting.
-            await asyncio.gather(*pending, return_exceptions=True)
+            await _wait_ended(pending)
 
     async def aclose(self) -> None:
         """Cancel every task of this owner and its scopes, and wait for all of them to end."""
@@ -89,7 +89,7 @@ class TaskOwner:
             tasks = list(self._tasks)
             for task in tasks:
                 task.cancel()
-            await asyncio.gather(*tasks, return_exceptions=True)
+            await _wait_ended(tasks)
         if self._parent is not None:
             self._parent._scopes.discard(self)
 
@@ -137,3 +137,19 @@ class TaskOwner:
             self.failure = exc
         if self.on_failure is not None:
             self.on_failure(exc)
+
+
+async def _wait_ended(tasks: list[asyncio.Task]) -> None:
+    """Wait until the tasks have ended and their done callbacks (`_ended`) have run.
+
+    A task that has ended leaves the owner only in `_ended`, which the loop runs soon after
+    (call_soon), not at once. Since Python 3.12, `gather()` of tasks that have all ended returns
+    a future that is already done, and awaiting it does not yield to the loop: a caller looping
+    until `_ended` ran would spin for ever. So wait only for the running ones, and yield once
+    when none is left running, which lets the pending callbacks run.
+    """
+    running = [task for task in tasks if not task.done()]
+    if running:
+        await asyncio.gather(*running, return_exceptions=True)
+    else:
+        await asyncio.sleep(0)

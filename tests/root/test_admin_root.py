@@ -112,7 +112,7 @@ def test_the_admin_api_over_tls_and_the_metrics_listener(server):
 
     tls = ssl.create_default_context(cafile=str(server.cert))
     metrics = exchange(server.metrics_address, request("GET", "/metrics", METRICS_TOKEN))
-    assert metrics.startswith(b"HTTP/1.1 200 ") and b'fcrun_instances{app="a.test"} 0' in metrics
+    assert metrics.startswith(b"HTTP/1.1 200 ") and b'fcrun_instances{app="a.test",state="ready"} 0' in metrics
     for token in (METRICS_TOKEN, "wrong"):  # the scrape token is no admin token
         answer = exchange(server.admin_address, request("DELETE", "/apps/a.test", token), tls)
         assert answer.startswith(b"HTTP/1.1 401 "), answer

@@ -76,7 +76,7 @@ class Registry:
                     stream.close()
         for driver in self.drivers:
             driver.remove_parent_if_empty()
-        left = [p for d in self.drivers for p in d.parent_paths() if os.path.exists(p)]
+        left = [p for d in self.drivers for p in d.parent_paths(d.extra_keys) if os.path.exists(p)]
         assert not errors, errors
         assert not left, f"cgroup dirs left behind: {left}"
 
@@ -295,3 +295,44 @@ def test_v2_destroy_frozen(reg):
     cg.destroy()
     assert proc.wait(timeout=5) == -signal.SIGKILL
     assert not os.path.exists(cg.paths["unified"])
+
+
+# --- linux.cgroupsPath and the hierarchies a group joins only when asked (placement.py) ---------
+
+def _v1_only(driver: CgroupDriver) -> None:
+    if driver.version != 1 or "cpuset" not in driver.keys:
+        pytest.skip("a cgroup v1 cpuset hierarchy (this host's layout)")
+
+
+def test_v1_cpuset_group_gets_its_parents_cpus_and_mems_so_a_process_can_join(reg, driver):
+    _v1_only(driver)
+    cg = driver.create("cs", Limits(), extra=("cpuset",))
+    reg.cgroups.append(cg)
+    parent = os.path.dirname(cg.paths["cpuset"])
+    for name in ("cpuset.cpus", "cpuset.mems"):
+        assert read(os.path.join(cg.paths["cpuset"], name)) == read(os.path.join(parent, name)) != ""
+    proc = reg.spawn("import time; time.sleep(60)", cg)  # ENOSPC here if cpus or mems were empty
+    assert str(proc.pid) in read(os.path.join(cg.paths["cpuset"], "cgroup.procs")).split()
+
+
+def test_an_absolute_cgroups_path_is_made_at_each_root_and_removed_whole(reg, driver):
+    _v1_only(driver)
+    top = f"{PARENT}-abs"
+    cg = driver.create("ignored", Limits(pids_max=7), at=f"/{top}/c1")
+    reg.cgroups.append(cg)
+    assert cg.paths["pids"] == f"/sys/fs/cgroup/pids/{top}/c1" and read(os.path.join(cg.paths["pids"], "pids.max")) == "7"
+    reg.spawn("import time; time.sleep(60)", cg)
+    again = driver.load(cg.paths, cg.created)  # as a delete in another process loads it
+    again.destroy()
+    assert not any(os.path.exists(f"/sys/fs/cgroup/{k}/{top}") for k in ("cpu", "memory", "pids", "freezer", "devices"))
+
+
+def test_add_controllers_moves_every_process_of_a_live_group(reg, driver):
+    _v1_only(driver)
+    from fcrun.cgroups.placement import add_controllers
+
+    cg = reg.create(driver, "live", Limits())
+    procs = [reg.spawn("import time; time.sleep(60)", cg) for _ in range(2)]
+    add_controllers(driver, cg, ["cpuset"], name="live")
+    assert sorted(read(os.path.join(cg.paths["cpuset"], "cgroup.procs")).split()) == sorted(str(p.pid) for p in procs)
+    assert not cg.is_frozen()

@@ -65,13 +65,19 @@ def test_detached_lifecycle_through_the_cli(fcrun):
 
 
 @pytest.mark.parametrize("args,code,message", [
-    (["run", "--image", "nope", "--", "true"], 3, "image 'nope'"),
-    (["run", "--image", "busybox", "--memory", "lots", "--", "true"], 2, "--memory"),
-    (["run", "--image", "busybox", "--cpu", "0", "--", "true"], 2, "--cpu"),
-    (["run", "--image", "busybox", "--env", "NOVALUE", "--", "true"], 2, "--env"),
-    (["run", "--image", "busybox", "--user", "ghost", "--", "true"], 2, "user 'ghost'"),
-    (["run", "--image", "busybox", "--name", "bad/name", "--", "true"], 2, "invalid container name"),
-    (["run", "--image", "busybox", "--net", "none", "--", "no-such-command"], 126, "no-such-command"),
+    # `fcrun run` exits with its command's code: its own failures are 125, 126, 127 (docker's)
+    (["run", "--image", "nope", "--", "true"], 125, "image 'nope'"),
+    (["run", "--image", "busybox", "--memory", "lots", "--", "true"], 125, "--memory"),
+    (["run", "--image", "busybox", "--cpu", "0", "--", "true"], 125, "--cpu"),
+    (["run", "--image", "busybox", "--env", "NOVALUE", "--", "true"], 125, "--env"),
+    (["run", "--image", "busybox", "--user", "ghost", "--", "true"], 125, "user 'ghost'"),
+    (["run", "--image", "busybox", "--name", "bad/name", "--", "true"], 125, "invalid container name"),
+    (["run", "--image", "busybox", "--net", "none", "--", "no-such-command"], 127, "no-such-command"),
+    (["run", "--image", "busybox", "--net", "none", "--", "/etc/passwd"], 126, "/etc/passwd: cannot execute"),
+    (["run", "--image", "busybox", "--net", "none", "--", "/etc"], 126, "Is a directory"),
+    (["run", "--image", "busybox", "--net", "none", "--no-init", "--", "/etc/passwd"], 126, "[Errno 13]"),
+    (["run", "--image", "busybox", "--net", "none", "-w", "/nowhere", "--", "true"], 125, "working directory"),
+    (["exec", "ghost", "--", "true"], 125, "no such container: 'ghost'"),
     (["kill", "ghost"], 3, "no such container: 'ghost'"),
     (["update", "ghost"], 2, "nothing to update"),
 ])
@@ -88,8 +94,36 @@ def test_bad_input_gives_one_clear_line_and_changes_nothing(fcrun, run_root, arg
 def test_name_in_use(fcrun):
     assert fcrun("run", "-d", "--name", "dup", "--image", "busybox", "--net", "none", "--", "sleep", "60").returncode == 0
     r = fcrun("run", "-d", "--name", "dup", "--image", "busybox", "--net", "none", "--", "sleep", "60")
-    assert r.returncode == 4 and "'dup' is already in use" in r.stderr
+    assert r.returncode == 125 and "'dup' is already in use" in r.stderr
     assert fcrun("rm", "-f", "dup").returncode == 0
+
+
+def test_run_and_exec_exit_codes_are_dockers(fcrun):
+    """The command's own code passes through (128+N for signal N); fcrun's usage errors are 125,
+    not click's 2; a command that cannot be invoked 126, one not found 127 (also in exec)."""
+    r = fcrun("run", "--image", "busybox", "--net", "none", "--", "sh", "-c", "exit 3")
+    assert r.returncode == 3, r.stderr
+    r = fcrun("run", "--image", "busybox", "--net", "none", "--", "sh", "-c", "kill -9 $$")
+    assert r.returncode == 128 + 9, r.stderr
+    for args in (["--image", "busybox", "--bogus"], ["--", "true"], ["--image", "busybox", "--net", "wifi"]):
+        r = fcrun("run", *args)
+        assert r.returncode == 125 and "Error:" in r.stderr, (args, r.stderr)
+    assert fcrun("run", "-d", "--name", "codes", "--image", "busybox", "--net", "none", "--",
+                 "sleep", "300").returncode == 0
+    try:
+        for command, code, message in ((["sh", "-c", "exit 7"], 7, ""), (["sh", "-c", "kill -9 $$"], 137, ""),
+                                       (["no-such-command"], 127, "executable not found"),
+                                       (["/etc/passwd"], 126, "cannot execute"), (["/etc"], 126, "Is a directory")):
+            r = fcrun("exec", "codes", "--", *command)
+            assert r.returncode == code and message in r.stderr, (command, r.returncode, r.stderr)
+        r = fcrun("exec", "codes", "--", "sh", "-c", "printf 'echo hi\\n' > /tmp/bare; chmod +x /tmp/bare")
+        assert r.returncode == 0, r.stderr
+        r = fcrun("exec", "codes", "--", "/tmp/bare")  # executable, but no #! and no ELF: the kernel's ENOEXEC
+        assert r.returncode == 126 and "Exec format error" in r.stderr, r.stderr
+        r = fcrun("exec", "--bogus", "codes", "--", "true")
+        assert r.returncode == 125 and "--bogus" in r.stderr
+    finally:
+        assert fcrun("rm", "-f", "codes").returncode == 0
 
 
 

@@ -170,13 +170,15 @@ def test_detached_run_answers_with_its_name_at_once(daemon, env):
 
 
 @pytest.mark.parametrize("args, code, message", [
-    (["--image", "nope"], 3, "fcrun: image 'nope' not found"),
-    (["--image", "busybox", "--cpu", "lots"], 2, "fcrun: invalid CPU amount 'lots'"),
-    (["--image", "busybox", "--memory", "12Q"], 2, "(at --memory)"),
-    (["--image", "busybox", "--pids", "0"], 2, "fcrun: invalid --pids 0: must be >= 1 (at --pids)"),
-    (["--image", "busybox", "--name", "bad name"], 2, "fcrun: invalid container name 'bad name'"),
-    (["--image", "busybox", "--user", "nobody-here"], 2, "nobody-here"),
-    (["--image", "busybox", "--name", "noprog", "--", "/no/such/program"], 126, "/no/such/program"),
+    (["--image", "nope"], 125, "fcrun: image 'nope' not found"),
+    (["--image", "busybox", "--cpu", "lots"], 125, "fcrun: invalid CPU amount 'lots'"),
+    (["--image", "busybox", "--memory", "12Q"], 125, "(at --memory)"),
+    (["--image", "busybox", "--pids", "0"], 125, "fcrun: invalid --pids 0: must be >= 1 (at --pids)"),
+    (["--image", "busybox", "--name", "bad name"], 125, "fcrun: invalid container name 'bad name'"),
+    (["--image", "busybox", "--user", "nobody-here"], 125, "nobody-here"),
+    (["--image", "busybox", "--name", "noprog", "--", "/no/such/program"], 127, "/no/such/program"),
+    (["--image", "busybox", "--name", "noexec", "--", "/etc/passwd"], 126, "/etc/passwd: cannot execute"),
+    (["--image", "busybox", "--name", "isdir", "--", "/etc"], 126, "Is a directory"),
 ])
 def test_bad_input_gives_the_in_process_error_and_leaves_nothing(daemon, env, tmp_path, args, code, message):
     thin = fcrun(env, "run", "--net", "none", *args)

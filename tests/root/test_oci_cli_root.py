@@ -450,3 +450,49 @@ def test_concurrent_starts_start_it_once(oci, sleeper):
     assert all("already running" in err for code, err in results if code == 1), results
     assert oci.state("s1")["status"] == "running"
     wait_until("the output", lambda: oci.output() == "started\n", detail=oci.output)
+
+
+def holder_pids(name: str, init: int) -> list[int]:
+    """The pids of the holder of container `name`: a fork of `create` (oci_holder.py), so its
+    command line is create's, as is that of the container's `init` until its start."""
+    pids = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/cmdline", "rb") as f:
+                    argv = f.read().split(b"\0")
+            except OSError:
+                continue
+            if b"create" in argv and argv[-2:-1] == [name.encode()] and int(entry) != init and not gone(int(entry)):
+                pids.append(int(entry))
+    return pids
+
+
+def test_delete_after_the_exit_leaves_nothing_with_or_without_the_holder(oci, tmp_path):
+    """`delete` of an exited container goes to its holder while it lingers (oci_holder.py; h1,
+    most likely, though a loaded host may be slower than the linger), else runs itself (h2: the
+    holder killed before the start, its socket left as after a crash): either way the
+    container, its socket and the holder are gone."""
+    bundle = make_bundle(str(tmp_path / "true"), ["true"])
+    for name, kill_holder in (("h1", False), ("h2", True)):
+        assert oci.with_files("create", "--bundle", bundle, name).returncode == 0
+        init = oci.state(name)["pid"]
+        (holder,) = holder_pids(name, init)
+        if kill_holder:  # as a crash would: its socket stays, the container gives up at its go pipe's EOF
+            os.kill(holder, signal.SIGKILL)
+            wait_until("the holder to die", lambda: gone(holder))
+            assert os.path.exists(os.path.join(oci.root, "oci", f"{name}.sock"))
+            r = oci("start", name)
+            # The container may have given up already (stopped), or not yet (no holder): either says so.
+            assert r.returncode == 1 and ("holding it since create is gone" in r.stderr
+                                          or "has stopped" in r.stderr), r.stderr
+        else:
+            assert oci("start", name).returncode == 0
+        wait_until("the container to exit", lambda: gone(init))
+        r = oci("delete", name)
+        assert r.returncode == 0, r.stderr
+        assert not os.path.exists(os.path.join(oci.root, "oci", f"{name}.sock"))
+        assert oci("state", name).stderr.strip() == "container does not exist"
+        wait_until("the holder to leave", lambda: gone(holder))
+        r = oci("delete", name)
+        assert (r.returncode, r.stderr.strip()) == (1, "container does not exist")

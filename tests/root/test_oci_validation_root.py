@@ -33,20 +33,7 @@ BUDGET_S = int(os.environ.get("FCRUN_RTVAL_BUDGET", "600"))
 # test_fcrun_oci_is_clean_wherever_runc_is fails when one of them passes, telling to remove it.
 # From the runs of 2026-12-04 (fcrun-oci of the issue 13 work in progress): at 21:55 UTC 25 of 58 clean, at 22:25
 # 26 (linux_devices went); runc 31.
-CPU_SHARES = ("refuses cpu fields runc applies: cpu.cpus at 22:25, cpu.shares before "
-              "('not supported by fcrun's cgroup layer')")
-PIDS_CGROUP = "'get pids cgroup data' fails: the container's pids cgroup is not at the spec's cgroupsPath"
 KNOWN_GAPS: dict[str, str] = {
-    "config_updates_without_affect": "exits 1 before any TAP (stderr says only 'exit status 1')",
-    "delete_resources": PIDS_CGROUP,
-    "killsig": "kill gets 'container not running' for a created/running container",
-    "linux_cgroups_cpus": CPU_SHARES,
-    "linux_cgroups_relative_cpus": CPU_SHARES,
-    "linux_cgroups_pids": PIDS_CGROUP,
-    "linux_cgroups_relative_pids": PIDS_CGROUP + " ('cgroup subsystem pids is not mounted as expected')",
-    "linux_ns_itype": "refuses a spec without a new pid namespace ('fcrun requires a new pid namespace')",
-    "linux_ns_nopath": "no new user namespace when the spec asks for one without a path",
-    "linux_ns_path": "joins only network, ipc, uts and cgroup namespaces by path (refuses mount and pid)",
 }
 
 

@@ -36,11 +36,7 @@ pytestmark = [pytest.mark.root]
 IMAGE = "localhost/fcrun-busybox:test"
 UNIFIED = os.path.exists("/sys/fs/cgroup/cgroup.controllers")  # pure cgroup v2; else v1 controllers (hybrid too)
 # Checks (test names without the runtime) that fcrun-oci does not pass yet -> why. Only ever remove entries.
-KNOWN_GAPS: dict[str, str] = {
-    # 2026-12-04 22:25 UTC: input and echo work, but `tty` inside prints "not a tty" (ttyname of stdin fails:
-    # the pty is not one of the container's /dev/pts); under runc it prints /dev/pts/0
-    "test_run_it_through_a_terminal": "the terminal is not a /dev/pts entry inside the container ('not a tty')",
-}
+KNOWN_GAPS: dict[str, str] = {}
 _parents = itertools.count()
 
 

@@ -5,11 +5,12 @@ from __future__ import annotations
 
 import concurrent.futures
 import os
+import re
 import signal
 import time
 
 import pytest
-from serving import Server, serving
+from serving import Server, serving, warming_site
 
 from fcrun.forkserver import Client, ForkServerGone
 from fcrun.forkserver import protocol as fsp
@@ -75,6 +76,16 @@ def test_a_cold_app_is_served_from_the_pool_which_refills(pooled, tmp_path):
     assert pooled.request("alpha.test")[0] == 200
 
 
+def test_a_claimed_instance_is_routed_only_once_its_apps_ready_path_answers_2xx(pooled, tmp_path):
+    site = warming_site(tmp_path / "warming", warming=2)
+    pooled.cli("app", "add", "warm.test", "--image", "apache-php", "--docroot", site, "--ready-path", "/healthz.php")
+    pooled.start()
+    pooled.wait_pool(2)
+    code, headers, body = pooled.request("warm.test")
+    assert code == 200 and headers["X-Fcrun-Cold-Start-Path"] == "pool", body
+    assert body == "probed 3 times, as warm.test"  # the pool's own checks only connect: no GET before the claim
+
+
 def test_a_claimed_instance_sees_only_its_own_apps_docroot(pooled, tmp_path):
     sites = {name: _site(tmp_path, name, f"{name} here") for name in ("red", "blue")}
     for name, site in sites.items():
@@ -103,7 +114,9 @@ def test_an_idle_instance_is_frozen_and_thawed_by_the_next_request(pooled, tmp_p
     pooled.cli("app", "add", "cold.test", "--image", "apache-php", "--docroot", site, "--freeze-after", "1s",
                "--idle-timeout", "120s")
     pooled.start()
-    assert pooled.request("cold.test")[0] == 200
+    code, headers, _ = pooled.request("cold.test")
+    assert code == 200
+    first_path = headers["X-Fcrun-Cold-Start-Path"]  # pool, or start if the pool was not filled yet
     (name,) = [n for n, row in pooled.ps().items() if row["APP"] == "cold.test"]
     deadline = time.monotonic() + 10
     while pooled.ps()[name]["STATE"] != "frozen":
@@ -117,7 +130,8 @@ def test_an_idle_instance_is_frozen_and_thawed_by_the_next_request(pooled, tmp_p
     frozen_memory = [line for line in metrics.splitlines()
                      if line.startswith('fcrun_memory_bytes{app="cold.test",state="frozen"}')]
     assert frozen_memory and float(frozen_memory[0].split()[-1]) > 0
-    assert 'fcrun_instances_frozen{app="cold.test"} 1' in metrics
+    assert 'fcrun_instances{app="cold.test",state="frozen"} 1' in metrics
+    assert 'fcrun_instances{app="cold.test",state="ready"} 0' in metrics
     # Frozen means no progress: its CPU time stands still.
     cpu = [line for line in metrics.splitlines() if line.startswith('fcrun_cpu_seconds_total{app="cold.test"}')]
     time.sleep(0.5)
@@ -130,6 +144,25 @@ def test_an_idle_instance_is_frozen_and_thawed_by_the_next_request(pooled, tmp_p
     assert pooled.ps()[name]["STATE"] == "running"
     metrics = AdminClient(os.path.join(pooled.run_root, "admin.sock")).metrics_text()
     assert 'fcrun_cold_starts_total{app="cold.test",path="thaw"} 1' in metrics
+    # The histograms count what happened: two requests, each a cold start (first_path, then
+    # thaw); a path no request took has no histogram.
+    assert _sample(metrics, 'fcrun_request_duration_seconds_count{app="cold.test"}') == 2
+    assert _sample(metrics, 'fcrun_request_duration_seconds_bucket{app="cold.test",le="+Inf"}') == 2
+    assert _sample(metrics, 'fcrun_requests_total{app="cold.test",code="2xx"}') == 2
+    for path in (first_path, "thaw"):
+        assert _sample(metrics, f'fcrun_cold_start_duration_seconds_count{{app="cold.test",path="{path}"}}') == 1
+        assert _sample(metrics, f'fcrun_cold_start_duration_seconds_sum{{app="cold.test",path="{path}"}}') > 0
+    (unused,) = {"pool", "start"} - {first_path}
+    assert f'fcrun_cold_start_duration_seconds_count{{app="cold.test",path="{unused}"}}' not in metrics
+    (build,) = [line for line in metrics.splitlines() if line.startswith("fcrun_build_info{")]
+    assert 'version="' in build and 'python="' in build and build.endswith(" 1")
+    assert re.search(r'cgroup="v[12]"', build), build
+
+
+def _sample(metrics: str, series: str) -> float:
+    """The value of one series in a /metrics text (it must be there exactly once)."""
+    (value,) = [line.rpartition(" ")[2] for line in metrics.splitlines() if line.rpartition(" ")[0] == series]
+    return float(value)
 
 
 def test_killing_the_forkserver_under_load_loses_no_request_and_serve_recovers(pooled, tmp_path):

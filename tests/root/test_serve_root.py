@@ -7,7 +7,7 @@ import os
 import time
 
 import pytest
-from serving import serving
+from serving import serving, warming_site
 
 pytestmark = [pytest.mark.root, pytest.mark.slow]
 
@@ -82,6 +82,17 @@ def test_a_start_that_never_becomes_ready_is_504(server, tmp_path):
     status, _, body = server.request("deaf.test")
     assert status == 504, body
     assert server.request("gone.test")[0] == 404
+
+
+def test_a_ready_path_holds_the_first_request_until_it_answers_2xx(server, tmp_path):
+    """/healthz.php answers 503 three times, then 200: the first request is routed only then."""
+    site = warming_site(tmp_path / "warming", warming=3)
+    server.cli("app", "add", "warm.test", "--image", "apache-php", "--docroot", site, "--ready-path", "/healthz.php")
+    server.start()
+    status, headers, body = server.request("warm.test")
+    assert status == 200 and headers["X-Fcrun-Cold-Start-Path"] == "start", body
+    assert body == "probed 4 times, as warm.test"  # 3 x 503, then the 200 that made it ready; Host: the app's
+    assert server.request("warm.test")[2] == "probed 4 times, as warm.test"  # hot: no probe more
 
 
 def test_missing_image_is_502_naming_the_reason(server):

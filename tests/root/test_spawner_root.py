@@ -23,7 +23,7 @@ from fcrun.runtime.options import RunOptions, spec_from_image
 from fcrun.runtime.plan import build_plan
 from fcrun.runtime.userns import FIRST_HOST_ID, RANGE_SIZE
 from fcrun.runtime import Runtime
-from fcrun.runtime.child import ChildFailure, read_status
+from fcrun.runtime.fork import ChildFailure, read_status
 from hostcheck import BRIDGE, CGROUP_PARENT, SUBNET
 from polling import wait_until
 from test_runtime_root import run as _run  # run to completion, output captured

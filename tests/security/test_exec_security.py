@@ -95,10 +95,10 @@ def test_exec_child_is_closed_to_the_container_until_it_execs(runtime, busybox, 
     release_r, release_w = os.pipe()
     find_executable = fcrun.runtime.child._find_executable
 
-    def hold_before_exec(name, search_path):
+    def hold_before_exec(name, search_path, **kwargs):
         os.write(report_w, f"{os.getpid()}\n".encode())  # its pid in the container's pid ns
         os.read(release_r, 1)
-        return find_executable(name, search_path)
+        return find_executable(name, search_path, **kwargs)
 
     monkeypatch.setattr(fcrun.runtime.child, "_find_executable", hold_before_exec)
     exec_in_r, exec_in_w = os.pipe()

@@ -148,14 +148,17 @@ def test_instances_stats_metrics_and_events(client, cmdb):
 
     stats = client.stats()
     assert set(stats) == {"a.test", "b.test"}
-    assert (stats["a.test"].instances.ready, stats["a.test"].instances.total, stats["a.test"].requests) == (1, 2, 5)
+    counts = stats["a.test"].instances
+    # A "starting" row is a start in progress (a claimed share), not yet an instance.
+    assert (counts.ready, counts.starting, counts.total, stats["a.test"].requests) == (1, 1, 1, 5)
     assert list(client.stats("b.test")) == ["b.test"]
     with pytest.raises(NotFound):
         client.stats("nope.test")
 
     text = client.metrics_text()
     assert "# TYPE fcrun_instances gauge" in text
-    assert 'fcrun_instances{app="a.test"} 1' in text
+    assert 'fcrun_instances{app="a.test",state="ready"} 1' in text
+    assert 'fcrun_instances{app="a.test",state="starting"} 1' in text
 
     events = client.events()
     assert [e.app for e in events] == ["a.test", "b.test"]
@@ -322,6 +325,6 @@ def test_parser_limits_and_malformed_requests(data, status):
 def test_render_metrics_escapes_labels_and_keeps_digits():
     stats = {'we"ird\\app': AppStats(requests=3, status={"2xx": 2, "5xx": 1}, cpu_seconds=1234567.125)}
     text = render_metrics(stats)
-    assert 'fcrun_requests_total{app="we\\"ird\\\\app",class="2xx"} 2' in text
+    assert 'fcrun_requests_total{app="we\\"ird\\\\app",code="2xx"} 2' in text
     assert 'fcrun_cpu_seconds_total{app="we\\"ird\\\\app"} 1234567.125' in text
     assert text.endswith("\n")

@@ -228,7 +228,7 @@ def test_the_metrics_listener_serves_metrics_with_its_token_only(with_metrics):
     metrics = with_metrics.listener("metrics").bound_address
     close = "Connection: close\r\n"
     answer = raw(metrics, head("/metrics", token=METRICS_TOKEN, extra=close))
-    assert status_of(answer) == 200 and b'fcrun_instances{app="a.test"} 0' in answer
+    assert status_of(answer) == 200 and b'fcrun_instances{app="a.test",state="ready"} 0' in answer
     assert status_of(raw(metrics, head("/metrics", token=None, extra=close))) == 401
     assert status_of(raw(metrics, head("/metrics", token=TOKEN, extra=close))) == 401  # not the admin token
     # Nothing but GET /metrics, whatever token: the admin routes do not exist there.
@@ -247,7 +247,7 @@ def test_a_metrics_token_authorizes_nothing_on_the_admin_listener(with_metrics):
         with pytest.raises(NotPermitted, match="bearer token"):
             call()
     assert [a.name for a in AdminClient(url, TOKEN).list_apps()] == ["a.test"]  # nothing changed
-    assert 'fcrun_instances{app="a.test"}' in AdminClient(with_metrics.socket_path).metrics_text()  # root's unix socket
+    assert 'fcrun_instances{app="a.test",state="ready"}' in AdminClient(with_metrics.socket_path).metrics_text()  # root's unix socket
 
 
 def test_an_open_metrics_listener_still_serves_only_metrics(cmdb, short_dir):

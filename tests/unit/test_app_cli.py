@@ -111,7 +111,7 @@ def test_add_ls_show_update_rm_without_a_server(cli, tmp_path, monkeypatch):
                  "--max", "2", "--idle-timeout", "90s", "--freeze-after", "30s", "--max-lifetime", "1h",
                  "--env", "APP_ENV=prod", "--port", "8080", "--max-body", "10M", "--no-autoscale")
     assert result.exit_code == 0, result.output
-    assert result.output == "example.test\n"
+    assert result.stdout == "example.test\n"  # stderr: a warning that apache-php is not built here
 
     result = cli("app", "ls")
     assert result.exit_code == 0, result.output
@@ -167,6 +167,8 @@ def test_add_ls_show_update_rm_without_a_server(cli, tmp_path, monkeypatch):
     (["app", "add", "a.test", "--image", "x", "--port", "http"], 2, "--port"),
     (["app", "add", "a.test", "--image", "x", "--max-body", "big"], 2, "--max-body"),
     (["app", "add", "a.test", "--image", "x", "--min", "2"], 2, "min_instances"),
+    (["app", "add", "a.test", "--image", "x", "--ready-path", "healthz"], 2, "does not start with / (at --ready-path)"),
+    (["app", "add", "a.test", "--image", "x", "--ready-path", "/a b"], 2, "(at --ready-path)"),
     (["app", "update", "a.test"], 2, "nothing to update"),
     (["app", "update", "nope.test", "--cpu", "0.5"], 3, "does not exist"),
     (["app", "show", "nope.test"], 3, "does not exist"),
@@ -317,3 +319,45 @@ def test_only_apps_on_the_default_seccomp_profile_use_pooled_instances():
     app = App(name="p.test", image="apache-php", docroot="/srv/p")
     assert RuntimeBackend.poolable(app)
     assert not RuntimeBackend.poolable(msgspec.structs.replace(app, seccomp="unconfined"))
+
+
+def test_add_warns_when_its_image_is_not_in_the_local_store(cli, roots, tmp_path, monkeypatch):
+    """The app is added (exit 0) but its first request would fail: stderr names the image and
+    how to get it (build, for a recipe; pull)."""
+    from test_images import docker_archive, layer_tar, Entry
+
+    from fcrun.images import ImageStore
+
+    recipes = tmp_path / "recipes"
+    (recipes / "apache-php").mkdir(parents=True)
+    (recipes / "apache-php" / "build.sh").write_text("#!/bin/sh\n")
+    monkeypatch.setenv("FCRUN_RECIPES", str(recipes))
+
+    result = cli("app", "add", "a.test", "--image", "apache-php")
+    assert result.exit_code == 0, result.output
+    assert result.stdout == "a.test\n"
+    assert "image 'apache-php' is not in the local image store" in result.stderr, result.stderr
+    assert "`fcrun image build apache-php` or `fcrun image pull apache-php`" in result.stderr
+    assert cli("app", "ls", "-q").stdout == "a.test\n"  # added all the same
+
+    result = cli("app", "add", "b.test", "--image", "site:1")
+    assert result.exit_code == 0 and "`fcrun image pull site:1`" in result.stderr, result.stderr
+    assert "image build" not in result.stderr  # no recipe of that name
+
+    archive = docker_archive(tmp_path / "here.tar", [layer_tar(Entry("etc", "d"))], {}, ["here"])
+    ImageStore(roots).import_(str(archive))
+    result = cli("app", "add", "c.test", "--image", "here")
+    assert (result.exit_code, result.stdout, result.stderr) == (0, "c.test\n", "")
+    result = cli("app", "update", "c.test", "--image", "gone")
+    assert result.exit_code == 0 and "image 'gone' is not in the local image store" in result.stderr
+
+
+def test_a_ready_path_is_set_shown_and_cleared(cli):
+    assert cli("app", "add", "r.test", "--image", "x", "--ready-path", "/healthz").exit_code == 0
+    assert json.loads(cli("app", "show", "r.test", "--json").stdout)["app"]["ready_path"] == "/healthz"
+    assert "ready:        GET /healthz answers 2xx/3xx" in cli("app", "show", "r.test").stdout
+    assert cli("app", "update", "r.test", "--ready-path", "/up?deep=1").exit_code == 0
+    assert json.loads(cli("app", "show", "r.test", "--json").stdout)["app"]["ready_path"] == "/up?deep=1"
+    assert cli("app", "update", "r.test", "--ready-path", "off").exit_code == 0
+    assert json.loads(cli("app", "show", "r.test", "--json").stdout)["app"]["ready_path"] is None
+    assert "ready:        accepting connections" in cli("app", "show", "r.test").stdout

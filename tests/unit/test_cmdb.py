@@ -289,6 +289,31 @@ def test_a_version_1_database_gets_the_apps_pids_and_seccomp_columns(db_path):
         assert (db.get_app("old.test").pids_max, db.get_app("old.test").seccomp) == (64, "unconfined")
 
 
+def test_a_version_5_database_gets_the_ready_path_column_empty(db_path):
+    from fcrun.cmdb.migrations import MIGRATIONS, migrate
+
+    os.makedirs(os.path.dirname(db_path), exist_ok=True)
+    conn = sqlite3.connect(db_path)
+    try:
+        conn.execute("CREATE TABLE schema_version (version INTEGER NOT NULL)")
+        conn.execute("INSERT INTO schema_version (version) VALUES (5)")
+        for migration in MIGRATIONS[:5]:
+            for statement in migration.statements:
+                conn.execute(statement.format(serial_pk="INTEGER PRIMARY KEY AUTOINCREMENT", now="0"))
+        conn.execute("INSERT INTO apps (name, image, env, cpu, memory_bytes, min_instances, max_instances,"
+                     " target_concurrency, idle_timeout_s, cooldown_up_s, cooldown_down_s, autoscale, created_at,"
+                     " updated_at, generation) VALUES ('old.test', 'x', '[]', 1, 536870912, 0, 1, 10, 60, 10, 30,"
+                     " 1, 0, 0, 1)")
+        conn.commit()
+        assert migrate(conn.cursor()) == 5
+        conn.commit()
+    finally:
+        conn.close()
+    with SqliteCMDB(db_path) as db:
+        assert db.get_app("old.test").ready_path is None  # accepting connections, as before
+        assert db.update_app("old.test", AppUpdate(ready_path="/up")).ready_path == "/up"
+
+
 def test_a_database_from_a_newer_fcrun_is_refused(db_path):
     SqliteCMDB(db_path).close()
     conn = sqlite3.connect(db_path)

@@ -128,7 +128,7 @@ def test_without_a_fork_server_the_cli_is_clicks(tmp_path):
     env = dict(os.environ, FCRUN_RUN=str(tmp_path / "run"), FCRUN_ROOT=str(tmp_path / "data"))
     r = subprocess.run([sys.executable, "-m", "fcrun_cli", "run", "--image", "busybox", "--net", "wifi"],
                        env=env, capture_output=True, text=True, timeout=30)
-    assert r.returncode == 2 and "Invalid value for '--net'" in r.stderr, r.stderr
+    assert r.returncode == 125 and "Invalid value for '--net'" in r.stderr, r.stderr
     r = subprocess.run([sys.executable, "-m", "fcrun_cli", "--version"], env=env, capture_output=True, text=True,
                        timeout=30)
     assert r.returncode == 0 and "fcrun, version" in r.stdout
@@ -322,10 +322,10 @@ def test_options_left_to_the_cli_are_a_mismatch(fields, option):
 
 
 @pytest.mark.parametrize("run, kind, code, text", [
-    (p.Run(image="missing"), "NotFound", 3, "image 'missing' not found"),
-    (p.Run(image="busybox", cpu="abc"), "SpecError", 2, "(at --cpu)"),
-    (p.Run(image="busybox", memory="lots"), "SpecError", 2, "(at --memory)"),
-    (p.Run(image="busybox", pids=0), "SpecError", 2, "invalid --pids 0: must be >= 1 (at --pids)"),
+    (p.Run(image="missing"), "NotFound", 125, "image 'missing' not found"),  # `fcrun run`'s codes
+    (p.Run(image="busybox", cpu="abc"), "SpecError", 125, "(at --cpu)"),
+    (p.Run(image="busybox", memory="lots"), "SpecError", 125, "(at --memory)"),
+    (p.Run(image="busybox", pids=0), "SpecError", 125, "invalid --pids 0: must be >= 1 (at --pids)"),
 ])
 def test_bad_run_input_gets_the_clis_error_and_exit_code(run, kind, code, text):
     server, conn, fds = _server_and_fds()
@@ -339,9 +339,15 @@ def test_bad_run_input_gets_the_clis_error_and_exit_code(run, kind, code, text):
 def test_a_foreground_run_needs_the_three_stdio_fds():
     server = ForkServer(FakePool(), listener=None)
     reply = server._handle(p.frame(p.Run(image="busybox"))[4:], object())
-    assert isinstance(reply, p.Failed) and reply.exit_code == 2 and "3 fds" in reply.message
+    assert isinstance(reply, p.Failed) and reply.exit_code == 125 and "3 fds" in reply.message
 
 
 def test_a_signal_without_a_run_is_ignored():
     server = ForkServer(FakePool(), listener=None)
     assert server._handle(p.frame(p.Signal(signal=15))[4:], object()) is None
+
+
+def test_the_thin_clients_own_exit_codes_are_the_libraries():
+    from fcrun.errors import RUN_OWN_FAILURE, CommandNotFound, CommandNotInvokable
+
+    assert fast.OWN_EXIT_CODES == (RUN_OWN_FAILURE, CommandNotInvokable.exit_code, CommandNotFound.exit_code)

@@ -289,6 +289,29 @@ def test_reconcile_adopts_reachable_instances_and_removes_the_rest(cmdb):
     run(main())
 
 
+def test_reconcile_removes_only_its_own_rows_and_stamps_its_node_on_new_ones(cmdb):
+    """Two serves share one CMDB (PostgreSQL): a serve starting must not delete the other's rows."""
+    from fcrun.cmdb.models import Instance as Row
+    from fcrun.serve.records import Recorder
+    from fcrun.tasks import TaskOwner
+
+    for name, owner in (("mine-gone", "host:/run/a"), ("legacy", ""), ("theirs", "host:/run/b")):
+        cmdb.upsert_instance(Row(id=name, app="example.test", container=name, state="ready", owner=owner))
+
+    async def main():
+        tasks = TaskOwner("manager")
+        manager, backend, clock, _ = make(cmdb, tasks=tasks, records=Recorder(cmdb, tasks, node="host:/run/a"))
+        await manager.reconcile()
+        await manager.settle()
+        assert [(r.id, r.owner) for r in cmdb.list_instances()] == [("theirs", "host:/run/b")]
+        (await manager.acquire("example.test")).done(200, 0, 0, False)
+        await manager.settle()
+        assert {r.id: r.owner for r in cmdb.list_instances()} == {"theirs": "host:/run/b",
+                                                                  "example.test-0": "host:/run/a"}
+        await manager.shutdown()
+    run(main())
+
+
 def test_reconcile_adopts_a_frozen_instance_frozen_and_the_next_request_thaws_it(cmdb):
     """An idle instance serve froze before it was killed: still the app's, its memory warm."""
     async def main():
@@ -315,9 +338,13 @@ def test_metrics_are_prometheus_text_through_the_controller(cmdb):
         lease.done(404, 0, 0, False)
         text = await ManagedController(cmdb, manager).metrics_text()
         assert "# TYPE fcrun_requests_total counter" in text
-        assert 'fcrun_requests_total{app="example.test",class="4xx"} 1' in text
-        assert 'fcrun_request_seconds_total{app="example.test"} 0.5' in text
-        assert 'fcrun_instances{app="example.test"} 1' in text
+        assert 'fcrun_requests_total{app="example.test",code="4xx"} 1' in text
+        assert 'fcrun_request_duration_seconds_sum{app="example.test"} 0.5' in text
+        assert 'fcrun_request_duration_seconds_bucket{app="example.test",le="0.5"} 1' in text
+        assert 'fcrun_request_duration_seconds_bucket{app="example.test",le="0.25"} 0' in text
+        assert 'fcrun_request_duration_seconds_count{app="example.test"} 1' in text
+        assert 'fcrun_cold_start_duration_seconds_count{app="example.test",path="start"} 1' in text
+        assert 'fcrun_instances{app="example.test",state="ready"} 1' in text
     run(main())
 
 

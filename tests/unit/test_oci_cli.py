@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -173,8 +174,8 @@ def test_ps_table_keeps_the_container_pids():
 
 
 def test_a_usage_error_is_one_line_and_exit_1(capsys, tmp_path):
-    code, _, err = run_main(capsys, "--root", str(tmp_path), "update", "--cpu-shares", "5", "x")
-    assert code == 1 and "unrecognized arguments: --cpu-shares" in err and len(err.splitlines()) == 1
+    code, _, err = run_main(capsys, "--root", str(tmp_path), "update", "--l3-cache-schema", "5", "x")
+    assert code == 1 and "unrecognized arguments: --l3-cache-schema" in err and len(err.splitlines()) == 1
 
 
 @pytest.mark.parametrize("interval", ["fast", "0s"])
@@ -190,3 +191,131 @@ def test_a_system_error_names_its_file_and_debug_logs_the_traceback(capsys, tmp_
     assert (code, err) == (1, f"{tmp_path / 'missing.json'}: No such file or directory\n")
     text = log.read_text()
     assert "level=debug" in text and "Traceback" in text and "level=error" in text
+
+
+# ----- the fast path (cli/oci_fast.py): the launcher's paths, the hand parser -----------------
+
+from fcrun_cli import oci_fast  # noqa: E402
+
+REPO = os.path.abspath(os.path.join(os.path.dirname(__file__), "..", ".."))
+
+
+@pytest.mark.parametrize("argv", [
+    ["create", "c1"],
+    ["--root", "/run/x", "--log", "/l", "--log-format", "json", "create", "--bundle", "/b", "--pid-file", "/p",
+     "--console-socket", "/s", "c1"],
+    ["--root=/run/x", "--log-format=text", "create", "-b", "/b", "c1", "--pid-file=/p", "--no-pivot",
+     "--no-new-keyring", "--preserve-fds", "0"],
+    ["--debug", "--rootless", "false", "start", "c1"],
+    ["state", "c1"],
+    ["delete", "c1"], ["delete", "-f", "c1"], ["delete", "c1", "--force"],
+    ["kill", "c1"], ["kill", "-a", "c1", "KILL"], ["kill", "c1", "9", "--all"],
+    ["--root", "/r", "start", "-"],
+])
+def test_fast_parse_reads_as_argparse_does(argv):
+    expected = oci.build_parser().parse_args(argv)
+    assert oci_fast.parse(argv) == oci_fast.Namespace(**vars(expected))
+
+
+@pytest.mark.parametrize("argv", [
+    [], ["--help"], ["-v"], ["--systemd-cgroup", "start", "c1"], ["list"], ["start"], ["start", "a", "b"],
+    ["create", "--bundle"], ["create", "--bundle", "-x", "c1"], ["create", "--bund", "/b", "c1"],
+    ["create", "-b/b", "c1"], ["delete", "-fa", "c1"], ["create", "--preserve-fds", "x", "c1"],
+    ["create", "--", "c1"], ["start", "--root", "/r", "c1"], ["--ro", "/r", "start", "c1"],
+])
+def test_fast_parse_leaves_other_forms_to_argparse(argv):
+    with pytest.raises(oci_fast.Fallback):
+        oci_fast.parse(argv)
+
+
+@pytest.mark.parametrize("root, expected", [
+    ("/run/x", "/run/x/oci"), ("/run/x/", "/run/x/oci"), ("/", "/oci"), ("run/x", None), ("/run/../x", None),
+    ("/run//x", None),
+])
+def test_fast_holder_dir_is_options_holder_dir(root, expected):
+    args = oci_fast.parse(["--root", root, "start", "c1"])
+    assert oci_fast.holder_dir(args) == expected
+    if expected is not None:
+        assert expected == oci.Options(args).holder_dir
+    debug = oci_fast.parse(["--debug", "--root", "/r", "start", "c1"])
+    assert oci_fast.holder_dir(debug) is None  # oci.main logs the command line first
+
+
+def test_fast_constants_are_the_library_s():
+    from fcrun.runtime.hooks import BUNDLE_LABEL
+
+    assert oci_fast.DEFAULT_ROOT == oci.DEFAULT_ROOT
+    assert oci_report.BUNDLE_LABEL == BUNDLE_LABEL
+
+
+def test_fast_start_without_a_holder_says_what_the_full_command_says(tmp_path):
+    env = dict(os.environ, PATH=os.path.dirname(sys.executable) + ":" + os.environ["PATH"])
+    r = subprocess.run([LAUNCHER, "--root", str(tmp_path), "start", "nosuch"], env=env, capture_output=True,
+                       text=True, timeout=30)
+    assert (r.returncode, r.stderr) == (1, "container does not exist\n")
+
+
+@pytest.mark.parametrize("layout", ["pip install .", "pip install -e ."])
+def test_the_launcher_finds_the_library_in_both_install_layouts(tmp_path, layout):
+    """A prefix as pip makes it (bin/, lib/python3.X/site-packages/), its python3 the base
+    interpreter (no venv: its own site has no fcrun), so only the launcher's paths can make
+    `state` (the library, msgspec) work."""
+    import msgspec
+
+    bin_dir = tmp_path / "bin"
+    site = tmp_path / "lib" / f"python{sys.version_info.major}.{sys.version_info.minor}" / "site-packages"
+    bin_dir.mkdir()
+    site.mkdir(parents=True)
+    os.symlink(os.path.realpath(sys.executable), bin_dir / "python3")
+    launcher = bin_dir / "fcrun-oci"
+    shutil.copy(LAUNCHER, launcher)
+    launcher.chmod(0o755)
+    os.symlink(os.path.dirname(msgspec.__file__), site / "msgspec")
+    if layout == "pip install .":
+        os.symlink(os.path.join(REPO, "cli"), site / "fcrun_cli")
+        os.symlink(os.path.join(REPO, "src", "fcrun"), site / "fcrun")
+    else:
+        record = site / "fcrun-0.1.0.dist-info"
+        record.mkdir()
+        (record / "direct_url.json").write_text(json.dumps({"dir_info": {"editable": True}, "url": f"file://{REPO}"}))
+    env = {"PATH": "/usr/bin:/bin"}  # not the venv's python3
+    r = subprocess.run([str(launcher), "--root", str(tmp_path / "root"), "state", "nosuch"], env=env,
+                       capture_output=True, text=True, timeout=30, cwd=tmp_path)
+    assert (r.returncode, r.stderr) == (1, "container does not exist\n")
+    r = subprocess.run(["bin/fcrun-oci", "features"], env=env, capture_output=True, text=True, timeout=30,
+                       cwd=tmp_path)  # a relative launcher path: sys.path gets absolute paths
+    assert r.returncode == 0 and json.loads(r.stdout)["ociVersionMin"] == "1.0.0", r.stderr
+
+
+def test_fcrun_bench_oci_cli_passes_its_options_to_the_bench(monkeypatch):
+    """`fcrun bench oci-cli` is bench/oci_cli.py's main with the same options."""
+    from click.testing import CliRunner
+
+    from fcrun_cli import bench
+
+    calls = []
+    monkeypatch.setattr(bench, "_run", lambda name, argv, **kw: calls.append((name, argv, kw)))
+    r = CliRunner().invoke(bench.bench, ["oci-cli", "--runs", "5", "--podman-runs", "0", "--runtime", "/x/fcrun-oci",
+                                         "--without-mount", "/sys/fs/cgroup", "--json"])
+    assert r.exit_code == 0, r.output
+    assert calls == [("oci_cli", ["--runs", "5", "--warmup", "3", "--podman-runs", "0", "--runtime", "/x/fcrun-oci",
+                                  "--without-mount", "/sys/fs/cgroup"], {"as_json": True})]
+
+
+def test_fast_delete_of_nothing_is_runc_s_and_a_leftover_socket_goes(tmp_path):
+    """delete of a container with no state directory is answered without the library; a holder's
+    leftover socket (a killed holder) sends it to the full command, which removes it."""
+    env = dict(os.environ, PATH=os.path.dirname(sys.executable) + ":" + os.environ["PATH"])
+
+    def launch(*args):
+        return subprocess.run([LAUNCHER, "--root", str(tmp_path), *args], env=env, capture_output=True, text=True,
+                              timeout=30)
+
+    assert (launch("delete", "--force", "nosuch").returncode, launch("delete", "-f", "nosuch").stderr) == (0, "")
+    r = launch("delete", "nosuch")
+    assert (r.returncode, r.stderr) == (1, "container does not exist\n")
+    (tmp_path / "oci").mkdir()
+    (tmp_path / "oci" / "gone.sock").write_bytes(b"")
+    r = launch("delete", "--force", "gone")
+    assert r.returncode == 0, r.stderr
+    assert not (tmp_path / "oci" / "gone.sock").exists()

@@ -9,7 +9,7 @@ from fcrun import syscalls as sc
 from fcrun.errors import SpecError
 from fcrun.runtime.spec import Mount, default_spec
 from fcrun.runtime.plan import build_plan, mount_step
-from fcrun.runtime.child import secure_join
+from fcrun.runtime.rootfs_setup import secure_join
 
 
 def _plan(spec, **kw):
@@ -173,6 +173,43 @@ def test_plan_joins_a_namespace_with_a_path_instead_of_making_it():
     assert plan.unshare_flags & sc.CLONE_NEWUTS
 
 
+def test_plan_pid_namespace_new_joined_or_the_runtimes():
+    from fcrun.runtime.spec import Namespace
+
+    spec = default_spec(["sh"])
+    plan = _plan(spec)
+    assert plan.new_pid_ns and plan.join_pid_ns == b""
+    spec.linux.namespaces = [Namespace(type=ns.type, path="/proc/7/ns/pid" if ns.type == "pid" else "")
+                             for ns in spec.linux.namespaces]
+    plan = _plan(spec)
+    assert not plan.new_pid_ns and plan.join_pid_ns == b"/proc/7/ns/pid"
+    assert all(nstype != sc.CLONE_NEWPID for _, nstype in plan.join_namespaces)  # entered around the fork
+    spec.linux.namespaces = [ns for ns in spec.linux.namespaces if ns.type != "pid"]
+    plan = _plan(spec)
+    assert not plan.new_pid_ns and plan.join_pid_ns == b""
+
+
+def test_plan_joins_the_mount_namespace_last_and_a_user_namespace_by_fd():
+    from fcrun.runtime.spec import Namespace
+
+    spec = default_spec(["sh"])
+    paths = {"mount": "/proc/7/ns/mnt", "network": "/run/netns/x", "user": "/proc/7/ns/user"}
+    spec.linux.namespaces = [Namespace(type=t, path=paths.get(t, "")) for t in ("mount", "user", "network", "pid")]
+    plan = _plan(spec, overlay_lower=None)
+    # Joining the mount namespace changes our root: the other paths are opened before it.
+    assert plan.join_namespaces == [(b"/run/netns/x", sc.CLONE_NEWNET), (b"/proc/7/ns/mnt", sc.CLONE_NEWNS)]
+    assert not plan.unshare_flags & (sc.CLONE_NEWNS | sc.CLONE_NEWNET)
+
+
+def test_plan_an_image_needs_a_mount_namespace_of_its_own():
+    spec = default_spec(["sh"])
+    spec.linux.namespaces = [ns for ns in spec.linux.namespaces if ns.type != "mount"]
+    with pytest.raises(SpecError, match="needs a new mount namespace") as info:
+        _plan(spec)
+    assert info.value.where == "$.linux.namespaces"
+    assert not _plan(spec, overlay_lower=None).unshare_flags & sc.CLONE_NEWNS  # a bundle's rootfs: bound in place
+
+
 def test_plan_carries_the_hooks_the_child_runs():
     from fcrun.runtime.spec import Hook, Hooks
 
@@ -270,3 +307,13 @@ def test_ambient_capabilities_the_kernel_cannot_hold_are_left_out_as_runc_does()
     assert _plan(spec).cap_ambient == []
     spec.process.capabilities.inheritable = ["CAP_KILL", "CAP_NET_BIND_SERVICE"]
     assert _plan(spec).cap_ambient == [5, 10]
+
+
+def test_id_map_text_round_trips():
+    from fcrun.runtime.userns import map_text, parse_map_text, range_mappings
+
+    mappings = range_mappings(200000)
+    assert parse_map_text(map_text(mappings)) == mappings
+    # As the kernel shows them: aligned columns.
+    assert [(m.container_id, m.host_id, m.size) for m in parse_map_text(b"         0     300000      65536\n")] == [
+        (0, 300000, 65536)]

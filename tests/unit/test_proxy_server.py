@@ -12,11 +12,13 @@ import pytest
 
 from fcrun.proxy import ProxyConfig, ProxyServer, RouteError
 from fcrun.proxy.testing import StaticRouter
+from fcrun.proxy.upstream import write_parts, writelines_pauses
 
 uvloop = pytest.importorskip("uvloop")
 
 LOOPS = {"asyncio": asyncio.new_event_loop, "uvloop": uvloop.new_event_loop}
 CHUNK = 64 * 1024
+OPEN_CLIENTS: set["Client"] = set()   # closed by run() whatever the test did
 
 
 @pytest.fixture(params=sorted(LOOPS))
@@ -25,8 +27,15 @@ def run(request):
 
     def runner(main, timeout_s: float = 20.0):
         async def bounded():
-            async with asyncio.timeout(timeout_s):
-                return await main()
+            try:
+                async with asyncio.timeout(timeout_s):
+                    return await main()
+            finally:
+                # A test that failed half-way left its clients open: close them on their loop,
+                # not in some later test's garbage collection (a ResourceWarning there).
+                while OPEN_CLIENTS:
+                    OPEN_CLIENTS.pop().writer.transport.abort()
+                await asyncio.sleep(0)   # abort() closes the socket in a callback
 
         with asyncio.Runner(loop_factory=LOOPS[request.param]) as loop_runner:
             return loop_runner.run(bounded())
@@ -191,7 +200,9 @@ class Client:
 
     @classmethod
     async def connect(cls, port: int) -> "Client":
-        return cls(*await asyncio.open_connection("127.0.0.1", port))
+        client = cls(*await asyncio.open_connection("127.0.0.1", port))
+        OPEN_CLIENTS.add(client)
+        return client
 
     def send(self, data: bytes) -> None:
         self.writer.write(data)
@@ -225,6 +236,7 @@ class Client:
         return await self.reader.read() == b""
 
     async def close(self) -> None:
+        OPEN_CLIENTS.discard(self)
         self.writer.close()
         with contextlib.suppress(ConnectionError):
             await self.writer.wait_closed()
@@ -357,6 +369,44 @@ async def stalled(progress, steps: int = 200) -> None:
             return
         last = now
     raise AssertionError("transfer never stalled: no backpressure")
+
+
+def test_write_parts_pauses_the_writer_on_a_peer_that_does_not_read(run):
+    # The proxy's backpressure rests on this: a write of several parts (a chunk's size line,
+    # data and CRLF) must call pause_writing() once the transport's buffer is full, on this
+    # Python and loop (asyncio's writelines() did not on 3.12.0-3.12.8 and 3.13.0-3.13.1).
+    async def main():
+        loop = asyncio.get_running_loop()
+        paused = []
+        peers: list[asyncio.StreamWriter] = []
+
+        class Writer(asyncio.Protocol):
+            def pause_writing(self) -> None:
+                paused.append(True)
+
+        server = await asyncio.start_server(lambda _, w: peers.append(w), "127.0.0.1", 0)
+        transport, _ = await loop.create_connection(Writer, "127.0.0.1", server.sockets[0].getsockname()[1])
+        try:
+            part, written = pattern(0, CHUNK), 0
+            while not paused and written < 64 * 1024 * 1024:
+                write_parts(transport, [b"%x\r\n" % CHUNK, part, b"\r\n"])
+                written += CHUNK
+            assert paused, f"{written} bytes written, pause_writing() never called"
+        finally:
+            transport.abort()
+            for peer in peers:
+                peer.transport.abort()
+            server.close()
+            await server.wait_closed()
+
+    run(main)
+
+
+@pytest.mark.parametrize("version, pauses", [
+    ((3, 11, 7), True), ((3, 12, 0), False), ((3, 12, 8), False), ((3, 12, 9), True),
+    ((3, 13, 0), False), ((3, 13, 1), False), ((3, 13, 2), True), ((3, 14, 0), True)])
+def test_writelines_pauses_on_the_releases_with_the_fix(version, pauses):
+    assert writelines_pauses(version) is pauses
 
 
 def proxy_buffered(server: ProxyServer) -> int:
@@ -695,20 +745,19 @@ def test_slow_reader_holds_the_instance_back_then_is_dropped(run):
         total = 64 * 1024 * 1024
         async with App() as app, proxy({"a.test": app.port}, MANUAL_SWEEP) as (server, router, port):
             loop = asyncio.get_running_loop()
-            reader_sock = socket.socket()
-            reader_sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
-            reader_sock.setblocking(False)
-            await loop.sock_connect(reader_sock, ("127.0.0.1", port))
-            await loop.sock_sendall(reader_sock, b"GET /big?n=%d HTTP/1.1\r\nHost: a.test\r\n\r\n" % total)
-            await loop.sock_recv(reader_sock, 1)   # it reads one byte, then nothing
-            await stalled(lambda: app.sent)
-            assert app.sent < 16 * 1024 * 1024   # the instance was paused, not drained into memory
-            assert proxy_buffered(server) <= 1024 * 1024
-            await swept(server, 61)
-            await eventually("the lease to be settled", lambda: router.leases[0].settled)
-            assert router.leases[0].settled[0][3] is True and server.active_connections == 0
-            await eventually("the app's connection to end", lambda: app.closed_connections == 1)
-            reader_sock.close()
+            with socket.socket() as reader_sock:
+                reader_sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+                reader_sock.setblocking(False)
+                await loop.sock_connect(reader_sock, ("127.0.0.1", port))
+                await loop.sock_sendall(reader_sock, b"GET /big?n=%d HTTP/1.1\r\nHost: a.test\r\n\r\n" % total)
+                await loop.sock_recv(reader_sock, 1)   # it reads one byte, then nothing
+                await stalled(lambda: app.sent)
+                assert app.sent < 16 * 1024 * 1024   # the instance was paused, not drained into memory
+                assert proxy_buffered(server) <= 1024 * 1024
+                await swept(server, 61)
+                await eventually("the lease to be settled", lambda: router.leases[0].settled)
+                assert router.leases[0].settled[0][3] is True and server.active_connections == 0
+                await eventually("the app's connection to end", lambda: app.closed_connections == 1)
 
     run(main, timeout_s=60)
 

@@ -97,3 +97,93 @@ def test_thaw_and_stats_go_through_the_runtimes_public_cgroup():
             backend.thaw("gone")
     finally:
         backend.close()
+
+
+# -- an app's ready path: probed on a real loopback HTTP server --------------------------------
+
+
+class ScriptedHTTP:
+    """Answers each GET with the next status of `statuses` (the last one repeats); records the
+    request heads. Stands in for an instance's web server on 127.0.0.1."""
+
+    def __init__(self, statuses: list[int]):
+        self.statuses = statuses
+        self.requests: list[bytes] = []
+
+    async def handle(self, reader, writer) -> None:
+        try:
+            self.requests.append(await reader.readuntil(b"\r\n\r\n"))
+            status = self.statuses[min(len(self.requests), len(self.statuses)) - 1]
+            writer.write(f"HTTP/1.1 {status} X\r\nContent-Length: 0\r\nConnection: close\r\n\r\n".encode())
+            await writer.drain()
+        finally:
+            writer.close()
+
+
+class LoopbackForkServer:
+    """Makes every instance at 127.0.0.1; answers a Claim from its 'pool' when `pooled`."""
+
+    def __init__(self, pooled: bool):
+        self.pooled = pooled
+        self.requests = []
+
+    async def request(self, message):
+        self.requests.append(type(message).__name__)
+        if isinstance(message, fsp.Claim):
+            if not self.pooled:
+                return fsp.Failed(kind="NotFound", message="no pooled instance")
+            return fsp.Made(name="pooled-1", ip="127.0.0.1", pid=1, path="pool", ms=0.5)
+        return fsp.Made(name=message.name, ip="127.0.0.1", pid=1, path="start", ms=1.0)
+
+
+def start_with_ready_path(statuses, pooled, deadline_from_now=1000.0):
+    """Start an instance of an app with ready path /healthz against a loopback server answering
+    `statuses`. Returns (Started or the StartFailed raised, requests seen, runtime, fork-server)."""
+    runtime, clock = FakeRuntime(), Clock(1000.0)
+    forkserver = LoopbackForkServer(pooled)
+    web = ScriptedHTTP(statuses)
+
+    async def scenario():
+        server = await asyncio.start_server(web.handle, "127.0.0.1", 0)
+        port = server.sockets[0].getsockname()[1]
+        image = SimpleNamespace(config=SimpleNamespace(exposed_ports=[port]))
+        runtime.images = SimpleNamespace(get=lambda name: image)
+        backend = RuntimeBackend(runtime, forkserver=forkserver, clock=clock, poll_interval_s=0)
+        app = App(name="shop.test", image="apache-php", docroot="/srv/shop", ready_path="/healthz")
+        assert RuntimeBackend.poolable(app)
+        try:
+            return await backend.start(app, deadline=clock() + deadline_from_now)
+        except StartFailed as exc:
+            return exc
+        finally:
+            backend.close()
+            server.close()
+            await server.wait_closed()
+
+    return asyncio.run(scenario()), web.requests, runtime, forkserver
+
+
+@pytest.mark.parametrize("pooled", [False, True])
+def test_an_instance_is_started_only_once_its_ready_path_answers_2xx(pooled):
+    started, requests, runtime, forkserver = start_with_ready_path([503, 503, 404, 200], pooled)
+    assert not isinstance(started, StartFailed), started
+    assert started.path == ("pool" if pooled else "start")
+    assert len(requests) == 4  # polled until the 200; none after it
+    assert all(r.startswith(b"GET /healthz HTTP/1.1\r\nHost: shop.test\r\n") for r in requests)
+    assert forkserver.requests == (["Claim"] if pooled else ["Claim", "Start"]) and runtime.deleted == []
+
+
+@pytest.mark.parametrize("pooled", [False, True])
+def test_an_instance_whose_ready_path_never_answers_2xx_is_removed(pooled):
+    # The deadline is past on the injected clock: one probe, then the start fails.
+    failed, requests, runtime, _ = start_with_ready_path([503], pooled, deadline_from_now=-1)
+    assert isinstance(failed, StartFailed)
+    assert "did not answer GET /healthz with 2xx or 3xx (last answer 503) in time" in str(failed)
+    assert len(requests) == 1
+    [(name, force)] = runtime.deleted
+    assert force and (name == "pooled-1" if pooled else name.startswith("shop.test-"))
+
+
+def test_a_redirect_is_ready():
+    started, requests, _, _ = start_with_ready_path([302], pooled=False)
+    assert not isinstance(started, StartFailed) and len(requests) == 1

@@ -93,6 +93,14 @@ def test_a_file_overrides_what_it_names(write, paths, tmp_path):
     ('docroot_roots = ["/srv", "www"]', "$.docroot_roots[1]", "not a normalised absolute path"),
     ('docroot_roots = ["/"]', "$.docroot_roots[0]", "any host directory"),
     ('docroot_roots = "/srv"', "$.docroot_roots", "Expected `array`"),
+    ('[cluster]\nrole = "boss"', "$.cluster.role", "role 'boss' is not one of all, node, front"),
+    ('[cluster]\nrole = "node"', "$.cluster.role", "role node needs a CMDB that every host shares"),
+    ('[cmdb]\nurl = "postgresql://db/fcrun"\n[cluster]\nrole = "node"', "$.cluster.advertise",
+     "a node must say where fronts reach it"),
+    ('[cmdb]\nurl = "postgresql://db/fcrun"\n[cluster]\nrole = "node"\nadvertise = "n1"', "$.cluster.advertise",
+     "HOST:PORT"),
+    ('[cmdb]\nurl = "postgresql://db/fcrun"\n[cluster]\nrole = "front"\ncpu_overcommit = 0.0',
+     "$.cluster.cpu_overcommit", "cpu_overcommit must be above 0"),
 ])
 def test_errors_name_the_file_and_the_key(write, paths, text, where, words):
     path = write(text)
@@ -129,3 +137,15 @@ def test_parse_address(text, expected):
 def test_parse_address_rejects(text):
     with pytest.raises(SpecError, match="HOST:PORT"):
         parse_address(text)
+
+
+def test_cluster_roles_and_names(write, paths):
+    from fcrun.serve.config import advertised_address, node_name
+
+    node = load_config(write('listen = "10.0.0.2:8080"\n[cmdb]\nurl = "postgresql://db/fcrun"\n'
+                             '[cluster]\nrole = "node"\ncpu_capacity = 2.0'), paths)
+    assert (node.cluster.role, node.cluster.cpu_capacity, advertised_address(node)) == ("node", 2.0, "10.0.0.2:8080")
+    assert node_name(node).endswith(f":{paths.run_root}")
+    front = load_config(write('[cmdb]\nurl = "postgresql://db/fcrun"\n[cluster]\nrole = "front"\nnode_name = "f1"'),
+                        paths)
+    assert node_name(front) == "f1"

@@ -71,11 +71,11 @@ class ThreadRecordingCMDB(SqliteCMDB):
     def _note(self, what):
         self.writes.append((what, threading.current_thread().name))
 
-    def add_event(self, app, kind, message, data=None):
+    def add_event(self, app, kind, message, data=None, token=None):
         self._note(f"event {kind}")
         if self.fail_events:
             raise CMDBError(f"database is locked (event {kind})")
-        return super().add_event(app, kind, message, data)
+        return super().add_event(app, kind, message, data, token)
 
     def upsert_instance(self, instance):
         self._note(f"row {instance.id} {instance.state}")

@@ -84,6 +84,9 @@ def test_check_spawn_accepts_what_build_plan_makes():
     (dict(masked_paths=[b"proc/kcore"]), r"\$\.plan\.masked_paths\[0\]"),
     (dict(status_w=5), r"fd fields must be unset"),
     (dict(stdio=(0, 1, 2)), r"fd fields must be unset"),
+    (dict(join_pid_ns=b"proc/1/ns/pid"), r"not an absolute path.*\$\.plan\.join_pid_ns"),
+    (dict(join_pid_ns=b"/proc/1/ns/pid"), r"a new pid namespace and one to join"),  # the request asks for a new one
+    (dict(join_namespaces=[(b"/proc/1/ns/pid", sc.CLONE_NEWPID)]), r"cannot be joined"),  # only around the fork
 ])
 def test_check_spawn_refuses(changes, match):
     with pytest.raises(SpecError, match=match):

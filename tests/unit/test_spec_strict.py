@@ -44,11 +44,8 @@ def test_a_field_unknown_to_the_spec_is_refused_with_its_path(mutate, where):
     (lambda d: d["linux"].__setitem__("mountLabel", "system_u:object_r:x"), "$.linux.mountLabel", "SELinux"),
     (lambda d: d["process"].__setitem__("apparmorProfile", "docker-default"), "$.process.apparmorProfile", "AppArmor"),
     (lambda d: d["process"].__setitem__("selinuxLabel", "x"), "$.process.selinuxLabel", "SELinux"),
-    (lambda d: d["linux"]["resources"].__setitem__("hugepageLimits", [{"pageSize": "2MB", "limit": 1}]), "$.linux.resources.hugepageLimits", "not supported"),
     (lambda d: d["linux"]["resources"].__setitem__("rdma", {"mlx": {}}), "$.linux.resources.rdma", "not supported"),
     (lambda d: d["mounts"][0].__setitem__("uidMappings", []), "$.mounts[0].uidMappings", "idmapped"),
-    (lambda d: d["linux"]["resources"].__setitem__("blockIO", {"weight": 10}), "$.linux.resources.blockIO", "not supported"),
-    (lambda d: d["linux"]["resources"]["cpu"].__setitem__("cpus", "0"), "$.linux.resources.cpu.cpus", "cpuset"),
     (lambda d: d["linux"]["resources"]["memory"].__setitem__("kernel", 5), "$.linux.resources.memory.kernel", "not enforced"),
     (lambda d: d["linux"]["seccomp"].__setitem__("listenerPath", "/run/x.sock"), "$.linux.seccomp.listenerPath", "listener"),
     (lambda d: d.__setitem__("windows", {}), "$.windows", "not a Linux field"),
@@ -77,3 +74,60 @@ def test_a_wrong_type_names_its_path():
     with pytest.raises(SpecError) as info:
         _decode(lambda d: d["process"]["user"].__setitem__("uid", "root"))
     assert info.value.where == "$.process.user.uid"
+
+
+def _set_resource(field, value):
+    return lambda d: d["linux"]["resources"].__setitem__(field, value)
+
+
+@pytest.mark.parametrize("mutate,where,why", [
+    (lambda d: d["linux"]["resources"]["cpu"].__setitem__("cpus", "0-2x"), "$.linux.resources.cpu.cpus", "not a list"),
+    (lambda d: d["linux"]["resources"]["cpu"].__setitem__("cpus", "0-4095"), "$.linux.resources.cpu.cpus", "below"),
+    (lambda d: d["linux"]["resources"]["cpu"].__setitem__("mems", "70"), "$.linux.resources.cpu.mems", "below 64"),
+    (_set_resource("blockIO", {"weight": 5}), "$.linux.resources.blockIO.weight", "10..1000"),
+    (_set_resource("blockIO", {"leafWeight": 1001}), "$.linux.resources.blockIO.leafWeight", "10..1000"),
+    (_set_resource("blockIO", {"weightDevice": [{"major": 8, "minor": 0}]}), "$.linux.resources.blockIO.weightDevice[0]",
+     "needs a weight"),
+    (_set_resource("blockIO", {"throttleReadIOPSDevice": [{"major": 8, "minor": 0, "rate": -1}]}),
+     "$.linux.resources.blockIO.throttleReadIOPSDevice[0].rate", ">= 0"),
+    (_set_resource("blockIO", {"throttleWriteBpsDevice": [{"major": 1 << 13, "minor": 0, "rate": 1}]}),
+     "$.linux.resources.blockIO.throttleWriteBpsDevice[0]", "out of range"),
+    (_set_resource("hugepageLimits", [{"pageSize": "2M", "limit": 1}]), "$.linux.resources.hugepageLimits[0].pageSize",
+     "like 2MB"),
+    (_set_resource("hugepageLimits", [{"pageSize": "2MB", "limit": 1}, {"pageSize": "2MB", "limit": 2}]),
+     "$.linux.resources.hugepageLimits[1].pageSize", "twice"),
+    (_set_resource("network", {"classID": 1 << 32}), "$.linux.resources.network.classID", "32-bit"),
+    (_set_resource("network", {"priorities": [{"name": "a b", "priority": 1}]}),
+     "$.linux.resources.network.priorities[0].name", "interface name"),
+    (lambda d: d["linux"].__setitem__("cgroupsPath", "system.slice:docker:abc"), "$.linux.cgroupsPath", "systemd"),
+    (lambda d: d["linux"].__setitem__("cgroupsPath", "/a/../b"), "$.linux.cgroupsPath", "'..'"),
+    (lambda d: d["linux"].__setitem__("cgroupsPath", "/"), "$.linux.cgroupsPath", "names no cgroup"),
+    (lambda d: d["linux"].__setitem__("cgroupsPath", "/a/.hidden"), "$.linux.cgroupsPath", "invalid cgroup name"),
+])
+def test_a_bad_cgroup_resource_or_path_is_refused_with_its_path(mutate, where, why):
+    with pytest.raises(SpecError, match=why) as info:
+        _decode(mutate)
+    assert info.value.where == where
+
+
+def test_the_cgroup_resources_runc_applies_decode():
+    def mutate(d):
+        d["linux"]["cgroupsPath"] = "/docker/web-1"
+        d["linux"]["resources"]["cpu"].update(cpus="0", mems="0")
+        d["linux"]["resources"].update(
+            blockIO={"weight": 500, "leafWeight": 300, "weightDevice": [{"major": 8, "minor": 0, "weight": 600}],
+                     "throttleReadBpsDevice": [{"major": 8, "minor": 0, "rate": 1 << 20}],
+                     "throttleWriteIOPSDevice": [{"major": 8, "minor": 0, "rate": 100}]},
+            hugepageLimits=[{"pageSize": "2MB", "limit": 4 << 20}],
+            network={"classID": 0x100001, "priorities": [{"name": "eth0", "priority": 5}]})
+    data = _default_json()
+    mutate(data)
+    spec = decode_spec(json.dumps(data).encode())
+    res = spec.linux.resources
+    assert (res.cpu.cpus, res.cpu.mems, spec.linux.cgroups_path) == ("0", "0", "/docker/web-1")
+    assert res.block_io.throttle_write_iops_device[0].rate == 100
+    assert res.hugepage_limits[0].page_size == "2MB" and res.network.class_id == 0x100001
+    # and back: the wire names are the spec's
+    again = json.loads(encode_spec(spec))["linux"]["resources"]
+    assert set(again["blockIO"]) == {"weight", "leafWeight", "weightDevice", "throttleReadBpsDevice",
+                                     "throttleWriteIOPSDevice"}

@@ -113,3 +113,19 @@ def test_join_waits_for_jobs_started_meanwhile():
         await owner.join()
         assert done == ["first", "second"]
     run(main())
+
+
+def test_join_and_aclose_return_when_a_task_has_ended_but_its_callback_has_not_run():
+    # The task's one step runs before main resumes from sleep(0); the owner's done callback is
+    # then queued behind main's own step. Since Python 3.12, gather() of ended tasks is done at
+    # once without yielding: a join/aclose that gathered them again would spin for ever.
+    async def main(close: bool):
+        owner = TaskOwner()
+        task = owner.spawn(asyncio.sleep(0, "ended"))
+        await asyncio.sleep(0)
+        await asyncio.sleep(0)
+        assert task.done() and len(owner) == 1   # ended, not yet seen by its owner
+        await (owner.aclose() if close else owner.join())
+        assert len(owner) == 0 and task.result() == "ended"
+    for close in (False, True):
+        run(asyncio.wait_for(main(close), 10))

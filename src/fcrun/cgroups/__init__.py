@@ -85,7 +85,8 @@ def detect(
         if own_path is None:
             raise MissingFeature("a cgroup v2 entry (0::/...) in " + proc_cgroup)
         base = _dir_in_mount(mount, "/" if absolute else own_path)
-        hierarchy = Hierarchy(keys=(v2.KEY,), mountpoint=mount.mountpoint, base_dir=base, parent_parts=parts)
+        hierarchy = Hierarchy(keys=(v2.KEY,), mountpoint=mount.mountpoint, base_dir=base, parent_parts=parts,
+                              own_dir=_own_dir(mount, own_path))
         wanted = v2.CONTROLLERS if controllers is None else tuple(controllers)
         _check_controller_names(wanted, v2.CONTROLLERS)
         driver = V2Driver(hierarchy, controllers=wanted, io=io, clock=clock, sleep=sleep)
@@ -97,6 +98,8 @@ def detect(
         wanted = v1.CONTROLLERS if controllers is None else tuple(controllers)
         _check_controller_names(wanted, v1.CONTROLLERS)
         hierarchies = _v1_hierarchies(mounts, own, root, wanted, parts, absolute)
+        extra = tuple(c for c in v1.EXTRA_CONTROLLERS if c not in wanted)
+        hierarchies += _v1_hierarchies(mounts, own, root, extra, parts, absolute, optional=True)
         return V1Driver(hierarchies, io=io, clock=clock, sleep=sleep)
     raise SpecError(f"cgroup version must be 1 or 2, not {version!r}", "version")
 
@@ -155,14 +158,18 @@ def _v1_hierarchies(
     wanted: tuple[str, ...],
     parts: tuple[str, ...],
     absolute: bool,
+    optional: bool = False,
 ) -> list[Hierarchy]:
-    """One Hierarchy per distinct v1 mount holding a wanted controller, keyed by controller."""
+    """One Hierarchy per distinct v1 mount holding a wanted controller, keyed by controller.
+    ``optional``: the extra hierarchies (Hierarchy.extra); one not mounted is left out."""
     found: dict[str, tuple[Mount, str]] = {}  # controller -> (mount, own cgroup path)
     for controller in wanted:
         candidates = [m for m in mounts if m.fstype == "cgroup" and controller in m.super_options]
         preferred = [m for m in candidates if _under(m.mountpoint, root)] or candidates
         entry = next((e for e in own if controller in e.controllers), None)
         if not preferred or entry is None:
+            if optional:
+                continue
             raise v1.missing_hierarchy(controller)
         found[controller] = (preferred[-1], entry.path)
     by_mountpoint: dict[str, list[str]] = {}
@@ -171,6 +178,20 @@ def _v1_hierarchies(
     hierarchies = []
     for mountpoint, keys in by_mountpoint.items():
         mount, own_path = found[keys[0]]
-        base = _dir_in_mount(mount, "/" if absolute else own_path)
-        hierarchies.append(Hierarchy(keys=tuple(keys), mountpoint=mountpoint, base_dir=base, parent_parts=parts))
+        try:
+            base = _dir_in_mount(mount, "/" if absolute else own_path)
+        except MissingFeature:
+            if optional:
+                continue
+            raise
+        hierarchies.append(Hierarchy(keys=tuple(keys), mountpoint=mountpoint, base_dir=base, parent_parts=parts,
+                                     own_dir=_own_dir(mount, own_path), extra=optional))
     return hierarchies
+
+
+def _own_dir(mount: Mount, own_path: str) -> str:
+    """The cgroup fcrun runs in under ``mount``; "" where the mount does not show it."""
+    try:
+        return _dir_in_mount(mount, own_path)
+    except MissingFeature:
+        return ""

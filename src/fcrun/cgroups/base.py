@@ -64,6 +64,12 @@ class Hierarchy:
     mountpoint: str
     base_dir: str
     parent_parts: tuple[str, ...]
+    # The cgroup fcrun runs in, in this hierarchy ("" where the mount does not show it): where a
+    # relative linux.cgroupsPath starts (placement.py).
+    own_dir: str = ""
+    # A hierarchy a container joins only when its spec needs it (v1 cpuset, blkio, hugetlb,
+    # net_cls, net_prio): elsewhere it stays in fcrun's own group, which costs no mkdir or move.
+    extra: bool = False
 
     @property
     def parent_dir(self) -> str:
@@ -84,10 +90,15 @@ class Cgroup(abc.ABC):
     in another fcrun process.
     """
 
-    def __init__(self, driver: "CgroupDriver", paths: dict[str, str]):
+    def __init__(self, driver: "CgroupDriver", paths: dict[str, str], created: list[str] | None = None):
         self._driver = driver
         self._io = driver.io
         self.paths = dict(paths)
+        # None: fcrun made every dir of ``paths`` beneath its own parent (the default). A list:
+        # the dirs this group's create made (a linux.cgroupsPath: its leaf unless it joined an
+        # existing empty one, and the levels above it that did not exist), the only ones
+        # destroy() removes.
+        self.created = None if created is None else list(created)
 
     @property
     def name(self) -> str:
@@ -200,8 +211,16 @@ class Cgroup(abc.ABC):
                 self.kill(signal.SIGKILL)  # again: catches a child forked before the first kill
             for top in dirs:
                 for d in self._tree(top):
-                    self._rmdir_retrying(d, deadline)
-        self._driver._remove_created_parents()
+                    # A joined group (not made by us) stays; the groups beneath it are the container's.
+                    if d != top or self.created is None or top in self.created:
+                        self._rmdir_retrying(d, deadline)
+        if self.created is None:
+            self._driver._remove_created_parents()
+        else:
+            leaves = set(self.dirs())
+            for d in reversed(self.created):  # the levels above the leaf, deepest first; a busy one stays
+                if d not in leaves:
+                    self._driver._rmdir_if_empty(d)
 
     def _rmdir_retrying(self, path: str, deadline: float) -> None:
         # An emptied v1 cgroup can report EBUSY for a moment while exiting tasks are released.
@@ -333,21 +352,53 @@ class CgroupDriver(abc.ABC):
     def keys(self) -> list[str]:
         return [k for h in self.hierarchies for k in h.keys]
 
-    def parent_paths(self) -> list[str]:
-        """The dirs the container groups are created in, one per hierarchy."""
-        return unique(h.parent_dir for h in self.hierarchies)
+    @property
+    def extra_keys(self) -> frozenset[str]:
+        """The keys of the hierarchies a group joins only when asked (``extra`` of create)."""
+        return frozenset(k for h in self.hierarchies if h.extra for k in h.keys)
 
-    def paths_for(self, name: str) -> dict[str, str]:
+    def parent_paths(self, extra: Collection[str] = ()) -> list[str]:
+        """The dirs the container groups are created in, one per hierarchy (the extra ones
+        only where named in ``extra``)."""
+        return unique(h.parent_dir for h in self.used_hierarchies(extra))
+
+    def used_hierarchies(self, extra: Collection[str] = ()) -> list[Hierarchy]:
+        return [h for h in self.hierarchies if not h.extra or set(h.keys) & set(extra)]
+
+    def paths_for(self, name: str, extra: Collection[str] = ()) -> dict[str, str]:
         """The ``Cgroup.paths`` a container group named ``name`` gets (nothing is created)."""
         check_name(name)
-        return {k: os.path.join(h.parent_dir, name) for h in self.hierarchies for k in h.keys}
+        return {k: os.path.join(h.parent_dir, name) for h in self.used_hierarchies(extra) for k in h.keys}
 
-    def create(self, name: str, limits: Limits) -> Cgroup:
+    def planned_paths(self, name: str, *, at: str | None = None, extra: Collection[str] = ()) -> dict[str, str]:
+        """The ``Cgroup.paths`` that create(name, at=at, extra=extra) gives (nothing is made)."""
+        if not at:
+            return self.paths_for(name, extra)
+        return {k: leaf for h, (leaf, _) in self._placed(at, extra).items() for k in h.keys}
+
+    def _placed(self, at: str, extra: Collection[str]) -> dict[Hierarchy, tuple[str, list[str]]]:
+        from .placement import leaf_and_levels  # here: placement builds on this module
+
+        return {h: leaf_and_levels(h, at) for h in self.used_hierarchies(extra)}
+
+    def check_extra(self, extra: Collection[str]) -> None:
+        """Raise MissingFeature for a controller of ``extra`` this driver cannot give a group."""
+        for key in extra:
+            if key not in self.keys:
+                raise MissingFeature(f"a cgroup v{self.version} {key} hierarchy",
+                                     f"mounted here: {', '.join(sorted(self.keys))}")
+
+    def create(self, name: str, limits: Limits, *, at: str | None = None, extra: Collection[str] = ()) -> Cgroup:
         """Create the container group ``name`` in every hierarchy and write ``limits``.
 
+        ``at``: the spec's linux.cgroupsPath, placed as placement.py says (then ``name`` is
+        not used). ``extra``: controllers beyond the driver's own that the group needs (v1:
+        the extra hierarchies it joins; v2: the controllers enabled on the way down).
+
         Raises:
-            SpecError: a bad name. Nothing is created.
-            AlreadyExists: a group of that name exists in some hierarchy.
+            SpecError: a bad name or ``at``. Nothing is created.
+            AlreadyExists: a group of that name exists in some hierarchy (``at``: an existing
+                group in use: processes or child groups).
             MissingFeature: a limit needs a controller the host does not give us (v1: device
                 rules need the devices hierarchy).
             KernelError: a mkdir, limit write or device rule (v2: program load, attach) failed.
@@ -355,7 +406,9 @@ class CgroupDriver(abc.ABC):
 
         Resource handling: the caller owns the returned Cgroup and must destroy() it.
         """
-        paths = self.paths_for(name)
+        self.check_extra(extra)
+        placed = self._placed(at, extra) if at else {}
+        paths = {k: placed[h][0] for h in placed for k in h.keys} if at else self.paths_for(name, extra)
         cgroup = self.cgroup_class(self, paths)
         # A fresh group starts unlimited with the default period, so only the rest is written.
         fields = {f for f in ("memory_bytes", "pids_max") if getattr(limits, f) is not None}
@@ -366,22 +419,31 @@ class CgroupDriver(abc.ABC):
         cgroup._check_controllers(limits, fields)
         made: list[str] = []
         try:
-            self._make_dirs(cgroup.dirs(), made)
+            if at:
+                from .placement import make_placed
+
+                joined = make_placed(self, placed, made, extra)
+                cgroup.created = list(made)
+                if joined:  # an existing group has its own limits: write every one
+                    fields |= set(LIMIT_FIELDS)
+            else:
+                self._make_dirs(cgroup.dirs(), made, extra)
             cgroup._apply(limits, fields)
         except BaseException:
-            self._rollback(made)
+            self.rollback(made)
             raise
         return cgroup
 
-    def load(self, paths: dict[str, str]) -> Cgroup:
-        """Rebuild a Cgroup from its persisted ``paths`` (made by another fcrun process).
+    def load(self, paths: dict[str, str], created: list[str] | None = None) -> Cgroup:
+        """Rebuild a Cgroup from its persisted ``paths`` and ``created`` (made by another fcrun
+        process; ``created`` as Cgroup.created).
 
         Raises:
             SpecError: ``paths`` do not fit this driver: other keys, a path outside the
                 hierarchy's mount, or one that is the cgroup fcrun runs in or above it.
                 (Destroying such a cgroup would kill processes that are not ours.)
         """
-        required = set(self.keys) - self.optional_keys
+        required = set(self.keys) - self.optional_keys - self.extra_keys
         if not isinstance(paths, dict) or not required <= set(paths) <= set(self.keys):
             raise SpecError(f"cgroup paths must have the keys {self.keys}, got {paths!r}", "cgroup.paths")
         names = set()
@@ -402,7 +464,10 @@ class CgroupDriver(abc.ABC):
                 raise SpecError(f"co-mounted controllers {list(h.keys)} must share one dir", "cgroup.paths")
         if len(names) != 1:
             raise SpecError(f"cgroup paths name different groups: {sorted(names)}", "cgroup.paths")
-        return self.cgroup_class(self, {k: paths[k] for k in self.keys if k in paths})
+        if created is not None and not all(isinstance(d, str) and any(
+                os.path.commonpath([d, h.mountpoint]) == h.mountpoint != d for h in self.hierarchies) for d in created):
+            raise SpecError(f"created cgroup dirs {created!r} are not beneath this driver's hierarchies", "cgroup.created")
+        return self.cgroup_class(self, {k: paths[k] for k in self.keys if k in paths}, created)
 
     def remove_parent_if_empty(self) -> list[str]:
         """Remove each parent dir that has no child group and no process; returns those gone now.
@@ -415,6 +480,8 @@ class CgroupDriver(abc.ABC):
         """
         removed = []
         for h in self.hierarchies:
+            if h.extra and not self.io.exists(h.parent_dir):
+                continue  # no container needed this hierarchy
             for d in reversed(h.levels()):
                 if d != h.parent_dir and d not in self._created:
                     break
@@ -427,12 +494,14 @@ class CgroupDriver(abc.ABC):
 
     # --- internals ---
 
-    def _make_dirs(self, dirs: list[str], made: list[str]) -> None:
+    def _make_dirs(self, dirs: list[str], made: list[str], extra: Collection[str] = ()) -> None:
         """Make the parents (as needed) and the group dirs; record each dir made in ``made``."""
+        hierarchies = self.used_hierarchies(extra)
         for attempt in range(3):
-            self._make_parents(made)
+            self._make_parents(made, hierarchies, extra)
             try:
-                for d in dirs:
+                for h in hierarchies:
+                    d = os.path.join(h.parent_dir, os.path.basename(dirs[0]))
                     if d in made:
                         continue
                     try:
@@ -442,29 +511,34 @@ class CgroupDriver(abc.ABC):
                             raise AlreadyExists(f"cgroup {d} already exists") from None
                         raise
                     made.append(d)
+                    self.after_mkdir(h, d)
                 return
             except KernelError as exc:
                 # ENOENT: another fcrun process removed the (empty) parent between our mkdirs.
                 if exc.errno != errno.ENOENT or attempt == 2:
                     raise
 
-    def _make_parents(self, made: list[str]) -> None:
-        for h in self.hierarchies:
+    def _make_parents(self, made: list[str], hierarchies: list[Hierarchy], extra: Collection[str] = ()) -> None:
+        for h in hierarchies:
             for d in h.levels():
                 if not self.io.exists(d):
                     try:
                         self.io.mkdir(d)
                         made.append(d)
                         self._created.append(d)
+                        self.after_mkdir(h, d)
                     except KernelError as exc:
                         if exc.errno != errno.EEXIST:  # EEXIST: a concurrent fcrun made it
                             raise
-                self._prepare_parent(h, d)
+                self.prepare_parent(h, d, extra)
 
-    def _prepare_parent(self, hierarchy: Hierarchy, level_dir: str) -> None:
+    def prepare_parent(self, hierarchy: Hierarchy, level_dir: str, extra: Collection[str] = ()) -> None:
         """Hook: configure a dir on the way down to the parent (v2 enables controllers)."""
 
-    def _rollback(self, made: list[str]) -> None:
+    def after_mkdir(self, hierarchy: Hierarchy, new_dir: str) -> None:
+        """Hook: configure a dir this driver just made (v1 cpuset copies cpus and mems)."""
+
+    def rollback(self, made: list[str]) -> None:
         for d in reversed(made):
             try:
                 self.io.rmdir(d)

@@ -11,14 +11,18 @@ import os
 from collections.abc import Collection
 
 from ..errors import KernelError, MissingFeature
-from .base import Cgroup, CgroupDriver
+from .base import Cgroup, CgroupDriver, Hierarchy
 from .kernel import parse_flat_keyed, parse_max
 from .limits import CPU_FIELDS, DEVICES_FIELD, Limits, Stats
 from .devices import v1_writes
 
-# The hierarchies fcrun uses, also the keys of Cgroup.paths. cpuset and blkio are left alone:
-# the container stays in fcrun's own groups there.
+# The hierarchies fcrun uses, also the keys of Cgroup.paths.
 CONTROLLERS = ("cpu", "cpuacct", "memory", "pids", "freezer", "devices")
+# Those a container joins only when its spec sets something of theirs (linux.resources.cpu.cpus,
+# blockIO, hugepageLimits, network): elsewhere it stays in fcrun's own groups, at no cost.
+# rdma is not among them: linux.resources.rdma is refused (spec_checks._WHY).
+EXTRA_CONTROLLERS = ("cpuset", "blkio", "hugetlb", "net_cls", "net_prio")
+CPUSET_FILES = ("cpuset.cpus", "cpuset.mems")
 
 CPU_CFS_QUOTA_US = "cpu.cfs_quota_us"
 CPU_CFS_PERIOD_US = "cpu.cfs_period_us"
@@ -177,6 +181,19 @@ class V1Driver(CgroupDriver):
     cgroup_class = V1Cgroup
     # Containers created before fcrun used the devices hierarchy have no group there.
     optional_keys = frozenset({"devices"})
+
+    def after_mkdir(self, hierarchy: Hierarchy, new_dir: str) -> None:
+        """A new v1 cpuset group has no cpus and no mems, and no process can join it (ENOSPC)
+        until it has: give it its parent's, as runc does (cgroup.clone_children is off)."""
+        if "cpuset" not in hierarchy.keys:
+            return
+        parent = os.path.dirname(new_dir)
+        for name in CPUSET_FILES:
+            if not self._io_read_stripped(os.path.join(new_dir, name)):
+                self.io.write(os.path.join(new_dir, name), self._io_read_stripped(os.path.join(parent, name)))
+
+    def _io_read_stripped(self, path: str) -> str:
+        return self.io.read(path).strip()
 
 
 def missing_hierarchy(controller: str) -> MissingFeature:

@@ -232,12 +232,29 @@ class V2Driver(CgroupDriver):
         if missing:
             raise MissingFeature(f"cgroup v2 controllers {' '.join(missing)} delegated to {path}", DELEGATION_HINT)
 
-    def _prepare_parent(self, hierarchy: Hierarchy, level_dir: str) -> None:
-        """Enable our controllers in ``level_dir``'s subtree_control, writing only what lacks."""
-        if not self.controllers:
+    def check_extra(self, extra: Collection[str]) -> None:
+        """The extra controllers a group needs must be delegated to the cgroup we build beneath
+        (checked without writing).
+
+        Raises:
+            MissingFeature: naming those ``base_dir`` does not hand down.
+        """
+        wanted = [c for c in extra if c not in self.controllers]
+        if not wanted:
+            return
+        path = os.path.join(self.hierarchy.base_dir, CGROUP_SUBTREE_CONTROL)
+        missing = [c for c in wanted if c not in self.io.read(path).split()]
+        if missing:
+            raise MissingFeature(f"cgroup v2 controllers {' '.join(missing)} delegated to {path}", DELEGATION_HINT)
+
+    def prepare_parent(self, hierarchy: Hierarchy, level_dir: str, extra: Collection[str] = ()) -> None:
+        """Enable our controllers (and the group's ``extra`` ones: cpuset, io, hugetlb) in
+        ``level_dir``'s subtree_control, writing only what lacks."""
+        wanted = list(dict.fromkeys([*self.controllers, *extra]))
+        if not wanted:
             return
         enabled = set(self.io.read(os.path.join(level_dir, CGROUP_SUBTREE_CONTROL)).split())
-        missing = [c for c in self.controllers if c not in enabled]
+        missing = [c for c in wanted if c not in enabled]
         if not missing:
             return
         offered = set(self.io.read(os.path.join(level_dir, CGROUP_CONTROLLERS)).split())

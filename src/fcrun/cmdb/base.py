@@ -12,12 +12,23 @@ from typing import Any, Protocol
 from ..errors import FcrunError
 from .models import App, AppUpdate, Event, Instance
 
+# How long a serve's instances keep their share of an app's max after its last heartbeat (serve
+# beats every HEARTBEAT_S = 1 s, serve/server.py), and how long until fronts take a node for down
+# (issue 15: within 3 s). Three beats: one late beat (a busy database, a GC pause) does not free a
+# share still in use; a shorter lease would over-run an app's max when two beats are late.
+NODE_LEASE_S = 3.0
+
 
 class CMDBError(FcrunError):
     """The database itself failed: locked past the busy timeout, corrupt, unreadable, too new."""
 
     exit_code = 1
     http_status = 503
+
+
+class CMDBUnavailable(CMDBError):
+    """The database server cannot be reached now (stopped, restarting, unreachable, every
+    connection busy): the same call may succeed later. Nothing of the call was written."""
 
 
 class CorruptApp(CMDBError):
@@ -72,6 +83,30 @@ class CMDB(Protocol):
         """Insert or replace the instance row with this id."""
         ...
 
+    def claim_instance(self, instance: Instance, max_instances: int, lease_s: float = NODE_LEASE_S) -> bool:
+        """Record a new instance only if its app has fewer than `max_instances` live (not
+        stopped) rows: its owner's, unowned ones, and those of owners whose last heartbeat is
+        under `lease_s` old (one that died frees its share); False (nothing written) at the
+        limit. Atomic across processes sharing the database."""
+        ...
+
+    def heartbeat(self, node: str) -> None:
+        """Record that serve `node` is alive now (the database server's clock)."""
+        ...
+
+    # The cluster's rows (nodes.py: NodeSQL has the docstrings).
+    def node_beat(self, beat: Any) -> None: ...
+    def list_nodes(self) -> list[Any]: ...
+    def get_node(self, name: str) -> Any: ...
+    def set_node_state(self, name: str, admin_state: str) -> Any: ...
+    def remove_node(self, name: str) -> bool: ...
+    def list_placements(self, app: str | None = None, node: str | None = None) -> list[Any]: ...
+    def place_app(self, app: str, node: str, lease_s: float = NODE_LEASE_S) -> list[str]: ...
+    def add_placement(self, app: str, node: str, state: str = "active") -> None: ...
+    def move_app(self, app: str, node: str) -> None: ...
+    def remove_placement(self, app: str, node: str) -> bool: ...
+    def remove_node_placements(self, node: str) -> int: ...
+
     def remove_instance(self, instance_id: str) -> bool:
         """Delete an instance row; False when there was none."""
         ...
@@ -80,12 +115,40 @@ class CMDB(Protocol):
         """Instance rows (of one app, or all), by app then start time."""
         ...
 
-    def add_event(self, app: str | None, kind: str, message: str, data: dict[str, Any] | None = None) -> Event:
-        """Record an event; returns it with its id (ids only grow)."""
+    def add_event(self, app: str | None, kind: str, message: str, data: dict[str, Any] | None = None,
+                  token: str | None = None) -> Event:
+        """Record an event; returns it with its id (ids only grow). With a `token` (unique, the
+        writer's), a second call with it records nothing and returns the first one's id."""
         ...
 
     def list_events(self, app: str | None = None, limit: int = 100, since_id: int | None = None) -> list[Event]:
         """Events oldest first: those after `since_id` (the first `limit`), else the latest `limit`."""
+        ...
+
+    def app_changes_token(self) -> tuple:
+        """A value that changes whenever an app is added, updated or removed (cheap to read)."""
+        ...
+
+    def listen_app_changes(self) -> Any:
+        """An object whose ``wait(timeout_s) -> bool`` says whether some app changed (and
+        ``close()``), or None where the backend has no change notification.
+
+        Raises: CMDBError (the server cannot be reached).
+        """
+        ...
+
+    def export_dump(self) -> Any:
+        """Every app, instance row and event in one snapshot (a sql.Dump; `fcrun cmdb export`).
+
+        Raises: CorruptApp (an app that cannot be exported whole is named, not left out).
+        """
+        ...
+
+    def import_dump(self, dump: Any) -> None:
+        """Write a dump into this CMDB, which must be empty: all of it or nothing.
+
+        Raises: SpecError (not a dump, a bad app), AlreadyExists (not empty, a hostname twice).
+        """
         ...
 
     def close(self) -> None:

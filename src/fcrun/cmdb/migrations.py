@@ -14,8 +14,11 @@ from .base import CMDBError
 
 # What SQLite and PostgreSQL spell differently.
 DIALECTS: dict[str, dict[str, str]] = {
-    "sqlite": {"serial_pk": "INTEGER PRIMARY KEY AUTOINCREMENT"},
-    "postgresql": {"serial_pk": "BIGINT GENERATED ALWAYS AS IDENTITY PRIMARY KEY"},
+    "sqlite": {"serial_pk": "INTEGER PRIMARY KEY AUTOINCREMENT",
+               "now": "((julianday('now') - 2440587.5) * 86400.0)"},
+    # The database server's clock, not the caller's: serves on several hosts compare heartbeats.
+    "postgresql": {"serial_pk": "BIGINT GENERATED ALWAYS AS IDENTITY PRIMARY KEY",
+                   "now": "EXTRACT(EPOCH FROM clock_timestamp())::DOUBLE PRECISION"},
 }
 
 
@@ -86,6 +89,47 @@ MIGRATIONS: tuple[Migration, ...] = (
     Migration(2, "apps: pids limit and seccomp profile of their instances", (
         "ALTER TABLE apps ADD COLUMN pids_max INTEGER",
         "ALTER TABLE apps ADD COLUMN seccomp TEXT NOT NULL DEFAULT 'default'",
+    )),
+    # Several serves may share one database (PostgreSQL): each removes only its own rows at
+    # start-up. '' marks rows written before owners existed (one serve per database then).
+    Migration(3, "instances: the serve (node) that runs each", (
+        "ALTER TABLE instances ADD COLUMN owner TEXT NOT NULL DEFAULT ''",
+    )),
+    # A serve sharing the database beats here every few seconds; a claim counts another owner's
+    # instances only while its heartbeat is fresh (a serve that died frees its share).
+    Migration(4, "nodes: the heartbeat of each serve sharing the database", (
+        """CREATE TABLE nodes (
+            name TEXT PRIMARY KEY,
+            heartbeat_at DOUBLE PRECISION NOT NULL
+        )""",
+    )),
+    # serve retries a write whose connection broke, and the break may have come after the
+    # server committed it: an event carries the writer's token, so its retry is not a second row.
+    Migration(5, "events: the writer's token, unique, so a retried write is recorded once", (
+        "ALTER TABLE events ADD COLUMN token TEXT",
+        "CREATE UNIQUE INDEX events_token ON events (token)",
+    )),
+    # NULL: an instance is ready once it accepts connections, as before.
+    Migration(6, "apps: an HTTP path that must answer 2xx/3xx before an instance is ready", (
+        "ALTER TABLE apps ADD COLUMN ready_path TEXT",
+    )),
+    # Several hosts (cluster/): a node says where fronts reach it and what it has free; an
+    # operator's cordon or drain is kept apart from liveness (the heartbeat's age), so that it
+    # survives the node's restarts. A placement says which nodes an app's requests go to.
+    Migration(7, "nodes: role, address, admin state, figures; placements of apps on nodes", (
+        "ALTER TABLE nodes ADD COLUMN role TEXT NOT NULL DEFAULT 'all'",
+        "ALTER TABLE nodes ADD COLUMN address TEXT NOT NULL DEFAULT ''",
+        "ALTER TABLE nodes ADD COLUMN admin_state TEXT NOT NULL DEFAULT 'up'",
+        "ALTER TABLE nodes ADD COLUMN figures TEXT NOT NULL DEFAULT '{{}}'",
+        "ALTER TABLE nodes ADD COLUMN started_at DOUBLE PRECISION",
+        """CREATE TABLE placements (
+            app TEXT NOT NULL,
+            node TEXT NOT NULL,
+            state TEXT NOT NULL CHECK (state IN ('active', 'leaving')),
+            since DOUBLE PRECISION NOT NULL,
+            PRIMARY KEY (app, node)
+        )""",
+        "CREATE INDEX placements_node ON placements (node)",
     )),
 )
 

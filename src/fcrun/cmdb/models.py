@@ -77,6 +77,9 @@ class App(msgspec.Struct, kw_only=True, frozen=True):
     # "default" (fcrun's default profile), "unconfined" (no filter), or an OCI profile's JSON
     # (stored whole: the file it came from may change or vanish).
     seccomp: str = "default"
+    # An HTTP path (GET, with the app's name as Host) that must answer 2xx or 3xx before a new
+    # instance gets requests, besides accepting connections; None: accepting is enough.
+    ready_path: str | None = None
 
     @property
     def all_hostnames(self) -> list[str]:
@@ -122,6 +125,7 @@ class AppUpdate(msgspec.Struct, kw_only=True, forbid_unknown_fields=True, omit_d
     autoscale: bool | UnsetType = UNSET
     pids_max: int | None | UnsetType = UNSET
     seccomp: str | UnsetType = UNSET
+    ready_path: str | None | UnsetType = UNSET
 
     def changes(self) -> dict[str, Any]:
         """The fields that are set, by name."""
@@ -162,6 +166,7 @@ class Instance(msgspec.Struct, kw_only=True, frozen=True):
     started_at: float = 0.0
     last_request_at: float | None = None
     requests: int = 0
+    owner: str = ""  # the serve (node: host and run root) that runs it; '' before schema 3
 
 
 class Event(msgspec.Struct, kw_only=True, frozen=True):
@@ -176,9 +181,21 @@ class Event(msgspec.Struct, kw_only=True, frozen=True):
 
 
 class InstanceCounts(msgspec.Struct, kw_only=True):
-    ready: int = 0
-    total: int = 0
-    frozen: int = 0
+    ready: int = 0  # serving (a replacing instance serves until its successor is ready)
+    total: int = 0  # live instances: ready + frozen + draining (starting ones are not yet instances)
+    frozen: int = 0  # frozen or being frozen
+    draining: int = 0
+    starting: int = 0  # starts in progress (cold start, scale-out, replacement, pool claim)
+
+
+class Histogram(msgspec.Struct, kw_only=True):
+    """A cumulative histogram as Prometheus keeps one: counts[i] observations <= bounds[i],
+    counts[-1] all of them (+Inf, == count); sum of the values observed (seconds)."""
+
+    bounds: list[float] = []  # bucket upper bounds, ascending, seconds
+    counts: list[int] = msgspec.field(default_factory=lambda: [0])  # cumulative, len(bounds) + 1
+    sum: float = 0.0
+    count: int = 0
 
 
 class AppStats(msgspec.Struct, kw_only=True):
@@ -197,6 +214,8 @@ class AppStats(msgspec.Struct, kw_only=True):
     freezes: int = 0
     memory_bytes: int = 0  # cgroup memory of its live instances now
     frozen_memory_bytes: int = 0  # of which frozen ones hold
+    request_duration: Histogram = msgspec.field(default_factory=Histogram)  # as request_seconds, per request
+    cold_start_duration: dict[str, Histogram] = {}  # a request's wait for an instance, by path (as cold_paths)
 
 class Scale(msgspec.Struct, kw_only=True, forbid_unknown_fields=True, omit_defaults=True):
     """POST /apps/{name}/scale: a number of instances (scale out/in) or a CPU amount (scale up/down)."""
@@ -220,6 +239,27 @@ def check_docroot(path: str, where: str = "docroot") -> str:
         what = "is not a directory" if os.path.exists(path) else "does not exist"
         raise SpecError(f"document root {path} {what}", where)
     return os.path.normpath(path)
+
+
+READY_PATH_MAX = 2048  # bytes; a readiness probe's request line stays small
+
+
+def check_ready_path(path: str, where: str = "ready_path") -> str:
+    """An origin-form HTTP path for readiness probes: a leading /, printable ASCII only (spaces,
+    control characters and other text percent-encoded), so it is sent as it is on the request line.
+
+    Raises:
+        SpecError: naming `where`.
+    """
+    if not path.startswith("/"):
+        raise SpecError(f"ready path {path!r} does not start with /", where)
+    if len(path) > READY_PATH_MAX:
+        raise SpecError(f"ready path is {len(path)} characters long, more than {READY_PATH_MAX}", where)
+    bad = next((c for c in path if not "!" <= c <= "~"), None)
+    if bad is not None:
+        raise SpecError(f"ready path {path!r} holds {bad!r}: percent-encode spaces, control characters and "
+                        "non-ASCII text", where)
+    return path
 
 
 def validate_app(app: App) -> App:
@@ -269,6 +309,8 @@ def validate_app(app: App) -> App:
             parse_profile(app.seccomp.encode(), "the app's seccomp profile")
         except SpecError as exc:
             raise SpecError(f"{exc}: use 'default', 'unconfined' or an OCI seccomp profile", "seccomp") from None
+    if app.ready_path is not None:
+        check_ready_path(app.ready_path)
     return msgspec.structs.replace(app, name=name, image=image, hostnames=hostnames, docroot=docroot)
 
 

@@ -156,7 +156,7 @@ class Failed(msgspec.Struct, tag=True, frozen=True):
     kind: str  # the FcrunError class name ("SpecError", "NotFound", ...)
     message: str
     http_status: int = 502
-    exit_code: int = 125  # what `fcrun` exits with for it (the error's exit_code)
+    exit_code: int = 125  # what `fcrun` exits with for it (a Run's: fcrun.errors.command_exit_code)
 
 
 class Exited(msgspec.Struct, tag=True, frozen=True):

@@ -31,10 +31,12 @@ import signal
 import socket
 import stat
 import sys
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from ..errors import FcrunError, SpecError
+from ..errors import FcrunError, SpecError, command_exit_code
+from ..logs.serverlog import LOG_FORMAT_ENV, configure
 from ..runrequest import run_spec
 from ..units import parse_memory
 from ..paths import DEFAULT_BRIDGE, DEFAULT_CGROUP_PARENT, DEFAULT_SUBNET, Paths
@@ -63,6 +65,9 @@ class _Run:
     container: Container
 
 
+LOG_EXPIRY_INTERVAL_S = 60.0
+
+
 class ForkServer:
     def __init__(self, pool: Pool, listener: socket.socket, parent_pidfd: int = -1,
                  run_runtime: Runtime | None = None):
@@ -77,10 +82,25 @@ class ForkServer:
         self.fds: dict[socket.socket, list[int]] = {}  # SCM_RIGHTS fds not yet taken by a Run
         self.runs: dict[socket.socket, _Run] = {}
         self.run_pids: dict[int, _Run] = {}
+        self.next_log_expiry = 0.0  # pool clock; the first step after start expires old logs
 
     @property
     def runtime(self):
         return self.pool.runtime
+
+    def _expire_logs(self) -> None:
+        """Gone instances' logs past FCRUN_LOG_KEEP_S go, once a LOG_EXPIRY_INTERVAL_S."""
+        now = self.pool.clock()
+        if now < self.next_log_expiry:
+            return
+        self.next_log_expiry = now + LOG_EXPIRY_INTERVAL_S
+        try:
+            removed = self.runtime.expire_logs(time.time())
+        except (OSError, ValueError) as exc:
+            log.warning("expiring instance logs: %s", exc)
+            return
+        if removed:
+            log.info("removed the logs of %d gone instance(s): %s", len(removed), " ".join(removed[:10]))
 
     def serve(self, on_ready: Callable[[], None] = lambda: None) -> None:
         """Serve until stopped; `on_ready` runs once the signal handlers are in place (so that a
@@ -123,6 +143,7 @@ class ForkServer:
                     except Exception:  # noqa: BLE001 - a bug in the pool must not end the fork-server
                         log.exception("pool step failed")
                         timeout = 1.0
+                    self._expire_logs()
         finally:
             for run in list(self.runs.values()):  # attached to us: they would die with us anyway
                 self._end_run(run)
@@ -201,7 +222,11 @@ class ForkServer:
             p.check_request(request)
             match request:
                 case p.Run():
-                    return self._run(request, conn)
+                    try:
+                        return self._run(request, conn)
+                    except FcrunError as exc:  # the exit code of `fcrun run`, not of other commands
+                        return p.Failed(kind=type(exc).__name__, message=str(exc), http_status=exc.http_status,
+                                        exit_code=command_exit_code(exc))
                 case p.Signal():
                     run = self.runs.get(conn)
                     if run is not None:
@@ -420,7 +445,7 @@ def main(argv: list[str] | None = None) -> int:
                         help="a directory apps' docroots may lie under (repeatable; default: "
                              f"{', '.join(DEFAULT_DOCROOT_ROOTS)}); every docroot is checked again here")
     args = parser.parse_args(argv)
-    logging.basicConfig(level=os.environ.get("FCRUN_LOG", "INFO"), format="fcrun forkserver: %(message)s")
+    configure(os.environ.get(LOG_FORMAT_ENV) or "text", "fcrun forkserver", os.environ.get("FCRUN_LOG", "INFO"))
     if os.geteuid() != 0:
         print("fcrun forkserver: must run as root", file=sys.stderr)
         return 77

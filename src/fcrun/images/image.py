@@ -62,12 +62,15 @@ class Image(msgspec.Struct, kw_only=True):
     layers: list[str]
     config: ImageConfig
     created: float
-    source: str  # "recipe rootfs/apache-php" or the imported path
+    source: str  # "recipe rootfs/apache-php", the imported path, or "docker://REF@sha256:..." pulled
     size_bytes: int  # bytes of file content in all layers
     diff_ids: list[str] = []
     recipe_hash: str = (
         ""  # for built images: the recipe digest that produced it (the build cache key)
     )
+    # pulled images: HOST/REPO@sha256:... of the manifest or index the reference resolved to at
+    # the registry (docker's RepoDigests), which pins exactly this image: `fcrun image pull` it.
+    repo_digest: str = ""
 
 
 def parse_name(name: str, where: str = "NAME") -> str:

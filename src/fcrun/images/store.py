@@ -217,6 +217,8 @@ class ImageStore:
         name: str | None = None,
         progress: Progress | None = None,
         limits: ImportLimits | None = None,
+        source: str | None = None,
+        repo_digest: str = "",
     ) -> Image:
         """Import an OCI layout directory, OCI archive or docker-archive tarball as ``name``.
 
@@ -224,6 +226,8 @@ class ImageStore:
         archive's file name. An existing image of that name is replaced (its layers stay for
         containers still using them; see ``prune``). ``limits`` caps what the import may
         write (default: ``ImportLimits()``: 4 GiB a layer, 8 GiB an image, 500,000 files).
+        ``source`` and ``repo_digest`` go into the record (pull.py: where the image came from;
+        ``source`` defaults to ``path``).
 
         Raises:
             SpecError: bad name, not an image, unknown media type, digest or size mismatch,
@@ -240,7 +244,7 @@ class ImageStore:
         plan = oci.read_image(path, wanted, limits)
         with plan.source, self._locked(progress):
             try:
-                image = self._import_plan(plan, path, limits, progress)
+                image = self._import_plan(plan, path, limits, progress, source, repo_digest)
             except FcrunError:
                 raise
             except OSError as exc:
@@ -252,7 +256,13 @@ class ImageStore:
         return image
 
     def _import_plan(
-        self, plan: oci.ImportPlan, path: str, limits: ImportLimits, progress: Progress
+        self,
+        plan: oci.ImportPlan,
+        path: str,
+        limits: ImportLimits,
+        progress: Progress,
+        source: str | None = None,
+        repo_digest: str = "",
     ) -> Image:
         """Extract, commit and record the image ``plan`` describes (the store lock is held)."""
         progress(f"{plan.name}: importing {plan.format} {path} ({len(plan.layers)} layers)")
@@ -281,9 +291,10 @@ class ImageStore:
                     layers=[self.layer_dir(d) for d in diff_ids],
                     config=plan.config,
                     created=time.time(),
-                    source=os.path.abspath(path),
+                    source=source or os.path.abspath(path),
                     size_bytes=size,
                     diff_ids=diff_ids,
+                    repo_digest=repo_digest,
                 )
                 self._write_record(image)
             except BaseException:

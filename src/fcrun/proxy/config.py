@@ -62,6 +62,9 @@ class ProxyConfig(msgspec.Struct, kw_only=True, frozen=True, forbid_unknown_fiel
     tunnel_idle_timeout_s: PositiveSeconds = 300.0
     """An upgraded connection (WebSocket) with no byte either way for this long is closed on
     both sides."""
+    access_log: bool = False
+    """One line per request on serve's log (logger ``fcrun.access``): app, instance, status,
+    duration, cold-start path. Off: requests pay nothing for it (``fcrun serve --access-log``)."""
     max_connections: PositiveCount = 10_000
     """Open client connections. A connection beyond it gets a canned 503 and is closed at
     accept, unread (a client that already sent its request may see a reset instead). Keep it

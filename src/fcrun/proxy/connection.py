@@ -29,7 +29,7 @@ from .deadlines import HEADER, IDLE, LINGER, NEVER, NO_DEADLINE, RESPONSE, TUNNE
 from .http import CONTINUE, HEAD, cold_start_headers, error_response
 from .request import Request, RequestReader
 from .router import Lease, RouteError
-from .upstream import UpstreamConnection
+from .upstream import UpstreamConnection, write_parts
 
 if TYPE_CHECKING:
     from .server import ProxyServer
@@ -49,6 +49,7 @@ class Exchange(Request):
     conn: UpstreamConnection | None = None
     task: asyncio.Task | None = None
     retried = False
+    moved = False                             # sent to another upstream once (Router.retry_elsewhere)
     tunnel_early: list[bytes] | None = None   # bytes after an upgrade request, before the 101
     unsent_head = b""                         # upstream_head until written (kept for a retry)
     body_until = NEVER                        # the body_timeout_s deadline, once the body is awaited
@@ -298,12 +299,14 @@ class ClientConnection(Deadlines, asyncio.Protocol):
             conn = await server.upstreams.connect(ex.lease)
         except TimeoutError:
             ex.task = None
-            self._reply_error(ex, 504, f"upstream of {ex.host} did not accept a connection within "
-                                       f"{server.config.upstream_connect_timeout_s:g} s")
+            if not self._retry_elsewhere(ex):  # nothing was sent: any method may go elsewhere
+                self._reply_error(ex, 504, f"upstream of {ex.host} did not accept a connection within "
+                                           f"{server.config.upstream_connect_timeout_s:g} s")
             return
         except OSError as err:
             ex.task = None
-            self._reply_error(ex, 502, f"cannot connect to upstream of {ex.host}: {err.strerror or err}")
+            if not self._retry_elsewhere(ex):
+                self._reply_error(ex, 502, f"cannot connect to upstream of {ex.host}: {err.strerror or err}")
             return
         ex.task = None
         if ex is not self.active or self.closed:
@@ -340,7 +343,7 @@ class ClientConnection(Deadlines, asyncio.Protocol):
                 transport.write(ex.unsent_head)
             ex.unsent_head = b""
         if pending:
-            transport.writelines(pending)
+            write_parts(transport, pending)
             ex.pending = ()
         if ex.pending_bytes:
             ex.pending_bytes = 0
@@ -393,7 +396,26 @@ class ClientConnection(Deadlines, asyncio.Protocol):
             self.deadline = NEVER
             ex.task = self.server.tasks.spawn(self._connect(ex))
             return
+        if not conn.got_bytes and ex.complete and not ex.has_body and ex.idempotent and self._retry_elsewhere(ex):
+            return  # no byte of a response came: a GET or HEAD goes once to another upstream
         self._reply_error(ex, 502, f"{reason} ({ex.host})")
+
+    def _retry_elsewhere(self, ex: Exchange) -> bool:
+        """Send `ex` once to another upstream the router offers (a front: another node); False
+        when the router has no such hook, it was done already, or there is none."""
+        retry = self.server.router_retry_elsewhere
+        if retry is None or ex.moved or ex is not self.active or self.closed or ex.lease is None:
+            return False
+        lease = retry(ex.host, ex.lease)
+        if lease is None:
+            return False
+        ex.moved = True
+        ex.lease.done(502, ex.head_bytes + ex.body_bytes, 0, True)  # the failed upstream's lease
+        ex.lease = lease
+        self.deadline_kind = NO_DEADLINE   # the connect is bounded by its own timeout
+        self.deadline = NEVER
+        ex.task = self.server.tasks.spawn(self._connect(ex))
+        return True
 
     def upstream_write_paused(self) -> None:
         self._pause(_PAUSE_UPSTREAM)
@@ -413,7 +435,7 @@ class ClientConnection(Deadlines, asyncio.Protocol):
             self.transport.write(conn.reader.tunnel_data)
         if ex.tunnel_early:
             ex.body_bytes += sum(len(b) for b in ex.tunnel_early)
-            conn.transport.writelines(ex.tunnel_early)
+            write_parts(conn.transport, ex.tunnel_early)
         ex.tunnel_early = None
         self._resume(_PAUSE_BUFFER)
 

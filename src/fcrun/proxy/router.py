@@ -69,6 +69,12 @@ class Router(Protocol):
     #     request pays for an asyncio task (measurably more proxy CPU per request:
     #     bench/proxy_overhead.py --no-nowait).
     #
+    # def retry_elsewhere(self, host: str, failed: Lease) -> Lease | None
+    #     Another upstream for a request whose upstream failed before any byte of a response:
+    #     it could not be connected to (any method), or it closed or reset the connection (GET
+    #     and HEAD without a body only). Called at most once per request; the proxy settles
+    #     ``failed`` itself. A front offers another node (cluster/front.py).
+    #
     # def connection_opened(self, host: str) -> None
     # def connection_closed(self, host: str) -> None
     #     A client connection started / stopped talking to ``host``: open connections and

@@ -82,6 +82,7 @@ class ProxyServer:
         self.router_acquire_nowait = getattr(router, "acquire_nowait", None)
         self.router_connection_opened = getattr(router, "connection_opened", None)
         self.router_connection_closed = getattr(router, "connection_closed", None)
+        self.router_retry_elsewhere = getattr(router, "retry_elsewhere", None)
         self.connections: set[ClientConnection] = set()   # open client connections (they add themselves)
         self.open_connections = 0   # accepted and not yet closed (counted at accept, against max_connections)
         self.refused_connections = 0   # refused at accept since start (both caps)
@@ -258,6 +259,14 @@ class ProxyServer:
             conn.on_deadline()
         self.upstreams.expire(now)
         self._log_refusals(now)
+
+    def reconfigure(self, config: ProxyConfig) -> None:
+        """New settings (serve's SIGHUP): read from now on by every connection, request and sweep;
+        connections already open keep the forwarding headers they started with."""
+        self.config = config
+        self.forwarding = Forwarding(config)
+        self.upstreams.config = config
+        self.upstreams.forwarding = self.forwarding
 
     def instance_gone(self, instance_id: str) -> None:
         """Drop the pooled connections of a stopped instance (busy ones close after their response)."""

@@ -10,6 +10,8 @@ age out and get closed after ``upstream_idle_s``.
 from __future__ import annotations
 
 import asyncio
+import sys
+from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
 from .config import ProxyConfig
@@ -19,6 +21,30 @@ from .router import Lease
 
 if TYPE_CHECKING:
     from .connection import ClientConnection, Exchange
+
+
+def writelines_pauses(version: tuple[int, int, int]) -> bool:
+    """Whether asyncio's own socket transport calls ``pause_writing()`` from ``writelines()``.
+
+    Python 3.12 gave that transport a writelines() of its own (sendmsg, no copy) which forgot
+    flow control until 3.12.9 and 3.13.2 (gh-127655, CVE-2024-12254): its buffer grows without
+    bound and the protocol is never paused, so a client that does not read would make the
+    proxy read the whole response from the instance into memory. Before 3.12, writelines()
+    joined the parts and called write(), which pauses.
+    """
+    return not ((3, 12) <= version < (3, 12, 9) or (3, 13) <= version < (3, 13, 2))
+
+
+if writelines_pauses(tuple(sys.version_info[:3])):
+    def write_parts(transport: asyncio.WriteTransport, parts: Sequence[bytes]) -> None:
+        """``transport.writelines(parts)``, with flow control (see `writelines_pauses`)."""
+        transport.writelines(parts)
+else:
+    def write_parts(transport: asyncio.WriteTransport, parts: Sequence[bytes]) -> None:
+        """``transport.writelines(parts)``, with flow control (see `writelines_pauses`)."""
+        # One copy, as writelines() did before 3.12; uvloop's writelines() pauses, but its
+        # transport is not told apart here (the cost is one join, on these Python releases only).
+        transport.write(b"".join(parts))
 
 
 class UpstreamConnection(asyncio.Protocol):
@@ -108,7 +134,7 @@ class UpstreamConnection(asyncio.Protocol):
             if len(out) == 1:
                 self.client_transport.write(out[0])
             else:
-                self.client_transport.writelines(out)
+                write_parts(self.client_transport, out)
             out.clear()
         if reader.error is not None:
             client.upstream_failed(self.exchange, self, reader.error)
@@ -126,7 +152,7 @@ class UpstreamConnection(asyncio.Protocol):
         if client is not None:
             reader = self.reader
             if reader.feed_eof():
-                self.client_transport.writelines(reader.out)
+                write_parts(self.client_transport, reader.out)
                 reader.out.clear()
                 client.response_done(self.exchange, self)
             else:

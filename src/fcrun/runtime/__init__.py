@@ -10,6 +10,10 @@ youki's libcontainer play).
     container.py     Container (start, wait) and ContainerInfo (a row of `fcrun ps`)
     process.py       who forks the child (here or the spawner), the handshake, the waits
     child.py         what runs in the new process between fork and exec (the plan's steps)
+    rootfs_setup.py  the child's mounts: rootfs, /dev, masks, cgroup mount, pivot_root
+    fork.py          the parent's side: forking the child (pid 1 or not), its handshake messages
+    console.py       the process's terminal, made in the container (runc's --console-socket)
+    passwd.py        HOME from the container's /etc/passwd when the process has none
     spawner/         a small single-threaded process that forks children for the library:
                      protocol.py (wire, re-checks), server.py (the process), client.py
     exec.py          exec into a running container

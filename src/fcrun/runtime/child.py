@@ -18,10 +18,11 @@ Handshake over two pipes (status: child -> parent, close-on-exec; go: parent -> 
     bridge: configure veth into             mount overlay rootfs, /proc, /dev, /sys, masks
     /proc/PID/ns/net (after "R")
                           ----- "J" ---->   (cgroup joined, network ready)
-                                            pivot_root, unshare(cgroup)
+                                            pivot_root, unshare(cgroup), rlimits,
+                                            oom_score_adj, setns(user ns)
                           <---- "C" ------  created: waits for "S"
     (container is "created")
-    start():              ----- "S" ---->   rlimits, user, capabilities, no_new_privs,
+    start():              ----- "S" ---->   user, capabilities, no_new_privs,
                                             close fds, execve
                           <---- EOF ------  exec happened (status pipe closed on exec)
 
@@ -46,13 +47,15 @@ import resource
 import select
 import signal
 import termios
-from collections.abc import Callable
+import stat
 
 import msgspec
 
 from .. import syscalls as sc
-from ..errors import ContainerError, KernelError
 from ..seccomp.install import install_filter
+from .console import open_console
+from .passwd import home_of
+from .rootfs_setup import mount_cgroups, mount_rootfs, pivot_to_rootfs
 
 # Step names reported to the parent when the child fails.
 STEP_CGROUP = "join cgroup"
@@ -68,12 +71,13 @@ STEP_USERNS = "join user namespace"
 STEP_CAPS = "set capabilities"
 STEP_SECCOMP = "load seccomp filter"
 STEP_EXEC = "exec"
+STEP_CWD = "change to the working directory"
 STEP_JOIN = "join namespace"
 STEP_SYSCTL = "set sysctl"
 STEP_HOOK = "run hook"
 STEP_OOM = "set oom_score_adj"
+STEP_CONSOLE = "set up the terminal"
 
-MAX_SYMLINKS = 40
 _MACHINE = os.uname().machine
 _SYS_SCHED_SETATTR = {"x86_64": 314, "aarch64": 274, "riscv64": 274, "ppc64le": 355, "s390x": 345}
 _SYS_IOPRIO_SET = {"x86_64": 251, "aarch64": 30, "riscv64": 30, "ppc64le": 273, "s390x": 282}
@@ -161,7 +165,13 @@ class ChildPlan(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     seccomp_flags: int = 0  # SECCOMP_FILTER_FLAG_* to load it with
     # Namespaces to join instead of making them: (path of a namespace file, its CLONE_NEW* type),
     # joined right after the unshare of the others, while the host's paths are reachable.
+    # Without CLONE_NEWNS in unshare_flags (the mount namespace joined, or the runtime's own),
+    # the rootfs is bound privately onto itself there and entered by chroot (rootfs_setup.py).
     join_namespaces: list[tuple[bytes, int]] = []
+    # The pid namespace: a new one, with the child as its pid 1; else the one at join_pid_ns (the
+    # child is forked into it: fork.fork_pid1), or b"": the forking process's own.
+    new_pid_ns: bool = True
+    join_pid_ns: bytes = b""
     sysctl: list[tuple[bytes, bytes]] = []  # (file under /proc/sys, value), written in the new namespaces
     umask: int = 0o022  # as runc sets it when the spec gives none
     oom_score_adj: int | None = None  # None: inherited
@@ -188,67 +198,22 @@ class ChildPlan(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     status_w: int = -1
     go_r: int = -1
     keep_fds: list[int] = []
+    # A connected unix socket (-1: none) to send the master of a pty made in the container to
+    # (process.terminal with --console-socket, as runc does: console.py); its slave then
+    # replaces `stdio`. console_size: (rows, columns); (0, 0): the kernel's.
+    console_socket: int = -1
+    console_size: tuple[int, int] = (0, 0)
+    console_owner: int = -1  # the host uid the slave is given to (the process's user); <= 0: host root keeps it
 
 
-class ChildFailure(Exception):
-    def __init__(self, step: str, err: int, message: str):
-        super().__init__(step, err, message)
-        self.step, self.err, self.message = step, err, message
-
-
-def secure_join(root: bytes, path: bytes) -> bytes:
-    """Resolve `path` as if `root` were '/': symlinks (absolute or relative) never leave root.
-
-    Components that do not exist yet are kept as written, so the caller can create them.
-    (The same idea as runc's securejoin; needed because an image may contain symlinks such
-    as /proc -> /etc that would otherwise send a mount onto the host.)
-    """
-    parts = [p for p in path.split(b"/") if p and p != b"."]
-    resolved: list[bytes] = []
-    links = 0
-    while parts:
-        part = parts.pop(0)
-        if part == b"..":
-            if resolved:
-                resolved.pop()
-            continue
-        candidate = root + b"/" + b"/".join(resolved + [part])
-        try:
-            target = os.readlink(candidate)
-        except OSError:
-            resolved.append(part)  # not a symlink, or does not exist
-            continue
-        links += 1
-        if links > MAX_SYMLINKS:
-            raise OSError(_errno.ELOOP, "too many symlinks", candidate)
-        if target.startswith(b"/"):
-            resolved = []
-        parts = [p for p in target.split(b"/") if p and p != b"."] + parts
-    return root + b"/" + b"/".join(resolved)
-
-
-def _make_mountpoint(path: bytes, is_file: bool) -> None:
-    if is_file:
-        parent = os.path.dirname(path)
-        os.makedirs(parent, 0o755, exist_ok=True)
-        if not os.path.exists(path):
-            os.close(os.open(path, os.O_CREAT | os.O_WRONLY | os.O_CLOEXEC, 0o644))
-    else:
-        os.makedirs(path, 0o755, exist_ok=True)
-
-
-def _mount_one(m: MountStep, target: bytes) -> None:
-    try:
-        sc.mount(m.source, target, m.fstype, m.flags, m.data)
-        if m.remount_flags:
-            sc.mount(None, target, None, sc.MS_BIND | sc.MS_REMOUNT | m.remount_flags, None)
-    except OSError as exc:
-        if m.fstype != b"sysfs" or exc.errno != _errno.EPERM:
-            raise
-        # sysfs cannot be mounted without a new network namespace (--net host):
-        # bind the host's read-only instead, as runc does.
-        sc.mount(b"/sys", target, None, sc.MS_BIND | sc.MS_REC, None)
-        sc.mount(None, target, None, sc.MS_BIND | sc.MS_REMOUNT | sc.MS_RDONLY | sc.MS_REC, None)
+def take_console(plan: ChildPlan, bind_console: bool) -> None:
+    """Make the process's terminal in the container, send its master away, and make its slave
+    the plan's stdio (console.py). Raises OSError."""
+    slave = open_console(plan.console_socket, *plan.console_size, bind_console=bind_console)
+    plan.console_socket = -1  # closed
+    if plan.console_owner > 0:
+        os.fchown(slave, plan.console_owner, -1)  # the user's own terminal (runc's fixStdioPermissions)
+    plan.stdio = (slave, slave, slave)
 
 
 def fail(plan: ChildPlan, step: str, exc: BaseException) -> None:
@@ -335,7 +300,7 @@ def child_main(plan: ChildPlan, prepared: int = 0) -> None:
         os.write(plan.status_w, b"R")
 
         step = STEP_ROOTFS
-        _mount_rootfs(plan)
+        mount_rootfs(plan)
 
         step = STEP_CGROUP
         go = os.read(plan.go_r, 2)  # "J", or "JS" from run(): written at once, read at once
@@ -351,13 +316,18 @@ def child_main(plan: ChildPlan, prepared: int = 0) -> None:
 
         if plan.cgroup_mount is not None:
             step = STEP_MOUNT
-            _mount_cgroups(plan)
+            mount_cgroups(plan)
 
         step = STEP_HOOK
         run_child_hooks(plan, "createContainer", b"creating", host_pid)
 
         step = STEP_PIVOT
-        _pivot_root(plan)
+        pivot_to_rootfs(plan)
+        if plan.console_socket >= 0:
+            # In the container's root, on its own devpts, before "C": an engine waits for the
+            # master during create (console.py).
+            step = STEP_CONSOLE
+            take_console(plan, bind_console=True)
         if plan.unshare_flags & sc.CLONE_NEWCGROUP:
             step = STEP_CGROUP
             sc.unshare(sc.CLONE_NEWCGROUP)
@@ -365,6 +335,12 @@ def child_main(plan: ChildPlan, prepared: int = 0) -> None:
             step = STEP_JOIN
             sc.setns(cgroup_ns_fd, sc.CLONE_NEWCGROUP)
             os.close(cgroup_ns_fd)
+        # Before "C", as runc does: a created container's process is already in its user
+        # namespace (what /proc/PID/ns/user shows), with its rlimits and oom_score_adj, which
+        # need host root and so come first.
+        set_process_attributes(plan)
+        step = STEP_USERNS
+        enter_user_namespace(plan)
         if go != b"JS":
             # Created: say so and wait to be started. (Told to start already, we go on: the
             # exec itself is the parent's next news, which spares it one wake-up.)
@@ -376,7 +352,7 @@ def child_main(plan: ChildPlan, prepared: int = 0) -> None:
         step = STEP_HOOK
         run_child_hooks(plan, "startContainer", b"created", host_pid)
 
-        finish_and_exec(plan)
+        finish_and_exec(plan, attributes_set=True)
     except BaseException as exc:  # noqa: BLE001 - everything must be reported, then _exit
         fail(plan, step, exc)
 
@@ -449,119 +425,10 @@ def run_child_hooks(plan: ChildPlan, stage: str, status: bytes, host_pid: int) -
             raise OSError(_errno.EIO, f"{stage} hook {hook.path.decode(errors='replace')} failed: {how}")
 
 
-def _mount_rootfs(plan: ChildPlan) -> None:
-    """Mount the container's rootfs and everything in it (still in the host's root)."""
-    root = plan.rootfs
-    # Stop our mounts from propagating back to the host, and the host's from reaching us.
-    sc.mount(None, b"/", None, sc.MS_REC | plan.propagation, None)
-    if plan.overlay_tmpfs is not None:
-        # The writable layer lives in this mount namespace only: nothing of it on the host's
-        # disk, gone when the namespace goes. Its pages are charged to whoever writes them,
-        # i.e. the container's memory cgroup, and the tmpfs size caps it.
-        sc.mount(b"tmpfs", root, b"tmpfs", 0, plan.overlay_tmpfs)
-        for path, mode in plan.overlay_tmpfs_dirs:
-            os.mkdir(path, mode)
-        if plan.upper_owner is not None:
-            os.chown(plan.overlay_tmpfs_dirs[0][0], *plan.upper_owner)
-    elif plan.idmapped_lower:
-        sc.mount(b"tmpfs", root, b"tmpfs", 0, b"size=64k,mode=700")  # only attach points
-    for layer, attach_point in plan.idmapped_lower:
-        # A copy of the layer's mount that shows its files through the container's id mapping
-        # (host root's files as the container root's), in this mount namespace only.
-        os.mkdir(attach_point, 0o700)
-        fd = sc.open_tree(layer, sc.OPEN_TREE_CLONE)
-        try:
-            sc.mount_setattr(fd, sc.MOUNT_ATTR_IDMAP, userns_fd=plan.userns_fd)
-            sc.move_mount(fd, attach_point)
-        finally:
-            os.close(fd)
-    if plan.overlay_data is not None:
-        sc.mount(b"overlay", root, b"overlay", 0, plan.overlay_data)
-    else:
-        # pivot_root needs the new root to be a mount point.
-        sc.mount(root, root, None, sc.MS_BIND | sc.MS_REC, None)
-
-    for m in plan.mounts:
-        try:
-            target = secure_join(root, m.destination)
-            _make_mountpoint(target, m.file_target)
-            _mount_one(m, target)
-            if m.propagation:
-                sc.mount(None, target, None, m.propagation, None)
-        except OSError as exc:
-            raise OSError(exc.errno, exc.strerror, b"mount " + m.destination) from None
-
-    # Inside the rootfs, whatever the image made of /dev (a symlink to a host directory must
-    # not get our device nodes there). mknod and symlink never follow a final symlink; the
-    # mode is given whole (umask 0), so no chmod, which would follow one.
-    dev = secure_join(root, b"/dev")
-    umask = os.umask(0)
-    try:
-        for name, mode, major, minor in plan.devices:
-            os.mknod(dev + b"/" + name, mode, os.makedev(major, minor))
-    finally:
-        os.umask(umask)
-    for target, name in plan.dev_symlinks:
-        os.symlink(target, dev + b"/" + name)
-    if plan.spec_devices:
-        umask = os.umask(0)
-        try:
-            for path, mode, major, minor, uid, gid in plan.spec_devices:
-                target = secure_join(root, path)
-                os.makedirs(os.path.dirname(target), 0o755, exist_ok=True)
-                if os.path.lexists(target):
-                    os.unlink(target)  # one of the defaults above: the spec's says otherwise
-                os.mknod(target, mode, os.makedev(major, minor))
-                os.lchown(target, uid, gid)
-        finally:
-            os.umask(umask)
-
-    for p in plan.masked_paths:
-        target = secure_join(root, p)
-        if os.path.isdir(target):
-            sc.mount(b"tmpfs", target, b"tmpfs", sc.MS_RDONLY, None)
-        elif os.path.exists(target):
-            sc.mount(b"/dev/null", target, None, sc.MS_BIND, None)
-    for p in plan.readonly_paths:
-        target = secure_join(root, p)
-        if os.path.exists(target):
-            sc.mount(target, target, None, sc.MS_BIND | sc.MS_REC, None)
-            sc.mount(None, target, None, sc.MS_BIND | sc.MS_REMOUNT | sc.MS_RDONLY | sc.MS_REC, None)
-
-
-def _mount_cgroups(plan: ChildPlan) -> None:
-    """The spec's cgroup mount: the container's own groups only (as runc does without a
-    cgroup namespace on v1), never the host's hierarchy."""
-    target = secure_join(plan.rootfs, plan.cgroup_mount)
-    os.makedirs(target, 0o755, exist_ok=True)
-    flags = plan.cgroup_mount_flags & (sc.MS_RDONLY | sc.MS_NOSUID | sc.MS_NODEV | sc.MS_NOEXEC)
-    try:
-        if any(name for _, name in plan.cgroup_binds):  # v1: a tmpfs holding one dir per hierarchy
-            sc.mount(b"tmpfs", target, b"tmpfs", sc.MS_NOSUID | sc.MS_NODEV | sc.MS_NOEXEC, b"mode=755")
-        for source, name in plan.cgroup_binds:
-            point = target + b"/" + name if name else target
-            os.makedirs(point, 0o755, exist_ok=True)
-            sc.mount(source, point, None, sc.MS_BIND | sc.MS_REC, None)
-            sc.mount(None, point, None, sc.MS_BIND | sc.MS_REMOUNT | flags, None)
-        if any(name for _, name in plan.cgroup_binds) and flags & sc.MS_RDONLY:
-            sc.mount(None, target, None, sc.MS_REMOUNT | flags, None)
-    except OSError as exc:
-        raise OSError(exc.errno, exc.strerror, b"mount " + plan.cgroup_mount) from None
-
-
-def _pivot_root(plan: ChildPlan) -> None:
-    # pivot_root(".", ".") stacks the old root on top of the new one; detaching it then leaves
-    # nothing of the host's filesystem reachable (no put_old directory needed, as in runc).
-    os.chdir(plan.rootfs)
-    sc.pivot_root(b".", b".")
-    sc.umount2(b".", sc.MNT_DETACH)
-    os.chdir(b"/")
-    if plan.readonly_root:
-        sc.mount(None, b"/", None, sc.MS_BIND | sc.MS_REMOUNT | sc.MS_RDONLY, None)
-
-
-def finish_and_exec(plan: ChildPlan) -> None:
-    """Drop privileges and exec. Shared by container creation and `exec` into a container."""
+def set_process_attributes(plan: ChildPlan) -> None:
+    """The process's personality, scheduling, memory policy, oom_score_adj and rlimits, while
+    we are still host root (several need capabilities of the host's user namespace). Exits
+    127 on failure, as `fail` does."""
     step = STEP_RLIMIT
     try:
         if plan.personality >= 0:
@@ -585,7 +452,30 @@ def finish_and_exec(plan: ChildPlan) -> None:
             step = STEP_RLIMIT
         for res, soft, hard in plan.rlimits:
             resource.setrlimit(res, (soft, hard))
+    except BaseException as exc:  # noqa: BLE001
+        fail(plan, step, exc)
 
+
+def enter_user_namespace(plan: ChildPlan) -> None:
+    """Join the plan's user namespace (if any): from here on capabilities count in it only (and
+    our uid 0 is nobody there until setresuid in finish_and_exec makes us its root).
+    Raises OSError."""
+    if plan.userns_fd < 0:
+        return
+    sc.setns(plan.userns_fd, sc.CLONE_NEWUSER)
+    os.close(plan.userns_fd)
+    plan.userns_fd = -1
+    if plan.pdeathsig:
+        sc.prctl(sc.PR_SET_PDEATHSIG, plan.pdeathsig)  # as after any credential change
+
+
+def finish_and_exec(plan: ChildPlan, attributes_set: bool = False) -> None:
+    """Drop privileges and exec. Shared by container creation and `exec` into a container.
+    `attributes_set`: set_process_attributes and enter_user_namespace ran already."""
+    if not attributes_set:
+        set_process_attributes(plan)
+    step = STEP_EXEC
+    try:
         if plan.stdio is not None:
             for target, fd in enumerate(plan.stdio):
                 if fd != target:
@@ -599,12 +489,13 @@ def finish_and_exec(plan: ChildPlan) -> None:
                 except OSError:
                     pass
 
-        if plan.userns_fd >= 0:
-            # From here on capabilities count in the container's user namespace only (and
-            # our uid 0 is nobody there until setresuid below makes us its root).
+        if not attributes_set:
             step = STEP_USERNS
-            sc.setns(plan.userns_fd, sc.CLONE_NEWUSER)
-            os.close(plan.userns_fd)
+            enter_user_namespace(plan)
+
+        step = STEP_USER
+        if not plan.env.get(b"HOME"):
+            plan.env[b"HOME"] = home_of(plan.uid)  # as runc: the user's home in the container's /etc/passwd, else /
 
         step = STEP_CAPS
         for cap in range(plan.cap_last + 1):
@@ -627,7 +518,7 @@ def finish_and_exec(plan: ChildPlan) -> None:
         os.setresuid(plan.uid, plan.uid, plan.uid)
         if switching:
             sc.prctl(sc.PR_SET_KEEPCAPS, 0)
-        if (switching or plan.userns_fd >= 0) and plan.pdeathsig:
+        if plan.pdeathsig:
             sc.prctl(sc.PR_SET_PDEATHSIG, plan.pdeathsig)  # a credential change clears it
 
         step = STEP_CAPS
@@ -638,10 +529,12 @@ def finish_and_exec(plan: ChildPlan) -> None:
         if plan.no_new_privs:
             sc.prctl(sc.PR_SET_NO_NEW_PRIVS, 1)
 
-        step = STEP_EXEC
+        step = STEP_CWD  # not STEP_EXEC: a missing working directory is no missing command (127)
         os.umask(plan.umask)
         os.chdir(plan.cwd)
-        program = _find_executable(plan.argv[0], plan.env.get(b"PATH", b"/usr/sbin:/usr/bin:/sbin:/bin"))
+        step = STEP_EXEC
+        program = _find_executable(plan.argv[0], plan.env.get(b"PATH", b"/usr/sbin:/usr/bin:/sbin:/bin"),
+                                   by_init=plan.init_fd >= 0)
 
         # Close every fd but stdio and the close-on-exec ones the exec itself needs.
         close_all_but({plan.status_w, *plan.keep_fds})
@@ -672,112 +565,38 @@ def close_all_but(keep: set[int]) -> None:
     os.closerange(low, 65536)
 
 
-def _find_executable(name: bytes, search_path: bytes) -> bytes:
-    """PATH lookup inside the container, so a missing binary fails before exec, not in init."""
+def _find_executable(name: bytes, search_path: bytes, by_init: bool = False) -> bytes:
+    """PATH lookup inside the container, so that a command that is missing or cannot run fails
+    here with execvp's errno (fork.py: ENOENT -> exit 127; EACCES, EISDIR, ENOEXEC -> 126), not
+    in the init. `by_init`: tini will exec it, and exits 1 for ENOEXEC: a file neither ELF nor
+    #! is refused here (a host binfmt_misc format too); without an init our execve says it.
+
+    Raises:
+        OSError: ENOENT, EACCES, EISDIR or ENOEXEC, naming the command.
+    """
     candidates = [name] if b"/" in name else [d + b"/" + name for d in search_path.split(b":") if d]
+    err = _errno.ENOENT
     for c in candidates:
-        if os.path.isfile(c) and os.access(c, os.X_OK):
-            return c
-    raise OSError(_errno.ENOENT, "executable not found in the container", name)
-
-
-def read_status(fd: int, timeout_s: float) -> bytes:
-    """Read the next handshake message: one byte, b"" at EOF (the exec happened).
-
-    Raises ChildFailure when the child reported an error ("E..." up to EOF).
-    """
-    ready, _, _ = select.select([fd], [], [], timeout_s)
-    if not ready:
-        raise ContainerError(f"container setup did not answer within {timeout_s:.0f}s")
-    data = os.read(fd, 1)
-    if data == b"E":
-        chunks = []
-        while chunk := os.read(fd, 65536):
-            chunks.append(chunk)
-        step, err, message = b"".join(chunks).decode(errors="replace").split("\0", 2)
-        raise ChildFailure(step, int(err), message)
-    return data
-
-
-def failure_to_error(failure: ChildFailure, name: str) -> Exception:
-    """Turn a child's report into the error the user sees."""
-    if failure.step == STEP_EXEC and failure.err == _errno.ENOENT:
-        return ContainerError(f"container {name}: {failure.message}: executable not found in the container")
-    if failure.step == STEP_HOOK:
-        return ContainerError(f"container {name}: {failure.message}")
-    return KernelError(f"container {name}: {failure.step}", failure.message, failure.err)
-
-
-def fork_child(plan: ChildPlan, new_pid_ns: bool) -> tuple[int, int, int]:
-    """Fork the container child from this process. Returns (pid, status_r, go_w).
-
-    Resource handling: the caller must close status_r and go_w, and reap pid.
-    """
-    status_r, status_w = os.pipe2(os.O_CLOEXEC)
-    go_r, go_w = os.pipe2(os.O_CLOEXEC)
-    plan.status_w, plan.go_r = status_w, go_r
-    try:
-        # Our copies of the parent's ends must go in the child, or a dead parent would never
-        # read EOF. Every other fd goes too: among them the lock on this very container
-        # (StateStore.locked), whose flock a created child would otherwise hold until its
-        # exec, so that the creator's next step on it (fill_slot before start) waited forever.
-        pid = fork_plan(plan, new_pid_ns, close_in_child=(status_r, go_w), close_others=True)
-    except BaseException:
-        os.close(status_r)
-        os.close(go_w)
-        raise
-    finally:
-        os.close(status_w)
-        os.close(go_r)
-    return pid, status_r, go_w
-
-
-def fork_plan(plan: ChildPlan, new_pid_ns: bool, close_in_child: tuple[int, ...] = (), close_others: bool = False) -> int:
-    """Fork a child that runs `plan` (its status_w and go_r already set). Returns its pid.
-
-    `close_in_child`: fds the child closes first. `close_others`: the child closes every fd
-    but stdio and the plan's own (the spawner: its socket and other children's pipes must not
-    live on in a container that waits, possibly long, to be started).
-
-    Resource handling: the plan's fds stay the caller's (close them after the fork); the
-    caller reaps pid.
-    """
-
-    def child() -> None:
-        for fd in close_in_child:
-            os.close(fd)
-        if close_others:
-            close_all_but({plan.status_w, plan.go_r, *plan.keep_fds, *(plan.stdio or ()), plan.userns_fd})
-        child_main(plan)
-
-    return fork_pid1(child, new_pid_ns)
-
-
-def fork_pid1(child: Callable[[], None], new_pid_ns: bool) -> int:
-    """Fork; the child runs `child()` (which must exec or _exit) as pid 1 of a new pid
-    namespace when `new_pid_ns`. Returns the child's pid.
-
-    The pid namespace is entered by unsharing CLONE_NEWPID in this thread just for the fork,
-    so the child is pid 1 of the new namespace and our direct child (waitpid works); the
-    thread's pid_for_children is restored right after.
-    """
-    own_pid_ns = os.open("/proc/thread-self/ns/pid", os.O_RDONLY | os.O_CLOEXEC) if new_pid_ns else -1
-    try:
-        if new_pid_ns:
-            sc.unshare(sc.CLONE_NEWPID)
-        pid = -1
         try:
-            pid = os.fork()
+            st = os.stat(c)
+        except OSError:
+            continue
+        if stat.S_ISREG(st.st_mode) and os.access(c, os.X_OK):
+            if by_init and not _runnable_format(c):
+                raise OSError(_errno.ENOEXEC, os.strerror(_errno.ENOEXEC), name)
+            return c
+        # As execvp: a directory met on PATH is EACCES and the search goes on; one named by path EISDIR.
+        err = _errno.EISDIR if stat.S_ISDIR(st.st_mode) and b"/" in name else _errno.EACCES
+    raise OSError(err, "executable not found in the container" if err == _errno.ENOENT else os.strerror(err), name)
+
+
+def _runnable_format(path: bytes) -> bool:
+    """Does the file start as ELF or #!? True if it cannot be read (execute-only): exec decides."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+        try:
+            return os.read(fd, 4).startswith((b"\x7fELF", b"#!"))
         finally:
-            if new_pid_ns and pid != 0:
-                sc.setns(own_pid_ns, sc.CLONE_NEWPID)
-        if pid == 0:
-            try:
-                signal.pthread_sigmask(signal.SIG_SETMASK, [])
-                child()
-            finally:
-                os._exit(127)  # not reached unless child() failed: never unwind into the caller
-    finally:
-        if own_pid_ns >= 0:
-            os.close(own_pid_ns)
-    return pid
+            os.close(fd)
+    except OSError:
+        return True

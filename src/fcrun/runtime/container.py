@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING
 
 from ..crashpoints import crash_point
 from ..errors import IncorrectStatus, NotFound
-from .child import ChildFailure, failure_to_error, read_status
+from .fork import ChildFailure, failure_to_error, read_status
 from .hooks import oci_state, run_hooks_logged
 from .process import SETUP_TIMEOUT_S, exit_code, send_go, wait_exit, wait_report
 from .state import ContainerState, check_allowed

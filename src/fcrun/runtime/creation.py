@@ -33,17 +33,25 @@ import msgspec
 
 from ..crashpoints import crash_point
 from ..errors import ContainerError, FcrunError, KernelError, MissingFeature, SpecError
-from .child import ChildFailure, ChildPlan, failure_to_error, read_status
+from ..labels import APP_LABEL
+from ..logs.files import CURRENT, LogSettings, log_dir
+from ..logs.writer import start_writer
+from .child import ChildPlan
+from .fork import ChildFailure, failure_to_error, read_status
 from .container import Container
 from .hooks import child_hook_state, hooks_of, oci_state, run_hooks, run_hooks_logged
 from .options import ROOTFS_ANNOTATION
 from .plan import build_plan, cgroup_settings, limits_from_spec
-from .process import SETUP_TIMEOUT_S, ChildHandle, child_report, make_userns, read_ready, send_go, start_child
+from .process import (
+    SETUP_TIMEOUT_S, ChildHandle, child_report, make_userns, read_ready, send_go, start_child,
+)
+from .rootfs_setup import mounts_at, unmount_shared_rootfs
 from .sealed import sealed_copy
 from .slots import SLOT_OPTIONS, make_slot, release_slot
 from .spec import Mount, Spec, network_mode, validate_spec
+from .spec_resources import check_files, check_host, note_placed, write_setting
 from .state import ContainerState, NetworkState, Rootfs, proc_start_time, validate_name
-from .userns import map_text, range_mappings, root_host_ids
+from .userns import map_text, namespace_mappings, range_mappings, root_host_ids
 
 if TYPE_CHECKING:
     from ..images import Image
@@ -69,10 +77,11 @@ class CreateRequest:
     slot: str | None
     volatile_rootfs: bool
     start: bool  # run(): exec at once, no "created" stop
+    console_socket: int = -1  # the caller's: see Runtime.create
 
 
 def validate(runtime: "Runtime", name: str, spec: Spec, *, image, detach: bool, stdio, init: bool, labels,
-             slot: str | None, volatile_rootfs: bool | None, start: bool) -> CreateRequest:
+             slot: str | None, volatile_rootfs: bool | None, start: bool, console_socket: int = -1) -> CreateRequest:
     """Check a creation's inputs before anything is made.
 
     Raises:
@@ -81,7 +90,11 @@ def validate(runtime: "Runtime", name: str, spec: Spec, *, image, detach: bool, 
     validate_name(name)
     validate_spec(spec)
     check_namespace_paths(spec)
-    cgroup_settings(spec, runtime.cgroups.version)  # refuses what this host's cgroup version lacks
+    # Refuses what this host's cgroup version or hierarchies lack, naming the field.
+    settings = cgroup_settings(spec, runtime.cgroups.version)
+    check_host(settings, runtime.cgroups)
+    if runtime.cgroups.version == 1:
+        check_files(settings, runtime.cgroups, {})  # no blkio.weight without CFQ/BFQ, say
     if isinstance(image, str):
         image = runtime.images.get(image)
     if image is None and not os.path.isdir(spec.root.path):
@@ -92,7 +105,7 @@ def validate(runtime: "Runtime", name: str, spec: Spec, *, image, detach: bool, 
         raise SpecError("a memory-backed rootfs (volatile_rootfs) needs an image", "volatile_rootfs")
     return CreateRequest(name=name, spec=spec, image=image, detach=detach, stdio=stdio,
                          init_path=find_init() if init else None, labels=dict(labels or {}), slot=slot,
-                         volatile_rootfs=volatile_rootfs, start=start)
+                         volatile_rootfs=volatile_rootfs, start=start, console_socket=console_socket)
 
 
 # linux.namespaces[].type -> the name /proc/PID/ns/ and nsfs give that kind of namespace.
@@ -120,6 +133,13 @@ def check_namespace_paths(spec: Spec) -> None:
             os.close(fd)
         if not what.startswith(NSFS_NAMES[ns.type] + ":["):
             raise SpecError(f"{ns.path!r} is not a {ns.type} namespace (it is {what!r})", where)
+
+
+def shared_rootfs_mount(state: ContainerState) -> tuple[bytes, bytes]:
+    """(rootfs, path of the mount namespace it is bound in; b"": the runtime's) of a container
+    without a mount namespace of its own, for rootfs_setup.unmount_shared_rootfs."""
+    path = next((ns.path for ns in state.spec.linux.namespaces if ns.type == "mount"), "")
+    return state.rootfs.mountpoint.encode(), path.encode()
 
 
 def find_init() -> str:
@@ -225,6 +245,10 @@ class Creation:
             crash_point("create.slot")
         self._rootfs()
         crash_point("create.rootfs")
+        if not any(ns.type == "mount" and not ns.path for ns in self.state.spec.linux.namespaces):
+            # The child binds the rootfs in a mount namespace that outlives it (rootfs_setup).
+            rootfs, mount_ns = shared_rootfs_mount(self.state)
+            self.undo.callback(unmount_shared_rootfs, rootfs, mount_ns, None if mount_ns else mounts_at(rootfs))
         if request.detach and self.stdio is None:
             self._log_stdio()
         self.child = start_child(self._plan(), self.runtime.spawner_mode)
@@ -245,9 +269,12 @@ class Creation:
                 read_ready(self.child.status_r, self.name)  # the namespaces the hooks act on exist
                 ready = True
             run_hooks(self.state.spec, ("prestart", "create_runtime"), self._oci_state("creating"))
-        send_go(self.child.go_w, go, self.child.status_r)
+        # Saved before "go": a started container's command may run (and print) right after it,
+        # and whoever sees its output must find its pid in the state, as runc's state is
+        # written before its process execs.
         self._record()
         crash_point("create.saved")
+        send_go(self.child.go_w, go, self.child.status_r)
         if not ready:
             read_ready(self.child.status_r, self.name)
         self._handshake()
@@ -260,6 +287,14 @@ class Creation:
     def _user_namespace(self) -> None:
         state = self.state
         spec = state.spec
+        path = next(ns.path for ns in spec.linux.namespaces if ns.type == "user")
+        if path:  # joined as it is: its id maps are its own (check_namespace_paths checked it)
+            self.userns_fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+            uid_mappings, gid_mappings = namespace_mappings(self.userns_fd)  # recorded, as runc does
+            state.spec = spec = msgspec.structs.replace(spec, linux=msgspec.structs.replace(
+                spec.linux, uid_mappings=uid_mappings, gid_mappings=gid_mappings))
+            self.root_ids = root_host_ids(spec.linux)
+            return
         if not spec.linux.uid_mappings:  # fcrun's choice: a host id range of its own
             base = self.runtime.id_ranges.allocate(self.name)
             self.undo.callback(self.runtime.id_ranges.release, base, self.name)
@@ -298,10 +333,16 @@ class Creation:
         state.rootfs = Rootfs(mountpoint=mountpoint, lower=lower, upper=upper, work=work)
 
     def _log_stdio(self) -> None:
-        """A detached container's stdio: /dev/null in, its output.log out."""
-        log_path = os.path.join(self.cdir, "output.log")
-        log_fd = os.open(log_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o600)
+        """A detached container's stdio: /dev/null in, a pipe to its log writer out.
+
+        The writer (fcrun.logs.writer) runs in our cgroup, not the container's, and keeps
+        size-rotated files on disk under the data root: a file under the run root would be
+        tmpfs, charged to the container's memory, unbounded, and gone with the container.
+        """
+        directory = log_dir(self.runtime.paths, self.name)
+        log_fd = start_writer(directory, LogSettings.from_env(), app=self.state.labels.get(APP_LABEL, ""))
         self.undo.callback(os.close, log_fd)
+        log_path = os.path.join(directory, CURRENT)
         null_fd = os.open("/dev/null", os.O_RDONLY | os.O_CLOEXEC)
         self.undo.callback(os.close, null_fd)
         if self.root_ids is not None:
@@ -329,10 +370,13 @@ class Creation:
             attached=not self.request.detach,
             init_fd=self.init_fd,
             stdio=self.stdio,
+            console_socket=self.request.console_socket,
             userns_fd=self.userns_fd,
             upper_owner=self.root_ids,
             hook_state=child_hook_state(self.name, self.state.spec, self.state.labels),
-            cgroup_dirs=self.runtime.cgroups.paths_for(self.name),
+            cgroup_dirs=self.runtime.cgroups.planned_paths(
+                self.name, at=self.state.spec.linux.cgroups_path or None,
+                extra=check_host(cgroup_settings(self.state.spec, self.runtime.cgroups.version), self.runtime.cgroups)),
         )
 
     def _cgroup(self) -> None:
@@ -342,12 +386,19 @@ class Creation:
         lately: better spent now, alongside the child's mounts, than after.
         """
         state, cgroups = self.state, self.runtime.cgroups
-        cgroup = cgroups.create(self.name, limits_from_spec(state.spec))
+        settings = cgroup_settings(state.spec, cgroups.version)
+        # linux.cgroupsPath places the group (cgroups/placement.py); the extra controllers
+        # (cpuset, blkio...) are joined only when a setting needs them.
+        at, extra = state.spec.linux.cgroups_path or None, check_host(settings, cgroups)
+        if at:  # found by its name otherwise, should we die before the state is saved
+            note_placed(self.runtime.states.dir(self.name), cgroups.planned_paths(self.name, at=at, extra=extra))
+        cgroup = cgroups.create(self.name, limits_from_spec(state.spec), at=at, extra=extra)
         self.undo.callback(cgroup.destroy)
-        for controller, file, value, where in cgroup_settings(state.spec, cgroups.version):
-            write_cgroup_setting(os.path.join(cgroup.paths[controller], file), value, where)
+        for controller, file, value, where in settings:
+            write_setting(cgroup.paths[controller], file, value, where)
         state.cgroup_version = cgroups.version
         state.cgroup_paths = dict(cgroup.paths)
+        state.cgroup_created = cgroup.created
         state.pid = self.child.wait_pid()
         state.pid_start_time = proc_start_time(state.pid)
         cgroup.add(state.pid)
@@ -376,8 +427,8 @@ class Creation:
             log.warning("container %s: rollback: remove bridge: %s", self.name, exc)
 
     def _record(self) -> None:
-        """The one save of a creation, made while the child mounts its rootfs, with the status
-        it has once the handshake completes; if it does not, the rollback removes it again."""
+        """The one save of a creation, made while the child may still mount its rootfs, with the
+        status it has once the handshake completes; if it does not, the rollback removes it again."""
         self.state.status = "running" if self.request.start else "created"
         self.state.started_at = time.time() if self.request.start else 0.0
         self.runtime.states.save(self.state)

@@ -5,7 +5,8 @@ limits, capabilities and seccomp profile (runc exec, nsenter's way).
     setns(container's pid ns) for children
     (non-dumpable) fork ------------------>  pid N of the container's pid namespace
     setns(own pid ns)                        setsid; join its cgroups; setns ipc, uts, net,
-                                             cgroup, mnt; then child.finish_and_exec: rlimits,
+                                             cgroup, mnt; [--tty: a pty from its /dev/ptmx,
+                                             console.py]; then child.finish_and_exec: rlimits,
                                              user ns (last), user, capabilities, exec
                       <---- EOF -----------  exec happened (or "E..." and exit 127)
     waitpid: its exit code
@@ -22,9 +23,10 @@ import msgspec
 
 from .. import syscalls as sc
 from ..errors import KernelError
-from .child import ChildFailure, ChildPlan, fail, failure_to_error, finish_and_exec, read_status
+from .child import STEP_CONSOLE, ChildPlan, fail, finish_and_exec, take_console
+from .fork import ChildFailure, failure_to_error, read_status
 from .process import SETUP_TIMEOUT_S, exit_code, reap
-from .spec import Spec
+from .spec import Capabilities, Process, Spec, User
 from .state import ContainerState
 
 STEP_JOIN = "join container"
@@ -41,6 +43,52 @@ def exec_spec(spec: Spec, args: list[str], env: list[str] | None, cwd: str | Non
     return msgspec.structs.replace(spec, process=process)
 
 
+# Fields of a whole process (exec --process) that, when left out, are the container's: runc's
+# exec falls back to the container's config for them (libcontainer's initConfig takes the
+# process's value only when it has one). Everything else is the given process's alone, as
+# runc reads process.json: args, env (not added to the container's), cwd, user with its
+# additionalGids and umask, terminal, consoleSize, noNewPrivileges (false when left out).
+_INHERITED_WHEN_UNSET = ("capabilities", "oom_score_adj", "scheduler", "io_priority", "exec_cpu_affinity")
+
+
+def exec_process_spec(spec: Spec, process: Process) -> Spec:
+    """The container's spec with `process` as its process, as `runc exec --process` takes it:
+    the given process's fields, and the container's capabilities, rlimits, oomScoreAdj,
+    scheduler, ioPriority, execCPUAffinity and umask where it gives none. Checked by validate_spec
+    like any spec (an apparmorProfile or selinuxLabel is refused there, by name)."""
+    inherited = {field: getattr(spec.process, field) for field in _INHERITED_WHEN_UNSET
+                 if getattr(process, field) is None}
+    if not process.rlimits:
+        inherited["rlimits"] = spec.process.rlimits
+    if process.user.umask is None:
+        inherited["user"] = msgspec.structs.replace(process.user, umask=spec.process.user.umask)
+    return msgspec.structs.replace(spec, process=msgspec.structs.replace(process, **inherited))
+
+
+def process_from_flags(container: Process, args: list[str], *, env: list[str] = (), cwd: str = "",
+                       user: User | None = None, additional_gids: list[int] = (), caps: list[str] = (),
+                       no_new_privileges: bool | None = None) -> Process:
+    """The process of `runc exec ARGS` with its flags: the container's process with these args,
+    its env plus `env`, and each flag that is given in place of (or, for --cap and
+    --additional-gids, added to) the container's value, as runc's getProcess builds it. A cap
+    goes into the bounding, effective, permitted and ambient sets, never the inheritable one
+    (runc since CVE-2022-29162), so build_plan keeps it ambient only where the container's
+    process has it inheritable already."""
+    user = user if user is not None else container.user
+    if additional_gids:
+        user = msgspec.structs.replace(user, additional_gids=[*user.additional_gids, *additional_gids])
+    capabilities = container.capabilities
+    if caps:
+        have = capabilities or Capabilities()
+        capabilities = msgspec.structs.replace(
+            have, bounding=[*have.bounding, *caps], effective=[*have.effective, *caps],
+            permitted=[*have.permitted, *caps], ambient=[*have.ambient, *caps])
+    return msgspec.structs.replace(
+        container, args=list(args), env=[*container.env, *env], cwd=cwd or container.cwd, user=user,
+        capabilities=capabilities,
+        no_new_privileges=container.no_new_privileges if no_new_privileges is None else no_new_privileges)
+
+
 def exec_in(state: ContainerState, plan: ChildPlan, *, wait: bool = True) -> int:
     """Fork a process into the container's namespaces and cgroup, exec the plan, wait for it.
 
@@ -55,15 +103,19 @@ def exec_in(state: ContainerState, plan: ChildPlan, *, wait: bool = True) -> int
     status_r, status_w = os.pipe2(os.O_CLOEXEC)
     try:
         namespaces = _open_namespaces(state.pid)
+        root_fd = -1
         try:
+            root_fd = os.open(f"/proc/{state.pid}/root", os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
             if _differs(state.pid, "user"):
                 # Joined last, by finish_and_exec: the others need host root's capabilities.
                 plan.userns_fd = os.open(f"/proc/{state.pid}/ns/user", os.O_RDONLY | os.O_CLOEXEC)
             plan.status_w = status_w
-            pid = _fork_in_pid_ns(state.pid, lambda: _join_and_exec(plan, namespaces))
+            pid = _fork_in_pid_ns(state.pid, lambda: _join_and_exec(plan, namespaces, root_fd))
         finally:
             for fd, _ in namespaces:
                 os.close(fd)
+            if root_fd >= 0:
+                os.close(root_fd)
             if plan.userns_fd >= 0:
                 os.close(plan.userns_fd)
     except OSError as exc:
@@ -142,7 +194,7 @@ def _fork_in_pid_ns(target: int, child) -> int:
         os.close(target_pid)
 
 
-def _join_and_exec(plan: ChildPlan, namespaces: list[tuple[int, int]]) -> None:
+def _join_and_exec(plan: ChildPlan, namespaces: list[tuple[int, int]], root_fd: int) -> None:
     """In the exec child: join the container, then exec. Never returns."""
     try:
         os.setsid()  # a terminal given as stdio becomes its controlling one (finish_and_exec)
@@ -151,6 +203,16 @@ def _join_and_exec(plan: ChildPlan, namespaces: list[tuple[int, int]]) -> None:
                 f.write(b"0")
         for fd, flag in namespaces:
             sc.setns(fd, flag)
+        # The container's root, which is not its mount namespace's root when that namespace
+        # is not its own (joined by path, or the runtime's: rootfs_setup chroots there).
+        os.fchdir(root_fd)
+        os.chroot(".")
+        os.chdir("/")
     except BaseException as exc:  # noqa: BLE001 - reported on the status pipe, then _exit
         fail(plan, STEP_JOIN, exc)
+    if plan.console_socket >= 0:
+        try:
+            take_console(plan, bind_console=False)  # from the container's /dev/ptmx: we are in its mount ns
+        except BaseException as exc:  # noqa: BLE001
+            fail(plan, STEP_CONSOLE, exc)
     finish_and_exec(plan)

@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import logging
 import os
-import subprocess
 
 import msgspec
 
@@ -95,6 +94,8 @@ def run_hook(hook: Hook, state: bytes, stage: str) -> None:
     Raises:
         ContainerError: it could not be run, exited non-zero or ran past its timeout.
     """
+    import subprocess  # only here: `fcrun-oci create` and `delete` load this module, and seldom run a hook
+
     argv = list(hook.args) or [hook.path]
     env = dict(item.split("=", 1) for item in hook.env)
     try:

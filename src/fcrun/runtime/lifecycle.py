@@ -12,6 +12,7 @@ import contextlib
 import logging
 import os
 import signal
+import time
 from collections.abc import Callable, Sequence
 
 import msgspec
@@ -21,16 +22,19 @@ from ..cgroups import Cgroup, CgroupDriver, detect
 from ..crashpoints import crash_point
 from ..docroot import DEFAULT_DOCROOT_ROOTS
 from ..errors import FcrunError, NotFound, NotPermitted, SpecError
+from ..labels import APP_LABEL
+from ..logs.files import LogSettings, log_dir, log_root, note_app, remove_expired
 from ..paths import DEFAULT_BRIDGE, DEFAULT_CGROUP_PARENT, DEFAULT_SUBNET, Paths
 from ..units import CPU_PERIOD_US, cpu_to_quota_us
 from .container import Container, ContainerInfo
-from .creation import Creation, validate
-from .exec import exec_in, exec_spec
+from .creation import Creation, shared_rootfs_mount, validate
+from .exec import exec_in, exec_process_spec, exec_spec
 from .hooks import oci_state, run_hooks_logged
 from .plan import build_plan, limits_from_spec
 from .process import kill_quietly, reap, wait_gone, wait_gone_pid
+from .rootfs_setup import unmount_shared_rootfs
 from .slots import fill_slot, open_slot_source, release_slot, slot_content
-from .spec import CpuResources, MemoryResources, PidsResources, Resources, Spec, User, validate_spec
+from .spec import CpuResources, MemoryResources, PidsResources, Process, Resources, Spec, User, validate_spec
 from .state import LIVE, ContainerState, StateStore, check_allowed, is_allowed, pid_alive
 from .storage import Storage
 from .userns import IdRanges, is_fcrun_range
@@ -120,7 +124,7 @@ class Runtime:
 
     def create(self, name: str, spec: Spec, *, image=None, detach: bool = False,
                stdio: tuple[int, int, int] | None = None, init: bool = True, labels: dict[str, str] | None = None,
-               slot: str | None = None, volatile_rootfs: bool | None = None) -> Container:
+               slot: str | None = None, volatile_rootfs: bool | None = None, console_socket: int = -1) -> Container:
         """Create a container: namespaces, rootfs, cgroup and network ready; process not yet run.
 
         `image` (an images.Image or its name) gives the overlay lower dirs; without it,
@@ -137,13 +141,18 @@ class Runtime:
         holds at most the container's memory limit (else VOLATILE_ROOTFS_DEFAULT_BYTES), and
         its pages count against the container's memory cgroup.
 
+        `console_socket` (>= 0, with spec.process.terminal): a connected unix socket; the child
+        makes a pty in the container (from its /dev/ptmx, as runc does), sends the master
+        there (SCM_RIGHTS) during create, and takes the slave as its stdio and controlling
+        terminal (console.py). The caller closes its fd once create returns.
+
         Raises:
             SpecError: bad name or spec. AlreadyExists: name taken. NotFound: unknown image.
             NotPermitted: not root. KernelError/ContainerError: the kernel or the child failed;
             everything made so far is undone first.
         """
         return self._create(name, spec, image=image, detach=detach, stdio=stdio, init=init, labels=labels,
-                            slot=slot, volatile_rootfs=volatile_rootfs, start=False)
+                            slot=slot, volatile_rootfs=volatile_rootfs, start=False, console_socket=console_socket)
 
     def run(self, name: str, spec: Spec, **kwargs) -> Container:
         """create + start, in one handshake. Returns the running container (call .wait() for
@@ -151,10 +160,10 @@ class Runtime:
         return self._create(name, spec, start=True, **kwargs)
 
     def _create(self, name: str, spec: Spec, *, start: bool, image=None, detach: bool = False, stdio=None,
-                init: bool = True, labels=None, slot=None, volatile_rootfs=None) -> Container:
+                init: bool = True, labels=None, slot=None, volatile_rootfs=None, console_socket: int = -1) -> Container:
         require_root()
         request = validate(self, name, spec, image=image, detach=detach, stdio=stdio, init=init, labels=labels,
-                           slot=slot, volatile_rootfs=volatile_rootfs, start=start)
+                           slot=slot, volatile_rootfs=volatile_rootfs, start=start, console_socket=console_socket)
         return Creation(self, request).run()
 
     # ----- queries -------------------------------------------------------------------------
@@ -230,7 +239,7 @@ class Runtime:
         if cgroup is None:
             if len(self._loaded_cgroups) >= MAX_CACHED_CGROUPS:
                 self._loaded_cgroups.clear()
-            cgroup = self._loaded_cgroups[key] = self.cgroups.load(state.cgroup_paths)
+            cgroup = self._loaded_cgroups[key] = self.cgroups.load(state.cgroup_paths, state.cgroup_created)
         return cgroup
 
     def _memory_used(self, state: ContainerState) -> int | None:
@@ -244,7 +253,8 @@ class Runtime:
     # ----- operations on existing containers -----------------------------------------------
 
     def kill(self, name: str, sig: int = signal.SIGTERM) -> None:
-        """Send a signal to the container's pid 1 (SIGKILL ends the whole pid namespace)."""
+        """Send a signal to the container's first process (SIGKILL ends the whole pid namespace
+        when it is the container's own; else delete ends the others, by the cgroup)."""
         with self.states.locked(name):
             state = self.state(name)
             check_allowed("kill", name, state.status)
@@ -278,6 +288,29 @@ class Runtime:
             check_allowed("update", name, state.status)
             self._set_limits(state, cpu, memory_bytes, pids_max)
             self.states.save(state)
+            return state
+
+    def update_resources(self, name: str, resources: Resources) -> ContainerState:
+        """Change a live container's linux.resources as `runc update` does: what `resources`
+        sets changes, the rest stays (spec_resources.update_resources: every field creation
+        writes but device rules; a controller the container lacks is joined).
+
+        Raises:
+            SpecError: a bad or unsupported field, naming its JSON path (nothing written).
+            IncorrectStatus: the container is not live. KernelError: the kernel refused.
+        """
+        from .spec_resources import update_resources
+
+        with self.states.locked(name):
+            state = self.state(name)
+            check_allowed("update", name, state.status)
+            try:
+                update_resources(self.cgroups, self._cgroup(state), state, resources)
+            finally:
+                # Saved even when a write failed: the cgroup paths may have grown (the spec
+                # changes only on success), and delete must find them.
+                self._loaded_cgroups.clear()
+                self.states.save(state)
             return state
 
     def _set_limits(self, state: ContainerState, cpu: float | None, memory_bytes: int | None,
@@ -351,6 +384,8 @@ class Runtime:
                 self._fill_slot(state, slot_source)
                 crash_point("claim.slot")
             state.labels.update(labels or {})
+            if APP_LABEL in (labels or {}):  # `fcrun app logs` finds an app's instances by this
+                note_app(log_dir(self.paths, name), labels[APP_LABEL])
             if thaw and state.status == "frozen":
                 self._cgroup(state).thaw()
                 state.status = "running"
@@ -368,26 +403,33 @@ class Runtime:
             self.states.save(state)
             return state
 
-    def exec(self, name: str, args: list[str], *, env: list[str] | None = None, cwd: str | None = None,
-             stdio: tuple[int, int, int] | None = None, user: User | None = None, wait: bool = True) -> int:
+    def exec(self, name: str, args: list[str] | None = None, *, env: list[str] | None = None, cwd: str | None = None,
+             stdio: tuple[int, int, int] | None = None, user: User | None = None, wait: bool = True,
+             process: Process | None = None, console_socket: int = -1) -> int:
         """Run a command in a running container (its namespaces, cgroup and limits; exec.py).
         Returns its exit code; with wait=False its pid once it has exec'd (the caller's child).
         `user`: who it runs as (default: the container's process user).
+        `process`: a whole OCI process instead of args/env/cwd/user (runc exec --process): its
+        capabilities, rlimits, groups, noNewPrivileges, ... as exec.exec_process_spec merges them.
+        `console_socket`: as for create; the pty comes from the container's /dev/ptmx.
 
         Raises:
-            SpecError: no command, or a bad env/cwd. IncorrectStatus: not running.
+            SpecError: no command, a bad env/cwd, a process field fcrun does not honour (named),
+            or both `process` and args/env/cwd/user. IncorrectStatus: not running.
             KernelError/ContainerError: joining the container or the exec failed.
         """
-        if not args:
+        if process is not None and (args or env or cwd or user is not None):
+            raise SpecError("give either a whole process or args/env/cwd/user, not both", "process")
+        if process is None and not args:
             raise SpecError("nothing to execute", "args")
         state = self.state(name)
         check_allowed("exec", name, state.status)
-        spec = exec_spec(state.spec, args, env, cwd)
+        spec = exec_process_spec(state.spec, process) if process is not None else exec_spec(state.spec, args, env, cwd)
         if user is not None:
             spec = msgspec.structs.replace(spec, process=msgspec.structs.replace(spec.process, user=user))
         validate_spec(spec)
         plan = build_plan(spec, rootfs="/", overlay_lower=None, cgroup_procs=self._cgroup(state).procs_files(),
-                          cap_last=self.cap_last, attached=wait, stdio=stdio)
+                          cap_last=self.cap_last, attached=wait, stdio=stdio, console_socket=console_socket)
         return exec_in(state, plan, wait=wait)
 
     # ----- removal ----------------------------------------------------------------------------
@@ -451,7 +493,14 @@ class Runtime:
             if name not in live and not os.path.exists(self.states.dir(name)):
                 self.storage.remove(name)
                 removed.append(f"storage:{name}")
+        removed += [f"logs:{name}" for name in self.expire_logs(time.time())]
         return removed
+
+    def expire_logs(self, now: float) -> list[str]:
+        """Remove the logs of containers gone for FCRUN_LOG_KEEP_S (fcrun.logs); their names.
+        Run by gc and by the fork-server every LOG_EXPIRY_INTERVAL_S."""
+        keep_s = LogSettings.from_env().keep_s
+        return remove_expired(log_root(self.paths), keep_s, alive=set(self.states.names()), now=now)
 
     def _settle_orphan(self, state: ContainerState) -> ContainerState:
         """A created container whose creator died (orphaned_created) either exits at the EOF of
@@ -479,12 +528,20 @@ class Runtime:
             wait_gone(state)
         reap(state.pid)
         crash_point("delete.killed")
+        if state.rootfs and not any(ns.type == "mount" and not ns.path for ns in state.spec.linux.namespaces):
+            # No mount namespace of its own: its mounts are not gone with it (creation.py).
+            try:
+                unmount_shared_rootfs(*shared_rootfs_mount(state))
+            except OSError as exc:
+                log.warning("container %s: unmount its rootfs: %s", state.name, exc)
         if state.cgroup_paths:
             self._remove_cgroup(state)
         elif state.status == "creating":
             # A creation that crashed before its state was saved: its cgroup, if it got one,
-            # has the container's name under our parent.
-            cgroup = self.cgroups.load(self.cgroups.paths_for(state.name))
+            # has the container's name under our parent, or is at the spec's cgroupsPath.
+            from .spec_resources import leftover_cgroup
+
+            cgroup = leftover_cgroup(self.cgroups, state.name, self.states.dir(state.name))
             if cgroup.exists():
                 cgroup.destroy()
         crash_point("delete.cgroup")
@@ -509,10 +566,11 @@ class Runtime:
 
     def _remove_cgroup(self, state: ContainerState) -> None:
         cgroup = self._cgroup(state)
-        if state.pid > 0:
+        if state.pid > 0 and state.cgroup_created is None:  # else destroy() knows what to leave
             # pid 1 is gone, and the kernel ended every other process of its pid namespace
             # before it let pid 1 exit: the groups are empty, so rmdir them (where destroy()
-            # lists, kills and polls them first).
+            # lists, kills and polls them first). Without a pid namespace of its own the
+            # container's other processes may live on: EBUSY, and destroy() kills them.
             try:
                 for d in cgroup.dirs():
                     with contextlib.suppress(FileNotFoundError):

@@ -217,6 +217,16 @@ def _hooks(spec: Spec) -> list[HookStep]:
     ]
 
 
+def _console_owner(spec: Spec) -> int:
+    """The host uid of the process's user, who owns its terminal (in a user namespace: where
+    its uid maps to; -1: unmapped, left to host root)."""
+    uid = spec.process.user.uid
+    if not any(ns.type == "user" for ns in spec.linux.namespaces):
+        return uid
+    return next((m.host_id + uid - m.container_id for m in spec.linux.uid_mappings
+                 if m.container_id <= uid < m.container_id + m.size), -1)
+
+
 def build_plan(
     spec: Spec,
     *,
@@ -234,6 +244,7 @@ def build_plan(
     upper_owner: tuple[int, int] | None = None,
     hook_state: bytes = b"{}",
     cgroup_dirs: dict[str, str] | None = None,
+    console_socket: int = -1,
 ) -> ChildPlan:
     """Everything the container child does, decided here. Raises SpecError for bad mounts.
 
@@ -246,13 +257,19 @@ def build_plan(
     `upper_owner`: the host (uid, gid) of the container's root, for a tmpfs upper dir.
     `hook_state`: the OCI state JSON (no status, no pid) for the hooks the child runs.
     `cgroup_dirs`: the container's cgroup dirs (Cgroup.paths), for a mount of type cgroup.
+    `console_socket`: a connected socket for the master of a pty the child makes in the
+    container (console.py), of process.consoleSize; its slave is then the process's stdio.
     """
     flags = 0
     namespaces = {ns.type for ns in spec.linux.namespaces}
-    joined = [(ns.path.encode(), sc.NAMESPACES[ns.type][0]) for ns in spec.linux.namespaces if ns.path]
-    # The pid namespace is entered by the parent, around fork; the user namespace is made by
-    # the parent (userns.make_userns) and joined by the child last. One with a path is joined.
-    for ns in namespaces - {"pid", "user"} - {ns.type for ns in spec.linux.namespaces if ns.path}:
+    paths = {ns.type: ns.path for ns in spec.linux.namespaces if ns.path}
+    # The pid namespace is entered by the forking process, around fork (a new one, or the one
+    # at its path); the user namespace is the parent's (made by userns.make_userns, or opened
+    # at its path) and joined by the child last. Any other with a path is joined by the child.
+    # The mount namespace last: joining it changes our root, and the other paths are the host's.
+    joined = [(path.encode(), sc.NAMESPACES[t][0]) for t, path in sorted(paths.items(), key=lambda i: i[0] == "mount")
+              if t not in ("pid", "user")]
+    for ns in namespaces - {"pid", "user"} - set(paths):
         flags |= sc.NAMESPACES[ns][0]
     caps = spec.process.capabilities
     mask = (lambda field: capability_mask(getattr(caps, field), f"$.process.capabilities.{field}")) if caps else (lambda f: 0)
@@ -262,6 +279,9 @@ def build_plan(
     # what it cannot raise (with a warning). So does fcrun, where it is decided: here.
     raisable = mask("permitted") & mask("inheritable")
     ambient = [cap for cap in ambient if raisable & (1 << cap)]
+    if overlay_lower is not None and not flags & sc.CLONE_NEWNS:
+        raise SpecError("an image's rootfs needs a new mount namespace (fcrun mounts it at a shared mount point)",
+                        "$.linux.namespaces")
     overlay_data = None
     idmapped_lower: list[tuple[bytes, bytes]] = []
     if overlay_lower is not None and userns_fd >= 0:
@@ -331,6 +351,8 @@ def build_plan(
         idmapped_lower=idmapped_lower,
         upper_owner=upper_owner if overlay_tmpfs else None,
         join_namespaces=joined,
+        new_pid_ns="pid" in namespaces and "pid" not in paths,
+        join_pid_ns=paths.get("pid", "").encode(),
         sysctl=[(sysctl_file(k), v.encode()) for k, v in spec.linux.sysctl.items()],
         umask=spec.process.user.umask if spec.process.user.umask is not None else 0o022,
         oom_score_adj=spec.process.oom_score_adj,
@@ -345,77 +367,24 @@ def build_plan(
         personality=PERSONALITY_DOMAINS[spec.linux.personality.domain] if spec.linux.personality else -1,
         spec_devices=[_device(d) for d in spec.linux.devices],
         hook_state=hook_state,
+        console_socket=console_socket,
+        console_owner=_console_owner(spec) if console_socket >= 0 else -1,
+        console_size=(spec.process.console_size.height, spec.process.console_size.width)
+        if spec.process.console_size is not None else (0, 0),
     )
 
 
 def cgroup_settings(spec: Spec, version: int) -> list[tuple[str, str, str, str]]:
     """linux.resources fields beyond the cgroup layer's Limits, as (controller key of
-    Cgroup.paths, file, value, JSON path): written after the Limits, at create.
+    Cgroup.paths, file, value, JSON path): written after the Limits, at create
+    (spec_resources.cgroup_settings, which Runtime.update_resources uses too).
 
     Raises:
         SpecError: a field this cgroup version has no file for, naming it.
     """
-    res = spec.linux.resources
-    out: list[tuple[str, str, str, str]] = []
-    if res is None:
-        return out
-    mem, cpu = res.memory, res.cpu
-    at = "$.linux.resources"
-    v1 = version == 1
+    from .spec_resources import cgroup_settings as settings
 
-    def refuse_on_v2(field: str) -> None:
-        raise SpecError(f"linux.resources.{field} has no cgroup v2 file: not supported on this host", f"{at}.{field}")
-
-    if cpu is not None and cpu.shares is not None:
-        if v1:
-            out.append(("cpu", "cpu.shares", str(cpu.shares), f"{at}.cpu.shares"))
-        else:  # runc's conversion of shares (2..262144) to a weight (1..10000)
-            out.append(("unified", "cpu.weight", str(1 + ((cpu.shares - 2) * 9999) // 262142), f"{at}.cpu.shares"))
-    if cpu is not None and cpu.burst is not None:
-        out.append(("cpu", "cpu.cfs_burst_us", str(cpu.burst), f"{at}.cpu.burst") if v1
-                   else ("unified", "cpu.max.burst", str(cpu.burst), f"{at}.cpu.burst"))
-    if cpu is not None and cpu.idle is not None:
-        if v1:
-            raise SpecError("linux.resources.cpu.idle needs cgroup v2: not supported on this host", f"{at}.cpu.idle")
-        out.append(("unified", "cpu.idle", str(cpu.idle), f"{at}.cpu.idle"))
-    for field, file in (("realtime_period", "cpu.rt_period_us"), ("realtime_runtime", "cpu.rt_runtime_us")):
-        value = getattr(cpu, field) if cpu is not None else None
-        if value is not None:
-            wire = "realtimePeriod" if field == "realtime_period" else "realtimeRuntime"
-            if not v1:
-                refuse_on_v2(f"cpu.{wire}")
-            out.append(("cpu", file, str(value), f"{at}.cpu.{wire}"))  # the period first: the kernel checks runtime against it
-    for key, value in sorted(res.unified.items()):
-        where = f"{at}.unified[{key!r}]"
-        if v1:
-            raise SpecError("linux.resources.unified needs cgroup v2: not supported on this host", where)
-        if "/" in key or "." not in key or key.startswith(("cgroup.", ".")):
-            raise SpecError(f"{key!r} is not a controller's file of the container's cgroup", where)
-        out.append(("unified", key, value, where))
-    if mem is not None:
-        if mem.reservation is not None:
-            out.append(("memory", "memory.soft_limit_in_bytes", str(mem.reservation), f"{at}.memory.reservation") if v1
-                       else ("unified", "memory.low", "max" if mem.reservation == -1 else str(mem.reservation),
-                             f"{at}.memory.reservation"))
-        if mem.swap is not None:
-            if v1:  # memory + swap, as the spec has it; after the memory limit (the kernel wants memsw >= it)
-                out.append(("memory", "memory.memsw.limit_in_bytes", str(mem.swap), f"{at}.memory.swap"))
-            else:  # v2 limits swap alone
-                swap = "max" if mem.swap == -1 else str(mem.swap - (mem.limit or 0))
-                out.append(("unified", "memory.swap.max", swap, f"{at}.memory.swap"))
-        if mem.kernel_tcp is not None:
-            if not v1:
-                refuse_on_v2("memory.kernelTCP")
-            out.append(("memory", "memory.kmem.tcp.limit_in_bytes", str(mem.kernel_tcp), f"{at}.memory.kernelTCP"))
-        if mem.swappiness is not None:
-            if not v1:
-                refuse_on_v2("memory.swappiness")
-            out.append(("memory", "memory.swappiness", str(mem.swappiness), f"{at}.memory.swappiness"))
-        if mem.disable_oom_killer:
-            if not v1:
-                refuse_on_v2("memory.disableOOMKiller")
-            out.append(("memory", "memory.oom_control", "1", f"{at}.memory.disableOOMKiller"))
-    return out
+    return settings(spec.linux.resources, version)
 
 
 def limits_from_spec(spec: Spec) -> Limits:

@@ -23,7 +23,8 @@ import signal
 import time
 
 from ..errors import ContainerError, FcrunError
-from .child import ChildFailure, ChildPlan, fork_child, read_status
+from .child import ChildPlan
+from .fork import ChildFailure, fork_child, read_status
 from .holder import new_userns
 from .spawner import client as spawner
 from .spawner.protocol import Exited, read_report
@@ -55,18 +56,20 @@ def start_child(plan: ChildPlan, mode: bool | None) -> "ChildHandle":
     threaded = process_is_threaded()
     if threaded:
         mode = True
+    elif plan.console_socket >= 0:
+        mode = False  # the socket is our fd; the spawner's protocol carries no console (it refuses one)
     for _ in range(2):
         client = spawner.for_create(mode)
         if client is None:
             break
         try:
-            pid, status_r, go_w, report_r = client.send(plan, new_pid_ns=True)
+            pid, status_r, go_w, report_r = client.send(plan, new_pid_ns=plan.new_pid_ns)
             return ChildHandle(status_r, go_w, report_r, pid, client if report_r < 0 else None)
         except spawner.SpawnerGone:
             spawner.discard(client)  # killed, or exited: a new one, or we fork this one
     if threaded:
         raise spawner.SpawnerGone("the spawner died twice while forking a container; a threaded process does not fork one itself")
-    pid, status_r, go_w = fork_child(plan, new_pid_ns=True)
+    pid, status_r, go_w = fork_child(plan, new_pid_ns=plan.new_pid_ns)
     return ChildHandle(status_r, go_w, pid=pid)
 
 

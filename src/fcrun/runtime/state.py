@@ -125,6 +125,9 @@ class ContainerState(msgspec.Struct, kw_only=True):
     exit_code: int | None = None
     cgroup_version: int = 0
     cgroup_paths: dict[str, str] = {}
+    # The cgroup dirs the creation made when the spec placed its group (linux.cgroupsPath):
+    # the only ones delete removes. None: the default group, every dir of cgroup_paths is ours.
+    cgroup_created: list[str] | None = None
     rootfs: Rootfs | None = None
     network: NetworkState | None = None
     detached: bool = False
@@ -345,7 +348,8 @@ class StateStore:
     def remove(self, name: str) -> None:
         path = self.dir(name)
         self.remove_stale_temps(name)
-        for entry in (STATE_FILE, "state.json.tmp", "lock", "output.log"):  # ".tmp", "lock": older fcrun
+        # ".tmp", "lock": older fcrun; cgroup-placed.json: spec_resources.PLACED_FILE
+        for entry in (STATE_FILE, "state.json.tmp", "lock", "output.log", "cgroup-placed.json"):
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(os.path.join(path, entry))
         with contextlib.suppress(FileNotFoundError):

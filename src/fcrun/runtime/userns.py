@@ -33,11 +33,14 @@ from __future__ import annotations
 import contextlib
 import os
 import random
+import sys
 import tempfile
 import time
 
+from .. import syscalls as sc
 from ..atomicfile import TEMP_SUFFIX, fsync_dir
 from ..errors import ContainerError, SpecError
+from .process import process_is_threaded
 from .spec import IDMapping
 
 RANGE_SIZE = 65536  # ids 0..65535 inside, as a distribution expects (nobody = 65534)
@@ -180,5 +183,82 @@ def map_text(mappings: list[IDMapping]) -> bytes:
     return "".join(f"{m.container_id} {m.host_id} {m.size}\n" for m in mappings).encode()
 
 
+def parse_map_text(text: bytes) -> list[IDMapping]:
+    """/proc/PID/uid_map (or gid_map) text -> mappings; the inverse of map_text."""
+    mappings = []
+    for line in text.splitlines():
+        inside, outside, count = (int(f) for f in line.split())
+        mappings.append(IDMapping(container_id=inside, host_id=outside, size=count))
+    return mappings
+
+
+# The helper a threaded caller runs instead of forking Python (setns into a user namespace wants
+# a single-threaded caller; a fresh interpreter with -S is one). ctypes: os.setns is 3.12+.
+_READ_MAPS = (
+    "import ctypes, os, sys\n"
+    "libc = ctypes.CDLL(None, use_errno=True)\n"
+    "if libc.setns(int(sys.argv[1]), 0x10000000) != 0:\n"
+    "    sys.exit('setns: ' + os.strerror(ctypes.get_errno()))\n"
+    "for name in ('uid_map', 'gid_map'):\n"
+    "    with open('/proc/self/' + name, 'rb') as f:\n"
+    "        sys.stdout.buffer.write(f.read() + b'\\0')\n"
+)
+
+
+def namespace_mappings(userns_fd: int) -> tuple[list[IDMapping], list[IDMapping]]:
+    """The (uid, gid) mappings of the user namespace `userns_fd`, to our own namespace's ids (a
+    spec's user namespace joined by path keeps them: fcrun records them as runc does).
+
+    A process that joined it reads its own /proc/self/{uid,gid}_map: read from inside, they map
+    to the parent namespace's ids. That process is a fork of this one when it is single-threaded
+    (about 1 ms), else a fresh interpreter (tens of ms, but safe beside other threads).
+
+    Raises:
+        ContainerError: the namespace could not be joined or its maps read (the reason said).
+    """
+    data = _maps_by_helper(userns_fd) if process_is_threaded() else _maps_by_fork(userns_fd)
+    if data.startswith(b"E") or data.count(b"\0") != 2:
+        raise ContainerError(f"read the id maps of the user namespace to join: {data[1:].decode(errors='replace')}")
+    uid_map, gid_map, _ = data.split(b"\0")
+    return parse_map_text(uid_map), parse_map_text(gid_map)
+
+
+def _maps_by_fork(userns_fd: int) -> bytes:
+    r, w = os.pipe2(os.O_CLOEXEC)
+    pid = os.fork()
+    if pid == 0:  # single-threaded here: setns into a user namespace requires it
+        code = 0
+        try:
+            os.close(r)
+            sc.setns(userns_fd, sc.CLONE_NEWUSER)
+            for name in ("uid_map", "gid_map"):
+                with open(f"/proc/self/{name}", "rb") as f:
+                    os.write(w, f.read() + b"\0")
+        except BaseException as exc:  # noqa: BLE001 - a forked child reports, then _exits
+            os.write(w, f"E{exc}".encode(errors="replace"))
+            code = 1
+        os._exit(code)
+    os.close(w)
+    chunks = []
+    while chunk := os.read(r, 65536):
+        chunks.append(chunk)
+    os.close(r)
+    os.waitpid(pid, 0)
+    return b"".join(chunks)
+
+
+def _maps_by_helper(userns_fd: int) -> bytes:
+    import subprocess  # noqa: PLC0415 - rare, and fcrun-oci create keeps its imports few
+
+    try:
+        done = subprocess.run([sys.executable, "-I", "-S", "-c", _READ_MAPS, str(userns_fd)],
+                              pass_fds=(userns_fd,), capture_output=True, timeout=10, check=False)
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        return f"E{exc}".encode()
+    if done.returncode != 0:
+        return b"E" + (done.stderr.strip() or f"exit {done.returncode}".encode())
+    return done.stdout
+
+
 __all__ = ["IdRanges", "RANGE_SIZE", "FIRST_HOST_ID", "map_text", "range_mappings", "root_host_ids",
-           "is_fcrun_range", "check_mappings"]
+           "is_fcrun_range", "check_mappings", "parse_map_text", "namespace_mappings"]

@@ -14,6 +14,10 @@ Routes (bodies are msgspec Structs from fcrun.cmdb.models, encoded as JSON)::
     GET    /events?app=&since=&limit=  -> [Event], oldest first
     GET    /stats?app=           -> {name: AppStats}
     GET    /metrics              -> Prometheus text format
+    GET    /dashboard            -> the dashboard's page (HTML; dashboard_page.py)
+    GET    /dashboard/data?q=&sort=&offset=&limit=&app=&since=&events_since=&events=all
+                                 -> the page's data: one page of the apps table, the
+                                    selected app's samples after tick `since`, events
 
 Errors: an FcrunError becomes its http_status with ``{"error": message, "kind": class name}``
 (an `ErrorBody`); the client raises the same class again from that.
@@ -24,8 +28,11 @@ each connection's peer credentials are checked again; the optional TCP listener 
 request head: a wrong one is answered 401 before the body is waited for), over TLS when it has
 a certificate.
 
-The optional metrics listener (``metrics_listen``) answers ``GET /metrics`` and nothing else,
-to anyone, or with ``Authorization: Bearer <metrics_token>`` when one is set. The metrics
+The optional metrics listener (``metrics_listen``) answers ``GET /metrics`` and the read-only
+dashboard (``GET /dashboard``, ``GET /dashboard/data``) and nothing else, to anyone, or with
+``Authorization: Bearer <metrics_token>`` when one is set. On the dashboard's two routes (and
+there only) a listener's token is also taken as the password of HTTP Basic authorization,
+which a browser asks its user for. The metrics
 token must differ from the admin token and authorizes nothing on the admin listeners; where
 the metrics listener has a token, the admin token is not taken there either.
 """

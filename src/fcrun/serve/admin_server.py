@@ -49,6 +49,7 @@ from .admin_protocol import (
 )
 from .config import ServeConfig, parse_address
 from .controller import Controller
+from .dashboard_page import DASHBOARD_PATH, DATA_PATH, DEFAULT_ROWS, MAX_ROWS, Dashboard, basic_password, sort_key
 from .metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from ..tasks import TaskOwner
 
@@ -59,6 +60,8 @@ LISTEN_BACKLOG = 128
 # accept() failing with these means the host is short of fds or memory: log, wait, retry.
 OVERLOAD_ERRNOS = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM})
 ACCEPT_BACKOFF_S = 0.1
+DASHBOARD_PATHS = (DASHBOARD_PATH, DATA_PATH)
+READ_ONLY_PATHS = (METRICS_PATH, *DASHBOARD_PATHS)  # what the metrics listener serves
 
 
 _NEW_APP = msgspec.json.Decoder(NewApp)
@@ -112,7 +115,7 @@ class Listener:
 
     `kind`: "unix" (peer credentials: root or serve's user; every route), "tcp" (the admin
     token on every request; every route) or "metrics" (the metrics token when one is set;
-    GET /metrics only).
+    GET /metrics and the read-only dashboard only).
     """
 
     def __init__(self, kind: str, address: str, *, token: str | None = None, tls: ssl.SSLContext | None = None):
@@ -133,11 +136,15 @@ class Listener:
     def connection_ended(self, _task: asyncio.Task | None = None) -> None:
         self.open_connections -= 1
 
-    def authorized(self, headers: dict[str, str]) -> bool:
-        """Whether the request carries this listener's bearer token (constant-time compare)."""
+    def authorized(self, headers: dict[str, str], *, basic: bool = False) -> bool:
+        """Whether the request carries this listener's bearer token (constant-time compare).
+        With `basic` (the dashboard's GETs: a browser cannot add a bearer token to a page it
+        opens), the token is also taken as the password of HTTP Basic authorization, any user."""
         if self.token is None:
             return self.kind != "tcp"  # the admin TCP listener never runs without one
         scheme, _, given = headers.get("authorization", "").partition(" ")
+        if basic and scheme.lower() == "basic":
+            return hmac.compare_digest(basic_password(given), self.token)
         return scheme.lower() == "bearer" and hmac.compare_digest(given.strip().encode(), self.token)
 
     def check_head(self, request: AdminRequest) -> None:
@@ -149,13 +156,15 @@ class Listener:
         """
         if self.kind == "unix":
             return  # peer credentials were checked when the connection came
-        if not self.authorized(request.headers):
-            raise HttpError(401, "missing or wrong bearer token", "NotPermitted",
-                            {"WWW-Authenticate": 'Bearer realm="fcrun"'})
-        if self.kind == "metrics" and request.path != METRICS_PATH:
-            raise HttpError(404, f"the metrics listener serves {METRICS_PATH} only", "NotFound")
+        dashboard = request.method == "GET" and request.path in DASHBOARD_PATHS
+        if not self.authorized(request.headers, basic=dashboard):
+            # A browser asks its user for a Basic password (the token) on the dashboard's page.
+            challenge = 'Basic realm="fcrun dashboard"' if dashboard else 'Bearer realm="fcrun"'
+            raise HttpError(401, "missing or wrong bearer token", "NotPermitted", {"WWW-Authenticate": challenge})
+        if self.kind == "metrics" and request.path not in READ_ONLY_PATHS:
+            raise HttpError(404, f"the metrics listener serves {', '.join(READ_ONLY_PATHS)} only", "NotFound")
         if self.kind == "metrics" and request.method != "GET":
-            raise HttpError(405, f"method {request.method} is not allowed on {METRICS_PATH}")
+            raise HttpError(405, f"method {request.method} is not allowed on {request.path}")
 
     def full(self, limit: int) -> bool:
         """Whether a new connection must be refused; counts and logs the refusal if so."""
@@ -178,6 +187,8 @@ class AdminServer:
         metrics_listen, metrics_token, metrics_tls: the read-only metrics listener, its
             optional token (not the admin token) and TLS context.
         limits: bounds on every connection (`AdminLimits`).
+        dashboard: the read-only dashboard (GET /dashboard and its data), on every listener;
+            None: 404 there (an admin API without serve's manager).
         tasks: the owner of its accept loops, connections and removals that outlast their
             DELETE (serve's scope for the admin API); by default an owner of its own.
 
@@ -190,7 +201,7 @@ class AdminServer:
                  token: str | None = None, tls: ssl.SSLContext | None = None, metrics_listen: str | None = None,
                  metrics_token: str | None = None, metrics_tls: ssl.SSLContext | None = None,
                  limits: AdminLimits = AdminLimits(), remove_wait_s: float = DEFAULT_REMOVE_WAIT_S,
-                 tasks: TaskOwner | None = None):
+                 dashboard: Dashboard | None = None, tasks: TaskOwner | None = None):
         if tcp_listen is not None and not token:
             raise SpecError("the TCP admin listener needs a bearer token", "admin_token")
         if token and metrics_token and hmac.compare_digest(token.encode(), metrics_token.encode()):
@@ -200,6 +211,7 @@ class AdminServer:
         self.socket_path = socket_path
         self.limits = limits
         self.remove_wait_s = remove_wait_s
+        self.dashboard = dashboard
         self.tasks = tasks if tasks is not None else TaskOwner("admin")
         self.listeners = [Listener("unix", socket_path)]
         if tcp_listen is not None:
@@ -431,11 +443,26 @@ class AdminServer:
                 return json_response(await c.stats(_query_one(query, "app")))
             case ("GET", ["metrics"]):
                 return Response(200, (await c.metrics_text()).encode(), METRICS_CONTENT_TYPE)
+            case ("GET", ["dashboard"]):
+                return self._dashboard().page()
+            case ("GET", ["dashboard", "data"]):
+                return json_response(await self._dashboard().data(
+                    search=_query_one(query, "q") or "", sort=sort_key(_query_one(query, "sort")),
+                    offset=_query_int(query, "offset", 0) or 0,
+                    limit=_query_int(query, "limit", 1, MAX_ROWS) or DEFAULT_ROWS, app=_query_one(query, "app"),
+                    since_tick=_query_int(query, "since", 0) if "since" in query else -1,
+                    events_since=_query_int(query, "events_since", 0),
+                    all_events=_query_one(query, "events") == "all"))
             case (_, ["apps"] | ["apps", _] | ["apps", _, "scale"] | ["instances"] | ["events"] | ["stats"]
-                  | ["metrics"]):
+                  | ["metrics"] | ["dashboard"] | ["dashboard", "data"]):
                 return _error(405, f"method {request.method} is not allowed on {request.path}")
             case _:
                 raise NotFound(f"no such admin API path: {request.path}")
+
+    def _dashboard(self) -> Dashboard:
+        if self.dashboard is None:
+            raise NotFound("no dashboard here: it runs within fcrun serve")
+        return self.dashboard
 
     async def _remove(self, name: str) -> Response:
         # A removal answered with 202 goes on without its client; its owner logs how it ends

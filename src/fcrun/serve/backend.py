@@ -5,7 +5,9 @@ with a fake backend and a fake clock; `RuntimeBackend` is the real one.
 
 Runtime calls block (fork, mount, cgroup writes), so they run in a small thread pool;
 readiness is checked on the event loop by connecting to the instance's port ("ready" means
-accepting, not just "process started": readiness.py).
+accepting, not just "process started": readiness.py) and, for an app with a ready path, by
+GETting it until it answers 2xx or 3xx; a pooled instance, accepting when claimed, is probed
+on its ready path before it is routed too.
 """
 
 from __future__ import annotations
@@ -143,7 +145,7 @@ class RuntimeBackend:
         except FcrunError as exc:
             raise StartFailed(f"cannot start an instance of {app.name}: {exc}") from None
         port = app.port_for(image.config.exposed_ports)
-        await self._wait_accepting_or_remove(name, container.ip, port, deadline)
+        await self._wait_ready_or_remove(name, container.ip, port, deadline, app)
         return Started(name=name, ip=container.ip, port=port)
 
     async def _start_through_forkserver(self, app: App, deadline: float) -> Started:
@@ -161,6 +163,8 @@ class RuntimeBackend:
                 reply = await self.forkserver.request(fsp.Claim(image=app.image, labels=labels, limits=limits,
                                                                 docroot=app.docroot))
                 if isinstance(reply, fsp.Made):
+                    if app.ready_path:  # the pool knows no app: its instances only accept connections
+                        await self._wait_ready_or_remove(reply.name, reply.ip, port, deadline, app)
                     return Started(name=reply.name, ip=reply.ip, port=port, path="pool", forkserver_ms=reply.ms)
                 if isinstance(reply, fsp.Failed):
                     log.warning("claiming a pooled instance for %s: %s", app.name, reply.message)
@@ -173,7 +177,7 @@ class RuntimeBackend:
         if isinstance(reply, fsp.Failed):
             self._images.pop(app.image, None)
             raise StartFailed(f"cannot start an instance of {app.name}: {reply.message}")
-        await self._wait_accepting_or_remove(reply.name, reply.ip, port, deadline)
+        await self._wait_ready_or_remove(reply.name, reply.ip, port, deadline, app)
         return Started(name=reply.name, ip=reply.ip, port=port, path="start", forkserver_ms=reply.ms)
 
     async def freeze(self, name: str) -> None:
@@ -189,11 +193,11 @@ class RuntimeBackend:
         """
         self._cgroup(name).thaw()
 
-    async def _wait_accepting_or_remove(self, name: str, ip: str, port: int, deadline: float) -> None:
-        """Wait until the new instance accepts; if it never does (or the wait is cancelled),
+    async def _wait_ready_or_remove(self, name: str, ip: str, port: int, deadline: float, app: App) -> None:
+        """Wait until the new instance is ready; if it never is (or the wait is cancelled),
         remove it before raising."""
         try:
-            await self._wait_accepting(name, ip, port, deadline)
+            await self._wait_ready(name, ip, port, deadline, app.name, app.ready_path)
         except BaseException:
             try:
                 await self._call(self.runtime.delete, name, True)
@@ -201,12 +205,29 @@ class RuntimeBackend:
                 log.warning("cannot remove instance %s after its failed start: %s", name, exc)
             raise
 
-    async def _wait_accepting(self, name: str, ip: str, port: int, deadline: float) -> None:
+    async def _wait_ready(self, name: str, ip: str, port: int, deadline: float, host: str,
+                          ready_path: str | None) -> None:
+        """Poll until the instance accepts connections on `port` and then, with a `ready_path`,
+        answers GET on it (Host: `host`) with 2xx or 3xx; check meanwhile that it still runs.
+
+        Raises:
+            StartFailed: it exited, or was not ready by `deadline` (the message says which step).
+        """
         delay = self._poll_s
         next_liveness = 0.0
+        accepted = False
+        waiting_for = f"accept connections on port {port}"
         while True:
-            if await self.accepting(ip, port):
-                return
+            if not accepted:
+                accepted = await self.accepting(ip, port)
+            if accepted:
+                if not ready_path:
+                    return
+                status = await readiness.ready_status(ip, port, host, ready_path)
+                if readiness.is_ready(status):
+                    return
+                waiting_for = (f"answer GET {ready_path} with 2xx or 3xx "
+                               f"({'last answer ' + str(status) if status else 'no answer'})")
             now = self.clock()
             if now >= next_liveness:
                 next_liveness = now + LIVENESS_INTERVAL_S
@@ -215,7 +236,7 @@ class RuntimeBackend:
                     line = last_output_line(state)
                     raise StartFailed(f"instance {name} exited during start{': ' + line if line else ''}")
             if now >= deadline:
-                raise StartFailed(f"instance {name} did not accept connections on port {port} in time")
+                raise StartFailed(f"instance {name} did not {waiting_for} in time")
             await asyncio.sleep(delay)
             delay = min(delay * 1.5, 0.02)
 

@@ -1,7 +1,9 @@
 """`fcrun serve`'s configuration: a TOML file decoded into msgspec Structs.
 
-Every option has a default, so `fcrun serve` runs with no file at all. A file names only what
-it changes::
+Every option has a default, so `fcrun serve` runs with no file at all. The file is
+``--config`` (env FCRUN_CONFIG), else /etc/fcrun/fcrun.toml when it exists
+(packaging/fcrun.toml.example lists every key with its default: config_example.py). A file
+names only what it changes::
 
     listen = "0.0.0.0:80"
     hold_timeout_s = 20
@@ -21,11 +23,13 @@ Unknown keys and wrong types are errors that name the file and the key
 from __future__ import annotations
 
 import os
+import socket
 import tomllib
 
 import msgspec
 
 from ..cmdb.models import AppDefaults, check_defaults
+from ..cmdb.nodes import ROLES
 from ..constraints import MachineCpu, MemoryBytes, PoolSize, PositiveCount, PositiveSeconds, spec_error
 from ..docroot import DEFAULT_DOCROOT_ROOTS, check_roots
 from ..errors import KernelError, NotFound, SpecError
@@ -34,6 +38,7 @@ from ..paths import DEFAULT_BRIDGE, DEFAULT_CGROUP_PARENT, DEFAULT_SUBNET, Paths
 from .admin_protocol import AdminLimits, is_loopback, server_tls_context
 
 ADMIN_SOCKET_NAME = "admin.sock"  # under the run root unless admin_socket says otherwise
+DEFAULT_CONFIG_PATH = "/etc/fcrun/fcrun.toml"  # read when present and no other file is named
 ADMIN_LIMITS = AdminLimits()  # the admin_* bounds' defaults
 
 
@@ -62,6 +67,27 @@ class ForkServerConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True,
     pool_cpu: MachineCpu = 1.0  # while warming and waiting; a claim sets the app's
     pool_memory_bytes: MemoryBytes = 512 << 20
     pool_max_age_s: PositiveSeconds = 600.0  # pooled instances older than this are replaced
+
+
+class CMDBConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True, frozen=True):
+    """Which CMDB serve and `fcrun app` use (``[cmdb]``): a URL (fcrun.cmdb.url), or none for
+    ``<data root>/cmdb.sqlite3``. ``fcrun --cmdb URL`` (env FCRUN_CMDB) overrides it."""
+
+    url: str | None = None  # postgresql://USER:PASSWORD@HOST/DB, or sqlite:///PATH
+
+
+class ClusterConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True, frozen=True):
+    """Which part of a cluster this serve is, and what it offers (docs/cluster.md).
+
+    ``node`` and ``front`` need a shared CMDB (``[cmdb] url = "postgresql://..."``)."""
+
+    role: str = "all"  # all: one host; node: compute; front: proxy only (checked: a clear message)
+    node_name: str = ""  # "": <hostname>:<run root> (a front: <hostname>:front:<listen>)
+    advertise: str = ""  # a node's HOST:PORT that fronts forward to; "": listen, unless it is 0.0.0.0
+    cpu_capacity: MachineCpu | None = None  # CPUs a node offers; None: all of the machine's
+    memory_capacity_bytes: MemoryBytes | None = None  # None: the machine's MemTotal
+    memory_overcommit: float = 1.0  # placement: memory limits add up to capacity x this, never more
+    cpu_overcommit: float = 4.0  # placement: CPU quotas add up to capacity x this
 
 
 class ServeConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True, frozen=True):
@@ -99,10 +125,22 @@ class ServeConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True, froz
     runtime: RuntimeConfig = RuntimeConfig()
     defaults: AppDefaults = AppDefaults()
     forkserver: ForkServerConfig = ForkServerConfig()
+    cmdb: CMDBConfig = CMDBConfig()
+    cluster: ClusterConfig = ClusterConfig()
 
     @property
     def paths(self) -> Paths:
         return Paths(data_root=self.runtime.data_root, run_root=self.runtime.run_root)
+
+
+def default_config_path(path: str | None, default: str | None = None) -> str | None:
+    """The file to read: `path` (``--config``, FCRUN_CONFIG) when given, else `default` when
+    it exists, else None (the built-in defaults). A named file that is missing stays an error
+    (load_config), a missing default file does not."""
+    if path:
+        return path
+    default = default or DEFAULT_CONFIG_PATH  # looked up now, so tests can point it elsewhere
+    return default if os.path.exists(default) else None
 
 
 def load_config(path: str | None = None, paths: Paths | None = None) -> ServeConfig:
@@ -172,6 +210,15 @@ def check_config(config: ServeConfig, source: str = "configuration") -> None:
         check_defaults(config.defaults)
     except SpecError as exc:
         fail(_bare(exc), f"defaults.{exc.where}")
+    if config.cmdb.url is not None:
+        from ..cmdb.url import sqlite_path, url_scheme
+
+        try:
+            if url_scheme(config.cmdb.url) == "sqlite":
+                sqlite_path(config.cmdb.url)
+        except SpecError as exc:
+            fail(_bare(exc), "cmdb.url")
+    _check_cluster(config, fail)
 
 
 def _check_admin_tls_and_metrics(config: ServeConfig, fail) -> None:
@@ -204,6 +251,45 @@ def _check_admin_tls_and_metrics(config: ServeConfig, fail) -> None:
              "metrics_token")
     if config.metrics_token == "":
         fail("metrics_token is empty: remove it for an open metrics listener, or set a token", "metrics_token")
+
+
+def _check_cluster(config: ServeConfig, fail) -> None:
+    cluster = config.cluster
+    if cluster.role not in ROLES:
+        fail(f"role {cluster.role!r} is not one of {', '.join(ROLES)}", "cluster.role")
+    if cluster.role == "all":
+        return
+    from ..cmdb.url import url_scheme
+
+    if not config.cmdb.url or url_scheme(config.cmdb.url) != "postgresql":
+        fail(f"role {cluster.role} needs a CMDB that every host shares: set [cmdb] url (or fcrun --cmdb) to a "
+             "postgresql:// URL", "cluster.role")
+    for key in ("memory_overcommit", "cpu_overcommit"):
+        if not getattr(cluster, key) > 0:
+            fail(f"{key} must be above 0", f"cluster.{key}")
+    if cluster.role == "node":
+        address = cluster.advertise or config.listen
+        try:
+            host, _ = parse_address(address, "cluster.advertise")
+        except SpecError as exc:
+            fail(_bare(exc), "cluster.advertise")
+        if host in ("0.0.0.0", "::", ""):
+            fail(f"a node must say where fronts reach it: set [cluster] advertise (--advertise HOST:PORT); "
+                 f"listen {config.listen} is every address", "cluster.advertise")
+
+
+def node_name(config: ServeConfig) -> str:
+    """This serve's name in the cluster: the owner of its instance rows and its heartbeat's key
+    (stable across restarts, so a restarted serve finds its rows)."""
+    if config.cluster.node_name:
+        return config.cluster.node_name
+    if config.cluster.role == "front":
+        return f"{socket.gethostname()}:front:{config.listen}"
+    return f"{socket.gethostname()}:{config.paths.run_root}"
+
+
+def advertised_address(config: ServeConfig) -> str:
+    return config.cluster.advertise or config.listen
 
 
 def parse_address(text: str, where: str = "listen") -> tuple[str, int]:

@@ -140,8 +140,13 @@ class DirectController:
             stats = out.get(instance.app)
             if stats is None or instance.state == "stopped":
                 continue
+            if instance.state == "starting":  # a claimed share (shared CMDB): not an instance yet
+                stats.instances.starting += 1
+                continue
             stats.instances.total += 1
             stats.instances.ready += instance.state == "ready"
+            stats.instances.frozen += instance.state == "frozen"
+            stats.instances.draining += instance.state == "draining"
             stats.requests += instance.requests
         return out
 

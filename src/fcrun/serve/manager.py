@@ -33,17 +33,19 @@ from dataclasses import dataclass, field
 import msgspec
 
 from ..cmdb.base import CMDB, CMDBError
-from ..cmdb.models import App, AppStats, Scale
+from ..cmdb.models import App, AppStats
 from ..crashpoints import crash_point
-from ..errors import ContainerError, FcrunError, IncorrectStatus, NotFound
+from ..errors import FcrunError
 from ..proxy.router import RouteError
 from . import monitor
 from .backend import InstanceBackend, StartFailed
 from .instances import DRAINING, FREEZING, FROZEN, IDLE_CANDIDATES, READY, REPLACING, STOPPED, adopted_instance
 from .instances import SLOW_START_FIRST, UNCAPPED, Instance, InstanceLease, least_loaded, slow_start_cap
 from .metering import Meter
+from .orders import Orders
 from .policy import AppMetrics, Decision, History, Tuning, decide
 from .records import Recorder
+from .shares import claim_share
 from ..tasks import TaskOwner
 
 log = logging.getLogger("fcrun.serve")
@@ -71,7 +73,7 @@ class AppState:
         return self.starting is not None and not self.starting.done()
 
 
-class Manager:
+class Manager(Orders):
     """Routes requests to app instances and runs their lifecycle.
 
     Args:
@@ -88,6 +90,8 @@ class Manager:
         records: where events and instance rows go; by default a Recorder of its own.
         apps: the apps to serve; by default read from the CMDB (synchronously, once: pass
             them when the event loop already serves something).
+        claims: the CMDB is shared with other serves: claim each new instance there first
+            (shares.py), so that together they never run more than an app's max_instances.
     """
 
     def __init__(
@@ -104,8 +108,10 @@ class Manager:
         tasks: TaskOwner | None = None,
         records: Recorder | None = None,
         apps: list[App] | None = None,
+        claims: bool = False,
     ):
         self.cmdb = cmdb
+        self.claims = claims
         self.backend = backend
         self.hold_timeout_s = hold_timeout_s
         self.drain_timeout_s = drain_timeout_s
@@ -116,6 +122,11 @@ class Manager:
         self.records = records if records is not None else Recorder(cmdb, self.tasks)
         self.on_instance_gone = on_instance_gone or (lambda name: None)
         self.on_apps_reloaded: Callable[[list[App]], None] = lambda apps: None
+        # A node of a cluster: where a scale-out goes if not here (the node's name, or None: here).
+        self.scale_out_elsewhere: Callable[[App], str | None] | None = None
+        # fcrun.logs.serverlog.AccessLog when the access log is on: (app, instance, status,
+        # duration_s, cold start (path, ms) or None, failed). None: requests pay nothing for it.
+        self.access_log: Callable[[str, str, int, float, tuple[str, float] | None, bool], None] | None = None
         self.apps: dict[str, AppState] = {}
         self._by_host: dict[str, AppState] = {}
         self._monitor: asyncio.Task | None = None
@@ -164,6 +175,8 @@ class Manager:
             return None
         now = self.clock()
         instance.request_started(now, now)
+        if self.access_log is not None:
+            return InstanceLease(self._release_logged, (state, None), instance, None, now, state.app.max_body_bytes)
         return InstanceLease(self._release, state, instance, None, now, state.app.max_body_bytes)
 
     async def acquire(self, host: str) -> InstanceLease:
@@ -177,9 +190,11 @@ class Manager:
             instance, path = await self._wait_for_instance(state)
             now = self.clock()
             cold = (path, round((now - began) * 1000, 1))
-            state.meter.cold_paths[path] += 1
+            state.meter.cold_start(path, now - began)
         # In flight on the instance from now, not from when the request began waiting.
         instance.request_started(now, began)
+        if self.access_log is not None:
+            return InstanceLease(self._release_logged, (state, cold), instance, cold, began, state.app.max_body_bytes)
         return InstanceLease(self._release, state, instance, cold, began, state.app.max_body_bytes)
 
     async def _wait_for_instance(self, state: AppState) -> tuple[Instance, str]:
@@ -203,19 +218,28 @@ class Manager:
             if state.removing:
                 raise RouteError(503, f"{state.app.name} is being removed")
 
-    def _start_soon(self, state: AppState) -> asyncio.Task:
-        """Start an instance in the background; its task says how it went (StartFailed)."""
-        return self.tasks.spawn(self._start_instance(state, self.clock() + self.hold_timeout_s),
+    def _start_soon(self, state: AppState, claim: bool = True, surge: int = 0) -> asyncio.Task:
+        """Start an instance in the background; its task says how it went (StartFailed).
+        `claim=False`: a successor that takes over its predecessor's share (_replace); `surge`:
+        shares it may claim over the app's max (a move, whose old instances run until it is ready)."""
+        return self.tasks.spawn(self._start_instance(state, self.clock() + self.hold_timeout_s, claim, surge),
                                 name=f"start {state.app.name}", expected=(StartFailed,))
 
-    async def _start_instance(self, state: AppState, deadline: float) -> Instance:
+    async def _start_instance(self, state: AppState, deadline: float, claim: bool = True, surge: int = 0) -> Instance:
         app = state.app
         t0 = self.clock()
         state.pending_starts += 1
+        claimed = None
         try:
+            if self.claims and claim:
+                claimed = await claim_share(self.records, app, deadline, self.clock, surge=surge,
+                                            has_ready=lambda: bool(state.ready()), removing=lambda: state.removing)
             started = await self.backend.start(app, deadline)
-        except StartFailed as exc:
-            self.records.event(app.name, "start-failed", str(exc))
+        except BaseException as exc:
+            if isinstance(exc, StartFailed):
+                self.records.event(app.name, "start-failed", str(exc))
+            if claimed is not None:
+                self.records.instance_gone(claimed)
             raise
         finally:
             state.pending_starts -= 1
@@ -228,10 +252,14 @@ class Manager:
         ms = (now - t0) * 1000
         state.meter.started(ms)
         if state.removing:
+            if claimed is not None:
+                self.records.instance_gone(claimed)
             self._stop_soon(state, instance, "app removed")
             return instance
         state.instances[instance.name] = instance
         self._record(instance)
+        if claimed is not None:  # after the real row: the app's count never dips below the truth
+            self.records.instance_gone(claimed)
         how = "claimed from the pool" if instance.start_path == "pool" else "started"
         self.records.event(app.name, "start", f"{how} {instance.name} at {instance.ip}:{instance.port} in {ms:.0f} ms",
                            {"instance": instance.name, "ms": round(ms, 1), "path": instance.start_path,
@@ -241,6 +269,14 @@ class Manager:
 
     def _release(self, state: AppState, instance: Instance, status: int, began: float, failed: bool) -> None:
         state.meter.request_done(status, instance.request_ended(self.clock(), began), failed)
+
+    def _release_logged(self, owner: tuple[AppState, tuple[str, float] | None], instance: Instance, status: int,
+                        began: float, failed: bool) -> None:
+        """_release, then the access log's line (only leases made while it is on come here)."""
+        state, cold = owner
+        self._release(state, instance, status, began, failed)
+        if self.access_log is not None:
+            self.access_log(state.app.name, instance.name, status, self.clock() - began, cold, failed)
 
     def connection_opened(self, host: str) -> None:
         state = self._by_host.get(host)
@@ -325,7 +361,7 @@ class Manager:
     async def _replace(self, state: AppState, old: Instance) -> None:
         """Start a successor, move traffic to it, then drain and stop the old one."""
         try:
-            state.starting = self._start_soon(state)
+            state.starting = self._start_soon(state, claim=False)
             await state.starting
         except StartFailed:
             if old.state is REPLACING:  # not stopped meanwhile (app removed)
@@ -406,7 +442,7 @@ class Manager:
                 removed.append(found.name)
         known = {i.name for s in self.apps.values() for i in s.instances.values()}
         for row in rows:
-            if row.id not in known:
+            if row.id not in known and row.owner in ("", self.records.node):  # another serve's: not ours
                 self.records.instance_gone(row.id)
         if adopted or removed:
             self.records.event(None, "reconcile", f"adopted {len(adopted)}, removed {len(removed)} instances",
@@ -498,6 +534,10 @@ class Manager:
                     self.tasks.spawn(self._set_cpu(state, inst, decision.cpu, decision.action, decision.reason, data),
                                      name=f"{decision.action} {inst.name}")
             case "scale-out":
+                elsewhere = self.scale_out_elsewhere(app) if self.scale_out_elsewhere is not None else None
+                if elsewhere is not None:  # a node role: cluster/node.py placed it on a less busy node
+                    self.records.event(app.name, "scale-out", f"{decision.reason}; on {elsewhere}", data)
+                    return
                 self.records.event(app.name, "scale-out", decision.reason, data)
                 state.starting = self._start_soon(state)
             case "scale-in":
@@ -525,76 +565,13 @@ class Manager:
         self.records.event(state.app.name, action, f"{reason} (applied in {ms:.0f} ms)",
                            {**data, "instance": inst.name, "cpu_from": before, "cpu_to": cpu, "ms": round(ms, 1)})
 
-    async def scale(self, name: str, request: Scale) -> Scale:
-        """An operator's order (`fcrun app scale`): a number of instances, or a CPU quota for
-        every ready instance. Works with autoscale on or off; the policy's cooldowns count it.
-        Returns once done: new instances accept connections, removed ones have drained.
-
-        Raises:
-            NotFound: no such app.
-            IncorrectStatus: a CPU change for an app with no ready instance.
-            ContainerError: an instance could not be started (the message says why).
-            FcrunError: the kernel refused the new quota.
-        """
-        state = self.apps.get(name)
-        if state is None or state.removing:
-            raise NotFound(f"no app named {name!r} is served")
-        app = state.app
-        ready = state.ready()
-        now = self.clock()
-        if request.cpu is not None:
-            if not ready:
-                raise IncorrectStatus(f"cannot set the cpu of {name}: it has no running instance "
-                                      f"(new instances start with its --cpu {app.cpu:g})")
-            cpu = request.cpu
-            for inst in ready:
-                before, inst.cpu = inst.cpu, cpu
-                try:
-                    await self.backend.set_cpu(inst.name, cpu)
-                    crash_point("serve.scale-up.written")
-                except FcrunError:
-                    inst.cpu = before
-                    raise
-                self._record(inst)
-                action = "scale-up" if cpu > before else "scale-down"
-                self.records.event(name, action, f"forced: {inst.name} cpu {before:g} -> {cpu:g} (fcrun app scale)",
-                                   {"instance": inst.name, "cpu_from": before, "cpu_to": cpu, "forced": True})
-                self._count_forced(state, action, now)
-            return Scale(cpu=cpu)
-        wanted = request.instances
-        have = len(ready) + state.pending_starts
-        if wanted > have:
-            self.records.event(name, "scale-out", f"forced: {have} -> {wanted} instances (fcrun app scale)",
-                               {"instances_from": have, "instances_to": wanted, "forced": True})
-            self._count_forced(state, "scale-out", now)
-            starts = [self._start_soon(state) for _ in range(wanted - have)]
-            state.starting = starts[-1]
-            results = await asyncio.gather(*starts, return_exceptions=True)
-            failed = [r for r in results if isinstance(r, BaseException)]
-            if failed:
-                raise ContainerError(f"cannot scale {name} out to {wanted} instances: {failed[0]}")
-        elif wanted < len(ready):
-            self.records.event(name, "scale-in", f"forced: {len(ready)} -> {wanted} instances (fcrun app scale)",
-                               {"instances_from": len(ready), "instances_to": wanted, "forced": True})
-            self._count_forced(state, "scale-in", now)
-            # Drain the least busy first; among equals the newest.
-            victims = sorted(ready, key=lambda i: (i.outstanding, -i.started_mono))[:len(ready) - wanted]
-            await asyncio.gather(*(self._stop(state, i, "scaled in (forced)") for i in victims))
-        return Scale(instances=len(state.ready()) + state.pending_starts)
-
-    @staticmethod
-    def _count_forced(state: AppState, action: str, now: float) -> None:
-        """A forced action restarts the policy's cooldown of its family."""
-        up = action in ("scale-up", "scale-out")
-        state.history = History(last_up_s=now if up else state.history.last_up_s,
-                                last_down_s=state.history.last_down_s if up else now)
-
     # ----- metering and records ---------------------------------------------------------------
 
     def stats(self) -> dict[str, AppStats]:
         """Each app's metering now (counters plus its live instances' cgroup figures)."""
         now = self.clock()
-        return {name: s.meter.stats(list(s.instances.values()), self.backend, now) for name, s in self.apps.items()}
+        return {name: s.meter.stats(list(s.instances.values()), self.backend, now, s.pending_starts)
+                for name, s in self.apps.items()}
 
     def _record(self, inst: Instance) -> None:
         self.records.instance(inst.row())

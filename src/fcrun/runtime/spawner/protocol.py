@@ -241,7 +241,7 @@ def check_spawn(request: Spawn, nfds: int, cap_last: int) -> None:
     if nfds != expected:
         raise SpecError(f"{nfds} fds came with the request, {expected} expected", "fds")
     if (plan.status_w != -1 or plan.go_r != -1 or plan.init_fd != -1 or plan.stdio is not None or plan.keep_fds
-            or plan.userns_fd != -1):
+            or plan.userns_fd != -1 or plan.console_socket != -1):
         raise SpecError("fd fields must be unset: fds travel as SCM_RIGHTS", "$.plan")
     if not plan.argv:
         raise SpecError("argv is empty", "$.plan.argv")
@@ -307,8 +307,12 @@ def _check_paths_and_devices(request: Spawn) -> None:
             check_path(path, f"$.plan.{where}[{i}]")
     for i, (path, nstype) in enumerate(plan.join_namespaces):  # the OCI spec's namespaces with a path
         check_path(path, f"$.plan.join_namespaces[{i}]")
-        if nstype not in (sc.CLONE_NEWNET, sc.CLONE_NEWIPC, sc.CLONE_NEWUTS, sc.CLONE_NEWCGROUP):
+        if nstype not in (sc.CLONE_NEWNET, sc.CLONE_NEWIPC, sc.CLONE_NEWUTS, sc.CLONE_NEWCGROUP, sc.CLONE_NEWNS):
             raise SpecError(f"namespace type {nstype:#x} cannot be joined", f"$.plan.join_namespaces[{i}]")
+    if plan.join_pid_ns:
+        check_path(plan.join_pid_ns, "$.plan.join_pid_ns")
+        if request.new_pid_ns:
+            raise SpecError("a new pid namespace and one to join", "$.plan.join_pid_ns")
     for i, (path, _value) in enumerate(plan.sysctl):
         check_path(path, f"$.plan.sysctl[{i}]")
         if not path.startswith(b"/proc/sys/"):

@@ -1,14 +1,15 @@
 """The spawner process: a small single-threaded process that forks containers for the library.
 
 Why: the cost of fork and exec grows with the forking process's address space, and a child
-also pays a copy-on-write fault for every page it writes. The library process has msgspec,
-the cgroup, network and image code and whatever its user loaded; the spawner is a fresh
-Python that imports only child.py and this package, and it forks ahead of time: it keeps a
-few *warm children*, each already pid 1 of a new pid namespace with new uts, ipc and net
-namespaces (lo up), PR_SET_PDEATHSIG and a session of its own, waiting for a plan. Making a
-network namespace is the dearest part of unsharing; a warm child has done it while nothing
-else was running. And it has a single thread, so the Python that runs between its forks and
-the children's execs is safe, which it is not in a threaded library (`fcrun serve`).
+also pays a copy-on-write fault for every page it writes. The library process has msgspec, the
+cgroup, network and image code and whatever its user loaded; the spawner is a fresh Python
+that imports only child.py (with rootfs_setup.py and fork.py) and this package, and it forks
+ahead of time: it keeps a few *warm children*, each already pid 1 of a new pid namespace with
+new uts, ipc and net namespaces (lo up), PR_SET_PDEATHSIG and a session of its own, waiting
+for a plan. Making a network namespace is the dearest part of unsharing; a warm child has done
+it while nothing else was running. And it has a single thread, so the Python that runs
+between its forks and the children's execs is safe, which it is not in a threaded library
+(`fcrun serve`).
 
 It is also the seed of the fork-server (forkserver/): a process with no threads and no event
 loop that creates containers on request, and that re-checks every request it receives.
@@ -66,7 +67,8 @@ import msgspec
 
 from ... import syscalls as sc
 from ...errors import KernelError, SpecError
-from ..child import PREPARED_UNSHARE, ChildPlan, MountStep, child_main, close_all_but, fail, fork_pid1, fork_plan, prepare_child
+from ..child import PREPARED_UNSHARE, ChildPlan, MountStep, child_main, close_all_but, fail, prepare_child
+from ..fork import fork_pid1, fork_plan
 from ..holder import new_userns
 from . import protocol
 
