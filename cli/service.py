@@ -16,11 +16,11 @@ Why each line of the unit is what it is:
   nor resets it on daemon-reload. On cgroup v1 and hybrid, systemd creates the service's group
   in every controller hierarchy, fcrun builds its `fcrun/<instance>` groups beneath those, and
   v1 has no rule against processes in inner groups, so this works as is. On pure v2 the
-  controllers reach the service's cgroup, but serve's own process lives in it, and v2's "no
-  internal processes" rule forbids enabling them for subgroups there: serve then refuses to
-  start instances with a MissingFeature error naming cgroup.subtree_control. There, point
-  ``[runtime] cgroup_parent`` at an absolute path whose parent fcrun may write (or, on
-  systemd 254+, use DelegateSubgroup=): not tested here (this project's CI host is hybrid).
+  controllers reach the service's cgroup, but serve's own process starts in it, and v2's "no
+  internal processes" rule forbids enabling them for subgroups there: serve first moves itself
+  into a `supervisor` leaf of the delegated cgroup and builds its groups beside it
+  (fcrun/cgroups/delegation.py). DelegateSubgroup=supervisor (systemd 254+) would do the move at
+  start; it is left out because older systemd (Debian 12 has 252) warns about the unknown key.
 - KillMode=mixed: `systemctl stop` sends SIGTERM to serve alone, which drains requests and stops
   its instances itself; the default (control-group) would signal every instance's processes at
   the same moment, killing Apache under in-flight requests. After TimeoutStopSec (or once serve

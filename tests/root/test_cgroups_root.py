@@ -336,3 +336,68 @@ def test_add_controllers_moves_every_process_of_a_live_group(reg, driver):
     add_controllers(driver, cg, ["cpuset"], name="live")
     assert sorted(read(os.path.join(cg.paths["cpuset"], "cgroup.procs")).split()) == sorted(str(p.pid) for p in procs)
     assert not cg.is_frozen()
+
+
+# --- a cgroup systemd delegated: serve moves into a supervisor leaf (delegation.py) -----------
+
+# As `fcrun serve` under a Delegate=yes unit: started in the unit's cgroup, it moves into a
+# supervisor leaf, then makes a container group (beside the leaf) and removes it again.
+DELEGATED_CHILD = """
+import json, os, sys
+from fcrun.cgroups import Limits, detect, enter_supervisor
+unit, root = sys.argv[1], sys.argv[2]
+with open(os.path.join(unit, "cgroup.procs"), "w") as f:  # systemd starts the service in its cgroup
+    f.write(str(os.getpid()))
+leaf = enter_supervisor(root=root)
+with open("/proc/self/cgroup") as f:
+    own = [line.split(":", 2)[2].strip() for line in f if line.startswith("0::")][0]
+driver = detect("fcrun", root=root, controllers=())
+cg = driver.create("c1", Limits())
+made = {"leaf": leaf, "own": own, "group": cg.paths["unified"], "exists": os.path.isdir(cg.paths["unified"])}
+cg.destroy()
+driver.remove_parent_if_empty()
+print(json.dumps(made))
+"""
+
+
+def _cgroup2_root() -> str:
+    for root in ("/sys/fs/cgroup", "/sys/fs/cgroup/unified"):
+        if os.path.exists(os.path.join(root, "cgroup.procs")) and os.path.exists(os.path.join(root, "cgroup.subtree_control")):
+            return root
+    pytest.skip("no cgroup2 mount at /sys/fs/cgroup or /sys/fs/cgroup/unified")
+
+
+@pytest.mark.parametrize("delegated", [True, False], ids=["delegated", "not-delegated"])
+def test_serve_in_a_delegated_cgroup_moves_into_a_supervisor_leaf_and_builds_beside_it(delegated):
+    """The real move on this host's cgroup2 tree (the hybrid host's has no controllers, so the
+    "no internal processes" rule itself is not met here; tests/unit/test_cgroups_delegation.py
+    checks what is enabled where)."""
+    root = _cgroup2_root()
+    with open("/proc/self/cgroup") as f:
+        own = [line.split(":", 2)[2].strip() for line in f if line.startswith("0::")][0]
+    unit = os.path.join(root, own.lstrip("/"), f"{PARENT}-unit")
+    os.mkdir(unit)
+    child = None
+    try:
+        if delegated:
+            os.setxattr(unit, "trusted.delegate", b"1")  # what systemd >= 251 marks a Delegate=yes unit with
+        child = subprocess.run([sys.executable, "-c", DELEGATED_CHILD, unit, root], capture_output=True,
+                               text=True, timeout=60)
+        assert child.returncode == 0, child.stderr
+        made = msgspec.json.decode(child.stdout)
+        unit_path = "/" + os.path.relpath(unit, root)
+        if delegated:
+            assert made["leaf"] == os.path.join(unit, "supervisor")
+            assert made["own"] == unit_path + "/supervisor"
+        else:
+            assert made["leaf"] is None and made["own"] == unit_path  # not delegated: not moved
+        assert made["group"] == os.path.join(unit, "fcrun", "c1") and made["exists"]
+        assert not os.path.exists(os.path.join(unit, "fcrun"))  # the driver removed what it made
+    finally:
+        supervisor = os.path.join(unit, "supervisor")
+        if os.path.exists(supervisor):
+            os.rmdir(supervisor)  # the child has exited: empty
+        for d in (os.path.join(unit, "fcrun", "c1"), os.path.join(unit, "fcrun")):
+            if os.path.exists(d):
+                os.rmdir(d)
+        os.rmdir(unit)

@@ -77,6 +77,10 @@ class FakeKernel(KernelIO):
         self.programs: list[bytes] = []  # device programs "loaded"; fd = 1000 + index
         self.attaches: list[tuple[str, int]] = []  # (cgroup dir relative to top, program fd)
         self.closed: list[int] = []
+        self.xattrs: dict[tuple[str, str], bytes] = {}  # (path relative to top, name) -> value
+
+    def getxattr(self, path: str, name: str) -> bytes | None:
+        return self.xattrs.get((self.rel(path), name))
 
     def rel(self, path: str) -> str:
         return os.path.relpath(path, self.top)

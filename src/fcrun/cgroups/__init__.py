@@ -9,17 +9,21 @@
 Rules kept throughout: fcrun creates its groups beneath the cgroup it runs in (per hierarchy,
 from /proc/self/cgroup) or, for an absolute parent, beneath the hierarchy root; it never
 writes to a cgroup it did not create (its own, the root), never moves a process out of its
-cgroup, and never mounts or unmounts a hierarchy.
+cgroup, and never mounts or unmounts a hierarchy. One exception, on a pure v2 host only: in a
+cgroup systemd delegated to it (`Delegate=yes`), `fcrun serve` moves itself into a
+``supervisor`` leaf of that cgroup and enables controllers in the cgroup's subtree_control,
+as a delegatee is meant to (delegation.py, `enter_supervisor`).
 """
 
 from __future__ import annotations
 
+import os
 import posixpath
 import time
 from collections.abc import Callable, Iterable
 
 from ..errors import MissingFeature, SpecError
-from . import v1, v2
+from . import delegation, v1, v2
 from .base import Cgroup, CgroupDriver, Hierarchy, check_name
 from .kernel import KernelIO
 from .limits import Limits, Stats
@@ -39,6 +43,7 @@ __all__ = [
     "V2Cgroup",
     "V2Driver",
     "detect",
+    "enter_supervisor",
 ]
 
 CGROUP_ROOT = "/sys/fs/cgroup"
@@ -84,9 +89,13 @@ def detect(
         own_path = next((e.path for e in own if e.hierarchy_id == 0 and not e.controllers), None)
         if own_path is None:
             raise MissingFeature("a cgroup v2 entry (0::/...) in " + proc_cgroup)
-        base = _dir_in_mount(mount, "/" if absolute else own_path)
+        own_dir = _own_dir(mount, own_path)
+        # In a supervisor leaf of a cgroup systemd delegated (delegation.py), fcrun's groups go
+        # beside it, beneath the delegated cgroup.
+        delegated = None if absolute or not own_dir else delegation.delegated_base(own_dir, io)
+        base = delegated or _dir_in_mount(mount, "/" if absolute else own_path)
         hierarchy = Hierarchy(keys=(v2.KEY,), mountpoint=mount.mountpoint, base_dir=base, parent_parts=parts,
-                              own_dir=_own_dir(mount, own_path))
+                              own_dir=own_dir, delegated=delegated is not None)
         wanted = v2.CONTROLLERS if controllers is None else tuple(controllers)
         _check_controller_names(wanted, v2.CONTROLLERS)
         driver = V2Driver(hierarchy, controllers=wanted, io=io, clock=clock, sleep=sleep)
@@ -120,6 +129,36 @@ def _check_controller_names(wanted: tuple[str, ...], known: tuple[str, ...]) -> 
     unknown = [c for c in wanted if c not in known]
     if unknown:
         raise SpecError(f"unknown cgroup controller(s) {unknown}; known: {list(known)}", "controllers")
+
+
+def enter_supervisor(
+    *,
+    root: str = CGROUP_ROOT,
+    mountinfo: str = PROC_SELF_MOUNTINFO,
+    proc_cgroup: str = PROC_CGROUP,
+    pid: int | None = None,
+    io: KernelIO | None = None,
+) -> str | None:
+    """On a pure cgroup v2 host, move this process into a ``supervisor`` leaf of the cgroup it
+    runs in, when systemd delegated that cgroup to it and nothing else runs there (`fcrun serve`
+    under `Delegate=yes`; delegation.py says why). Call it before starting any child, and
+    before `detect()`, which then builds fcrun's groups beside the leaf. Returns the leaf's
+    dir, or None when nothing was to do (a hybrid or v1 host included).
+
+    Raises:
+        KernelError: the move failed.
+    """
+    io = io or KernelIO()
+    mounts = parse_mountinfo(io.read(mountinfo))
+    top = mount_at(mounts, posixpath.normpath(root))
+    if top is None or top.fstype != "cgroup2":
+        return None
+    own_path = next((e.path for e in parse_proc_cgroup(io.read(proc_cgroup))
+                     if e.hierarchy_id == 0 and not e.controllers), None)
+    own_dir = _own_dir(top, own_path) if own_path else ""
+    if not own_dir:
+        return None
+    return delegation.enter_supervisor(own_dir, os.getpid() if pid is None else pid, io)
 
 
 def _under(path: str, root: str) -> bool:

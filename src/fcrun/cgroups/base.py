@@ -56,8 +56,11 @@ class Hierarchy:
     """One mounted cgroup hierarchy as fcrun uses it.
 
     ``base_dir`` is the cgroup fcrun runs in (relative parent) or the hierarchy's root (absolute
-    parent); fcrun never writes there. ``parent_parts`` are the components beneath it that lead
-    to the parent of the container groups; those fcrun may create and configure.
+    parent); fcrun never writes there, except for a cgroup systemd delegated to it on v2
+    (``delegated``: fcrun runs in its supervisor leaf, delegation.py), whose
+    cgroup.subtree_control is the delegatee's to write. ``parent_parts`` are the components
+    beneath it that lead to the parent of the container groups; those fcrun may create and
+    configure.
     """
 
     keys: tuple[str, ...]  # ("unified",) for v2; ("cpu", "cpuacct") for a co-mounted v1 hierarchy
@@ -70,6 +73,8 @@ class Hierarchy:
     # A hierarchy a container joins only when its spec needs it (v1 cpuset, blkio, hugetlb,
     # net_cls, net_prio): elsewhere it stays in fcrun's own group, which costs no mkdir or move.
     extra: bool = False
+    # v2: base_dir is a cgroup systemd delegated to fcrun, which runs in its supervisor leaf.
+    delegated: bool = False
 
     @property
     def parent_dir(self) -> str:

@@ -114,6 +114,16 @@ class KernelIO:
     def exists(self, path: str) -> bool:
         return os.path.exists(path)
 
+    def getxattr(self, path: str, name: str) -> bytes | None:
+        """An extended attribute's value; None when the cgroup has none by that name (or the
+        filesystem keeps none: cgroupfs keeps trusted.* and, since Linux 5.7, user.*)."""
+        try:
+            return os.getxattr(path, name)
+        except OSError as exc:
+            if exc.errno in (errno.ENODATA, errno.ENOTSUP, errno.ENOENT):
+                return None
+            raise KernelError.from_oserror(f"read xattr {name} of", path, exc) from None
+
     def load_device_program(self, code: bytes) -> int:
         """Load a cgroup v2 device program (bpf.py); returns its fd, owned by the caller."""
         try:

@@ -4,7 +4,9 @@ A group gets a controller only if its parent enables it in cgroup.subtree_contro
 group with processes cannot enable any for its children (the "no internal processes" rule).
 So fcrun never enables controllers in the cgroup it runs in: the cgroup it runs in (or the
 root, for an absolute parent) must already enable them, and fcrun enables them on the way
-down through the parent dirs it owns.
+down through the parent dirs it owns. The exception is a cgroup systemd delegated to fcrun,
+from which `fcrun serve` moved itself into a supervisor leaf (delegation.py): that one's
+subtree_control fcrun writes too.
 """
 
 from __future__ import annotations
@@ -226,11 +228,17 @@ class V2Driver(CgroupDriver):
         """
         if not self.controllers:
             return
-        path = os.path.join(self.hierarchy.base_dir, CGROUP_SUBTREE_CONTROL)
+        path = self._handed_down_file()
         enabled = set(self.io.read(path).split())
         missing = [c for c in self.controllers if c not in enabled]
         if missing:
             raise MissingFeature(f"cgroup v2 controllers {' '.join(missing)} delegated to {path}", DELEGATION_HINT)
+
+    def _handed_down_file(self) -> str:
+        """What says which controllers ``base_dir`` can hand down: its subtree_control, or, in
+        a cgroup delegated to fcrun, which enables them itself, its cgroup.controllers."""
+        h = self.hierarchy
+        return os.path.join(h.base_dir, CGROUP_CONTROLLERS if h.delegated else CGROUP_SUBTREE_CONTROL)
 
     def check_extra(self, extra: Collection[str]) -> None:
         """The extra controllers a group needs must be delegated to the cgroup we build beneath
@@ -242,10 +250,16 @@ class V2Driver(CgroupDriver):
         wanted = [c for c in extra if c not in self.controllers]
         if not wanted:
             return
-        path = os.path.join(self.hierarchy.base_dir, CGROUP_SUBTREE_CONTROL)
+        path = self._handed_down_file()
         missing = [c for c in wanted if c not in self.io.read(path).split()]
         if missing:
             raise MissingFeature(f"cgroup v2 controllers {' '.join(missing)} delegated to {path}", DELEGATION_HINT)
+
+    def _make_parents(self, made: list[str], hierarchies: list[Hierarchy], extra: Collection[str] = ()) -> None:
+        h = self.hierarchy
+        if h.delegated:  # the delegated cgroup hands our controllers down once we enable them
+            self.prepare_parent(h, h.base_dir, extra)
+        super()._make_parents(made, hierarchies, extra)
 
     def prepare_parent(self, hierarchy: Hierarchy, level_dir: str, extra: Collection[str] = ()) -> None:
         """Enable our controllers (and the group's ``extra`` ones: cpuset, io, hugetlb) in

@@ -21,6 +21,7 @@ import signal
 import time
 from typing import Callable
 
+from ..cgroups import enter_supervisor
 from ..cmdb import open_cmdb
 from ..cmdb.base import CMDB, NODE_LEASE_S, CMDBError
 from ..cmdb.models import App
@@ -431,6 +432,12 @@ def run(config_path: str | None, listen: str | None, paths=None, ready=None, run
     os.environ[LOG_FORMAT_ENV] = log_format or os.environ.get(LOG_FORMAT_ENV) or "text"
     configure(os.environ[LOG_FORMAT_ENV], "fcrun serve", os.environ.get("FCRUN_LOG", "INFO"))
     raise_descriptor_limit(config.proxy.max_connections)
+    if config.cluster.role != "front" and not config.runtime.cgroup_parent.startswith("/"):
+        # Before any child (the fork-server) starts and before the runtime looks for its cgroups.
+        leaf = enter_supervisor()
+        if leaf is not None:
+            log.info("moved into %s: its parent cgroup was delegated to fcrun serve by systemd, and the "
+                     "instances' cgroups go beside this one", leaf)
     runner(serve_forever(config, config_path, ready, file_config))
 
 
