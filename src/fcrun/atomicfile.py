@@ -10,7 +10,15 @@ IP leases, image records)::
 
 so after `kill -9`, a kernel crash or a power loss `path` holds the old content or the new,
 never a mix, nothing, or a zero-length file (ext4 without the file's fsync can leave that
-after a power loss). On tmpfs both fsyncs cost nothing; on a disk, a fraction of a millisecond.
+after a power loss). On tmpfs both fsyncs cost nothing; on a disk, a fraction of a millisecond
+(0.48 ms for both on this VM's ext4, 0.08 ms without).
+
+`durable=False` leaves the two fsyncs out, for a file whose content cannot matter after a
+power loss: a running container's state updated in place (its limits, labels, slot), whose
+processes die with the machine. The rename is still atomic for every process (the page cache
+is shared): `kill -9` of the writer leaves the old content or the new, whole. After a power
+loss the file may hold either, or (on a filesystem without ext4's flush on rename-over) be
+torn, which its reader quarantines as any corrupt file.
 
 A writer killed between mkstemp and rename leaves its temporary behind. Every file's writers
 hold a lock (a container's lock, the IPAM lock), so whoever holds that lock knows any such
@@ -38,8 +46,9 @@ def temp_prefix(filename: str) -> str:
     return f".{filename}."
 
 
-def write_atomic(path: str, data: bytes, *, mode: int = 0o600, what: str = "file") -> None:
-    """Replace `path` with `data` atomically and durably (see the module docstring).
+def write_atomic(path: str, data: bytes, *, mode: int = 0o600, what: str = "file", durable: bool = True) -> None:
+    """Replace `path` with `data` atomically and (unless `durable` is False) durably (see the
+    module docstring).
 
     Raises:
         KernelError: "write <what> <path>: [Errno N] ..." (ENOSPC on a full disk, say); `path`
@@ -56,8 +65,9 @@ def write_atomic(path: str, data: bytes, *, mode: int = 0o600, what: str = "file
             if mode != 0o600:  # mkstemp makes it 0600
                 os.fchmod(f.fileno(), mode)
             f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
+            if durable:
+                f.flush()
+                os.fsync(f.fileno())
         os.rename(tmp, path)
     except BaseException as exc:
         with contextlib.suppress(FileNotFoundError):
@@ -65,7 +75,8 @@ def write_atomic(path: str, data: bytes, *, mode: int = 0o600, what: str = "file
         if isinstance(exc, OSError):
             raise KernelError.from_oserror(f"write {what}", path, exc) from None
         raise
-    fsync_dir(directory, what=what)
+    if durable:
+        fsync_dir(directory, what=what)
 
 
 def fsync_dir(directory: str, *, what: str = "file") -> None:

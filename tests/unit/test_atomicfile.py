@@ -111,3 +111,15 @@ def test_quarantine_moves_aside_and_keeps_every_copy(tmp_path):
 def read(path: str) -> bytes:
     with open(path, "rb") as f:
         return f.read()
+
+
+def test_a_write_that_need_not_be_durable_is_not_synced_but_still_replaces_atomically(tmp_path, monkeypatch):
+    path = str(tmp_path / "f")
+    write_atomic(path, b"old")
+    synced = []
+    monkeypatch.setattr(atomicfile.os, "fsync", lambda fd: synced.append(fd))
+    write_atomic(path, b"new", durable=False)
+    assert synced == []
+    with open(path, "rb") as f:
+        assert f.read() == b"new"
+    assert os.listdir(tmp_path) == ["f"]  # renamed into place: no temporary left

@@ -390,7 +390,10 @@ class Runtime:
                 self._cgroup(state).thaw()
                 state.status = "running"
                 crash_point("claim.thawed")
-            self.states.save(state)
+            # Saved before the claim is answered (a restarted fork-server must not take a
+            # claimed instance for a pooled one), but not fsync'd: limits, labels and the slot
+            # name nothing on disk, and a power loss kills the instance anyway (state.py).
+            self.states.save(state, durable=False)
             crash_point("claim.saved")
             return state
 
