@@ -241,6 +241,7 @@ def main(argv: list[str] | None = None) -> int:
     times: dict[str, list[float]] = {"start": [], "pool": [], "thaw": [], "runc": [], "raw_thaw": [], "warm": []}
     header_ms: dict[str, list[float]] = {"start": [], "pool": [], "thaw": []}
     claim_ms: list[float] = []
+    forkserver_claim_ms: list[float] = []
     pooled_memory: list[int] = []
     frozen_memory: list[int] = []
     t_begin = time.monotonic()
@@ -296,6 +297,7 @@ def main(argv: list[str] | None = None) -> int:
             events = [e for e in admin.events("pool.test") if e.kind == "start" and e.data.get("path") == "pool"]
             if record and events:
                 claim_ms.append(events[-1].data["ms"])  # serve's side: request to the fork-server until claimed
+                forkserver_claim_ms.append(events[-1].data["forkserver_ms"])  # the fork-server's own part
             scale_to_zero("pool.test")
             assert serve.pool_status().images["apache-php"].claimed == before + 1
 
@@ -368,6 +370,7 @@ def main(argv: list[str] | None = None) -> int:
         },
         "serve_header_ms": {k: summary(v, digits=1) for k, v in header_ms.items() if v},
         "serve_claim_ms": summary(claim_ms, digits=1) if claim_ms else None,
+        "forkserver_claim_ms": summary(forkserver_claim_ms, digits=2) if forkserver_claim_ms else None,
         "memory": {
             "pooled_frozen_instance_cgroup_bytes_median": int(statistics.median(pooled_memory)) if pooled_memory else None,
             "app_frozen_instance_cgroup_bytes_median": int(statistics.median(frozen_memory)) if frozen_memory else None,
