@@ -13,6 +13,7 @@ import socket
 import subprocess
 import sys
 import threading
+import time
 
 import msgspec
 import pytest
@@ -340,3 +341,31 @@ def test_threads_are_counted_from_the_kernel():
     finally:
         stop.set()
         thread.join()
+
+
+def test_library_gone_tells_a_spawner_whose_library_died_from_a_live_one_and_from_other_processes():
+    """gc's orphan check (lifecycle.orphaned_created): a spawner names its library in its argv;
+    one whose parent is no longer that library has lost it (and is about to follow it)."""
+    from fcrun.runtime.spawner.client import BOOT, library_gone
+
+    sleeper = "import time; time.sleep(30)"
+    procs = {
+        "live": subprocess.Popen([sys.executable, "-c", sleeper, BOOT, str(os.getpid())]),
+        "orphaned": subprocess.Popen([sys.executable, "-c", sleeper, BOOT, "1"]),  # its library is not its parent
+        "not a spawner": subprocess.Popen([sys.executable, "-c", sleeper]),
+    }
+    try:
+        # Popen returns once exec has begun; the kernel sets the new argv a moment later.
+        for p in procs.values():
+            for _ in range(1000):  # 10 s at most: a broken build must not hang the suite
+                with open(f"/proc/{p.pid}/cmdline", "rb") as f:
+                    if f.read().startswith(sys.executable.encode()):
+                        break
+                time.sleep(0.01)
+        assert {k: library_gone(p.pid) for k, p in procs.items()} == {
+            "live": False, "orphaned": True, "not a spawner": False}
+    finally:
+        for p in procs.values():
+            p.kill()
+            p.wait()
+    assert library_gone(procs["orphaned"].pid) is False  # gone altogether: not a spawner any more

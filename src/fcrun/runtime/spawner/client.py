@@ -32,6 +32,24 @@ MAX_START_FAILURES = 3
 BOOT = "import sys; sys.path[:0] = sys.argv[4:]; from fcrun.runtime.spawner.server import main; main()"
 
 
+def library_gone(pid: int) -> bool:
+    """Whether process `pid` is a spawner whose library process has died. The spawner follows
+    it at once (PR_SET_PDEATHSIG or its pidfd watch), but a gc may look before it has: the
+    children it forked are then orphans already. Its argv names its library (see `Client`)."""
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            argv = f.read().split(b"\0")
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            stat = f.read()
+    except OSError:
+        return False
+    try:
+        library = int(argv[argv.index(BOOT.encode()) + 1])
+    except (ValueError, IndexError):
+        return False  # not a spawner
+    return int(stat[stat.rindex(b")") + 2:].split()[1]) != library  # reparented: its library died
+
+
 class SpawnerGone(ContainerError):
     """The spawner is not there (any more); the caller may fork the container itself."""
 
