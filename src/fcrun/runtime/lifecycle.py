@@ -344,15 +344,12 @@ class Runtime:
             or the container is not live. KernelError: the kernel refused.
         """
         require_root()
-        fd = self._open_slot_source(source)  # a bad source fails before the container is locked
-        try:
-            with self.states.locked(name):
-                state = self.state(name)
-                check_allowed("fill_slot", name, state.status)
-                self._fill_slot(state, source, fd)
-                self.states.save(state)
-        finally:
-            os.close(fd)
+        self._check_slot_source(source)
+        with self.states.locked(name):
+            state = self.state(name)
+            check_allowed("fill_slot", name, state.status)
+            self._fill_slot(state, source)
+            self.states.save(state)
 
     def slot_dir(self, name: str) -> str:
         """The host directory behind a container's empty slot (what it shows until fill_slot).
@@ -362,12 +359,11 @@ class Runtime:
     def _own_roots(self) -> tuple[str, str]:
         return (self.paths.data_root, self.paths.run_root)
 
-    def _open_slot_source(self, source: str) -> int:
-        """The checked source's O_PATH fd (the caller closes it): what `_fill_slot` mounts."""
-        return open_slot_source(source, self.docroot_roots, self._own_roots())
+    def _check_slot_source(self, source: str) -> None:
+        os.close(open_slot_source(source, self.docroot_roots, self._own_roots()))
 
-    def _fill_slot(self, state: ContainerState, source: str, source_fd: int) -> None:
-        fill_slot(state, self.states.dir(state.name), source, self.docroot_roots, self._own_roots(), source_fd)
+    def _fill_slot(self, state: ContainerState, source: str) -> None:
+        fill_slot(state, self.states.dir(state.name), source, self.docroot_roots, self._own_roots())
 
     def hand_over(self, name: str, *, cpu: float | None = None, memory_bytes: int | None = None,
                   pids_max: int | None = None,
@@ -377,17 +373,8 @@ class Runtime:
         how a frozen pooled instance becomes an app's. Either everything given is applied, or
         an error is raised and the caller should discard the container (a limit or the slot
         may already be applied)."""
-        # Opened (and so checked) once, before the lock: a bad docroot costs no pooled instance.
-        source_fd = self._open_slot_source(slot_source) if slot_source is not None else -1
-        try:
-            return self._hand_over_locked(name, cpu, memory_bytes, pids_max, slot_source, source_fd, labels, thaw)
-        finally:
-            if source_fd >= 0:
-                os.close(source_fd)
-
-    def _hand_over_locked(self, name: str, cpu: float | None, memory_bytes: int | None, pids_max: int | None,
-                          slot_source: str | None, source_fd: int, labels: dict[str, str] | None,
-                          thaw: bool) -> ContainerState:
+        if slot_source is not None:
+            self._check_slot_source(slot_source)
         with self.states.locked(name):
             state = self.state(name)
             check_allowed("hand_over", name, state.status)
@@ -395,7 +382,7 @@ class Runtime:
                 self._set_limits(state, cpu, memory_bytes, pids_max)
                 crash_point("claim.limits")
             if slot_source is not None:
-                self._fill_slot(state, slot_source, source_fd)
+                self._fill_slot(state, slot_source)
                 crash_point("claim.slot")
             state.labels.update(labels or {})
             if APP_LABEL in (labels or {}):  # `fcrun app logs` finds an app's instances by this

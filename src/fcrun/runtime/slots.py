@@ -94,12 +94,11 @@ def open_slot_source(source: str, docroot_roots: Sequence[str], own_roots: Seque
 
 
 def fill_slot(state: ContainerState, container_dir: str, source: str, docroot_roots: Sequence[str],
-              own_roots: Sequence[str], source_fd: int | None = None) -> None:
+              own_roots: Sequence[str]) -> None:
     """Mount `source` on the container's slot and record it in the state's labels.
 
-    `source` is opened once (`open_slot_source`; or the caller did and gives that fd as
-    `source_fd`, which it keeps and closes), and that directory is what is mounted, whatever
-    the path names by then: a recursive, detached copy made read-only, nosuid, nodev and
+    `source` is opened once (again: the path may have changed since any check), and that
+    directory is what is mounted: a recursive, detached copy made read-only, nosuid, nodev and
     noexec (every submount too) before it is attached, so the container never sees it
     without those flags.
 
@@ -113,10 +112,9 @@ def fill_slot(state: ContainerState, container_dir: str, source: str, docroot_ro
         raise IncorrectStatus(f"container {name!r} has no slot (create it with slot=...)")
     if SLOT_SOURCE_LABEL in state.labels:
         raise IncorrectStatus(f"the slot of container {name!r} is already filled from {state.labels[SLOT_SOURCE_LABEL]}")
-    fd = open_slot_source(source, docroot_roots, own_roots) if source_fd is None else source_fd
+    fd = open_slot_source(source, docroot_roots, own_roots)
     try:
         attach_docroot(fd, content)
     finally:
-        if source_fd is None:
-            os.close(fd)
+        os.close(fd)
     state.labels[SLOT_SOURCE_LABEL] = source
