@@ -219,6 +219,18 @@ def test_events_order_limit_since_and_app(db):
     assert db.list_events()[-1].app is None and db.list_events()[-1].data == {}
 
 
+def test_old_events_are_trimmed_oldest_first_in_bounded_batches(backend, db):
+    for i in range(6):
+        db.add_event("a.test", "kind", f"message {i}")
+    backend.raw("UPDATE events SET ts = id * 100.0")  # ids 1..6 at 100..600 s
+    assert db.trim_events(350.0, limit=2) == 2  # a batch: the two oldest
+    assert [e.message for e in db.list_events()] == [f"message {i}" for i in range(2, 6)]
+    assert db.trim_events(350.0) == 1  # the last one before the cut
+    assert db.trim_events(350.0) == 0
+    assert [e.id for e in db.list_events()] == [4, 5, 6]
+    assert db.add_event(None, "kind", "after").id == 7  # ids go on growing
+
+
 def test_migrations_run_once_and_reopening_changes_nothing(backend):
     with backend.open() as first:
         first.add_app(App(name="a.test", image="x"))

@@ -125,6 +125,11 @@ class CMDB(Protocol):
         """Events oldest first: those after `since_id` (the first `limit`), else the latest `limit`."""
         ...
 
+    def trim_events(self, before_ts: float, limit: int = 10_000) -> int:
+        """Remove at most `limit` events older than `before_ts` (wall clock), oldest first, in
+        one short transaction; returns how many went (== `limit`: there may be more)."""
+        ...
+
     def app_changes_token(self) -> tuple:
         """A value that changes whenever an app is added, updated or removed (cheap to read)."""
         ...

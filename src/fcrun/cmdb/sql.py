@@ -101,6 +101,9 @@ SELECT_EVENTS_LATEST = f"{_EVENT_SELECT} ORDER BY id DESC LIMIT ?"
 SELECT_APP_EVENTS_LATEST = f"{_EVENT_SELECT} WHERE app = ? ORDER BY id DESC LIMIT ?"
 SELECT_ALL_EVENTS = f"{_EVENT_SELECT} ORDER BY id"
 COUNT_EVENTS = "SELECT COUNT(*) FROM events"
+# Oldest first by id (the primary key's order, which is time order for one writer and nearly
+# so for several): the scan stops after `limit` matches, no index on ts needed.
+DELETE_OLD_EVENTS = "DELETE FROM events WHERE id IN (SELECT id FROM events WHERE ts < ? ORDER BY id LIMIT ?)"
 
 _json_encode = msgspec.json.Encoder().encode
 _env_decode = msgspec.json.Decoder(list[str]).decode
@@ -318,6 +321,10 @@ class SqlCMDB(NodeSQL):
                     rows = cur.execute(SELECT_APP_EVENTS_LATEST, (app, limit)).fetchall()
                 rows.reverse()
         return [self._event(r) for r in rows]
+
+    def trim_events(self, before_ts: float, limit: int = 10_000) -> int:
+        with self._write("trim old events") as cur:
+            return cur.execute(DELETE_OLD_EVENTS, (before_ts, limit)).rowcount
 
     # -- export and import -------------------------------------------------------------------
 

@@ -74,6 +74,7 @@ class CMDBConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True, froze
     ``<data root>/cmdb.sqlite3``. ``fcrun --cmdb URL`` (env FCRUN_CMDB) overrides it."""
 
     url: str | None = None  # postgresql://USER:PASSWORD@HOST/DB, or sqlite:///PATH
+    events_keep_days: float = 30.0  # older events are removed (serve/retention.py); 0: kept for ever
 
 
 class ClusterConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True, frozen=True):
@@ -210,6 +211,9 @@ def check_config(config: ServeConfig, source: str = "configuration") -> None:
         check_defaults(config.defaults)
     except SpecError as exc:
         fail(_bare(exc), f"defaults.{exc.where}")
+    if not config.cmdb.events_keep_days >= 0:  # (not: NaN too)
+        fail(f"events_keep_days must be 0 (keep every event) or more days, not {config.cmdb.events_keep_days}",
+             "cmdb.events_keep_days")
     if config.cmdb.url is not None:
         from ..cmdb.url import sqlite_path, url_scheme
 

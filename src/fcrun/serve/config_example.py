@@ -33,6 +33,7 @@ NOTES = {
     "runtime.data_root": '"": FCRUN_ROOT, else /var/lib/fcrun',
     "runtime.run_root": '"": FCRUN_RUN, else /run/fcrun',
     "cmdb.url": "unset: <data_root>/cmdb.sqlite3; or postgresql://USER:PASSWORD@HOST/DB",
+    "cmdb.events_keep_days": "older events are removed, hourly; 0: kept for ever",
     "proxy.max_body_bytes": "0: unlimited",
     "cluster.role": "all | node | front (node, front: a postgresql:// cmdb.url)",
     "cluster.node_name": '"": <hostname>:<run_root>; a front: <hostname>:front:<listen>',

@@ -43,6 +43,7 @@ from .dashboard_page import make_dashboard
 from .manager import Manager
 from .records import Recorder
 from .reload import changed_keys, classify, with_live
+from .retention import trim_events_forever
 from .sdnotify import Notifier, watchdog_interval_s
 from ..tasks import TaskOwner
 
@@ -145,6 +146,8 @@ class Serve:
         await self.admin.start()
         self._sampler = self.tasks.spawn_service(dashboard.sampler.run(), name="dashboard sampler")
         self._ticker = self.tasks.spawn_service(self._tick_forever(), name="lifecycle ticker")
+        if cfg.cmdb.events_keep_days > 0:
+            self.tasks.spawn_service(trim_events_forever(self.cmdb, cfg.cmdb.events_keep_days), name="event retention")
         watchdog_s = watchdog_interval_s()
         if watchdog_s is not None and self.notifier.enabled:
             # Kept through stop()'s drains (they may outlast WatchdogSec); tasks.aclose() ends it.
