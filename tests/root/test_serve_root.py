@@ -130,3 +130,27 @@ def test_app_rm_under_load_loses_no_in_flight_request(server):
     assert set(statuses) <= {200, 404}, statuses
     assert statuses.count(200) >= 8
     assert server.containers() == []
+
+
+def test_events_older_than_the_kept_days_are_removed_once_serve_starts(server):
+    """[cmdb] events_keep_days (default 30): serve/retention.py's first round runs at start."""
+    import sqlite3
+
+    from fcrun.cmdb import open_cmdb
+    from fcrun.paths import Paths
+
+    with open_cmdb(Paths(data_root=server.data_root, run_root=server.run_root), None) as db:
+        old = db.add_event("a.test", "test", "forty days old")
+        recent = db.add_event("a.test", "test", "twenty days old")
+    raw = sqlite3.connect(os.path.join(server.data_root, "cmdb.sqlite3"), isolation_level=None)
+    try:
+        raw.execute("UPDATE events SET ts = ts - ? WHERE id = ?", (40 * 86400, old.id))
+        raw.execute("UPDATE events SET ts = ts - ? WHERE id = ?", (20 * 86400, recent.id))
+        server.start()
+        deadline = time.monotonic() + 20
+        while raw.execute("SELECT count(*) FROM events WHERE id = ?", (old.id,)).fetchone()[0]:
+            assert time.monotonic() < deadline, "the 40-day-old event was not removed"
+            time.sleep(0.1)
+        assert raw.execute("SELECT message FROM events WHERE id = ?", (recent.id,)).fetchall() == [("twenty days old",)]
+    finally:
+        raw.close()
