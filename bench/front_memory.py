@@ -2,12 +2,15 @@
 """A front's memory with many apps (issue 15: <= 300 MiB with 100,000 apps), measured on a real
 `fcrun serve --role front` rather than the model of bench/placement_sim.py.
 
-A private PostgreSQL (tests/pgserver.py) gets N apps, each with one alias, and 1,000 nodes'
-heartbeats; one front is started on it and its RSS read once it has loaded everything and run a
-few refresh rounds. Prints one JSON object (apps, nodes, front_rss_mib, front_start_s,
+A private PostgreSQL (tests/pgserver.py) gets N apps, each with one alias, 1,000 nodes'
+heartbeats and --instances ready instance rows spread over the nodes (7,000: the busiest sample
+of bench/placement_sim.py's day had 6,651 running); one front is started on it and its RSS read
+once it has loaded everything and run a few refresh rounds, then its CPU use over --idle-s
+seconds without a request: what re-reading the cluster every 0.25 s costs it. Prints one JSON
+object (apps, nodes, instances, front_rss_mib, front_start_s, front_idle_cpu_percent,
 cmdb_load_s, the status line of one request for the last app's alias).
 
-    flock /tmp/fcrun-heavy.lock .venv/bin/python bench/front_memory.py [--apps N]
+    flock /tmp/fcrun-heavy.lock .venv/bin/python bench/front_memory.py [--apps N] [--instances N] [--idle-s S]
 
 The nodes' addresses are 127.0.0.1 ports where nothing listens (loopback only). Their heartbeats
 are old by the time the front reads them, so it takes them for down and routes nowhere: the
@@ -32,6 +35,7 @@ sys.path.insert(0, os.path.join(HERE, "..", "tests"))
 from pgserver import PgServer, pg_bindir  # noqa: E402
 
 from fcrun.cmdb import App  # noqa: E402
+from fcrun.cmdb.models import Instance  # noqa: E402
 from fcrun.cmdb.migrations import LATEST_VERSION  # noqa: E402
 from fcrun.cmdb.nodes import NodeBeat  # noqa: E402
 from fcrun.cmdb.postgres import PostgresCMDB  # noqa: E402
@@ -50,13 +54,16 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def fill(url: str, apps: int) -> float:
-    """The CMDB's apps and nodes; returns the seconds it took."""
+def fill(url: str, apps: int, instances: int) -> float:
+    """The CMDB's apps, instances and nodes; returns the seconds it took."""
     started = time.monotonic()
+    now = time.time()
     with PostgresCMDB(url) as db:
         db.import_dump(Dump(schema_version=LATEST_VERSION, apps=[
             App(name=f"site{i}.example", image="apache-php", hostnames=[f"www.site{i}.example"],
-                docroot=f"/srv/sites/site{i}") for i in range(apps)]))
+                docroot=f"/srv/sites/site{i}") for i in range(apps)], instances=[
+            Instance(id=f"site{i}-inst", app=f"site{i % apps}.example", container=f"site{i}-inst", state="ready",
+                     ip="10.0.0.2", port=80, started_at=now, owner=f"n{i % NODES}") for i in range(instances)]))
         for n in range(NODES):
             db.node_beat(NodeBeat(name=f"n{n}", role="node", address=f"127.0.0.1:{20000 + n}",
                                   figures=NODE_FIGURES))
@@ -75,6 +82,12 @@ def wait_listening(proc: subprocess.Popen, port: int, log_path: str) -> None:
             time.sleep(0.05)
 
 
+def cpu_s(pid: int) -> float:
+    with open(f"/proc/{pid}/stat", "rb") as f:
+        fields = f.read().rsplit(b")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def rss_mib(pid: int) -> float:
     with open(f"/proc/{pid}/status") as f:
         kib = next(int(line.split()[1]) for line in f if line.startswith("VmRSS:"))
@@ -90,13 +103,16 @@ def status_line(port: int, host: str) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--apps", type=int, default=100_000)
-    apps = parser.parse_args().apps
+    parser.add_argument("--instances", type=int, default=7_000)
+    parser.add_argument("--idle-s", type=float, default=10.0)
+    args = parser.parse_args()
+    apps = args.apps
     tmp = tempfile.mkdtemp(prefix="frontmem-")
     pg = PgServer(pg_bindir()).start()
     front = None
     try:
         url = pg.new_database()
-        load_s = fill(url, apps)
+        load_s = fill(url, apps, args.instances)
         port = free_port()
         config = os.path.join(tmp, "front.toml")
         with open(config, "w") as f:
@@ -110,8 +126,13 @@ def main() -> None:
         wait_listening(front, port, log_path)
         start_s = time.monotonic() - started
         time.sleep(SETTLE_S)
-        print(json.dumps({"apps": apps, "hostnames": 2 * apps, "nodes": NODES, "front_rss_mib": rss_mib(front.pid),
-                          "front_start_s": round(start_s, 2), "cmdb_load_s": round(load_s, 1),
+        rss = rss_mib(front.pid)
+        cpu0, t0 = cpu_s(front.pid), time.monotonic()
+        time.sleep(args.idle_s)
+        idle_cpu = (cpu_s(front.pid) - cpu0) / (time.monotonic() - t0) * 100
+        print(json.dumps({"apps": apps, "hostnames": 2 * apps, "nodes": NODES, "instances": args.instances,
+                          "front_rss_mib": rss, "front_start_s": round(start_s, 2),
+                          "front_idle_cpu_percent": round(idle_cpu, 1), "cmdb_load_s": round(load_s, 1),
                           "request_status_line": status_line(port, f"www.site{apps - 1}.example")}))
     finally:
         if front is not None:

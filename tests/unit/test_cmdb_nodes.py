@@ -99,3 +99,13 @@ def test_move_and_drain_turn_the_old_placements_leaving(db):
     assert db.remove_node_placements("n2") == 1
     assert db.remove_node("n1") is True
     assert {p.node for p in db.list_placements()} == {"n3"} and [n.name for n in db.list_nodes()] == ["n2", "n3"]
+
+
+def test_holders_are_the_app_node_pairs_with_a_ready_or_frozen_instance_each_once(db):
+    from fcrun.cmdb.models import Instance
+
+    rows = [("a-1", "a.test", "ready", "n1"), ("a-2", "a.test", "frozen", "n1"), ("a-3", "a.test", "ready", "n2"),
+            ("b-1", "b.test", "starting", "n1"), ("b-2", "b.test", "stopped", "n2"), ("c-1", "c.test", "ready", "")]
+    for id_, app, state, owner in rows:
+        db.upsert_instance(Instance(id=id_, app=app, container=id_, state=state, owner=owner))
+    assert sorted(db.holders()) == [("a.test", "n1"), ("a.test", "n2")]

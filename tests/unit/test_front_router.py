@@ -53,7 +53,7 @@ class Front:
 
     def refresh(self):
         self.router.set_apps(self.db.list_apps())
-        self.router.refresh(self.db.list_nodes(), self.db.list_placements(), self.db.list_instances())
+        self.router.refresh(self.db.list_nodes(), self.db.list_placements(), self.db.holders())
 
     def acquire(self, host):
         return self.router.acquire_nowait(host)  # never None: a cold app is placed at once

@@ -34,7 +34,7 @@ from typing import Any
 import msgspec
 
 from ..cmdb.base import CMDB, NODE_LEASE_S, CMDBError
-from ..cmdb.models import App, Instance as InstanceRow
+from ..cmdb.models import App
 from ..cmdb.nodes import NodeRecord, PlacementRow
 from ..proxy.router import RouteError
 from .node import node_figures
@@ -108,8 +108,10 @@ class FrontRouter:
         self.apps = {app.name: app for app in apps}
         self._by_host = {host: app for app in self.apps.values() for host in app.all_hostnames}
 
-    def refresh(self, nodes: list[NodeRecord], placements: list[PlacementRow], instances: list[InstanceRow]) -> None:
-        """Take a new read of the CMDB's cluster rows."""
+    def refresh(self, nodes: list[NodeRecord], placements: list[PlacementRow],
+                holders: Iterable[tuple[str, str]]) -> None:
+        """Take a new read of the CMDB's cluster rows (`holders`: CMDB.holders(), the (app,
+        node) pairs with a ready or frozen instance)."""
         self.nodes = {n.name: n for n in nodes if n.role != "front"}
         self._addresses = {}
         self.refusing = {}
@@ -130,9 +132,8 @@ class FrontRouter:
         for row in placements:
             self.placements.setdefault(row.app, []).append(row)
         self.holding = {}
-        for row in instances:
-            if row.state in ("ready", "frozen") and row.owner:
-                self.holding.setdefault(row.app, set()).add(row.owner)
+        for app, node in holders:
+            self.holding.setdefault(app, set()).add(node)
         down = {n.name for n in self.nodes.values() if n.state(self.down_after_s) == "down"}
         for name in sorted(down - self._down):
             if self.refreshed:  # not the nodes that were down before this front started

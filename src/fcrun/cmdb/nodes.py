@@ -86,6 +86,9 @@ PLACE_APP = (
     "ON CONFLICT (app, node) DO UPDATE SET state = 'active', since = excluded.since"
 )
 SELECT_LIVE_ACTIVE = f"SELECT p.node {_LIVE_ACTIVE} ORDER BY p.node"
+# What a front routes by, four times a second: not whole instance rows (decoding thousands of
+# them held a front's GIL for tens of milliseconds each time).
+SELECT_HOLDERS = "SELECT DISTINCT app, owner FROM instances WHERE state IN ('ready', 'frozen') AND owner <> ''"
 UPSERT_PLACEMENT = (
     "INSERT INTO placements (app, node, state, since) VALUES (?, ?, ?, {now}) "
     "ON CONFLICT (app, node) DO UPDATE SET state = excluded.state, since = excluded.since"
@@ -172,6 +175,11 @@ class NodeSQL:
             self._lock_app_instances(cur, app)
             cur.execute(self._sql(PLACE_APP), (app, node, app, lease_s))
             return [row[0] for row in cur.execute(self._sql(SELECT_LIVE_ACTIVE), (app, lease_s)).fetchall()]
+
+    def holders(self) -> list[tuple[str, str]]:
+        """(app, node) once for each node that holds a ready or frozen instance of the app."""
+        with self._read("list the nodes holding instances") as cur:
+            return [(app, node) for app, node in cur.execute(SELECT_HOLDERS).fetchall()]
 
     def add_placement(self, app: str, node: str, state: PlacementState = "active") -> None:
         """Put `app` on `node` too (a scale-out to another node), or set that placement's state."""
