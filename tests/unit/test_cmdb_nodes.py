@@ -109,3 +109,20 @@ def test_holders_are_the_app_node_pairs_with_a_ready_or_frozen_instance_each_onc
     for id_, app, state, owner in rows:
         db.upsert_instance(Instance(id=id_, app=app, container=id_, state=state, owner=owner))
     assert sorted(db.holders()) == [("a.test", "n1"), ("a.test", "n2")]
+
+
+def test_apps_on_a_node_gives_all_their_placements_and_ready_holders_and_nothing_of_other_apps(db):
+    from fcrun.cmdb.models import Instance
+
+    for app, node, state in (("a.test", "n1", "active"), ("a.test", "n2", "leaving"), ("b.test", "n2", "active"),
+                             ("c.test", "n1", "leaving")):
+        db.add_placement(app, node, state)
+    for id_, app, state, owner in (("a-1", "a.test", "ready", "n2"), ("a-2", "a.test", "ready", "n2"),
+                                   ("a-3", "a.test", "frozen", "n1"), ("b-1", "b.test", "ready", "n2"),
+                                   ("c-1", "c.test", "starting", "n1")):
+        db.upsert_instance(Instance(id=id_, app=app, container=id_, state=state, owner=owner))
+    placements, ready = db.apps_on("n1")
+    assert [(p.app, p.node, p.state) for p in placements] == [
+        ("a.test", "n1", "active"), ("a.test", "n2", "leaving"), ("c.test", "n1", "leaving")]
+    assert ready == [("a.test", "n2")]  # b.test is not placed on n1; frozen and starting are not ready
+    assert db.apps_on("n9") == ([], [])

@@ -197,7 +197,7 @@ class NodeAgent:
 
     async def follow(self) -> None:
         """One round: read nodes, placements and instances; start the moves they call for."""
-        nodes, placements, instances = await asyncio.to_thread(self._read)
+        nodes, (placements, ready) = await asyncio.to_thread(self._read)
         self._refusals = {}
         for record in nodes:
             figures = node_figures(record)
@@ -208,9 +208,8 @@ class NodeAgent:
         for row in placements:
             by_app.setdefault(row.app, []).append(row)
         ready_on: dict[str, set[str]] = {}
-        for row in instances:
-            if row.state == "ready":
-                ready_on.setdefault(row.app, set()).add(row.owner)
+        for app, owner in ready:
+            ready_on.setdefault(app, set()).add(owner)
         placed_here = {app for app, rows in by_app.items() if any(r.node == self.name for r in rows)}
         for timers in (self._empty, self._leaving):  # a row deleted by someone else: its timer goes too
             for app in set(timers) - placed_here:
@@ -224,13 +223,9 @@ class NodeAgent:
             else:
                 await self._follow_leaving(app, rows, ready_on.get(app, set()), nodes)
 
-    def _read(self) -> tuple[list[NodeRecord], list[PlacementRow], list]:
-        nodes = self.cmdb.list_nodes()
+    def _read(self) -> tuple[list[NodeRecord], tuple[list[PlacementRow], list[tuple[str, str]]]]:
         # Only the apps placed here matter, but their other placements and instances too.
-        mine = {r.app for r in self.cmdb.list_placements(None, self.name)}
-        placements = [r for app in sorted(mine) for r in self.cmdb.list_placements(app)]
-        instances = [i for app in sorted(mine) for i in self.cmdb.list_instances(app)]
-        return nodes, placements, instances
+        return self.cmdb.list_nodes(), self.cmdb.apps_on(self.name)
 
     def _local_instances(self, app: str) -> int:
         state = self.manager.apps.get(app)

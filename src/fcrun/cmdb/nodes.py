@@ -76,6 +76,13 @@ _PLACEMENT_SELECT = "SELECT app, node, state, since FROM placements"
 SELECT_PLACEMENTS = f"{_PLACEMENT_SELECT} ORDER BY app, node"
 SELECT_APP_PLACEMENTS = f"{_PLACEMENT_SELECT} WHERE app = ? ORDER BY node"
 SELECT_NODE_PLACEMENTS = f"{_PLACEMENT_SELECT} WHERE node = ? ORDER BY app"
+# A node's view of its apps (NodeAgent.follow, four times a second): every placement of the
+# apps placed on it, and which nodes hold a ready instance of them; two statements, whatever
+# the number of apps (it was two per app).
+_APPS_ON_NODE = "app IN (SELECT app FROM placements WHERE node = ?)"
+SELECT_PLACEMENTS_OF_APPS_ON = f"{_PLACEMENT_SELECT} WHERE {_APPS_ON_NODE} ORDER BY app, node"
+SELECT_READY_OF_APPS_ON = (f"SELECT DISTINCT app, owner FROM instances WHERE state = 'ready' AND owner <> '' "
+                           f"AND {_APPS_ON_NODE}")
 # The app's active placements on nodes whose heartbeat is fresh.
 _LIVE_ACTIVE = ("FROM placements p JOIN nodes n ON n.name = p.node WHERE p.app = ? AND p.state = 'active' "
                 "AND n.heartbeat_at > {now} - ?")
@@ -166,6 +173,15 @@ class NodeSQL:
             else:
                 rows = cur.execute(SELECT_PLACEMENTS).fetchall()
         return [PlacementRow(app=r[0], node=r[1], state=r[2], since=float(r[3])) for r in rows]
+
+    def apps_on(self, node: str) -> tuple[list[PlacementRow], list[tuple[str, str]]]:
+        """For the apps placed on `node`: all their placements, and the (app, node) pairs with a
+        ready instance of them; one snapshot."""
+        with self._read(f"read the apps placed on {node}") as cur:
+            rows = cur.execute(SELECT_PLACEMENTS_OF_APPS_ON, (node,)).fetchall()
+            ready = cur.execute(SELECT_READY_OF_APPS_ON, (node,)).fetchall()
+        return ([PlacementRow(app=r[0], node=r[1], state=r[2], since=float(r[3])) for r in rows],
+                [(app, owner) for app, owner in ready])
 
     def place_app(self, app: str, node: str, lease_s: float = NODE_LEASE_S) -> list[str]:
         """Place `app` on `node` unless it already has an active placement on a node whose
