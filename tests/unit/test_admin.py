@@ -95,6 +95,36 @@ def test_a_stale_socket_is_replaced_and_a_live_one_refused(cmdb, short_dir):
         assert AdminClient(path).list_apps() == []  # the refused start did not unlink ours
 
 
+def test_the_admin_socket_appears_only_once_the_tcp_listeners_accept(cmdb, short_dir, monkeypatch):
+    """What waits for serve (tests, scripts, `fcrun app`) waits for the admin socket: by then
+    the metrics listener must accept too (a dashboard test once met a refused connection)."""
+    from fcrun.serve import admin_server
+
+    path = os.path.join(short_dir, "admin.sock")
+    seen = []
+    real_bind = admin_server._bind_admin_socket
+
+    def bind_admin_socket(socket_path):
+        server = servers[-1]
+        metrics = server.listener("metrics")
+        with socket.create_connection(metrics.sock.getsockname()[:2], timeout=5):  # accepted by the backlog
+            seen.append("metrics accepts")
+        return real_bind(socket_path)
+
+    servers = []
+    real_init = AdminServer.__init__
+
+    def init(self, *args, **kwargs):
+        real_init(self, *args, **kwargs)
+        servers.append(self)
+
+    monkeypatch.setattr(admin_server, "_bind_admin_socket", bind_admin_socket)
+    monkeypatch.setattr(AdminServer, "__init__", init)
+    with serve_in_thread(DirectController(cmdb), path, metrics_listen="127.0.0.1:0"):
+        assert os.path.exists(path)
+    assert seen == ["metrics accepts"]
+
+
 def test_a_non_socket_at_the_path_is_refused(cmdb, short_dir):
     path = os.path.join(short_dir, "admin.sock")
     open(path, "w").close()

@@ -233,7 +233,19 @@ class AdminServer:
     async def start(self) -> None:
         """Raises: AlreadyExists (a live server holds the socket), KernelError, SpecError."""
         unix = self.listeners[0]
-        sock = _bind_admin_socket(self.socket_path)
+        _refuse_if_served(self.socket_path)  # before any port is bound: that error says more
+        # The TCP listeners first, the admin socket last: once it appears (what `fcrun app`,
+        # scripts and tests wait for) every listener of the admin side accepts.
+        try:
+            for listener in self.listeners[1:]:
+                listener.sock = _bind_tcp(listener)
+            sock = _bind_admin_socket(self.socket_path)
+        except BaseException:
+            for listener in self.listeners[1:]:
+                if listener.sock is not None:
+                    listener.sock.close()
+                    listener.sock = None
+            raise
         try:
             st = os.stat(self.socket_path)
             self._socket_inode = (st.st_dev, st.st_ino)
@@ -241,11 +253,6 @@ class AdminServer:
         except BaseException:
             sock.close()
             self._unlink_socket()
-            raise
-        try:
-            for listener in self.listeners[1:]:
-                listener.sock = _bind_tcp(listener)
-        except BaseException:
             await self.close()
             raise
         for listener in self.listeners[1:]:
@@ -551,6 +558,12 @@ def admin_options(config: ServeConfig) -> dict[str, Any]:
                 metrics_tls=tls if config.metrics_tls else None, limits=limits)
 
 
+def _refuse_if_served(path: str) -> None:
+    """Raises AlreadyExists if a server answers on the admin socket `path` already."""
+    if os.path.lexists(path) and server_answers(path):
+        raise AlreadyExists(f"admin socket {path} is in use: is another fcrun serve running?")
+
+
 def _bind_admin_socket(path: str) -> socket.socket:
     """The admin socket, listening and non-blocking (unixsock.bind_private: 0600 from the start).
 
@@ -564,8 +577,7 @@ def _bind_admin_socket(path: str) -> socket.socket:
         os.makedirs(directory, mode=0o755, exist_ok=True)
     except OSError as exc:
         raise KernelError.from_oserror("create directory", directory, exc) from None
-    if os.path.lexists(path) and server_answers(path):
-        raise AlreadyExists(f"admin socket {path} is in use: is another fcrun serve running?")
+    _refuse_if_served(path)
     sock = bind_private(path, what="admin socket", where="admin_socket")
     sock.setblocking(False)
     return sock
