@@ -14,7 +14,12 @@ listen=127.0.0.1:8080
 
 # The demo site lives in this checkout: allow docroots under examples/ (by default only
 # /srv and /var/www are; see docroot_roots in README), for `app add` and for serve.
-export FCRUN_CONFIG=${FCRUN_CONFIG:-$(mktemp /tmp/fcrun-demo-XXXXXX.toml)}
+made_config=
+if [ -z "${FCRUN_CONFIG:-}" ]; then
+    FCRUN_CONFIG=$(mktemp /tmp/fcrun-demo-XXXXXX.toml)
+    made_config=$FCRUN_CONFIG
+fi
+export FCRUN_CONFIG
 [ -s "$FCRUN_CONFIG" ] || printf 'docroot_roots = ["%s"]\n' "$PWD/examples" > "$FCRUN_CONFIG"
 
 $fcrun image build apache-php
@@ -24,7 +29,7 @@ $fcrun app add demo.test --image apache-php --docroot "$PWD/examples/demo-site" 
 
 $fcrun serve --listen "$listen" &
 serve_pid=$!
-trap 'kill -TERM $serve_pid 2>/dev/null; wait $serve_pid 2>/dev/null || true' EXIT
+trap 'kill -TERM $serve_pid 2>/dev/null; wait $serve_pid 2>/dev/null || true; [ -z "$made_config" ] || rm -f "$made_config"' EXIT
 for _ in $(seq 100); do
     .venv/bin/python -c "import socket; socket.create_connection(('127.0.0.1', 8080), 0.2)" 2>/dev/null && break
     sleep 0.1
