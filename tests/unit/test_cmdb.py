@@ -85,15 +85,6 @@ def test_list_apps_orders_by_name_and_keeps_alias_order(db):
     assert apps[1].all_hostnames == ["b.test", "z.test", "y.test"]
 
 
-def test_missing_apps_are_not_found(db):
-    with pytest.raises(NotFound):
-        db.get_app("nope.test")
-    with pytest.raises(NotFound):
-        db.update_app("nope.test", AppUpdate(cpu=0.5))
-    with pytest.raises(NotFound):
-        db.remove_app("nope.test")
-
-
 def test_app_for_host_ignores_port_case_and_trailing_dot(db):
     app = db.add_app(App(name="example.test", image="x", hostnames=["www.example.test"]))
     assert db.app_for_host("example.test") == app
@@ -222,20 +213,6 @@ def test_an_app_is_found_by_its_host_as_a_client_writes_it(db, host):
 def test_other_hosts_find_no_app(db, host):
     db.add_app(App(name="a.test", image="x"))
     assert db.app_for_host(host) is None
-
-
-def test_instances_upsert_list_remove(db):
-    first = Instance(id="web-1", app="a.test", container="web-1", state="starting", ip="10.88.0.2", port=80,
-                     started_at=100.0)
-    db.upsert_instance(first)
-    db.upsert_instance(Instance(id="other-1", app="b.test", container="other-1", state="ready", started_at=50.0))
-    ready = msgspec.structs.replace(first, state="ready", requests=7, last_request_at=120.0, cpu=0.6)
-    db.upsert_instance(ready)
-    assert db.list_instances("a.test") == [ready]
-    assert [i.id for i in db.list_instances()] == ["web-1", "other-1"]
-    assert db.remove_instance("web-1") is True
-    assert db.remove_instance("web-1") is False
-    assert [i.id for i in db.list_instances()] == ["other-1"]
 
 
 def test_events_order_limit_since_and_app(db):
