@@ -20,6 +20,7 @@ from fcrun.runtime.options import RunOptions, spec_from_image
 from fcrun.runtime.spec import Namespace
 from hostcheck import BRIDGE, CGROUP_PARENT, SUBNET
 from polling import wait_until
+from capture import run_captured
 
 pytestmark = [pytest.mark.root]
 
@@ -77,20 +78,7 @@ def _new(*types: str, **paths: str) -> list[Namespace]:
 
 def _run(rt, name, spec):
     """Run to completion (no init: pid 1 only in a new pid namespace); (exit code, output)."""
-    r, w = os.pipe()
-    null = os.open("/dev/null", os.O_RDONLY)
-    try:
-        container = rt.run(name, spec, stdio=(null, w, w), init=False)
-    finally:
-        os.close(w)
-        os.close(null)
-    chunks = []
-    while chunk := os.read(r, 65536):
-        chunks.append(chunk)
-    os.close(r)
-    code = container.wait()
-    rt.delete(name)
-    return code, b"".join(chunks).decode()
+    return run_captured(rt, name, spec, init=False)
 
 
 def _ns(pid, kind: str) -> str:

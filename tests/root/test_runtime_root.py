@@ -20,6 +20,7 @@ from fcrun.runtime.spec import Mount
 from fcrun.runtime.options import RunOptions, spec_from_image
 from hostcheck import CGROUP_PARENT, host_snapshot, settled_snapshot
 from polling import http_get_when_up, wait_until
+from capture import run_captured
 
 pytestmark = [pytest.mark.root]
 
@@ -27,20 +28,7 @@ pytestmark = [pytest.mark.root]
 def run(rt, image, name, args, *, detach=False, init=True, **opts):
     """Run to completion with stdout+stderr captured; returns (exit code, output)."""
     spec = spec_from_image(image, RunOptions(args=args, **opts), name=name)
-    r, w = os.pipe()
-    null = os.open("/dev/null", os.O_RDONLY)
-    try:
-        container = rt.run(name, spec, image=image, stdio=(null, w, w), init=init, detach=detach)
-    finally:
-        os.close(w)
-        os.close(null)
-    chunks = []
-    while chunk := os.read(r, 65536):
-        chunks.append(chunk)
-    os.close(r)
-    code = container.wait()
-    rt.delete(name)
-    return code, b"".join(chunks).decode()
+    return run_captured(rt, name, spec, image=image, init=init, detach=detach)
 
 
 def _drain(fd):

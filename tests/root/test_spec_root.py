@@ -17,6 +17,7 @@ from fcrun.runtime.hooks import BUNDLE_LABEL
 from fcrun.runtime.options import RunOptions, spec_from_image
 from fcrun.runtime.spec import Hook, Hooks, Mount, Namespace
 from hostcheck import host_snapshot, settled_snapshot
+from capture import run_captured
 
 pytestmark = [pytest.mark.root]
 
@@ -27,20 +28,7 @@ def _spec(image, name, script, **opts):
 
 def _run(rt, image, name, spec, **kw):
     """Run to completion; returns (exit code, output). The container is deleted."""
-    r, w = os.pipe()
-    null = os.open("/dev/null", os.O_RDONLY)
-    try:
-        container = rt.run(name, spec, image=image, stdio=(null, w, w), **kw)
-    finally:
-        os.close(w)
-        os.close(null)
-    chunks = []
-    while chunk := os.read(r, 65536):
-        chunks.append(chunk)
-    os.close(r)
-    code = container.wait()
-    rt.delete(name)
-    return code, b"".join(chunks).decode()
+    return run_captured(rt, name, spec, image=image, **kw)
 
 
 def _recorder(tmp_path, stage):
