@@ -20,6 +20,21 @@ from test_podman_root import IMAGE, busybox_archive, podman, read_terminal  # no
 pytestmark = [pytest.mark.root]
 
 
+CONSOLE = "<console socket>"  # master_from puts the socket's path here
+
+
+def master_from(oci, socket_path: str, *args: str) -> int:
+    """Run `fcrun-oci ARGS` (CONSOLE among them: the console socket's path) and return the pty
+    master it sent over the socket, as an engine receives it."""
+    console = ConsoleSocket(socket_path)
+    try:
+        r = oci.with_files(*(console.path if a == CONSOLE else a for a in args))
+        assert r.returncode == 0, r.stderr
+        return console.receive_master()
+    finally:
+        console.close()
+
+
 def edit_config(bundle: str, change) -> None:
     path = os.path.join(bundle, "config.json")
     with open(path) as f:
@@ -165,13 +180,8 @@ def test_the_terminal_is_the_containers_own_pty(oci, tmp_path):
         document["process"]["consoleSize"] = {"height": 33, "width": 99}
 
     edit_config(bundle, with_terminal)
-    console = ConsoleSocket(str(tmp_path / "console.sock"))
-    try:
-        r = oci.with_files("create", "--bundle", bundle, "--console-socket", console.path, "p1")
-        assert r.returncode == 0, r.stderr
-        master = console.receive_master()
-    finally:
-        console.close()
+    master = master_from(oci, str(tmp_path / "console.sock"), "create", "--bundle", bundle, "--console-socket",
+                         CONSOLE, "p1")
     try:
         assert oci("start", "p1").returncode == 0
         seen = read_until(master, "devpts-ok")
@@ -180,14 +190,8 @@ def test_the_terminal_is_the_containers_own_pty(oci, tmp_path):
         os.write(master, b"byte-round-trip\n")
         read_until(master, "got:byte-round-trip")
 
-        console = ConsoleSocket(str(tmp_path / "exec.sock"))
-        try:
-            r = oci.with_files("exec", "--tty", "--detach", "--console-socket", console.path, "--user", "1000:1000",
-                               "p1", "sh", "-c", TERMINAL_PROBE)
-            assert r.returncode == 0, r.stderr
-            exec_master = console.receive_master()
-        finally:
-            console.close()
+        exec_master = master_from(oci, str(tmp_path / "exec.sock"), "exec", "--tty", "--detach", "--console-socket",
+                                  CONSOLE, "--user", "1000:1000", "p1", "sh", "-c", TERMINAL_PROBE)
         try:
             seen = read_until(exec_master, "devpts-ok")
             assert "fd0=/dev/pts/1" in seen and "tty=/dev/pts/1" in seen and "owner=1000" in seen, seen
@@ -202,13 +206,8 @@ def test_the_terminal_is_the_containers_own_pty(oci, tmp_path):
         path = str(tmp_path / "process.json")
         with open(path, "w") as f:
             json.dump(process, f)
-        console = ConsoleSocket(str(tmp_path / "exec2.sock"))
-        try:
-            r = oci.with_files("exec", "--process", path, "--detach", "--console-socket", console.path, "p1")
-            assert r.returncode == 0, r.stderr
-            exec_master = console.receive_master()
-        finally:
-            console.close()
+        exec_master = master_from(oci, str(tmp_path / "exec2.sock"), "exec", "--process", path, "--detach",
+                                  "--console-socket", CONSOLE, "p1")
         try:
             seen = read_until(exec_master, "devpts-ok")
             assert "tty=/dev/pts/" in seen and "size=12 34" in seen and "owner=0" in seen, seen
@@ -230,13 +229,8 @@ def test_the_terminal_in_a_user_namespace(oci, tmp_path):
         document["linux"]["gidMappings"] = [{"containerID": 0, "hostID": 200000, "size": 65536}]
 
     edit_config(bundle, in_userns)
-    console = ConsoleSocket(str(tmp_path / "console.sock"))
-    try:
-        r = oci.with_files("create", "--bundle", bundle, "--console-socket", console.path, "u1")
-        assert r.returncode == 0, r.stderr
-        master = console.receive_master()
-    finally:
-        console.close()
+    master = master_from(oci, str(tmp_path / "console.sock"), "create", "--bundle", bundle, "--console-socket",
+                         CONSOLE, "u1")
     try:
         assert oci("start", "u1").returncode == 0
         seen = read_until(master, "devpts-ok")
@@ -245,14 +239,8 @@ def test_the_terminal_in_a_user_namespace(oci, tmp_path):
         os.write(master, b"in-userns\n")
         read_until(master, "got:in-userns")
 
-        console = ConsoleSocket(str(tmp_path / "exec.sock"))
-        try:
-            r = oci.with_files("exec", "--tty", "--detach", "--console-socket", console.path, "--user", "7:7",
-                               "u1", "sh", "-c", TERMINAL_PROBE)
-            assert r.returncode == 0, r.stderr
-            exec_master = console.receive_master()
-        finally:
-            console.close()
+        exec_master = master_from(oci, str(tmp_path / "exec.sock"), "exec", "--tty", "--detach", "--console-socket",
+                                  CONSOLE, "--user", "7:7", "u1", "sh", "-c", TERMINAL_PROBE)
         try:
             seen = read_until(exec_master, "devpts-ok")
             assert "tty=/dev/pts/1" in seen and "owner=7" in seen, seen
