@@ -4,6 +4,7 @@ node). Connect failures: any method; a connection closed without an answer: GET 
 
 import asyncio
 import contextlib
+import socket
 
 import pytest
 
@@ -36,6 +37,15 @@ class FailoverRouter(StaticRouter):
         return lease
 
 
+@pytest.fixture
+def closed_port():
+    """A port bound and never listened on: connects are refused, and no App or proxy started later
+    in the test can be given it (a closed App's port could be, and then nothing was refused)."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        yield sock.getsockname()[1]
+
+
 @contextlib.asynccontextmanager
 async def proxy(router):
     server = ProxyServer(router, ProxyConfig(timer_resolution_s=0.05))
@@ -57,12 +67,10 @@ async def request(port: int, method: str, path: str, body: bytes = b"") -> tuple
 
 
 @pytest.mark.parametrize("method", ["GET", "POST"])
-def test_an_upstream_that_refuses_connections_is_replaced_for_any_method(run, method):
+def test_an_upstream_that_refuses_connections_is_replaced_for_any_method(run, method, closed_port):
     async def main():
-        async with App() as dead:
-            dead_port = dead.port
         async with App() as alive:
-            router = FailoverRouter(dead_port, alive.port)
+            router = FailoverRouter(closed_port, alive.port)
             async with proxy(router) as port:
                 status, body = await request(port, method, "/hello", b"x" if method == "POST" else b"")
                 assert (status, body) == (200, b"hello")  # nothing reached the dead one: safe to resend
