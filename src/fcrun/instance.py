@@ -89,15 +89,8 @@ def make_instance(runtime, image, *, name: str, cpu: float | None, memory_bytes:
     spec = instance_spec(image, name=name, cpu=cpu, memory_bytes=memory_bytes, pids_max=pids_max, env=env,
                          seccomp=seccomp)
     slot = docroot_target(image) if docroot or pooled else None
-    container = runtime.create(name, spec, image=image, detach=True, labels=labels, slot=slot)
-    if docroot:
-        try:
-            runtime.fill_slot(name, docroot)
-        except BaseException:
-            runtime.delete(name, force=True)
-            raise
-    container.start()  # a failed start removes the container itself
-    return container
+    # One step (create + fill the slot + start): one state save, no stop at "created".
+    return runtime.run(name, spec, image=image, detach=True, labels=labels, slot=slot, slot_source=docroot or None)
 
 
 __all__ = ["DEFAULT_DOCROOT", "DEFAULT_PIDS_MAX", "MIN_PIDS_MAX", "docroot_target", "instance_spec", "make_instance",

@@ -99,6 +99,49 @@ def test_bad_fill_changes_nothing(runtime, busybox, tmp_path):
     assert os.path.join(slot, "content") not in mountpoints  # nothing was mounted on it
 
 
+def test_a_slot_filled_at_creation_is_there_for_the_first_command_read_only(runtime, busybox, tmp_path):
+    """Runtime.run(slot_source=...): how serve starts an app's instance, in one step."""
+    site = tmp_path / "site"
+    site.mkdir()
+    (site / "index.html").write_text("there from the start\n")
+    r, w = os.pipe()
+    spec = spec_from_image(busybox, RunOptions(args=["sh", "-c", "cat /srv/site/index.html; touch /srv/site/x 2>&1; "
+                                                     "grep ' /srv/site ' /proc/self/mountinfo"], network="none"),
+                           name="slot6")
+    try:
+        container = runtime.run("slot6", spec, image=busybox, stdio=(w, w, w), slot="/srv/site", slot_source=str(site))
+    finally:
+        os.close(w)
+    with os.fdopen(r, "rb") as f:
+        out = f.read().decode()
+    assert container.wait() == 0
+    assert out.startswith("there from the start\n")  # the command's first read found it
+    assert "Read-only file system" in out
+    top = [line for line in out.splitlines() if " /srv/site " in line][-1]
+    assert {"ro", "nosuid", "nodev", "noexec"} <= set(top.split()[5].split(","))
+    assert runtime.state("slot6").labels["fcrun.slot.source"] == str(site)
+    runtime.delete("slot6")
+    assert (site / "index.html").exists() and not (site / "x").exists()
+
+
+@pytest.mark.parametrize("source, slot, error", [
+    ("missing", "/srv/site", "does not exist"),
+    ("/etc", "/srv/site", "outside the allowed docroot roots"),
+    ("site", None, "needs a slot"),
+])
+def test_a_bad_slot_source_at_creation_makes_nothing(runtime, busybox, tmp_path, source, slot, error):
+    (tmp_path / "site").mkdir()
+    source = source if source.startswith("/") else str(tmp_path / source)
+    spec = spec_from_image(busybox, RunOptions(args=["true"], network="none"), name="slot7")
+    with pytest.raises(SpecError, match=error):
+        runtime.run("slot7", spec, image=busybox, detach=True, slot=slot, slot_source=source)
+    # Refused before the name was reserved: no state dir, so no slot, layer, cgroup or lease.
+    assert "slot7" not in runtime.states.names()
+    assert not os.path.exists(runtime.states.dir("slot7"))
+    with open("/proc/self/mountinfo") as f:
+        assert not any("slot7" in line for line in f)
+
+
 def test_hand_over_applies_limits_slot_labels_and_thaws_in_one_step(runtime, busybox, tmp_path):
     site = tmp_path / "site"
     site.mkdir()

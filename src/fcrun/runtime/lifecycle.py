@@ -125,7 +125,8 @@ class Runtime:
 
     def create(self, name: str, spec: Spec, *, image=None, detach: bool = False,
                stdio: tuple[int, int, int] | None = None, init: bool = True, labels: dict[str, str] | None = None,
-               slot: str | None = None, volatile_rootfs: bool | None = None, console_socket: int = -1) -> Container:
+               slot: str | None = None, slot_source: str | None = None, volatile_rootfs: bool | None = None,
+               console_socket: int = -1) -> Container:
         """Create a container: namespaces, rootfs, cgroup and network ready; process not yet run.
 
         `image` (an images.Image or its name) gives the overlay lower dirs; without it,
@@ -133,7 +134,8 @@ class Runtime:
 
         `slot`: a directory inside the container (e.g. a web server's docroot) that stays empty
         and read-only until `fill_slot` mounts a host directory there, while the container runs
-        (slots.py).
+        (slots.py). `slot_source`: that host directory, mounted there at once (fill_slot's rules
+        and mount, checked before anything is made).
 
         `volatile_rootfs` (None: the spec's "org.fcrun.rootfs" annotation, "tmpfs" meaning
         True): the writable layer is a tmpfs the child mounts in the container's own mount
@@ -153,7 +155,8 @@ class Runtime:
             everything made so far is undone first.
         """
         return self._create(name, spec, image=image, detach=detach, stdio=stdio, init=init, labels=labels,
-                            slot=slot, volatile_rootfs=volatile_rootfs, start=False, console_socket=console_socket)
+                            slot=slot, slot_source=slot_source, volatile_rootfs=volatile_rootfs, start=False,
+                            console_socket=console_socket)
 
     def run(self, name: str, spec: Spec, **kwargs) -> Container:
         """create + start, in one handshake. Returns the running container (call .wait() for
@@ -161,10 +164,12 @@ class Runtime:
         return self._create(name, spec, start=True, **kwargs)
 
     def _create(self, name: str, spec: Spec, *, start: bool, image=None, detach: bool = False, stdio=None,
-                init: bool = True, labels=None, slot=None, volatile_rootfs=None, console_socket: int = -1) -> Container:
+                init: bool = True, labels=None, slot=None, slot_source=None, volatile_rootfs=None,
+                console_socket: int = -1) -> Container:
         require_root()
         request = validate(self, name, spec, image=image, detach=detach, stdio=stdio, init=init, labels=labels,
-                           slot=slot, volatile_rootfs=volatile_rootfs, start=start, console_socket=console_socket)
+                           slot=slot, volatile_rootfs=volatile_rootfs, start=start, console_socket=console_socket,
+                           slot_source=slot_source)
         return Creation(self, request).run()
 
     # ----- queries -------------------------------------------------------------------------
@@ -344,11 +349,11 @@ class Runtime:
             or the container is not live. KernelError: the kernel refused.
         """
         require_root()
-        self._check_slot_source(source)
+        self.check_slot_source(source)
         with self.states.locked(name):
             state = self.state(name)
             check_allowed("fill_slot", name, state.status)
-            self._fill_slot(state, source)
+            self.mount_slot_source(state, source)
             self.states.save(state)
 
     def slot_dir(self, name: str) -> str:
@@ -359,10 +364,13 @@ class Runtime:
     def _own_roots(self) -> tuple[str, str]:
         return (self.paths.data_root, self.paths.run_root)
 
-    def _check_slot_source(self, source: str) -> None:
+    def check_slot_source(self, source: str) -> None:
+        """Raises SpecError when `source` breaks a docroot rule (fill_slot's)."""
         os.close(open_slot_source(source, self.docroot_roots, self._own_roots()))
 
-    def _fill_slot(self, state: ContainerState, source: str) -> None:
+    def mount_slot_source(self, state: ContainerState, source: str) -> None:
+        """Mount `source` on the slot of `state`'s container and label the state with it; the
+        lock and the save are the caller's (fill_slot, hand_over, a creation)."""
         fill_slot(state, self.states.dir(state.name), source, self.docroot_roots, self._own_roots())
 
     def hand_over(self, name: str, *, cpu: float | None = None, memory_bytes: int | None = None,
@@ -374,7 +382,7 @@ class Runtime:
         an error is raised and the caller should discard the container (a limit or the slot
         may already be applied)."""
         if slot_source is not None:
-            self._check_slot_source(slot_source)
+            self.check_slot_source(slot_source)
         with self.states.locked(name):
             state = self.state(name)
             check_allowed("hand_over", name, state.status)
@@ -382,7 +390,7 @@ class Runtime:
                 self._set_limits(state, cpu, memory_bytes, pids_max)
                 crash_point("claim.limits")
             if slot_source is not None:
-                self._fill_slot(state, slot_source)
+                self.mount_slot_source(state, slot_source)
                 crash_point("claim.slot")
             state.labels.update(labels or {})
             if APP_LABEL in (labels or {}):  # `fcrun app logs` finds an app's instances by this
