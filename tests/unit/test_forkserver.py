@@ -174,18 +174,16 @@ class FakeRuntime:
         os.makedirs(path, exist_ok=True)
         return path
 
-    def create(self, name, spec, *, image, detach, labels, slot=None):
-        """create + start are recorded as one "run" (instance.make_instance does both)."""
+    def run(self, name, spec, *, image, detach, labels, slot=None, slot_source=None):
+        """instance.make_instance's one step: create, fill the slot, start."""
         self.calls.append(("run", name, slot))
         if self.fail_run:
             raise ContainerError(self.fail_run)
         ip = f"10.0.0.{len(self.containers) + 2}"
         self.containers[name] = {"status": "running", "labels": dict(labels), "ip": ip, "slot": slot, "spec": spec}
-        return type("C", (), {"ip": ip, "pid": 1000 + len(self.containers), "start": lambda self: None})()
-
-    def fill_slot(self, name, source):
-        self.calls.append(("fill_slot", name, source))
-        self.containers[name]["docroot"] = source
+        if slot_source is not None:
+            self.containers[name]["docroot"] = slot_source
+        return type("C", (), {"ip": ip, "pid": 1000 + len(self.containers)})()
 
     def state(self, name):
         c = self.containers[name]

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from fcrun.errors import ContainerError
+from fcrun.errors import SpecError
 from fcrun.images.image import ImageConfig
 from fcrun.instance import DEFAULT_PIDS_MAX, docroot_target, instance_spec, make_instance
 from fcrun.runtime.options import ROOTFS_ANNOTATION
@@ -52,41 +52,35 @@ def test_the_docroot_target_is_the_images_or_the_default():
 
 
 class RecordingRuntime:
-    def __init__(self, fail_fill=False):
+    """Runtime.run as make_instance calls it; refuses a slot_source under /etc, as the real
+    one does (before it makes anything: tests/root/test_slot_root.py)."""
+
+    def __init__(self):
         self.calls = []
-        self.fail_fill = fail_fill
 
-    def create(self, name, spec, *, image, detach, labels, slot):
-        self.calls.append(("create", name, slot, detach))
-        runtime = self
-        return type("C", (), {"start": lambda self: runtime.calls.append(("start", name))})()
-
-    def fill_slot(self, name, source):
-        self.calls.append(("fill_slot", name, source))
-        if self.fail_fill:
-            raise ContainerError("refused")
-
-    def delete(self, name, force=False):
-        self.calls.append(("delete", name, force))
+    def run(self, name, spec, *, image, detach, labels, slot, slot_source):
+        if slot_source and slot_source.startswith("/etc"):
+            raise SpecError(f"{slot_source} is outside the allowed docroot roots", "slot_source")
+        self.calls.append(("run", name, slot, slot_source, detach))
+        return f"container {name}"
 
 
-def test_the_docroot_is_filled_into_the_slot_before_the_server_starts():
+def test_the_docroot_is_mounted_in_the_slot_as_the_instance_is_made_in_one_step():
     rt = RecordingRuntime()
-    make_instance(rt, Image(), name="a-1", cpu=0.5, memory_bytes=None, labels={}, docroot="/srv/a")
-    assert rt.calls == [("create", "a-1", "/var/www/html", True), ("fill_slot", "a-1", "/srv/a"), ("start", "a-1")]
+    made = make_instance(rt, Image(), name="a-1", cpu=0.5, memory_bytes=None, labels={}, docroot="/srv/a")
+    assert made == "container a-1"
+    assert rt.calls == [("run", "a-1", "/var/www/html", "/srv/a", True)]
 
 
 def test_without_a_docroot_the_image_serves_its_own_and_a_pooled_instance_gets_an_empty_slot():
     rt = RecordingRuntime()
     make_instance(rt, Image(), name="a-1", cpu=0.5, memory_bytes=None, labels={})
     make_instance(rt, Image(), name="p-1", cpu=0.5, memory_bytes=None, labels={}, pooled=True)
-    assert rt.calls == [("create", "a-1", None, True), ("start", "a-1"), ("create", "p-1", "/var/www/html", True),
-                        ("start", "p-1")]
+    assert rt.calls == [("run", "a-1", None, None, True), ("run", "p-1", "/var/www/html", None, True)]
 
 
-def test_a_refused_docroot_leaves_no_instance():
-    rt = RecordingRuntime(fail_fill=True)
-    with pytest.raises(ContainerError):
+def test_a_refused_docroot_is_the_runtimes_error_and_nothing_else_is_called():
+    rt = RecordingRuntime()
+    with pytest.raises(SpecError, match="outside the allowed docroot roots"):
         make_instance(rt, Image(), name="a-1", cpu=0.5, memory_bytes=None, labels={}, docroot="/etc")
-    assert rt.calls[-1] == ("delete", "a-1", True)
-    assert ("start", "a-1") not in rt.calls
+    assert rt.calls == []
