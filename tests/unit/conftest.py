@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import shutil
+import socket
 import tempfile
 
 import pytest
@@ -31,3 +32,13 @@ def short_dir():
     path = tempfile.mkdtemp(prefix="fc-", dir="/tmp")
     yield path
     shutil.rmtree(path, ignore_errors=True)
+
+
+@pytest.fixture
+def closed_port():
+    """A loopback port bound and never listened on: connects to it are refused, and nothing else
+    in the test (a server, a proxy on port 0) can be given it, as it could the port of a server
+    that was closed (then the "refused" upstream was the test's own proxy or another server)."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        yield sock.getsockname()[1]

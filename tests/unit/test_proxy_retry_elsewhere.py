@@ -4,7 +4,6 @@ node). Connect failures: any method; a connection closed without an answer: GET 
 
 import asyncio
 import contextlib
-import socket
 
 import pytest
 
@@ -35,15 +34,6 @@ class FailoverRouter(StaticRouter):
         lease = RecordingLease(("127.0.0.1", self.second), instance_id="second")
         self.leases.append(lease)
         return lease
-
-
-@pytest.fixture
-def closed_port():
-    """A port bound and never listened on: connects are refused, and no App or proxy started later
-    in the test can be given it (a closed App's port could be, and then nothing was refused)."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        yield sock.getsockname()[1]
 
 
 @contextlib.asynccontextmanager

@@ -458,11 +458,9 @@ def test_websocket_style_upgrade_is_tunnelled(run):
     run(main)
 
 
-def test_upstream_down_is_502(run):
+def test_upstream_down_is_502(run, closed_port):
     async def main():
-        async with App() as app:
-            port_of_nothing = app.port
-        async with proxy({"a.test": port_of_nothing}) as (_, router, port):
+        async with proxy({"a.test": closed_port}) as (_, router, port):
             status, _, body = await get(port)
             assert status == 502 and b"a.test" in body
             assert settled_once(router) == [502]

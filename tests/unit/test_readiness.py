@@ -19,13 +19,6 @@ def listening():
         yield sock.getsockname()[1]
 
 
-@pytest.fixture
-def closed_port():
-    with socket.socket() as sock:  # bound, never listening: connects are refused
-        sock.bind(("127.0.0.1", 0))
-        yield sock.getsockname()[1]
-
-
 def answer(probe: ConnectProbe) -> bool:
     """The probe's outcome once its connect was answered (loopback answers at once)."""
     select.select([], [probe], [], 5.0)
