@@ -42,7 +42,7 @@ from .placement import EVENT_KIND, Cluster, Placement, Policy, place
 
 log = logging.getLogger("fcrun.cluster")
 
-REFRESH_S = 0.25  # how often nodes, placements and instances are re-read
+REFRESH_S = 0.25  # how often placements and instances are re-read (the nodes: nodes_cache.py, 1 s)
 REFUSAL_EVENT_S = 10.0  # a refused placement is recorded at most this often per app (a flood of 503s is not)
 SUSPECT_S = NODE_LEASE_S  # a node that failed a request is avoided this long (it is down by then)
 

@@ -2,7 +2,8 @@
 its caches current. No containers, no fork-server, no cgroups: a front needs no root.
 
 Its tasks: the proxy; `AppWatch` (LISTEN/NOTIFY, polling when that breaks) re-reading the apps;
-a refresh every REFRESH_S of nodes, placements and instances; a heartbeat with role ``front``
+a refresh every REFRESH_S of placements and instances, and of the nodes once a second
+(nodes_cache.py); a heartbeat with role ``front``
 (so that `fcrun node ls` shows it). The CMDB being away does not stop it: it routes from what
 it read last, and says so once in the log.
 """
@@ -24,6 +25,7 @@ from ..serve.records import Recorder
 from ..serve.sdnotify import Notifier
 from ..tasks import TaskOwner
 from .front import REFRESH_S, FrontRouter
+from .nodes_cache import NodesCache
 from .node import BEAT_S
 from .placement import Policy
 
@@ -42,6 +44,7 @@ class FrontServe:
         self.clock = clock
         self.tasks = TaskOwner("front", on_failure=lambda exc: self.request_stop())
         self.cmdb: CMDB | None = None
+        self.nodes: NodesCache | None = None
         self.records: Recorder | None = None
         self.router: FrontRouter | None = None
         self.proxy: ProxyServer | None = None
@@ -55,6 +58,7 @@ class FrontServe:
     async def start(self) -> None:
         cfg = self.config
         self.cmdb = await asyncio.to_thread(open_cmdb, cfg.paths, cfg.cmdb.url)
+        self.nodes = NodesCache(self.cmdb.list_nodes, clock=self.clock)  # re-read once a beat, not every REFRESH_S
         self.records = Recorder(self.cmdb, self.tasks.scope("records"), node=self.name)
         policy = Policy(memory_overcommit=cfg.cluster.memory_overcommit, cpu_overcommit=cfg.cluster.cpu_overcommit)
         self.router = FrontRouter(self.cmdb, name=self.name, policy=policy, event=self.records.event,
@@ -83,7 +87,7 @@ class FrontServe:
         gc.freeze()
 
     def _read(self):
-        return self.cmdb.list_nodes(), self.cmdb.list_placements(), self.cmdb.holders()
+        return self.nodes.read(), self.cmdb.list_placements(), self.cmdb.holders()
 
     async def _refresh(self) -> None:
         try:

@@ -38,6 +38,7 @@ from typing import Any, Callable
 from ..cmdb.base import CMDB, NODE_LEASE_S, CMDBError
 from ..cmdb.models import App
 from ..cmdb.nodes import NodeBeat, NodeRecord, PlacementRow
+from .nodes_cache import NodesCache
 from .placement import EVENT_KIND, Cluster, NodeFigures, Policy, place, place_scale_out
 
 log = logging.getLogger("fcrun.cluster")
@@ -101,6 +102,7 @@ class NodeAgent:
         self.policy = policy
         self.pool = pool
         self.pool_memory_bytes = pool_memory_bytes
+        self.nodes = NodesCache(cmdb.list_nodes, clock=clock)  # re-read once a beat, not every FOLLOW_S
         self.pool_cpu = pool_cpu
         self.event = event
         self.spawn = spawn
@@ -225,7 +227,7 @@ class NodeAgent:
 
     def _read(self) -> tuple[list[NodeRecord], tuple[list[PlacementRow], list[tuple[str, str]]]]:
         # Only the apps placed here matter, but their other placements and instances too.
-        return self.cmdb.list_nodes(), self.cmdb.apps_on(self.name)
+        return self.nodes.read(), self.cmdb.apps_on(self.name)
 
     def _local_instances(self, app: str) -> int:
         state = self.manager.apps.get(app)
