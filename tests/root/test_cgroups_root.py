@@ -401,3 +401,53 @@ def test_serve_in_a_delegated_cgroup_moves_into_a_supervisor_leaf_and_builds_bes
             if os.path.exists(d):
                 os.rmdir(d)
         os.rmdir(unit)
+
+
+# --- the move primer (cgroups/primer.py) ---------------------------------------------------------
+
+def _alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().split(") ")[1][0] != "Z"
+    except FileNotFoundError:
+        return False
+
+
+def test_the_move_primer_lives_in_a_group_of_its_own_and_close_leaves_nothing(reg, driver):
+    from fcrun.cgroups.primer import MovePrimer, is_group_name
+
+    primer = MovePrimer(driver)
+    try:
+        group = primer.cgroup
+        assert is_group_name(group.name) and group.pids() == [primer.pid]
+        with open(f"/proc/{primer.pid}/cgroup") as f:
+            assert f"/{group.name}\n" in f.read()  # in it in the hierarchies, beneath our parent
+        primer.prime()
+        primer.prime()  # while it primes: never blocks, never raises
+        time.sleep(0.1)  # past PRIME_FOR_S: it moved itself where it was, and is there still
+        assert group.pids() == [primer.pid] and _alive(primer.pid)
+    finally:
+        primer.close()
+    assert not _alive(primer.pid)
+    assert not any(os.path.exists(d) for d in group.dirs())
+
+
+def test_a_dead_primers_group_is_stale_and_a_live_ones_is_not(reg, driver):
+    from fcrun.cgroups.primer import MovePrimer, remove_stale
+
+    dead = MovePrimer(driver)
+    try:
+        os.kill(dead.pid, signal.SIGKILL)  # as when its fork-server is killed (PDEATHSIG)
+        os.waitpid(dead.pid, 0)
+        dead.prime()  # it is gone: the write fails once, is logged, and priming stops
+        dead.prime()
+        assert remove_stale(driver) == [dead.cgroup.name]  # `fcrun gc` and a new fork-server do this
+        assert not any(os.path.exists(d) for d in dead.cgroup.dirs())
+    finally:
+        dead.close()  # its group is gone already, its process reaped: nothing more to do
+    live = MovePrimer(driver)
+    try:
+        assert remove_stale(driver) == []  # another fork-server's primer, alive: left alone
+        assert live.cgroup.pids() == [live.pid]
+    finally:
+        live.close()

@@ -103,6 +103,15 @@ def test_good_requests_pass(tmp_path):
 # ----- the server's request handling (no socket) -------------------------------------------------
 
 
+def test_a_start_wakes_the_move_primer_before_the_instance_is_made():
+    runtime = FakeRuntime()
+    runtime.move_primer = type("Primer", (), {"prime": lambda self: runtime.calls.append(("prime",))})()
+    server = ForkServer(Pool(runtime), listener=None)
+    reply = server._handle(p.frame(p.Start(image="apache-php", name="a-1", labels={}, limits=LIMITS))[4:])
+    assert isinstance(reply, p.Made)
+    assert runtime.calls[:2] == [("prime",), ("run", "a-1", None)]
+
+
 def test_a_bad_request_gets_failed_and_changes_nothing():
     pool = Pool(FakeRuntime())
     server = ForkServer(pool, listener=None)
@@ -157,6 +166,7 @@ class FakeRuntime:
         self.states = self
         self.slots = FakeRuntime.slots_root
         self.warmed: list[tuple[str, int]] = []  # send_warm_up_requests calls: (ip, requests)
+        self.move_primer = None  # the fork-server's cgroups.primer.MovePrimer, when it has one
 
     def get(self, name):
         if name not in self.image_names:

@@ -35,6 +35,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from ..cgroups.primer import MovePrimer
 from ..errors import FcrunError, SpecError, command_exit_code
 from ..logs.serverlog import LOG_FORMAT_ENV, configure
 from ..runrequest import run_spec
@@ -236,6 +237,8 @@ class ForkServer:
                 case p.Claim():
                     return self.pool.claim(request)
                 case p.Start():
+                    if (primer := self.pool.runtime.move_primer) is not None:
+                        primer.prime()  # before the image and spec are read: its grace period ends the sooner
                     return self.pool.start(request)
                 case p.SetPool():
                     self.pool.set_sizes(request.sizes)
@@ -471,6 +474,7 @@ def main(argv: list[str] | None = None) -> int:
         adopted, removed = pool.adopt()
         if adopted or removed:
             log.info("adopted %d pooled instances, removed %d half-made ones", len(adopted), len(removed))
+        primer = start_primer(runtime, run_runtime)  # forks: before any thread or listener
         listener = listen(args.socket)
     except (FcrunError, OSError) as exc:
         print(f"fcrun forkserver: {exc}", file=sys.stderr)
@@ -482,4 +486,30 @@ def main(argv: list[str] | None = None) -> int:
         listener.close()
         with contextlib.suppress(FileNotFoundError):
             os.unlink(args.socket)
+        if primer is not None:
+            stop_primer(primer, runtime)
     return 0
+
+
+def start_primer(*runtimes: Runtime) -> MovePrimer | None:
+    """The cgroup move primer every creation of these runtimes wakes (cgroups/primer.py); None
+    when it cannot be made (creations are then as fast as the kernel lets a lone move be)."""
+    try:
+        primer = MovePrimer(runtimes[0].cgroups)
+    except (FcrunError, OSError) as exc:
+        log.warning("no cgroup move primer (a start's cgroup move will wait for the kernel): %s", exc)
+        return None
+    for runtime in runtimes:
+        runtime.move_primer = primer
+    return primer
+
+
+def stop_primer(primer: MovePrimer, runtime: Runtime) -> None:
+    try:
+        primer.close()
+    except (FcrunError, OSError) as exc:
+        log.warning("cannot remove the cgroup move primer's group (fcrun gc will): %s", exc)
+        return
+    if not runtime.states.names():  # the cgroup parent held only the primer's group
+        with contextlib.suppress(FcrunError, OSError):
+            runtime.cgroups.remove_parent_if_empty()

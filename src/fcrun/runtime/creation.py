@@ -274,6 +274,8 @@ class Creation:
         return container
 
     def _make(self) -> None:
+        if self.runtime.move_primer is not None:
+            self.runtime.move_primer.prime()  # its grace period passes while we work (cgroups/primer.py)
         request = self.request
         self.state = ContainerState(
             name=self.name, status="creating", spec=request.spec, image=request.image.name if request.image else "",

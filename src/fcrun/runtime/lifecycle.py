@@ -19,6 +19,7 @@ import msgspec
 
 from .. import syscalls as sc
 from ..cgroups import Cgroup, CgroupDriver, detect
+from ..cgroups.primer import remove_stale as remove_stale_primers
 from ..crashpoints import crash_point
 from ..docroot import DEFAULT_DOCROOT_ROOTS
 from ..errors import FcrunError, NotFound, NotPermitted, SpecError
@@ -76,6 +77,7 @@ class Runtime:
         if spawner is None:
             spawner = {"0": False, "1": True}.get(os.environ.get("FCRUN_SPAWNER", ""))
         self.spawner_mode = spawner
+        self.move_primer = None  # a cgroups.primer.MovePrimer the fork-server sets: primed at each creation
         self.docroot_roots = tuple(docroot_roots)
         self.states = StateStore(self.paths.containers)
         self.storage = Storage(self.paths)
@@ -506,6 +508,7 @@ class Runtime:
                 self.storage.remove(name)
                 removed.append(f"storage:{name}")
         removed += [f"logs:{name}" for name in self.expire_logs(time.time())]
+        removed += [f"cgroup:{name}" for name in remove_stale_primers(self.cgroups)]  # a killed fork-server's
         return removed
 
     def expire_logs(self, now: float) -> list[str]:

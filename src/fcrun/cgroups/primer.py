@@ -1,0 +1,149 @@
+"""A process that pays a cgroup move's RCU grace period while a creation does other work.
+
+A move into a cgroup takes the kernel's cgroup_threadgroup_rwsem for writing, and the first
+writer after a quiet spell waits for an RCU grace period; writers within about one grace period
+after the last one do not (bench/cgroup_move.py: 4.8 ms p50 and 12 ms p99 alone, 0.12 ms right
+after another move). A serve's starts are seconds apart, so each start's move waited in full:
+10.5 ms of the fork-server's 23 (bench/README.md, "Start from nothing").
+
+So the fork-server keeps a primer: a small child of its own, in a group of its own beneath the
+cgroup parent (``fcrun-move-primer-<fork-server pid>___...``, padded with "_" beyond 128
+characters, the longest container name, so that it is never a container's group). `prime()` (a byte on a pipe, at the start
+of every creation) wakes it, and for PRIME_FOR_S it moves itself into its own group every
+PRIME_EVERY_S: "0" written to that group's cgroup.procs, a move of nothing (it is already
+there) that still takes the semaphore. Its first write pays the grace period beside the
+creation's user namespace, mounts and forks; the creation's own move, some 10 ms later, finds
+the semaphore's fast path. Moving itself ("0") names no pid, so no pid reuse can make it move
+anyone else, and it touches no group but its own.
+
+What it costs: one forked process per fork-server (its memory shared with the fork-server's,
+copy-on-write) and, during a creation, ~25 writes that each hold forks and exits on the host
+back for microseconds (as any move does). Without a primer (it died, or could not be made)
+creations go on as before: `prime()` never raises.
+
+Resource handling: `close()` ends the primer (EOF on its pipe; PR_SET_PDEATHSIG should the
+fork-server die first) and removes its group; `remove_stale` removes the groups of primers
+that are gone (an empty group: its primer died with a killed fork-server).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import signal
+import time
+
+from .. import syscalls as sc
+from ..errors import FcrunError
+from .base import Cgroup, CgroupDriver
+from .limits import Limits
+
+PRIME_FOR_S = 0.05  # a creation's move comes ~10 ms after its start; a fork-server's creation takes ~20 ms
+PRIME_EVERY_S = 0.002  # well within a grace period (~5 ms here), so the fast path never lapses
+GROUP_PREFIX = "fcrun-move-primer-"
+GROUP_NAME_LEN = 130  # longer than any container name (128: runtime/state.py), so never a container's
+
+
+def group_name(owner_pid: int) -> str:
+    return f"{GROUP_PREFIX}{owner_pid}".ljust(GROUP_NAME_LEN, "_")
+
+
+def is_group_name(name: str) -> bool:
+    head = name.rstrip("_")
+    return len(name) == GROUP_NAME_LEN and head.startswith(GROUP_PREFIX) and head[len(GROUP_PREFIX):].isdigit()
+
+log = logging.getLogger(__name__)
+
+
+class MovePrimer:
+    """The primer process and its group (see the module's docstring)."""
+
+    def __init__(self, driver: CgroupDriver):
+        """Start the primer. Call it while the process has no other thread (it forks).
+
+        Raises:
+            FcrunError, OSError: the group could not be made, or the fork failed; nothing is left.
+        """
+        self.cgroup: Cgroup = driver.create(group_name(os.getpid()), Limits())
+        procs = self.cgroup.procs_files()[0]
+        cmd_r, self._cmd_w = os.pipe2(os.O_CLOEXEC)
+        self.pid = -1
+        try:
+            self.pid = os.fork()
+            if self.pid == 0:  # pragma: no cover - the primer itself, until _exit
+                _primer_main(cmd_r, procs)
+            # In its group from the start: a group without a process is a dead primer's (remove_stale).
+            self.cgroup.add(self.pid)
+        except BaseException:
+            os.close(self._cmd_w)  # the primer, if any, exits at this EOF; destroy kills it anyway
+            self._cmd_w = -1
+            self.cgroup.destroy()
+            if self.pid > 0:
+                os.waitpid(self.pid, 0)
+            raise
+        finally:
+            os.close(cmd_r)
+        os.set_blocking(self._cmd_w, False)
+
+    def prime(self) -> None:
+        """Have the primer take the semaphore for the next PRIME_FOR_S. Never raises."""
+        if self._cmd_w < 0:
+            return
+        try:
+            os.write(self._cmd_w, b"p")
+        except BlockingIOError:
+            pass  # bytes are waiting already: it is priming
+        except OSError as exc:  # EPIPE: it died; creations go on unprimed
+            log.warning("move primer %d is gone (%s): cgroup moves are no longer primed", self.pid, exc)
+            os.close(self._cmd_w)
+            self._cmd_w = -1
+
+    def close(self) -> None:
+        """End the primer, wait for it, remove its group."""
+        if self._cmd_w >= 0:
+            os.close(self._cmd_w)
+            self._cmd_w = -1
+        with contextlib.suppress(ChildProcessError):
+            os.waitpid(self.pid, 0)
+        self.cgroup.destroy()
+
+
+def remove_stale(driver: CgroupDriver) -> list[str]:
+    """Remove primer groups without a process (their fork-server was killed; its primer died
+    with it). Returns their names. A live primer's group is left alone (another fork-server's)."""
+    parent = os.path.dirname(driver.paths_for(group_name(0))[driver.keys[0]])
+    try:
+        names = [n for n in os.listdir(parent) if is_group_name(n)]
+    except FileNotFoundError:
+        return []
+    removed = []
+    for name in names:
+        cgroup = driver.load(driver.paths_for(name))
+        try:
+            if cgroup.pids():
+                continue
+            cgroup.destroy()
+        except (FcrunError, OSError) as exc:
+            log.warning("cannot remove stale move primer group %s: %s", name, exc)
+            continue
+        removed.append(name)
+    return removed
+
+
+def _primer_main(cmd_r: int, procs: str) -> None:  # pragma: no cover - runs in the forked child
+    try:
+        for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGCHLD, signal.SIGPIPE):
+            signal.signal(sig, signal.SIG_DFL)
+        sc.prctl(sc.PR_SET_PDEATHSIG, signal.SIGKILL)
+        os.closerange(3, cmd_r)
+        os.closerange(cmd_r + 1, os.sysconf("SC_OPEN_MAX"))
+        fd = os.open(procs, os.O_WRONLY | os.O_CLOEXEC)
+        while os.read(cmd_r, 64):  # EOF: the fork-server closed it, or is gone
+            until = time.monotonic() + PRIME_FOR_S
+            while time.monotonic() < until:
+                with contextlib.suppress(OSError):  # its group removed under it, say: priming stops working, nothing more
+                    os.write(fd, b"0")  # itself, into its own group
+                time.sleep(PRIME_EVERY_S)
+    finally:
+        os._exit(0)
