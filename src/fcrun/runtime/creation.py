@@ -7,9 +7,10 @@
     rootfs     overlay dirs (storage.py) or a tmpfs layer, or the spec's root as it is
     plan       stdio, init, ChildPlan (plan.py)
     child      forked (process.py: here or by the spawner); the handshake is child.py's
-    cgroup     made while the child mounts its rootfs; the child moved in on a thread
-    network    the veth into the child's netns (bridge mode), meanwhile
-    record     the one save of state.json, meanwhile; then the move is awaited, and "J" (or "JS": run)
+    cgroup     made, and the child moved in on a thread, while the child mounts its rootfs
+    network    the veth into the child's netns (bridge mode); with a move primer (the
+               fork-server's), before the cgroup instead
+    record     the one save of state.json; then the move is awaited, and "J" (or "JS": run)
     handshake  "R", then "C" (created) or the exec (run)
 
 Resource handling: every step registers its undo; on any failure they run in reverse, so a
@@ -274,8 +275,9 @@ class Creation:
         return container
 
     def _make(self) -> None:
-        if self.runtime.move_primer is not None:
-            self.runtime.move_primer.prime()  # its grace period passes while we work (cgroups/primer.py)
+        primer = self.runtime.move_primer
+        if primer is not None:
+            primer.prime()  # its grace period passes while we work (cgroups/primer.py)
         request = self.request
         self.state = ContainerState(
             name=self.name, status="creating", spec=request.spec, image=request.image.name if request.image else "",
@@ -297,15 +299,21 @@ class Creation:
         self.child = start_child(self._plan(), self.runtime.spawner_mode)
         self.undo.callback(self.child.abandon)
         crash_point("create.spawned")
-        move = self._cgroup()
-        crash_point("create.cgroup")
+        self.state.pid = self.child.wait_pid()
+        self.state.pid_start_time = proc_start_time(self.state.pid)
         go = b"JS" if request.start else b"J"
         bridge = network_mode(self.state.spec) == "bridge"
-        if bridge:
-            self._bridge_network()
+        if primer is not None:
+            # The network first: the primer's grace period, begun with this creation, holds the
+            # kernel's cgroup mutex until it ends, so cgroup work is better done late.
+            self._network(bridge)
+            move = self._cgroup()
+            crash_point("create.cgroup")
         else:
-            self.state.network = NetworkState(mode=network_mode(self.state.spec))
-        crash_point("create.network")
+            # The cgroup first: the move's own grace period passes while the network is made.
+            move = self._cgroup()
+            crash_point("create.cgroup")
+            self._network(bridge)
         ready = bridge
         if hooks_of(self.state.spec, "prestart") or hooks_of(self.state.spec, "create_runtime"):
             if not ready:
@@ -430,7 +438,7 @@ class Creation:
 
     def _cgroup(self) -> BackgroundMove:
         """Make the container's cgroup, while the child mounts its rootfs, and start moving the
-        child in (awaited before "go").
+        child in (awaited before "go": the state is saved meanwhile).
         """
         state, cgroups = self.state, self.runtime.cgroups
         settings = cgroup_settings(state.spec, cgroups.version)
@@ -446,11 +454,16 @@ class Creation:
         state.cgroup_version = cgroups.version
         state.cgroup_paths = dict(cgroup.paths)
         state.cgroup_created = cgroup.created
-        state.pid = self.child.wait_pid()
-        state.pid_start_time = proc_start_time(state.pid)
         move = BackgroundMove(cgroup, state.pid)
         self.undo.callback(move.wait_quietly)  # settled before the cgroup is destroyed
         return move
+
+    def _network(self, bridge: bool) -> None:
+        if bridge:
+            self._bridge_network()
+        else:
+            self.state.network = NetworkState(mode=network_mode(self.state.spec))
+        crash_point("create.network")
 
     def _bridge_network(self) -> None:
         """Once the child's namespaces exist ("R"), move a veth into its netns."""
