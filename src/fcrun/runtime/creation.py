@@ -170,9 +170,10 @@ class BackgroundMove:
     A move into a cgroup takes the kernel's cgroup_threadgroup_rwsem for writing, which waits for
     an RCU grace period unless another move happened lately (v1 and v2 alike): 10-16 ms on this
     2-core VM, most of a lone start's own time (a serve's starts are seconds apart), measured with
-    `perf trace` on the fork-server. The network and the state save, ~8 ms, go on meanwhile. The
-    thread only writes cgroup.procs files: no fork, no setns (the network's setns is per thread,
-    and its own)."""
+    `perf trace` on the fork-server. The creation goes on meanwhile (the network, unless a move
+    primer made this move a fast one and the network came first; the state save). The thread
+    only writes cgroup.procs files: no fork, no setns (the network's setns is per thread, and
+    its own)."""
 
     def __init__(self, cgroup, pid: int):
         self._error: BaseException | None = None
