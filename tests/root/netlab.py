@@ -151,7 +151,7 @@ def reap_state(host) -> list[str]:
     left = rt.states.names()
     for name in left:
         rt.delete(name, force=True)
-    rt.cgroups.remove_parent_if_empty()
+    rt.remove_cgroup_parent_if_unused()  # with a killed fork-server's primer group
     rt.network.remove_bridge_if_unused()
     return left
 

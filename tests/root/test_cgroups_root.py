@@ -451,3 +451,17 @@ def test_a_dead_primers_group_is_stale_and_a_live_ones_is_not(reg, driver):
         assert live.cgroup.pids() == [live.pid]
     finally:
         live.close()
+
+
+def test_gc_removes_a_dead_primers_group_and_then_the_unused_parent(runtime):
+    """What `fcrun gc` does after a fork-server was killed and nothing else is left (the
+    runtime fixture then checks that the host holds nothing of ours, the parent included)."""
+    from fcrun.cgroups.primer import MovePrimer
+
+    primer = MovePrimer(runtime.cgroups)
+    os.kill(primer.pid, signal.SIGKILL)
+    os.waitpid(primer.pid, 0)
+    assert runtime.gc() == [f"cgroup:{primer.cgroup.name}"]
+    assert not any(os.path.exists(d) for d in primer.cgroup.dirs())
+    assert not any(os.path.exists(p) for p in runtime.cgroups.parent_paths())
+    primer.close()  # nothing left to wait for or remove

@@ -217,3 +217,44 @@ def test_stopping_serve_removes_the_pool_and_the_forkserver(pooled, tmp_path):
         os.kill(status.pid, 0)  # the fork-server is gone too
     assert not os.path.exists(os.path.join(pooled.run_root, "forkserver.sock"))
     # (the fixture then checks that no container, mount, netns, veth or cgroup is left)
+
+
+def _primers(srv) -> dict[str, list[int]]:
+    """The move primers' groups beneath srv's cgroup parent: name -> pids in it."""
+    from fcrun.cgroups import detect
+    from fcrun.cgroups.primer import group_name, is_group_name
+
+    driver = detect(parent=srv.cgroup_parent)
+    parent = os.path.dirname(driver.paths_for(group_name(0))[driver.keys[0]])
+    names = [n for n in os.listdir(parent) if is_group_name(n)] if os.path.isdir(parent) else []
+    return {n: driver.load(driver.paths_for(n)).pids() for n in names}
+
+
+def _alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(") ", 1)[1][0] != "Z"
+    except FileNotFoundError:
+        return False
+
+
+def test_a_killed_fork_servers_move_primer_dies_with_it_and_its_group_goes(pooled, tmp_path):
+    site = _site(tmp_path, "gamma", "gamma")  # an app of the image, so that it is pooled
+    pooled.cli("app", "add", "gamma.test", "--image", "apache-php", "--docroot", site)
+    pooled.start()
+    first = pooled.wait_pool(1).pid
+    (name, pids), = _primers(pooled).items()  # one primer, alone in its group
+    assert name.rstrip("_") == f"fcrun-move-primer-{first}" and len(pids) == 1
+    os.kill(first, signal.SIGKILL)  # serve starts another fork-server
+    deadline = time.monotonic() + 10
+    while _alive(pids[0]):  # PR_SET_PDEATHSIG
+        assert time.monotonic() < deadline, "the primer outlived its fork-server"
+        time.sleep(0.02)
+    second = pooled.wait_pool(1).pid
+    assert second != first
+    deadline = time.monotonic() + 10
+    while name in _primers(pooled):  # the new fork-server's gc removed the dead one's group
+        assert time.monotonic() < deadline, f"stale primer group left: {_primers(pooled)}"
+        time.sleep(0.02)
+    (new_name, new_pids), = _primers(pooled).items()
+    assert new_name.rstrip("_") == f"fcrun-move-primer-{second}" and len(new_pids) == 1 and _alive(new_pids[0])

@@ -509,7 +509,17 @@ class Runtime:
                 removed.append(f"storage:{name}")
         removed += [f"logs:{name}" for name in self.expire_logs(time.time())]
         removed += [f"cgroup:{name}" for name in remove_stale_primers(self.cgroups)]  # a killed fork-server's
+        if not self.states.names():
+            self.remove_cgroup_parent_if_unused()
         return removed
+
+    def remove_cgroup_parent_if_unused(self) -> None:
+        """Remove the cgroup parent if nothing is in it, after the empty group a killed
+        fork-server's move primer left there (a live fork-server's primer keeps its group, and
+        so the parent). Never raises: what is busy stays."""
+        with contextlib.suppress(FcrunError, OSError):  # busy: a concurrent create's, or a primer's; it stays
+            remove_stale_primers(self.cgroups)
+            self.cgroups.remove_parent_if_empty()
 
     def expire_logs(self, now: float) -> list[str]:
         """Remove the logs of containers gone for FCRUN_LOG_KEEP_S (fcrun.logs); their names.
@@ -576,8 +586,7 @@ class Runtime:
         if not self.states.names():
             # The last container is gone: leave no empty `fcrun` cgroup parent behind either
             # (the bridge goes with its last lease). A concurrent create re-makes it.
-            with contextlib.suppress(FcrunError, OSError):  # busy: a concurrent create's; it stays
-                self.cgroups.remove_parent_if_empty()
+            self.remove_cgroup_parent_if_unused()
 
     def _remove_cgroup(self, state: ContainerState) -> None:
         cgroup = self._cgroup(state)
