@@ -44,16 +44,18 @@ PRIME_EVERY_S = 0.002  # well within a grace period (~5 ms here), so the fast pa
 GROUP_PREFIX = "fcrun-move-primer-"
 GROUP_NAME_LEN = 130  # longer than any container name (128: runtime/state.py), so never a container's
 
+log = logging.getLogger(__name__)
+
 
 def group_name(owner_pid: int) -> str:
+    """The group of the primer of the fork-server `owner_pid`."""
     return f"{GROUP_PREFIX}{owner_pid}".ljust(GROUP_NAME_LEN, "_")
 
 
 def is_group_name(name: str) -> bool:
+    """Is `name` a primer's group (group_name's form)? Never true of a container's group."""
     head = name.rstrip("_")
     return len(name) == GROUP_NAME_LEN and head.startswith(GROUP_PREFIX) and head[len(GROUP_PREFIX):].isdigit()
-
-log = logging.getLogger(__name__)
 
 
 class MovePrimer:
