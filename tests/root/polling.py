@@ -32,6 +32,15 @@ def wait_until(what: str, predicate: Callable[[], T], timeout_s: float = 30.0, i
         time.sleep(interval_s)
 
 
+def running(pid: int) -> bool:
+    """Process `pid` runs (a zombie does not: whoever reaps it does so in its own time)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except FileNotFoundError:
+        return False
+
+
 def retry_until_no_oserror(what: str, call: Callable[[], T], timeout_s: float = 30.0, interval_s: float = 0.05) -> T:
     """call()'s result once it raises no OSError (a server not listening yet, say).
 

@@ -19,6 +19,7 @@ import pytest
 
 from fcrun.cgroups import Cgroup, CgroupDriver, KernelIO, Limits, detect
 from fcrun.errors import AlreadyExists, KernelError, MissingFeature
+from polling import running
 
 pytestmark = [
     pytest.mark.root,
@@ -405,14 +406,6 @@ def test_serve_in_a_delegated_cgroup_moves_into_a_supervisor_leaf_and_builds_bes
 
 # --- the move primer (cgroups/primer.py) ---------------------------------------------------------
 
-def _alive(pid: int) -> bool:
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().split(") ")[1][0] != "Z"
-    except FileNotFoundError:
-        return False
-
-
 def test_the_move_primer_lives_in_a_group_of_its_own_and_close_leaves_nothing(reg, driver):
     from fcrun.cgroups.primer import MovePrimer, is_group_name
 
@@ -425,10 +418,10 @@ def test_the_move_primer_lives_in_a_group_of_its_own_and_close_leaves_nothing(re
         primer.prime()
         primer.prime()  # while it primes: never blocks, never raises
         time.sleep(0.1)  # past PRIME_FOR_S: it moved itself where it was, and is there still
-        assert group.pids() == [primer.pid] and _alive(primer.pid)
+        assert group.pids() == [primer.pid] and running(primer.pid)
     finally:
         primer.close()
-    assert not _alive(primer.pid)
+    assert not running(primer.pid)
     assert not any(os.path.exists(d) for d in group.dirs())
 
 

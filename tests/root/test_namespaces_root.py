@@ -19,7 +19,7 @@ from fcrun.runtime.holder import new_userns
 from fcrun.runtime.options import RunOptions, spec_from_image
 from fcrun.runtime.spec import Namespace
 from hostcheck import BRIDGE, CGROUP_PARENT, SUBNET
-from polling import wait_until
+from polling import running, wait_until
 from capture import run_captured
 
 pytestmark = [pytest.mark.root]
@@ -91,15 +91,6 @@ def _wait_unshared(pid: int, kind: str) -> None:
                lambda: _ns(pid, kind) != _ns("self", kind.removesuffix("_for_children")), timeout_s=5)
 
 
-def _alive(pid: int) -> bool:
-    """Running (a zombie is not: the init that adopted it reaps it in its own time)."""
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
-    except FileNotFoundError:
-        return False
-
-
 def _mounts_under(path: str, pid="self") -> list[str]:
     with open(f"/proc/{pid}/mountinfo") as f:
         return [line for line in f if f" {path}" in line]
@@ -133,9 +124,9 @@ def test_no_pid_namespace_shares_the_runtimes_and_delete_kills_every_process(for
     runtime.kill("t-host-pid", signal.SIGKILL)
     container.wait()
     others = members - {pid}
-    assert all(_alive(p) for p in others)
+    assert all(running(p) for p in others)
     runtime.delete("t-host-pid")  # by its cgroup, then
-    wait_until("the container's other processes gone", lambda: not any(_alive(p) for p in others), timeout_s=5)
+    wait_until("the container's other processes gone", lambda: not any(running(p) for p in others), timeout_s=5)
 
 
 def test_oci_kill_all_reaches_the_processes_a_stopped_container_left(tmp_path, rootfs):
@@ -174,11 +165,11 @@ def test_oci_kill_all_reaches_the_processes_a_stopped_container_left(tmp_path, r
                    lambda: json.loads(oci_run("state", "t-kill-all").stdout)["status"] == "stopped", timeout_s=10)
         with open(os.path.join(rootfs, "left")) as f:
             left = int(f.read())  # the host's pid: no pid namespace of its own
-        assert _alive(left)  # the container is stopped, its sleep is not
+        assert running(left)  # the container is stopped, its sleep is not
         assert oci_run("kill", "t-kill-all", "KILL").returncode != 0  # no first process to signal
         result = oci_run("kill", "--all", "t-kill-all", "KILL")
         assert result.returncode == 0, result.stderr
-        wait_until("the sleep killed", lambda: not _alive(left), timeout_s=5)
+        wait_until("the sleep killed", lambda: not running(left), timeout_s=5)
     finally:
         oci_run("delete", "--force", "t-kill-all")
     assert _mounts_under(rootfs) == []

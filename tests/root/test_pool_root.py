@@ -10,6 +10,7 @@ import signal
 import time
 
 import pytest
+from polling import running, wait_until
 from serving import Server, serving, warming_site
 
 from fcrun.forkserver import Client, ForkServerGone
@@ -230,14 +231,6 @@ def _primers(srv) -> dict[str, list[int]]:
     return {n: driver.load(driver.paths_for(n)).pids() for n in names}
 
 
-def _alive(pid: int) -> bool:
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(") ", 1)[1][0] != "Z"
-    except FileNotFoundError:
-        return False
-
-
 def test_a_killed_fork_servers_move_primer_dies_with_it_and_its_group_goes(pooled, tmp_path):
     site = _site(tmp_path, "gamma", "gamma")  # an app of the image, so that it is pooled
     pooled.cli("app", "add", "gamma.test", "--image", "apache-php", "--docroot", site)
@@ -246,15 +239,10 @@ def test_a_killed_fork_servers_move_primer_dies_with_it_and_its_group_goes(poole
     (name, pids), = _primers(pooled).items()  # one primer, alone in its group
     assert name.rstrip("_") == f"fcrun-move-primer-{first}" and len(pids) == 1
     os.kill(first, signal.SIGKILL)  # serve starts another fork-server
-    deadline = time.monotonic() + 10
-    while _alive(pids[0]):  # PR_SET_PDEATHSIG
-        assert time.monotonic() < deadline, "the primer outlived its fork-server"
-        time.sleep(0.02)
+    wait_until("the primer gone with its fork-server (PR_SET_PDEATHSIG)", lambda: not running(pids[0]), timeout_s=10)
     second = pooled.wait_pool(1).pid
     assert second != first
-    deadline = time.monotonic() + 10
-    while name in _primers(pooled):  # the new fork-server's gc removed the dead one's group
-        assert time.monotonic() < deadline, f"stale primer group left: {_primers(pooled)}"
-        time.sleep(0.02)
+    wait_until("the dead primer's group removed by the new fork-server's gc", lambda: name not in _primers(pooled),
+               timeout_s=10, detail=lambda: _primers(pooled))
     (new_name, new_pids), = _primers(pooled).items()
-    assert new_name.rstrip("_") == f"fcrun-move-primer-{second}" and len(new_pids) == 1 and _alive(new_pids[0])
+    assert new_name.rstrip("_") == f"fcrun-move-primer-{second}" and len(new_pids) == 1 and running(new_pids[0])
