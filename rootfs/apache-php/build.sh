@@ -51,6 +51,9 @@ sed -i -e 's|^\(\s*\)ErrorLog .*|\1ErrorLog /proc/self/fd/2|' \
        -e 's|^\(\s*\)CustomLog .*|\1CustomLog /proc/self/fd/1 combined|' \
        etc/apache2/sites-available/000-default.conf
 
+# PHP settings for many small instances per host (php-fcrun.ini says why).
+install -m 0644 "$RECIPE_DIR/php-fcrun.ini" etc/php/8.2/apache2/conf.d/90-fcrun.ini
+
 # The default site: phpinfo() at /.
 rm -f var/www/html/index.html
 install -m 0644 "$RECIPE_DIR/index.php" var/www/html/index.php
@@ -65,7 +68,7 @@ chroot . chown www-data:www-data /run/lock/apache2
 unshare --mount --pid --fork --mount-proc="$ROOTFS/proc" chroot . env -i APACHE_RUN_USER=www-data APACHE_RUN_GROUP=www-data \
     APACHE_PID_FILE=/run/apache2/apache2.pid APACHE_RUN_DIR=/run/apache2 \
     APACHE_LOCK_DIR=/var/lock/apache2 APACHE_LOG_DIR=/var/log/apache2 \
-    APACHE_START_SERVERS=8 APACHE_MIN_SPARE_SERVERS=5 \
+    APACHE_START_SERVERS=2 APACHE_MIN_SPARE_SERVERS=2 \
     /usr/sbin/apache2 -t
 chroot . /usr/sbin/apache2 -v | head -n 1
 chroot . /usr/bin/php -r 'echo "PHP ", PHP_VERSION, "\n";'

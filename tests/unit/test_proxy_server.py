@@ -853,3 +853,47 @@ async def get_from(port: int, source: str) -> tuple[int, dict, bytes]:
         return await client.response()
     finally:
         await client.close()
+
+
+class PreforkApp(App):
+    """An app with `workers` workers, each serving one connection at a time for as long as it
+    stays open (Apache prefork with keep-alive); the other connections wait to be served, as
+    they would in the kernel's accept queue."""
+
+    def __init__(self, workers: int) -> None:
+        super().__init__()
+        self.workers = asyncio.Semaphore(workers)
+        self.serving = 0
+        self.most_serving = 0
+
+    async def _serve(self, reader, writer):
+        async with self.workers:
+            self.serving += 1
+            self.most_serving = max(self.most_serving, self.serving)
+            try:
+                await super()._serve(reader, writer)
+            finally:
+                self.serving -= 1
+
+
+def test_a_finished_connection_frees_its_worker_for_a_queued_one(run):
+    """Six requests at once to an app with two workers: the four connections beyond the workers
+    are queued. Each finished connection is closed, not kept idle (which would hold its worker
+    until upstream_idle_s, an hour here), so every request is answered."""
+
+    async def main():
+        config = ProxyConfig(upstream_idle_s=3600.0, timer_resolution_s=0.05)
+        app = PreforkApp(workers=2)
+        async with app, proxy({"a.test": app.port}, config) as (server, router, port):
+            results = await asyncio.gather(*(get(port, "/slow") for _ in range(6)))
+            assert [(status, body) for status, _, body in results] == [(200, b"slow")] * 6
+            assert app.most_serving == 2 and app.connections == 6
+            assert settled_once(router) == [200] * 6
+            # Once nothing is queued, connections are kept again: two requests in a row share one.
+            connections = app.connections
+            for _ in range(2):
+                assert (await get(port, "/hello"))[0] == 200
+            assert app.connections - connections <= 1
+            assert server.upstreams.unanswered_connections == 0
+
+    run(main)

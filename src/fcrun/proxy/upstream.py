@@ -5,6 +5,13 @@ instance's idle list only after the response was read to its end and the whole r
 anything else (an error, a client that went away mid-exchange, a close-delimited response)
 closes it. Idle connections are kept newest-first (LIFO), so that a burst's extra connections
 age out and get closed after ``upstream_idle_s``.
+
+A pre-forking server (Apache prefork) gives each connection a worker of its own for as long as
+the connection stays open, and leaves new connections in the kernel's accept queue while every
+worker has one. So while a new connection to an instance has had no byte of its response (it
+may be queued there), a finished connection is closed instead of kept: its worker then accepts
+the queued one. Kept, it would hold that worker until the connection aged out, and the queued
+request would wait seconds (Apache's KeepAliveTimeout, or upstream_idle_s) for nothing.
 """
 
 from __future__ import annotations
@@ -52,7 +59,7 @@ class UpstreamConnection(asyncio.Protocol):
 
     __slots__ = ("upstreams", "instance_id", "transport", "reader", "client", "client_transport",
                  "exchange", "reused", "got_bytes", "idle_since", "closed", "tunnel",
-                 "read_paused", "tunnel_bytes", "last_read")
+                 "read_paused", "tunnel_bytes", "last_read", "unanswered")
 
     def __init__(self, upstreams: UpstreamConnections, instance_id: str):
         self.upstreams = upstreams
@@ -70,6 +77,7 @@ class UpstreamConnection(asyncio.Protocol):
         self.read_paused = False
         self.tunnel_bytes = 0
         self.last_read = upstreams.now   # coarse time of the last byte from the instance
+        self.unanswered = False      # first request sent, no byte back: maybe in the accept queue
 
     def start(self, client: ClientConnection, exchange: Exchange, keep_alive: bool,
               extra_headers: bytes) -> None:
@@ -80,8 +88,13 @@ class UpstreamConnection(asyncio.Protocol):
         self.got_bytes = False
         self.last_read = self.upstreams.now
         self.reader.begin(exchange, keep_alive, extra_headers)
+        if not self.reused:
+            self.unanswered = True
+            self.upstreams.unanswered_added(self.instance_id)
 
     def detach(self) -> None:
+        if self.unanswered:
+            self.upstreams.answered(self)
         self.client = None
         self.client_transport = None
         self.exchange = None
@@ -117,6 +130,8 @@ class UpstreamConnection(asyncio.Protocol):
 
     def data_received(self, data: bytes) -> None:
         self.last_read = self.upstreams.now
+        if self.unanswered:
+            self.upstreams.answered(self)
         if self.tunnel:
             self.tunnel_bytes += len(data)
             self.client_transport.write(data)
@@ -161,6 +176,8 @@ class UpstreamConnection(asyncio.Protocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.closed = True
+        if self.unanswered:
+            self.upstreams.answered(self)
         self.upstreams._unregister(self)
         client = self.client
         if client is None:
@@ -189,6 +206,7 @@ class UpstreamConnections:
         self.now = 0.0   # the server's coarse clock (set by expire)
         self._idle: dict[str, list[UpstreamConnection]] = {}
         self._live: dict[str, set[UpstreamConnection]] = {}
+        self._unanswered: dict[str, int] = {}   # per instance: new connections with no byte back
 
     def take(self, instance_id: str) -> UpstreamConnection | None:
         """The most recently used idle connection to the instance, or None."""
@@ -208,7 +226,8 @@ class UpstreamConnections:
                 conn.close()   # its instance is gone
                 return
             idle = self._idle[conn.instance_id] = []
-        if conn.closed or len(idle) >= self.config.upstream_pool_per_instance:
+        if (conn.closed or len(idle) >= self.config.upstream_pool_per_instance
+                or conn.instance_id in self._unanswered):  # its worker may be wanted: module docstring
             conn.close()
             return
         if conn.read_paused:
@@ -229,6 +248,18 @@ class UpstreamConnections:
         async with asyncio.timeout(self.config.upstream_connect_timeout_s):
             _, conn = await loop.create_connection(lambda: UpstreamConnection(self, instance_id), host, port)
         return conn
+
+    def unanswered_added(self, instance_id: str) -> None:
+        self._unanswered[instance_id] = self._unanswered.get(instance_id, 0) + 1
+
+    def answered(self, conn: UpstreamConnection) -> None:
+        """``conn`` had a response byte, or ended: it is no longer one that may be queued."""
+        conn.unanswered = False
+        left = self._unanswered[conn.instance_id] - 1
+        if left:
+            self._unanswered[conn.instance_id] = left
+        else:
+            del self._unanswered[conn.instance_id]
 
     def instance_gone(self, instance_id: str) -> None:
         """Close the instance's idle connections; busy ones close when their response ends."""
@@ -254,6 +285,10 @@ class UpstreamConnections:
     @property
     def idle_connections(self) -> int:
         return sum(len(idle) for idle in self._idle.values())
+
+    @property
+    def unanswered_connections(self) -> int:
+        return sum(self._unanswered.values())
 
     def _register(self, conn: UpstreamConnection) -> None:
         live = self._live.get(conn.instance_id)
