@@ -10,10 +10,12 @@ interpreter's built-in modules only (not even os: the `fcrun` launcher starts Py
 site, and there importing os is a visible share of the whole start-up) and speaks the little
 msgpack it needs itself.
 
-Everything else goes to the click CLI (fcrun_cli.main), in this process, as before: other
-commands, no fork-server, not root, an option or value this parser does not take as certainly
-valid (the click command then gives its own error), or a fork-server set up with other roots,
-cgroup parent or network than this command line would use.
+Without a fork-server (none listening, not root, or one set up with other roots, cgroup parent
+or network than this command line would use), `fcrun run` runs in this process as the click
+command would, but without click and, under the launcher, without site (run_here.py,
+bootstrap.py). Everything else goes to the click CLI (fcrun_cli.main), in this process: other
+commands, and an option or value this parser does not take as certainly valid (the click
+command then gives its own error).
 
     fcrun run --image busybox -- true
         |  Run(image="busybox", args=["true"], ...) + [fd 0, fd 1, fd 2]  -->  fork-server
@@ -38,7 +40,7 @@ DEFAULT_SUBNET = "10.88.0.0/16"
 SOCKET_NAME = "forkserver.sock"
 MAX_REPLY_BYTES = 1 << 20
 
-# The signals `fcrun run` forwards to the container's pid 1 (fcrun_cli.main.FORWARDED_SIGNALS).
+# The signals `fcrun run` forwards to the container's pid 1 (fcrun_cli.run_here.FORWARDED_SIGNALS).
 FORWARDED_SIGNALS = (_signal.SIGINT, _signal.SIGTERM, _signal.SIGHUP, _signal.SIGQUIT, _signal.SIGUSR1,
                      _signal.SIGUSR2, _signal.SIGWINCH)
 
@@ -391,20 +393,64 @@ def run(path: str, fields: dict) -> int:
     return 125
 
 
-def main(argv: list[str] | None = None) -> None:
-    """The `fcrun` console script: `fcrun run` through a fork-server if one runs, else click."""
+def main(argv: list[str] | None = None, site_packages: str = "") -> None:
+    """The `fcrun` command: `fcrun run` through a fork-server if one runs, else in this process
+    without click (run_here.py); every other command line to click.
+
+    `site_packages`: where the launcher found the install's site-packages ("" when it did not
+    say: site, if loaded, has put it on sys.path)."""
     argv = sys.argv[1:] if argv is None else argv
     try:
         path, fields = parse(argv)
+    except Fallback:
+        fields = None
+    # The other paths run outside the handlers: inside one, every exception raised later (all
+    # of `fcrun serve`) would chain to the Fallback as its __context__.
+    if fields is None:
+        _click_main(argv)
+        return
+    try:
         code = run(path, fields)
     except Fallback:
         code = None
     if code is None:
-        # click runs outside the handler: inside it, every exception raised later (all of
-        # `fcrun serve`) would chain to this Fallback as its __context__.
-        _click_main(argv)
+        _run_here(path[:-len(SOCKET_NAME) - 1], fields, site_packages)
         return
     sys.exit(code)
+
+
+def launch() -> None:
+    """The launcher's entry (cli/fcrun): sys.argv is [-c, SITE_PACKAGES, ARG...]."""
+    main(site_packages=sys.argv.pop(1))
+
+
+def _bootstrap():
+    """bootstrap.py, beside this module (imported only when this process loads the library)."""
+    if __package__:
+        from . import bootstrap
+    else:  # the launcher's: this module was imported from its directory, no longer on sys.path
+        sys.path.insert(0, __file__.rpartition("/")[0] or ".")
+        try:
+            import bootstrap
+        finally:
+            del sys.path[0]
+    return bootstrap
+
+
+def _run_here(run_root: str, fields: dict, site_packages: str) -> None:
+    """`fcrun run` in this process, without click (and without site, when started without it)."""
+    bootstrap = _bootstrap()
+    if sys.flags.no_site:
+        here = bootstrap.dirname(bootstrap.absolute(__file__))
+        bootstrap.setup_paths(here, bootstrap.absolute(site_packages))
+
+    def run_fields() -> int:
+        bootstrap.import_msgspec_without_typing_extensions()
+        from fcrun_cli.run_here import run_fields
+
+        return run_fields(run_root, fields)
+
+    bootstrap.exit_with(run_fields)
 
 
 def _click_main(argv: list[str]) -> None:

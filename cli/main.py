@@ -10,10 +10,8 @@ failures: 125 for fcrun's (usage errors included), 126 for a command that cannot
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
-import signal
 import sys
 import time
 
@@ -25,8 +23,6 @@ from fcrun.units import format_bytes, parse_cpu, parse_memory, parse_signal
 
 # The runtime, image store and serve modules are imported inside the commands that use them:
 # a CLI call pays only for what it runs (start-up time is part of `fcrun run`'s cost).
-
-FORWARDED_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT, signal.SIGUSR1, signal.SIGUSR2, signal.SIGWINCH)
 
 
 class Context:
@@ -120,10 +116,9 @@ class FcrunGroup(click.Group):
 
 def _report(ctx: click.Context, exc: Exception) -> str:
     """The one line an error is reported with."""
-    if isinstance(exc, FcrunError):
-        return f"fcrun: {exc}"
-    where = f" {exc.filename}" if getattr(exc, "filename", None) else ""
-    return f"fcrun: {ctx.info_name or 'fcrun'}{where}: [Errno {exc.errno}] {exc.strerror}"
+    from fcrun_cli.run_here import error_line
+
+    return error_line(exc, ctx.info_name or "fcrun")
 
 
 class ContainerCommand(click.Command):
@@ -210,45 +205,17 @@ def run(obj: Context, image, name, detach, cpu, memory, pids, hostname, env, net
     podman, 125 if fcrun failed before the command ran, 126 if the command cannot be invoked,
     127 if it was not found.
     """
-    from fcrun.runrequest import RunRequest, run_spec
-    from fcrun.runtime import require_root
+    from fcrun.runrequest import RunRequest
 
-    rt = obj.runtime
+    from fcrun_cli import run_here
+
     request = RunRequest(
         image=image, args=list(command), name=name, detach=detach, cpu=cpu, memory=memory, pids=pids,
         hostname=hostname, env=list(env), network=network, workdir=workdir, user=user, read_only=read_only,
         tmpfs_rootfs=tmpfs_rootfs, entrypoint=entrypoint, init=not no_init, security_opts=list(security_opts),
         userns=userns,
     )
-
-    def image_as_root(image_name: str):
-        require_root()  # after the options' own checks, so that a bad option is reported to anyone
-        return rt.images.get(image_name)
-
-    plan = run_spec(request, image_as_root)
-    name = plan.name
-    container = rt.create(name, plan.spec, image=plan.image, detach=plan.detach, init=plan.init)
-    if detach:
-        container.start()
-        click.echo(name)
-        return
-
-    # Foreground: pass signals on to the container's pid 1 (an init forwards them to the command).
-    def forward(signum, _frame):
-        with contextlib.suppress(ProcessLookupError):
-            os.kill(container.pid, signum)
-
-    previous = {sig: signal.signal(sig, forward) for sig in FORWARDED_SIGNALS}
-    try:
-        container.start()
-        code = container.wait()
-    finally:
-        for sig, handler in previous.items():
-            signal.signal(sig, handler)
-        if not keep:
-            with contextlib.suppress(FcrunError):
-                rt.delete(name, force=True)
-    sys.exit(code)
+    sys.exit(run_here.run(obj.runtime, request, keep=keep))
 
 
 def _age(created: float) -> str:

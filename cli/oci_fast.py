@@ -3,12 +3,8 @@ with the interpreter's built-in modules only.
 
 Engines run the runtime three times per container (create, start, delete), so Python's start-up
 counts three times. The launcher runs `python3 -S -E` (site-packages' .pth files and an editable
-install's import finder alone cost ~12-15 ms) and imports this module from its directory; this
-module then puts on sys.path by hand what the library needs:
-
-    pip install .      <site-packages>/fcrun_cli/oci_fast.py: <site-packages> on sys.path
-    pip install -e .   <project>/cli/oci_fast.py: the package fcrun_cli made from <project>/cli,
-                       <project>/src (fcrun), then <site-packages> (msgspec)
+install's import finder alone cost ~12-15 ms) and imports this module from its directory; then
+bootstrap.py puts on sys.path by hand what the library needs (as for `fcrun run`).
 
 `start` (no --debug, an ID and nothing else) is the holder's socket protocol only
 (cli/oci_holder.py): the holder of the created container starts it and answers. Everything
@@ -17,11 +13,15 @@ main, in this process. Nothing here imports os, socket or argparse: each is a vi
 of a ~10 ms command.
 """
 
-import atexit  # built in, as sys
 import sys  # no `from __future__ import annotations`: one import more
 
 import _socket
 import posix
+
+try:
+    from . import bootstrap  # as fcrun_cli.oci_fast
+except ImportError:  # the launcher's: imported from its directory, on sys.path while this module loads
+    import bootstrap
 
 DEFAULT_ROOT = "/run/fcrun-oci"  # oci.DEFAULT_ROOT (a unit test checks)
 REPLY_MAX_BYTES = 4096
@@ -37,45 +37,6 @@ class Fallback(Exception):
 
 
 # ----- the library's paths -------------------------------------------------------------------
-
-def _dirname(path: str) -> str:
-    return path.rpartition("/")[0] or "/"
-
-
-def _absolute(path: str) -> str:
-    """`path` from the working directory (the launcher's may be relative: `./fcrun-oci`), so
-    that sys.path does not change meaning if the working directory does."""
-    return path if not path or path.startswith("/") else posix.getcwd() + "/" + path
-
-
-def setup_paths(here: str, site_packages: str) -> None:
-    """Make fcrun_cli, fcrun and msgspec importable without site (this module's docstring).
-
-    `here`: this module's directory; `site_packages`: the install's site-packages, which the
-    launcher found.
-    """
-    if here.rpartition("/")[2] == "fcrun_cli":  # pip install .: all in site-packages
-        parent = _dirname(here)
-        if parent not in sys.path:
-            sys.path.append(parent)
-    elif "fcrun_cli" not in sys.modules:  # pip install -e .: fcrun_cli is the project's cli/
-        import _frozen_importlib as bootstrap  # both are loaded at start-up: no import cost
-        import _frozen_importlib_external as external
-
-        spec = external.spec_from_file_location("fcrun_cli", here + "/__init__.py", submodule_search_locations=[here])
-        module = bootstrap.module_from_spec(spec)
-        sys.modules["fcrun_cli"] = module
-        spec.loader.exec_module(module)
-        src = _dirname(here) + "/src"
-        if src not in sys.path:
-            sys.path.append(src)
-    if site_packages and site_packages not in sys.path:
-        sys.path.append(site_packages)
-    elif not site_packages and sys.flags.no_site:  # the source tree's launcher: site finds msgspec
-        import site
-
-        site.main()
-
 
 # ----- the command line of the frequent commands -------------------------------------------
 
@@ -308,49 +269,15 @@ def main() -> None:
             code = delete_of_nothing(args)
         if code is not None:
             sys.exit(code)
-    setup_paths(_dirname(_absolute(__file__)), _absolute(site_packages))
+    bootstrap.setup_paths(bootstrap.dirname(bootstrap.absolute(__file__)), bootstrap.absolute(site_packages))
     sys.modules.setdefault("fcrun_cli.oci_fast", sys.modules[__name__])  # one copy: HolderGone is one class
-    # Python's exit would tear down the ~190 modules a create loads, one by one: ~15 ms. Exit handlers
-    # run last-registered first, so this one, registered before the library's (the spawner's shutdown,
-    # logging's flush), runs after them: it flushes stdout and stderr and ends the process there.
-    atexit.register(_exit_now)
-    _import_msgspec_without_typing_extensions()
-    from fcrun_cli.oci import main as oci_main
 
-    try:
-        _exit_code[0] = oci_main(argv, args)
-    except SystemExit as exc:  # --help, argparse's usage errors (they printed their message)
-        _exit_code[0] = 0 if exc.code is None else exc.code if isinstance(exc.code, int) else 1
-        if not isinstance(exc.code, (int, type(None))):
-            raise  # a message for Python to print; the code is 1 either way
-    sys.exit(_exit_code[0])
+    def oci_main() -> int:
+        bootstrap.import_msgspec_without_typing_extensions()
+        from fcrun_cli.oci import main
+
+        return main(argv, args)
+
+    bootstrap.exit_with(oci_main)
 
 
-def _import_msgspec_without_typing_extensions() -> None:
-    """Import msgspec while typing_extensions cannot be imported, then make it importable again.
-
-    msgspec takes get_type_hints/Required/NotRequired from typing_extensions when it is installed
-    (psycopg installs it), and importing typing_extensions loads inspect, ast, tokenize: ~7 ms of a
-    create's ~90. fcrun's structs use none of typing_extensions' types, so typing's own (3.11 has
-    all three) read them the same. Only msgspec's import is affected: the entry goes afterwards."""
-    if "typing_extensions" in sys.modules:
-        return  # already loaded (an embedding process): nothing to save
-    sys.modules["typing_extensions"] = None  # None in sys.modules: its import raises ImportError
-    try:
-        import msgspec  # noqa: F401
-    finally:
-        del sys.modules["typing_extensions"]
-
-
-_exit_code = [1]  # what the process exits with, from main; 1 if it never got one (an uncaught error)
-
-
-def _exit_now() -> None:
-    try:
-        sys.stdout.flush()
-        sys.stderr.flush()
-    except OSError:
-        pass  # the engine closed them: nothing to tell it
-    import os  # the library has loaded it: free here
-
-    os._exit(_exit_code[0])

@@ -50,5 +50,10 @@ class Paths:
     def network(self) -> str:
         return os.path.join(self.run_root, "network")
 
+    @property
+    def seccomp_cache(self) -> str:
+        """Compiled seccomp programs, shared by the processes of this run root (seccomp/compiler.py)."""
+        return os.path.join(self.run_root, "seccomp")
+
     def container_dir(self, name: str) -> str:
         return os.path.join(self.containers, name)

@@ -18,11 +18,15 @@ from fcrun import RunOptions, spec_from_image
 pytestmark = [pytest.mark.root]
 
 # Runs the `fcrun` entry point and says at exit which path served it: "thin" (nothing but the
-# thin client was imported) or "click" (the in-process CLI).
-ENTRY = ("import atexit, sys\n"
-         "atexit.register(lambda: sys.stderr.write('|click' if 'click' in sys.modules else '|thin'))\n"
+# thin client was imported), "here" (`fcrun run` in this process without click: run_here.py) or
+# "click" (the click CLI). (Not from an exit handler: run_here's process ends in one of its own.)
+ENTRY = ("import sys\n"
          "from fcrun_cli.fast import main\n"
-         "main()\n")
+         "try:\n"
+         "    main()\n"
+         "finally:\n"
+         "    sys.stderr.write('|click' if 'click' in sys.modules else\n"
+         "                     '|here' if 'fcrun_cli.run_here' in sys.modules else '|thin')\n")
 
 
 @pytest.fixture
@@ -91,6 +95,36 @@ def test_exit_codes_and_stdio_pass_through_the_fork_server(daemon, env, run_root
     assert (code, out, path) == (0, "hi 1000:1000 /tmp box\n1\n", "thin"), err
     settled(run_root)
     assert names(env) == []  # a foreground container is removed once it exited
+
+
+def test_without_a_fork_server_the_installed_launcher_runs_the_container_itself(env, run_root, runtime):
+    """No fork-server on these roots: cli/fcrun's own process makes, runs and removes the
+    container (run_here.py, without click or site), with the same stdio, exit codes, signals
+    and options as through a fork-server; the default profile's seccomp program, compiled by
+    the first run, is read back by the next (Paths.seccomp_cache)."""
+    launcher = os.path.join(os.path.dirname(sys.executable), "fcrun")
+    r = subprocess.run([launcher, "run", "--image", "busybox", "--net", "none", "--", "sh", "-c",
+                        "echo hello; echo oops >&2; exit 3"], env=env, capture_output=True, text=True, timeout=60)
+    assert (r.returncode, r.stdout, r.stderr) == (3, "hello\n", "oops\n")
+    [cached] = os.listdir(os.path.join(run_root, "seccomp"))
+    written = os.stat(os.path.join(run_root, "seccomp", cached)).st_mtime_ns
+    r = subprocess.run([launcher, "run", "--image", "busybox", "--net", "bridge", "--cpu", "0.5", "-m", "64M",
+                        "-e", "GREETING=hi", "-u", "1000:1000", "-w", "/tmp", "--hostname", "box", "--", "sh", "-c",
+                        'echo "$GREETING $(id -u):$(id -g) $(pwd) $(hostname)"; ip -4 addr show eth0 | grep -c inet'],
+                       env=env, capture_output=True, text=True, timeout=60)
+    assert (r.returncode, r.stdout) == (0, "hi 1000:1000 /tmp box\n1\n"), r.stderr
+    assert os.listdir(os.path.join(run_root, "seccomp")) == [cached]
+    assert os.stat(os.path.join(run_root, "seccomp", cached)).st_mtime_ns == written
+    # A signal to `fcrun run` reaches the command (through the container's init).
+    with subprocess.Popen([launcher, "run", "--name", "sig", "--image", "busybox", "--net", "none", "--",
+                           "sh", "-c", "echo up; exec sleep 60"], env=env, stdout=subprocess.PIPE, text=True) as client:
+        try:
+            assert client.stdout.readline() == "up\n"
+            client.send_signal(signal.SIGTERM)
+            assert client.wait(timeout=30) == 128 + signal.SIGTERM
+        finally:
+            client.kill()
+    assert runtime.states.names() == []
 
 
 def test_a_name_is_free_again_as_soon_as_the_client_returns(daemon, env, runtime, busybox):
@@ -186,7 +220,7 @@ def test_bad_input_gives_the_in_process_error_and_leaves_nothing(daemon, env, tm
     assert thin[2].startswith("fcrun: ") and thin[2].count("\n") == 1 and message in thin[2], thin
     # The same command in one process (a run root without a fork-server) says the same.
     in_process = fcrun(dict(env, FCRUN_RUN=str(tmp_path / "run-cli")), "run", "--net", "none", *args)
-    assert in_process == (thin[0], thin[1], thin[2], "click")
+    assert in_process == (thin[0], thin[1], thin[2], "here")
     assert names(env) == []
 
 
@@ -210,7 +244,7 @@ def test_a_killed_client_takes_its_container_with_it(daemon, env, runtime):
 def test_a_fork_server_set_up_differently_is_not_used(daemon, env):
     other = dict(env, FCRUN_CGROUP_PARENT=CGROUP_PARENT + "-other")
     code, out, err, path = fcrun(other, "run", "--image", "busybox", "--net", "none", "--", "echo", "in process")
-    assert (code, out, err, path) == (0, "in process\n", "", "click")
+    assert (code, out, err, path) == (0, "in process\n", "", "here")
     subprocess.run([sys.executable, "-m", "fcrun_cli", "--cgroup-parent", CGROUP_PARENT + "-other", "gc"], env=env,
                    capture_output=True, timeout=60)  # its (empty) cgroup parent
 

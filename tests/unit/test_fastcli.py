@@ -17,6 +17,7 @@ from fcrun import paths
 from fcrun.errors import NotFound, SpecError
 from fcrun.forkserver import protocol as p
 from fcrun.forkserver.server import ForkServer
+from fcrun.images.image import Image, ImageConfig
 from fcrun.runrequest import NETWORKS, RunRequest
 from fcrun_cli import fast
 from fcrun_cli.main import main as click_main
@@ -158,11 +159,13 @@ def test_the_environment_is_read_as_os_environ_reads_it(monkeypatch):
 # ----- the `fcrun` launcher (cli/fcrun) ----------------------------------------------------------
 
 LAUNCHER = os.path.join(os.path.dirname(__file__), "..", "..", "cli", "fcrun")  # pyproject: script-files
-# Says how it was started: without site? ignoring PYTHON* variables? its directory on sys.path? argv.
+# Says how it was started: without site? ignoring PYTHON* variables? its directory on sys.path?
+# the site-packages directory it was given? argv.
 STUB = ("import os, sys\n"
-        "def main():\n"
+        "def launch():\n"
+        "    site = sys.argv.pop(1)\n"
         "    print(sys.flags.no_site, sys.flags.ignore_environment, os.path.dirname(__file__) in sys.path,\n"
-        "          sys.argv[1:])\n")
+        "          os.path.basename(site), sys.argv[1:])\n")
 
 
 def _prefix(tmp_path, fast_dir: str | None = None):
@@ -183,7 +186,7 @@ def test_the_launcher_runs_fast_py_from_site_packages_without_site(tmp_path):
     (site_packages / "fcrun_cli").mkdir()
     (site_packages / "fcrun_cli" / "fast.py").write_text(STUB)
     r = subprocess.run([launcher, "run", "--image", "a b", "--", "x"], capture_output=True, text=True, timeout=30)
-    assert (r.returncode, r.stdout, r.stderr) == (0, "1 1 False ['run', '--image', 'a b', '--', 'x']\n", "")
+    assert (r.returncode, r.stdout, r.stderr) == (0, "1 1 False site-packages ['run', '--image', 'a b', '--', 'x']\n", "")
 
 
 def test_the_launcher_finds_an_editable_installs_project_by_pep_610(tmp_path):
@@ -195,7 +198,7 @@ def test_the_launcher_finds_an_editable_installs_project_by_pep_610(tmp_path):
     (site_packages / "fcrun-0.1.0.dist-info" / "direct_url.json").write_text(
         '{"dir_info": {"editable": true}, "url": "file://%s"}' % project)  # as pip writes it: one line, no newline
     r = subprocess.run([launcher, "ps"], capture_output=True, text=True, timeout=30)
-    assert (r.returncode, r.stdout, r.stderr) == (0, "1 1 False ['ps']\n", "")
+    assert (r.returncode, r.stdout, r.stderr) == (0, "1 1 False site-packages ['ps']\n", "")
 
 
 def test_without_fast_py_the_launcher_runs_the_package_with_site(tmp_path):
@@ -351,3 +354,58 @@ def test_the_thin_clients_own_exit_codes_are_the_libraries():
     from fcrun.errors import RUN_OWN_FAILURE, CommandNotFound, CommandNotInvokable
 
     assert fast.OWN_EXIT_CODES == (RUN_OWN_FAILURE, CommandNotInvokable.exit_code, CommandNotFound.exit_code)
+
+
+# ----- no fork-server: `fcrun run` in the launcher's own process (run_here.py) -----------------
+
+CLI_DIR = os.path.dirname(fast.__file__)
+LAUNCH = "import sys; sys.path[0] = sys.argv.pop(1); import fast; del sys.path[0]; fast.launch()"  # cli/fcrun's
+
+
+def _as_launched(tmp_path, *argv: str) -> subprocess.CompletedProcess:
+    """`fcrun ARGV` as the launcher starts it (python -S -E, fast.py by path, site-packages
+    given), on roots of its own with no fork-server; -X importtime lists what it imported."""
+    import sysconfig
+
+    roots = ["--root", str(tmp_path / "data"), "--state", str(tmp_path / "run")]
+    return subprocess.run([sys.executable, "-S", "-E", "-X", "importtime", "-c", LAUNCH, CLI_DIR,
+                           sysconfig.get_paths()["purelib"], *roots, *argv], capture_output=True, text=True, timeout=60)
+
+
+def _imported(stderr: str) -> set[str]:
+    return {line.rsplit("|", 1)[1].strip() for line in stderr.splitlines() if line.startswith("import time:")}
+
+
+@pytest.mark.parametrize("args, text", [
+    (["--pids", "0"], "fcrun: invalid --pids 0: must be >= 1 (at --pids)"),
+    (["--cpu", "abc"], "(at --cpu)"),
+    (["--memory", "lots"], "(at --memory)"),
+])
+def test_without_a_fork_server_run_needs_neither_click_nor_site_and_errs_as_click(tmp_path, args, text):
+    here = _as_launched(tmp_path, "run", "--image", "busybox", *args, "--", "true")
+    errors = [line for line in here.stderr.splitlines() if not line.startswith("import time:")]
+    assert here.returncode == 125 and len(errors) == 1 and text in errors[0], here.stderr[-2000:]
+    imported = _imported(here.stderr)
+    assert "fcrun_cli.run_here" in imported and not {"click", "site", "fcrun_cli.main"} & imported
+    # --keep is the click command's only (fast.py falls back): it reports the same line and code.
+    clicked = subprocess.run([sys.executable, "-m", "fcrun_cli", "--root", str(tmp_path / "data"), "--state",
+                              str(tmp_path / "run"), "run", "--keep", "--image", "busybox", *args, "--", "true"],
+                             capture_output=True, text=True, timeout=60)
+    assert (clicked.returncode, clicked.stderr) == (125, errors[0] + "\n")
+    assert not os.path.exists(tmp_path / "run" / "containers") or os.listdir(tmp_path / "run" / "containers") == []
+
+
+def test_reading_an_image_loads_no_image_builder(tmp_path):
+    """What `fcrun run` reads of an image (catalog.py) loads none of the store's build and import
+    modules (~11 ms of a run without a fork-server)."""
+    layer = "sha256:" + "ab" * 32
+    (tmp_path / "layers" / ("ab" * 32)).mkdir(parents=True)
+    (tmp_path / "images").mkdir()
+    (tmp_path / "images" / "app.json").write_bytes(msgspec.json.encode(Image(
+        name="app", id=layer, layers=[], diff_ids=[layer], config=ImageConfig(), created=0.0, source="test",
+        size_bytes=0)))
+    code = ("import sys; from fcrun.paths import Paths; from fcrun.images.catalog import get_image; "
+            f"image = get_image(Paths(data_root={str(tmp_path)!r}), 'app'); print(image.layers); "
+            "print(sorted({'fcrun.images.store', 'tarfile', 'hashlib', 'tomllib'} & set(sys.modules)))")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=30)
+    assert r.stdout.splitlines() == [repr([str(tmp_path / "layers" / ("ab" * 32))]), "[]"], r.stderr

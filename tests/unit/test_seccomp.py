@@ -173,6 +173,99 @@ def test_compiling_gives_bpf_and_the_default_profile_is_compiled_once(monkeypatc
     assert len(calls) == 1
 
 
+# The cache on disk (Paths.seccomp_cache): what another process compiled, taken only when it is
+# whole and nobody but root could have written or swapped it in.
+
+
+@pytest.fixture
+def disk_cache(tmp_path, monkeypatch):
+    """(cache dir, compile calls): each compile_filter call starts with an empty in-process cache,
+    as a new process does."""
+    calls = []
+    real = compiler._compile
+    monkeypatch.setattr(compiler, "_compile", lambda p, w: calls.append(p) or real(p, w))
+    directory = str(tmp_path / "seccomp")
+
+    def compile_in_new_process(p=DEFAULT_PROFILE) -> bytes:
+        compiler.clear_cache()
+        return compile_filter(p, cache_dir=directory)
+
+    yield directory, calls, compile_in_new_process
+    compiler.clear_cache()
+
+
+def _read(path: str) -> bytes:
+    with open(path, "rb") as f:
+        return f.read()
+
+
+def _cache_file(directory: str) -> str:
+    [name] = os.listdir(directory)
+    return os.path.join(directory, name)
+
+
+def test_a_program_compiled_once_is_read_back_by_the_next_process(disk_cache):
+    directory, calls, compile_new = disk_cache
+    compiler.clear_cache()
+    expected = compile_filter(DEFAULT_PROFILE)  # no cache dir: compiled
+    assert compile_new() == expected and len(calls) == 2
+    assert os.stat(directory).st_mode & 0o777 == 0o700
+    assert os.stat(_cache_file(directory)).st_mode & 0o777 == 0o600
+    assert compile_new() == expected and len(calls) == 2  # read, not compiled
+    other = profile(allow("read"))
+    assert compile_new(other) == compile_filter(other, cache_dir=None) and len(os.listdir(directory)) == 2
+
+
+def test_a_damaged_or_torn_cache_file_is_compiled_anew(disk_cache):
+    directory, calls, compile_new = disk_cache
+    good = compile_new()
+    path = _cache_file(directory)
+    data = _read(path)
+    for damaged in (data[:-8], data[:-1], data[:40] + bytes([data[40] ^ 1]) + data[41:], b""):
+        with open(path, "wb") as f:
+            f.write(damaged)
+        before = len(calls)
+        assert compile_new() == good and len(calls) == before + 1
+        assert _read(path) == data  # and written again whole
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="a file of another owner needs root to make")
+def test_a_planted_program_is_not_loaded(disk_cache):
+    """The attack: a program that allows every syscall, in the cache under the default profile's
+    name, whole (its hash right), but writable by others, owned by another user, or in a
+    directory others may write to (where a file can be swapped in by a rename). None is used."""
+    directory, calls, compile_new = disk_cache
+    good = compile_new()
+    path = _cache_file(directory)
+    permissive = compile_filter(profile(default_action="SCMP_ACT_ALLOW"))
+    planted = compiler.blake2b(permissive, digest_size=compiler.DIGEST_BYTES).digest() + permissive
+    for plant in ("group-writable", "other owner", "open directory"):
+        with open(path, "wb") as f:
+            f.write(planted)
+        os.chmod(path, 0o620 if plant == "group-writable" else 0o600)
+        os.chown(path, 65534 if plant == "other owner" else 0, 0)
+        os.chmod(directory, 0o777 if plant == "open directory" else 0o700)
+        before = len(calls)
+        assert compile_new() == good, plant
+        assert len(calls) == before + 1, plant
+    # The same file, root's alone: taken (so the checks above are what refused it).
+    os.chmod(directory, 0o700)
+    with open(path, "wb") as f:
+        f.write(planted)
+    os.chmod(path, 0o600)
+    os.chown(path, 0, 0)
+    assert compile_new() == permissive
+
+
+def test_a_cache_dir_that_cannot_be_made_only_costs_a_compile(disk_cache, tmp_path):
+    _, calls, _ = disk_cache
+    compiler.clear_cache()
+    blocker = tmp_path / "file"
+    blocker.write_text("")
+    assert compile_filter(DEFAULT_PROFILE, cache_dir=str(blocker / "seccomp")) == compile_filter(DEFAULT_PROFILE)
+    assert len(calls) == 1
+
+
 def test_a_changed_profile_compiles_anew():
     base = compile_filter(profile(allow("read")))
     assert compile_filter(profile(allow("read", "write"))) != base

@@ -16,7 +16,6 @@ from __future__ import annotations
 import hashlib
 import os
 import posixpath
-import re
 import stat
 import tarfile
 from typing import IO, Any
@@ -25,10 +24,10 @@ import msgspec
 
 from ..errors import SpecError
 from ..units import format_bytes
+from .catalog import digest_hex
 from .limits import FILES_SETTING, IMAGE_SETTING, ImportLimitExceeded, ImportLimits
 from .tarstream import TarRefused, open_archive
 
-_DIGEST = re.compile(r"sha256:([0-9a-f]{64})")
 _MAX_JSON_BYTES = 16 << 20  # manifests and configs are small; refuse to read a huge "JSON" blob
 _CHUNK = 1 << 20
 _MAX_LINK_HOPS = 8
@@ -228,12 +227,7 @@ def blob_path(digest: str, where: str) -> str:
     Raises:
         SpecError: not a sha256 digest (the only algorithm OCI requires and fcrun reads).
     """
-    m = _DIGEST.fullmatch(digest)
-    if not m:
-        raise SpecError(
-            f"unsupported or malformed digest {digest!r}: fcrun reads sha256 digests", where
-        )
-    return f"blobs/sha256/{m.group(1)}"
+    return f"blobs/sha256/{digest_hex(digest, where)}"
 
 
 def verify_blob(source: Source, path: str, digest: str | None, size: int | None) -> int:

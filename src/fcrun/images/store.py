@@ -39,11 +39,12 @@ import msgspec
 
 from .. import syscalls as sc
 from ..atomicfile import write_atomic
-from ..errors import FcrunError, IncorrectStatus, KernelError, NotFound, SpecError
+from ..errors import FcrunError, IncorrectStatus, KernelError, SpecError
 from ..mountinfo import read_mountpoints
 from ..paths import Paths
 from ..units import format_bytes
 from . import oci, oci_source
+from .catalog import RECORD_SUFFIX, get_image, layer_dir, load_record, record_path
 from .image import Image, ImageConfig, parse_name
 from .limits import ImportBudget, ImportLimits
 from .layer import (
@@ -61,7 +62,6 @@ from .recipes import (
     check_rootfs,
     default_recipes_dir,
     find_recipe,
-    list_recipes,
     load_config,
     recipe_hash,
     run_build,
@@ -69,9 +69,6 @@ from .recipes import (
 
 TMP_DIR = ".image-tmp"
 LOCK_FILE = "images.lock"
-RECORD_SUFFIX = ".json"
-
-_record_decoder = msgspec.json.Decoder(Image)
 
 
 def _quiet(_line: str) -> None:
@@ -97,31 +94,14 @@ class ImageStore:
     # -- reading (no lock) ----------------------------------------------------------------
 
     def get(self, name: str) -> Image:
-        """The image called ``name``.
+        """The image called ``name`` (catalog.get_image).
 
         Raises:
             SpecError: ``name`` is not a valid image name.
             NotFound: no such image (the message says how to build it when a recipe exists),
             or one of its layers is gone.
         """
-        canonical = parse_name(name)
-        path = self._record_path(canonical)
-        if not os.path.exists(path):
-            if ":" not in canonical and canonical in list_recipes(self.recipes_dir):
-                raise NotFound(
-                    f"image {name!r} not found; build it with `fcrun image build {canonical}`"
-                )
-            raise NotFound(
-                f"image {name!r} not found; `fcrun image ls` lists images, "
-                "`fcrun image import PATH` adds one"
-            )
-        image = self._load(path)
-        for layer in image.layers:
-            if not os.path.isdir(layer):
-                raise NotFound(
-                    f"image {name!r}: layer {layer} is missing; build or import the image again"
-                )
-        return image
+        return get_image(self.paths, name, self.recipes_dir)
 
     def list(self) -> list[Image]:
         """All images, by name."""
@@ -136,7 +116,7 @@ class ImageStore:
         ]
 
     def layer_dir(self, diff_id: str) -> str:
-        return os.path.join(self.paths.layers, oci_source.blob_path(diff_id, "diff_id").rsplit("/", 1)[1])
+        return layer_dir(self.paths, diff_id)
 
     # -- building -------------------------------------------------------------------------
 
@@ -475,18 +455,10 @@ class ImageStore:
             os.close(fd)
 
     def _record_path(self, canonical: str) -> str:
-        return os.path.join(self.paths.images, canonical + RECORD_SUFFIX)
+        return record_path(self.paths, canonical)
 
     def _load(self, path: str) -> Image:
-        try:
-            with open(path, "rb") as f:
-                image = _record_decoder.decode(f.read())
-        except (msgspec.DecodeError, msgspec.ValidationError) as exc:
-            raise FcrunError(f"image record {path} is corrupt: {exc}") from None
-        # Layer paths follow the store, so a data root can be moved or mounted elsewhere.
-        if image.diff_ids:
-            image.layers = [self.layer_dir(d) for d in image.diff_ids]
-        return image
+        return load_record(self.paths, path)
 
     def _write_record(self, image: Image) -> None:
         write_atomic(self._record_path(image.name), msgspec.json.format(msgspec.json.encode(image)),

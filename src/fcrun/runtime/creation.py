@@ -37,7 +37,6 @@ from ..crashpoints import crash_point
 from ..errors import ContainerError, FcrunError, KernelError, MissingFeature, SpecError
 from ..labels import APP_LABEL
 from ..logs.files import CURRENT, LogSettings, log_dir
-from ..logs.writer import start_writer
 from .child import ChildPlan
 from .fork import ChildFailure, failure_to_error, read_status
 from .container import Container
@@ -397,6 +396,8 @@ class Creation:
         size-rotated files on disk under the data root: a file under the run root would be
         tmpfs, charged to the container's memory, unbounded, and gone with the container.
         """
+        from ..logs.writer import start_writer  # a detached container's only: `fcrun run` skips its imports
+
         directory = log_dir(self.runtime.paths, self.name)
         log_fd = start_writer(directory, LogSettings.from_env(), app=self.state.labels.get(APP_LABEL, ""))
         self.undo.callback(os.close, log_fd)
@@ -429,6 +430,7 @@ class Creation:
             init_fd=self.init_fd,
             stdio=self.stdio,
             console_socket=self.request.console_socket,
+            seccomp_cache=self.runtime.paths.seccomp_cache,
             userns_fd=self.userns_fd,
             upper_owner=self.root_ids,
             hook_state=child_hook_state(self.name, self.state.spec, self.state.labels),

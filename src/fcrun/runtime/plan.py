@@ -245,6 +245,7 @@ def build_plan(
     hook_state: bytes = b"{}",
     cgroup_dirs: dict[str, str] | None = None,
     console_socket: int = -1,
+    seccomp_cache: str | None = None,
 ) -> ChildPlan:
     """Everything the container child does, decided here. Raises SpecError for bad mounts.
 
@@ -259,6 +260,7 @@ def build_plan(
     `cgroup_dirs`: the container's cgroup dirs (Cgroup.paths), for a mount of type cgroup.
     `console_socket`: a connected socket for the master of a pty the child makes in the
     container (console.py), of process.consoleSize; its slave is then the process's stdio.
+    `seccomp_cache`: where compiled seccomp programs are kept between processes (Paths.seccomp_cache).
     """
     flags = 0
     namespaces = {ns.type for ns in spec.linux.namespaces}
@@ -341,7 +343,8 @@ def build_plan(
         cap_last=cap_last,
         no_new_privs=spec.process.no_new_privileges,
         # Compiled here, before fork (cached: the default profile costs nothing per container).
-        seccomp_filter=compile_filter(spec.linux.seccomp) if spec.linux.seccomp is not None else b"",
+        seccomp_filter=(compile_filter(spec.linux.seccomp, cache_dir=seccomp_cache)
+                        if spec.linux.seccomp is not None else b""),
         seccomp_flags=filter_flags(spec.linux.seccomp) if spec.linux.seccomp is not None else 0,
         pdeathsig=signal.SIGKILL if attached else 0,
         init_fd=init_fd,

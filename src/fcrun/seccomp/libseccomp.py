@@ -58,6 +58,10 @@ class ScmpArgCmp(ctypes.Structure):
     ]
 
 
+class ScmpVersion(ctypes.Structure):
+    _fields_ = [("major", ctypes.c_uint), ("minor", ctypes.c_uint), ("micro", ctypes.c_uint)]
+
+
 class LibSeccomp:
     """The loaded library with typed functions. One per process: use `library()`."""
 
@@ -79,6 +83,8 @@ class LibSeccomp:
         ]
         lib.seccomp_attr_set.argtypes = [ctypes.c_void_p, ctypes.c_int, ctypes.c_uint32]
         lib.seccomp_export_bpf.argtypes = [ctypes.c_void_p, ctypes.c_int]
+        lib.seccomp_version.argtypes = []
+        lib.seccomp_version.restype = ctypes.POINTER(ScmpVersion)
 
     @staticmethod
     def _check(call: str, rc: int) -> int:
@@ -98,6 +104,10 @@ class LibSeccomp:
 
     def arch_native(self) -> int:
         return self._lib.seccomp_arch_native()
+
+    def version(self) -> tuple[int, int, int]:
+        v = self._lib.seccomp_version().contents
+        return v.major, v.minor, v.micro
 
     def arch_resolve_name(self, name: str) -> int:
         """'x86_64' -> the AUDIT_ARCH token; 0 when libseccomp does not know the name."""
