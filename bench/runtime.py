@@ -32,7 +32,7 @@ dirs) on one private tmpfs that the benchmark mounts and removes, as a host whos
 
 Prints JSON: median and p99 (ms) of each, and the ratios of the medians to runc and to
 runc_overlay. Needs root. Usage:
-bench/runtime.py [--runs 50] [--net none|bridge] [--only library,runc,...] [--tmpfs] [--json]
+bench/runtime.py [--runs 50] [--net none|bridge] [--only library,runc,...] [--tmpfs] [--gap-ms MS] [--json]
 """
 
 from __future__ import annotations
@@ -74,6 +74,9 @@ def main() -> int:
     parser.add_argument("--runs", type=int, default=50)
     parser.add_argument("--net", choices=["none", "bridge"], default="none")
     parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--gap-ms", type=float, default=0.0,
+                        help="pause before each contender (untimed), so that none starts within the kernel's "
+                             "cgroup-move grace period of the one before (see bench/README.md)")
     parser.add_argument("--json", action="store_true", help="print only the JSON result")
     parser.add_argument("--only", default="library,library_tmpfs_rootfs,cli,cli_daemon,runc,runc_overlay",
                         help="comma-separated contenders to run (default: all but 'direct'); add "
@@ -201,6 +204,8 @@ def bench(args: argparse.Namespace, top: str, work: str, mounts: list[str]) -> i
                               ("runc_overlay", runc_overlay)):
                 if label not in contenders:
                     continue
+                if args.gap_ms:
+                    time.sleep(args.gap_ms / 1000)
                 t0 = time.perf_counter()
                 fn(i)
                 elapsed_ms = (time.perf_counter() - t0) * 1000
@@ -221,6 +226,7 @@ def bench(args: argparse.Namespace, top: str, work: str, mounts: list[str]) -> i
         "benchmark": "runtime create+start+wait(+delete) of /bin/true in busybox",
         "net": args.net,
         "runs": args.runs,
+        "gap_ms": args.gap_ms,
         "roots_fs": filesystem_of(work),
         **{label: summary(values) for label, values in results.items()},
     }

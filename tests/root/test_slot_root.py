@@ -160,6 +160,34 @@ def test_hand_over_applies_limits_slot_labels_and_thaws_in_one_step(runtime, bus
     assert (code, out) == (0, "for app a\n")
 
 
+def test_hand_over_writes_only_the_limits_that_change(runtime, busybox, tmp_path, monkeypatch):
+    """A pooled instance already has the apps' default limits: a claim with them writes none,
+    and a claim that changes one writes that one only (the kernel then has all of them)."""
+    from fcrun.cgroups.base import Cgroup
+
+    written = []
+    real_update = Cgroup.update
+    monkeypatch.setattr(Cgroup, "update", lambda self, limits, fields, **kw: (
+        written.append(sorted(fields)), real_update(self, limits, fields, **kw))[1])
+    site = tmp_path / "site"
+    site.mkdir()
+    for name in ("same", "other"):
+        spec = spec_from_image(busybox, RunOptions(args=["sleep", "600"], network="none", cpu=0.5,
+                                                   memory_bytes=64 << 20, pids_max=100), name=name)
+        runtime.run(name, spec, image=busybox, detach=True, slot="/srv/site")
+        runtime.freeze(name)
+    runtime.hand_over("same", cpu=0.5, memory_bytes=64 << 20, pids_max=100, slot_source=str(site), thaw=True)
+    assert written == []
+    runtime.hand_over("other", cpu=0.25, memory_bytes=64 << 20, pids_max=100, slot_source=str(site), thaw=True)
+    assert written == [["cpu_period_us", "cpu_quota_us"]]
+    for name, quota in (("same", 50000), ("other", 25000)):
+        limits = runtime.cgroup(name).limits()  # the kernel's
+        assert (limits.cpu_quota_us, limits.memory_bytes, limits.pids_max) == (quota, 64 << 20, 100), name
+    # `update` writes what it is given, changed or not (as `runc update` does).
+    runtime.update("same", cpu=0.5)
+    assert written[-1] == ["cpu_period_us", "cpu_quota_us"]
+
+
 def test_a_failed_hand_over_names_the_problem(runtime, busybox, tmp_path):
     _start(runtime, busybox, "slot5")
     with pytest.raises(SpecError, match="does not exist"):

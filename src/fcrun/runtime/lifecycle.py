@@ -322,19 +322,26 @@ class Runtime:
             return state
 
     def _set_limits(self, state: ContainerState, cpu: float | None, memory_bytes: int | None,
-                    pids_max: int | None) -> None:
+                    pids_max: int | None, *, only_changed: bool = False) -> None:
+        """Set the limits given. `only_changed`: write only those that differ from what the
+        state records (hand_over: a pooled instance is made with the apps' default limits, so
+        most claims write nothing); `fcrun update` writes what it is given, as runc does."""
         res = state.spec.linux.resources or Resources()
         fields = []
         if cpu is not None:
             period = res.cpu.period if res.cpu and res.cpu.period else CPU_PERIOD_US
-            res.cpu = CpuResources(quota=cpu_to_quota_us(cpu, period), period=period)
-            fields += ["cpu_quota_us", "cpu_period_us"]  # both known: no read of the kernel's first
-        if memory_bytes is not None:
+            quota = cpu_to_quota_us(cpu, period)
+            if not (only_changed and res.cpu and res.cpu.quota == quota and res.cpu.period == period):
+                res.cpu = CpuResources(quota=quota, period=period)
+                fields += ["cpu_quota_us", "cpu_period_us"]  # both known: no read of the kernel's first
+        if memory_bytes is not None and not (only_changed and res.memory and res.memory.limit == memory_bytes):
             res.memory = MemoryResources(limit=memory_bytes)
             fields.append("memory_bytes")
-        if pids_max is not None:
+        if pids_max is not None and not (only_changed and res.pids and res.pids.limit == pids_max):
             res.pids = PidsResources(limit=pids_max)
             fields.append("pids_max")
+        if not fields:
+            return
         self._cgroup(state).update(limits_from_spec(msgspec.structs.replace(
             state.spec, linux=msgspec.structs.replace(state.spec.linux, resources=res))), fields, read_back=False)
         state.spec.linux.resources = res
@@ -389,7 +396,7 @@ class Runtime:
             state = self.state(name)
             check_allowed("hand_over", name, state.status)
             if cpu is not None or memory_bytes is not None or pids_max is not None:
-                self._set_limits(state, cpu, memory_bytes, pids_max)
+                self._set_limits(state, cpu, memory_bytes, pids_max, only_changed=True)
                 crash_point("claim.limits")
             if slot_source is not None:
                 self.mount_slot_source(state, slot_source)
