@@ -369,3 +369,24 @@ def test_library_gone_tells_a_spawner_whose_library_died_from_a_live_one_and_fro
             p.kill()
             p.wait()
     assert library_gone(procs["orphaned"].pid) is False  # gone altogether: not a spawner any more
+
+
+def test_a_zombie_or_a_gone_process_is_exiting_and_a_live_one_is_not():
+    """gc's orphan check also counts a creator that is dying (lifecycle.exiting): a zombie, or
+    one whose memory the kernel already took, has children that are orphans a moment later."""
+    from fcrun.runtime.lifecycle import exiting
+
+    live = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)"])
+    zombie = subprocess.Popen(["true"])
+    try:
+        for _ in range(1000):  # 10 s at most
+            with open(f"/proc/{zombie.pid}/stat", "rb") as f:
+                if f.read().rsplit(b")", 1)[1].split()[0] == b"Z":
+                    break
+            time.sleep(0.01)
+        assert (exiting(os.getpid()), exiting(live.pid), exiting(zombie.pid)) == (False, False, True)
+    finally:
+        live.kill()
+        live.wait()
+        zombie.wait()
+    assert exiting(zombie.pid) is True  # reaped: gone altogether

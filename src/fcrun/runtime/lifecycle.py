@@ -624,7 +624,23 @@ def orphaned_created(state: ContainerState) -> bool:
     if state.status != "created" or not pid_alive(state):
         return False
     parent = parent_pid(state.pid)
-    return parent == 1 or (parent > 1 and library_gone(parent))
+    return parent == 1 or (parent > 1 and (exiting(parent) or library_gone(parent)))
+
+
+def exiting(pid: int) -> bool:
+    """Whether process `pid` is on its way out: a zombie, or past the point where the kernel
+    took its memory (its cmdline reads empty; no user process has an empty one). A creator or
+    spawner seen there has died; its children are orphans a moment later (CI once saw a gc
+    look in that moment and keep such an orphan)."""
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            if not f.read(1):
+                return True
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            data = f.read()
+    except OSError:
+        return True  # gone already
+    return data[data.rindex(b")") + 2:][:1] in (b"Z", b"X")
 
 
 def parent_pid(pid: int) -> int:
