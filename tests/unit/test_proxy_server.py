@@ -897,3 +897,45 @@ def test_a_finished_connection_frees_its_worker_for_a_queued_one(run):
             assert server.upstreams.unanswered_connections == 0
 
     run(main)
+
+
+def test_fast_upstream_connections_are_kept_under_concurrency(run):
+    """An instance that answers at once never looks queued: its finished connections are kept,
+    however many new ones are opening meanwhile (closing them would open new ones, which would
+    close others, and so on: a connection per request)."""
+
+    async def main():
+        async with App() as app, proxy({"a.test": app.port}) as (server, router, port):
+            async def client_loop():
+                client = await Client.connect(port)
+                try:
+                    for _ in range(25):
+                        client.send(b"GET /hello HTTP/1.1\r\nHost: a.test\r\n\r\n")
+                        status, _, body = await client.response()
+                        assert (status, body) == (200, b"hello")
+                finally:
+                    await client.close()
+
+            await asyncio.gather(*(client_loop() for _ in range(16)))
+            assert app.connections <= 16, app.connections  # 400 requests: at most one connection per client
+            assert settled_once(router) == [200] * 400
+
+    run(main)
+
+
+def test_a_queued_connection_gets_the_worker_of_an_idle_kept_one(run):
+    """Three quick requests at once to an app with two workers: two are answered at once and
+    their connections kept idle, each holding a worker; nothing else finishes to free one, so
+    an idle connection is closed once the third has waited upstream_queued_after_s (a timer:
+    the sweep, an hour apart here, plays no part)."""
+
+    async def main():
+        config = ProxyConfig(upstream_idle_s=3600.0, timer_resolution_s=3600.0, upstream_queued_after_s=0.05)
+        app = PreforkApp(workers=2)
+        async with app, proxy({"a.test": app.port}, config) as (server, router, port):
+            results = await asyncio.gather(*(get(port, "/hello") for _ in range(3)))
+            assert [(status, body) for status, _, body in results] == [(200, b"hello")] * 3
+            assert app.most_serving == 2 and app.connections == 3
+            assert server.upstreams.unanswered_connections == 0
+
+    run(main)

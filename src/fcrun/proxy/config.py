@@ -26,6 +26,10 @@ class ProxyConfig(msgspec.Struct, kw_only=True, frozen=True, forbid_unknown_fiel
     """A pooled upstream connection unused this long is closed."""
     upstream_pool_per_instance: int = 64
     """Idle keep-alive connections kept per instance (more are closed when released)."""
+    upstream_queued_after_s: float = 0.02
+    """A new connection to an instance with no byte of its response after this long may be
+    waiting for a worker (a pre-forking server's accept queue): a kept connection of that
+    instance is then closed to free its worker, once per such connection (upstream.py)."""
     max_body_bytes: Count | None = 10 * 1024 * 1024
     """Request body limit in bytes for apps that set none of their own (an app's
     ``max_body_bytes`` wins, larger or smaller); over it: 413 and close. 0 (or None from

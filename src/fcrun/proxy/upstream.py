@@ -8,15 +8,21 @@ age out and get closed after ``upstream_idle_s``.
 
 A pre-forking server (Apache prefork) gives each connection a worker of its own for as long as
 the connection stays open, and leaves new connections in the kernel's accept queue while every
-worker has one. So while a new connection to an instance has had no byte of its response (it
-may be queued there), a finished connection is closed instead of kept: its worker then accepts
-the queued one. Kept, it would hold that worker until the connection aged out, and the queued
-request would wait seconds (Apache's KeepAliveTimeout, or upstream_idle_s) for nothing.
+worker has one. Kept idle here, a connection would hold its worker until it aged out, and a
+queued request would wait seconds (Apache's KeepAliveTimeout, or upstream_idle_s) for nothing.
+So a new connection with no byte of its response after ``upstream_queued_after_s`` counts as
+queued, and is owed one freed worker: the next connection of that instance to finish is closed
+instead of kept; and when one is kept while a new one still waits, a timer at the moment that
+one turns queued closes an idle one (the kept ones may hold every worker, and nothing else would
+finish). Once per queued connection, and only after that delay: an instance that answers at once
+never looks queued (closing its connections for every new one would open a new one per request,
+each closing another).
 """
 
 from __future__ import annotations
 
 import asyncio
+import collections
 import sys
 from collections.abc import Sequence
 from typing import TYPE_CHECKING
@@ -59,7 +65,7 @@ class UpstreamConnection(asyncio.Protocol):
 
     __slots__ = ("upstreams", "instance_id", "transport", "reader", "client", "client_transport",
                  "exchange", "reused", "got_bytes", "idle_since", "closed", "tunnel",
-                 "read_paused", "tunnel_bytes", "last_read", "unanswered")
+                 "read_paused", "tunnel_bytes", "last_read", "unanswered_since")
 
     def __init__(self, upstreams: UpstreamConnections, instance_id: str):
         self.upstreams = upstreams
@@ -77,7 +83,7 @@ class UpstreamConnection(asyncio.Protocol):
         self.read_paused = False
         self.tunnel_bytes = 0
         self.last_read = upstreams.now   # coarse time of the last byte from the instance
-        self.unanswered = False      # first request sent, no byte back: maybe in the accept queue
+        self.unanswered_since = 0.0  # loop time its first request went out, until a byte came back
 
     def start(self, client: ClientConnection, exchange: Exchange, keep_alive: bool,
               extra_headers: bytes) -> None:
@@ -89,12 +95,10 @@ class UpstreamConnection(asyncio.Protocol):
         self.last_read = self.upstreams.now
         self.reader.begin(exchange, keep_alive, extra_headers)
         if not self.reused:
-            self.unanswered = True
-            self.upstreams.unanswered_added(self.instance_id)
+            self.upstreams.watch_unanswered(self)
 
     def detach(self) -> None:
-        if self.unanswered:
-            self.upstreams.answered(self)
+        self.unanswered_since = 0.0
         self.client = None
         self.client_transport = None
         self.exchange = None
@@ -130,8 +134,7 @@ class UpstreamConnection(asyncio.Protocol):
 
     def data_received(self, data: bytes) -> None:
         self.last_read = self.upstreams.now
-        if self.unanswered:
-            self.upstreams.answered(self)
+        self.unanswered_since = 0.0
         if self.tunnel:
             self.tunnel_bytes += len(data)
             self.client_transport.write(data)
@@ -176,8 +179,7 @@ class UpstreamConnection(asyncio.Protocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.closed = True
-        if self.unanswered:
-            self.upstreams.answered(self)
+        self.unanswered_since = 0.0
         self.upstreams._unregister(self)
         client = self.client
         if client is None:
@@ -206,7 +208,10 @@ class UpstreamConnections:
         self.now = 0.0   # the server's coarse clock (set by expire)
         self._idle: dict[str, list[UpstreamConnection]] = {}
         self._live: dict[str, set[UpstreamConnection]] = {}
-        self._unanswered: dict[str, int] = {}   # per instance: new connections with no byte back
+        # Per instance, new connections in the order they were sent their first request; those
+        # answered, closed or already owed a worker are dropped as they reach the front.
+        self._unanswered: dict[str, collections.deque[UpstreamConnection]] = {}
+        self._unqueue_timers: dict[str, asyncio.TimerHandle] = {}
 
     def take(self, instance_id: str) -> UpstreamConnection | None:
         """The most recently used idle connection to the instance, or None."""
@@ -227,13 +232,15 @@ class UpstreamConnections:
                 return
             idle = self._idle[conn.instance_id] = []
         if (conn.closed or len(idle) >= self.config.upstream_pool_per_instance
-                or conn.instance_id in self._unanswered):  # its worker may be wanted: module docstring
-            conn.close()
+                or (conn.instance_id in self._unanswered and self._queued(conn.instance_id))):
+            conn.close()   # (the last: its worker goes to a queued connection; module docstring)
             return
         if conn.read_paused:
             conn.resume_reading()   # an idle connection must notice the instance closing it
         conn.idle_since = now
         idle.append(conn)
+        if conn.instance_id in self._unanswered and conn.instance_id not in self._unqueue_timers:
+            self._unqueue_later(conn.instance_id)
 
     async def connect(self, lease: Lease) -> UpstreamConnection:
         """A new connection to the lease's instance.
@@ -249,17 +256,50 @@ class UpstreamConnections:
             _, conn = await loop.create_connection(lambda: UpstreamConnection(self, instance_id), host, port)
         return conn
 
-    def unanswered_added(self, instance_id: str) -> None:
-        self._unanswered[instance_id] = self._unanswered.get(instance_id, 0) + 1
+    def watch_unanswered(self, conn: UpstreamConnection) -> None:
+        """``conn`` was just sent its first request (module docstring)."""
+        conn.unanswered_since = asyncio.get_running_loop().time()
+        queue = self._unanswered.get(conn.instance_id)
+        if queue is None:
+            queue = self._unanswered[conn.instance_id] = collections.deque()
+        queue.append(conn)
 
-    def answered(self, conn: UpstreamConnection) -> None:
-        """``conn`` had a response byte, or ended: it is no longer one that may be queued."""
-        conn.unanswered = False
-        left = self._unanswered[conn.instance_id] - 1
-        if left:
-            self._unanswered[conn.instance_id] = left
-        else:
-            del self._unanswered[conn.instance_id]
+    def _queued(self, instance_id: str) -> bool:
+        """Whether a connection of the instance has waited for its first byte for
+        upstream_queued_after_s; if so it is owed a worker, and taken off the watch."""
+        queue = self._unanswered[instance_id]
+        while queue and not queue[0].unanswered_since:
+            queue.popleft()
+        if not queue:
+            del self._unanswered[instance_id]
+            return False
+        if asyncio.get_running_loop().time() - queue[0].unanswered_since < self.config.upstream_queued_after_s:
+            return False
+        queue.popleft()
+        if not queue:
+            del self._unanswered[instance_id]
+        return True
+
+    def _unqueue_later(self, instance_id: str) -> None:
+        """Check again when the oldest new connection of the instance turns queued."""
+        queue = self._unanswered.get(instance_id)
+        while queue and not queue[0].unanswered_since:
+            queue.popleft()
+        if not queue:
+            self._unanswered.pop(instance_id, None)
+            return
+        loop = asyncio.get_running_loop()
+        when = queue[0].unanswered_since + self.config.upstream_queued_after_s
+        self._unqueue_timers[instance_id] = loop.call_at(when, self._unqueue, instance_id)
+
+    def _unqueue(self, instance_id: str) -> None:
+        """Free a worker held by an idle connection for each queued new connection."""
+        del self._unqueue_timers[instance_id]
+        idle = self._idle.get(instance_id)
+        while idle and instance_id in self._unanswered and self._queued(instance_id):
+            idle.pop().close()
+        if idle and instance_id in self._unanswered:
+            self._unqueue_later(instance_id)
 
     def instance_gone(self, instance_id: str) -> None:
         """Close the instance's idle connections; busy ones close when their response ends."""
@@ -276,6 +316,9 @@ class UpstreamConnections:
                 idle.pop(0).close()
 
     def close(self) -> None:
+        for timer in self._unqueue_timers.values():
+            timer.cancel()
+        self._unqueue_timers.clear()
         for live in list(self._live.values()):
             for conn in list(live):
                 conn.abort()
@@ -288,7 +331,7 @@ class UpstreamConnections:
 
     @property
     def unanswered_connections(self) -> int:
-        return sum(self._unanswered.values())
+        return sum(1 for queue in self._unanswered.values() for conn in queue if conn.unanswered_since)
 
     def _register(self, conn: UpstreamConnection) -> None:
         live = self._live.get(conn.instance_id)
