@@ -264,33 +264,34 @@ class UpstreamConnections:
             queue = self._unanswered[conn.instance_id] = collections.deque()
         queue.append(conn)
 
-    def _queued(self, instance_id: str) -> bool:
-        """Whether a connection of the instance has waited for its first byte for
-        upstream_queued_after_s; if so it is owed a worker, and taken off the watch."""
-        queue = self._unanswered[instance_id]
-        while queue and not queue[0].unanswered_since:
-            queue.popleft()
-        if not queue:
-            del self._unanswered[instance_id]
-            return False
-        if asyncio.get_running_loop().time() - queue[0].unanswered_since < self.config.upstream_queued_after_s:
-            return False
-        queue.popleft()
-        if not queue:
-            del self._unanswered[instance_id]
-        return True
-
-    def _unqueue_later(self, instance_id: str) -> None:
-        """Check again when the oldest new connection of the instance turns queued."""
+    def _oldest_unanswered(self, instance_id: str) -> UpstreamConnection | None:
+        """The instance's oldest new connection still without a byte back (the answered, closed
+        or already owed ones dropped from the front; the instance's entry once none is left)."""
         queue = self._unanswered.get(instance_id)
         while queue and not queue[0].unanswered_since:
             queue.popleft()
         if not queue:
             self._unanswered.pop(instance_id, None)
-            return
-        loop = asyncio.get_running_loop()
-        when = queue[0].unanswered_since + self.config.upstream_queued_after_s
-        self._unqueue_timers[instance_id] = loop.call_at(when, self._unqueue, instance_id)
+            return None
+        return queue[0]
+
+    def _queued(self, instance_id: str) -> bool:
+        """Whether a connection of the instance has waited for its first byte for
+        upstream_queued_after_s; if so it is owed a worker, and taken off the watch."""
+        oldest = self._oldest_unanswered(instance_id)
+        if oldest is None or (asyncio.get_running_loop().time() - oldest.unanswered_since
+                              < self.config.upstream_queued_after_s):
+            return False
+        oldest.unanswered_since = 0.0  # owed its worker now: dropped from the watch
+        self._oldest_unanswered(instance_id)
+        return True
+
+    def _unqueue_later(self, instance_id: str) -> None:
+        """Check again when the oldest new connection of the instance turns queued."""
+        oldest = self._oldest_unanswered(instance_id)
+        if oldest is not None:
+            when = oldest.unanswered_since + self.config.upstream_queued_after_s
+            self._unqueue_timers[instance_id] = asyncio.get_running_loop().call_at(when, self._unqueue, instance_id)
 
     def _unqueue(self, instance_id: str) -> None:
         """Free a worker held by an idle connection for each queued new connection."""
