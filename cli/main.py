@@ -16,6 +16,7 @@ import sys
 import time
 
 import click
+import msgspec
 
 from fcrun.errors import RUN_OWN_FAILURE, AlreadyExists, FcrunError, SpecError, command_exit_code
 from fcrun.paths import DEFAULT_BRIDGE, DEFAULT_CGROUP_PARENT, DEFAULT_SUBNET, Paths
@@ -234,7 +235,7 @@ def ps(obj: Context, as_json, quiet):
     """List containers: name, state, pid, IP, CPU quota, memory limit, memory in use, image, age, app."""
     rows = obj.runtime.list()
     if as_json:
-        click.echo(json.dumps([row.__dict__ for row in rows], indent=2))
+        click.echo(json.dumps([msgspec.structs.asdict(row) for row in rows], indent=2))
         return
     if quiet:
         for row in rows:

@@ -11,7 +11,8 @@ Two roots, each overridable by an environment variable (which the tests use) or 
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
+
+import msgspec
 
 DEFAULT_DATA_ROOT = "/var/lib/fcrun"
 DEFAULT_RUN_ROOT = "/run/fcrun"
@@ -20,8 +21,7 @@ DEFAULT_SUBNET = "10.88.0.0/16"
 DEFAULT_CGROUP_PARENT = "fcrun"
 
 
-@dataclass(frozen=True)
-class Paths:
+class Paths(msgspec.Struct, frozen=True):
     """The directories one fcrun installation uses."""
 
     data_root: str = DEFAULT_DATA_ROOT

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import uuid
 from collections.abc import Callable
-from dataclasses import dataclass
 from typing import TYPE_CHECKING, get_args
 
 import msgspec
@@ -53,8 +52,7 @@ class RunRequest(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_field
     userns: bool = False
 
 
-@dataclass(frozen=True)
-class RunPlan:
+class RunPlan(msgspec.Struct, frozen=True):
     """What `fcrun run` creates: Runtime.create/run(name, spec, image=image, detach=..., init=...)."""
 
     name: str

@@ -7,10 +7,12 @@ these are safe to call in a freshly forked child between fork and exec.
 
 from __future__ import annotations
 
+# _socket: the C module under `socket`, all this needs, without socket.py's start-up (its enums:
+# ~1 ms of a `fcrun run` without a fork-server, which loads this module).
+import _socket
 import ctypes
 import fcntl
 import os
-import socket
 import struct
 
 # The C library, loaded once for every ctypes call fcrun makes (seccomp, bpf, netlink's setns,
@@ -144,14 +146,17 @@ def set_loopback_up() -> None:
     """Bring 'lo' up in the current network namespace with one ioctl (no netlink needed).
 
     Used in the container child right after unshare(CLONE_NEWNET), where a netlink library would
-    be far heavier than two ioctls. (socket, fcntl and struct are imported at module level so
+    be far heavier than two ioctls. (_socket, fcntl and struct are imported at module level so
     the child does not import anything.)
     """
     SIOCGIFFLAGS, SIOCSIFFLAGS, IFF_UP = 0x8913, 0x8914, 0x1
-    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+    s = _socket.socket(_socket.AF_INET, _socket.SOCK_DGRAM)
+    try:
         ifreq = struct.pack("16sH14x", b"lo", 0)
         flags = struct.unpack("16sH14x", fcntl.ioctl(s.fileno(), SIOCGIFFLAGS, ifreq))[1]
         fcntl.ioctl(s.fileno(), SIOCSIFFLAGS, struct.pack("16sH14x", b"lo", flags | IFF_UP))
+    finally:
+        s.close()
 
 
 # The new mount API (Linux 5.2+, mount_setattr 5.12+): a detached copy of a tree, its flags set

@@ -10,7 +10,7 @@ import stat
 import pytest
 
 from fcrun import atomicfile
-from fcrun.atomicfile import quarantine, remove_stale_temps, stale_temps, write_atomic
+from fcrun.atomicfile import create_temp, quarantine, remove_stale_temps, stale_temps, write_atomic
 from fcrun.errors import KernelError
 
 
@@ -92,6 +92,33 @@ def test_temporaries_are_unique(tmp_path):
     assert stale.read_bytes() == b"half"
     with open(path, "rb") as f:
         assert f.read() == b"whole"
+
+
+def test_a_temporary_is_new_private_and_never_an_existing_name(tmp_path, monkeypatch):
+    """create_temp keeps mkstemp's promises: mode 0600 whatever the umask, close-on-exec, and a
+    name already taken (a file, or a symlink planted there) is passed over, never opened."""
+    old_umask = os.umask(0)
+    try:
+        fd, path = create_temp(str(tmp_path), ".f.")
+    finally:
+        os.umask(old_umask)
+    try:
+        st = os.fstat(fd)
+        assert stat.S_IMODE(st.st_mode) == 0o600 and st.st_size == 0 and not os.get_inheritable(fd)
+        assert os.path.basename(path).startswith(".f.") and path.endswith(".tmp") and os.path.samestat(st, os.stat(path))
+    finally:
+        os.close(fd)
+    victim = tmp_path / "victim"
+    victim.write_bytes(b"keep")
+    taken, free = [b"\x01" * 6, b"\x02" * 6], b"\x03" * 6
+    os.symlink(victim, tmp_path / f".f.{taken[0].hex()}.tmp")
+    (tmp_path / f".f.{taken[1].hex()}.tmp").write_bytes(b"other's")
+    tokens = iter([*taken, free])
+    monkeypatch.setattr(atomicfile.os, "urandom", lambda n: next(tokens))
+    fd, path = create_temp(str(tmp_path), ".f.")
+    os.close(fd)
+    assert path == str(tmp_path / f".f.{free.hex()}.tmp")
+    assert victim.read_bytes() == b"keep" and (tmp_path / f".f.{taken[1].hex()}.tmp").read_bytes() == b"other's"
 
 
 def test_quarantine_moves_aside_and_keeps_every_copy(tmp_path):

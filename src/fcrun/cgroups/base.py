@@ -15,7 +15,6 @@ import re
 import signal
 import time
 from collections.abc import Callable, Collection, Iterable
-from dataclasses import dataclass
 from typing import ClassVar
 
 import msgspec
@@ -51,8 +50,7 @@ def unique(dirs: Iterable[str]) -> list[str]:
     return list(dict.fromkeys(dirs))
 
 
-@dataclass(frozen=True)
-class Hierarchy:
+class Hierarchy(msgspec.Struct, frozen=True):
     """One mounted cgroup hierarchy as fcrun uses it.
 
     ``base_dir`` is the cgroup fcrun runs in (relative parent) or the hierarchy's root (absolute

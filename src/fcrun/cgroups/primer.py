@@ -29,13 +29,13 @@ that are gone (an empty group: its primer died with a killed fork-server).
 from __future__ import annotations
 
 import contextlib
-import logging
 import os
 import signal
 import time
 
 from .. import syscalls as sc
 from ..errors import FcrunError
+from ..lazy import Logger
 from .base import Cgroup, CgroupDriver
 from .limits import Limits
 
@@ -44,7 +44,7 @@ PRIME_EVERY_S = 0.002  # well within a grace period (~5 ms here), so the fast pa
 GROUP_PREFIX = "fcrun-move-primer-"
 GROUP_NAME_LEN = 130  # longer than any container name (128: runtime/state.py), so never a container's
 
-log = logging.getLogger(__name__)
+log = Logger(__name__)
 
 
 def group_name(owner_pid: int) -> str:

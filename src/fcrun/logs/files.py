@@ -14,8 +14,8 @@ from __future__ import annotations
 
 import contextlib
 import os
-import shutil
-from dataclasses import dataclass
+
+import msgspec
 
 from ..paths import Paths
 from .rotation import rotated
@@ -33,8 +33,7 @@ ENV_COUNT = "FCRUN_LOG_COUNT"
 ENV_KEEP_S = "FCRUN_LOG_KEEP_S"
 
 
-@dataclass(frozen=True)
-class LogSettings:
+class LogSettings(msgspec.Struct, frozen=True):
     """Per-instance bound: at most ``(count + 1) * max_bytes`` on disk (plus one line)."""
 
     max_bytes: int = DEFAULT_MAX_BYTES
@@ -133,6 +132,8 @@ def remove_expired(root: str, keep_s: float, alive: set[str], now: float) -> lis
         except OSError:
             continue
         if now - newest >= keep_s:
+            import shutil  # here: its import (bz2, lzma, fnmatch) is ~1.5 ms of every `fcrun run`
+
             shutil.rmtree(directory, ignore_errors=True)
             removed.append(name)
     return sorted(removed)

@@ -20,10 +20,12 @@ Runs in the forked child: system calls only, errors raised as OSError naming wha
 
 from __future__ import annotations
 
+# _socket: the C module under `socket`, all this needs, without socket.py's start-up (its enums:
+# ~1 ms of a `fcrun run` without a fork-server, which loads this module).
+import _socket
 import array
 import fcntl
 import os
-import socket
 import stat
 import struct
 import termios
@@ -81,11 +83,11 @@ def open_console(socket_fd: int, height: int, width: int, bind_console: bool) ->
 
 
 def _send(socket_fd: int, master: int) -> None:
-    sock = socket.socket(fileno=socket_fd)
+    sock = _socket.socket(fileno=socket_fd)
     try:
         # MSG_NOSIGNAL: the child has SIGPIPE at its default (death); a gone engine is an error to report.
-        sock.sendmsg([PTMX], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", [master]).tobytes())],
-                     socket.MSG_NOSIGNAL)
+        sock.sendmsg([PTMX], [(_socket.SOL_SOCKET, _socket.SCM_RIGHTS, array.array("i", [master]).tobytes())],
+                     _socket.MSG_NOSIGNAL)
     finally:
         sock.detach()  # the fd stays the caller's to close
 

@@ -7,8 +7,9 @@ import contextlib
 import os
 import signal
 import time
-from dataclasses import dataclass
 from typing import TYPE_CHECKING
+
+import msgspec
 
 from ..crashpoints import crash_point
 from ..errors import IncorrectStatus, NotFound
@@ -21,8 +22,7 @@ if TYPE_CHECKING:
     from .lifecycle import Runtime
 
 
-@dataclass
-class ContainerInfo:
+class ContainerInfo(msgspec.Struct):
     """One row of `fcrun ps`."""
 
     name: str

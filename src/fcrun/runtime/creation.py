@@ -24,11 +24,9 @@ lifecycle.py). Each step has a crash point (crashpoints.py) where the crash suit
 from __future__ import annotations
 
 import contextlib
-import logging
 import os
 import threading
 import time
-from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import msgspec
@@ -36,6 +34,7 @@ import msgspec
 from ..crashpoints import crash_point
 from ..errors import ContainerError, FcrunError, KernelError, MissingFeature, SpecError
 from ..labels import APP_LABEL
+from ..lazy import Logger
 from ..logs.files import CURRENT, LogSettings, log_dir
 from .child import ChildPlan
 from .fork import ChildFailure, failure_to_error, read_status
@@ -61,11 +60,10 @@ if TYPE_CHECKING:
 INIT_CANDIDATES = ("/usr/bin/tini-static",)  # static: the image may have no libc
 VOLATILE_ROOTFS_DEFAULT_BYTES = 512 << 20  # its size cap when the container has no memory limit
 
-log = logging.getLogger(__name__)
+log = Logger(__name__)
 
 
-@dataclass
-class CreateRequest:
+class CreateRequest(msgspec.Struct):
     """A checked request to create a container (see Runtime.create for the fields)."""
 
     name: str

@@ -20,12 +20,12 @@ environment; `timeout` (seconds) kills it when it runs longer.
 
 from __future__ import annotations
 
-import logging
 import os
 
 import msgspec
 
 from ..errors import ContainerError, SpecError
+from ..lazy import Logger
 from .spec import OCI_VERSION, Hook, Spec
 
 # The label a front (fcrun-oci) keeps a container's bundle directory in, for the state's
@@ -33,7 +33,7 @@ from .spec import OCI_VERSION, Hook, Spec
 BUNDLE_LABEL = "oci.bundle"
 CHILD_HOOK_STAGES = ("create_container", "start_container")
 
-log = logging.getLogger(__name__)
+log = Logger(__name__)
 
 
 class OciState(msgspec.Struct, kw_only=True, omit_defaults=True):

@@ -9,7 +9,6 @@ creation.py's, exec is exec.py's, slots are slots.py's; who forks is process.py'
 from __future__ import annotations
 
 import contextlib
-import logging
 import os
 import signal
 import time
@@ -24,6 +23,7 @@ from ..crashpoints import crash_point
 from ..docroot import DEFAULT_DOCROOT_ROOTS
 from ..errors import FcrunError, NotFound, NotPermitted, SpecError
 from ..labels import APP_LABEL
+from ..lazy import Logger
 from ..logs.files import LogSettings, log_dir, log_root, note_app, remove_expired
 from ..paths import DEFAULT_BRIDGE, DEFAULT_CGROUP_PARENT, DEFAULT_SUBNET, Paths
 from ..units import CPU_PERIOD_US, cpu_to_quota_us
@@ -45,7 +45,7 @@ MAX_CACHED_CGROUPS = 4096
 ORPHAN_EXIT_TIMEOUT_S = 5.0  # a created container whose creator died: gone at the EOF of its go pipe (2 s was
 # too short on a loaded 2-core VM: the crash suite saw one still exiting)
 
-log = logging.getLogger(__name__)
+log = Logger(__name__)
 
 
 class Runtime:

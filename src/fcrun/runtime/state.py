@@ -32,7 +32,6 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
-import logging
 import os
 import re
 import threading
@@ -42,9 +41,10 @@ import msgspec
 
 from ..atomicfile import quarantine, remove_stale_temps, write_atomic
 from ..errors import AlreadyExists, FcrunError, IncorrectStatus, NotFound, SpecError
+from ..lazy import Logger
 from .spec import Process, Root, Spec
 
-log = logging.getLogger(__name__)
+log = Logger(__name__)
 
 STATE_FILE = "state.json"
 QUARANTINE_DIR = ".quarantine"  # under the containers dir; NAME_RE never matches it

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import contextlib
 import os
-import shutil
 
 from ..paths import Paths
 
@@ -67,7 +66,7 @@ class Storage:
                 os.chown(upper, *owner)
             os.mkdir(work, 0o700)
         except BaseException:
-            shutil.rmtree(storage, ignore_errors=True)
+            _rmtree(storage)
             raise
         return upper, work
 
@@ -83,7 +82,7 @@ class Storage:
                 with contextlib.suppress(FileNotFoundError):
                     os.rmdir(os.path.join(storage, d))
         except OSError:  # ENOTEMPTY: the container wrote something
-            shutil.rmtree(storage, ignore_errors=True)
+            _rmtree(storage)
 
     def names(self) -> list[str]:
         """The containers that have a writable layer here."""
@@ -101,3 +100,11 @@ class Storage:
                 os.chmod(self.root, 0o700)
             self._root_checked = True
         return self.root
+
+
+def _rmtree(path: str) -> None:
+    """shutil.rmtree, imported only when a tree is left to walk: its import (bz2, lzma, fnmatch)
+    is ~1.5 ms of a `fcrun run` without a fork-server, whose container wrote nothing."""
+    import shutil
+
+    shutil.rmtree(path, ignore_errors=True)

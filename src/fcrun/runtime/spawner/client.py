@@ -2,6 +2,10 @@
 (the one a library process starts on demand and shares among its threads).
 
 See server.py for the spawner itself and the handshake, protocol.py for the wire.
+
+`socket` is imported where a spawner is started or spoken to, not at the top: a `fcrun run`
+without a fork-server loads this module but forks its one container itself, and socket.py's
+import is ~1.5-2 ms of it on this VM.
 """
 
 from __future__ import annotations
@@ -12,9 +16,9 @@ import errno
 import os
 import select
 import signal
-import socket
 import sys
 import time
+from typing import TYPE_CHECKING
 
 import msgspec
 
@@ -23,6 +27,9 @@ import fcrun
 from ...errors import ContainerError, KernelError
 from ..child import ChildPlan
 from . import protocol
+
+if TYPE_CHECKING:
+    import socket
 
 WARM_CHILDREN = 2  # kept waiting for a plan (the spawner's default too)
 READY_TIMEOUT_S = 10.0
@@ -80,6 +87,7 @@ class Client:
         Raises:
             OSError: the process could not be started.
         """
+        import socket
         import threading
 
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
@@ -146,6 +154,8 @@ class Client:
         Raises:
             SpawnerGone: it exited.
         """
+        import socket
+
         while True:
             try:
                 data, fds, flags = protocol.recv_with_fds(self._sock, self._buffer, nowait=True)
@@ -221,6 +231,8 @@ class Client:
 
     def _send_to_warm(self, message: bytes, child_fds: list[int]) -> int:
         """Give the request to a warm child: its pid, or -1 if there is none (left)."""
+        import socket
+
         while True:
             with self._lock:
                 self._read_ctrl()
@@ -255,6 +267,8 @@ class Client:
 
         Resource handling: the caller owns the returned fd (close-on-exec).
         """
+        import socket
+
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         try:
             try:
@@ -282,6 +296,8 @@ class Client:
                 os.close(fd)
 
     def _send_ctrl(self, message: bytes, fds: list[int]) -> None:
+        import socket
+
         try:
             socket.send_fds(self._sock, [message], fds)
         except OSError as exc:

@@ -8,10 +8,12 @@ SCM_RIGHTS. Reports (on a pipe per child) are length-prefixed, each below PIPE_B
 
 from __future__ import annotations
 
+# _socket, not socket: `fcrun run` without a fork-server reads reports through this module and
+# needs no socket.py (~1 ms of start-up: its enums).
+import _socket
 import os
 import select
 import signal
-import socket
 import stat
 import struct
 
@@ -204,7 +206,7 @@ def write_report(fd: int, report: Report) -> None:
         pass  # nobody is listening (the library dropped the Container)
 
 
-def recv_with_fds(sock: socket.socket, buffer: bytearray, nowait: bool = False) -> tuple[bytes, list[int], int]:
+def recv_with_fds(sock: _socket.socket, buffer: bytearray, nowait: bool = False) -> tuple[bytes, list[int], int]:
     """One datagram, its fds (each close-on-exec from the start) and the recvmsg flags.
 
     Not socket.recv_fds: it drops its flags argument (CPython 3.11), and a received status
@@ -214,11 +216,11 @@ def recv_with_fds(sock: socket.socket, buffer: bytearray, nowait: bool = False) 
     Raises:
         BlockingIOError: nothing there (nowait, or a non-blocking socket).
     """
-    flags = socket.MSG_CMSG_CLOEXEC | (socket.MSG_DONTWAIT if nowait else 0)
-    nbytes, ancdata, flags, _ = sock.recvmsg_into([buffer], socket.CMSG_SPACE(MAX_FDS * _FD_SIZE), flags)
+    flags = _socket.MSG_CMSG_CLOEXEC | (_socket.MSG_DONTWAIT if nowait else 0)
+    nbytes, ancdata, flags, _ = sock.recvmsg_into([buffer], _socket.CMSG_SPACE(MAX_FDS * _FD_SIZE), flags)
     fds: list[int] = []
     for level, kind, payload in ancdata:
-        if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
+        if level == _socket.SOL_SOCKET and kind == _socket.SCM_RIGHTS:
             usable = len(payload) - len(payload) % _FD_SIZE
             fds.extend(struct.unpack(f"{usable // _FD_SIZE}i", payload[:usable]))
     return bytes(buffer[:nbytes]), fds, flags
