@@ -6,7 +6,9 @@ threads of the library may send concurrently without a length prefix), with fds 
 SCM_RIGHTS. Reports (on a pipe per child) are length-prefixed, each below PIPE_BUF.
 """
 
-from __future__ import annotations
+# No `from __future__ import annotations` here: a msgspec Decoder built at import reads these
+# Structs' annotations, and string ones are each compiled (~300 compiles across the runtime's
+# modules: ~4-6 ms of a `fcrun run` without a fork-server).
 
 # _socket, not socket: `fcrun run` without a fork-server reads reports through this module and
 # needs no socket.py (~1 ms of start-up: its enums).
