@@ -13,8 +13,12 @@ import os
 import signal
 import sys
 
+from typing import TYPE_CHECKING
+
 from fcrun.errors import FcrunError, command_exit_code
-from fcrun.runrequest import RunRequest, run_spec
+
+if TYPE_CHECKING:
+    from fcrun.runrequest import RunRequest
 
 FORWARDED_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT, signal.SIGUSR1, signal.SIGUSR2,
                      signal.SIGWINCH)
@@ -35,14 +39,28 @@ def run(runtime, request: RunRequest, *, keep: bool = False) -> int:
     Raises:
         FcrunError, OSError: before the command ran (a bad option, not root, no such image, ...).
     """
+    from fcrun.runrequest import run_spec
+
+    return run_plan(runtime, run_spec(request, lambda image_name: image_as_root(runtime.paths, image_name)), keep=keep)
+
+
+def image_as_root(paths, image_name: str):
+    """The image to run, read once the options are checked: a bad option is reported to anyone,
+    then root is required.
+
+    Raises:
+        NotPermitted: not root. NotFound: no such image.
+    """
+    from fcrun.errors import require_root
     from fcrun.images.catalog import get_image  # not runtime.images: the store's build code is not needed
-    from fcrun.runtime import require_root
 
-    def image_as_root(image_name: str):
-        require_root()  # after the options' own checks, so that a bad option is reported to anyone
-        return get_image(runtime.paths, image_name)
+    require_root()
+    return get_image(paths, image_name)
 
-    plan = run_spec(request, image_as_root)
+
+def run_plan(runtime, plan, *, keep: bool = False) -> int:
+    """Create, start, wait for and remove the container of `plan` (runrequest.RunPlan); run's
+    exit code. Raises what run() raises, before the command ran."""
     name = plan.name
     container = runtime.create(name, plan.spec, image=plan.image, detach=plan.detach, init=plan.init)
     if plan.detach:
@@ -70,16 +88,51 @@ def run(runtime, request: RunRequest, *, keep: bool = False) -> int:
 
 def run_fields(run_root: str, fields: dict) -> int:
     """The thin client's command line (fast.parse's Run fields) run here: `fcrun run`'s exit
-    code, an error reported as click's `fcrun run` reports it."""
+    code, an error reported as click's `fcrun run` reports it.
+
+    Once the options are checked, root is known and the image found, a move primer starts
+    (cgroups/primer.py), before the runtime's modules are imported: the container's move into
+    its cgroup would otherwise wait on the command's path for an RCU grace period (~12 ms on
+    this VM); the primer's first write waits for it meanwhile.
+    """
     from fcrun.paths import Paths
-    from fcrun.runtime.lifecycle import Runtime
+    from fcrun.runrequest import RunRequest, run_spec
 
     fields = dict(fields)
-    runtime = Runtime(Paths(data_root=fields.pop("data_root"), run_root=run_root),
-                      cgroup_parent=fields.pop("cgroup_parent"), bridge=fields.pop("bridge"),
-                      subnet=fields.pop("subnet"))
+    paths = Paths(data_root=fields.pop("data_root"), run_root=run_root)
+    cgroup_parent, bridge, subnet = fields.pop("cgroup_parent"), fields.pop("bridge"), fields.pop("subnet")
+    cgroups = primer = None
+
+    def image_then_primer(image_name: str):
+        nonlocal cgroups, primer
+        image = image_as_root(paths, image_name)
+        cgroups, primer = _primed_cgroups(cgroup_parent)
+        return image
+
     try:
-        return run(runtime, RunRequest(**fields))
+        plan = run_spec(RunRequest(**fields), image_then_primer)
+        from fcrun.runtime.lifecycle import Runtime
+
+        runtime = Runtime(paths, cgroup_parent=cgroup_parent, bridge=bridge, subnet=subnet, cgroups=cgroups)
+        runtime.move_primer = primer
+        return run_plan(runtime, plan)
     except (FcrunError, OSError) as exc:
         sys.stderr.write(error_line(exc, "run") + "\n")
         return command_exit_code(exc)
+    finally:
+        if primer is not None:
+            with contextlib.suppress(FcrunError, OSError):  # its group is left to `fcrun gc`
+                primer.close()  # and with it the cgroup parent, if it made it and nothing is left there
+
+
+def _primed_cgroups(cgroup_parent: str):
+    """The cgroup driver and a primed MovePrimer, or (None, None) where it could not be made
+    (the run then reports whatever is wrong with the cgroup parent)."""
+    from fcrun.cgroups import detect
+    from fcrun.cgroups.primer import MovePrimer
+
+    try:
+        cgroups = detect(parent=cgroup_parent)
+        return cgroups, MovePrimer(cgroups, primed=True)
+    except (FcrunError, OSError):
+        return None, None

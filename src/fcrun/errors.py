@@ -60,6 +60,13 @@ class NotPermitted(FcrunError, PermissionError):
     http_status = 403
 
 
+def require_root() -> None:
+    """Raises NotPermitted unless this process runs as root. (Here, not in the runtime: `fcrun
+    run` checks before it imports the runtime's modules, cli/run_here.py.)"""
+    if os.geteuid() != 0:
+        raise NotPermitted("fcrun needs root to create namespaces, mounts and cgroups (run it with sudo)")
+
+
 class KernelError(FcrunError, OSError):
     """A system call or kernel file write failed. Keeps the errno.
 

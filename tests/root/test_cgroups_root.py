@@ -19,7 +19,7 @@ import pytest
 
 from fcrun.cgroups import Cgroup, CgroupDriver, KernelIO, Limits, detect
 from fcrun.errors import AlreadyExists, KernelError, MissingFeature
-from polling import running
+from polling import running, wait_until
 
 pytestmark = [
     pytest.mark.root,
@@ -419,6 +419,24 @@ def test_the_move_primer_lives_in_a_group_of_its_own_and_close_leaves_nothing(re
         primer.prime()  # while it primes: never blocks, never raises
         time.sleep(0.1)  # past PRIME_FOR_S: it moved itself where it was, and is there still
         assert group.pids() == [primer.pid] and running(primer.pid)
+    finally:
+        primer.close()
+    assert not running(primer.pid)
+    assert not any(os.path.exists(d) for d in group.dirs())
+
+
+def test_a_primed_primer_moves_itself_in_and_holds_none_of_its_owners_stdio(reg, driver):
+    """`fcrun run`'s primer (primed=True): its own first write moves it into its group (the
+    owner moves nobody, so waits for no grace period), it holds none of the owner's stdio (a
+    reader of `fcrun run`'s output sees EOF when fcrun exits), and close() leaves nothing."""
+    from fcrun.cgroups.primer import MovePrimer
+
+    primer = MovePrimer(driver, primed=True)
+    try:
+        group = primer.cgroup
+        wait_until("the primer in its group", lambda: group.pids() == [primer.pid])
+        assert os.getpid() not in group.pids()
+        assert {os.readlink(f"/proc/{primer.pid}/fd/{n}") for n in (0, 1, 2)} == {os.devnull}
     finally:
         primer.close()
     assert not running(primer.pid)

@@ -7,7 +7,7 @@ after another move). A serve's starts are seconds apart, so each start's move wa
 10.5 ms of the fork-server's 23 (bench/README.md, "Start from nothing").
 
 So the fork-server keeps a primer: a small child of its own, in a group of its own beneath the
-cgroup parent (``fcrun-move-primer-<fork-server pid>___...``, padded with "_" beyond 128
+cgroup parent (``fcrun-move-primer-<owner pid>___...``, padded with "_" beyond 128
 characters, the longest container name, so that it is never a container's group). `prime()` (a byte on a pipe, at the start
 of every creation) wakes it, and for PRIME_FOR_S it moves itself into its own group every
 PRIME_EVERY_S: "0" written to that group's cgroup.procs, a move of nothing (it is already
@@ -15,6 +15,13 @@ there) that still takes the semaphore. Its first write pays the grace period bes
 creation's user namespace, mounts and forks; the creation's own move, some 10 ms later, finds
 the semaphore's fast path. Moving itself ("0") names no pid, so no pid reuse can make it move
 anyone else, and it touches no group but its own.
+
+A creation's own work before its move is short (~3 ms in a library process, `--net none`),
+shorter than the grace period (~12 ms there), so a primer woken only at the creation hides part
+of it. `fcrun run` without a fork-server starts one *primed* (``primed=True``) before it imports
+the runtime (cli/run_here.py): its first write, which moves it into its group, pays the grace
+period while the ~20 ms of imports go on, and the container's move is a follow-up
+(bench/README.md, "Issue 17: the move primer in `fcrun run`").
 
 What it costs: one forked process per fork-server (its memory shared with the fork-server's,
 copy-on-write) and, during a creation, ~25 writes that each hold forks and exits on the host
@@ -48,7 +55,7 @@ log = Logger(__name__)
 
 
 def group_name(owner_pid: int) -> str:
-    """The group of the primer of the fork-server `owner_pid`."""
+    """The group of the primer of process `owner_pid` (a fork-server, or `fcrun run`)."""
     return f"{GROUP_PREFIX}{owner_pid}".ljust(GROUP_NAME_LEN, "_")
 
 
@@ -61,8 +68,11 @@ def is_group_name(name: str) -> bool:
 class MovePrimer:
     """The primer process and its group (see the module's docstring)."""
 
-    def __init__(self, driver: CgroupDriver):
+    def __init__(self, driver: CgroupDriver, *, primed: bool = False):
         """Start the primer. Call it while the process has no other thread (it forks).
+
+        `primed`: it primes at once, for PRIME_FOR_S, its first write moving it into its group
+        (so this call waits for no grace period); else it is moved in here and waits for prime().
 
         Raises:
             FcrunError, OSError: the group could not be made, or the fork failed; nothing is left.
@@ -70,19 +80,22 @@ class MovePrimer:
         self.cgroup: Cgroup = driver.create(group_name(os.getpid()), Limits())
         procs = self.cgroup.procs_files()[0]
         cmd_r, self._cmd_w = os.pipe2(os.O_CLOEXEC)
-        self.pid = -1
+        self.pid = self._pidfd = -1
         try:
             self.pid = os.fork()
             if self.pid == 0:  # pragma: no cover - the primer itself, until _exit
-                _primer_main(cmd_r, procs)
-            # In its group from the start: a group without a process is a dead primer's (remove_stale).
-            self.cgroup.add(self.pid)
+                _primer_main(cmd_r, procs, primed)
+            # A pidfd: close() kills it by this, never by a pid that a fork-server's reaping
+            # (waitpid(-1)) may have freed for another process.
+            self._pidfd = os.pidfd_open(self.pid)
+            if not primed:
+                # In its group from the start: a group without a process is a dead primer's (remove_stale).
+                self.cgroup.add(self.pid)
         except BaseException:
             os.close(self._cmd_w)  # the primer, if any, exits at this EOF; destroy kills it anyway
             self._cmd_w = -1
+            self._end()
             self.cgroup.destroy()
-            if self.pid > 0:
-                os.waitpid(self.pid, 0)
             raise
         finally:
             os.close(cmd_r)
@@ -102,13 +115,23 @@ class MovePrimer:
             self._cmd_w = -1
 
     def close(self) -> None:
-        """End the primer, wait for it, remove its group."""
+        """End the primer (killed: it may be within a priming spell, up to PRIME_FOR_S), wait
+        for it, remove its group."""
         if self._cmd_w >= 0:
             os.close(self._cmd_w)
             self._cmd_w = -1
-        with contextlib.suppress(ChildProcessError):
-            os.waitpid(self.pid, 0)
+        self._end()
         self.cgroup.destroy()
+
+    def _end(self) -> None:
+        if self._pidfd >= 0:
+            with contextlib.suppress(ProcessLookupError):  # dead already (and reaped, maybe)
+                signal.pidfd_send_signal(self._pidfd, signal.SIGKILL)
+            os.close(self._pidfd)
+            self._pidfd = -1
+        if self.pid > 0:
+            with contextlib.suppress(ChildProcessError):  # reaped by the fork-server's loop
+                os.waitpid(self.pid, 0)
 
 
 def remove_stale(driver: CgroupDriver) -> list[str]:
@@ -133,15 +156,22 @@ def remove_stale(driver: CgroupDriver) -> list[str]:
     return removed
 
 
-def _primer_main(cmd_r: int, procs: str) -> None:  # pragma: no cover - runs in the forked child
+def _primer_main(cmd_r: int, procs: str, primed: bool) -> None:  # pragma: no cover - runs in the forked child
     try:
         for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGCHLD, signal.SIGPIPE):
             signal.signal(sig, signal.SIG_DFL)
         sc.prctl(sc.PR_SET_PDEATHSIG, signal.SIGKILL)
+        # No fd of its owner's but its pipe: a reader of the owner's stdout or stderr (a shell's
+        # `$(fcrun run ...)`) must see EOF when the owner exits, whatever this process does.
+        null = os.open(os.devnull, os.O_RDWR)
+        for std in (0, 1, 2):
+            if null != std:
+                os.dup2(null, std)
         os.closerange(3, cmd_r)
         os.closerange(cmd_r + 1, os.sysconf("SC_OPEN_MAX"))
         fd = os.open(procs, os.O_WRONLY | os.O_CLOEXEC)
-        while os.read(cmd_r, 64):  # EOF: the fork-server closed it, or is gone
+        while primed or os.read(cmd_r, 64):  # EOF: the owner closed it, or is gone
+            primed = False
             until = time.monotonic() + PRIME_FOR_S
             while time.monotonic() < until:
                 with contextlib.suppress(OSError):  # its group removed under it, say: priming stops working, nothing more

@@ -21,7 +21,7 @@ from ..cgroups import Cgroup, CgroupDriver, detect
 from ..cgroups.primer import remove_stale as remove_stale_primers
 from ..crashpoints import crash_point
 from ..docroot import DEFAULT_DOCROOT_ROOTS
-from ..errors import FcrunError, NotFound, NotPermitted, SpecError
+from ..errors import FcrunError, NotFound, SpecError, require_root
 from ..labels import APP_LABEL
 from ..lazy import Logger
 from ..logs.files import LogSettings, log_dir, log_root, note_app, remove_expired
@@ -61,6 +61,9 @@ class Runtime:
             than one thread always uses it, whatever this says (process.py says why).
         docroot_roots: the only directories under which `fill_slot` takes a source (see
             docroot.py; serve's `docroot_roots` setting).
+        cgroups: the driver `cgroups.detect(parent=cgroup_parent)` gives, if the caller has
+            one (`fcrun run` detects before it imports this module, to start a move primer:
+            cli/run_here.py); else detected on first use.
     """
 
     def __init__(
@@ -72,12 +75,13 @@ class Runtime:
         subnet: str = DEFAULT_SUBNET,
         spawner: bool | None = None,
         docroot_roots: Sequence[str] = DEFAULT_DOCROOT_ROOTS,
+        cgroups: CgroupDriver | None = None,
     ):
         self.paths = paths or Paths.from_env()
         if spawner is None:
             spawner = {"0": False, "1": True}.get(os.environ.get("FCRUN_SPAWNER", ""))
         self.spawner_mode = spawner
-        self.move_primer = None  # a cgroups.primer.MovePrimer the fork-server sets: primed at each creation
+        self.move_primer = None  # a cgroups.primer.MovePrimer the fork-server (or `fcrun run`) sets: primed at each creation
         self.docroot_roots = tuple(docroot_roots)
         self.states = StateStore(self.paths.containers)
         self.storage = Storage(self.paths)
@@ -85,7 +89,7 @@ class Runtime:
         self.cgroup_parent = cgroup_parent
         self.bridge = bridge
         self.subnet = subnet
-        self._cgroups: CgroupDriver | None = None
+        self._cgroups = cgroups
         self._network = None
         self._images = None
         self._cap_last: int | None = None
@@ -651,12 +655,6 @@ def parent_pid(pid: int) -> int:
     except OSError:
         return 0
     return int(data[data.rindex(b")") + 2:].split()[1])  # the name may hold spaces and ')'
-
-
-def require_root() -> None:
-    """Raises NotPermitted unless this process runs as root."""
-    if os.geteuid() != 0:
-        raise NotPermitted("fcrun needs root to create namespaces, mounts and cgroups (run it with sudo)")
 
 
 __all__ = ["Runtime", "require_root"]
