@@ -434,6 +434,21 @@ def test_gc_removes_what_a_crashed_supervisor_left(runtime, busybox):
     assert runtime.list() == []
 
 
+def test_a_wait_that_records_nothing_still_reads_as_stopped(runtime, busybox):
+    """`fcrun run` without --keep waits with record=False (the container is removed right
+    after): the file keeps "running", and every reader still sees the truth (the pid is gone)."""
+    spec = spec_from_image(busybox, RunOptions(args=["sh", "-c", "exit 6"], network="none"), name="t-norecord")
+    null = os.open(os.devnull, os.O_RDWR)
+    try:
+        c = runtime.run("t-norecord", spec, image=busybox, stdio=(null, null, null))
+    finally:
+        os.close(null)
+    assert c.wait(record=False) == 6
+    assert runtime.states.load("t-norecord").status == "running"
+    assert runtime.state("t-norecord").status == "stopped"
+    assert runtime.gc() == ["t-norecord"]
+
+
 # ----- bad input and rollback -----------------------------------------------------------------
 
 
