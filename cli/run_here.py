@@ -58,16 +58,19 @@ def image_as_root(paths, image_name: str):
     return get_image(paths, image_name)
 
 
-def run_plan(runtime, plan, *, keep: bool = False) -> int:
+def run_plan(runtime, plan, *, keep: bool = False, running=None) -> int:
     """Run the container of `plan` (runrequest.RunPlan), wait for it and remove it (unless
     `keep`); run's exit code. Raises what run() raises, before the command ran.
 
     Created and started in one step (Runtime.run: one handshake and one state save, where
-    create + start made two of each)."""
+    create + start made two of each). `running()`, if given, is called once the container
+    runs (run_fields ends its move primer there, while the command runs)."""
     name = plan.name
     options = dict(image=plan.image, detach=plan.detach, init=plan.init)
     if plan.detach:
         runtime.run(name, plan.spec, **options)
+        if running is not None:
+            running()
         sys.stdout.write(name + "\n")
         sys.stdout.flush()
         return 0
@@ -89,6 +92,8 @@ def run_plan(runtime, plan, *, keep: bool = False) -> int:
         container = runtime.run(name, plan.spec, **options)
         for signum in early:
             forward(signum, None)
+        if running is not None:
+            running()
         return container.wait(record=keep)
     finally:
         for sig, handler in previous.items():
@@ -121,20 +126,26 @@ def run_fields(run_root: str, fields: dict) -> int:
         cgroups, primer = _primed_cgroups(cgroup_parent)
         return image
 
+    def end_primer() -> None:
+        """Its work is done once the container is in its cgroup: ended while the command runs."""
+        nonlocal primer
+        if primer is not None:
+            with contextlib.suppress(FcrunError, OSError):  # its group is left to `fcrun gc`
+                primer.close()  # and the cgroup parent, if it made it and nothing is left there
+            primer = None
+
     try:
         plan = run_spec(RunRequest(**fields), image_then_primer)
         from fcrun.runtime.lifecycle import Runtime
 
         runtime = Runtime(paths, cgroup_parent=cgroup_parent, bridge=bridge, subnet=subnet, cgroups=cgroups)
         runtime.move_primer = primer
-        return run_plan(runtime, plan)
+        return run_plan(runtime, plan, running=end_primer)
     except (FcrunError, OSError) as exc:
         sys.stderr.write(error_line(exc, "run") + "\n")
         return command_exit_code(exc)
     finally:
-        if primer is not None:
-            with contextlib.suppress(FcrunError, OSError):  # its group is left to `fcrun gc`
-                primer.close()  # and with it the cgroup parent, if it made it and nothing is left there
+        end_primer()  # if the run failed before its container ran
 
 
 def _primed_cgroups(cgroup_parent: str):

@@ -12,7 +12,7 @@ import time
 
 import pytest
 from hostcheck import BRIDGE, CGROUP_PARENT, SUBNET
-from polling import running
+from polling import wait_until
 
 from fcrun import RunOptions, spec_from_image
 
@@ -116,23 +116,22 @@ def test_without_a_fork_server_the_installed_launcher_runs_the_container_itself(
     assert (r.returncode, r.stdout) == (0, "hi 1000:1000 /tmp box\n1\n"), r.stderr
     assert os.listdir(os.path.join(run_root, "seccomp")) == [cached]
     assert os.stat(os.path.join(run_root, "seccomp", cached)).st_mtime_ns == written
-    # A signal to `fcrun run` reaches the command (through the container's init). Meanwhile its
-    # move primer (cgroups/primer.py) lives in a group of its own beside the container's.
+    # A signal to `fcrun run` reaches the command (through the container's init). Its move
+    # primer (cgroups/primer.py, tests/unit/test_run_here.py) ends once the container runs.
     from fcrun.cgroups.primer import group_name
 
     with subprocess.Popen([launcher, "run", "--name", "sig", "--image", "busybox", "--net", "none", "--",
                            "sh", "-c", "echo up; exec sleep 60"], env=env, stdout=subprocess.PIPE, text=True) as client:
         try:
             assert client.stdout.readline() == "up\n"
-            primer_group = runtime.cgroups.load(runtime.cgroups.paths_for(group_name(client.pid)))
-            [primer_pid] = primer_group.pids()
-            assert _ppid(primer_pid) == client.pid
+            primer_dirs = runtime.cgroups.paths_for(group_name(client.pid)).values()
+            wait_until("the primer's group removed", lambda: not any(os.path.exists(d) for d in primer_dirs))
+            assert runtime.state("sig").status == "running"
             client.send_signal(signal.SIGTERM)
             assert client.wait(timeout=30) == 128 + signal.SIGTERM
         finally:
             client.kill()
     assert runtime.states.names() == []
-    assert not any(os.path.exists(d) for d in primer_group.dirs()) and not running(primer_pid)
 
 
 def test_a_name_is_free_again_as_soon_as_the_client_returns(daemon, env, runtime, busybox):
