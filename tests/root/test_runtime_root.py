@@ -434,9 +434,11 @@ def test_gc_removes_what_a_crashed_supervisor_left(runtime, busybox):
     assert runtime.list() == []
 
 
-def test_a_wait_that_records_nothing_still_reads_as_stopped(runtime, busybox):
+def test_a_wait_that_records_nothing_still_reads_as_stopped(runtime, busybox, monkeypatch):
     """`fcrun run` without --keep waits with record=False (the container is removed right
-    after): the file keeps "running", and every reader still sees the truth (the pid is gone)."""
+    after): the file keeps "running", and every reader still sees the truth (the pid is gone);
+    the first one to look saves "stopped", atomically but not fsync'd (a status names nothing
+    on disk: state.py)."""
     spec = spec_from_image(busybox, RunOptions(args=["sh", "-c", "exit 6"], network="none"), name="t-norecord")
     null = os.open(os.devnull, os.O_RDWR)
     try:
@@ -445,7 +447,11 @@ def test_a_wait_that_records_nothing_still_reads_as_stopped(runtime, busybox):
         os.close(null)
     assert c.wait(record=False) == 6
     assert runtime.states.load("t-norecord").status == "running"
+    synced = []
+    monkeypatch.setattr(os, "fsync", synced.append)
     assert runtime.state("t-norecord").status == "stopped"
+    assert runtime.states.load("t-norecord").status == "stopped" and synced == []
+    monkeypatch.undo()
     assert runtime.gc() == ["t-norecord"]
 
 
