@@ -28,7 +28,7 @@ FREEZE_STEPS = ("freeze.frozen",)
 THAW_STEPS = ("thaw.thawed",)
 DELETE_STEPS = ("delete.locked", "delete.slot", "delete.killed", "delete.cgroup", "delete.network",
                 "delete.storage", "delete.idrange", "delete.done")
-CLAIM_STEPS = ("claim.taken", "claim.limits", "claim.slot", "claim.thawed", "claim.saved")
+CLAIM_STEPS = ("claim.taken", "claim.limits", "claim.slot", "claim.thawed", "claim.answered", "claim.saved")
 SERVE_STEPS = ("serve.scale-up.written", "serve.instance.started", "serve.instance.drained",
                "serve.instance.stopped")
 STEPS = CREATE_STEPS + START_STEPS + FREEZE_STEPS + THAW_STEPS + DELETE_STEPS + CLAIM_STEPS + SERVE_STEPS

@@ -72,9 +72,10 @@ elif op == "claim":
     from fcrun.forkserver.pool import Pool
     pool = Pool(rt)
     pool.adopt()
+    answers = []  # as the fork-server claims: answered before the state is saved
     reply = pool.claim(p.Claim(image="busybox", labels={APP_LABEL: "crash.test"}, docroot=docroot,
-                               limits=p.InstanceLimits(cpu=0.3, memory_bytes=32 << 20)))
-    assert isinstance(reply, p.Made), reply
+                               limits=p.InstanceLimits(cpu=0.3, memory_bytes=32 << 20)), answer=answers.append)
+    assert reply is None and [type(a) for a in answers] == [p.Made], (reply, answers)
 print("survived", flush=True)
 """
 
@@ -93,8 +94,9 @@ KEPT = {
     # `rm -f` died before it killed pid 1: the container runs on, and a second `rm -f` ends it
     "delete.locked", "delete.slot",
     # claim.taken: still an untouched, frozen pooled instance (adopted again);
-    # claim.saved: the app's now, running (serve's reconcile adopts it)
-    "claim.taken", "claim.saved",
+    # claim.thawed, claim.answered: running, the app noted but its label unsaved: the next
+    # fork-server's adopt labels it the app's; claim.saved: the app's (serve's reconcile adopts it)
+    "claim.taken", "claim.thawed", "claim.answered", "claim.saved",
 }
 ROUNDS = [(op, step) for op, steps in OPERATIONS.items() for step in steps]
 ROUNDS += [("run-spawner", step) for step in CREATE_STEPS + START_STEPS]
@@ -216,8 +218,8 @@ def test_kill_9_at_a_step_then_reconcile_leaves_the_host_as_before(crash_roots, 
         labels = rt.state(NAME).labels
         if step == "claim.taken":
             assert APP_LABEL not in labels and rt.state(NAME).status == "frozen"
-        if step == "claim.saved":
-            assert labels.get(APP_LABEL) == "crash.test"
+        if step in ("claim.thawed", "claim.answered", "claim.saved"):
+            assert labels.get(APP_LABEL) == "crash.test" and rt.state(NAME).status == "running"
         rt.delete(NAME, force=True)  # a second `rm -f` finishes what the first began
     else:
         assert kept == [], f"{step}: the reconcile kept a half-made or dead container: {kept}"

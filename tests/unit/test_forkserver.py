@@ -9,7 +9,7 @@ import pytest
 import os
 
 from fcrun.cgroups.limits import Limits
-from fcrun.errors import ContainerError, NotFound, SpecError
+from fcrun.errors import ContainerError, KernelError, NotFound, SpecError
 from fcrun.forkserver import protocol as p
 from fcrun.forkserver.pool import (DEFAULT_POOL_CPU, DEFAULT_POOL_MEMORY_BYTES, PROBE_RETRY_S, STEADY_POLLS,
                                    WARM_POLL_S, Pool)
@@ -162,6 +162,7 @@ class FakeRuntime:
         self.procs: dict[str, int] = {}
         self.fail_run = None
         self.fail_hand_over = None
+        self.fail_save = None  # hand_over's last step (after answer), as a full run root would
         self.images = self
         self.states = self
         self.slots = FakeRuntime.slots_root
@@ -199,6 +200,13 @@ class FakeRuntime:
         c = self.containers[name]
         return type("S", (), {"name": name, "status": c["status"], "log_path": "/nonexistent"})()
 
+    def noted_app(self, name):
+        return self.containers[name].get("noted_app")
+
+    def label(self, name, labels):
+        self.calls.append(("label", name, dict(labels)))
+        self.containers[name]["labels"].update(labels)
+
     def freeze(self, name):
         self.calls.append(("freeze", name))
         self.containers[name]["status"] = "frozen"
@@ -207,7 +215,7 @@ class FakeRuntime:
         self.calls.append(("thaw", name))
         self.containers[name]["status"] = "running"
 
-    def hand_over(self, name, *, cpu, memory_bytes, pids_max, slot_source, labels, thaw):
+    def hand_over(self, name, *, cpu, memory_bytes, pids_max, slot_source, labels, thaw, answer=None):
         self.calls.append(("hand_over", name, cpu, memory_bytes, slot_source))
         if self.fail_hand_over:
             raise ContainerError(self.fail_hand_over)
@@ -215,6 +223,11 @@ class FakeRuntime:
         c["labels"].update(labels)
         c["status"] = "running" if thaw else c["status"]
         c["cpu"], c["memory_bytes"] = cpu, memory_bytes
+        if answer is not None:
+            answer(c)
+        if self.fail_save:
+            raise KernelError("write container state", name, 28)
+        self.calls.append(("saved", name))
 
     def delete(self, name, force=False):
         self.calls.append(("delete", name))
@@ -331,6 +344,36 @@ def test_claim_hands_over_the_oldest_and_refills_only_after_a_quiet_moment():
     assert pool.status()["apache-php"].claimed == 1
 
 
+def test_a_claim_is_answered_before_the_instances_state_is_saved():
+    """The fork-server's claim: the Made goes out (answer) once the instance is the app's and
+    running, before hand_over saves its state; claim then has nothing left to return."""
+    pool, runtime, clock = make_pool()
+    pool.set_sizes({"apache-php": 1})
+    warm_up(pool, clock)
+    (name,) = [r.name for r in pool.ready["apache-php"]]
+    answers = []
+    claim = p.Claim(image="apache-php", labels={"fcrun.app": "a.test"}, limits=LIMITS, docroot="/srv/a")
+    assert pool.claim(claim, answer=lambda made: answers.append((made, list(runtime.calls)))) is None
+    [(made, calls_then)] = answers
+    assert isinstance(made, p.Made) and made.name == name and made.path == "pool"
+    assert calls_then[-1][:2] == ("hand_over", name) and ("saved", name) in runtime.calls
+    assert runtime.containers[name]["status"] == "running" and pool.status()["apache-php"].claimed == 1
+
+
+def test_a_save_that_fails_after_the_answer_keeps_the_instance_the_apps():
+    pool, runtime, clock = make_pool()
+    pool.set_sizes({"apache-php": 1})
+    warm_up(pool, clock)
+    (name,) = [r.name for r in pool.ready["apache-php"]]
+    runtime.fail_save = True  # ENOSPC
+    answers = []
+    assert pool.claim(p.Claim(image="apache-php", labels={"fcrun.app": "a.test"}, limits=LIMITS),
+                      answer=answers.append) is None
+    assert [m.name for m in answers] == [name]
+    assert name in runtime.containers  # serving the app: not removed under it
+    assert pool.status()["apache-php"].claimed == 1 and pool.status()["apache-php"].failures == 0
+
+
 def test_claim_of_an_empty_pool_or_a_failed_hand_over_says_empty():
     pool, runtime, clock = make_pool()
     assert isinstance(pool.claim(p.Claim(image="apache-php", labels={}, limits=LIMITS)), p.Empty)
@@ -338,8 +381,9 @@ def test_claim_of_an_empty_pool_or_a_failed_hand_over_says_empty():
     warm_up(pool, clock)
     (name,) = [r.name for r in pool.ready["apache-php"]]
     runtime.fail_hand_over = "memory limit below usage"
-    reply = pool.claim(p.Claim(image="apache-php", labels={}, limits=LIMITS))
-    assert isinstance(reply, p.Empty) and "memory limit below usage" in reply.reason
+    answers = []
+    reply = pool.claim(p.Claim(image="apache-php", labels={}, limits=LIMITS), answer=answers.append)
+    assert isinstance(reply, p.Empty) and "memory limit below usage" in reply.reason and answers == []
     assert name not in runtime.containers  # discarded, never half-claimed
     assert pool.status()["apache-php"].failures == 1
 
@@ -455,6 +499,24 @@ def test_adopt_removes_a_frozen_instance_whose_claim_crashed_half_way():
     adopted, removed = Pool(runtime, clock=Clock(100.0)).adopt()
     assert adopted == ["pool-untouched"] and sorted(removed) == ["pool-docroot", "pool-limits"]
     assert set(runtime.containers) == {"pool-untouched"}
+
+
+def test_adopt_labels_a_running_instance_whose_claim_was_answered_but_not_saved():
+    """A kill -9 between hand_over's answer and its save: limits, docroot, the app's note and
+    the thaw are done, serve sends it requests; the next fork-server labels it the app's (serve
+    then adopts it) instead of removing it under those requests."""
+    runtime = FakeRuntime()
+    runtime.containers = {
+        "pool-answered": {"status": "running", "labels": {"fcrun.pool": "apache-php"}, "ip": "10.0.0.2", "slot": "/x",
+                          "noted_app": "a.test"},
+        "pool-warming": {"status": "running", "labels": {"fcrun.pool": "apache-php"}, "ip": "10.0.0.3", "slot": "/x"},
+        "pool-noted-frozen": {"status": "frozen", "labels": {"fcrun.pool": "apache-php"}, "ip": "10.0.0.4",
+                              "slot": "/x", "noted_app": "a.test", "cpu": 0.3},
+    }
+    adopted, removed = Pool(runtime, clock=Clock(100.0)).adopt()
+    assert adopted == [] and sorted(removed) == ["pool-noted-frozen", "pool-warming"]
+    assert runtime.containers["pool-answered"]["labels"] == {"fcrun.pool": "apache-php", "fcrun.app": "a.test"}
+    assert set(runtime.containers) == {"pool-answered"}
 
 
 def test_removing_all_leaves_app_instances_alone():

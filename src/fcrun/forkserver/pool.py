@@ -131,8 +131,11 @@ class Pool:
             while len(queue) > self.sizes.get(image, 0):
                 self._remove(queue.pop(), "pool shrunk")
 
-    def claim(self, request: Claim) -> Made | Empty:
-        """The oldest ready instance of the image, made the app's; Empty when there is none."""
+    def claim(self, request: Claim, answer: Callable[[Made], object] | None = None) -> Made | Empty | None:
+        """The oldest ready instance of the image, made the app's; Empty when there is none.
+
+        `answer`: given, the Made goes out through it as soon as the instance is the app's and
+        running, before its state is saved (Runtime.hand_over), and claim returns None."""
         t0 = self.clock()
         self.last_request = t0
         queue = self.ready.get(request.image)
@@ -141,19 +144,33 @@ class Pool:
         pooled = queue.popleft()
         crash_point("claim.taken")
         counters = self._counters(request.image)
+        answered = False
+
+        def made() -> Made:
+            return Made(name=pooled.name, ip=pooled.ip, pid=pooled.pid, path="pool",
+                        ms=round((self.clock() - t0) * 1000, 2))
+
+        def answer_now(_state) -> None:
+            nonlocal answered
+            answered = True
+            answer(made())
+
         try:
             self.runtime.hand_over(pooled.name, cpu=request.limits.cpu, memory_bytes=request.limits.memory_bytes,
-                                   pids_max=request.limits.pids_max,
-                                   slot_source=request.docroot, labels=dict(request.labels), thaw=True)
+                                   pids_max=request.limits.pids_max, slot_source=request.docroot,
+                                   labels=dict(request.labels), thaw=True, answer=answer_now if answer else None)
         except (FcrunError, OSError) as exc:
+            if answered:  # the app has it, running; only its state file is behind (adopt removes it)
+                counters.claimed += 1
+                log.warning("claimed %s, but could not save its state: %s", pooled.name, exc)
+                return None
             counters.failures += 1
             counters.last_error = f"claiming {pooled.name}: {exc}"
             log.warning("%s", counters.last_error)
             self._remove(pooled, "claim failed")
             return Empty(f"pooled instance {pooled.name} could not be claimed: {exc}")
         counters.claimed += 1
-        ms = (self.clock() - t0) * 1000
-        return Made(name=pooled.name, ip=pooled.ip, pid=pooled.pid, path="pool", ms=round(ms, 2))
+        return None if answered else made()
 
     def start(self, request: Start) -> Made:
         """Create and start an app instance the ordinary way (not waiting for it to accept).
@@ -300,9 +317,11 @@ class Pool:
 
     def adopt(self) -> tuple[list[str], list[str]]:
         """At start-up, take over what an earlier fork-server pooled: frozen, untouched instances
-        join the pool; the others are removed: half-made ones (running: they were warming) and
-        half-claimed ones (a crash during hand_over: the app's limits or docroot may be applied,
-        its label not yet saved). Claimed instances (fcrun.app) are serve's, never touched."""
+        join the pool; a running one whose claim noted its app (Runtime.hand_over: limits,
+        docroot, note, thaw, answer, then the save a crash cut off) is labelled the app's and
+        left to serve; the others are removed: half-made ones (running, no app noted: they were
+        warming) and half-claimed ones (frozen: the app's limits or docroot may be applied, the
+        claim never answered). Claimed instances (fcrun.app) are serve's, never touched."""
         adopted, removed = [], []
         now = self.clock()
         mountpoints = set(read_mountpoints())
@@ -320,6 +339,9 @@ class Pool:
                 self.ready.setdefault(image, collections.deque()).append(
                     Pooled(name=info.name, image=image, ip=info.ip, port=port, pid=info.pid, made=now - age))
                 adopted.append(info.name)
+            elif info.status == "running" and (app := self.runtime.noted_app(info.name)):
+                self.runtime.label(info.name, {APP_LABEL: app})
+                log.info("pooled instance %s was claimed for %s before a crash: labelled the app's", info.name, app)
             else:
                 self._delete(info.name)
                 removed.append(info.name)

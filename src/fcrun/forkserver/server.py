@@ -235,7 +235,8 @@ class ForkServer:
                             os.kill(run.pid, request.signal)
                     return None
                 case p.Claim():
-                    return self.pool.claim(request)
+                    # Answered from inside the claim, before the instance's state is saved.
+                    return self.pool.claim(request, answer=lambda made: self._reply(conn, made))
                 case p.Start():
                     if (primer := self.pool.runtime.move_primer) is not None:
                         primer.prime()  # before the image and spec are read: its grace period ends the sooner

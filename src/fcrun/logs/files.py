@@ -95,6 +95,15 @@ def note_app(directory: str, app: str) -> None:
             f.write(app + "\n")
 
 
+def noted_app(directory: str) -> str | None:
+    """The app note_app recorded in an instance's log directory, or None."""
+    try:
+        with open(os.path.join(directory, APP_FILE)) as f:
+            return f.read().strip() or None
+    except (FileNotFoundError, NotADirectoryError):
+        return None
+
+
 def app_instances(root: str, app: str) -> list[str]:
     """Names of the instances (alive or gone) whose logs say they served ``app``."""
     names = []
