@@ -12,12 +12,13 @@ import contextlib
 import os
 import signal
 import sys
-
 from typing import TYPE_CHECKING
 
 from fcrun.errors import FcrunError, command_exit_code
 
 if TYPE_CHECKING:
+    from collections.abc import Callable
+
     from fcrun.runrequest import RunRequest
 
 FORWARDED_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT, signal.SIGUSR1, signal.SIGUSR2,
@@ -58,7 +59,7 @@ def image_as_root(paths, image_name: str):
     return get_image(paths, image_name)
 
 
-def run_plan(runtime, plan, *, keep: bool = False, running=None) -> int:
+def run_plan(runtime, plan, *, keep: bool = False, running: Callable[[], object] | None = None) -> int:
     """Run the container of `plan` (runrequest.RunPlan), wait for it and remove it (unless
     `keep`); run's exit code. Raises what run() raises, before the command ran.
 

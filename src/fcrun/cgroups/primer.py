@@ -21,15 +21,15 @@ shorter than the grace period (~12 ms there), so a primer woken only at the crea
 of it. `fcrun run` without a fork-server starts one *primed* (``primed=True``) before it imports
 the runtime (cli/run_here.py): its first write, which moves it into its group, pays the grace
 period while the ~20 ms of imports go on, and the container's move is a follow-up
-(bench/README.md, "Issue 17: the move primer in `fcrun run`").
+(bench/README.md, "Issue 17: `fcrun run` without a fork-server, second pass").
 
 What it costs: one forked process per fork-server (its memory shared with the fork-server's,
 copy-on-write) and, during a creation, ~25 writes that each hold forks and exits on the host
 back for microseconds (as any move does). Without a primer (it died, or could not be made)
 creations go on as before: `prime()` never raises.
 
-Resource handling: `close()` ends the primer (EOF on its pipe; PR_SET_PDEATHSIG should the
-fork-server die first) and removes its group; `remove_stale` removes the groups of primers
+Resource handling: `close()` ends the primer (SIGKILL through a pidfd; PR_SET_PDEATHSIG should
+its owner die first), reaps it and removes its group; `remove_stale` removes the groups of primers
 that are gone (an empty group: its primer died with a killed fork-server).
 """
 
@@ -92,7 +92,7 @@ class MovePrimer:
                 # In its group from the start: a group without a process is a dead primer's (remove_stale).
                 self.cgroup.add(self.pid)
         except BaseException:
-            os.close(self._cmd_w)  # the primer, if any, exits at this EOF; destroy kills it anyway
+            os.close(self._cmd_w)  # the primer, if any, is killed and reaped by _end
             self._cmd_w = -1
             self._end()
             self.cgroup.destroy()

@@ -160,7 +160,7 @@ class Pool:
                                    pids_max=request.limits.pids_max, slot_source=request.docroot,
                                    labels=dict(request.labels), thaw=True, answer=answer_now if answer else None)
         except (FcrunError, OSError) as exc:
-            if answered:  # the app has it, running; only its state file is behind (adopt removes it)
+            if answered:  # the app has it, running; only its state file is behind (adopt labels it from its note)
                 counters.claimed += 1
                 log.warning("claimed %s, but could not save its state: %s", pooled.name, exc)
                 return None
