@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import os
 import signal
+import subprocess
+import sys
 import time
 
 import pytest
@@ -95,3 +97,17 @@ def test_a_zygote_that_died_is_replaced_and_no_output_is_lost_meanwhile(tmp_path
     os.write(fd, b"new zygote\n")
     os.close(fd)
     assert last_line(str(tmp_path / "after"), "new zygote")
+
+
+def test_a_process_that_used_the_shared_zygote_closes_it_at_exit(tmp_path):
+    """The shared zygote's socket is closed at exit (atexit), not found unclosed by the
+    interpreter's teardown (a ResourceWarning, seen at the end of every unit run before), and
+    the zygote exits with it."""
+    code = ("import os; from fcrun.logs.files import LogSettings; from fcrun.logs.writer import start_writer; "
+            "from fcrun.logs import zygote; "
+            f"w = start_writer({str(tmp_path / 'c')!r}, LogSettings(max_bytes=1 << 20, count=1)); "
+            "os.write(w, b'x\\n'); print(zygote.shared()._sock.fileno() >= 0, flush=True); os.close(w)")
+    r = subprocess.run([sys.executable, "-W", "error::ResourceWarning", "-X", "dev", "-c", code], capture_output=True,
+                       text=True, timeout=60)
+    assert r.returncode == 0 and r.stdout == "True\n", r.stderr
+    assert "ResourceWarning" not in r.stderr and "unclosed" not in r.stderr, r.stderr

@@ -23,6 +23,7 @@ a writer the old way (writer.py); the next call starts a new zygote.
 from __future__ import annotations
 
 import array
+import atexit
 import os
 import socket
 import subprocess
@@ -99,6 +100,9 @@ class WriterZygote:
 
 
 _shared = WriterZygote()
+# Closed at exit, not left to the interpreter's teardown (which closes it too, but as an
+# unclosed socket: a ResourceWarning where warnings show, as under pytest): the zygote exits.
+atexit.register(_shared.close)
 
 
 def shared() -> WriterZygote:
