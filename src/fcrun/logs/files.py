@@ -96,29 +96,21 @@ def note_app(directory: str, app: str) -> None:
 
 
 def noted_app(directory: str) -> str | None:
-    """The app note_app recorded in an instance's log directory, or None."""
+    """The app note_app recorded in an instance's log directory, or None (no note, or unreadable)."""
     try:
         with open(os.path.join(directory, APP_FILE)) as f:
             return f.read().strip() or None
-    except (FileNotFoundError, NotADirectoryError):
+    except OSError:
         return None
 
 
 def app_instances(root: str, app: str) -> list[str]:
     """Names of the instances (alive or gone) whose logs say they served ``app``."""
-    names = []
     try:
         entries = sorted(os.listdir(root))
     except FileNotFoundError:
         return []
-    for name in entries:
-        try:
-            with open(os.path.join(root, name, APP_FILE)) as f:
-                if f.read().strip() == app:
-                    names.append(name)
-        except OSError:
-            continue
-    return names
+    return [name for name in entries if noted_app(os.path.join(root, name)) == app]
 
 
 def remove_expired(root: str, keep_s: float, alive: set[str], now: float) -> list[str]:
