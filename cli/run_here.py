@@ -108,10 +108,12 @@ def run_fields(run_root: str, fields: dict) -> int:
     """The thin client's command line (fast.parse's Run fields) run here: `fcrun run`'s exit
     code, an error reported as click's `fcrun run` reports it.
 
-    Once the options are checked, root is known and the image found, a move primer starts
-    (cgroups/primer.py), before the runtime's modules are imported: the container's move into
-    its cgroup would otherwise wait on the command's path for an RCU grace period (~12 ms on
-    this VM); the primer's first write waits for it meanwhile.
+    Once the options are checked, root is known and the image found, the cgroup driver is
+    detected and, where the container cannot join its cgroup itself cheaply (v2: the parent
+    moves it), a move primer starts (cgroups/primer.py), before the runtime's modules are
+    imported: that move would otherwise wait on the command's path for an RCU grace period
+    (~12 ms on this VM); the primer's first write waits for it meanwhile. On v1 the child joins
+    through the groups' `tasks` files, which waits for none (cgroups/v1.py): no primer.
     """
     from fcrun.paths import Paths
     from fcrun.runrequest import RunRequest, run_spec
@@ -150,13 +152,17 @@ def run_fields(run_root: str, fields: dict) -> int:
 
 
 def _primed_cgroups(cgroup_parent: str):
-    """The cgroup driver and a primed MovePrimer, or (None, None) where it could not be made
-    (the run then reports whatever is wrong with the cgroup parent)."""
+    """The cgroup driver and a primed MovePrimer (None where the child joins itself cheaply), or
+    (None, None) where they could not be made (the run then reports whatever is wrong with the
+    cgroup parent)."""
     from fcrun.cgroups import detect
-    from fcrun.cgroups.primer import MovePrimer
 
     try:
         cgroups = detect(parent=cgroup_parent)
+        if cgroups.self_join_is_cheap:
+            return cgroups, None
+        from fcrun.cgroups.primer import MovePrimer
+
         return cgroups, MovePrimer(cgroups, primed=True)
     except (FcrunError, OSError):
         return None, None

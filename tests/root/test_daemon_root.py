@@ -117,7 +117,8 @@ def test_without_a_fork_server_the_installed_launcher_runs_the_container_itself(
     assert os.listdir(os.path.join(run_root, "seccomp")) == [cached]
     assert os.stat(os.path.join(run_root, "seccomp", cached)).st_mtime_ns == written
     # A signal to `fcrun run` reaches the command (through the container's init). Its move
-    # primer (cgroups/primer.py, tests/unit/test_run_here.py) ends once the container runs.
+    # primer (cgroups/primer.py, tests/unit/test_run_here.py; v2 only: on v1 the child joins its
+    # cgroup itself and none starts) is gone once the container runs.
     from fcrun.cgroups.primer import group_name
 
     with subprocess.Popen([launcher, "run", "--name", "sig", "--image", "busybox", "--net", "none", "--",

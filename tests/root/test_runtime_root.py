@@ -386,6 +386,31 @@ def test_exec_joins_namespaces_and_cgroup(runtime, busybox):
         runtime.exec("t-exec", ["true"])
 
 
+def test_the_container_and_its_execs_are_in_its_cgroup_in_every_hierarchy(runtime, busybox):
+    """On v1 the child joins its groups itself (their `tasks` files, cgroups/v1.py), an exec's
+    process too; on v2 the parent moves the child. Either way, every hierarchy holds them."""
+    start_detached(runtime, busybox, "t-joined", ["sleep", "60"], network="none")
+    state = runtime.state("t-joined")
+    dirs = runtime.cgroup("t-joined").dirs()
+    assert sorted(dirs) == sorted(set(state.cgroup_paths.values()))
+
+    def members(d):
+        with open(os.path.join(d, "cgroup.procs")) as f:
+            return {int(p) for p in f.read().split()}
+
+    # Its init (pid 1) and the sleep it forks, in every hierarchy alike.
+    wait_until("the init and its command in each group", lambda: all(len(members(d)) == 2 for d in dirs))
+    first = members(dirs[0])
+    assert state.pid in first and all(members(d) == first for d in dirs), [(d, members(d)) for d in dirs]
+    pid = runtime.exec("t-joined", ["sleep", "60"], wait=False)
+    try:
+        assert all(members(d) == first | {pid} for d in dirs), [(d, members(d)) for d in dirs]
+    finally:
+        os.kill(pid, signal.SIGKILL)
+        os.waitpid(pid, 0)
+    runtime.delete("t-joined", force=True)
+
+
 def test_another_process_can_list_kill_and_remove(runtime, busybox, data_root, run_root):
     start_detached(runtime, busybox, "t-other", ["sleep", "60"], network="none")
     env = dict(os.environ, FCRUN_ROOT=data_root, FCRUN_RUN=run_root)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 
 import msgspec
 import pytest
@@ -66,6 +67,25 @@ def test_hooks_run_at_each_stage_with_the_state_on_stdin(runtime, busybox, tmp_p
     runtime.delete("t-hooks")
     poststop = json.loads((tmp_path / "poststop.json").read_text())
     assert poststop["status"] == "stopped" and poststop["id"] == "t-hooks"
+
+
+def test_a_prestart_hook_finds_the_container_in_its_cgroup(runtime, busybox, tmp_path):
+    """With a hook before "J" the parent moves the child before the hook runs (a child's own
+    join, as on v1 otherwise, would come after it): the hook sees the container in its groups."""
+    out = tmp_path / "cgroup"
+    spec = _spec(busybox, "t-hookcg", "true")
+    script = f"import json, sys; pid = json.load(sys.stdin)['pid']; open({str(out)!r}, 'w').write(open(f'/proc/{{pid}}/cgroup').read())"
+    spec.hooks = Hooks(prestart=[Hook(path=sys.executable, args=[sys.executable, "-c", script], timeout=10)])
+    container = runtime.create("t-hookcg", spec, image=busybox)
+    try:
+        dirs = runtime.cgroup("t-hookcg").dirs()
+        lines = out.read_text().splitlines()
+        joined = [line for line in lines if line.endswith("/t-hookcg")]
+        assert dirs and len(joined) >= len(dirs), lines
+    finally:
+        container.start()
+        container.wait()
+        runtime.delete("t-hookcg")
 
 
 def test_start_container_hook_runs_inside_the_container(runtime, busybox):

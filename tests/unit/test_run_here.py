@@ -1,8 +1,11 @@
 """cli/run_here.py's order of work for `fcrun run` without a fork-server, with the kernel faked:
 the move primer starts only for a run that will make a container (options good, root, image
-found), before the runtime is made, and ends once the container runs, before the wait."""
+found) on a driver whose self-join is not cheap (v2), before the runtime is made, and ends once
+the container runs, before the wait; on v1 none starts."""
 
 from __future__ import annotations
+
+import types
 
 import pytest
 
@@ -19,10 +22,10 @@ FIELDS = dict(data_root="/nonexistent/data", cgroup_parent="fcrun-test", bridge=
               image="app", args=["true"], network="none")
 
 
-@pytest.fixture
-def events(monkeypatch):
+@pytest.fixture(params=[False])
+def events(monkeypatch, request):
     events: list = []  # what happened, in order
-    driver = object()
+    driver = types.SimpleNamespace(self_join_is_cheap=request.param)
 
     class FakePrimer:
         def __init__(self, cgroups, *, primed=False):
@@ -71,6 +74,13 @@ def test_the_primer_starts_after_the_image_before_the_runtime_and_ends_before_th
     assert run_here.run_fields("/nonexistent/run", FIELDS) == 3
     assert events == ["root", "image", ("detect", "fcrun-test"), ("primer", True), ("runtime", True, "fcrun-test"),
                       ("run", True), "primer closed", ("wait", False), "delete"]
+
+
+@pytest.mark.parametrize("events", [True], indirect=True)
+def test_no_primer_where_the_child_joins_its_cgroup_itself(events):
+    assert run_here.run_fields("/nonexistent/run", FIELDS) == 3
+    assert events == ["root", "image", ("detect", "fcrun-test"), ("runtime", True, "fcrun-test"),
+                      ("run", False), ("wait", False), "delete"]
 
 
 @pytest.mark.parametrize("change", [{"pids": 0}, {"cpu": "lots"}, {"network": "nope"}, {"image": "missing"}])

@@ -81,7 +81,7 @@ def test_check_spawn_accepts_what_build_plan_makes():
     (dict(cap_ambient=[41]), r"\$\.plan\.cap_ambient"),
     (dict(devices=[(b"../null", 0o20666, 1, 3)]), r"device name"),
     (dict(devices=[(b"sda", 0o60660, 8, 0)]), r"character devices"),
-    (dict(cgroup_procs=[b"/etc/passwd"]), r"not a cgroup\.procs file"),
+    (dict(cgroup_procs=[b"/etc/passwd"]), r"not a cgroup\.procs or tasks file"),
     (dict(masked_paths=[b"proc/kcore"]), r"\$\.plan\.masked_paths\[0\]"),
     (dict(status_w=5), r"fd fields must be unset"),
     (dict(stdio=(0, 1, 2)), r"fd fields must be unset"),

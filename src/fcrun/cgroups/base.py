@@ -121,6 +121,11 @@ class Cgroup(abc.ABC):
         """
         return [os.path.join(d, CGROUP_PROCS) for d in self.dirs()]
 
+    def join_files(self) -> list[str]:
+        """The files a process of ours writes b"0" to, one per distinct dir, to join this cgroup
+        itself (CgroupDriver.self_join_file)."""
+        return self._driver.join_files(self.paths)
+
     def add(self, pid: int) -> None:
         """Move process ``pid`` (all its threads) into this cgroup, in every hierarchy.
 
@@ -329,6 +334,10 @@ class CgroupDriver(abc.ABC):
 
     version: ClassVar[int]
     cgroup_class: ClassVar[type[Cgroup]]
+    # What a process writes b"0" to in order to join a group itself, and whether that spares the
+    # RCU grace period a move of another process waits for after a quiet spell (v1.py).
+    self_join_file: ClassVar[str] = CGROUP_PROCS
+    self_join_is_cheap: ClassVar[bool] = False
     # Keys that persisted paths may lack: those of hierarchies fcrun took up later.
     optional_keys: ClassVar[frozenset[str]] = frozenset()
 
@@ -372,6 +381,10 @@ class CgroupDriver(abc.ABC):
         """The ``Cgroup.paths`` a container group named ``name`` gets (nothing is created)."""
         check_name(name)
         return {k: os.path.join(h.parent_dir, name) for h in self.used_hierarchies(extra) for k in h.keys}
+
+    def join_files(self, paths: dict[str, str]) -> list[str]:
+        """self_join_file in each distinct dir of ``paths`` (a Cgroup's, or planned_paths')."""
+        return [os.path.join(d, self.self_join_file) for d in unique(paths.values())]
 
     def planned_paths(self, name: str, *, at: str | None = None, extra: Collection[str] = ()) -> dict[str, str]:
         """The ``Cgroup.paths`` that create(name, at=at, extra=extra) gives (nothing is made)."""

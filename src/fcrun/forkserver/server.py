@@ -494,7 +494,10 @@ def main(argv: list[str] | None = None) -> int:
 
 def start_primer(*runtimes: Runtime) -> MovePrimer | None:
     """The cgroup move primer every creation of these runtimes wakes (cgroups/primer.py); None
-    when it cannot be made (creations are then as fast as the kernel lets a lone move be)."""
+    where their children join their cgroups themselves cheaply (v1: nothing to prime), or when
+    it cannot be made (creations are then as fast as the kernel lets a lone move be)."""
+    if runtimes[0].cgroups.self_join_is_cheap:
+        return None
     try:
         primer = MovePrimer(runtimes[0].cgroups)
     except (FcrunError, OSError) as exc:

@@ -31,8 +31,11 @@ Handshake over two pipes (status: child -> parent, close-on-exec; go: parent -> 
 The parent's cgroup and network work overlaps the child's mount work. Without a bridge the
 parent sends "J" as soon as the child is in its cgroup, before it reads "R". A container
 that is started at once costs no extra round trip.
-(A plan with `cgroup_procs` has the child join the cgroups itself, after "J" and before it
-leaves the host's root; the library leaves them empty and moves the child.)
+A plan with `cgroup_procs` has the child join the cgroups itself, after "J" and before it
+leaves the host's root: on cgroup v1 the creation gives it the groups' `tasks` files, where a
+self-join waits for no RCU grace period (cgroups/v1.py); elsewhere (v2, or hooks that must see
+the container in its cgroup before "J") the list is empty and the parent moves the child while
+it mounts, as drawn above.
 Any failure in the child is sent as "E<step>\\0<errno>\\0<message>" and the child exits 127;
 the parent then rolls back everything it made.
 """
@@ -308,7 +311,8 @@ def child_main(plan: ChildPlan, prepared: int = 0) -> None:
         go = os.read(plan.go_r, 2)  # "J", or "JS" from run(): written at once, read at once
         if not go.startswith(b"J"):
             os._exit(127)  # the parent went away or gave up on us
-        # Normally empty (the parent moved us); else join now, while the files are reachable.
+        # Empty where the parent moved us; else join now, while the files are reachable. We
+        # are single-threaded, so "0" in a v1 `tasks` file moves the whole process.
         for procs in plan.cgroup_procs:
             fd = os.open(procs, os.O_WRONLY | os.O_CLOEXEC)
             try:

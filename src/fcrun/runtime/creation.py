@@ -7,9 +7,11 @@
     rootfs     overlay dirs (storage.py) or a tmpfs layer, or the spec's root as it is
     plan       stdio, init, ChildPlan (plan.py)
     child      forked (process.py: here or by the spawner); the handshake is child.py's
-    cgroup     made, and the child moved in on a thread, while the child mounts its rootfs
-    network    the veth into the child's netns (bridge mode); with a move primer (the
-               fork-server's), before the cgroup instead
+    cgroup     made while the child mounts its rootfs; on v1 the child joins it itself after
+               "J" (a self-join spares the move's grace period: cgroups/v1.py), else it is
+               moved in on a thread meanwhile
+    network    the veth into the child's netns (bridge mode); with a move to make and a move
+               primer (the fork-server's), before the cgroup instead
     record     the one save of state.json; then the move is awaited, and "J" (or "JS": run)
     handshake  "R", then "C" (created) or the exec (run)
 
@@ -232,6 +234,11 @@ class Creation:
         self.root_ids: tuple[int, int] | None = None
         self.stdio = request.stdio
         self.child: ChildHandle | None = None
+        # The child joins its cgroup itself where that is cheap (v1), unless hooks that run
+        # before "J" must see it there already.
+        spec = request.spec
+        self.self_join = runtime.cgroups.self_join_is_cheap and not (
+            hooks_of(spec, "prestart") or hooks_of(spec, "create_runtime"))
 
     def run(self) -> Container:
         """Create the container (and start it, for run()).
@@ -273,7 +280,7 @@ class Creation:
         return container
 
     def _make(self) -> None:
-        primer = self.runtime.move_primer
+        primer = None if self.self_join else self.runtime.move_primer
         if primer is not None:
             primer.prime()  # its grace period passes while we work (cgroups/primer.py)
         request = self.request
@@ -308,7 +315,8 @@ class Creation:
             move = self._cgroup()
             crash_point("create.cgroup")
         else:
-            # The cgroup first: the move's own grace period passes while the network is made.
+            # The cgroup first: a move's own grace period passes while the network is made
+            # (a child that joins itself has none to wait for).
             move = self._cgroup()
             crash_point("create.cgroup")
             self._network(bridge)
@@ -317,14 +325,15 @@ class Creation:
             if not ready:
                 read_ready(self.child.status_r, self.name)  # the namespaces the hooks act on exist
                 ready = True
-            move.wait()  # hooks see the container in its cgroup, and fork no child beside a thread
+            move.wait()  # hooks see the container in its cgroup, and fork no child beside a thread (no self-join here)
             run_hooks(self.state.spec, ("prestart", "create_runtime"), self._oci_state("creating"))
         # Saved before "go": a started container's command may run (and print) right after it,
         # and whoever sees its output must find its pid in the state, as runc's state is
         # written before its process execs.
         self._record()
         crash_point("create.saved")
-        move.wait()  # nothing of the container runs outside its cgroup
+        if move is not None:
+            move.wait()  # nothing of the container runs outside its cgroup
         send_go(self.child.go_w, go, self.child.status_r)
         if not ready:
             read_ready(self.child.status_r, self.name)
@@ -415,6 +424,9 @@ class Creation:
             # container can reach (sealed.py).
             self.init_fd = sealed_copy(self.request.init_path)
         rootfs = self.state.rootfs
+        spec, cgroups = self.state.spec, self.runtime.cgroups
+        cgroup_dirs = cgroups.planned_paths(
+            self.name, at=spec.linux.cgroups_path or None, extra=check_host(cgroup_settings(spec, cgroups.version), cgroups))
         return build_plan(
             self.state.spec,
             rootfs=rootfs.mountpoint,
@@ -422,7 +434,8 @@ class Creation:
             overlay_upper=rootfs.upper,
             overlay_work=rootfs.work,
             overlay_tmpfs_bytes=rootfs.tmpfs_bytes,
-            cgroup_procs=[],  # the parent moves the child (_cgroup), in parallel with its mounts
+            # Joined by the child after "J", or the parent moves it (_cgroup) beside its mounts.
+            cgroup_procs=cgroups.join_files(cgroup_dirs) if self.self_join else [],
             cap_last=self.runtime.cap_last,
             attached=not self.request.detach,
             init_fd=self.init_fd,
@@ -432,14 +445,13 @@ class Creation:
             userns_fd=self.userns_fd,
             upper_owner=self.root_ids,
             hook_state=child_hook_state(self.name, self.state.spec, self.state.labels),
-            cgroup_dirs=self.runtime.cgroups.planned_paths(
-                self.name, at=self.state.spec.linux.cgroups_path or None,
-                extra=check_host(cgroup_settings(self.state.spec, self.runtime.cgroups.version), self.runtime.cgroups)),
+            cgroup_dirs=cgroup_dirs,
         )
 
-    def _cgroup(self) -> BackgroundMove:
+    def _cgroup(self) -> BackgroundMove | None:
         """Make the container's cgroup, while the child mounts its rootfs, and start moving the
-        child in (awaited before "go": the state is saved meanwhile).
+        child in (awaited before "go": the state is saved meanwhile), unless it joins itself
+        (None).
         """
         state, cgroups = self.state, self.runtime.cgroups
         settings = cgroup_settings(state.spec, cgroups.version)
@@ -455,6 +467,8 @@ class Creation:
         state.cgroup_version = cgroups.version
         state.cgroup_paths = dict(cgroup.paths)
         state.cgroup_created = cgroup.created
+        if self.self_join:
+            return None
         move = BackgroundMove(cgroup, state.pid)
         self.undo.callback(move.wait_quietly)  # settled before the cgroup is destroyed
         return move

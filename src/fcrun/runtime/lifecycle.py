@@ -468,7 +468,7 @@ class Runtime:
         if user is not None:
             spec = msgspec.structs.replace(spec, process=msgspec.structs.replace(spec.process, user=user))
         validate_spec(spec)
-        plan = build_plan(spec, rootfs="/", overlay_lower=None, cgroup_procs=self._cgroup(state).procs_files(),
+        plan = build_plan(spec, rootfs="/", overlay_lower=None, cgroup_procs=self._cgroup(state).join_files(),
                           seccomp_cache=self.paths.seccomp_cache,
                           cap_last=self.cap_last, attached=wait, stdio=stdio, console_socket=console_socket)
         return exec_in(state, plan, wait=wait)

@@ -304,8 +304,8 @@ def _check_paths_and_devices(request: Spawn) -> None:
             raise SpecError("only character devices are made", f"$.plan.devices[{i}]")
     for i, path in enumerate(plan.cgroup_procs):
         check_path(path, f"$.plan.cgroup_procs[{i}]")
-        if not path.startswith(_CGROUP_ROOT) or not path.endswith(b"/cgroup.procs"):
-            raise SpecError(f"{path!r} is not a cgroup.procs file", f"$.plan.cgroup_procs[{i}]")
+        if not path.startswith(_CGROUP_ROOT) or not path.endswith((b"/cgroup.procs", b"/tasks")):
+            raise SpecError(f"{path!r} is not a cgroup.procs or tasks file", f"$.plan.cgroup_procs[{i}]")
     for where, paths in (("masked_paths", plan.masked_paths), ("readonly_paths", plan.readonly_paths)):
         for i, path in enumerate(paths):
             check_path(path, f"$.plan.{where}[{i}]")
