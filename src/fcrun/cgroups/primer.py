@@ -1,5 +1,9 @@
 """A process that pays a cgroup move's RCU grace period while a creation does other work.
 
+Needed only where a creation moves its child (cgroup v2, and a creation with hooks before
+"J"): on v1 the child joins its groups itself through their `tasks` files, which waits for no
+grace period (v1.py), so neither the fork-server nor `fcrun run` starts a primer there.
+
 A move into a cgroup takes the kernel's cgroup_threadgroup_rwsem for writing, and the first
 writer after a quiet spell waits for an RCU grace period; writers within about one grace period
 after the last one do not (bench/cgroup_move.py: 4.8 ms p50 and 12 ms p99 alone, 0.12 ms right

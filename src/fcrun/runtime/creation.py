@@ -164,7 +164,8 @@ def find_init() -> str:
 
 
 class BackgroundMove:
-    """`cgroup.add(pid)` on a thread of its own, awaited with wait().
+    """`cgroup.add(pid)` on a thread of its own, awaited with wait(): where the child does not
+    join its cgroup itself (v2; hooks before "J").
 
     A move into a cgroup takes the kernel's cgroup_threadgroup_rwsem for writing, which waits for
     an RCU grace period unless another move happened lately (v1 and v2 alike): 10-16 ms on this
