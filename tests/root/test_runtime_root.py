@@ -480,6 +480,29 @@ def test_a_wait_that_records_nothing_still_reads_as_stopped(runtime, busybox, mo
     assert runtime.gc() == ["t-norecord"]
 
 
+def test_a_recorded_exit_is_saved_atomically_but_not_synced(runtime, busybox, monkeypatch):
+    """Container.wait() records "stopped" and the exit code without fsync (a status names
+    nothing on disk: state.py); the creation's save, which names the rootfs, cgroup and slot,
+    stays durable."""
+    spec = spec_from_image(busybox, RunOptions(args=["sh", "-c", "exit 5"], network="none"), name="t-exitsave")
+    synced = []
+    real_fsync = os.fsync
+    monkeypatch.setattr(os, "fsync", lambda fd: synced.append(fd) or real_fsync(fd))
+    null = os.open(os.devnull, os.O_RDWR)
+    try:
+        c = runtime.run("t-exitsave", spec, image=busybox, stdio=(null, null, null))
+    finally:
+        os.close(null)
+    assert synced, "the creation's save is durable"
+    synced.clear()
+    assert c.wait() == 5
+    assert synced == []
+    state = runtime.states.load("t-exitsave")
+    assert (state.status, state.exit_code) == ("stopped", 5)
+    monkeypatch.undo()
+    runtime.delete("t-exitsave")
+
+
 # ----- bad input and rollback -----------------------------------------------------------------
 
 

@@ -19,8 +19,9 @@ older fcrun's file as running.
 
 Every save is atomic (atomicfile.write_atomic) and made under the container's lock; durable
 too, except where the caller says the update names nothing that outlives the container's
-processes (a pool claim's limits, labels and slot; a stopped status a reader noticed,
-record_stopped: `save(durable=False)`, 0.4-0.9 ms less on a disk-backed run root). A state file that cannot be read back (garbage, empty, torn, wrong types, another
+processes (a pool claim's limits, labels and slot; the exit a `Container.wait` records, or a
+stopped status a reader noticed, record_stopped: `save(durable=False)`, 0.4-0.9 ms less on a
+disk-backed run root). A state file that cannot be read back (garbage, empty, torn, wrong types, another
 container's name) is reported by path and reason, moved to ``<containers>/.quarantine/``
 for the operator, and the container is then what a creation that crashed before its first
 save leaves: "creating", with nothing known but its name. `fcrun gc` and `rm -f` remove that
