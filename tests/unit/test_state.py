@@ -270,10 +270,22 @@ def test_a_failed_save_names_the_file_and_keeps_the_old_state(tmp_path, monkeypa
     store = StateStore(str(tmp_path / "containers"))
     _saved(store)
 
-    def full(fd):
-        raise OSError(28, "No space left on device")
+    real_fdopen = atomicfile.os.fdopen
 
-    monkeypatch.setattr(atomicfile.os, "fsync", full)
+    class Full:  # the temporary's writes fail as on a full disk
+        def __init__(self, fd, mode):
+            self._f = real_fdopen(fd, mode)
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            self._f.close()
+
+        def write(self, data):
+            raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(atomicfile.os, "fdopen", Full)
     with store.locked("c"):
         with pytest.raises(KernelError, match=f"write container state {_state_file(store)}: .*No space left on device"):
             store.save(ContainerState(name="c", status="stopped", spec=default_spec(["sh"]), pid=123))

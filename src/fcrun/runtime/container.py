@@ -101,12 +101,10 @@ class Container:
     def wait(self, *, record: bool = True) -> int:
         """Wait for pid 1 to exit; returns its exit code (128+N when killed by signal N).
 
-        `record`: save "stopped" and the exit code in the state, not fsync'd (a status names
-        nothing on disk, state.py: after a power loss the file may say "running", which reads as
-        stopped since the pid is gone). False for a container removed right after (`fcrun run`
-        without --keep): even unsynced, a state replaced on disk costs ~0.4 ms on this VM's ext4
-        run root, and a state left "running" by a crash in between reads as stopped and is
-        removed by gc all the same.
+        `record`: save "stopped" and the exit code in the state. False for a container removed
+        right after (`fcrun run` without --keep): even unsynced (state.py), a state replaced on
+        disk costs ~0.4 ms on this VM's ext4 run root, and a state left "running" by a crash in
+        between reads as stopped (its pid is gone) and is removed by gc all the same.
         """
         if self._report_r >= 0:
             status = wait_report(self._report_r, self.state.pid)
@@ -133,7 +131,7 @@ class Container:
                 state = self.runtime.states.load(self.name)
                 state.status = "stopped"
                 state.exit_code = code
-                self.runtime.states.save(state, durable=False)
+                self.runtime.states.save(state)
                 self.state = state
         return code
 

@@ -423,10 +423,8 @@ class Runtime:
             if answer is not None:
                 answer(state)
                 crash_point("claim.answered")
-            # Not fsync'd: limits, labels and the slot name nothing on disk, and a power loss
-            # kills the instance anyway (state.py). Saved under the lock: whoever changes the
-            # instance next (serve's scale-up) reads it.
-            self.states.save(state, durable=False)
+            # Saved under the lock: whoever changes the instance next (serve's scale-up) reads it.
+            self.states.save(state)
             crash_point("claim.saved")
             return state
 

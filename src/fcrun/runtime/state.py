@@ -17,11 +17,14 @@ thaw by any route (Runtime.thaw, or a write to the cgroup itself) leaves the sta
 `StateStore.save` writes a frozen container as running; `load` reads the "frozen" of an
 older fcrun's file as running.
 
-Every save is atomic (atomicfile.write_atomic) and made under the container's lock; durable
-too, except where the caller says the update names nothing that outlives the container's
-processes (a pool claim's limits, labels and slot; the exit a `Container.wait` records, or a
-stopped status a reader noticed, record_stopped: `save(durable=False)`, 0.4-0.9 ms less on a
-disk-backed run root). A state file that cannot be read back (garbage, empty, torn, wrong types, another
+Every save is atomic (atomicfile.write_atomic) and made under the container's lock, and none
+is fsync'd: the file describes processes, mounts and cgroups that a power loss ends anyway, and
+whatever it names that outlives them (the upper dir, id range, lease, logs) gc finds by the
+container's name, as it does for a container whose file is lost. A save a power loss cuts
+short leaves the file before it, or one that is empty or torn: quarantined and reclaimed by
+name, as below (tests/root/test_corrupt_state_root.py). Two fsyncs (file and directory) were
+1.7-3.5 ms of every creation on this VM's ext4 run root (bench/README.md, "Issue 17: the child
+joins its cgroup itself"); on a tmpfs /run they cost nothing and bought nothing. A state file that cannot be read back (garbage, empty, torn, wrong types, another
 container's name) is reported by path and reason, moved to ``<containers>/.quarantine/``
 for the operator, and the container is then what a creation that crashed before its first
 save leaves: "creating", with nothing known but its name. `fcrun gc` and `rm -f` remove that
@@ -239,12 +242,10 @@ class StateStore:
                 raise AlreadyExists(f"container name {name!r} is already in use (see `fcrun ps`; `fcrun rm -f {name}` removes it)") from None
         return path
 
-    def save(self, state: ContainerState, *, durable: bool = True) -> None:
-        """Write the state atomically and durably; a frozen container as running (frozen is
-        the cgroup's). The caller holds the container's lock (`locked`). `durable=False`
-        (no fsync) only for an update whose fields name nothing on disk: after a power loss
-        the container is dead whatever the file says, and what gc must remove (storage, slot,
-        lease) was saved durably at creation.
+    def save(self, state: ContainerState) -> None:
+        """Write the state atomically, not fsync'd (the module's docstring says why); a frozen
+        container as running (frozen is the cgroup's). The caller holds the container's lock
+        (`locked`).
 
         Raises:
             KernelError: it could not be written (a full disk, say); the file on disk is then
@@ -253,7 +254,7 @@ class StateStore:
         if state.status == "frozen":
             state = msgspec.structs.replace(state, status="running")
         path = os.path.join(self.dir(state.name), STATE_FILE)
-        write_atomic(path, _encoder.encode(state), what="container state", durable=durable)
+        write_atomic(path, _encoder.encode(state), what="container state", durable=False)
 
     def load(self, name: str) -> ContainerState:
         """The container's saved state.
@@ -322,10 +323,7 @@ class StateStore:
                     or current.pid_start_time != state.pid_start_time):
                 return False
             current.status = "stopped"
-            # Not fsync'd: a status names nothing on disk, and after a power loss a "running"
-            # file whose pid is gone reads as stopped all the same (`fcrun run`'s delete comes
-            # here once per run: 2 fsyncs, ~1.5 ms on this VM's ext4 run root).
-            self.save(current, durable=False)
+            self.save(current)
             return True
 
     def leases_on(self, bridge: str) -> dict[str, str]:
