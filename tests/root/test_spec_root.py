@@ -74,7 +74,8 @@ def test_a_prestart_hook_finds_the_container_in_its_cgroup(runtime, busybox, tmp
     join, as on v1 otherwise, would come after it): the hook sees the container in its groups."""
     out = tmp_path / "cgroup"
     spec = _spec(busybox, "t-hookcg", "true")
-    script = f"import json, sys; pid = json.load(sys.stdin)['pid']; open({str(out)!r}, 'w').write(open(f'/proc/{{pid}}/cgroup').read())"
+    script = (f"import json, sys; pid = json.load(sys.stdin)['pid']; "
+              f"open({str(out)!r}, 'w').write(open(f'/proc/{{pid}}/cgroup').read())")
     spec.hooks = Hooks(prestart=[Hook(path=sys.executable, args=[sys.executable, "-c", script], timeout=10)])
     container = runtime.create("t-hookcg", spec, image=busybox)
     try:

@@ -122,8 +122,9 @@ class Cgroup(abc.ABC):
         return [os.path.join(d, CGROUP_PROCS) for d in self.dirs()]
 
     def join_files(self) -> list[str]:
-        """The files a process of ours writes b"0" to, one per distinct dir, to join this cgroup
-        itself (CgroupDriver.self_join_file)."""
+        """The files a single-threaded process of ours writes b"0" to, one per distinct dir, to
+        join this cgroup itself (CgroupDriver.self_join_file: on v1 `tasks`, which moves only
+        the writing thread)."""
         return self._driver.join_files(self.paths)
 
     def add(self, pid: int) -> None:

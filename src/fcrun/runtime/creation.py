@@ -236,7 +236,7 @@ class Creation:
         self.stdio = request.stdio
         self.child: ChildHandle | None = None
         # The child joins its cgroup itself where that is cheap (v1), unless hooks that run
-        # before "J" must see it there already.
+        # before "J" must see it there already (then the parent moves it: BackgroundMove).
         spec = request.spec
         self.self_join = runtime.cgroups.self_join_is_cheap and not (
             hooks_of(spec, "prestart") or hooks_of(spec, "create_runtime"))
@@ -326,7 +326,7 @@ class Creation:
             if not ready:
                 read_ready(self.child.status_r, self.name)  # the namespaces the hooks act on exist
                 ready = True
-            move.wait()  # hooks see the container in its cgroup, and fork no child beside a thread (no self-join here)
+            move.wait()  # hooks see the container in its cgroup, and fork no child beside a thread
             run_hooks(self.state.spec, ("prestart", "create_runtime"), self._oci_state("creating"))
         # Saved before "go": a started container's command may run (and print) right after it,
         # and whoever sees its output must find its pid in the state, as runc's state is

@@ -24,7 +24,9 @@ container's name, as it does for a container whose file is lost. A save a power 
 short leaves the file before it, or one that is empty or torn: quarantined and reclaimed by
 name, as below (tests/root/test_corrupt_state_root.py). Two fsyncs (file and directory) were
 1.7-3.5 ms of every creation on this VM's ext4 run root (bench/README.md, "Issue 17: the child
-joins its cgroup itself"); on a tmpfs /run they cost nothing and bought nothing. A state file that cannot be read back (garbage, empty, torn, wrong types, another
+joins its cgroup itself"); on a tmpfs /run they cost nothing and bought nothing.
+
+A state file that cannot be read back (garbage, empty, torn, wrong types, another
 container's name) is reported by path and reason, moved to ``<containers>/.quarantine/``
 for the operator, and the container is then what a creation that crashed before its first
 save leaves: "creating", with nothing known but its name. `fcrun gc` and `rm -f` remove that
