@@ -207,27 +207,6 @@ def test_pids_max_stops_a_fork_loop(reg, driver):
     assert cg.stats().pids_current == 5 and len(cg.pids()) == 5
 
 
-def test_a_process_joins_itself_through_join_files_in_every_hierarchy(reg, driver):
-    """What a container's child (and an exec's) does: "0" into each join file, single-threaded.
-    On v1 those are the groups' `tasks` files (a self-join waits for no grace period)."""
-    cg = reg.create(driver, "selfjoin", Limits())
-    files = cg.join_files()
-    assert [os.path.basename(f) for f in files] == ["tasks" if driver.version == 1 else "cgroup.procs"] * len(cg.dirs())
-    assert driver.self_join_is_cheap == (driver.version == 1)
-
-    def join():
-        for path in files:
-            fd = os.open(path, os.O_WRONLY)
-            os.write(fd, b"0")
-            os.close(fd)
-
-    proc = subprocess.Popen(["sleep", "60"], preexec_fn=join)
-    reg.procs.append(proc)
-    for d in cg.dirs():  # each hierarchy, not only their union
-        with open(os.path.join(d, "cgroup.procs")) as f:
-            assert f.read().split() == [str(proc.pid)], d
-
-
 def test_memory_limit_kills_a_hog(reg, driver):
     cg = reg.create(driver, "memory", Limits(memory_bytes=64 << 20))
     hog = reg.spawn("import sys\nsys.stdin.readline()\nchunks = [b'x' * (1 << 20) for _ in range(512)]\n", cg)
@@ -236,11 +215,10 @@ def test_memory_limit_kills_a_hog(reg, driver):
     assert hog.wait(timeout=30) == -signal.SIGKILL  # the OOM killer of the group, no swap to escape to
 
 
-def test_child_joins_through_procs_files(reg, driver):
-    cg = reg.create(driver, "join", Limits())
-    files = cg.procs_files()
-
-    def join():  # what the container child does between fork and exec
+def _self_joined(reg, files: list[str]) -> subprocess.Popen:
+    """A process that wrote b"0" to each of `files` between fork and exec, single-threaded, as
+    a container's child (and an exec's) does."""
+    def join():
         for path in files:
             fd = os.open(path, os.O_WRONLY)
             os.write(fd, b"0")
@@ -248,10 +226,28 @@ def test_child_joins_through_procs_files(reg, driver):
 
     proc = subprocess.Popen(["sleep", "60"], preexec_fn=join)
     reg.procs.append(proc)
+    return proc
+
+
+def test_child_joins_through_procs_files(reg, driver):
+    cg = reg.create(driver, "join", Limits())
+    proc = _self_joined(reg, cg.procs_files())
     assert cg.pids() == [proc.pid]
     with open(f"/proc/{proc.pid}/cgroup") as f:
         text = f.read()
     assert f"/{PARENT}/join" in text
+
+
+def test_a_process_joins_itself_through_join_files_in_every_hierarchy(reg, driver):
+    """On v1 the join files are the groups' `tasks` files (a self-join waits for no grace period)."""
+    cg = reg.create(driver, "selfjoin", Limits())
+    files = cg.join_files()
+    assert [os.path.basename(f) for f in files] == ["tasks" if driver.version == 1 else "cgroup.procs"] * len(cg.dirs())
+    assert driver.self_join_is_cheap == (driver.version == 1)
+    proc = _self_joined(reg, files)
+    for d in cg.dirs():  # each hierarchy, not only their union
+        with open(os.path.join(d, "cgroup.procs")) as f:
+            assert f.read().split() == [str(proc.pid)], d
 
 
 def test_destroy_a_frozen_group_leaves_nothing(reg, driver):
