@@ -235,11 +235,11 @@ class Creation:
         self.root_ids: tuple[int, int] | None = None
         self.stdio = request.stdio
         self.child: ChildHandle | None = None
-        # The child joins its cgroup itself where that is cheap (v1), unless hooks that run
-        # before "J" must see it there already (then the parent moves it: BackgroundMove).
-        spec = request.spec
-        self.self_join = runtime.cgroups.self_join_is_cheap and not (
-            hooks_of(spec, "prestart") or hooks_of(spec, "create_runtime"))
+        # Hooks that run before "J" (the spec's hooks do not change during a creation).
+        self.hooks_before_go = bool(hooks_of(request.spec, "prestart") or hooks_of(request.spec, "create_runtime"))
+        # The child joins its cgroup itself where that is cheap (v1), unless those hooks must
+        # see it there already (then the parent moves it: BackgroundMove).
+        self.self_join = runtime.cgroups.self_join_is_cheap and not self.hooks_before_go
 
     def run(self) -> Container:
         """Create the container (and start it, for run()).
@@ -322,7 +322,7 @@ class Creation:
             crash_point("create.cgroup")
             self._network(bridge)
         ready = bridge
-        if hooks_of(self.state.spec, "prestart") or hooks_of(self.state.spec, "create_runtime"):
+        if self.hooks_before_go:
             if not ready:
                 read_ready(self.child.status_r, self.name)  # the namespaces the hooks act on exist
                 ready = True
