@@ -258,7 +258,7 @@ def check_request(request: Command) -> None:
 
 
 def _check_image(image: str, where: str = "$.image") -> None:
-    if not _IMAGE.match(image):
+    if not _IMAGE.fullmatch(image):
         raise SpecError(f"invalid image name {image!r}", where)
 
 
@@ -266,7 +266,7 @@ def _check_labels(labels: dict[str, str]) -> None:
     if len(labels) > 32:
         raise SpecError("more than 32 labels", "$.labels")
     for key, value in labels.items():
-        if not _LABEL_KEY.match(key) or len(value) > 1024 or "\0" in value:
+        if not _LABEL_KEY.fullmatch(key) or len(value) > 1024 or "\0" in value:
             raise SpecError(f"invalid label {key!r}", f"$.labels[{key!r}]")
 
 

@@ -91,7 +91,7 @@ def mac_for(ip: str | ipaddress.IPv4Address) -> str:
 
 def validate_bridge_name(name: str, where: str = "bridge") -> str:
     """Raises SpecError unless ``name`` is a usable interface name (1-15 of [A-Za-z0-9_.-])."""
-    if not isinstance(name, str) or not _IFNAME.match(name) or name in (".", ".."):
+    if not isinstance(name, str) or not _IFNAME.fullmatch(name) or name in (".", ".."):
         raise SpecError(
             f"invalid bridge name {name!r}: use 1-15 characters of [A-Za-z0-9_.-]", where
         )

@@ -184,7 +184,7 @@ class IPAM:
     def __init__(self, state_dir: str, subnet: str = DEFAULT_SUBNET, *, name: str = "default",
                  recover: Callable[[], dict[str, str]] | None = None):
         self.subnet = parse_subnet(subnet)
-        if not _NAME.match(name):
+        if not _NAME.fullmatch(name):
             raise SpecError(f"invalid network name {name!r}: use 1-64 of [A-Za-z0-9_.-]", "name")
         self.state_dir = state_dir
         self.path = os.path.join(state_dir, f"leases-{name}.json")

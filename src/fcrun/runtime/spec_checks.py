@@ -207,7 +207,7 @@ def _check_sysctl(sysctl: dict[str, str], namespaces: set[str]) -> None:
     """Only namespaced sysctls, each with its namespace in the spec. Raises SpecError."""
     for key, value in sysctl.items():
         where = f"$.linux.sysctl[{key!r}]"
-        if not _SYSCTL_KEY.match(key) or "/" in key:
+        if not _SYSCTL_KEY.fullmatch(key) or "/" in key:
             raise SpecError(f"invalid sysctl name {key!r}", where)
         if "\0" in value:
             raise SpecError("a NUL byte in the value", where)
@@ -284,7 +284,7 @@ def _check_cgroup_extras(res: Resources) -> None:
     sizes = set()
     for i, hp in enumerate(res.hugepage_limits):
         where = f"{at}.hugepageLimits[{i}]"
-        if not _PAGE_SIZE.match(hp.page_size):
+        if not _PAGE_SIZE.fullmatch(hp.page_size):
             raise SpecError(f"page size {hp.page_size!r} is not like 2MB or 1GB", f"{where}.pageSize")
         if hp.page_size in sizes:
             raise SpecError(f"page size {hp.page_size} listed twice", f"{where}.pageSize")

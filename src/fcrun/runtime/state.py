@@ -98,7 +98,7 @@ def check_allowed(operation: str, name: str, status: str) -> None:
 
 
 def validate_name(name: str, where: str = "--name") -> str:
-    if not NAME_RE.match(name):
+    if not NAME_RE.fullmatch(name):
         raise SpecError(
             f"invalid container name {name!r}: use 1-128 letters, digits, '.', '_' or '-', starting with a letter or digit",
             where,
@@ -347,7 +347,7 @@ class StateStore:
 
     def names(self) -> list[str]:
         try:
-            return sorted(n for n in os.listdir(self.root) if NAME_RE.match(n))
+            return sorted(n for n in os.listdir(self.root) if NAME_RE.fullmatch(n))
         except FileNotFoundError:
             return []
 
