@@ -484,6 +484,28 @@ def test_response_hop_by_hop_removed_and_via_added():
     assert rr.complete and rr.reusable and rr.status == 200 and not rr.close_client
 
 
+def test_response_hop_by_hop_lines_are_found_by_whole_name_only():
+    # The head is searched for the names (no per-header callback): a name that only starts or
+    # ends like a hop-by-hop one, or a value that holds one, stays; each of several lines goes.
+    rr = response_reader()
+    rr.feed(b"HTTP/1.1 200 OK\r\nX-Via: a\r\nVia-Note: b\r\nX-C: connection: close\r\nTE: trailers\r\n"
+            b"Content-Length: 2\r\nPROXY-Status: x\r\nUpgrade-Insecure: 1\r\nKeep-Alive: 1\r\nkeep-alive: 2\r\n"
+            b"Trailer: X-T\r\nVia: 1.0 a\r\nvia: 1.0 b\r\n\r\nhi")
+    assert out(rr) == (b"HTTP/1.1 200 OK\r\nX-Via: a\r\nVia-Note: b\r\nX-C: connection: close\r\n"
+                       b"Content-Length: 2\r\nUpgrade-Insecure: 1\r\nVia: 1.0 a, 1.0 b, 1.1 fcrun\r\n\r\nhi")
+    assert rr.complete and rr.reusable and not rr.close_client
+
+
+def test_a_chunked_response_s_trailer_fields_do_not_reach_the_next_head():
+    rr = response_reader()
+    rr.feed(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n1\r\nx\r\n0\r\nVia: t\r\nX-T: 1\r\n\r\n")
+    assert rr.complete and rr.reusable
+    out(rr)
+    rr.begin(request(), True)
+    rr.feed(b"HTTP/1.1 200 OK\r\nX-T: 2\r\nContent-Length: 0\r\n\r\n")
+    assert out(rr) == b"HTTP/1.1 200 OK\r\nX-T: 2\r\nContent-Length: 0\r\nVia: 1.1 fcrun\r\n\r\n"
+
+
 def test_response_connection_tokens_and_odd_spacing():
     rr = response_reader()
     rr.feed(b"HTTP/1.1 200 OK\r\nX-Hop: 1\r\nConnection:  x-hop,  keep-alive\r\nContent-Length: 0\r\n"

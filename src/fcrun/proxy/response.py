@@ -139,9 +139,11 @@ class ResponseReader:
             if not lname.startswith(b"proxy-"):
                 return
             kind = HEADER_DROP
+        if self.head_sent:
+            return   # a chunked body's trailer field: dropped (it must not reach the next head)
         if self._special is None:
             self._special = []
-        self._special.append((kind, name, value))   # trailer fields land here too: unused
+        self._special.append((kind, name, value))
 
     def on_headers_complete(self) -> None:
         parser = self._parser
