@@ -25,16 +25,16 @@ aborts the benchmark.
       container's address until a whole phpinfo page arrives. Its network namespace and veth
       pair (a private /30) are made once, BEFORE timing, which favours runc.
 
-All apps serve phpinfo() from a docroot; limits cpu 1, memory 512M. Rounds rotate the order
-of the paths; runs never overlap. Prints JSON: p50/p99 of each, the ratios the issue sets
-targets for ((a)/(d) <= 1.0, (d)/(b) >= 20; (b) p50 <= 5 ms, p99 <= 15 ms; (c) p50 <= 2 ms),
-the fork-server's own claim time, and the memory of frozen instances (cgroup figures of the
+All apps serve phpinfo() from a docroot (--page hello: a small script instead); limits cpu 1,
+memory 512M. Rounds rotate the order of the paths; runs never overlap. Prints JSON: p50/p99 of
+each, the ratios the issue sets targets for ((a)/(d) <= 1.0, (d)/(b) >= 20; (b) p50 <= 5 ms,
+p99 <= 15 ms; (c) p50 <= 2 ms), the fork-server's own claim time, and the memory of frozen instances (cgroup figures of the
 pooled and the thaw app's frozen instance).
 
 Needs root, runc, and the apache-php image (`fcrun image build apache-php`); uses private
 roots, cgroup parents, bridge (10.237.0.0/24), netns and veth (10.239.0.0/30), and only talks
 to 127.0.0.1 and those addresses. Everything it makes is removed at the end.
-Usage: bench/coldstart.py [--runs 30] [--warmup 2] [--json]
+Usage: bench/coldstart.py [--runs 30] [--warmup 2] [--page phpinfo|hello] [--json]
 """
 
 from __future__ import annotations
@@ -74,8 +74,19 @@ def sh(*argv: str, check: bool = True) -> subprocess.CompletedProcess:
     return subprocess.run(argv, capture_output=True, text=True, check=check)
 
 
-def is_phpinfo(status: int, body: bytes) -> bool:
-    return status == 200 and b"PHP Version" in body and body.rstrip().endswith(b"</html>")
+# The app's page (--page): phpinfo() by default, the heaviest page PHP has built in; "hello", a
+# small script, shows what of a cold path's cost over a warm request is the page's own.
+PAGES = {
+    "phpinfo": ("<?php phpinfo();\n", lambda body: b"PHP Version" in body and body.rstrip().endswith(b"</html>")),
+    "hello": ("<?php echo 'hello from ', htmlspecialchars($_SERVER['HTTP_HOST']), ' at ', date('c'), \"\\n\";\n",
+              lambda body: body.startswith(b"hello from ") and body.endswith(b"\n")),
+}
+page_is_whole = PAGES["phpinfo"][1]   # set by main() from --page
+
+
+def is_whole_page(status: int, body: bytes) -> bool:
+    """The apps' whole page (--page)."""
+    return status == 200 and page_is_whole(body)
 
 
 def get(host_ip: str, port: int, host: str, timeout: float) -> tuple[int, dict, bytes]:
@@ -161,7 +172,8 @@ class RuncBaseline:
                 t_accepting = time.perf_counter()  # Apache accepts: what fcrun's header measures up to
                 conn.request("GET", "/", headers={"Host": HOST})
                 r = conn.getresponse()
-                if is_phpinfo(r.status, r.read()):
+                body = r.read()   # the image's own page (phpinfo), whatever --page says
+                if r.status == 200 and PAGES["phpinfo"][1](body):
                     break
             except OSError:
                 pass
@@ -227,14 +239,18 @@ def main(argv: list[str] | None = None) -> int:
                         help="data root holding the apache-php image")
     parser.add_argument("--timeout", type=float, default=30.0, help="seconds one cold start may take")
     parser.add_argument("--json", action="store_true", help="print the JSON on one line")
+    parser.add_argument("--page", choices=sorted(PAGES), default="phpinfo",
+                        help="what the apps serve (default phpinfo; hello: a small script)")
     args = parser.parse_args(argv)
+    global page_is_whole
+    script, page_is_whole = PAGES[args.page]
     if code := preflight("bench/coldstart.py", ("runc",)):
         return code
     store = ImageStore(Paths(data_root=args.image_root, run_root="/nonexistent"))
     image = store.get("apache-php")
 
     tag = str(os.getpid())
-    work, site = work_dir_with_site("fcrun-cold-", "<?php phpinfo();\n")
+    work, site = work_dir_with_site("fcrun-cold-", script)
     serve = ServeProcess(work, args.image_root, cgroup_parent=f"fcrun-cold-{tag}", bridge=f"fcc{tag}"[:15],
                          subnet=SERVE_SUBNET, extra_config="[forkserver]\npool_size = 1\n")
     runc = RuncBaseline(work, image, tag)
@@ -269,7 +285,7 @@ def main(argv: list[str] | None = None) -> int:
             t0 = time.perf_counter()
             status, headers, body = get("127.0.0.1", serve.port, host, timeout=args.timeout)
             elapsed = (time.perf_counter() - t0) * 1000
-            if not is_phpinfo(status, body):
+            if not is_whole_page(status, body):
                 raise SystemExit(f"{host}: GET / gave {status}: {body[:300]!r}")
             got = headers.get("X-Fcrun-Cold-Start-Path")
             if got != path:
@@ -339,7 +355,8 @@ def main(argv: list[str] | None = None) -> int:
 
     s = {k: summary(v, digits=1) for k, v in times.items()}
     out = {
-        "benchmark": "cold start of apache-php through fcrun serve: GET / to the last byte of phpinfo",
+        "benchmark": "cold start of apache-php through fcrun serve: GET / to the last byte of the page",
+        "page": args.page,
         "runs": args.runs,
         "warmup": args.warmup,
         "limits": {"cpu": CPU, "memory_bytes": MEMORY},
@@ -408,12 +425,12 @@ class RawThaw:
         deadline = time.monotonic() + timeout
         while True:
             try:
-                if is_phpinfo(*[x for i, x in enumerate(get(self.ip, 80, HOST, timeout=5)) if i != 1]):
+                if is_whole_page(*[x for i, x in enumerate(get(self.ip, 80, HOST, timeout=5)) if i != 1]):
                     break
             except OSError:
                 pass
             if time.monotonic() > deadline:
-                raise SystemExit("raw thaw: its Apache never served phpinfo")
+                raise SystemExit("raw thaw: its Apache never served the page")
             time.sleep(0.05)
         self.cgroup = runtime.cgroup(self.name)
 
@@ -424,7 +441,7 @@ class RawThaw:
         self.cgroup.thaw()
         status, _, body = get(self.ip, 80, HOST, timeout=self.timeout)
         elapsed = (time.perf_counter() - t0) * 1000
-        if not is_phpinfo(status, body):
+        if not is_whole_page(status, body):
             raise SystemExit(f"raw thaw: GET / gave {status}")
         return elapsed
 
