@@ -8,8 +8,8 @@ When a command needs the library, this module puts on sys.path by hand what site
     pip install -e .   <project>/cli/: the package fcrun_cli made from <project>/cli,
                        <project>/src (fcrun), then <site-packages> (msgspec)
 
-and then imports msgspec without typing_extensions and exits without Python's teardown (each
-measured below). Built-in modules only, as the thin clients that import it.
+and then imports msgspec without modules its import loads and a command does not need, and exits
+without Python's teardown (each measured below). Built-in modules only, as the thin clients that import it.
 """
 
 import atexit  # built in, as sys
@@ -57,20 +57,54 @@ def setup_paths(here: str, site_packages: str) -> None:
         site.main()
 
 
-def import_msgspec_without_typing_extensions() -> None:
-    """Import msgspec while typing_extensions cannot be imported, then make it importable again.
+def import_msgspec() -> None:
+    """Import msgspec without what its import loads and a command never uses, then let those
+    modules be imported normally again.
 
-    msgspec takes get_type_hints/Required/NotRequired from typing_extensions when it is installed
-    (psycopg installs it), and importing typing_extensions loads inspect, ast, tokenize: ~7 ms of a
-    create's ~90. fcrun's structs use none of typing_extensions' types, so typing's own (3.11 has
-    all three) read them the same. Only msgspec's import is affected: the entry goes afterwards."""
-    if "typing_extensions" in sys.modules:
-        return  # already loaded (an embedding process): nothing to save
-    sys.modules["typing_extensions"] = None  # None in sys.modules: its import raises ImportError
+    - typing_extensions: msgspec takes get_type_hints/Required/NotRequired from it when it is
+      installed (psycopg installs it), and it loads inspect, ast, tokenize: ~7 ms. fcrun's
+      structs use none of its types, so typing's own (3.11 has all three) read them the same.
+      It is made unimportable for the while.
+    - platform: msgspec's core imports uuid (for uuid.UUID), whose import calls
+      platform.system() and nothing else of it; platform itself compiles seven regular
+      expressions: ~1.7 ms. uuid gets a stand-in that answers system() from os.uname(), as
+      platform does on Linux.
+    - textwrap: msgspec.json imports its JSON Schema module, which uses textwrap.dedent only
+      when a schema is made: ~0.7 ms. It gets a stand-in.
+    A stand-in imports the real module the first time anything else is read from it, so what
+    holds one works as before; sys.modules keeps none (the next `import platform` is real).
+    """
+    stand_ins = {"typing_extensions": None, "platform": _Deferred("platform", system=_system),
+                 "textwrap": _Deferred("textwrap")}
+    mine = [name for name in stand_ins if name not in sys.modules]  # an embedding process's own stay
+    for name in mine:
+        sys.modules[name] = stand_ins[name]  # None in sys.modules: its import raises ImportError
     try:
         import msgspec  # noqa: F401
     finally:
-        del sys.modules["typing_extensions"]
+        for name in mine:
+            if sys.modules.get(name) is stand_ins[name]:
+                del sys.modules[name]
+
+
+def _system() -> str:
+    return posix.uname().sysname  # platform.system() on Linux: uname's system name
+
+
+class _Deferred(type(sys)):  # a module type, without importing types
+    """A module's stand-in: `known` attributes are its own, any other is the real module's
+    (imported then, and copied in, so that later reads are plain lookups)."""
+
+    def __init__(self, name: str, **known) -> None:
+        super().__init__(name)
+        self.__dict__.update(known)
+
+    def __getattr__(self, attribute: str):
+        if sys.modules.get(self.__name__) is self:
+            del sys.modules[self.__name__]
+        real = __import__(self.__name__)
+        self.__dict__.update(vars(real))
+        return getattr(real, attribute)
 
 
 _exit_code = [1]  # what the process exits with, from exit_with; 1 if it never got one (an uncaught error)

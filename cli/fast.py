@@ -445,7 +445,7 @@ def _run_here(run_root: str, fields: dict, site_packages: str) -> None:
         bootstrap.setup_paths(here, bootstrap.absolute(site_packages))
 
     def run_fields() -> int:
-        bootstrap.import_msgspec_without_typing_extensions()
+        bootstrap.import_msgspec()
         from fcrun_cli.run_here import run_fields
 
         return run_fields(run_root, fields)

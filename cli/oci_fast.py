@@ -273,7 +273,7 @@ def main() -> None:
     sys.modules.setdefault("fcrun_cli.oci_fast", sys.modules[__name__])  # one copy: HolderGone is one class
 
     def oci_main() -> int:
-        bootstrap.import_msgspec_without_typing_extensions()
+        bootstrap.import_msgspec()
         from fcrun_cli.oci import main
 
         return main(argv, args)

@@ -398,8 +398,9 @@ def test_without_a_fork_server_run_needs_neither_click_nor_site_and_errs_as_clic
 # What a run without a fork-server no longer imports (issue 17: 96 -> 78 ms p50 on this VM): the
 # runtime's records are msgspec Structs (dataclasses loads inspect, ast, dis, tokenize), its
 # loggers import logging at their first message (lazy.Logger), its temporaries are made without
-# tempfile and random, shutil waits for a tree to remove, socket for a spawner to speak to.
-NOT_FOR_A_RUN = {"dataclasses", "inspect", "logging", "tempfile", "random", "shutil", "socket"}
+# tempfile and random, shutil waits for a tree to remove, socket for a spawner to speak to;
+# msgspec's import gets stand-ins for platform and textwrap (bootstrap.import_msgspec).
+NOT_FOR_A_RUN = {"dataclasses", "inspect", "logging", "tempfile", "random", "shutil", "socket", "platform", "textwrap"}
 
 
 def test_a_run_without_a_fork_server_loads_the_runtime_without_the_modules_it_does_not_need():
@@ -409,13 +410,47 @@ def test_a_run_without_a_fork_server_loads_the_runtime_without_the_modules_it_do
 
     code = (f"import sys; sys.path.insert(0, {CLI_DIR!r}); import bootstrap; "
             f"bootstrap.setup_paths({CLI_DIR!r}, {sysconfig.get_paths()['purelib']!r}); "
-            "bootstrap.import_msgspec_without_typing_extensions(); "
+            "bootstrap.import_msgspec(); "
             "import fcrun_cli.run_here, fcrun.paths, fcrun.runrequest, fcrun.images.catalog, fcrun.cgroups, "
             "fcrun.cgroups.primer, fcrun.runtime.lifecycle; "
             "print('fcrun.runtime.creation' in sys.modules, sorted(set(sys.modules) & set(sys.argv[1:])))")
     r = subprocess.run([sys.executable, "-S", "-E", "-c", code, *sorted(NOT_FOR_A_RUN)], capture_output=True, text=True,
                        timeout=60)
     assert r.stdout == "True []\n", r.stderr[-2000:]
+
+
+STAND_IN_CHECK = '''
+import sys
+sys.path.insert(0, sys.argv[1])
+import bootstrap
+bootstrap.setup_paths(sys.argv[1], sys.argv[2])
+bootstrap.import_msgspec()
+import msgspec, uuid
+print(sorted({"platform", "textwrap", "typing_extensions"} & set(sys.modules)))
+print(uuid._LINUX, msgspec.json.decode(msgspec.json.encode(uuid.UUID(int=7)), type=uuid.UUID).int)
+
+class S(msgspec.Struct):
+    """  A struct.
+
+      Indented."""
+    x: int
+
+print(repr(msgspec.json.schema(S)["$defs"]["S"]["description"]))
+import platform, textwrap
+print(type(platform).__name__, platform.system(), platform.python_implementation(), textwrap.dedent("  a"))
+'''
+
+
+def test_msgspec_imported_with_stand_ins_works_whole_and_leaves_the_real_modules_importable():
+    """After bootstrap.import_msgspec (python -S -E, as the launcher): uuid and msgspec.json's
+    schema work (the stand-ins import the real platform and textwrap when used), none is left in
+    sys.modules, and `import platform` gives the real module."""
+    import sysconfig
+
+    r = subprocess.run([sys.executable, "-S", "-E", "-c", STAND_IN_CHECK, CLI_DIR, sysconfig.get_paths()["purelib"]],
+                       capture_output=True, text=True, timeout=60)
+    assert r.stdout.splitlines() == ["[]", "True 7", repr("A struct.\n\nIndented."), "module Linux CPython a"], \
+        r.stderr[-2000:]
 
 
 @pytest.mark.parametrize("module", ["fcrun.runtime.spec", "fcrun.runtime.state", "fcrun.runtime.spawner.protocol",
