@@ -413,10 +413,12 @@ def test_a_run_without_a_fork_server_loads_the_runtime_without_the_modules_it_do
             "bootstrap.import_msgspec(); "
             "import fcrun_cli.run_here, fcrun.paths, fcrun.runrequest, fcrun.images.catalog, fcrun.cgroups, "
             "fcrun.cgroups.primer, fcrun.runtime.lifecycle; "
-            "print('fcrun.runtime.creation' in sys.modules, sorted(set(sys.modules) & set(sys.argv[1:])))")
+            "import fcrun.runtime.spec as spec; "
+            "print('fcrun.runtime.creation' in sys.modules, sorted(set(sys.modules) & set(sys.argv[1:])), "
+            "spec._spec_decoder.cache_info().currsize)")
     r = subprocess.run([sys.executable, "-S", "-E", "-c", code, *sorted(NOT_FOR_A_RUN)], capture_output=True, text=True,
                        timeout=60)
-    assert r.stdout == "True []\n", r.stderr[-2000:]
+    assert r.stdout == "True [] 0\n", r.stderr[-2000:]   # 0: the spec's decoder is not built either
 
 
 STAND_IN_CHECK = '''
@@ -456,8 +458,9 @@ def test_msgspec_imported_with_stand_ins_works_whole_and_leaves_the_real_modules
 @pytest.mark.parametrize("module", ["fcrun.runtime.spec", "fcrun.runtime.state", "fcrun.runtime.spawner.protocol",
                                     "fcrun.runtime.child", "fcrun.images.image"])
 def test_the_structs_decoded_at_import_have_annotations_that_need_no_compiling(module):
-    """These modules build msgspec Decoders at import; with `from __future__ import annotations`
-    msgspec would compile each annotation string (~300 in all: ~4-6 ms of a run)."""
+    """These modules build msgspec Decoders (at import; spec.py's at its first decode); with
+    `from __future__ import annotations` msgspec would compile each annotation string (~300 in
+    all: ~4-6 ms of a run)."""
     import importlib
 
     loaded = importlib.import_module(module)

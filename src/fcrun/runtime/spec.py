@@ -20,6 +20,7 @@ masked and read-only paths, rlimits, capabilities), adjusted by options.
 # Structs' annotations, and string ones are each compiled (~300 compiles across the runtime's
 # modules: ~4-6 ms of a `fcrun run` without a fork-server).
 
+import functools
 import re
 from typing import Any, Literal
 
@@ -357,19 +358,26 @@ class Spec(_Base, kw_only=True, omit_defaults=False):
     zos: NotSupported = NOT_SET
 
 
-_decoder = msgspec.json.Decoder(Spec)
 _encoder = msgspec.json.Encoder()
 
 
-# msgspec's words for an unknown field; no " - at" part when it is at the top level.
-_UNKNOWN_FIELD = re.compile(r"^Object contains unknown field `(?P<field>[^`]*)`(?: - at `(?P<at>\$.*)`)?$")
-_AT = re.compile(r" - at `(?P<at>\$[^`]*)`$")
+@functools.cache
+def _spec_decoder() -> msgspec.json.Decoder:
+    """Made at the first decode, not at import: msgspec compiles the whole spec's types (~1.2 ms),
+    which a command that builds its spec in Python (`fcrun run`, serve's instances) never needs."""
+    return msgspec.json.Decoder(Spec)
+
+
+# msgspec's words for an unknown field; no " - at" part when it is at the top level. Patterns,
+# not compiled ones: only an error compiles them (re caches them then).
+_UNKNOWN_FIELD = r"^Object contains unknown field `(?P<field>[^`]*)`(?: - at `(?P<at>\$.*)`)?$"
+_AT = r" - at `(?P<at>\$[^`]*)`$"
 
 
 def decode_spec(data: bytes, source: str = "config.json") -> Spec:
     """Decode and validate a config.json. Raises SpecError naming the file and JSON path:
     a wrong type, a field the runtime-spec does not have, or one fcrun does not honour."""
-    spec = _decode(_decoder, data, source)
+    spec = _decode(_spec_decoder(), data, source)
     validate_spec(spec)
     return spec
 
@@ -388,12 +396,12 @@ def _decode(decoder: msgspec.json.Decoder, data: bytes, source: str) -> Any:
         return decoder.decode(data)
     except msgspec.ValidationError as exc:
         text = str(exc)
-        unknown = _UNKNOWN_FIELD.match(text)
+        unknown = re.match(_UNKNOWN_FIELD, text)
         if unknown:
             where = f"{unknown['at'] or '$'}.{unknown['field']}"
             raise SpecError(f"invalid OCI spec in {source}: unknown field {unknown['field']!r} "
                             "(not in the OCI runtime spec)", where) from None
-        at = _AT.search(text)
+        at = re.search(_AT, text)
         if at:
             raise SpecError(f"invalid OCI spec in {source}: {text[:at.start()]}", at["at"]) from None
         raise SpecError(f"invalid OCI spec in {source}: {text}") from None
