@@ -44,7 +44,7 @@ JOINABLE_NAMESPACES = ("network", "ipc", "uts", "cgroup", "pid", "mount", "user"
 IPC_SYSCTLS = {"kernel.msgmax", "kernel.msgmnb", "kernel.msgmni", "kernel.sem", "kernel.shmall",
                "kernel.shmmax", "kernel.shmmni", "kernel.shm_rmid_forced"}
 UTS_SYSCTLS = {"kernel.hostname", "kernel.domainname"}
-_SYSCTL_KEY = re.compile(r"^[a-z0-9_]+(\.[A-Za-z0-9_:@+-]+)+$")
+_SYSCTL_KEY = r"[a-z0-9_]+(\.[A-Za-z0-9_:@+-]+)+"   # a pattern: re compiles it if a spec has a sysctl
 # "cgroup" (and "cgroup2"): the container's own cgroups, read-only (plan.cgroup_mount).
 SUPPORTED_MOUNT_TYPES = {"bind", "proc", "tmpfs", "devpts", "mqueue", "sysfs", "cgroup", "cgroup2"}
 
@@ -207,7 +207,7 @@ def _check_sysctl(sysctl: dict[str, str], namespaces: set[str]) -> None:
     """Only namespaced sysctls, each with its namespace in the spec. Raises SpecError."""
     for key, value in sysctl.items():
         where = f"$.linux.sysctl[{key!r}]"
-        if not _SYSCTL_KEY.fullmatch(key) or "/" in key:
+        if not re.fullmatch(_SYSCTL_KEY, key) or "/" in key:
             raise SpecError(f"invalid sysctl name {key!r}", where)
         if "\0" in value:
             raise SpecError("a NUL byte in the value", where)
@@ -249,7 +249,7 @@ def _check_memory_and_cpu_extras(res: Resources) -> None:
             raise SpecError("cpu burst must be >= 0", "$.linux.resources.cpu.burst")
 
 
-_PAGE_SIZE = re.compile(r"^[1-9][0-9]*[KMG]B$")  # hugetlb's names: 2MB, 1GB, 64KB
+_PAGE_SIZE = r"[1-9][0-9]*[KMG]B"  # hugetlb's names: 2MB, 1GB, 64KB (a pattern, as _SYSCTL_KEY)
 MAX_U32 = (1 << 32) - 1
 
 
@@ -284,7 +284,7 @@ def _check_cgroup_extras(res: Resources) -> None:
     sizes = set()
     for i, hp in enumerate(res.hugepage_limits):
         where = f"{at}.hugepageLimits[{i}]"
-        if not _PAGE_SIZE.fullmatch(hp.page_size):
+        if not re.fullmatch(_PAGE_SIZE, hp.page_size):
             raise SpecError(f"page size {hp.page_size!r} is not like 2MB or 1GB", f"{where}.pageSize")
         if hp.page_size in sizes:
             raise SpecError(f"page size {hp.page_size} listed twice", f"{where}.pageSize")
