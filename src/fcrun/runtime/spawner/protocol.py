@@ -6,13 +6,14 @@ threads of the library may send concurrently without a length prefix), with fds 
 SCM_RIGHTS. Reports (on a pipe per child) are length-prefixed, each below PIPE_BUF.
 """
 
-# No `from __future__ import annotations` here: a msgspec Decoder built at import reads these
+# No `from __future__ import annotations` here: a msgspec Decoder (built at first use) reads these
 # Structs' annotations, and string ones are each compiled (~300 compiles across the runtime's
 # modules: ~4-6 ms of a `fcrun run` without a fork-server).
 
 # _socket, not socket: `fcrun run` without a fork-server reads reports through this module and
 # needs no socket.py (~1 ms of start-up: its enums).
 import _socket
+import functools
 import os
 import select
 import signal
@@ -120,10 +121,20 @@ ToLibrary = Ready | Warm
 Report = Spawned | Exited | UsernsMade | Refused
 
 _encoder = msgspec.msgpack.Encoder()
-_spawn_decoder = msgspec.msgpack.Decoder(Spawn)
-_to_spawner_decoder = msgspec.msgpack.Decoder(ToSpawner)
-_to_library_decoder = msgspec.msgpack.Decoder(ToLibrary)
-_report_decoder = msgspec.msgpack.Decoder(Report)
+
+
+@functools.cache
+def _decoder(message_type) -> msgspec.msgpack.Decoder:
+    """The decoder of a message type, built at its first use: building all four at import was
+    ~0.6 ms of every `fcrun run`, whose one container is forked without a spawner. The
+    spawner builds its own before it forks warm children (build_spawner_decoders)."""
+    return msgspec.msgpack.Decoder(message_type)
+
+
+def build_spawner_decoders() -> None:
+    """Build what the spawner and its warm children decode, so that the children inherit them."""
+    _decoder(Spawn)
+    _decoder(ToSpawner)
 
 
 def encode(message: ToSpawner | ToLibrary) -> bytes:
@@ -133,17 +144,17 @@ def encode(message: ToSpawner | ToLibrary) -> bytes:
 
 def decode_spawn(data: bytes) -> Spawn:
     """A warm child's request. Raises msgspec.DecodeError (ValidationError) if it is not a Spawn."""
-    return _spawn_decoder.decode(data)
+    return _decoder(Spawn).decode(data)
 
 
 def decode_to_spawner(data: bytes) -> ToSpawner:
     """A request on ctrl. Raises msgspec.DecodeError (ValidationError) for anything else."""
-    return _to_spawner_decoder.decode(data)
+    return _decoder(ToSpawner).decode(data)
 
 
 def decode_to_library(data: bytes) -> ToLibrary:
     """What the spawner sends on ctrl. Raises msgspec.DecodeError for anything else."""
-    return _to_library_decoder.decode(data)
+    return _decoder(ToLibrary).decode(data)
 
 
 def encode_report(report: Report) -> bytes:
@@ -161,7 +172,7 @@ def decode_report(data: bytes) -> Report:
         (length,) = _LENGTH.unpack_from(data)
         if length != len(data) - _LENGTH.size:
             raise ValueError(f"{len(data) - _LENGTH.size} bytes where the header says {length}")
-        return _report_decoder.decode(data[_LENGTH.size:])
+        return _decoder(Report).decode(data[_LENGTH.size:])
     except (struct.error, ValueError, msgspec.DecodeError) as exc:
         raise ContainerError(f"malformed report from the spawner: {exc}") from None
 
@@ -181,7 +192,7 @@ def read_report(fd: int, timeout_s: float | None = None) -> Report | None:
         return None
     body = _read_exactly(fd, _LENGTH.unpack(header)[0])
     try:
-        return _report_decoder.decode(body)
+        return _decoder(Report).decode(body)
     except msgspec.DecodeError as exc:
         raise ContainerError(f"malformed report from the spawner: {exc}") from None
 

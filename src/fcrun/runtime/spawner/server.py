@@ -310,6 +310,7 @@ def main() -> None:
     if os.getppid() != library_pid:
         return  # the library died before we could watch it
     os.chdir("/")  # pin no directory of the library's (it could be on a mount someone unmounts)
+    protocol.build_spawner_decoders()
     sock = socket.socket(fileno=protocol.CTRL_FD)
     server = Server(sock, library_pidfd, warm_size)
     try:
