@@ -23,14 +23,18 @@ import time
 from collections.abc import Callable, Iterable
 
 from ..errors import MissingFeature, SpecError
-from . import delegation, v1, v2
+from ..lazy import lazy_exports
+from . import delegation
 from .base import Cgroup, CgroupDriver, Hierarchy, check_name
 from .kernel import KernelIO
 from .limits import Limits, Stats
 from ..mountinfo import PROC_SELF_MOUNTINFO, Mount, mount_at, parse_mountinfo
 from .membership import ProcCgroup, parse_proc_cgroup
-from .v1 import V1Cgroup, V1Driver
-from .v2 import V2Cgroup, V2Driver
+
+# A host runs one driver: detect() imports the one it makes (the other, with what only it
+# needs, such as v2's device programs, is ~0.5 ms of a one-shot command's start-up).
+__getattr__, __dir__ = lazy_exports(__name__, globals(), {"V1Cgroup": "v1", "V1Driver": "v1",
+                                                          "V2Cgroup": "v2", "V2Driver": "v2"})
 
 __all__ = [
     "Cgroup",
@@ -90,6 +94,8 @@ def detect(
         if own_path is None:
             raise MissingFeature("a cgroup v2 entry (0::/...) in " + proc_cgroup)
         own_dir = _own_dir(mount, own_path)
+        from . import v2
+
         # In a supervisor leaf of a cgroup systemd delegated (delegation.py), fcrun's groups go
         # beside it, beneath the delegated cgroup.
         delegated = None if absolute or not own_dir else delegation.delegated_base(own_dir, io)
@@ -98,18 +104,20 @@ def detect(
                               own_dir=own_dir, delegated=delegated is not None)
         wanted = v2.CONTROLLERS if controllers is None else tuple(controllers)
         _check_controller_names(wanted, v2.CONTROLLERS)
-        driver = V2Driver(hierarchy, controllers=wanted, io=io, clock=clock, sleep=sleep)
+        driver = v2.V2Driver(hierarchy, controllers=wanted, io=io, clock=clock, sleep=sleep)
         driver.check_delegation()
         return driver
     if version == 1:
         if unified:
             raise MissingFeature(f"cgroup v1 hierarchies (this host runs cgroup v2 only at {root})")
+        from . import v1
+
         wanted = v1.CONTROLLERS if controllers is None else tuple(controllers)
         _check_controller_names(wanted, v1.CONTROLLERS)
         hierarchies = _v1_hierarchies(mounts, own, root, wanted, parts, absolute)
         extra = tuple(c for c in v1.EXTRA_CONTROLLERS if c not in wanted)
         hierarchies += _v1_hierarchies(mounts, own, root, extra, parts, absolute, optional=True)
-        return V1Driver(hierarchies, io=io, clock=clock, sleep=sleep)
+        return v1.V1Driver(hierarchies, io=io, clock=clock, sleep=sleep)
     raise SpecError(f"cgroup version must be 1 or 2, not {version!r}", "version")
 
 
@@ -209,6 +217,8 @@ def _v1_hierarchies(
         if not preferred or entry is None:
             if optional:
                 continue
+            from . import v1
+
             raise v1.missing_hierarchy(controller)
         found[controller] = (preferred[-1], entry.path)
     by_mountpoint: dict[str, list[str]] = {}

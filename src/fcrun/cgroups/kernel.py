@@ -12,7 +12,6 @@ import os
 import re
 
 from ..errors import KernelError, SpecError
-from . import bpf
 from .limits import Pressure
 
 
@@ -126,6 +125,8 @@ class KernelIO:
 
     def load_device_program(self, code: bytes) -> int:
         """Load a cgroup v2 device program (bpf.py); returns its fd, owned by the caller."""
+        from . import bpf  # cgroup v2's only: not imported on a v1 host
+
         try:
             return bpf.load_cgroup_device(code)
         except OSError as exc:
@@ -136,6 +137,8 @@ class KernelIO:
 
     def attach_device_program(self, cgroup_dir: str, prog_fd: int) -> None:
         """Attach a loaded device program to the cgroup ``cgroup_dir``; it goes with the cgroup."""
+        from . import bpf
+
         try:
             fd = os.open(cgroup_dir, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
             try:
