@@ -28,8 +28,8 @@ aborts the benchmark.
 All apps serve phpinfo() from a docroot (--page hello: a small script instead); limits cpu 1,
 memory 512M. Rounds rotate the order of the paths; runs never overlap. Prints JSON: p50/p99 of
 each, the ratios the issue sets targets for ((a)/(d) <= 1.0, (d)/(b) >= 20; (b) p50 <= 5 ms,
-p99 <= 15 ms; (c) p50 <= 2 ms), the fork-server's own claim time, and the memory of frozen instances (cgroup figures of the
-pooled and the thaw app's frozen instance).
+p99 <= 15 ms; (c) p50 <= 2 ms), the fork-server's own claim time, and the memory of frozen
+instances (cgroup figures of the pooled and the thaw app's frozen instance).
 
 Needs root, runc, and the apache-php image (`fcrun image build apache-php`); uses private
 roots, cgroup parents, bridge (10.237.0.0/24), netns and veth (10.239.0.0/30), and only talks
