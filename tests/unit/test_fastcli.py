@@ -399,10 +399,11 @@ def test_without_a_fork_server_run_needs_neither_click_nor_site_and_errs_as_clic
 # runtime's records are msgspec Structs (dataclasses loads inspect, ast, dis, tokenize), its
 # loggers import logging at their first message (lazy.Logger), its temporaries are made without
 # tempfile and random, shutil waits for a tree to remove, socket for a spawner to speak to;
-# msgspec's import gets stand-ins for platform and textwrap (bootstrap.import_msgspec); of the
+# msgspec's import gets stand-ins for platform and textwrap (bootstrap.import_msgspec); locks and
+# thread-locals come from _thread (a thread only where the parent moves the child); of the
 # cgroup drivers, detect() imports the host's (neither is imported here, where it is not called).
 NOT_FOR_A_RUN = {"dataclasses", "inspect", "logging", "tempfile", "random", "shutil", "socket", "platform", "textwrap",
-                 "fcrun.cgroups.v1", "fcrun.cgroups.v2", "fcrun.cgroups.bpf"}
+                 "threading", "fcrun.cgroups.v1", "fcrun.cgroups.v2", "fcrun.cgroups.bpf"}
 
 
 def test_a_run_without_a_fork_server_loads_the_runtime_without_the_modules_it_does_not_need():

@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import contextlib
 import os
-import threading
 import time
 from typing import TYPE_CHECKING
 
@@ -176,6 +175,8 @@ class BackgroundMove:
     its own)."""
 
     def __init__(self, cgroup, pid: int):
+        import threading  # here: a creation whose child joins its cgroup itself starts no thread
+
         self._error: BaseException | None = None
         self._thread = threading.Thread(target=self._move, args=(cgroup, pid), name=f"cgroup-move-{pid}", daemon=True)
         self._thread.start()

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import os
 import stat
-import threading
+import _thread  # a lock only: not threading (~1 ms of fcrun run to import)
 from collections import OrderedDict
 
 import msgspec
@@ -53,7 +53,7 @@ OPTIMIZE_BINARY_TREE = 2
 
 CACHE_SIZE = 32
 _cache: OrderedDict[bytes, bytes] = OrderedDict()
-_lock = threading.Lock()
+_lock = _thread.allocate_lock()  # threading.Lock is this function
 _encoder = msgspec.json.Encoder()
 
 
