@@ -2,7 +2,8 @@
 
     driver = detect(parent="fcrun")            # beneath the cgroup fcrun runs in
     cg = driver.create("web-1", Limits(cpu_quota_us=30_000, memory_bytes=256 << 20))
-    # the container's child writes b"0" to each of cg.procs_files() before exec
+    # the container's child writes b"0" to each of cg.join_files() (v1: `tasks`), or the
+    # parent calls cg.add(pid) (v2): either before the container's process execs
     cg.freeze(); cg.thaw(); cg.stats()
     cg.destroy()                               # kills, removes the dirs, then the empty parent
 
