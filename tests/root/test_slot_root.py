@@ -197,6 +197,38 @@ def test_a_failed_hand_over_names_the_problem(runtime, busybox, tmp_path):
     assert runtime.cgroup("slot5").limits().cpu_quota_us != 50000
 
 
+@pytest.mark.parametrize("how", ["hand_over", "fill_slot"])
+def test_the_docroot_checked_is_the_one_mounted_whatever_is_renamed_in_between(runtime, busybox, tmp_path,
+                                                                               monkeypatch, how):
+    """A docroot is opened and checked once; the mount is made from that open directory. So
+    a tenant that renames its docroot away after the check, and puts another directory in
+    its place, does not get that other directory mounted: the container sees the files that
+    were checked. (A claim used to open the path twice: both were checked, so nothing outside
+    the rules got in, but the directory mounted was not the one first checked, and the walk
+    was done twice.)"""
+    from fcrun.runtime import lifecycle
+
+    site, moved, swapped = tmp_path / "site", tmp_path / "site.checked", tmp_path / "swapped"
+    for directory, page in ((site, "checked\n"), (swapped, "swapped in\n")):
+        directory.mkdir()
+        (directory / "page").write_text(page)
+    _start(runtime, busybox, "slot8")
+    real_fill = lifecycle.fill_slot
+
+    def renamed_before_the_mount(*args, **kwargs):
+        os.rename(site, moved)
+        os.rename(swapped, site)
+        return real_fill(*args, **kwargs)
+
+    monkeypatch.setattr(lifecycle, "fill_slot", renamed_before_the_mount)
+    if how == "hand_over":
+        runtime.hand_over("slot8", slot_source=str(site), labels={"fcrun.app": "a.test"})
+    else:
+        runtime.fill_slot("slot8", str(site))
+    assert _exec(runtime, "slot8", "cat /srv/site/page") == (0, "checked\n")
+    assert runtime.state("slot8").labels["fcrun.slot.source"] == str(site)
+
+
 def test_a_slot_still_mounted_keeps_the_apps_files_even_under_a_path_with_a_space(tmp_path):
     """release_slot deletes files in slot/content only when nothing is mounted there: read
     from mountinfo, where the kernel writes a space as \\040. Nine stacked mounts outlast its

@@ -371,7 +371,8 @@ class Creation:
         if self.request.slot_source is not None:
             # Filled now, before the child binds its mounts: what fill_slot does once the
             # container runs, without a second lock, state read and save.
-            self.runtime.mount_slot_source(self.state, self.request.slot_source)
+            with self.runtime.opened_slot_source(self.request.slot_source) as source_fd:
+                self.runtime.mount_slot_source(self.state, self.request.slot_source, source_fd)
         spec = self.state.spec
         self.state.spec = msgspec.structs.replace(spec, mounts=[
             *spec.mounts, Mount(destination=destination, source=content, options=list(SLOT_OPTIONS))])

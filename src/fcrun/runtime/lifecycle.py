@@ -12,7 +12,7 @@ import contextlib
 import os
 import signal
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 
 import msgspec
 
@@ -362,11 +362,10 @@ class Runtime:
             or the container is not live. KernelError: the kernel refused.
         """
         require_root()
-        self.check_slot_source(source)
-        with self.states.locked(name):
+        with self.opened_slot_source(source) as source_fd, self.states.locked(name):
             state = self.state(name)
             check_allowed("fill_slot", name, state.status)
-            self.mount_slot_source(state, source)
+            self.mount_slot_source(state, source, source_fd)
             self.states.save(state)
 
     def slot_dir(self, name: str) -> str:
@@ -379,12 +378,29 @@ class Runtime:
 
     def check_slot_source(self, source: str) -> None:
         """Raises SpecError when `source` breaks a docroot rule (fill_slot's)."""
-        os.close(open_slot_source(source, self.docroot_roots, self._own_roots()))
+        with self.opened_slot_source(source):
+            pass
 
-    def mount_slot_source(self, state: ContainerState, source: str) -> None:
-        """Mount `source` on the slot of `state`'s container and label the state with it; the
-        lock and the save are the caller's (fill_slot, hand_over, a creation)."""
-        fill_slot(state, self.states.dir(state.name), source, self.docroot_roots, self._own_roots())
+    @contextlib.contextmanager
+    def opened_slot_source(self, source: str | None) -> Iterator[int]:
+        """`source` opened and checked once (SpecError if it breaks a docroot rule), its fd
+        closed on leaving; -1 for no source. What mount_slot_source mounts from that fd is
+        the directory checked here, whatever is renamed in between, and the docroot's walk is
+        done once per claim, not twice."""
+        if source is None:
+            yield -1
+            return
+        fd = open_slot_source(source, self.docroot_roots, self._own_roots())
+        try:
+            yield fd
+        finally:
+            os.close(fd)
+
+    def mount_slot_source(self, state: ContainerState, source: str, source_fd: int) -> None:
+        """Mount `source`, opened as `source_fd` by opened_slot_source, on the slot of
+        `state`'s container and label the state with it; the lock and the save are the
+        caller's (fill_slot, hand_over, a creation)."""
+        fill_slot(state, self.states.dir(state.name), source, source_fd)
 
     def hand_over(self, name: str, *, cpu: float | None = None, memory_bytes: int | None = None,
                   pids_max: int | None = None,
@@ -402,16 +418,14 @@ class Runtime:
         app noted beside its logs (note_app, done before the thaw): the next fork-server labels
         it the app's (Pool.adopt) and serve adopts it, as after a crash once it is saved. An
         error after `answer` (the save) is raised as any other; the instance is the app's."""
-        if slot_source is not None:
-            self.check_slot_source(slot_source)
-        with self.states.locked(name):
+        with self.opened_slot_source(slot_source) as source_fd, self.states.locked(name):
             state = self.state(name)
             check_allowed("hand_over", name, state.status)
             if cpu is not None or memory_bytes is not None or pids_max is not None:
                 self._set_limits(state, cpu, memory_bytes, pids_max, only_changed=True)
                 crash_point("claim.limits")
             if slot_source is not None:
-                self.mount_slot_source(state, slot_source)
+                self.mount_slot_source(state, slot_source, source_fd)
                 crash_point("claim.slot")
             state.labels.update(labels or {})
             if APP_LABEL in (labels or {}):  # `fcrun app logs` finds an app's instances by this

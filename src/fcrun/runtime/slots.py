@@ -93,18 +93,18 @@ def open_slot_source(source: str, docroot_roots: Sequence[str], own_roots: Seque
     return open_docroot(source, docroot_roots, own_roots, "source")
 
 
-def fill_slot(state: ContainerState, container_dir: str, source: str, docroot_roots: Sequence[str],
-              own_roots: Sequence[str]) -> None:
-    """Mount `source` on the container's slot and record it in the state's labels.
+def fill_slot(state: ContainerState, container_dir: str, source: str, source_fd: int) -> None:
+    """Mount directory `source_fd` (`open_slot_source(source, ...)`) on the container's slot
+    and record `source` in the state's labels.
 
-    `source` is opened once (again: the path may have changed since any check), and that
-    directory is what is mounted: a recursive, detached copy made read-only, nosuid, nodev and
-    noexec (every submount too) before it is attached, so the container never sees it
-    without those flags.
+    What is mounted is the directory that was opened and checked, whatever has been renamed
+    since: a recursive, detached copy made read-only, nosuid, nodev and noexec (every
+    submount too) before it is attached, so the container never sees it without those flags.
 
     Raises:
-        IncorrectStatus: no slot, or it is filled already. SpecError: a docroot rule.
-        KernelError: the kernel refused.
+        IncorrectStatus: no slot, or it is filled already. KernelError: the kernel refused.
+
+    Resource handling: `source_fd` stays the caller's.
     """
     name = state.name
     content = slot_content(container_dir)
@@ -112,9 +112,5 @@ def fill_slot(state: ContainerState, container_dir: str, source: str, docroot_ro
         raise IncorrectStatus(f"container {name!r} has no slot (create it with slot=...)")
     if SLOT_SOURCE_LABEL in state.labels:
         raise IncorrectStatus(f"the slot of container {name!r} is already filled from {state.labels[SLOT_SOURCE_LABEL]}")
-    fd = open_slot_source(source, docroot_roots, own_roots)
-    try:
-        attach_docroot(fd, content)
-    finally:
-        os.close(fd)
+    attach_docroot(source_fd, content)
     state.labels[SLOT_SOURCE_LABEL] = source
