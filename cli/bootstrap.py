@@ -71,11 +71,13 @@ def import_msgspec() -> None:
       platform does on Linux.
     - textwrap: msgspec.json imports its JSON Schema module, which uses textwrap.dedent only
       when a schema is made: ~0.7 ms. It gets a stand-in.
+    - msgspec.inspect: msgspec's package imports it (type_info, and the JSON Schema module's
+      use of it), defining ~40 Structs: ~0.8 ms. It gets a stand-in too.
     A stand-in imports the real module the first time anything else is read from it, so what
     holds one works as before; sys.modules keeps none (the next `import platform` is real).
     """
     stand_ins = {"typing_extensions": None, "platform": _Deferred("platform", system=_system),
-                 "textwrap": _Deferred("textwrap")}
+                 "textwrap": _Deferred("textwrap"), "msgspec.inspect": _Deferred("msgspec.inspect")}
     mine = [name for name in stand_ins if name not in sys.modules]  # an embedding process's own stay
     for name in mine:
         sys.modules[name] = stand_ins[name]  # None in sys.modules: its import raises ImportError
@@ -102,7 +104,8 @@ class _Deferred(type(sys)):  # a module type, without importing types
     def __getattr__(self, attribute: str):
         if sys.modules.get(self.__name__) is self:
             del sys.modules[self.__name__]
-        real = __import__(self.__name__)
+        __import__(self.__name__)
+        real = sys.modules[self.__name__]  # __import__ gives a dotted name's top package
         self.__dict__.update(vars(real))
         return getattr(real, attribute)
 

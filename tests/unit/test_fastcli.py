@@ -399,11 +399,11 @@ def test_without_a_fork_server_run_needs_neither_click_nor_site_and_errs_as_clic
 # runtime's records are msgspec Structs (dataclasses loads inspect, ast, dis, tokenize), its
 # loggers import logging at their first message (lazy.Logger), its temporaries are made without
 # tempfile and random, shutil waits for a tree to remove, socket for a spawner to speak to;
-# msgspec's import gets stand-ins for platform and textwrap (bootstrap.import_msgspec); locks and
+# msgspec's import gets stand-ins for platform, textwrap and msgspec.inspect (bootstrap.import_msgspec); locks and
 # thread-locals come from _thread (a thread only where the parent moves the child); of the
 # cgroup drivers, detect() imports the host's (neither is imported here, where it is not called).
 NOT_FOR_A_RUN = {"dataclasses", "inspect", "logging", "tempfile", "random", "shutil", "socket", "platform", "textwrap",
-                 "threading", "fcrun.cgroups.v1", "fcrun.cgroups.v2", "fcrun.cgroups.bpf"}
+                 "msgspec.inspect", "threading", "fcrun.cgroups.v1", "fcrun.cgroups.v2", "fcrun.cgroups.bpf"}
 
 
 def test_a_run_without_a_fork_server_loads_the_runtime_without_the_modules_it_does_not_need():
@@ -431,7 +431,7 @@ import bootstrap
 bootstrap.setup_paths(sys.argv[1], sys.argv[2])
 bootstrap.import_msgspec()
 import msgspec, uuid
-print(sorted({"platform", "textwrap", "typing_extensions"} & set(sys.modules)))
+print(sorted({"platform", "textwrap", "typing_extensions", "msgspec.inspect"} & set(sys.modules)))
 print(uuid._LINUX, msgspec.json.decode(msgspec.json.encode(uuid.UUID(int=7)), type=uuid.UUID).int)
 
 class S(msgspec.Struct):
@@ -440,22 +440,25 @@ class S(msgspec.Struct):
       Indented."""
     x: int
 
-print(repr(msgspec.json.schema(S)["$defs"]["S"]["description"]))
+info = msgspec.inspect.type_info(S)  # the real module, imported now, replaces the stand-in everywhere
+print(type(info).__name__, info.fields[0].name, type(msgspec.inspect).__name__, msgspec.inspect is sys.modules["msgspec.inspect"])
+print(repr(msgspec.json.schema(S)["$defs"]["S"]["description"]))  # its JSON Schema module held the stand-in
 import platform, textwrap
 print(type(platform).__name__, platform.system(), platform.python_implementation(), textwrap.dedent("  a"))
 '''
 
 
 def test_msgspec_imported_with_stand_ins_works_whole_and_leaves_the_real_modules_importable():
-    """After bootstrap.import_msgspec (python -S -E, as the launcher): uuid and msgspec.json's
-    schema work (the stand-ins import the real platform and textwrap when used), none is left in
-    sys.modules, and `import platform` gives the real module."""
+    """After bootstrap.import_msgspec (python -S -E, as the launcher): uuid, msgspec.json's
+    schema and msgspec.inspect work (the stand-ins import the real platform, textwrap and
+    msgspec.inspect when used), none is left in sys.modules, and `import platform` gives the
+    real module."""
     import sysconfig
 
     r = subprocess.run([sys.executable, "-S", "-E", "-c", STAND_IN_CHECK, CLI_DIR, sysconfig.get_paths()["purelib"]],
                        capture_output=True, text=True, timeout=60)
-    assert r.stdout.splitlines() == ["[]", "True 7", repr("A struct.\n\nIndented."), "module Linux CPython a"], \
-        r.stderr[-2000:]
+    assert r.stdout.splitlines() == ["[]", "True 7", "StructType x module True", repr("A struct.\n\nIndented."),
+                                     "module Linux CPython a"], r.stderr[-2000:]
 
 
 @pytest.mark.parametrize("module", ["fcrun.runtime.spec", "fcrun.runtime.state", "fcrun.runtime.spawner.protocol",
