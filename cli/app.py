@@ -36,7 +36,7 @@ import msgspec
 from fcrun.cmdb import App, AppStats, AppUpdate, Event, Instance, NewApp, open_cmdb
 from fcrun_cli.cmdb import chosen_url
 from fcrun.cmdb.models import AppDefaults, Scale, check_docroot, check_ready_path, normalize_hostname
-from fcrun.units import parse_size
+from fcrun.units import is_decimal, parse_size
 from fcrun.docroot import DEFAULT_DOCROOT_ROOTS
 from fcrun_cli.logs import app_logs
 from fcrun_cli.node import app_move, placements_of, placements_text
@@ -209,7 +209,8 @@ def _max_body_text(limit: int | None) -> str:
 
 
 def _parse_pids(text: str, flag: str) -> int:
-    if not text.isdigit():  # its range is validate_app's
+    # ASCII digits (isdigit alone takes "²"), and few enough for int(); the range is validate_app's.
+    if not is_decimal(text):
         raise SpecError(f"invalid pids limit {text!r}: use a number or 'default'", flag)
     return int(text)
 
@@ -221,7 +222,7 @@ def seccomp_setting_text(opts: tuple[str, ...]) -> str:
 
 
 def _parse_port(text: str, flag: str) -> int:
-    if not text.isdigit() or not 1 <= int(text) <= 65535:
+    if not is_decimal(text, 5) or not 1 <= int(text) <= 65535:
         raise SpecError(f"invalid port {text!r}: use a number in 1..65535 or 'auto'", flag)
     return int(text)
 

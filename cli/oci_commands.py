@@ -344,8 +344,10 @@ def exec_(options, args) -> int:
         if not argv:
             raise OciError("exec needs ARGS or --process")
         if args.user:
+            from fcrun.units import is_decimal
+
             uid, _, gid = args.user.partition(":")
-            if not uid.isdigit() or (gid and not gid.isdigit()):
+            if not is_decimal(uid, 10) or (gid and not is_decimal(gid, 10)):
                 raise OciError(f"--user {args.user!r}: give uid[:gid] as numbers")
             user = User(uid=int(uid), gid=int(gid or 0))
         for flag, value, why in (("--cgroup", args.cgroup, "an exec joins the container's own cgroups"),

@@ -24,7 +24,7 @@ from msgspec import Meta
 
 from .cgroups.limits import PID_MAX_LIMIT
 from .errors import SpecError
-from .units import MIN_MEMORY_BYTES
+from .units import MAX_SIZE_BYTES, MIN_MEMORY_BYTES
 
 MIN_CPU = 0.01  # a fraction of one CPU: the kernel's smallest quota is 1 ms a 100 ms period
 MAX_CPU = 1024.0
@@ -34,15 +34,21 @@ MAX_POOL_SIZE = 1024  # pooled instances of one image
 # msgspec has no "finite" constraint: at most the largest float refuses inf (and NaN, which
 # fails every comparison).
 MAX_FINITE = sys.float_info.max
+# Integers end in the CMDB: counts in INTEGER columns, byte sizes in BIGINT ones (PostgreSQL's
+# ranges; SQLite's one integer type is 64-bit). Beyond them an app would be refused by the
+# database, not by its check, and one stored in SQLite could not move to PostgreSQL.
+MAX_INT32 = 2**31 - 1
+MAX_INT64 = MAX_SIZE_BYTES
 
 Cpu = Annotated[float, Meta(ge=MIN_CPU, le=MAX_CPU)]  # what units.parse_cpu accepts
 MachineCpu = Annotated[float, Meta(ge=MIN_CPU, le=MACHINE_CPUS)]  # and at most this machine's CPUs
-MemoryBytes = Annotated[int, Meta(ge=MIN_MEMORY_BYTES)]
+MemoryBytes = Annotated[int, Meta(ge=MIN_MEMORY_BYTES, le=MAX_INT64)]
 PidsMax = Annotated[int, Meta(ge=MIN_PIDS_MAX, le=PID_MAX_LIMIT)]
 Seconds = Annotated[float, Meta(ge=0, le=MAX_FINITE)]
 PositiveSeconds = Annotated[float, Meta(gt=0, le=MAX_FINITE)]
-Count = Annotated[int, Meta(ge=0)]
-PositiveCount = Annotated[int, Meta(ge=1)]
+Count = Annotated[int, Meta(ge=0, le=MAX_INT32)]
+PositiveCount = Annotated[int, Meta(ge=1, le=MAX_INT32)]
+BigCount = Annotated[int, Meta(ge=0, le=MAX_INT64)]  # a BIGINT column's: byte sizes, event ids, request counts
 Port = Annotated[int, Meta(ge=1, le=65535)]
 PoolSize = Annotated[int, Meta(ge=0, le=MAX_POOL_SIZE)]
 
@@ -94,7 +100,7 @@ def spec_error(exc: msgspec.ValidationError | msgspec.DecodeError, source: str =
 
 
 __all__ = [
-    "MACHINE_CPUS", "MAX_CPU", "MAX_FINITE", "MAX_POOL_SIZE", "MIN_CPU", "MIN_PIDS_MAX",
-    "Count", "Cpu", "MachineCpu", "MemoryBytes", "PidsMax", "PoolSize", "Port", "PositiveCount",
+    "MACHINE_CPUS", "MAX_CPU", "MAX_FINITE", "MAX_INT32", "MAX_INT64", "MAX_POOL_SIZE", "MIN_CPU", "MIN_PIDS_MAX",
+    "BigCount", "Count", "Cpu", "MachineCpu", "MemoryBytes", "PidsMax", "PoolSize", "Port", "PositiveCount",
     "PositiveSeconds", "Seconds", "describe", "spec_error",
 ]

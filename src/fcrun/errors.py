@@ -21,13 +21,15 @@ class FcrunError(Exception):
 class SpecError(FcrunError, ValueError):
     """The user's input is wrong: a bad option, spec field, name or image reference.
 
-    ``where`` locates the bad value (``$.linux.resources.memory.limit``, ``--memory``).
+    ``where`` locates the bad value (``$.linux.resources.memory.limit``, ``--memory``);
+    ``message`` is the text without that location (to put it in a larger context).
     """
 
     exit_code = 2
     http_status = 400
 
     def __init__(self, message: str, where: str | None = None):
+        self.message = message
         self.where = where
         super().__init__(f"{message} (at {where})" if where else message)
 

@@ -34,6 +34,9 @@ def normalize_hostname(text: str, where: str = "name") -> str:
     """
     if not isinstance(text, str) or not text:
         raise SpecError("hostname is empty", where)
+    if not text.isascii():  # before lower(): it makes ASCII of some non-ASCII ("\u212a" KELVIN SIGN: "k")
+        raise SpecError(f"invalid hostname {text!r}: not ASCII (give an internationalized name in its "
+                        "xn-- form)", where)
     host = text.strip().lower()
     if host.endswith("."):
         host = host[:-1]

@@ -8,6 +8,7 @@ import os
 import socket
 import stat
 
+import msgspec
 import pytest
 
 from fcrun.cmdb import AppStats, AppUpdate, Instance, NewApp, Scale, SqliteCMDB
@@ -255,6 +256,25 @@ def test_bad_bodies_queries_paths_and_methods(client):
     assert client.request("GET", "/nope")[0] == 404
     assert client.request("PUT", "/apps")[0] == 405
     assert client.request("DELETE", "/instances")[0] == 405
+
+
+@pytest.mark.parametrize("query", [
+    "limit=%C2%B2",  # "²": str.isdigit takes it, int() does not (was a 500)
+    "since=" + "9" * 5000,  # past Python's int() digit limit (was a 500)
+    f"since={2**63}",  # past the database's integer (was a 500 from SQLite)
+])
+def test_a_query_integer_that_is_no_plain_in_range_number_is_a_400(client, query):
+    status, body = client.request("GET", f"/events?{query}")
+    err = remote_error(status, body)
+    assert status == 400 and isinstance(err, SpecError) and err.where == query.partition("=")[0], body[:300]
+
+
+@pytest.mark.parametrize("fields", [{"memory_bytes": 2**63}, {"max_instances": 2**31}, {"max_body_bytes": 2**64}])
+def test_a_number_past_what_the_cmdb_holds_is_a_400_naming_it_and_stores_nothing(client, fields):
+    status, body = client.request("POST", "/apps", msgspec.json.encode({"name": "big.test", "image": "x", **fields}))
+    err = remote_error(status, body)
+    assert status == 400 and isinstance(err, SpecError) and [*fields][0] in str(err), body[:300]
+    assert client.request("GET", "/apps/big.test")[0] == 404
 
 
 def test_tcp_needs_the_bearer_token(server):

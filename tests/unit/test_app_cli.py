@@ -165,6 +165,14 @@ def test_add_ls_show_update_rm_without_a_server(cli, tmp_path, monkeypatch):
     (["app", "add", "a.test", "--image", "x", "--docroot", "/nonexistent/fcrun"], 2, "--docroot"),
     (["app", "add", "a.test", "--image", "x", "--env", "NOVALUE"], 2, "--env"),
     (["app", "add", "a.test", "--image", "x", "--port", "http"], 2, "--port"),
+    # Each of these ended in a Python traceback: isdigit() takes "²", a float's inf, an int
+    # past what the CMDB's columns hold.
+    (["app", "add", "a.test", "--image", "x", "--port", "\u00b2"], 2, "--port"),
+    (["app", "add", "a.test", "--image", "x", "--pids", "\u00b2"], 2, "--pids"),
+    (["app", "add", "a.test", "--image", "x", "--memory", "9" * 400], 2, "--memory"),
+    (["app", "add", "a.test", "--image", "x", "--memory", "99999999999T"], 2, "--memory"),
+    (["app", "add", "a.test", "--image", "x", "--max", str(2**63)], 2, "max_instances"),
+    (["app", "add", "a.test", "--image", "x", "--idle-timeout", "9" * 400], 2, "--idle-timeout"),
     (["app", "add", "a.test", "--image", "x", "--max-body", "big"], 2, "--max-body"),
     (["app", "add", "a.test", "--image", "x", "--min", "2"], 2, "min_instances"),
     (["app", "add", "a.test", "--image", "x", "--ready-path", "healthz"], 2, "does not start with / (at --ready-path)"),

@@ -117,13 +117,15 @@ def test_list_apps_orders_by_name_and_keeps_alias_order(db):
     assert apps[1].all_hostnames == ["b.test", "z.test", "y.test"]
 
 
-def test_missing_apps_are_not_found(db):
+@pytest.mark.parametrize("name", ["nope.test", "a\0b"])  # a NUL: PostgreSQL's text cannot hold one (was a 503)
+def test_missing_apps_are_not_found(db, name):
     with pytest.raises(NotFound):
-        db.get_app("nope.test")
+        db.get_app(name)
     with pytest.raises(NotFound):
-        db.update_app("nope.test", AppUpdate(cpu=0.5))
+        db.update_app(name, AppUpdate(cpu=0.5))
     with pytest.raises(NotFound):
-        db.remove_app("nope.test")
+        db.remove_app(name)
+    assert db.list_instances(name) == [] and db.list_events(name) == []
 
 
 @pytest.mark.parametrize("host", ["a.test", "A.Test", "a.test.", "a.test:8080", "www.a.test", " WWW.A.TEST.:80 "])
@@ -164,6 +166,18 @@ def test_a_hostname_belongs_to_one_app_and_conflicts_write_nothing(db, backend):
     ({"ready_path": "/health z"}, "ready_path"),
     ({"ready_path": "/health\r\nX-Injected: 1"}, "ready_path"),
     ({"ready_path": "/é"}, "ready_path"),
+    # Past what the columns hold (INTEGER, BIGINT): refused by the check, not by the database
+    # (SQLite raised OverflowError, a 500; PostgreSQL "integer out of range", a 503).
+    ({"max_instances": 2**31}, "max_instances"),
+    ({"target_concurrency": 2**31}, "target_concurrency"),
+    ({"min_instances": 2**31}, "min_instances"),
+    ({"memory_bytes": 2**63}, "memory_bytes"),
+    ({"max_body_bytes": 2**63}, "max_body_bytes"),
+    # An environment no exec can take: a NUL (in the value or the key), an entry over the
+    # kernel's MAX_ARG_STRLEN. Every cold start of the app would fail.
+    ({"env": ["A=1", "B=x\0y"]}, "env[1]"),
+    ({"env": ["A\0B=1"]}, "env[0]"),
+    ({"env": ["BIG=" + "x" * (32 * 4096)]}, "env[0]"),
 ])
 def test_invalid_settings_name_the_field_and_write_nothing(db, backend, fields, where):
     db.add_app(App(name="existing.test", image="x"))
@@ -423,6 +437,34 @@ def test_an_import_that_fails_half_way_writes_nothing(db, backend):
     assert backend.snapshot() == before
     with pytest.raises(SpecError, match="not an fcrun CMDB export"):
         db.import_dump(Dump(format="other", schema_version=1))
+
+
+@pytest.mark.parametrize("app,where", [
+    (App(name="Bad Name/../x", image="x"), "apps[1].name"),
+    (App(name="b.test", image="x y"), "apps[1].image"),
+    (App(name="b.test", image="x", env=["NOEQUALS"]), "apps[1].env[0]"),
+    (App(name="b.test", image="x", min_instances=9, max_instances=1), "apps[1].min_instances"),
+    (App(name="b.test", image="x", cpu=2, cpu_max=0.5), "apps[1].cpu_max"),
+    (App(name="a.test", image="x"), "apps[1].name"),  # twice in the dump
+])
+def test_an_import_checks_each_app_as_the_admin_api_does(db, backend, app, where):
+    """An app the API would refuse is refused in a dump too (it was stored, then never routed
+    and never updatable); nothing is written."""
+    dump = Dump(schema_version=LATEST_VERSION, apps=[App(name="a.test", image="x"), app])
+    before = backend.snapshot()
+    with pytest.raises(SpecError) as info:
+        db.import_dump(dump)
+    assert info.value.where == where
+    assert backend.snapshot() == before
+
+
+def test_an_import_stores_each_app_as_the_admin_api_would(db):
+    """Normalized as an add normalizes: the name and hostnames lowercased, so a request finds them;
+    a docroot need not exist on this host (the dump may come from another)."""
+    db.import_dump(Dump(schema_version=LATEST_VERSION, apps=[
+        App(name="Example.TEST", image="x", hostnames=["WWW.Example.TEST."], docroot="/srv/elsewhere/../site")]))
+    app = db.app_for_host("www.example.test")
+    assert (app.name, app.hostnames, app.docroot) == ("example.test", ["www.example.test"], "/srv/site")
 
 
 # -- PostgreSQL's own failures: each one clear line naming the URL, password masked -----------

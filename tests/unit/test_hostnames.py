@@ -38,7 +38,8 @@ def test_a_stored_hostname_is_what_its_host_header_asks_for(name):
 
 
 @pytest.mark.parametrize("text", ["", "http://a.test", "a.test:80", "-a.test", "a_b.test", "a" * 64 + ".test",
-                                  "[::1]", "::1"])
+                                  "[::1]", "::1",
+                                  "\u212a.test"])  # KELVIN SIGN: lower() made it "k.test", and it was stored so
 def test_normalize_hostname_refuses(text):
     with pytest.raises(SpecError) as info:
         normalize_hostname(text, "--alias")

@@ -737,6 +737,17 @@ def test_not_an_image_and_bad_name(store, layout, tmp_path):
     assert_store_clean(store)
 
 
+@pytest.mark.parametrize("port", ["\u00b2/tcp", "9" * 5000 + "/tcp"])
+def test_an_image_whose_exposed_port_is_no_plain_number_is_refused_by_name(store, tmp_path, port):
+    """"²" passed str.isdigit and then failed int() (a traceback), as did 5,000 digits."""
+    layout = Layout(tmp_path / "layout")
+    layout.add_image([BASE], {"config": {**CONFIG["config"], "ExposedPorts": {port: {}}}}, ref="example.org/p:1")
+    with pytest.raises(SpecError, match="bad exposed port") as info:
+        store.import_(str(layout.root))
+    assert info.value.where == "$.config.ExposedPorts"
+    assert_store_clean(store)
+
+
 # -- list, inspect, remove --------------------------------------------------------------------
 
 

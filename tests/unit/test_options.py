@@ -60,6 +60,24 @@ def test_users_from_the_image(layers):
         resolve_user("www-data:wheel", layers)
 
 
+@pytest.mark.parametrize("user, words", [
+    ("\u00b2", "not found"),  # "²" is no uid: a name, and no such user (int() raised ValueError)
+    ("99999999999", "not a number in 0..4294967294"),
+    ("www-data:" + "9" * 5000, "not found in the image's /etc/group"),  # too long for an id: a name
+    ("evil", "uid of 'evil' in the image's /etc/passwd"),
+    ("www-data:evil", "gid of 'evil' in the image's /etc/group"),
+])
+def test_a_user_that_is_no_id_or_an_images_entry_that_holds_none_is_refused(layers, user, words):
+    """Every image is hostile: its /etc/passwd and /etc/group are input like a flag."""
+    with open(layers[0] + "/etc/passwd", "a") as f:
+        f.write("evil:x:\u00b2:33::/:/bin/sh\n")
+    with open(layers[0] + "/etc/group", "a") as f:
+        f.write("evil:x:-1:\n")
+    with pytest.raises(SpecError, match=words) as info:
+        resolve_user(user, layers)
+    assert info.value.where == "--user"
+
+
 def test_env_parsing():
     assert parse_env(["A=1", "B="]) == ["A=1", "B="]
     with pytest.raises(SpecError, match="'NOPE' is not KEY=VALUE.*--env"):

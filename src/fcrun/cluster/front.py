@@ -37,6 +37,7 @@ from ..cmdb.base import CMDB, NODE_LEASE_S, CMDBError
 from ..cmdb.models import App
 from ..cmdb.nodes import NodeRecord, PlacementRow
 from ..proxy.router import RouteError
+from ..units import is_decimal
 from .node import node_figures
 from .placement import EVENT_KIND, Cluster, Placement, Policy, place
 
@@ -66,7 +67,7 @@ class NodeLease:
 
 def parse_node_address(address: str) -> tuple[str, int] | None:
     host, sep, port = address.rpartition(":")
-    if not sep or not port.isdigit():
+    if not sep or not is_decimal(port, 5):
         return None
     return host.strip("[]"), int(port)
 

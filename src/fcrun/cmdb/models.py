@@ -15,12 +15,12 @@ from __future__ import annotations
 
 import os
 import re
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import msgspec
-from msgspec import UNSET, UnsetType
+from msgspec import UNSET, Meta, UnsetType
 
-from ..constraints import Count, Cpu, MemoryBytes, PidsMax, Port, PositiveCount, PositiveSeconds, Seconds, describe
+from ..constraints import BigCount, Count, Cpu, MemoryBytes, PidsMax, Port, PositiveCount, PositiveSeconds, Seconds, describe
 from ..constraints import spec_error  # noqa: F401 - where the admin API has always imported it from
 from ..errors import SpecError
 from ..hostnames import normalize_hostname  # also for `from fcrun.cmdb.models import normalize_hostname`
@@ -40,7 +40,10 @@ DEFAULT_COOLDOWN_UP_S = 10.0
 DEFAULT_COOLDOWN_DOWN_S = 30.0
 DEFAULT_PORT = 80  # when neither the app nor the image names one
 
-_ENV_KEY = re.compile(r"[^=\s]+")
+_ENV_KEY = re.compile(r"[^=\s\0]+")
+# The kernel's longest argument or environment string (MAX_ARG_STRLEN, 32 pages), its NUL
+# included: a longer entry fails every exec of the app's server with E2BIG.
+MAX_ENV_ENTRY_BYTES = 32 * 4096 - 1
 
 
 class App(msgspec.Struct, kw_only=True, frozen=True):
@@ -67,7 +70,7 @@ class App(msgspec.Struct, kw_only=True, frozen=True):
     max_lifetime_s: PositiveSeconds | None = None  # None: instances are never replaced for age
     cooldown_up_s: Seconds = DEFAULT_COOLDOWN_UP_S
     cooldown_down_s: Seconds = DEFAULT_COOLDOWN_DOWN_S
-    max_body_bytes: Count | None = None  # None: the proxy's max_body_bytes (10 MiB); 0: no limit
+    max_body_bytes: BigCount | None = None  # None: the proxy's max_body_bytes (10 MiB); 0: no limit
     port: Port | None = None
     autoscale: bool = True
     created_at: float = 0.0
@@ -161,18 +164,18 @@ class Instance(msgspec.Struct, kw_only=True, frozen=True):
     container: str
     state: InstanceState
     ip: str = ""
-    port: int = 0
+    port: Annotated[int, Meta(ge=0, le=65535)] = 0  # 0 until known
     cpu: float | None = None  # the CPU limit it runs with (after scale-up)
     started_at: float = 0.0
     last_request_at: float | None = None
-    requests: int = 0
+    requests: BigCount = 0
     owner: str = ""  # the serve (node: host and run root) that runs it; '' before schema 3
 
 
 class Event(msgspec.Struct, kw_only=True, frozen=True):
     """Something that happened: an app added, an instance started or failed to start."""
 
-    id: int
+    id: BigCount
     ts: float
     app: str | None
     kind: str
@@ -227,15 +230,15 @@ class Scale(msgspec.Struct, kw_only=True, forbid_unknown_fields=True, omit_defau
 # -- validation ------------------------------------------------------------------------------
 
 
-def check_docroot(path: str, where: str = "docroot") -> str:
-    """An absolute path to an existing directory, normalized.
+def check_docroot(path: str, where: str = "docroot", *, exists: bool = True) -> str:
+    """An absolute path to an existing directory (with `exists`), normalized.
 
     Raises:
         SpecError: relative, missing or not a directory.
     """
-    if not path or not os.path.isabs(path):
+    if not path or not os.path.isabs(path) or "\0" in path:
         raise SpecError(f"document root {path!r} is not an absolute path", where)
-    if not os.path.isdir(path):
+    if exists and not os.path.isdir(path):
         what = "is not a directory" if os.path.exists(path) else "does not exist"
         raise SpecError(f"document root {path} {what}", where)
     return os.path.normpath(path)
@@ -262,9 +265,10 @@ def check_ready_path(path: str, where: str = "ready_path") -> str:
     return path
 
 
-def validate_app(app: App) -> App:
+def validate_app(app: App, *, host_paths: bool = True) -> App:
     """Check every setting of an app and return it normalized (hostnames lowercased, paths
-    normalized, the image name canonical).
+    normalized, the image name canonical). `host_paths=False`: the docroot is checked as a
+    path only, not on this host (an import of another host's CMDB).
 
     Raises:
         SpecError: naming the first bad field (``hostnames[1]``, ``memory_bytes``).
@@ -293,9 +297,14 @@ def validate_app(app: App) -> App:
     for i, item in enumerate(app.env):
         key, sep, _ = item.partition("=")
         if not sep or not _ENV_KEY.fullmatch(key):
-            raise SpecError(f"environment entry {item!r} is not KEY=value", f"env[{i}]")
+            raise SpecError(f"environment entry {item[:100]!r} is not KEY=value", f"env[{i}]")
+        if "\0" in item:  # execve takes C strings: the server could never start
+            raise SpecError(f"environment entry {key}=... holds a NUL character", f"env[{i}]")
+        if len(item.encode()) > MAX_ENV_ENTRY_BYTES:
+            raise SpecError(f"environment entry {key}=... is {len(item.encode())} bytes: the kernel takes "
+                            f"at most {MAX_ENV_ENTRY_BYTES}", f"env[{i}]")
 
-    docroot = None if app.docroot is None else check_docroot(app.docroot, "docroot")
+    docroot = None if app.docroot is None else check_docroot(app.docroot, "docroot", exists=host_paths)
     if app.cpu_max is not None and app.cpu_max < app.cpu:
         raise SpecError(f"cpu_max {app.cpu_max:g} is below cpu {app.cpu:g}", "cpu_max")
     if app.min_instances > app.max_instances:

@@ -279,6 +279,8 @@ class SqlCMDB(NodeSQL):
             return cur.execute(DELETE_INSTANCE, (instance_id,)).rowcount > 0
 
     def list_instances(self, app: str | None = None) -> list[Instance]:
+        if app is not None and not _could_be_stored(app):
+            return []
         with self._read("list instances") as cur:
             if app is None:
                 rows = cur.execute(SELECT_INSTANCES).fetchall()
@@ -308,6 +310,8 @@ class SqlCMDB(NodeSQL):
         return Event(id=event_id, ts=ts, app=app, kind=kind, message=message, data=data)
 
     def list_events(self, app: str | None = None, limit: int = 100, since_id: int | None = None) -> list[Event]:
+        if app is not None and not _could_be_stored(app):
+            return []
         with self._read("list events") as cur:
             if since_id is not None:
                 if app is None:
@@ -349,26 +353,33 @@ class SqlCMDB(NodeSQL):
     def import_dump(self, dump: Dump) -> None:
         """Write a dump into this CMDB, which must hold no app and no event: all of it, in one
         transaction, or nothing. Rows are written as they were exported (times, generations,
-        event ids kept); their types and ranges are checked, not the host's docroots.
+        event ids kept); each app is checked as the admin API checks one (validate_app), and
+        stored as it would store it (names lowercased, ...), except that its docroot need not
+        exist on this host.
 
         Raises:
-            SpecError: the dump is not fcrun's, or an app in it breaks a type or range rule.
+            SpecError: the dump is not fcrun's, or an app in it breaks a rule, or is in it twice.
             AlreadyExists: this CMDB is not empty, or two apps in the dump share a hostname.
         """
         if dump.format != "fcrun-cmdb":
             raise SpecError(f"not an fcrun CMDB export (format {dump.format!r})", "format")
+        checked, names = [], set()
         for i, app in enumerate(dump.apps):
             try:
-                msgspec.convert(msgspec.to_builtins(app), App)
-            except msgspec.ValidationError as exc:
-                raise SpecError(f"app {app.name!r}: {exc}", f"apps[{i}]") from None
+                app = validate_app(app, host_paths=False)
+            except SpecError as exc:
+                raise SpecError(f"app {app.name!r}: {exc.message}", f"apps[{i}].{exc.where}") from None
+            if app.name in names:
+                raise SpecError(f"app {app.name!r} is in the dump twice", f"apps[{i}].name")
+            names.add(app.name)
+            checked.append(app)
         with self._write("import", apps=True) as cur:
             (apps,) = cur.execute(COUNT_APPS).fetchone()
             (events,) = cur.execute(COUNT_EVENTS).fetchone()
             if apps or events:
                 raise AlreadyExists(f"CMDB {self.where} is not empty ({apps} apps, {events} events): "
                                     "import only into a new CMDB")
-            for app in dump.apps:
+            for app in checked:
                 _check_hostnames_free(cur, app)
                 cur.execute(INSERT_APP, _app_row(app))
                 _insert_hostnames(cur, app)
@@ -386,6 +397,8 @@ class SqlCMDB(NodeSQL):
             raise CorruptApp(f"app {row[0]!r} in CMDB {self.where} is corrupt: {exc}") from None
 
     def _get_app(self, cur: Any, name: str) -> App | None:
+        if not _could_be_stored(name):
+            return None
         row = cur.execute(SELECT_APP, (name,)).fetchone()
         if row is None:
             return None
@@ -406,6 +419,12 @@ class SqlCMDB(NodeSQL):
         if message not in self._reported:
             self._reported.add(message)
             log.warning("%s", message)
+
+
+def _could_be_stored(name: str) -> bool:
+    """False for a name no row can hold: one with a NUL, which PostgreSQL's text refuses (an
+    error, where a lookup of it must simply find nothing, as SQLite's does)."""
+    return "\0" not in name
 
 
 def event_row(event: Event) -> tuple:

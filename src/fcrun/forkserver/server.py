@@ -39,7 +39,7 @@ from ..cgroups.primer import MovePrimer
 from ..errors import FcrunError, SpecError, command_exit_code
 from ..logs.serverlog import LOG_FORMAT_ENV, configure
 from ..runrequest import run_spec
-from ..units import parse_memory
+from ..units import is_decimal, parse_memory
 from ..paths import DEFAULT_BRIDGE, DEFAULT_CGROUP_PARENT, DEFAULT_SUBNET, Paths
 from ..docroot import DEFAULT_DOCROOT_ROOTS, check_roots
 from ..runtime.lifecycle import Container, Runtime
@@ -426,7 +426,7 @@ def listen(path: str) -> socket.socket:
 
 def _pool_size(text: str) -> tuple[str, int]:
     image, sep, n = text.partition("=")
-    if not sep or not n.isdigit():
+    if not sep or not is_decimal(n, 4):
         raise argparse.ArgumentTypeError(f"{text!r} is not IMAGE=COUNT")
     return image, int(n)
 

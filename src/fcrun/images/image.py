@@ -14,6 +14,7 @@ import signal
 import msgspec
 
 from ..errors import SpecError
+from ..units import is_decimal
 
 # A name is what `fcrun run NAME` takes; a tag distinguishes versions of one name.
 # "x:latest" and "x" are the same image (the tag "latest" is dropped), as docker reads them.
@@ -103,7 +104,7 @@ def normalize_signal(value: str | int) -> str:
     """
     text = str(value).strip()
     try:
-        if text.isdigit():
+        if is_decimal(text, 3):
             return signal.Signals(int(text)).name
         upper = text.upper()
         return signal.Signals[upper if upper.startswith("SIG") else "SIG" + upper].name

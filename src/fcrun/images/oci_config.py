@@ -10,6 +10,7 @@ from __future__ import annotations
 import msgspec
 
 from ..errors import SpecError
+from ..units import is_decimal
 from .image import ImageConfig
 from .oci_source import blob_path
 
@@ -98,7 +99,7 @@ def image_config(config_file: ConfigFile, cfg_path: str) -> ImageConfig:
         number, _, proto = spec.partition("/")
         if proto not in ("", "tcp"):
             continue  # fcrun forwards HTTP: only TCP ports matter
-        if not number.isdigit():
+        if not is_decimal(number, 5):
             raise SpecError(f"{cfg_path}: bad exposed port {spec!r}", "$.config.ExposedPorts")
         ports.add(int(number))
     try:

@@ -7,7 +7,7 @@ from typing import Annotated
 
 import msgspec
 
-from ..constraints import Count, PositiveCount, PositiveSeconds
+from ..constraints import BigCount, PositiveCount, PositiveSeconds
 
 MIN_HEADER_BYTES = 1024
 
@@ -30,7 +30,7 @@ class ProxyConfig(msgspec.Struct, kw_only=True, frozen=True, forbid_unknown_fiel
     """A new connection to an instance with no byte of its response after this long may be
     waiting for a worker (a pre-forking server's accept queue): a kept connection of that
     instance is then closed to free its worker, once per such connection (upstream.py)."""
-    max_body_bytes: Count | None = 10 * 1024 * 1024
+    max_body_bytes: BigCount | None = 10 * 1024 * 1024
     """Request body limit in bytes for apps that set none of their own (an app's
     ``max_body_bytes`` wins, larger or smaller); over it: 413 and close. 0 (or None from
     Python): unlimited, as nginx's ``client_max_body_size 0``; an app's 0 is unlimited too."""

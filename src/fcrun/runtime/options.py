@@ -11,11 +11,12 @@ from typing import Literal
 import msgspec
 
 from ..errors import SpecError
+from ..units import CPU_PERIOD_US, cpu_to_quota_us, is_decimal
 from .spec import DEFAULT_ENV, Namespace, NetworkMode, Seccomp, Spec, default_spec
 
 ROOTFS_ANNOTATION = "org.fcrun.rootfs"  # "tmpfs": a memory-backed writable layer
 IMAGE_FILE_MAX_BYTES = 1 << 20  # /etc/passwd, /etc/group read from an image: more is an attack
-from ..units import CPU_PERIOD_US, cpu_to_quota_us
+MAX_USER_ID = 2**32 - 2  # uid_t is 32 bits; (uid_t)-1 means "leave unchanged" to setresuid
 
 
 class RunOptions(msgspec.Struct, kw_only=True):
@@ -78,34 +79,47 @@ def _image_file_lines(layers: list[str], relpath: str, where: str) -> list[str]:
 
 
 def resolve_user(user: str, layers: list[str], where: str = "--user") -> tuple[int, int]:
-    """'1000', '1000:1000', 'www-data', 'www-data:www-data' -> (uid, gid) using the image's files."""
+    """'1000', '1000:1000', 'www-data', 'www-data:www-data' -> (uid, gid) using the image's files.
+
+    Raises:
+        SpecError: an unknown name, an id out of range, or the image's entry for the name
+            holds no number there (a hostile image's /etc/passwd is read as any other input).
+    """
     if not user:
         return 0, 0
     name, _, group = user.partition(":")
     uid = gid = None
-    if name.isdigit():
-        uid = int(name)
+    if is_decimal(name):
+        uid = _user_id(name, "uid", where)
     else:
         for line in _image_file_lines(layers, "etc/passwd", where):
             fields = line.strip().split(":")
             if len(fields) >= 4 and fields[0] == name:
-                uid, gid = int(fields[2]), int(fields[3])
+                uid, gid = _user_id(fields[2], f"uid of {name!r} in the image's /etc/passwd", where), \
+                    _user_id(fields[3], f"gid of {name!r} in the image's /etc/passwd", where)
                 break
         if uid is None:
             raise SpecError(f"user {name!r} not found in the image's /etc/passwd", where)
     if group:
-        if group.isdigit():
-            gid = int(group)
+        if is_decimal(group):
+            gid = _user_id(group, "gid", where)
         else:
             gid = None
             for line in _image_file_lines(layers, "etc/group", where):
                 fields = line.strip().split(":")
                 if len(fields) >= 3 and fields[0] == group:
-                    gid = int(fields[2])
+                    gid = _user_id(fields[2], f"gid of {group!r} in the image's /etc/group", where)
                     break
             if gid is None:
                 raise SpecError(f"group {group!r} not found in the image's /etc/group", where)
     return uid, gid if gid is not None else uid
+
+
+def _user_id(text: str, what: str, where: str) -> int:
+    """A uid or gid: the kernel's are 32-bit, and (uid_t)-1 means "no change"."""
+    if not is_decimal(text, 10) or int(text) > MAX_USER_ID:
+        raise SpecError(f"{what} {text[:20]!r} is not a number in 0..{MAX_USER_ID}", where)
+    return int(text)
 
 
 def spec_from_image(image, options: RunOptions, *, name: str = "") -> Spec:

@@ -20,7 +20,7 @@ import msgspec
 
 from .capabilities import capability_mask
 from ..errors import SpecError
-from ..units import CPU_PERIOD_US, MIN_MEMORY_BYTES
+from ..units import CPU_PERIOD_US, MIN_MEMORY_BYTES, is_decimal
 
 if TYPE_CHECKING:
     from .spec import LinuxDevice, Process, Resources, Spec
@@ -150,7 +150,7 @@ def parse_id_list(text: str, where: str, limit: int) -> list[int]:
     out: list[int] = []
     for part in text.split(","):
         low, _, high = part.strip().partition("-")
-        if not low.isdigit() or (high and not high.isdigit()):
+        if not is_decimal(low) or (high and not is_decimal(high)):
             raise SpecError(f"{text!r} is not a list like 0-3,7", where)
         first, last = int(low), int(high or low)
         if first > last or last >= limit:

@@ -16,6 +16,7 @@ from typing import Callable
 import httptools
 import msgspec
 
+from ..units import is_decimal
 from .admin_protocol import JSON_CONTENT_TYPE, MAX_BODY_BYTES, MAX_HEAD_BYTES
 
 class HttpError(Exception):
@@ -114,7 +115,7 @@ class RequestParser:
         if self.check_head is not None:
             self.check_head(request)
         length = self._headers.get("content-length", "0")
-        if length.isdigit() and int(length) > self.max_body_bytes:  # refused before it is sent
+        if is_decimal(length) and int(length) > self.max_body_bytes:  # refused before it is sent
             raise HttpError(413, f"request body is larger than {self.max_body_bytes} bytes")
         self._current = request
         self.phase = BODY

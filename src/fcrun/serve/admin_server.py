@@ -31,6 +31,7 @@ from typing import Any, Callable, Iterator
 import msgspec
 
 from ..cmdb.models import AppUpdate, NewApp, Scale, spec_error
+from ..constraints import MAX_INT64
 from ..errors import AlreadyExists, FcrunError, KernelError, NotFound, NotPermitted, SpecError
 from ..unixsock import bind_private, peer_credentials
 from .admin_client import server_answers
@@ -52,6 +53,7 @@ from .controller import Controller
 from .dashboard_page import DASHBOARD_PATH, DATA_PATH, DEFAULT_ROWS, MAX_ROWS, Dashboard, basic_password, sort_key
 from .metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from ..tasks import TaskOwner
+from ..units import is_decimal
 
 log = logging.getLogger("fcrun.admin")
 
@@ -90,12 +92,19 @@ def _query_one(query: dict[str, list[str]], key: str) -> str | None:
     return values[-1] if values else None
 
 
-def _query_int(query: dict[str, list[str]], key: str, minimum: int, maximum: int | None = None) -> int | None:
+def _query_int(query: dict[str, list[str]], key: str, minimum: int, maximum: int = MAX_INT64) -> int | None:
+    """The integer in query parameter `key`, or None when it is absent.
+
+    Raises:
+        SpecError: not plain ASCII digits (str.isdigit also takes "²" and other digits int()
+            refuses) or outside minimum..maximum (at most what a database integer holds).
+    """
     text = _query_one(query, key)
     if text is None:
         return None
-    if not text.isdigit() or int(text) < minimum or (maximum is not None and int(text) > maximum):
-        span = f">= {minimum}" if maximum is None else f"in {minimum}..{maximum}"
+    # The length first: int() of thousands of digits is refused by Python (and slow).
+    if not is_decimal(text, len(str(maximum))) or not minimum <= int(text) <= maximum:
+        span = f">= {minimum}" if maximum == MAX_INT64 else f"in {minimum}..{maximum}"
         raise SpecError(f"query parameter {key}={text!r} must be an integer {span}", key)
     return int(text)
 

@@ -35,6 +35,7 @@ from ..docroot import DEFAULT_DOCROOT_ROOTS, check_roots
 from ..errors import KernelError, NotFound, SpecError
 from ..proxy.config import ProxyConfig  # the [proxy] table is the proxy's own settings
 from ..paths import DEFAULT_BRIDGE, DEFAULT_CGROUP_PARENT, DEFAULT_SUBNET, Paths
+from ..units import is_decimal
 from .admin_protocol import AdminLimits, is_loopback, server_tls_context
 
 ADMIN_SOCKET_NAME = "admin.sock"  # under the run root unless admin_socket says otherwise
@@ -303,7 +304,7 @@ def parse_address(text: str, where: str = "listen") -> tuple[str, int]:
         SpecError: no port, or not a number in 0..65535.
     """
     host, sep, port_text = text.rpartition(":")
-    if not sep or not host or not port_text.isdigit() or int(port_text) > 65535:
+    if not sep or not host or not is_decimal(port_text, 5) or int(port_text) > 65535:
         raise SpecError(f"invalid address {text!r}: use HOST:PORT, e.g. 0.0.0.0:8080 or [::]:8080", where)
     if host.startswith("[") and host.endswith("]"):
         host = host[1:-1]
@@ -324,4 +325,4 @@ def _read_toml(path: str) -> dict:
 
 def _bare(exc: SpecError) -> str:
     """The message of a SpecError without its ``(at ...)`` suffix."""
-    return str(exc).removesuffix(f" (at {exc.where})") if exc.where else str(exc)
+    return exc.message
