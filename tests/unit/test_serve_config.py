@@ -77,6 +77,11 @@ def test_a_file_overrides_what_it_names(write, paths, tmp_path):
     ("[proxy]\nheader_timeout_s = -1", "$.proxy.header_timeout_s", "positive"),
     ('listen = "8080"', "$.listen", "HOST:PORT"),
     ('admin_listen = "127.0.0.1:8081"', "$.admin_token", "admin_token is required"),
+    ('admin_listen = "127.0.0.1:8081"\nadmin_token = " s3cret"', "$.admin_token", "without spaces"),  # unsendable
+    ('admin_listen = "127.0.0.1:8081"\nadmin_token = "s\u00e9cret"', "$.admin_token", "printable ASCII"),
+    ('listen = "127.0.0.1:8080"\nmetrics_listen = "127.0.0.1:9090"\nmetrics_token = "a\\tb"', "$.metrics_token",
+     "printable ASCII"),
+    ('listen = "127.0.0.1:\u00b2"', "$.listen", "HOST:PORT"),  # "²": isdigit() took it, int() did not
     ('admin_socket = "admin.sock"', "$.admin_socket", "absolute"),
     ('[runtime]\nrun_root = "run"', "$.runtime.run_root", "absolute"),
     ("[defaults]\nmin_instances = 2", "$.defaults.min_instances", "above max_instances"),

@@ -197,6 +197,12 @@ def check_config(config: ServeConfig, source: str = "configuration") -> None:
     if config.admin_listen is not None and not config.admin_token:
         fail("admin_token is required when admin_listen is set (the TCP admin API needs a bearer token)",
              "admin_token")
+    for key in ("admin_token", "metrics_token"):
+        token = getattr(config, key)
+        # A client sends it in an Authorization header: a space (or the blank the server strips
+        # from what it is sent) or a non-ASCII character would make a token nobody can send.
+        if token is not None and not (token.isascii() and token.isprintable() and " " not in token):
+            fail(f"{key} must be printable ASCII without spaces (a client sends it in an HTTP header)", key)
     _check_admin_tls_and_metrics(config, fail)
     if config.admin_socket and not os.path.isabs(config.admin_socket):
         fail(f"admin_socket {config.admin_socket!r} is not an absolute path", "admin_socket")
