@@ -378,3 +378,19 @@ def test_render_metrics_escapes_labels_and_keeps_digits():
     assert 'fcrun_requests_total{app="we\\"ird\\\\app",code="2xx"} 2' in text
     assert 'fcrun_cpu_seconds_total{app="we\\"ird\\\\app"} 1234567.125' in text
     assert text.endswith("\n")
+
+
+def test_a_change_made_whose_event_cannot_be_recorded_is_answered_as_made(client, cmdb, monkeypatch, caplog):
+    """The app's write and its event's are two transactions: an event lost after the app was
+    written is logged, and the request is answered with the app (not a 503 for a change that
+    was made, whose retry would then be refused with 409)."""
+    from fcrun.cmdb import CMDBUnavailable
+
+    def unavailable(*args, **kwargs):
+        raise CMDBUnavailable("the CMDB went away between the two writes")
+
+    monkeypatch.setattr(cmdb, "add_event", unavailable)
+    added = client.add_app(NewApp(name="ev.test", image="x"))
+    assert added.name == "ev.test" and cmdb.get_app("ev.test").image == "x"
+    assert client.update_app("ev.test", AppUpdate(cpu=0.5)).cpu == 0.5
+    assert "its event could not be recorded" in caplog.text

@@ -11,17 +11,20 @@ stays light.
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any, Callable, Protocol
 
-from ..cmdb.base import CMDB, CorruptApp
+from ..cmdb.base import CMDB, CMDBError, CorruptApp
 from ..cmdb.models import App, AppDefaults, AppStats, AppUpdate, Event, Instance, NewApp, Scale, new_app
 from ..docroot import DEFAULT_DOCROOT_ROOTS, check_docroot
 from ..errors import IncorrectStatus, SpecError
 from ..units import parse_cpu
 from .admin_protocol import DEFAULT_EVENT_LIMIT
 from .metrics import render_metrics
+
+log = logging.getLogger("fcrun.serve")
 
 if TYPE_CHECKING:  # the manager pulls in the runtime; a ManagedController is handed one
     from .manager import Manager
@@ -86,8 +89,8 @@ class DirectController:
         app = new_app(spec, self.defaults, self.clock())
         self._check_docroot(app.docroot)
         app = self.cmdb.add_app(app)
-        self.cmdb.add_event(app.name, "app-added", f"added {app.name} (image {app.image})",
-                            {"hostnames": app.all_hostnames, "image": app.image})
+        self._event(app.name, "app-added", f"added {app.name} (image {app.image})",
+                    {"hostnames": app.all_hostnames, "image": app.image})
         return app
 
     async def update_app(self, name: str, update: AppUpdate) -> App:
@@ -99,8 +102,16 @@ class DirectController:
         app = self.cmdb.update_app(name, update)
         changed = sorted(update.changes())  # names only: env values may be secrets
         message = f"updated {', '.join(changed) or 'nothing'} (generation {app.generation})"
-        self.cmdb.add_event(name, "app-updated", message, {"changed": changed, "generation": app.generation})
+        self._event(name, "app-updated", message, {"changed": changed, "generation": app.generation})
         return app
+
+    def _event(self, app: str, kind: str, message: str, data: dict[str, Any] | None = None) -> None:
+        """Record the event of a change already committed: a failure is logged, not raised, so
+        that the caller is not told the change failed (a retry would then be refused: 409)."""
+        try:
+            self.cmdb.add_event(app, kind, message, data)
+        except CMDBError as exc:
+            log.warning("%s: done, but its event could not be recorded: %s", message, exc)
 
     def _check_docroot(self, docroot: str | None) -> None:
         if docroot is not None:
@@ -114,7 +125,7 @@ class DirectController:
         # No manager runs instances here, so any rows left are from a server that is gone.
         for instance in self.cmdb.list_instances(name):
             self.cmdb.remove_instance(instance.id)
-        self.cmdb.add_event(name, "app-removed", f"removed {name}")
+        self._event(name, "app-removed", f"removed {name}")
         return app
 
     async def scale(self, name: str, request: Scale) -> Scale:
