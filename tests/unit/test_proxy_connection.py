@@ -684,3 +684,158 @@ def test_per_ip_caps_count_ipv6_peers_by_their_64():
     assert peer_key("2001:db8:1:3::1") != peer_key("2001:db8:1:2::1")
     assert peer_key("::ffff:192.0.2.7") == "192.0.2.7"   # a dual-stack socket's IPv4 peer
     assert peer_key("fe80::1%eth0") == "fe80::/64"
+
+
+# Framing the proxy and its peers must agree on, and exchanges that end early: what a hostile
+# client or app could do with them.
+
+def test_a_request_smuggled_by_a_connection_token_never_reaches_the_upstream():
+    server, router, up, up_t, client, client_t = proxied()
+    smuggled = b"GET /admin HTTP/1.1\r\nHost: a.test\r\nX-Forwarded-For: 127.0.0.1\r\n\r\n"
+    client.data_received(b"POST /x HTTP/1.1\r\nHost: a.test\r\nConnection: content-length\r\n"
+                         b"Content-Length: %d\r\n\r\n%s" % (len(smuggled), smuggled))
+    response = client_t.take()
+    assert response.startswith(b"HTTP/1.1 400 Bad Request\r\n") and b"lists content-length" in response
+    assert up_t.take() == b"" and client_t.eof_written and router.leases == []
+
+
+def test_an_app_s_connection_token_for_content_length_is_502_not_an_unframed_body():
+    server, router, up, up_t, client, client_t = proxied()
+    client.data_received(GET)
+    up.data_received(b"HTTP/1.1 200 OK\r\nConnection: content-length\r\nContent-Length: 5\r\n\r\nhello")
+    response = client_t.take()
+    assert response.startswith(b"HTTP/1.1 502 Bad Gateway\r\n") and b"lists content-length" in response
+    assert b"hello" not in response and up_t.aborted
+    assert router.leases[0].settled[0][0] == 502
+
+
+def test_an_app_s_status_099_puts_no_bytes_of_its_own_in_the_client_connection():
+    server, router, up, up_t, client, client_t = proxied()
+    client.data_received(GET)
+    forged = b"HTTP/1.1 200 OK\r\nContent-Length: 6\r\nSet-Cookie: session=attacker\r\n\r\nforged"
+    up.data_received(b"HTTP/1.1 099 X\r\nContent-Length: %d\r\n\r\n%s" % (len(forged), forged))
+    response = client_t.take()
+    assert response.startswith(b"HTTP/1.1 502 Bad Gateway\r\n") and b"status 099" in response
+    assert b"attacker" not in response
+
+
+def test_an_app_s_endless_response_trailer_cuts_the_client():
+    server, router, up, up_t, client, client_t = proxied()
+    client.data_received(GET)
+    up.data_received(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n0\r\nX-T: ")
+    assert client_t.take().endswith(b"5\r\nhello\r\n")
+    for _ in range(20):
+        up.data_received(b"a" * 65536)
+        if client_t.closed:
+            break
+    assert client_t.closed and up_t.aborted and client_t.take() == b""   # no end of the body: a truncation
+
+
+EARLY = b"HTTP/1.1 401 Unauthorized\r\nContent-Length: 0\r\n\r\n"
+
+
+def early_answer(config: ProxyConfig = BOUNDS):
+    """A chunked upload answered 401 by the app before its body is all in: the rest is dropped."""
+    server, router, up, up_t, client, client_t = proxied(config)
+    client.data_received(b"POST /upload HTTP/1.1\r\nHost: a.test\r\nTransfer-Encoding: chunked\r\n\r\n"
+                         b"10\r\n0123456789abcdef\r\n")
+    up_t.take()
+    up.data_received(EARLY)
+    assert client_t.take().startswith(b"HTTP/1.1 401 Unauthorized\r\n")
+    return server, router, client, client_t
+
+
+@pytest.mark.parametrize("rest", [
+    b"zz\r\n",                                   # a bad chunk size
+    b"400\r\n" + b"x" * 1024 + b"\r\n",          # over max_body_bytes
+])
+def test_a_dropped_body_that_breaks_a_rule_closes_without_a_second_response(rest):
+    server, router, client, client_t = early_answer(ProxyConfig(max_body_bytes=100))
+    client.data_received(rest)
+    assert client_t.take() == b"" and client_t.eof_written   # a lingering close, no other answer
+    assert [lease.settled[0][0] for lease in router.leases] == [401]
+
+
+def test_a_dropped_body_keeps_the_body_deadlines_not_the_head_s():
+    server, router, client, client_t = early_answer()
+    for second in range(10, 100, 10):   # a steady upload: past header_timeout_s, never idle 30 s
+        server.check_timeouts(float(second))
+        client.data_received(b"10\r\n0123456789abcdef\r\n")
+    assert client_t.take() == b"" and not client_t.eof_written
+    client.data_received(b"0\r\n\r\n")   # its end: the connection waits for the next request
+    up, up_t = pooled_upstream(server)   # (the 401's connection was closed: its request was cut short)
+    client.data_received(GET)
+    assert up_t.take() == HEAD_TO_UPSTREAM
+    up.data_received(OK)
+    assert client_t.take() == OK_TO_CLIENT and not client_t.eof_written
+
+
+def test_a_dropped_body_that_stalls_is_closed_without_a_second_response():
+    server, router, client, client_t = early_answer()
+    server.check_timeouts(31.0)   # body_idle_timeout_s
+    assert client_t.take() == b"" and client_t.eof_written
+
+
+def test_a_dropped_body_then_idle_gets_the_keepalive_timeout():
+    server, router, client, client_t = early_answer(ProxyConfig(header_timeout_s=10.0, keepalive_timeout_s=75.0))
+    client.data_received(b"0\r\n\r\n")
+    server.check_timeouts(server.now + 60.0)   # past header_timeout_s: an idle connection stays
+    assert not client_t.closed and not client_t.eof_written and client_t.take() == b""
+
+
+def test_reading_resumes_after_a_route_error_while_the_body_was_held():
+    async def main():
+        server, router = make_server(ProxyConfig(buffer_bytes=1024), delay_s=0.01,
+                                     errors={"a.test": RouteError(502, "instance failed to start")})
+        client, client_t = connect_client(server)
+        client.data_received(b"POST /up HTTP/1.1\r\nHost: a.test\r\nContent-Length: 10000\r\n\r\n" + b"x" * 4096)
+        assert not client_t.reading   # the body is held while the instance starts
+        await asyncio.sleep(0.05)
+        assert client_t.take().startswith(b"HTTP/1.1 502 ")
+        assert client_t.reading and client.paused == 0   # the rest of the body is read and dropped
+        client.data_received(b"x" * (10000 - 4096))
+        client.data_received(GET)
+        assert server.requests_in_flight == 1   # the next request was read
+        await server.tasks.aclose()
+
+    asyncio.run(main())
+
+
+def test_pipelined_requests_before_a_half_close_are_all_answered():
+    server, router, up, up_t, client, client_t = proxied()
+    client.data_received(GET.replace(b"/x", b"/a") + GET.replace(b"/x", b"/b"))
+    assert client.eof_received()   # shutdown(SHUT_WR) after sending both, as `nc -N` does
+    assert up_t.take().startswith(b"GET /a ")
+    up.data_received(OK)
+    assert client_t.take() == OK_TO_CLIENT and not client_t.eof_written
+    assert up_t.take().startswith(b"GET /b ")
+    up.data_received(OK)
+    assert client_t.take() == OK_TO_CLIENT.replace(b"\r\n\r\n", b"\r\nConnection: close\r\n\r\n", 1)
+    assert client_t.closed   # the client had closed its side: nothing more can come
+
+
+def test_a_half_close_before_the_first_request_went_upstream_still_answers_the_queued_one():
+    async def main():
+        server, router = make_server()
+        upstreams = []
+
+        async def connect(lease):
+            upstreams.append(new_upstream(server))
+            return upstreams[-1][0]
+
+        server.upstreams.connect = connect
+        client, client_t = connect_client(server)
+        client.data_received(GET.replace(b"/x", b"/a") + GET.replace(b"/x", b"/b"))
+        assert client.eof_received()   # before /a has an upstream connection
+        for _ in range(5):
+            await asyncio.sleep(0)
+        ((up, up_t),) = upstreams
+        assert up_t.take().startswith(b"GET /a ")
+        up.data_received(OK)
+        assert client_t.take() == OK_TO_CLIENT   # no Connection: close, /b follows
+        assert up_t.take().startswith(b"GET /b ")
+        up.data_received(OK)
+        assert client_t.take() == OK_TO_CLIENT.replace(b"\r\n\r\n", b"\r\nConnection: close\r\n\r\n", 1)
+        await server.tasks.aclose()
+
+    asyncio.run(main())

@@ -9,7 +9,7 @@ from fcrun.proxy.config import ProxyConfig
 from fcrun.hostnames import normalize_host
 from fcrun.proxy.http import Forwarding, cold_start_headers, error_response
 from fcrun.proxy.request import Request, RequestReader
-from fcrun.proxy.response import ResponseReader
+from fcrun.proxy.response import MAX_RESPONSE_HEAD_BYTES, ResponseReader
 
 CLIENT_IP = "192.0.2.7"
 TAIL = b"X-Forwarded-For: 192.0.2.7\r\nX-Real-IP: 192.0.2.7\r\nX-Forwarded-Proto: http\r\nVia: 1.1 fcrun\r\n"
@@ -407,6 +407,63 @@ def test_chunked_body_over_the_limit_is_413_when_it_crosses():
     assert sink.errors == [(413, "request body over 5 bytes")] and r.stopped
 
 
+@pytest.mark.parametrize("connection, named", [
+    (b"content-length", "content-length"),
+    (b"Keep-Alive, Content-Length", "content-length"),
+    (b"host", "host"),
+    (b"close, transfer-encoding, x-hop", "transfer-encoding"),
+    (b"HOST, content-length", "content-length, host"),
+])
+def test_a_connection_header_may_not_make_framing_or_routing_headers_hop_by_hop(connection, named):
+    # Dropping Content-Length while llhttp framed the body by it would hand the upstream the
+    # body as a second request of the client's making (request smuggling).
+    smuggled = b"GET /admin HTTP/1.1\r\nHost: a.test\r\n\r\n"
+    r, sink = reader()
+    r.feed(b"POST /x HTTP/1.1\r\nHost: a.test\r\nConnection: %s\r\nContent-Length: %d\r\n\r\n%s"
+           % (connection, len(smuggled), smuggled))
+    assert sink.errors == [(400, f"the Connection header lists {named}: a header that frames or routes "
+                                 f"the request cannot be hop-by-hop")]
+    assert r.stopped and not sink.heads
+
+
+def test_connection_options_and_other_names_still_pass():
+    r, sink = reader()
+    r.feed(b"POST /x HTTP/1.1\r\nHost: a.test\r\nConnection: keep-alive, TE, x-hop\r\nX-Hop: 1\r\nTE: trailers\r\n"
+           b"Content-Length: 2\r\n\r\nok")
+    (req,) = sink.heads
+    assert not sink.errors and req.complete and req.pending == [b"ok"]
+    assert headers_of(req.upstream_head)[:2] == [(b"Host", b"a.test"), (b"Content-Length", b"2")]
+    assert b"x-hop" not in req.upstream_head.lower()
+
+
+TRAILER_LIMIT = ProxyConfig(max_header_bytes=1024)
+
+
+def test_an_endless_request_trailer_is_431_once_over_max_header_bytes():
+    r, sink = reader(TRAILER_LIMIT)
+    r.feed(CHUNKED_HEAD + b"5\r\nhello\r\n0\r\nX-T: ")
+    for _ in range(4):   # no read is refused until the trailer's reads pass the limit
+        r.feed(b"a" * 256)
+    assert not sink.errors
+    r.feed(b"a")
+    assert sink.errors == [(431, "request trailer section over 1024 bytes")] and r.stopped
+    assert not sink.heads[0].complete
+
+
+def test_a_trailer_in_several_reads_and_chunks_in_many_reads_are_not_refused():
+    r, sink = reader(TRAILER_LIMIT)
+    r.feed(CHUNKED_HEAD)
+    for _ in range(50):   # each read ends after a chunk-size line: its data comes with the next
+        r.feed(b"100\r\n")
+        r.feed(b"x" * 256 + b"\r\n")
+    r.feed(b"0\r\n")
+    r.feed(b"X-T: " + b"a" * 500 + b"\r\n")
+    r.feed(b"X-U: " + b"b" * 500 + b"\r\n\r\nGET /next HTTP/1.1\r\nHost: a.test\r\n\r\n")
+    assert not sink.errors
+    first, second = sink.heads
+    assert first.complete and first.body_bytes == 50 * 256 and second.url == b"/next"
+
+
 def test_expect_continue_is_noted_and_not_forwarded():
     r, sink = reader()
     r.feed(b"PUT /f HTTP/1.1\r\nHost: a.test\r\nExpect: 100-Continue\r\nContent-Length: 3\r\n\r\n")
@@ -572,6 +629,95 @@ def test_interim_responses_are_dropped():
             b"HTTP/1.1 201 Created\r\nContent-Length: 0\r\n\r\n")
     assert out(rr) == b"HTTP/1.1 201 Created\r\nContent-Length: 0\r\nVia: 1.1 fcrun\r\n\r\n"
     assert rr.complete and rr.status == 201
+
+
+@pytest.mark.parametrize("status", [b"099", b"000", b"050"])
+def test_a_status_under_100_is_an_error_not_an_interim_response(status):
+    # Taken for an interim response, its head was dropped and its body passed on raw: a forged
+    # response in the client's connection.
+    forged = b"HTTP/1.1 200 OK\r\nContent-Length: 6\r\n\r\nforged"
+    rr = response_reader()
+    rr.feed(b"HTTP/1.1 %s X\r\nContent-Length: %d\r\n\r\n%s" % (status, len(forged), forged)
+            + b"HTTP/1.1 200 OK\r\nContent-Length: 4\r\n\r\nreal")
+    assert rr.error == f"upstream sent status {status.decode()} (a status is 100 to 599)"
+    assert not rr.head_sent and out(rr) == b""
+
+
+@pytest.mark.parametrize("status", [104, 150, 199])
+def test_an_interim_response_with_a_body_is_an_error(status):
+    # llhttp frames a body for 104-199 by Content-Length; RFC 9112 6.3 says they have none.
+    rr = response_reader()
+    rr.feed(b"HTTP/1.1 %d X\r\nContent-Length: 6\r\n\r\nforged" % status)
+    assert rr.error == "upstream sent a body with an interim (1xx) response" and out(rr) == b""
+
+
+@pytest.mark.parametrize("connection", [b"content-length", b"keep-alive, Content-Length"])
+def test_a_response_whose_connection_header_names_content_length_is_an_error(connection):
+    # Its body is framed by Content-Length: dropping the line would leave the client unable to
+    # find the end of the body on a connection kept alive.
+    rr = response_reader()
+    rr.feed(b"HTTP/1.1 200 OK\r\nConnection: %s\r\nContent-Length: 5\r\n\r\nhello" % connection)
+    assert rr.error == ("upstream's Connection header lists content-length: a header that frames the "
+                        "response cannot be hop-by-hop")
+    assert not rr.head_sent and out(rr) == b""
+
+
+def test_an_endless_response_head_is_an_error_before_anything_is_sent():
+    rr = response_reader()
+    rr.feed(b"HTTP/1.1 200 OK\r\nX-Big: ")
+    while rr.error is None and len(rr._raw) < 2 * MAX_RESPONSE_HEAD_BYTES:
+        rr.feed(b"a" * 4096)
+    assert rr.error == f"upstream's response head over {MAX_RESPONSE_HEAD_BYTES} bytes"
+    assert not rr.head_sent and out(rr) == b""
+
+
+def test_a_response_head_over_the_limit_in_one_read_is_an_error():
+    rr = response_reader()
+    rr.feed(b"HTTP/1.1 200 OK\r\nX-Big: " + b"a" * MAX_RESPONSE_HEAD_BYTES + b"\r\nContent-Length: 0\r\n\r\n")
+    assert rr.error == f"upstream's response head over {MAX_RESPONSE_HEAD_BYTES} bytes" and not rr.head_sent
+
+
+@pytest.mark.parametrize("per_read", [1, 100])
+def test_endless_interim_responses_are_an_error(per_read):
+    rr = response_reader()
+    interim = b"HTTP/1.1 103 Early Hints\r\nLink: </a.css>\r\n\r\n"
+    for _ in range(2 * MAX_RESPONSE_HEAD_BYTES // len(interim) // per_read):
+        rr.feed(interim * per_read)
+        if rr.error:
+            break
+    assert rr.error == f"upstream's response head over {MAX_RESPONSE_HEAD_BYTES} bytes"
+    assert len(rr._raw) <= MAX_RESPONSE_HEAD_BYTES + len(interim) * per_read   # earlier ones let go
+
+
+def test_a_head_and_interim_responses_in_many_small_reads_pass():
+    rr = response_reader()
+    raw = (b"HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 200 OK\r\nServer: x\r\nConnection: x-hop\r\nX-Hop: 1\r\n"
+           b"Content-Length: 5\r\n\r\nhello")
+    for i in range(len(raw)):
+        rr.feed(raw[i:i + 1])
+    assert out(rr) == b"HTTP/1.1 200 OK\r\nServer: x\r\nContent-Length: 5\r\nVia: 1.1 fcrun\r\n\r\nhello"
+    assert rr.complete and not rr.error
+
+
+def test_an_endless_response_trailer_is_an_error_after_the_head():
+    rr = response_reader()
+    rr.feed(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n0\r\nX-T: ")
+    assert out(rr) == b"HTTP/1.1 200 OK\r\nVia: 1.1 fcrun\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n"
+    for _ in range(MAX_RESPONSE_HEAD_BYTES // 4096):
+        rr.feed(b"a" * 4096)
+    assert rr.error is None
+    rr.feed(b"a")
+    assert rr.error == f"upstream's trailer section over {MAX_RESPONSE_HEAD_BYTES} bytes" and not rr.complete
+
+
+def test_a_chunked_response_in_many_reads_is_no_trailer():
+    rr = response_reader()
+    rr.feed(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n")
+    for _ in range(100):   # each read ends after a chunk-size line: its data comes with the next
+        rr.feed(b"1000\r\n")
+        rr.feed(b"x" * 4096 + b"\r\n")
+    rr.feed(b"0\r\nX-T: 1\r\n\r\n")
+    assert rr.error is None and rr.complete and rr.body_bytes == 100 * 4096
 
 
 def test_switching_protocols_keeps_upgrade_headers():

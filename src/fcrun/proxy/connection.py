@@ -25,7 +25,7 @@ import logging
 from collections import deque
 from typing import TYPE_CHECKING
 
-from .deadlines import HEADER, IDLE, LINGER, NEVER, NO_DEADLINE, RESPONSE, TUNNEL, Deadlines
+from .deadlines import BODY, HEADER, IDLE, LINGER, NEVER, NO_DEADLINE, RESPONSE, TUNNEL, Deadlines
 from .http import CONTINUE, HEAD, cold_start_headers, error_response
 from .request import Request, RequestReader
 from .router import Lease, RouteError
@@ -139,6 +139,9 @@ class ClientConnection(Deadlines, asyncio.Protocol):
                     self._await_response()
             else:
                 self._await(ex)
+        elif self.deadline_kind == BODY and self.reader.dropped_body_of is None:
+            # The rest of an answered request's body is in (and dropped): a new request may come.
+            self._await_next_request()
 
     def eof_received(self) -> bool:
         self.eof = True
@@ -212,7 +215,12 @@ class ClientConnection(Deadlines, asyncio.Protocol):
 
     def request_error(self, ex: Exchange | None, status: int, message: str) -> None:
         active = self.active
-        if active is not None and ex is active:
+        if ex is not None and ex.discard:
+            # The rest of an answered request's body broke a rule (over the body limit, bad
+            # chunking, an endless trailer): the client has its response, and a second one would
+            # be read as the answer to its next request. Closed without one.
+            self._close_gracefully()
+        elif active is not None and ex is active:
             # The active request went bad mid-body (413 over the limit, broken chunking).
             conn = ex.conn
             if conn is not None and conn.reader.head_sent:
@@ -319,8 +327,8 @@ class ClientConnection(Deadlines, asyncio.Protocol):
         ex.conn = conn
         ex.unsent_head = ex.upstream_head   # kept in upstream_head for a retry
         cold_start = ex.lease.cold_start
-        conn.start(self, ex, ex.keep_alive and not self.server.closing and not self.eof,
-                   b"" if cold_start is None else cold_start_headers(cold_start))
+        keep_alive = ex.keep_alive and not self.server.closing and not (self.eof and self._nothing_queued())
+        conn.start(self, ex, keep_alive, b"" if cold_start is None else cold_start_headers(cold_start))
         if self.write_paused:
             conn.pause_reading()
         if ex.expect_continue and ex.body_bytes == 0 and not ex.complete:
@@ -470,7 +478,7 @@ class ClientConnection(Deadlines, asyncio.Protocol):
             ex.conn = None
         if not ex.complete and (ex.upgrade or (ex.expect_continue and ex.body_bytes == 0)):
             close = True   # the client may still send a body we never asked for
-        close = close or not ex.keep_alive or self.server.closing or self.eof
+        close = close or not ex.keep_alive or self.server.closing or (self.eof and self._nothing_queued())
         response = error_response(status, message, close=close, head_only=ex.method == HEAD,
                                   http10=ex.http10)
         self.transport.write(response)
@@ -497,9 +505,12 @@ class ClientConnection(Deadlines, asyncio.Protocol):
 
     def _next(self, close: bool) -> None:
         """After an exchange: close, start the next pipelined request, or wait for one."""
-        if self.paused & _PAUSE_UPSTREAM:
-            self._resume(_PAUSE_UPSTREAM)
-        if close or self.server.closing or self.eof or self.closed:
+        if self.paused & (_PAUSE_UPSTREAM | _PAUSE_BUFFER):
+            # What held the client back was the ended exchange's (its upstream's full buffer, or
+            # its body held while no upstream connection was ready): the next read is another's,
+            # or dropped, and a lingering close must read too.
+            self._resume(_PAUSE_UPSTREAM | _PAUSE_BUFFER)
+        if close or self.server.closing or self.closed or (self.eof and self._nothing_queued()):
             self._close_gracefully()
             return
         queue = self.queue
@@ -514,10 +525,27 @@ class ClientConnection(Deadlines, asyncio.Protocol):
             return
         if self.paused & _PAUSE_PIPELINE:
             self._resume(_PAUSE_PIPELINE)
-        if self.reader.in_message:
+        self._await_next_request()
+
+    def _await_next_request(self) -> None:
+        """No exchange is active: wait for the rest of an answered request's body, the rest of a
+        head, or a new request."""
+        reader = self.reader
+        dropped = reader.dropped_body_of
+        if dropped is not None:
+            # A steady upload answered early (a 401, a redirect) is no slow head: its body keeps
+            # its own deadlines while it is read and dropped; its end brings data_received here.
+            self._await_body(dropped)
+        elif reader.in_message:
             self._set_deadline(HEADER, self.server.config.header_timeout_s)
         else:
             self._set_deadline(IDLE, self.server.config.keepalive_timeout_s)
+
+    def _nothing_queued(self) -> bool:
+        """No complete request waits behind the active one. (After the client's EOF, which
+        ends the connection once those it sent are answered, no other can come.)"""
+        queue = self.queue
+        return not (queue and queue[0].complete)
 
     def _close_gracefully(self) -> None:
         """Close after what was written, reading and dropping what the client still sends.

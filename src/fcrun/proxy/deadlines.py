@@ -14,6 +14,8 @@ What a connection waits for, and its bound (``[proxy]``: ProxyConfig)::
     BODY      the client's body       body_idle_timeout_s between bytes,
                                       body_timeout_s in all (not while the proxy holds the
                                       client back)                                -> 408, close
+              the rest of the body of a request already answered (read and
+              dropped): the same bounds                                           -> close
     RESPONSE  the instance's head     upstream_response_timeout_s                 -> 504
               its body's next byte    upstream_read_timeout_s                     -> cut, close
               the client to read      send_timeout_s (the instance is paused)     -> abort
@@ -61,22 +63,28 @@ class Deadlines:
                 if self.deadline_kind != NO_DEADLINE:
                     self.deadline_kind = NO_DEADLINE
                     self.deadline = NEVER
-            elif self.deadline_kind != BODY:
-                server = self.server
-                now = server.now
-                if ex.body_until == NEVER:
-                    ex.body_until = now + server.config.body_timeout_s
-                    if self.paused:
-                        self.paused_since = now   # held before this body's clock started: not added to it
-                self.last_read = now
-                self.deadline_kind = BODY
-                self.deadline = min(now + server.config.body_idle_timeout_s, ex.body_until)
+            else:
+                self._await_body(ex)
         elif ex.conn is not None:
             if self.deadline_kind != RESPONSE:
                 self._await_response()
         elif self.deadline_kind != NO_DEADLINE:
             self.deadline_kind = NO_DEADLINE   # a cold start or a connect: bounded by the router and the connect
             self.deadline = NEVER
+
+    def _await_body(self, ex: Exchange) -> None:
+        """Wait for the rest of ``ex``'s body (a BODY deadline already running is kept)."""
+        if self.deadline_kind == BODY:
+            return
+        server = self.server
+        now = server.now
+        if ex.body_until == NEVER:
+            ex.body_until = now + server.config.body_timeout_s
+            if self.paused:
+                self.paused_since = now   # held before this body's clock started: not added to it
+        self.last_read = now
+        self.deadline_kind = BODY
+        self.deadline = min(now + server.config.body_idle_timeout_s, ex.body_until)
 
     def _await_response(self) -> None:
         server = self.server
@@ -112,6 +120,8 @@ class Deadlines:
         config = server.config
         now = server.now
         ex = self.active
+        if ex is None:
+            ex = self.reader.dropped_body_of
         if ex is None or ex.complete:   # not reached: the phase's ends set a new deadline
             self.deadline_kind = NO_DEADLINE
             self.deadline = NEVER
@@ -132,6 +142,11 @@ class Deadlines:
         self.deadline_kind = NO_DEADLINE
         self.deadline = NEVER
         self.reader.stopped = True
+        if ex is not self.active:
+            # The rest of an answered request's body: the client has its response, and a second
+            # one would be read as the answer to its next request. Closed without one.
+            self._close_gracefully()
+            return
         self.request_error(ex, 408, message)   # settles the lease; the instance's connection is dropped
 
     def _response_deadline(self) -> None:

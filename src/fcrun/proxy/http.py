@@ -16,7 +16,8 @@ a response head is forwarded as slices of the bytes received (see ResponseReader
 
 Hop-by-hop headers (RFC 9110 7.6.1) never cross the proxy: Connection and the headers it names,
 Keep-Alive, Proxy-*, TE, Trailer, Transfer-Encoding (bodies are re-framed instead), and Upgrade
-(except on a WebSocket-style upgrade, which is re-stated explicitly).
+(except on a WebSocket-style upgrade, which is re-stated explicitly). A Connection header that
+names Content-Length, Transfer-Encoding or Host is refused (NOT_CONNECTION_OPTIONS says why).
 
 Forwarding headers say who the client is (:class:`Forwarding`). The proxy is the edge, so by
 default a client's X-Forwarded-For, X-Forwarded-Proto, X-Forwarded-Host, Forwarded and
@@ -40,7 +41,10 @@ chunked, a chunk size over 64 bits, a malformed chunk extension. A refused head 
 Expect: 100-continue is answered by the proxy itself, not forwarded: the driver sends
 ``100 Continue`` once the request has an upstream connection (after a cold start, after the body
 limit check), and the upstream never sees Expect. Interim 1xx responses from the upstream are
-dropped.
+dropped; a status under 100, or an interim response with a body, is answered 502.
+
+A head and a trailer section are bounded, whoever sends them: a client's by ``max_header_bytes``
+(431), an app's by response.py's MAX_RESPONSE_HEAD_BYTES (502, or a cut once the head went out).
 """
 
 from __future__ import annotations
@@ -87,6 +91,24 @@ HOP_BY_HOP_HEADERS = {
 _CONNECTION_OPTIONS = frozenset((b"close", b"keep-alive", b"upgrade", b""))
 _CONNECTION_PLAIN = frozenset(spelling for option in (b"close", b"keep-alive", b"upgrade")
                               for spelling in (option, option.title(), option.upper()))
+
+
+# Headers that a Connection option may not name. RFC 9110 7.6.1: a sender MUST NOT list a field
+# meant for every recipient; these frame the message (Content-Length, Transfer-Encoding) or route
+# it (Host). llhttp has already framed the message by them here, so dropping one on the way would
+# have the next hop frame or route the same bytes otherwise: the body of a request whose
+# Content-Length was dropped reads as a second request, smuggled past the proxy. Such a message
+# is refused (400 from a client, 502 from an app), not forwarded with the token ignored: a
+# sender that asks for this is broken or attacking, and an answer naming the header says so.
+NOT_CONNECTION_OPTIONS = frozenset((b"content-length", b"transfer-encoding", b"host"))
+
+
+def named_end_to_end_headers(tokens: set[bytes]) -> str | None:
+    """The NOT_CONNECTION_OPTIONS among a Connection value's tokens, for a message; None if none."""
+    named = tokens & NOT_CONNECTION_OPTIONS
+    if not named:
+        return None
+    return ", ".join(sorted(name.decode("ascii") for name in named))
 
 
 class ProtocolViolation(Exception):

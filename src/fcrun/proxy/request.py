@@ -14,7 +14,8 @@ from ..hostnames import normalize_host
 from .http import (CRLF, HEADER_CONNECTION, HEADER_CONTENT_LENGTH, HEADER_DROP, HEADER_DUPLICATE_HOST,
                    HEADER_EXPECT, HEADER_FORWARDED, HEADER_FORWARDED_FOR, HEADER_FORWARDED_HOST,
                    HEADER_FORWARDED_PROTO, HEADER_HOST, HEADER_TRANSFER_ENCODING, HEADER_UPGRADE, HEADER_VIA,
-                   HOP_BY_HOP_HEADERS, Forwarding, ProtocolViolation, connection_tokens, describe_header_error)
+                   HOP_BY_HOP_HEADERS, Forwarding, ProtocolViolation, connection_tokens, describe_header_error,
+                   named_end_to_end_headers)
 
 # The Host value of the connection's previous request, before there was one: a value no Host
 # line can have (llhttp refuses a CR in a value), so the first request's Host is always checked.
@@ -88,6 +89,7 @@ class Request:
     head_bytes = 0
     upstream_head = b""
     body_bytes = 0
+    last_chunk_at = -1            # body_bytes at the latest chunk-size line (chunked only)
     max_body: int | None = None   # set by the driver once the app's limit is known
     complete = False
     discard = False               # set by the driver: drop the rest of the body
@@ -141,7 +143,9 @@ class RequestReader:
         self._lines: list[bytes] = []
         self._special: list[tuple[int, bytes]] | None = None   # rare headers of this head
         self._head_len = 0
-        self._head_raw = 0          # bytes fed while a head was incomplete (bounds llhttp's buffering)
+        # Bytes fed while a head, or a chunked body's trailer section, was incomplete: llhttp
+        # buffers a header field until its end, so these reads are bounded by max_header_bytes.
+        self._head_raw = 0
         # The earlier reads of the head being parsed, kept only to name the header at fault when
         # llhttp refuses it; None when the head began inside a read after another request (its
         # start is not known, so the header is not named).
@@ -155,8 +159,14 @@ class RequestReader:
         self.stopped = False
 
     def feed(self, data: bytes) -> None:
+        in_trailer = None
         if self._in_head:
             self._head_raw += len(data)
+        elif self._req.last_chunk_at == self._req.body_bytes:
+            # No body byte since the latest chunk-size line: this read holds that chunk's data,
+            # or, if it was the last chunk (size 0), the trailer section. Told apart below.
+            in_trailer = self._req
+            body_before = in_trailer.body_bytes
         try:
             self._parser.feed_data(data)
         except HttpParserUpgrade as upgrade:
@@ -186,6 +196,26 @@ class RequestReader:
                 self._head_reads = ()      # the next head starts with the next read
             elif self._head_reads is not None:
                 self._head_reads += (data,)
+        elif in_trailer is self._req and in_trailer.body_bytes == body_before:
+            self._count_trailer_bytes(in_trailer, len(data))
+
+    def _count_trailer_bytes(self, req: Request, n: int) -> None:
+        """A whole read went into a chunked body's trailer section (not its first read, which
+        also held the last chunk: the bound is max_header_bytes plus one read)."""
+        self._head_raw += n
+        if self._head_raw > self._limit:
+            self.stopped = True
+            self.in_message = False
+            self._sink.request_error(req, 431, f"request trailer section over {self._limit} bytes")
+
+    @property
+    def dropped_body_of(self) -> Request | None:
+        """The request whose body is being read and dropped (it was answered before all of its
+        body came), or None."""
+        req = self._req
+        if self.in_message and not self._in_head and req.discard:
+            return req
+        return None
 
     def _fail(self, req: Request | None, status: int, message: str) -> None:
         self.stopped = True
@@ -310,6 +340,11 @@ class RequestReader:
                 self._fail(req, 417, "only Expect: 100-continue is supported")
             req.expect_continue = not http10 and req.has_body
         if tokens is not None:
+            named = named_end_to_end_headers(tokens)
+            if named is not None:
+                # (why refused, not ignored: NOT_CONNECTION_OPTIONS in http.py)
+                self._fail(req, 400, f"the Connection header lists {named}: a header that frames or "
+                                     f"routes the request cannot be hop-by-hop")
             lines[:] = _drop_named(lines, 4, tokens)
         forwarding = self._forwarding
         client_ip = self._client_ip
@@ -360,6 +395,11 @@ class RequestReader:
         req.host_raw = authority
         if self._special is not None:
             self._special = [(kind, value) for kind, value in self._special if kind != HEADER_DUPLICATE_HOST]
+
+    def on_chunk_header(self) -> None:
+        # Noted for feed(): a read that brings no body byte after this is the trailer section.
+        req = self._req
+        req.last_chunk_at = req.body_bytes
 
     def on_body(self, data: bytes) -> None:
         req = self._req

@@ -9,7 +9,8 @@ import httptools
 from httptools import HttpParserCallbackError, HttpParserError, HttpParserUpgrade
 
 from .http import (CRLF, HEAD, HEADER_CONNECTION, HEADER_DROP, HEADER_TRANSFER_ENCODING, HEADER_UPGRADE,
-                   HEADER_VIA, HOP_BY_HOP_HEADERS, Forwarding, ProtocolViolation, connection_tokens)
+                   HEADER_VIA, HOP_BY_HOP_HEADERS, Forwarding, ProtocolViolation, connection_tokens,
+                   named_end_to_end_headers)
 from .request import Request
 
 # What to do with a response header, by lowercase name (kinds in http.py). Absent: forwarded unchanged.
@@ -19,6 +20,13 @@ _RESPONSE_SPECIAL_LENGTHS = frozenset(len(name) for name in _RESPONSE_HEADERS)
 # Control bytes a reason phrase may not hold (RFC 9112 4: HTAB, SP, VCHAR, obs-text only).
 # llhttp lets them through there (not in header lines), and the status line is forwarded raw.
 _REASON_CONTROL_BYTES = bytes(range(0x09)) + bytes(range(0x0A, 0x20)) + b"\x7f"
+
+# The most an app may send before its response head is complete (that head with the interim 1xx
+# responses before it), and in a chunked response's trailer section. llhttp buffers a header
+# field until its end, and the head is held here until it is whole, so without a bound an app
+# would make the proxy hold what it likes. nginx's bound (proxy_buffer_size) is 4 or 8 KiB, and
+# answers 502 "upstream sent too big header"; this one leaves room for large cookies and CSPs.
+MAX_RESPONSE_HEAD_BYTES = 64 * 1024
 
 # Response body framing towards the client.
 _BODY_NONE = 0        # HEAD, 204, 304, 101
@@ -40,8 +48,8 @@ class ResponseReader:
     many headers and rarely a hop-by-hop one besides Connection, so the callback only classifies.
     """
 
-    __slots__ = ("_parser", "_forwarding", "_req", "_raw", "_head_start", "_special", "_mode",
-                 "_keep_alive", "_extra", "_interim", "_until_eof", "_upstream_keep_alive",
+    __slots__ = ("_parser", "_forwarding", "_req", "_raw", "_head_start", "_held_bytes", "_special", "_mode",
+                 "_keep_alive", "_extra", "_interim", "_until_eof", "_upstream_keep_alive", "_last_chunk_at",
                  "_reset_parser", "out", "status", "head_bytes", "body_bytes", "head_sent",
                  "complete", "reusable", "close_client", "upgraded", "tunnel_data", "error")
 
@@ -52,8 +60,12 @@ class ResponseReader:
         self._req: Request | None = None
         self._keep_alive = True
         self._extra = b""
-        self._raw = b""
-        self._head_start = 0
+        self._raw = b""             # the head's bytes as received (it may span reads)
+        self._head_start = 0        # where in _raw the head begins (after interim responses)
+        # Bytes counted against MAX_RESPONSE_HEAD_BYTES outside _raw: interim responses no longer
+        # held, then (once the head is out) the reads that went into the trailer section.
+        self._held_bytes = 0
+        self._last_chunk_at = -1    # body_bytes at the latest chunk-size line (chunked only)
         self._special: list[tuple[int, bytes, bytes]] | None = None
         self._mode = _BODY_NONE
         self._interim = False
@@ -93,8 +105,17 @@ class ResponseReader:
         self._keep_alive = False
 
     def feed(self, data: bytes) -> None:
+        in_trailer = False
         if not self.head_sent:
-            self._raw = self._raw + data if self._raw else data
+            if self._raw:
+                self._hold_more(data)
+            else:
+                self._raw = data   # the common case: a head in one read, held without a copy
+        elif self._last_chunk_at == self.body_bytes:
+            # No body byte since the latest chunk-size line: this read holds that chunk's data,
+            # or, if it was the last chunk (size 0), the trailer section. Told apart below.
+            in_trailer = True
+            body_before = self.body_bytes
         try:
             self._parser.feed_data(data)
         except HttpParserUpgrade as upgrade:
@@ -105,6 +126,36 @@ class ResponseReader:
         except HttpParserError as err:
             self.error = f"malformed response from upstream: {err}"
             self._reset_parser = True
+        if self.head_sent:
+            if in_trailer and self.body_bytes == body_before and not self.complete and self.error is None:
+                # (Not the trailer's first read, which also held the last chunk: the bound is
+                # MAX_RESPONSE_HEAD_BYTES plus one read.)
+                self._held_bytes += len(data)
+                if self._held_bytes > MAX_RESPONSE_HEAD_BYTES:
+                    self._over_limit("trailer section")
+        elif self.error is None and self._held_bytes + len(self._raw) > MAX_RESPONSE_HEAD_BYTES:
+            self._over_limit("response head")   # all of _raw is head, or interim responses
+
+    def _hold_more(self, data: bytes) -> None:
+        """Add a read to the head bytes held: the head spans reads, or interim responses came first."""
+        raw = self._raw
+        start = self._head_start
+        if start:
+            # The interim responses before start are done with: only their size still counts.
+            self._held_bytes += start
+            self._head_start = 0
+            raw = raw[start:]
+            if not raw:
+                self._raw = data
+                return
+        if type(raw) is bytes:
+            raw = bytearray(raw)   # appended to in place from now on: no copy of all of it per read
+        raw += data
+        self._raw = raw
+
+    def _over_limit(self, what: str) -> None:
+        self.error = f"upstream's {what} over {MAX_RESPONSE_HEAD_BYTES} bytes"
+        self._reset_parser = True
 
     def feed_eof(self) -> bool:
         """The upstream closed its side; True if that ended a close-delimited response."""
@@ -150,14 +201,22 @@ class ResponseReader:
         raw = self._raw
         start = self._head_start
         end = raw.find(b"\r\n\r\n", start) + 4
+        if self._held_bytes + end > MAX_RESPONSE_HEAD_BYTES:
+            self._violation(f"upstream's response head over {MAX_RESPONSE_HEAD_BYTES} bytes")
         status = parser.get_status_code()
         if status < 200 and status != 101:
+            if status < 100:
+                # llhttp takes any three digits; a status under 100 is no interim response
+                # (one would drop its head but frame a body after it: bytes outside any response).
+                self._violation(f"upstream sent status {status:03d} (a status is 100 to 599)")
             self._interim = True   # 100 Continue, 103 Early Hints: not passed on
             self._head_start = end
             self._special = None
             return
+        # (raw is a bytearray when the head came in several reads: see _hold_more.)
         self._raw = b""
         self._head_start = 0
+        self._held_bytes = 0
         self.status = status
         self.body_bytes = 0
         self._upstream_keep_alive = upstream_keep_alive = parser.should_keep_alive()
@@ -205,7 +264,12 @@ class ResponseReader:
                 parts.append(raw[position:found + 1])
                 position = stop
             if tokens is not None:
-                parts = _headers_without(raw[start:end], tokens)
+                named = named_end_to_end_headers(tokens)
+                if named is not None:
+                    # (why refused, not ignored: NOT_CONNECTION_OPTIONS in http.py)
+                    self._violation(f"upstream's Connection header lists {named}: a header that frames "
+                                    f"the response cannot be hop-by-hop")
+                parts = _headers_without(bytes(raw[start:end]), tokens)
                 position = end - 2
         parts.append(raw[position:end - 2])
         forwarding = self._forwarding
@@ -226,6 +290,7 @@ class ResponseReader:
             elif te is not None:
                 if te != b"chunked":
                     self._violation("upstream used a transfer coding other than chunked")
+                self._last_chunk_at = -1   # (the previous response's, which this body could match)
                 self._chunk_or_close(parts, http10)
                 close = close or http10
             elif upstream_keep_alive or b"\ncontent-length:" in raw[start:end].lower():
@@ -263,9 +328,18 @@ class ResponseReader:
             self._mode = _BODY_CHUNKED
             parts.append(b"Transfer-Encoding: chunked\r\n")
 
+    def on_chunk_header(self) -> None:
+        # Noted for feed(): a read that brings no body byte after this is the trailer section.
+        self._last_chunk_at = self.body_bytes
+
     def on_body(self, data: bytes) -> None:
         if self.complete or not data:
             return
+        if self._interim:
+            # RFC 9112 6.3: an interim response ends with its head. llhttp frames a body for
+            # 104-199 by their Content-Length; passed on, it would reach the client outside
+            # any response (a forged one, say).
+            self._violation("upstream sent a body with an interim (1xx) response")
         self.body_bytes += len(data)
         if self._mode == _BODY_CHUNKED:
             self.out += (b"%x\r\n" % len(data), data, CRLF)
