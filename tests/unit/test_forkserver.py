@@ -3,17 +3,22 @@
 
 from __future__ import annotations
 
+import contextlib
+import os
+import selectors
+import socket
+import subprocess
 
 import pytest
-
-import os
 
 from fcrun.cgroups.limits import Limits
 from fcrun.errors import ContainerError, KernelError, NotFound, SpecError
 from fcrun.forkserver import protocol as p
 from fcrun.forkserver.pool import (DEFAULT_POOL_CPU, DEFAULT_POOL_MEMORY_BYTES, PROBE_RETRY_S, STEADY_POLLS,
                                    WARM_POLL_S, Pool)
-from fcrun.forkserver.server import ForkServer
+from fcrun.forkserver.server import ForkServer, _Run, remove_leftovers
+from fcrun.instance import DEFAULT_PIDS_MAX
+from fcrun.paths import Paths
 from fcrun.units import cpu_to_quota_us
 from fakeclock import Clock
 
@@ -147,7 +152,11 @@ class FakeCgroup:
     def limits(self):
         c = self.runtime.containers[self.name]
         return Limits(cpu_quota_us=cpu_to_quota_us(c.get("cpu", DEFAULT_POOL_CPU)),
-                      memory_bytes=c.get("memory_bytes", DEFAULT_POOL_MEMORY_BYTES))
+                      memory_bytes=c.get("memory_bytes", DEFAULT_POOL_MEMORY_BYTES),
+                      pids_max=c.get("pids_max", DEFAULT_PIDS_MAX))
+
+
+SOURCE_FD = 1000  # the fd FakeRuntime.opened_slot_source gives for a docroot
 
 
 class FakeRuntime:
@@ -163,6 +172,7 @@ class FakeRuntime:
         self.fail_run = None
         self.fail_hand_over = None
         self.fail_save = None  # hand_over's last step (after answer), as a full run root would
+        self.bad_docroot = None  # a docroot opened_slot_source refuses (a docroot rule broken)
         self.images = self
         self.states = self
         self.slots = FakeRuntime.slots_root
@@ -215,11 +225,21 @@ class FakeRuntime:
         self.calls.append(("thaw", name))
         self.containers[name]["status"] = "running"
 
-    def hand_over(self, name, *, cpu, memory_bytes, pids_max, slot_source, labels, thaw, answer=None):
+    @contextlib.contextmanager
+    def opened_slot_source(self, source):
+        """Runtime's: a docroot opened and checked (SpecError for `bad_docroot`), a fake fd."""
+        self.calls.append(("open_slot_source", source))
+        if source is not None and source == self.bad_docroot:
+            raise SpecError(f"docroot {source} passes through a symlink", "source")
+        yield -1 if source is None else SOURCE_FD
+
+    def hand_over(self, name, *, cpu, memory_bytes, pids_max, slot_source, slot_source_fd=-1, labels, thaw,
+                  answer=None):
         self.calls.append(("hand_over", name, cpu, memory_bytes, slot_source))
         if self.fail_hand_over:
             raise ContainerError(self.fail_hand_over)
         c = self.containers[name]
+        c["slot_source_fd"] = slot_source_fd
         c["labels"].update(labels)
         c["status"] = "running" if thaw else c["status"]
         c["cpu"], c["memory_bytes"] = cpu, memory_bytes
@@ -234,8 +254,10 @@ class FakeRuntime:
         del self.containers[name]
 
     def list(self):
+        # pids_max: the state's (make_instance's default, for the pool's); the kernel's is FakeCgroup's
         return [type("Info", (), {"name": n, "status": c["status"], "labels": c["labels"], "ip": c["ip"], "pid": 1,
-                                  "created_at": 0.0})() for n, c in self.containers.items()]
+                                  "created_at": 0.0, "pids_max": DEFAULT_PIDS_MAX})()
+                for n, c in self.containers.items()]
 
 
 class FakeProbe:
@@ -388,6 +410,53 @@ def test_claim_of_an_empty_pool_or_a_failed_hand_over_says_empty():
     assert pool.status()["apache-php"].failures == 1
 
 
+def test_a_claim_opens_its_docroot_once_and_hands_that_to_the_instance():
+    """The docroot is opened (and checked) before an instance is taken, and hand_over mounts
+    that fd: no second walk of the docroot on a claim's path."""
+    pool, runtime, clock = make_pool()
+    pool.set_sizes({"apache-php": 1})
+    warm_up(pool, clock)
+    (name,) = [r.name for r in pool.ready["apache-php"]]
+    runtime.calls.clear()
+    made = pool.claim(p.Claim(image="apache-php", labels={"fcrun.app": "a.test"}, limits=LIMITS, docroot="/srv/a"))
+    assert isinstance(made, p.Made) and made.name == name
+    assert [c[:2] for c in runtime.calls[:2]] == [("open_slot_source", "/srv/a"), ("hand_over", name)]
+    assert sum(1 for c in runtime.calls if c[0] == "open_slot_source") == 1
+    assert runtime.containers[name]["slot_source_fd"] == SOURCE_FD
+
+
+def test_a_claim_whose_docroot_breaks_a_rule_takes_no_pooled_instance(tmp_path):
+    """A tenant swaps their docroot for a symlink (the request's own check follows it): the
+    claim is refused, naming the rule, and the pool, shared by every app of the image, keeps
+    its instances, in their order, whatever the number of such requests."""
+    import collections
+
+    from fcrun.forkserver.pool import Pooled
+    from fcrun.runtime.lifecycle import Runtime
+
+    srv = tmp_path / "srv"
+    (srv / "tenant" / "real").mkdir(parents=True)
+    (srv / "tenant" / "www").symlink_to(srv / "tenant" / "real")
+    runtime = Runtime(Paths(data_root=str(tmp_path / "data"), run_root=str(tmp_path / "run")),
+                      docroot_roots=[str(srv)], spawner=False)
+    deleted = []
+    runtime.delete = lambda name, force=False, **kw: deleted.append(name)
+    runtime.hand_over = lambda name, **kw: pytest.fail(f"{name} was handed over")
+    pool = Pool(runtime, clock=Clock(100.0))
+    names = [f"pool-{i}" for i in range(3)]
+    pool.ready["apache-php"] = collections.deque(
+        Pooled(name=name, image="apache-php", ip="10.0.0.2", port=80, pid=1, made=100.0) for name in names)
+    claim = p.Claim(image="apache-php", labels={"fcrun.app": "evil.test"}, limits=LIMITS,
+                    docroot=str(srv / "tenant" / "www"))
+    p.check_request(claim)  # the fork-server's re-check follows the symlink: it passes
+    for _ in range(4):
+        reply = pool.claim(claim)
+        assert isinstance(reply, p.Failed) and reply.kind == "SpecError" and reply.http_status == 400
+        assert "symlink" in reply.message
+    assert deleted == [] and [r.name for r in pool.ready["apache-php"]] == names
+    assert pool.status()["apache-php"].failures == 0  # the app's fault, not the pool's
+
+
 def test_failures_back_off_and_are_reported():
     pool, runtime, clock = make_pool()
     runtime.fail_run = "apache2: not found"
@@ -501,6 +570,20 @@ def test_adopt_removes_a_frozen_instance_whose_claim_crashed_half_way():
     assert set(runtime.containers) == {"pool-untouched"}
 
 
+def test_adopt_removes_a_frozen_instance_left_with_an_apps_pids_limit():
+    """A claim killed after it set an app's limits where only pids_max differs from the pool's:
+    pooled again, that limit would stay on another app's instance (a claim without pids_max,
+    or with the one the state records, writes none)."""
+    runtime = FakeRuntime()
+    runtime.containers = {
+        name: {"status": "frozen", "ip": "10.0.0.2", "slot": "/x", "labels": {"fcrun.pool": "apache-php"}}
+        for name in ("pool-pids", "pool-untouched")
+    }
+    runtime.containers["pool-pids"]["pids_max"] = 64  # the pool's cpu and memory: only this tells
+    adopted, removed = Pool(runtime, clock=Clock(100.0)).adopt()
+    assert adopted == ["pool-untouched"] and removed == ["pool-pids"]
+
+
 def test_adopt_labels_a_running_instance_whose_claim_was_answered_but_not_saved():
     """A kill -9 between hand_over's answer and its save: limits, docroot, the app's note and
     the thaw are done, serve sends it requests; the next fork-server labels it the app's (serve
@@ -529,6 +612,175 @@ def test_removing_all_leaves_app_instances_alone():
     assert [c["labels"].get("fcrun.app") for c in runtime.containers.values()] == ["a.test"]
     assert not pool.warming and not any(pool.ready.values())
 
+
+
+# ----- the server's poll loop and its Runs (real sockets and processes, a fake runtime) -----------
+
+
+NO_SUCH_PID = 1 << 23  # above the kernel's largest pid_max: never a process, never our child
+
+
+class RunRuntime:
+    """What the fork-server asks of the runtime of its Runs once they run: their removal
+    (recorded; `locked` called as Runtime.delete calls it), and the expiry of logs."""
+
+    def __init__(self, states=None):
+        self.states = states
+        self.deleted: list[str] = []
+
+    def delete(self, name, force=False, *, locked=None):
+        self.deleted.append(name)
+        if locked is not None:
+            locked()
+
+    def expire_logs(self, now):
+        return []
+
+
+class ExitedContainer:
+    def wait(self, *, record=True):
+        return 0
+
+
+@pytest.fixture
+def signals_restored():
+    """serve() installs its own signal handlers: the test process gets its own back."""
+    import signal
+
+    saved = {sig: signal.getsignal(sig) for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGCHLD)}
+    yield
+    for sig, handler in saved.items():
+        signal.signal(sig, handler)
+
+
+def listening_socket() -> socket.socket:
+    listener = socket.socket(socket.AF_UNIX)
+    listener.bind("")  # an abstract address of the kernel's choosing
+    listener.listen()
+    return listener
+
+
+@contextlib.contextmanager
+def serving_a_run(runtime, container, pid: int, pidfd: int):
+    """A ForkServer with one Run, `pid` watched through `pidfd`, attached to a client's
+    connection: (server, run, the client's end); the sockets closed on leaving."""
+    server = ForkServer(Pool(runtime), listening_socket(), run_runtime=runtime)
+    ours, theirs = socket.socketpair()
+    server.buffers[ours] = bytearray()
+    server.selector.register(ours, selectors.EVENT_READ, "client")
+    run = _Run(name="r1", pid=pid, pidfd=pidfd, conn=ours, container=container)
+    server.runs[ours] = run
+    server.run_pids[pid] = run
+    server.selector.register(pidfd, selectors.EVENT_READ, run)
+    try:
+        yield server, run, theirs
+    finally:
+        for sock in (server.listener, ours, theirs):
+            sock.close()
+        if run.pidfd >= 0:
+            os.close(run.pidfd)
+
+
+def serve_one_batch(server: ForkServer) -> None:
+    """serve() for the events ready now: the pool's step, which follows the first batch, stops it."""
+    def step(now):
+        server.running = False
+        return 0.0
+
+    server.pool.step = step
+    server.serve()
+
+
+def replies(client: socket.socket) -> list:
+    client.settimeout(5)
+    buffer = bytearray(client.recv(65536))
+    return [p.decode_reply(body) for body in p.split_frames(buffer)]
+
+
+def test_a_run_whose_client_hangs_up_as_it_exits_is_ended_once(signals_restored):
+    """The client hangs up and then the container exits, before the next select: one batch
+    holds both events. The hang-up ends the Run and closes its pidfd; the pidfd's event, stale
+    by then, must not end it again (closing that fd number twice killed the fork-server with
+    EBADF, or closed whatever file had been given the number meanwhile)."""
+    runtime = RunRuntime()
+    with (subprocess.Popen(["cat"], stdin=subprocess.PIPE) as child,  # it exits when its stdin closes
+          serving_a_run(runtime, ExitedContainer(), child.pid, os.pidfd_open(child.pid)) as (server, run, client)):
+        client.close()
+        child.stdin.close()
+        os.waitid(os.P_PID, child.pid, os.WEXITED | os.WNOWAIT)  # exited, not reaped: its pidfd reads ready
+        serve_one_batch(server)
+    assert runtime.deleted == ["r1"] and run.pidfd == -1 and not server.runs
+
+
+def test_an_event_whose_handling_fails_is_logged_and_the_server_goes_on(signals_restored, caplog):
+    def accept():
+        raise RuntimeError("a bug in accept")
+
+    with listening_socket() as listener, socket.socket(socket.AF_UNIX) as client:
+        server = ForkServer(Pool(RunRuntime()), listener)
+        server._accept = accept
+        client.connect(listener.getsockname())
+        serve_one_batch(server)  # does not raise
+    assert "handling an event" in caplog.text and "a bug in accept" in caplog.text
+
+
+def spawners_run(tmp_path, report: bytes):
+    """(runtime, container) of a Run the spawner forked: not our child, its wait status told
+    on a report pipe, where the spawner wrote `report` and closed it."""
+    from fcrun.runtime.container import Container
+    from fcrun.runtime.spec import default_spec
+    from fcrun.runtime.state import ContainerState, StateStore
+
+    store = StateStore(str(tmp_path / "containers"))
+    store.reserve("r1")
+    state = ContainerState(name="r1", status="running", spec=default_spec(["true"]), pid=NO_SUCH_PID,
+                           pid_start_time=1)
+    store.save(state)
+    report_r, report_w = os.pipe()
+    os.write(report_w, report)
+    os.close(report_w)
+    runtime = RunRuntime(states=store)
+    return runtime, Container(runtime, state, report_r=report_r)
+
+
+def test_a_run_the_spawner_reaped_gets_its_exit_code_when_the_run_root_is_full(tmp_path, monkeypatch):
+    """Its "stopped" is not saved (it is removed next): a save that would fail (ENOSPC) can
+    neither keep the client from its exit code nor end the fork-server."""
+    import errno
+
+    from fcrun.runtime import state as state_module
+    from fcrun.runtime.spawner.protocol import Exited, encode_report
+
+    runtime, container = spawners_run(tmp_path, encode_report(Exited(pid=NO_SUCH_PID, wait_status=7 << 8)))
+
+    def full(path, data, **kw):
+        raise KernelError("write container state", path, errno.ENOSPC)
+
+    monkeypatch.setattr(state_module, "write_atomic", full)
+    with serving_a_run(runtime, container, NO_SUCH_PID, os.pidfd_open(os.getpid())) as (server, run, client):
+        server._collect(run)  # its pidfd read ready; not our child: the spawner's report says how it ended
+        assert replies(client) == [p.Exited(code=7)]
+    assert runtime.deleted == ["r1"] and not server.runs
+
+
+def test_a_run_whose_spawner_report_is_garbled_gets_failed_not_a_dead_fork_server(tmp_path):
+    runtime, container = spawners_run(tmp_path, p.HEADER.pack(3) + b"\xc1\xc1\xc1")
+    with serving_a_run(runtime, container, NO_SUCH_PID, os.pidfd_open(os.getpid())) as (server, run, client):
+        server._collect(run)
+        [reply] = replies(client)
+    assert isinstance(reply, p.Failed) and reply.exit_code == 125 and "malformed report" in reply.message
+    assert runtime.deleted == ["r1"] and not server.runs
+
+
+def test_a_gc_that_fails_at_start_up_is_a_warning_not_a_fork_server_that_never_starts(caplog):
+    import errno
+
+    class StuckRuntime:
+        def gc(self):
+            raise KernelError("remove", "/var/lib/fcrun/storage/web-1", errno.EBUSY)
+
+    remove_leftovers(StuckRuntime())
+    assert "Device or resource busy" in caplog.text
 
 
 # ----- serve's side: the asyncio client and the supervisor ----------------------------------------

@@ -111,6 +111,53 @@ def test_a_name_being_removed_is_reserved_once_its_removal_ends(tmp_path, monkey
         store.reserve("again")
 
 
+@pytest.mark.parametrize("made_again", [False, True], ids=["removed", "removed-and-made-again"])
+def test_a_waiter_for_a_lock_whose_container_is_removed_meanwhile_gets_not_found(tmp_path, monkeypatch, made_again):
+    """`rm -f`, gc or a wait blocked on a container's lock wakes once its remover is done:
+    the directory it locked is gone, and the name may already be a new creation's, whose lock
+    this is not. It must not act as if it held that container: NotFound, as if it had come
+    after the removal, and the new container's lock stays its creator's to take.
+
+    The interleaving is forced: the remover removes only once the waiter's flock has found
+    the lock taken (a non-blocking try that failed)."""
+    store = StateStore(str(tmp_path))
+    store.reserve("x")
+    waiter_blocked = threading.Event()
+
+    def flock(fd: int, operation: int) -> None:
+        if operation == fcntl.LOCK_EX:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                return
+            except BlockingIOError:
+                waiter_blocked.set()  # only the waiter can meet the lock taken: the remover holds it
+        fcntl.flock(fd, operation)
+
+    monkeypatch.setattr(state, "fcntl", types.SimpleNamespace(flock=flock, LOCK_EX=fcntl.LOCK_EX,
+                                                              LOCK_NB=fcntl.LOCK_NB))
+    outcome = []
+
+    def waiter():
+        try:
+            with store.locked("x"):
+                outcome.append("held")
+        except NotFound:
+            outcome.append("NotFound")
+
+    thread = threading.Thread(target=waiter)
+    with store.locked("x"):
+        thread.start()
+        assert waiter_blocked.wait(10), "the waiter never waited for the lock"
+        store.remove("x")
+        if made_again:
+            store.reserve("x")  # a new `fcrun run --name x`
+    thread.join(10)
+    assert outcome == ["NotFound"]
+    if made_again:
+        with store.try_locked("x") as held:
+            assert held
+
+
 def test_reserved_but_never_saved_reads_as_creating(tmp_path):
     store = StateStore(str(tmp_path))
     store.reserve("crashed")

@@ -56,7 +56,7 @@ from ..runtime.lifecycle import Runtime
 from ..runtime.slots import SLOT_SOURCE_LABEL
 from ..runtime.state import last_output_line
 from ..units import cpu_to_quota_us
-from .protocol import Claim, Empty, ImagePool, Made, Start
+from .protocol import Claim, Empty, Failed, ImagePool, Made, Start
 
 log = logging.getLogger("fcrun.forkserver")
 
@@ -131,8 +131,11 @@ class Pool:
             while len(queue) > self.sizes.get(image, 0):
                 self._remove(queue.pop(), "pool shrunk")
 
-    def claim(self, request: Claim, answer: Callable[[Made], object] | None = None) -> Made | Empty | None:
-        """The oldest ready instance of the image, made the app's; Empty when there is none.
+    def claim(self, request: Claim, answer: Callable[[Made], object] | None = None) -> Made | Empty | Failed | None:
+        """The oldest ready instance of the image, made the app's; Empty when there is none,
+        or when it could not be made the app's (it is removed); Failed when the claim's
+        docroot cannot be used (no instance is touched: the docroot is opened and checked
+        before one is taken).
 
         `answer`: given, the Made goes out through it as soon as the instance is the app's and
         running, before its state is saved (Runtime.hand_over), and claim returns None."""
@@ -141,7 +144,20 @@ class Pool:
         queue = self.ready.get(request.image)
         if not queue:
             return Empty(f"no pooled instance of {request.image} is ready")
-        pooled = queue.popleft()
+        with contextlib.ExitStack() as opened:
+            try:
+                # Opened once, here, and handed to hand_over (no second walk of the docroot):
+                # one that breaks a docroot rule is the app's fault, and must not cost the
+                # pool, shared by every app of the image, an instance per request.
+                source_fd = opened.enter_context(self.runtime.opened_slot_source(request.docroot))
+            except (FcrunError, OSError) as exc:
+                return _docroot_refused(request, exc)
+            return self._hand_over(queue.popleft(), request, source_fd, t0, answer)
+
+    def _hand_over(self, pooled: Pooled, request: Claim, source_fd: int, t0: float,
+                   answer: Callable[[Made], object] | None) -> Made | Empty | None:
+        """claim's work once an instance is taken: `pooled` made the app's, its docroot the
+        directory `source_fd` (opened by Runtime.opened_slot_source; -1: none)."""
         crash_point("claim.taken")
         counters = self._counters(request.image)
         answered = False
@@ -158,7 +174,8 @@ class Pool:
         try:
             self.runtime.hand_over(pooled.name, cpu=request.limits.cpu, memory_bytes=request.limits.memory_bytes,
                                    pids_max=request.limits.pids_max, slot_source=request.docroot,
-                                   labels=dict(request.labels), thaw=True, answer=answer_now if answer else None)
+                                   slot_source_fd=source_fd, labels=dict(request.labels), thaw=True,
+                                   answer=answer_now if answer else None)
         except (FcrunError, OSError) as exc:
             if answered:  # the app has it, running; only its state file is behind (adopt labels it from its note)
                 counters.claimed += 1
@@ -350,16 +367,21 @@ class Pool:
         return adopted, removed
 
     def _untouched(self, info: ContainerInfo, mountpoints: set[str]) -> bool:
-        """Whether a pooled instance is as the pool made it: its slot empty, the pool's limits.
-        A claim that crashed may have applied an app's: such an instance is never pooled again."""
+        """Whether a pooled instance is as the pool made it: its slot empty, the pool's cpu and
+        memory limits, the pids limit its state records. A claim that crashed may have applied
+        an app's: such an instance is never pooled again."""
         if SLOT_SOURCE_LABEL in info.labels or os.path.realpath(self.runtime.slot_dir(info.name)) in mountpoints:
             return False
         try:  # the kernel's, not the state file's: hand_over saves the new limits last
             limits = self.runtime.cgroup(info.name).limits()
         except (FcrunError, OSError):
             return False
+        # pids: the pool sets none of its own (make_instance's default, in the state), and
+        # hand_over writes only limits that differ from the state's (none for a claim without
+        # pids_max): another app's pids limit left in the kernel would stay for good.
         return (limits.cpu_quota_us == cpu_to_quota_us(self.cpu, limits.cpu_period_us)
-                and limits.memory_bytes == self.memory_bytes)
+                and limits.memory_bytes == self.memory_bytes
+                and limits.pids_max == info.pids_max)
 
     def remove_all(self) -> list[str]:
         names = [p.name for p in self.warming.values()] + [p.name for q in self.ready.values() for p in q]
@@ -382,6 +404,13 @@ class Pool:
                 self.runtime.delete(name, force=True)
             except (FcrunError, OSError) as exc:
                 log.warning("removing %s: %s", name, exc)
+
+
+def _docroot_refused(request: Claim, exc: FcrunError | OSError) -> Failed:
+    """The reply to a claim whose docroot cannot be opened or breaks a docroot rule."""
+    if isinstance(exc, FcrunError):
+        return Failed(kind=type(exc).__name__, message=str(exc), http_status=exc.http_status, exit_code=exc.exit_code)
+    return Failed(kind="OSError", message=f"open docroot {request.docroot}: {exc}")
 
 
 def send_warm_up_requests(ip: str, port: int, n: int) -> None:

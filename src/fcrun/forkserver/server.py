@@ -36,7 +36,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from ..cgroups.primer import MovePrimer
-from ..errors import FcrunError, SpecError, command_exit_code
+from ..errors import RUN_OWN_FAILURE, FcrunError, SpecError, command_exit_code
 from ..logs.serverlog import LOG_FORMAT_ENV, configure
 from ..runrequest import run_spec
 from ..units import is_decimal, parse_memory
@@ -61,7 +61,7 @@ class _Run:
 
     name: str
     pid: int
-    pidfd: int
+    pidfd: int  # -1 once _end_run closed it
     conn: socket.socket
     container: Container
 
@@ -122,19 +122,7 @@ class ForkServer:
         try:
             while self.running:
                 for key, _ in self.selector.select(timeout):
-                    match key.data:
-                        case "accept":
-                            self._accept()
-                        case "wake":
-                            with contextlib.suppress(BlockingIOError):
-                                self._wake_r.recv(4096)
-                        case "parent":
-                            log.info("serve exited: stopping")
-                            self.running = False
-                        case _Run() as run:
-                            self._collect(run)
-                        case _:
-                            self._read(key.fileobj)
+                    self._dispatch(key)
                     if not self.running:
                         break
                 self._reap()
@@ -162,6 +150,34 @@ class ForkServer:
             signal.set_wakeup_fd(-1)
             self._wake_r.close()
             self._wake_w.close()
+
+    def _dispatch(self, key: selectors.SelectorKey) -> None:
+        """Handle one event of a select's batch.
+
+        An earlier event of the same batch may have unregistered this one's file (a client
+        that hung up ends its Run: that Run's pidfd is closed), and its number may even be
+        registered again for another file (an accept): such a stale event is skipped, or it
+        would act on a closed or unrelated fd. An event whose handling fails is logged: one
+        bad event must not end the fork-server, its pool and every other client's Run.
+        """
+        if self.selector.get_map().get(key.fd) is not key:
+            return
+        try:
+            match key.data:
+                case "accept":
+                    self._accept()
+                case "wake":
+                    with contextlib.suppress(BlockingIOError):
+                        self._wake_r.recv(4096)
+                case "parent":
+                    log.info("serve exited: stopping")
+                    self.running = False
+                case _Run() as run:
+                    self._collect(run)
+                case _:
+                    self._read(key.fileobj)
+        except Exception:  # noqa: BLE001 - a bug in one event's handling must not end the fork-server
+            log.exception("handling an event of fd %d failed", key.fd)
 
     def _stop_signal(self, signum, frame) -> None:
         self.running = False
@@ -295,11 +311,13 @@ class ForkServer:
         except ProcessLookupError:
             # Exited and already reaped: the spawner forked it and reaps at once (a container
             # that exits right after its exec, while the creation still saves its state).
-            # The spawner's report says how it ended.
-            code = container.wait()
-            with contextlib.suppress(FcrunError, OSError):
-                rt.delete(name, force=True)
-            return p.Exited(code=code)
+            # The spawner's report says how it ended; "stopped" is not saved (record=False):
+            # the container is removed next. A report that cannot be read is _handle's Failed.
+            try:
+                return p.Exited(code=container.wait(record=False))
+            finally:
+                with contextlib.suppress(FcrunError, OSError):
+                    rt.delete(name, force=True)
         except OSError:
             with contextlib.suppress(FcrunError, OSError):
                 rt.delete(name, force=True)
@@ -349,30 +367,50 @@ class ForkServer:
                 self._finish(run, status)
 
     def _finish(self, run: _Run, status: int | None) -> None:
-        """Reply Exited (from the wait status, or the spawner's report if None) and remove it."""
-        if status is None:
-            code = run.container.wait()
-        else:
-            code = exit_code(status)
+        """Reply Exited (from the wait status, or the spawner's report if None) and remove it;
+        Failed (exit code 125) when its exit status cannot be had."""
+        reply = self._exit_reply(run, status)
         # The client needs only the exit code: it gets it as soon as the container's lock is
         # held, and the container is removed after that, before the next request. Whoever
         # wants the name meanwhile waits for that lock (StateStore.reserve, rm, ...), so a
         # `fcrun run --name X` right after this one's reply still finds X free.
         replied = []
-        self._end_run(run, locked=lambda: replied.append(self._reply(run.conn, p.Exited(code=code))))
+        self._end_run(run, locked=lambda: replied.append(self._reply(run.conn, reply)))
         if not replied:  # the removal failed before it took the lock: answer all the same
-            self._reply(run.conn, p.Exited(code=code))
+            self._reply(run.conn, reply)
+
+    def _exit_reply(self, run: _Run, status: int | None) -> p.Exited | p.Failed:
+        """Exited with the code of wait status `status`, or of the spawner's report if None.
+
+        The report is read without saving "stopped" (record=False): the container is removed
+        right after, and a save that fails (a full or read-only run root) must not keep the
+        client from its answer. Neither must a report the spawner garbled: the client then
+        gets Failed, with `fcrun run`'s own exit code, and the fork-server goes on.
+        """
+        if status is not None:
+            return p.Exited(code=exit_code(status))
+        try:
+            return p.Exited(code=run.container.wait(record=False))
+        except (FcrunError, OSError) as exc:
+            log.warning("container %s: reading its exit status: %s", run.name, exc)
+            return p.Failed(kind=type(exc).__name__, message=f"container {run.name}: its exit status is unknown: {exc}",
+                            exit_code=RUN_OWN_FAILURE)
 
     def _end_run(self, run: _Run, locked=None) -> None:
-        """Forget a Run and remove its container (killing it first if it still runs).
+        """Forget a Run and remove its container (killing it first if it still runs). Once
+        only: a Run ended already (its client hung up, then its pidfd's event came in the same
+        batch) is left alone, as its pidfd's number may be another file's by now.
 
         `locked`: called with the container's lock held, before it is removed (Runtime.delete).
         """
+        if run.pidfd < 0:
+            return
         self.runs.pop(run.conn, None)
         self.run_pids.pop(run.pid, None)
         with contextlib.suppress(KeyError, ValueError):
             self.selector.unregister(run.pidfd)
         os.close(run.pidfd)
+        run.pidfd = -1
         try:
             self.run_runtime.delete(run.name, force=True, locked=locked)
         except (FcrunError, OSError) as exc:
@@ -468,10 +506,7 @@ def main(argv: list[str] | None = None) -> int:
         p.check_request(p.SetPool(sizes=dict(args.pool)))
         pool.set_sizes(dict(args.pool))
         parent_pidfd = os.pidfd_open(args.parent_pid) if args.parent_pid else -1
-        # What a killed predecessor left half-made (a reserved name, its slot, cgroup, lease).
-        cleaned = runtime.gc()
-        if cleaned:
-            log.info("removed what an earlier fork-server left: %s", ", ".join(cleaned))
+        remove_leftovers(runtime)
         adopted, removed = pool.adopt()
         if adopted or removed:
             log.info("adopted %d pooled instances, removed %d half-made ones", len(adopted), len(removed))
@@ -490,6 +525,20 @@ def main(argv: list[str] | None = None) -> int:
         if primer is not None:
             stop_primer(primer, runtime)
     return 0
+
+
+def remove_leftovers(runtime: Runtime) -> None:
+    """Remove what a killed predecessor left half-made (a reserved name, its slot, cgroup,
+    lease). A failure is a warning, not a reason not to start: what cannot be removed now (a
+    busy mount, an I/O error) would otherwise keep the fork-server down on every restart,
+    and the next gc tries again."""
+    try:
+        cleaned = runtime.gc()
+    except (FcrunError, OSError) as exc:
+        log.warning("removing what an earlier fork-server left: %s", exc)
+        return
+    if cleaned:
+        log.info("removed what an earlier fork-server left: %s", ", ".join(cleaned))
 
 
 def start_primer(*runtimes: Runtime) -> MovePrimer | None:

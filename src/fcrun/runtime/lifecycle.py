@@ -32,7 +32,7 @@ from .creation import Creation, shared_rootfs_mount, validate
 from .exec import exec_in, exec_process_spec, exec_spec
 from .hooks import oci_state, run_hooks_logged
 from .plan import build_plan, limits_from_spec
-from .process import kill_quietly, reap, wait_gone, wait_gone_pid
+from .process import kill_quietly, reap_exited, wait_gone, wait_gone_pid
 from .rootfs_setup import unmount_shared_rootfs
 from .slots import fill_slot, open_slot_source, release_slot, slot_content
 from .spawner.client import library_gone
@@ -404,7 +404,7 @@ class Runtime:
 
     def hand_over(self, name: str, *, cpu: float | None = None, memory_bytes: int | None = None,
                   pids_max: int | None = None,
-                  slot_source: str | None = None, labels: dict[str, str] | None = None,
+                  slot_source: str | None = None, slot_source_fd: int = -1, labels: dict[str, str] | None = None,
                   thaw: bool = False, answer: Callable[[ContainerState], object] | None = None) -> ContainerState:
         """update + fill_slot + label + thaw in one step (one lock, one state read and write):
         how a frozen pooled instance becomes an app's. Either everything given is applied, or
@@ -417,8 +417,18 @@ class Runtime:
         between the two leaves a running pool instance whose file still says pooled, with the
         app noted beside its logs (note_app, done before the thaw): the next fork-server labels
         it the app's (Pool.adopt) and serve adopts it, as after a crash once it is saved. An
-        error after `answer` (the save) is raised as any other; the instance is the app's."""
-        with self.opened_slot_source(slot_source) as source_fd, self.states.locked(name):
+        error after `answer` (the save) is raised as any other; the instance is the app's.
+
+        `slot_source_fd`: `slot_source` opened already by opened_slot_source (the pool does,
+        before it takes an instance: a docroot that breaks a rule then costs it none); -1:
+        hand_over opens it.
+
+        Resource handling: `slot_source_fd` stays the caller's."""
+        if slot_source_fd >= 0:
+            opened = contextlib.nullcontext(slot_source_fd)
+        else:
+            opened = self.opened_slot_source(slot_source)
+        with opened as source_fd, self.states.locked(name):
             state = self.state(name)
             check_allowed("hand_over", name, state.status)
             if cpu is not None or memory_bytes is not None or pids_max is not None:
@@ -535,6 +545,12 @@ class Runtime:
                         removed += [f"temp:{p}" for p in self.states.remove_stale_temps(name)]  # saves cut short
             except (NotFound, FileNotFoundError):
                 continue  # removed meanwhile
+            except (FcrunError, OSError) as exc:
+                # One container that cannot be removed now (EBUSY, EIO, ...) must not stop
+                # the gc of the others. What it holds (lease, id range, storage) is kept as a
+                # live container's, for the next gc.
+                log.warning("gc: container %s: %s (left for the next gc)", name, exc)
+                live.add(name)
         if os.path.isdir(self.paths.network):
             removed += [f"lease:{o}" for o in self.network.gc(live)]
         removed += [f"temp:{p}" for p in self.id_ranges.remove_stale_temps()]
@@ -544,7 +560,11 @@ class Runtime:
                 removed.append(f"idrange:{owner}")
         for name in self.storage.names():
             if name not in live and not os.path.exists(self.states.dir(name)):
-                self.storage.remove(name)
+                try:
+                    self.storage.remove(name)
+                except (FcrunError, OSError) as exc:  # as above: the others are still removed
+                    log.warning("gc: storage of %s: %s (left for the next gc)", name, exc)
+                    continue
                 removed.append(f"storage:{name}")
         removed += [f"logs:{name}" for name in self.expire_logs(time.time())]
         removed += [f"cgroup:{name}" for name in remove_stale_primers(self.cgroups)]  # a killed fork-server's
@@ -590,7 +610,7 @@ class Runtime:
                 except (FcrunError, OSError) as exc:  # SIGKILL may wait for a thaw on v1: say so
                     log.warning("container %s: thaw before removal: %s", state.name, exc)
             wait_gone(state)
-        reap(state.pid)
+        reap_exited(state)
         crash_point("delete.killed")
         if state.rootfs and not any(ns.type == "mount" and not ns.path for ns in state.spec.linux.namespaces):
             # No mount namespace of its own: its mounts are not gone with it (creation.py).

@@ -28,7 +28,7 @@ from .fork import ChildFailure, fork_child, read_status
 from .holder import new_userns
 from .spawner import client as spawner
 from .spawner.protocol import Exited, read_report
-from .state import ContainerState, pid_alive
+from .state import ContainerState, pid_alive, proc_start_time
 
 SETUP_TIMEOUT_S = 30.0
 STOP_TIMEOUT_S = 10.0
@@ -244,6 +244,20 @@ def reap(pid: int) -> None:
         return
     with contextlib.suppress(ChildProcessError):
         os.waitpid(pid, 0)
+
+
+def reap_exited(state: ContainerState) -> None:
+    """Collect the exit status of the container's pid 1 if it is our child and has exited.
+
+    Never waits, and leaves alone a process that merely has its pid now: the pid may have
+    been reused by another child of ours (in the fork-server: a pooled instance, a Run, the
+    spawner), whose exit status is for whoever waits for that one. A zombie's start time is
+    still in /proc: it tells the container's from another.
+    """
+    if state.pid <= 0 or proc_start_time(state.pid, exited_too=True) != state.pid_start_time:
+        return
+    with contextlib.suppress(ChildProcessError):
+        os.waitpid(state.pid, os.WNOHANG)
 
 
 def wait_gone(state: ContainerState, timeout_s: float = STOP_TIMEOUT_S) -> None:

@@ -180,8 +180,9 @@ def decode_state(path: str, name: str, data: bytes) -> ContainerState:
 _held: dict[tuple[int, int, str], int] = {}
 
 
-def proc_start_time(pid: int) -> int:
-    """Start time of a process in clock ticks since boot, or 0 if it does not exist."""
+def proc_start_time(pid: int, *, exited_too: bool = False) -> int:
+    """Start time of a process in clock ticks since boot, or 0 if it does not exist or has
+    exited (a zombie); `exited_too`: a zombie's too (which process it is, not whether it runs)."""
     try:
         with open(f"/proc/{pid}/stat", "rb") as f:
             data = f.read()
@@ -190,7 +191,7 @@ def proc_start_time(pid: int) -> int:
     # The command name may contain spaces and parentheses: split after the last ')'.
     fields = data[data.rindex(b")") + 2 :].split()
     state = fields[0]
-    if state in (b"Z", b"X"):
+    if state in (b"Z", b"X") and not exited_too:
         return 0  # a zombie has exited: it is not running
     return int(fields[19])
 
@@ -365,7 +366,8 @@ class StateStore:
 
     @contextlib.contextmanager
     def locked(self, name: str) -> Iterator[None]:
-        """Serialise changes to one container across fcrun processes. NotFound if it is gone.
+        """Serialise changes to one container across fcrun processes. NotFound if it is gone,
+        or was removed while this waited for its lock (a new container of that name is another).
 
         The lock is on the container's directory itself (flock works on any open file): no
         lock file to create and remove for every container. A thread that holds it may take
@@ -407,6 +409,12 @@ class StateStore:
             except BlockingIOError:
                 yield False
                 return
+            if not _still_named(fd, path):
+                # Removed while we waited for its lock (its remover held it), and maybe made
+                # again by a new creation of that name, whose lock this is not: the container
+                # we came for is gone.
+                yield False
+                return
             held[key] = 1
             try:
                 yield True
@@ -414,6 +422,16 @@ class StateStore:
                 del held[key]
         finally:
             os.close(fd)
+
+
+def _still_named(fd: int, path: str) -> bool:
+    """Whether `path` still names the directory open as `fd`."""
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        return False
+    opened = os.fstat(fd)
+    return (st.st_dev, st.st_ino) == (opened.st_dev, opened.st_ino)
 
 
 def _identity(st: os.stat_result) -> tuple[int, int, int]:
