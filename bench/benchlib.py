@@ -27,6 +27,22 @@ def preflight(script: str, tools: tuple[str, ...] = ()) -> int:
     return 0
 
 
+def process_stats() -> dict[int, list[str]]:
+    """Every process's /proc/PID/stat fields after its command name, by pid (fields[1] is the
+    parent's pid, fields[7] the minor faults); a process gone meanwhile is left out."""
+    stats = {}
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat") as f:
+                stat = f.read()
+        except OSError:
+            continue
+        stats[int(entry)] = stat.rpartition(")")[2].split()
+    return stats
+
+
 def percentile(values: list[float], q: float) -> float:
     """The value at percentile q (0..100) of values, nearest rank (no interpolation); nan if none."""
     if not values:

@@ -38,7 +38,7 @@ from fcrun import Paths
 from fcrun.images import ImageStore
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # bench/'s helpers, also under `fcrun bench`
-from benchlib import preflight, summary  # noqa: E402
+from benchlib import preflight, process_stats, summary  # noqa: E402
 from coldstart import HOST, RUNC_CONTAINER_IP, RuncBaseline, is_whole_page  # noqa: E402
 
 WARMUP_PATH = "/fcrun-warmup.php"
@@ -47,19 +47,7 @@ WARMUP_SCRIPT = "<?php echo 'warm';\n"  # the pool's (forkserver/pool.py)
 
 def children_faults(parent: int) -> dict[int, int]:
     """Minor-fault counts of `parent`'s children (Apache's workers), by pid."""
-    faults = {}
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            with open(f"/proc/{entry}/stat") as f:
-                stat = f.read()
-        except OSError:  # gone meanwhile
-            continue
-        fields = stat[stat.rindex(")") + 2:].split()
-        if int(fields[1]) == parent:
-            faults[int(entry)] = int(fields[7])
-    return faults
+    return {pid: int(fields[7]) for pid, fields in process_stats().items() if int(fields[1]) == parent}
 
 
 def get(path: str, conn: http.client.HTTPConnection | None = None) -> tuple[float, int, bytes]:

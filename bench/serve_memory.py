@@ -37,7 +37,7 @@ from fcrun.cmdb import App, open_cmdb
 from fcrun.serve.testing import ServeProcess
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # bench/'s helpers, also under `fcrun bench`
-from benchlib import preflight, work_dir_with_site  # noqa: E402
+from benchlib import preflight, process_stats, work_dir_with_site  # noqa: E402
 
 SUBNET = "10.235.0.0/24"
 MIB = 1 << 20
@@ -69,16 +69,8 @@ def ppid_of(pid: int) -> int:
 
 def children_map() -> dict[int, list[int]]:
     kids: dict[int, list[int]] = {}
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            with open(f"/proc/{entry}/stat") as f:
-                stat = f.read()
-        except OSError:
-            continue
-        ppid = int(stat.rpartition(")")[2].split()[1])
-        kids.setdefault(ppid, []).append(int(entry))
+    for pid, fields in process_stats().items():
+        kids.setdefault(int(fields[1]), []).append(pid)
     return kids
 
 
