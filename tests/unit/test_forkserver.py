@@ -712,6 +712,24 @@ def test_a_run_whose_client_hangs_up_as_it_exits_is_ended_once(signals_restored)
     assert runtime.deleted == ["r1"] and run.pidfd == -1 and not server.runs
 
 
+def test_a_signal_for_a_run_goes_to_its_process_never_to_one_that_got_its_pid(signals_restored):
+    """The Run's process has exited and been reaped (the spawner reaps at once); its pid is
+    another process's now (here: `stand_in`, given the Run's pid). A Signal for the Run must
+    reach nobody: it went by pid, and killed the stand-in, as root."""
+    runtime = RunRuntime()
+    gone = subprocess.Popen(["true"])
+    pidfd = os.pidfd_open(gone.pid)
+    gone.wait()
+    with (subprocess.Popen(["sleep", "30"]) as stand_in,
+          serving_a_run(runtime, ExitedContainer(), stand_in.pid, pidfd) as (server, run, client)):
+        try:
+            assert server._handle(p.frame(p.Signal(signal=9))[4:], run.conn) is None
+            with pytest.raises(subprocess.TimeoutExpired):  # SIGKILL by pid ended it at once
+                stand_in.wait(timeout=0.5)
+        finally:
+            stand_in.kill()
+
+
 def test_an_event_whose_handling_fails_is_logged_and_the_server_goes_on(signals_restored, caplog):
     def accept():
         raise RuntimeError("a bug in accept")

@@ -247,8 +247,10 @@ class ForkServer:
                 case p.Signal():
                     run = self.runs.get(conn)
                     if run is not None:
+                        # By pidfd, not pid: once the container has exited and been reaped
+                        # (the spawner reaps at once), its pid may be another process's.
                         with contextlib.suppress(ProcessLookupError):
-                            os.kill(run.pid, request.signal)
+                            signal.pidfd_send_signal(run.pidfd, request.signal)
                     return None
                 case p.Claim():
                     # Answered from inside the claim, before the instance's state is saved.
