@@ -66,6 +66,25 @@ def test_store_round_trip_and_names(tmp_path):
         store.load("web-1")
 
 
+def note_a_blocked_flock(monkeypatch) -> threading.Event:
+    """state.py's blocking flocks made to set the returned event when they find the lock taken
+    (a non-blocking try that failed), then wait as before: a test forces its interleaving on it."""
+    blocked = threading.Event()
+
+    def flock(fd: int, operation: int) -> None:
+        if operation == fcntl.LOCK_EX:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                return
+            except BlockingIOError:
+                blocked.set()
+        fcntl.flock(fd, operation)
+
+    monkeypatch.setattr(state, "fcntl", types.SimpleNamespace(flock=flock, LOCK_EX=fcntl.LOCK_EX,
+                                                              LOCK_NB=fcntl.LOCK_NB))
+    return blocked
+
+
 def test_a_name_being_removed_is_reserved_once_its_removal_ends(tmp_path, monkeypatch):
     """Whoever removes a container holds its lock until the directory is gone (the fork-server
     has answered `fcrun run` by then): reserve waits for that instead of failing.
@@ -76,18 +95,8 @@ def test_a_name_being_removed_is_reserved_once_its_removal_ends(tmp_path, monkey
     """
     store = StateStore(str(tmp_path))
     store.reserve("again")
-    holding, reserve_blocked = threading.Event(), threading.Event()
-
-    def flock(fd: int, operation: int) -> None:
-        if operation == fcntl.LOCK_EX:
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                return
-            except BlockingIOError:
-                reserve_blocked.set()  # only reserve can meet the lock taken: the remover holds it
-        fcntl.flock(fd, operation)
-
-    monkeypatch.setattr(state, "fcntl", types.SimpleNamespace(flock=flock, LOCK_EX=fcntl.LOCK_EX))
+    holding = threading.Event()
+    reserve_blocked = note_a_blocked_flock(monkeypatch)  # only reserve can meet the lock taken
     removed = []
 
     def remove_under_the_lock():
@@ -122,19 +131,7 @@ def test_a_waiter_for_a_lock_whose_container_is_removed_meanwhile_gets_not_found
     the lock taken (a non-blocking try that failed)."""
     store = StateStore(str(tmp_path))
     store.reserve("x")
-    waiter_blocked = threading.Event()
-
-    def flock(fd: int, operation: int) -> None:
-        if operation == fcntl.LOCK_EX:
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                return
-            except BlockingIOError:
-                waiter_blocked.set()  # only the waiter can meet the lock taken: the remover holds it
-        fcntl.flock(fd, operation)
-
-    monkeypatch.setattr(state, "fcntl", types.SimpleNamespace(flock=flock, LOCK_EX=fcntl.LOCK_EX,
-                                                              LOCK_NB=fcntl.LOCK_NB))
+    waiter_blocked = note_a_blocked_flock(monkeypatch)  # only the waiter can meet the lock taken
     outcome = []
 
     def waiter():
